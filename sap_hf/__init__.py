@@ -1,0 +1,51 @@
+"""sap_hf: SAP (Scaled Activation Projection) label-noise correction for Hugging Face vision Transformers.
+
+Kodge et al., "SAP: Corrective Machine Unlearning with Scaled Activation Projection for Label
+Noise Robustness", AAAI 2025 (arXiv 2403.08618).
+"""
+
+from .api import SAPResult, sap_correct, sap_project
+from .config import SAPConfig
+from .evaluation import accuracy_evaluator, evaluate_accuracy
+from .projection import (
+    Eigenbasis,
+    eigendecompose,
+    energy_ratios,
+    plan_projection,
+    project_weight,
+    projection_matrix,
+    scaled_importance,
+    write_weights,
+)
+from .search import AlphaSearchResult, search_alpha
+from .stats import ActivationStats, collect_statistics
+from .targets import TargetGroup, classifier_names, find_target_modules
+from .trusted import TrustedSelection, select_trusted
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationStats",
+    "AlphaSearchResult",
+    "Eigenbasis",
+    "SAPConfig",
+    "SAPResult",
+    "TargetGroup",
+    "TrustedSelection",
+    "accuracy_evaluator",
+    "classifier_names",
+    "collect_statistics",
+    "eigendecompose",
+    "energy_ratios",
+    "evaluate_accuracy",
+    "find_target_modules",
+    "plan_projection",
+    "project_weight",
+    "projection_matrix",
+    "sap_correct",
+    "sap_project",
+    "scaled_importance",
+    "search_alpha",
+    "select_trusted",
+    "write_weights",
+]

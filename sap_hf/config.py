@@ -1,0 +1,165 @@
+"""`SAPConfig`: every knob of a SAP correction, in one dataclass.
+
+Follows the TRL convention: each field carries `help` metadata so the same class drives
+`HfArgumentParser` (command line and YAML), and `__post_init__` validates user input with
+errors that name the field, the bad value and the fix. Validation happens here, before any
+model is touched, so a bad config can never leave a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
+SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement")
+ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
+
+
+def _bad(field_name: str, value: Any, fix: str) -> ValueError:
+    return ValueError(f"SAPConfig.{field_name}={value!r} is invalid: {fix}")
+
+
+@dataclass
+class SAPConfig:
+    """Configuration of a SAP (Scaled Activation Projection) correction.
+
+    SAP (Kodge et al., AAAI 2025) projects every targeted weight `W` onto the activation space
+    of a few trusted samples, `W <- W U diag(lambda) U^T`, with `lambda` the scaled importance of
+    each activation direction. The fields below choose which layers, how many trusted samples,
+    which scaling `alpha`, and how the activation statistics are accumulated.
+    """
+
+    target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Which nn.Linear layers to project. None (default): every Linear of the backbone "
+                "(attention q/k/v/output and MLP layers of any ViT-family model). A str (Python/YAML) "
+                "is a regex that must fully match the module name; a list is a list of name suffixes; "
+                "'all-linear' selects every Linear of the backbone. The classifier head is governed by "
+                "`project_classifier`."
+            )
+        },
+    )
+    exclude_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Layers never projected: a regex str (full match) or a list of name suffixes."},
+    )
+    project_classifier: bool = field(
+        default=True,
+        metadata={"help": "Also project the classification head (its input is the pooled/CLS vector)."},
+    )
+    alphas: list[float] = field(
+        default_factory=lambda: list(DEFAULT_ALPHAS),
+        metadata={
+            "help": (
+                "Grid of scaling factors alpha >= 1 searched on a clean eval set. alpha=1 keeps the raw "
+                "energy ratios as importance (strongest shrinkage); large alpha keeps every used direction "
+                "(weakest). 'No change' is always a candidate."
+            )
+        },
+    )
+    trusted_per_class: int = field(
+        default=100,
+        metadata={"help": "Trusted samples kept per class: the k lowest-loss samples of each class."},
+    )
+    selection_rule: str = field(
+        default="loss",
+        metadata={
+            "help": (
+                "How trusted samples are ranked: 'loss' (the paper: cross-entropy of the model being "
+                "corrected), 'early_loss' (cross-entropy under an earlier checkpoint, given as "
+                "`selection_model`, that has not yet memorised the noise), 'agreement' (loss averaged "
+                "over flipped views, keeping only samples whose views all predict the label)."
+            )
+        },
+    )
+    num_rounds: int = field(
+        default=1,
+        metadata={"help": "Rounds of SAP: each round re-collects statistics on the projected model."},
+    )
+    alpha_growth: float = field(
+        default=10.0,
+        metadata={"help": "Each further round multiplies alpha by this factor (>= 1)."},
+    )
+    max_tokens_per_sample: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optional cap on tokens per sequence fed to the statistics (the first/CLS token is always "
+                "kept, the rest sampled with `seed`). None (default) uses every token: exact statistics."
+            )
+        },
+    )
+    accumulation_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the accumulated Gram matrices: 'float32' or 'float64'. eigh always runs in float64."},
+    )
+    batch_size: int = field(
+        default=32,
+        metadata={"help": "Batch size for the statistics, selection and evaluation passes over datasets."},
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for token sub-sampling and augmented views."})
+
+    def __post_init__(self) -> None:
+        self.target_modules = self._normalise_patterns("target_modules", self.target_modules)
+        self.exclude_modules = self._normalise_patterns("exclude_modules", self.exclude_modules)
+        if isinstance(self.alphas, (int, float)):
+            self.alphas = [self.alphas]
+        self.alphas = [validate_alpha(a, "alphas") for a in self.alphas]
+        if not self.alphas:
+            raise _bad("alphas", self.alphas, "give at least one alpha >= 1, e.g. [1e3, 1e4, 1e5].")
+        _positive_int("trusted_per_class", self.trusted_per_class)
+        _positive_int("num_rounds", self.num_rounds)
+        _positive_int("batch_size", self.batch_size)
+        if self.max_tokens_per_sample is not None:
+            _positive_int("max_tokens_per_sample", self.max_tokens_per_sample)
+        if not isinstance(self.alpha_growth, (int, float)) or not math.isfinite(self.alpha_growth) or self.alpha_growth < 1:
+            raise _bad("alpha_growth", self.alpha_growth, "use a finite number >= 1 (1 keeps alpha fixed across rounds).")
+        if self.accumulation_dtype not in ACCUMULATION_DTYPES:
+            raise _bad("accumulation_dtype", self.accumulation_dtype, f"choose one of {list(ACCUMULATION_DTYPES)}.")
+        if self.selection_rule not in SELECTION_RULES:
+            raise _bad("selection_rule", self.selection_rule, f"choose one of {list(SELECTION_RULES)}.")
+
+    @staticmethod
+    def _normalise_patterns(name: str, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+            values = list(value)
+            # From the command line a single regex or 'all-linear' arrives as a one-item list.
+            return values[0] if len(values) == 1 and values[0] == "all-linear" else values
+        raise _bad(name, value, "use a regex string, a list of non-empty module-name suffixes, or None.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "SAPConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown SAPConfig field(s) {unknown}; valid fields are {sorted(known)}.")
+        return cls(**values)
+
+
+def validate_alpha(alpha: Any, name: str = "alpha") -> float:
+    """Return `alpha` as a float, or raise: SAP's scaling is only defined for finite alpha >= 1."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={alpha!r} is not a number: use a finite float >= 1, e.g. 1e4.") from None
+    if not math.isfinite(value) or value < 1.0:
+        raise ValueError(
+            f"{name}={alpha!r} is invalid: SAP needs a finite alpha >= 1 (alpha=1 keeps the raw importance, "
+            "larger alpha shrinks less), e.g. 1e4."
+        )
+    return value
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _bad(name, value, "use a positive integer.")

@@ -1,0 +1,57 @@
+"""Accuracy on a clean eval set, exact across processes (no padded duplicates).
+
+Used by `sap_correct` when no `Trainer` is around; `SAPTrainer` uses `Trainer.evaluate` so its
+`compute_metrics` and logging apply.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .batching import Collator, batch_labels, iter_shard_batches
+from .stats import forward_pixels, inference_mode, model_device
+
+EvalFn = Callable[[nn.Module], dict[str, float]]
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    data: Any,
+    *,
+    batch_size: int = 64,
+    accelerator: Any = None,
+    collate_fn: Optional[Collator] = None,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """`{"accuracy": correct / total, "samples": total}` over every example of `data` exactly once."""
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    device = model_device(model, accelerator)
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    with inference_mode(model):
+        batches = iter_shard_batches(data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn)
+        for _, batch in tqdm(batches, desc="SAP eval", disable=not (show_progress and rank == 0)):
+            labels = batch_labels(batch)
+            if labels is None:
+                raise ValueError(
+                    f"The eval data has no 'labels'/'label' (keys: {sorted(batch)}); alpha search needs a labelled, "
+                    "clean eval set."
+                )
+            output = forward_pixels(model, batch, device)
+            logits = output.logits if hasattr(output, "logits") else output
+            counts[0] += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
+            counts[1] += labels.numel()
+    if accelerator is not None and world > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    if counts[1] == 0:
+        raise ValueError("The eval data is empty: alpha search needs at least one labelled eval sample.")
+    return {"accuracy": float(counts[0] / counts[1]), "samples": int(counts[1])}
+
+
+def accuracy_evaluator(data: Any, **kwargs: Any) -> EvalFn:
+    """Bind `evaluate_accuracy` to one eval set: the `evaluate_fn` an alpha search calls."""
+    return lambda model: evaluate_accuracy(model, data, **kwargs)

@@ -1,0 +1,262 @@
+"""Streaming activation statistics: the Gram matrix `G = sum X^T X` of every target's input.
+
+`G = R R^T` for the activation matrix `R = X^T` of the paper, so its eigenvectors and
+eigenvalues are exactly the `U` and `sigma^2` SAP needs, and it can be accumulated batch by
+batch in O(d^2) memory whatever the number of samples. With several processes each one sums
+its own shard and a single all-reduce (SUM) gives every process the global statistics.
+
+Hooks are registered in a context manager and always removed; nothing is stored on modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .batching import Collator, check_pixel_values, first_example_batch, iter_shard_batches, num_examples
+from .targets import TargetGroup, group_by_identity
+
+logger = logging.get_logger(__name__)
+
+STATS_FORMAT = "sap_hf.stats/1"
+
+
+@dataclass
+class ActivationStats:
+    """Per-group Gram matrices and token counts, ready for `projection.eigendecompose`."""
+
+    groups: list[TargetGroup]
+    grams: dict[str, torch.Tensor]
+    counts: dict[str, int]
+    max_tokens_per_sample: Optional[int] = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [name for group in self.groups for name in group.members]
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the statistics as safetensors, so alpha can be re-tuned later without data."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"gram.{group.name}": self.grams[group.name].contiguous().cpu() for group in self.groups}
+        metadata = {
+            "format": STATS_FORMAT,
+            "groups": json.dumps([[g.name, list(g.members), g.in_features] for g in self.groups]),
+            "counts": json.dumps(self.counts),
+            "max_tokens_per_sample": json.dumps(self.max_tokens_per_sample),
+            "meta": json.dumps(self.meta),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "ActivationStats":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"No SAP statistics file at {str(path)!r}; write one with ActivationStats.save().")
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if metadata.get("format") != STATS_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a SAP statistics file (format={metadata.get('format')!r}).")
+        tensors = load_file(str(path))
+        groups = [TargetGroup(name, tuple(members), width) for name, members, width in json.loads(metadata["groups"])]
+        return cls(
+            groups=groups,
+            grams={g.name: tensors[f"gram.{g.name}"] for g in groups},
+            counts={k: int(v) for k, v in json.loads(metadata["counts"]).items()},
+            max_tokens_per_sample=json.loads(metadata["max_tokens_per_sample"]),
+            meta=json.loads(metadata.get("meta", "{}")),
+        )
+
+
+class GramAccumulator:
+    """Accumulates `X^T X` of the rows of X (tokens), exploiting symmetry.
+
+    Only the upper block-triangle is computed (row blocks `G[s:e, s:] += X[:, s:e]^T X[:, s:]`),
+    which costs about (k+1)/(2k) of a full GEMM with k blocks; `result()` mirrors it.
+    """
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, block: int = 256):
+        self.gram = torch.zeros(width, width, dtype=dtype, device=device)
+        self.count = 0
+        self.bounds = [(s, min(s + block, width)) for s in range(0, width, block)]
+
+    def update(self, rows: torch.Tensor) -> None:
+        rows = rows.reshape(-1, rows.shape[-1]).to(self.gram.dtype)
+        self.count += rows.shape[0]
+        if len(self.bounds) == 1:
+            self.gram.addmm_(rows.T, rows)
+            return
+        for start, stop in self.bounds:
+            self.gram[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
+
+    def result(self) -> torch.Tensor:
+        if len(self.bounds) == 1:
+            return self.gram
+        upper = torch.triu(self.gram)
+        return upper + torch.triu(self.gram, diagonal=1).T
+
+
+def subsample_tokens(x: torch.Tensor, max_tokens: Optional[int], generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Keep at most `max_tokens` tokens per sequence of a (batch, seq, d) input; token 0 (CLS) always."""
+    if max_tokens is None or x.dim() < 3 or x.shape[-2] <= max_tokens:
+        return x
+    seq = x.shape[-2]
+    others = torch.randperm(seq - 1, generator=generator)[: max_tokens - 1] + 1
+    keep = torch.cat([torch.zeros(1, dtype=torch.long), others.sort().values]).to(x.device)
+    return x.index_select(-2, keep)
+
+
+@contextlib.contextmanager
+def input_hooks(model: nn.Module, names: Sequence[str], callback) -> Iterator[None]:
+    """Call `callback(name, input_tensor)` on every forward of the named modules; always unhook."""
+    modules = dict(model.named_modules())
+    handles = []
+    try:
+        for name in names:
+            def hook(module, args, kwargs, _name=name):
+                tensor = args[0] if args else kwargs.get("input")
+                callback(_name, tensor)
+
+            handles.append(modules[name].register_forward_pre_hook(hook, with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def inference_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, TF32 off (exact float32 Grams); the previous state is restored."""
+    was_training = model.training
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    model.eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        model.train(was_training)
+
+
+def forward_pixels(model: nn.Module, batch: dict[str, Any], device: torch.device) -> Any:
+    check_pixel_values(batch)
+    pixels = batch["pixel_values"].to(device)
+    dtype = next(model.parameters()).dtype
+    if pixels.is_floating_point() and dtype.is_floating_point:
+        pixels = pixels.to(dtype)
+    return model(pixel_values=pixels)
+
+
+def model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
+    if accelerator is not None:
+        return accelerator.device
+    return next(model.parameters()).device
+
+
+def discover_groups(model: nn.Module, names: Sequence[str], sample: dict[str, Any], device: torch.device) -> list[TargetGroup]:
+    """Run one sample through the model and group layers that receive the same tensor."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(name: str, tensor: torch.Tensor) -> None:
+        seen.setdefault(name, tensor)
+
+    with inference_mode(model), input_hooks(model, names, record):
+        forward_pixels(model, sample, device)
+    missing = [name for name in names if name not in seen]
+    if missing:
+        raise ValueError(
+            f"Target modules {missing} are never called in the model's forward pass; exclude them with "
+            "exclude_modules or pick other target_modules."
+        )
+    modules = dict(model.named_modules())
+    return group_by_identity(list(names), [seen[n] for n in names], [modules[n].in_features for n in names])
+
+
+def collect_statistics(
+    model: nn.Module,
+    data: Any,
+    target_names: Sequence[str],
+    *,
+    batch_size: int = 32,
+    accelerator: Any = None,
+    collate_fn: Optional[Collator] = None,
+    max_tokens_per_sample: Optional[int] = None,
+    accumulation_dtype: Union[str, torch.dtype] = torch.float32,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> ActivationStats:
+    """One forward pass over `data` accumulating each target group's Gram matrix and token count.
+
+    With an `Accelerator`, every process reads its own shard and the sums are all-reduced, so
+    every process returns the same global statistics.
+    """
+    dtype = getattr(torch, accumulation_dtype) if isinstance(accumulation_dtype, str) else accumulation_dtype
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    device = model_device(model, accelerator)
+    rank, world = _process_layout(accelerator)
+    groups = discover_groups(model, target_names, first_example_batch(data, collate_fn), device)
+    accumulators = {g.name: GramAccumulator(g.in_features, dtype, device) for g in groups}
+    generator = torch.Generator().manual_seed(seed + rank) if max_tokens_per_sample else None
+
+    def accumulate(name: str, tensor: torch.Tensor) -> None:
+        accumulators[name].update(subsample_tokens(tensor, max_tokens_per_sample, generator))
+
+    total = num_examples(data)
+    progress = tqdm(
+        total=math.ceil(total / world) if total else None,
+        desc="SAP statistics",
+        unit="sample",
+        disable=not (show_progress and rank == 0),
+    )
+    with inference_mode(model), input_hooks(model, [g.name for g in groups], accumulate), progress:
+        for _, batch in iter_shard_batches(
+            data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
+        ):
+            forward_pixels(model, batch, device)
+            progress.update(batch["pixel_values"].shape[0])
+
+    grams, counts = {}, {}
+    for group in groups:
+        gram = accumulators[group.name].result()
+        count = torch.tensor([accumulators[group.name].count], dtype=torch.float64, device=device)
+        if accelerator is not None and world > 1:
+            gram = accelerator.reduce(gram.contiguous(), reduction="sum")
+            count = accelerator.reduce(count, reduction="sum")
+        if not torch.isfinite(gram).all():
+            raise ValueError(
+                f"Non-finite activations reached {group.members} (e.g. an fp16 overflow or NaN inputs): the "
+                "statistics are unusable and no weight was changed. Run the statistics in float32/bfloat16 "
+                "or check the inputs for NaN/Inf."
+            )
+        grams[group.name] = gram.cpu()
+        counts[group.name] = int(count.item())
+    logger.info(
+        "Collected SAP statistics for %d layers in %d groups over %d tokens per layer.",
+        sum(len(g.members) for g in groups),
+        len(groups),
+        max(counts.values(), default=0),
+    )
+    return ActivationStats(groups=groups, grams=grams, counts=counts, max_tokens_per_sample=max_tokens_per_sample)
+
+
+def _process_layout(accelerator: Any) -> tuple[int, int]:
+    if accelerator is None:
+        return 0, 1
+    return accelerator.process_index, accelerator.num_processes

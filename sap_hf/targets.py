@@ -1,0 +1,123 @@
+"""Which `nn.Linear` layers SAP projects, and which of them share one input.
+
+Names differ between `transformers` versions and model families (`attention.q_proj` vs
+`attention.attention.query`, `self_attn.out_proj`, Swin's `blocks`, ...), so nothing here
+lists one version's names. The structure is what is stable:
+
+* the classification head is a Linear outside every `nn.ModuleList` whose `out_features`
+  equals `config.num_labels`;
+* the backbone is every other Linear (attention q/k/v/output and MLP layers live in the
+  repeated blocks of an `nn.ModuleList`);
+* layers that read the *same tensor* (q/k/v) share one activation statistic. That is decided
+  by watching one real forward pass (see `stats.discover_groups`), not by names.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from torch import nn
+
+Patterns = Optional[Union[str, Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class TargetGroup:
+    """Linear layers that read one input tensor, hence one Gram matrix `X^T X`.
+
+    `name` (the first member) keys the statistic; `members` are all layers projected with it.
+    """
+
+    name: str
+    members: tuple[str, ...]
+    in_features: int
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Linear layers that produce the logits: outside every ModuleList, `out_features == num_labels`."""
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_labels is None:
+        return []
+    in_blocks = _names_inside_module_lists(model)
+    return [
+        name
+        for name, module in linear_layers(model).items()
+        if module.out_features == num_labels and name not in in_blocks
+    ]
+
+
+def matches(name: str, patterns: Patterns) -> bool:
+    """PEFT semantics: a str is a regex that must match the whole name; a list holds name suffixes."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == suffix or name.endswith("." + suffix) for suffix in patterns)
+
+
+def find_target_modules(
+    model: nn.Module,
+    target_modules: Patterns = None,
+    exclude_modules: Patterns = None,
+    project_classifier: bool = True,
+) -> list[str]:
+    """Names of the Linear layers to project, in module order.
+
+    Raises a ValueError listing the model's Linear layers when nothing is selected, so the user
+    can write a pattern that matches.
+    """
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(f"target_modules={target_modules!r} is not a valid regex ({err}).") from None
+    layers = linear_layers(model)
+    heads = set(classifier_names(model))
+    selected = []
+    for name in layers:
+        if name in heads:
+            chosen = project_classifier
+        elif target_modules is None or target_modules == "all-linear":
+            chosen = True
+        else:
+            chosen = matches(name, target_modules)
+        if chosen and not matches(name, exclude_modules):
+            selected.append(name)
+    if not selected:
+        listing = ", ".join(layers) if layers else "(the model has no nn.Linear layer)"
+        raise ValueError(
+            f"No nn.Linear layer matches target_modules={target_modules!r} "
+            f"(exclude_modules={exclude_modules!r}, project_classifier={project_classifier}). "
+            f"The model's Linear layers are: {listing}. Use a regex that fully matches some of these "
+            "names, a list of their suffixes (e.g. ['q_proj', 'fc1']), or 'all-linear'."
+        )
+    return selected
+
+
+def group_by_identity(names: Sequence[str], inputs: Sequence[object], in_features: Sequence[int]) -> list[TargetGroup]:
+    """Group layers whose recorded input is the very same tensor object (pure helper)."""
+    groups: list[tuple[object, list[str], int]] = []
+    for name, tensor, width in zip(names, inputs, in_features):
+        for held, members, _ in groups:
+            if held is tensor:
+                members.append(name)
+                break
+        else:
+            groups.append((tensor, [name], width))
+    return [TargetGroup(name=members[0], members=tuple(members), in_features=width) for _, members, width in groups]
+
+
+def _names_inside_module_lists(model: nn.Module) -> set[str]:
+    inside: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for sub_name, _ in module.named_modules():
+                if sub_name:
+                    inside.add(f"{prefix}.{sub_name}" if prefix else sub_name)
+    return inside

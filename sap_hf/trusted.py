@@ -1,0 +1,171 @@
+"""Trusted-sample selection: the k lowest-loss samples of each class, in one streaming pass.
+
+A trained model fits correctly-labelled samples better than mislabelled ones, so the samples
+with the smallest cross-entropy against their (noisy) label are very likely clean. Memory is
+bounded by `num_classes * k` candidates (one max-heap per class); with several processes each
+scores its own shard, candidates are gathered once, and every process keeps the same merge.
+Ties are broken by sample index, so the result does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .batching import Collator, batch_labels, iter_shard_batches, num_examples
+from .config import SELECTION_RULES
+from .stats import forward_pixels, inference_mode, model_device
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class TrustedSelection:
+    """Global indices of the trusted samples (sorted) and what each class contributed."""
+
+    indices: list[int]
+    labels: list[int]
+    losses: list[float]
+    per_class: dict[int, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def sample_scores(model: nn.Module, batch: dict[str, Any], labels: torch.Tensor, device: torch.device, rule: str) -> torch.Tensor:
+    """Per-sample score (lower = more trustworthy). `inf` marks a sample the rule rejects."""
+    logits = _logits(forward_pixels(model, batch, device))
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    if rule != "agreement":
+        return loss
+    flipped = dict(batch, pixel_values=batch["pixel_values"].flip(-1))
+    flipped_logits = _logits(forward_pixels(model, flipped, device))
+    loss = (loss + F.cross_entropy(flipped_logits.float(), labels, reduction="none")) / 2
+    agree = (logits.argmax(-1) == labels) & (flipped_logits.argmax(-1) == labels)
+    return torch.where(agree, loss, torch.full_like(loss, math.inf))
+
+
+def select_trusted(
+    model: nn.Module,
+    data: Any,
+    per_class: int,
+    *,
+    num_labels: Optional[int] = None,
+    rule: str = "loss",
+    selection_model: Optional[nn.Module] = None,
+    batch_size: int = 32,
+    accelerator: Any = None,
+    collate_fn: Optional[Collator] = None,
+    show_progress: bool = True,
+) -> TrustedSelection:
+    """Keep the `per_class` lowest-score samples of each class of a labelled dataset.
+
+    `rule` is 'loss' (the paper), 'early_loss' (score with `selection_model`, e.g. an earlier
+    checkpoint that has not memorised the noise) or 'agreement' (mean loss over the image and
+    its horizontal flip; samples whose views do not both predict the label are dropped).
+    Warns when a class has fewer than `per_class` samples; raises when a class has none, or when
+    a label lies outside `[0, num_labels)`.
+    """
+    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
+        raise ValueError(f"per_class={per_class!r} is invalid: keep at least 1 trusted sample per class.")
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"rule={rule!r} is invalid: choose one of {list(SELECTION_RULES)}.")
+    if rule == "early_loss" and selection_model is None:
+        raise ValueError("rule='early_loss' needs selection_model= (an earlier checkpoint of the model).")
+    scorer = selection_model if rule == "early_loss" else model
+    if accelerator is not None:
+        scorer = accelerator.unwrap_model(scorer)
+    num_labels = num_labels or getattr(getattr(scorer, "config", None), "num_labels", None)
+    if num_labels is None:
+        raise ValueError("num_labels is unknown: pass num_labels= or use a model whose config has num_labels.")
+    device = model_device(scorer, accelerator)
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+
+    heaps: dict[int, list[tuple[float, int]]] = {}
+    problem: Optional[str] = None
+    total = num_examples(data)
+    progress = tqdm(
+        total=math.ceil(total / world) if total else None,
+        desc="SAP trusted selection",
+        unit="sample",
+        disable=not (show_progress and rank == 0),
+    )
+    with inference_mode(scorer), progress:
+        for indices, batch in iter_shard_batches(
+            data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
+        ):
+            labels = batch_labels(batch)
+            if labels is None:
+                problem = f"the batches have no 'labels'/'label' (keys: {sorted(batch)}); selection needs labels."
+                break
+            bad = (labels < 0) | (labels >= num_labels)
+            if bad.any():
+                position = int(bad.nonzero()[0, 0])
+                problem = (
+                    f"sample {int(indices[position])} has label {int(labels[position])}, outside the model's "
+                    f"{num_labels} classes [0, {num_labels}); fix the labels or the model's num_labels."
+                )
+                break
+            scores = sample_scores(scorer, batch, labels, device, rule).cpu().tolist()
+            for score, label, index in zip(scores, labels.tolist(), indices.tolist()):
+                heap = heaps.setdefault(label, [])
+                item = (-score, -index)  # max-heap on (score, index)
+                if len(heap) < per_class:
+                    heapq.heappush(heap, item)
+                elif item > heap[0]:
+                    heapq.heapreplace(heap, item)
+            progress.update(len(indices))
+
+    local = {"problem": problem, "candidates": [(-s, -i, label) for label, heap in heaps.items() for s, i in heap]}
+    shards = _gather(local, accelerator)
+    problems = [shard["problem"] for shard in shards if shard["problem"]]
+    if problems:
+        raise ValueError(f"Trusted selection failed: {problems[0]}")
+    by_class: dict[int, list[tuple[float, int]]] = {}
+    for shard in shards:
+        for score, index, label in shard["candidates"]:
+            if math.isfinite(score):
+                by_class.setdefault(label, []).append((score, index))
+    empty = [c for c in range(num_labels) if not by_class.get(c)]
+    if empty:
+        raise ValueError(
+            f"Classes {empty} have no usable sample in the selection data (rule={rule!r}); SAP needs trusted "
+            "samples of every class. Use data that covers every class, or another selection_rule."
+        )
+    chosen: list[tuple[int, int, float]] = []
+    per_class_counts: dict[int, int] = {}
+    for label in range(num_labels):
+        best = sorted(by_class[label])[:per_class]
+        per_class_counts[label] = len(best)
+        chosen.extend((index, label, score) for score, index in best)
+    short = {c: n for c, n in per_class_counts.items() if n < per_class}
+    if short:
+        logger.warning("Classes with fewer than %d trusted samples (class: count): %s", per_class, short)
+    chosen.sort()
+    return TrustedSelection(
+        indices=[i for i, _, _ in chosen],
+        labels=[label for _, label, _ in chosen],
+        losses=[s for _, _, s in chosen],
+        per_class=per_class_counts,
+    )
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _gather(local: dict[str, Any], accelerator: Any) -> list[dict[str, Any]]:
+    if accelerator is None or accelerator.num_processes == 1:
+        return [local]
+    from accelerate.utils import gather_object
+
+    return gather_object([local])
