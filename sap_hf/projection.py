@@ -64,7 +64,7 @@ def energy_ratios(eigenvalues: torch.Tensor) -> torch.Tensor:
 
 def scaled_importance(ratios: torch.Tensor, alpha: float) -> torch.Tensor:
     """`lambda = alpha r / ((alpha - 1) r + 1)`: alpha=1 gives r, alpha -> inf gives 1 on every r > 0."""
-    if math.isinf(alpha) and alpha > 0:
+    if isinstance(alpha, (int, float)) and alpha == math.inf:
         return (ratios > 0).to(ratios.dtype)
     alpha = validate_alpha(alpha)
     return alpha * ratios / ((alpha - 1.0) * ratios + 1.0)

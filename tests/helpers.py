@@ -1,0 +1,23 @@
+"""Small shared builders for the tests: random labelled image examples and weight snapshots."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_examples(n: int, num_labels: int = 3, size: int = 16, channels: int = 3, seed: int = 0) -> list[dict]:
+    """`n` examples with `pixel_values` and `labels` covering every class (i % num_labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(n, channels, size, size, generator=generator)
+    return [{"pixel_values": pixels[i], "labels": i % num_labels} for i in range(n)]
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), f"{name} changed"
