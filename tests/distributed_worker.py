@@ -1,0 +1,38 @@
+"""Run by tests/test_distributed.py under `accelerate launch`: select, collect, project; save results."""
+
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from helpers import random_examples  # noqa: E402
+
+from sap_hf import SAPConfig, collect_statistics, find_target_modules, sap_project, select_trusted  # noqa: E402
+from sap_hf.batching import subset  # noqa: E402
+from sap_hf.models import tiny_model  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model("vit", num_labels=3, seed=0)
+    data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes
+    selection = select_trusted(model, data, 3, batch_size=4, accelerator=accelerator, show_progress=False)
+    trusted = subset(data, selection.indices)
+    stats = collect_statistics(
+        model, trusted, find_target_modules(model), batch_size=2, accelerator=accelerator,
+        accumulation_dtype="float64", show_progress=False,
+    )
+    sap_project(model, trusted, alpha=10.0, config=SAPConfig(batch_size=2), accelerator=accelerator)
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/weights.safetensors")
+        save_file({k: v.contiguous() for k, v in stats.grams.items()}, f"{out_dir}/grams.safetensors")
+        with open(f"{out_dir}/result.json", "w") as handle:
+            json.dump({"indices": selection.indices, "counts": stats.counts, "processes": accelerator.num_processes}, handle)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,38 @@
+"""Two CPU processes (gloo) give the same trusted indices, statistics and weights as one."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def launch(out: Path, processes: int) -> dict:
+    out.mkdir()
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)), "--num_processes", str(processes)]
+    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [str(WORKER), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def test_two_processes_equal_one(tmp_path):
+    one = launch(tmp_path / "one", 1)
+    two = launch(tmp_path / "two", 2)
+    assert one["processes"] == 1 and two["processes"] == 2
+    assert one["indices"] == two["indices"] and len(one["indices"]) == 9
+    assert one["counts"] == two["counts"]
+    for name in ("grams", "weights"):
+        a, b = load_file(tmp_path / "one" / f"{name}.safetensors"), load_file(tmp_path / "two" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            scale = a[key].abs().max().clamp_min(1e-12)
+            assert ((a[key] - b[key]).abs().max() / scale) <= 1e-6, key
