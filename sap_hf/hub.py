@@ -1,0 +1,190 @@
+"""Saving and pushing a corrected model: atomic local saves, the SAP record, the model card.
+
+A corrected model is an ordinary `from_pretrained`-loadable folder plus `sap_record.json` (what
+SAP did and measured) and a `README.md` model card. Files are staged in a hidden folder and
+moved into place one by one with `os.replace`, so an interrupted save never leaves a
+half-written file where a previous, readable one stood. A failed push leaves the local folder
+intact and says what to rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Union
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+SAP_RECORD_NAME = "sap_record.json"
+SAP_TAGS = ["sap", "label-noise", "vision-transformer", "image-classification", "sap_hf"]
+STAGING_NAME = ".sap_staging"
+
+CITATION = """@inproceedings{kodge2025sap,
+  title     = {SAP: Corrective Machine Unlearning with Scaled Activation Projection for Label Noise Robustness},
+  author    = {Kodge, Sangamesh and Ravikumar, Deepak and Saha, Gobinda and Roy, Kaushik},
+  booktitle = {Proceedings of the AAAI Conference on Artificial Intelligence},
+  year      = {2025},
+  eprint    = {2403.08618},
+  archivePrefix = {arXiv}
+}"""
+
+CARD_TEMPLATE = """
+# {model_name}
+
+This model was corrected for label noise with **SAP (Scaled Activation Projection)**
+(Kodge et al., AAAI 2025, [arXiv:2403.08618](https://arxiv.org/abs/2403.08618)) using
+[sap_hf](https://github.com/sap-hf/sap_hf). Base model: `{base_model}`.
+
+## What SAP did
+
+SAP picked the {num_trusted} lowest-loss training samples ({per_class} per class) as trusted,
+collected the Gram matrix of the input activations of {num_targets} Linear layers in one forward
+pass, and projected every targeted weight onto the trusted activation space,
+`W <- W U diag(lambda) U^T` with `lambda = alpha r / ((alpha - 1) r + 1)`. The scaling alpha was
+chosen on a clean evaluation split.
+
+- Chosen alpha per round: {alphas}
+- Result: {verdict}
+
+## Results
+
+| split | metric | before SAP | after SAP |
+|---|---|---|---|
+{results_rows}
+
+### Evaluation metric for each alpha (first round)
+
+| alpha | {metric} |
+|---|---|
+| unchanged | {baseline_metric} |
+{alpha_rows}
+
+## Targeted modules
+
+{targets}
+
+## Reproduce
+
+```python
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained("{model_name}")
+```
+
+The full record (configuration, every alpha's metrics, trusted samples per class) is in
+`sap_record.json`.
+
+## Citation
+
+```bibtex
+{citation}
+```
+"""
+
+
+@contextlib.contextmanager
+def staged_save(output_dir: Union[str, Path], *, is_main: bool = True) -> Iterator[Path]:
+    """Yield a staging folder; on success move its files into `output_dir` one `os.replace` each.
+
+    On failure the staging folder is removed and `output_dir` keeps its previous files.
+    """
+    output_dir = Path(output_dir)
+    stage = output_dir / STAGING_NAME
+    if is_main:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    try:
+        yield stage
+    except BaseException:
+        if is_main:
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if not is_main:
+        return
+    for path in sorted(stage.rglob("*")):
+        if path.is_file():
+            target = output_dir / path.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def sap_record(result: Any, base_model: Optional[str] = None, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    from . import __version__
+
+    record = {"sap_hf_version": __version__, "base_model": base_model, **result.to_dict()}
+    record.update(extra or {})
+    return record
+
+
+def write_sap_files(output_dir: Union[str, Path], record: Mapping[str, Any], model_name: Optional[str] = None) -> None:
+    """Write `sap_record.json` and the model card into `output_dir`."""
+    output_dir = Path(output_dir)
+    (output_dir / SAP_RECORD_NAME).write_text(json.dumps(record, indent=2, default=float))
+    build_model_card(record, model_name or output_dir.name).save(output_dir / "README.md")
+
+
+def load_sap_record(path: Union[str, Path]) -> dict[str, Any]:
+    path = Path(path)
+    path = path / SAP_RECORD_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"No {SAP_RECORD_NAME} at {str(path)!r}: was this model corrected with sap_hf?")
+    return json.loads(path.read_text())
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
+    """A model card from the template: what SAP did, the numbers, tags, base model, citation."""
+    metric = record.get("rounds", [{}])[0].get("metric", "accuracy") if record.get("rounds") else "accuracy"
+    first = record["rounds"][0] if record.get("rounds") else {"alphas": [], "metrics": [], "baseline": {}}
+    before, after = record.get("baseline_metrics", {}), record.get("final_metrics", {})
+    rows = [f"| eval | {metric} | {_fmt(before.get(metric))} | {_fmt(after.get(metric))} |"]
+    test_before, test_after = record.get("test_metrics_before", {}), record.get("test_metrics_after", {})
+    for key in sorted(set(test_before) | set(test_after)):
+        rows.append(f"| test | {key} | {_fmt(test_before.get(key))} | {_fmt(test_after.get(key))} |")
+    per_class = record.get("trusted_per_class") or {}
+    data = ModelCardData(
+        library_name="transformers",
+        tags=list(SAP_TAGS),
+        base_model=record.get("base_model") or None,
+        pipeline_tag="image-classification",
+        license=record.get("license"),
+    )
+    content = CARD_TEMPLATE.format(
+        model_name=model_name,
+        base_model=record.get("base_model") or "trained from scratch",
+        num_trusted=record.get("num_trusted", 0),
+        per_class=(min(per_class.values()) if per_class else record.get("config", {}).get("trusted_per_class")),
+        num_targets=len(record.get("target_modules", [])),
+        alphas=", ".join("unchanged" if a is None else f"{a:g}" for a in record.get("alphas", [])),
+        verdict="weights projected" if record.get("changed") else "no alpha beat the uncorrected model; weights unchanged",
+        results_rows="\n".join(rows),
+        metric=metric,
+        baseline_metric=_fmt(first.get("baseline", {}).get(metric)),
+        alpha_rows="\n".join(f"| {a:g} | {_fmt(m.get(metric))} |" for a, m in zip(first["alphas"], first["metrics"])),
+        targets="\n".join(f"- `{name}`" for name in record.get("target_modules", [])),
+        citation=CITATION,
+    )
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{content}")
+
+
+def push_folder(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None, commit_message: str = "SAP-corrected model") -> Any:
+    """Upload a saved folder to the Hub; on failure say that the local copy is intact and what to rerun."""
+    folder = Path(folder)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=[f"{STAGING_NAME}/*", "checkpoint-*", "_*"])
+    except Exception as err:
+        raise RuntimeError(
+            f"Pushing {str(folder)!r} to the Hub repo {repo_id!r} failed ({type(err).__name__}: {err}). The local save "
+            f"is intact; rerun `sap-hf push {folder} --repo_id {repo_id}` once the Hub is reachable."
+        ) from err

@@ -1,0 +1,154 @@
+"""`SAPTrainer`: a `Trainer` that can also correct the model it trained with SAP.
+
+It adds only what it must: `correct()` (trusted selection -> statistics -> alpha search on the
+eval set -> write), logging of every alpha's metrics through `Trainer.log` (so `report_to`
+backends see them), and saving/pushing the SAP record and model card with the model.
+Evaluation during the alpha search is `Trainer.evaluate`, so `compute_metrics`, streaming
+eval sets and multi-process gathering behave exactly as in training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+from torch import nn
+from transformers import EvalPrediction, Trainer
+from transformers.utils import logging
+
+from .api import SAPResult, sap_correct
+from .config import SAPConfig
+from .hub import sap_record, staged_save, write_sap_files
+
+logger = logging.get_logger(__name__)
+
+_ACCURACY = None
+
+
+def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
+    """`evaluate`'s accuracy; offline (its script lives on the Hub) the same formula computed here."""
+    global _ACCURACY
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predictions = np.asarray(logits).argmax(-1)
+    references = np.asarray(prediction.label_ids)
+    if _ACCURACY is None:
+        try:
+            import evaluate
+
+            _ACCURACY = evaluate.load("accuracy")
+        except Exception as err:  # the metric script is fetched from the Hub
+            logger.info("evaluate.load('accuracy') unavailable (%s); computing accuracy locally.", type(err).__name__)
+            _ACCURACY = False
+    if _ACCURACY:
+        return _ACCURACY.compute(predictions=predictions, references=references)
+    return {"accuracy": float((predictions == references).mean())}
+
+
+class SAPTrainer(Trainer):
+    """`Trainer` + `correct()`: fine-tune on noisy labels as usual, then correct with SAP.
+
+    Args:
+        sap_config: the `SAPConfig` of the correction (defaults to `SAPConfig()`).
+        base_model_name: recorded in the SAP record and model card (`base_model`).
+        Other arguments are those of `transformers.Trainer`. Without `compute_metrics`,
+        accuracy is used.
+    """
+
+    def __init__(self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any):
+        kwargs.setdefault("compute_metrics", None)
+        if kwargs["compute_metrics"] is None:
+            kwargs["compute_metrics"] = accuracy_metrics
+        super().__init__(*args, **kwargs)
+        self.sap_config = sap_config or SAPConfig()
+        self.base_model_name = base_model_name
+        self.sap_result: Optional[SAPResult] = None
+        self.sap_extra_record: dict[str, Any] = {}
+
+    def correct(
+        self,
+        selection_dataset: Any = None,
+        eval_dataset: Any = None,
+        *,
+        selection_model: Optional[nn.Module] = None,
+        trusted_indices: Optional[list[int]] = None,
+        stats_path: Optional[Union[str, Path]] = None,
+    ) -> SAPResult:
+        """Correct `self.model` with SAP and return what was measured.
+
+        Trusted samples come from `selection_dataset` (default: the training set); alpha is
+        chosen by `compute_metrics`' `metric_for_best_model` (default accuracy) on `eval_dataset`
+        (default: the Trainer's). `stats_path` caches the statistics, so an interrupted run or a
+        new alpha grid needs no new data pass.
+        """
+        selection_dataset = selection_dataset if selection_dataset is not None else self.train_dataset
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if selection_dataset is None:
+            raise ValueError("correct() needs a labelled selection_dataset (or a Trainer with train_dataset).")
+        if eval_dataset is None:
+            raise ValueError("correct() needs a clean labelled eval_dataset (or a Trainer with eval_dataset) to choose alpha.")
+        metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
+        greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
+        if not greater:
+            raise ValueError(
+                f"metric_for_best_model={self.args.metric_for_best_model!r} with greater_is_better=False is not "
+                "supported by the alpha search yet; pick a metric where higher is better (e.g. accuracy)."
+            )
+        self.model.eval()
+
+        def evaluate_fn(model: nn.Module) -> dict[str, float]:
+            metrics = self.evaluate(eval_dataset, metric_key_prefix="sap_eval")
+            return {key.removeprefix("sap_eval_"): value for key, value in metrics.items()}
+
+        def on_evaluate(alpha: Optional[float], metrics: dict[str, float]) -> None:
+            self.log({"sap/alpha": -1.0 if alpha is None else float(alpha), **{f"sap/{k}": v for k, v in metrics.items()}})
+
+        result = sap_correct(
+            self.model,
+            selection_dataset,
+            config=self.sap_config,
+            accelerator=self.accelerator,
+            collate_fn=self.data_collator,
+            evaluate_fn=evaluate_fn,
+            metric=metric,
+            selection_model=selection_model,
+            trusted_indices=trusted_indices,
+            stats_path=stats_path,
+            on_evaluate=on_evaluate,
+            show_progress=not self.args.disable_tqdm,
+        )
+        self.sap_result = result
+        self.log(
+            {
+                "sap/chosen_alpha": -1.0 if result.alpha is None else float(result.alpha),
+                f"sap/{metric}_before": float(result.baseline_metrics[metric]),
+                f"sap/{metric}_after": float(result.final_metrics[metric]),
+            }
+        )
+        return result
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Save atomically (staged files moved into place) plus the SAP record and card once corrected."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        is_main = self.args.should_save
+        with staged_save(output_dir, is_main=is_main) as stage:
+            super().save_model(str(stage), _internal_call=True)
+            if is_main and self.sap_result is not None:
+                write_sap_files(stage, self.sap_record(), self._card_name(output_dir))
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def sap_record(self) -> dict[str, Any]:
+        if self.sap_result is None:
+            raise ValueError("No SAP correction yet: call trainer.correct() first.")
+        return sap_record(self.sap_result, self.base_model_name, self.sap_extra_record)
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """The SAP card (what SAP did, the numbers, tags, citation) once corrected; Trainer's otherwise."""
+        if self.sap_result is None:
+            return super().create_model_card(*args, **kwargs)
+        if self.is_world_process_zero():
+            write_sap_files(self.args.output_dir, self.sap_record(), self._card_name(self.args.output_dir))
+
+    def _card_name(self, output_dir: Union[str, Path]) -> str:
+        return self.args.hub_model_id or Path(output_dir).name

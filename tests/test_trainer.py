@@ -1,0 +1,85 @@
+"""SAPTrainer: train, correct, save with record and card, reload equal, mocked push."""
+
+import json
+from unittest import mock
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification, TrainingArguments
+
+from sap_hf import SAPConfig
+from sap_hf.hub import SAP_RECORD_NAME, load_sap_record
+from sap_hf.models import tiny_model
+from sap_hf.trainer import SAPTrainer
+
+from helpers import random_examples
+
+
+def _trainer(tmp_path, **args):
+    model = tiny_model("vit", num_labels=3)
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
+        num_train_epochs=1, report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=1, use_cpu=True, **args,
+    )
+    return SAPTrainer(
+        model=model, args=training_args, train_dataset=random_examples(24, seed=1), eval_dataset=random_examples(12, seed=2),
+        sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8), base_model_name="tiny-vit",
+    )
+
+
+def test_train_correct_save_reload(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    result = trainer.correct()
+    assert result.rounds[0].alphas == [1.0, 100.0]
+    assert result.final_metrics["accuracy"] >= result.baseline_metrics["accuracy"]
+    logged = [entry for entry in trainer.state.log_history if "sap/alpha" in entry]
+    assert [entry["sap/alpha"] for entry in logged] == [-1.0, 1.0, 100.0]
+    out = tmp_path / "out"
+    trainer.save_model()
+    record = load_sap_record(out)
+    assert record["base_model"] == "tiny-vit" and record["rounds"][0]["alphas"] == [1.0, 100.0]
+    card = (out / "README.md").read_text()
+    for expected in ("sap", "label-noise", "vision-transformer", "tiny-vit", "2403.08618", "kodge2025sap"):
+        assert expected in card
+    assert not (out / ".sap_staging").exists()
+    reloaded = AutoModelForImageClassification.from_pretrained(out)
+    pixels = torch.randn(4, 3, 16, 16)
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(pixel_values=pixels).logits, trainer.model(pixel_values=pixels).logits)
+
+
+def test_push_to_hub_sends_model_record_and_card(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.correct()
+    api = mock.MagicMock()
+    api.create_repo.return_value.repo_id = "user/tiny-sap"
+    uploaded = {}
+
+    def upload_folder(**kwargs):
+        uploaded["files"] = sorted(p.name for p in __import__("pathlib").Path(kwargs["folder_path"]).iterdir())
+        uploaded["repo_id"] = kwargs["repo_id"]
+
+    api.upload_folder.side_effect = upload_folder
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        trainer.args.hub_model_id = "user/tiny-sap"
+        trainer.push_to_hub()
+    assert uploaded["repo_id"] == "user/tiny-sap"
+    for name in ("config.json", "model.safetensors", SAP_RECORD_NAME, "README.md"):
+        assert name in uploaded["files"]
+    assert "user/tiny-sap" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_interrupted_save_keeps_previous_files(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.correct()
+    trainer.save_model()
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with mock.patch("transformers.modeling_utils.PreTrainedModel.save_pretrained", side_effect=OSError("disk full")):
+        with pytest.raises(OSError, match="disk full"):
+            trainer.save_model()
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert after == before
+    assert json.loads((out / SAP_RECORD_NAME).read_text())["changed"] in (True, False)
