@@ -67,7 +67,7 @@ def _collect(model: nn.Module, data: Any, targets: Sequence[str], config: SAPCon
         batch_size=config.batch_size,
         max_tokens_per_sample=config.max_tokens_per_sample,
         accumulation_dtype=config.accumulation_dtype,
-        seed=config.seed,
+        seed=config.sampling_seed,
         **kwargs,
     )
 

@@ -90,7 +90,7 @@ class SAPConfig:
         metadata={
             "help": (
                 "Optional cap on tokens per sequence fed to the statistics (the first/CLS token is always "
-                "kept, the rest sampled with `seed`). None (default) uses every token: exact statistics."
+                "kept, the rest sampled with `sampling_seed`). None (default) uses every token: exact statistics."
             )
         },
     )
@@ -102,7 +102,7 @@ class SAPConfig:
         default=32,
         metadata={"help": "Batch size for the statistics, selection and evaluation passes over datasets."},
     )
-    seed: int = field(default=0, metadata={"help": "Seed for token sub-sampling and augmented views."})
+    sampling_seed: int = field(default=0, metadata={"help": "Seed of the token sub-sampling (max_tokens_per_sample)."})
 
     def __post_init__(self) -> None:
         self.target_modules = self._normalise_patterns("target_modules", self.target_modules)

@@ -1,0 +1,51 @@
+"""A picture of the alpha search: eval metric against alpha, with the unchanged model as a line.
+
+matplotlib is optional (`pip install sap_hf[plot]`); without it the plot is skipped with a log line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+def plot_alpha_curve(
+    result: Any,
+    path: Union[str, Path],
+    *,
+    extra_curves: Optional[Mapping[str, tuple[Sequence[float], Sequence[float]]]] = None,
+    title: Optional[str] = None,
+) -> Optional[Path]:
+    """Plot each round's metric against alpha (log scale); `extra_curves` adds e.g. test accuracy."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed; skipping the alpha plot (pip install 'sap_hf[plot]').")
+        return None
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for index, search in enumerate(result.rounds):
+        values = [m[search.metric] for m in search.metrics]
+        axis.plot(search.alphas, values, marker="o", label=f"eval {search.metric}, round {index + 1}")
+        axis.axhline(search.baseline[search.metric], linestyle="--", color="grey", label="unchanged (round 1)" if index == 0 else None)
+        if search.best_alpha is not None:
+            axis.scatter([search.best_alpha], [search.best_metrics[search.metric]], s=120, facecolors="none", edgecolors="red")
+    for label, (xs, ys) in (extra_curves or {}).items():
+        axis.plot(xs, ys, marker="s", label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("alpha")
+    axis.set_ylabel(result.rounds[0].metric)
+    axis.set_title(title or "SAP: metric against alpha (red circle: chosen)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

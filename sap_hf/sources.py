@@ -1,0 +1,181 @@
+"""Where the recipe and the CLI get their data and model: one set of arguments, one loader.
+
+Data, in order of precedence: a Clothing1M copy in its official layout (`data_dir`), a
+`datasets` dataset by name or local path (`dataset_name`), or the embedded default:
+Fashion-MNIST with synthetic label noise (no download). Model: a Hub id or local path
+(`model_name_or_path`, with its image processor), or a tiny ViT built from a config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import datasets
+from torch import nn
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
+from transformers.utils import logging
+
+from .data import (
+    CLOTHING1M_CLASSES,
+    FASHION_MNIST_CLASSES,
+    ImageTransform,
+    load_clothing1m,
+    noisy_fashion_mnist,
+    prepare_image_dataset,
+)
+from .models import tiny_vit_config
+
+logger = logging.get_logger(__name__)
+
+NOISE_TYPES = ("symmetric", "asymmetric")
+
+
+@dataclass
+class DataArguments:
+    """Which data to train/correct/evaluate on."""
+
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "A Clothing1M copy in its official layout (images/, *_key_list.txt, *_label_kv.txt)."},
+    )
+    dataset_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "A `datasets` dataset (Hub id or local path) with an image and a label column, instead of Clothing1M."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of `dataset_name`."})
+    label_column: str = field(default="label", metadata={"help": "Label column of `dataset_name`."})
+    train_split: str = field(default="train", metadata={"help": "Noisy training split of `dataset_name`."})
+    validation_split: str = field(default="validation", metadata={"help": "Clean validation split of `dataset_name` (picks alpha)."})
+    test_split: Optional[str] = field(default="test", metadata={"help": "Clean test split of `dataset_name` (None: no test)."})
+    streaming: bool = field(default=True, metadata={"help": "Stream Clothing1M / `dataset_name` instead of loading it."})
+    fashion_mnist_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Fashion-MNIST idx files for the embedded default (else Debian's dataset-fashion-mnist, else the Hub)."},
+    )
+    noise_type: str = field(default="symmetric", metadata={"help": "Embedded default: 'symmetric' or 'asymmetric' label noise."})
+    noise_rate: float = field(default=0.4, metadata={"help": "Embedded default: fraction of flipped training labels."})
+    train_size: Optional[int] = field(default=6000, metadata={"help": "Embedded default: training images (None: all)."})
+    val_size: int = field(default=1000, metadata={"help": "Embedded default: clean validation images."})
+    test_size: Optional[int] = field(default=2000, metadata={"help": "Embedded default: clean test images (None: all 10k)."})
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the embedded default's subsets and noise."})
+    augment: bool = field(default=False, metadata={"help": "Random flip/shift augmentation on the training split."})
+
+    def __post_init__(self) -> None:
+        if self.noise_type not in NOISE_TYPES:
+            raise ValueError(f"noise_type={self.noise_type!r} is invalid: choose one of {list(NOISE_TYPES)}.")
+        if not 0 <= self.noise_rate < 1:
+            raise ValueError(f"noise_rate={self.noise_rate!r} is invalid: use a fraction in [0, 1), e.g. 0.4.")
+        if self.data_dir and self.dataset_name:
+            raise ValueError("Give data_dir (Clothing1M) or dataset_name, not both.")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to correct (or fine-tune first)."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub id or local path of an image classifier (e.g. google/vit-base-patch16-224-in21k); None builds a tiny ViT."},
+    )
+    tiny_hidden_size: int = field(default=64, metadata={"help": "Tiny ViT (no model_name_or_path): hidden size."})
+    tiny_num_layers: int = field(default=4, metadata={"help": "Tiny ViT: number of layers."})
+    tiny_patch_size: int = field(default=7, metadata={"help": "Tiny ViT: patch size (must divide the image size)."})
+    tiny_image_size: Optional[int] = field(default=None, metadata={"help": "Tiny ViT: image side (default: 28 for Fashion-MNIST, 32 otherwise)."})
+
+
+@dataclass
+class Splits:
+    """Raw splits (image + label columns) and the class names."""
+
+    train: Any
+    validation: Any
+    test: Any
+    class_names: list[str]
+    num_channels: int
+    name: str
+
+
+def load_splits(args: DataArguments) -> Splits:
+    if args.data_dir:
+        read = lambda split: load_clothing1m(args.data_dir, split, streaming=args.streaming)  # noqa: E731
+        return Splits(read("noisy_train"), read("validation"), read("test"), list(CLOTHING1M_CLASSES), 3, "clothing1m")
+    if args.dataset_name:
+        return _load_named(args)
+    data = noisy_fashion_mnist(
+        noise_rate=args.noise_rate,
+        noise_type=args.noise_type,
+        seed=args.noise_seed,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        data_dir=args.fashion_mnist_dir,
+    )
+    name = f"fashion_mnist-{args.noise_type}{int(round(args.noise_rate * 100))}"
+    return Splits(data["train"], data["validation"], data["test"], list(FASHION_MNIST_CLASSES), 1, name)
+
+
+def _load_named(args: DataArguments) -> Splits:
+    def read(split: Optional[str]) -> Any:
+        if split is None:
+            return None
+        dataset = datasets.load_dataset(args.dataset_name, split=split, streaming=args.streaming)
+        renames = {args.image_column: "image", args.label_column: "label"}
+        renames = {old: new for old, new in renames.items() if old != new}
+        return dataset.rename_columns(renames) if renames else dataset
+
+    train = read(args.train_split)
+    feature = (train.features or {}).get("label")
+    names = list(getattr(feature, "names", None) or [])
+    if not names:
+        raise ValueError(
+            f"dataset_name={args.dataset_name!r}: column {args.label_column!r} is not a ClassLabel, so the class "
+            "names are unknown. Cast it with dataset.cast_column(..., ClassLabel(names=[...]))."
+        )
+    return Splits(train, read(args.validation_split), read(args.test_split), names, 3, args.dataset_name)
+
+
+def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optional[Any]]:
+    """The model (with a head sized for the data's classes) and its image processor, if any."""
+    id2label = dict(enumerate(splits.class_names))
+    if args.model_name_or_path:
+        model = AutoModelForImageClassification.from_pretrained(
+            args.model_name_or_path,
+            num_labels=len(id2label),
+            id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+            ignore_mismatched_sizes=True,
+        )
+        try:
+            processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        except (OSError, ValueError):
+            processor = None
+            logger.warning("No image processor at %s; using the model config's image size.", args.model_name_or_path)
+        return model, processor
+    image_size = args.tiny_image_size or (28 if splits.num_channels == 1 else 32)
+    config = tiny_vit_config(
+        image_size=image_size,
+        patch_size=args.tiny_patch_size if image_size % args.tiny_patch_size == 0 else 4,
+        num_channels=splits.num_channels,
+        num_labels=len(id2label),
+        hidden_size=args.tiny_hidden_size,
+        num_hidden_layers=args.tiny_num_layers,
+        id2label=id2label,
+    )
+    return ViTForImageClassification(config), None
+
+
+def image_transforms(model: nn.Module, processor: Optional[Any], augment: bool, seed: int) -> tuple[ImageTransform, ImageTransform]:
+    """(train, eval) transforms that turn `image` columns into the model's `pixel_values`."""
+    if processor is not None:
+        return ImageTransform(processor, augment=augment, seed=seed), ImageTransform(processor)
+    size = getattr(model.config, "image_size", 224)
+    channels = getattr(model.config, "num_channels", 3)
+    return (
+        ImageTransform(image_size=size, num_channels=channels, augment=augment, seed=seed),
+        ImageTransform(image_size=size, num_channels=channels),
+    )
+
+
+def prepare(split: Any, transform: ImageTransform) -> Any:
+    return None if split is None else prepare_image_dataset(split, transform)
