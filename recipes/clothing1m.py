@@ -14,10 +14,12 @@ symmetric label noise, a tiny ViT trained from scratch), configured by
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
@@ -41,6 +43,11 @@ class ScriptArguments(DataArguments, ModelArguments):
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
+        # Without this, TrainingArguments treats N CPU processes as N independent runs (NOT_PARALLEL);
+        # use_cpu makes them one gloo (MULTI_CPU) job.
+        argv = ["--use_cpu", "true", *argv]
     script_args, training_args, sap_config = parse_with_config(
         (ScriptArguments, TrainingArguments, SAPConfig), argv, default_config=DEFAULT_CONFIG
     )

@@ -1,0 +1,135 @@
+"""`sap-hf`: correct an already-trained model without training, or push a saved correction.
+
+    sap-hf correct --model_name_or_path ./my-vit --data_dir /data/clothing1m --output_dir ./my-vit-sap
+    sap-hf correct --model_name_or_path user/vit-noisy --dataset_name user/my-images --push_to_hub --hub_model_id user/vit-sap
+    sap-hf push ./my-vit-sap --repo_id user/vit-sap
+
+`correct` reads the same data arguments as the recipe (Clothing1M layout, a `datasets` dataset,
+or the embedded Fashion-MNIST default) and every `SAPConfig` field; `--config FILE.yaml` gives
+defaults. It runs under `accelerate launch` with any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers.utils import logging
+
+from .api import sap_correct
+from .cli_args import parse_with_config
+from .config import SAPConfig
+from .evaluation import evaluate_accuracy
+from .hub import push_folder, sap_record, staged_save, write_sap_files
+from .sources import DataArguments, image_transforms, load_splits, prepare
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class CorrectArguments(DataArguments):
+    """Arguments of `sap-hf correct` besides the data arguments and `SAPConfig`."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Trained image classifier to correct: a Hub id or a local path (required)."}
+    )
+    output_dir: Optional[str] = field(default=None, metadata={"help": "Where the corrected model is saved (required)."})
+    stats_path: Optional[str] = field(
+        default=None, metadata={"help": "Statistics cache: reused when it exists (no data pass), written otherwise."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the corrected model to the Hub."})
+    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id to push to (needed with --push_to_hub)."})
+    hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in token)."})
+    hub_private_repo: Optional[bool] = field(default=None, metadata={"help": "Create the Hub repo as private."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required: the trained model (Hub id or local path) to correct.")
+        if not self.output_dir:
+            raise ValueError("--output_dir is required: where to save the corrected model.")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
+
+
+def correct(argv: Optional[Sequence[str]] = None) -> dict:
+    from accelerate import Accelerator
+
+    args, config = parse_with_config((CorrectArguments, SAPConfig), argv)
+    accelerator = Accelerator()
+    splits = load_splits(args)
+    model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
+    if model.config.num_labels != len(splits.class_names):
+        raise ValueError(
+            f"The model {args.model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "
+            f"{len(splits.class_names)} classes; correct a model trained on this data."
+        )
+    try:
+        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+    except (OSError, ValueError):
+        processor = None
+    model.to(accelerator.device)
+    _, transform = image_transforms(model, processor, augment=False, seed=0)
+    train, validation, test = (prepare(split, transform) for split in (splits.train, splits.validation, splits.test))
+    evaluate = lambda: evaluate_accuracy(model, test, batch_size=config.batch_size, accelerator=accelerator)  # noqa: E731
+    test_before = evaluate() if test is not None else {}
+    result = sap_correct(model, train, validation, config, accelerator, stats_path=args.stats_path)
+    test_after = evaluate() if test is not None else {}
+    record = sap_record(
+        result,
+        args.model_name_or_path,
+        {"dataset": splits.name, "test_metrics_before": test_before, "test_metrics_after": test_after},
+    )
+    with staged_save(args.output_dir, is_main=accelerator.is_main_process) as stage:
+        if accelerator.is_main_process:
+            model.save_pretrained(stage)
+            if processor is not None:
+                processor.save_pretrained(stage)
+            write_sap_files(stage, record, args.hub_model_id or Path(args.output_dir).name)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        summary = {"alpha": result.alpha, "eval_before": result.baseline_metrics, "eval_after": result.final_metrics,
+                   "test_before": test_before, "test_after": test_after}
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")  # the command's result, for scripts
+        if args.push_to_hub:
+            push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    return record
+
+
+@dataclass
+class PushArguments:
+    folder: str = field(metadata={"help": "A folder saved by `sap-hf correct` or SAPTrainer.save_model()."})
+    repo_id: str = field(metadata={"help": "Hub repo id, e.g. user/vit-sap."})
+    token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in token)."})
+    private: Optional[bool] = field(default=None, metadata={"help": "Create the repo as private."})
+
+
+def push(argv: Optional[Sequence[str]] = None) -> None:
+    from transformers import HfArgumentParser
+
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-"):
+        argv = ["--folder", argv[0], *argv[1:]]
+    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(argv)
+    if not (Path(args.folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.folder!r} holds no saved model (config.json); save one with `sap-hf correct` first.")
+    push_folder(args.folder, args.repo_id, token=args.token, private=args.private)
+
+
+COMMANDS = {"correct": correct, "push": push}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        sys.stderr.write(f"usage: sap-hf {{{','.join(COMMANDS)}}} [--help] ...\n")
+        raise SystemExit(2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

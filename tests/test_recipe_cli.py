@@ -1,0 +1,88 @@
+"""The recipe end to end on a tiny Clothing1M directory (1 and 2 processes) and the `sap-hf` CLI."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from sap_hf import cli
+from sap_hf.hub import SAP_RECORD_NAME, load_sap_record
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "clothing1m.py"
+TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--tiny_hidden_size", "32", "--tiny_num_layers", "2", "--tiny_patch_size", "8",
+        "--trusted_per_class", "1", "--alphas", "1", "100", "--batch_size", "16",
+        "--logging_steps", "2", "--disable_tqdm", "true", "--report_to", "none"]
+
+
+def _launch(processes: int, args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)),
+               "--num_processes", str(processes), *(["--multi_gpu"] if processes > 1 else ["--cpu"]), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
+    out = tmp_path / "out"
+    run = _launch(processes, [str(RECIPE), "--data_dir", str(tiny_clothing1m), "--output_dir", str(out), *TINY])
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "clean-test accuracy before SAP" in run.stdout
+    summary = json.loads((out / "sap_summary.json").read_text())
+    assert summary["dataset"] == "clothing1m" and 0 <= summary["test_accuracy_after"] <= 1
+    record = load_sap_record(out)
+    assert record["num_trusted"] == 14 and record["rounds"][0]["alphas"] == [1.0, 100.0]
+    assert record["test_metrics_before"]["accuracy"] == summary["test_accuracy_before"]
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 14 and model.config.id2label[13] == "Underwear"
+    assert (out / "sap_alpha_curve.png").stat().st_size > 0
+    assert (out / "sap_stats.safetensors").is_file()
+
+
+def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):
+    from sap_hf.models import tiny_vit_config
+    from transformers import ViTForImageClassification
+
+    trained = tmp_path / "trained"
+    ViTForImageClassification(tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32,
+                                              num_hidden_layers=2)).save_pretrained(trained)
+    out = tmp_path / "corrected"
+    cli.main(["correct", "--model_name_or_path", str(trained), "--data_dir", str(tiny_clothing1m),
+              "--output_dir", str(out), "--trusted_per_class", "1", "--alphas", "1", "1000", "--batch_size", "16"])
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary) == {"alpha", "eval_before", "eval_after", "test_before", "test_after"}
+    assert summary["eval_after"]["accuracy"] >= summary["eval_before"]["accuracy"]
+    assert load_sap_record(out)["base_model"] == str(trained)
+    reloaded = AutoModelForImageClassification.from_pretrained(out)
+    assert reloaded.config.num_labels == 14
+
+    api = mock.MagicMock()
+    with mock.patch("sap_hf.hub.HfApi", return_value=api):
+        cli.main(["push", str(out), "--repo_id", "user/vit-sap"])
+    sent = api.upload_folder.call_args.kwargs
+    assert sent["repo_id"] == "user/vit-sap" and Path(sent["folder_path"]) == out
+    api.create_repo.assert_called_once()
+
+    api.upload_folder.side_effect = ConnectionError("network down")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with mock.patch("sap_hf.hub.HfApi", return_value=api), pytest.raises(RuntimeError, match="sap-hf push"):
+        cli.main(["push", str(out), "--repo_id", "user/vit-sap"])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path):
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        cli.main(["correct", "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="alphas"):
+        cli.main(["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--alphas", "0.5"])
+    with pytest.raises(SystemExit):
+        cli.main(["frobnicate"])
