@@ -156,12 +156,27 @@ def inference_mode(model: nn.Module) -> Iterator[None]:
 
 
 def forward_pixels(model: nn.Module, batch: dict[str, Any], device: torch.device) -> Any:
+    """`model(pixel_values=...)` on the model's device and dtype, with a clear error for wrong images."""
     check_pixel_values(batch)
     pixels = batch["pixel_values"].to(device)
     dtype = next(model.parameters()).dtype
     if pixels.is_floating_point() and dtype.is_floating_point:
         pixels = pixels.to(dtype)
-    return model(pixel_values=pixels)
+    config = getattr(model, "config", None)
+    channels = getattr(getattr(config, "vision_config", config), "num_channels", None)
+    if channels is not None and pixels.shape[1] != channels:
+        raise ValueError(
+            f"pixel_values have {pixels.shape[1]} channels but the model expects num_channels={channels}; convert "
+            "the images (e.g. ImageTransform(num_channels=...) or the model's image processor)."
+        )
+    try:
+        return model(pixel_values=pixels)
+    except (RuntimeError, ValueError) as err:
+        size = getattr(getattr(config, "vision_config", config), "image_size", None)
+        raise ValueError(
+            f"The model failed on pixel_values of shape {tuple(pixels.shape)} (model image_size={size}, "
+            f"num_channels={channels}): {err}. Resize the images to what the model expects, e.g. with its image processor."
+        ) from err
 
 
 def model_device(model: nn.Module, accelerator: Any = None) -> torch.device:

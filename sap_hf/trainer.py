@@ -31,6 +31,8 @@ def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
     global _ACCURACY
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predictions = np.asarray(logits).argmax(-1)
+    if prediction.label_ids is None:
+        raise ValueError("The eval dataset has no labels ('labels'/'label'); SAP's alpha search needs a clean labelled eval set.")
     references = np.asarray(prediction.label_ids)
     if _ACCURACY is None:
         try:
@@ -137,6 +139,17 @@ class SAPTrainer(Trainer):
                 write_sap_files(stage, self.sap_record(), self._card_name(output_dir))
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.push_to_hub`; a failed upload says the local save is intact and what to rerun."""
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        except Exception as err:
+            raise RuntimeError(
+                f"Pushing to the Hub failed ({type(err).__name__}: {err}). The local save in "
+                f"{self.args.output_dir!r} is intact; rerun trainer.push_to_hub() or "
+                f"`sap-hf push {self.args.output_dir} --repo_id {self.hub_model_id or self.args.hub_model_id}`."
+            ) from err
 
     def sap_record(self) -> dict[str, Any]:
         if self.sap_result is None:

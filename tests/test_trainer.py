@@ -83,3 +83,18 @@ def test_interrupted_save_keeps_previous_files(tmp_path):
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert after == before
     assert json.loads((out / SAP_RECORD_NAME).read_text())["changed"] in (True, False)
+
+
+def test_failed_push_keeps_local_save_and_says_what_to_rerun(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.correct()
+    api = mock.MagicMock()
+    api.create_repo.return_value.repo_id = "user/tiny-sap"
+    api.upload_folder.side_effect = ConnectionError("network down")
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        trainer.args.hub_model_id = "user/tiny-sap"
+        with pytest.raises(RuntimeError, match="sap-hf push .* --repo_id user/tiny-sap"):
+            trainer.push_to_hub()
+    out = tmp_path / "out"
+    assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 3
+    assert load_sap_record(out)["base_model"] == "tiny-vit"

@@ -1,0 +1,160 @@
+"""Bad input raises a clear error before any weight changes; faults never cost the user their model."""
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+
+from sap_hf import SAPConfig, collect_statistics, find_target_modules, sap_correct, sap_project, select_trusted
+from sap_hf import api as api_module
+from sap_hf.models import tiny_model
+
+from helpers import assert_identical, random_examples, snapshot
+
+
+@pytest.fixture
+def model():
+    return tiny_model("vit", num_labels=3)
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("alphas", [], "alphas"),
+        ("alphas", [0.5], "alphas"),
+        ("alphas", [float("nan")], "alphas"),
+        ("alphas", ["big"], "alphas"),
+        ("trusted_per_class", 0, "trusted_per_class"),
+        ("trusted_per_class", -3, "trusted_per_class"),
+        ("num_rounds", 0, "num_rounds"),
+        ("alpha_growth", 0.5, "alpha_growth"),
+        ("max_tokens_per_sample", 0, "max_tokens_per_sample"),
+        ("accumulation_dtype", "float16", "accumulation_dtype"),
+        ("selection_rule", "magic", "selection_rule"),
+        ("target_modules", [1, 2], "target_modules"),
+    ],
+)
+def test_config_errors_name_field_value_and_fix(field, value, match):
+    with pytest.raises(ValueError, match=match) as info:
+        SAPConfig(**{field: value})
+    assert repr(value)[:4] in str(info.value) or field == "alphas"
+
+
+@pytest.mark.parametrize("alpha", [0.5, float("nan"), math.inf, -2])
+def test_bad_alpha_leaves_model_identical(model, alpha):
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="alpha"):
+        sap_project(model, random_examples(4), alpha=alpha)
+    assert_identical(model, before)
+
+
+BAD_DATA = [
+    ("empty", [], "empty"),
+    ("no pixel_values", [{"image": [0], "labels": 0}] * 3, "pixel_values"),
+    ("wrong channels", [{"pixel_values": torch.randn(1, 16, 16), "labels": 0}] * 3, "num_channels"),
+    ("wrong size", [{"pixel_values": torch.randn(3, 20, 20), "labels": 0}] * 3, "image_size"),
+    ("non-finite", [{"pixel_values": torch.full((3, 16, 16), float("inf")), "labels": 0}] * 3, "[Nn]on-finite|NaN"),
+]
+
+
+@pytest.mark.parametrize("name, data, match", BAD_DATA, ids=[b[0] for b in BAD_DATA])
+def test_bad_trusted_data_leaves_model_identical(model, name, data, match):
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        sap_project(model, data, alpha=10.0)
+    assert_identical(model, before)
+
+
+def test_no_matching_module_lists_linear_layers(model):
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="vit.layers.0.mlp.fc1"):
+        sap_project(model, random_examples(4), alpha=10.0, config=SAPConfig(target_modules=["nope"], project_classifier=False))
+    assert_identical(model, before)
+
+
+def test_selection_errors(model):
+    data = random_examples(9)
+    with pytest.raises(ValueError, match=r"label 7, outside the model's 3 classes"):
+        select_trusted(model, data + [{"pixel_values": torch.randn(3, 16, 16), "labels": 7}], 2, show_progress=False)
+    with pytest.raises(ValueError, match=r"Classes \[2\] have no usable sample"):
+        select_trusted(model, [e for e in data if e["labels"] != 2], 2, show_progress=False)
+    with pytest.raises(ValueError, match="no 'labels'"):
+        select_trusted(model, [{"pixel_values": e["pixel_values"]} for e in data], 2, show_progress=False)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="per_class"):
+            select_trusted(model, data, bad, show_progress=False)
+
+
+def test_eval_set_without_labels_is_rejected_before_any_change(model):
+    before = snapshot(model)
+    unlabeled = [{"pixel_values": e["pixel_values"]} for e in random_examples(6)]
+    with pytest.raises(ValueError, match="labels"):
+        sap_correct(model, random_examples(12), unlabeled, SAPConfig(trusted_per_class=2), show_progress=False)
+    assert_identical(model, before)
+
+
+def test_failure_while_writing_third_layer_restores_every_layer(model, monkeypatch):
+    real_plan = api_module.plan_projection
+
+    def plan_with_broken_third(*args, **kwargs):
+        plan = real_plan(*args, **kwargs)
+        third = list(plan)[2]
+        plan[third] = torch.empty(plan[third].shape, device="meta")  # copying from meta raises mid-write
+        return plan
+
+    monkeypatch.setattr(api_module, "plan_projection", plan_with_broken_third)
+    before = snapshot(model)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        sap_project(model, random_examples(4), alpha=10.0)
+    assert_identical(model, before)
+
+
+def test_interrupted_correct_resumes_from_saved_statistics(model, tmp_path):
+    stats_path = tmp_path / "stats.safetensors"
+    train, evals = random_examples(12, seed=1), random_examples(6, seed=2)
+    config = SAPConfig(alphas=[1.0, 10.0, 100.0], trusted_per_class=2)
+    calls = []
+
+    def interrupted(m):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return {"accuracy": float(len(calls))}
+
+    before = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        sap_correct(model, train, config=config, evaluate_fn=interrupted, stats_path=stats_path, show_progress=False)
+    assert_identical(model, before)
+    assert stats_path.is_file()
+
+    class NoDataPass(list):
+        def __iter__(self):
+            raise AssertionError("the rerun must not read the data")
+
+    result = sap_correct(model, NoDataPass(train), evals, config, stats_path=stats_path, show_progress=False)
+    assert result.rounds[0].alphas == [1.0, 10.0, 100.0]
+
+
+def test_same_seed_same_selection_and_weights():
+    outcomes = []
+    for _ in range(2):
+        model = tiny_model("vit", num_labels=3, seed=3)
+        selection = select_trusted(model, random_examples(18, seed=4), 2, show_progress=False)
+        sap_project(model, [random_examples(18, seed=4)[i] for i in selection.indices], alpha=10.0)
+        outcomes.append((selection.indices, snapshot(model)))
+    assert outcomes[0][0] == outcomes[1][0]
+    assert_identical(tiny_model("vit", num_labels=3, seed=3), snapshot(tiny_model("vit", num_labels=3, seed=3)))
+    for name, tensor in outcomes[0][1].items():
+        assert torch.equal(tensor, outcomes[1][1][name]), name
+
+
+def test_non_finite_gram_rejected_before_write(model):
+    stats = collect_statistics(model, random_examples(4), find_target_modules(model), show_progress=False)
+    name = stats.groups[0].name
+    stats.grams[name] = stats.grams[name].clone()
+    stats.grams[name][0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="NaN"):
+        sap_project(model, None, alpha=10.0, stats=stats)
+    assert_identical(model, before)
