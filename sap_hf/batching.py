@@ -14,10 +14,12 @@ sum over processes equals a single-process run exactly.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional
 
 import torch
+from tqdm.auto import tqdm
 from transformers import default_data_collator
 
 Batch = dict[str, Any]
@@ -41,6 +43,24 @@ def num_examples(data: Any) -> Optional[int]:
         return len(data)
     except TypeError:
         return None
+
+
+def process_layout(accelerator: Any) -> tuple[int, int]:
+    """`(process_index, num_processes)`; `(0, 1)` without an Accelerator."""
+    if accelerator is None:
+        return 0, 1
+    return accelerator.process_index, accelerator.num_processes
+
+
+def shard_progress(data: Any, description: str, *, rank: int, world: int, show: bool) -> tqdm:
+    """A progress bar over this process's share of `data`, shown on the main process only."""
+    total = num_examples(data)
+    return tqdm(
+        total=math.ceil(total / world) if total else None,
+        desc=description,
+        unit="sample",
+        disable=not (show and rank == 0),
+    )
 
 
 def iter_shard_batches(

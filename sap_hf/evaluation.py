@@ -10,9 +10,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .batching import Collator, batch_labels, iter_shard_batches
+from .batching import Collator, batch_labels, iter_shard_batches, process_layout, shard_progress
 from .stats import forward_pixels, inference_mode, model_device
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
@@ -30,11 +29,12 @@ def evaluate_accuracy(
     """`{"accuracy": correct / total, "samples": total}` over every example of `data` exactly once."""
     model = accelerator.unwrap_model(model) if accelerator is not None else model
     device = model_device(model, accelerator)
-    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    rank, world = process_layout(accelerator)
     counts = torch.zeros(2, dtype=torch.float64, device=device)
-    with inference_mode(model):
-        batches = iter_shard_batches(data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn)
-        for _, batch in tqdm(batches, desc="SAP eval", disable=not (show_progress and rank == 0)):
+    batches = iter_shard_batches(data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn)
+    progress = shard_progress(data, "SAP eval", rank=rank, world=world, show=show_progress)
+    with inference_mode(model), progress:
+        for _, batch in batches:
             labels = batch_labels(batch)
             if labels is None:
                 raise ValueError(
@@ -45,6 +45,7 @@ def evaluate_accuracy(
             logits = output.logits if hasattr(output, "logits") else output
             counts[0] += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
             counts[1] += labels.numel()
+            progress.update(labels.numel())
     if accelerator is not None and world > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     if counts[1] == 0:

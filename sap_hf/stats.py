@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -20,10 +19,9 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .batching import Collator, check_pixel_values, first_example_batch, iter_shard_batches, num_examples
+from .batching import Collator, check_pixel_values, first_example_batch, iter_shard_batches, process_layout, shard_progress
 from .targets import TargetGroup, group_by_identity
 
 logger = logging.get_logger(__name__)
@@ -225,7 +223,7 @@ def collect_statistics(
     dtype = getattr(torch, accumulation_dtype) if isinstance(accumulation_dtype, str) else accumulation_dtype
     model = accelerator.unwrap_model(model) if accelerator is not None else model
     device = model_device(model, accelerator)
-    rank, world = _process_layout(accelerator)
+    rank, world = process_layout(accelerator)
     groups = discover_groups(model, target_names, first_example_batch(data, collate_fn), device)
     accumulators = {g.name: GramAccumulator(g.in_features, dtype, device) for g in groups}
     generator = torch.Generator().manual_seed(seed + rank) if max_tokens_per_sample else None
@@ -233,13 +231,7 @@ def collect_statistics(
     def accumulate(name: str, tensor: torch.Tensor) -> None:
         accumulators[name].update(subsample_tokens(tensor, max_tokens_per_sample, generator))
 
-    total = num_examples(data)
-    progress = tqdm(
-        total=math.ceil(total / world) if total else None,
-        desc="SAP statistics",
-        unit="sample",
-        disable=not (show_progress and rank == 0),
-    )
+    progress = shard_progress(data, "SAP statistics", rank=rank, world=world, show=show_progress)
     with inference_mode(model), input_hooks(model, [g.name for g in groups], accumulate), progress:
         for _, batch in iter_shard_batches(
             data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
@@ -269,9 +261,3 @@ def collect_statistics(
         max(counts.values(), default=0),
     )
     return ActivationStats(groups=groups, grams=grams, counts=counts, max_tokens_per_sample=max_tokens_per_sample)
-
-
-def _process_layout(accelerator: Any) -> tuple[int, int]:
-    if accelerator is None:
-        return 0, 1
-    return accelerator.process_index, accelerator.num_processes
