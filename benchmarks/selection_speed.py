@@ -1,0 +1,70 @@
+"""Trusted-selection throughput against plain inference on the same data (issue: within 10%).
+
+Both passes read the same real Fashion-MNIST images through the same transform and batch size:
+`inference` is a plain `DataLoader` + forward loop; `selection` is `sap_hf.select_trusted`
+(forward + per-sample cross-entropy + bounded per-class heaps). Runs are interleaved and the
+best of `--repeats` is kept, so the ratio is measured side by side.
+
+    python benchmarks/selection_speed.py [--n 4000] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import ViTForImageClassification, default_data_collator
+
+from sap_hf import select_trusted
+from sap_hf.data import ImageTransform, noisy_fashion_mnist
+from sap_hf.models import tiny_vit_config
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.repeats = 300, 1
+    data = noisy_fashion_mnist(train_size=args.n, val_size=10, test_size=10)["train"]
+    data = data.with_transform(ImageTransform(image_size=28, num_channels=1))
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_vit_config()).eval()
+
+    def inference() -> None:
+        with torch.no_grad():
+            for batch in DataLoader(data, batch_size=args.batch_size, collate_fn=default_data_collator):
+                model(pixel_values=batch["pixel_values"])
+
+    def selection() -> None:
+        select_trusted(model, data, 10, batch_size=args.batch_size, show_progress=False)
+
+    timings: dict[str, list[float]] = {"inference": [], "selection": []}
+    for _ in range(args.repeats):
+        for name, run in (("inference", inference), ("selection", selection)):
+            start = time.perf_counter()
+            run()
+            timings[name].append(time.perf_counter() - start)
+    best = {name: min(values) for name, values in timings.items()}
+    rows = [{"method": name, "n_samples": args.n, "seconds": best[name], "samples_per_second": args.n / best[name]} for name in best]
+    ratio = best["selection"] / best["inference"]
+    print(f"{'method':<10} {'n':>6} {'seconds':>8} {'samples/s':>10}")
+    for row in rows:
+        print(f"{row['method']:<10} {row['n_samples']:>6} {row['seconds']:>8.3f} {row['samples_per_second']:>10.1f}")
+    print(f"selection / inference time: {ratio:.3f} (target <= 1.10); torch threads: {torch.get_num_threads()}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = "selection_speed_quick.json" if args.quick else "selection_speed.json"
+    (out / name).write_text(json.dumps({"rows": rows, "time_ratio": ratio, "target": 1.10, "threads": torch.get_num_threads()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
