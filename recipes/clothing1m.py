@@ -38,7 +38,11 @@ class ScriptArguments(DataArguments, ModelArguments):
     """Data and model arguments of the recipe."""
 
     stats_path: Optional[str] = field(
-        default=None, metadata={"help": "Cache file for the SAP statistics (reused when it exists; default: output_dir/sap_stats.safetensors)."}
+        default=None,
+        metadata={
+            "help": "Cache of the SAP statistics, reused when it exists and matches the model (default: "
+            "output_dir/_sap_stats.safetensors; the leading '_' keeps it out of Hub uploads)."
+        },
     )
 
 
@@ -68,12 +72,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         sap_config=sap_config,
         base_model_name=script_args.model_name_or_path,
     )
-    if training_args.do_train or not script_args.model_name_or_path:
-        trainer.train()
+    trainer.train()  # to correct an already-trained model without training, use `sap-hf correct`
 
     test = prepare(splits.test, eval_transform)
     before = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
-    stats_path = script_args.stats_path or str(Path(training_args.output_dir) / "sap_stats.safetensors")
+    stats_path = script_args.stats_path or str(Path(training_args.output_dir) / "_sap_stats.safetensors")
     result = trainer.correct(selection_dataset=prepare(splits.train, eval_transform), stats_path=stats_path)
     after = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
 
@@ -82,7 +85,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "test_metrics_before": {k.removeprefix("test_"): v for k, v in before.items() if k.endswith("accuracy")},
         "test_metrics_after": {k.removeprefix("test_"): v for k, v in after.items() if k.endswith("accuracy")},
     }
-    trainer.save_model()
     summary = {
         "dataset": splits.name,
         "chosen_alpha": result.alpha,
@@ -92,16 +94,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "test_accuracy_after": after.get("test_accuracy"),
     }
     if trainer.is_world_process_zero():
-        plot_alpha_curve(result, Path(training_args.output_dir) / "sap_alpha_curve.png")
-        (Path(training_args.output_dir) / "sap_summary.json").write_text(json.dumps(summary, indent=2))
+        output_dir = Path(training_args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        plot_alpha_curve(result, output_dir / "sap_alpha_curve.png")
+        (output_dir / "sap_summary.json").write_text(json.dumps(summary, indent=2))
         print(
-            f"[sap_hf] {splits.name}: clean-test accuracy before SAP {summary['test_accuracy_before']:.4f}, "
-            f"after SAP {summary['test_accuracy_after']:.4f} (alpha={result.alpha}, "
-            f"val {summary['val_accuracy_before']:.4f} -> {summary['val_accuracy_after']:.4f})"
+            f"[sap_hf] {splits.name}: clean-test accuracy before SAP {_fmt(summary['test_accuracy_before'])}, "
+            f"after SAP {_fmt(summary['test_accuracy_after'])} (alpha={result.alpha}, "
+            f"val {_fmt(summary['val_accuracy_before'])} -> {_fmt(summary['val_accuracy_after'])})"
         )
     if training_args.push_to_hub:
-        trainer.push_to_hub(commit_message="SAP-corrected model")
+        trainer.push_to_hub(commit_message="SAP-corrected model")  # saves first, then uploads once
+    else:
+        trainer.save_model()
     return summary
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ written, and both are made of the importable pieces: `select_trusted`, `collect_
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from torch import nn
 from transformers.utils import logging
@@ -19,7 +20,7 @@ from .config import SAPConfig, validate_alpha
 from .evaluation import accuracy_evaluator
 from .projection import current_weights, plan_projection, write_weights
 from .search import AlphaSearchResult, eigenbases, search_alpha
-from .stats import ActivationStats, collect_statistics
+from .stats import ActivationStats, collect_statistics, raise_on_any_process, unwrap
 from .targets import find_target_modules
 from .trusted import TrustedSelection, select_trusted
 
@@ -98,16 +99,30 @@ def sap_project(
             )
         alpha = config.alphas[0]
     alpha = validate_alpha(alpha)
-    base = accelerator.unwrap_model(model) if accelerator is not None else model
+    base = unwrap(model, accelerator)
+    if stats is not None:
+        stats.check_model(base, "The given stats")
     targets = stats.target_modules if stats is not None else _resolve_targets(base, config)
-    for round_index in range(config.num_rounds):
-        if stats is None or round_index > 0:
-            stats = _collect(base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn)
-        round_alpha = alpha * config.alpha_growth**round_index
-        plan = plan_projection(current_weights(base, stats.target_modules), stats.groups, eigenbases(stats), round_alpha)
-        write_weights(base, plan)
-        logger.info("SAP round %d: projected %d layers with alpha=%g.", round_index + 1, len(plan), round_alpha)
+    with restored_on_failure(base, targets):
+        for round_index in range(config.num_rounds):
+            if stats is None or round_index > 0:
+                stats = _collect(base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn)
+            round_alpha = alpha * config.alpha_growth**round_index
+            plan = plan_projection(current_weights(base, stats.target_modules), stats.groups, eigenbases(stats), round_alpha)
+            write_weights(base, plan)
+            logger.info("SAP round %d: projected %d layers with alpha=%g.", round_index + 1, len(plan), round_alpha)
     return model
+
+
+@contextlib.contextmanager
+def restored_on_failure(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Several rounds write several times: any failure restores the weights from before the first."""
+    originals = current_weights(model, names)
+    try:
+        yield
+    except BaseException:
+        write_weights(model, originals)
+        raise
 
 
 def sap_correct(
@@ -120,6 +135,7 @@ def sap_correct(
     collate_fn: Optional[Collator] = None,
     evaluate_fn: Optional[Callable[[nn.Module], Mapping[str, float]]] = None,
     metric: str = "accuracy",
+    greater_is_better: bool = True,
     selection_model: Optional[nn.Module] = None,
     trusted_indices: Optional[Sequence[int]] = None,
     stats_path: Optional[Union[str, Path]] = None,
@@ -130,7 +146,7 @@ def sap_correct(
 
     `train_data` is the (noisy) labelled data to pick trusted samples from; `eval_data` a clean
     labelled set to pick alpha on (or give `evaluate_fn(model) -> metrics`). `trusted_indices`
-    skips selection. `stats_path`: statistics are loaded from it when the file exists
+    skips selection. `greater_is_better` says which way `metric` improves. `stats_path`: statistics are loaded from it when the file exists
     (re-tune alpha without a data pass, or resume an interrupted run) and saved to it otherwise.
     The model is left at the best alpha, or unchanged when no alpha beats it on the eval set.
     """
@@ -141,13 +157,14 @@ def sap_correct(
         evaluate_fn = accuracy_evaluator(
             eval_data, batch_size=config.batch_size, accelerator=accelerator, collate_fn=collate_fn
         )
-    base = accelerator.unwrap_model(model) if accelerator is not None else model
+    base = unwrap(model, accelerator)
     targets = _resolve_targets(base, config)
-    stats = None
-    if stats_path is not None and Path(stats_path).is_file():
+    stats, selection = None, None
+    if stats_path is not None and _cached_on_main(stats_path, accelerator):
         stats = ActivationStats.load(stats_path)
+        stats.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
+        trusted_indices = stats.meta.get("trusted_indices", trusted_indices)
         logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
-        selection = None
     elif trusted_indices is None:
         selection = select_trusted(
             base,
@@ -161,28 +178,31 @@ def sap_correct(
             show_progress=show_progress,
         )
         trusted_indices = selection.indices
-    else:
-        selection = None
-    trusted = subset(train_data, trusted_indices) if trusted_indices is not None else None
+    trusted = subset(train_data, trusted_indices) if trusted_indices is not None and train_data is not None else None
     if trusted is None and config.num_rounds > 1:
         raise ValueError(
             f"config.num_rounds={config.num_rounds} re-collects statistics each round, which needs the trusted "
-            "data: pass trusted_indices= together with stats_path=, or use num_rounds=1."
+            "data: pass train_data= (and trusted_indices= or a stats_path saved by sap_correct), or use num_rounds=1."
         )
+    per_class = dict(selection.per_class) if selection is not None else stats.meta.get("trusted_per_class", {}) if stats else {}
 
     rounds: list[AlphaSearchResult] = []
-    for round_index in range(config.num_rounds):
-        if stats is None or round_index > 0:
-            stats = _collect(
-                base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn, show_progress=show_progress
+    with restored_on_failure(base, targets):
+        for round_index in range(config.num_rounds):
+            if stats is None or round_index > 0:
+                stats = _collect(
+                    base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn, show_progress=show_progress
+                )
+                if round_index == 0 and stats_path is not None:
+                    stats.meta.update(trusted_indices=list(trusted_indices), trusted_per_class=per_class)
+                    _save_on_main(stats, stats_path, accelerator)
+            grid = [a * config.alpha_growth**round_index for a in config.alphas]
+            search = search_alpha(
+                base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better, on_evaluate=on_evaluate
             )
-            if round_index == 0 and stats_path is not None and _is_main(accelerator):
-                stats.save(stats_path)
-        grid = [a * config.alpha_growth**round_index for a in config.alphas]
-        search = search_alpha(base, stats, grid, evaluate_fn, metric=metric, on_evaluate=on_evaluate)
-        rounds.append(search)
-        if not search.improved:
-            break
+            rounds.append(search)
+            if not search.improved:
+                break
     return SAPResult(
         alphas=[r.best_alpha for r in rounds],
         rounds=rounds,
@@ -190,9 +210,29 @@ def sap_correct(
         final_metrics=rounds[-1].best_metrics,
         target_modules=list(stats.target_modules),
         num_trusted=len(trusted_indices) if trusted_indices is not None else 0,
-        trusted_per_class=dict(selection.per_class) if selection is not None else {},
+        trusted_per_class={int(k): v for k, v in per_class.items()},
         config=config.to_dict(),
     )
+
+
+def _cached_on_main(path: Union[str, Path], accelerator: Any) -> bool:
+    """Whether the statistics cache exists, as the main process sees it (all processes agree)."""
+    exists = Path(path).is_file()
+    if accelerator is None or accelerator.num_processes == 1:
+        return exists
+    from accelerate.utils import broadcast_object_list
+
+    return bool(broadcast_object_list([exists], from_process=0)[0])
+
+
+def _save_on_main(stats: ActivationStats, path: Union[str, Path], accelerator: Any) -> None:
+    error = None
+    if _is_main(accelerator):
+        try:
+            stats.save(path)
+        except Exception as err:
+            error = err
+    raise_on_any_process(error, accelerator)
 
 
 def _is_main(accelerator: Any) -> bool:

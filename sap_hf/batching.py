@@ -79,6 +79,11 @@ def iter_shard_batches(
     those global indices (a trusted subset of a stream).
     """
     collate = collate_fn or default_data_collator
+    if num_processes > 1 and type(data).__name__ in ("DataLoaderShard", "DataLoaderDispatcher"):
+        raise ValueError(
+            "The data is a DataLoader already sharded by accelerator.prepare(); SAP shards data itself (without the "
+            "padding duplicates prepare() adds). Pass the dataset or the unprepared DataLoader."
+        )
     if is_map_style(data):
         positions = range(process_index, len(data), num_processes)
         if keep is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers import AutoModelForImageClassification
 from transformers.utils import logging
 
 from .api import sap_correct
@@ -25,7 +25,7 @@ from .cli_args import parse_with_config
 from .config import SAPConfig
 from .evaluation import evaluate_accuracy
 from .hub import push_folder, sap_record, staged_save, write_sap_files
-from .sources import DataArguments, image_transforms, load_splits, prepare
+from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare
 
 logger = logging.get_logger(__name__)
 
@@ -68,10 +68,14 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
             f"The model {args.model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "
             f"{len(splits.class_names)} classes; correct a model trained on this data."
         )
-    try:
-        processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    except (OSError, ValueError):
-        processor = None
+    if splits.validation is None:
+        raise ValueError("The data has no clean validation split: SAP chooses alpha on it. Set --validation_split.")
+    if config.selection_rule == "early_loss":
+        raise ValueError(
+            "selection_rule='early_loss' needs an earlier checkpoint, which `sap-hf correct` cannot take; use the "
+            "Python API (sap_correct(..., selection_model=...)) or another selection_rule."
+        )
+    processor = load_processor(args.model_name_or_path)
     model.to(accelerator.device)
     _, transform = image_transforms(model, processor, augment=False, seed=0)
     train, validation, test = (prepare(split, transform) for split in (splits.train, splits.validation, splits.test))

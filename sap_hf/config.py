@@ -107,7 +107,7 @@ class SAPConfig:
     def __post_init__(self) -> None:
         self.target_modules = self._normalise_patterns("target_modules", self.target_modules)
         self.exclude_modules = self._normalise_patterns("exclude_modules", self.exclude_modules)
-        if isinstance(self.alphas, (int, float)):
+        if isinstance(self.alphas, (str, int, float)):  # one value, e.g. YAML `alphas: 1e4`
             self.alphas = [self.alphas]
         self.alphas = [validate_alpha(a, "alphas") for a in self.alphas]
         if not self.alphas:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .batching import Collator, batch_labels, iter_shard_batches, process_layout, shard_progress
-from .stats import forward_pixels, inference_mode, model_device
+from .stats import forward_pixels, inference_mode, model_device, raise_on_any_process, unwrap
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 
@@ -27,25 +27,30 @@ def evaluate_accuracy(
     show_progress: bool = False,
 ) -> dict[str, float]:
     """`{"accuracy": correct / total, "samples": total}` over every example of `data` exactly once."""
-    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    model = unwrap(model, accelerator)
     device = model_device(model, accelerator)
     rank, world = process_layout(accelerator)
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     batches = iter_shard_batches(data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn)
     progress = shard_progress(data, "SAP eval", rank=rank, world=world, show=show_progress)
-    with inference_mode(model), progress:
-        for _, batch in batches:
-            labels = batch_labels(batch)
-            if labels is None:
-                raise ValueError(
-                    f"The eval data has no 'labels'/'label' (keys: {sorted(batch)}); alpha search needs a labelled, "
-                    "clean eval set."
-                )
-            output = forward_pixels(model, batch, device)
-            logits = output.logits if hasattr(output, "logits") else output
-            counts[0] += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
-            counts[1] += labels.numel()
-            progress.update(labels.numel())
+    error: Optional[BaseException] = None
+    try:
+        with inference_mode(model), progress:
+            for _, batch in batches:
+                labels = batch_labels(batch)
+                if labels is None:
+                    raise ValueError(
+                        f"The eval data has no 'labels'/'label' (keys: {sorted(batch)}); alpha search needs a labelled, "
+                        "clean eval set."
+                    )
+                output = forward_pixels(model, batch, device)
+                logits = output.logits if hasattr(output, "logits") else output
+                counts[0] += (logits.argmax(-1).cpu() == labels.cpu()).sum().item()
+                counts[1] += labels.numel()
+                progress.update(labels.numel())
+    except Exception as err:  # re-raised here, announced to the other processes
+        error = err
+    raise_on_any_process(error, accelerator)
     if accelerator is not None and world > 1:
         counts = accelerator.reduce(counts, reduction="sum")
     if counts[1] == 0:

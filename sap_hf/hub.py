@@ -143,8 +143,8 @@ def _fmt(value: Any) -> str:
 
 def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
     """A model card from the template: what SAP did, the numbers, tags, base model, citation."""
-    metric = record.get("rounds", [{}])[0].get("metric", "accuracy") if record.get("rounds") else "accuracy"
     first = record["rounds"][0] if record.get("rounds") else {"alphas": [], "metrics": [], "baseline": {}}
+    metric = first.get("metric", "accuracy")
     before, after = record.get("baseline_metrics", {}), record.get("final_metrics", {})
     rows = [f"| eval | {metric} | {_fmt(before.get(metric))} | {_fmt(after.get(metric))} |"]
     test_before, test_after = record.get("test_metrics_before", {}), record.get("test_metrics_after", {})

@@ -47,7 +47,7 @@ def eigendecompose(gram: torch.Tensor) -> Eigenbasis:
     sym = (sym + sym.T) / 2
     try:
         values, vectors = torch.linalg.eigh(sym)
-    except (RuntimeError, torch.linalg.LinAlgError):
+    except RuntimeError:  # includes torch.linalg.LinAlgError
         logger.warning("eigh failed on %s; retrying on the CPU.", sym.device)
         values, vectors = torch.linalg.eigh(sym.cpu())
     values = values.flip(0).clamp_min(0.0)

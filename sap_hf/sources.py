@@ -25,10 +25,10 @@ from .data import (
     prepare_image_dataset,
 )
 from .models import tiny_vit_config
+from .noise import NOISE_TYPES
 
 logger = logging.get_logger(__name__)
 
-NOISE_TYPES = ("symmetric", "asymmetric")
 
 
 @dataclass
@@ -146,12 +146,7 @@ def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optiona
             label2id={v: k for k, v in id2label.items()},
             ignore_mismatched_sizes=True,
         )
-        try:
-            processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-        except (OSError, ValueError):
-            processor = None
-            logger.warning("No image processor at %s; using the model config's image size.", args.model_name_or_path)
-        return model, processor
+        return model, load_processor(args.model_name_or_path)
     image_size = args.tiny_image_size or (28 if splits.num_channels == 1 else 32)
     config = tiny_vit_config(
         image_size=image_size,
@@ -163,6 +158,15 @@ def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optiona
         id2label=id2label,
     )
     return ViTForImageClassification(config), None
+
+
+def load_processor(model_name_or_path: str) -> Optional[Any]:
+    """The checkpoint's image processor, or None (then the model config's image size is used)."""
+    try:
+        return AutoImageProcessor.from_pretrained(model_name_or_path)
+    except (OSError, ValueError):
+        logger.warning("No image processor at %s; using the model config's image size.", model_name_or_path)
+        return None
 
 
 def image_transforms(model: nn.Module, processor: Optional[Any], augment: bool, seed: int) -> tuple[ImageTransform, ImageTransform]:

@@ -11,6 +11,7 @@ Hooks are registered in a context manager and always removed; nothing is stored 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,24 @@ class ActivationStats:
         tmp.replace(path)
         return path
 
+    def check_model(self, model: nn.Module, source: str = "the statistics") -> None:
+        """Raise unless these statistics were collected on exactly this model's target weights."""
+        modules = dict(model.named_modules())
+        for group in self.groups:
+            for name in group.members:
+                layer = modules.get(name)
+                if getattr(layer, "in_features", None) != group.in_features:
+                    raise ValueError(
+                        f"{source} hold a {group.in_features}-wide layer {name!r} that this model does not have; they "
+                        "belong to another model. Delete the file or pass another stats_path."
+                    )
+        expected = self.meta.get("fingerprint")
+        if expected is not None and expected != weights_fingerprint(model, self.target_modules):
+            raise ValueError(
+                f"{source} were collected on other weights than this model's (fingerprint mismatch): the model was "
+                "retrained or already corrected. Delete the file or pass another stats_path to collect anew."
+            )
+
     @classmethod
     def load(cls, path: Union[str, Path]) -> "ActivationStats":
         from safetensors import safe_open
@@ -80,6 +99,16 @@ class ActivationStats:
             max_tokens_per_sample=json.loads(metadata["max_tokens_per_sample"]),
             meta=json.loads(metadata.get("meta", "{}")),
         )
+
+
+def weights_fingerprint(model: nn.Module, names: Sequence[str]) -> str:
+    """A hash of the named layers' weights: statistics are only valid for the weights they came from."""
+    modules = dict(model.named_modules())
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(name.encode())
+        digest.update(modules[name].weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 class GramAccumulator:
@@ -139,17 +168,31 @@ def input_hooks(model: nn.Module, names: Sequence[str], callback) -> Iterator[No
 
 
 @contextlib.contextmanager
-def inference_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, TF32 off (exact float32 Grams); the previous state is restored."""
-    was_training = model.training
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    model.eval()
-    torch.backends.cuda.matmul.allow_tf32 = False
+def exact_float32_matmul() -> Iterator[None]:
+    """TF32 off for CUDA matmuls (exact float32 Grams); the previous setting is restored.
+
+    Uses torch's `fp32_precision` setting where it exists (torch >= 2.9; transformers sets TF32
+    through it and mixing it with the legacy `allow_tf32` flag raises), else the legacy flag.
+    """
+    matmul = torch.backends.cuda.matmul
+    attribute, exact = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
+    previous = getattr(matmul, attribute)
+    setattr(matmul, attribute, exact)
     try:
-        with torch.no_grad():
+        yield
+    finally:
+        setattr(matmul, attribute, previous)
+
+
+@contextlib.contextmanager
+def inference_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, exact float32 matmuls; the previous state is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), exact_float32_matmul():
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
         model.train(was_training)
 
 
@@ -171,10 +214,35 @@ def forward_pixels(model: nn.Module, batch: dict[str, Any], device: torch.device
         return model(pixel_values=pixels)
     except (RuntimeError, ValueError) as err:
         size = getattr(getattr(config, "vision_config", config), "image_size", None)
+        expected = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+        if size is None or isinstance(err, torch.OutOfMemoryError) or tuple(pixels.shape[-2:]) == expected:
+            raise
         raise ValueError(
-            f"The model failed on pixel_values of shape {tuple(pixels.shape)} (model image_size={size}, "
-            f"num_channels={channels}): {err}. Resize the images to what the model expects, e.g. with its image processor."
+            f"The model failed on pixel_values of shape {tuple(pixels.shape)} (model image_size={size}): {err}. "
+            "Resize the images to what the model expects, e.g. with its image processor."
         ) from err
+
+
+def unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
+    """The bare model behind an Accelerate/DDP wrapper (hooks and weights live there)."""
+    return accelerator.unwrap_model(model) if accelerator is not None else model
+
+
+def raise_on_any_process(error: Optional[BaseException], accelerator: Any) -> None:
+    """Collective: every process learns whether any failed, and all raise instead of hanging.
+
+    Call it on every process after a local pass and before the next collective operation.
+    """
+    _, world = process_layout(accelerator)
+    if world > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+        failed = accelerator.reduce(flag, reduction="sum").item() > 0
+    else:
+        failed = error is not None
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError("Another process failed during the SAP pass; see its error above. Nothing was changed.")
 
 
 def model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
@@ -221,7 +289,7 @@ def collect_statistics(
     every process returns the same global statistics.
     """
     dtype = getattr(torch, accumulation_dtype) if isinstance(accumulation_dtype, str) else accumulation_dtype
-    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    model = unwrap(model, accelerator)
     device = model_device(model, accelerator)
     rank, world = process_layout(accelerator)
     groups = discover_groups(model, target_names, first_example_batch(data, collate_fn), device)
@@ -232,12 +300,17 @@ def collect_statistics(
         accumulators[name].update(subsample_tokens(tensor, max_tokens_per_sample, generator))
 
     progress = shard_progress(data, "SAP statistics", rank=rank, world=world, show=show_progress)
-    with inference_mode(model), input_hooks(model, [g.name for g in groups], accumulate), progress:
-        for _, batch in iter_shard_batches(
-            data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
-        ):
-            forward_pixels(model, batch, device)
-            progress.update(batch["pixel_values"].shape[0])
+    error: Optional[BaseException] = None
+    try:
+        with inference_mode(model), input_hooks(model, [g.name for g in groups], accumulate), progress:
+            for _, batch in iter_shard_batches(
+                data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
+            ):
+                forward_pixels(model, batch, device)
+                progress.update(batch["pixel_values"].shape[0])
+    except Exception as err:  # re-raised on this process, and announced to the others
+        error = err
+    raise_on_any_process(error, accelerator)
 
     grams, counts = {}, {}
     for group in groups:
@@ -252,7 +325,7 @@ def collect_statistics(
                 "statistics are unusable and no weight was changed. Run the statistics in float32/bfloat16 "
                 "or check the inputs for NaN/Inf."
             )
-        grams[group.name] = gram.cpu()
+        grams[group.name] = gram
         counts[group.name] = int(count.item())
     logger.info(
         "Collected SAP statistics for %d layers in %d groups over %d tokens per layer.",
@@ -260,4 +333,10 @@ def collect_statistics(
         len(groups),
         max(counts.values(), default=0),
     )
-    return ActivationStats(groups=groups, grams=grams, counts=counts, max_tokens_per_sample=max_tokens_per_sample)
+    return ActivationStats(
+        groups=groups,
+        grams=grams,
+        counts=counts,
+        max_tokens_per_sample=max_tokens_per_sample,
+        meta={"fingerprint": weights_fingerprint(model, [n for g in groups for n in g.members])},
+    )

@@ -18,12 +18,14 @@ from transformers import EvalPrediction, Trainer
 from transformers.utils import logging
 
 from .api import SAPResult, sap_correct
+from .batching import batch_labels, first_example_batch
 from .config import SAPConfig
 from .hub import sap_record, staged_save, write_sap_files
 
 logger = logging.get_logger(__name__)
 
 _ACCURACY = None
+_BOOKKEEPING = ("runtime", "per_second", "epoch", "model_preparation_time")
 
 
 def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
@@ -31,8 +33,6 @@ def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
     global _ACCURACY
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predictions = np.asarray(logits).argmax(-1)
-    if prediction.label_ids is None:
-        raise ValueError("The eval dataset has no labels ('labels'/'label'); SAP's alpha search needs a clean labelled eval set.")
     references = np.asarray(prediction.label_ids)
     if _ACCURACY is None:
         try:
@@ -66,6 +66,7 @@ class SAPTrainer(Trainer):
         self.base_model_name = base_model_name
         self.sap_result: Optional[SAPResult] = None
         self.sap_extra_record: dict[str, Any] = {}
+        self._sap_saved = False
 
     def correct(
         self,
@@ -91,19 +92,18 @@ class SAPTrainer(Trainer):
             raise ValueError("correct() needs a clean labelled eval_dataset (or a Trainer with eval_dataset) to choose alpha.")
         metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
         greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
-        if not greater:
+        if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
             raise ValueError(
-                f"metric_for_best_model={self.args.metric_for_best_model!r} with greater_is_better=False is not "
-                "supported by the alpha search yet; pick a metric where higher is better (e.g. accuracy)."
+                "The eval dataset has no 'labels'/'label' column: SAP's alpha search needs a clean, labelled eval set."
             )
-        self.model.eval()
 
         def evaluate_fn(model: nn.Module) -> dict[str, float]:
             metrics = self.evaluate(eval_dataset, metric_key_prefix="sap_eval")
             return {key.removeprefix("sap_eval_"): value for key, value in metrics.items()}
 
         def on_evaluate(alpha: Optional[float], metrics: dict[str, float]) -> None:
-            self.log({"sap/alpha": -1.0 if alpha is None else float(alpha), **{f"sap/{k}": v for k, v in metrics.items()}})
+            scores = {f"sap/{k}": v for k, v in metrics.items() if not k.endswith(_BOOKKEEPING)}
+            self.log({"sap/alpha": -1.0 if alpha is None else float(alpha), **scores})
 
         result = sap_correct(
             self.model,
@@ -113,6 +113,7 @@ class SAPTrainer(Trainer):
             collate_fn=self.data_collator,
             evaluate_fn=evaluate_fn,
             metric=metric,
+            greater_is_better=greater,
             selection_model=selection_model,
             trusted_indices=trusted_indices,
             stats_path=stats_path,
@@ -137,18 +138,23 @@ class SAPTrainer(Trainer):
             super().save_model(str(stage), _internal_call=True)
             if is_main and self.sap_result is not None:
                 write_sap_files(stage, self.sap_record(), self._card_name(output_dir))
+        self._sap_saved = True
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.push_to_hub`; a failed upload says the local save is intact and what to rerun."""
+        self._sap_saved = False
         try:
             return super().push_to_hub(*args, **kwargs)
         except Exception as err:
+            if not self._sap_saved:  # the save itself failed: nothing to claim
+                raise
+            repo = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).absolute().name
             raise RuntimeError(
                 f"Pushing to the Hub failed ({type(err).__name__}: {err}). The local save in "
                 f"{self.args.output_dir!r} is intact; rerun trainer.push_to_hub() or "
-                f"`sap-hf push {self.args.output_dir} --repo_id {self.hub_model_id or self.args.hub_model_id}`."
+                f"`sap-hf push {self.args.output_dir} --repo_id {repo}`."
             ) from err
 
     def sap_record(self) -> dict[str, Any]:

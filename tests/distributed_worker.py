@@ -15,10 +15,14 @@ from sap_hf.batching import subset  # noqa: E402
 from sap_hf.models import tiny_model  # noqa: E402
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, mode: str = "equal") -> None:
     accelerator = Accelerator(cpu=True)
     model = tiny_model("vit", num_labels=3, seed=0)
     data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes
+    if mode == "fail":  # example 1 lands on process 1 only: it fails, process 0 must not hang
+        data[1] = {"pixel_values": torch.randn(3, 9, 9), "labels": 1}
+        collect_statistics(model, data, find_target_modules(model), batch_size=4, accelerator=accelerator, show_progress=False)
+        return
     selection = select_trusted(model, data, 3, batch_size=4, accelerator=accelerator, show_progress=False)
     trusted = subset(data, selection.indices)
     stats = collect_statistics(
@@ -35,4 +39,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

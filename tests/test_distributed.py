@@ -13,13 +13,15 @@ from safetensors.torch import load_file
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def launch(out: Path, processes: int) -> dict:
+def launch(out: Path, processes: int, mode: str = "equal", expect_ok: bool = True) -> dict:
     out.mkdir()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)), "--num_processes", str(processes)]
-    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [str(WORKER), str(out)]
+    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [str(WORKER), str(out), mode]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    if not expect_ok:
+        return {"returncode": run.returncode, "stderr": run.stderr}
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
@@ -36,3 +38,10 @@ def test_two_processes_equal_one(tmp_path):
         for key in a:
             scale = a[key].abs().max().clamp_min(1e-12)
             assert ((a[key] - b[key]).abs().max() / scale) <= 1e-6, key
+
+
+def test_a_failure_on_one_process_fails_all_without_hanging(tmp_path):
+    run = launch(tmp_path / "fail", 2, mode="fail", expect_ok=False)  # subprocess timeout = hang
+    assert run["returncode"] != 0
+    assert "stack expects each tensor" in run["stderr"]  # the failing process reports its own error
+    assert "Another process failed" in run["stderr"]  # the other one raises too instead of hanging

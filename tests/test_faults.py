@@ -158,3 +158,69 @@ def test_non_finite_gram_rejected_before_write(model):
     with pytest.raises(ValueError, match="NaN"):
         sap_project(model, None, alpha=10.0, stats=stats)
     assert_identical(model, before)
+
+
+def test_tf32_setting_is_respected_and_restored(model):
+    from sap_hf.stats import inference_mode
+
+    matmul = torch.backends.cuda.matmul
+    attribute = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    previous = getattr(matmul, attribute)
+    setattr(matmul, attribute, "tf32" if attribute == "fp32_precision" else True)  # as transformers' enable_tf32 does
+    try:
+        with inference_mode(model):
+            assert getattr(matmul, attribute) in ("ieee", False)
+        assert getattr(matmul, attribute) in ("tf32", True)
+    finally:
+        setattr(matmul, attribute, previous)
+
+
+def test_stale_statistics_are_rejected(tmp_path):
+    stats_path = tmp_path / "stats.safetensors"
+    config = SAPConfig(alphas=[10.0], trusted_per_class=2)
+    first = tiny_model("vit", num_labels=3, seed=0)
+    sap_correct(first, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False)
+    other = tiny_model("vit", num_labels=3, seed=1)
+    before = snapshot(other)
+    with pytest.raises(ValueError, match="stats_path"):
+        sap_correct(other, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False)
+    smaller = tiny_model("vit", num_labels=3, hidden_size=16)
+    with pytest.raises(ValueError, match="another model"):
+        sap_correct(smaller, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False)
+    assert_identical(other, before)
+
+
+def test_resumed_run_keeps_the_trusted_record(tmp_path):
+    stats_path = tmp_path / "stats.safetensors"
+    config = SAPConfig(alphas=[10.0], trusted_per_class=2)
+    model = tiny_model("vit", num_labels=3)
+    train, evals = random_examples(12), random_examples(6, seed=2)
+    first = sap_correct(model, train, evals, config, stats_path=stats_path, show_progress=False)
+    if first.changed:
+        model = tiny_model("vit", num_labels=3)  # the statistics belong to the uncorrected weights
+    again = sap_correct(model, train, evals, config, stats_path=stats_path, show_progress=False)
+    assert again.num_trusted == first.num_trusted == 6
+    assert again.trusted_per_class == first.trusted_per_class == {0: 2, 1: 2, 2: 2}
+
+
+def test_failure_in_a_later_round_restores_the_original_weights(model, monkeypatch):
+    real_collect = api_module.collect_statistics
+    calls = []
+
+    def collect_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk gone in round 2")
+        return real_collect(*args, **kwargs)
+
+    monkeypatch.setattr(api_module, "collect_statistics", collect_then_fail)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="round 2"):
+        sap_project(model, random_examples(6), alpha=10.0, config=SAPConfig(num_rounds=2))
+    assert len(calls) == 2
+    assert_identical(model, before)
+
+
+def test_single_alpha_from_yaml_is_one_value():
+    assert SAPConfig(alphas="1e4").alphas == [1e4]
+    assert SAPConfig(alphas=100).alphas == [100.0]

@@ -45,7 +45,7 @@ def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.num_labels == 14 and model.config.id2label[13] == "Underwear"
     assert (out / "sap_alpha_curve.png").stat().st_size > 0
-    assert (out / "sap_stats.safetensors").is_file()
+    assert (out / "_sap_stats.safetensors").is_file()
 
 
 def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):

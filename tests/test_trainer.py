@@ -98,3 +98,15 @@ def test_failed_push_keeps_local_save_and_says_what_to_rerun(tmp_path):
     out = tmp_path / "out"
     assert AutoModelForImageClassification.from_pretrained(out).config.num_labels == 3
     assert load_sap_record(out)["base_model"] == "tiny-vit"
+
+
+def test_save_model_with_push_to_hub_uploads_once_without_caches(tmp_path):
+    api = mock.MagicMock()
+    api.create_repo.return_value.repo_id = "user/tiny-sap"
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        trainer = _trainer(tmp_path, push_to_hub=True, hub_model_id="user/tiny-sap")
+        trainer.correct(stats_path=tmp_path / "out" / "_sap_stats.safetensors")
+        trainer.save_model()
+    assert api.upload_folder.call_count == 1
+    ignored = api.upload_folder.call_args.kwargs["ignore_patterns"]
+    assert any(__import__("fnmatch").fnmatch("_sap_stats.safetensors", pattern) for pattern in ignored)
