@@ -20,6 +20,7 @@ from .projection import (
 from .search import AlphaSearchResult, search_alpha
 from .stats import ActivationStats, collect_statistics
 from .targets import TargetGroup, classifier_names, find_target_modules
+from .trainer import SAPTrainer
 from .trusted import TrustedSelection, select_trusted
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "Eigenbasis",
     "SAPConfig",
     "SAPResult",
+    "SAPTrainer",
     "TargetGroup",
     "TrustedSelection",
     "accuracy_evaluator",
