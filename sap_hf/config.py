@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
-SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement")
+SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement", "shift_loss")
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
 
 
