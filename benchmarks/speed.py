@@ -638,6 +638,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--n", default=None, help="samples per model: an int, or 'tiny=256,base=32'")
     parser.add_argument("--batch_size", default=None, help="an int, or 'tiny=32,base=8'")
     parser.add_argument("--models", default=None, help="comma list from: tiny,base")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="subset of methods to run (summary fields that need a missing one are null)")
     parser.add_argument("--cap", type=int, default=16, help="max_tokens_per_sample for stats_subsampled")
     parser.add_argument("--alpha", type=float, default=1e4)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (best of)")
@@ -672,6 +674,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     n_per = parse_per_model(args.n or ("4" if args.quick else "tiny=128,base=32"), models, "n")
     bs_per = parse_per_model(args.batch_size or ("2" if args.quick else "tiny=32,base=8"), models, "batch_size")
     repeats = args.repeats or (1 if args.quick else 3)
+    methods = [x for x in args.methods.split(",") if x]
+    unknown = [x for x in methods if x not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
+    if "eigh_project" in methods and "stats_exact" not in methods:
+        raise SystemExit("eigh_project needs stats_exact")
     do_investigate = (not args.quick) if args.investigate is None else args.investigate
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -754,7 +762,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         mem_txt = "n/a" if mem is None else f"{mem:.0f} MB"
         print(f"  [{m}] {method:<17} {seconds:8.2f} s   peak +{mem_txt}", flush=True)
 
-    timed_methods = METHODS + (PROTO_METHODS if do_investigate else [])
+    all_methods = set(METHODS) <= set(methods)
+    if do_investigate and not {"inference", "stats_exact", "stats_subsampled"} <= set(methods):
+        raise SystemExit("--investigate needs inference, stats_exact and stats_subsampled among --methods")
+    timed_methods = methods + (PROTO_METHODS if do_investigate else [])
     for r in range(repeats):
         print(f"repeat {r + 1}/{repeats}", flush=True)
         for m in models:
@@ -784,7 +795,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     verification: dict[str, Any] = {}
     verify_full = args.verify_full if args.verify_full is not None else ("" if args.quick else "tiny")
     full_models = set(verify_full.split(",")) if verify_full else set()
-    for m in models:
+    for m in models if "reference_svd" in methods else []:
         c = ctx[m]
         vn = min(args.verify_n, n_per[m]) if args.verify_n else n_per[m]
         alphas = sorted({1.0, 1e2, 1e4, 1e6, args.alpha}) if m in full_models else [args.alpha]
@@ -800,18 +811,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if do_investigate:
         for m in models:
             c = ctx[m]
-            print(f"investigating the statistics pass: {m}", flush=True)
-            investigation[m] = investigate(m, bs_per[m])
-            # the cost of the accurate alternative: float64 accumulation, same n, one run
-            with stats_timers() as timers:
-                seconds, mem, _ = measure(lambda: run_stats(c["model"], c["data"], c["names"], bs_per[m], None, "float64"))
             inf = min(x["seconds"] for x in c["runs"]["inference"])
-            investigation[m]["stats_exact_float64_accumulation"] = {
-                "seconds": round(seconds, 3), "ratio_over_inference": round(seconds / inf, 3),
-                "peak_mem_mb": None if mem is None else round(mem, 1),
-                "breakdown_s": _breakdown({"seconds": seconds, "timers": dict(timers)}, inf),
-            }
-            print(f"  stats_exact float64 accumulation: {seconds:.2f} s ({seconds / inf:.2f}x inference)", flush=True)
+            investigation[m] = {}
+            if all_methods:  # micro-benchmarks and the float64 pass only in a full run
+                print(f"investigating the statistics pass: {m}", flush=True)
+                investigation[m] = investigate(m, bs_per[m])
+                # the cost of the accurate alternative: float64 accumulation, same n, one run
+                with stats_timers() as timers:
+                    seconds, mem, _ = measure(
+                        lambda: run_stats(c["model"], c["data"], c["names"], bs_per[m], None, "float64"))
+                investigation[m]["stats_exact_float64_accumulation"] = {
+                    "seconds": round(seconds, 3), "ratio_over_inference": round(seconds / inf, 3),
+                    "peak_mem_mb": None if mem is None else round(mem, 1),
+                    "breakdown_s": _breakdown({"seconds": seconds, "timers": dict(timers)}, inf),
+                }
+                print(f"  stats_exact float64 accumulation: {seconds:.2f} s ({seconds / inf:.2f}x inference)", flush=True)
             proto = {}
             for method in PROTO_METHODS:
                 runs = c["runs"][method]
@@ -837,7 +851,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for m in models:
         c = ctx[m]
         best = {}
-        for method in METHODS:
+        for method in methods:
             runs = c["runs"][method]
             fastest = min(runs, key=lambda x: x["seconds"])
             mems = [x["peak_mem_mb"] for x in runs if x["peak_mem_mb"] is not None]
@@ -851,6 +865,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         fwd = forward_flops_per_sample(m) * n_per[m]
         gram_exact = gram_flops_per_sample(m) * n_per[m]
         gram_sub = gram_flops_per_sample(m, args.cap) * n_per[m]
+        full = set(METHODS) <= set(methods)
+        if not full:  # a partial run: only the ratios to inference
+            summary[m] = {
+                "n_samples": n_per[m], "batch_size": bs_per[m], "methods": methods,
+                **{f"ratio_{k}_over_inference": round(best[k]["seconds"] / inf, 3)
+                   for k in methods if k in ("stats_exact", "stats_subsampled")},
+                **{f"{k}_breakdown_s": _breakdown(best[k], inf) for k in methods if k.startswith("stats")},
+            }
+            continue
         timed_diff = max_relative_difference(c["ours"], c["ref"])
         check = next(r for r in verification[m]["per_alpha"] if r["alpha"] == args.alpha)
         ours_total = best["stats_exact"]["seconds"] + best["eigh_project"]["seconds"]
@@ -915,7 +938,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "env": env,
         "config": {
             "image_size": IMAGE, "patch_size": PATCH, "layers": LAYERS, "num_labels": LABELS, "dtype": "float32",
-            "repeats": repeats, "slow_seconds": args.slow_seconds, "quick": args.quick,
+            "repeats": repeats, "methods": methods, "command": " ".join(sys.argv), "slow_seconds": args.slow_seconds, "quick": args.quick,
             "timing": "best of `runs` per method (after a one-batch warm-up), methods interleaved, order rotated per repeat",
             "peak_mem_mb": "max over runs of VmHWM - VmRSS(before) around the call, after gc + malloc_trim and a clear_refs HWM reset",
             "flops": "forward: L[2T(4h^2+2hm)+4T^2h] + 2(T-1)3p^2h + 2hC; Gram: per group 2 t sum_blocks (e-s)(d-s), 256-row blocks",
@@ -926,7 +949,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     _print_table(rows, summary)
     (out_dir / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_plot:
+    if not args.no_plot and all_methods:
         _plot(rows, summary, investigation, out_dir / "speed.png")
     print(f"wrote {out_dir / 'speed.json'} (wall {env['wall_seconds']} s)", flush=True)
     return result
@@ -975,6 +998,9 @@ def _print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         print(f"{r['model']:<6} {r['method']:<17} {r['n_samples']:>5} {r['seconds']:>9.2f} "
               f"{r['seconds'] / inference[r['model']]:>12.2f} {mem:>9} {r['runs']:>5}")
     for m, s in summary.items():
+        if "methods" in s:  # partial run
+            print(f"[{m}] " + ", ".join(f"{k}={v}" for k, v in s.items() if k.startswith("ratio_")))
+            continue
         print(f"[{m}] stats_exact/inference={s['ratio_stats_exact_over_inference']} (target <=2.0: "
               f"{s['target_stats_exact_le_2']}), stats_subsampled/inference={s['ratio_stats_subsampled_over_inference']} "
               f"(cap {s['token_cap']}, target <=1.2: {s['target_stats_subsampled_le_1_2']}), "

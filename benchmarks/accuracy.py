@@ -1,0 +1,591 @@
+#!/usr/bin/env python
+"""Accuracy of SAP against the obvious baselines, on real Fashion-MNIST with synthetic label noise.
+
+For every setting (40% symmetric noise; 40% asymmetric noise with
+`sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP`) and every seed:
+
+1. Data: `sap_hf.data.noisy_fashion_mnist` (Debian's idx files): `--train_size` noisy training
+   images, `--val_size` clean validation images (carved from the official training set, disjoint
+   from train), `--test_size` clean images of the official test set. Images go through
+   `sap_hf.data.ImageTransform(image_size=28, num_channels=1)` (the recipe's preprocessing) ONCE
+   and are kept as one float tensor: the plain torch loops below never touch PIL again.
+2. A tiny ViT (`sap_hf.models.tiny_vit_config()`: hidden 64, 4 layers, patch 7) is trained from
+   scratch on the noisy labels until it memorises them (AdamW, linear warm-up + cosine, no weight
+   decay, no augmentation); its accuracy on the noisy training labels is reported. The clean
+   validation accuracy is measured after every epoch and the best checkpoint is kept.
+3. Methods, side by side on the clean TEST split; every choice is made on the clean VALIDATION split:
+
+   none                   the trained (memorised) model.
+   best_epoch             the checkpoint with the best validation accuracy (early-stopping reference;
+                          it needs a clean validation set during training, which SAP does not).
+   sap                    `sap_hf.sap_correct` on the trusted samples of every candidate selection rule x
+                          trusted-set size; (rule, per_class, alpha) = the best validation accuracy
+                          ("no change" stays a candidate, as in the library).
+   finetune_trusted       full fine-tuning of the same model on EXACTLY the trusted samples `sap` chose
+                          (the paper's Finetune baseline); lr x epochs picked on validation.
+   sap[rule/k]            diagnostic rows: SAP restricted to one trusted set (alpha picked on val).
+   finetune_trusted[rule/k]  the same for fine-tuning; `finetune_trusted_best` is the best of these
+                          by validation accuracy (the strongest fine-tuning baseline).
+
+   Trusted selection rules (`sap_hf.select_trusted`): 'loss' (the paper: lowest loss under the
+   memorised model), 'shift_loss' (mean loss over the image and 4 one-pixel shifts), 'early_loss'
+   (lowest loss under the best-validation checkpoint), 'agreement' (loss over the image and its
+   horizontal flip, both must predict the label). Purity = fraction of trusted samples whose noisy
+   label equals the clean label (needs the hidden clean labels: reported, never used to choose).
+
+   Diagnostics on the training set: `noisy_fit` (share of mislabelled training images still
+   predicted as their noisy label: how much memorised noise is left) and `clean_fit` (share of
+   correctly labelled training images predicted correctly).
+
+Output: `<out_dir>/accuracy.json` ({"rows": [...], "summary", "purity", "runs", "curves", ...}),
+`<out_dir>/accuracy_alpha.png` (test/val accuracy against alpha for one seed per setting) and
+`<out_dir>/accuracy_methods.png` (mean +- std per method), and a table on stdout.
+
+Run: python benchmarks/accuracy.py            (full run: 2 settings x 3 seeds, ~30 min on 2 cores)
+     python benchmarks/accuracy.py --quick    (smoke run, < 1 min)
+Workers: `--jobs` processes (default 2), each with `--threads` torch threads (default 1: on a
+shared 2-core machine, 2 threads per process are oversubscribed and run tens of times slower).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
+RULES = ("loss", "shift_loss", "early_loss", "agreement")
+MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
+DEFAULT_ALPHAS = (1, 3, 10, 20, 30, 50, 100, 200, 300, 500, 1e3, 3e3, 1e4, 1e5)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", "--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few epochs, one seed")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train_size", type=int, default=4000)
+    parser.add_argument("--val_size", type=int, default=2000)
+    parser.add_argument("--test_size", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup_epochs", type=float, default=5)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--patch_size", type=int, default=7)
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[10])
+    parser.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS))
+    parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
+    parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40],
+                        help="fine-tuning checkpoints evaluated on val (the last one is the run length)")
+    parser.add_argument("--ft_batch_size", type=int, default=32)
+    parser.add_argument("--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one (setting, seed) run each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--no_plot", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds = args.seeds if argv and "--seeds" in argv else [0]
+        args.train_size, args.val_size, args.test_size = 400, 200, 300
+        args.epochs, args.warmup_epochs = 3, 1
+        args.trusted_per_class = [3]
+        args.alphas = [1.0, 100.0, 1e4]
+        args.ft_lrs, args.ft_epochs = [1e-3], [1, 2]
+        args.jobs = 1
+    if args.plot_seed is None:
+        args.plot_seed = args.seeds[0]
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# One (setting, seed) run, in a worker process
+# --------------------------------------------------------------------------------------------
+
+
+def _tensors(split: Any) -> tuple[Any, Any]:
+    """Images -> one normalised (N, 1, 28, 28) float tensor via the recipe's ImageTransform."""
+    import torch
+    from sap_hf.data import ImageTransform
+
+    transform = ImageTransform(image_size=28, num_channels=1)
+    out = transform({"image": split["image"], "label": split["label"]})
+    return torch.stack(out["pixel_values"]), torch.tensor(out["labels"], dtype=torch.long)
+
+
+class TensorExamples:
+    """A map-style dataset of `{"pixel_values", "labels"}` over pre-made tensors (what the SAP API reads)."""
+
+    def __init__(self, pixels: Any, labels: Any):
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": self.pixels[index], "labels": int(self.labels[index])}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
+
+    def select(self, indices: Any) -> "TensorExamples":
+        import torch
+
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return TensorExamples(self.pixels[index], self.labels[index])
+
+
+def predict(model: Any, pixels: Any, batch_size: int = 1000) -> Any:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(pixel_values=pixels[i : i + batch_size]).logits.argmax(-1) for i in range(0, len(pixels), batch_size)])
+
+
+def accuracy(model: Any, pixels: Any, labels: Any) -> float:
+    return float((predict(model, pixels) == labels).float().mean())
+
+
+def train_from_scratch(model: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Plain AdamW loop on pre-made tensors; clean-val accuracy after every epoch, best state kept."""
+    import torch
+    import torch.nn.functional as F
+
+    x, y = data["train_x"], data["train_y"]
+    steps_per_epoch = math.ceil(len(x) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    warmup = max(1, round(args.warmup_epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    history, best = [], {"val_accuracy": -1.0, "epoch": 0, "state": None}
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), args.batch_size):
+            index = order[i : i + args.batch_size]
+            loss = F.cross_entropy(model(pixel_values=x[index]).logits, y[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        val = accuracy(model, data["val_x"], data["val_y"])
+        history.append(round(val, 4))
+        if val > best["val_accuracy"]:
+            best = {"val_accuracy": val, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+    return {"history": history, "best": best, "seconds": time.perf_counter() - start}
+
+
+def fit_diagnostics(model: Any, data: dict[str, Any]) -> dict[str, float]:
+    """How much of the noise the model still fits, and how much of the clean training labels."""
+    pred = predict(model, data["train_x"])
+    noisy = data["is_noisy"]
+    return {
+        "noisy_fit": float((pred[noisy] == data["train_y"][noisy]).float().mean()) if noisy.any() else float("nan"),
+        "clean_fit": float((pred[~noisy] == data["train_y"][~noisy]).float().mean()),
+    }
+
+
+def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """Fine-tune every parameter on (x, y) for each lr; evaluate val at each checkpoint epoch.
+
+    "No change" (epoch 0) is a candidate. Returns the val-best (lr, epochs) with its test accuracy,
+    and every candidate's val accuracy. The model is left at the original `state`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    base_val = accuracy(model, data["val_x"], data["val_y"])
+    best = {"lr": None, "epochs": 0, "val_accuracy": base_val, "state": None}
+    grid = []
+    checkpoints = set(args.ft_epochs)
+    batch = min(args.ft_batch_size, len(x))
+    for lr in args.ft_lrs:
+        model.load_state_dict(state)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        for epoch in range(1, max(args.ft_epochs) + 1):
+            model.train()
+            order = torch.randperm(len(x), generator=generator)
+            for i in range(0, len(x), batch):
+                index = order[i : i + batch]
+                loss = F.cross_entropy(model(pixel_values=x[index]).logits, y[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if epoch in checkpoints:
+                val = accuracy(model, data["val_x"], data["val_y"])
+                grid.append({"lr": lr, "epochs": epoch, "val_accuracy": round(val, 4)})
+                if val > best["val_accuracy"]:
+                    best = {"lr": lr, "epochs": epoch, "val_accuracy": val, "state": copy.deepcopy(model.state_dict())}
+    model.load_state_dict(best["state"] if best["state"] is not None else state)
+    test = accuracy(model, data["test_x"], data["test_y"])
+    model.load_state_dict(state)
+    return {"lr": best["lr"], "epochs": best["epochs"], "val_accuracy": best["val_accuracy"], "test_accuracy": test, "grid": grid}
+
+
+def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import ViTForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    from sap_hf import SAPConfig, find_target_modules, sap_correct, select_trusted
+    from sap_hf.data import noisy_fashion_mnist
+    from sap_hf.models import tiny_vit_config
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("sap_hf").setLevel(logging.ERROR)  # "no alpha improved ..." is expected, and recorded
+    started = time.perf_counter()
+    noise_type, rate = SETTINGS[setting]
+    splits = noisy_fashion_mnist(
+        noise_rate=rate, noise_type=noise_type, seed=seed,
+        train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+    )
+    data: dict[str, Any] = {}
+    data["train_x"], data["train_y"] = _tensors(splits["train"])
+    data["clean_y"] = torch.tensor(splits["train"]["clean_label"], dtype=torch.long)
+    data["is_noisy"] = data["train_y"] != data["clean_y"]
+    data["val_x"], data["val_y"] = _tensors(splits["validation"])
+    data["test_x"], data["test_y"] = _tensors(splits["test"])
+    train_set = TensorExamples(data["train_x"], data["train_y"])
+    timing = {"data": time.perf_counter() - started}
+
+    torch.manual_seed(seed)
+    config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size)
+    model = ViTForImageClassification(config)
+    trained = train_from_scratch(model, data, args, seed)
+    timing["train"] = trained["seconds"]
+    clock = time.perf_counter()
+    final_state = copy.deepcopy(model.state_dict())
+    early_model = ViTForImageClassification(config)
+    early_model.load_state_dict(trained["best"]["state"])
+
+    def test_acc(m: Any) -> float:
+        return accuracy(m, data["test_x"], data["test_y"])
+
+    def val_acc(m: Any) -> float:
+        return accuracy(m, data["val_x"], data["val_y"])
+
+    base = {"setting": setting, "seed": seed}
+    none_val, none_test = val_acc(model), test_acc(model)
+    train_noisy_acc = accuracy(model, data["train_x"], data["train_y"])
+    none_fit = fit_diagnostics(model, data)
+    rows = [
+        dict(base, method="none", test_accuracy=none_test, val_accuracy=none_val, train_noisy_accuracy=train_noisy_acc,
+             epochs=args.epochs, **none_fit),
+        dict(base, method="best_epoch", test_accuracy=test_acc(early_model), val_accuracy=trained["best"]["val_accuracy"],
+             epoch=trained["best"]["epoch"], **fit_diagnostics(early_model, data)),
+    ]
+
+    # ---- SAP: every (rule, per_class) trusted set, alpha searched on val by sap_correct ----
+    def evaluate_fn(m: Any) -> dict[str, float]:
+        return {"accuracy": val_acc(m)}
+
+    timing["baselines"] = time.perf_counter() - clock
+    timing["sap"], timing["sap_test_curves"], timing["finetune"] = {}, 0.0, {}
+    candidates = []
+    for rule in args.rules:
+        for per_class in args.trusted_per_class:
+            model.load_state_dict(final_state)
+            clock = time.perf_counter()
+            try:
+                selection = select_trusted(
+                    model, train_set, per_class, num_labels=config.num_labels, rule=rule,
+                    selection_model=early_model if rule == "early_loss" else None, batch_size=500, show_progress=False,
+                )
+            except ValueError as err:  # e.g. 'agreement' leaves a class with no sample
+                candidates.append({"rule": rule, "per_class": per_class, "error": str(err)})
+                continue
+            index = torch.tensor(selection.indices, dtype=torch.long)
+            purity = float((data["train_y"][index] == data["clean_y"][index]).float().mean())
+            sap_config = SAPConfig(alphas=list(args.alphas), trusted_per_class=per_class, selection_rule=rule, batch_size=500)
+            result = sap_correct(model, train_set, config=sap_config, trusted_indices=selection.indices,
+                                 evaluate_fn=evaluate_fn, show_progress=False)
+            search = result.rounds[0]
+            candidate = {
+                "rule": rule, "per_class": per_class, "num_trusted": len(selection.indices),
+                "purity": purity, "indices": selection.indices,
+                "alpha": result.alpha, "val_accuracy": result.final_metrics["accuracy"],
+                "test_accuracy": test_acc(model), **fit_diagnostics(model, data),
+                "val_curve": [round(m["accuracy"], 4) for m in search.metrics],
+            }
+            timing["sap"][f"{rule}/{per_class}"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            candidates.append(candidate)
+    model.load_state_dict(final_state)
+
+    usable = [c for c in candidates if "error" not in c]
+    # Ties on val go to the earlier candidate: rules in the order given, smaller trusted sets first.
+    chosen = max(usable, key=lambda c: c["val_accuracy"]) if usable else None
+    x_of = lambda c: data["train_x"][torch.tensor(c["indices"])]  # noqa: E731
+    y_of = lambda c: data["train_y"][torch.tensor(c["indices"])]  # noqa: E731
+
+    def sap_row(method: str, c: dict) -> dict:
+        return dict(base, method=method, test_accuracy=c["test_accuracy"], val_accuracy=c["val_accuracy"],
+                    alpha=c["alpha"], rule=c["rule"], trusted_per_class=c["per_class"], num_trusted=c["num_trusted"],
+                    purity=c["purity"], noisy_fit=c["noisy_fit"], clean_fit=c["clean_fit"])
+
+    def ft_row(method: str, c: dict, ft: dict) -> dict:
+        return dict(base, method=method, test_accuracy=ft["test_accuracy"], val_accuracy=ft["val_accuracy"],
+                    lr=ft["lr"], ft_epochs=ft["epochs"], rule=c["rule"], trusted_per_class=c["per_class"],
+                    num_trusted=c["num_trusted"], purity=c["purity"])
+
+    # The alpha-vs-accuracy figure (one seed): test accuracy at every alpha of the paper's rule and of
+    # the val-chosen trusted set. Reporting only: nothing is chosen from these numbers.
+    if seed == args.plot_seed:
+        from sap_hf.projection import current_weights, plan_projection, write_weights
+        from sap_hf.search import eigenbases
+        from sap_hf.stats import collect_statistics
+
+        clock = time.perf_counter()
+        paper = next((c for c in usable if c["rule"] == "loss"), None)
+        for c in {id(c): c for c in (paper, chosen) if c is not None}.values():
+            model.load_state_dict(final_state)
+            targets = find_target_modules(model, None, None, True)
+            stats = collect_statistics(model, train_set.select(c["indices"]), targets, batch_size=500, show_progress=False)
+            bases, originals = eigenbases(stats), current_weights(model, stats.target_modules)
+            c["test_curve"] = []
+            for alpha in args.alphas:
+                write_weights(model, plan_projection(originals, stats.groups, bases, alpha))
+                c["test_curve"].append(round(test_acc(model), 4))
+        model.load_state_dict(final_state)
+        timing["sap_test_curves"] = time.perf_counter() - clock
+
+    finetunes = {}
+    for c in usable:
+        clock = time.perf_counter()
+        finetunes[(c["rule"], c["per_class"])] = finetune_grid(model, final_state, x_of(c), y_of(c), data, args, seed)
+        timing["finetune"][f"{c['rule']}/{c['per_class']}"] = time.perf_counter() - clock
+        rows.append(sap_row(f"sap[{c['rule']}/{c['per_class']}]", c))
+        rows.append(ft_row(f"finetune_trusted[{c['rule']}/{c['per_class']}]", c, finetunes[(c["rule"], c["per_class"])]))
+    if chosen is not None:
+        rows.append(sap_row("sap", chosen))
+        rows.append(ft_row("finetune_trusted", chosen, finetunes[(chosen["rule"], chosen["per_class"])]))
+        best_ft_key = max(finetunes, key=lambda k: finetunes[k]["val_accuracy"])
+        best_ft_c = next(c for c in usable if (c["rule"], c["per_class"]) == best_ft_key)
+        rows.append(ft_row("finetune_trusted_best", best_ft_c, finetunes[best_ft_key]))
+    for row in rows:
+        row["gain_vs_none"] = row["test_accuracy"] - none_test
+
+    return {
+        "setting": setting, "seed": seed, "rows": rows,
+        "run": {
+            "setting": setting, "seed": seed, "noise_type": noise_type, "noise_rate": rate,
+            "actual_noise_rate": float(data["is_noisy"].float().mean()),
+            "train_noisy_accuracy": train_noisy_acc, "train_seconds": trained["seconds"],
+            "best_epoch": trained["best"]["epoch"], "val_history": trained["history"],
+            "candidates": [{k: v for k, v in c.items() if k != "indices"} for c in candidates],
+            "finetune_grids": {f"{r}/{k}": ft["grid"] for (r, k), ft in finetunes.items()},
+            "seconds": time.perf_counter() - started, "timing": timing,
+        },
+    }
+
+
+def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
+    setting, seed, args = task
+    result = run_one(setting, seed, args)
+    print(f"[accuracy] {setting} seed {seed} done in {result['run']['seconds']:.0f}s "
+          f"(train fit on noisy labels {result['run']['train_noisy_accuracy']:.3f})", flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Aggregation, table, plots
+# --------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        summary[setting] = {}
+        for method in dict.fromkeys(r["method"] for r in rows if r["setting"] == setting):
+            chosen = [r for r in rows if r["setting"] == setting and r["method"] == method]
+            entry = {"test_accuracy": _mean_std([r["test_accuracy"] for r in chosen]),
+                     "gain_vs_none": _mean_std([r["gain_vs_none"] for r in chosen])}
+            if all("purity" in r for r in chosen):
+                entry["purity"] = _mean_std([r["purity"] for r in chosen])
+            keys = ("rule", "trusted_per_class", "alpha", "lr", "ft_epochs", "epoch")
+            entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
+            summary[setting][method] = entry
+    return summary
+
+
+def purity_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per setting and rule/k: mean purity, SAP gain and fine-tuning gain over `none`."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        if not row["method"].startswith("sap["):
+            continue
+        key = row["method"][4:-1]
+        ft = next(r for r in rows if r["setting"] == row["setting"] and r["seed"] == row["seed"]
+                  and r["method"] == f"finetune_trusted[{key}]")
+        entry = out.setdefault(row["setting"], {}).setdefault(key, {"purity": [], "sap_gain": [], "finetune_gain": []})
+        entry["purity"].append(row["purity"])
+        entry["sap_gain"].append(row["gain_vs_none"])
+        entry["finetune_gain"].append(ft["gain_vs_none"])
+    return {s: {k: {m: _mean_std(v) for m, v in e.items()} for k, e in d.items()} for s, d in out.items()}
+
+
+def _choice(choice: dict[str, Any]) -> str:
+    if not choice:
+        return ""
+    if "epoch" in choice:
+        return f"ep{choice['epoch']}"
+    text = f"{choice.get('rule')}/{choice.get('trusted_per_class')}"
+    if "alpha" in choice:
+        return text + (f"/a={choice['alpha']:g}" if choice["alpha"] is not None else "/unchanged")
+    return text + (f"/lr={choice['lr']:g}x{choice['ft_epochs']}ep" if choice.get("lr") is not None else "/unchanged")
+
+
+def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"  # noqa: E731
+    for setting, methods in summary.items():
+        fits = [r["train_noisy_accuracy"] for r in runs if r["setting"] == setting]
+        print(f"\n== {setting}: test accuracy (%), mean ± std over {len(fits)} seed(s); "
+              f"memorised model fits {100 * statistics.fmean(fits):.1f}% of the noisy training labels ==")
+        print(f"{'method':34s} {'test acc':>14s} {'gain vs none':>14s}  choices (per seed)")
+        for method, entry in methods.items():
+            if "[" in method:
+                continue
+            choices = " ".join(_choice(setting_rows) for setting_rows in entry.get("choices", []))
+            print(f"{method:34s} {pct(entry['test_accuracy']):>14s} {pct(entry['gain_vs_none']):>14s}  {choices}")
+        print(f"  {'trusted set (rule/k)':32s} {'purity':>14s} {'SAP gain':>14s} {'finetune gain':>14s}")
+        for key, entry in purity.get(setting, {}).items():
+            print(f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {pct(entry['finetune_gain']):>14s}")
+
+
+def plot(results: list[dict[str, Any]], summary: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots.")
+        return []
+    written = []
+    shown = [r for r in results if r["seed"] == args.plot_seed]
+    if shown:
+        figure, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.6), squeeze=False)
+        for axis, result in zip(axes[0], shown):
+            rows = {r["method"]: r for r in result["rows"]}
+            for c in result["run"]["candidates"]:
+                if "test_curve" not in c:
+                    continue
+                line, = axis.plot(args.alphas, c["test_curve"], marker="o", ms=3,
+                                  label=f"SAP {c['rule']}/{c['per_class']} (purity {c['purity']:.2f})")
+                axis.plot(args.alphas, c["val_curve"], ls=":", color=line.get_color(), lw=1)
+            for method, style in (("none", dict(color="grey", ls="--")), ("best_epoch", dict(color="green", ls="-.")),
+                                  ("finetune_trusted", dict(color="purple", ls="--")),
+                                  ("finetune_trusted_best", dict(color="purple", ls=":"))):
+                if method in rows:
+                    axis.axhline(rows[method]["test_accuracy"], label=f"{method} (test)", lw=1.2, **style)
+            if "sap" in rows and rows["sap"]["alpha"] is not None:
+                axis.scatter([rows["sap"]["alpha"]], [rows["sap"]["test_accuracy"]], s=140, facecolors="none",
+                             edgecolors="red", zorder=5, label="sap: val-chosen (rule, k, alpha)")
+            axis.set_xscale("log")
+            axis.set_xlabel("alpha")
+            axis.set_ylabel("clean test accuracy (dotted: val)")
+            axis.set_title(f"{result['setting']}, seed {result['seed']}: memorised tiny ViT "
+                           f"(fits {100 * result['run']['train_noisy_accuracy']:.0f}% noisy labels)", fontsize=9)
+            axis.legend(fontsize=6.5, loc="lower right")
+        figure.tight_layout()
+        path = out_dir / "accuracy_alpha.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        written.append(str(path))
+
+    methods = list(MAIN_METHODS) + ["finetune_trusted_best"]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / max(1, len(summary))
+    for i, (setting, entries) in enumerate(summary.items()):
+        present = [m for m in methods if m in entries]
+        xs = [methods.index(m) + i * width for m in present]
+        axis.bar(xs, [100 * entries[m]["test_accuracy"]["mean"] for m in present], width,
+                 yerr=[100 * entries[m]["test_accuracy"]["std"] for m in present], capsize=3, label=setting)
+    axis.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(methods))], methods, rotation=15, fontsize=8)
+    axis.set_ylabel("clean test accuracy (%)")
+    axis.set_title("Tiny ViT memorising 40% label noise on Fashion-MNIST (mean ± std over seeds)", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = out_dir / "accuracy_methods.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    written.append(str(path))
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
+    if args.jobs > 1 and len(tasks) > 1:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(args.jobs, len(tasks)), maxtasksperchild=1) as pool:
+            results = list(pool.imap(_worker, tasks))
+    else:
+        results = [_worker(task) for task in tasks]
+    results.sort(key=lambda r: (args.settings.index(r["setting"]), r["seed"]))
+    rows = [row for result in results for row in result["rows"]]
+    runs = [result["run"] for result in results]
+    summary = summarise(rows)
+    purity = purity_table(rows)
+
+    from sap_hf.noise import FASHION_MNIST_ASYMMETRIC_MAP
+
+    record = {
+        "rows": rows,
+        "summary": summary,
+        "purity": purity,
+        "runs": runs,
+        "settings": {name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in args.settings},
+        "asymmetric_map": {"name": "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP",
+                           "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()}},
+        "config": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "environment": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        "elapsed_seconds": time.perf_counter() - started,
+    }
+    import torch
+    import transformers
+
+    record["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
+    if not args.no_plot:
+        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(results, summary, args, out_dir)]
+    path = out_dir / "accuracy.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=float))
+    tmp.replace(path)
+    print_table(summary, purity, runs)
+    print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
+    return record
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

@@ -1,0 +1,61 @@
+"""Smoke test of benchmarks/accuracy.py --quick: it runs end to end and reports every method.
+
+No assertion on accuracy values (a 3-epoch model on 400 images means nothing); one thread so a
+busy machine's oversubscribed OpenMP threads cannot stretch the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "accuracy.py"
+MAIN_METHODS = {"none", "best_epoch", "sap", "finetune_trusted", "finetune_trusted_best"}
+
+
+def _fashion_mnist_available() -> bool:
+    from sap_hf.data.fashion_mnist import DEBIAN_FASHION_MNIST_DIR, _find_idx_files
+
+    return all(_find_idx_files(DEBIAN_FASHION_MNIST_DIR, split) is not None for split in ("train", "test"))
+
+
+@pytest.mark.skipif(not SCRIPT.is_file(), reason="benchmarks/accuracy.py is not present")
+@pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files are not installed")
+def test_accuracy_quick_writes_rows_for_every_setting_and_method(tmp_path: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out_dir", str(tmp_path)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert elapsed < 90, f"--quick took {elapsed:.0f}s"
+
+    result = json.loads((tmp_path / "accuracy.json").read_text())
+    rows = result["rows"]
+    assert {row["setting"] for row in rows} == {"sym40", "asym40"}
+    for setting in ("sym40", "asym40"):
+        mine = [row for row in rows if row["setting"] == setting]
+        assert {row["seed"] for row in mine} == {0}
+        methods = {row["method"] for row in mine}
+        assert MAIN_METHODS <= methods, sorted(methods)
+        # One diagnostic SAP row and one fine-tuning row per usable trusted set (rule/k).
+        sap_sets = {m[4:-1] for m in methods if m.startswith("sap[")}
+        assert sap_sets and sap_sets == {m[len("finetune_trusted["):-1] for m in methods if m.startswith("finetune_trusted[")}
+        for row in mine:
+            assert 0.0 <= row["test_accuracy"] <= 1.0
+            assert {"setting", "seed", "method", "test_accuracy", "val_accuracy", "gain_vs_none"} <= set(row)
+        sap = next(row for row in mine if row["method"] == "sap")
+        assert {"alpha", "rule", "trusted_per_class", "purity"} <= set(sap)
+        assert 0.0 <= sap["purity"] <= 1.0
+        none = next(row for row in mine if row["method"] == "none")
+        assert 0.0 <= none["train_noisy_accuracy"] <= 1.0
+    assert set(result["summary"]) == {"sym40", "asym40"}
+    assert result["asymmetric_map"]["name"] == "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP"
+    assert (tmp_path / "accuracy_alpha.png").is_file() and (tmp_path / "accuracy_methods.png").is_file()
