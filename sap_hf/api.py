@@ -22,7 +22,7 @@ from .projection import current_weights, plan_projection, write_weights
 from .search import AlphaSearchResult, eigenbases, search_alpha
 from .stats import ActivationStats, collect_statistics, raise_on_any_process, unwrap
 from .targets import find_target_modules
-from .trusted import TrustedSelection, select_trusted
+from .trusted import select_trusted
 
 logger = logging.get_logger(__name__)
 

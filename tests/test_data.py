@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import shutil
 import struct
 from pathlib import Path
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("distributed_worker.py")

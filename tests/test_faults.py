@@ -1,7 +1,6 @@
 """Bad input raises a clear error before any weight changes; faults never cost the user their model."""
 
 import math
-from unittest import mock
 
 import pytest
 import torch

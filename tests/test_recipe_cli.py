@@ -9,11 +9,10 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 from transformers import AutoModelForImageClassification
 
 from sap_hf import cli
-from sap_hf.hub import SAP_RECORD_NAME, load_sap_record
+from sap_hf.hub import load_sap_record
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clothing1m.py"
