@@ -2,7 +2,8 @@
 """Speed and memory of SAP's streaming statistics against plain inference and the reference SVD.
 
 Side by side, in ONE process and interleaved (so ratios are fair), for a ViT-Tiny and a ViT-Base
-shape (random init, 224x224, patch 16 -> 197 tokens, 10 labels, float32, eval + no_grad):
+shape (random init, 224x224, patch 16 -> 197 tokens, 10 labels, float32, eval + no_grad; --quick
+uses 64x64 images, 17 tokens):
 
   inference         plain forward over the n samples
   stats_exact       sap_hf.stats.collect_statistics, every token (the default)
@@ -594,19 +595,23 @@ def investigate(shape: str, batch_size: int, repeats: int = 3) -> dict[str, Any]
 def child_main(spec: dict[str, Any]) -> None:
     from sap_hf.targets import find_target_modules
 
+    global IMAGE
+    IMAGE = spec.get("image_size", IMAGE)
     torch.set_num_threads(spec["threads"])
     model = build_model(spec["model"])
     names = find_target_modules(model)
     run_inference(model, RandomBatches(1, 1, seed=99))  # torch / oneDNN lazy init, not measured
-    data = RandomBatches(spec["n"], spec["batch_size"], seed=1)
-    seconds, growth, stats = measure(lambda: run_stats(model, data, names, spec["batch_size"], spec.get("cap")))
-    print("CHILD_RESULT " + json.dumps({
-        "seconds": seconds, "peak_growth_mb": growth, "peak_rss_mb": hwm_mb(),
-        "tokens": max(stats.counts.values()),
-    }))
+    results = []
+    for n in spec["ns"]:
+        data = RandomBatches(n, spec["batch_size"], seed=1)
+        seconds, growth, stats = measure(lambda: run_stats(model, data, names, spec["batch_size"], spec.get("cap")))
+        results.append({"n": n, "seconds": seconds, "peak_growth_mb": growth, "peak_rss_mb": hwm_mb(),
+                        "tokens": max(stats.counts.values())})
+        del stats
+    print("CHILD_RESULT " + json.dumps(results))
 
 
-def run_child(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+def run_child(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     """Fresh interpreter; glibc's mmap threshold is pinned (no dynamic raise) so that every large
     tensor is its own mapping, returned to the OS when freed: RSS then follows live memory."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", json.dumps(spec)]
@@ -657,7 +662,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                              "(default: tiny; none with --quick)")
     parser.add_argument("--wait_quiet", type=float, default=0.0,
                         help="wait up to this many seconds for the 1-min load average to drop below 0.5")
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny shape, few samples, 1 repeat")
+    parser.add_argument("--image_size", type=int, default=None, help="default 224 (64 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny shape, 64x64 images, 4 samples, 1 repeat, no investigation")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--no_plot", action="store_true")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -666,6 +673,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args._child is not None:
         child_main(json.loads(args._child))
         return {}
+    global IMAGE
+    IMAGE = args.image_size or (64 if args.quick else 224)
+    if IMAGE % PATCH:
+        raise SystemExit(f"--image_size must be a multiple of the patch size {PATCH}")
 
     models = (args.models or ("tiny" if args.quick else "tiny,base")).split(",")
     for m in models:
@@ -712,8 +723,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if (env["loadavg_start"] or [0])[0] > 0.5:
         print("WARNING: the machine is busy; with more runnable threads than cores, torch's OpenMP threads "
               "slow down by several x (see env.loadavg_*).", flush=True)
-    env["matmul_2048_gflops"] = round(matmul_gflops(), 1)
-    print(f"2048^3 float32 matmul: {env['matmul_2048_gflops']} GFLOP/s", flush=True)
+    size = 1024 if args.quick else 2048
+    env[f"matmul_{size}_gflops"] = round(matmul_gflops(size), 1)
+    print(f"{size}^3 float32 matmul: {env[f'matmul_{size}_gflops']} GFLOP/s", flush=True)
 
     ctx: dict[str, dict[str, Any]] = {}
     for m in models:
@@ -784,12 +796,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if not args.no_mem_children:
         for m in models:
             mem_children[m] = {}
-            for factor in (1, args.mem_factor):
-                spec = {"model": m, "n": n_per[m] * factor, "batch_size": bs_per[m], "threads": torch.get_num_threads()}
-                print(f"memory child: {m} stats_exact n={spec['n']}", flush=True)
-                mem_children[m][str(factor)] = dict(run_child(spec, timeout=3600), n=spec["n"])
-                print(f"  -> peak growth {mem_children[m][str(factor)]['peak_growth_mb']:.1f} MB "
-                      f"({mem_children[m][str(factor)]['seconds']:.1f} s)", flush=True)
+            # one fresh process per size; --quick measures both sizes in one process (saves a start-up)
+            sizes = [[n_per[m], n_per[m] * args.mem_factor]] if args.quick else [[n_per[m]], [n_per[m] * args.mem_factor]]
+            for ns in sizes:
+                spec = {"model": m, "ns": ns, "batch_size": bs_per[m], "threads": torch.get_num_threads(),
+                        "image_size": IMAGE}
+                print(f"memory child: {m} stats_exact n={ns}", flush=True)
+                for res in run_child(spec, timeout=3600):
+                    key = "1" if res["n"] == n_per[m] else str(args.mem_factor)
+                    mem_children[m][key] = res
+                    print(f"  -> n={res['n']}: peak growth {res['peak_growth_mb']:.1f} MB ({res['seconds']:.1f} s)", flush=True)
 
     # ---------------- accuracy: Gram path vs SVD of the stored activations ----------------
     verification: dict[str, Any] = {}
@@ -919,7 +935,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         if m in mem_children:
             small, large = mem_children[m]["1"], mem_children[m][str(args.mem_factor)]
             s["memory_n_vs_4n"] = {
-                "method": "fresh subprocess per size, lazily generated data, VmHWM - VmRSS around collect_statistics",
+                "method": ("fresh subprocess per size (--quick: one subprocess, both sizes), lazily generated data, "
+                           "VmHWM - VmRSS around collect_statistics, glibc mmap threshold pinned"),
                 "n": small["n"], "n_peak_growth_mb": round(small["peak_growth_mb"], 1),
                 "big_n": large["n"], "big_n_peak_growth_mb": round(large["peak_growth_mb"], 1),
                 "growth_pct": round(100 * (large["peak_growth_mb"] - small["peak_growth_mb"]) / small["peak_growth_mb"], 2),
@@ -1065,7 +1082,7 @@ def _plot(rows: list[dict[str, Any]], summary: dict[str, Any], investigation: di
     ax.set_xticklabels([k for _, k in kinds])
     ax.set_title("statistics pass / inference (targets 2.0, 1.2)")
     ax.legend(fontsize=8)
-    fig.suptitle("SAP statistics vs inference vs stored-activation SVD (CPU, float32, 224x224)")
+    fig.suptitle(f"SAP statistics vs inference vs stored-activation SVD (CPU, float32, {IMAGE}x{IMAGE})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
