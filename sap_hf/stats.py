@@ -133,10 +133,12 @@ class GramAccumulator:
             self.gram[start:stop, start:].addmm_(rows[:, start:stop].T, rows[:, start:])
 
     def result(self) -> torch.Tensor:
-        if len(self.bounds) == 1:
-            return self.gram
-        upper = torch.triu(self.gram)
-        return upper + torch.triu(self.gram, diagonal=1).T
+        """The full symmetric Gram: the upper block-triangle mirrored in place (no d x d temporaries)."""
+        width = self.gram.shape[0]
+        for start, stop in self.bounds:
+            if stop < width:
+                self.gram[stop:, start:stop].copy_(self.gram[start:stop, stop:].T)
+        return self.gram
 
 
 def subsample_tokens(x: torch.Tensor, max_tokens: Optional[int], generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -319,7 +321,7 @@ def collect_statistics(
         if accelerator is not None and world > 1:
             gram = accelerator.reduce(gram.contiguous(), reduction="sum")
             count = accelerator.reduce(count, reduction="sum")
-        if not torch.isfinite(gram).all():
+        if not torch.isfinite(gram.sum(dtype=torch.float64)):  # NaN/Inf propagate; no d x d bool temporary
             raise ValueError(
                 f"Non-finite activations reached {group.members} (e.g. an fp16 overflow or NaN inputs): the "
                 "statistics are unusable and no weight was changed. Run the statistics in float32/bfloat16 "
