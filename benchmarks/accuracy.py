@@ -61,7 +61,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
 RULES = ("loss", "shift_loss", "early_loss", "agreement")
@@ -70,7 +70,7 @@ DEFAULT_ALPHAS = (1, 3, 10, 20, 30, 50, 100, 200, 300, 500, 1e3, 3e3, 1e4, 1e5)
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", "--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few epochs, one seed")
@@ -98,6 +98,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one (setting, seed) run each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--no_plot", action="store_true")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots/table from <out_dir>/accuracy.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds if argv and "--seeds" in argv else [0]
@@ -120,6 +121,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def _tensors(split: Any) -> tuple[Any, Any]:
     """Images -> one normalised (N, 1, 28, 28) float tensor via the recipe's ImageTransform."""
     import torch
+
     from sap_hf.data import ImageTransform
 
     transform = ImageTransform(image_size=28, num_channels=1)
@@ -142,7 +144,7 @@ class TensorExamples:
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         return [self[i] for i in indices]
 
-    def select(self, indices: Any) -> "TensorExamples":
+    def select(self, indices: Any) -> TensorExamples:
         import torch
 
         index = torch.as_tensor(list(indices), dtype=torch.long)
@@ -337,8 +339,8 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     usable = [c for c in candidates if "error" not in c]
     # Ties on val go to the earlier candidate: rules in the order given, smaller trusted sets first.
     chosen = max(usable, key=lambda c: c["val_accuracy"]) if usable else None
-    x_of = lambda c: data["train_x"][torch.tensor(c["indices"])]  # noqa: E731
-    y_of = lambda c: data["train_y"][torch.tensor(c["indices"])]  # noqa: E731
+    x_of = lambda c: data["train_x"][torch.tensor(c["indices"])]
+    y_of = lambda c: data["train_y"][torch.tensor(c["indices"])]
 
     def sap_row(method: str, c: dict) -> dict:
         return dict(base, method=method, test_accuracy=c["test_accuracy"], val_accuracy=c["val_accuracy"],
@@ -462,7 +464,7 @@ def _choice(choice: dict[str, Any]) -> str:
 
 
 def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"  # noqa: E731
+    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
     for setting, methods in summary.items():
         fits = [r["train_noisy_accuracy"] for r in runs if r["setting"] == setting]
         print(f"\n== {setting}: test accuracy (%), mean ± std over {len(fits)} seed(s); "
@@ -478,7 +480,9 @@ def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict
             print(f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {pct(entry['finetune_gain']):>14s}")
 
 
-def plot(results: list[dict[str, Any]], summary: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> list[str]:
+def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[str, Any], alphas: list[float],
+         plot_seed: int, out_dir: Path) -> list[str]:
+    """The alpha figure (one seed per setting) and the methods bar chart, from what accuracy.json holds."""
     try:
         import matplotlib
 
@@ -488,31 +492,35 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], args: argparse.
         print("matplotlib is not installed: no plots.")
         return []
     written = []
-    shown = [r for r in results if r["seed"] == args.plot_seed]
+    shown = [run for run in runs if run["seed"] == plot_seed]
     if shown:
-        figure, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.6), squeeze=False)
-        for axis, result in zip(axes[0], shown):
-            rows = {r["method"]: r for r in result["rows"]}
-            for c in result["run"]["candidates"]:
-                if "test_curve" not in c:
+        figure, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.8), squeeze=False)
+        for axis, run in zip(axes[0], shown):
+            by_method = {r["method"]: r for r in rows if r["setting"] == run["setting"] and r["seed"] == run["seed"]}
+            for c in run["candidates"]:
+                if "error" in c:
                     continue
-                line, = axis.plot(args.alphas, c["test_curve"], marker="o", ms=3,
-                                  label=f"SAP {c['rule']}/{c['per_class']} (purity {c['purity']:.2f})")
-                axis.plot(args.alphas, c["val_curve"], ls=":", color=line.get_color(), lw=1)
-            for method, style in (("none", dict(color="grey", ls="--")), ("best_epoch", dict(color="green", ls="-.")),
-                                  ("finetune_trusted", dict(color="purple", ls="--")),
-                                  ("finetune_trusted_best", dict(color="purple", ls=":"))):
-                if method in rows:
-                    axis.axhline(rows[method]["test_accuracy"], label=f"{method} (test)", lw=1.2, **style)
-            if "sap" in rows and rows["sap"]["alpha"] is not None:
-                axis.scatter([rows["sap"]["alpha"]], [rows["sap"]["test_accuracy"]], s=140, facecolors="none",
-                             edgecolors="red", zorder=5, label="sap: val-chosen (rule, k, alpha)")
+                name = f"{c['rule']}/{c['per_class']} (purity {c['purity']:.2f})"
+                if "test_curve" in c:
+                    line, = axis.plot(alphas, c["test_curve"], marker="o", ms=3, lw=1.8, label=f"SAP {name}: test")
+                    axis.plot(alphas, c["val_curve"], ls=":", color=line.get_color(), lw=1, label=f"SAP {name}: val")
+                else:
+                    axis.plot(alphas, c["val_curve"], ls=":", lw=1, label=f"SAP {name}: val")
+            for method, style in (("none", {"color": "grey", "ls": "--"}), ("best_epoch", {"color": "green", "ls": "-."}),
+                                  ("finetune_trusted", {"color": "purple", "ls": "--"}),
+                                  ("finetune_trusted_best", {"color": "purple", "ls": ":"})):
+                if method in by_method:
+                    axis.axhline(by_method[method]["test_accuracy"], label=f"{method} (test)", lw=1.2, **style)
+            sap = by_method.get("sap")
+            if sap is not None and sap["alpha"] is not None:
+                axis.scatter([sap["alpha"]], [sap["test_accuracy"]], s=140, facecolors="none", edgecolors="red", zorder=5,
+                             label=f"sap: val-chosen ({sap['rule']}/{sap['trusted_per_class']}, alpha={sap['alpha']:g})")
             axis.set_xscale("log")
             axis.set_xlabel("alpha")
-            axis.set_ylabel("clean test accuracy (dotted: val)")
-            axis.set_title(f"{result['setting']}, seed {result['seed']}: memorised tiny ViT "
-                           f"(fits {100 * result['run']['train_noisy_accuracy']:.0f}% noisy labels)", fontsize=9)
-            axis.legend(fontsize=6.5, loc="lower right")
+            axis.set_ylabel("clean accuracy (solid: test, dotted: val)")
+            axis.set_title(f"{run['setting']}, seed {run['seed']}: tiny ViT fitting "
+                           f"{100 * run['train_noisy_accuracy']:.1f}% of the noisy training labels", fontsize=9)
+            axis.legend(fontsize=6, loc="lower right")
         figure.tight_layout()
         path = out_dir / "accuracy_alpha.png"
         figure.savefig(path, dpi=120)
@@ -539,10 +547,21 @@ def plot(results: list[dict[str, Any]], summary: dict[str, Any], args: argparse.
     return written
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def replot(out_dir: Path) -> None:
+    """Redraw the figures and reprint the table from an existing accuracy.json (no training)."""
+    record = json.loads((out_dir / "accuracy.json").read_text())
+    config = record["config"]
+    plot(record["rows"], record["runs"], record["summary"], config["alphas"], config["plot_seed"], out_dir)
+    print_table(record["summary"], record["purity"], record["runs"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        replot(out_dir)
+        return {}
     started = time.perf_counter()
     tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
     if args.jobs > 1 and len(tasks) > 1:
@@ -576,7 +595,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     record["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
     if not args.no_plot:
-        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(results, summary, args, out_dir)]
+        written = plot(rows, runs, summary, list(args.alphas), args.plot_seed, out_dir)
+        record["plots"] = [os.path.relpath(p, out_dir) for p in written]
     path = out_dir / "accuracy.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1, default=float))

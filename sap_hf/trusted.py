@@ -57,7 +57,10 @@ def shifted_views(pixels: torch.Tensor) -> list[torch.Tensor]:
     if step >= min(height, width):
         return []
     x = pixels if pixels.is_floating_point() else pixels.float()
-    pad = lambda left, right, top, bottom: F.pad(x, (left, right, top, bottom), mode="replicate")  # noqa: E731
+
+    def pad(left: int, right: int, top: int, bottom: int) -> torch.Tensor:
+        return F.pad(x, (left, right, top, bottom), mode="replicate")
+
     return [
         pad(step, 0, 0, 0)[..., :, :width],  # right
         pad(0, step, 0, 0)[..., :, step:],  # left
