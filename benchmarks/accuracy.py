@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one (setting, seed) run each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--cache_dir", default=None,
+                        help="save/reuse the trained models here (keyed by the training arguments)")
     parser.add_argument("--no_plot", action="store_true")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots/table from <out_dir>/accuracy.json")
     args = parser.parse_args(argv)
@@ -244,14 +246,19 @@ def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any],
     return {"lr": best["lr"], "epochs": best["epochs"], "val_accuracy": best["val_accuracy"], "test_accuracy": test, "grid": grid}
 
 
-def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def prepare_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Data tensors, the memorised model (final state) and the best-val checkpoint of one (setting, seed).
+
+    With `args.cache_dir` the trained states are saved there (keyed by every training argument) and
+    reloaded on the next call, so other benchmarks (`sap_ablation.py`) study the same models without
+    training them again.
+    """
     import torch
 
     torch.set_num_threads(args.threads)
     from transformers import ViTForImageClassification
     from transformers.utils import logging as hf_logging
 
-    from sap_hf import SAPConfig, find_target_modules, sap_correct, select_trusted
     from sap_hf.data import noisy_fashion_mnist
     from sap_hf.models import tiny_vit_config
 
@@ -269,18 +276,46 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     data["is_noisy"] = data["train_y"] != data["clean_y"]
     data["val_x"], data["val_y"] = _tensors(splits["validation"])
     data["test_x"], data["test_y"] = _tensors(splits["test"])
-    train_set = TensorExamples(data["train_x"], data["train_y"])
     timing = {"data": time.perf_counter() - started}
 
-    torch.manual_seed(seed)
     config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size)
+    training = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "epochs", "lr", "warmup_epochs",
+                                                "batch_size", "weight_decay", "hidden_size", "num_layers", "patch_size")}
+    cache = None
+    if getattr(args, "cache_dir", None):
+        key = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in training.items())
+        cache = Path(args.cache_dir) / f"{setting}_seed{seed}_{key}.pt"
     model = ViTForImageClassification(config)
-    trained = train_from_scratch(model, data, args, seed)
+    if cache is not None and cache.exists():
+        trained = torch.load(cache, weights_only=False)
+        model.load_state_dict(trained.pop("final_state"))
+    else:
+        torch.manual_seed(seed)
+        model = ViTForImageClassification(config)
+        trained = train_from_scratch(model, data, args, seed)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(trained, final_state=model.state_dict()), cache.with_suffix(".tmp"))
+            cache.with_suffix(".tmp").replace(cache)
     timing["train"] = trained["seconds"]
-    clock = time.perf_counter()
-    final_state = copy.deepcopy(model.state_dict())
     early_model = ViTForImageClassification(config)
     early_model.load_state_dict(trained["best"]["state"])
+    return {"data": data, "train_set": TensorExamples(data["train_x"], data["train_y"]), "config": config,
+            "model": model, "early_model": early_model, "trained": trained, "timing": timing, "started": started,
+            "noise_type": noise_type, "noise_rate": rate}
+
+
+def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sap_hf import SAPConfig, find_target_modules, sap_correct, select_trusted
+
+    run = prepare_run(setting, seed, args)
+    data, train_set, config, model, early_model, trained, timing, started = (
+        run[k] for k in ("data", "train_set", "config", "model", "early_model", "trained", "timing", "started"))
+    noise_type, rate = run["noise_type"], run["noise_rate"]
+    clock = time.perf_counter()
+    final_state = copy.deepcopy(model.state_dict())
 
     def test_acc(m: Any) -> float:
         return accuracy(m, data["test_x"], data["test_y"])

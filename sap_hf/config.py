@@ -76,7 +76,9 @@ class SAPConfig:
             "help": (
                 "How trusted samples are ranked: 'loss' (the paper: cross-entropy of the model being "
                 "corrected), 'early_loss' (cross-entropy under an earlier checkpoint, given as "
-                "`selection_model`, that has not yet memorised the noise), 'agreement' (loss averaged "
+                "`selection_model`, that has not yet memorised the noise), 'shift_loss' (loss averaged "
+                "over the image and four copies shifted by ~1/28 of its side: no checkpoint needed, and "
+                "far purer than 'loss' on a model that memorised the noise), 'agreement' (loss averaged "
                 "over flipped views, keeping only samples whose views all predict the label)."
             )
         },

@@ -24,6 +24,7 @@ def main(out_dir: str, mode: str = "equal") -> None:
         collect_statistics(model, data, find_target_modules(model), batch_size=4, accelerator=accelerator, show_progress=False)
         return
     selection = select_trusted(model, data, 3, batch_size=4, accelerator=accelerator, show_progress=False)
+    shifted = select_trusted(model, data, 2, rule="shift_loss", batch_size=4, accelerator=accelerator, show_progress=False)
     trusted = subset(data, selection.indices)
     stats = collect_statistics(
         model, trusted, find_target_modules(model), batch_size=2, accelerator=accelerator,
@@ -34,7 +35,7 @@ def main(out_dir: str, mode: str = "equal") -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/weights.safetensors")
         save_file({k: v.contiguous() for k, v in stats.grams.items()}, f"{out_dir}/grams.safetensors")
         with open(f"{out_dir}/result.json", "w") as handle:
-            json.dump({"indices": selection.indices, "counts": stats.counts, "processes": accelerator.num_processes}, handle)
+            json.dump({"indices": selection.indices, "shift_indices": shifted.indices, "counts": stats.counts, "processes": accelerator.num_processes}, handle)
     accelerator.wait_for_everyone()
 
 

@@ -30,6 +30,7 @@ def test_two_processes_equal_one(tmp_path):
     two = launch(tmp_path / "two", 2)
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["indices"] == two["indices"] and len(one["indices"]) == 9
+    assert one["shift_indices"] == two["shift_indices"] and len(one["shift_indices"]) == 6
     assert one["counts"] == two["counts"]
     for name in ("grams", "weights"):
         a, b = load_file(tmp_path / "one" / f"{name}.safetensors"), load_file(tmp_path / "two" / f"{name}.safetensors")

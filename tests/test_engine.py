@@ -18,6 +18,7 @@ from sap_hf import (
 from sap_hf.models import FAMILIES, tiny_model
 from sap_hf.stats import input_hooks
 from sap_hf.targets import linear_layers
+from sap_hf.trusted import shifted_views
 
 from helpers import assert_identical, random_examples, snapshot
 
@@ -133,6 +134,33 @@ def test_trusted_selection_keeps_lowest_loss_per_class_and_warns(caplog):
         small = select_trusted(model, data[:7], 4, show_progress=False)
     assert small.per_class == {0: 3, 1: 2, 2: 2}
     assert "fewer than 4" in caplog.text
+
+def test_shifted_views_move_the_image_by_one_step_with_replicated_edges():
+    image = torch.arange(2 * 3 * 28 * 28, dtype=torch.float32).reshape(2, 3, 28, 28)
+    right, left, down, up = shifted_views(image)
+    for view in (right, left, down, up):
+        assert view.shape == image.shape
+    assert torch.equal(right[..., 1:], image[..., :-1]) and torch.equal(right[..., 0], image[..., 0])
+    assert torch.equal(left[..., :-1], image[..., 1:]) and torch.equal(left[..., -1], image[..., -1])
+    assert torch.equal(down[..., 1:, :], image[..., :-1, :]) and torch.equal(up[..., :-1, :], image[..., 1:, :])
+    assert len(shifted_views(torch.zeros(1, 1, 56, 56))) == 4 and shifted_views(torch.zeros(1, 1, 1, 1)) == []
+
+
+def test_shift_loss_ranks_by_the_mean_loss_over_the_image_and_its_shifts():
+    torch.manual_seed(0)
+    model = tiny_model("vit", num_labels=3)
+    data = random_examples(30, num_labels=3)
+    selection = select_trusted(model, data, 2, rule="shift_loss", batch_size=7, show_progress=False)
+    pixels, labels = torch.stack([e["pixel_values"] for e in data]), torch.tensor([e["labels"] for e in data])
+    with torch.no_grad():
+        views = [pixels, *shifted_views(pixels)]
+        losses = sum(torch.nn.functional.cross_entropy(model(pixel_values=v).logits, labels, reduction="none") for v in views)
+    expected = []
+    for c in range(3):
+        members = [i for i in range(30) if data[i]["labels"] == c]
+        expected += sorted(members, key=lambda i: (losses[i].item(), i))[:2]
+    assert selection.indices == sorted(expected)
+
 
 
 def test_alpha_search_never_returns_a_worse_model():
