@@ -21,7 +21,7 @@ from .evaluation import accuracy_evaluator
 from .projection import current_weights, plan_projection, write_weights
 from .search import AlphaSearchResult, eigenbases, search_alpha
 from .stats import ActivationStats, collect_statistics, raise_on_any_process, unwrap
-from .targets import find_target_modules
+from .targets import classifier_names, find_target_modules, group_alphas, group_kinds
 from .trusted import select_trusted
 
 logger = logging.get_logger(__name__)
@@ -46,12 +46,18 @@ class SAPResult:
         return self.alphas[0] if self.alphas else None
 
     @property
+    def kind_alphas(self) -> dict[str, Optional[float]]:
+        """The first round's alpha per layer kind with `alpha_scope="per_kind"` (None: kind unchanged), else {}."""
+        return dict(self.rounds[0].kind_alphas) if self.rounds else {}
+
+    @property
     def changed(self) -> bool:
-        return any(a is not None for a in self.alphas)
+        return any(r.improved for r in self.rounds)
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
         record["alpha"] = self.alpha
+        record["kind_alphas"] = self.kind_alphas
         record["changed"] = self.changed
         return record
 
@@ -76,7 +82,7 @@ def _collect(model: nn.Module, data: Any, targets: Sequence[str], config: SAPCon
 def sap_project(
     model: nn.Module,
     trusted: Any,
-    alpha: Optional[float] = None,
+    alpha: Optional[Union[float, Mapping[str, Optional[float]]]] = None,
     config: Optional[SAPConfig] = None,
     accelerator: Any = None,
     *,
@@ -86,7 +92,9 @@ def sap_project(
     """Correct `model` in place with SAP at a fixed `alpha` and return it.
 
     `trusted` is a dataset or an iterable of examples/batches with `pixel_values` (the trusted
-    samples). `alpha` defaults to the single value of `config.alphas`. With
+    samples). `alpha` defaults to the single value of `config.alphas`; a mapping layer kind ->
+    alpha (`{"attention": 100, "mlp": None, "classifier": 1000}`, None or absent = unchanged) gives
+    each kind its own, e.g. the `kind_alphas` a `sap_correct(alpha_scope="per_kind")` chose. With
     `config.num_rounds > 1`, statistics are re-collected on the projected model and alpha is
     multiplied by `config.alpha_growth` each round. `stats` skips the first data pass.
     """
@@ -98,7 +106,11 @@ def sap_project(
                 "sap_correct() to search the grid on an eval set."
             )
         alpha = config.alphas[0]
-    alpha = validate_alpha(alpha)
+    if isinstance(alpha, Mapping):
+        alpha = {kind: None if a is None else validate_alpha(a, f"alpha[{kind!r}]") for kind, a in alpha.items()}
+        group_alphas([], {}, alpha)  # unknown kinds raise here, before any data pass
+    else:
+        alpha = validate_alpha(alpha)
     base = unwrap(model, accelerator)
     if stats is not None:
         stats.check_model(base, "The given stats")
@@ -107,10 +119,17 @@ def sap_project(
         for round_index in range(config.num_rounds):
             if stats is None or round_index > 0:
                 stats = _collect(base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn)
-            round_alpha = alpha * config.alpha_growth**round_index
+            growth = config.alpha_growth**round_index
+            if isinstance(alpha, Mapping):
+                kinds = group_kinds(stats.groups, classifier_names(base))
+                round_alpha: Any = group_alphas(
+                    stats.groups, kinds, {k: None if a is None else a * growth for k, a in alpha.items()}
+                )
+            else:
+                round_alpha = alpha * growth
             plan = plan_projection(current_weights(base, stats.target_modules), stats.groups, eigenbases(stats), round_alpha)
             write_weights(base, plan)
-            logger.info("SAP round %d: projected %d layers with alpha=%g.", round_index + 1, len(plan), round_alpha)
+            logger.info("SAP round %d: projected %d layers with alpha=%s.", round_index + 1, len(plan), round_alpha)
     return model
 
 
@@ -197,8 +216,10 @@ def sap_correct(
                     stats.meta.update(trusted_indices=list(trusted_indices), trusted_per_class=per_class)
                     _save_on_main(stats, stats_path, accelerator)
             grid = [a * config.alpha_growth**round_index for a in config.alphas]
+            kinds = group_kinds(stats.groups, classifier_names(base)) if config.alpha_scope == "per_kind" else None
             search = search_alpha(
-                base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better, on_evaluate=on_evaluate
+                base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
+                on_evaluate=on_evaluate, kinds=kinds,
             )
             rounds.append(search)
             if not search.improved:

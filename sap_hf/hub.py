@@ -43,13 +43,14 @@ This model was corrected for label noise with **SAP (Scaled Activation Projectio
 
 ## What SAP did
 
-SAP picked the {num_trusted} lowest-loss training samples ({per_class} per class) as trusted,
+SAP picked {num_trusted} trusted training samples ({per_class} per class, lowest score under the
+selection rule `{rule}`),
 collected the Gram matrix of the input activations of {num_targets} Linear layers in one forward
 pass, and projected every targeted weight onto the trusted activation space,
 `W <- W U diag(lambda) U^T` with `lambda = alpha r / ((alpha - 1) r + 1)`. The scaling alpha was
 chosen on a clean evaluation split.
 
-- Chosen alpha per round: {alphas}
+- Chosen alpha per round: {alphas}{kind_alphas}
 - Result: {verdict}
 
 ## Results
@@ -162,9 +163,15 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
         model_name=model_name,
         base_model=record.get("base_model") or "trained from scratch",
         num_trusted=record.get("num_trusted", 0),
+        rule=record.get("config", {}).get("selection_rule", "loss"),
         per_class=(min(per_class.values()) if per_class else record.get("config", {}).get("trusted_per_class")),
         num_targets=len(record.get("target_modules", [])),
         alphas=", ".join("unchanged" if a is None else f"{a:g}" for a in record.get("alphas", [])),
+        kind_alphas=(
+            "\n- Alpha per layer kind (`alpha_scope=\"per_kind\"`, round 1): "
+            + ", ".join(f"{kind} {'unchanged' if a is None else f'{a:g}'}" for kind, a in record["kind_alphas"].items())
+            if record.get("kind_alphas") else ""
+        ),
         verdict="weights projected" if record.get("changed") else "no alpha beat the uncorrected model; weights unchanged",
         results_rows="\n".join(rows),
         metric=metric,

@@ -36,6 +36,11 @@ def plot_alpha_curve(
         axis.axhline(search.baseline[search.metric], linestyle="--", color="grey", label="unchanged (round 1)" if index == 0 else None)
         if search.best_alpha is not None:
             axis.scatter([search.best_alpha], [search.best_metrics[search.metric]], s=120, facecolors="none", edgecolors="red")
+    first = result.rounds[0]
+    for kind in dict.fromkeys(t["kind"] for t in first.kind_trials):  # alpha_scope="per_kind": the coordinate pass
+        trials = sorted((t["alpha"], t["metrics"][first.metric]) for t in first.kind_trials if t["kind"] == kind and t["alpha"] is not None)
+        if trials:
+            axis.plot(*zip(*trials), marker=".", linestyle=":", label=f"only {kind} alpha varied (others held)")
     for label, (xs, ys) in (extra_curves or {}).items():
         axis.plot(xs, ys, marker="s", label=label)
     axis.set_xscale("log")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -87,16 +87,21 @@ def plan_projection(
     weights: Mapping[str, torch.Tensor],
     groups: Sequence[TargetGroup],
     bases: Mapping[str, Eigenbasis],
-    alpha: float,
+    alpha: Union[float, Mapping[str, Optional[float]]],
 ) -> dict[str, torch.Tensor]:
     """New weights for every member of every group, from `weights` (originals), all checked finite.
 
-    Raises before returning anything if a result holds NaN/Inf, so the caller never writes a
-    partial projection.
+    `alpha` is one value for every group, or a mapping group name -> alpha where None (or a
+    missing group) means "leave this group's layers as they are": they are then absent from the
+    result. Raises before returning anything if a result holds NaN/Inf, so the caller never
+    writes a partial projection.
     """
     new_weights: dict[str, torch.Tensor] = {}
     for group in groups:
-        projection = projection_matrix(bases[group.name], alpha)
+        group_alpha = alpha.get(group.name) if isinstance(alpha, Mapping) else alpha
+        if group_alpha is None:
+            continue
+        projection = projection_matrix(bases[group.name], group_alpha)
         for name in group.members:
             weight = weights[name]
             if weight.shape[-1] != projection.shape[0]:
@@ -107,7 +112,7 @@ def plan_projection(
             new = project_weight(weight, projection)
             if not torch.isfinite(new).all():
                 raise ValueError(
-                    f"Projecting {name} with alpha={alpha} gives NaN/Inf (weights or statistics not finite); "
+                    f"Projecting {name} with alpha={group_alpha} gives NaN/Inf (weights or statistics not finite); "
                     "no weight was changed."
                 )
             new_weights[name] = new

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 from torch import nn
 
 Patterns = Optional[Union[str, Sequence[str]]]
+
+LAYER_KINDS: tuple[str, ...] = ("attention", "mlp", "classifier")
+_ATTENTION_SEGMENT = re.compile(r".*(attn|attention).*", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,29 @@ def find_target_modules(
             "names, a list of their suffixes (e.g. ['q_proj', 'fc1']), or 'all-linear'."
         )
     return selected
+
+
+def layer_kind(name: str, heads: Sequence[str]) -> str:
+    """'classifier' (a head), 'attention' (a dotted name segment holds 'attn'/'attention': q/k/v and the
+    attention output of ViT, DeiT, BEiT, DINOv2, Swin, CLIP) or 'mlp' (every other backbone Linear)."""
+    if name in heads:
+        return "classifier"
+    return "attention" if any(_ATTENTION_SEGMENT.fullmatch(part) for part in name.split(".")) else "mlp"
+
+
+def group_kinds(groups: Sequence[TargetGroup], heads: Sequence[str]) -> dict[str, str]:
+    """The layer kind of every group (q/k/v share one input, hence one kind), keyed by group name."""
+    return {group.name: layer_kind(group.members[0], heads) for group in groups}
+
+
+def group_alphas(
+    groups: Sequence[TargetGroup], kinds: Mapping[str, str], kind_alphas: Mapping[str, Optional[float]]
+) -> dict[str, Optional[float]]:
+    """Per-group alpha from per-kind alphas; a kind that is absent or None leaves its groups unchanged."""
+    unknown = sorted(set(kind_alphas) - set(LAYER_KINDS))
+    if unknown:
+        raise ValueError(f"Unknown layer kind(s) {unknown} in the alphas; use {list(LAYER_KINDS)}.")
+    return {group.name: kind_alphas.get(kinds[group.name]) for group in groups}
 
 
 def group_by_identity(names: Sequence[str], inputs: Sequence[object], in_features: Sequence[int]) -> list[TargetGroup]:

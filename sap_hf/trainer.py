@@ -124,6 +124,7 @@ class SAPTrainer(Trainer):
         self.log(
             {
                 "sap/chosen_alpha": -1.0 if result.alpha is None else float(result.alpha),
+                **{f"sap/chosen_alpha_{kind}": -1.0 if a is None else float(a) for kind, a in result.kind_alphas.items()},
                 f"sap/{metric}_before": float(result.baseline_metrics[metric]),
                 f"sap/{metric}_after": float(result.final_metrics[metric]),
             }

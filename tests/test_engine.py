@@ -7,6 +7,7 @@ import torch
 
 from sap_hf import (
     ActivationStats,
+    classifier_names,
     SAPConfig,
     collect_statistics,
     find_target_modules,
@@ -17,7 +18,7 @@ from sap_hf import (
 )
 from sap_hf.models import FAMILIES, tiny_model
 from sap_hf.stats import input_hooks
-from sap_hf.targets import linear_layers
+from sap_hf.targets import group_kinds, linear_layers
 from sap_hf.trusted import shifted_views
 
 from helpers import assert_identical, random_examples, snapshot
@@ -190,3 +191,76 @@ def test_sap_correct_end_to_end_reports_every_alpha():
     assert result.final_metrics["accuracy"] >= result.baseline_metrics["accuracy"]
     assert "classifier" in result.target_modules
     assert result.to_dict()["alpha"] == result.alpha
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_kinds_split_attention_mlp_and_classifier(family):
+    model = tiny_model(family)
+    stats = collect_statistics(model, random_examples(2), find_target_modules(model), show_progress=False)
+    kinds = group_kinds(stats.groups, classifier_names(model))
+    by_kind = {kind: [g for g in stats.groups if kinds[g.name] == kind] for kind in ("attention", "mlp", "classifier")}
+    assert [g.name for g in by_kind["classifier"]] == ["classifier"]
+    assert all(len(g.members) == 3 or g.name.endswith(("o_proj", "out_proj")) for g in by_kind["attention"])
+    qkv = [g for g in by_kind["attention"] if len(g.members) == 3]
+    assert qkv and 2 * len(qkv) == len(by_kind["attention"])  # q/k/v + the attention output, per block
+    assert {g.name.rsplit(".", 1)[-1] for g in by_kind["mlp"]} <= {"fc1", "fc2", "reduction"}
+    assert {g.name.rsplit(".", 1)[-1] for g in by_kind["mlp"]} >= {"fc1", "fc2"}
+
+
+def _change(model, before, kind, kinds, groups):
+    names = [m for g in groups if kinds[g.name] == kind for m in g.members]
+    return sum(float((model.get_submodule(n).weight.detach() - before[f"{n}.weight"]).abs().sum()) for n in names)
+
+
+def test_per_kind_search_gives_each_layer_kind_its_own_alpha():
+    model = tiny_model("vit")
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    kinds = group_kinds(stats.groups, classifier_names(model))
+    before = snapshot(model)
+    # The evaluator rewards changing attention layers and punishes changing MLP layers: no shared alpha
+    # can do both, one alpha per kind can (attention at the strongest alpha, MLP unchanged).
+    score = lambda m: {"accuracy": _change(m, before, "attention", kinds, stats.groups)
+                       - 100 * _change(m, before, "mlp", kinds, stats.groups)}
+    shared = search_alpha(model, stats, [1.0, 100.0], score)
+    assert not shared.improved and shared.kind_alphas == {}
+    assert_identical(model, before)
+
+    result = search_alpha(model, stats, [1.0, 100.0], score, kinds=kinds)
+    assert result.best_alpha is None  # the shared part of the search
+    assert result.kind_alphas == {"attention": 1.0, "mlp": None, "classifier": None} and result.improved
+    assert [(t["kind"], t["alpha"]) for t in result.kind_trials] == [
+        ("attention", 1.0), ("attention", 100.0), ("mlp", 1.0), ("mlp", 100.0), ("classifier", 1.0), ("classifier", 100.0)
+    ]
+    assert result.best_metrics == max((t["metrics"] for t in result.kind_trials), key=lambda m: m["accuracy"])
+    assert _change(model, before, "mlp", kinds, stats.groups) == 0.0
+    assert torch.equal(model.classifier.weight, before["classifier.weight"])
+    # sap_project with the chosen kind alphas writes the very same weights.
+    chosen = snapshot(model)
+    again = tiny_model("vit")
+    sap_project(again, random_examples(6), alpha=result.kind_alphas, config=SAPConfig(batch_size=32))
+    for name, tensor in chosen.items():
+        assert torch.allclose(again.state_dict()[name], tensor, rtol=0, atol=1e-6), name
+
+
+def test_kind_alphas_are_validated_before_any_change():
+    model = tiny_model("vit")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="Unknown layer kind"):
+        sap_project(model, random_examples(4), alpha={"attn": 10.0})
+    with pytest.raises(ValueError, match="alpha\\['mlp'\\]"):
+        sap_project(model, random_examples(4), alpha={"mlp": 0.5})
+    with pytest.raises(ValueError, match="alpha_scope"):
+        SAPConfig(alpha_scope="per_layer")
+    assert_identical(model, before)
+
+
+def test_sap_correct_per_kind_records_kind_alphas():
+    model = tiny_model("vit")
+    train, evals = random_examples(24, seed=1), random_examples(12, seed=2)
+    config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind")
+    result = sap_correct(model, train, evals, config, show_progress=False)
+    assert set(result.kind_alphas) == {"attention", "mlp", "classifier"}
+    assert len(result.rounds[0].kind_trials) == 6
+    assert result.final_metrics["accuracy"] >= max(m["accuracy"] for m in result.rounds[0].metrics + [result.baseline_metrics])
+    record = result.to_dict()
+    assert record["kind_alphas"] == result.kind_alphas and record["config"]["alpha_scope"] == "per_kind"

@@ -15,7 +15,7 @@ from sap_hf.trainer import SAPTrainer
 from helpers import random_examples
 
 
-def _trainer(tmp_path, **args):
+def _trainer(tmp_path, sap_config=None, **args):
     model = tiny_model("vit", num_labels=3)
     training_args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
@@ -23,7 +23,7 @@ def _trainer(tmp_path, **args):
     )
     return SAPTrainer(
         model=model, args=training_args, train_dataset=random_examples(24, seed=1), eval_dataset=random_examples(12, seed=2),
-        sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8), base_model_name="tiny-vit",
+        sap_config=sap_config or SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8), base_model_name="tiny-vit",
     )
 
 
@@ -48,6 +48,25 @@ def test_train_correct_save_reload(tmp_path):
     trainer.model.eval()
     with torch.no_grad():
         assert torch.equal(reloaded(pixel_values=pixels).logits, trainer.model(pixel_values=pixels).logits)
+
+
+def test_per_kind_alphas_are_logged_recorded_and_on_the_card(tmp_path):
+    config = SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, alpha_scope="per_kind")
+    trainer = _trainer(tmp_path, sap_config=config)
+    result = trainer.correct()
+    assert set(result.kind_alphas) == {"attention", "mlp", "classifier"}
+    final = trainer.state.log_history[-1]
+    for kind, alpha in result.kind_alphas.items():
+        assert final[f"sap/chosen_alpha_{kind}"] == (-1.0 if alpha is None else alpha)
+    trainer.save_model()
+    assert load_sap_record(tmp_path / "out")["kind_alphas"] == result.kind_alphas
+    from sap_hf.plotting import plot_alpha_curve
+
+    assert plot_alpha_curve(result, tmp_path / "curve.png").stat().st_size > 0  # with the per-kind trial curves
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Alpha per layer kind" in card and "selection rule `loss`" in card
+    for kind in result.kind_alphas:
+        assert kind in card.split("Alpha per layer kind")[1].splitlines()[0]
 
 
 def test_push_to_hub_sends_model_record_and_card(tmp_path):
