@@ -66,6 +66,7 @@ from typing import Any
 SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
 RULES = ("loss", "shift_loss", "early_loss", "agreement")
 MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
+EXTRA_METHODS = ("sap_shared", "finetune_trusted_best", "sap+finetune")
 DEFAULT_ALPHAS = (1, 3, 10, 20, 30, 50, 100, 200, 300, 500, 1e3, 3e3, 1e4, 1e5)
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[10])
     parser.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS))
+    parser.add_argument("--alpha_scopes", nargs="+", default=["shared", "per_kind"], choices=["shared", "per_kind"],
+                        help="SAPConfig.alpha_scope values tried for every trusted set (the val-best one is 'sap')")
     parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
     parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40],
                         help="fine-tuning checkpoints evaluated on val (the last one is the run length)")
@@ -355,31 +358,37 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
                 continue
             index = torch.tensor(selection.indices, dtype=torch.long)
             purity = float((data["train_y"][index] == data["clean_y"][index]).float().mean())
-            sap_config = SAPConfig(alphas=list(args.alphas), trusted_per_class=per_class, selection_rule=rule, batch_size=500)
-            result = sap_correct(model, train_set, config=sap_config, trusted_indices=selection.indices,
-                                 evaluate_fn=evaluate_fn, show_progress=False)
-            search = result.rounds[0]
-            candidate = {
-                "rule": rule, "per_class": per_class, "num_trusted": len(selection.indices),
-                "purity": purity, "indices": selection.indices,
-                "alpha": result.alpha, "val_accuracy": result.final_metrics["accuracy"],
-                "test_accuracy": test_acc(model), **fit_diagnostics(model, data),
-                "val_curve": [round(m["accuracy"], 4) for m in search.metrics],
-            }
+            for scope in args.alpha_scopes:
+                model.load_state_dict(final_state)
+                sap_config = SAPConfig(alphas=list(args.alphas), trusted_per_class=per_class, selection_rule=rule,
+                                       batch_size=500, alpha_scope=scope)
+                result = sap_correct(model, train_set, config=sap_config, trusted_indices=selection.indices,
+                                     evaluate_fn=evaluate_fn, show_progress=False)
+                candidates.append({
+                    "rule": rule, "per_class": per_class, "scope": scope, "num_trusted": len(selection.indices),
+                    "purity": purity, "indices": selection.indices,
+                    "alpha": result.alpha, "kind_alphas": result.kind_alphas,
+                    "val_accuracy": result.final_metrics["accuracy"],
+                    "test_accuracy": test_acc(model), **fit_diagnostics(model, data),
+                    "val_curve": [round(m["accuracy"], 4) for m in result.rounds[0].metrics],
+                    "state": copy.deepcopy(model.state_dict()),
+                })
             timing["sap"][f"{rule}/{per_class}"] = time.perf_counter() - clock
-            clock = time.perf_counter()
-            candidates.append(candidate)
     model.load_state_dict(final_state)
 
     usable = [c for c in candidates if "error" not in c]
-    # Ties on val go to the earlier candidate: rules in the order given, smaller trusted sets first.
+    shared = [c for c in usable if c["scope"] == "shared"]
+    # Ties on val go to the earlier candidate: rules in the order given, smaller trusted sets first, shared alpha
+    # before per-kind alphas.
     chosen = max(usable, key=lambda c: c["val_accuracy"]) if usable else None
+    chosen_shared = max(shared, key=lambda c: c["val_accuracy"]) if shared else None
     x_of = lambda c: data["train_x"][torch.tensor(c["indices"])]
     y_of = lambda c: data["train_y"][torch.tensor(c["indices"])]
 
     def sap_row(method: str, c: dict) -> dict:
         return dict(base, method=method, test_accuracy=c["test_accuracy"], val_accuracy=c["val_accuracy"],
-                    alpha=c["alpha"], rule=c["rule"], trusted_per_class=c["per_class"], num_trusted=c["num_trusted"],
+                    alpha=c["alpha"], alpha_scope=c["scope"], kind_alphas=c["kind_alphas"], rule=c["rule"],
+                    trusted_per_class=c["per_class"], num_trusted=c["num_trusted"],
                     purity=c["purity"], noisy_fit=c["noisy_fit"], clean_fit=c["clean_fit"])
 
     def ft_row(method: str, c: dict, ft: dict) -> dict:
@@ -395,8 +404,9 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         from sap_hf.stats import collect_statistics
 
         clock = time.perf_counter()
-        paper = next((c for c in usable if c["rule"] == "loss"), None)
-        for c in {id(c): c for c in (paper, chosen) if c is not None}.values():
+        paper = next((c for c in shared if c["rule"] == "loss"), None)
+        same_set = next((c for c in shared if chosen and (c["rule"], c["per_class"]) == (chosen["rule"], chosen["per_class"])), None)
+        for c in {id(c): c for c in (paper, same_set) if c is not None}.values():
             model.load_state_dict(final_state)
             targets = find_target_modules(model, None, None, True)
             stats = collect_statistics(model, train_set.select(c["indices"]), targets, batch_size=500, show_progress=False)
@@ -410,14 +420,22 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
     finetunes = {}
     for c in usable:
-        clock = time.perf_counter()
-        finetunes[(c["rule"], c["per_class"])] = finetune_grid(model, final_state, x_of(c), y_of(c), data, args, seed)
-        timing["finetune"][f"{c['rule']}/{c['per_class']}"] = time.perf_counter() - clock
-        rows.append(sap_row(f"sap[{c['rule']}/{c['per_class']}]", c))
-        rows.append(ft_row(f"finetune_trusted[{c['rule']}/{c['per_class']}]", c, finetunes[(c["rule"], c["per_class"])]))
+        key = (c["rule"], c["per_class"])
+        if key not in finetunes:
+            clock = time.perf_counter()
+            finetunes[key] = finetune_grid(model, final_state, x_of(c), y_of(c), data, args, seed)
+            timing["finetune"][f"{c['rule']}/{c['per_class']}"] = time.perf_counter() - clock
+            rows.append(ft_row(f"finetune_trusted[{c['rule']}/{c['per_class']}]", c, finetunes[key]))
+        prefix = "sap" if c["scope"] == "shared" else f"sap_{c['scope']}"
+        rows.append(sap_row(f"{prefix}[{c['rule']}/{c['per_class']}]", c))
     if chosen is not None:
         rows.append(sap_row("sap", chosen))
+        if chosen_shared is not None and "per_kind" in args.alpha_scopes:
+            rows.append(sap_row("sap_shared", chosen_shared))
         rows.append(ft_row("finetune_trusted", chosen, finetunes[(chosen["rule"], chosen["per_class"])]))
+        # SAP, then the same fine-tuning grid on the same trusted samples (a composition, not a baseline).
+        rows.append(ft_row("sap+finetune", chosen, finetune_grid(model, chosen["state"], x_of(chosen), y_of(chosen), data, args, seed)))
+        model.load_state_dict(final_state)
         best_ft_key = max(finetunes, key=lambda k: finetunes[k]["val_accuracy"])
         best_ft_c = next(c for c in usable if (c["rule"], c["per_class"]) == best_ft_key)
         rows.append(ft_row("finetune_trusted_best", best_ft_c, finetunes[best_ft_key]))
@@ -431,7 +449,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
             "actual_noise_rate": float(data["is_noisy"].float().mean()),
             "train_noisy_accuracy": train_noisy_acc, "train_seconds": trained["seconds"],
             "best_epoch": trained["best"]["epoch"], "val_history": trained["history"],
-            "candidates": [{k: v for k, v in c.items() if k != "indices"} for c in candidates],
+            "candidates": [{k: v for k, v in c.items() if k not in ("indices", "state")} for c in candidates],
             "finetune_grids": {f"{r}/{k}": ft["grid"] for (r, k), ft in finetunes.items()},
             "seconds": time.perf_counter() - started, "timing": timing,
         },
@@ -465,7 +483,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                      "gain_vs_none": _mean_std([r["gain_vs_none"] for r in chosen])}
             if all("purity" in r for r in chosen):
                 entry["purity"] = _mean_std([r["purity"] for r in chosen])
-            keys = ("rule", "trusted_per_class", "alpha", "lr", "ft_epochs", "epoch")
+            keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch")
             entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
             summary[setting][method] = entry
     return summary
@@ -480,11 +498,16 @@ def purity_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
         key = row["method"][4:-1]
         ft = next(r for r in rows if r["setting"] == row["setting"] and r["seed"] == row["seed"]
                   and r["method"] == f"finetune_trusted[{key}]")
-        entry = out.setdefault(row["setting"], {}).setdefault(key, {"purity": [], "sap_gain": [], "finetune_gain": []})
+        per_kind = next((r for r in rows if r["setting"] == row["setting"] and r["seed"] == row["seed"]
+                         and r["method"] == f"sap_per_kind[{key}]"), None)
+        entry = out.setdefault(row["setting"], {}).setdefault(
+            key, {"purity": [], "sap_gain": [], "sap_per_kind_gain": [], "finetune_gain": []})
         entry["purity"].append(row["purity"])
         entry["sap_gain"].append(row["gain_vs_none"])
+        if per_kind is not None:
+            entry["sap_per_kind_gain"].append(per_kind["gain_vs_none"])
         entry["finetune_gain"].append(ft["gain_vs_none"])
-    return {s: {k: {m: _mean_std(v) for m, v in e.items()} for k, e in d.items()} for s, d in out.items()}
+    return {s: {k: {m: _mean_std(v) for m, v in e.items() if v} for k, e in d.items()} for s, d in out.items()}
 
 
 def _choice(choice: dict[str, Any]) -> str:
@@ -493,6 +516,9 @@ def _choice(choice: dict[str, Any]) -> str:
     if "epoch" in choice:
         return f"ep{choice['epoch']}"
     text = f"{choice.get('rule')}/{choice.get('trusted_per_class')}"
+    if choice.get("kind_alphas"):
+        short = {"attention": "att", "mlp": "mlp", "classifier": "cls"}
+        return text + "/" + ",".join(f"{short.get(k, k)}={'-' if a is None else f'{a:g}'}" for k, a in choice["kind_alphas"].items())
     if "alpha" in choice:
         return text + (f"/a={choice['alpha']:g}" if choice["alpha"] is not None else "/unchanged")
     return text + (f"/lr={choice['lr']:g}x{choice['ft_epochs']}ep" if choice.get("lr") is not None else "/unchanged")
@@ -510,9 +536,11 @@ def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict
                 continue
             choices = " ".join(_choice(setting_rows) for setting_rows in entry.get("choices", []))
             print(f"{method:34s} {pct(entry['test_accuracy']):>14s} {pct(entry['gain_vs_none']):>14s}  {choices}")
-        print(f"  {'trusted set (rule/k)':32s} {'purity':>14s} {'SAP gain':>14s} {'finetune gain':>14s}")
+        print(f"  {'trusted set (rule/k)':32s} {'purity':>14s} {'SAP gain':>14s} {'per-kind gain':>14s} {'finetune gain':>14s}")
         for key, entry in purity.get(setting, {}).items():
-            print(f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {pct(entry['finetune_gain']):>14s}")
+            per_kind = pct(entry["sap_per_kind_gain"]) if "sap_per_kind_gain" in entry else "-"
+            print(f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {per_kind:>14s} "
+                  f"{pct(entry['finetune_gain']):>14s}")
 
 
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[str, Any], alphas: list[float],
@@ -533,7 +561,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
         for axis, run in zip(axes[0], shown):
             by_method = {r["method"]: r for r in rows if r["setting"] == run["setting"] and r["seed"] == run["seed"]}
             for c in run["candidates"]:
-                if "error" in c:
+                if "error" in c or c.get("scope", "shared") != "shared":  # per-kind rows share the shared curve
                     continue
                 name = f"{c['rule']}/{c['per_class']} (purity {c['purity']:.2f})"
                 if "test_curve" in c:
@@ -547,7 +575,10 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
                 if method in by_method:
                     axis.axhline(by_method[method]["test_accuracy"], label=f"{method} (test)", lw=1.2, **style)
             sap = by_method.get("sap")
-            if sap is not None and sap["alpha"] is not None:
+            if sap is not None and sap.get("kind_alphas"):
+                axis.axhline(sap["test_accuracy"], color="red", lw=1.2,
+                             label=f"sap: val-chosen per-kind alphas ({_choice(sap)}) (test)")
+            elif sap is not None and sap["alpha"] is not None:
                 axis.scatter([sap["alpha"]], [sap["test_accuracy"]], s=140, facecolors="none", edgecolors="red", zorder=5,
                              label=f"sap: val-chosen ({sap['rule']}/{sap['trusted_per_class']}, alpha={sap['alpha']:g})")
             axis.set_xscale("log")
@@ -562,7 +593,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
         plt.close(figure)
         written.append(str(path))
 
-    methods = list(MAIN_METHODS) + ["finetune_trusted_best"]
+    methods = list(MAIN_METHODS) + list(EXTRA_METHODS)
     figure, axis = plt.subplots(figsize=(7, 4))
     width = 0.8 / max(1, len(summary))
     for i, (setting, entries) in enumerate(summary.items()):
