@@ -70,14 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def layer_kind(name: str, head: str) -> str:
-    """'head', 'attention', 'fc1' or 'fc2' for a ViT-family Linear name."""
-    if name == head:
+    """'head', 'attention', 'fc1' or 'fc2': the library's layer kinds with the MLP split in its two layers."""
+    from sap_hf.targets import layer_kind as library_kind
+
+    kind = library_kind(name, [head])
+    if kind == "classifier":
         return "head"
-    if ".attention." in name or ".attn." in name or "self_attn" in name:
-        return "attention"
-    if ".intermediate." in name or ".fc1" in name or ".mlp.0" in name:
-        return "fc1"
-    return "fc2"
+    if kind == "attention":
+        return kind
+    return "fc1" if ".intermediate." in name or name.endswith(("fc1", "mlp.0")) else "fc2"
 
 
 class Projector:
@@ -204,7 +205,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     out: dict[str, dict[str, dict[str, float]]] = {}
     for row in rows:
         out.setdefault(row["setting"], {}).setdefault(row["variant"], []).append(row)  # type: ignore[arg-type]
-    for setting, variants in out.items():
+    for variants in out.values():
         for variant, chosen in variants.items():
             gains = [r["gain_vs_none"] for r in chosen]
             tests = [r["test_accuracy"] for r in chosen]
