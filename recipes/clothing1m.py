@@ -17,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
@@ -88,6 +88,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     summary = {
         "dataset": splits.name,
         "chosen_alpha": result.alpha,
+        "chosen_kind_alphas": result.kind_alphas,
         "val_accuracy_before": result.baseline_metrics.get("accuracy"),
         "val_accuracy_after": result.final_metrics.get("accuracy"),
         "test_accuracy_before": before.get("test_accuracy"),
@@ -100,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         (output_dir / "sap_summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"[sap_hf] {splits.name}: clean-test accuracy before SAP {_fmt(summary['test_accuracy_before'])}, "
-            f"after SAP {_fmt(summary['test_accuracy_after'])} (alpha={result.alpha}, "
+            f"after SAP {_fmt(summary['test_accuracy_after'])} (alpha={_alphas(result)}, "
             f"val {_fmt(summary['val_accuracy_before'])} -> {_fmt(summary['val_accuracy_after'])})"
         )
     if training_args.push_to_hub:
@@ -112,6 +113,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _alphas(result: Any) -> str:
+    """`100` for a shared alpha, `attention=100, mlp=unchanged, classifier=1000` per kind."""
+    if result.kind_alphas:
+        return ", ".join(f"{kind}={'unchanged' if a is None else f'{a:g}'}" for kind, a in result.kind_alphas.items())
+    return "unchanged" if result.alpha is None else f"{result.alpha:g}"
 
 
 if __name__ == "__main__":

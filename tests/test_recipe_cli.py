@@ -33,10 +33,13 @@ def _launch(processes: int, args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("processes", [1, 2])
 def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
     out = tmp_path / "out"
-    run = _launch(processes, [str(RECIPE), "--data_dir", str(tiny_clothing1m), "--output_dir", str(out), *TINY])
+    scope = "per_kind" if processes == 2 else "shared"  # the coordinate pass across processes, too
+    run = _launch(processes, [str(RECIPE), "--data_dir", str(tiny_clothing1m), "--output_dir", str(out), *TINY,
+                              "--alpha_scope", scope])
     assert run.returncode == 0, run.stderr[-4000:]
     assert "clean-test accuracy before SAP" in run.stdout
     summary = json.loads((out / "sap_summary.json").read_text())
+    assert set(summary["chosen_kind_alphas"]) == ({"attention", "mlp", "classifier"} if scope == "per_kind" else set())
     assert summary["dataset"] == "clothing1m" and 0 <= summary["test_accuracy_after"] <= 1
     record = load_sap_record(out)
     assert record["num_trusted"] == 14 and record["rounds"][0]["alphas"] == [1.0, 100.0]
