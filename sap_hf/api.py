@@ -29,7 +29,11 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class SAPResult:
-    """What a correction measured: the alpha of each round, every alpha's eval metrics, the targets."""
+    """What a correction measured: the alpha of each round, every alpha's eval metrics, the targets.
+
+    `trusted_indices` (positions in the selection data) make the run reproducible and let the same
+    trusted samples be reused, e.g. to fine-tune on them after SAP.
+    """
 
     alphas: list[Optional[float]]
     rounds: list[AlphaSearchResult]
@@ -39,6 +43,7 @@ class SAPResult:
     num_trusted: int
     trusted_per_class: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    trusted_indices: list[int] = field(default_factory=list)
 
     @property
     def alpha(self) -> Optional[float]:
@@ -233,6 +238,7 @@ def sap_correct(
         num_trusted=len(trusted_indices) if trusted_indices is not None else 0,
         trusted_per_class={int(k): v for k, v in per_class.items()},
         config=config.to_dict(),
+        trusted_indices=[int(i) for i in trusted_indices] if trusted_indices is not None else [],
     )
 
 

@@ -187,6 +187,7 @@ def test_sap_correct_end_to_end_reports_every_alpha():
     config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8)
     result = sap_correct(model, train, evals, config, show_progress=False)
     assert result.num_trusted == 6 and result.trusted_per_class == {0: 2, 1: 2, 2: 2}
+    assert result.trusted_indices == select_trusted(tiny_model("vit"), train, 2, batch_size=8, show_progress=False).indices
     assert result.rounds[0].alphas == [1.0, 1e3]
     assert result.final_metrics["accuracy"] >= result.baseline_metrics["accuracy"]
     assert "classifier" in result.target_modules
