@@ -34,19 +34,23 @@ def plot_alpha_curve(
         values = [m[search.metric] for m in search.metrics]
         axis.plot(search.alphas, values, marker="o", label=f"eval {search.metric}, round {index + 1}")
         axis.axhline(search.baseline[search.metric], linestyle="--", color="grey", label="unchanged (round 1)" if index == 0 else None)
-        if search.best_alpha is not None:
-            axis.scatter([search.best_alpha], [search.best_metrics[search.metric]], s=120, facecolors="none", edgecolors="red")
+        if search.best_alpha is not None:  # the best shared alpha, on its own curve
+            shared_best = search.metrics[search.alphas.index(search.best_alpha)][search.metric]
+            axis.scatter([search.best_alpha], [shared_best], s=120, facecolors="none", edgecolors="red")
     first = result.rounds[0]
     for kind in dict.fromkeys(t["kind"] for t in first.kind_trials):  # alpha_scope="per_kind": the coordinate pass
         trials = sorted((t["alpha"], t["metrics"][first.metric]) for t in first.kind_trials if t["kind"] == kind and t["alpha"] is not None)
         if trials:
             axis.plot(*zip(*trials), marker=".", linestyle=":", label=f"only {kind} alpha varied (others held)")
+    if first.kind_alphas and first.improved:
+        chosen = ", ".join(f"{k}={'-' if a is None else f'{a:g}'}" for k, a in first.kind_alphas.items())
+        axis.axhline(first.best_metrics[first.metric], color="red", linewidth=1, label=f"chosen per kind: {chosen}")
     for label, (xs, ys) in (extra_curves or {}).items():
         axis.plot(xs, ys, marker="s", label=label)
     axis.set_xscale("log")
     axis.set_xlabel("alpha")
     axis.set_ylabel(result.rounds[0].metric)
-    axis.set_title(title or "SAP: metric against alpha (red circle: chosen)")
+    axis.set_title(title or "SAP: metric against alpha (red circle: best shared alpha)")
     axis.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
