@@ -121,6 +121,11 @@ class SAPTrainer(Trainer):
             show_progress=not self.args.disable_tqdm,
         )
         self.sap_result = result
+        for search in result.rounds:  # alpha_scope="per_kind": every trial of the coordinate pass, one log entry each
+            for trial in search.kind_trials:
+                scores = {f"sap/{k}": v for k, v in trial["metrics"].items() if not k.endswith(_BOOKKEEPING)}
+                alphas = {f"sap/alpha_{kind}": -1.0 if a is None else float(a) for kind, a in trial["alphas"].items()}
+                self.log({**alphas, **scores})
         self.log(
             {
                 "sap/chosen_alpha": -1.0 if result.alpha is None else float(result.alpha),

@@ -55,6 +55,8 @@ def test_per_kind_alphas_are_logged_recorded_and_on_the_card(tmp_path):
     trainer = _trainer(tmp_path, sap_config=config)
     result = trainer.correct()
     assert set(result.kind_alphas) == {"attention", "mlp", "classifier"}
+    trials = [entry for entry in trainer.state.log_history if "sap/alpha_attention" in entry]
+    assert len(trials) == len(result.rounds[0].kind_trials) == 6 and all("sap/accuracy" in entry for entry in trials)
     final = trainer.state.log_history[-1]
     for kind, alpha in result.kind_alphas.items():
         assert final[f"sap/chosen_alpha_{kind}"] == (-1.0 if alpha is None else alpha)
