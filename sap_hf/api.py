@@ -21,7 +21,7 @@ from .evaluation import accuracy_evaluator
 from .projection import current_weights, plan_projection, write_weights
 from .search import AlphaSearchResult, eigenbases, search_alpha
 from .stats import ActivationStats, collect_statistics, raise_on_any_process, unwrap
-from .targets import classifier_names, find_target_modules, group_alphas, group_kinds
+from .targets import check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds
 from .trusted import select_trusted
 
 logger = logging.get_logger(__name__)
@@ -113,7 +113,7 @@ def sap_project(
         alpha = config.alphas[0]
     if isinstance(alpha, Mapping):
         alpha = {kind: None if a is None else validate_alpha(a, f"alpha[{kind!r}]") for kind, a in alpha.items()}
-        group_alphas([], {}, alpha)  # unknown kinds raise here, before any data pass
+        check_layer_kinds(alpha)  # before any data pass
     else:
         alpha = validate_alpha(alpha)
     base = unwrap(model, accelerator)

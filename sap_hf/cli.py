@@ -96,8 +96,8 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
             write_sap_files(stage, record, args.hub_model_id or Path(args.output_dir).name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        summary = {"alpha": result.alpha, "kind_alphas": result.kind_alphas, "eval_before": result.baseline_metrics, "eval_after": result.final_metrics,
-                   "test_before": test_before, "test_after": test_after}
+        summary = {"alpha": result.alpha, "kind_alphas": result.kind_alphas, "eval_before": result.baseline_metrics,
+                   "eval_after": result.final_metrics, "test_before": test_before, "test_after": test_after}
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")  # the command's result, for scripts
         if args.push_to_hub:
             push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)

@@ -116,13 +116,18 @@ def group_kinds(groups: Sequence[TargetGroup], heads: Sequence[str]) -> dict[str
     return {group.name: layer_kind(group.members[0], heads) for group in groups}
 
 
+def check_layer_kinds(kind_alphas: Mapping[str, object]) -> None:
+    """Raise for a key that is not one of `LAYER_KINDS` (a typo would otherwise leave layers unchanged)."""
+    unknown = sorted(set(kind_alphas) - set(LAYER_KINDS))
+    if unknown:
+        raise ValueError(f"Unknown layer kind(s) {unknown} in the alphas; use {list(LAYER_KINDS)}.")
+
+
 def group_alphas(
     groups: Sequence[TargetGroup], kinds: Mapping[str, str], kind_alphas: Mapping[str, Optional[float]]
 ) -> dict[str, Optional[float]]:
     """Per-group alpha from per-kind alphas; a kind that is absent or None leaves its groups unchanged."""
-    unknown = sorted(set(kind_alphas) - set(LAYER_KINDS))
-    if unknown:
-        raise ValueError(f"Unknown layer kind(s) {unknown} in the alphas; use {list(LAYER_KINDS)}.")
+    check_layer_kinds(kind_alphas)
     return {group.name: kind_alphas.get(kinds[group.name]) for group in groups}
 
 
