@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha_scopes", nargs="+", default=["shared", "per_kind"], choices=["shared", "per_kind"],
                         help="SAPConfig.alpha_scope values tried for every trusted set (the val-best one is 'sap')")
     parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
-    parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40],
+    parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40, 80, 160],
                         help="fine-tuning checkpoints evaluated on val (the last one is the run length)")
     parser.add_argument("--ft_batch_size", type=int, default=32)
     parser.add_argument("--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)")
