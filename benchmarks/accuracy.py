@@ -292,6 +292,7 @@ def prepare_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str, 
     if cache is not None and cache.exists():
         trained = torch.load(cache, weights_only=False)
         model.load_state_dict(trained.pop("final_state"))
+        timing["train_cached"] = True  # "train" below is then the cached run's training time
     else:
         torch.manual_seed(seed)
         model = ViTForImageClassification(config)

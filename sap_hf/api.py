@@ -21,7 +21,7 @@ from .evaluation import accuracy_evaluator
 from .projection import current_weights, plan_projection, write_weights
 from .search import AlphaSearchResult, eigenbases, search_alpha
 from .stats import ActivationStats, collect_statistics, raise_on_any_process, unwrap
-from .targets import check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds
+from .targets import check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds, layer_kind
 from .trusted import select_trusted
 
 logger = logging.get_logger(__name__)
@@ -47,12 +47,17 @@ class SAPResult:
 
     @property
     def alpha(self) -> Optional[float]:
-        """The first round's chosen alpha (None: SAP left the model unchanged)."""
+        """The first round's best shared alpha (None: no shared alpha beat the unchanged model).
+
+        With `alpha_scope="shared"` this is what was written. With "per_kind" it is where the
+        per-kind pass started; what was written is `kind_alphas`.
+        """
         return self.alphas[0] if self.alphas else None
 
     @property
     def kind_alphas(self) -> dict[str, Optional[float]]:
-        """The first round's alpha per layer kind with `alpha_scope="per_kind"` (None: kind unchanged), else {}."""
+        """With `alpha_scope="per_kind"`: the first round's written alpha per layer kind (None: that kind
+        unchanged), which `sap_project(alpha=...)` reproduces; {} with "shared". Later rounds: `rounds[i].kind_alphas`."""
         return dict(self.rounds[0].kind_alphas) if self.rounds else {}
 
     @property
@@ -112,14 +117,28 @@ def sap_project(
             )
         alpha = config.alphas[0]
     if isinstance(alpha, Mapping):
+        check_layer_kinds(alpha)
         alpha = {kind: None if a is None else validate_alpha(a, f"alpha[{kind!r}]") for kind, a in alpha.items()}
-        check_layer_kinds(alpha)  # before any data pass
     else:
         alpha = validate_alpha(alpha)
     base = unwrap(model, accelerator)
     if stats is not None:
         stats.check_model(base, "The given stats")
     targets = stats.target_modules if stats is not None else _resolve_targets(base, config)
+    if isinstance(alpha, Mapping):  # before any data pass: a mapping that projects nothing is a mistake
+        heads = classifier_names(base)
+        present = {layer_kind(name, heads) for name in targets}
+        projected = {kind for kind, a in alpha.items() if a is not None}
+        if projected - present:
+            raise ValueError(
+                f"alpha={alpha!r} names layer kind(s) {sorted(projected - present)} that no target has "
+                "(is project_classifier=False, or do target_modules exclude them?); drop those keys."
+            )
+        if not projected & present:
+            raise ValueError(
+                f"alpha={alpha!r} projects no targeted layer: give an alpha to at least one of the kinds present "
+                f"{sorted(present)} (with alpha_scope='shared', pass a number instead of result.kind_alphas)."
+            )
     with restored_on_failure(base, targets):
         for round_index in range(config.num_rounds):
             if stats is None or round_index > 0:
@@ -134,7 +153,8 @@ def sap_project(
                 round_alpha = alpha * growth
             plan = plan_projection(current_weights(base, stats.target_modules), stats.groups, eigenbases(stats), round_alpha)
             write_weights(base, plan)
-            logger.info("SAP round %d: projected %d layers with alpha=%s.", round_index + 1, len(plan), round_alpha)
+            shown = {k: None if a is None else a * growth for k, a in alpha.items()} if isinstance(alpha, Mapping) else round_alpha
+            logger.info("SAP round %d: projected %d layers with alpha=%s.", round_index + 1, len(plan), shown)
     return model
 
 

@@ -50,7 +50,7 @@ pass, and projected every targeted weight onto the trusted activation space,
 `W <- W U diag(lambda) U^T` with `lambda = alpha r / ((alpha - 1) r + 1)`. The scaling alpha was
 chosen on a clean evaluation split.
 
-- Chosen alpha per round: {alphas}{kind_alphas}
+- {alpha_label}: {alphas}{kind_alphas}
 - Result: {verdict}
 
 ## Results
@@ -167,8 +167,9 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
         per_class=(min(per_class.values()) if per_class else record.get("config", {}).get("trusted_per_class")),
         num_targets=len(record.get("target_modules", [])),
         alphas=", ".join("unchanged" if a is None else f"{a:g}" for a in record.get("alphas", [])),
+        alpha_label="Best shared alpha per round" if record.get("kind_alphas") else "Chosen alpha per round",
         kind_alphas=(
-            "\n- Alpha per layer kind (`alpha_scope=\"per_kind\"`, round 1): "
+            "\n- Written alpha per layer kind (`alpha_scope=\"per_kind\"`, round 1): "
             + ", ".join(f"{kind} {'unchanged' if a is None else f'{a:g}'}" for kind, a in record["kind_alphas"].items())
             if record.get("kind_alphas") else ""
         ),

@@ -41,7 +41,7 @@ def plot_alpha_curve(
     for kind in dict.fromkeys(t["kind"] for t in first.kind_trials):  # alpha_scope="per_kind": the coordinate pass
         trials = sorted((t["alpha"], t["metrics"][first.metric]) for t in first.kind_trials if t["kind"] == kind and t["alpha"] is not None)
         if trials:
-            axis.plot(*zip(*trials), marker=".", linestyle=":", label=f"only {kind} alpha varied (others held)")
+            axis.plot(*zip(*trials), marker=".", linestyle=":", label=f"per-kind pass: {kind} alpha varied")
     if first.kind_alphas and first.improved:
         chosen = ", ".join(f"{k}={'-' if a is None else f'{a:g}'}" for k, a in first.kind_alphas.items())
         axis.axhline(first.best_metrics[first.metric], color="red", linewidth=1, label=f"chosen per kind: {chosen}")

@@ -30,7 +30,11 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class AlphaSearchResult:
-    """Every alpha's metrics; `best_alpha` is None when no alpha beat the uncorrected model."""
+    """Every alpha's metrics; `best_alpha` is the best shared alpha (None when none beat the uncorrected model).
+
+    With the per-kind pass, `kind_alphas` (kind -> alpha, None = unchanged) is what was written and
+    `best_metrics` are its metrics; `best_alpha` stays the shared search's best, where the pass started.
+    """
 
     metric: str
     baseline: dict[str, float]
@@ -38,7 +42,7 @@ class AlphaSearchResult:
     metrics: list[dict[str, float]] = field(default_factory=list)
     best_alpha: Optional[float] = None
     best_metrics: dict[str, float] = field(default_factory=dict)
-    kind_alphas: dict[str, Optional[float]] = field(default_factory=dict)
+    kind_alphas: dict[str, Optional[float]] = field(default_factory=dict)  # per_kind: what was written
     kind_trials: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -116,8 +120,9 @@ def search_alpha(
             present = [kind for kind in LAYER_KINDS if kind in set(kinds.values())]
             chosen = {kind: result.best_alpha for kind in present}
             for kind in present:
+                start = chosen[kind]  # this configuration is already scored; so is the current best
                 for alpha in [None, *alphas]:
-                    if alpha == chosen[kind]:
+                    if alpha == start or alpha == chosen[kind]:
                         continue
                     trial = dict(chosen, **{kind: alpha})
                     metrics = evaluate(group_alphas(stats.groups, kinds, trial))

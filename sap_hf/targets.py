@@ -116,11 +116,14 @@ def group_kinds(groups: Sequence[TargetGroup], heads: Sequence[str]) -> dict[str
     return {group.name: layer_kind(group.members[0], heads) for group in groups}
 
 
-def check_layer_kinds(kind_alphas: Mapping[str, object]) -> None:
+def check_layer_kinds(kind_alphas: Mapping[str, object], argument: str = "alpha") -> None:
     """Raise for a key that is not one of `LAYER_KINDS` (a typo would otherwise leave layers unchanged)."""
     unknown = sorted(set(kind_alphas) - set(LAYER_KINDS))
     if unknown:
-        raise ValueError(f"Unknown layer kind(s) {unknown} in the alphas; use {list(LAYER_KINDS)}.")
+        raise ValueError(
+            f"{argument}={dict(kind_alphas)!r} has unknown layer kind(s) {unknown}: use keys from {list(LAYER_KINDS)}, "
+            "e.g. {'attention': 100.0, 'mlp': 1000.0}."
+        )
 
 
 def group_alphas(

@@ -50,8 +50,10 @@ def test_accuracy_quick_writes_rows_for_every_setting_and_method(tmp_path: Path)
             assert {"setting", "seed", "method", "test_accuracy", "val_accuracy", "gain_vs_none"} <= set(row)
         sap = next(row for row in mine if row["method"] == "sap")
         assert {"alpha", "alpha_scope", "kind_alphas", "rule", "trusted_per_class", "purity"} <= set(sap)
-        # 'sap' is the val-best of both scopes, so never below the shared-alpha SAP on val.
-        assert sap["val_accuracy"] >= next(row for row in mine if row["method"] == "sap_shared")["val_accuracy"]
+        # 'sap' is the first val-best candidate over every trusted set and both alpha scopes.
+        candidates = [row for row in mine if row["method"].startswith(("sap[", "sap_per_kind["))]
+        best = max(candidates, key=lambda row: row["val_accuracy"])
+        assert (sap["val_accuracy"], sap["test_accuracy"], sap["rule"]) == (best["val_accuracy"], best["test_accuracy"], best["rule"])
         assert 0.0 <= sap["purity"] <= 1.0
         none = next(row for row in mine if row["method"] == "none")
         assert 0.0 <= none["train_noisy_accuracy"] <= 1.0

@@ -246,8 +246,12 @@ def test_per_kind_search_gives_each_layer_kind_its_own_alpha():
 def test_kind_alphas_are_validated_before_any_change():
     model = tiny_model("vit")
     before = snapshot(model)
-    with pytest.raises(ValueError, match="Unknown layer kind"):
+    with pytest.raises(ValueError, match="unknown layer kind.*'attn'"):
         sap_project(model, random_examples(4), alpha={"attn": 10.0})
+    with pytest.raises(ValueError, match="projects no targeted layer"):
+        sap_project(model, random_examples(4), alpha={})  # e.g. kind_alphas of a shared-scope run
+    with pytest.raises(ValueError, match="project_classifier"):
+        sap_project(model, random_examples(4), alpha={"classifier": 10.0}, config=SAPConfig(project_classifier=False))
     with pytest.raises(ValueError, match="alpha\\['mlp'\\]"):
         sap_project(model, random_examples(4), alpha={"mlp": 0.5})
     with pytest.raises(ValueError, match="alpha_scope"):
@@ -265,3 +269,55 @@ def test_sap_correct_per_kind_records_kind_alphas():
     assert result.final_metrics["accuracy"] >= max(m["accuracy"] for m in result.rounds[0].metrics + [result.baseline_metrics])
     record = result.to_dict()
     assert record["kind_alphas"] == result.kind_alphas and record["config"]["alpha_scope"] == "per_kind"
+
+
+def test_per_kind_pass_starts_from_the_shared_alpha_and_never_rescores_a_configuration():
+    model = tiny_model("vit")
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    kinds = group_kinds(stats.groups, classifier_names(model))
+    before = snapshot(model)
+    # Changing attention pays more than changing MLP costs: the shared search already improves (alpha=1),
+    # then the per-kind pass leaves the MLP unchanged; the classifier does not matter, so it keeps alpha=1.
+    score = lambda m: {"accuracy": _change(m, before, "attention", kinds, stats.groups)
+                       - 0.1 * _change(m, before, "mlp", kinds, stats.groups)}
+    result = search_alpha(model, stats, [1.0, 100.0], score, kinds=kinds)
+    assert result.best_alpha == 1.0
+    assert result.kind_alphas == {"attention": 1.0, "mlp": None, "classifier": 1.0}
+    configurations = [tuple(sorted(t["alphas"].items(), key=str)) for t in result.kind_trials]
+    assert len(configurations) == len(set(configurations)) == 6  # 2 new alphas per kind, no configuration twice
+    written = snapshot(model)
+    again = tiny_model("vit")
+    sap_project(again, random_examples(6), alpha=result.kind_alphas)
+    for name, tensor in written.items():
+        assert torch.allclose(again.state_dict()[name], tensor, rtol=0, atol=1e-6), name
+
+
+def test_interrupted_per_kind_pass_restores_the_original_weights():
+    model = tiny_model("vit")
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    kinds = group_kinds(stats.groups, classifier_names(model))
+    before = snapshot(model)
+    calls = []
+
+    def evaluate(m):
+        calls.append(1)
+        if len(calls) == 6:  # baseline + 2 shared alphas + 2 kind trials, then Ctrl-C
+            raise KeyboardInterrupt
+        return {"accuracy": float(len(calls))}  # every new evaluation looks better
+
+    with pytest.raises(KeyboardInterrupt):
+        search_alpha(model, stats, [1.0, 100.0], evaluate, kinds=kinds)
+    assert_identical(model, before)
+
+
+def test_per_kind_with_two_rounds():
+    model = tiny_model("vit")
+    train, evals = random_examples(24, seed=1), random_examples(12, seed=2)
+    config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind", num_rounds=2)
+    result = sap_correct(model, train, evals, config, show_progress=False)
+    assert 1 <= len(result.rounds) <= 2
+    for search in result.rounds:
+        assert set(search.kind_alphas) == {"attention", "mlp", "classifier"}
+    if len(result.rounds) == 2:  # the second round searched the grown grid
+        assert result.rounds[1].alphas == [10.0, 1e4]
+    assert result.final_metrics == result.rounds[-1].best_metrics
