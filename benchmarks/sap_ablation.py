@@ -243,7 +243,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> bool:
                  yerr=[100 * entries[v]["gain_std"] for v in variants], capsize=3, label=setting)
     axis.axhline(0, color="grey", lw=0.8)
     axis.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(variants))], variants, rotation=25, fontsize=8)
-    axis.set_ylabel("clean test accuracy gain over the memorised model (points)")
+    axis.set_ylabel("test accuracy gain vs none (points)")
     axis.set_title("SAP ablations on a tiny ViT memorising 40% label noise (alpha chosen on clean val)", fontsize=9)
     axis.legend(fontsize=8)
     figure.tight_layout()
