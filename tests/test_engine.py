@@ -213,15 +213,30 @@ def _change(model, before, kind, kinds, groups):
     return sum(float((model.get_submodule(n).weight.detach() - before[f"{n}.weight"]).abs().sum()) for n in names)
 
 
-def test_per_kind_search_gives_each_layer_kind_its_own_alpha():
+def _kind_scored_setup(mlp_penalty):
+    """A tiny ViT, its statistics and kinds, and an evaluator that rewards changing the attention layers
+    and charges `mlp_penalty` per unit of change of the MLP layers (the classifier does not count)."""
     model = tiny_model("vit")
     stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
     kinds = group_kinds(stats.groups, classifier_names(model))
     before = snapshot(model)
-    # The evaluator rewards changing attention layers and punishes changing MLP layers: no shared alpha
-    # can do both, one alpha per kind can (attention at the strongest alpha, MLP unchanged).
     score = lambda m: {"accuracy": _change(m, before, "attention", kinds, stats.groups)
-                       - 100 * _change(m, before, "mlp", kinds, stats.groups)}
+                       - mlp_penalty * _change(m, before, "mlp", kinds, stats.groups)}
+    return model, stats, kinds, before, score
+
+
+def _assert_sap_project_reproduces(model, kind_alphas):
+    written = snapshot(model)
+    again = tiny_model("vit")
+    sap_project(again, random_examples(6), alpha=kind_alphas)
+    for name, tensor in written.items():
+        assert torch.allclose(again.state_dict()[name], tensor, rtol=0, atol=1e-6), name
+
+
+def test_per_kind_search_gives_each_layer_kind_its_own_alpha():
+    # MLP changes cost so much that no shared alpha helps; one alpha per kind can (attention at the
+    # strongest alpha, MLP unchanged).
+    model, stats, kinds, before, score = _kind_scored_setup(mlp_penalty=100)
     shared = search_alpha(model, stats, [1.0, 100.0], score)
     assert not shared.improved and shared.kind_alphas == {}
     assert_identical(model, before)
@@ -235,12 +250,7 @@ def test_per_kind_search_gives_each_layer_kind_its_own_alpha():
     assert result.best_metrics == max((t["metrics"] for t in result.kind_trials), key=lambda m: m["accuracy"])
     assert _change(model, before, "mlp", kinds, stats.groups) == 0.0
     assert torch.equal(model.classifier.weight, before["classifier.weight"])
-    # sap_project with the chosen kind alphas writes the very same weights.
-    chosen = snapshot(model)
-    again = tiny_model("vit")
-    sap_project(again, random_examples(6), alpha=result.kind_alphas, config=SAPConfig(batch_size=32))
-    for name, tensor in chosen.items():
-        assert torch.allclose(again.state_dict()[name], tensor, rtol=0, atol=1e-6), name
+    _assert_sap_project_reproduces(model, result.kind_alphas)  # the very same weights
 
 
 def test_kind_alphas_are_validated_before_any_change():
@@ -272,24 +282,15 @@ def test_sap_correct_per_kind_records_kind_alphas():
 
 
 def test_per_kind_pass_starts_from_the_shared_alpha_and_never_rescores_a_configuration():
-    model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
-    kinds = group_kinds(stats.groups, classifier_names(model))
-    before = snapshot(model)
     # Changing attention pays more than changing MLP costs: the shared search already improves (alpha=1),
     # then the per-kind pass leaves the MLP unchanged; the classifier does not matter, so it keeps alpha=1.
-    score = lambda m: {"accuracy": _change(m, before, "attention", kinds, stats.groups)
-                       - 0.1 * _change(m, before, "mlp", kinds, stats.groups)}
+    model, stats, kinds, before, score = _kind_scored_setup(mlp_penalty=0.1)
     result = search_alpha(model, stats, [1.0, 100.0], score, kinds=kinds)
     assert result.best_alpha == 1.0
     assert result.kind_alphas == {"attention": 1.0, "mlp": None, "classifier": 1.0}
     configurations = [tuple(sorted(t["alphas"].items(), key=str)) for t in result.kind_trials]
     assert len(configurations) == len(set(configurations)) == 6  # 2 new alphas per kind, no configuration twice
-    written = snapshot(model)
-    again = tiny_model("vit")
-    sap_project(again, random_examples(6), alpha=result.kind_alphas)
-    for name, tensor in written.items():
-        assert torch.allclose(again.state_dict()[name], tensor, rtol=0, atol=1e-6), name
+    _assert_sap_project_reproduces(model, result.kind_alphas)
 
 
 def test_interrupted_per_kind_pass_restores_the_original_weights():
