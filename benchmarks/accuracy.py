@@ -19,11 +19,14 @@ For every setting (40% symmetric noise; 40% asymmetric noise with
    best_epoch             the checkpoint with the best validation accuracy (early-stopping reference;
                           it needs a clean validation set during training, which SAP does not).
    sap                    `sap_hf.sap_correct` on the trusted samples of every candidate selection rule x
-                          trusted-set size; (rule, per_class, alpha) = the best validation accuracy
-                          ("no change" stays a candidate, as in the library).
+                          trusted-set size x `--alpha_scopes` (SAPConfig.alpha_scope 'shared' / 'per_kind');
+                          (rule, per_class, scope, alphas) = the best validation accuracy ("no change"
+                          stays a candidate, as in the library).
+   sap_shared             the same restricted to the paper's single alpha ('shared').
    finetune_trusted       full fine-tuning of the same model on EXACTLY the trusted samples `sap` chose
                           (the paper's Finetune baseline); lr x epochs picked on validation.
-   sap[rule/k]            diagnostic rows: SAP restricted to one trusted set (alpha picked on val).
+   sap+finetune           `sap`'s model, then the same fine-tuning grid on the same samples (a composition).
+   sap[rule/k], sap_per_kind[rule/k]  diagnostic rows: SAP restricted to one trusted set and scope.
    finetune_trusted[rule/k]  the same for fine-tuning; `finetune_trusted_best` is the best of these
                           by validation accuracy (the strongest fine-tuning baseline).
 
@@ -41,7 +44,8 @@ Output: `<out_dir>/accuracy.json` ({"rows": [...], "summary", "purity", "runs", 
 `<out_dir>/accuracy_alpha.png` (test/val accuracy against alpha for one seed per setting) and
 `<out_dir>/accuracy_methods.png` (mean +- std per method), and a table on stdout.
 
-Run: python benchmarks/accuracy.py            (full run: 2 settings x 3 seeds, ~30 min on 2 cores)
+Run: python benchmarks/accuracy.py            (full run: 2 settings x 3 seeds, ~35 min on 2 cores;
+                                              add --cache_dir DIR to reuse trained models)
      python benchmarks/accuracy.py --quick    (smoke run, < 1 min)
 Workers: `--jobs` processes (default 2), each with `--threads` torch threads (default 1: on a
 shared 2-core machine, 2 threads per process are oversubscribed and run tens of times slower).
