@@ -27,6 +27,7 @@ from sap_hf import SAPConfig
 from sap_hf.cli_args import parse_with_config
 from sap_hf.plotting import plot_alpha_curve
 from sap_hf.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
+from sap_hf.targets import format_kind_alphas
 from sap_hf.trainer import SAPTrainer
 
 logger = logging.get_logger("sap_hf.recipes.clothing1m")
@@ -118,7 +119,7 @@ def _fmt(value: Optional[float]) -> str:
 def _alphas(result: Any) -> str:
     """`100` for a shared alpha, `attention=100, mlp=unchanged, classifier=1000` per kind."""
     if result.kind_alphas:
-        return ", ".join(f"{kind}={'unchanged' if a is None else f'{a:g}'}" for kind, a in result.kind_alphas.items())
+        return format_kind_alphas(result.kind_alphas)
     return "unchanged" if result.alpha is None else f"{result.alpha:g}"
 
 

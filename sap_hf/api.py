@@ -145,15 +145,12 @@ def sap_project(
                 stats = _collect(base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn)
             growth = config.alpha_growth**round_index
             if isinstance(alpha, Mapping):
-                kinds = group_kinds(stats.groups, classifier_names(base))
-                round_alpha: Any = group_alphas(
-                    stats.groups, kinds, {k: None if a is None else a * growth for k, a in alpha.items()}
-                )
+                shown: Any = {k: None if a is None else a * growth for k, a in alpha.items()}
+                round_alpha: Any = group_alphas(stats.groups, group_kinds(stats.groups, classifier_names(base)), shown)
             else:
-                round_alpha = alpha * growth
+                shown = round_alpha = alpha * growth
             plan = plan_projection(current_weights(base, stats.target_modules), stats.groups, eigenbases(stats), round_alpha)
             write_weights(base, plan)
-            shown = {k: None if a is None else a * growth for k, a in alpha.items()} if isinstance(alpha, Mapping) else round_alpha
             logger.info("SAP round %d: projected %d layers with alpha=%s.", round_index + 1, len(plan), shown)
     return model
 

@@ -19,6 +19,8 @@ from typing import Any, Iterator, Mapping, Optional, Union
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
+from .targets import format_kind_alphas
+
 logger = logging.get_logger(__name__)
 
 SAP_RECORD_NAME = "sap_record.json"
@@ -170,7 +172,7 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
         alpha_label="Best shared alpha per round" if record.get("kind_alphas") else "Chosen alpha per round",
         kind_alphas=(
             "\n- Written alpha per layer kind (`alpha_scope=\"per_kind\"`, round 1): "
-            + ", ".join(f"{kind} {'unchanged' if a is None else f'{a:g}'}" for kind, a in record["kind_alphas"].items())
+            + format_kind_alphas(record["kind_alphas"])
             if record.get("kind_alphas") else ""
         ),
         verdict="weights projected" if record.get("changed") else "no alpha beat the uncorrected model; weights unchanged",

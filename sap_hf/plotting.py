@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from transformers.utils import logging
 
+from .targets import format_kind_alphas
+
 logger = logging.get_logger(__name__)
 
 
@@ -43,8 +45,8 @@ def plot_alpha_curve(
         if trials:
             axis.plot(*zip(*trials), marker=".", linestyle=":", label=f"per-kind pass: {kind} alpha varied")
     if first.kind_alphas and first.improved:
-        chosen = ", ".join(f"{k}={'-' if a is None else f'{a:g}'}" for k, a in first.kind_alphas.items())
-        axis.axhline(first.best_metrics[first.metric], color="red", linewidth=1, label=f"chosen per kind: {chosen}")
+        label = f"chosen per kind: {format_kind_alphas(first.kind_alphas)}"
+        axis.axhline(first.best_metrics[first.metric], color="red", linewidth=1, label=label)
     for label, (xs, ys) in (extra_curves or {}).items():
         axis.plot(xs, ys, marker="s", label=label)
     axis.set_xscale("log")

@@ -93,10 +93,14 @@ def search_alpha(
 
     result = AlphaSearchResult(metric=metric, baseline={})
 
-    def evaluate(alpha: Any) -> dict[str, float]:
+    def write(alpha: Any) -> None:
+        """Every target from the originals: projected where `alpha` gives a value, original where None."""
         new_weights = dict(originals)
         new_weights.update(plan_projection(originals, stats.groups, bases, alpha))
         write_weights(model, new_weights)
+
+    def evaluate(alpha: Any) -> dict[str, float]:
+        write(alpha)
         return dict(evaluate_fn(model))
 
     best_write: Any = None
@@ -125,13 +129,14 @@ def search_alpha(
                     if alpha == start or alpha == chosen[kind]:
                         continue
                     trial = dict(chosen, **{kind: alpha})
-                    metrics = evaluate(group_alphas(stats.groups, kinds, trial))
+                    per_group = group_alphas(stats.groups, kinds, trial)
+                    metrics = evaluate(per_group)
                     result.kind_trials.append({"kind": kind, "alpha": alpha, "alphas": trial, "metrics": metrics})
                     logger.info("SAP %s alpha=%s (others %s): %s=%.4f", kind, alpha, chosen, metric, metrics[metric])
                     current = score(metrics)
                     if math.isfinite(current) and current > best_score:
                         best_score, result.best_metrics = current, metrics
-                        chosen, best_write = trial, group_alphas(stats.groups, kinds, trial)
+                        chosen, best_write = trial, per_group
             result.kind_alphas = chosen
     except BaseException:
         write_weights(model, originals)
@@ -144,7 +149,5 @@ def search_alpha(
             result.baseline[metric],
         )
     else:
-        new_weights = dict(originals)
-        new_weights.update(plan_projection(originals, stats.groups, bases, best_write))
-        write_weights(model, new_weights)
+        write(best_write)
     return result

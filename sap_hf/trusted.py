@@ -69,24 +69,33 @@ def shifted_views(pixels: torch.Tensor) -> list[torch.Tensor]:
     ]
 
 
+def _flipped_view(pixels: torch.Tensor) -> list[torch.Tensor]:
+    return [pixels.flip(-1)]
+
+
+EXTRA_VIEWS = {"shift_loss": shifted_views, "agreement": _flipped_view}
+"""Rules that average the loss over the image and extra views of it."""
+
+
 def sample_scores(model: nn.Module, batch: dict[str, Any], labels: torch.Tensor, device: torch.device, rule: str) -> torch.Tensor:
-    """Per-sample score (lower = more trustworthy). `inf` marks a sample the rule rejects."""
+    """Per-sample score (lower = more trustworthy). `inf` marks a sample the rule rejects.
+
+    'shift_loss' and 'agreement' average the loss over the image and its `EXTRA_VIEWS`;
+    'agreement' also rejects a sample unless every view predicts its label.
+    """
     logits = _logits(forward_pixels(model, batch, device))
     labels = labels.to(logits.device)
     loss = F.cross_entropy(logits.float(), labels, reduction="none")
-    if rule == "shift_loss":
-        views = shifted_views(batch["pixel_values"])
-        for view in views:
-            view_logits = _logits(forward_pixels(model, dict(batch, pixel_values=view), device))
-            loss = loss + F.cross_entropy(view_logits.float(), labels, reduction="none")
-        return loss / (1 + len(views))
-    if rule != "agreement":
+    if rule not in EXTRA_VIEWS:
         return loss
-    flipped = dict(batch, pixel_values=batch["pixel_values"].flip(-1))
-    flipped_logits = _logits(forward_pixels(model, flipped, device))
-    loss = (loss + F.cross_entropy(flipped_logits.float(), labels, reduction="none")) / 2
-    agree = (logits.argmax(-1) == labels) & (flipped_logits.argmax(-1) == labels)
-    return torch.where(agree, loss, torch.full_like(loss, math.inf))
+    views = EXTRA_VIEWS[rule](batch["pixel_values"])
+    agree = logits.argmax(-1) == labels
+    for view in views:
+        view_logits = _logits(forward_pixels(model, dict(batch, pixel_values=view), device))
+        loss = loss + F.cross_entropy(view_logits.float(), labels, reduction="none")
+        agree &= view_logits.argmax(-1) == labels
+    loss = loss / (1 + len(views))
+    return torch.where(agree, loss, torch.full_like(loss, math.inf)) if rule == "agreement" else loss
 
 
 def select_trusted(
