@@ -56,67 +56,30 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
-import math
-import multiprocessing
 import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
-RULES = ("loss", "shift_loss", "early_loss", "agreement")
+import common
+from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
+
 MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
 EXTRA_METHODS = ("sap_shared", "finetune_trusted_best", "sap+finetune")
-DEFAULT_ALPHAS = (1, 3, 10, 20, 30, 50, 100, 200, 300, 500, 1e3, 3e3, 1e4, 1e5)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", "--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few epochs, one seed")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--train_size", type=int, default=4000)
-    parser.add_argument("--val_size", type=int, default=2000)
-    parser.add_argument("--test_size", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup_epochs", type=float, default=5)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--hidden_size", type=int, default=64)
-    parser.add_argument("--num_layers", type=int, default=4)
-    parser.add_argument("--patch_size", type=int, default=7)
+    parser = common.run_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[10])
-    parser.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS))
     parser.add_argument("--alpha_scopes", nargs="+", default=["shared", "per_kind"], choices=["shared", "per_kind"],
                         help="SAPConfig.alpha_scope values tried for every trusted set (the val-best one is 'sap')")
-    parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
-    parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40, 80, 160],
-                        help="fine-tuning checkpoints evaluated on val (the last one is the run length)")
-    parser.add_argument("--ft_batch_size", type=int, default=32)
     parser.add_argument("--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one (setting, seed) run each)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--cache_dir", default=None,
-                        help="save/reuse the trained models here (keyed by the training arguments)")
-    parser.add_argument("--no_plot", action="store_true")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots/table from <out_dir>/accuracy.json")
-    args = parser.parse_args(argv)
+    args = common.finish_args(parser.parse_args(argv), argv)
     if args.quick:
-        args.seeds = args.seeds if argv and "--seeds" in argv else [0]
-        args.train_size, args.val_size, args.test_size = 400, 200, 300
-        args.epochs, args.warmup_epochs = 3, 1
         args.trusted_per_class = [3]
-        args.alphas = [1.0, 100.0, 1e4]
-        args.ft_lrs, args.ft_epochs = [1e-3], [1, 2]
-        args.jobs = 1
     if args.plot_seed is None:
         args.plot_seed = args.seeds[0]
     return args
@@ -125,192 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 # One (setting, seed) run, in a worker process
 # --------------------------------------------------------------------------------------------
-
-
-def _tensors(split: Any) -> tuple[Any, Any]:
-    """Images -> one normalised (N, 1, 28, 28) float tensor via the recipe's ImageTransform."""
-    import torch
-
-    from sap_hf.data import ImageTransform
-
-    transform = ImageTransform(image_size=28, num_channels=1)
-    out = transform({"image": split["image"], "label": split["label"]})
-    return torch.stack(out["pixel_values"]), torch.tensor(out["labels"], dtype=torch.long)
-
-
-class TensorExamples:
-    """A map-style dataset of `{"pixel_values", "labels"}` over pre-made tensors (what the SAP API reads)."""
-
-    def __init__(self, pixels: Any, labels: Any):
-        self.pixels, self.labels = pixels, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"pixel_values": self.pixels[index], "labels": int(self.labels[index])}
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        return [self[i] for i in indices]
-
-    def select(self, indices: Any) -> TensorExamples:
-        import torch
-
-        index = torch.as_tensor(list(indices), dtype=torch.long)
-        return TensorExamples(self.pixels[index], self.labels[index])
-
-
-def predict(model: Any, pixels: Any, batch_size: int = 1000) -> Any:
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(pixel_values=pixels[i : i + batch_size]).logits.argmax(-1) for i in range(0, len(pixels), batch_size)])
-
-
-def accuracy(model: Any, pixels: Any, labels: Any) -> float:
-    return float((predict(model, pixels) == labels).float().mean())
-
-
-def train_from_scratch(model: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """Plain AdamW loop on pre-made tensors; clean-val accuracy after every epoch, best state kept."""
-    import torch
-    import torch.nn.functional as F
-
-    x, y = data["train_x"], data["train_y"]
-    steps_per_epoch = math.ceil(len(x) / args.batch_size)
-    total = args.epochs * steps_per_epoch
-    warmup = max(1, round(args.warmup_epochs * steps_per_epoch))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
-    )
-    generator = torch.Generator().manual_seed(seed)
-    history, best = [], {"val_accuracy": -1.0, "epoch": 0, "state": None}
-    start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), args.batch_size):
-            index = order[i : i + args.batch_size]
-            loss = F.cross_entropy(model(pixel_values=x[index]).logits, y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        val = accuracy(model, data["val_x"], data["val_y"])
-        history.append(round(val, 4))
-        if val > best["val_accuracy"]:
-            best = {"val_accuracy": val, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-    return {"history": history, "best": best, "seconds": time.perf_counter() - start}
-
-
-def fit_diagnostics(model: Any, data: dict[str, Any]) -> dict[str, float]:
-    """How much of the noise the model still fits, and how much of the clean training labels."""
-    pred = predict(model, data["train_x"])
-    noisy = data["is_noisy"]
-    return {
-        "noisy_fit": float((pred[noisy] == data["train_y"][noisy]).float().mean()) if noisy.any() else float("nan"),
-        "clean_fit": float((pred[~noisy] == data["train_y"][~noisy]).float().mean()),
-    }
-
-
-def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """Fine-tune every parameter on (x, y) for each lr; evaluate val at each checkpoint epoch.
-
-    "No change" (epoch 0) is a candidate. Returns the val-best (lr, epochs) with its test accuracy,
-    and every candidate's val accuracy. The model is left at the original `state`.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    base_val = accuracy(model, data["val_x"], data["val_y"])
-    best = {"lr": None, "epochs": 0, "val_accuracy": base_val, "state": None}
-    grid = []
-    checkpoints = set(args.ft_epochs)
-    batch = min(args.ft_batch_size, len(x))
-    for lr in args.ft_lrs:
-        model.load_state_dict(state)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(seed)
-        for epoch in range(1, max(args.ft_epochs) + 1):
-            model.train()
-            order = torch.randperm(len(x), generator=generator)
-            for i in range(0, len(x), batch):
-                index = order[i : i + batch]
-                loss = F.cross_entropy(model(pixel_values=x[index]).logits, y[index])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            if epoch in checkpoints:
-                val = accuracy(model, data["val_x"], data["val_y"])
-                grid.append({"lr": lr, "epochs": epoch, "val_accuracy": round(val, 4)})
-                if val > best["val_accuracy"]:
-                    best = {"lr": lr, "epochs": epoch, "val_accuracy": val, "state": copy.deepcopy(model.state_dict())}
-    model.load_state_dict(best["state"] if best["state"] is not None else state)
-    test = accuracy(model, data["test_x"], data["test_y"])
-    model.load_state_dict(state)
-    return {"lr": best["lr"], "epochs": best["epochs"], "val_accuracy": best["val_accuracy"], "test_accuracy": test, "grid": grid}
-
-
-def prepare_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Data tensors, the memorised model (final state) and the best-val checkpoint of one (setting, seed).
-
-    With `args.cache_dir` the trained states are saved there (keyed by every training argument) and
-    reloaded on the next call, so other benchmarks (`sap_ablation.py`) study the same models without
-    training them again.
-    """
-    import torch
-
-    torch.set_num_threads(args.threads)
-    from transformers import ViTForImageClassification
-    from transformers.utils import logging as hf_logging
-
-    from sap_hf.data import noisy_fashion_mnist
-    from sap_hf.models import tiny_vit_config
-
-    hf_logging.set_verbosity_error()
-    logging.getLogger("sap_hf").setLevel(logging.ERROR)  # "no alpha improved ..." is expected, and recorded
-    started = time.perf_counter()
-    noise_type, rate = SETTINGS[setting]
-    splits = noisy_fashion_mnist(
-        noise_rate=rate, noise_type=noise_type, seed=seed,
-        train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
-    )
-    data: dict[str, Any] = {}
-    data["train_x"], data["train_y"] = _tensors(splits["train"])
-    data["clean_y"] = torch.tensor(splits["train"]["clean_label"], dtype=torch.long)
-    data["is_noisy"] = data["train_y"] != data["clean_y"]
-    data["val_x"], data["val_y"] = _tensors(splits["validation"])
-    data["test_x"], data["test_y"] = _tensors(splits["test"])
-    timing = {"data": time.perf_counter() - started}
-
-    config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size)
-    training = {k: getattr(args, k) for k in ("train_size", "val_size", "test_size", "epochs", "lr", "warmup_epochs",
-                                                "batch_size", "weight_decay", "hidden_size", "num_layers", "patch_size")}
-    cache = None
-    if getattr(args, "cache_dir", None):
-        key = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in training.items())
-        cache = Path(args.cache_dir) / f"{setting}_seed{seed}_{key}.pt"
-    model = ViTForImageClassification(config)
-    if cache is not None and cache.exists():
-        trained = torch.load(cache, weights_only=False)
-        model.load_state_dict(trained.pop("final_state"))
-        timing["train_cached"] = True  # "train" below is then the cached run's training time
-    else:
-        torch.manual_seed(seed)
-        model = ViTForImageClassification(config)
-        trained = train_from_scratch(model, data, args, seed)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(trained, final_state=model.state_dict()), cache.with_suffix(".tmp"))
-            cache.with_suffix(".tmp").replace(cache)
-    timing["train"] = trained["seconds"]
-    early_model = ViTForImageClassification(config)
-    early_model.load_state_dict(trained["best"]["state"])
-    return {"data": data, "train_set": TensorExamples(data["train_x"], data["train_y"]), "config": config,
-            "model": model, "early_model": early_model, "trained": trained, "timing": timing, "started": started,
-            "noise_type": noise_type, "noise_rate": rate}
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -474,20 +251,16 @@ def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
-
-
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for setting in dict.fromkeys(r["setting"] for r in rows):
         summary[setting] = {}
         for method in dict.fromkeys(r["method"] for r in rows if r["setting"] == setting):
             chosen = [r for r in rows if r["setting"] == setting and r["method"] == method]
-            entry = {"test_accuracy": _mean_std([r["test_accuracy"] for r in chosen]),
-                     "gain_vs_none": _mean_std([r["gain_vs_none"] for r in chosen])}
+            entry = {"test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
+                     "gain_vs_none": mean_std([r["gain_vs_none"] for r in chosen])}
             if all("purity" in r for r in chosen):
-                entry["purity"] = _mean_std([r["purity"] for r in chosen])
+                entry["purity"] = mean_std([r["purity"] for r in chosen])
             keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch")
             entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
             summary[setting][method] = entry
@@ -512,7 +285,7 @@ def purity_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if per_kind is not None:
             entry["sap_per_kind_gain"].append(per_kind["gain_vs_none"])
         entry["finetune_gain"].append(ft["gain_vs_none"])
-    return {s: {k: {m: _mean_std(v) for m, v in e.items() if v} for k, e in d.items()} for s, d in out.items()}
+    return {s: {k: {m: mean_std(v) for m, v in e.items() if v} for k, e in d.items()} for s, d in out.items()}
 
 
 def _choice(choice: dict[str, Any]) -> str:
@@ -551,13 +324,8 @@ def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[str, Any], alphas: list[float],
          plot_seed: int, out_dir: Path) -> list[str]:
     """The alpha figure (one seed per setting) and the methods bar chart, from what accuracy.json holds."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots.")
+    plt = common.pyplot()
+    if plt is None:
         return []
     written = []
     shown = [run for run in runs if run["seed"] == plot_seed]
@@ -635,12 +403,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     started = time.perf_counter()
     tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
-    if args.jobs > 1 and len(tasks) > 1:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(min(args.jobs, len(tasks)), maxtasksperchild=1) as pool:
-            results = list(pool.imap(_worker, tasks))
-    else:
-        results = [_worker(task) for task in tasks]
+    results = common.run_tasks(_worker, tasks, args.jobs)
     results.sort(key=lambda r: (args.settings.index(r["setting"]), r["seed"]))
     rows = [row for result in results for row in result["rows"]]
     runs = [result["run"] for result in results]
@@ -658,25 +421,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "asymmetric_map": {"name": "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP",
                            "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()}},
         "config": {k: v for k, v in vars(args).items() if k != "out_dir"},
-        "environment": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }
-    import torch
-    import transformers
-
-    record["environment"].update(torch=torch.__version__, transformers=transformers.__version__)
     if not args.no_plot:
         written = plot(rows, runs, summary, list(args.alphas), args.plot_seed, out_dir)
         record["plots"] = [os.path.relpath(p, out_dir) for p in written]
-    path = out_dir / "accuracy.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=float))
-    tmp.replace(path)
+    path = common.write_json(out_dir / "accuracy.json", record)
     print_table(summary, purity, runs)
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

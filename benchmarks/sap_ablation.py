@@ -36,16 +36,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import multiprocessing
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accuracy as acc  # the sibling benchmark: data, training, evaluation)
+import common
+from common import RULES, accuracy, finetune_grid, prepare_run
 
 LAYER_VARIANTS: dict[str, tuple[str, ...]] = {
     "all": ("attention", "fc1", "fc2", "head"),
@@ -58,12 +55,10 @@ SAMPLE_VARIANTS = ("random", "clean", "mislabelled")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rule", default="shift_loss", choices=list(acc.RULES))
+    parser = common.run_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--rule", default="shift_loss", choices=list(RULES))
     parser.add_argument("--per_class", type=int, default=10)
-    known, rest = parser.parse_known_args(argv)
-    args = acc.parse_args(rest)
-    args.rule, args.per_class = known.rule, known.per_class
+    args = common.finish_args(parser.parse_args(argv), argv)
     if args.quick:
         args.per_class = 3
     return args
@@ -114,11 +109,11 @@ def best_on_val(model: Any, projector: Projector, choices: Sequence[Mapping[str,
     """The choice with the best val accuracy ("unchanged" = `{}` is always a candidate, ties to earlier)."""
     from sap_hf.projection import write_weights
 
-    best, best_val = {}, acc.accuracy(model, data["val_x"], data["val_y"])
+    best, best_val = {}, accuracy(model, data["val_x"], data["val_y"])
     try:
         for choice in choices:
             write_weights(model, projector.weights(choice))
-            val = acc.accuracy(model, data["val_x"], data["val_y"])
+            val = accuracy(model, data["val_x"], data["val_y"])
             if val > best_val:
                 best, best_val = choice, val
     finally:
@@ -133,20 +128,20 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     from sap_hf.projection import write_weights
     from sap_hf.targets import find_target_modules
 
-    run = acc.prepare_run(setting, seed, args)
+    run = prepare_run(setting, seed, args)
     data, train_set, model, early_model = run["data"], run["train_set"], run["model"], run["early_model"]
     num_labels = run["config"].num_labels
     final_state = copy.deepcopy(model.state_dict())
     head = next(n for n in find_target_modules(model, None, None, True) if n.startswith("classifier"))
-    none_test = acc.accuracy(model, data["test_x"], data["test_y"])
+    none_test = accuracy(model, data["test_x"], data["test_y"])
     base = {"setting": setting, "seed": seed}
-    rows = [dict(base, variant="none", alpha=None, val_accuracy=acc.accuracy(model, data["val_x"], data["val_y"]),
+    rows = [dict(base, variant="none", alpha=None, val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
                  test_accuracy=none_test)]
 
     def add(variant: str, projector: Projector, choice: Mapping[str, float | None], val: float, **extra: Any) -> None:
         write_weights(model, projector.weights(choice))
         rows.append(dict(base, variant=variant, alpha=dict(choice) or None, val_accuracy=val,
-                         test_accuracy=acc.accuracy(model, data["test_x"], data["test_y"]), **extra))
+                         test_accuracy=accuracy(model, data["test_x"], data["test_y"]), **extra))
         write_weights(model, projector.originals)
 
     selection = select_trusted(model, train_set, args.per_class, num_labels=num_labels, rule=args.rule,
@@ -180,18 +175,18 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
     # Fine-tuning on the trusted set, from the memorised model and from the SAP-corrected one.
     x, y = data["train_x"][trusted], data["train_y"][trusted]
-    ft = acc.finetune_grid(model, final_state, x, y, data, args, seed)
+    ft = finetune_grid(model, final_state, x, y, data, args, seed)
     rows.append(dict(base, variant="finetune_trusted", alpha=None, val_accuracy=ft["val_accuracy"],
                      test_accuracy=ft["test_accuracy"], lr=ft["lr"], ft_epochs=ft["epochs"], purity=purity))
     write_weights(model, projector.weights(sap_choice))
     sap_state = copy.deepcopy(model.state_dict())
-    ft = acc.finetune_grid(model, sap_state, x, y, data, args, seed)
+    ft = finetune_grid(model, sap_state, x, y, data, args, seed)
     rows.append(dict(base, variant="sap+finetune", alpha=dict(sap_choice) or None, val_accuracy=ft["val_accuracy"],
                      test_accuracy=ft["test_accuracy"], lr=ft["lr"], ft_epochs=ft["epochs"], purity=purity))
     for row in rows:
         row["gain_vs_none"] = row["test_accuracy"] - none_test
     return {"rows": rows, "seconds": time.perf_counter() - run["started"],
-            "train_noisy_accuracy": acc.accuracy(run["model"], data["train_x"], data["train_y"])}
+            "train_noisy_accuracy": accuracy(run["model"], data["train_x"], data["train_y"])}
 
 
 def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
@@ -227,13 +222,8 @@ def print_table(summary: Mapping[str, Any]) -> None:
 
 
 def plot(summary: Mapping[str, Any], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot.")
+    plt = common.pyplot()
+    if plt is None:
         return False
     variants = [v for v in next(iter(summary.values())) if v != "none"]
     figure, axis = plt.subplots(figsize=(9, 4))
@@ -258,11 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
-    if args.jobs > 1 and len(tasks) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks)), maxtasksperchild=1) as pool:
-            results = list(pool.imap(_worker, tasks))
-    else:
-        results = [_worker(task) for task in tasks]
+    results = common.run_tasks(_worker, tasks, args.jobs)
     rows = [row for result in results for row in result["rows"]]
     summary = summarise(rows)
     record = {"rows": rows, "summary": summary,
@@ -271,13 +257,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "elapsed_seconds": time.perf_counter() - started}
     if not args.no_plot and plot(summary, out_dir / "sap_ablation.png"):
         record["plot"] = "sap_ablation.png"
-    path = out_dir / "sap_ablation.json"
-    path.write_text(json.dumps(record, indent=1, default=float))
+    path = common.write_json(out_dir / "sap_ablation.json", record)
     print_table(summary)
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(acc.ROOT))
     main()

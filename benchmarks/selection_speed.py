@@ -11,10 +11,10 @@ best of `--repeats` is kept, so the ratio is measured side by side.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
+import common  # also puts this checkout's sap_hf first on sys.path
 import torch
 from torch.utils.data import DataLoader
 from transformers import ViTForImageClassification, default_data_collator
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(common.RESULTS_DIR))
     args = parser.parse_args()
     if args.quick:
         args.n, args.repeats = 300, 1
@@ -63,7 +63,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "selection_speed_quick.json" if args.quick else "selection_speed.json"
-    (out / name).write_text(json.dumps({"rows": rows, "time_ratio": ratio, "target": 1.10, "threads": torch.get_num_threads()}, indent=2))
+    common.write_json(out / name, {"rows": rows, "time_ratio": ratio, "target": 1.10, "threads": torch.get_num_threads()}, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,466 @@
+"""What the benchmark scripts share: data as tensors, training loops, the trained-model cache, reporting.
+
+The scripts under `benchmarks/` import this module as `common` (Python puts a script's own folder
+first on `sys.path`, so `python benchmarks/<script>.py` finds it without installing anything).
+Everything here is general: a new benchmark should find its data loading, its training loop, its
+evaluation and its JSON/PNG/table writing here instead of copying them.
+
+Sections:
+  - command line   `run_parser` (the arguments of every (setting, seed) study) and `finish_args`
+  - data           `load_run_data` (noisy Fashion-MNIST as tensors), `image_tensors`, `TensorExamples`
+  - models         `predict`, `accuracy`, `fit_diagnostics`, `train_from_scratch`, `finetune_grid`,
+                   `prepare_run` (the memorised model of one (setting, seed), cached by its training
+                   arguments), `cache_path`
+  - running        `run_tasks` (one process per (setting, seed) task)
+  - reporting      `mean_std`, `pyplot`, `write_json`, `environment`, `cpu_name`, `loadavg`,
+                   `matmul_gflops`, `best_of`
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+if str(ROOT) not in sys.path:  # the scripts import sap_hf from this checkout when run from anywhere
+    sys.path.insert(1, str(ROOT))
+
+#: Noise settings of the Fashion-MNIST studies: name -> (sap_hf.noise noise_type, noise rate).
+SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
+#: Trusted-selection rules in the order the benchmarks try them (ties on val go to the earlier rule).
+RULES: tuple[str, ...] = ("loss", "shift_loss", "early_loss", "agreement")
+#: The alpha grid of the studies (`--alphas`).
+DEFAULT_ALPHAS: tuple[float, ...] = (1, 3, 10, 20, 30, 50, 100, 200, 300, 500, 1e3, 3e3, 1e4, 1e5)
+#: The arguments that define a trained model: the cache key of `prepare_run` (order and format are
+#: part of the cached file names; changing them orphans every cached model).
+TRAINING_KEYS: tuple[str, ...] = ("train_size", "val_size", "test_size", "epochs", "lr", "warmup_epochs",
+                                  "batch_size", "weight_decay", "hidden_size", "num_layers", "patch_size")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def run_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the arguments every (setting, seed) study shares: data, training, alphas, fine-tuning, workers.
+
+    Add the script's own arguments to it, parse, then call `finish_args` (which applies `--quick`).
+    """
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", "--out-dir", default=str(RESULTS_DIR))
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few epochs, one seed")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train_size", type=int, default=4000)
+    parser.add_argument("--val_size", type=int, default=2000)
+    parser.add_argument("--test_size", type=int, default=5000)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup_epochs", type=float, default=5)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--weight_decay", type=float, default=0.0)
+    parser.add_argument("--hidden_size", type=int, default=64)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--patch_size", type=int, default=7)
+    parser.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS))
+    parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
+    parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40, 80, 160],
+                        help="fine-tuning checkpoints evaluated on val (the last one is the run length)")
+    parser.add_argument("--ft_batch_size", type=int, default=32)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (one (setting, seed) run each)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--cache_dir", default=None,
+                        help="save/reuse the trained models here (keyed by the training arguments)")
+    parser.add_argument("--no_plot", action="store_true")
+    return parser
+
+
+def finish_args(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """Apply `--quick` to the shared arguments (one seed unless `--seeds` is given, tiny data, short grids)."""
+    if args.quick:
+        args.seeds = args.seeds if argv and "--seeds" in argv else [0]
+        args.train_size, args.val_size, args.test_size = 400, 200, 300
+        args.epochs, args.warmup_epochs = 3, 1
+        args.alphas = [1.0, 100.0, 1e4]
+        args.ft_lrs, args.ft_epochs = [1e-3], [1, 2]
+        args.jobs = 1
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def image_tensors(split: Any, image_size: int = 28, num_channels: int = 1) -> tuple[Any, Any]:
+    """Images -> one normalised (N, C, S, S) float tensor via the recipe's ImageTransform, and the labels.
+
+    Done ONCE per split, so the plain torch loops of the benchmarks never touch PIL again.
+    """
+    import torch
+
+    from sap_hf.data import ImageTransform
+
+    transform = ImageTransform(image_size=image_size, num_channels=num_channels)
+    out = transform({"image": split["image"], "label": split["label"]})
+    return torch.stack(out["pixel_values"]), torch.tensor(out["labels"], dtype=torch.long)
+
+
+class TensorExamples:
+    """A map-style dataset of `{"pixel_values", "labels"}` over pre-made tensors (what the SAP API reads)."""
+
+    def __init__(self, pixels: Any, labels: Any):
+        self.pixels, self.labels = pixels, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"pixel_values": self.pixels[index], "labels": int(self.labels[index])}
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [self[i] for i in indices]
+
+    def select(self, indices: Any) -> TensorExamples:
+        import torch
+
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return TensorExamples(self.pixels[index], self.labels[index])
+
+
+def load_run_data(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Noisy Fashion-MNIST of one (setting, seed) as tensors.
+
+    Keys: `train_x`, `train_y` (noisy labels), `clean_y` (hidden clean labels: for reporting only),
+    `is_noisy`, `val_x`, `val_y`, `test_x`, `test_y` (clean). Sizes from `args.train_size`,
+    `args.val_size`, `args.test_size`; the validation images are carved from the official training
+    set, disjoint from train.
+    """
+    import torch
+
+    from sap_hf.data import noisy_fashion_mnist
+
+    noise_type, rate = SETTINGS[setting]
+    splits = noisy_fashion_mnist(
+        noise_rate=rate, noise_type=noise_type, seed=seed,
+        train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+    )
+    data: dict[str, Any] = {}
+    data["train_x"], data["train_y"] = image_tensors(splits["train"])
+    data["clean_y"] = torch.tensor(splits["train"]["clean_label"], dtype=torch.long)
+    data["is_noisy"] = data["train_y"] != data["clean_y"]
+    data["val_x"], data["val_y"] = image_tensors(splits["validation"])
+    data["test_x"], data["test_y"] = image_tensors(splits["test"])
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Models: evaluation, training, fine-tuning, the trained-model cache
+# --------------------------------------------------------------------------------------------
+
+
+class BatchLoss(Protocol):
+    """A training loss for `train_from_scratch` / `finetune_grid`.
+
+    Called as `loss_fn(logits, labels, indices=..., epoch=...)`: `indices` are the batch's positions
+    in the training tensors (for losses that keep per-sample state), `epoch` counts from 1. Keyword
+    arguments on purpose: a plain `F.cross_entropy` passed by mistake fails loudly instead of reading
+    the indices as class weights.
+    """
+
+    def __call__(self, logits: Any, labels: Any, *, indices: Any, epoch: int) -> Any: ...
+
+
+def cross_entropy(logits: Any, labels: Any, *, indices: Any = None, epoch: int = 0) -> Any:
+    """The default `BatchLoss`: mean cross-entropy on the given labels."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits, labels)
+
+
+def predict(model: Any, pixels: Any, batch_size: int = 1000) -> Any:
+    """Predicted class of every image (eval mode, no grad, batches of `batch_size`)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model(pixel_values=pixels[i : i + batch_size]).logits.argmax(-1) for i in range(0, len(pixels), batch_size)])
+
+
+def accuracy(model: Any, pixels: Any, labels: Any) -> float:
+    return float((predict(model, pixels) == labels).float().mean())
+
+
+def fit_diagnostics(model: Any, data: dict[str, Any]) -> dict[str, float]:
+    """How much of the noise the model still fits (`noisy_fit`), and how much of the clean training labels (`clean_fit`)."""
+    pred = predict(model, data["train_x"])
+    noisy = data["is_noisy"]
+    return {
+        "noisy_fit": float((pred[noisy] == data["train_y"][noisy]).float().mean()) if noisy.any() else float("nan"),
+        "clean_fit": float((pred[~noisy] == data["train_y"][~noisy]).float().mean()),
+    }
+
+
+def train_from_scratch(model: Any, data: dict[str, Any], args: argparse.Namespace, seed: int,
+                       loss_fn: Optional[BatchLoss] = None) -> dict[str, Any]:
+    """Plain AdamW loop on pre-made tensors; clean-val accuracy after every epoch, best state kept.
+
+    Linear warm-up over `args.warmup_epochs` then cosine decay to 0 over `args.epochs`; batches of
+    `args.batch_size`, `args.lr`, `args.weight_decay`, no augmentation. `loss_fn` (a `BatchLoss`)
+    defaults to cross-entropy on the noisy labels. Returns `{"history": val accuracy per epoch,
+    "best": {"val_accuracy", "epoch", "state"}, "seconds"}`; the model is left at its final state.
+    """
+    import torch
+
+    loss_fn = loss_fn or cross_entropy
+    x, y = data["train_x"], data["train_y"]
+    steps_per_epoch = math.ceil(len(x) / args.batch_size)
+    total = args.epochs * steps_per_epoch
+    warmup = max(1, round(args.warmup_epochs * steps_per_epoch))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    history, best = [], {"val_accuracy": -1.0, "epoch": 0, "state": None}
+    start = time.perf_counter()
+    for epoch in range(1, args.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), args.batch_size):
+            index = order[i : i + args.batch_size]
+            loss = loss_fn(model(pixel_values=x[index]).logits, y[index], indices=index, epoch=epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        val = accuracy(model, data["val_x"], data["val_y"])
+        history.append(round(val, 4))
+        if val > best["val_accuracy"]:
+            best = {"val_accuracy": val, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+    return {"history": history, "best": best, "seconds": time.perf_counter() - start}
+
+
+def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any], args: argparse.Namespace, seed: int,
+                  loss_fn: Optional[BatchLoss] = None) -> dict[str, Any]:
+    """Fine-tune every parameter on (x, y) for each lr of `args.ft_lrs`; evaluate val at each `args.ft_epochs`.
+
+    AdamW without weight decay, constant lr, batches of `args.ft_batch_size`. "No change" (epoch 0)
+    is a candidate. Returns the val-best (lr, epochs) with its test accuracy, and every candidate's
+    val accuracy (`grid`). The model is left at the original `state`. `loss_fn` as in
+    `train_from_scratch` (its `indices` index into x/y).
+    """
+    import torch
+
+    loss_fn = loss_fn or cross_entropy
+    base_val = accuracy(model, data["val_x"], data["val_y"])
+    best = {"lr": None, "epochs": 0, "val_accuracy": base_val, "state": None}
+    grid = []
+    checkpoints = set(args.ft_epochs)
+    batch = min(args.ft_batch_size, len(x))
+    for lr in args.ft_lrs:
+        model.load_state_dict(state)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        generator = torch.Generator().manual_seed(seed)
+        for epoch in range(1, max(args.ft_epochs) + 1):
+            model.train()
+            order = torch.randperm(len(x), generator=generator)
+            for i in range(0, len(x), batch):
+                index = order[i : i + batch]
+                loss = loss_fn(model(pixel_values=x[index]).logits, y[index], indices=index, epoch=epoch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            if epoch in checkpoints:
+                val = accuracy(model, data["val_x"], data["val_y"])
+                grid.append({"lr": lr, "epochs": epoch, "val_accuracy": round(val, 4)})
+                if val > best["val_accuracy"]:
+                    best = {"lr": lr, "epochs": epoch, "val_accuracy": val, "state": copy.deepcopy(model.state_dict())}
+    model.load_state_dict(best["state"] if best["state"] is not None else state)
+    test = accuracy(model, data["test_x"], data["test_y"])
+    model.load_state_dict(state)
+    return {"lr": best["lr"], "epochs": best["epochs"], "val_accuracy": best["val_accuracy"], "test_accuracy": test, "grid": grid}
+
+
+def cache_path(setting: str, seed: int, args: argparse.Namespace, tag: Optional[str] = None) -> Optional[Path]:
+    """Where `prepare_run` keeps the trained model of (setting, seed), or None without `args.cache_dir`.
+
+    The name holds every training argument (`TRAINING_KEYS`), so a model is reused only by a run that
+    would train it identically. `tag` (e.g. a loss name) is appended for models trained differently;
+    without it the name is the one every existing cache uses.
+    """
+    if not getattr(args, "cache_dir", None):
+        return None
+    training = {k: getattr(args, k) for k in TRAINING_KEYS}
+    key = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in training.items())
+    suffix = f"_{tag}" if tag else ""
+    return Path(args.cache_dir) / f"{setting}_seed{seed}_{key}{suffix}.pt"
+
+
+def quiet_libraries() -> None:
+    """Transformers and sap_hf log errors only ("no alpha improved ..." is expected in the studies, and recorded)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("sap_hf").setLevel(logging.ERROR)
+
+
+def prepare_run(setting: str, seed: int, args: argparse.Namespace, loss_fn: Optional[BatchLoss] = None,
+                cache_tag: Optional[str] = None) -> dict[str, Any]:
+    """Data tensors, the memorised model (final state) and the best-val checkpoint of one (setting, seed).
+
+    The model is a tiny ViT (`sap_hf.models.tiny_vit_config` with `args.hidden_size`,
+    `args.num_layers`, `args.patch_size`) trained by `train_from_scratch` from `torch.manual_seed(seed)`.
+    With `args.cache_dir` the trained states are saved there (`cache_path`) and reloaded on the next
+    call, so several benchmarks study the same models without training them again. A `loss_fn` other
+    than cross-entropy needs a `cache_tag` naming it (else the model is not cached).
+
+    Returns `data`, `train_set` (TensorExamples of the noisy training set), `config`, `model`,
+    `early_model` (the best-val checkpoint), `trained` (`train_from_scratch`'s record), `timing`,
+    `started`, `noise_type`, `noise_rate`.
+    """
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from transformers import ViTForImageClassification
+
+    from sap_hf.models import tiny_vit_config
+
+    quiet_libraries()
+    started = time.perf_counter()
+    noise_type, rate = SETTINGS[setting]
+    data = load_run_data(setting, seed, args)
+    timing: dict[str, Any] = {"data": time.perf_counter() - started}
+
+    config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size)
+    cache = cache_path(setting, seed, args, cache_tag) if (loss_fn is None or cache_tag) else None
+    model = ViTForImageClassification(config)
+    if cache is not None and cache.exists():
+        trained = torch.load(cache, weights_only=False)
+        model.load_state_dict(trained.pop("final_state"))
+        timing["train_cached"] = True  # "train" below is then the cached run's training time
+    else:
+        torch.manual_seed(seed)
+        model = ViTForImageClassification(config)
+        trained = train_from_scratch(model, data, args, seed, loss_fn=loss_fn)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(dict(trained, final_state=model.state_dict()), cache.with_suffix(".tmp"))
+            cache.with_suffix(".tmp").replace(cache)
+    timing["train"] = trained["seconds"]
+    early_model = ViTForImageClassification(config)
+    early_model.load_state_dict(trained["best"]["state"])
+    return {"data": data, "train_set": TensorExamples(data["train_x"], data["train_y"]), "config": config,
+            "model": model, "early_model": early_model, "trained": trained, "timing": timing, "started": started,
+            "noise_type": noise_type, "noise_rate": rate}
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def run_tasks(worker: Callable[[Any], Any], tasks: Sequence[Any], jobs: int) -> list[Any]:
+    """`[worker(t) for t in tasks]`, in `jobs` fresh ("spawn") processes when jobs > 1 and there is more than one task.
+
+    One task per process (`maxtasksperchild=1`) so no memory or thread state leaks between runs;
+    `worker` must be a module-level function (picklable).
+    """
+    if jobs > 1 and len(tasks) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks)), maxtasksperchild=1) as pool:
+            return list(pool.imap(worker, tasks))
+    return [worker(task) for task in tasks]
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def mean_std(values: Iterable[float]) -> dict[str, float]:
+    """`{"mean", "std" (sample; 0 for one value), "n"}`."""
+    values = list(values)
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots.")
+        return None
+    return plt
+
+
+def write_json(path: Path, record: Any, indent: int = 1) -> Path:
+    """Write `record` as JSON through a temporary file (an interrupted run never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=indent, default=float) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def loadavg() -> Optional[list[float]]:
+    """The 1/5/15-minute load averages (None where the OS does not give them)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Python, machine, CPU count and the torch/transformers versions (what a results file should record)."""
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def best_of(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
+    """Fastest of `repeats` timed calls of `fn` (after one untimed call when `warmup`)."""
+    if warmup:
+        fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Achieved float32 GEMM rate of this machine (GFLOP/s), the yardstick for the speed tables."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size**3 / best_of(lambda: a @ b, repeats) / 1e9
