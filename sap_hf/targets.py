@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Union
 
 from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 Patterns = Optional[Union[str, Sequence[str]]]
 
@@ -72,8 +75,11 @@ def find_target_modules(
 ) -> list[str]:
     """Names of the Linear layers to project, in module order.
 
-    Raises a ValueError listing the model's Linear layers when nothing is selected, so the user
-    can write a pattern that matches.
+    `target_modules` picks backbone layers (None or 'all-linear': all of them), `project_classifier`
+    adds the head. Raises a ValueError listing the model's Linear layers when the selection leaves
+    the backbone empty, even if the head is still projected: a typo in a pattern must not silently
+    shrink SAP to the classifier. The one way to project the head alone is `target_modules=[]`
+    with `project_classifier=True` (logged).
     """
     if isinstance(target_modules, str) and target_modules != "all-linear":
         try:
@@ -82,7 +88,8 @@ def find_target_modules(
             raise ValueError(f"target_modules={target_modules!r} is not a valid regex ({err}).") from None
     layers = linear_layers(model)
     heads = set(classifier_names(model))
-    selected = []
+    head_only = isinstance(target_modules, (list, tuple)) and len(target_modules) == 0
+    selected, backbone = [], []
     for name in layers:
         if name in heads:
             chosen = project_classifier
@@ -92,13 +99,25 @@ def find_target_modules(
             chosen = matches(name, target_modules)
         if chosen and not matches(name, exclude_modules):
             selected.append(name)
-    if not selected:
+            if name not in heads:
+                backbone.append(name)
+    has_backbone = any(name not in heads for name in layers)
+    if not selected or (has_backbone and not backbone and not head_only):
         listing = ", ".join(layers) if layers else "(the model has no nn.Linear layer)"
+        head_note = (
+            f" (only the classifier {sorted(heads)} would be projected)" if selected else ""
+        )
         raise ValueError(
-            f"No nn.Linear layer matches target_modules={target_modules!r} "
+            f"No backbone nn.Linear layer matches target_modules={target_modules!r}{head_note} "
             f"(exclude_modules={exclude_modules!r}, project_classifier={project_classifier}). "
             f"The model's Linear layers are: {listing}. Use a regex that fully matches some of these "
-            "names, a list of their suffixes (e.g. ['q_proj', 'fc1']), or 'all-linear'."
+            "names, a list of their suffixes (e.g. ['q_proj', 'fc1']), or 'all-linear'; to project the "
+            "classification head alone, pass target_modules=[] with project_classifier=True."
+        )
+    if head_only:
+        logger.warning(
+            "target_modules=[] with project_classifier=True: SAP projects the classification head alone (%s); "
+            "the backbone is left unchanged.", ", ".join(selected),
         )
     return selected
 

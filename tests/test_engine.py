@@ -112,9 +112,27 @@ def test_target_patterns_regex_suffix_and_exclude():
         "vit.layers.1.attention.q_proj",
     ]
     assert "classifier" not in find_target_modules(model, exclude_modules=["classifier"])
-    assert find_target_modules(model, ["nothing"], project_classifier=True) == ["classifier"]
     with pytest.raises(ValueError, match="vit.layers.0.attention.q_proj"):
         find_target_modules(model, ["nothing"], project_classifier=False)
+
+
+@pytest.mark.parametrize("patterns", [["qkv_typo"], r".*typo.*", ["classifier"]], ids=["list", "regex", "head-name"])
+def test_target_typo_raises_even_with_the_head_projected(patterns):
+    """A pattern matching no backbone layer must not silently shrink SAP to the classifier."""
+    model = tiny_model("vit")
+    with pytest.raises(ValueError, match=r"No backbone nn.Linear layer matches.*vit.layers.0.mlp.fc1.*target_modules=\[\]"):
+        find_target_modules(model, patterns, project_classifier=True)
+    with pytest.raises(ValueError, match="only the classifier"):  # exclusions that empty the backbone too
+        find_target_modules(model, ["q_proj"], exclude_modules=["q_proj"])
+
+
+def test_empty_target_list_with_head_projects_the_head_alone_and_says_so(caplog):
+    model = tiny_model("vit")
+    with caplog.at_level(logging.WARNING, logger="sap_hf"):
+        assert find_target_modules(model, [], project_classifier=True) == ["classifier"]
+    assert "projects the classification head alone (classifier)" in caplog.text
+    with pytest.raises(ValueError, match="No backbone"):
+        find_target_modules(model, [], project_classifier=False)
 
 
 def test_trusted_selection_keeps_lowest_loss_per_class_and_warns(caplog):

@@ -72,6 +72,16 @@ def test_no_matching_module_lists_linear_layers(model):
     assert_identical(model, before)
 
 
+def test_target_typo_with_the_default_head_raises_before_any_data_pass(model):
+    """SAPConfig(target_modules=["qkv_typo"]) used to project the classifier alone and report success."""
+    before = snapshot(model)
+    for call in (lambda c: sap_project(model, random_examples(4), alpha=10.0, config=c),
+                 lambda c: sap_correct(model, random_examples(6), random_examples(6), config=c, show_progress=False)):
+        with pytest.raises(ValueError, match=r"No backbone nn.Linear layer matches target_modules=\['qkv_typo'\]"):
+            call(SAPConfig(target_modules=["qkv_typo"]))
+    assert_identical(model, before)
+
+
 def test_selection_errors(model):
     data = random_examples(9)
     with pytest.raises(ValueError, match=r"label 7, outside the model's 3 classes"):
