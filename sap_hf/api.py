@@ -8,6 +8,7 @@ written, and both are made of the importable pieces: `select_trusted`, `collect_
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -20,7 +21,7 @@ from .config import SAPConfig, validate_alpha
 from .evaluation import accuracy_evaluator
 from .projection import current_weights, plan_projection, write_weights
 from .search import AlphaSearchResult, eigenbases, search_alpha
-from .stats import ActivationStats, collect_statistics, raise_on_any_process, unwrap
+from .stats import STATS_FORMAT, ActivationStats, collect_statistics, raise_on_any_process, unwrap
 from .targets import check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds, layer_kind
 from .trusted import select_trusted
 
@@ -188,7 +189,8 @@ def sap_correct(
     `train_data` is the (noisy) labelled data to pick trusted samples from; `eval_data` a clean
     labelled set to pick alpha on (or give `evaluate_fn(model) -> metrics`). `trusted_indices`
     skips selection. `greater_is_better` says which way `metric` improves. `stats_path`: statistics are loaded from it when the file exists
-    (re-tune alpha without a data pass, or resume an interrupted run) and saved to it otherwise.
+    (re-tune alpha without a data pass, or resume an interrupted run) and saved to it otherwise; it is
+    checked (`check_stats_path`) before any data is read.
     The model is left at the best alpha, or unchanged when no alpha beats it on the eval set.
     """
     config = config or SAPConfig()
@@ -201,8 +203,10 @@ def sap_correct(
     base = unwrap(model, accelerator)
     targets = _resolve_targets(base, config)
     stats, selection = None, None
+    if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
+        check_stats_path(stats_path, writable=_is_main(accelerator))
     if stats_path is not None and _cached_on_main(stats_path, accelerator):
-        stats = ActivationStats.load(stats_path)
+        stats = _load_stats(stats_path)
         stats.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
         trusted_indices = stats.meta.get("trusted_indices", trusted_indices)
         logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
@@ -281,3 +285,52 @@ def _save_on_main(stats: ActivationStats, path: Union[str, Path], accelerator: A
 
 def _is_main(accelerator: Any) -> bool:
     return accelerator is None or accelerator.is_main_process
+
+
+def check_stats_path(stats_path: Union[str, Path], writable: bool = True) -> bool:
+    """Check a statistics cache path before any data is read; True when it holds statistics to load.
+
+    Raises a ValueError naming `stats_path` and the fix when the path is a directory, when an
+    existing file is not a readable SAP statistics file (only its header is read here), or (with
+    `writable`) when the statistics could not be saved there after the data pass.
+    """
+    path = Path(stats_path)
+    if path.is_dir():
+        raise ValueError(
+            f"stats_path={str(stats_path)!r} is a directory; the SAP statistics are one file: pass a file path "
+            f"such as {str(path / 'sap_stats.safetensors')!r}."
+        )
+    if path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                header = handle.metadata() or {}
+        except Exception as err:  # SafetensorError, OSError, ...: the file is not what stats_path promises
+            raise _unreadable_stats(stats_path, err) from err
+        if header.get("format") != STATS_FORMAT:
+            raise _unreadable_stats(stats_path, f"format={header.get('format')!r}, expected {STATS_FORMAT!r}")
+        return True
+    if writable:
+        folder = next(parent for parent in path.absolute().parents if parent.exists())
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"stats_path={str(stats_path)!r} cannot be written: {str(folder)!r} is not a writable folder. Pass a "
+                "stats_path in a folder you can write to (the statistics are saved there after the data pass)."
+            )
+    return False
+
+
+def _load_stats(stats_path: Union[str, Path]) -> ActivationStats:
+    try:
+        return ActivationStats.load(stats_path)
+    except Exception as err:
+        raise _unreadable_stats(stats_path, err) from err
+
+
+def _unreadable_stats(stats_path: Union[str, Path], reason: Any) -> ValueError:
+    detail = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason
+    return ValueError(
+        f"stats_path={str(stats_path)!r} is not a readable SAP statistics file ({detail}). Delete it to collect the "
+        "statistics anew, or pass another stats_path."
+    )

@@ -145,6 +145,53 @@ def test_interrupted_correct_resumes_from_saved_statistics(model, tmp_path):
     assert result.rounds[0].alphas == [1.0, 10.0, 100.0]
 
 
+class _NoDataPass(list):
+    def __iter__(self):
+        raise AssertionError("a bad stats_path must fail before any data is read")
+
+    def __getitem__(self, index):
+        raise AssertionError("a bad stats_path must fail before any data is read")
+
+
+def _bad_stats_paths(tmp_path):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00not a safetensors file at all")
+    wrong_format = tmp_path / "other.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(wrong_format), metadata={"format": "something else"})
+    in_the_way = tmp_path / "a_file"
+    in_the_way.write_text("")
+    return [
+        (folder, r"stats_path='.*a_folder' is a directory.*a_folder/sap_stats.safetensors"),
+        (garbage, r"stats_path='.*garbage.safetensors' is not a readable SAP statistics file \(SafetensorError.*Delete it"),
+        (wrong_format, r"stats_path='.*other.safetensors' is not a readable SAP statistics file \(format='something else'"),
+        (in_the_way / "stats.safetensors", r"stats_path='.*a_file/stats.safetensors' cannot be written"),
+    ]
+
+
+def test_bad_stats_path_fails_before_any_data_is_read(model, tmp_path):
+    before = snapshot(model)
+    config = SAPConfig(alphas=[10.0], trusted_per_class=2)
+    for path, match in _bad_stats_paths(tmp_path):
+        with pytest.raises(ValueError, match=match):
+            sap_correct(model, _NoDataPass(random_examples(6)), config=config, evaluate_fn=lambda m: {"accuracy": 0.0},
+                        stats_path=path, show_progress=False)
+    assert_identical(model, before)
+
+
+def test_truncated_statistics_file_names_stats_path(model, tmp_path):
+    stats_path = tmp_path / "stats.safetensors"
+    config = SAPConfig(alphas=[10.0], trusted_per_class=2)
+    collect_statistics(model, random_examples(4), find_target_modules(model), show_progress=False).save(stats_path)
+    stats_path.write_bytes(stats_path.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"stats_path=.* is not a readable SAP statistics file.*Delete it"):
+        sap_correct(model, random_examples(6), config=config, evaluate_fn=lambda m: {"accuracy": 0.0},
+                    stats_path=stats_path, show_progress=False)
+
+
 def test_same_seed_same_selection_and_weights():
     outcomes = []
     for _ in range(2):
