@@ -41,7 +41,7 @@ CARD_TEMPLATE = """
 
 This model was corrected for label noise with **SAP (Scaled Activation Projection)**
 (Kodge et al., AAAI 2025, [arXiv:2403.08618](https://arxiv.org/abs/2403.08618)) using
-[sap_hf](https://github.com/sap-hf/sap_hf). Base model: `{base_model}`.
+the `sap_hf` Python package. Base model: `{base_model}`.
 
 ## What SAP did
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import datasets
 from torch import nn
-from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
 from transformers.utils import logging
 
 from .data import (
@@ -29,7 +29,9 @@ from .noise import NOISE_TYPES
 
 logger = logging.get_logger(__name__)
 
-
+#: Self-supervised pretraining checkpoints whose encoder is a ViT but which `AutoModelForImageClassification`
+#: does not map (it knows no classifier for them): their encoder loads into this class, with a new head.
+PRETRAINING_ENCODERS: dict[str, type] = {"vit_mae": ViTForImageClassification}
 
 @dataclass
 class DataArguments:
@@ -139,13 +141,20 @@ def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optiona
     """The model (with a head sized for the data's classes) and its image processor, if any."""
     id2label = dict(enumerate(splits.class_names))
     if args.model_name_or_path:
-        model = AutoModelForImageClassification.from_pretrained(
-            args.model_name_or_path,
-            num_labels=len(id2label),
-            id2label=id2label,
-            label2id={v: k for k, v in id2label.items()},
-            ignore_mismatched_sizes=True,
-        )
+        head = dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
+        model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+        if model_type in PRETRAINING_ENCODERS:
+            classifier = PRETRAINING_ENCODERS[model_type]
+            logger.warning(
+                "%s is a %r pretraining checkpoint, not a classifier: its encoder is loaded into %s with a newly "
+                "initialised %d-class head (and the pretraining-only weights are dropped); fine-tune before SAP.",
+                args.model_name_or_path, model_type, classifier.__name__, len(id2label),
+            )
+            model = classifier.from_pretrained(args.model_name_or_path, **head)
+        else:
+            model = AutoModelForImageClassification.from_pretrained(
+                args.model_name_or_path, ignore_mismatched_sizes=True, **head
+            )
         return model, load_processor(args.model_name_or_path)
     image_size = args.tiny_image_size or (28 if splits.num_channels == 1 else 32)
     config = tiny_vit_config(

@@ -1,6 +1,7 @@
 """SAPTrainer: train, correct, save with record and card, reload equal, mocked push."""
 
 import json
+import re
 from unittest import mock
 
 import pytest
@@ -42,6 +43,9 @@ def test_train_correct_save_reload(tmp_path):
     card = (out / "README.md").read_text()
     for expected in ("sap", "label-noise", "vision-transformer", "tiny-vit", "2403.08618", "kodge2025sap"):
         assert expected in card
+    # Only links that exist: the paper. The package is named, not linked (it has no public repository).
+    assert re.findall(r"https?://[^\s)>\]]+", card) == ["https://arxiv.org/abs/2403.08618"]
+    assert "the `sap_hf` Python package" in card
     assert not (out / ".sap_staging").exists()
     reloaded = AutoModelForImageClassification.from_pretrained(out)
     pixels = torch.randn(4, 3, 16, 16)
