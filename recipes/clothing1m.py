@@ -23,7 +23,8 @@ import torch
 from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
-from sap_hf import SAPConfig
+from sap_hf import ActivationStats, SAPConfig
+from sap_hf.api import check_stats_path
 from sap_hf.cli_args import parse_with_config
 from sap_hf.plotting import plot_alpha_curve
 from sap_hf.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
@@ -42,7 +43,8 @@ class ScriptArguments(DataArguments, ModelArguments):
         default=None,
         metadata={
             "help": "Cache of the SAP statistics, reused when it exists and matches the model (default: "
-            "output_dir/_sap_stats.safetensors; the leading '_' keeps it out of Hub uploads)."
+            "output_dir/_sap_stats.safetensors, replaced when it holds an earlier run's statistics; the leading '_' "
+            "keeps it out of Hub uploads). Checked before training."
         },
     )
 
@@ -58,6 +60,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     )
     logging.set_verbosity_info() if training_args.should_log else None
     set_seed(training_args.seed)
+    default_stats = script_args.stats_path is None
+    stats_path = script_args.stats_path or str(Path(training_args.output_dir) / "_sap_stats.safetensors")
+    check_stats_path(stats_path, writable=training_args.process_index == 0)  # before training, not after it
 
     splits = load_splits(script_args)
     model, processor = load_model(script_args, splits)
@@ -77,7 +82,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     test = prepare(splits.test, eval_transform)
     before = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
-    stats_path = script_args.stats_path or str(Path(training_args.output_dir) / "_sap_stats.safetensors")
+    if default_stats:
+        if trainer.is_world_process_zero():
+            _drop_stale_stats(Path(stats_path), trainer.model)
+        trainer.accelerator.wait_for_everyone()
     result = trainer.correct(selection_dataset=prepare(splits.train, eval_transform), stats_path=stats_path)
     after = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
 
@@ -110,6 +118,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     else:
         trainer.save_model()
     return summary
+
+
+def _drop_stale_stats(path: Path, model: Any) -> None:
+    """The default cache in output_dir may hold an earlier run's statistics: collect anew instead of failing.
+
+    (An explicit --stats_path that does not match the model still raises, in `sap_correct`.)
+    """
+    if not path.is_file():
+        return
+    try:
+        ActivationStats.load(path).check_model(model)
+    except ValueError:
+        logger.warning("%s holds statistics of other weights (an earlier run in this output_dir): collecting new ones.", path)
+        path.unlink()
 
 
 def _fmt(value: Optional[float]) -> str:

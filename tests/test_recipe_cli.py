@@ -9,6 +9,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 from transformers import AutoModelForImageClassification
 
 from sap_hf import cli
@@ -48,6 +49,88 @@ def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
     assert model.config.num_labels == 14 and model.config.id2label[13] == "Underwear"
     assert (out / "sap_alpha_curve.png").stat().st_size > 0
     assert (out / "_sap_stats.safetensors").is_file()
+
+
+def _pretrained_mae(folder: Path) -> Path:
+    """A tiny self-supervised checkpoint (ViTMAEForPreTraining + its image processor), as `save_pretrained` writes it."""
+    from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
+
+    config = ViTMAEConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                          decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    ViTMAEForPreTraining(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_pretrained_encoder_loads_into_a_classifier_with_a_new_head(tmp_path):
+    from transformers import ViTMAEForPreTraining
+
+    from sap_hf.sources import ModelArguments, Splits, load_model
+
+    pretrained = _pretrained_mae(tmp_path / "mae")
+    splits = Splits(None, None, None, [f"c{i}" for i in range(14)], 3, "toy")
+    model, processor = load_model(ModelArguments(model_name_or_path=str(pretrained)), splits)
+    assert type(model).__name__ == "ViTForImageClassification" and model.config.num_labels == 14
+    assert processor is not None
+    encoder = ViTMAEForPreTraining.from_pretrained(pretrained).state_dict()
+    loaded = model.state_dict()
+    shared = [name for name in loaded if not name.startswith("classifier")]
+    assert shared and all(torch.equal(loaded[name], encoder[name]) for name in shared)  # the encoder, not a random init
+
+
+def test_recipe_finetunes_and_corrects_a_pretrained_checkpoint(tiny_clothing1m, tmp_path):
+    """The mission's path: fine-tune a pretrained ViT (loaded with from_pretrained) on noisy labels, then correct it."""
+    pretrained = _pretrained_mae(tmp_path / "mae")
+    out = tmp_path / "out"
+    run = _launch(1, [str(RECIPE), "--data_dir", str(tiny_clothing1m), "--output_dir", str(out),
+                      "--model_name_or_path", str(pretrained), *TINY])  # the --tiny_* sizes are unused here
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "pretraining checkpoint, not a classifier" in run.stderr
+    assert "clean-test accuracy before SAP" in run.stdout
+    record = load_sap_record(out)
+    assert record["base_model"] == str(pretrained) and record["num_trusted"] == 14
+    card = (out / "README.md").read_text()
+    assert f"base_model: {pretrained}" in card and f"Base model: `{pretrained}`" in card
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert type(model).__name__ == "ViTForImageClassification" and model.config.num_labels == 14
+    from transformers import ViTMAEForPreTraining
+
+    encoder = ViTMAEForPreTraining.from_pretrained(pretrained).state_dict()
+    name = "vit.layers.0.mlp.fc1.weight"
+    assert name in encoder and not torch.equal(model.state_dict()[name], encoder[name])  # fine-tuned and/or projected
+
+
+def test_recipe_checks_stats_path_before_reading_data(tmp_path):
+    sys.path.insert(0, str(RECIPE.parent))
+    import clothing1m
+
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"garbage")
+    for path, match in ((folder, "is a directory"), (corrupt, "not a readable SAP statistics file")):
+        with mock.patch.object(clothing1m, "load_splits", side_effect=AssertionError("data was read")), \
+                pytest.raises(ValueError, match=f"stats_path=.*{match}"):
+            clothing1m.main(["--output_dir", str(tmp_path / "out"), "--stats_path", str(path), "--report_to", "none"])
+
+
+def test_recipe_replaces_a_stale_default_statistics_cache(tmp_path):
+    sys.path.insert(0, str(RECIPE.parent))
+    import clothing1m
+
+    from sap_hf import collect_statistics, find_target_modules
+    from sap_hf.models import tiny_model
+
+    from helpers import random_examples
+
+    path = tmp_path / "_sap_stats.safetensors"
+    first = tiny_model("vit", num_labels=3, seed=0)
+    collect_statistics(first, random_examples(4), find_target_modules(first), show_progress=False).save(path)
+    clothing1m._drop_stale_stats(path, first)
+    assert path.is_file()  # the same weights: reused
+    clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3, seed=1))
+    assert not path.exists()  # an earlier run's weights: collected anew instead of failing after training
 
 
 def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):
