@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 from transformers import AutoModelForImageClassification
 from transformers.utils import logging
 
-from .api import sap_correct
+from .api import check_stats_path, sap_correct
 from .cli_args import parse_with_config
 from .config import SAPConfig
 from .evaluation import evaluate_accuracy
@@ -61,6 +61,8 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
 
     args, config = parse_with_config((CorrectArguments, SAPConfig), argv)
     accelerator = Accelerator()
+    if args.stats_path:  # before the data is loaded and evaluated
+        check_stats_path(args.stats_path, writable=accelerator.is_main_process)
     splits = load_splits(args)
     model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
     if model.config.num_labels != len(splits.class_names):

@@ -172,6 +172,9 @@ def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path):
         cli.main(["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--alphas", "0.5"])
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+    with mock.patch.object(cli, "load_splits", side_effect=AssertionError("data was read")), \
+            pytest.raises(ValueError, match="stats_path=.* is a directory"):
+        cli.main(["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path / "o"), "--stats_path", str(tmp_path)])
 
 
 def test_yaml_configs_parse_and_cli_overrides(tmp_path):
