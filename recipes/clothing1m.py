@@ -28,7 +28,7 @@ from sap_hf.api import check_stats_path
 from sap_hf.cli_args import parse_with_config
 from sap_hf.plotting import plot_alpha_curve
 from sap_hf.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
-from sap_hf.targets import format_kind_alphas
+from sap_hf.formatting import format_result_alphas
 from sap_hf.trainer import SAPTrainer
 
 logger = logging.get_logger("sap_hf.recipes.clothing1m")
@@ -110,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         (output_dir / "sap_summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"[sap_hf] {splits.name}: clean-test accuracy before SAP {_fmt(summary['test_accuracy_before'])}, "
-            f"after SAP {_fmt(summary['test_accuracy_after'])} (alpha={_alphas(result)}, "
+            f"after SAP {_fmt(summary['test_accuracy_after'])} (alpha={format_result_alphas(result)}, "
             f"val {_fmt(summary['val_accuracy_before'])} -> {_fmt(summary['val_accuracy_after'])})"
         )
     if training_args.push_to_hub:
@@ -136,13 +136,6 @@ def _drop_stale_stats(path: Path, model: Any) -> None:
 
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _alphas(result: Any) -> str:
-    """`100` for a shared alpha, `attention=100, mlp=unchanged, classifier=1000` per kind."""
-    if result.kind_alphas:
-        return format_kind_alphas(result.kind_alphas)
-    return "unchanged" if result.alpha is None else f"{result.alpha:g}"
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from transformers.utils import logging
 
+from .projection import validate_alpha
+
 logger = logging.get_logger(__name__)
 
 DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
@@ -172,20 +174,6 @@ class SAPConfig:
         if unknown:
             raise ValueError(f"Unknown SAPConfig field(s) {unknown}; valid fields are {sorted(known)}.")
         return cls(**values)
-
-
-def validate_alpha(alpha: Any, name: str = "alpha") -> float:
-    """Return `alpha` as a float, or raise: SAP's scaling is only defined for finite alpha >= 1."""
-    try:
-        value = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={alpha!r} is not a number: use a finite float >= 1, e.g. 1e4.") from None
-    if not math.isfinite(value) or value < 1.0:
-        raise ValueError(
-            f"{name}={alpha!r} is invalid: SAP needs a finite alpha >= 1 (alpha=1 keeps the raw importance, "
-            "larger alpha shrinks less), e.g. 1e4."
-        )
-    return value
 
 
 def _positive_int(name: str, value: Any) -> None:

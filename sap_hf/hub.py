@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
-from .targets import format_kind_alphas
+from .formatting import format_alpha, format_kind_alphas
 
 logger = logging.get_logger(__name__)
 
@@ -168,7 +168,7 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
         rule=record.get("config", {}).get("selection_rule", "loss"),
         per_class=(min(per_class.values()) if per_class else record.get("config", {}).get("trusted_per_class")),
         num_targets=len(record.get("target_modules", [])),
-        alphas=", ".join("unchanged" if a is None else f"{a:g}" for a in record.get("alphas", [])),
+        alphas=", ".join(format_alpha(a) for a in record.get("alphas", [])),
         alpha_label="Best shared alpha per round" if record.get("kind_alphas") else "Chosen alpha per round",
         kind_alphas=(
             "\n- Written alpha per layer kind (`alpha_scope=\"per_kind\"`, round 1): "

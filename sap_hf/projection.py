@@ -7,22 +7,46 @@ Gram `G = U diag(sigma^2) U^T`  ->  energy ratios `r_i = sigma_i^2 / sum_j sigma
 Everything up to the new weights is computed from tensors alone (and checked for NaN/Inf)
 before the first parameter is touched; `write_weights` then copies them in and restores every
 already-written layer if anything fails, so the model is either fully projected or bit-identical.
+
+The bottom of the import graph: nothing here imports another sap_hf module (a layer group is any
+object with `name` and `members`, such as `sap_hf.targets.TargetGroup`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import nn
 from transformers.utils import logging
 
-from .config import validate_alpha
-from .targets import TargetGroup
-
 logger = logging.get_logger(__name__)
+
+
+class LayerGroup(Protocol):
+    """Layers projected with one statistic: `name` keys it in `bases`, `members` are the layer names."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def members(self) -> Sequence[str]: ...
+
+
+def validate_alpha(alpha: Any, name: str = "alpha") -> float:
+    """Return `alpha` as a float, or raise: SAP's scaling is only defined for finite alpha >= 1."""
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={alpha!r} is not a number: use a finite float >= 1, e.g. 1e4.") from None
+    if not math.isfinite(value) or value < 1.0:
+        raise ValueError(
+            f"{name}={alpha!r} is invalid: SAP needs a finite alpha >= 1 (alpha=1 keeps the raw importance, "
+            "larger alpha shrinks less), e.g. 1e4."
+        )
+    return value
 
 
 @dataclass
@@ -85,7 +109,7 @@ def project_weight(weight: torch.Tensor, projection: torch.Tensor) -> torch.Tens
 
 def plan_projection(
     weights: Mapping[str, torch.Tensor],
-    groups: Sequence[TargetGroup],
+    groups: Sequence[LayerGroup],
     bases: Mapping[str, Eigenbasis],
     alpha: Union[float, Mapping[str, Optional[float]]],
 ) -> dict[str, torch.Tensor]:

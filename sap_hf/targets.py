@@ -145,11 +145,6 @@ def check_layer_kinds(kind_alphas: Mapping[str, object], argument: str = "alpha"
         )
 
 
-def format_kind_alphas(kind_alphas: Mapping[str, Optional[float]]) -> str:
-    """`attention=100, mlp=1000, classifier=unchanged`: per-kind alphas for logs, cards and plots."""
-    return ", ".join(f"{kind}={'unchanged' if a is None else f'{a:g}'}" for kind, a in kind_alphas.items())
-
-
 def group_alphas(
     groups: Sequence[TargetGroup], kinds: Mapping[str, str], kind_alphas: Mapping[str, Optional[float]]
 ) -> dict[str, Optional[float]]:
