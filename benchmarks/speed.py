@@ -87,7 +87,10 @@ def parse_per_model(value: str, models: list[str], name: str) -> dict[str, int]:
     return {m: int(parsed[m]) for m in models}
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line, plus the run plan derived from it (image size, models, n and batch size per
+    model, repeats, methods, whether to investigate) as `args.image`, `args.models_list`, `args.n_per`,
+    `args.bs_per`, `args.repeat_count`, `args.method_list`, `args.do_investigate`, `args.all_methods`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", default=None, help="samples per model: an int, or 'tiny=256,base=32'")
     parser.add_argument("--batch_size", default=None, help="an int, or 'tiny=32,base=8'")
@@ -118,33 +121,34 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
 
-    image = args.image_size or (64 if args.quick else IMAGE)
-    if image % PATCH:
+    args.image = args.image_size or (64 if args.quick else IMAGE)
+    if args.image % PATCH:
         raise SystemExit(f"--image_size must be a multiple of the patch size {PATCH}")
 
-    models = (args.models or ("tiny" if args.quick else "tiny,base")).split(",")
-    for m in models:
+    args.models_list = (args.models or ("tiny" if args.quick else "tiny,base")).split(",")
+    for m in args.models_list:
         if m not in SHAPES:
             raise SystemExit(f"unknown model {m!r}; choose from {sorted(SHAPES)}")
-    n_per = parse_per_model(args.n or ("4" if args.quick else "tiny=128,base=32"), models, "n")
-    bs_per = parse_per_model(args.batch_size or ("2" if args.quick else "tiny=32,base=8"), models, "batch_size")
-    repeats = args.repeats or (1 if args.quick else 3)
-    methods = [x for x in args.methods.split(",") if x]
-    unknown = [x for x in methods if x not in METHODS]
+    args.n_per = parse_per_model(args.n or ("4" if args.quick else "tiny=128,base=32"), args.models_list, "n")
+    args.bs_per = parse_per_model(args.batch_size or ("2" if args.quick else "tiny=32,base=8"), args.models_list, "batch_size")
+    args.repeat_count = args.repeats or (1 if args.quick else 3)
+    args.method_list = [x for x in args.methods.split(",") if x]
+    unknown = [x for x in args.method_list if x not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
-    if "eigh_project" in methods and "stats_exact" not in methods:
+    if "eigh_project" in args.method_list and "stats_exact" not in args.method_list:
         raise SystemExit("eigh_project needs stats_exact")
-    do_investigate = (not args.quick) if args.investigate is None else args.investigate
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    args.do_investigate = (not args.quick) if args.investigate is None else args.investigate
+    args.all_methods = set(METHODS) <= set(args.method_list)
+    if args.do_investigate and not {"inference", "stats_exact", "stats_subsampled"} <= set(args.method_list):
+        raise SystemExit("--investigate needs inference, stats_exact and stats_subsampled among --methods")
+    return args
 
-    from sap_hf.stats import discover_groups
-    from sap_hf.projection import write_weights
-    from sap_hf.targets import find_target_modules
 
+def record_environment(args: argparse.Namespace) -> tuple[dict[str, Any], float]:
+    """Wait for a quiet machine if asked, then record versions, threads, CPU, load and the matmul rate.
+
+    Returns the record and the start of the wall clock (`env["wall_seconds"]` counts from there)."""
     waited = 0.0
     while args.wait_quiet and waited < args.wait_quiet and (common.loadavg() or [0])[0] >= 0.5:
         time.sleep(10)
@@ -170,61 +174,73 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     size = 1024 if args.quick else 2048
     env[f"matmul_{size}_gflops"] = round(common.matmul_gflops(size), 1)
     print(f"{size}^3 float32 matmul: {env[f'matmul_{size}_gflops']} GFLOP/s", flush=True)
+    return env, wall_start
+
+
+def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Per model: the model, its targets, the materialised batches and groups; every forward path warmed up once."""
+    from sap_hf.stats import discover_groups
+    from sap_hf.targets import find_target_modules
 
     ctx: dict[str, dict[str, Any]] = {}
-    for m in models:
-        model = build_model(m, image_size=image)
+    for m in args.models_list:
+        model = build_model(m, image_size=args.image)
         names = find_target_modules(model)
-        data = list(RandomBatches(n_per[m], bs_per[m], seed=1, image_size=image))
+        data = list(RandomBatches(args.n_per[m], args.bs_per[m], seed=1, image_size=args.image))
         with torch.no_grad():
             groups = discover_groups(model, names, {"pixel_values": data[0]["pixel_values"][:1]}, torch.device("cpu"))
         ctx[m] = {"model": model, "names": names, "data": data, "groups": groups, "runs": {k: [] for k in METHODS}}
         # warm-up: one batch through each forward-based path (lazy init of oneDNN kernels etc.)
         run_inference(model, data[:1])
-        run_stats(model, data[:1], names, bs_per[m], None)
-        run_stats(model, data[:1], names, bs_per[m], args.cap)
+        run_stats(model, data[:1], names, args.bs_per[m], None)
+        run_stats(model, data[:1], names, args.bs_per[m], args.cap)
+    return ctx
 
-    def run_method(m: str, method: str) -> None:
-        c = ctx[m]
-        model, data, names, bs = c["model"], c["data"], c["names"], bs_per[m]
-        timers = None
-        if method == "inference":
-            seconds, mem, _ = measure(lambda: run_inference(model, data))
-        elif method in ("stats_exact", "stats_subsampled", "stats_exact_proto", "stats_subsampled_proto"):
-            cap = None if method.startswith("stats_exact") else args.cap
-            swap = prototype_accumulator() if method.endswith("_proto") else contextlib.nullcontext()
-            with swap, stats_timers() as timers:
-                seconds, mem, stats = measure(lambda: run_stats(model, data, names, bs, cap))
-            if method == "stats_exact":
-                c["stats"] = stats
-            if method == "stats_exact_proto" and "proto_gram_rel_diff" not in c:
-                c["proto_stats"] = stats
-            timers = dict(timers)
-        elif method == "eigh_project":
-            originals = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
-            seconds, mem, new = measure(lambda: run_eigh_project(model, c["stats"], args.alpha))
-            c["ours"] = new
-            write_weights(model, originals)  # leave the model unprojected for the next runs
-            del originals
-        elif method == "reference_svd":
-            originals = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
-            seconds, mem, new = measure(lambda: run_reference_svd(model, data, c["groups"], args.alpha))
-            c["ref"] = new
-            write_weights(model, originals)
-            del originals
-        else:
-            raise ValueError(method)
-        c["runs"].setdefault(method, []).append({"seconds": seconds, "peak_mem_mb": mem, "timers": timers})
-        mem_txt = "n/a" if mem is None else f"{mem:.0f} MB"
-        print(f"  [{m}] {method:<17} {seconds:8.2f} s   peak +{mem_txt}", flush=True)
 
-    all_methods = set(METHODS) <= set(methods)
-    if do_investigate and not {"inference", "stats_exact", "stats_subsampled"} <= set(methods):
-        raise SystemExit("--investigate needs inference, stats_exact and stats_subsampled among --methods")
-    timed_methods = methods + (PROTO_METHODS if do_investigate else [])
-    for r in range(repeats):
-        print(f"repeat {r + 1}/{repeats}", flush=True)
-        for m in models:
+def run_method(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], m: str, method: str) -> None:
+    """One timed (and memory-measured) call of `method` on model `m`; the model is left unprojected."""
+    from sap_hf.projection import write_weights
+
+    c = ctx[m]
+    model, data, names, bs = c["model"], c["data"], c["names"], args.bs_per[m]
+    timers = None
+    if method == "inference":
+        seconds, mem, _ = measure(lambda: run_inference(model, data))
+    elif method in ("stats_exact", "stats_subsampled", "stats_exact_proto", "stats_subsampled_proto"):
+        cap = None if method.startswith("stats_exact") else args.cap
+        swap = prototype_accumulator() if method.endswith("_proto") else contextlib.nullcontext()
+        with swap, stats_timers() as timers:
+            seconds, mem, stats = measure(lambda: run_stats(model, data, names, bs, cap))
+        if method == "stats_exact":
+            c["stats"] = stats
+        if method == "stats_exact_proto" and "proto_gram_rel_diff" not in c:
+            c["proto_stats"] = stats
+        timers = dict(timers)
+    elif method == "eigh_project":
+        originals = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
+        seconds, mem, new = measure(lambda: run_eigh_project(model, c["stats"], args.alpha))
+        c["ours"] = new
+        write_weights(model, originals)  # leave the model unprojected for the next runs
+        del originals
+    elif method == "reference_svd":
+        originals = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
+        seconds, mem, new = measure(lambda: run_reference_svd(model, data, c["groups"], args.alpha))
+        c["ref"] = new
+        write_weights(model, originals)
+        del originals
+    else:
+        raise ValueError(method)
+    c["runs"].setdefault(method, []).append({"seconds": seconds, "peak_mem_mb": mem, "timers": timers})
+    mem_txt = "n/a" if mem is None else f"{mem:.0f} MB"
+    print(f"  [{m}] {method:<17} {seconds:8.2f} s   peak +{mem_txt}", flush=True)
+
+
+def time_methods(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> None:
+    """Every method `args.repeat_count` times, interleaved across models, order rotated each repeat."""
+    timed_methods = args.method_list + (PROTO_METHODS if args.do_investigate else [])
+    for r in range(args.repeat_count):
+        print(f"repeat {r + 1}/{args.repeat_count}", flush=True)
+        for m in args.models_list:
             order = timed_methods[r % len(timed_methods):] + timed_methods[: r % len(timed_methods)]
             # eigh_project needs the Grams of a stats_exact run: keep it after stats_exact
             if "stats" not in ctx[m]:
@@ -233,53 +249,61 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 runs = ctx[m]["runs"].setdefault(method, [])
                 if method in SLOW_METHODS and runs and min(x["seconds"] for x in runs) > args.slow_seconds:
                     continue
-                run_method(m, method)
+                run_method(args, ctx, m, method)
 
-    # ---------------- memory: stats_exact at n and mem_factor * n, fresh processes ----------------
+
+def memory_children(args: argparse.Namespace) -> dict[str, Any]:
+    """stats_exact at n and mem_factor * n, each in a fresh process (`speed_memory.run_child`)."""
     mem_children: dict[str, Any] = {}
-    if not args.no_mem_children:
-        for m in models:
-            mem_children[m] = {}
-            # one fresh process per size; --quick measures both sizes in one process (saves a start-up)
-            sizes = [[n_per[m], n_per[m] * args.mem_factor]] if args.quick else [[n_per[m]], [n_per[m] * args.mem_factor]]
-            for ns in sizes:
-                spec = {"model": m, "ns": ns, "batch_size": bs_per[m], "threads": torch.get_num_threads(),
-                        "image_size": image}
-                print(f"memory child: {m} stats_exact n={ns}", flush=True)
-                for res in run_child(spec, timeout=3600):
-                    key = "1" if res["n"] == n_per[m] else str(args.mem_factor)
-                    mem_children[m][key] = res
-                    print(f"  -> n={res['n']}: peak growth {res['peak_growth_mb']:.1f} MB ({res['seconds']:.1f} s)", flush=True)
+    for m in args.models_list:
+        mem_children[m] = {}
+        # one fresh process per size; --quick measures both sizes in one process (saves a start-up)
+        sizes = [[args.n_per[m], args.n_per[m] * args.mem_factor]] if args.quick else [[args.n_per[m]], [args.n_per[m] * args.mem_factor]]
+        for ns in sizes:
+            spec = {"model": m, "ns": ns, "batch_size": args.bs_per[m], "threads": torch.get_num_threads(),
+                    "image_size": args.image}
+            print(f"memory child: {m} stats_exact n={ns}", flush=True)
+            for res in run_child(spec, timeout=3600):
+                key = "1" if res["n"] == args.n_per[m] else str(args.mem_factor)
+                mem_children[m][key] = res
+                print(f"  -> n={res['n']}: peak growth {res['peak_growth_mb']:.1f} MB ({res['seconds']:.1f} s)", flush=True)
+    return mem_children
 
-    # ---------------- accuracy: Gram path vs SVD of the stored activations ----------------
+
+def verify_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Projected weights of the Gram path against the SVD of the stored activations (`speed_methods.verify`)."""
     verification: dict[str, Any] = {}
     verify_full = args.verify_full if args.verify_full is not None else ("" if args.quick else "tiny")
     full_models = set(verify_full.split(",")) if verify_full else set()
-    for m in models if "reference_svd" in methods else []:
+    for m in args.models_list if "reference_svd" in args.method_list else []:
         c = ctx[m]
-        vn = min(args.verify_n, n_per[m]) if args.verify_n else n_per[m]
+        vn = min(args.verify_n, args.n_per[m]) if args.verify_n else args.n_per[m]
         alphas = sorted({1.0, 1e2, 1e4, 1e6, args.alpha}) if m in full_models else [args.alpha]
         print(f"accuracy check: {m}, n={vn}, alphas={alphas}", flush=True)
         start = time.perf_counter()
-        verification[m] = verify(c["model"], c["names"], c["groups"], list(RandomBatches(vn, bs_per[m], seed=2, image_size=image)),
-                                 bs_per[m], alphas, full=m in full_models)
+        verification[m] = verify(c["model"], c["names"], c["groups"], list(RandomBatches(vn, args.bs_per[m], seed=2, image_size=args.image)),
+                                 args.bs_per[m], alphas, full=m in full_models)
         verification[m]["seconds"] = round(time.perf_counter() - start, 1)
         for row in verification[m]["per_alpha"]:
             print("  " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()), flush=True)
+    return verification
 
+
+def investigate_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """--investigate: micro-benchmarks, the float64 pass and the prototype accumulator's runs, per model."""
     investigation: dict[str, Any] = {}
-    if do_investigate:
-        for m in models:
+    if args.do_investigate:
+        for m in args.models_list:
             c = ctx[m]
             inf = min(x["seconds"] for x in c["runs"]["inference"])
             investigation[m] = {}
-            if all_methods:  # micro-benchmarks and the float64 pass only in a full run
+            if args.all_methods:  # micro-benchmarks and the float64 pass only in a full run
                 print(f"investigating the statistics pass: {m}", flush=True)
-                investigation[m] = investigate(m, bs_per[m], image_size=image)
+                investigation[m] = investigate(m, args.bs_per[m], image_size=args.image)
                 # the cost of the accurate alternative: float64 accumulation, same n, one run
                 with stats_timers() as timers:
                     seconds, mem, _ = measure(
-                        lambda: run_stats(c["model"], c["data"], c["names"], bs_per[m], None, "float64"))
+                        lambda: run_stats(c["model"], c["data"], c["names"], args.bs_per[m], None, "float64"))
                 investigation[m]["stats_exact_float64_accumulation"] = {
                     "seconds": round(seconds, 3), "ratio_over_inference": round(seconds / inf, 3),
                     "peak_mem_mb": None if mem is None else round(mem, 1),
@@ -305,33 +329,37 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             proto["exactly_symmetric"] = all(torch.equal(t, t.T) for t in new.grams.values())
             investigation[m]["prototype_accumulator"] = proto
             del c["proto_stats"]
+    return investigation
 
-    # ---------------- summary ----------------
+
+def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verification: dict[str, Any],
+              mem_children: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows (best run per model and method) and the per-model summary with the targets."""
     rows, summary = [], {}
-    for m in models:
+    for m in args.models_list:
         c = ctx[m]
         best = {}
-        for method in methods:
+        for method in args.method_list:
             runs = c["runs"][method]
             fastest = min(runs, key=lambda x: x["seconds"])
             mems = [x["peak_mem_mb"] for x in runs if x["peak_mem_mb"] is not None]
             best[method] = fastest
             rows.append({
-                "model": m, "method": method, "n_samples": n_per[m], "seconds": round(fastest["seconds"], 4),
+                "model": m, "method": method, "n_samples": args.n_per[m], "seconds": round(fastest["seconds"], 4),
                 "peak_mem_mb": round(max(mems), 1) if mems else None, "runs": len(runs),
                 "all_seconds": [round(x["seconds"], 4) for x in runs],
             })
         inf = best["inference"]["seconds"]
-        fwd = forward_flops_per_sample(m, image) * n_per[m]
-        gram_exact = gram_flops_per_sample(m, image_size=image) * n_per[m]
-        gram_sub = gram_flops_per_sample(m, args.cap, image_size=image) * n_per[m]
-        full = set(METHODS) <= set(methods)
+        fwd = forward_flops_per_sample(m, args.image) * args.n_per[m]
+        gram_exact = gram_flops_per_sample(m, image_size=args.image) * args.n_per[m]
+        gram_sub = gram_flops_per_sample(m, args.cap, image_size=args.image) * args.n_per[m]
+        full = set(METHODS) <= set(args.method_list)
         if not full:  # a partial run: only the ratios to inference
             summary[m] = {
-                "n_samples": n_per[m], "batch_size": bs_per[m], "methods": methods,
+                "n_samples": args.n_per[m], "batch_size": args.bs_per[m], "methods": args.method_list,
                 **{f"ratio_{k}_over_inference": round(best[k]["seconds"] / inf, 3)
-                   for k in methods if k in ("stats_exact", "stats_subsampled")},
-                **{f"{k}_breakdown_s": breakdown(best[k], inf) for k in methods if k.startswith("stats")},
+                   for k in args.method_list if k in ("stats_exact", "stats_subsampled")},
+                **{f"{k}_breakdown_s": breakdown(best[k], inf) for k in args.method_list if k.startswith("stats")},
             }
             continue
         timed_diff = max_relative_difference(c["ours"], c["ref"])
@@ -340,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ref_mem = max(x["peak_mem_mb"] or 0 for x in c["runs"]["reference_svd"])
         our_mem = max(x["peak_mem_mb"] or 0 for x in c["runs"]["stats_exact"])
         s = {
-            "n_samples": n_per[m], "batch_size": bs_per[m], "tokens_per_sample": tokens_per_sample(image), "token_cap": args.cap,
+            "n_samples": args.n_per[m], "batch_size": args.bs_per[m], "tokens_per_sample": tokens_per_sample(args.image), "token_cap": args.cap,
             "alpha": args.alpha, "groups": len(c["groups"]), "target_layers": len(c["names"]),
             "ratio_stats_exact_over_inference": round(best["stats_exact"]["seconds"] / inf, 3),
             "ratio_stats_subsampled_over_inference": round(best["stats_subsampled"]["seconds"] / inf, 3),
@@ -353,8 +381,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "stats_exact_peak_mem_mb": round(our_mem, 1),
             "memory_ratio_reference_over_stats_exact": round(ref_mem / our_mem, 2) if our_mem else None,
             "reference_stored_activations_mb": round(
-                sum(g.in_features for g in c["groups"][:-1]) * tokens_per_sample(image) * n_per[m] * 4 / 2**20
-                + c["groups"][-1].in_features * n_per[m] * 4 / 2**20, 1),
+                sum(g.in_features for g in c["groups"][:-1]) * tokens_per_sample(args.image) * args.n_per[m] * 4 / 2**20
+                + c["groups"][-1].in_features * args.n_per[m] * 4 / 2**20, 1),
             "max_rel_diff": check["gram_float64_vs_svd_float64"],
             "max_rel_diff_check": (f"accumulation_dtype=float64 Gram -> eigh vs float64 SVD of the stored activations, "
                                    f"alpha={args.alpha:g}, n={verification[m]['n_samples']}"),
@@ -364,10 +392,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "max_rel_diff_timed_runs_note": "library default (float32 Gram) vs reference_svd (float32 SVD), both at n",
             "frobenius_rel_diff_timed_runs": timed_diff["frobenius"],
             "flops": {
-                "forward_gflop_per_sample": round(forward_flops_per_sample(m, image) / 1e9, 3),
-                "gram_exact_gflop_per_sample": round(gram_flops_per_sample(m, image_size=image) / 1e9, 3),
-                "gram_subsampled_gflop_per_sample": round(gram_flops_per_sample(m, args.cap, image_size=image) / 1e9, 3),
-                "gram_full_gemm_gflop_per_sample": round(gram_flops_per_sample(m, block=None, image_size=image) / 1e9, 3),
+                "forward_gflop_per_sample": round(forward_flops_per_sample(m, args.image) / 1e9, 3),
+                "gram_exact_gflop_per_sample": round(gram_flops_per_sample(m, image_size=args.image) / 1e9, 3),
+                "gram_subsampled_gflop_per_sample": round(gram_flops_per_sample(m, args.cap, image_size=args.image) / 1e9, 3),
+                "gram_full_gemm_gflop_per_sample": round(gram_flops_per_sample(m, block=None, image_size=args.image) / 1e9, 3),
                 "inference_gflops_per_s": round(fwd / inf / 1e9, 1),
                 "stats_exact_gflops_per_s": round((fwd + gram_exact) / best["stats_exact"]["seconds"] / 1e9, 1),
                 "stats_subsampled_gflops_per_s": round((fwd + gram_sub) / best["stats_subsampled"]["seconds"] / 1e9, 1),
@@ -388,7 +416,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 "seconds": [round(small["seconds"], 2), round(large["seconds"], 2)],
             }
         summary[m] = s
+    return rows, summary
 
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env, wall_start = record_environment(args)
+    ctx = build_contexts(args)
+    time_methods(args, ctx)
+    mem_children = {} if args.no_mem_children else memory_children(args)
+    verification = verify_models(args, ctx)
+    investigation = investigate_models(args, ctx) if args.do_investigate else {}
+    rows, summary = summarise(args, ctx, verification, mem_children)
     env["loadavg_end"] = common.loadavg()
     env["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
     result = {
@@ -398,9 +441,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "investigation": investigation,
         "env": env,
         "config": {
-            "image_size": image, "patch_size": PATCH, "layers": LAYERS, "num_labels": LABELS, "dtype": "float32",
-            "repeats": repeats, "methods": methods, "command": " ".join(sys.argv), "slow_seconds": args.slow_seconds, "quick": args.quick,
-            "timing": "best of `runs` per method (after a one-batch warm-up), methods interleaved, order rotated per repeat",
+            "image_size": args.image, "patch_size": PATCH, "layers": LAYERS, "num_labels": LABELS, "dtype": "float32",
+            "repeats": args.repeat_count, "methods": args.method_list, "command": " ".join(sys.argv), "slow_seconds": args.slow_seconds, "quick": args.quick,
+            "timing": "best of `runs` per method (after a one-batch warm-up), args.method_list interleaved, order rotated per repeat",
             "peak_mem_mb": "max over runs of VmHWM - VmRSS(before) around the call, after gc + malloc_trim and a clear_refs HWM reset",
             "flops": "forward: L[2T(4h^2+2hm)+4T^2h] + 2(T-1)3p^2h + 2hC; Gram: per group 2 t sum_blocks (e-s)(d-s), 256-row blocks",
             "max_rel_diff": "max over projected layers of max|W_ours - W_ref| / max|W_ref|",
@@ -410,8 +453,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     print_table(rows, summary)
     common.write_json(out_dir / "speed.json", result, indent=2)
-    if not args.no_plot and all_methods:
-        plot(rows, summary, investigation, out_dir / "speed.png", image)
+    if not args.no_plot and args.all_methods:
+        plot(rows, summary, investigation, out_dir / "speed.png", args.image)
     print(f"wrote {out_dir / 'speed.json'} (wall {env['wall_seconds']} s)", flush=True)
     return result
 
