@@ -46,8 +46,8 @@ class SAPConfig:
                 "Which nn.Linear layers to project. None (default): every Linear of the backbone "
                 "(attention q/k/v/output and MLP layers of any ViT-family model). A str (Python/YAML) "
                 "is a regex that must fully match the module name; a list is a list of name suffixes; "
-                "'all-linear' selects every Linear of the backbone. The classifier head is governed by "
-                "`project_classifier`."
+                "'all-linear' selects every Linear of the backbone. A pattern that matches no backbone layer is "
+                "an error. The classifier head is governed by `project_classifier`; [] with it projects the head alone."
             )
         },
     )

@@ -33,6 +33,7 @@ logger = logging.get_logger(__name__)
 #: does not map (it knows no classifier for them): their encoder loads into this class, with a new head.
 PRETRAINING_ENCODERS: dict[str, type] = {"vit_mae": ViTForImageClassification}
 
+
 @dataclass
 class DataArguments:
     """Which data to train/correct/evaluate on."""

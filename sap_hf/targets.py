@@ -104,9 +104,7 @@ def find_target_modules(
     has_backbone = any(name not in heads for name in layers)
     if not selected or (has_backbone and not backbone and not head_only):
         listing = ", ".join(layers) if layers else "(the model has no nn.Linear layer)"
-        head_note = (
-            f" (only the classifier {sorted(heads)} would be projected)" if selected else ""
-        )
+        head_note = f" (only the classifier {sorted(heads)} would be projected)" if selected else ""
         raise ValueError(
             f"No backbone nn.Linear layer matches target_modules={target_modules!r}{head_note} "
             f"(exclude_modules={exclude_modules!r}, project_classifier={project_classifier}). "

@@ -15,8 +15,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sap_hf"
 RANK = {
     # math and leaves: no sap_hf import at all
     "projection": 0, "formatting": 0, "batching": 0, "targets": 0, "noise": 0, "models": 0, "cli_args": 0,
-    # configuration, statistics, data, reporting
-    "config": 1, "stats": 1, "data": 1, "hub": 1, "plotting": 1,
+    # configuration (imports the math's alpha check; anything above may read it)
+    "config": 0.5,
+    # statistics, data, reporting
+    "stats": 1, "data": 1, "hub": 1, "plotting": 1,
     # engine
     "evaluation": 2, "trusted": 2, "search": 2, "sources": 2,
     # entry points
