@@ -204,3 +204,47 @@ def test_sap_trainer_refuses_label_smoothing_with_a_robust_loss(tmp_path):
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1 cannot be combined"):
         SAPTrainer(model=tiny_model("vit", num_labels=3), args=_args(tmp_path, label_smoothing_factor=0.1),
                    train_dataset=random_examples(8), compute_loss_func=RobustLoss(LossConfig("sce")))
+
+
+def _recipe():
+    """The recipe module, imported in-process (one process, no `accelerate launch`)."""
+    import importlib.util
+    import sys
+
+    from test_recipe_cli import RECIPE
+
+    name = "sap_recipe_clothing1m"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, RECIPE)
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def test_recipe_trains_with_the_chosen_loss_and_records_it(tiny_clothing1m, tmp_path, capsys):
+    from test_recipe_cli import TINY
+
+    from transformers.utils import logging as hf_logging
+
+    out = tmp_path / "out"
+    verbosity = hf_logging.get_verbosity()
+    try:
+        summary = _recipe().main(["--data_dir", str(tiny_clothing1m), "--output_dir", str(out), *TINY,
+                                  "--loss", "sce", "--sce_beta", "0.5"])
+    finally:
+        hf_logging.set_verbosity(verbosity)  # the recipe turns on info logging
+    expected = {"loss": "sce", "sce_alpha": 0.1, "sce_beta": 0.5, "sce_log_zero": -4.0}
+    assert summary["training_loss"] == expected
+    assert "(loss=sce, sce_alpha=0.1, sce_beta=0.5, sce_log_zero=-4)" in capsys.readouterr().out
+    assert load_sap_record(out)["training_loss"] == expected
+    assert "symmetric cross-entropy (SCE, Wang et al. 2019) with sce_alpha=0.1, sce_beta=0.5" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--loss", "gce", "--label_smoothing_factor", "0.1"], "label_smoothing_factor=0.1 cannot be combined"),
+     (["--loss", "mae"], r"LossConfig\.loss='mae'"), (["--loss", "gce", "--gce_q", "2"], r"LossConfig\.gce_q=2")],
+)
+def test_recipe_rejects_bad_loss_arguments_before_reading_data(tmp_path, args, message):
+    with pytest.raises(ValueError, match=message):
+        _recipe().main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out"), *args])
