@@ -39,13 +39,24 @@ For every setting (40% symmetric noise; 40% asymmetric noise with
    Diagnostics on the training set: `noisy_fit` (share of mislabelled training images still
    predicted as their noisy label: how much memorised noise is left) and `clean_fit` (share of
    correctly labelled training images predicted correctly).
+4. Robust losses (`--methods robust_gce robust_sce robust_ls`): the same model, data and schedule trained
+   with a noise-robust loss at its paper's defaults (GCE q=0.7, `sap_hf.losses`; SCE alpha=0.1, beta=1,
+   A=-4, `sap_hf.losses`; label smoothing 0.1, transformers' `LabelSmoother`), cached under a name that
+   adds the loss to the training key. Rows per loss: `robust_<loss>` (the final model),
+   `robust_<loss>_best_epoch` (its best-val checkpoint), `robust_<loss>+sap` (SAP on it, by exactly the
+   protocol of `sap`: every rule x trusted_per_class x alpha_scope, alpha grid, choice on val) and the
+   diagnostic `robust_<loss>+sap[rule/k]` / `robust_<loss>+sap_per_kind[rule/k]`. `gain_vs_none` is
+   against the cross-entropy model `none`, `gain_vs_base` against the robust model itself (what SAP adds).
 
-Output: `<out_dir>/accuracy.json` ({"rows": [...], "summary", "purity", "runs", "curves", ...}),
-`<out_dir>/accuracy_alpha.png` (test/val accuracy against alpha for one seed per setting) and
-`<out_dir>/accuracy_methods.png` (mean +- std per method), and a table on stdout.
+Output: `<out_dir>/accuracy.json` ({"rows": [...], "summary", "purity", "robust", "runs",
+"robust_runs", ...}), `<out_dir>/accuracy_alpha.png` (test/val accuracy against alpha for one seed
+per setting), `<out_dir>/accuracy_methods.png` (mean +- std per method), `<out_dir>/accuracy_robust.png`
+(per loss: model, best epoch, + SAP), and tables on stdout.
 
-Run: python benchmarks/accuracy.py            (full run: 2 settings x 3 seeds, ~35 min on 2 cores;
-                                              add --cache_dir DIR to reuse trained models)
+Run: python benchmarks/accuracy.py            (full run: 'ce', 'robust_gce', 'robust_sce' x 2 settings x
+                                              3 seeds; add --cache_dir DIR to reuse trained models)
+     python benchmarks/accuracy.py --methods robust_gce robust_sce --cache_dir DIR
+                                             (only those rows, merged into the existing accuracy.json)
      python benchmarks/accuracy.py --quick    (smoke run, < 1 min)
 Workers: `--jobs` processes (default 2), each with `--threads` torch threads (default 1: on a
 shared 2-core machine, 2 threads per process are oversubscribed and run tens of times slower).
@@ -67,6 +78,13 @@ from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, me
 
 MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
 EXTRA_METHODS = ("sap_shared", "finetune_trusted_best", "sap+finetune")
+#: Noise-robust training losses of the `robust_<loss>` rows, at their papers' defaults (never tuned here):
+#: GCE q=0.7 (Zhang & Sabuncu 2018), SCE alpha=0.1, beta=1, A=-4 (Wang et al. 2019), label smoothing 0.1.
+ROBUST_LOSSES = ("gce", "sce", "ls")
+LABEL_SMOOTHING = 0.1
+#: Row groups `--methods` can compute: "ce" (every cross-entropy row above) and one group per robust loss.
+METHOD_GROUPS = ("ce", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
+DEFAULT_METHOD_GROUPS = ("ce", "robust_gce", "robust_sce")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +95,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SAPConfig.alpha_scope values tried for every trusted set (the val-best one is 'sap')")
     parser.add_argument("--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots/table from <out_dir>/accuracy.json")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHOD_GROUPS),
+                        help="row groups to compute: 'ce' (the cross-entropy model: none, best_epoch, sap, fine-tuning) "
+                             "and robust_<loss> (gce, sce, ls: that loss's model, its best epoch, SAP on it). Default: "
+                             f"{' '.join(DEFAULT_METHOD_GROUPS)} ('ce' with --quick), written as a new accuracy.json. Given "
+                             "explicitly, only those are computed and their rows are merged into <out_dir>/accuracy.json "
+                             "(the other rows are kept).")
     args = common.finish_args(parser.parse_args(argv), argv)
+    args.merge = args.methods is not None
+    args.methods = list(dict.fromkeys(args.methods or (["ce"] if args.quick else DEFAULT_METHOD_GROUPS)))
     if args.quick:
         args.trusted_per_class = [3]
     if args.plot_seed is None:
@@ -90,41 +116,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
-def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namespace, timing: dict[str, Any]) -> list[dict]:
+    """`sap_correct` on the trusted set of every rule x `--trusted_per_class` x `--alpha_scopes`, alpha on val.
+
+    `run` is a `prepare_run` result (its model is left at `final_state`'s weights only between
+    candidates: reload it after). One candidate per (rule, per_class, scope), in that order (ties on val
+    go to the earlier one), with its val/test accuracy, fit diagnostics, trusted indices, purity and
+    corrected `state`; a rule that cannot fill every class gives `{"rule", "per_class", "error"}`.
+    """
     import torch
 
-    from sap_hf import SAPConfig, find_target_modules, sap_correct, select_trusted
+    from sap_hf import SAPConfig, sap_correct, select_trusted
 
-    run = prepare_run(setting, seed, args)
-    data, train_set, config, model, early_model, trained, timing, started = (
-        run[k] for k in ("data", "train_set", "config", "model", "early_model", "trained", "timing", "started"))
-    noise_type, rate = run["noise_type"], run["noise_rate"]
-    clock = time.perf_counter()
-    final_state = copy.deepcopy(model.state_dict())
+    data, model, early_model, config, train_set = (run[k] for k in ("data", "model", "early_model", "config", "train_set"))
 
-    def test_acc(m: Any) -> float:
-        return accuracy(m, data["test_x"], data["test_y"])
-
-    def val_acc(m: Any) -> float:
-        return accuracy(m, data["val_x"], data["val_y"])
-
-    base = {"setting": setting, "seed": seed}
-    none_val, none_test = val_acc(model), test_acc(model)
-    train_noisy_acc = accuracy(model, data["train_x"], data["train_y"])
-    none_fit = fit_diagnostics(model, data)
-    rows = [
-        dict(base, method="none", test_accuracy=none_test, val_accuracy=none_val, train_noisy_accuracy=train_noisy_acc,
-             epochs=args.epochs, **none_fit),
-        dict(base, method="best_epoch", test_accuracy=test_acc(early_model), val_accuracy=trained["best"]["val_accuracy"],
-             epoch=trained["best"]["epoch"], **fit_diagnostics(early_model, data)),
-    ]
-
-    # ---- SAP: every (rule, per_class) trusted set, alpha searched on val by sap_correct ----
     def evaluate_fn(m: Any) -> dict[str, float]:
-        return {"accuracy": val_acc(m)}
+        return {"accuracy": accuracy(m, data["val_x"], data["val_y"])}
 
-    timing["baselines"] = time.perf_counter() - clock
-    timing["sap"], timing["sap_test_curves"], timing["finetune"] = {}, 0.0, {}
+    timing["sap"] = {}
     candidates = []
     for rule in args.rules:
         for per_class in args.trusted_per_class:
@@ -151,11 +160,55 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
                     "purity": purity, "indices": selection.indices,
                     "alpha": result.alpha, "kind_alphas": result.kind_alphas,
                     "val_accuracy": result.final_metrics["accuracy"],
-                    "test_accuracy": test_acc(model), **fit_diagnostics(model, data),
+                    "test_accuracy": accuracy(model, data["test_x"], data["test_y"]), **fit_diagnostics(model, data),
                     "val_curve": [round(m["accuracy"], 4) for m in result.rounds[0].metrics],
                     "state": copy.deepcopy(model.state_dict()),
                 })
             timing["sap"][f"{rule}/{per_class}"] = time.perf_counter() - clock
+    return candidates
+
+
+def sap_row(base: dict[str, Any], method: str, c: dict) -> dict:
+    """The row of one SAP candidate (`sap_candidates`)."""
+    return dict(base, method=method, test_accuracy=c["test_accuracy"], val_accuracy=c["val_accuracy"],
+                alpha=c["alpha"], alpha_scope=c["scope"], kind_alphas=c["kind_alphas"], rule=c["rule"],
+                trusted_per_class=c["per_class"], num_trusted=c["num_trusted"],
+                purity=c["purity"], noisy_fit=c["noisy_fit"], clean_fit=c["clean_fit"])
+
+
+def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from sap_hf import find_target_modules
+
+    run = prepare_run(setting, seed, args)
+    data, train_set, config, model, early_model, trained, timing, started = (
+        run[k] for k in ("data", "train_set", "config", "model", "early_model", "trained", "timing", "started"))
+    noise_type, rate = run["noise_type"], run["noise_rate"]
+    clock = time.perf_counter()
+    final_state = copy.deepcopy(model.state_dict())
+
+    def test_acc(m: Any) -> float:
+        return accuracy(m, data["test_x"], data["test_y"])
+
+    def val_acc(m: Any) -> float:
+        return accuracy(m, data["val_x"], data["val_y"])
+
+    base = {"setting": setting, "seed": seed}
+    none_val, none_test = val_acc(model), test_acc(model)
+    train_noisy_acc = accuracy(model, data["train_x"], data["train_y"])
+    none_fit = fit_diagnostics(model, data)
+    rows = [
+        dict(base, method="none", test_accuracy=none_test, val_accuracy=none_val, train_noisy_accuracy=train_noisy_acc,
+             epochs=args.epochs, **none_fit),
+        dict(base, method="best_epoch", test_accuracy=test_acc(early_model), val_accuracy=trained["best"]["val_accuracy"],
+             epoch=trained["best"]["epoch"], **fit_diagnostics(early_model, data)),
+    ]
+
+    # ---- SAP: every (rule, per_class) trusted set, alpha searched on val by sap_correct ----
+    timing["baselines"] = time.perf_counter() - clock
+    timing["sap_test_curves"], timing["finetune"] = 0.0, {}
+    candidates = sap_candidates(run, final_state, args, timing)
     model.load_state_dict(final_state)
 
     usable = [c for c in candidates if "error" not in c]
@@ -166,12 +219,6 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     chosen_shared = max(shared, key=lambda c: c["val_accuracy"]) if shared else None
     x_of = lambda c: data["train_x"][torch.tensor(c["indices"])]
     y_of = lambda c: data["train_y"][torch.tensor(c["indices"])]
-
-    def sap_row(method: str, c: dict) -> dict:
-        return dict(base, method=method, test_accuracy=c["test_accuracy"], val_accuracy=c["val_accuracy"],
-                    alpha=c["alpha"], alpha_scope=c["scope"], kind_alphas=c["kind_alphas"], rule=c["rule"],
-                    trusted_per_class=c["per_class"], num_trusted=c["num_trusted"],
-                    purity=c["purity"], noisy_fit=c["noisy_fit"], clean_fit=c["clean_fit"])
 
     def ft_row(method: str, c: dict, ft: dict) -> dict:
         return dict(base, method=method, test_accuracy=ft["test_accuracy"], val_accuracy=ft["val_accuracy"],
@@ -209,11 +256,11 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
             timing["finetune"][f"{c['rule']}/{c['per_class']}"] = time.perf_counter() - clock
             rows.append(ft_row(f"finetune_trusted[{c['rule']}/{c['per_class']}]", c, finetunes[key]))
         prefix = "sap" if c["scope"] == "shared" else f"sap_{c['scope']}"
-        rows.append(sap_row(f"{prefix}[{c['rule']}/{c['per_class']}]", c))
+        rows.append(sap_row(base, f"{prefix}[{c['rule']}/{c['per_class']}]", c))
     if chosen is not None:
-        rows.append(sap_row("sap", chosen))
+        rows.append(sap_row(base, "sap", chosen))
         if chosen_shared is not None and "per_kind" in args.alpha_scopes:
-            rows.append(sap_row("sap_shared", chosen_shared))
+            rows.append(sap_row(base, "sap_shared", chosen_shared))
         rows.append(ft_row("finetune_trusted", chosen, finetunes[(chosen["rule"], chosen["per_class"])]))
         # SAP, then the same fine-tuning grid on the same trusted samples (a composition, not a baseline).
         rows.append(ft_row("sap+finetune", chosen, finetune_grid(model, chosen["state"], x_of(chosen), y_of(chosen), data, args, seed)))
@@ -238,10 +285,88 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     }
 
 
-def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
-    setting, seed, args = task
-    result = run_one(setting, seed, args)
-    print(f"[accuracy] {setting} seed {seed} done in {result['run']['seconds']:.0f}s "
+def robust_loss(name: str) -> tuple[Any, str, dict[str, Any]]:
+    """The `BatchLoss` of `robust_<name>`, its model-cache tag and its parameters.
+
+    GCE and SCE come from `sap_hf.losses` (what `Trainer(compute_loss_func=...)` gets); label
+    smoothing is transformers' own `LabelSmoother` (what `TrainingArguments.label_smoothing_factor` uses).
+    """
+    if name == "ls":
+        from transformers.trainer_pt_utils import LabelSmoother
+
+        smoother = LabelSmoother(epsilon=LABEL_SMOOTHING)
+        params: dict[str, Any] = {"loss": "ce", "label_smoothing_factor": LABEL_SMOOTHING}
+
+        def loss_fn(logits: Any, labels: Any, *, indices: Any = None, epoch: int = 0) -> Any:
+            return smoother({"logits": logits}, labels)
+    else:
+        from sap_hf.losses import LossConfig, RobustLoss
+
+        loss_config = LossConfig(loss=name)
+        robust = RobustLoss(loss_config)
+        params = {"loss": name, **loss_config.parameters()}
+
+        def loss_fn(logits: Any, labels: Any, *, indices: Any = None, epoch: int = 0) -> Any:
+            return robust(logits, labels)
+    tag = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return loss_fn, tag, params
+
+
+def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> dict[str, Any]:
+    """The `robust_<loss>` rows of one (setting, seed): the same schedule trained with that loss, its best epoch,
+    and SAP on it (`sap_candidates`: the same trusted sets, scopes, alpha grid and choice on val as `sap`).
+
+    `gain_vs_none` is against the cross-entropy model of the same (setting, seed) (`none`), `gain_vs_base`
+    against the robust model itself (what SAP adds on top of the loss).
+    """
+    loss_fn, tag, params = robust_loss(loss)
+    reference = prepare_run(setting, seed, args)  # the cross-entropy model (cached): `none`
+    none_test = accuracy(reference["model"], reference["data"]["test_x"], reference["data"]["test_y"])
+    del reference
+    run = prepare_run(setting, seed, args, loss_fn=loss_fn, cache_tag=tag)
+    data, model, early_model, trained, timing = (run[k] for k in ("data", "model", "early_model", "trained", "timing"))
+    final_state = copy.deepcopy(model.state_dict())
+    name = f"robust_{loss}"
+    base = {"setting": setting, "seed": seed, "loss": loss, "loss_params": params}
+    base_test = accuracy(model, data["test_x"], data["test_y"])
+    train_noisy_acc = accuracy(model, data["train_x"], data["train_y"])
+    rows = [
+        dict(base, method=name, test_accuracy=base_test, val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
+             train_noisy_accuracy=train_noisy_acc, epochs=args.epochs, **fit_diagnostics(model, data)),
+        dict(base, method=f"{name}_best_epoch", test_accuracy=accuracy(early_model, data["test_x"], data["test_y"]),
+             val_accuracy=trained["best"]["val_accuracy"], epoch=trained["best"]["epoch"],
+             **fit_diagnostics(early_model, data)),
+    ]
+    candidates = sap_candidates(run, final_state, args, timing)
+    model.load_state_dict(final_state)
+    usable = [c for c in candidates if "error" not in c]
+    for c in usable:
+        prefix = f"{name}+sap" if c["scope"] == "shared" else f"{name}+sap_{c['scope']}"
+        rows.append(sap_row(base, f"{prefix}[{c['rule']}/{c['per_class']}]", c))
+    if usable:
+        rows.append(sap_row(base, f"{name}+sap", max(usable, key=lambda c: c["val_accuracy"])))
+    for row in rows:
+        row["gain_vs_none"] = row["test_accuracy"] - none_test
+        row["gain_vs_base"] = row["test_accuracy"] - base_test
+    return {
+        "setting": setting, "seed": seed, "loss": loss, "rows": rows,
+        "run": {
+            "setting": setting, "seed": seed, "loss": loss, "loss_params": params, "cache_tag": tag,
+            "train_noisy_accuracy": train_noisy_acc, "train_seconds": trained["seconds"],
+            "best_epoch": trained["best"]["epoch"], "val_history": trained["history"],
+            "candidates": [{k: v for k, v in c.items() if k not in ("indices", "state")} for c in candidates],
+            "seconds": time.perf_counter() - run["started"], "timing": timing,
+        },
+    }
+
+
+def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
+    setting, seed, args, group = task
+    if group == "ce":
+        result = run_one(setting, seed, args)
+    else:
+        result = run_robust(setting, seed, args, group.removeprefix("robust_"))
+    print(f"[accuracy] {group} {setting} seed {seed} done in {result['run']['seconds']:.0f}s "
           f"(train fit on noisy labels {result['run']['train_noisy_accuracy']:.3f})", flush=True)
     return result
 
@@ -259,6 +384,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             chosen = [r for r in rows if r["setting"] == setting and r["method"] == method]
             entry = {"test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
                      "gain_vs_none": mean_std([r["gain_vs_none"] for r in chosen])}
+            if all("gain_vs_base" in r for r in chosen):  # robust_<loss> rows: against the robust model itself
+                entry["gain_vs_base"] = mean_std([r["gain_vs_base"] for r in chosen])
             if all("purity" in r for r in chosen):
                 entry["purity"] = mean_std([r["purity"] for r in chosen])
             keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch")
@@ -306,11 +433,13 @@ def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict
     pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
     for setting, methods in summary.items():
         fits = [r["train_noisy_accuracy"] for r in runs if r["setting"] == setting]
+        if not fits:  # only robust_<loss> rows (print_robust_table)
+            continue
         print(f"\n== {setting}: test accuracy (%), mean ± std over {len(fits)} seed(s); "
               f"memorised model fits {100 * statistics.fmean(fits):.1f}% of the noisy training labels ==")
         print(f"{'method':34s} {'test acc':>14s} {'gain vs none':>14s}  choices (per seed)")
         for method, entry in methods.items():
-            if "[" in method:
+            if "[" in method or method.startswith("robust_"):
                 continue
             choices = " ".join(_choice(setting_rows) for setting_rows in entry.get("choices", []))
             print(f"{method:34s} {pct(entry['test_accuracy']):>14s} {pct(entry['gain_vs_none']):>14s}  {choices}")
@@ -319,6 +448,84 @@ def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict
             per_kind = pct(entry["sap_per_kind_gain"]) if "sap_per_kind_gain" in entry else "-"
             print(f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {per_kind:>14s} "
                   f"{pct(entry['finetune_gain']):>14s}")
+
+
+def _unchanged(row: dict[str, Any]) -> bool:
+    """True when the val-chosen SAP candidate left the model as it was ("no change" won on val)."""
+    return row.get("alpha") is None and all(a is None for a in (row.get("kind_alphas") or {}).values())
+
+
+def robust_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per setting and loss ('ce' = the plain rows): fit of the noisy labels, the trained model, its best epoch,
+    SAP on it, SAP's gain over the model (mean, std, per seed) and the seeds where SAP kept the model unchanged."""
+    out: dict[str, Any] = {}
+    settings = dict.fromkeys(r["setting"] for r in rows)
+    losses = ["ce"] + [loss for loss in ROBUST_LOSSES if any(r.get("loss") == loss for r in rows)]
+    for setting in settings:
+        for loss in losses:
+            names = (("none", "best_epoch", "sap") if loss == "ce" else
+                     (f"robust_{loss}", f"robust_{loss}_best_epoch", f"robust_{loss}+sap"))
+            by_seed: dict[int, dict[str, dict]] = {}
+            for r in rows:
+                if r["setting"] == setting and r["method"] in names:
+                    by_seed.setdefault(r["seed"], {})[r["method"]] = r
+            seeds = sorted(seed for seed, found in by_seed.items() if set(names) <= set(found))
+            if not seeds:
+                continue
+            model, best, sap = ([by_seed[seed][n] for seed in seeds] for n in names)
+            gains = [s["test_accuracy"] - m["test_accuracy"] for s, m in zip(sap, model)]
+            out.setdefault(setting, {})[loss] = {
+                "seeds": seeds,
+                "train_noisy_accuracy": mean_std([m["train_noisy_accuracy"] for m in model]),
+                "noisy_fit": mean_std([m["noisy_fit"] for m in model]),
+                "model": mean_std([m["test_accuracy"] for m in model]),
+                "best_epoch": mean_std([b["test_accuracy"] for b in best]),
+                "sap": mean_std([s["test_accuracy"] for s in sap]),
+                "sap_gain": mean_std(gains),
+                "sap_gain_per_seed": gains,
+                "sap_unchanged_seeds": [seed for seed, s in zip(seeds, sap) if _unchanged(s)],
+                "sap_choices": [_choice(s) for s in sap],
+                "best_epochs": [b["epoch"] for b in best],
+            }
+    return out
+
+
+def print_robust_table(robust: dict[str, Any]) -> None:
+    if not any(set(losses) - {"ce"} for losses in robust.values()):
+        return
+    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
+    print("\n== Robust losses: test accuracy (%), mean ± std over seeds; SAP gain = <loss>+sap - <loss> (points) ==")
+    print(f"{'setting':8s} {'loss':5s} {'noisy fit':>10s} {'model':>14s} {'best_epoch':>14s} {'+SAP':>14s} "
+          f"{'SAP gain':>14s}  per seed / unchanged seeds / choices")
+    for setting, losses in robust.items():
+        for loss, e in losses.items():
+            per_seed = " ".join(f"{100 * g:+.1f}" for g in e["sap_gain_per_seed"])
+            print(f"{setting:8s} {loss:5s} {100 * e['train_noisy_accuracy']['mean']:9.1f}% {pct(e['model']):>14s} "
+                  f"{pct(e['best_epoch']):>14s} {pct(e['sap']):>14s} {pct(e['sap_gain']):>14s}  {per_seed} / "
+                  f"{e['sap_unchanged_seeds'] or '-'} / {' '.join(e['sap_choices'])}")
+
+
+def plot_robust(robust: dict[str, Any], out_dir: Path) -> list[str]:
+    """Bars per loss: the trained model, its best epoch, SAP on it (mean ± std over seeds), one panel per setting."""
+    plt = common.pyplot()
+    if plt is None or not any(set(losses) - {"ce"} for losses in robust.values()):
+        return []
+    figure, axes = plt.subplots(1, len(robust), figsize=(5.5 * len(robust), 4), squeeze=False)
+    bars = (("model", "trained model", "grey"), ("best_epoch", "best epoch (val)", "green"), ("sap", "+ SAP (val)", "red"))
+    for axis, (setting, losses) in zip(axes[0], robust.items()):
+        names = list(losses)
+        for j, (key, label, color) in enumerate(bars):
+            axis.bar([i + (j - 1) * 0.27 for i in range(len(names))], [100 * losses[n][key]["mean"] for n in names], 0.27,
+                     yerr=[100 * losses[n][key]["std"] for n in names], capsize=3, color=color, alpha=0.75, label=label)
+        axis.set_xticks(range(len(names)), [f"{n}\n(fit {100 * losses[n]['train_noisy_accuracy']['mean']:.0f}%)" for n in names])
+        axis.set_ylabel("clean test accuracy (%)")
+        axis.set_title(f"{setting}: training loss, then SAP", fontsize=9)
+        axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path = out_dir / "accuracy_robust.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return [str(path)]
 
 
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[str, Any], alphas: list[float],
@@ -387,11 +594,27 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
 
 
 def replot(out_dir: Path) -> None:
-    """Redraw the figures and reprint the table from an existing accuracy.json (no training)."""
+    """Redraw the figures and reprint the tables from an existing accuracy.json (no training)."""
     record = json.loads((out_dir / "accuracy.json").read_text())
     config = record["config"]
     plot(record["rows"], record["runs"], record["summary"], config["alphas"], config["plot_seed"], out_dir)
+    plot_robust(record.get("robust", {}), out_dir)
     print_table(record["summary"], record["purity"], record["runs"])
+    print_robust_table(record.get("robust", {}))
+
+
+def _group(row: dict[str, Any]) -> str:
+    """The `--methods` group a row belongs to."""
+    return f"robust_{row['loss']}" if "loss" in row else "ce"
+
+
+def merge(existing: dict[str, Any], rows: list[dict], runs: list[dict], robust_runs: list[dict]) -> tuple[list, list, list]:
+    """Rows/runs of `existing` (an accuracy.json) whose (setting, seed, group) was not recomputed, plus the new ones."""
+    computed = {(r["setting"], r["seed"], _group(r)) for r in rows}
+    keep = [r for r in existing.get("rows", []) if (r["setting"], r["seed"], _group(r)) not in computed]
+    keep_runs = [r for r in existing.get("runs", []) if (r["setting"], r["seed"], "ce") not in computed]
+    keep_robust = [r for r in existing.get("robust_runs", []) if (r["setting"], r["seed"], f"robust_{r['loss']}") not in computed]
+    return keep + rows, keep_runs + runs, keep_robust + robust_runs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -402,33 +625,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         replot(out_dir)
         return {}
     started = time.perf_counter()
-    tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
+    path = out_dir / "accuracy.json"
+    existing = json.loads(path.read_text()) if args.merge and path.exists() else {}
+    tasks = [(setting, seed, args, group) for group in args.methods for seed in args.seeds for setting in args.settings]
     results = common.run_tasks(_worker, tasks, args.jobs)
-    results.sort(key=lambda r: (args.settings.index(r["setting"]), r["seed"]))
+    order = {group: i for i, group in enumerate(args.methods)}
+    results.sort(key=lambda r: (order["robust_" + r["loss"] if "loss" in r else "ce"], args.settings.index(r["setting"]), r["seed"]))
     rows = [row for result in results for row in result["rows"]]
-    runs = [result["run"] for result in results]
+    runs = [result["run"] for result in results if "loss" not in result]
+    robust_runs = [result["run"] for result in results if "loss" in result]
+    rows, runs, robust_runs = merge(existing, rows, runs, robust_runs)
     summary = summarise(rows)
     purity = purity_table(rows)
+    robust = robust_table(rows)
 
     from sap_hf.noise import FASHION_MNIST_ASYMMETRIC_MAP
 
+    config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "merge")}
+    settings = dict.fromkeys([*existing.get("settings", {}), *args.settings])
     record = {
         "rows": rows,
         "summary": summary,
         "purity": purity,
+        "robust": robust,
         "runs": runs,
-        "settings": {name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in args.settings},
+        "robust_runs": robust_runs,
+        "settings": {name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in settings},
         "asymmetric_map": {"name": "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP",
                            "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()}},
-        "config": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        # The arguments of the run that computed the 'ce' rows (config) and the robust_<loss> rows (config_robust).
+        "config": config if "ce" in args.methods or "config" not in existing else existing["config"],
+        "config_robust": (config if any(g != "ce" for g in args.methods) else existing.get("config_robust")),
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }
     if not args.no_plot:
-        written = plot(rows, runs, summary, list(args.alphas), args.plot_seed, out_dir)
+        written = plot(rows, runs, summary, list(record["config"]["alphas"]), record["config"]["plot_seed"], out_dir)
+        written += plot_robust(robust, out_dir)
         record["plots"] = [os.path.relpath(p, out_dir) for p in written]
-    path = common.write_json(out_dir / "accuracy.json", record)
+    common.write_json(path, record)
     print_table(summary, purity, runs)
+    print_robust_table(robust)
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 

@@ -7,8 +7,10 @@
 
 Without `--data_dir` it runs on the embedded default (real Fashion-MNIST images with 40%
 symmetric label noise, a tiny ViT trained from scratch), configured by
-`recipes/configs/default.yaml`. Any argument of `ScriptArguments`, `TrainingArguments` or
-`SAPConfig` can be given on the command line or in a YAML `--config`.
+`recipes/configs/default.yaml`. Any argument of `ScriptArguments`, `TrainingArguments`,
+`SAPConfig` or `LossConfig` can be given on the command line or in a YAML `--config`:
+`--loss gce --gce_q 0.7` or `--loss sce` trains with a noise-robust loss before SAP,
+`--label_smoothing_factor 0.1` (with the default `--loss ce`) with label smoothing.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from transformers.utils import logging
 from sap_hf import ActivationStats, SAPConfig
 from sap_hf.api import check_stats_path
 from sap_hf.cli_args import parse_with_config
+from sap_hf.formatting import format_result_alphas
+from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
 from sap_hf.plotting import plot_alpha_curve
 from sap_hf.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
-from sap_hf.formatting import format_result_alphas
 from sap_hf.trainer import SAPTrainer
 
 logger = logging.get_logger("sap_hf.recipes.clothing1m")
@@ -49,15 +52,20 @@ class ScriptArguments(DataArguments, ModelArguments):
     )
 
 
+ARGUMENT_TYPES = (ScriptArguments, TrainingArguments, SAPConfig, LossConfig)
+"""Every dataclass the recipe parses, in the order `main` unpacks them (command line and YAML)."""
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # Without this, TrainingArguments treats N CPU processes as N independent runs (NOT_PARALLEL);
         # use_cpu makes them one gloo (MULTI_CPU) job.
         argv = ["--use_cpu", "true", *argv]
-    script_args, training_args, sap_config = parse_with_config(
-        (ScriptArguments, TrainingArguments, SAPConfig), argv, default_config=DEFAULT_CONFIG
+    script_args, training_args, sap_config, loss_config = parse_with_config(
+        ARGUMENT_TYPES, argv, default_config=DEFAULT_CONFIG
     )
+    loss_func = make_loss_func(loss_config, training_args.label_smoothing_factor)  # raises before any data is read
     logging.set_verbosity_info() if training_args.should_log else None
     set_seed(training_args.seed)
     default_stats = script_args.stats_path is None
@@ -75,6 +83,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         eval_dataset=prepare(splits.validation, eval_transform),
         data_collator=default_data_collator,
         processing_class=processor,
+        compute_loss_func=loss_func,
         sap_config=sap_config,
         base_model_name=script_args.model_name_or_path,
     )
@@ -96,6 +105,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     }
     summary = {
         "dataset": splits.name,
+        "training_loss": training_loss_record(loss_func, training_args.label_smoothing_factor),
         "chosen_alpha": result.alpha,
         "chosen_kind_alphas": result.kind_alphas,
         "val_accuracy_before": result.baseline_metrics.get("accuracy"),
@@ -109,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         plot_alpha_curve(result, output_dir / "sap_alpha_curve.png")
         (output_dir / "sap_summary.json").write_text(json.dumps(summary, indent=2))
         print(
-            f"[sap_hf] {splits.name}: clean-test accuracy before SAP {_fmt(summary['test_accuracy_before'])}, "
+            f"[sap_hf] {splits.name} ({_loss(summary['training_loss'])}): "
+            f"clean-test accuracy before SAP {_fmt(summary['test_accuracy_before'])}, "
             f"after SAP {_fmt(summary['test_accuracy_after'])} (alpha={format_result_alphas(result)}, "
             f"val {_fmt(summary['val_accuracy_before'])} -> {_fmt(summary['val_accuracy_after'])})"
         )
@@ -136,6 +147,11 @@ def _drop_stale_stats(path: Path, model: Any) -> None:
 
 def _fmt(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _loss(record: dict) -> str:
+    """`loss=gce, gce_q=0.7` or `loss=ce, label_smoothing_factor=0`."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Noise Robustness", AAAI 2025 (arXiv 2403.08618).
 from .api import SAPResult, sap_correct, sap_project
 from .config import SAPConfig
 from .evaluation import accuracy_evaluator, evaluate_accuracy
+from .losses import LossConfig, RobustLoss
 from .projection import (
     Eigenbasis,
     eigendecompose,
@@ -29,6 +30,8 @@ __all__ = [
     "ActivationStats",
     "AlphaSearchResult",
     "Eigenbasis",
+    "LossConfig",
+    "RobustLoss",
     "SAPConfig",
     "SAPResult",
     "SAPTrainer",

@@ -20,6 +20,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .formatting import format_alpha, format_kind_alphas
+from .losses import describe_training_loss
 
 logger = logging.get_logger(__name__)
 
@@ -53,7 +54,7 @@ pass, and projected every targeted weight onto the trusted activation space,
 chosen on a clean evaluation split.
 
 - {alpha_label}: {alphas}{kind_alphas}
-- Result: {verdict}
+- Result: {verdict}{training_loss}
 
 ## Results
 
@@ -164,6 +165,10 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
     content = CARD_TEMPLATE.format(
         model_name=model_name,
         base_model=record.get("base_model") or "trained from scratch",
+        training_loss=(
+            f"\n- Training loss (on the noisy labels, before SAP): {describe_training_loss(record['training_loss'])}"
+            if record.get("training_loss") else ""
+        ),
         num_trusted=record.get("num_trusted", 0),
         rule=record.get("config", {}).get("selection_rule", "loss"),
         per_class=(min(per_class.values()) if per_class else record.get("config", {}).get("trusted_per_class")),

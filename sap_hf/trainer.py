@@ -21,6 +21,7 @@ from .api import SAPResult, sap_correct
 from .batching import batch_labels, first_example_batch
 from .config import SAPConfig
 from .hub import sap_record, staged_save, write_sap_files
+from .losses import check_label_smoothing, training_loss_record
 
 logger = logging.get_logger(__name__)
 
@@ -54,7 +55,9 @@ class SAPTrainer(Trainer):
         sap_config: the `SAPConfig` of the correction (defaults to `SAPConfig()`).
         base_model_name: recorded in the SAP record and model card (`base_model`).
         Other arguments are those of `transformers.Trainer`. Without `compute_metrics`,
-        accuracy is used.
+        accuracy is used. A noise-robust loss goes in as usual, e.g.
+        `compute_loss_func=sap_hf.losses.RobustLoss(LossConfig(loss="gce"))`; once this trainer
+        has trained, the SAP record and card say which loss it was (`training_loss`).
     """
 
     def __init__(self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any):
@@ -62,6 +65,7 @@ class SAPTrainer(Trainer):
         if kwargs["compute_metrics"] is None:
             kwargs["compute_metrics"] = accuracy_metrics
         super().__init__(*args, **kwargs)
+        check_label_smoothing(self.compute_loss_func, self.args.label_smoothing_factor)
         self.sap_config = sap_config or SAPConfig()
         self.base_model_name = base_model_name
         self.sap_result: Optional[SAPResult] = None
@@ -166,7 +170,10 @@ class SAPTrainer(Trainer):
     def sap_record(self) -> dict[str, Any]:
         if self.sap_result is None:
             raise ValueError("No SAP correction yet: call trainer.correct() first.")
-        return sap_record(self.sap_result, self.base_model_name, self.sap_extra_record)
+        extra = dict(self.sap_extra_record)
+        if self.state.global_step > 0:  # this trainer trained the model: say with which loss
+            extra.setdefault("training_loss", training_loss_record(self.compute_loss_func, self.args.label_smoothing_factor))
+        return sap_record(self.sap_result, self.base_model_name, extra)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """The SAP card (what SAP did, the numbers, tags, citation) once corrected; Trainer's otherwise."""

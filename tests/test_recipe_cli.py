@@ -180,23 +180,20 @@ def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path):
 def test_yaml_configs_parse_and_cli_overrides(tmp_path):
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
-    from transformers import TrainingArguments
-
-    from sap_hf import SAPConfig
     from sap_hf.cli_args import parse_with_config
 
     import yaml
     from transformers import HfArgumentParser
 
-    types = (clothing1m.ScriptArguments, TrainingArguments, SAPConfig)
+    types = clothing1m.ARGUMENT_TYPES
     known = {action.dest for action in HfArgumentParser(types)._actions}
     for config in sorted((RECIPE.parent / "configs").glob("*.yaml")):  # GPU configs (bf16) only checked for keys
         assert set(yaml.safe_load(config.read_text())) <= known, config.name
-    script, training, sap = parse_with_config(types, ["--config", str(RECIPE.parent / "configs" / "default.yaml")])
+    script, training, sap, _ = parse_with_config(types, ["--config", str(RECIPE.parent / "configs" / "default.yaml")])
     assert training.output_dir and sap.alphas and script.noise_rate == 0.4
     custom = tmp_path / "custom.yaml"
     custom.write_text("output_dir: /tmp/x\ntarget_modules: '.*mlp\\.fc[12]'\nalphas: [10.0, 100.0]\n")
-    script, training, sap = parse_with_config(types, ["--config", str(custom), "--alphas", "5"])
+    script, training, sap, _ = parse_with_config(types, ["--config", str(custom), "--alphas", "5"])
     assert sap.target_modules == r".*mlp\.fc[12]" and sap.alphas == [5.0]
     custom.write_text("output_dir: /tmp/x\nnot_a_field: 1\n")
     with pytest.raises(ValueError, match="not_a_field"):
