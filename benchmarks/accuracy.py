@@ -26,6 +26,9 @@ For every setting (40% symmetric noise; 40% asymmetric noise with
    finetune_trusted       full fine-tuning of the same model on EXACTLY the trusted samples `sap` chose
                           (the paper's Finetune baseline); lr x epochs picked on validation.
    sap+finetune           `sap`'s model, then the same fine-tuning grid on the same samples (a composition).
+   sap+refine             `sap`'s model, its label audit (`sap_hf.audit_labels`), then `sap_hf.refine`: fine-tuning
+                          on the training set without the suspected labels ('remove') or with the confident ones
+                          relabelled ('relabel'); mode, lr and length picked on validation (--refine_* arguments).
    sap[rule/k], sap_per_kind[rule/k]  diagnostic rows: SAP restricted to one trusted set and scope.
    finetune_trusted[rule/k]  the same for fine-tuning; `finetune_trusted_best` is the best of these
                           by validation accuracy (the strongest fine-tuning baseline).
@@ -58,6 +61,10 @@ Run: python benchmarks/accuracy.py            (full run: 'ce', 'robust_gce', 'ro
      python benchmarks/accuracy.py --methods robust_gce robust_sce --cache_dir DIR
                                              (only those rows, merged into the existing accuracy.json)
      python benchmarks/accuracy.py --quick    (smoke run, < 1 min)
+     python benchmarks/accuracy.py --cache_dir DIR --methods sap+refine
+                                              (only the sap+refine rows, merged into <out_dir>/accuracy.json; `sap`
+                                              is rebuilt from its recorded choice and checked against its recorded
+                                              val accuracy: no 20-minute rerun to add one row)
 Workers: `--jobs` processes (default 2), each with `--threads` torch threads (default 1: on a
 shared 2-core machine, 2 threads per process are oversubscribed and run tens of times slower).
 """
@@ -77,13 +84,14 @@ import common
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
 
 MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
-EXTRA_METHODS = ("sap_shared", "finetune_trusted_best", "sap+finetune")
+EXTRA_METHODS = ("sap_shared", "finetune_trusted_best", "sap+finetune", "sap+refine")
 #: Noise-robust training losses of the `robust_<loss>` rows, at their papers' defaults (never tuned here):
 #: GCE q=0.7 (Zhang & Sabuncu 2018), SCE alpha=0.1, beta=1, A=-4 (Wang et al. 2019), label smoothing 0.1.
 ROBUST_LOSSES = ("gce", "sce", "ls")
 LABEL_SMOOTHING = 0.1
 #: Row groups `--methods` can compute: "ce" (every cross-entropy row above) and one group per robust loss.
-METHOD_GROUPS = ("ce", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
+#: "sap+refine" recomputes only that row from the recorded `sap` choice (the "ce" group computes it too).
+METHOD_GROUPS = ("ce", "sap+refine", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
 DEFAULT_METHOD_GROUPS = ("ce", "robust_gce", "robust_sce")
 
 
@@ -101,11 +109,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{' '.join(DEFAULT_METHOD_GROUPS)} ('ce' with --quick), written as a new accuracy.json. Given "
                              "explicitly, only those are computed and their rows are merged into <out_dir>/accuracy.json "
                              "(the other rows are kept).")
+    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"], choices=["remove", "relabel"],
+                        help="sap+refine: modes tried (both: RefineConfig(mode='best'), val picks)")
+    parser.add_argument("--refine_lrs", nargs="+", type=float, default=[2e-3, 4e-3],
+                        help="sap+refine: learning rates (the training lr and twice it, as SAPTrainer.refine's default)")
+    parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
+    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"])
+    parser.add_argument("--refine_batch_size", type=int, default=64)
+    parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
+                        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
     args = common.finish_args(parser.parse_args(argv), argv)
     args.merge = args.methods is not None
     args.methods = list(dict.fromkeys(args.methods or (["ce"] if args.quick else DEFAULT_METHOD_GROUPS)))
     if args.quick:
         args.trusted_per_class = [3]
+        args.refine_lrs, args.refine_epochs = [1e-3], [1]
     if args.plot_seed is None:
         args.plot_seed = args.seeds[0]
     return args
@@ -264,6 +282,9 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         rows.append(ft_row("finetune_trusted", chosen, finetunes[(chosen["rule"], chosen["per_class"])]))
         # SAP, then the same fine-tuning grid on the same trusted samples (a composition, not a baseline).
         rows.append(ft_row("sap+finetune", chosen, finetune_grid(model, chosen["state"], x_of(chosen), y_of(chosen), data, args, seed)))
+        clock = time.perf_counter()
+        rows.append(sap_refine_row(model, chosen["state"], sap_row(base, "sap", chosen), run, args))
+        timing["sap+refine"] = time.perf_counter() - clock
         model.load_state_dict(final_state)
         best_ft_key = max(finetunes, key=lambda k: finetunes[k]["val_accuracy"])
         best_ft_c = next(c for c in usable if (c["rule"], c["per_class"]) == best_ft_key)
@@ -360,14 +381,89 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
     }
 
 
+def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """`sap+refine`: audit the training labels with `sap`'s model, then `sap_hf.refine` (choices on val).
+
+    The audit's precision/recall against the hidden clean labels are reported, never used.
+    """
+    from sap_hf import RefineConfig, audit_labels, refine
+
+    data, train_set = run["data"], run["train_set"]
+    model.load_state_dict(sap_state)
+    audit = audit_labels(model, train_set, views=args.refine_views, batch_size=1000, show_progress=False)
+    flagged, noisy = audit.suspected, data["is_noisy"]
+    config = RefineConfig(mode="best" if len(args.refine_modes) > 1 else args.refine_modes[0],
+                          learning_rates=list(args.refine_lrs), epochs=list(args.refine_epochs),
+                          batch_size=args.refine_batch_size, schedule=args.refine_schedule, seed=sap["seed"])
+    result = refine(model, train_set, audit, lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}, config,
+                    show_progress=False)
+    counts = result.examples.get(result.mode, {}) if result.mode else {}
+    row = {k: sap[k] for k in ("setting", "seed", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")}
+    row.update(method="sap+refine", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+               val_accuracy=result.final_metrics["accuracy"], sap_val_accuracy=sap["val_accuracy"],
+               refine_mode=result.mode, lr=result.learning_rate, refine_epochs=result.epochs,
+               kept=counts.get("kept"), removed=counts.get("removed"), relabelled=counts.get("relabelled"),
+               audit_suspected=int(flagged.sum()), audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
+               audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
+               refine_trials=[{"mode": t["mode"], "lr": t["learning_rate"], "epochs": t["epochs"],
+                               "val_accuracy": round(t["metrics"]["accuracy"], 4)} for t in result.trials],
+               **fit_diagnostics(model, data))
+    return row
+
+
+def rebuild_sap(run: dict[str, Any], sap: dict[str, Any]) -> dict:
+    """The state of `sap`'s model from its recorded choice (trusted rule/k, alpha or per-kind alphas).
+
+    Selection and projection are deterministic, so this is the model the full run measured; its
+    val accuracy is checked against the recorded one.
+    """
+    from sap_hf import SAPConfig, sap_project, select_trusted
+
+    model, train_set, data = run["model"], run["train_set"], run["data"]
+    state = copy.deepcopy(model.state_dict())
+    alpha = sap["kind_alphas"] if sap.get("alpha_scope") == "per_kind" else sap["alpha"]
+    unchanged = alpha is None or (isinstance(alpha, dict) and all(a is None for a in alpha.values()))
+    if not unchanged:
+        selection = select_trusted(model, train_set, sap["trusted_per_class"], num_labels=run["config"].num_labels,
+                                   rule=sap["rule"], selection_model=run["early_model"] if sap["rule"] == "early_loss" else None,
+                                   batch_size=500, show_progress=False)
+        sap_project(model, train_set.select(selection.indices), alpha=alpha, config=SAPConfig(batch_size=500))
+    val = accuracy(model, data["val_x"], data["val_y"])
+    if abs(val - sap["val_accuracy"]) > 1e-6:
+        raise RuntimeError(f"Rebuilt 'sap' model of {sap['setting']} seed {sap['seed']} has val accuracy {val:.4f}, the "
+                           f"recorded one {sap['val_accuracy']:.4f}: the cached models differ from the recorded run; rerun in full.")
+    sap_state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(state)
+    return sap_state
+
+
+def run_sap_refine(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The `sap+refine` group alone: `sap` rebuilt from its row in <out_dir>/accuracy.json, then `sap_refine_row`."""
+    path = Path(args.out_dir) / "accuracy.json"
+    recorded = [r for r in json.loads(path.read_text())["rows"] if (r["setting"], r["seed"]) == (setting, seed)] if path.exists() else []
+    sap = next((r for r in recorded if r["method"] == "sap"), None)
+    none = next((r for r in recorded if r["method"] == "none"), None)
+    if sap is None or none is None:
+        raise SystemExit(f"--methods sap+refine refines the recorded 'sap' model of {setting} seed {seed}, which {path} "
+                         "does not hold: compute the 'ce' group first.")
+    run = prepare_run(setting, seed, args)
+    row = sap_refine_row(run["model"], rebuild_sap(run, sap), sap, run, args)
+    row["gain_vs_none"] = row["test_accuracy"] - none["test_accuracy"]
+    return {"setting": setting, "seed": seed, "group": "sap+refine", "rows": [row],
+            "run": {"seconds": time.perf_counter() - run["started"]}}
+
+
 def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
     setting, seed, args, group = task
     if group == "ce":
         result = run_one(setting, seed, args)
+    elif group == "sap+refine":
+        result = run_sap_refine(setting, seed, args)
     else:
         result = run_robust(setting, seed, args, group.removeprefix("robust_"))
-    print(f"[accuracy] {group} {setting} seed {seed} done in {result['run']['seconds']:.0f}s "
-          f"(train fit on noisy labels {result['run']['train_noisy_accuracy']:.3f})", flush=True)
+    fit = result["run"].get("train_noisy_accuracy")
+    print(f"[accuracy] {group} {setting} seed {seed} done in {result['run']['seconds']:.0f}s"
+          + (f" (train fit on noisy labels {fit:.3f})" if fit is not None else ""), flush=True)
     return result
 
 
@@ -388,7 +484,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 entry["gain_vs_base"] = mean_std([r["gain_vs_base"] for r in chosen])
             if all("purity" in r for r in chosen):
                 entry["purity"] = mean_std([r["purity"] for r in chosen])
-            keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch")
+            keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch",
+                    "refine_mode", "refine_epochs")
             entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
             summary[setting][method] = entry
     return summary
@@ -420,6 +517,9 @@ def _choice(choice: dict[str, Any]) -> str:
         return ""
     if "epoch" in choice:
         return f"ep{choice['epoch']}"
+    if "refine_mode" in choice:
+        mode = choice["refine_mode"]
+        return f"{mode}/lr={choice['lr']:g}x{choice['refine_epochs']}ep" if mode else "unchanged"
     text = f"{choice.get('rule')}/{choice.get('trusted_per_class')}"
     if choice.get("kind_alphas"):
         short = {"attention": "att", "mlp": "mlp", "classifier": "cls"}
@@ -605,6 +705,8 @@ def replot(out_dir: Path) -> None:
 
 def _group(row: dict[str, Any]) -> str:
     """The `--methods` group a row belongs to."""
+    if row["method"] == "sap+refine":
+        return "sap+refine"
     return f"robust_{row['loss']}" if "loss" in row else "ce"
 
 
@@ -630,9 +732,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks = [(setting, seed, args, group) for group in args.methods for seed in args.seeds for setting in args.settings]
     results = common.run_tasks(_worker, tasks, args.jobs)
     order = {group: i for i, group in enumerate(args.methods)}
-    results.sort(key=lambda r: (order["robust_" + r["loss"] if "loss" in r else "ce"], args.settings.index(r["setting"]), r["seed"]))
+    group_of = lambda r: r.get("group") or ("robust_" + r["loss"] if "loss" in r else "ce")  # noqa: E731
+    results.sort(key=lambda r: (order[group_of(r)], args.settings.index(r["setting"]), r["seed"]))
     rows = [row for result in results for row in result["rows"]]
-    runs = [result["run"] for result in results if "loss" not in result]
+    runs = [result["run"] for result in results if group_of(result) == "ce"]
     robust_runs = [result["run"] for result in results if "loss" in result]
     rows, runs, robust_runs = merge(existing, rows, runs, robust_runs)
     summary = summarise(rows)
@@ -655,7 +758,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()}},
         # The arguments of the run that computed the 'ce' rows (config) and the robust_<loss> rows (config_robust).
         "config": config if "ce" in args.methods or "config" not in existing else existing["config"],
-        "config_robust": (config if any(g != "ce" for g in args.methods) else existing.get("config_robust")),
+        "config_robust": (config if any(g.startswith("robust_") for g in args.methods) else existing.get("config_robust")),
+        # The arguments of the last run that computed sap+refine rows (its --refine_* arguments).
+        "config_refine": (config if {"ce", "sap+refine"} & set(args.methods) else existing.get("config_refine")),
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }

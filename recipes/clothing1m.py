@@ -31,6 +31,7 @@ from sap_hf.cli_args import parse_with_config
 from sap_hf.formatting import format_result_alphas
 from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
 from sap_hf.plotting import plot_alpha_curve
+from sap_hf.cleanup import REFINE_MODES, RefineConfig
 from sap_hf.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
 from sap_hf.trainer import SAPTrainer
 
@@ -50,6 +51,27 @@ class ScriptArguments(DataArguments, ModelArguments):
             "keeps it out of Hub uploads). Checked before training."
         },
     )
+    label_audit: bool = field(
+        default=True,
+        metadata={
+            "help": "After SAP, audit the training labels with the corrected model: output_dir/_label_audit/ "
+            "(label_audit.csv, label_audit_summary.json, label_audit_top.png; kept out of Hub uploads)."
+        },
+    )
+    refine: bool = field(
+        default=False,
+        metadata={"help": "After SAP, fine-tune on the training data without the suspected labels (sap_hf.refine); lr and length on val."},
+    )
+    refine_mode: str = field(default="best", metadata={"help": f"Refine: one of {list(REFINE_MODES)} ('best' tries both on val)."})
+    refine_learning_rates: Optional[list[float]] = field(
+        default=None, metadata={"help": "Refine: learning rates tried (default: the training learning_rate and twice it)."}
+    )
+    refine_epochs: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8], metadata={"help": "Refine: epochs evaluated on val (the largest is the run length)."})
+    refine_relabel_threshold: float = field(default=0.9, metadata={"help": "Refine, mode 'relabel': relabel when the corrected model's probability is at least this."})
+
+    def refine_config(self) -> RefineConfig:
+        return RefineConfig(mode=self.refine_mode, learning_rates=self.refine_learning_rates, epochs=self.refine_epochs,
+                            relabel_threshold=self.refine_relabel_threshold)
 
 
 ARGUMENT_TYPES = (ScriptArguments, TrainingArguments, SAPConfig, LossConfig)
@@ -66,6 +88,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         ARGUMENT_TYPES, argv, default_config=DEFAULT_CONFIG
     )
     loss_func = make_loss_func(loss_config, training_args.label_smoothing_factor)  # raises before any data is read
+    refine_config = script_args.refine_config() if script_args.refine else None  # validated before training
     logging.set_verbosity_info() if training_args.should_log else None
     set_seed(training_args.seed)
     default_stats = script_args.stats_path is None
@@ -95,7 +118,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if trainer.is_world_process_zero():
             _drop_stale_stats(Path(stats_path), trainer.model)
         trainer.accelerator.wait_for_everyone()
-    result = trainer.correct(selection_dataset=prepare(splits.train, eval_transform), stats_path=stats_path)
+    audit_train = prepare(splits.train, eval_transform)  # the training labels, without augmentation
+    result = trainer.correct(selection_dataset=audit_train, stats_path=stats_path)
+    sap_test = trainer.evaluate(test, metric_key_prefix="test") if test is not None and refine_config else {}
+    if script_args.label_audit or refine_config:
+        trainer.audit_labels(audit_train)
+    if refine_config:
+        trainer.refine(audit_train, refine_config=refine_config)
     after = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
 
     trainer.sap_extra_record = {
@@ -103,6 +132,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "test_metrics_before": {k.removeprefix("test_"): v for k, v in before.items() if k.endswith("accuracy")},
         "test_metrics_after": {k.removeprefix("test_"): v for k, v in after.items() if k.endswith("accuracy")},
     }
+    if sap_test:
+        trainer.sap_extra_record["test_metrics_after_sap"] = {k.removeprefix("test_"): v for k, v in sap_test.items() if k.endswith("accuracy")}
     summary = {
         "dataset": splits.name,
         "training_loss": training_loss_record(loss_func, training_args.label_smoothing_factor),
@@ -113,16 +144,27 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "test_accuracy_before": before.get("test_accuracy"),
         "test_accuracy_after": after.get("test_accuracy"),
     }
+    if trainer.label_audit is not None:
+        summary["label_audit_suspected"] = trainer.label_audit.num_suspected
+    if trainer.refine_result is not None:
+        summary.update(test_accuracy_after_sap=sap_test.get("test_accuracy"), refine_mode=trainer.refine_result.mode,
+                       refine_learning_rate=trainer.refine_result.learning_rate, refine_epochs=trainer.refine_result.epochs,
+                       val_accuracy_after_refine=trainer.refine_result.final_metrics.get("accuracy"))
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         plot_alpha_curve(result, output_dir / "sap_alpha_curve.png")
         (output_dir / "sap_summary.json").write_text(json.dumps(summary, indent=2))
+        refined = (
+            f", after refine {_fmt(summary['test_accuracy_after'])} (mode={trainer.refine_result.mode}, "
+            f"{trainer.refine_result.epochs} epoch(s))" if trainer.refine_result is not None else ""
+        )
         print(
             f"[sap_hf] {splits.name} ({_loss(summary['training_loss'])}): "
             f"clean-test accuracy before SAP {_fmt(summary['test_accuracy_before'])}, "
-            f"after SAP {_fmt(summary['test_accuracy_after'])} (alpha={format_result_alphas(result)}, "
-            f"val {_fmt(summary['val_accuracy_before'])} -> {_fmt(summary['val_accuracy_after'])})"
+            f"after SAP {_fmt(summary.get('test_accuracy_after_sap', summary['test_accuracy_after']))} "
+            f"(alpha={format_result_alphas(result)}, "
+            f"val {_fmt(summary['val_accuracy_before'])} -> {_fmt(summary['val_accuracy_after'])}){refined}"
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="SAP-corrected model")  # saves first, then uploads once

@@ -5,6 +5,7 @@ Noise Robustness", AAAI 2025 (arXiv 2403.08618).
 """
 
 from .api import SAPResult, sap_correct, sap_project
+from .audit import LabelAudit, audit_labels, flag_label_issues, label_quality_scores
 from .config import SAPConfig
 from .evaluation import accuracy_evaluator, evaluate_accuracy
 from .losses import LossConfig, RobustLoss
@@ -18,6 +19,7 @@ from .projection import (
     scaled_importance,
     write_weights,
 )
+from .cleanup import RefineConfig, RefineResult, refine
 from .search import AlphaSearchResult, search_alpha
 from .stats import ActivationStats, collect_statistics
 from .targets import TargetGroup, classifier_names, find_target_modules
@@ -32,21 +34,28 @@ __all__ = [
     "Eigenbasis",
     "LossConfig",
     "RobustLoss",
+    "LabelAudit",
+    "RefineConfig",
+    "RefineResult",
     "SAPConfig",
     "SAPResult",
     "SAPTrainer",
     "TargetGroup",
     "TrustedSelection",
     "accuracy_evaluator",
+    "audit_labels",
     "classifier_names",
     "collect_statistics",
     "eigendecompose",
     "energy_ratios",
     "evaluate_accuracy",
     "find_target_modules",
+    "flag_label_issues",
+    "label_quality_scores",
     "plan_projection",
     "project_weight",
     "projection_matrix",
+    "refine",
     "sap_correct",
     "sap_project",
     "scaled_importance",

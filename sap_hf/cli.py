@@ -3,6 +3,7 @@
     sap-hf correct --model_name_or_path ./my-vit --data_dir /data/clothing1m --output_dir ./my-vit-sap
     sap-hf correct --model_name_or_path user/vit-noisy --dataset_name user/my-images --push_to_hub --hub_model_id user/vit-sap
     sap-hf push ./my-vit-sap --repo_id user/vit-sap
+    sap-hf audit --model_name_or_path ./my-vit-sap --data_dir /data/clothing1m --output_dir ./label-audit
 
 `correct` reads the same data arguments as the recipe (Clothing1M layout, a `datasets` dataset,
 or the embedded Fashion-MNIST default) and every `SAPConfig` field; `--config FILE.yaml` gives
@@ -21,6 +22,8 @@ from transformers import AutoModelForImageClassification
 from transformers.utils import logging
 
 from .api import check_stats_path, sap_correct
+from .audit import FILTERS, SCORE_METHODS, VIEWS, audit_labels
+from .audit_report import write_audit_report
 from .cli_args import parse_with_config
 from .config import SAPConfig
 from .evaluation import evaluate_accuracy
@@ -126,7 +129,78 @@ def push(argv: Optional[Sequence[str]] = None) -> None:
     push_folder(args.folder, args.repo_id, token=args.token, private=args.private)
 
 
-COMMANDS = {"correct": correct, "push": push}
+@dataclass
+class AuditArguments(DataArguments):
+    """Arguments of `sap-hf audit`: which model judges which labels, and where the report goes."""
+
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "The (SAP-corrected) image classifier whose view of the labels is reported (required)."}
+    )
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where label_audit.csv, label_audit_summary.json and label_audit_top.png go (required)."}
+    )
+    split: str = field(default="train", metadata={"help": "Which split's labels to audit: 'train', 'validation' or 'test'."})
+    method: str = field(default="self_confidence", metadata={"help": f"Label-quality score: one of {list(SCORE_METHODS)}."})
+    filter_by: str = field(
+        default="auto", metadata={"help": f"How 'suspected' is decided: one of {list(FILTERS)} (all but 'predicted_neq_given' need cleanlab)."}
+    )
+    views: str = field(default="shift", metadata={"help": f"Probabilities of the image alone or averaged over it and 4 one-pixel shifts (default; better AP in benchmarks/label_audit.py): {list(VIEWS)}."})
+    top_k: int = field(default=32, metadata={"help": "Suspected images shown in label_audit_top.png (0: no image grid)."})
+    batch_size: int = field(default=64, metadata={"help": "Batch size of the audit pass (per process)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.model_name_or_path:
+            raise ValueError("--model_name_or_path is required: the (SAP-corrected) model whose view of the labels to report.")
+        if not self.output_dir:
+            raise ValueError("--output_dir is required: where to write the label audit.")
+        if self.split not in ("train", "validation", "test"):
+            raise ValueError(f"--split {self.split!r} is invalid: choose 'train', 'validation' or 'test'.")
+        for name, allowed in (("method", SCORE_METHODS), ("filter_by", FILTERS), ("views", VIEWS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r} is invalid: choose one of {list(allowed)}.")
+        if self.top_k < 0 or self.batch_size < 1:
+            raise ValueError(f"--top_k must be >= 0 and --batch_size >= 1, got {self.top_k} and {self.batch_size}.")
+
+
+def audit(argv: Optional[Sequence[str]] = None) -> dict:
+    """`sap-hf audit`: which labels of a split look wrong to the model; CSV + JSON + PNG in --output_dir."""
+    from accelerate import Accelerator
+
+    (args,) = parse_with_config((AuditArguments,), argv)
+    accelerator = Accelerator()
+    splits = load_splits(args)
+    model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
+    if model.config.num_labels != len(splits.class_names):
+        raise ValueError(
+            f"The model {args.model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "
+            f"{len(splits.class_names)} classes; audit with a model trained on this data."
+        )
+    data = getattr(splits, args.split)
+    if data is None:
+        raise ValueError(f"The data has no {args.split!r} split to audit; pass --split train.")
+    processor = load_processor(args.model_name_or_path)
+    model.to(accelerator.device)
+    _, transform = image_transforms(model, processor, augment=False, seed=0)
+    transform.keep_columns = (*transform.keep_columns, "key")  # Clothing1M's image path names each row of the CSV
+    data = prepare(data, transform)
+    result = audit_labels(
+        model, data, method=args.method, filter_by=args.filter_by, views=args.views, class_names=splits.class_names,
+        batch_size=args.batch_size, accelerator=accelerator,
+    )
+    summary = result.summary()
+    if accelerator.is_main_process:
+        written = write_audit_report(result, args.output_dir, data, top_k=args.top_k,
+                                     extra={"model": args.model_name_or_path, "dataset": splits.name, "split": args.split})
+        short = {k: summary[k] for k in ("examples", "suspected", "suspected_fraction", "scorer", "filter_by")}
+        short["files"] = {k: str(v) for k, v in written.items()}
+        short["top_pairs"] = dict(list(summary["suspected_pairs"].items())[:5])
+        sys.stdout.write(json.dumps(short, indent=2) + "\n")  # the command's result, for scripts
+    accelerator.wait_for_everyone()
+    return summary
+
+
+COMMANDS = {"correct": correct, "push": push, "audit": audit}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

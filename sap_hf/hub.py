@@ -68,7 +68,7 @@ chosen on a clean evaluation split.
 |---|---|
 | unchanged | {baseline_metric} |
 {alpha_rows}
-
+{refine_section}
 ## Targeted modules
 
 {targets}
@@ -187,8 +187,46 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
         alpha_rows="\n".join(f"| {a:g} | {_fmt(m.get(metric))} |" for a, m in zip(first["alphas"], first["metrics"])),
         targets="\n".join(f"- `{name}`" for name in record.get("target_modules", [])),
         citation=CITATION,
+        refine_section=_refine_section(record),
     )
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{content}")
+
+
+def _refine_section(record: Mapping[str, Any]) -> str:
+    """The card's label-audit / clean-up paragraph, when the record has them ('' otherwise)."""
+    lines = []
+    audit = record.get("label_audit")
+    if audit:
+        pairs = ", ".join(f"{pair} ({n})" for pair, n in list(audit.get("suspected_pairs", {}).items())[:5])
+        lines += [
+            "",
+            "## Label audit",
+            "",
+            f"The corrected model flags {audit.get('suspected')} of {audit.get('examples')} training labels as likely wrong "
+            f"(score `{audit.get('method')}`, filter `{audit.get('filter_by')}`, {audit.get('scorer')}). "
+            f"Most frequent (given -> predicted): {pairs or 'none'}.",
+        ]
+    refine = record.get("refine")
+    if refine:
+        metric = (record.get("rounds") or [{}])[0].get("metric", "accuracy")
+        verbs = {"remove": "removed", "relabel": "relabelled where the model is confident, removed otherwise"}
+        if refine.get("changed"):
+            counts = refine.get("examples", {}).get(refine.get("mode"), {})
+            what = (
+                f"fine-tuned the corrected model on the training data with the suspected labels {verbs.get(refine.get('mode'), refine.get('mode'))} "
+                f"({counts.get('kept')} examples kept, {counts.get('removed')} removed, {counts.get('relabelled')} relabelled), "
+                f"lr {refine.get('learning_rate'):g}, {refine.get('epochs')} epoch(s); mode, lr and length chosen on the eval set"
+            )
+        else:
+            what = "tried fine-tuning on the cleaned training data; no trial beat the corrected model on the eval set, so it was kept"
+        lines += [
+            "",
+            "## Clean-up after SAP (refine)",
+            "",
+            f"`sap_hf.refine` {what}: eval {metric} {_fmt(refine.get('baseline_metrics', {}).get(metric))} -> "
+            f"{_fmt(refine.get('final_metrics', {}).get(metric))}.",
+        ]
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def push_folder(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None, commit_message: str = "SAP-corrected model") -> Any:

@@ -9,6 +9,7 @@ eval sets and multi-process gathering behave exactly as in training.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -18,10 +19,13 @@ from transformers import EvalPrediction, Trainer
 from transformers.utils import logging
 
 from .api import SAPResult, sap_correct
+from .audit import LabelAudit, audit_labels
+from .audit_report import write_audit_report
 from .batching import batch_labels, first_example_batch
 from .config import SAPConfig
 from .hub import sap_record, staged_save, write_sap_files
 from .losses import check_label_smoothing, training_loss_record
+from .cleanup import RefineConfig, RefineResult, refine
 
 logger = logging.get_logger(__name__)
 
@@ -69,6 +73,8 @@ class SAPTrainer(Trainer):
         self.sap_config = sap_config or SAPConfig()
         self.base_model_name = base_model_name
         self.sap_result: Optional[SAPResult] = None
+        self.label_audit: Optional[LabelAudit] = None
+        self.refine_result: Optional[RefineResult] = None
         self.sap_extra_record: dict[str, Any] = {}
         self._sap_saved = False
 
@@ -94,16 +100,7 @@ class SAPTrainer(Trainer):
             raise ValueError("correct() needs a labelled selection_dataset (or a Trainer with train_dataset).")
         if eval_dataset is None:
             raise ValueError("correct() needs a clean labelled eval_dataset (or a Trainer with eval_dataset) to choose alpha.")
-        metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
-        greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
-        if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
-            raise ValueError(
-                "The eval dataset has no 'labels'/'label' column: SAP's alpha search needs a clean, labelled eval set."
-            )
-
-        def evaluate_fn(model: nn.Module) -> dict[str, float]:
-            metrics = self.evaluate(eval_dataset, metric_key_prefix="sap_eval")
-            return {key.removeprefix("sap_eval_"): value for key, value in metrics.items()}
+        metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
 
         def on_evaluate(alpha: Optional[float], metrics: dict[str, float]) -> None:
             scores = {f"sap/{k}": v for k, v in metrics.items() if not k.endswith(_BOOKKEEPING)}
@@ -140,6 +137,93 @@ class SAPTrainer(Trainer):
         )
         return result
 
+    def _sap_evaluator(self, eval_dataset: Any) -> tuple[str, bool, Any]:
+        """(metric, greater_is_better, evaluate_fn) on a clean labelled eval set, through `Trainer.evaluate`."""
+        metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
+        greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
+        if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
+            raise ValueError(
+                "The eval dataset has no 'labels'/'label' column: SAP's alpha search needs a clean, labelled eval set."
+            )
+
+        def evaluate_fn(model: nn.Module) -> dict[str, float]:
+            metrics = self.evaluate(eval_dataset, metric_key_prefix="sap_eval")
+            return {key.removeprefix("sap_eval_"): value for key, value in metrics.items()}
+
+        return metric, greater, evaluate_fn
+
+    def audit_labels(
+        self,
+        dataset: Any = None,
+        output_dir: Optional[Union[str, Path]] = None,
+        *,
+        method: str = "self_confidence",
+        filter_by: str = "auto",
+        views: str = "shift",
+        top_k: int = 32,
+    ) -> LabelAudit:
+        """Which training labels look wrong to the (corrected) model: `sap_hf.audit_labels` on `dataset`.
+
+        `dataset` defaults to the training set (pass it with the eval-time transform: no
+        augmentation). Writes `label_audit.csv` (ranked, written atomically),
+        `label_audit_summary.json` and `label_audit_top.png` into `output_dir` (default
+        `args.output_dir/_label_audit`; the leading '_' keeps it out of Hub uploads). The summary
+        goes into the SAP record.
+        """
+        dataset = dataset if dataset is not None else self.train_dataset
+        if dataset is None:
+            raise ValueError("audit_labels() needs a labelled dataset (or a Trainer with train_dataset).")
+        audit = audit_labels(
+            self.model, dataset, method=method, filter_by=filter_by, views=views,
+            batch_size=self.args.per_device_eval_batch_size, accelerator=self.accelerator,
+            collate_fn=self.data_collator, show_progress=not self.args.disable_tqdm,
+        )
+        self.label_audit = audit
+        if self.is_world_process_zero():
+            folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "_label_audit"
+            write_audit_report(audit, folder, dataset, top_k=top_k, collate_fn=self.data_collator)
+        summary = audit.summary()
+        self.log({"sap/audit_suspected": float(summary["suspected"]), "sap/audit_suspected_fraction": summary["suspected_fraction"]})
+        return audit
+
+    def refine(
+        self,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        *,
+        audit: Optional[LabelAudit] = None,
+        refine_config: Optional[RefineConfig] = None,
+    ) -> RefineResult:
+        """Clean-up after `correct()`: fine-tune on the training data without the suspected labels (`sap_hf.cleanup.refine`).
+
+        `train_dataset` (default: the training set) must be the data `audit` was made on
+        (default: `self.label_audit`, or a new audit of `train_dataset`). Learning rate, length and
+        mode are chosen on `eval_dataset` (default: the Trainer's); the result goes into the SAP
+        record and the model card.
+        """
+        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if train_dataset is None:
+            raise ValueError("refine() needs the labelled training data (train_dataset=, or a Trainer with train_dataset).")
+        if eval_dataset is None:
+            raise ValueError("refine() needs a clean labelled eval_dataset (or a Trainer with eval_dataset) to choose lr and length.")
+        metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
+        audit = audit or self.label_audit or self.audit_labels(train_dataset)
+        refine_config = refine_config or RefineConfig()
+        if refine_config.learning_rates is None:
+            lr = self.args.learning_rate
+            refine_config = dataclasses.replace(refine_config, learning_rates=[lr, 2 * lr])
+        result = refine(
+            self.model, train_dataset, audit, evaluate_fn, refine_config, self.accelerator,
+            metric=metric, greater_is_better=greater, collate_fn=self.data_collator,
+            show_progress=not self.args.disable_tqdm,
+        )
+        self.refine_result = result
+        for trial in result.trials:
+            self.log({"sap/refine_lr": trial["learning_rate"], "sap/refine_epochs": float(trial["epochs"]),
+                      **{f"sap/refine_{k}": v for k, v in trial["metrics"].items() if not k.endswith(_BOOKKEEPING)}})
+        return result
+
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Save atomically (staged files moved into place) plus the SAP record and card once corrected."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -173,6 +257,10 @@ class SAPTrainer(Trainer):
         extra = dict(self.sap_extra_record)
         if self.state.global_step > 0:  # this trainer trained the model: say with which loss
             extra.setdefault("training_loss", training_loss_record(self.compute_loss_func, self.args.label_smoothing_factor))
+        if self.label_audit is not None:
+            extra["label_audit"] = {k: v for k, v in self.label_audit.summary().items() if k != "disagreement_pairs"}
+        if self.refine_result is not None:
+            extra["refine"] = self.refine_result.to_dict()
         return sap_record(self.sap_result, self.base_model_name, extra)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:

@@ -16,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
-MAIN_METHODS = {"none", "best_epoch", "sap", "sap_shared", "finetune_trusted", "finetune_trusted_best", "sap+finetune"}
+MAIN_METHODS = {"none", "best_epoch", "sap", "sap_shared", "finetune_trusted", "finetune_trusted_best", "sap+finetune",
+                "sap+refine"}
 
 
 def _fashion_mnist_available() -> bool:
@@ -60,3 +61,15 @@ def test_accuracy_quick_writes_rows_for_every_setting_and_method(tmp_path: Path)
     assert set(result["summary"]) == {"sym40", "asym40"}
     assert result["asymmetric_map"]["name"] == "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP"
     assert (tmp_path / "accuracy_alpha.png").is_file() and (tmp_path / "accuracy_methods.png").is_file()
+    refine = next(row for row in rows if row["setting"] == "sym40" and row["method"] == "sap+refine")
+    assert refine["val_accuracy"] >= refine["sap_val_accuracy"]  # "no change" is a candidate
+    assert {"refine_mode", "lr", "refine_epochs", "audit_precision", "audit_recall", "refine_trials"} <= set(refine)
+
+    # --methods sap+refine: recompute that row group for one setting and merge it into the same accuracy.json.
+    cmd += ["--methods", "sap+refine", "--settings", "sym40"]
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "accuracy.json").read_text())
+    assert len(merged["rows"]) == len(rows) and merged["config_refine"]["methods"] == ["sap+refine"]
+    again = next(row for row in merged["rows"] if row["setting"] == "sym40" and row["method"] == "sap+refine")
+    assert again["test_accuracy"] == refine["test_accuracy"]  # the rebuilt sap model and the same refine: same row

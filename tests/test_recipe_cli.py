@@ -35,8 +35,9 @@ def _launch(processes: int, args: list[str]) -> subprocess.CompletedProcess:
 def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
     out = tmp_path / "out"
     scope = "per_kind" if processes == 2 else "shared"  # the coordinate pass across processes, too
+    refine = ["--refine", "true", "--refine_epochs", "1", "--refine_learning_rates", "1e-3"] if processes == 2 else []
     run = _launch(processes, [str(RECIPE), "--data_dir", str(tiny_clothing1m), "--output_dir", str(out), *TINY,
-                              "--alpha_scope", scope])
+                              "--alpha_scope", scope, *refine])
     assert run.returncode == 0, run.stderr[-4000:]
     assert "clean-test accuracy before SAP" in run.stdout
     summary = json.loads((out / "sap_summary.json").read_text())
@@ -49,6 +50,10 @@ def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
     assert model.config.num_labels == 14 and model.config.id2label[13] == "Underwear"
     assert (out / "sap_alpha_curve.png").stat().st_size > 0
     assert (out / "_sap_stats.safetensors").is_file()
+    assert (out / "_label_audit" / "label_audit.csv").is_file() and record["label_audit"]["examples"] == 42
+    if refine:  # the clean-up after SAP, across processes too
+        assert "refine_mode" in summary and record["refine"]["config"]["epochs"] == [1]
+        assert summary["val_accuracy_after_refine"] >= summary["val_accuracy_after"]
 
 
 def _pretrained_mae(folder: Path) -> Path:

@@ -1,0 +1,48 @@
+"""Run by tests/test_audit_cli.py under `accelerate launch`: audit the labels, refine; save what must match."""
+
+import json
+import sys
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from helpers import random_examples  # noqa: E402
+
+from sap_hf import RefineConfig, audit_labels, refine  # noqa: E402
+from sap_hf.evaluation import accuracy_evaluator  # noqa: E402
+from sap_hf.models import tiny_model  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model("vit", num_labels=3, seed=0)
+    data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes
+    audit = audit_labels(model, data, batch_size=4, accelerator=accelerator, filter_by="predicted_neq_given", show_progress=False)
+    val = accuracy_evaluator(random_examples(9, num_labels=3, seed=6), batch_size=4, accelerator=accelerator)
+    calls = []
+
+    def evaluate(m):  # every checkpoint "improves": the final weights are those after the whole run
+        calls.append(1)
+        return {"accuracy": float(len(calls)), "val": val(m)["accuracy"]}
+
+    config = RefineConfig(mode="relabel", relabel_threshold=0.3, learning_rates=[1e-2], epochs=[1, 2], batch_size=5)
+    result = refine(model, data, audit, evaluate, config, accelerator, show_progress=False)
+    if accelerator.is_main_process:
+        weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        with open(f"{out_dir}/result.json", "w") as handle:
+            json.dump({
+                "processes": accelerator.num_processes,
+                "ranking": audit.indices[audit.ranking].tolist(),
+                "suspected": audit.suspected.tolist(),
+                "scores": audit.scores.tolist(),
+                "refine_trials": [t["metrics"]["val"] for t in result.trials],
+                "refine_epochs": result.epochs,
+                "weights": weights[:: max(1, weights.numel() // 2000)].tolist(),
+            }, handle)
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

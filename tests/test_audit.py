@@ -1,0 +1,136 @@
+"""Label audit: scores (cleanlab and the torch fallback agree), ranking, data forms, bad input, report files."""
+
+import csv
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+from sap_hf import audit as audit_module
+from sap_hf.audit import audit_labels, flag_label_issues, label_quality_scores
+from sap_hf.audit_report import CSV_NAME, GRID_NAME, SUMMARY_NAME, write_audit_csv, write_audit_report
+from sap_hf.models import tiny_model
+
+from helpers import random_examples
+
+cleanlab = pytest.importorskip("cleanlab")
+
+
+def _probs(n=60, classes=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    probs = torch.randn(n, classes, generator=generator).mul(2).softmax(-1).double()
+    labels = torch.randint(0, classes, (n,), generator=generator)
+    return probs, labels
+
+
+@pytest.mark.parametrize("method", ["self_confidence", "normalized_margin"])
+def test_torch_scores_equal_cleanlab(method):
+    probs, labels = _probs()
+    ours = label_quality_scores(probs, labels, method, use_cleanlab=False)
+    theirs = label_quality_scores(probs, labels, method, use_cleanlab=True)
+    assert torch.allclose(ours, theirs, atol=1e-12)
+    if method == "self_confidence":
+        assert torch.equal(ours, probs[torch.arange(len(labels)), labels])
+
+
+def test_flags_cleanlab_and_fallback():
+    probs, labels = _probs(200, 3, seed=1)
+    from cleanlab.filter import find_label_issues
+
+    expected = find_label_issues(labels.numpy(), probs.numpy(), filter_by="prune_by_noise_rate")
+    assert flag_label_issues(probs, labels, "auto").tolist() == expected.tolist()
+    assert torch.equal(flag_label_issues(probs, labels, "predicted_neq_given"), probs.argmax(1) != labels)
+    with mock.patch.object(audit_module, "cleanlab_available", return_value=False):
+        assert torch.equal(flag_label_issues(probs, labels, "auto"), probs.argmax(1) != labels)
+        with pytest.raises(ImportError, match="sap_hf\\[audit\\]"):
+            flag_label_issues(probs, labels, "prune_by_class")
+
+
+def test_scoring_rejects_bad_input():
+    probs, labels = _probs(5, 3)
+    with pytest.raises(ValueError, match="labels\\[2\\]=7"):
+        label_quality_scores(probs, torch.tensor([0, 1, 7, 0, 1]))
+    with pytest.raises(ValueError, match="empty"):
+        label_quality_scores(probs[:0], labels[:0])
+    with pytest.raises(ValueError, match="method="):
+        label_quality_scores(probs, labels, "entropy")
+
+
+def test_audit_ranks_and_agrees_across_data_forms():
+    model = tiny_model("vit", num_labels=3, seed=0)
+    examples = random_examples(22, num_labels=3, seed=3)
+    audit = audit_labels(model, examples, batch_size=5, show_progress=False)
+    assert len(audit) == 22 and audit.indices.tolist() == list(range(22))
+    assert audit.meta["cleanlab"] and audit.filter_by == "prune_by_noise_rate"
+    rows = list(audit.rows())
+    assert [r["rank"] for r in rows] == list(range(1, 23))
+    assert all(a["label_quality"] <= b["label_quality"] for a, b in zip(rows, rows[1:]))
+    assert all(abs(r["label_quality"] - r["prob_given"]) < 1e-12 for r in rows)  # self_confidence
+    summary = audit.summary()
+    assert summary["suspected"] == audit.num_suspected == sum(summary["suspected_pairs"].values())
+    assert sum(c["examples"] for c in summary["per_given_class"].values()) == 22
+
+    import datasets
+
+    dataset = datasets.Dataset.from_list([{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in examples])
+    loader = torch.utils.data.DataLoader(examples, batch_size=4)
+    for other in (dataset.with_format("torch"), dataset.to_iterable_dataset().with_format("torch"), loader):
+        again = audit_labels(model, other, batch_size=7, show_progress=False)
+        assert again.ranking.tolist() == audit.ranking.tolist()
+        assert torch.allclose(again.scores, audit.scores, atol=1e-6)
+
+
+def test_audit_without_cleanlab_uses_the_torch_fallback():
+    model = tiny_model("vit", num_labels=3, seed=1)
+    examples = random_examples(15, num_labels=3, seed=4)
+    with mock.patch.object(audit_module, "cleanlab_available", return_value=False):
+        audit = audit_labels(model, examples, method="normalized_margin", views="shift", batch_size=4, show_progress=False)
+        with pytest.raises(ImportError, match="cleanlab"):
+            audit_labels(model, examples, filter_by="both", show_progress=False)
+    assert audit.summary()["scorer"] == "torch" and audit.filter_by == "predicted_neq_given"
+    assert torch.equal(audit.suspected, audit.predicted != audit.given)
+    assert torch.allclose(audit.scores, label_quality_scores(audit.probs, audit.given, "normalized_margin", use_cleanlab=True))
+
+
+def test_audit_rejects_bad_data():
+    model = tiny_model("vit", num_labels=3, seed=0)
+    unlabelled = [{"pixel_values": e["pixel_values"]} for e in random_examples(4)]
+    with pytest.raises(ValueError, match="no 'labels'/'label'"):
+        audit_labels(model, unlabelled, show_progress=False)
+    wrong = random_examples(6)
+    wrong[4]["labels"] = 3
+    with pytest.raises(ValueError, match="sample 4 has label 3"):
+        audit_labels(model, wrong, batch_size=2, show_progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        audit_labels(model, [], show_progress=False)
+    with pytest.raises(ValueError, match="views="):
+        audit_labels(model, wrong, views="flip", show_progress=False)
+
+
+def test_report_files_and_an_interrupted_csv(tmp_path):
+    model = tiny_model("vit", num_labels=3, seed=0)
+    examples = random_examples(18, num_labels=3, seed=3)
+    audit = audit_labels(model, examples, filter_by="predicted_neq_given", class_names=["a", "b", "c"], show_progress=False)
+    assert audit.num_suspected > 0
+    written = write_audit_report(audit, tmp_path, examples, top_k=4, extra={"split": "train"})
+    assert set(written) == {"csv", "summary", "grid"} and (tmp_path / GRID_NAME).stat().st_size > 0
+    with open(tmp_path / CSV_NAME) as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 18 and rows[0]["rank"] == "1" and rows[0]["given_name"] in "abc"
+    summary = json.loads((tmp_path / SUMMARY_NAME).read_text())
+    assert summary["split"] == "train" and summary["suspected"] == audit.num_suspected
+    assert all(" -> " in pair for pair in summary["suspected_pairs"])
+
+    before = (tmp_path / CSV_NAME).read_bytes()
+
+    first_rows = list(audit.rows())[:3]
+
+    def failing_rows():
+        yield from first_rows
+        raise KeyboardInterrupt
+
+    with mock.patch.object(type(audit), "rows", lambda self: failing_rows()), pytest.raises(KeyboardInterrupt):
+        write_audit_csv(audit, tmp_path / CSV_NAME)
+    assert (tmp_path / CSV_NAME).read_bytes() == before  # the previous CSV, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CSV_NAME, SUMMARY_NAME, GRID_NAME])  # no temp file left
