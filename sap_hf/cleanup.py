@@ -268,6 +268,11 @@ def refine(
     base = unwrap(model, accelerator)
     if len(audit) == 0:
         raise ValueError("The audit is empty: run audit_labels on the training data first.")
+    if (is_map_style(train_data) or isinstance(train_data, (list, tuple))) and int(audit.indices.max()) >= len(train_data):
+        raise ValueError(
+            f"The audit covers example index {int(audit.indices.max())} but train_data has {len(train_data)} examples: "
+            "pass the audit of this train_data (audit_labels(model, train_data))."
+        )
     modes = ["remove", "relabel"] if config.mode == "best" else [config.mode]
     plans = {mode: cleaned_labels(audit, mode, config.relabel_threshold) for mode in modes}
     examples = {}
@@ -289,6 +294,11 @@ def refine(
 
     start = copy.deepcopy(base.state_dict())
     baseline = dict(evaluate_fn(base))
+    if metric not in baseline:  # before any training: a missing metric would otherwise fail after the first epoch
+        raise ValueError(
+            f"metric={metric!r} is not among the eval metrics {sorted(baseline)}: pass one of them as metric= "
+            "(SAPTrainer: TrainingArguments.metric_for_best_model)."
+        )
     best = {"mode": None, "learning_rate": None, "epochs": 0, "metrics": baseline, "state": None}
     trials: list[dict[str, Any]] = []
     try:

@@ -100,6 +100,20 @@ def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan():
     assert_identical(model, before)
 
 
+def test_refine_rejects_a_missing_metric_and_a_foreign_audit_before_training():
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = random_examples(10, seed=1)
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    before = snapshot(model)
+    config = RefineConfig(mode="remove", epochs=[1], learning_rates=[1e-2])
+    with mock.patch.object(refine_module, "train_epochs", side_effect=AssertionError("trained")):
+        with pytest.raises(ValueError, match="metric='f1' is not among the eval metrics"):
+            refine(model, train, audit, lambda m: {"accuracy": 0.5}, config, metric="f1", show_progress=False)
+        with pytest.raises(ValueError, match="train_data has 6 examples"):
+            refine(model, train[:6], audit, lambda m: {"accuracy": 0.5}, config, show_progress=False)
+    assert_identical(model, before)
+
+
 def test_trainer_audit_refine_record_and_card(tmp_path):
     model = tiny_model("vit", num_labels=3)
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
