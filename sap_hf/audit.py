@@ -59,6 +59,14 @@ def cleanlab_available() -> bool:
     return True
 
 
+def _require_cleanlab(what: str, fallback: str) -> None:
+    """Raise an ImportError that names the argument and both fixes when cleanlab is missing."""
+    if not cleanlab_available():
+        raise ImportError(
+            f"{what} uses cleanlab, which is not installed: pip install 'sap_hf[audit]', or use {fallback}."
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure scoring
 # ----------------------------------------------------------------------------------------------
@@ -97,6 +105,7 @@ def label_quality_scores(
     if use_cleanlab is None:
         use_cleanlab = cleanlab_available()
     if use_cleanlab:
+        _require_cleanlab("use_cleanlab=True", "use_cleanlab=None (torch fallback)")
         from cleanlab.rank import get_label_quality_scores
 
         scores = get_label_quality_scores(labels.numpy(), probs.numpy(), method=method)
@@ -123,11 +132,7 @@ def flag_label_issues(probs: torch.Tensor, labels: torch.Tensor, filter_by: str 
         filter_by = "prune_by_noise_rate" if cleanlab_available() else "predicted_neq_given"
     if filter_by == "predicted_neq_given":
         return probs.argmax(1) != labels
-    if not cleanlab_available():
-        raise ImportError(
-            f"filter_by={filter_by!r} uses cleanlab, which is not installed: pip install 'sap_hf[audit]', or use "
-            "filter_by='predicted_neq_given' (or 'auto')."
-        )
+    _require_cleanlab(f"filter_by={filter_by!r}", "filter_by='predicted_neq_given' (or 'auto')")
     from cleanlab.filter import find_label_issues
 
     mask = find_label_issues(labels.numpy(), probs.numpy(), filter_by=filter_by, n_jobs=1)
@@ -311,11 +316,11 @@ def audit_labels(
         use_cleanlab = cleanlab_available()
     if filter_by == "auto":
         filter_by = "prune_by_noise_rate" if use_cleanlab else "predicted_neq_given"
-    if filter_by != "predicted_neq_given" and not cleanlab_available():
-        raise ImportError(
-            f"filter_by={filter_by!r} uses cleanlab, which is not installed: pip install 'sap_hf[audit]', or use "
-            "filter_by='predicted_neq_given' (or 'auto')."
-        )
+    # Before the data pass: a missing cleanlab must not cost a pass over the data.
+    if use_cleanlab:
+        _require_cleanlab("use_cleanlab=True", "use_cleanlab=None (torch fallback)")
+    if filter_by != "predicted_neq_given":
+        _require_cleanlab(f"filter_by={filter_by!r}", "filter_by='predicted_neq_given' (or 'auto')")
     model = unwrap(model, accelerator)
     config = getattr(model, "config", None)
     num_labels = num_labels or getattr(config, "num_labels", None)

@@ -88,6 +88,12 @@ def test_audit_without_cleanlab_uses_the_torch_fallback():
         audit = audit_labels(model, examples, method="normalized_margin", views="shift", batch_size=4, show_progress=False)
         with pytest.raises(ImportError, match="cleanlab"):
             audit_labels(model, examples, filter_by="both", show_progress=False)
+        # Forced cleanlab scores without cleanlab: named, and raised before any forward pass.
+        with mock.patch.object(audit_module, "predict_probs", side_effect=AssertionError("data pass")):
+            with pytest.raises(ImportError, match="use_cleanlab=True"):
+                audit_labels(model, examples, use_cleanlab=True, filter_by="predicted_neq_given", show_progress=False)
+        with pytest.raises(ImportError, match="use_cleanlab=True"):
+            label_quality_scores(torch.full((2, 2), 0.5), torch.tensor([0, 1]), use_cleanlab=True)
     assert audit.summary()["scorer"] == "torch" and audit.filter_by == "predicted_neq_given"
     assert torch.equal(audit.suspected, audit.predicted != audit.given)
     assert torch.allclose(audit.scores, label_quality_scores(audit.probs, audit.given, "normalized_margin", use_cleanlab=True))
