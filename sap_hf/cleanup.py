@@ -276,17 +276,23 @@ def refine(
     modes = ["remove", "relabel"] if config.mode == "best" else [config.mode]
     plans = {mode: cleaned_labels(audit, mode, config.relabel_threshold) for mode in modes}
     examples = {}
+    given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
     for mode, labels in plans.items():
         if not labels:
             raise ValueError(
                 f"mode={mode!r} leaves no training example ({audit.num_suspected} of {len(audit)} suspected); nothing to fine-tune on."
             )
-        given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
         examples[mode] = {
             "kept": len(labels),
             "removed": len(audit) - len(labels),
             "relabelled": sum(1 for i, y in labels.items() if given[i] != y),
         }
+
+    if len(modes) == 2 and plans["relabel"] == plans["remove"]:
+        # No suspect reaches relabel_threshold: 'relabel' would repeat every 'remove' run exactly.
+        logger.info("SAP refine: no suspected label reaches relabel_threshold=%g; 'relabel' equals 'remove', trying it once.",
+                    config.relabel_threshold)
+        modes = ["remove"]
 
     def score(metrics: Mapping[str, float]) -> float:
         value = float(metrics[metric])

@@ -100,6 +100,17 @@ def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan():
     assert_identical(model, before)
 
 
+def test_refine_best_skips_relabel_when_it_equals_remove():
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train, val = random_examples(12, seed=1), random_examples(6, seed=2)
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    assert audit.num_suspected > 0
+    config = RefineConfig(mode="best", learning_rates=[1e-3], epochs=[1], relabel_threshold=1.0, batch_size=4)
+    result = refine(model, train, audit, accuracy_evaluator(val, batch_size=6), config, show_progress=False)
+    assert [t["mode"] for t in result.trials] == ["remove"]
+    assert result.examples["relabel"]["relabelled"] == 0
+
+
 def test_refine_rejects_a_missing_metric_and_a_foreign_audit_before_training():
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
