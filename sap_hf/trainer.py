@@ -94,12 +94,8 @@ class SAPTrainer(Trainer):
         (default: the Trainer's). `stats_path` caches the statistics, so an interrupted run or a
         new alpha grid needs no new data pass.
         """
-        selection_dataset = selection_dataset if selection_dataset is not None else self.train_dataset
-        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if selection_dataset is None:
-            raise ValueError("correct() needs a labelled selection_dataset (or a Trainer with train_dataset).")
-        if eval_dataset is None:
-            raise ValueError("correct() needs a clean labelled eval_dataset (or a Trainer with eval_dataset) to choose alpha.")
+        selection_dataset, eval_dataset = self._train_and_eval("correct()", "selection_dataset", selection_dataset,
+                                                               eval_dataset, "alpha")
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
 
         def on_evaluate(alpha: Optional[float], metrics: dict[str, float]) -> None:
@@ -136,6 +132,18 @@ class SAPTrainer(Trainer):
             }
         )
         return result
+
+    def _train_and_eval(self, caller: str, train_name: str, train: Any, eval_dataset: Any, chosen: str) -> tuple[Any, Any]:
+        """The labelled training data and the clean eval set, defaulting to the Trainer's; raise naming the missing one."""
+        train = train if train is not None else self.train_dataset
+        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if train is None:
+            raise ValueError(f"{caller} needs labelled training data: pass {train_name}= (or a Trainer with train_dataset).")
+        if eval_dataset is None:
+            raise ValueError(
+                f"{caller} needs a clean labelled eval set to choose {chosen}: pass eval_dataset= (or a Trainer with eval_dataset)."
+            )
+        return train, eval_dataset
 
     def _sap_evaluator(self, eval_dataset: Any) -> tuple[str, bool, Any]:
         """(metric, greater_is_better, evaluate_fn) on a clean labelled eval set, through `Trainer.evaluate`."""
@@ -201,12 +209,8 @@ class SAPTrainer(Trainer):
         mode are chosen on `eval_dataset` (default: the Trainer's); the result goes into the SAP
         record and the model card.
         """
-        train_dataset = train_dataset if train_dataset is not None else self.train_dataset
-        eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if train_dataset is None:
-            raise ValueError("refine() needs the labelled training data (train_dataset=, or a Trainer with train_dataset).")
-        if eval_dataset is None:
-            raise ValueError("refine() needs a clean labelled eval_dataset (or a Trainer with eval_dataset) to choose lr and length.")
+        train_dataset, eval_dataset = self._train_and_eval("refine()", "train_dataset", train_dataset, eval_dataset,
+                                                           "lr and length")
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
         audit = audit or self.label_audit or self.audit_labels(train_dataset)
         refine_config = refine_config or RefineConfig()

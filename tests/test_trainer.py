@@ -136,3 +136,17 @@ def test_save_model_with_push_to_hub_uploads_once_without_caches(tmp_path):
     assert api.upload_folder.call_count == 1
     ignored = api.upload_folder.call_args.kwargs["ignore_patterns"]
     assert any(__import__("fnmatch").fnmatch("_sap_stats.safetensors", pattern) for pattern in ignored)
+
+
+def test_correct_and_refine_name_the_missing_dataset(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.eval_dataset = None
+    with pytest.raises(ValueError, match=r"correct\(\) needs a clean labelled eval set to choose alpha: pass eval_dataset="):
+        trainer.correct()
+    with pytest.raises(ValueError, match=r"refine\(\) needs a clean labelled eval set to choose lr and length"):
+        trainer.refine()
+    trainer.train_dataset = None
+    with pytest.raises(ValueError, match=r"refine\(\) needs labelled training data: pass train_dataset="):
+        trainer.refine(eval_dataset=random_examples(4))
+    with pytest.raises(ValueError, match=r"correct\(\) needs labelled training data: pass selection_dataset="):
+        trainer.correct(eval_dataset=random_examples(4))
