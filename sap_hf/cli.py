@@ -33,6 +33,13 @@ from .sources import DataArguments, image_transforms, load_processor, load_split
 logger = logging.get_logger(__name__)
 
 
+def _require(arguments: object, **why: str) -> None:
+    """Raise for the first empty one of the named arguments, saying what it is for."""
+    for name, purpose in why.items():
+        if not getattr(arguments, name):
+            raise ValueError(f"--{name} is required: {purpose}.")
+
+
 @dataclass
 class CorrectArguments(DataArguments):
     """Arguments of `sap-hf correct` besides the data arguments and `SAPConfig`."""
@@ -51,10 +58,8 @@ class CorrectArguments(DataArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.model_name_or_path:
-            raise ValueError("--model_name_or_path is required: the trained model (Hub id or local path) to correct.")
-        if not self.output_dir:
-            raise ValueError("--output_dir is required: where to save the corrected model.")
+        _require(self, model_name_or_path="the trained model (Hub id or local path) to correct",
+                 output_dir="where to save the corrected model")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
 
@@ -150,10 +155,8 @@ class AuditArguments(DataArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.model_name_or_path:
-            raise ValueError("--model_name_or_path is required: the (SAP-corrected) model whose view of the labels to report.")
-        if not self.output_dir:
-            raise ValueError("--output_dir is required: where to write the label audit.")
+        _require(self, model_name_or_path="the (SAP-corrected) model whose view of the labels to report",
+                 output_dir="where to write the label audit")
         if self.split not in ("train", "validation", "test"):
             raise ValueError(f"--split {self.split!r} is invalid: choose 'train', 'validation' or 'test'.")
         for name, allowed in (("method", SCORE_METHODS), ("filter_by", FILTERS), ("views", VIEWS)):

@@ -45,6 +45,10 @@ def test_cli_audit_writes_csv_summary_and_grid(tiny_clothing1m, tmp_path, capsys
 def test_cli_audit_rejects_bad_arguments(tiny_clothing1m, tmp_path):
     with pytest.raises(ValueError, match="--model_name_or_path is required"):
         cli.main(["audit", "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--output_dir is required: where to write the label audit"):
+        cli.main(["audit", "--data_dir", str(tiny_clothing1m), "--model_name_or_path", "x"])
+    with pytest.raises(ValueError, match="--output_dir is required: where to save the corrected model"):
+        cli.main(["correct", "--data_dir", str(tiny_clothing1m), "--model_name_or_path", "x"])
     with pytest.raises(ValueError, match="--views 'flip' is invalid"):
         cli.main(["audit", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--views", "flip"])
 
