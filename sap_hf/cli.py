@@ -16,7 +16,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from transformers import AutoModelForImageClassification
 from transformers.utils import logging
@@ -64,6 +64,17 @@ class CorrectArguments(DataArguments):
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
 
 
+def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> Any:
+    """The trained classifier, refused (before any data pass) when its classes are not the data's."""
+    model = AutoModelForImageClassification.from_pretrained(model_name_or_path)
+    if model.config.num_labels != len(splits.class_names):
+        raise ValueError(
+            f"The model {model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "
+            f"{len(splits.class_names)} classes; {fix}."
+        )
+    return model
+
+
 def correct(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
@@ -72,12 +83,7 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     if args.stats_path:  # before the data is loaded and evaluated
         check_stats_path(args.stats_path, writable=accelerator.is_main_process)
     splits = load_splits(args)
-    model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
-    if model.config.num_labels != len(splits.class_names):
-        raise ValueError(
-            f"The model {args.model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "
-            f"{len(splits.class_names)} classes; correct a model trained on this data."
-        )
+    model = _load_classifier(args.model_name_or_path, splits, "correct a model trained on this data")
     if splits.validation is None:
         raise ValueError("The data has no clean validation split: SAP chooses alpha on it. Set --validation_split.")
     if config.selection_rule == "early_loss":
@@ -173,12 +179,7 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
     (args,) = parse_with_config((AuditArguments,), argv)
     accelerator = Accelerator()
     splits = load_splits(args)
-    model = AutoModelForImageClassification.from_pretrained(args.model_name_or_path)
-    if model.config.num_labels != len(splits.class_names):
-        raise ValueError(
-            f"The model {args.model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "
-            f"{len(splits.class_names)} classes; audit with a model trained on this data."
-        )
+    model = _load_classifier(args.model_name_or_path, splits, "audit with a model trained on this data")
     data = getattr(splits, args.split)
     if data is None:
         raise ValueError(f"The data has no {args.split!r} split to audit; pass --split train.")

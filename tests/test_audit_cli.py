@@ -16,12 +16,12 @@ from sap_hf.audit_report import CSV_NAME, GRID_NAME, SUMMARY_NAME
 WORKER = Path(__file__).with_name("distributed_audit_worker.py")
 
 
-def _tiny_model(path: Path) -> Path:
+def _tiny_model(path: Path, num_labels: int = 14) -> Path:
     from transformers import ViTForImageClassification
 
     from sap_hf.models import tiny_vit_config
 
-    config = tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32, num_hidden_layers=2)
+    config = tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=num_labels, hidden_size=32, num_hidden_layers=2)
     ViTForImageClassification(config).save_pretrained(path)
     return path
 
@@ -49,6 +49,10 @@ def test_cli_audit_rejects_bad_arguments(tiny_clothing1m, tmp_path):
         cli.main(["audit", "--data_dir", str(tiny_clothing1m), "--model_name_or_path", "x"])
     with pytest.raises(ValueError, match="--output_dir is required: where to save the corrected model"):
         cli.main(["correct", "--data_dir", str(tiny_clothing1m), "--model_name_or_path", "x"])
+    other = _tiny_model(tmp_path / "model3", num_labels=3)
+    for command, fix in (("audit", "audit with a model trained on this data"), ("correct", "correct a model trained on this data")):
+        with pytest.raises(ValueError, match=f"has num_labels=3 but the data has 14 classes; {fix}"):
+            cli.main([command, "--model_name_or_path", str(other), "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path / command)])
     with pytest.raises(ValueError, match="--views 'flip' is invalid"):
         cli.main(["audit", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--views", "flip"])
 
