@@ -91,13 +91,13 @@ class RefineConfig:
         if not self.epochs or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in self.epochs):
             raise ValueError(f"RefineConfig.epochs={self.epochs!r} is invalid: give positive integers, e.g. [1, 2, 4, 8].")
         self.epochs = sorted(set(self.epochs))
-        if not 0.0 < float(self.relabel_threshold) <= 1.0:
+        if isinstance(self.relabel_threshold, bool) or not isinstance(self.relabel_threshold, (int, float)) or not 0.0 < self.relabel_threshold <= 1.0:
             raise ValueError(f"RefineConfig.relabel_threshold={self.relabel_threshold!r} is invalid: use a probability in (0, 1].")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"RefineConfig.schedule={self.schedule!r} is invalid: choose one of {list(SCHEDULES)}.")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"RefineConfig.batch_size={self.batch_size!r} is invalid: use a positive integer.")
-        if self.weight_decay < 0:
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"RefineConfig.weight_decay={self.weight_decay!r} is invalid: use a number >= 0.")
 
     def to_dict(self) -> dict[str, Any]:

@@ -37,7 +37,8 @@ def test_cleaned_labels_remove_and_relabel():
 
 def test_refine_config_validates():
     for bad, match in (({"mode": "drop"}, "mode"), ({"learning_rates": [0.0]}, "learning_rates"), ({"epochs": [0]}, "epochs"),
-                       ({"relabel_threshold": 1.5}, "relabel_threshold"), ({"batch_size": 0}, "batch_size")):
+                       ({"relabel_threshold": 1.5}, "relabel_threshold"), ({"relabel_threshold": "high"}, "relabel_threshold"),
+                       ({"batch_size": 0}, "batch_size"), ({"weight_decay": float("nan")}, "weight_decay")):
         with pytest.raises(ValueError, match=match):
             RefineConfig(**bad)
     assert RefineConfig(epochs=[4, 1, 4]).epochs == [1, 4]
