@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -34,16 +33,20 @@ GRID_NAME = "label_audit_top.png"
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Write through a temporary file in the same folder, then `os.replace` it into place."""
+    """Write through a temporary file in the same folder, then `os.replace` it into place.
+
+    The temporary file is opened like any other file (named after this process, so a leftover of a
+    killed run is overwritten), so the report gets the umask's usual permissions (a `tempfile`
+    would leave it readable by its owner only).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False,
-                                         **({"newline": ""} if "b" not in mode else {}))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with handle:
+        with open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as handle:
             write(handle)
-        os.replace(handle.name, path)
+        os.replace(tmp, path)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -1,6 +1,8 @@
 """Label audit: scores (cleanlab and the torch fallback agree), ranking, data forms, bad input, report files."""
 
 import csv
+import os
+import stat
 import json
 from unittest import mock
 
@@ -127,6 +129,10 @@ def test_report_files_and_an_interrupted_csv(tmp_path):
     summary = json.loads((tmp_path / SUMMARY_NAME).read_text())
     assert summary["split"] == "train" and summary["suspected"] == audit.num_suspected
     assert all(" -> " in pair for pair in summary["suspected_pairs"])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (CSV_NAME, SUMMARY_NAME, GRID_NAME):  # the umask's permissions, not a temp file's 0600
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask
 
     before = (tmp_path / CSV_NAME).read_bytes()
 
