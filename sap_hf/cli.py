@@ -205,13 +205,21 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 COMMANDS = {"correct": correct, "push": push, "audit": audit}
+COMMAND_HELP = {
+    "correct": "correct a trained classifier with SAP and save it (with its SAP record and model card)",
+    "push": "upload a saved (corrected) model folder to the Hub",
+    "audit": "rank which labels of a split look wrong to a (SAP-corrected) model: CSV, JSON, image grid",
+}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        sys.stderr.write(f"usage: sap-hf {{{','.join(COMMANDS)}}} [--help] ...\n")
-        raise SystemExit(2)
+        unknown = f"sap-hf: unknown command {argv[0]!r}\n" if argv and not argv[0].startswith("-") else ""
+        listing = "".join(f"  {name:<8} {text}\n" for name, text in COMMAND_HELP.items())
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        (sys.stdout if asked else sys.stderr).write(f"{unknown}usage: sap-hf {{{','.join(COMMANDS)}}} [--help] ...\n{listing}")
+        raise SystemExit(0 if asked else 2)
     COMMANDS[argv[0]](argv[1:])
 
 

@@ -170,13 +170,18 @@ def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
-def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path):
+def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
     with pytest.raises(ValueError, match="model_name_or_path"):
         cli.main(["correct", "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="alphas"):
         cli.main(["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--alphas", "0.5"])
     with pytest.raises(SystemExit):
         cli.main(["frobnicate"])
+    message = capsys.readouterr().err
+    assert "unknown command 'frobnicate'" in message and all(f"  {name} " in message for name in cli.COMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0 and "usage: sap-hf" in capsys.readouterr().out
     with mock.patch.object(cli, "load_splits", side_effect=AssertionError("data was read")), \
             pytest.raises(ValueError, match="stats_path=.* is a directory"):
         cli.main(["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path / "o"), "--stats_path", str(tmp_path)])
