@@ -143,9 +143,14 @@ def cleaned_labels(audit: LabelAudit, mode: str, relabel_threshold: float = 0.9)
     return {int(i): int(y) for i, y, k in zip(audit.indices.tolist(), labels.tolist(), keep.tolist()) if k}
 
 
+def _indexable(data: Any) -> bool:
+    """Examples reachable by position (a map-style dataset, or a list/tuple of examples): shuffled each epoch."""
+    return is_map_style(data) or isinstance(data, (list, tuple))
+
+
 def _examples(data: Any, labels: Mapping[int, int], order: Sequence[int]) -> Iterator[tuple[int, Any]]:
-    """(global index, example) for the kept examples, in `order` (map-style) or stream order."""
-    if is_map_style(data):
+    """(global index, example) for the kept examples, in `order` (indexable data) or stream order."""
+    if _indexable(data):
         for index in order:
             yield index, data[index]
         return
@@ -198,7 +203,7 @@ def train_epochs(
     with progress:
         for epoch in range(1, max(epochs) + 1):
             model.train()
-            order = [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()] if is_map_style(data) else kept
+            order = [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()] if _indexable(data) else kept
             buffer: list[tuple[int, Any]] = []
             for item in _examples(data, labels, order):
                 buffer.append(item)
@@ -268,13 +273,18 @@ def refine(
     base = unwrap(model, accelerator)
     if len(audit) == 0:
         raise ValueError("The audit is empty: run audit_labels on the training data first.")
-    if (is_map_style(train_data) or isinstance(train_data, (list, tuple))) and int(audit.indices.max()) >= len(train_data):
+    if _indexable(train_data) and int(audit.indices.max()) >= len(train_data):
         raise ValueError(
             f"The audit covers example index {int(audit.indices.max())} but train_data has {len(train_data)} examples: "
             "pass the audit of this train_data (audit_labels(model, train_data))."
         )
     modes = ["remove", "relabel"] if config.mode == "best" else [config.mode]
     plans = {mode: cleaned_labels(audit, mode, config.relabel_threshold) for mode in modes}
+    if not _indexable(train_data):
+        logger.warning(
+            "SAP refine: train_data is a stream, so every epoch sees the kept examples in stream order (no shuffle). "
+            "For shuffled epochs pass a map-style dataset (e.g. load it with streaming=False / --streaming false)."
+        )
     examples = {}
     given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
     for mode, labels in plans.items():

@@ -101,6 +101,28 @@ def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan():
     assert_identical(model, before)
 
 
+def test_refine_shuffles_a_list_of_examples_each_epoch():
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = random_examples(12, seed=1)
+    for position, example in enumerate(train):
+        example["position"] = position
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    seen = []
+    original = refine_module._with_label
+
+    def spy(example, label):
+        seen.append(example.get("position"))
+        return original({k: v for k, v in example.items() if k != "position"}, label)
+
+    kept = int((~audit.suspected).sum())
+    assert kept >= 3
+    with mock.patch.object(refine_module, "_with_label", spy):
+        refine(model, train, audit, lambda m: {"accuracy": 0.0},
+               RefineConfig(mode="remove", epochs=[2], learning_rates=[1e-3], batch_size=4), show_progress=False)
+    first, second = seen[:kept], seen[kept:]
+    assert sorted(first) == sorted(second) and (first != sorted(first) or second != sorted(second) or first != second)
+
+
 def test_refine_best_skips_relabel_when_it_equals_remove():
     model = tiny_model("vit", num_labels=3, seed=0)
     train, val = random_examples(12, seed=1), random_examples(6, seed=2)
