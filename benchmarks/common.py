@@ -409,6 +409,16 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(figure: Any, path: Path, dpi: int = 120) -> str:
+    """Lay out `figure`, write it to `path` as PNG, close it (so long runs do not pile up figures); the path as str."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)
+    return str(path)
+
+
 def write_json(path: Path, record: Any, indent: int = 1) -> Path:
     """Write `record` as JSON through a temporary file (an interrupted run never leaves half a file)."""
     path = Path(path)

@@ -334,11 +334,7 @@ def plot(curves: dict[str, Any], out_dir: Path, plot_seed: int) -> list[str]:
         axis.set_ylim(0.3, 1.01)
         axis.set_title(f"{setting}, seed {plot_seed}: which training labels are wrong", fontsize=9)
         axis.legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
-    path = out_dir / "label_audit_pr.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [str(path)]
+    return [common.save_figure(figure, out_dir / "label_audit_pr.png")]
 
 
 def _merge(records: list[dict[str, Any]]) -> tuple[list, list, dict]:

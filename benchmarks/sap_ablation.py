@@ -236,9 +236,7 @@ def plot(summary: Mapping[str, Any], path: Path) -> bool:
     axis.set_ylabel("test accuracy gain vs none (points)")
     axis.set_title("SAP ablations on a tiny ViT memorising 40% label noise (alpha chosen on clean val)", fontsize=9)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    common.save_figure(figure, path)
     return True
 
 
