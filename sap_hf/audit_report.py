@@ -103,9 +103,12 @@ def plot_suspected_grid(
         logger.info("matplotlib is not installed; skipping the image grid (pip install 'sap_hf[audit]').")
         return None
     images: dict[int, torch.Tensor] = {}
-    for indices, batch in iter_shard_batches(data, batch_size=64, collate_fn=collate_fn, keep=set(chosen)):
+    # One batch of exactly the chosen images: a stream yields it at the last of them and is not read further.
+    for indices, batch in iter_shard_batches(data, batch_size=len(chosen), collate_fn=collate_fn, keep=set(chosen)):
         for position, index in enumerate(indices.tolist()):
             images[index] = batch["pixel_values"][position]
+        if len(images) == len(chosen):
+            break
     position_of = {int(i): p for p, i in enumerate(audit.indices.tolist())}
     rows = -(-len(chosen) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 2.3 * rows), squeeze=False)

@@ -1,6 +1,7 @@
 """Label audit: scores (cleanlab and the torch fallback agree), ranking, data forms, bad input, report files."""
 
 import csv
+import dataclasses
 import os
 import stat
 import json
@@ -11,7 +12,7 @@ import torch
 
 from sap_hf import audit as audit_module
 from sap_hf.audit import audit_labels, flag_label_issues, label_quality_scores
-from sap_hf.audit_report import CSV_NAME, GRID_NAME, SUMMARY_NAME, write_audit_csv, write_audit_report
+from sap_hf.audit_report import CSV_NAME, GRID_NAME, SUMMARY_NAME, plot_suspected_grid, write_audit_csv, write_audit_report
 from sap_hf.models import tiny_model
 
 from helpers import random_examples
@@ -114,6 +115,25 @@ def test_audit_rejects_bad_data():
         audit_labels(model, [], show_progress=False)
     with pytest.raises(ValueError, match="views="):
         audit_labels(model, wrong, views="flip", show_progress=False)
+
+
+def test_image_grid_stops_reading_a_stream_after_the_last_image_shown(tmp_path):
+    model = tiny_model("vit", num_labels=3, seed=0)
+    examples = random_examples(30, num_labels=3, seed=3)
+    audit = audit_labels(model, examples, filter_by="predicted_neq_given", show_progress=False)
+    audit = dataclasses.replace(audit, suspected=torch.isin(audit.indices, torch.tensor([3, 7])))
+    chosen = audit.suspected_indices()
+    assert sorted(chosen) == [3, 7]
+    read = []
+
+    def stream():
+        for position, example in enumerate(examples):
+            read.append(position)
+            yield example
+
+    assert plot_suspected_grid(audit, stream(), tmp_path / "grid.png", top_k=2) is not None
+    assert max(chosen) < len(examples) - 1  # else the test cannot tell
+    assert read == list(range(max(chosen) + 1))  # read up to the last image shown, not to the stream's end
 
 
 def test_report_files_and_an_interrupted_csv(tmp_path):
