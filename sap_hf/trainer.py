@@ -151,7 +151,8 @@ class SAPTrainer(Trainer):
         greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
         if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
             raise ValueError(
-                "The eval dataset has no 'labels'/'label' column: SAP's alpha search needs a clean, labelled eval set."
+                "The eval dataset has no 'labels'/'label' column: SAP's alpha search and refine's choices need a clean, "
+                "labelled eval set; pass eval_dataset= with labels."
             )
 
         def evaluate_fn(model: nn.Module) -> dict[str, float]:

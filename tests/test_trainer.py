@@ -150,3 +150,6 @@ def test_correct_and_refine_name_the_missing_dataset(tmp_path):
         trainer.refine(eval_dataset=random_examples(4))
     with pytest.raises(ValueError, match=r"correct\(\) needs labelled training data: pass selection_dataset="):
         trainer.correct(eval_dataset=random_examples(4))
+    unlabelled = [{"pixel_values": example["pixel_values"]} for example in random_examples(4)]
+    with pytest.raises(ValueError, match="no 'labels'/'label' column.*pass eval_dataset= with labels"):
+        trainer.refine(train_dataset=random_examples(4), eval_dataset=unlabelled)
