@@ -719,6 +719,16 @@ def merge(existing: dict[str, Any], rows: list[dict], runs: list[dict], robust_r
     return keep + rows, keep_runs + runs, keep_robust + robust_runs
 
 
+def _robust_config(previous: dict[str, Any] | None, config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+    robust = [g for g in args.methods if g.startswith("robust_")]
+    if not robust:
+        return previous
+    merged = dict(config, methods=robust)
+    for key in ("seeds", "settings", "methods") if previous else ():
+        merged[key] = list(dict.fromkeys([*previous.get(key, []), *merged[key]]))
+    return merged
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -756,9 +766,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in settings},
         "asymmetric_map": {"name": "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP",
                            "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()}},
-        # The arguments of the run that computed the 'ce' rows (config) and the robust_<loss> rows (config_robust).
+        # The arguments of the run that computed the 'ce' rows (config) and of the robust_<loss> rows
+        # (config_robust: seeds, settings and methods are the union over the merged runs).
         "config": config if "ce" in args.methods or "config" not in existing else existing["config"],
-        "config_robust": (config if any(g.startswith("robust_") for g in args.methods) else existing.get("config_robust")),
+        "config_robust": _robust_config(existing.get("config_robust"), config, args),
         # The arguments of the last run that computed sap+refine rows (its --refine_* arguments).
         "config_refine": (config if {"ce", "sap+refine"} & set(args.methods) else existing.get("config_refine")),
         "environment": common.environment(),
