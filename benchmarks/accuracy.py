@@ -72,13 +72,14 @@ shared 2-core machine, 2 threads per process are oversubscribed and run tens of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import common
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
@@ -703,6 +704,11 @@ def replot(out_dir: Path) -> None:
     print_robust_table(record.get("robust", {}))
 
 
+def _result_group(result: dict[str, Any]) -> str:
+    """The `--methods` group a worker result belongs to."""
+    return result.get("group") or ("robust_" + result["loss"] if "loss" in result else "ce")
+
+
 def _group(row: dict[str, Any]) -> str:
     """The `--methods` group a row belongs to."""
     if row["method"] == "sap+refine":
@@ -729,6 +735,19 @@ def _robust_config(previous: dict[str, Any] | None, config: dict[str, Any], args
     return merged
 
 
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed): runs merging into one accuracy.json take turns."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -737,15 +756,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         replot(out_dir)
         return {}
     started = time.perf_counter()
-    path = out_dir / "accuracy.json"
-    existing = json.loads(path.read_text()) if args.merge and path.exists() else {}
     tasks = [(setting, seed, args, group) for group in args.methods for seed in args.seeds for setting in args.settings]
     results = common.run_tasks(_worker, tasks, args.jobs)
     order = {group: i for i, group in enumerate(args.methods)}
-    group_of = lambda r: r.get("group") or ("robust_" + r["loss"] if "loss" in r else "ce")  # noqa: E731
-    results.sort(key=lambda r: (order[group_of(r)], args.settings.index(r["setting"]), r["seed"]))
+    results.sort(key=lambda r: (order[_result_group(r)], args.settings.index(r["setting"]), r["seed"]))
+    path = out_dir / "accuracy.json"
+    with _exclusive(out_dir / ".accuracy.json.lock"):  # read, merge and write as one step
+        existing = json.loads(path.read_text()) if args.merge and path.exists() else {}
+        record = build_record(args, results, existing, out_dir, started)
+        common.write_json(path, record)
+    print_table(record["summary"], record["purity"], record["runs"])
+    print_robust_table(record["robust"])
+    print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
+    return record
+
+
+def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existing: dict[str, Any], out_dir: Path,
+                 started: float) -> dict[str, Any]:
+    """accuracy.json's content: the new results merged into `existing` (empty unless --methods), tables, plots."""
     rows = [row for result in results for row in result["rows"]]
-    runs = [result["run"] for result in results if group_of(result) == "ce"]
+    runs = [result["run"] for result in results if _result_group(result) == "ce"]
     robust_runs = [result["run"] for result in results if "loss" in result]
     rows, runs, robust_runs = merge(existing, rows, runs, robust_runs)
     summary = summarise(rows)
@@ -779,10 +809,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         written = plot(rows, runs, summary, list(record["config"]["alphas"]), record["config"]["plot_seed"], out_dir)
         written += plot_robust(robust, out_dir)
         record["plots"] = [os.path.relpath(p, out_dir) for p in written]
-    common.write_json(path, record)
-    print_table(summary, purity, runs)
-    print_robust_table(robust)
-    print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
+    elif existing.get("plots"):
+        record["plots"] = existing["plots"]  # redraw them with --replot
     return record
 
 
