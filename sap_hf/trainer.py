@@ -84,7 +84,7 @@ class SAPTrainer(Trainer):
         eval_dataset: Any = None,
         *,
         selection_model: Optional[nn.Module] = None,
-        trusted_indices: Optional[list[int]] = None,
+        trusted_indices: Optional[list[Union[int, str]]] = None,
         stats_path: Optional[Union[str, Path]] = None,
     ) -> SAPResult:
         """Correct `self.model` with SAP and return what was measured.
