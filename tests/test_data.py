@@ -302,8 +302,8 @@ def test_transform_gray_to_rgb_and_size():
     transform = ImageTransform(image_size=32, num_channels=3)
     gray = Image.fromarray(np.zeros((28, 28), dtype=np.uint8))
     out = transform({"image": [gray, np.full((28, 28), 255, dtype=np.uint8)], "label": [3, 4], "key": ["a", "b"]})
-    assert set(out) == {"pixel_values", "labels"}
-    assert out["labels"] == [3, 4]
+    assert set(out) == {"pixel_values", "labels", "key"}  # the key identifies a stream's samples for SAP
+    assert out["labels"] == [3, 4] and out["key"] == ["a", "b"]
     assert [tuple(p.shape) for p in out["pixel_values"]] == [(3, 32, 32)] * 2
     assert out["pixel_values"][0].dtype == torch.float32
     assert torch.allclose(out["pixel_values"][0], torch.tensor(-1.0))  # (0 - 0.5) / 0.5
