@@ -368,10 +368,41 @@ def test_prepare_map_style_and_streaming(tiny_clothing1m):
 
     streamed = prepare_image_dataset(load_clothing1m(tiny_clothing1m, "validation"), ImageTransform(image_size=16))
     rows = list(streamed)
-    assert len(rows) == 42 and set(rows[0]) == {"pixel_values", "labels"}
+    assert len(rows) == 42 and set(rows[0]) == {"pixel_values", "labels", "key"}
     assert tuple(rows[0]["pixel_values"].shape) == (3, 16, 16)
 
     both = prepare_image_dataset(datasets.DatasetDict(a=table), ImageTransform(image_size=8, num_channels=1))
     assert tuple(both["a"][0]["pixel_values"].shape) == (1, 8, 8)
     with pytest.raises(TypeError, match="dataset"):
         prepare_image_dataset([1, 2], ImageTransform(image_size=8))
+
+
+def _count_decodes(monkeypatch):
+    from PIL import ImageFile
+
+    decodes = []
+    load = ImageFile.ImageFile.load
+
+    def counting_load(self, *args, **kwargs):
+        decodes.extend([1] if self.tile else [])  # a real decode, not a reload of a decoded image
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return decodes
+
+
+def test_clothing1m_decodes_each_image_once_per_pass(tiny_clothing1m, monkeypatch):
+    decodes = _count_decodes(monkeypatch)
+    rows = list(load_clothing1m(tiny_clothing1m, "validation"))
+    assert len(rows) == 42 and len(decodes) == 42
+
+
+def test_undecoded_rows_are_decoded_by_collate_only(tiny_clothing1m, monkeypatch):
+    from sap_hf.data import undecoded_images
+
+    decodes = _count_decodes(monkeypatch)
+    raw = list(undecoded_images(load_clothing1m(tiny_clothing1m, "validation")))
+    assert not decodes and set(raw[0]["image"]) == {"path", "bytes"} and raw[0]["key"].startswith("images/")
+    batch = ImageTransform(image_size=16).collate(raw[:5])
+    assert len(decodes) == 5 and tuple(batch["pixel_values"].shape) == (5, 3, 16, 16)
+    assert batch["labels"].tolist() == [row["label"] for row in raw[:5]] and "key" not in batch
