@@ -248,7 +248,7 @@ def sap_correct(
             kinds = group_kinds(stats.groups, classifier_names(base)) if config.alpha_scope == "per_kind" else None
             search = search_alpha(
                 base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
-                on_evaluate=on_evaluate, kinds=kinds,
+                on_evaluate=on_evaluate, kinds=kinds, method=config.alpha_search,
             )
             rounds.append(search)
             if not search.improved:
