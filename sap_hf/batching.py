@@ -117,9 +117,13 @@ def iter_shard_batches(
     stream, sharded = _own_shards(data, process_index, num_processes)
     iterator = iter(stream)
     first = next(iterator, None)
+    if sharded and first is None:  # this process's shards are empty: is the stream keyed (then nothing to do)?
+        first = next(iter(data), None)
+        if first is None or _has_key(first):
+            return
     if first is None:
         return
-    keyed = isinstance(first, Mapping) and KEY_COLUMN in first
+    keyed = _has_key(first)
     if sharded and not keyed:  # positions are only global on the whole stream: read it all, keep every N-th
         iterator, sharded = iter(data), False
         first = next(iterator, None)
@@ -145,9 +149,13 @@ def iter_shard_batches(
         yield emit(ids, examples)
 
 
+def _has_key(example: Any) -> bool:
+    return isinstance(example, Mapping) and KEY_COLUMN in example
+
+
 def example_identity(example: Any, position: int, keyed: bool) -> Identity:
     """The example's `key` in a keyed stream, else its position; a stream must not mix the two."""
-    has_key = isinstance(example, Mapping) and KEY_COLUMN in example
+    has_key = _has_key(example)
     if has_key != keyed:
         raise ValueError(
             f"Example {position} of the stream {'lacks' if keyed else 'has'} a {KEY_COLUMN!r} while the first example "
@@ -285,7 +293,7 @@ class IndexedSubset:
             raise ValueError(
                 "Cannot take a subset of pre-batched data; pass a dataset or an iterable of examples."
             )
-        keyed = isinstance(first, Mapping) and KEY_COLUMN in first
+        keyed = _has_key(first)
         for position, example in enumerate(itertools.chain([first], stream)):
             if example_identity(example, position, keyed) in self.indices:
                 yield example

@@ -406,3 +406,28 @@ def test_undecoded_rows_are_decoded_by_collate_only(tiny_clothing1m, monkeypatch
     batch = ImageTransform(image_size=16).collate(raw[:5])
     assert len(decodes) == 5 and tuple(batch["pixel_values"].shape) == (5, 3, 16, 16)
     assert batch["labels"].tolist() == [row["label"] for row in raw[:5]] and "key" not in batch
+
+
+def test_streams_are_split_before_decoding_with_stable_identities(tiny_clothing1m, monkeypatch):
+    from sap_hf.batching import iter_shard_batches
+
+    transform = ImageTransform(image_size=16)
+    keyed = load_clothing1m(tiny_clothing1m, "validation", num_shards=4)
+    all_keys = [row["key"] for row in undecoded_list(keyed)]
+    decodes = _count_decodes(monkeypatch)
+    seen = []
+    for rank in range(2):  # keyed, 4 shards on 2 processes: each reads and decodes its own shards only
+        for ids, batch in iter_shard_batches(prepare_image_dataset(keyed, transform), batch_size=5, process_index=rank, num_processes=2):
+            seen.extend(ids)
+            assert len(ids) == batch["pixel_values"].shape[0]
+    assert sorted(seen) == sorted(all_keys) and len(decodes) == len(all_keys)
+    keyless = keyed.remove_columns("key")  # identities are then global positions (every process reads the stream)
+    parts = [[i for ids, _ in iter_shard_batches(keyless, batch_size=5, process_index=r, num_processes=2,
+                                                 collate_fn=transform.collate) for i in ids] for r in range(2)]
+    assert parts[0] == list(range(0, 42, 2)) and parts[1] == list(range(1, 42, 2))
+
+
+def undecoded_list(dataset):
+    from sap_hf.data import undecoded_images
+
+    return list(undecoded_images(dataset))
