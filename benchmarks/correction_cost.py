@@ -68,6 +68,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=["sym40", "asym40"])
     parser.add_argument("--no_plot", action="store_true")
+    parser.add_argument("--reuse_runs", action="store_true", help="report the corrections measured by the last run again")
     parser.add_argument("--worker", nargs=3, metavar=("CORPUS", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -326,6 +327,8 @@ def launch(processes: int, corpus: Path, model_dir: Path, out: Path) -> dict[str
         raise RuntimeError(f"accelerate launch with {processes} process(es) failed:\n{run.stderr[-4000:]}")
     record = json.loads(out.read_text())
     record["launch_wall_seconds"] = round(time.perf_counter() - started, 1)
+    record["loadavg_after"] = loadavg()
+    out.write_text(json.dumps(record, indent=1))
     return record
 
 
@@ -525,10 +528,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     epoch = finetune_epoch(corpus_dir, model_dir)
     epoch = dict(epoch, decode_seconds_per_image=decode_rate(corpus_dir))
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for processes in args.processes:
-            print(f"Correction with {processes} process(es) ...")
-            runs.append(launch(processes, corpus_dir, model_dir, Path(tmp) / f"run{processes}.json"))
+    for processes in args.processes:
+        saved = corpus_dir / f"correction_{processes}p.json"  # kept beside the corpus: --reuse_runs reports it again
+        if args.reuse_runs and saved.is_file():
+            runs.append(json.loads(saved.read_text()))
+            continue
+        print(f"Correction with {processes} process(es) ...")
+        runs.append(launch(processes, corpus_dir, model_dir, saved))
     print("Bracket vs grid on the accuracy benchmark's models ...")
     comparison = compare_searches(args)
     record: dict[str, Any] = {"corpus": corpus, "finetune_epoch": epoch, "runs": runs, "search_comparison": comparison}

@@ -159,7 +159,7 @@ def select_trusted(
     with inference_mode(scorer), progress:
         for ids, batch, examples in iter_shard_batches(
             data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn,
-            with_examples=not map_style,
+            with_examples=True,
         ):
             labels = batch_labels(batch)
             if labels is None:
@@ -187,7 +187,7 @@ def select_trusted(
                     kept.pop(heapq.heapreplace(heap, item)[1].value, None)
                 else:
                     continue
-                if examples is not None:
+                if examples is not None and not map_style:  # map-style data is re-read by index instead
                     kept[identity] = examples[position]
             progress.update(len(ids))
 

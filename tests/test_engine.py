@@ -410,3 +410,20 @@ def test_cached_rotation_gives_the_same_weights():
             from sap_hf import project_weight, projection_matrix
 
             torch.testing.assert_close(weight, project_weight(originals[name], projection_matrix(bases[group.name], alpha)))
+
+
+def test_map_style_selection_reads_by_index_and_keeps_no_examples():
+    class MapStyle(torch.utils.data.Dataset):
+        def __init__(self, examples):
+            self.examples = examples
+
+        def __len__(self):
+            return len(self.examples)
+
+        def __getitem__(self, index):
+            return self.examples[index]
+
+    data = random_examples(12)
+    selection = select_trusted(tiny_model("vit"), MapStyle(data), 2, show_progress=False)
+    assert selection.examples is None
+    assert selection.indices == select_trusted(tiny_model("vit"), data, 2, show_progress=False).indices
