@@ -249,6 +249,7 @@ def sap_correct(
             search = search_alpha(
                 base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
                 on_evaluate=on_evaluate, kinds=kinds, method=config.alpha_search,
+                tolerance=config.alpha_search_tolerance,
             )
             rounds.append(search)
             if not search.improved:

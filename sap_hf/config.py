@@ -94,6 +94,16 @@ class SAPConfig:
             )
         },
     )
+    alpha_search_tolerance: float = field(
+        default=0.0025,
+        metadata={
+            "help": (
+                "alpha_search='bracket': the metric must fall by more than this (in the metric's units; accuracy "
+                "0.0025 = 0.25 points, 5 of 2,000 eval samples) before a side of the best alpha counts as fallen, "
+                "so that small dips of a noisy curve do not stop the climb. 0 stops at the first fall."
+            )
+        },
+    )
     trusted_per_class: int = field(
         default=100,
         metadata={"help": "Trusted samples kept per class: the k lowest-loss samples of each class."},
@@ -157,6 +167,9 @@ class SAPConfig:
             raise _bad("alpha_scope", self.alpha_scope, f"choose one of {list(ALPHA_SCOPES)}.")
         if self.alpha_search not in ALPHA_SEARCHES:
             raise _bad("alpha_search", self.alpha_search, f"choose one of {list(ALPHA_SEARCHES)}.")
+        tolerance = self.alpha_search_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+            raise _bad("alpha_search_tolerance", tolerance, "use a finite number >= 0 (in the metric's units, e.g. 0.0025).")
         if self.accumulation_dtype not in ACCUMULATION_DTYPES:
             raise _bad("accumulation_dtype", self.accumulation_dtype, f"choose one of {list(ACCUMULATION_DTYPES)}.")
         if self.accumulation_dtype == "float32" and max(self.alphas) > 1e3:

@@ -113,7 +113,7 @@ def search_alpha(
     on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]] = None,
     kinds: Optional[Mapping[str, str]] = None,
     method: str = "bracket",
-    tolerance: float = 0.0,
+    tolerance: float = 0.0025,
 ) -> AlphaSearchResult:
     """Evaluate the model unchanged and projected with alphas of the grid; leave it at the best one.
 
@@ -178,7 +178,9 @@ def search_alpha(
                 shared(alpha)
         else:  # index len(alphas) is "unchanged", the alpha -> inf end of the grid
             n = len(alphas)
-            bracket_indices(lambda i: shared(alphas[i]), n + 1, {n: baseline_score}, [n, *range(n)], start=(n - 1) // 2)
+            bracket_indices(
+                lambda i: shared(alphas[i]), n + 1, {n: baseline_score}, [n, *range(n)], start=(n - 1) // 2, tolerance=tolerance
+            )
         best_score = baseline_score
         result.best_metrics = result.baseline
         for alpha in alphas if method == "grid" else sorted(shared_scores):  # first strictly better wins, as in a grid
@@ -215,7 +217,8 @@ def search_alpha(
                     n = len(alphas)
                     at = n if start is None else alphas.index(start)
                     bracket_indices(
-                        lambda i: trial_score(None if i == n else alphas[i]), n + 1, {at: best_score}, [at, n, *range(n)]
+                        lambda i: trial_score(None if i == n else alphas[i]), n + 1, {at: best_score}, [at, n, *range(n)],
+                        tolerance=tolerance,
                     )
             result.kind_alphas = chosen
     except BaseException:
