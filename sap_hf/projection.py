@@ -109,7 +109,7 @@ def project_weight(weight: torch.Tensor, projection: torch.Tensor) -> torch.Tens
 
 
 def rotate_weights(
-    weights: Mapping[str, torch.Tensor], groups: Sequence[TargetGroup], bases: Mapping[str, Eigenbasis]
+    weights: Mapping[str, torch.Tensor], groups: Sequence[LayerGroup], bases: Mapping[str, Eigenbasis]
 ) -> dict[str, torch.Tensor]:
     """`W U` (float64, on the eigenbasis' device) for every member of every group.
 
