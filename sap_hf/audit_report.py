@@ -100,8 +100,8 @@ def plot_suspected_grid(
         logger.info("matplotlib is not installed; skipping the image grid (pip install 'sap_hf[audit]').")
         return None
     images: dict[int, torch.Tensor] = {}
-    for indices, batch in iter_shard_batches(data, batch_size=64, collate_fn=collate_fn, keep=set(chosen)):
-        for position, index in enumerate(indices.tolist()):
+    for indices, batch in iter_shard_batches(data, batch_size=64, collate_fn=collate_fn, keep=set(chosen), by_key=False):
+        for position, index in enumerate(indices):
             images[index] = batch["pixel_values"][position]
     position_of = {int(i): p for p, i in enumerate(audit.indices.tolist())}
     rows = -(-len(chosen) // columns)

@@ -77,6 +77,7 @@ def iter_shard_batches(
     collate_fn: Optional[Collator] = None,
     keep: Optional[set[Identity]] = None,
     with_examples: bool = False,
+    by_key: bool = True,
 ) -> Iterator[tuple]:
     """Yield `(identities, batch)` for this process's share of `data` (`+ examples` with `with_examples`).
 
@@ -90,6 +91,7 @@ def iter_shard_batches(
     many shards as processes is split by shards (`split_dataset_by_node`) before any row is decoded.
     Other streams are read whole by every process, each keeping every N-th example; with the image
     decoding in `collate_fn` (see `sap_hf.data.ImageTransform.collate`) that reading is cheap.
+    `by_key=False` ignores keys: identities are positions and every process reads the whole stream.
     """
     collate = collate_fn or default_data_collator
     if num_processes > 1 and type(data).__name__ in ("DataLoaderShard", "DataLoaderDispatcher"):
@@ -114,7 +116,7 @@ def iter_shard_batches(
             chunk = list(positions[start : start + batch_size])
             yield emit(chunk, _fetch_examples(data, chunk))
         return
-    stream, sharded = _own_shards(data, process_index, num_processes)
+    stream, sharded = _own_shards(data, process_index, num_processes) if by_key else (data, False)
     iterator = iter(stream)
     first = next(iterator, None)
     if sharded and first is None:  # this process's shards are empty: is the stream keyed (then nothing to do)?
@@ -123,7 +125,7 @@ def iter_shard_batches(
             return
     if first is None:
         return
-    keyed = _has_key(first)
+    keyed = by_key and _has_key(first)
     if sharded and not keyed:  # positions are only global on the whole stream: read it all, keep every N-th
         iterator, sharded = iter(data), False
         first = next(iterator, None)
@@ -137,7 +139,7 @@ def iter_shard_batches(
     for position, example in enumerate(iterator):
         if position % step != offset:
             continue
-        identity = example_identity(example, position, keyed)
+        identity = example_identity(example, position, keyed) if by_key else position
         if keep is not None and identity not in keep:
             continue
         ids.append(identity)

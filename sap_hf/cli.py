@@ -29,7 +29,7 @@ from .config import SAPConfig
 from .evaluation import evaluate_accuracy
 from .hub import push_folder, sap_record, staged_save, write_sap_files
 from .data import undecoded_images
-from .sources import DataArguments, image_transforms, load_processor, load_splits
+from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare
 
 logger = logging.get_logger(__name__)
 
