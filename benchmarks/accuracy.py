@@ -170,8 +170,9 @@ def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namesp
             purity = float((data["train_y"][index] == data["clean_y"][index]).float().mean())
             for scope in args.alpha_scopes:
                 model.load_state_dict(final_state)
+                # alpha_search="grid": this study plots and records every alpha's val/test curve
                 sap_config = SAPConfig(alphas=list(args.alphas), trusted_per_class=per_class, selection_rule=rule,
-                                       batch_size=500, alpha_scope=scope)
+                                       alpha_search="grid", batch_size=500, alpha_scope=scope)
                 result = sap_correct(model, train_set, config=sap_config, trusted_indices=selection.indices,
                                      evaluate_fn=evaluate_fn, show_progress=False)
                 candidates.append({

@@ -28,6 +28,7 @@ from transformers.utils import logging
 from sap_hf import ActivationStats, SAPConfig
 from sap_hf.api import check_stats_path
 from sap_hf.cli_args import parse_with_config
+from sap_hf.data import undecoded_images
 from sap_hf.formatting import format_result_alphas
 from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
 from sap_hf.plotting import plot_alpha_curve
@@ -119,7 +120,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
             _drop_stale_stats(Path(stats_path), trainer.model)
         trainer.accelerator.wait_for_everyone()
     audit_train = prepare(splits.train, eval_transform)  # the training labels, without augmentation
-    result = trainer.correct(selection_dataset=audit_train, stats_path=stats_path)
+    # SAP reads the raw rows with the eval transform as collator: each training image is decoded once, by one
+    # process, and the trusted samples are kept as raw rows (a path and a label) for the statistics.
+    result = trainer.correct(
+        selection_dataset=undecoded_images(splits.train), collate_fn=eval_transform.collate, stats_path=stats_path
+    )
     sap_test = trainer.evaluate(test, metric_key_prefix="test") if test is not None and refine_config else {}
     if script_args.label_audit or refine_config:
         trainer.audit_labels(audit_train)

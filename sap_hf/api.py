@@ -32,7 +32,7 @@ logger = logging.get_logger(__name__)
 class SAPResult:
     """What a correction measured: the alpha of each round, every alpha's eval metrics, the targets.
 
-    `trusted_indices` (positions in the selection data) make the run reproducible and let the same
+    `trusted_indices` (positions in the selection data, or the `key`s of a keyed stream) make the run reproducible and let the same
     trusted samples be reused, e.g. to fine-tune on them after SAP.
     """
 
@@ -44,7 +44,7 @@ class SAPResult:
     num_trusted: int
     trusted_per_class: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
-    trusted_indices: list[int] = field(default_factory=list)
+    trusted_indices: list[Union[int, str]] = field(default_factory=list)
 
     @property
     def alpha(self) -> Optional[float]:
@@ -179,7 +179,7 @@ def sap_correct(
     metric: str = "accuracy",
     greater_is_better: bool = True,
     selection_model: Optional[nn.Module] = None,
-    trusted_indices: Optional[Sequence[int]] = None,
+    trusted_indices: Optional[Sequence[Union[int, str]]] = None,
     stats_path: Optional[Union[str, Path]] = None,
     on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]] = None,
     show_progress: bool = True,
@@ -223,7 +223,10 @@ def sap_correct(
             show_progress=show_progress,
         )
         trusted_indices = selection.indices
-    trusted = subset(train_data, trusted_indices) if trusted_indices is not None and train_data is not None else None
+    if selection is not None and selection.examples is not None:
+        trusted: Any = selection.examples  # a stream's trusted examples, kept by the selection pass: no second read
+    else:
+        trusted = subset(train_data, trusted_indices) if trusted_indices is not None and train_data is not None else None
     if trusted is None and config.num_rounds > 1:
         raise ValueError(
             f"config.num_rounds={config.num_rounds} re-collects statistics each round, which needs the trusted "
@@ -245,7 +248,8 @@ def sap_correct(
             kinds = group_kinds(stats.groups, classifier_names(base)) if config.alpha_scope == "per_kind" else None
             search = search_alpha(
                 base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
-                on_evaluate=on_evaluate, kinds=kinds,
+                on_evaluate=on_evaluate, kinds=kinds, method=config.alpha_search,
+                tolerance=config.alpha_search_tolerance,
             )
             rounds.append(search)
             if not search.improved:
@@ -259,8 +263,13 @@ def sap_correct(
         num_trusted=len(trusted_indices) if trusted_indices is not None else 0,
         trusted_per_class={int(k): v for k, v in per_class.items()},
         config=config.to_dict(),
-        trusted_indices=[int(i) for i in trusted_indices] if trusted_indices is not None else [],
+        trusted_indices=[_identity(i) for i in trusted_indices] if trusted_indices is not None else [],
     )
+
+
+def _identity(value: Any) -> Union[int, str]:
+    """A trusted sample's identity as JSON keeps it: a position (int) or a stream's key (str)."""
+    return value if isinstance(value, str) else int(value)
 
 
 def _cached_on_main(path: Union[str, Path], accelerator: Any) -> bool:

@@ -340,7 +340,7 @@ def audit_labels(
     try:
         with inference_mode(model), progress:
             for batch_indices, batch in iter_shard_batches(
-                data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate
+                data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate, by_key=False
             ):
                 labels = batch_labels(batch)
                 if labels is None:
@@ -362,7 +362,7 @@ def audit_labels(
                 elif has_keys:
                     keys.extend(batch_keys.tolist() if isinstance(batch_keys, torch.Tensor) else list(batch_keys))
                 probs.append(predict_probs(model, batch, device, views))
-                indices.append(batch_indices.long().cpu())
+                indices.append(torch.as_tensor(batch_indices, dtype=torch.long))
                 given.append(labels)
                 progress.update(len(batch_indices))
     except Exception as err:  # re-raised below on this process, announced to the others

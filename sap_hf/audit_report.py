@@ -104,8 +104,10 @@ def plot_suspected_grid(
         return None
     images: dict[int, torch.Tensor] = {}
     # One batch of exactly the chosen images: a stream yields it at the last of them and is not read further.
-    for indices, batch in iter_shard_batches(data, batch_size=len(chosen), collate_fn=collate_fn, keep=set(chosen)):
-        for position, index in enumerate(indices.tolist()):
+    for indices, batch in iter_shard_batches(
+        data, batch_size=len(chosen), collate_fn=collate_fn, keep=set(chosen), by_key=False
+    ):
+        for position, index in enumerate(indices):
             images[index] = batch["pixel_values"][position]
         if len(images) == len(chosen):
             break

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -63,6 +63,11 @@ def shard_progress(data: Any, description: str, *, rank: int, world: int, show: 
     )
 
 
+Identity = Union[int, str]
+KEY_COLUMN = "key"
+"""A stream's examples are identified by this column when they have it (Clothing1M: the image path)."""
+
+
 def iter_shard_batches(
     data: Any,
     *,
@@ -70,13 +75,23 @@ def iter_shard_batches(
     process_index: int = 0,
     num_processes: int = 1,
     collate_fn: Optional[Collator] = None,
-    keep: Optional[set[int]] = None,
-) -> Iterator[tuple[torch.Tensor, Batch]]:
-    """Yield `(global_indices, batch)` for this process's share of `data`.
+    keep: Optional[set[Identity]] = None,
+    with_examples: bool = False,
+    by_key: bool = True,
+) -> Iterator[tuple]:
+    """Yield `(identities, batch)` for this process's share of `data` (`+ examples` with `with_examples`).
 
-    `global_indices` are the positions of the examples in the whole data (stable across process
-    counts), which is what trusted selection returns. `keep`, when given, restricts the walk to
-    those global indices (a trusted subset of a stream).
+    `identities` are stable across process counts: the `key` of each example of a stream that has
+    one, else the example's position in the whole data (a list of ints or strs). `keep`, when given,
+    restricts the walk to those identities. `examples` are the uncollated examples of the batch
+    (what trusted selection keeps, so the statistics need no second pass over the stream).
+
+    Every example is read and decoded by exactly one process where the data allows it: a map-style
+    dataset reads only this process's indices; a keyed `datasets.IterableDataset` with at least as
+    many shards as processes is split by shards (`split_dataset_by_node`) before any row is decoded.
+    Other streams are read whole by every process, each keeping every N-th example; with the image
+    decoding in `collate_fn` (see `sap_hf.data.ImageTransform.collate`) that reading is cheap.
+    `by_key=False` ignores keys: identities are positions and every process reads the whole stream.
     """
     collate = collate_fn or default_data_collator
     if num_processes > 1 and type(data).__name__ in ("DataLoaderShard", "DataLoaderDispatcher"):
@@ -84,45 +99,119 @@ def iter_shard_batches(
             "The data is a DataLoader already sharded by accelerator.prepare(); SAP shards data itself (without the "
             "padding duplicates prepare() adds). Pass the dataset or the unprepared DataLoader."
         )
+
+    if isinstance(data, IndexedSubset):  # walk the stream itself, sharded, keeping the subset's identities
+        keep = data.indices if keep is None else keep & data.indices
+        data = data.data
+
+    def emit(ids: list, examples: list) -> tuple:
+        batch = collate(examples)
+        return (ids, batch, examples) if with_examples else (ids, batch)
+
     if is_map_style(data):
         positions = range(process_index, len(data), num_processes)
         if keep is not None:
             positions = [i for i in positions if i in keep]
         for start in range(0, len(positions), batch_size):
             chunk = list(positions[start : start + batch_size])
-            yield torch.tensor(chunk, dtype=torch.long), collate(_fetch_examples(data, chunk))
+            yield emit(chunk, _fetch_examples(data, chunk))
         return
-    iterator = iter(data)
+    stream, sharded = _own_shards(data, process_index, num_processes) if by_key else (data, False)
+    iterator = iter(stream)
     first = next(iterator, None)
+    if sharded and first is None:  # this process's shards are empty: is the stream keyed (then nothing to do)?
+        first = next(iter(data), None)
+        if first is None or _has_key(first):
+            return
     if first is None:
         return
+    keyed = by_key and _has_key(first)
+    if sharded and not keyed:  # positions are only global on the whole stream: read it all, keep every N-th
+        iterator, sharded = iter(data), False
+        first = next(iterator, None)
     iterator = itertools.chain([first], iterator)
     if _is_batch(first):
-        offset = 0
-        for batch_number, batch in enumerate(iterator):
-            size = batch["pixel_values"].shape[0]
-            indices = torch.arange(offset, offset + size)
-            offset += size
-            if batch_number % num_processes != process_index:
-                continue
-            if keep is not None:
-                mask = torch.tensor([int(i) in keep for i in indices], dtype=torch.bool)
-                if not mask.any():
-                    continue
-                batch = {k: (v[mask] if isinstance(v, torch.Tensor) and v.shape[:1] == mask.shape else v) for k, v in batch.items()}
-                indices = indices[mask]
-            yield indices, dict(batch)
+        yield from _iter_prebatched(iterator, process_index, num_processes, keep, with_examples)
         return
-    buffer: list[tuple[int, Any]] = []
+    step, offset = (1, 0) if sharded else (num_processes, process_index)
+    ids: list[Identity] = []
+    examples: list[Any] = []
     for position, example in enumerate(iterator):
-        if position % num_processes != process_index or (keep is not None and position not in keep):
+        if position % step != offset:
             continue
-        buffer.append((position, example))
-        if len(buffer) == batch_size:
-            yield _collate_buffer(buffer, collate)
-            buffer = []
-    if buffer:
-        yield _collate_buffer(buffer, collate)
+        identity = example_identity(example, position, keyed) if by_key else position
+        if keep is not None and identity not in keep:
+            continue
+        ids.append(identity)
+        examples.append(example)
+        if len(examples) == batch_size:
+            yield emit(ids, examples)
+            ids, examples = [], []
+    if examples:
+        yield emit(ids, examples)
+
+
+def _has_key(example: Any) -> bool:
+    return isinstance(example, Mapping) and KEY_COLUMN in example
+
+
+def example_identity(example: Any, position: int, keyed: bool) -> Identity:
+    """The example's `key` in a keyed stream, else its position; a stream must not mix the two."""
+    has_key = _has_key(example)
+    if has_key != keyed:
+        raise ValueError(
+            f"Example {position} of the stream {'lacks' if keyed else 'has'} a {KEY_COLUMN!r} while the first example "
+            f"{'has' if keyed else 'lacks'} one: give every example a unique {KEY_COLUMN!r} (or none)."
+        )
+    if not keyed:
+        return position
+    key = example[KEY_COLUMN]
+    if not isinstance(key, (str, int)) or isinstance(key, bool):
+        raise ValueError(
+            f"Example {position} has {KEY_COLUMN}={key!r} ({type(key).__name__}); keys identify samples across "
+            "processes and must be str or int."
+        )
+    return key
+
+
+def _own_shards(data: Any, rank: int, world: int) -> tuple[Any, bool]:
+    """This process's shards of a `datasets.IterableDataset` (nothing else is read or decoded), if it can be split so."""
+    if world == 1:
+        return data, False
+    try:
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        return data, False
+    if not isinstance(data, datasets.IterableDataset) or data.num_shards < world:
+        return data, False
+    if data.num_shards % world == 0:
+        return split_dataset_by_node(data, rank=rank, world_size=world), True
+    try:  # datasets >= 4.x: uneven shard counts per process
+        return split_dataset_by_node(data, rank=rank, world_size=world, strategy="shards"), True
+    except TypeError:
+        return data, False
+
+
+def _iter_prebatched(iterator: Iterator[Any], rank: int, world: int, keep: Optional[set], with_examples: bool) -> Iterator[tuple]:
+    """Ready batches (a DataLoader): batch `b` belongs to process `b % world`; identities are positions.
+
+    There are no separate examples to keep (`with_examples` yields None for them).
+    """
+    offset = 0
+    for batch_number, batch in enumerate(iterator):
+        size = batch["pixel_values"].shape[0]
+        indices = list(range(offset, offset + size))
+        offset += size
+        if batch_number % world != rank:
+            continue
+        if keep is not None:
+            mask = torch.tensor([i in keep for i in indices], dtype=torch.bool)
+            if not mask.any():
+                continue
+            batch = {k: (v[mask] if isinstance(v, torch.Tensor) and v.shape[:1] == mask.shape else v) for k, v in batch.items()}
+            indices = [i for i, kept in zip(indices, mask.tolist()) if kept]
+        yield (indices, dict(batch), None) if with_examples else (indices, dict(batch))
 
 
 def _fetch_examples(data: Any, indices: list[int]) -> list[dict[str, Any]]:
@@ -132,11 +221,6 @@ def _fetch_examples(data: Any, indices: list[int]) -> list[dict[str, Any]]:
         if isinstance(fetched, list):
             return fetched
     return [data[i] for i in indices]
-
-
-def _collate_buffer(buffer: list[tuple[int, Any]], collate: Collator) -> tuple[torch.Tensor, Batch]:
-    indices = torch.tensor([position for position, _ in buffer], dtype=torch.long)
-    return indices, collate([example for _, example in buffer])
 
 
 def first_example_batch(data: Any, collate_fn: Optional[Collator] = None) -> Batch:
@@ -175,20 +259,27 @@ def batch_labels(batch: Mapping[str, Any]) -> Optional[torch.Tensor]:
     return labels if isinstance(labels, torch.Tensor) else torch.as_tensor(labels)
 
 
-def subset(data: Any, indices: Iterable[int]) -> Any:
-    """The examples of `data` at `indices` (a trusted subset), without reading a stream into memory."""
-    chosen = sorted(set(int(i) for i in indices))
-    if hasattr(data, "select") and is_map_style(data):
-        return data.select(chosen)
+def subset(data: Any, indices: Iterable[Identity]) -> Any:
+    """The examples of `data` at `indices` (positions, or keys of a keyed stream), without loading a stream.
+
+    Map-style data is indexed directly (each process later reads only its own indices). A stream is
+    re-read, sharded like every other pass; `select_trusted` keeps a stream's trusted examples so
+    that `sap_correct` needs no such second pass.
+    """
     if is_map_style(data):
-        return torch.utils.data.Subset(data, chosen)
-    return IndexedSubset(data, set(chosen))
+        chosen = sorted(set(int(i) for i in indices))
+        return data.select(chosen) if hasattr(data, "select") else torch.utils.data.Subset(data, chosen)
+    return IndexedSubset(data, set(indices))
 
 
 class IndexedSubset:
-    """A re-iterable view of the examples of a stream whose positions are in `indices`."""
+    """A re-iterable view of the examples of a stream whose identities (keys or positions) are in `indices`.
 
-    def __init__(self, data: Iterable[Any], indices: set[int]):
+    `iter_shard_batches` recognises it and walks the underlying stream with `keep=indices`, so
+    every process reads (and decodes) only its own shard; iterating it directly reads the whole stream.
+    """
+
+    def __init__(self, data: Iterable[Any], indices: set[Identity]):
         self.data = data
         self.indices = indices
 
@@ -204,6 +295,7 @@ class IndexedSubset:
             raise ValueError(
                 "Cannot take a subset of pre-batched data; pass a dataset or an iterable of examples."
             )
+        keyed = _has_key(first)
         for position, example in enumerate(itertools.chain([first], stream)):
-            if position in self.indices:
+            if example_identity(example, position, keyed) in self.indices:
                 yield example

@@ -28,6 +28,7 @@ from .cli_args import parse_with_config
 from .config import SAPConfig
 from .evaluation import evaluate_accuracy
 from .hub import push_folder, sap_record, staged_save, write_sap_files
+from .data import undecoded_images
 from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare
 
 logger = logging.get_logger(__name__)
@@ -94,10 +95,15 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     processor = load_processor(args.model_name_or_path)
     model.to(accelerator.device)
     _, transform = image_transforms(model, processor, augment=False, seed=0)
-    train, validation, test = (prepare(split, transform) for split in (splits.train, splits.validation, splits.test))
-    evaluate = lambda: evaluate_accuracy(model, test, batch_size=config.batch_size, accelerator=accelerator)  # noqa: E731
+    # Raw rows, decoded by the collator: each image is decoded once per pass, by the one process that reads it.
+    train, validation, test = (None if s is None else undecoded_images(s) for s in (splits.train, splits.validation, splits.test))
+    evaluate = lambda: evaluate_accuracy(  # noqa: E731
+        model, test, batch_size=config.batch_size, accelerator=accelerator, collate_fn=transform.collate
+    )
     test_before = evaluate() if test is not None else {}
-    result = sap_correct(model, train, validation, config, accelerator, stats_path=args.stats_path)
+    result = sap_correct(
+        model, train, validation, config, accelerator, stats_path=args.stats_path, collate_fn=transform.collate
+    )
     test_after = evaluate() if test is not None else {}
     record = sap_record(
         result,

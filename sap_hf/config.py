@@ -23,6 +23,7 @@ DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
 SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement", "shift_loss")
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
 ALPHA_SCOPES: tuple[str, ...] = ("shared", "per_kind")
+ALPHA_SEARCHES: tuple[str, ...] = ("bracket", "grid")
 
 
 def _bad(field_name: str, value: Any, fix: str) -> ValueError:
@@ -78,6 +79,28 @@ class SAPConfig:
                 "'unchanged' in turn, the other kinds held (a coordinate pass: up to 4x the evaluations). The "
                 "shared result stays a candidate, so it is never worse on the eval set. On memorised ViTs the "
                 "attention layers want a strong alpha and the MLP layers a mild one (benchmarks/sap_ablation.py)."
+            )
+        },
+    )
+    alpha_search: str = field(
+        default="bracket",
+        metadata={
+            "help": (
+                "How the alphas of the grid are visited; each visit is a full pass over the eval set. 'bracket' "
+                "(default): start at the middle of the sorted grid ('unchanged' is its alpha -> inf end) and climb "
+                "until the metric has fallen on both sides of the best alpha, for the shared alpha and for each kind "
+                "of the per-kind pass: the grid's choice on a unimodal curve with a fraction of the evaluations "
+                "(benchmarks/correction_cost.py). 'grid': evaluate every alpha (and every alpha per kind)."
+            )
+        },
+    )
+    alpha_search_tolerance: float = field(
+        default=0.0025,
+        metadata={
+            "help": (
+                "alpha_search='bracket': the metric must fall by more than this (in the metric's units; accuracy "
+                "0.0025 = 0.25 points, 5 of 2,000 eval samples) before a side of the best alpha counts as fallen, "
+                "so that small dips of a noisy curve do not stop the climb. 0 stops at the first fall."
             )
         },
     )
@@ -142,6 +165,11 @@ class SAPConfig:
             raise _bad("alpha_growth", self.alpha_growth, "use a finite number >= 1 (1 keeps alpha fixed across rounds).")
         if self.alpha_scope not in ALPHA_SCOPES:
             raise _bad("alpha_scope", self.alpha_scope, f"choose one of {list(ALPHA_SCOPES)}.")
+        if self.alpha_search not in ALPHA_SEARCHES:
+            raise _bad("alpha_search", self.alpha_search, f"choose one of {list(ALPHA_SEARCHES)}.")
+        tolerance = self.alpha_search_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+            raise _bad("alpha_search_tolerance", tolerance, "use a finite number >= 0 (in the metric's units, e.g. 0.0025).")
         if self.accumulation_dtype not in ACCUMULATION_DTYPES:
             raise _bad("accumulation_dtype", self.accumulation_dtype, f"choose one of {list(ACCUMULATION_DTYPES)}.")
         if self.accumulation_dtype == "float32" and max(self.alphas) > 1e3:

@@ -2,7 +2,8 @@
 
 Gram `G = U diag(sigma^2) U^T`  ->  energy ratios `r_i = sigma_i^2 / sum_j sigma_j^2`
 ->  scaled importance `lambda_i = alpha r_i / ((alpha - 1) r_i + 1)`  ->  `P = U diag(lambda) U^T`
-->  `W <- W P` (bias unchanged).
+->  `W <- W P` (bias unchanged), computed as `(W U) diag(lambda) U^T` so that `W U` can be reused
+across alphas (`rotate_weights`).
 
 Everything up to the new weights is computed from tensors alone (and checked for NaN/Inf)
 before the first parameter is touched; `write_weights` then copies them in and restores every
@@ -107,17 +108,42 @@ def project_weight(weight: torch.Tensor, projection: torch.Tensor) -> torch.Tens
     return projected.to(device=weight.device, dtype=weight.dtype)
 
 
+def rotate_weights(
+    weights: Mapping[str, torch.Tensor], groups: Sequence[LayerGroup], bases: Mapping[str, Eigenbasis]
+) -> dict[str, torch.Tensor]:
+    """`W U` (float64, on the eigenbasis' device) for every member of every group.
+
+    `W P = (W U) diag(lambda) U^T`: with `W U` computed once, each further alpha costs one
+    `out x d x d` product instead of a new `d x d x d` projection matrix plus that product
+    (an alpha search writes many alphas from the same originals). Costs a float64 copy of the weights.
+    """
+    rotated: dict[str, torch.Tensor] = {}
+    for group in groups:
+        vectors = bases[group.name].eigenvectors
+        for name in group.members:
+            weight = weights[name]
+            if weight.shape[-1] != vectors.shape[0]:
+                raise ValueError(
+                    f"{name} has in_features={weight.shape[-1]} but its statistics are {vectors.shape[0]}-wide: "
+                    "the statistics belong to another model."
+                )
+            rotated[name] = weight.detach().to(device=vectors.device, dtype=torch.float64) @ vectors
+    return rotated
+
+
 def plan_projection(
     weights: Mapping[str, torch.Tensor],
     groups: Sequence[LayerGroup],
     bases: Mapping[str, Eigenbasis],
     alpha: Union[float, Mapping[str, Optional[float]]],
+    rotated: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> dict[str, torch.Tensor]:
     """New weights for every member of every group, from `weights` (originals), all checked finite.
 
     `alpha` is one value for every group, or a mapping group name -> alpha where None (or a
     missing group) means "leave this group's layers as they are": they are then absent from the
-    result. Raises before returning anything if a result holds NaN/Inf, so the caller never
+    result. `rotated` (from `rotate_weights`) skips recomputing `W U`; the result is the same
+    either way. Raises before returning anything if a result holds NaN/Inf, so the caller never
     writes a partial projection.
     """
     new_weights: dict[str, torch.Tensor] = {}
@@ -125,15 +151,12 @@ def plan_projection(
         group_alpha = alpha.get(group.name) if isinstance(alpha, Mapping) else alpha
         if group_alpha is None:
             continue
-        projection = projection_matrix(bases[group.name], group_alpha)
+        basis = bases[group.name]
+        lam = scaled_importance(energy_ratios(basis.eigenvalues), group_alpha)
+        group_rotated = rotated if rotated is not None else rotate_weights(weights, [group], bases)
         for name in group.members:
             weight = weights[name]
-            if weight.shape[-1] != projection.shape[0]:
-                raise ValueError(
-                    f"{name} has in_features={weight.shape[-1]} but its statistics are {projection.shape[0]}-wide: "
-                    "the statistics belong to another model."
-                )
-            new = project_weight(weight, projection)
+            new = ((group_rotated[name] * lam) @ basis.eigenvectors.T).to(device=weight.device, dtype=weight.dtype)
             if not torch.isfinite(new).all():
                 raise ValueError(
                     f"Projecting {name} with alpha={group_alpha} gives NaN/Inf (weights or statistics not finite); "

@@ -1,12 +1,17 @@
-"""Alpha search: one eigendecomposition, every alpha written from the saved originals.
+"""Alpha search: one eigendecomposition and one `W U` per layer, every alpha written from the saved originals.
+
+Each evaluation is a full pass over the eval set (Clothing1M: 14k images), so the default search
+brackets the best alpha on the sorted grid instead of evaluating all of it (`bracket_indices`):
+the grid's choice on a unimodal curve with about a third of the evaluations on the benchmark
+models (benchmarks/correction_cost.py); `method="grid"` evaluates every alpha.
 
 The uncorrected model is evaluated first and stays a candidate, so the search can never hand
 back a model that is worse on the eval set than the one it was given. Whatever happens inside
 the loop (an evaluation error, Ctrl-C), the original weights are restored before re-raising.
 
 With layer kinds (`alpha_scope="per_kind"`), the shared search is followed by one coordinate
-pass: the attention layers, the MLP layers and the classifier in turn try every alpha of the grid
-and "unchanged" while the other kinds keep their current alpha. Why: on memorised ViTs the
+pass: the attention layers, the MLP layers and the classifier in turn try alphas of the grid and
+"unchanged" (all of them, or bracketing from their current alpha) while the other kinds keep theirs. Why: on memorised ViTs the
 noise is removed by projecting the attention layers, while the MLP layers need a much milder
 alpha (benchmarks/sap_ablation.py); one shared alpha has to compromise between the two.
 """
@@ -20,8 +25,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from torch import nn
 from transformers.utils import logging
 
-from .config import validate_alpha
-from .projection import Eigenbasis, current_weights, eigendecompose, plan_projection, write_weights
+from .config import ALPHA_SEARCHES, validate_alpha
+from .projection import Eigenbasis, current_weights, eigendecompose, plan_projection, rotate_weights, write_weights
 from .stats import ActivationStats
 from .targets import LAYER_KINDS, group_alphas
 
@@ -60,6 +65,47 @@ def eigenbases(stats: ActivationStats) -> dict[str, Eigenbasis]:
     return {group.name: eigendecompose(stats.grams[group.name]) for group in stats.groups}
 
 
+def bracket_indices(
+    score_at: Callable[[int], float],
+    size: int,
+    known: Mapping[int, float],
+    preference: Sequence[int],
+    start: Optional[int] = None,
+    tolerance: float = 0.0,
+) -> dict[int, float]:
+    """Climb a 1-D grid of `size` points from the best known one until the score has fallen on both sides.
+
+    `known` are points already scored, `start` (if given) is scored first. Then, repeatedly, from the
+    best point so far each side is walked over scored points that have not clearly fallen (score
+    >= best - `tolerance`); where the walk reaches an unscored point, that point is scored. It stops
+    once every side ends at a clearly lower point or at the grid's end. On a unimodal curve this
+    returns the grid's maximum (plateaus are walked across, not stopped at) after a few points on
+    each side of it instead of every point. Ties go to the point earliest in `preference` (the order
+    a full grid search would have met them in). Returns every scored point's score (pure helper).
+    """
+    scores = dict(known)
+    rank = {index: position for position, index in enumerate(preference)}
+    if start is not None and start not in scores:
+        scores[start] = score_at(start)
+
+    def best() -> int:
+        return max(scores, key=lambda i: (scores[i], -rank.get(i, len(rank))))
+
+    while True:
+        top = best()
+        pending = []
+        for side in (1, -1):
+            j = top + side
+            while 0 <= j < size and j in scores and scores[j] >= scores[top] - tolerance:
+                j += side
+            if 0 <= j < size and j not in scores:
+                pending.append(j)
+        if not pending:
+            return scores
+        for j in pending:
+            scores[j] = score_at(j)
+
+
 def search_alpha(
     model: nn.Module,
     stats: ActivationStats,
@@ -71,72 +117,114 @@ def search_alpha(
     bases: Optional[Mapping[str, Eigenbasis]] = None,
     on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]] = None,
     kinds: Optional[Mapping[str, str]] = None,
+    method: str = "bracket",
+    tolerance: float = 0.0025,
 ) -> AlphaSearchResult:
-    """Evaluate the model unchanged and projected with each alpha; leave it at the best one.
+    """Evaluate the model unchanged and projected with alphas of the grid; leave it at the best one.
 
-    `on_evaluate(alpha, metrics)` is called after each evaluation of the shared search (alpha
-    None = unchanged), e.g. to log through a Trainer. `kinds` (group name -> layer kind, see
-    `targets.group_kinds`) adds the per-kind coordinate pass; its choice is `kind_alphas`, every
-    trial is in `kind_trials`.
+    `method="grid"` evaluates every alpha (and, with `kinds`, every alpha and "unchanged" for each
+    kind). `method="bracket"` (default) sorts the grid, appends "unchanged" as its alpha -> inf
+    end, starts at the grid's middle and climbs until the metric has fallen (by more than
+    `tolerance`) on both sides of the best alpha; the per-kind pass climbs the same way from each
+    kind's current alpha. Both return the same choice on a unimodal metric curve, the bracket with
+    a fraction of the evaluations (each a full pass over the eval set). `on_evaluate(alpha, metrics)`
+    is called after each evaluation of the shared search (alpha None = unchanged), e.g. to log
+    through a Trainer. `kinds` (group name -> layer kind, see `targets.group_kinds`) adds the
+    per-kind coordinate pass; its choice is `kind_alphas`, every trial is in `kind_trials`.
     """
+    if method not in ALPHA_SEARCHES:
+        raise ValueError(f"method={method!r} is invalid: choose one of {list(ALPHA_SEARCHES)}.")
     alphas = [validate_alpha(a, "alphas") for a in alphas]
     if not alphas:
         raise ValueError("alphas is empty: give at least one alpha >= 1.")
+    if method == "bracket":
+        alphas = sorted(set(alphas))
     bases = bases if bases is not None else eigenbases(stats)
     originals = current_weights(model, stats.target_modules)
+    rotated = rotate_weights(originals, stats.groups, bases)  # W U once; each alpha then costs out x d^2
 
     def score(metrics: Mapping[str, float]) -> float:
         if metric not in metrics:
             raise ValueError(f"The evaluation returned {sorted(metrics)}, not the metric {metric!r} to select alpha by.")
         value = float(metrics[metric])
-        return value if greater_is_better else -value
+        value = value if greater_is_better else -value
+        return value if math.isfinite(value) else -math.inf
 
     result = AlphaSearchResult(metric=metric, baseline={})
 
     def write(alpha: Any) -> None:
         """Every target from the originals: projected where `alpha` gives a value, original where None."""
         new_weights = dict(originals)
-        new_weights.update(plan_projection(originals, stats.groups, bases, alpha))
+        new_weights.update(plan_projection(originals, stats.groups, bases, alpha, rotated))
         write_weights(model, new_weights)
 
     def evaluate(alpha: Any) -> dict[str, float]:
         write(alpha)
         return dict(evaluate_fn(model))
 
+    shared_scores: dict[float, dict[str, float]] = {}
+
+    def shared(alpha: float) -> float:
+        metrics = evaluate(alpha)
+        if on_evaluate:
+            on_evaluate(alpha, metrics)
+        shared_scores[alpha] = metrics
+        logger.info("SAP alpha=%g: %s=%.4f (unchanged: %.4f)", alpha, metric, metrics[metric], result.baseline[metric])
+        return score(metrics)
+
     best_write: Any = None
     try:
         result.baseline = dict(evaluate_fn(model))
         if on_evaluate:
             on_evaluate(None, result.baseline)
-        best_score = score(result.baseline)
+        baseline_score = score(result.baseline)
+        if method == "grid":
+            for alpha in alphas:
+                shared(alpha)
+        else:  # index len(alphas) is "unchanged", the alpha -> inf end of the grid
+            n = len(alphas)
+            bracket_indices(
+                lambda i: shared(alphas[i]), n + 1, {n: baseline_score}, [n, *range(n)], start=(n - 1) // 2, tolerance=tolerance
+            )
+        best_score = baseline_score
         result.best_metrics = result.baseline
-        for alpha in alphas:
-            metrics = evaluate(alpha)
-            if on_evaluate:
-                on_evaluate(alpha, metrics)
-            result.alphas.append(alpha)
-            result.metrics.append(metrics)
-            logger.info("SAP alpha=%g: %s=%.4f (unchanged: %.4f)", alpha, metric, metrics[metric], result.baseline[metric])
-            current = score(metrics)
-            if math.isfinite(current) and current > best_score:
-                best_score, result.best_alpha, result.best_metrics, best_write = current, alpha, metrics, alpha
+        for alpha in alphas if method == "grid" else sorted(shared_scores):  # first strictly better wins, as in a grid
+            if alpha in shared_scores:
+                metrics = shared_scores[alpha]
+                result.alphas.append(alpha)
+                result.metrics.append(metrics)
+                if score(metrics) > best_score:
+                    best_score, result.best_alpha, result.best_metrics, best_write = score(metrics), alpha, metrics, alpha
         if kinds is not None:
             present = [kind for kind in LAYER_KINDS if kind in set(kinds.values())]
-            chosen = {kind: result.best_alpha for kind in present}
+            chosen: dict[str, Optional[float]] = {kind: result.best_alpha for kind in present}
             for kind in present:
                 start = chosen[kind]  # this configuration is already scored; so is the current best
-                for alpha in [None, *alphas]:
-                    if alpha == start or alpha == chosen[kind]:
-                        continue
+
+                def trial_score(alpha: Optional[float], kind: str = kind) -> float:
+                    nonlocal best_score, chosen, best_write
                     trial = dict(chosen, **{kind: alpha})
                     per_group = group_alphas(stats.groups, kinds, trial)
                     metrics = evaluate(per_group)
                     result.kind_trials.append({"kind": kind, "alpha": alpha, "alphas": trial, "metrics": metrics})
                     logger.info("SAP %s alpha=%s (others %s): %s=%.4f", kind, alpha, chosen, metric, metrics[metric])
                     current = score(metrics)
-                    if math.isfinite(current) and current > best_score:
+                    if current > best_score:
                         best_score, result.best_metrics = current, metrics
                         chosen, best_write = trial, per_group
+                    return current
+
+                if method == "grid":
+                    for alpha in [None, *alphas]:
+                        if alpha != start and alpha != chosen[kind]:
+                            trial_score(alpha)
+                else:
+                    n = len(alphas)
+                    at = n if start is None else alphas.index(start)
+                    bracket_indices(
+                        lambda i: trial_score(None if i == n else alphas[i]), n + 1, {at: best_score}, [at, n, *range(n)],
+                        tolerance=tolerance,
+                    )
             result.kind_alphas = chosen
     except BaseException:
         write_weights(model, originals)

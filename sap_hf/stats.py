@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
-from .batching import Collator, check_pixel_values, first_example_batch, iter_shard_batches, process_layout, shard_progress
+from .batching import Collator, check_pixel_values, iter_shard_batches, process_layout, shard_progress
 from .targets import TargetGroup, group_by_identity
 
 logger = logging.get_logger(__name__)
@@ -72,8 +72,10 @@ class ActivationStats:
                         f"{source} hold a {group.in_features}-wide layer {name!r} that this model does not have; they "
                         "belong to another model. Delete the file or pass another stats_path."
                     )
-        expected = self.meta.get("fingerprint")
-        if expected is not None and expected != weights_fingerprint(model, self.target_modules):
+        signature, fingerprint = self.meta.get("weights_signature"), self.meta.get("fingerprint")
+        if (signature is not None and signature != weights_signature(model, self.target_modules)) or (
+            signature is None and fingerprint is not None and fingerprint != weights_fingerprint(model, self.target_modules)
+        ):
             raise ValueError(
                 f"{source} were collected on other weights than this model's (fingerprint mismatch): the model was "
                 "retrained or already corrected. Delete the file or pass another stats_path to collect anew."
@@ -102,12 +104,32 @@ class ActivationStats:
 
 
 def weights_fingerprint(model: nn.Module, names: Sequence[str]) -> str:
-    """A hash of the named layers' weights: statistics are only valid for the weights they came from."""
+    """A hash of the named layers' full weights (the check of statistics files written before `weights_signature`)."""
     modules = dict(model.named_modules())
     digest = hashlib.sha256()
     for name in names:
         digest.update(name.encode())
         digest.update(modules[name].weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+SIGNATURE_SAMPLES = 4096
+
+
+def weights_signature(model: nn.Module, names: Sequence[str]) -> str:
+    """A hash of each named layer's shape and of up to 4096 of its weights, evenly strided.
+
+    Statistics are only valid for the weights they came from; retraining or a SAP correction
+    changes every weight, so a strided sample tells them apart without hashing (and copying to
+    the CPU) the whole model on every statistics pass.
+    """
+    modules = dict(model.named_modules())
+    digest = hashlib.sha256()
+    for name in names:
+        weight = modules[name].weight.detach().reshape(-1)
+        stride = max(1, weight.numel() // SIGNATURE_SAMPLES)
+        digest.update(f"{name}:{tuple(modules[name].weight.shape)}".encode())
+        digest.update(weight[::stride].float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
 
 
@@ -288,31 +310,56 @@ def collect_statistics(
     """One forward pass over `data` accumulating each target group's Gram matrix and token count.
 
     With an `Accelerator`, every process reads its own shard and the sums are all-reduced, so
-    every process returns the same global statistics.
+    every process returns the same global statistics. Which layers share an input (q/k/v) is
+    learnt from the first batch of the pass itself (no separate forward): on that batch each
+    distinct input tensor is accumulated once, and the groups are fixed from then on.
     """
     dtype = getattr(torch, accumulation_dtype) if isinstance(accumulation_dtype, str) else accumulation_dtype
     model = unwrap(model, accelerator)
     device = model_device(model, accelerator)
     rank, world = process_layout(accelerator)
-    groups = discover_groups(model, target_names, first_example_batch(data, collate_fn), device)
-    accumulators = {g.name: GramAccumulator(g.in_features, dtype, device) for g in groups}
+    names = list(target_names)
     generator = torch.Generator().manual_seed(seed + rank) if max_tokens_per_sample else None
+    first_inputs: dict[str, torch.Tensor] = {}  # first forward only: each target's input tensor
+    first_accumulators: list[tuple[torch.Tensor, GramAccumulator]] = []  # one per distinct input tensor
+    accumulators: dict[str, GramAccumulator] = {}  # group name -> accumulator, once the groups are known
+    groups: Optional[list[TargetGroup]] = None
 
     def accumulate(name: str, tensor: torch.Tensor) -> None:
-        accumulators[name].update(subsample_tokens(tensor, max_tokens_per_sample, generator))
+        if groups is None:
+            first_inputs.setdefault(name, tensor)
+            if any(held is tensor for held, _ in first_accumulators):
+                return  # a layer sharing this input (k/v after q) already accumulated it
+            accumulator = GramAccumulator(tensor.shape[-1], dtype, device)
+            first_accumulators.append((tensor, accumulator))
+        elif name in accumulators:
+            accumulator = accumulators[name]
+        else:
+            return
+        accumulator.update(subsample_tokens(tensor, max_tokens_per_sample, generator))
 
     progress = shard_progress(data, "SAP statistics", rank=rank, world=world, show=show_progress)
     error: Optional[BaseException] = None
     try:
-        with inference_mode(model), input_hooks(model, [g.name for g in groups], accumulate), progress:
+        with inference_mode(model), input_hooks(model, names, accumulate), progress:
             for _, batch in iter_shard_batches(
                 data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
             ):
                 forward_pixels(model, batch, device)
+                if groups is None:
+                    groups = _groups_seen(model, names, first_inputs)
+                    for group in groups:
+                        held = first_inputs[group.name]
+                        accumulators[group.name] = next(acc for tensor, acc in first_accumulators if tensor is held)
+                    first_inputs.clear()
+                    first_accumulators.clear()
                 progress.update(batch["pixel_values"].shape[0])
     except Exception as err:  # re-raised on this process, and announced to the others
         error = err
     raise_on_any_process(error, accelerator)
+    groups = _agree_on_groups(groups, accelerator)
+    for group in groups:  # a process whose shard was empty contributes zeros
+        accumulators.setdefault(group.name, GramAccumulator(group.in_features, dtype, device))
 
     grams, counts = {}, {}
     for group in groups:
@@ -340,5 +387,32 @@ def collect_statistics(
         grams=grams,
         counts=counts,
         max_tokens_per_sample=max_tokens_per_sample,
-        meta={"fingerprint": weights_fingerprint(model, [n for g in groups for n in g.members])},
+        meta={"weights_signature": weights_signature(model, [n for g in groups for n in g.members])},
     )
+
+
+def _groups_seen(model: nn.Module, names: Sequence[str], inputs: dict[str, torch.Tensor]) -> list[TargetGroup]:
+    """Groups from one forward's recorded inputs; raises if a target was never called."""
+    missing = [name for name in names if name not in inputs]
+    if missing:
+        raise ValueError(
+            f"Target modules {missing} are never called in the model's forward pass; exclude them with "
+            "exclude_modules or pick other target_modules."
+        )
+    modules = dict(model.named_modules())
+    return group_by_identity(list(names), [inputs[n] for n in names], [modules[n].in_features for n in names])
+
+
+def _agree_on_groups(groups: Optional[list[TargetGroup]], accelerator: Any) -> list[TargetGroup]:
+    """Every process's groups (one whose shard was empty learns them from the others); raises on empty data."""
+    _, world = process_layout(accelerator)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        groups = next((g for g in gather_object([groups]) if g is not None), None)
+    if groups is None:
+        raise ValueError(
+            "The data is empty: SAP needs at least one trusted sample. Pass a non-empty dataset, list of "
+            "examples or DataLoader."
+        )
+    return groups

@@ -84,15 +84,19 @@ class SAPTrainer(Trainer):
         eval_dataset: Any = None,
         *,
         selection_model: Optional[nn.Module] = None,
-        trusted_indices: Optional[list[int]] = None,
+        trusted_indices: Optional[list[Union[int, str]]] = None,
         stats_path: Optional[Union[str, Path]] = None,
+        collate_fn: Optional[Any] = None,
     ) -> SAPResult:
         """Correct `self.model` with SAP and return what was measured.
 
         Trusted samples come from `selection_dataset` (default: the training set); alpha is
         chosen by `compute_metrics`' `metric_for_best_model` (default accuracy) on `eval_dataset`
         (default: the Trainer's). `stats_path` caches the statistics, so an interrupted run or a
-        new alpha grid needs no new data pass.
+        new alpha grid needs no new data pass. `collate_fn` turns `selection_dataset`'s examples into
+        batches (default: the Trainer's `data_collator`): give the raw stream
+        (`sap_hf.data.undecoded_images(split)`) and `ImageTransform.collate` so that each training image
+        is decoded once, by one process, and the trusted samples are kept as raw rows.
         """
         selection_dataset, eval_dataset = self._train_and_eval("correct()", "selection_dataset", selection_dataset,
                                                                eval_dataset, "alpha")
@@ -107,7 +111,7 @@ class SAPTrainer(Trainer):
             selection_dataset,
             config=self.sap_config,
             accelerator=self.accelerator,
-            collate_fn=self.data_collator,
+            collate_fn=collate_fn or self.data_collator,
             evaluate_fn=evaluate_fn,
             metric=metric,
             greater_is_better=greater,

@@ -4,7 +4,9 @@ A trained model fits correctly-labelled samples better than mislabelled ones, so
 with the smallest cross-entropy against their (noisy) label are very likely clean. Memory is
 bounded by `num_classes * k` candidates (one max-heap per class); with several processes each
 scores its own shard, candidates are gathered once, and every process keeps the same merge.
-Ties are broken by sample index, so the result does not depend on the number of processes.
+Ties are broken by sample identity (position, or the `key` of a keyed stream), so the result does
+not depend on the number of processes. For a stream, the candidates' examples are kept with them
+(a few hundred raw rows per class), so the statistics pass reads them instead of the stream again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .batching import Collator, batch_labels, iter_shard_batches, num_examples
+from .batching import Collator, batch_labels, is_map_style, iter_shard_batches, num_examples
 from .config import SELECTION_RULES
 from .stats import forward_pixels, inference_mode, model_device
 
@@ -29,12 +31,18 @@ logger = logging.get_logger(__name__)
 
 @dataclass
 class TrustedSelection:
-    """Global indices of the trusted samples (sorted) and what each class contributed."""
+    """Identities of the trusted samples (sorted) and what each class contributed.
 
-    indices: list[int]
+    `indices` are positions in the selection data, or the examples' `key` for a keyed stream.
+    `examples` (streams only) are the trusted examples themselves, as the stream gave them (before
+    `collate_fn`), so their statistics need no second read of the stream; None for map-style data.
+    """
+
+    indices: list[Any]
     labels: list[int]
     losses: list[float]
     per_class: dict[int, int] = field(default_factory=dict)
+    examples: Optional[list[Any]] = None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -136,7 +144,10 @@ def select_trusted(
     device = model_device(scorer, accelerator)
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
 
-    heaps: dict[int, list[tuple[float, int]]] = {}
+    heaps: dict[int, list[tuple[float, _Descending]]] = {}
+    kept: dict[Any, Any] = {}  # identity -> example, for the candidates of a stream
+    seen: set = set()  # identities read from a stream, to refuse a key seen twice
+    map_style = is_map_style(data)
     problem: Optional[str] = None
     total = num_examples(data)
     progress = tqdm(
@@ -146,8 +157,9 @@ def select_trusted(
         disable=not (show_progress and rank == 0),
     )
     with inference_mode(scorer), progress:
-        for indices, batch in iter_shard_batches(
-            data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
+        for ids, batch, examples in iter_shard_batches(
+            data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn,
+            with_examples=True,
         ):
             labels = batch_labels(batch)
             if labels is None:
@@ -157,51 +169,102 @@ def select_trusted(
             if bad.any():
                 position = int(bad.nonzero()[0, 0])
                 problem = (
-                    f"sample {int(indices[position])} has label {int(labels[position])}, outside the model's "
+                    f"sample {ids[position]!r} has label {int(labels[position])}, outside the model's "
                     f"{num_labels} classes [0, {num_labels}); fix the labels or the model's num_labels."
                 )
                 break
+            duplicate = None if map_style else _first_duplicate(ids, seen)
+            if duplicate is not None:
+                problem = _duplicate_message(duplicate)
+                break
             scores = sample_scores(scorer, batch, labels, device, rule).cpu().tolist()
-            for score, label, index in zip(scores, labels.tolist(), indices.tolist()):
+            for position, (score, label, identity) in enumerate(zip(scores, labels.tolist(), ids)):
                 heap = heaps.setdefault(label, [])
-                item = (-score, -index)  # max-heap on (score, index)
+                item = (-score, _Descending(identity))  # max-heap on (score, identity)
                 if len(heap) < per_class:
                     heapq.heappush(heap, item)
                 elif item > heap[0]:
-                    heapq.heapreplace(heap, item)
-            progress.update(len(indices))
+                    kept.pop(heapq.heapreplace(heap, item)[1].value, None)
+                else:
+                    continue
+                if examples is not None and not map_style:  # map-style data is re-read by index instead
+                    kept[identity] = examples[position]
+            progress.update(len(ids))
 
-    local = {"problem": problem, "candidates": [(-s, -i, label) for label, heap in heaps.items() for s, i in heap]}
+    local = {
+        "problem": problem,
+        "candidates": [(-s, i.value, label, kept.get(i.value)) for label, heap in heaps.items() for s, i in heap],
+    }
     shards = _gather(local, accelerator)
     problems = [shard["problem"] for shard in shards if shard["problem"]]
     if problems:
         raise ValueError(f"Trusted selection failed: {problems[0]}")
-    by_class: dict[int, list[tuple[float, int]]] = {}
+    by_class: dict[int, list[tuple[float, Any]]] = {}
+    example_of: dict[Any, Any] = {}
     for shard in shards:
-        for score, index, label in shard["candidates"]:
+        for score, identity, label, example in shard["candidates"]:
+            if identity in example_of:  # a key on two processes (within one process it is caught while reading)
+                raise ValueError(f"Trusted selection failed: {_duplicate_message(identity)}")
+            example_of[identity] = example
             if math.isfinite(score):
-                by_class.setdefault(label, []).append((score, index))
+                by_class.setdefault(label, []).append((score, identity))
     empty = [c for c in range(num_labels) if not by_class.get(c)]
     if empty:
         raise ValueError(
             f"Classes {empty} have no usable sample in the selection data (rule={rule!r}); SAP needs trusted "
             "samples of every class. Use data that covers every class, or another selection_rule."
         )
-    chosen: list[tuple[int, int, float]] = []
+    chosen: list[tuple[Any, int, float]] = []
     per_class_counts: dict[int, int] = {}
     for label in range(num_labels):
         best = sorted(by_class[label])[:per_class]
         per_class_counts[label] = len(best)
-        chosen.extend((index, label, score) for score, index in best)
+        chosen.extend((identity, label, score) for score, identity in best)
     short = {c: n for c, n in per_class_counts.items() if n < per_class}
     if short:
         logger.warning("Classes with fewer than %d trusted samples (class: count): %s", per_class, short)
-    chosen.sort()
+    chosen.sort(key=lambda item: item[0])
+    keep_examples = not map_style and all(example_of[i] is not None for i, _, _ in chosen)
     return TrustedSelection(
         indices=[i for i, _, _ in chosen],
         labels=[label for _, label, _ in chosen],
         losses=[s for _, _, s in chosen],
         per_class=per_class_counts,
+        examples=[example_of[i] for i, _, _ in chosen] if keep_examples else None,
+    )
+
+
+class _Descending:
+    """Reverses the order of an identity (int position or str key) inside a heap item."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __lt__(self, other: "_Descending") -> bool:
+        return other.value < self.value
+
+    def __gt__(self, other: "_Descending") -> bool:
+        return other.value > self.value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Descending) and other.value == self.value
+
+
+def _first_duplicate(ids: list[Any], seen: set) -> Any:
+    """The first identity of `ids` already in `seen` (None if none); adds the others to `seen`."""
+    for identity in ids:
+        if identity in seen:
+            return identity
+        seen.add(identity)
+    return None
+
+
+def _duplicate_message(identity: Any) -> str:
+    return (
+        f"the key {identity!r} identifies two examples of the stream; sample identities must be unique (Clothing1M: "
+        "the image path). Remove the duplicate row or give it another 'key'."
     )
 
 

@@ -302,8 +302,8 @@ def test_transform_gray_to_rgb_and_size():
     transform = ImageTransform(image_size=32, num_channels=3)
     gray = Image.fromarray(np.zeros((28, 28), dtype=np.uint8))
     out = transform({"image": [gray, np.full((28, 28), 255, dtype=np.uint8)], "label": [3, 4], "key": ["a", "b"]})
-    assert set(out) == {"pixel_values", "labels"}
-    assert out["labels"] == [3, 4]
+    assert set(out) == {"pixel_values", "labels", "key"}  # the key identifies a stream's samples for SAP
+    assert out["labels"] == [3, 4] and out["key"] == ["a", "b"]
     assert [tuple(p.shape) for p in out["pixel_values"]] == [(3, 32, 32)] * 2
     assert out["pixel_values"][0].dtype == torch.float32
     assert torch.allclose(out["pixel_values"][0], torch.tensor(-1.0))  # (0 - 0.5) / 0.5
@@ -368,10 +368,66 @@ def test_prepare_map_style_and_streaming(tiny_clothing1m):
 
     streamed = prepare_image_dataset(load_clothing1m(tiny_clothing1m, "validation"), ImageTransform(image_size=16))
     rows = list(streamed)
-    assert len(rows) == 42 and set(rows[0]) == {"pixel_values", "labels"}
+    assert len(rows) == 42 and set(rows[0]) == {"pixel_values", "labels", "key"}
     assert tuple(rows[0]["pixel_values"].shape) == (3, 16, 16)
 
     both = prepare_image_dataset(datasets.DatasetDict(a=table), ImageTransform(image_size=8, num_channels=1))
     assert tuple(both["a"][0]["pixel_values"].shape) == (1, 8, 8)
     with pytest.raises(TypeError, match="dataset"):
         prepare_image_dataset([1, 2], ImageTransform(image_size=8))
+
+
+def _count_decodes(monkeypatch):
+    from PIL import ImageFile
+
+    decodes = []
+    load = ImageFile.ImageFile.load
+
+    def counting_load(self, *args, **kwargs):
+        decodes.extend([1] if self.tile else [])  # a real decode, not a reload of a decoded image
+        return load(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counting_load)
+    return decodes
+
+
+def test_clothing1m_decodes_each_image_once_per_pass(tiny_clothing1m, monkeypatch):
+    decodes = _count_decodes(monkeypatch)
+    rows = list(load_clothing1m(tiny_clothing1m, "validation"))
+    assert len(rows) == 42 and len(decodes) == 42
+
+
+def test_undecoded_rows_are_decoded_by_collate_only(tiny_clothing1m, monkeypatch):
+    from sap_hf.data import undecoded_images
+
+    decodes = _count_decodes(monkeypatch)
+    raw = list(undecoded_images(load_clothing1m(tiny_clothing1m, "validation")))
+    assert not decodes and set(raw[0]["image"]) == {"path", "bytes"} and raw[0]["key"].startswith("images/")
+    batch = ImageTransform(image_size=16).collate(raw[:5])
+    assert len(decodes) == 5 and tuple(batch["pixel_values"].shape) == (5, 3, 16, 16)
+    assert batch["labels"].tolist() == [row["label"] for row in raw[:5]] and "key" not in batch
+
+
+def test_streams_are_split_before_decoding_with_stable_identities(tiny_clothing1m, monkeypatch):
+    from sap_hf.batching import iter_shard_batches
+
+    transform = ImageTransform(image_size=16)
+    keyed = load_clothing1m(tiny_clothing1m, "validation", num_shards=4)
+    all_keys = [row["key"] for row in undecoded_list(keyed)]
+    decodes = _count_decodes(monkeypatch)
+    seen = []
+    for rank in range(2):  # keyed, 4 shards on 2 processes: each reads and decodes its own shards only
+        for ids, batch in iter_shard_batches(prepare_image_dataset(keyed, transform), batch_size=5, process_index=rank, num_processes=2):
+            seen.extend(ids)
+            assert len(ids) == batch["pixel_values"].shape[0]
+    assert sorted(seen) == sorted(all_keys) and len(decodes) == len(all_keys)
+    keyless = keyed.remove_columns("key")  # identities are then global positions (every process reads the stream)
+    parts = [[i for ids, _ in iter_shard_batches(keyless, batch_size=5, process_index=r, num_processes=2,
+                                                 collate_fn=transform.collate) for i in ids] for r in range(2)]
+    assert parts[0] == list(range(0, 42, 2)) and parts[1] == list(range(1, 42, 2))
+
+
+def undecoded_list(dataset):
+    from sap_hf.data import undecoded_images
+
+    return list(undecoded_images(dataset))

@@ -7,16 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def launch(out: Path, processes: int, mode: str = "equal", expect_ok: bool = True) -> dict:
+def launch(out: Path, processes: int, mode: str = "equal", expect_ok: bool = True, args: tuple = ()) -> dict:
     out.mkdir()
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)), "--num_processes", str(processes)]
-    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [str(WORKER), str(out), mode]
+    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [str(WORKER), str(out), mode, *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     if not expect_ok:
@@ -45,3 +46,21 @@ def test_a_failure_on_one_process_fails_all_without_hanging(tmp_path):
     assert run["returncode"] != 0
     assert "stack expects each tensor" in run["stderr"]  # the failing process reports its own error
     assert "Another process failed" in run["stderr"]  # the other one raises too instead of hanging
+
+
+def test_streaming_clothing1m_with_keys_same_on_two_processes_and_each_image_decoded_once(tmp_path):
+    from sap_hf.data import write_tiny_clothing1m
+
+    data = write_tiny_clothing1m(tmp_path / "c1m", per_class=3, image_size=16, seed=0)
+    one = launch(tmp_path / "one", 1, "clothing", args=(str(data),))
+    two = launch(tmp_path / "two", 2, "clothing", args=(str(data),))
+    assert two["processes"] == 2
+    assert one["indices"] == two["indices"] and 14 <= len(one["indices"]) <= 28  # <= 2 per (noisy) class, by key
+    assert all(isinstance(key, str) and key.startswith("images/") for key in one["indices"])
+    assert one["alpha"] == two["alpha"]
+    a, b = load_file(tmp_path / "one" / "weights.safetensors"), load_file(tmp_path / "two" / "weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # 42 training images read once, the trusted ones once more for the statistics, 42 validation images per evaluation
+    expected = 42 + len(one["indices"]) + 42 * one["evaluations"]
+    assert one["decodes"] == two["decodes"] == expected

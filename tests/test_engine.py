@@ -259,7 +259,7 @@ def test_per_kind_search_gives_each_layer_kind_its_own_alpha():
     assert not shared.improved and shared.kind_alphas == {}
     assert_identical(model, before)
 
-    result = search_alpha(model, stats, [1.0, 100.0], score, kinds=kinds)
+    result = search_alpha(model, stats, [1.0, 100.0], score, kinds=kinds, method="grid")
     assert result.best_alpha is None  # the shared part of the search
     assert result.kind_alphas == {"attention": 1.0, "mlp": None, "classifier": None} and result.improved
     assert [(t["kind"], t["alpha"]) for t in result.kind_trials] == [
@@ -290,7 +290,7 @@ def test_kind_alphas_are_validated_before_any_change():
 def test_sap_correct_per_kind_records_kind_alphas():
     model = tiny_model("vit")
     train, evals = random_examples(24, seed=1), random_examples(12, seed=2)
-    config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind")
+    config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind", alpha_search="grid")
     result = sap_correct(model, train, evals, config, show_progress=False)
     assert set(result.kind_alphas) == {"attention", "mlp", "classifier"}
     assert len(result.rounds[0].kind_trials) == 6
@@ -303,7 +303,7 @@ def test_per_kind_pass_starts_from_the_shared_alpha_and_never_rescores_a_configu
     # Changing attention pays more than changing MLP costs: the shared search already improves (alpha=1),
     # then the per-kind pass leaves the MLP unchanged; the classifier does not matter, so it keeps alpha=1.
     model, stats, kinds, before, score = _kind_scored_setup(mlp_penalty=0.1)
-    result = search_alpha(model, stats, [1.0, 100.0], score, kinds=kinds)
+    result = search_alpha(model, stats, [1.0, 100.0], score, kinds=kinds, method="grid")
     assert result.best_alpha == 1.0
     assert result.kind_alphas == {"attention": 1.0, "mlp": None, "classifier": 1.0}
     configurations = [tuple(sorted(t["alphas"].items(), key=str)) for t in result.kind_trials]
@@ -325,7 +325,7 @@ def test_interrupted_per_kind_pass_restores_the_original_weights():
         return {"accuracy": float(len(calls))}  # every new evaluation looks better
 
     with pytest.raises(KeyboardInterrupt):
-        search_alpha(model, stats, [1.0, 100.0], evaluate, kinds=kinds)
+        search_alpha(model, stats, [1.0, 100.0], evaluate, kinds=kinds, method="grid")
     assert_identical(model, before)
 
 
@@ -340,3 +340,90 @@ def test_per_kind_with_two_rounds():
     if len(result.rounds) == 2:  # the second round searched the grown grid
         assert result.rounds[1].alphas == [10.0, 1e4]
     assert result.final_metrics == result.rounds[-1].best_metrics
+
+
+def _unimodal(rng, size):
+    """A random unimodal curve on `size` points, with plateaus (repeated values) now and then."""
+    peak = int(rng.integers(0, size))
+    steps = rng.choice([0.0, 0.01, 0.05, 0.2], size=size)
+    curve = [0.0] * size
+    for i in range(peak - 1, -1, -1):
+        curve[i] = curve[i + 1] - steps[i]
+    for i in range(peak + 1, size):
+        curve[i] = curve[i - 1] - steps[i]
+    return curve
+
+
+def test_bracket_returns_the_grids_choice_on_unimodal_curves_with_fewer_evaluations():
+    import numpy as np
+
+    from sap_hf.search import bracket_indices
+
+    rng = np.random.default_rng(0)
+    evaluations = []
+    for trial in range(500):
+        size = int(rng.integers(2, 16))
+        curve = _unimodal(rng, size)
+        known_index = int(rng.integers(0, size))
+        preference = [known_index, *[i for i in range(size) if i != known_index]]
+        start = None if trial % 2 else int(rng.integers(0, size))
+        calls = []
+        scores = bracket_indices(lambda i: calls.append(i) or curve[i], size, {known_index: curve[known_index]}, preference, start=start)
+        grid_best = max(preference, key=lambda i: (curve[i], -preference.index(i)))
+        bracket_best = max(scores, key=lambda i: (scores[i], -preference.index(i)))
+        assert bracket_best == grid_best, (curve, known_index, start, scores)
+        assert len(calls) == len(set(calls))  # no point scored twice
+        evaluations.append((len(calls) + 1) / size)
+    assert np.mean(evaluations) < 0.8
+
+
+def test_bracket_search_matches_the_grid_per_kind_with_fewer_evaluations():
+    for penalty in (100, 0.1):
+        model, stats, kinds, before, score = _kind_scored_setup(mlp_penalty=penalty)
+        alphas = [1.0, 3.0, 10.0, 30.0, 100.0, 1e3, 1e4]
+        grid = search_alpha(model, stats, alphas, score, kinds=kinds, method="grid")
+        grid_weights = snapshot(model)
+        model.load_state_dict(before)
+        bracket = search_alpha(model, stats, alphas, score, kinds=kinds)
+        assert bracket.best_alpha == grid.best_alpha and bracket.kind_alphas == grid.kind_alphas
+        assert len(bracket.metrics) + len(bracket.kind_trials) < len(grid.metrics) + len(grid.kind_trials)
+        assert_identical(model, grid_weights)
+    with pytest.raises(ValueError, match="method='golden'"):
+        search_alpha(model, stats, alphas, score, method="golden")
+    with pytest.raises(ValueError, match="alpha_search"):
+        SAPConfig(alpha_search="golden")
+
+
+def test_cached_rotation_gives_the_same_weights():
+    from sap_hf.projection import current_weights, plan_projection, rotate_weights
+    from sap_hf.search import eigenbases
+
+    model = tiny_model("vit")
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    originals, bases = current_weights(model, stats.target_modules), eigenbases(stats)
+    rotated = rotate_weights(originals, stats.groups, bases)
+    for alpha in (1.0, 50.0):
+        plain, cached = plan_projection(originals, stats.groups, bases, alpha), plan_projection(originals, stats.groups, bases, alpha, rotated)
+        assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
+        for name, weight in plain.items():  # and it is W P with P = U diag(lambda) U^T
+            group = next(g for g in stats.groups if name in g.members)
+            from sap_hf import project_weight, projection_matrix
+
+            torch.testing.assert_close(weight, project_weight(originals[name], projection_matrix(bases[group.name], alpha)))
+
+
+def test_map_style_selection_reads_by_index_and_keeps_no_examples():
+    class MapStyle(torch.utils.data.Dataset):
+        def __init__(self, examples):
+            self.examples = examples
+
+        def __len__(self):
+            return len(self.examples)
+
+        def __getitem__(self, index):
+            return self.examples[index]
+
+    data = random_examples(12)
+    selection = select_trusted(tiny_model("vit"), MapStyle(data), 2, show_progress=False)
+    assert selection.examples is None
+    assert selection.indices == select_trusted(tiny_model("vit"), data, 2, show_progress=False).indices

@@ -95,6 +95,27 @@ def test_selection_errors(model):
             select_trusted(model, data, bad, show_progress=False)
 
 
+def test_stream_keys_identify_samples_and_bad_keys_are_named(model):
+    data = [dict(e, key=f"img{i}.jpg") for i, e in enumerate(random_examples(9))]
+    selection = select_trusted(model, data, 2, show_progress=False)
+    assert all(isinstance(k, str) for k in selection.indices) and len(selection) == 6
+    assert [e["key"] for e in selection.examples] == selection.indices  # the raw trusted examples, kept
+    keyless = select_trusted(model, random_examples(9), 2, show_progress=False)
+    assert keyless.indices == sorted(keyless.indices) and all(isinstance(i, int) for i in keyless.indices)
+    twice = [dict(e) for e in data]
+    twice[7]["key"] = "img2.jpg"
+    with pytest.raises(ValueError, match=r"key 'img2.jpg' identifies two examples"):
+        select_trusted(model, twice, 2, show_progress=False)
+    mixed = [dict(e) for e in data]
+    del mixed[4]["key"]
+    with pytest.raises(ValueError, match=r"Example 4 of the stream lacks a 'key'"):
+        select_trusted(model, mixed, 2, show_progress=False)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="img2.jpg"):
+        sap_correct(model, twice, random_examples(6, seed=2), SAPConfig(alphas=[10.0], trusted_per_class=2), show_progress=False)
+    assert_identical(model, before)
+
+
 def test_eval_set_without_labels_is_rejected_before_any_change(model):
     before = snapshot(model)
     unlabeled = [{"pixel_values": e["pixel_values"]} for e in random_examples(6)]

@@ -8,7 +8,7 @@ from .fashion_mnist import (
     noisy_fashion_mnist,
     read_idx,
 )
-from .transforms import ImageTransform, prepare_image_dataset
+from .transforms import ImageTransform, prepare_image_dataset, undecoded_images
 
 __all__ = [
     "CLOTHING1M_CLASSES",
@@ -21,5 +21,6 @@ __all__ = [
     "noisy_fashion_mnist",
     "prepare_image_dataset",
     "read_idx",
+    "undecoded_images",
     "write_tiny_clothing1m",
 ]

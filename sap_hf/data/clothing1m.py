@@ -88,9 +88,11 @@ def load_clothing1m(
     All list files are validated before any image is read, so a broken copy
     fails in seconds instead of hours into training.
 
-    Each image is decoded once when it is yielded to check it (truncated or
-    corrupt files raise only when decoded, which would otherwise crash the
-    training loop) and again by the ``image`` feature. With
+    Each image is checked without decoding it when it is yielded (its header
+    parses, and a JPEG/PNG holds its end marker: truncated files would otherwise
+    crash the training loop), so each pass decodes it once, in the ``image``
+    feature (or, after ``sap_hf.data.undecoded_images(dataset)``, in the
+    transform's ``collate``). With
     ``skip_unreadable_images=True`` (the default) an unreadable or missing image
     is skipped with a logged warning and a running count, and each shard logs
     how many it skipped when it ends; with ``False`` it raises ``OSError``
@@ -215,12 +217,29 @@ def _generate_examples(keys: list[list[str]], labels: list[list[int]], root: str
         )
 
 
+_TAIL_BYTES = 1024
+
+
 def _check_image(path: Path) -> None:
-    """Decode the whole file; JPEG at 1/8 scale (DCT scaling still reads every entropy-coded byte)."""
+    """Check a file is a whole image without decoding it, so each pass decodes every image once.
+
+    `Image.open` parses the header only (format, size, mode); a JPEG must also hold its
+    end-of-image marker (FFD9) in its last kilobyte (a truncated download lacks it; web images
+    with a few bytes appended after it pass), a PNG its IEND chunk. Decoding happens once, in the
+    ``image`` feature or the transform that turns the image into pixels.
+    """
     with Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
-        image.load()
+        image_format, width, height = image.format, image.width, image.height
+    if width < 1 or height < 1:
+        raise ValueError(f"empty image ({width}x{height})")
+    marker = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}.get(image_format)
+    if marker is None:
+        return
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        handle.seek(max(0, size - _TAIL_BYTES))
+        if marker not in handle.read():
+            raise OSError(f"truncated {image_format} file: no {marker!r} end marker in its last {_TAIL_BYTES} bytes")
 
 
 def _fingerprint(root: Path, split: str, skip: bool) -> str:

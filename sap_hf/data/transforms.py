@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from transformers import default_data_collator
 
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels")
@@ -40,7 +41,8 @@ class ImageTransform:
             with black, crop back), for training splits only.
         seed: seeds the augmentation; each DataLoader worker and process
             (``RANK``) derives its own stream from it, so workers do not repeat each other.
-        keep_columns: extra columns passed through unchanged (e.g. a sample index).
+        keep_columns: extra columns passed through unchanged (a sample index; ``key``, the
+            identity SAP shards a stream by and picks trusted samples with).
     """
 
     def __init__(
@@ -53,7 +55,7 @@ class ImageTransform:
         std: Sequence[float] | float | None = None,
         augment: bool = False,
         seed: int = 0,
-        keep_columns: Sequence[str] = ("index", "idx"),
+        keep_columns: Sequence[str] = ("index", "idx", "key"),
     ) -> None:
         if (image_processor is None) == (image_size is None):
             raise ValueError(
@@ -102,6 +104,19 @@ class ImageTransform:
             if column in batch:
                 out[column] = list(batch[column])
         return out
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """A ``collate_fn``: raw examples (undecoded images) -> a model batch, decoding each image here.
+
+        Hand SAP the raw stream and this collator (``sap_correct(raw, ..., collate_fn=t.collate)``)
+        and every image is decoded once, by the one process whose shard it is in, after the
+        stream was split; the trusted samples SAP keeps are then the raw rows (a path and a label),
+        not decoded tensors. String columns (``key``) are dropped from the batch.
+        """
+        if not examples:
+            raise ValueError("collate() got no examples.")
+        out = self({column: [example[column] for example in examples] for column in examples[0]})
+        return default_data_collator([dict(zip(out, row)) for row in zip(*out.values())])
 
     def _to_pil(self, image: Any) -> Image.Image:
         if isinstance(image, dict):
@@ -180,6 +195,22 @@ def prepare_image_dataset(
     raise TypeError(
         f"dataset must be a datasets.Dataset, IterableDataset or their Dict, got {type(dataset).__name__}."
     )
+
+
+def undecoded_images(dataset: Any) -> Any:
+    """``dataset`` with its ``datasets.Image`` columns left undecoded (``{"path", "bytes"}`` rows).
+
+    Reading such rows costs no image decode, so a stream can be split across processes and
+    scanned cheaply; ``ImageTransform.collate`` decodes the rows a process keeps. Datasets
+    without an ``Image`` feature (or unknown features) are returned unchanged.
+    """
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return type(dataset)({name: undecoded_images(split) for name, split in dataset.items()})
+    features = getattr(dataset, "features", None) or {}
+    for column, feature in features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(column, datasets.Image(mode=feature.mode, decode=False))
+    return dataset
 
 
 def _as_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
