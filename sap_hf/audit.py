@@ -32,9 +32,9 @@ from torch import nn
 from transformers import default_data_collator
 from transformers.utils import logging
 
-from .batching import Collator, batch_labels, iter_shard_batches, process_layout, shard_progress
+from .batching import Collator, batch_labels, gather_shards, iter_shard_batches, process_layout, shard_progress
 from .stats import forward_pixels, inference_mode, model_device, raise_on_any_process, unwrap
-from .trusted import EXTRA_VIEWS, _gather
+from .trusted import EXTRA_VIEWS
 
 logger = logging.get_logger(__name__)
 
@@ -375,7 +375,7 @@ def audit_labels(
         "probs": torch.cat(probs) if probs else torch.zeros(0, num_labels, dtype=torch.float64),
         "keys": keys if has_keys and indices else None,
     }
-    shards = _gather(local, accelerator)
+    shards = gather_shards(local, accelerator)
     all_indices = torch.cat([s["indices"] for s in shards])
     if all_indices.numel() == 0:
         raise ValueError("The data is empty: a label audit needs at least one labelled example.")

@@ -52,6 +52,19 @@ def process_layout(accelerator: Any) -> tuple[int, int]:
     return accelerator.process_index, accelerator.num_processes
 
 
+def gather_shards(local: Any, accelerator: Any) -> list[Any]:
+    """Every process's `local` (picklable), in process order, on every process; `[local]` alone.
+
+    Selection and the label audit each reduce their own shard to a small summary first, so this
+    one collective moves candidates, never the data.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return [local]
+    from accelerate.utils import gather_object
+
+    return gather_object([local])
+
+
 def shard_progress(data: Any, description: str, *, rank: int, world: int, show: bool) -> tqdm:
     """A progress bar over this process's share of `data`, shown on the main process only."""
     total = num_examples(data)

@@ -276,7 +276,11 @@ def model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
 
 
 def discover_groups(model: nn.Module, names: Sequence[str], sample: dict[str, Any], device: torch.device) -> list[TargetGroup]:
-    """Run one sample through the model and group layers that receive the same tensor."""
+    """Run one sample through the model and group layers that receive the same tensor.
+
+    `collect_statistics` learns the groups from its first batch instead (no extra forward); this
+    stand-alone form serves callers that need the groups before any pass (benchmarks/speed.py).
+    """
     seen: dict[str, torch.Tensor] = {}
 
     def record(name: str, tensor: torch.Tensor) -> None:
@@ -284,14 +288,7 @@ def discover_groups(model: nn.Module, names: Sequence[str], sample: dict[str, An
 
     with inference_mode(model), input_hooks(model, names, record):
         forward_pixels(model, sample, device)
-    missing = [name for name in names if name not in seen]
-    if missing:
-        raise ValueError(
-            f"Target modules {missing} are never called in the model's forward pass; exclude them with "
-            "exclude_modules or pick other target_modules."
-        )
-    modules = dict(model.named_modules())
-    return group_by_identity(list(names), [seen[n] for n in names], [modules[n].in_features for n in names])
+    return _groups_seen(model, names, seen)
 
 
 def collect_statistics(

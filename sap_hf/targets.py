@@ -9,7 +9,7 @@ lists one version's names. The structure is what is stable:
 * the backbone is every other Linear (attention q/k/v/output and MLP layers live in the
   repeated blocks of an `nn.ModuleList`);
 * layers that read the *same tensor* (q/k/v) share one activation statistic. That is decided
-  by watching one real forward pass (see `stats.discover_groups`), not by names.
+  by watching one real forward pass (the first batch of `stats.collect_statistics`), not by names.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .batching import Collator, batch_labels, is_map_style, iter_shard_batches, num_examples
+from .batching import Collator, batch_labels, gather_shards, is_map_style, iter_shard_batches, num_examples
 from .config import SELECTION_RULES
 from .stats import forward_pixels, inference_mode, model_device
 
@@ -195,7 +195,7 @@ def select_trusted(
         "problem": problem,
         "candidates": [(-s, i.value, label, kept.get(i.value)) for label, heap in heaps.items() for s, i in heap],
     }
-    shards = _gather(local, accelerator)
+    shards = gather_shards(local, accelerator)
     problems = [shard["problem"] for shard in shards if shard["problem"]]
     if problems:
         raise ValueError(f"Trusted selection failed: {problems[0]}")
@@ -270,11 +270,3 @@ def _duplicate_message(identity: Any) -> str:
 
 def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output
-
-
-def _gather(local: dict[str, Any], accelerator: Any) -> list[dict[str, Any]]:
-    if accelerator is None or accelerator.num_processes == 1:
-        return [local]
-    from accelerate.utils import gather_object
-
-    return gather_object([local])

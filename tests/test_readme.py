@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
 RUN_COMMAND = (
     'apt-get update && apt-get install -y dataset-fashion-mnist && pip install torch==2.13.0 && '
-    'pip install -e ".[plot]" && accelerate launch recipes/clothing1m.py'
+    'pip install -e ".[audit]" && accelerate launch recipes/clothing1m.py'
 )
 TEST_COMMAND = (
     'apt-get update && apt-get install -y dataset-fashion-mnist; pip install torch==2.13.0 && '
