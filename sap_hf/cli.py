@@ -123,6 +123,7 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")  # the command's result, for scripts
         if args.push_to_hub:
             push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    accelerator.end_training()  # destroy the process group before exit: a live gloo group can abort the teardown
     return record
 
 
@@ -207,6 +208,7 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
         short["top_pairs"] = dict(list(summary["suspected_pairs"].items())[:5])
         sys.stdout.write(json.dumps(short, indent=2) + "\n")  # the command's result, for scripts
     accelerator.wait_for_everyone()
+    accelerator.end_training()
     return summary
 
 

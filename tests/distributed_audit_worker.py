@@ -42,6 +42,7 @@ def main(out_dir: str) -> None:
                 "weights": weights[:: max(1, weights.numel() // 2000)].tolist(),
             }, handle)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def clothing(out_dir: str, data_dir: str) -> None:
             json.dump({"indices": result.trusted_indices, "alpha": result.alpha, "decodes": total,
                        "evaluations": 1 + len(result.rounds[0].alphas), "processes": accelerator.num_processes}, handle)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroy the gloo group before exit (else a teardown race can abort the process)
 
 
 def main(out_dir: str, mode: str = "equal", *args: str) -> None:
@@ -74,6 +75,7 @@ def main(out_dir: str, mode: str = "equal", *args: str) -> None:
         with open(f"{out_dir}/result.json", "w") as handle:
             json.dump({"indices": selection.indices, "shift_indices": shifted.indices, "counts": stats.counts, "processes": accelerator.num_processes}, handle)
     accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
