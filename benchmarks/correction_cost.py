@@ -325,6 +325,7 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
         }
         Path(out).write_text(json.dumps(record, indent=1))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroy the gloo group before exit: a live one can abort the teardown
 
 
 def launch(processes: int, corpus: Path, model_dir: Path, out: Path) -> dict[str, Any]:

@@ -175,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         trainer.push_to_hub(commit_message="SAP-corrected model")  # saves first, then uploads once
     else:
         trainer.save_model()
+    trainer.accelerator.end_training()  # destroy the process group before exit: a live gloo group can abort the teardown
     return summary
 
 
