@@ -2,7 +2,7 @@
 """Accuracy of SAP against the obvious baselines, on real Fashion-MNIST with synthetic label noise.
 
 For every setting (40% symmetric noise; 40% asymmetric noise with
-`sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP`) and every seed:
+`sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP`) and every seed:
 
 1. Data: `sap_hf.data.noisy_fashion_mnist` (Debian's idx files): `--train_size` noisy training
    images, `--val_size` clean validation images (carved from the official training set, disjoint
@@ -248,9 +248,9 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     # The alpha-vs-accuracy figure (one seed): test accuracy at every alpha of the paper's rule and of
     # the val-chosen trusted set. Reporting only: nothing is chosen from these numbers.
     if seed == args.plot_seed:
-        from sap_hf.projection import current_weights, plan_projection, write_weights
-        from sap_hf.search import eigenbases
-        from sap_hf.stats import collect_statistics
+        from sap_hf.core.projection import current_weights, plan_projection, write_weights
+        from sap_hf.core.search import eigenbases
+        from sap_hf.core.stats import collect_statistics
 
         clock = time.perf_counter()
         paper = next((c for c in shared if c["rule"] == "loss"), None)
@@ -783,7 +783,7 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
     purity = purity_table(rows)
     robust = robust_table(rows)
 
-    from sap_hf.noise import FASHION_MNIST_ASYMMETRIC_MAP
+    from sap_hf.data.noise import FASHION_MNIST_ASYMMETRIC_MAP
 
     config = {k: v for k, v in vars(args).items() if k not in ("out_dir", "merge")}
     settings = dict.fromkeys([*existing.get("settings", {}), *args.settings])
@@ -795,7 +795,7 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
         "runs": runs,
         "robust_runs": robust_runs,
         "settings": {name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in settings},
-        "asymmetric_map": {"name": "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP",
+        "asymmetric_map": {"name": "sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP",
                            "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()}},
         # The arguments of the run that computed the 'ce' rows (config) and of the robust_<loss> rows
         # (config_robust: seeds, settings and methods are the union over the merged runs).

@@ -37,7 +37,7 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # the scripts import sap_hf from this checkout when run from anywhere
     sys.path.insert(1, str(ROOT))
 
-#: Noise settings of the Fashion-MNIST studies: name -> (sap_hf.noise noise_type, noise rate).
+#: Noise settings of the Fashion-MNIST studies: name -> (sap_hf.data.noise noise_type, noise rate).
 SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
 #: Trusted-selection rules in the order the benchmarks try them (ties on val go to the earlier rule).
 RULES: tuple[str, ...] = ("loss", "shift_loss", "early_loss", "agreement")

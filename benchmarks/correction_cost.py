@@ -98,7 +98,7 @@ def write_corpus(root: Path, per_class: int, val_per_class: int, image_size: int
 
     from sap_hf.data import DEBIAN_FASHION_MNIST_DIR, read_idx
     from sap_hf.data.clothing1m import CLEAN_KV, NOISY_KV
-    from sap_hf.noise import add_label_noise
+    from sap_hf.data.noise import add_label_noise
 
     marker = root / "corpus.json"
     wanted = {"per_class": per_class, "val_per_class": val_per_class, "image_size": image_size, "seed": seed}
@@ -166,7 +166,7 @@ def count_decodes() -> list[int]:
 
 
 def tiny_model() -> Any:
-    """The recipe's tiny ViT for a Clothing1M directory (sap_hf.sources.load_model without model_name_or_path)."""
+    """The recipe's tiny ViT for a Clothing1M directory (sap_hf.cli.sources.load_model without model_name_or_path)."""
     from transformers import ViTForImageClassification
 
     from sap_hf.data import CLOTHING1M_CLASSES
@@ -235,11 +235,11 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
     from transformers import ViTForImageClassification
 
     import sap_hf.api as api
-    import sap_hf.search as search
+    import sap_hf.core.search as search
     from sap_hf import SAPConfig, sap_correct
     from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
-    from sap_hf.evaluation import accuracy_evaluator
-    from sap_hf.targets import classifier_names, group_kinds
+    from sap_hf.core.evaluation import accuracy_evaluator
+    from sap_hf.core.targets import classifier_names, group_kinds
 
     torch.set_num_threads(1)
     quiet_libraries()
@@ -357,8 +357,8 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
     from common import DEFAULT_ALPHAS, accuracy, cache_path, prepare_run, run_parser
 
     from sap_hf import collect_statistics, find_target_modules, search_alpha, select_trusted
-    from sap_hf.search import eigenbases
-    from sap_hf.targets import classifier_names, group_kinds
+    from sap_hf.core.search import eigenbases
+    from sap_hf.core.targets import classifier_names, group_kinds
 
     torch.set_num_threads(1)
     run_args = run_parser("").parse_args(["--cache_dir", args.cache_dir, "--threads", "1"])

@@ -16,7 +16,7 @@ clean labels say which are really wrong (used for the metrics only, never for a 
                         recipe's configuration: shift_loss, 10 trusted per class, per-kind alpha on val).
    sap_audit            `sap_hf.audit_labels` on the SAP-corrected model (`--audit_views`, `--audit_method`;
                         its `suspected` flag is cleanlab's `find_label_issues`).
-   sap_loss, sap_shift_loss   `sap_hf.trusted.sample_scores` ('loss', 'shift_loss') under the SAP model;
+   sap_loss, sap_shift_loss   `sap_hf.core.selection.sample_scores` ('loss', 'shift_loss') under the SAP model;
                         flagged = the model (view-averaged for shift_loss) predicts another class.
    memorised_shift_loss 'shift_loss' under the memorised model (no correction; same flag rule).
 
@@ -91,7 +91,7 @@ def _probs(model: Any, pixels: Any, views: str = "image", batch_size: int = 1000
     """Softmax probabilities (float64) of every image, through the library's `predict_probs`."""
     import torch
 
-    from sap_hf.audit import predict_probs
+    from sap_hf.audit.labels import predict_probs
 
     model.eval()
     with torch.no_grad():
@@ -100,11 +100,11 @@ def _probs(model: Any, pixels: Any, views: str = "image", batch_size: int = 1000
 
 
 def _rule_scores(model: Any, data: dict[str, Any], rule: str, batch_size: int = 1000) -> tuple[Any, Any]:
-    """`sap_hf.trusted.sample_scores(rule)` of every training image, and whether the model's prediction
+    """`sap_hf.core.selection.sample_scores(rule)` of every training image, and whether the model's prediction
     (averaged over the rule's views) differs from the label; one pass over the views."""
     import torch
 
-    from sap_hf.trusted import EXTRA_VIEWS
+    from sap_hf.core.selection import EXTRA_VIEWS
 
     model.eval()
     x, y = data["train_x"], data["train_y"]
@@ -186,7 +186,7 @@ def detector_metrics(is_noisy: Any, suspicion: Any, flagged: Any) -> dict[str, f
 
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from sap_hf import SAPConfig, audit_labels, flag_label_issues, label_quality_scores, sap_correct
-    from sap_hf.audit import cleanlab_available
+    from sap_hf.audit.labels import cleanlab_available
     from sap_hf.data import FASHION_MNIST_CLASSES
 
     if not cleanlab_available():
@@ -249,7 +249,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     add("sap_audit", -audit.scores, audit.suspected, sap_seconds + time.perf_counter() - clock,
         views=args.audit_views, method=args.audit_method, filter_by=audit.filter_by, **sap_info)
     if seed == args.grid_seed and not args.no_plot:  # what a person checking the labels sees
-        from sap_hf.audit_report import plot_suspected_grid
+        from sap_hf.audit.report import plot_suspected_grid
 
         plot_suspected_grid(audit, train_set, Path(args.out_dir) / f"label_audit_top_{setting}.png", top_k=24)
     for rule in ("loss", "shift_loss"):

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def layer_kind(name: str, head: str) -> str:
     """'head', 'attention', 'fc1' or 'fc2': the library's layer kinds with the MLP split in its two layers."""
-    from sap_hf.targets import layer_kind as library_kind
+    from sap_hf.core.targets import layer_kind as library_kind
 
     kind = library_kind(name, [head])
     if kind == "classifier":
@@ -81,9 +81,9 @@ class Projector:
 
     def __init__(self, model: Any, examples: Any, head: str):
         from sap_hf import find_target_modules
-        from sap_hf.projection import current_weights
-        from sap_hf.search import eigenbases
-        from sap_hf.stats import collect_statistics
+        from sap_hf.core.projection import current_weights
+        from sap_hf.core.search import eigenbases
+        from sap_hf.core.stats import collect_statistics
 
         targets = find_target_modules(model, None, None, True)
         self.stats = collect_statistics(model, examples, targets, batch_size=500, show_progress=False)
@@ -93,7 +93,7 @@ class Projector:
 
     def weights(self, alphas: Mapping[str, float | None]) -> dict[str, Any]:
         """New weights with `alphas[kind]` per layer kind; a kind absent or None keeps its original weights."""
-        from sap_hf.projection import plan_projection
+        from sap_hf.core.projection import plan_projection
 
         new = dict(self.originals)
         for kind in ("attention", "fc1", "fc2", "head"):
@@ -107,7 +107,7 @@ class Projector:
 def best_on_val(model: Any, projector: Projector, choices: Sequence[Mapping[str, float | None]],
                 data: Mapping[str, Any]) -> tuple[Mapping[str, float | None], float]:
     """The choice with the best val accuracy ("unchanged" = `{}` is always a candidate, ties to earlier)."""
-    from sap_hf.projection import write_weights
+    from sap_hf.core.projection import write_weights
 
     best, best_val = {}, accuracy(model, data["val_x"], data["val_y"])
     try:
@@ -125,8 +125,8 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     import torch
 
     from sap_hf import select_trusted
-    from sap_hf.projection import write_weights
-    from sap_hf.targets import find_target_modules
+    from sap_hf.core.projection import write_weights
+    from sap_hf.core.targets import find_target_modules
 
     run = prepare_run(setting, seed, args)
     data, train_set, model, early_model = run["data"], run["train_set"], run["model"], run["early_model"]

@@ -6,7 +6,7 @@ shape (random init, 224x224, patch 16 -> 197 tokens, 10 labels, float32, eval + 
 uses 64x64 images, 17 tokens):
 
   inference         plain forward over the n samples
-  stats_exact       sap_hf.stats.collect_statistics, every token (the default)
+  stats_exact       sap_hf.core.stats.collect_statistics, every token (the default)
   stats_subsampled  the same with max_tokens_per_sample=CAP (CLS always kept)
   eigh_project      current_weights + eigenbases (float64 eigh of every group) + plan_projection
                     + write_weights, for one alpha
@@ -179,8 +179,8 @@ def record_environment(args: argparse.Namespace) -> tuple[dict[str, Any], float]
 
 def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Per model: the model, its targets, the materialised batches and groups; every forward path warmed up once."""
-    from sap_hf.stats import discover_groups
-    from sap_hf.targets import find_target_modules
+    from sap_hf.core.stats import discover_groups
+    from sap_hf.core.targets import find_target_modules
 
     ctx: dict[str, dict[str, Any]] = {}
     for m in args.models_list:
@@ -199,7 +199,7 @@ def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def run_method(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], m: str, method: str) -> None:
     """One timed (and memory-measured) call of `method` on model `m`; the model is left unprojected."""
-    from sap_hf.projection import write_weights
+    from sap_hf.core.projection import write_weights
 
     c = ctx[m]
     model, data, names, bs = c["model"], c["data"], c["names"], args.bs_per[m]

@@ -36,7 +36,7 @@ def stats_timers():
 
     Overhead: one perf_counter pair per hook call (~250 per batch), i.e. microseconds per batch.
     """
-    import sap_hf.stats as stats_module
+    import sap_hf.core.stats as stats_module
 
     acc_cls = stats_module.GramAccumulator
     timers = {"gram_update_s": 0.0, "gram_result_s": 0.0, "subsample_s": 0.0, "update_calls": 0}
@@ -121,7 +121,7 @@ def mirror_upper_inplace(gram: torch.Tensor, strip: int = GRAM_BLOCK) -> torch.T
 
 def prototype_accumulator_class():
     """A drop-in GramAccumulator with the two proposed changes: recursive update, in-place result."""
-    from sap_hf.stats import GramAccumulator
+    from sap_hf.core.stats import GramAccumulator
 
     class PrototypeGramAccumulator(GramAccumulator):
         def update(self, rows: torch.Tensor) -> None:
@@ -137,8 +137,8 @@ def prototype_accumulator_class():
 
 @contextlib.contextmanager
 def prototype_accumulator():
-    """Swap sap_hf.stats.GramAccumulator for the prototype inside collect_statistics (restored)."""
-    import sap_hf.stats as stats_module
+    """Swap sap_hf.core.stats.GramAccumulator for the prototype inside collect_statistics (restored)."""
+    import sap_hf.core.stats as stats_module
 
     original = stats_module.GramAccumulator
     stats_module.GramAccumulator = prototype_accumulator_class()
@@ -150,7 +150,7 @@ def prototype_accumulator():
 
 def investigate(shape: str, batch_size: int, repeats: int = 3, image_size: int = IMAGE) -> dict[str, Any]:
     """Where the statistics pass spends its time beyond the forward, with candidate fixes."""
-    from sap_hf.stats import GramAccumulator
+    from sap_hf.core.stats import GramAccumulator
 
     h, m, T = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"], tokens_per_sample(image_size)
     rows_per_batch = batch_size * T

@@ -99,7 +99,7 @@ def measure(fn: Callable[[], Any]) -> tuple[float, Optional[float], Any]:
 
 def child_main(spec: dict[str, Any]) -> None:
     """Measure stats_exact at every n of `spec["ns"]` and print one `CHILD_RESULT <json>` line."""
-    from sap_hf.targets import find_target_modules
+    from sap_hf.core.targets import find_target_modules
 
     image_size = spec.get("image_size", IMAGE)
     torch.set_num_threads(spec["threads"])

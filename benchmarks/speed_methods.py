@@ -20,7 +20,7 @@ SHAPES = {
     "base": dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072),
 }
 IMAGE, PATCH, LAYERS, LABELS = 224, 16, 12, 10  # IMAGE: the default image size (--image_size)
-GRAM_BLOCK = 256  # sap_hf.stats.GramAccumulator's default block
+GRAM_BLOCK = 256  # sap_hf.core.stats.GramAccumulator's default block
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def run_inference(model, data) -> None:
 
 
 def run_stats(model, data, names, batch_size: int, cap: Optional[int], accumulation_dtype: str = "float32"):
-    from sap_hf.stats import collect_statistics
+    from sap_hf.core.stats import collect_statistics
 
     return collect_statistics(
         model, data, names, batch_size=batch_size, max_tokens_per_sample=cap,
@@ -105,8 +105,8 @@ def run_stats(model, data, names, batch_size: int, cap: Optional[int], accumulat
 
 
 def run_eigh_project(model, stats, alpha: float) -> dict[str, torch.Tensor]:
-    from sap_hf.projection import current_weights, plan_projection, write_weights
-    from sap_hf.search import eigenbases
+    from sap_hf.core.projection import current_weights, plan_projection, write_weights
+    from sap_hf.core.search import eigenbases
 
     originals = current_weights(model, stats.target_modules)
     bases = eigenbases(stats)
@@ -190,8 +190,8 @@ def verify(model, names, groups, data, batch_size: int, alphas: list[float], ful
     With `full`: also the library default (float32 Gram) and a float32 SVD (the reference's dtype),
     which shows where a mismatch comes from.
     """
-    from sap_hf.projection import current_weights, plan_projection
-    from sap_hf.search import eigenbases
+    from sap_hf.core.projection import current_weights, plan_projection
+    from sap_hf.core.search import eigenbases
 
     originals = current_weights(model, names)
     stored = store_activations(model, data, groups)

@@ -27,13 +27,13 @@ from transformers.utils import logging
 
 from sap_hf import ActivationStats, SAPConfig
 from sap_hf.api import check_stats_path
-from sap_hf.cli_args import parse_with_config
+from sap_hf.cli.args import parse_with_config
 from sap_hf.data import undecoded_images
-from sap_hf.formatting import format_result_alphas
+from sap_hf.core.formatting import format_result_alphas
 from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
 from sap_hf.plotting import plot_alpha_curve
-from sap_hf.cleanup import REFINE_MODES, RefineConfig
-from sap_hf.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
+from sap_hf.audit.cleanup import REFINE_MODES, RefineConfig
+from sap_hf.cli.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
 from sap_hf.trainer import SAPTrainer
 
 logger = logging.get_logger("sap_hf.recipes.clothing1m")

@@ -5,11 +5,11 @@ Noise Robustness", AAAI 2025 (arXiv 2403.08618).
 """
 
 from .api import SAPResult, sap_correct, sap_project
-from .audit import LabelAudit, audit_labels, flag_label_issues, label_quality_scores
-from .config import SAPConfig
-from .evaluation import accuracy_evaluator, evaluate_accuracy
+from .audit.labels import LabelAudit, audit_labels, flag_label_issues, label_quality_scores
+from .core.config import SAPConfig
+from .core.evaluation import accuracy_evaluator, evaluate_accuracy
 from .losses import LossConfig, RobustLoss
-from .projection import (
+from .core.projection import (
     Eigenbasis,
     eigendecompose,
     energy_ratios,
@@ -19,12 +19,12 @@ from .projection import (
     scaled_importance,
     write_weights,
 )
-from .cleanup import RefineConfig, RefineResult, refine
-from .search import AlphaSearchResult, search_alpha
-from .stats import ActivationStats, collect_statistics
-from .targets import TargetGroup, classifier_names, find_target_modules
+from .audit.cleanup import RefineConfig, RefineResult, refine
+from .core.search import AlphaSearchResult, search_alpha
+from .core.stats import ActivationStats, collect_statistics
+from .core.targets import TargetGroup, classifier_names, find_target_modules
 from .trainer import SAPTrainer
-from .trusted import TrustedSelection, select_trusted
+from .core.selection import TrustedSelection, select_trusted
 
 __version__ = "0.1.0"
 

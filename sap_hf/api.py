@@ -16,14 +16,14 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 from torch import nn
 from transformers.utils import logging
 
-from .batching import Collator, subset
-from .config import SAPConfig, validate_alpha
-from .evaluation import accuracy_evaluator
-from .projection import current_weights, plan_projection, write_weights
-from .search import AlphaSearchResult, eigenbases, search_alpha
-from .stats import STATS_FORMAT, ActivationStats, collect_statistics, raise_on_any_process, unwrap
-from .targets import check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds, layer_kind
-from .trusted import select_trusted
+from .runtime.batching import Collator, subset
+from .core.config import SAPConfig, validate_alpha
+from .core.evaluation import accuracy_evaluator
+from .core.projection import current_weights, plan_projection, write_weights
+from .core.search import AlphaSearchResult, eigenbases, search_alpha
+from .core.stats import STATS_FORMAT, ActivationStats, collect_statistics, raise_on_any_process, unwrap
+from .core.targets import check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds, layer_kind
+from .core.selection import select_trusted
 
 logger = logging.get_logger(__name__)
 

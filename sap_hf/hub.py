@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
-from .formatting import format_alpha, format_kind_alphas
+from .core.formatting import format_alpha, format_kind_alphas
 from .losses import describe_training_loss
 
 logger = logging.get_logger(__name__)

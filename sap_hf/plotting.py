@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from transformers.utils import logging
 
-from .formatting import format_kind_alphas
+from .core.formatting import format_kind_alphas
 
 logger = logging.get_logger(__name__)
 

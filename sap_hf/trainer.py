@@ -19,13 +19,13 @@ from transformers import EvalPrediction, Trainer
 from transformers.utils import logging
 
 from .api import SAPResult, sap_correct
-from .audit import LabelAudit, audit_labels
-from .audit_report import write_audit_report
-from .batching import batch_labels, first_example_batch
-from .config import SAPConfig
+from .audit.labels import LabelAudit, audit_labels
+from .audit.report import write_audit_report
+from .runtime.batching import batch_labels, first_example_batch
+from .core.config import SAPConfig
 from .hub import sap_record, staged_save, write_sap_files
 from .losses import check_label_smoothing, training_loss_record
-from .cleanup import RefineConfig, RefineResult, refine
+from .audit.cleanup import RefineConfig, RefineResult, refine
 
 logger = logging.get_logger(__name__)
 
@@ -207,7 +207,7 @@ class SAPTrainer(Trainer):
         audit: Optional[LabelAudit] = None,
         refine_config: Optional[RefineConfig] = None,
     ) -> RefineResult:
-        """Clean-up after `correct()`: fine-tune on the training data without the suspected labels (`sap_hf.cleanup.refine`).
+        """Clean-up after `correct()`: fine-tune on the training data without the suspected labels (`sap_hf.audit.cleanup.refine`).
 
         `train_dataset` (default: the training set) must be the data `audit` was made on
         (default: `self.label_audit`, or a new audit of `train_dataset`). Learning rate, length and

@@ -11,7 +11,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from helpers import random_examples  # noqa: E402
 
 from sap_hf import SAPConfig, collect_statistics, find_target_modules, sap_project, select_trusted  # noqa: E402
-from sap_hf.batching import subset  # noqa: E402
+from sap_hf.runtime.batching import subset  # noqa: E402
 from sap_hf.models import tiny_model  # noqa: E402
 
 

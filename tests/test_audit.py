@@ -10,9 +10,9 @@ from unittest import mock
 import pytest
 import torch
 
-from sap_hf import audit as audit_module
-from sap_hf.audit import audit_labels, flag_label_issues, label_quality_scores
-from sap_hf.audit_report import CSV_NAME, GRID_NAME, SUMMARY_NAME, plot_suspected_grid, write_audit_csv, write_audit_report
+from sap_hf.audit import labels as audit_module
+from sap_hf.audit.labels import audit_labels, flag_label_issues, label_quality_scores
+from sap_hf.audit.report import CSV_NAME, GRID_NAME, SUMMARY_NAME, plot_suspected_grid, write_audit_csv, write_audit_report
 from sap_hf.models import tiny_model
 
 from helpers import random_examples

@@ -59,7 +59,7 @@ def test_accuracy_quick_writes_rows_for_every_setting_and_method(tmp_path: Path)
         none = next(row for row in mine if row["method"] == "none")
         assert 0.0 <= none["train_noisy_accuracy"] <= 1.0
     assert set(result["summary"]) == {"sym40", "asym40"}
-    assert result["asymmetric_map"]["name"] == "sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP"
+    assert result["asymmetric_map"]["name"] == "sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP"
     assert (tmp_path / "accuracy_alpha.png").is_file() and (tmp_path / "accuracy_methods.png").is_file()
     refine = next(row for row in rows if row["setting"] == "sym40" and row["method"] == "sap+refine")
     assert refine["val_accuracy"] >= refine["sap_val_accuracy"]  # "no change" is a candidate

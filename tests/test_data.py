@@ -26,7 +26,7 @@ from sap_hf.data import (
     read_idx,
     write_tiny_clothing1m,
 )
-from sap_hf.noise import FASHION_MNIST_ASYMMETRIC_MAP
+from sap_hf.data.noise import FASHION_MNIST_ASYMMETRIC_MAP
 
 DEBIAN_PRESENT = (fm.DEBIAN_FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
 
@@ -409,7 +409,7 @@ def test_undecoded_rows_are_decoded_by_collate_only(tiny_clothing1m, monkeypatch
 
 
 def test_streams_are_split_before_decoding_with_stable_identities(tiny_clothing1m, monkeypatch):
-    from sap_hf.batching import iter_shard_batches
+    from sap_hf.runtime.batching import iter_shard_batches
 
     transform = ImageTransform(image_size=16)
     keyed = load_clothing1m(tiny_clothing1m, "validation", num_shards=4)

@@ -17,9 +17,9 @@ from sap_hf import (
     select_trusted,
 )
 from sap_hf.models import FAMILIES, tiny_model
-from sap_hf.stats import input_hooks
-from sap_hf.targets import group_kinds, linear_layers
-from sap_hf.trusted import shifted_views
+from sap_hf.core.stats import input_hooks
+from sap_hf.core.targets import group_kinds, linear_layers
+from sap_hf.core.selection import shifted_views
 
 from helpers import assert_identical, random_examples, snapshot
 
@@ -47,7 +47,7 @@ def test_every_attention_and_mlp_linear_is_projected(family):
 @pytest.mark.parametrize("family", ["vit", "clip"])
 def test_qkv_share_one_statistic_computed_once(family, monkeypatch):
     model = tiny_model(family)
-    from sap_hf import stats as stats_module
+    from sap_hf.core import stats as stats_module
 
     calls = []
     original = stats_module.GramAccumulator.update
@@ -357,7 +357,7 @@ def _unimodal(rng, size):
 def test_bracket_returns_the_grids_choice_on_unimodal_curves_with_fewer_evaluations():
     import numpy as np
 
-    from sap_hf.search import bracket_indices
+    from sap_hf.core.search import bracket_indices
 
     rng = np.random.default_rng(0)
     evaluations = []
@@ -395,8 +395,8 @@ def test_bracket_search_matches_the_grid_per_kind_with_fewer_evaluations():
 
 
 def test_cached_rotation_gives_the_same_weights():
-    from sap_hf.projection import current_weights, plan_projection, rotate_weights
-    from sap_hf.search import eigenbases
+    from sap_hf.core.projection import current_weights, plan_projection, rotate_weights
+    from sap_hf.core.search import eigenbases
 
     model = tiny_model("vit")
     stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)

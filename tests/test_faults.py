@@ -238,7 +238,7 @@ def test_non_finite_gram_rejected_before_write(model):
 
 
 def test_tf32_setting_is_respected_and_restored(model):
-    from sap_hf.stats import inference_mode
+    from sap_hf.core.stats import inference_mode
 
     matmul = torch.backends.cuda.matmul
     attribute = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"

@@ -1,7 +1,10 @@
-"""The package's import arrows point down: scripts -> trainer/cli -> api -> engine -> math.
+"""The package's layers, read from its folders: every import arrow points down.
 
-Cheap static checks (the source is parsed, nothing is imported), so a convenience import that
-turns an arrow around fails here instead of growing into a cycle.
+`runtime/` (passes over data, batching, processes, I/O) knows nothing of SAP; `core/` (SAP itself:
+config, math, targets, statistics, selection, search) builds on it; `data/` (readers, transforms,
+noise) stands alone; `audit/` reads what `core/` computes; the top-level modules (`api`, `trainer`,
+`hub`, ...) assemble them; `cli/` is the outermost. Cheap static checks: the source is parsed,
+nothing is imported.
 """
 
 from __future__ import annotations
@@ -11,28 +14,20 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "sap_hf"
 
-# A module may import only modules of a LOWER rank. Modules not listed (added later) are not checked.
-RANK = {
-    # math and leaves: no sap_hf import at all
-    "projection": 0, "formatting": 0, "batching": 0, "targets": 0, "noise": 0, "models": 0, "cli_args": 0,
-    "losses": 0,
-    # configuration (imports the math's alpha check; anything above may read it)
-    "config": 0.5,
-    # statistics, data, reporting
-    "stats": 1, "data": 1, "hub": 1, "plotting": 1,
-    # engine
-    "evaluation": 2, "trusted": 2, "search": 2, "sources": 2,
-    # what the corrected model says about the labels (reads the engine's views and scores)
-    "audit": 2.5, "audit_report": 2.7, "cleanup": 2.7,
-    # entry points
-    "api": 3,
-    "trainer": 4,
-    "cli": 5,
-}
+# Folders in import order: a folder may import only folders before it (and itself).
+FOLDERS = ["runtime", "core", "data", "audit"]
+OUTERMOST = "cli"  # may import anything
+LEAVES = ["core/projection.py", "core/formatting.py", "losses.py"]  # import no sap_hf module at all
+
+
+def _unit(path: Path) -> str:
+    """The folder a module lives in, or the module's own name at the top level."""
+    parts = path.relative_to(PACKAGE).parts
+    return parts[0] if len(parts) > 1 else parts[0].removesuffix(".py")
 
 
 def _sap_imports(path: Path) -> set[str]:
-    """First-level sap_hf modules imported anywhere in `path` (module or function level)."""
+    """The units (folders or top-level modules) of sap_hf that `path` imports, at any level."""
     package_parts = path.relative_to(PACKAGE).with_suffix("").parts
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -42,6 +37,8 @@ def _sap_imports(path: Path) -> set[str]:
                 target = [*base, *(node.module.split(".") if node.module else [])]
                 if target:
                     found.add(target[0])
+                else:
+                    found.update(alias.name for alias in node.names)
             elif node.module and node.module.split(".")[0] == "sap_hf" and "." in node.module:
                 found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
@@ -50,17 +47,28 @@ def _sap_imports(path: Path) -> set[str]:
 
 
 def test_leaf_modules_import_no_sap_hf_module():
-    for name in ("projection", "formatting", "losses"):
-        assert _sap_imports(PACKAGE / f"{name}.py") == set(), name
+    for name in LEAVES:
+        assert _sap_imports(PACKAGE / name) == set(), name
+
+
+def test_every_module_lives_in_a_known_layer():
+    units = {_unit(path) for path in PACKAGE.rglob("*.py")}
+    folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == {*FOLDERS, OUTERMOST}, f"new folder(s) {folders - {*FOLDERS, OUTERMOST}}: place them in FOLDERS"
+    assert units - folders, "no top-level modules?"
 
 
 def test_import_arrows_point_down():
     wrong = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        module = path.relative_to(PACKAGE).parts[0].removesuffix(".py")
-        if module not in RANK:
+        unit = _unit(path)
+        if unit == OUTERMOST or unit == "__init__":
             continue
-        for imported in _sap_imports(path) - {module}:
-            if imported in RANK and RANK[imported] >= RANK[module]:
-                wrong.append(f"{path.relative_to(PACKAGE)} imports {imported} (rank {RANK[imported]} >= {RANK[module]})")
+        imported = _sap_imports(path) - {unit, "__init__"}
+        if unit in FOLDERS:  # a folder imports only earlier folders, never a top-level module or cli
+            allowed = set(FOLDERS[: FOLDERS.index(unit)])
+        else:  # a top-level module imports folders and other top-level modules, never cli
+            allowed = {u for u in imported if u != OUTERMOST}
+        for name in sorted(imported - allowed):
+            wrong.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not wrong, "\n".join(wrong)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sap_hf import eigendecompose, energy_ratios, projection_matrix, project_weight, scaled_importance
-from sap_hf.stats import GramAccumulator, subsample_tokens
+from sap_hf.core.stats import GramAccumulator, subsample_tokens
 
 
 def _activations(n=200, d=12, seed=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sap_hf.noise import FASHION_MNIST_ASYMMETRIC_MAP, add_label_noise
+from sap_hf.data.noise import FASHION_MNIST_ASYMMETRIC_MAP, add_label_noise
 
 
 def _labels(n: int = 1000, num_classes: int = 10, seed: int = 0) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from sap_hf import cli
+from sap_hf.cli import main as cli
 from sap_hf.hub import load_sap_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def _pretrained_mae(folder: Path) -> Path:
 def test_pretrained_encoder_loads_into_a_classifier_with_a_new_head(tmp_path):
     from transformers import ViTMAEForPreTraining
 
-    from sap_hf.sources import ModelArguments, Splits, load_model
+    from sap_hf.cli.sources import ModelArguments, Splits, load_model
 
     pretrained = _pretrained_mae(tmp_path / "mae")
     splits = Splits(None, None, None, [f"c{i}" for i in range(14)], 3, "toy")
@@ -190,7 +190,7 @@ def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
 def test_yaml_configs_parse_and_cli_overrides(tmp_path):
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
-    from sap_hf.cli_args import parse_with_config
+    from sap_hf.cli.args import parse_with_config
 
     import yaml
     from transformers import HfArgumentParser

@@ -9,12 +9,12 @@ import torch
 from transformers import TrainingArguments
 
 from sap_hf import SAPConfig, audit_labels
-from sap_hf import cleanup as refine_module
-from sap_hf.audit import LabelAudit
-from sap_hf.evaluation import accuracy_evaluator
+from sap_hf.audit import cleanup as refine_module
+from sap_hf.audit.labels import LabelAudit
+from sap_hf.core.evaluation import accuracy_evaluator
 from sap_hf.hub import load_sap_record
 from sap_hf.models import tiny_model
-from sap_hf.cleanup import RefineConfig, cleaned_labels, refine
+from sap_hf.audit.cleanup import RefineConfig, cleaned_labels, refine
 from sap_hf.trainer import SAPTrainer
 
 from helpers import random_examples, snapshot, assert_identical

@@ -26,7 +26,7 @@ import datasets
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..noise import add_label_noise
+from .noise import add_label_noise
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from ..noise import FASHION_MNIST_ASYMMETRIC_MAP, add_label_noise
+from .noise import FASHION_MNIST_ASYMMETRIC_MAP, add_label_noise
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def noisy_fashion_mnist(
     Args:
         noise_rate: fraction of training labels flipped, in ``[0, 1)``.
         noise_type: ``"symmetric"`` or ``"asymmetric"`` (uses
-            :data:`~sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP`).
+            :data:`~sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP`).
         seed: seeds the validation carve-out, the training subset and the noise.
         train_size: number of training images (stratified subset chosen before
             the noise); ``None`` keeps all that the validation split leaves.

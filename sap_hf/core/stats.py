@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
-from .batching import Collator, check_pixel_values, iter_shard_batches, process_layout, shard_progress
+from ..runtime.batching import Collator, check_pixel_values, iter_shard_batches, process_layout, shard_progress
 from .targets import TargetGroup, group_by_identity
 
 logger = logging.get_logger(__name__)

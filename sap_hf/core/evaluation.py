@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .batching import Collator, batch_labels, iter_shard_batches, process_layout, shard_progress
+from ..runtime.batching import Collator, batch_labels, iter_shard_batches, process_layout, shard_progress
 from .stats import forward_pixels, inference_mode, model_device, raise_on_any_process, unwrap
 
 EvalFn = Callable[[nn.Module], dict[str, float]]

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification
 from transformers.utils import logging
 
-from .data import (
+from ..data import (
     CLOTHING1M_CLASSES,
     FASHION_MNIST_CLASSES,
     ImageTransform,
@@ -24,8 +24,8 @@ from .data import (
     noisy_fashion_mnist,
     prepare_image_dataset,
 )
-from .models import tiny_vit_config
-from .noise import NOISE_TYPES
+from ..models import tiny_vit_config
+from ..data.noise import NOISE_TYPES
 
 logger = logging.get_logger(__name__)
 

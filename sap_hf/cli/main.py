@@ -21,14 +21,14 @@ from typing import Any, Optional, Sequence
 from transformers import AutoModelForImageClassification
 from transformers.utils import logging
 
-from .api import check_stats_path, sap_correct
-from .audit import FILTERS, SCORE_METHODS, VIEWS, audit_labels
-from .audit_report import write_audit_report
-from .cli_args import parse_with_config
-from .config import SAPConfig
-from .evaluation import evaluate_accuracy
-from .hub import push_folder, sap_record, staged_save, write_sap_files
-from .data import undecoded_images
+from ..api import check_stats_path, sap_correct
+from ..audit.labels import FILTERS, SCORE_METHODS, VIEWS, audit_labels
+from ..audit.report import write_audit_report
+from .args import parse_with_config
+from ..core.config import SAPConfig
+from ..core.evaluation import evaluate_accuracy
+from ..hub import push_folder, sap_record, staged_save, write_sap_files
+from ..data import undecoded_images
 from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare
 
 logger = logging.get_logger(__name__)

@@ -17,7 +17,7 @@ Two parts, kept apart:
   lists, DataLoaders), sharded across processes without duplicates (`batching.iter_shard_batches`),
   gathered once, so one and several processes give the same ranking.
 
-The CSV / JSON / PNG writers are in `sap_hf.audit_report`.
+The CSV / JSON / PNG writers are in `sap_hf.audit.report`.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from torch import nn
 from transformers import default_data_collator
 from transformers.utils import logging
 
-from .batching import Collator, batch_labels, gather_shards, iter_shard_batches, process_layout, shard_progress
-from .stats import forward_pixels, inference_mode, model_device, raise_on_any_process, unwrap
-from .trusted import EXTRA_VIEWS
+from ..runtime.batching import Collator, batch_labels, gather_shards, iter_shard_batches, process_layout, shard_progress
+from ..core.stats import forward_pixels, inference_mode, model_device, raise_on_any_process, unwrap
+from ..core.selection import EXTRA_VIEWS
 
 logger = logging.get_logger(__name__)
 

@@ -137,7 +137,7 @@ def _validate_map(asymmetric_map: Mapping[int, int] | None, num_classes: int) ->
     if asymmetric_map is None:
         raise ValueError(
             "asymmetric_map is required for noise_type='asymmetric' (class -> noisy class); for Fashion-MNIST "
-            "pass sap_hf.noise.FASHION_MNIST_ASYMMETRIC_MAP."
+            "pass sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP."
         )
     if not isinstance(asymmetric_map, Mapping):
         raise ValueError(f"asymmetric_map must be a dict class -> noisy class, got {type(asymmetric_map).__name__}.")

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .batching import Collator, batch_labels, gather_shards, is_map_style, iter_shard_batches, num_examples
+from ..runtime.batching import Collator, batch_labels, gather_shards, is_map_style, iter_shard_batches, num_examples
 from .config import SELECTION_RULES
 from .stats import forward_pixels, inference_mode, model_device
 

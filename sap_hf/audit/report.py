@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional, Union
 import torch
 from transformers.utils import logging
 
-from .audit import LabelAudit
-from .batching import Collator, iter_shard_batches
+from .labels import LabelAudit
+from ..runtime.batching import Collator, iter_shard_batches
 
 logger = logging.get_logger(__name__)
 

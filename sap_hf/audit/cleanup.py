@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from transformers import default_data_collator
 from transformers.utils import logging
 
-from .audit import LabelAudit
-from .batching import Collator, batch_labels, is_map_style, process_layout
-from .stats import forward_pixels, model_device, unwrap
+from .labels import LabelAudit
+from ..runtime.batching import Collator, batch_labels, is_map_style, process_layout
+from ..core.stats import forward_pixels, model_device, unwrap
 
 logger = logging.get_logger(__name__)
 

@@ -10,7 +10,7 @@ before the first parameter is touched; `write_weights` then copies them in and r
 already-written layer if anything fails, so the model is either fully projected or bit-identical.
 
 The bottom of the import graph: nothing here imports another sap_hf module (a layer group is any
-object with `name` and `members`, such as `sap_hf.targets.TargetGroup`).
+object with `name` and `members`, such as `sap_hf.core.targets.TargetGroup`).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""SAP itself: its configuration, the math, which layers, the statistics, trusted selection, the alpha search."""
