@@ -82,6 +82,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import common
+from sap_hf.runtime.passes import Runtime
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
 
 MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
@@ -159,10 +160,7 @@ def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namesp
             model.load_state_dict(final_state)
             clock = time.perf_counter()
             try:
-                selection = select_trusted(
-                    model, train_set, per_class, num_labels=config.num_labels, rule=rule,
-                    selection_model=early_model if rule == "early_loss" else None, batch_size=500, show_progress=False,
-                )
+                selection = select_trusted(model, train_set, per_class, num_labels=config.num_labels, rule=rule, selection_model=early_model if rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
             except ValueError as err:  # e.g. 'agreement' leaves a class with no sample
                 candidates.append({"rule": rule, "per_class": per_class, "error": str(err)})
                 continue
@@ -199,7 +197,7 @@ def sap_row(base: dict[str, Any], method: str, c: dict) -> dict:
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from sap_hf import find_target_modules
+    from sap_hf.core.targets import find_target_modules
 
     run = prepare_run(setting, seed, args)
     data, train_set, config, model, early_model, trained, timing, started = (
@@ -258,7 +256,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         for c in {id(c): c for c in (paper, same_set) if c is not None}.values():
             model.load_state_dict(final_state)
             targets = find_target_modules(model, None, None, True)
-            stats = collect_statistics(model, train_set.select(c["indices"]), targets, batch_size=500, show_progress=False)
+            stats = collect_statistics(model, train_set.select(c['indices']), targets, runtime=Runtime(batch_size=500, show_progress=False))
             bases, originals = eigenbases(stats), current_weights(model, stats.target_modules)
             c["test_curve"] = []
             for alpha in args.alphas:
@@ -392,13 +390,12 @@ def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[s
 
     data, train_set = run["data"], run["train_set"]
     model.load_state_dict(sap_state)
-    audit = audit_labels(model, train_set, views=args.refine_views, batch_size=1000, show_progress=False)
+    audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
     flagged, noisy = audit.suspected, data["is_noisy"]
     config = RefineConfig(mode="best" if len(args.refine_modes) > 1 else args.refine_modes[0],
                           learning_rates=list(args.refine_lrs), epochs=list(args.refine_epochs),
                           batch_size=args.refine_batch_size, schedule=args.refine_schedule, seed=sap["seed"])
-    result = refine(model, train_set, audit, lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}, config,
-                    show_progress=False)
+    result = refine(model, train_set, audit, lambda m: {'accuracy': accuracy(m, data['val_x'], data['val_y'])}, config, runtime=Runtime(show_progress=False))
     counts = result.examples.get(result.mode, {}) if result.mode else {}
     row = {k: sap[k] for k in ("setting", "seed", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")}
     row.update(method="sap+refine", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
@@ -426,9 +423,7 @@ def rebuild_sap(run: dict[str, Any], sap: dict[str, Any]) -> dict:
     alpha = sap["kind_alphas"] if sap.get("alpha_scope") == "per_kind" else sap["alpha"]
     unchanged = alpha is None or (isinstance(alpha, dict) and all(a is None for a in alpha.values()))
     if not unchanged:
-        selection = select_trusted(model, train_set, sap["trusted_per_class"], num_labels=run["config"].num_labels,
-                                   rule=sap["rule"], selection_model=run["early_model"] if sap["rule"] == "early_loss" else None,
-                                   batch_size=500, show_progress=False)
+        selection = select_trusted(model, train_set, sap['trusted_per_class'], num_labels=run['config'].num_labels, rule=sap['rule'], selection_model=run['early_model'] if sap['rule'] == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
         sap_project(model, train_set.select(selection.indices), alpha=alpha, config=SAPConfig(batch_size=500))
     val = accuracy(model, data["val_x"], data["val_y"])
     if abs(val - sap["val_accuracy"]) > 1e-6:

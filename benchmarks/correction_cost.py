@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from sap_hf.runtime.passes import Runtime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -294,7 +295,7 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
 
     # The same alpha search with the full grid, from the same statistics and eigenbases.
     model.load_state_dict(original)
-    evaluate_fn = accuracy_evaluator(val, batch_size=config.batch_size, accelerator=accelerator, collate_fn=transform.collate)
+    evaluate_fn = accuracy_evaluator(val, runtime=Runtime(batch_size=config.batch_size, accelerator=accelerator, collate_fn=transform.collate))
     kinds = group_kinds(captured["stats"].groups, classifier_names(model))
     accelerator.wait_for_everyone()
     clock, before = time.perf_counter(), decodes[0]
@@ -356,7 +357,8 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
 
     from common import DEFAULT_ALPHAS, accuracy, cache_path, prepare_run, run_parser
 
-    from sap_hf import collect_statistics, find_target_modules, search_alpha, select_trusted
+    from sap_hf import collect_statistics, search_alpha, select_trusted
+    from sap_hf.core.targets import find_target_modules
     from sap_hf.core.search import eigenbases
     from sap_hf.core.targets import classifier_names, group_kinds
 
@@ -374,9 +376,8 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
             run = prepare_run(setting, seed, run_args)
             model, data = run["model"], run["data"]
             state = {k: v.clone() for k, v in model.state_dict().items()}
-            selection = select_trusted(model, run["train_set"], 10, rule="shift_loss", batch_size=500, show_progress=False)
-            stats = collect_statistics(model, run["train_set"].select(selection.indices), find_target_modules(model),
-                                       batch_size=500, accumulation_dtype="float64", show_progress=False)
+            selection = select_trusted(model, run['train_set'], 10, rule='shift_loss', runtime=Runtime(batch_size=500, show_progress=False))
+            stats = collect_statistics(model, run['train_set'].select(selection.indices), find_target_modules(model), accumulation_dtype='float64', runtime=Runtime(batch_size=500, show_progress=False))
             bases = eigenbases(stats)
             kinds = group_kinds(stats.groups, classifier_names(model))
             evaluate = lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}  # noqa: E731

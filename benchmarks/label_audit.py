@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+from sap_hf.runtime.passes import Runtime
 from common import accuracy, mean_std, prepare_run, train_from_scratch
 
 DETECTORS = ("cleanlab_in_sample", "cleanlab_cv5", "cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss",
@@ -185,7 +186,8 @@ def detector_metrics(is_noisy: Any, suspicion: Any, flagged: Any) -> dict[str, f
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    from sap_hf import SAPConfig, audit_labels, flag_label_issues, label_quality_scores, sap_correct
+    from sap_hf import SAPConfig, audit_labels, sap_correct
+    from sap_hf.audit.scores import flag_label_issues, label_quality_scores
     from sap_hf.audit.labels import cleanlab_available
     from sap_hf.data import FASHION_MNIST_CLASSES
 
@@ -244,8 +246,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     suspicion, flagged = cleanlab_scores(sap_probs)
     add("cleanlab_sap", suspicion, flagged, sap_seconds + time.perf_counter() - clock, **sap_info)
     clock = time.perf_counter()
-    audit = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views, batch_size=1000,
-                         class_names=list(FASHION_MNIST_CLASSES), show_progress=False)
+    audit = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views, class_names=list(FASHION_MNIST_CLASSES), runtime=Runtime(batch_size=1000, show_progress=False))
     add("sap_audit", -audit.scores, audit.suspected, sap_seconds + time.perf_counter() - clock,
         views=args.audit_views, method=args.audit_method, filter_by=audit.filter_by, **sap_info)
     if seed == args.grid_seed and not args.no_plot:  # what a person checking the labels sees

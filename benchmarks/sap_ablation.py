@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import common
+from sap_hf.runtime.passes import Runtime
 from common import RULES, accuracy, finetune_grid, prepare_run
 
 LAYER_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -80,13 +81,13 @@ class Projector:
     """Statistics of one trusted set, and new weights for any (layer kind -> alpha) choice."""
 
     def __init__(self, model: Any, examples: Any, head: str):
-        from sap_hf import find_target_modules
+        from sap_hf.core.targets import find_target_modules
         from sap_hf.core.projection import current_weights
         from sap_hf.core.search import eigenbases
         from sap_hf.core.stats import collect_statistics
 
         targets = find_target_modules(model, None, None, True)
-        self.stats = collect_statistics(model, examples, targets, batch_size=500, show_progress=False)
+        self.stats = collect_statistics(model, examples, targets, runtime=Runtime(batch_size=500, show_progress=False))
         self.bases = eigenbases(self.stats)
         self.originals = current_weights(model, self.stats.target_modules)
         self.kind = {g.name: layer_kind(g.name, head) for g in self.stats.groups}
@@ -144,9 +145,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
                          test_accuracy=accuracy(model, data["test_x"], data["test_y"]), **extra))
         write_weights(model, projector.originals)
 
-    selection = select_trusted(model, train_set, args.per_class, num_labels=num_labels, rule=args.rule,
-                               selection_model=early_model if args.rule == "early_loss" else None,
-                               batch_size=500, show_progress=False)
+    selection = select_trusted(model, train_set, args.per_class, num_labels=num_labels, rule=args.rule, selection_model=early_model if args.rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
     trusted = torch.tensor(selection.indices, dtype=torch.long)
     purity = float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean())
     projector = Projector(model, train_set.select(selection.indices), head)

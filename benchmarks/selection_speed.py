@@ -22,6 +22,7 @@ from transformers import ViTForImageClassification, default_data_collator
 from sap_hf import select_trusted
 from sap_hf.data import ImageTransform, noisy_fashion_mnist
 from sap_hf.models import tiny_vit_config
+from sap_hf.runtime.passes import Runtime
 
 
 def main() -> None:
@@ -45,7 +46,7 @@ def main() -> None:
                 model(pixel_values=batch["pixel_values"])
 
     def selection() -> None:
-        select_trusted(model, data, 10, batch_size=args.batch_size, show_progress=False)
+        select_trusted(model, data, 10, runtime=Runtime(batch_size=args.batch_size, show_progress=False))
 
     timings: dict[str, list[float]] = {"inference": [], "selection": []}
     for _ in range(args.repeats):

@@ -177,9 +177,21 @@ def record_environment(args: argparse.Namespace) -> tuple[dict[str, Any], float]
     return env, wall_start
 
 
+def discover_groups(model: torch.nn.Module, names: list[str], pixels: torch.Tensor) -> list[Any]:
+    """Which target layers share an input, from one forward of `pixels` (the library learns it from its first batch)."""
+    from sap_hf.core.stats import input_hooks
+    from sap_hf.core.targets import group_by_identity
+
+    seen: dict[str, torch.Tensor] = {}
+    model.eval()
+    with input_hooks(model, names, lambda name, tensor: seen.setdefault(name, tensor)):
+        model(pixel_values=pixels)
+    modules = dict(model.named_modules())
+    return group_by_identity(names, [seen[n] for n in names], [modules[n].in_features for n in names])
+
+
 def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Per model: the model, its targets, the materialised batches and groups; every forward path warmed up once."""
-    from sap_hf.core.stats import discover_groups
     from sap_hf.core.targets import find_target_modules
 
     ctx: dict[str, dict[str, Any]] = {}
@@ -188,7 +200,7 @@ def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         names = find_target_modules(model)
         data = list(RandomBatches(args.n_per[m], args.bs_per[m], seed=1, image_size=args.image))
         with torch.no_grad():
-            groups = discover_groups(model, names, {"pixel_values": data[0]["pixel_values"][:1]}, torch.device("cpu"))
+            groups = discover_groups(model, names, data[0]["pixel_values"][:1])
         ctx[m] = {"model": model, "names": names, "data": data, "groups": groups, "runs": {k: [] for k in METHODS}}
         # warm-up: one batch through each forward-based path (lazy init of oneDNN kernels etc.)
         run_inference(model, data[:1])

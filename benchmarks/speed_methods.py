@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import common  # noqa: F401  (puts this checkout's sap_hf first on sys.path)
 import torch
+from sap_hf.runtime.passes import Runtime
 
 METHODS = ["inference", "stats_exact", "stats_subsampled", "eigh_project", "reference_svd"]
 SHAPES = {
@@ -98,10 +99,7 @@ def run_inference(model, data) -> None:
 def run_stats(model, data, names, batch_size: int, cap: Optional[int], accumulation_dtype: str = "float32"):
     from sap_hf.core.stats import collect_statistics
 
-    return collect_statistics(
-        model, data, names, batch_size=batch_size, max_tokens_per_sample=cap,
-        accumulation_dtype=accumulation_dtype, show_progress=False,
-    )
+    return collect_statistics(model, data, names, max_tokens_per_sample=cap, accumulation_dtype=accumulation_dtype, runtime=Runtime(batch_size=batch_size, show_progress=False))
 
 
 def run_eigh_project(model, stats, alpha: float) -> dict[str, torch.Tensor]:

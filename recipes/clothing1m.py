@@ -26,7 +26,7 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
 from sap_hf import ActivationStats, SAPConfig
-from sap_hf.api import check_stats_path
+from sap_hf.core.cache import check_stats_path
 from sap_hf.cli.args import parse_with_config
 from sap_hf.data import undecoded_images
 from sap_hf.core.formatting import format_result_alphas

@@ -2,64 +2,40 @@
 
 Kodge et al., "SAP: Corrective Machine Unlearning with Scaled Activation Projection for Label
 Noise Robustness", AAAI 2025 (arXiv 2403.08618).
+
+The names here are the ones most users need; everything else is importable from its module:
+`sap_hf.core` (config, math, targets, statistics, selection, search), `sap_hf.runtime` (passes
+over data), `sap_hf.audit` (label audit and clean-up), `sap_hf.data`, `sap_hf.losses`, `sap_hf.hub`.
 """
 
 from .api import SAPResult, sap_correct, sap_project
-from .audit.labels import LabelAudit, audit_labels, flag_label_issues, label_quality_scores
+from .audit.cleanup import RefineConfig, refine
+from .audit.labels import LabelAudit, audit_labels
 from .core.config import SAPConfig
-from .core.evaluation import accuracy_evaluator, evaluate_accuracy
-from .losses import LossConfig, RobustLoss
-from .core.projection import (
-    Eigenbasis,
-    eigendecompose,
-    energy_ratios,
-    plan_projection,
-    project_weight,
-    projection_matrix,
-    scaled_importance,
-    write_weights,
-)
-from .audit.cleanup import RefineConfig, RefineResult, refine
-from .core.search import AlphaSearchResult, search_alpha
-from .core.stats import ActivationStats, collect_statistics
-from .core.targets import TargetGroup, classifier_names, find_target_modules
-from .trainer import SAPTrainer
+from .core.evaluation import evaluate_accuracy
+from .core.search import search_alpha
 from .core.selection import TrustedSelection, select_trusted
+from .core.stats import ActivationStats, collect_statistics
+from .runtime.passes import Runtime
+from .trainer import SAPTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActivationStats",
-    "AlphaSearchResult",
-    "Eigenbasis",
-    "LossConfig",
-    "RobustLoss",
     "LabelAudit",
     "RefineConfig",
-    "RefineResult",
+    "Runtime",
     "SAPConfig",
     "SAPResult",
     "SAPTrainer",
-    "TargetGroup",
     "TrustedSelection",
-    "accuracy_evaluator",
     "audit_labels",
-    "classifier_names",
     "collect_statistics",
-    "eigendecompose",
-    "energy_ratios",
     "evaluate_accuracy",
-    "find_target_modules",
-    "flag_label_issues",
-    "label_quality_scores",
-    "plan_projection",
-    "project_weight",
-    "projection_matrix",
     "refine",
     "sap_correct",
     "sap_project",
-    "scaled_importance",
     "search_alpha",
     "select_trusted",
-    "write_weights",
 ]

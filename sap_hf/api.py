@@ -1,14 +1,13 @@
 """The one-call entry points: `sap_project` (fixed alpha) and `sap_correct` (select, collect, search).
 
-Both validate everything they can (config, alpha, targets, data) before the first weight is
-written, and both are made of the importable pieces: `select_trusted`, `collect_statistics`,
-`search_alpha`, and the pure math of `projection`.
+Both validate everything they can (config, alpha, model, data, targets) before the first weight
+is written, and both are made of the importable pieces: `select_trusted`, `collect_statistics`,
+`search_alpha`, and the pure math of `core.projection`. Every data pass runs on one `Runtime`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -16,24 +15,30 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 from torch import nn
 from transformers.utils import logging
 
-from .runtime.batching import Collator, subset
+from .core.cache import cached_statistics, check_stats_path, save_statistics
 from .core.config import SAPConfig, validate_alpha
 from .core.evaluation import accuracy_evaluator
 from .core.projection import current_weights, plan_projection, write_weights
 from .core.search import AlphaSearchResult, eigenbases, search_alpha
-from .core.stats import STATS_FORMAT, ActivationStats, collect_statistics, raise_on_any_process, unwrap
-from .core.targets import check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds, layer_kind
 from .core.selection import select_trusted
+from .core.stats import ActivationStats, collect_statistics
+from .core.targets import check_classifier, check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds, layer_kind
+from .runtime.batching import Collator, subset
+from .runtime.contract import as_pass_data
+from .runtime.passes import PhaseHook, Runtime
 
 logger = logging.get_logger(__name__)
+
+EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
 
 
 @dataclass
 class SAPResult:
     """What a correction measured: the alpha of each round, every alpha's eval metrics, the targets.
 
-    `trusted_indices` (positions in the selection data, or the `key`s of a keyed stream) make the run reproducible and let the same
-    trusted samples be reused, e.g. to fine-tune on them after SAP.
+    `trusted_indices` (positions in the selection data, or the `key`s of a keyed stream) make the run
+    reproducible and let the same trusted samples be reused, e.g. to fine-tune on them after SAP.
+    `timings` are the wall seconds of each phase ("selection", "statistics", "evaluation", "search").
     """
 
     alphas: list[Optional[float]]
@@ -45,6 +50,7 @@ class SAPResult:
     trusted_per_class: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     trusted_indices: list[Union[int, str]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def alpha(self) -> Optional[float]:
@@ -77,17 +83,17 @@ def _resolve_targets(model: nn.Module, config: SAPConfig) -> list[str]:
     return find_target_modules(model, config.target_modules, config.exclude_modules, config.project_classifier)
 
 
-def _collect(model: nn.Module, data: Any, targets: Sequence[str], config: SAPConfig, **kwargs: Any) -> ActivationStats:
+def _collect(model: nn.Module, data: Any, targets: Sequence[str], config: SAPConfig, runtime: Runtime) -> ActivationStats:
     return collect_statistics(
-        model,
-        data,
-        targets,
-        batch_size=config.batch_size,
-        max_tokens_per_sample=config.max_tokens_per_sample,
-        accumulation_dtype=config.accumulation_dtype,
-        seed=config.sampling_seed,
-        **kwargs,
+        model, data, targets, runtime=runtime, max_tokens_per_sample=config.max_tokens_per_sample,
+        accumulation_dtype=config.accumulation_dtype, seed=config.sampling_seed,
     )
+
+
+def _runtime(config: SAPConfig, accelerator: Any, collate_fn: Optional[Collator], show_progress: bool = True,
+             on_phase: Optional[PhaseHook] = None) -> Runtime:
+    return Runtime(accelerator=accelerator, collate_fn=collate_fn, batch_size=config.batch_size,
+                   show_progress=show_progress, on_phase=on_phase)
 
 
 def sap_project(
@@ -110,40 +116,20 @@ def sap_project(
     multiplied by `config.alpha_growth` each round. `stats` skips the first data pass.
     """
     config = config or SAPConfig()
-    if alpha is None:
-        if len(config.alphas) != 1:
-            raise ValueError(
-                f"alpha=None needs a single value in config.alphas, got {config.alphas}; pass alpha= or use "
-                "sap_correct() to search the grid on an eval set."
-            )
-        alpha = config.alphas[0]
-    if isinstance(alpha, Mapping):
-        check_layer_kinds(alpha)
-        alpha = {kind: None if a is None else validate_alpha(a, f"alpha[{kind!r}]") for kind, a in alpha.items()}
-    else:
-        alpha = validate_alpha(alpha)
-    base = unwrap(model, accelerator)
+    alpha = _fixed_alpha(alpha, config)
+    runtime = _runtime(config, accelerator, collate_fn)
+    base = runtime.unwrap(model)
+    check_classifier(base)
     if stats is not None:
         stats.check_model(base, "The given stats")
+    trusted = as_pass_data(trusted, "trusted") if stats is None or config.num_rounds > 1 else trusted
     targets = stats.target_modules if stats is not None else _resolve_targets(base, config)
-    if isinstance(alpha, Mapping):  # before any data pass: a mapping that projects nothing is a mistake
-        heads = classifier_names(base)
-        present = {layer_kind(name, heads) for name in targets}
-        projected = {kind for kind, a in alpha.items() if a is not None}
-        if projected - present:
-            raise ValueError(
-                f"alpha={alpha!r} names layer kind(s) {sorted(projected - present)} that no target has "
-                "(is project_classifier=False, or do target_modules exclude them?); drop those keys."
-            )
-        if not projected & present:
-            raise ValueError(
-                f"alpha={alpha!r} projects no targeted layer: give an alpha to at least one of the kinds present "
-                f"{sorted(present)} (with alpha_scope='shared', pass a number instead of result.kind_alphas)."
-            )
+    if isinstance(alpha, Mapping):
+        _check_kinds_present(alpha, targets, classifier_names(base))
     with restored_on_failure(base, targets):
         for round_index in range(config.num_rounds):
             if stats is None or round_index > 0:
-                stats = _collect(base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn)
+                stats = _collect(base, trusted, targets, config, runtime)
             growth = config.alpha_growth**round_index
             if isinstance(alpha, Mapping):
                 shown: Any = {k: None if a is None else a * growth for k, a in alpha.items()}
@@ -154,6 +140,37 @@ def sap_project(
             write_weights(base, plan)
             logger.info("SAP round %d: projected %d layers with alpha=%s.", round_index + 1, len(plan), shown)
     return model
+
+
+def _fixed_alpha(alpha: Any, config: SAPConfig) -> Union[float, dict[str, Optional[float]]]:
+    """`alpha` validated: one number, or a mapping layer kind -> alpha (None = unchanged)."""
+    if alpha is None:
+        if len(config.alphas) != 1:
+            raise ValueError(
+                f"alpha=None needs a single value in config.alphas, got {config.alphas}; pass alpha= or use "
+                "sap_correct() to search the grid on an eval set."
+            )
+        alpha = config.alphas[0]
+    if isinstance(alpha, Mapping):
+        check_layer_kinds(alpha)
+        return {kind: None if a is None else validate_alpha(a, f"alpha[{kind!r}]") for kind, a in alpha.items()}
+    return validate_alpha(alpha)
+
+
+def _check_kinds_present(alpha: Mapping[str, Optional[float]], targets: Sequence[str], heads: Sequence[str]) -> None:
+    """Before any data pass: a mapping that projects nothing, or names absent kinds, is a mistake."""
+    present = {layer_kind(name, heads) for name in targets}
+    projected = {kind for kind, a in alpha.items() if a is not None}
+    if projected - present:
+        raise ValueError(
+            f"alpha={dict(alpha)!r} names layer kind(s) {sorted(projected - present)} that no target has "
+            "(is project_classifier=False, or do target_modules exclude them?); drop those keys."
+        )
+    if not projected & present:
+        raise ValueError(
+            f"alpha={dict(alpha)!r} projects no targeted layer: give an alpha to at least one of the kinds present "
+            f"{sorted(present)} (with alpha_scope='shared', pass a number instead of result.kind_alphas)."
+        )
 
 
 @contextlib.contextmanager
@@ -175,171 +192,133 @@ def sap_correct(
     accelerator: Any = None,
     *,
     collate_fn: Optional[Collator] = None,
-    evaluate_fn: Optional[Callable[[nn.Module], Mapping[str, float]]] = None,
+    evaluate_fn: Optional[EvaluateFn] = None,
     metric: str = "accuracy",
     greater_is_better: bool = True,
     selection_model: Optional[nn.Module] = None,
     trusted_indices: Optional[Sequence[Union[int, str]]] = None,
     stats_path: Optional[Union[str, Path]] = None,
     on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]] = None,
+    on_phase: Optional[PhaseHook] = None,
     show_progress: bool = True,
 ) -> SAPResult:
     """The whole correction: trusted selection -> statistics -> alpha search -> write.
 
     `train_data` is the (noisy) labelled data to pick trusted samples from; `eval_data` a clean
     labelled set to pick alpha on (or give `evaluate_fn(model) -> metrics`). `trusted_indices`
-    skips selection. `greater_is_better` says which way `metric` improves. `stats_path`: statistics are loaded from it when the file exists
-    (re-tune alpha without a data pass, or resume an interrupted run) and saved to it otherwise; it is
-    checked (`check_stats_path`) before any data is read.
+    skips selection. `greater_is_better` says which way `metric` improves. `stats_path`: statistics
+    are loaded from it when the file exists (re-tune alpha without a data pass, or resume an
+    interrupted run) and saved to it otherwise; it is checked before any data is read.
+    `on_phase(phase, seconds)` is called after each phase (`SAPResult.timings` sums them).
     The model is left at the best alpha, or unchanged when no alpha beats it on the eval set.
     """
     config = config or SAPConfig()
-    if evaluate_fn is None:
-        if eval_data is None:
-            raise ValueError("sap_correct needs eval_data= (a clean labelled set) or evaluate_fn= to choose alpha.")
-        evaluate_fn = accuracy_evaluator(
-            eval_data, batch_size=config.batch_size, accelerator=accelerator, collate_fn=collate_fn
-        )
-    base = unwrap(model, accelerator)
+    runtime = _runtime(config, accelerator, collate_fn, show_progress, on_phase)
+    base = runtime.unwrap(model)
+    check_classifier(base)
+    evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
+    train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     targets = _resolve_targets(base, config)
-    stats, selection = None, None
     if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
-        check_stats_path(stats_path, writable=_is_main(accelerator))
-    if stats_path is not None and _cached_on_main(stats_path, accelerator):
-        stats = _load_stats(stats_path)
-        stats.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
-        trusted_indices = stats.meta.get("trusted_indices", trusted_indices)
-        logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
-    elif trusted_indices is None:
-        selection = select_trusted(
-            base,
-            train_data,
-            config.trusted_per_class,
-            rule=config.selection_rule,
-            selection_model=selection_model,
-            batch_size=config.batch_size,
-            accelerator=accelerator,
-            collate_fn=collate_fn,
-            show_progress=show_progress,
-        )
-        trusted_indices = selection.indices
-    if selection is not None and selection.examples is not None:
-        trusted: Any = selection.examples  # a stream's trusted examples, kept by the selection pass: no second read
-    else:
-        trusted = subset(train_data, trusted_indices) if trusted_indices is not None and train_data is not None else None
-    if trusted is None and config.num_rounds > 1:
-        raise ValueError(
-            f"config.num_rounds={config.num_rounds} re-collects statistics each round, which needs the trusted "
-            "data: pass train_data= (and trusted_indices= or a stats_path saved by sap_correct), or use num_rounds=1."
-        )
-    per_class = dict(selection.per_class) if selection is not None else stats.meta.get("trusted_per_class", {}) if stats else {}
-
+        check_stats_path(stats_path, writable=runtime.is_main)
+    plan = _TrustedPlan.make(base, train_data, config, runtime, selection_model, trusted_indices, stats_path)
     rounds: list[AlphaSearchResult] = []
     with restored_on_failure(base, targets):
         for round_index in range(config.num_rounds):
-            if stats is None or round_index > 0:
-                stats = _collect(
-                    base, trusted, targets, config, accelerator=accelerator, collate_fn=collate_fn, show_progress=show_progress
-                )
-                if round_index == 0 and stats_path is not None:
-                    stats.meta.update(trusted_indices=list(trusted_indices), trusted_per_class=per_class)
-                    _save_on_main(stats, stats_path, accelerator)
+            stats = plan.statistics(base, targets, round_index)
             grid = [a * config.alpha_growth**round_index for a in config.alphas]
             kinds = group_kinds(stats.groups, classifier_names(base)) if config.alpha_scope == "per_kind" else None
-            search = search_alpha(
-                base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
-                on_evaluate=on_evaluate, kinds=kinds, method=config.alpha_search,
-                tolerance=config.alpha_search_tolerance,
-            )
+            with runtime.timed("search"):  # includes its evaluations
+                search = search_alpha(
+                    base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
+                    on_evaluate=on_evaluate, kinds=kinds, method=config.alpha_search, tolerance=config.alpha_search_tolerance,
+                )
             rounds.append(search)
             if not search.improved:
                 break
     return SAPResult(
-        alphas=[r.best_alpha for r in rounds],
-        rounds=rounds,
-        baseline_metrics=rounds[0].baseline,
-        final_metrics=rounds[-1].best_metrics,
-        target_modules=list(stats.target_modules),
-        num_trusted=len(trusted_indices) if trusted_indices is not None else 0,
-        trusted_per_class={int(k): v for k, v in per_class.items()},
-        config=config.to_dict(),
-        trusted_indices=[_identity(i) for i in trusted_indices] if trusted_indices is not None else [],
+        alphas=[r.best_alpha for r in rounds], rounds=rounds, baseline_metrics=rounds[0].baseline,
+        final_metrics=rounds[-1].best_metrics, target_modules=list(stats.target_modules), num_trusted=plan.num_trusted,
+        trusted_per_class={int(k): v for k, v in plan.per_class.items()}, config=config.to_dict(),
+        trusted_indices=plan.identities(), timings=dict(runtime.timings),
     )
 
 
-def _identity(value: Any) -> Union[int, str]:
-    """A trusted sample's identity as JSON keeps it: a position (int) or a stream's key (str)."""
-    return value if isinstance(value, str) else int(value)
+def _evaluator(evaluate_fn: Optional[EvaluateFn], eval_data: Any, runtime: Runtime) -> EvaluateFn:
+    """The alpha search's evaluation: `evaluate_fn` (timed as "evaluation"), or accuracy on `eval_data`."""
+    if evaluate_fn is not None:
+        def timed(model: nn.Module) -> Mapping[str, float]:
+            with runtime.timed("evaluation"):
+                return evaluate_fn(model)
+
+        return timed
+    if eval_data is None:
+        raise ValueError("sap_correct needs eval_data= (a clean labelled set) or evaluate_fn= to choose alpha.")
+    return accuracy_evaluator(as_pass_data(eval_data, "eval_data"), runtime.replace(show_progress=False))
 
 
-def _cached_on_main(path: Union[str, Path], accelerator: Any) -> bool:
-    """Whether the statistics cache exists, as the main process sees it (all processes agree)."""
-    exists = Path(path).is_file()
-    if accelerator is None or accelerator.num_processes == 1:
-        return exists
-    from accelerate.utils import broadcast_object_list
+@dataclass
+class _TrustedPlan:
+    """Where the trusted samples come from (selection, given indices or a statistics cache) and their statistics."""
 
-    return bool(broadcast_object_list([exists], from_process=0)[0])
+    config: SAPConfig
+    runtime: Runtime
+    trusted: Any = None
+    indices: Optional[list[Any]] = None
+    per_class: dict[int, int] = field(default_factory=dict)
+    cached: Optional[ActivationStats] = None
+    stats_path: Optional[Union[str, Path]] = None
 
-
-def _save_on_main(stats: ActivationStats, path: Union[str, Path], accelerator: Any) -> None:
-    error = None
-    if _is_main(accelerator):
-        try:
-            stats.save(path)
-        except Exception as err:
-            error = err
-    raise_on_any_process(error, accelerator)
-
-
-def _is_main(accelerator: Any) -> bool:
-    return accelerator is None or accelerator.is_main_process
-
-
-def check_stats_path(stats_path: Union[str, Path], writable: bool = True) -> bool:
-    """Check a statistics cache path before any data is read; True when it holds statistics to load.
-
-    Raises a ValueError naming `stats_path` and the fix when the path is a directory, when an
-    existing file is not a readable SAP statistics file (only its header is read here), or (with
-    `writable`) when the statistics could not be saved there after the data pass.
-    """
-    path = Path(stats_path)
-    if path.is_dir():
-        raise ValueError(
-            f"stats_path={str(stats_path)!r} is a directory; the SAP statistics are one file: pass a file path "
-            f"such as {str(path / 'sap_stats.safetensors')!r}."
-        )
-    if path.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                header = handle.metadata() or {}
-        except Exception as err:  # SafetensorError, OSError, ...: the file is not what stats_path promises
-            raise _unreadable_stats(stats_path, err) from err
-        if header.get("format") != STATS_FORMAT:
-            raise _unreadable_stats(stats_path, f"format={header.get('format')!r}, expected {STATS_FORMAT!r}")
-        return True
-    if writable:
-        folder = next(parent for parent in path.absolute().parents if parent.exists())
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+    @classmethod
+    def make(cls, base: nn.Module, train_data: Any, config: SAPConfig, runtime: Runtime, selection_model: Optional[nn.Module],
+             trusted_indices: Optional[Sequence[Any]], stats_path: Optional[Union[str, Path]]) -> "_TrustedPlan":
+        plan = cls(config, runtime, stats_path=stats_path, cached=cached_statistics(stats_path, runtime))
+        if plan.cached is not None:
+            plan.cached.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
+            trusted_indices = plan.cached.meta.get("trusted_indices", trusted_indices)
+            plan.per_class = plan.cached.meta.get("trusted_per_class", {})
+            logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
+        elif trusted_indices is None:
+            selection = select_trusted(base, train_data, config.trusted_per_class, rule=config.selection_rule,
+                                       selection_model=selection_model, runtime=runtime)
+            trusted_indices, plan.per_class = selection.indices, dict(selection.per_class)
+            plan.trusted = selection.examples  # a stream's trusted examples, kept by the selection pass: no second read
+        plan.indices = list(trusted_indices) if trusted_indices is not None else None
+        if plan.trusted is None and plan.indices is not None and train_data is not None:
+            plan.trusted = subset(train_data, plan.indices)
+        if plan.trusted is None and (plan.cached is None or config.num_rounds > 1):
             raise ValueError(
-                f"stats_path={str(stats_path)!r} cannot be written: {str(folder)!r} is not a writable folder. Pass a "
-                "stats_path in a folder you can write to (the statistics are saved there after the data pass)."
+                f"config.num_rounds={config.num_rounds} re-collects statistics each round, which needs the trusted "
+                "data: pass train_data= (and trusted_indices= or a stats_path saved by sap_correct), or use num_rounds=1."
+                if plan.cached is not None else "sap_correct needs train_data= to select the trusted samples from."
             )
-    return False
+        return plan
 
+    def statistics(self, base: nn.Module, targets: Sequence[str], round_index: int) -> ActivationStats:
+        """Round 0: the cache or a new pass (saved to the cache); later rounds: a pass on the projected model."""
+        if round_index == 0 and self.cached is not None:
+            return self.cached
+        stats = _collect(base, self.trusted, targets, self.config, self.runtime)
+        if round_index == 0:
+            self._check_count(stats)
+            if self.stats_path is not None:
+                stats.meta.update(trusted_indices=self.identities(), trusted_per_class=self.per_class)
+                save_statistics(stats, self.stats_path, self.runtime)
+        return stats
 
-def _load_stats(stats_path: Union[str, Path]) -> ActivationStats:
-    try:
-        return ActivationStats.load(stats_path)
-    except Exception as err:
-        raise _unreadable_stats(stats_path, err) from err
+    def _check_count(self, stats: ActivationStats) -> None:
+        """Given trusted_indices must all exist: a stream's missing keys/positions would otherwise be dropped silently."""
+        seen, asked = stats.meta.get("samples"), len(set(self.indices)) if self.indices is not None else None
+        if asked is not None and seen is not None and seen < asked:
+            raise ValueError(
+                f"trusted_indices name {asked} samples but the data holds only {seen} of them: pass positions (or keys) "
+                "of this data, e.g. result.trusted_indices of a run on the same data. No weight was changed."
+            )
 
+    @property
+    def num_trusted(self) -> int:
+        return len(self.indices) if self.indices is not None else 0
 
-def _unreadable_stats(stats_path: Union[str, Path], reason: Any) -> ValueError:
-    detail = f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else reason
-    return ValueError(
-        f"stats_path={str(stats_path)!r} is not a readable SAP statistics file ({detail}). Delete it to collect the "
-        "statistics anew, or pass another stats_path."
-    )
+    def identities(self) -> list[Union[int, str]]:
+        """The trusted samples' identities as JSON keeps them: positions (int) or a stream's keys (str)."""
+        return [i if isinstance(i, str) else int(i) for i in self.indices] if self.indices is not None else []

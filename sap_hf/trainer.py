@@ -22,6 +22,8 @@ from .api import SAPResult, sap_correct
 from .audit.labels import LabelAudit, audit_labels
 from .audit.report import write_audit_report
 from .runtime.batching import batch_labels, first_example_batch
+from .runtime.contract import IGNORE_INDEX
+from .runtime.passes import Runtime
 from .core.config import SAPConfig
 from .hub import sap_record, staged_save, write_sap_files
 from .losses import check_label_smoothing, training_loss_record
@@ -39,6 +41,8 @@ def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
     predictions = np.asarray(logits).argmax(-1)
     references = np.asarray(prediction.label_ids)
+    labelled = references != IGNORE_INDEX  # -100: the transformers ignore index, not a class
+    predictions, references = predictions[labelled], references[labelled]
     if _ACCURACY is None:
         try:
             import evaluate
@@ -49,7 +53,7 @@ def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
             _ACCURACY = False
     if _ACCURACY:
         return _ACCURACY.compute(predictions=predictions, references=references)
-    return {"accuracy": float((predictions == references).mean())}
+    return {"accuracy": float((predictions == references).mean()) if references.size else float("nan")}
 
 
 class SAPTrainer(Trainer):
@@ -137,6 +141,11 @@ class SAPTrainer(Trainer):
         )
         return result
 
+    def _runtime(self, batch_size: int) -> Runtime:
+        """The runtime of a pass this Trainer makes: its accelerator, its data collator, its progress setting."""
+        return Runtime(accelerator=self.accelerator, collate_fn=self.data_collator, batch_size=batch_size,
+                       show_progress=not self.args.disable_tqdm)
+
     def _train_and_eval(self, caller: str, train_name: str, train: Any, eval_dataset: Any, chosen: str) -> tuple[Any, Any]:
         """The labelled training data and the clean eval set, defaulting to the Trainer's; raise naming the missing one."""
         train = train if train is not None else self.train_dataset
@@ -188,8 +197,7 @@ class SAPTrainer(Trainer):
             raise ValueError("audit_labels() needs a labelled dataset (or a Trainer with train_dataset).")
         audit = audit_labels(
             self.model, dataset, method=method, filter_by=filter_by, views=views,
-            batch_size=self.args.per_device_eval_batch_size, accelerator=self.accelerator,
-            collate_fn=self.data_collator, show_progress=not self.args.disable_tqdm,
+            runtime=self._runtime(self.args.per_device_eval_batch_size),
         )
         self.label_audit = audit
         if self.is_world_process_zero():
@@ -223,9 +231,8 @@ class SAPTrainer(Trainer):
             lr = self.args.learning_rate
             refine_config = dataclasses.replace(refine_config, learning_rates=[lr, 2 * lr])
         result = refine(
-            self.model, train_dataset, audit, evaluate_fn, refine_config, self.accelerator,
-            metric=metric, greater_is_better=greater, collate_fn=self.data_collator,
-            show_progress=not self.args.disable_tqdm,
+            self.model, train_dataset, audit, evaluate_fn, refine_config,
+            runtime=self._runtime(refine_config.batch_size), metric=metric, greater_is_better=greater,
         )
         self.refine_result = result
         for trial in result.trials:

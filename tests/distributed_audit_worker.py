@@ -12,6 +12,7 @@ from helpers import random_examples  # noqa: E402
 from sap_hf import RefineConfig, audit_labels, refine  # noqa: E402
 from sap_hf.core.evaluation import accuracy_evaluator  # noqa: E402
 from sap_hf.models import tiny_model  # noqa: E402
+from sap_hf.runtime.passes import Runtime
 
 
 def main(out_dir: str) -> None:
@@ -19,8 +20,8 @@ def main(out_dir: str) -> None:
     accelerator = Accelerator(cpu=True)
     model = tiny_model("vit", num_labels=3, seed=0)
     data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes
-    audit = audit_labels(model, data, batch_size=4, accelerator=accelerator, filter_by="predicted_neq_given", show_progress=False)
-    val = accuracy_evaluator(random_examples(9, num_labels=3, seed=6), batch_size=4, accelerator=accelerator)
+    audit = audit_labels(model, data, filter_by='predicted_neq_given', runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
+    val = accuracy_evaluator(random_examples(9, num_labels=3, seed=6), runtime=Runtime(batch_size=4, accelerator=accelerator))
     calls = []
 
     def evaluate(m):  # every checkpoint "improves": the final weights are those after the whole run
@@ -28,7 +29,7 @@ def main(out_dir: str) -> None:
         return {"accuracy": float(len(calls)), "val": val(m)["accuracy"]}
 
     config = RefineConfig(mode="relabel", relabel_threshold=0.3, learning_rates=[1e-2], epochs=[1, 2], batch_size=5)
-    result = refine(model, data, audit, evaluate, config, accelerator, show_progress=False)
+    result = refine(model, data, audit, evaluate, config, runtime=Runtime(accelerator=accelerator, show_progress=False))
     if accelerator.is_main_process:
         weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         with open(f"{out_dir}/result.json", "w") as handle:

@@ -10,9 +10,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from helpers import random_examples  # noqa: E402
 
-from sap_hf import SAPConfig, collect_statistics, find_target_modules, sap_project, select_trusted  # noqa: E402
+from sap_hf import SAPConfig, collect_statistics, sap_project, select_trusted
+from sap_hf.core.targets import find_target_modules
 from sap_hf.runtime.batching import subset  # noqa: E402
 from sap_hf.models import tiny_model  # noqa: E402
+from sap_hf.runtime.passes import Runtime
 
 
 def clothing(out_dir: str, data_dir: str) -> None:
@@ -59,15 +61,12 @@ def main(out_dir: str, mode: str = "equal", *args: str) -> None:
     data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes
     if mode == "fail":  # example 1 lands on process 1 only: it fails, process 0 must not hang
         data[1] = {"pixel_values": torch.randn(3, 9, 9), "labels": 1}
-        collect_statistics(model, data, find_target_modules(model), batch_size=4, accelerator=accelerator, show_progress=False)
+        collect_statistics(model, data, find_target_modules(model), runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
         return
-    selection = select_trusted(model, data, 3, batch_size=4, accelerator=accelerator, show_progress=False)
-    shifted = select_trusted(model, data, 2, rule="shift_loss", batch_size=4, accelerator=accelerator, show_progress=False)
+    selection = select_trusted(model, data, 3, runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
+    shifted = select_trusted(model, data, 2, rule='shift_loss', runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
     trusted = subset(data, selection.indices)
-    stats = collect_statistics(
-        model, trusted, find_target_modules(model), batch_size=2, accelerator=accelerator,
-        accumulation_dtype="float64", show_progress=False,
-    )
+    stats = collect_statistics(model, trusted, find_target_modules(model), accumulation_dtype='float64', runtime=Runtime(batch_size=2, accelerator=accelerator, show_progress=False))
     sap_project(model, trusted, alpha=10.0, config=SAPConfig(batch_size=2), accelerator=accelerator)
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/weights.safetensors")

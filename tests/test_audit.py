@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from sap_hf.audit import labels as audit_module
+from sap_hf.audit import scores as scores_module
 from sap_hf.audit.labels import audit_labels, flag_label_issues, label_quality_scores
 from sap_hf.audit.report import CSV_NAME, GRID_NAME, SUMMARY_NAME, plot_suspected_grid, write_audit_csv, write_audit_report
 from sap_hf.models import tiny_model
 
 from helpers import random_examples
+from sap_hf.runtime.passes import Runtime
 
 cleanlab = pytest.importorskip("cleanlab")
 
@@ -44,7 +46,7 @@ def test_flags_cleanlab_and_fallback():
     expected = find_label_issues(labels.numpy(), probs.numpy(), filter_by="prune_by_noise_rate")
     assert flag_label_issues(probs, labels, "auto").tolist() == expected.tolist()
     assert torch.equal(flag_label_issues(probs, labels, "predicted_neq_given"), probs.argmax(1) != labels)
-    with mock.patch.object(audit_module, "cleanlab_available", return_value=False):
+    with mock.patch.object(scores_module, "cleanlab_available", return_value=False):
         assert torch.equal(flag_label_issues(probs, labels, "auto"), probs.argmax(1) != labels)
         with pytest.raises(ImportError, match="sap_hf\\[audit\\]"):
             flag_label_issues(probs, labels, "prune_by_class")
@@ -63,7 +65,7 @@ def test_scoring_rejects_bad_input():
 def test_audit_ranks_and_agrees_across_data_forms():
     model = tiny_model("vit", num_labels=3, seed=0)
     examples = random_examples(22, num_labels=3, seed=3)
-    audit = audit_labels(model, examples, batch_size=5, show_progress=False)
+    audit = audit_labels(model, examples, runtime=Runtime(batch_size=5, show_progress=False))
     assert len(audit) == 22 and audit.indices.tolist() == list(range(22))
     assert audit.meta["cleanlab"] and audit.filter_by == "prune_by_noise_rate"
     rows = list(audit.rows())
@@ -79,7 +81,7 @@ def test_audit_ranks_and_agrees_across_data_forms():
     dataset = datasets.Dataset.from_list([{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in examples])
     loader = torch.utils.data.DataLoader(examples, batch_size=4)
     for other in (dataset.with_format("torch"), dataset.to_iterable_dataset().with_format("torch"), loader):
-        again = audit_labels(model, other, batch_size=7, show_progress=False)
+        again = audit_labels(model, other, runtime=Runtime(batch_size=7, show_progress=False))
         assert again.ranking.tolist() == audit.ranking.tolist()
         assert torch.allclose(again.scores, audit.scores, atol=1e-6)
 
@@ -87,14 +89,14 @@ def test_audit_ranks_and_agrees_across_data_forms():
 def test_audit_without_cleanlab_uses_the_torch_fallback():
     model = tiny_model("vit", num_labels=3, seed=1)
     examples = random_examples(15, num_labels=3, seed=4)
-    with mock.patch.object(audit_module, "cleanlab_available", return_value=False):
-        audit = audit_labels(model, examples, method="normalized_margin", views="shift", batch_size=4, show_progress=False)
+    with mock.patch.object(scores_module, "cleanlab_available", return_value=False):
+        audit = audit_labels(model, examples, method='normalized_margin', views='shift', runtime=Runtime(batch_size=4, show_progress=False))
         with pytest.raises(ImportError, match="cleanlab"):
-            audit_labels(model, examples, filter_by="both", show_progress=False)
+            audit_labels(model, examples, filter_by='both', runtime=Runtime(show_progress=False))
         # Forced cleanlab scores without cleanlab: named, and raised before any forward pass.
         with mock.patch.object(audit_module, "predict_probs", side_effect=AssertionError("data pass")):
             with pytest.raises(ImportError, match="use_cleanlab=True"):
-                audit_labels(model, examples, use_cleanlab=True, filter_by="predicted_neq_given", show_progress=False)
+                audit_labels(model, examples, use_cleanlab=True, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
         with pytest.raises(ImportError, match="use_cleanlab=True"):
             label_quality_scores(torch.full((2, 2), 0.5), torch.tensor([0, 1]), use_cleanlab=True)
     assert audit.summary()["scorer"] == "torch" and audit.filter_by == "predicted_neq_given"
@@ -106,21 +108,21 @@ def test_audit_rejects_bad_data():
     model = tiny_model("vit", num_labels=3, seed=0)
     unlabelled = [{"pixel_values": e["pixel_values"]} for e in random_examples(4)]
     with pytest.raises(ValueError, match="no 'labels'/'label'"):
-        audit_labels(model, unlabelled, show_progress=False)
+        audit_labels(model, unlabelled, runtime=Runtime(show_progress=False))
     wrong = random_examples(6)
     wrong[4]["labels"] = 3
     with pytest.raises(ValueError, match="sample 4 has label 3"):
-        audit_labels(model, wrong, batch_size=2, show_progress=False)
+        audit_labels(model, wrong, runtime=Runtime(batch_size=2, show_progress=False))
     with pytest.raises(ValueError, match="empty"):
-        audit_labels(model, [], show_progress=False)
+        audit_labels(model, [], runtime=Runtime(show_progress=False))
     with pytest.raises(ValueError, match="views="):
-        audit_labels(model, wrong, views="flip", show_progress=False)
+        audit_labels(model, wrong, views='flip', runtime=Runtime(show_progress=False))
 
 
 def test_image_grid_stops_reading_a_stream_after_the_last_image_shown(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     examples = random_examples(30, num_labels=3, seed=3)
-    audit = audit_labels(model, examples, filter_by="predicted_neq_given", show_progress=False)
+    audit = audit_labels(model, examples, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     audit = dataclasses.replace(audit, suspected=torch.isin(audit.indices, torch.tensor([3, 7])))
     chosen = audit.suspected_indices()
     assert sorted(chosen) == [3, 7]
@@ -139,7 +141,7 @@ def test_image_grid_stops_reading_a_stream_after_the_last_image_shown(tmp_path):
 def test_report_files_and_an_interrupted_csv(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     examples = random_examples(18, num_labels=3, seed=3)
-    audit = audit_labels(model, examples, filter_by="predicted_neq_given", class_names=["a", "b", "c"], show_progress=False)
+    audit = audit_labels(model, examples, filter_by='predicted_neq_given', class_names=['a', 'b', 'c'], runtime=Runtime(show_progress=False))
     assert audit.num_suspected > 0
     written = write_audit_report(audit, tmp_path, examples, top_k=4, extra={"split": "train"})
     assert set(written) == {"csv", "summary", "grid"} and (tmp_path / GRID_NAME).stat().st_size > 0

@@ -5,23 +5,15 @@ import logging
 import pytest
 import torch
 
-from sap_hf import (
-    ActivationStats,
-    classifier_names,
-    SAPConfig,
-    collect_statistics,
-    find_target_modules,
-    sap_correct,
-    sap_project,
-    search_alpha,
-    select_trusted,
-)
+from sap_hf import ActivationStats, SAPConfig, collect_statistics, sap_correct, sap_project, search_alpha, select_trusted
+from sap_hf.core.targets import classifier_names, find_target_modules
 from sap_hf.models import FAMILIES, tiny_model
 from sap_hf.core.stats import input_hooks
 from sap_hf.core.targets import group_kinds, linear_layers
 from sap_hf.core.selection import shifted_views
 
 from helpers import assert_identical, random_examples, snapshot
+from sap_hf.runtime.passes import Runtime
 
 
 def _hook_count(model):
@@ -52,7 +44,7 @@ def test_qkv_share_one_statistic_computed_once(family, monkeypatch):
     calls = []
     original = stats_module.GramAccumulator.update
     monkeypatch.setattr(stats_module.GramAccumulator, "update", lambda self, rows: (calls.append(id(self)), original(self, rows)))
-    stats = collect_statistics(model, random_examples(4), find_target_modules(model), batch_size=4, show_progress=False)
+    stats = collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(batch_size=4, show_progress=False))
     qkv = [g for g in stats.groups if len(g.members) == 3]
     assert len(qkv) == 2  # one per layer
     assert {m.rsplit(".", 1)[-1] for m in qkv[0].members} == {"q_proj", "k_proj", "v_proj"}
@@ -68,7 +60,7 @@ def test_statistics_equal_stacked_activations_gram():
         model.eval()
         with torch.no_grad():
             model(pixel_values=torch.stack([e["pixel_values"] for e in data]))
-    stats = collect_statistics(model, data, targets, batch_size=3, accumulation_dtype="float64", show_progress=False)
+    stats = collect_statistics(model, data, targets, accumulation_dtype='float64', runtime=Runtime(batch_size=3, show_progress=False))
     for group in stats.groups:
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in captured[group.name]])
         torch.testing.assert_close(stats.grams[group.name], x.T @ x, rtol=1e-10, atol=1e-9)
@@ -81,18 +73,18 @@ def test_hooks_removed_after_exception_mid_pass():
     data[5] = {"pixel_values": torch.randn(3, 9, 9), "labels": 0}  # wrong size: the model raises mid-pass
     before = snapshot(model)
     with pytest.raises(Exception):
-        collect_statistics(model, data, find_target_modules(model), batch_size=2, show_progress=False)
+        collect_statistics(model, data, find_target_modules(model), runtime=Runtime(batch_size=2, show_progress=False))
     assert _hook_count(model) == 0
     assert_identical(model, before)
     model.train()
-    collect_statistics(model, random_examples(2), find_target_modules(model), show_progress=False)
+    collect_statistics(model, random_examples(2), find_target_modules(model), runtime=Runtime(show_progress=False))
     assert model.training, "the pass must restore the previous train/eval mode"
     assert _hook_count(model) == 0
 
 
 def test_statistics_save_load_roundtrip(tmp_path):
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(4), find_target_modules(model), show_progress=False)
+    stats = collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False))
     loaded = ActivationStats.load(stats.save(tmp_path / "stats.safetensors"))
     assert loaded.groups == stats.groups and loaded.counts == stats.counts
     for name, gram in stats.grams.items():
@@ -139,7 +131,7 @@ def test_trusted_selection_keeps_lowest_loss_per_class_and_warns(caplog):
     torch.manual_seed(0)
     model = tiny_model("vit", num_labels=3)
     data = random_examples(30, num_labels=3)
-    selection = select_trusted(model, data, 4, batch_size=7, show_progress=False)
+    selection = select_trusted(model, data, 4, runtime=Runtime(batch_size=7, show_progress=False))
     with torch.no_grad():
         logits = model(pixel_values=torch.stack([e["pixel_values"] for e in data])).logits
     losses = torch.nn.functional.cross_entropy(logits, torch.tensor([e["labels"] for e in data]), reduction="none")
@@ -150,7 +142,7 @@ def test_trusted_selection_keeps_lowest_loss_per_class_and_warns(caplog):
     assert selection.indices == sorted(expected)
     assert selection.per_class == {0: 4, 1: 4, 2: 4}
     with caplog.at_level(logging.WARNING):
-        small = select_trusted(model, data[:7], 4, show_progress=False)
+        small = select_trusted(model, data[:7], 4, runtime=Runtime(show_progress=False))
     assert small.per_class == {0: 3, 1: 2, 2: 2}
     assert "fewer than 4" in caplog.text
 
@@ -169,7 +161,7 @@ def test_shift_loss_ranks_by_the_mean_loss_over_the_image_and_its_shifts():
     torch.manual_seed(0)
     model = tiny_model("vit", num_labels=3)
     data = random_examples(30, num_labels=3)
-    selection = select_trusted(model, data, 2, rule="shift_loss", batch_size=7, show_progress=False)
+    selection = select_trusted(model, data, 2, rule='shift_loss', runtime=Runtime(batch_size=7, show_progress=False))
     pixels, labels = torch.stack([e["pixel_values"] for e in data]), torch.tensor([e["labels"] for e in data])
     with torch.no_grad():
         views = [pixels, *shifted_views(pixels)]
@@ -184,7 +176,7 @@ def test_shift_loss_ranks_by_the_mean_loss_over_the_image_and_its_shifts():
 
 def test_alpha_search_never_returns_a_worse_model():
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
     before = snapshot(model)
     # An evaluator under which every projection looks worse: the search must keep the original.
     reference = model.classifier.weight.detach().clone()
@@ -205,7 +197,7 @@ def test_sap_correct_end_to_end_reports_every_alpha():
     config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8)
     result = sap_correct(model, train, evals, config, show_progress=False)
     assert result.num_trusted == 6 and result.trusted_per_class == {0: 2, 1: 2, 2: 2}
-    assert result.trusted_indices == select_trusted(tiny_model("vit"), train, 2, batch_size=8, show_progress=False).indices
+    assert result.trusted_indices == select_trusted(tiny_model('vit'), train, 2, runtime=Runtime(batch_size=8, show_progress=False)).indices
     assert result.rounds[0].alphas == [1.0, 1e3]
     assert result.final_metrics["accuracy"] >= result.baseline_metrics["accuracy"]
     assert "classifier" in result.target_modules
@@ -215,7 +207,7 @@ def test_sap_correct_end_to_end_reports_every_alpha():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_kinds_split_attention_mlp_and_classifier(family):
     model = tiny_model(family)
-    stats = collect_statistics(model, random_examples(2), find_target_modules(model), show_progress=False)
+    stats = collect_statistics(model, random_examples(2), find_target_modules(model), runtime=Runtime(show_progress=False))
     kinds = group_kinds(stats.groups, classifier_names(model))
     by_kind = {kind: [g for g in stats.groups if kinds[g.name] == kind] for kind in ("attention", "mlp", "classifier")}
     assert [g.name for g in by_kind["classifier"]] == ["classifier"]
@@ -235,7 +227,7 @@ def _kind_scored_setup(mlp_penalty):
     """A tiny ViT, its statistics and kinds, and an evaluator that rewards changing the attention layers
     and charges `mlp_penalty` per unit of change of the MLP layers (the classifier does not count)."""
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
     kinds = group_kinds(stats.groups, classifier_names(model))
     before = snapshot(model)
     score = lambda m: {"accuracy": _change(m, before, "attention", kinds, stats.groups)
@@ -313,7 +305,7 @@ def test_per_kind_pass_starts_from_the_shared_alpha_and_never_rescores_a_configu
 
 def test_interrupted_per_kind_pass_restores_the_original_weights():
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
     kinds = group_kinds(stats.groups, classifier_names(model))
     before = snapshot(model)
     calls = []
@@ -399,7 +391,7 @@ def test_cached_rotation_gives_the_same_weights():
     from sap_hf.core.search import eigenbases
 
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), show_progress=False)
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
     originals, bases = current_weights(model, stats.target_modules), eigenbases(stats)
     rotated = rotate_weights(originals, stats.groups, bases)
     for alpha in (1.0, 50.0):
@@ -407,7 +399,7 @@ def test_cached_rotation_gives_the_same_weights():
         assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
         for name, weight in plain.items():  # and it is W P with P = U diag(lambda) U^T
             group = next(g for g in stats.groups if name in g.members)
-            from sap_hf import project_weight, projection_matrix
+            from sap_hf.core.projection import project_weight, projection_matrix
 
             torch.testing.assert_close(weight, project_weight(originals[name], projection_matrix(bases[group.name], alpha)))
 
@@ -424,6 +416,6 @@ def test_map_style_selection_reads_by_index_and_keeps_no_examples():
             return self.examples[index]
 
     data = random_examples(12)
-    selection = select_trusted(tiny_model("vit"), MapStyle(data), 2, show_progress=False)
+    selection = select_trusted(tiny_model('vit'), MapStyle(data), 2, runtime=Runtime(show_progress=False))
     assert selection.examples is None
-    assert selection.indices == select_trusted(tiny_model("vit"), data, 2, show_progress=False).indices
+    assert selection.indices == select_trusted(tiny_model('vit'), data, 2, runtime=Runtime(show_progress=False)).indices

@@ -5,11 +5,13 @@ import math
 import pytest
 import torch
 
-from sap_hf import SAPConfig, collect_statistics, find_target_modules, sap_correct, sap_project, select_trusted
+from sap_hf import SAPConfig, collect_statistics, sap_correct, sap_project, select_trusted
+from sap_hf.core.targets import find_target_modules
 from sap_hf import api as api_module
 from sap_hf.models import tiny_model
 
 from helpers import assert_identical, random_examples, snapshot
+from sap_hf.runtime.passes import Runtime
 
 
 @pytest.fixture
@@ -85,31 +87,31 @@ def test_target_typo_with_the_default_head_raises_before_any_data_pass(model):
 def test_selection_errors(model):
     data = random_examples(9)
     with pytest.raises(ValueError, match=r"label 7, outside the model's 3 classes"):
-        select_trusted(model, data + [{"pixel_values": torch.randn(3, 16, 16), "labels": 7}], 2, show_progress=False)
+        select_trusted(model, data + [{'pixel_values': torch.randn(3, 16, 16), 'labels': 7}], 2, runtime=Runtime(show_progress=False))
     with pytest.raises(ValueError, match=r"Classes \[2\] have no usable sample"):
-        select_trusted(model, [e for e in data if e["labels"] != 2], 2, show_progress=False)
+        select_trusted(model, [e for e in data if e['labels'] != 2], 2, runtime=Runtime(show_progress=False))
     with pytest.raises(ValueError, match="no 'labels'"):
-        select_trusted(model, [{"pixel_values": e["pixel_values"]} for e in data], 2, show_progress=False)
+        select_trusted(model, [{'pixel_values': e['pixel_values']} for e in data], 2, runtime=Runtime(show_progress=False))
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="per_class"):
-            select_trusted(model, data, bad, show_progress=False)
+            select_trusted(model, data, bad, runtime=Runtime(show_progress=False))
 
 
 def test_stream_keys_identify_samples_and_bad_keys_are_named(model):
     data = [dict(e, key=f"img{i}.jpg") for i, e in enumerate(random_examples(9))]
-    selection = select_trusted(model, data, 2, show_progress=False)
+    selection = select_trusted(model, data, 2, runtime=Runtime(show_progress=False))
     assert all(isinstance(k, str) for k in selection.indices) and len(selection) == 6
     assert [e["key"] for e in selection.examples] == selection.indices  # the raw trusted examples, kept
-    keyless = select_trusted(model, random_examples(9), 2, show_progress=False)
+    keyless = select_trusted(model, random_examples(9), 2, runtime=Runtime(show_progress=False))
     assert keyless.indices == sorted(keyless.indices) and all(isinstance(i, int) for i in keyless.indices)
     twice = [dict(e) for e in data]
     twice[7]["key"] = "img2.jpg"
     with pytest.raises(ValueError, match=r"key 'img2.jpg' identifies two examples"):
-        select_trusted(model, twice, 2, show_progress=False)
+        select_trusted(model, twice, 2, runtime=Runtime(show_progress=False))
     mixed = [dict(e) for e in data]
     del mixed[4]["key"]
     with pytest.raises(ValueError, match=r"Example 4 of the stream lacks a 'key'"):
-        select_trusted(model, mixed, 2, show_progress=False)
+        select_trusted(model, mixed, 2, runtime=Runtime(show_progress=False))
     before = snapshot(model)
     with pytest.raises(ValueError, match="img2.jpg"):
         sap_correct(model, twice, random_examples(6, seed=2), SAPConfig(alphas=[10.0], trusted_per_class=2), show_progress=False)
@@ -206,7 +208,7 @@ def test_bad_stats_path_fails_before_any_data_is_read(model, tmp_path):
 def test_truncated_statistics_file_names_stats_path(model, tmp_path):
     stats_path = tmp_path / "stats.safetensors"
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
-    collect_statistics(model, random_examples(4), find_target_modules(model), show_progress=False).save(stats_path)
+    collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False)).save(stats_path)
     stats_path.write_bytes(stats_path.read_bytes()[:-64])
     with pytest.raises(ValueError, match=r"stats_path=.* is not a readable SAP statistics file.*Delete it"):
         sap_correct(model, random_examples(6), config=config, evaluate_fn=lambda m: {"accuracy": 0.0},
@@ -217,7 +219,7 @@ def test_same_seed_same_selection_and_weights():
     outcomes = []
     for _ in range(2):
         model = tiny_model("vit", num_labels=3, seed=3)
-        selection = select_trusted(model, random_examples(18, seed=4), 2, show_progress=False)
+        selection = select_trusted(model, random_examples(18, seed=4), 2, runtime=Runtime(show_progress=False))
         sap_project(model, [random_examples(18, seed=4)[i] for i in selection.indices], alpha=10.0)
         outcomes.append((selection.indices, snapshot(model)))
     assert outcomes[0][0] == outcomes[1][0]
@@ -227,7 +229,7 @@ def test_same_seed_same_selection_and_weights():
 
 
 def test_non_finite_gram_rejected_before_write(model):
-    stats = collect_statistics(model, random_examples(4), find_target_modules(model), show_progress=False)
+    stats = collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False))
     name = stats.groups[0].name
     stats.grams[name] = stats.grams[name].clone()
     stats.grams[name][0, 0] = float("nan")
@@ -238,7 +240,7 @@ def test_non_finite_gram_rejected_before_write(model):
 
 
 def test_tf32_setting_is_respected_and_restored(model):
-    from sap_hf.core.stats import inference_mode
+    from sap_hf.runtime.modeling import inference_mode
 
     matmul = torch.backends.cuda.matmul
     attribute = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"

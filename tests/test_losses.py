@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from sap_hf import LossConfig, RobustLoss, SAPConfig
+from sap_hf import SAPConfig
+from sap_hf.losses import LossConfig, RobustLoss
 from sap_hf.hub import load_sap_record
 from sap_hf.losses import (
     cross_entropy,

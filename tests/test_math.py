@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from sap_hf import eigendecompose, energy_ratios, projection_matrix, project_weight, scaled_importance
+from sap_hf.core.projection import eigendecompose, energy_ratios, project_weight, projection_matrix, scaled_importance
 from sap_hf.core.stats import GramAccumulator, subsample_tokens
 
 

@@ -14,6 +14,7 @@ from transformers import AutoModelForImageClassification
 
 from sap_hf.cli import main as cli
 from sap_hf.hub import load_sap_record
+from sap_hf.runtime.passes import Runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clothing1m.py"
@@ -124,14 +125,15 @@ def test_recipe_replaces_a_stale_default_statistics_cache(tmp_path):
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
 
-    from sap_hf import collect_statistics, find_target_modules
+    from sap_hf import collect_statistics
+    from sap_hf.core.targets import find_target_modules
     from sap_hf.models import tiny_model
 
     from helpers import random_examples
 
     path = tmp_path / "_sap_stats.safetensors"
     first = tiny_model("vit", num_labels=3, seed=0)
-    collect_statistics(first, random_examples(4), find_target_modules(first), show_progress=False).save(path)
+    collect_statistics(first, random_examples(4), find_target_modules(first), runtime=Runtime(show_progress=False)).save(path)
     clothing1m._drop_stale_stats(path, first)
     assert path.is_file()  # the same weights: reused
     clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3, seed=1))

@@ -18,6 +18,7 @@ from sap_hf.audit.cleanup import RefineConfig, cleaned_labels, refine
 from sap_hf.trainer import SAPTrainer
 
 from helpers import random_examples, snapshot, assert_identical
+from sap_hf.runtime.passes import Runtime
 
 
 def _audit():
@@ -47,11 +48,11 @@ def test_refine_config_validates():
 def test_refine_picks_on_val_and_is_never_worse():
     model = tiny_model("vit", num_labels=3, seed=0)
     train, val = random_examples(24, seed=1), random_examples(12, seed=2)
-    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
-    evaluate = accuracy_evaluator(val, batch_size=12)
+    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+    evaluate = accuracy_evaluator(val, runtime=Runtime(batch_size=12))
     before = evaluate(model)["accuracy"]
     config = RefineConfig(mode="best", learning_rates=[1e-3, 1e-2], epochs=[1, 2], relabel_threshold=0.3, batch_size=8)
-    result = refine(model, train, audit, evaluate, config, show_progress=False)
+    result = refine(model, train, audit, evaluate, config, runtime=Runtime(show_progress=False))
     assert len(result.trials) == 2 * 2 * 2  # modes x lrs x checkpoints
     assert result.final_metrics["accuracy"] >= before == result.baseline_metrics["accuracy"]
     assert evaluate(model)["accuracy"] == pytest.approx(result.final_metrics["accuracy"])
@@ -63,7 +64,7 @@ def test_refine_picks_on_val_and_is_never_worse():
 def test_refine_trains_only_on_kept_examples():
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
-    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     seen = []
     original = refine_module._with_label
 
@@ -72,14 +73,14 @@ def test_refine_trains_only_on_kept_examples():
         return original(example, label)
 
     with mock.patch.object(refine_module, "_with_label", spy):
-        refine(model, train, audit, lambda m: {"accuracy": 0.0}, RefineConfig(mode="remove", epochs=[1], learning_rates=[1e-3]), show_progress=False)
+        refine(model, train, audit, lambda m: {'accuracy': 0.0}, RefineConfig(mode='remove', epochs=[1], learning_rates=[0.001]), runtime=Runtime(show_progress=False))
     assert len(seen) == int((~audit.suspected).sum())
 
 
 def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan():
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
-    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     before = snapshot(model)
     calls = []
 
@@ -90,14 +91,14 @@ def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan():
         return {"accuracy": 0.5}
 
     with pytest.raises(KeyboardInterrupt):
-        refine(model, train, audit, evaluate, RefineConfig(epochs=[1, 2], learning_rates=[1e-2]), show_progress=False)
+        refine(model, train, audit, evaluate, RefineConfig(epochs=[1, 2], learning_rates=[0.01]), runtime=Runtime(show_progress=False))
     assert_identical(model, before)
     everything = LabelAudit(indices=audit.indices, given=audit.given, probs=audit.probs, scores=audit.scores,
                             suspected=torch.ones_like(audit.suspected))
     with pytest.raises(ValueError, match="learning_rates=None"):
-        refine(model, train, audit, evaluate, RefineConfig(), show_progress=False)
+        refine(model, train, audit, evaluate, RefineConfig(), runtime=Runtime(show_progress=False))
     with pytest.raises(ValueError, match="leaves no training example"):
-        refine(model, train, everything, evaluate, RefineConfig(learning_rates=[1e-3]), show_progress=False)
+        refine(model, train, everything, evaluate, RefineConfig(learning_rates=[0.001]), runtime=Runtime(show_progress=False))
     assert_identical(model, before)
 
 
@@ -106,7 +107,7 @@ def test_refine_shuffles_a_list_of_examples_each_epoch():
     train = random_examples(12, seed=1)
     for position, example in enumerate(train):
         example["position"] = position
-    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     seen = []
     original = refine_module._with_label
 
@@ -117,8 +118,7 @@ def test_refine_shuffles_a_list_of_examples_each_epoch():
     kept = int((~audit.suspected).sum())
     assert kept >= 3
     with mock.patch.object(refine_module, "_with_label", spy):
-        refine(model, train, audit, lambda m: {"accuracy": 0.0},
-               RefineConfig(mode="remove", epochs=[2], learning_rates=[1e-3], batch_size=4), show_progress=False)
+        refine(model, train, audit, lambda m: {'accuracy': 0.0}, RefineConfig(mode='remove', epochs=[2], learning_rates=[0.001], batch_size=4), runtime=Runtime(show_progress=False))
     first, second = seen[:kept], seen[kept:]
     assert sorted(first) == sorted(second) and (first != sorted(first) or second != sorted(second) or first != second)
 
@@ -126,10 +126,10 @@ def test_refine_shuffles_a_list_of_examples_each_epoch():
 def test_refine_best_skips_relabel_when_it_equals_remove():
     model = tiny_model("vit", num_labels=3, seed=0)
     train, val = random_examples(12, seed=1), random_examples(6, seed=2)
-    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     assert audit.num_suspected > 0
     config = RefineConfig(mode="best", learning_rates=[1e-3], epochs=[1], relabel_threshold=1.0, batch_size=4)
-    result = refine(model, train, audit, accuracy_evaluator(val, batch_size=6), config, show_progress=False)
+    result = refine(model, train, audit, accuracy_evaluator(val, runtime=Runtime(batch_size=6)), config, runtime=Runtime(show_progress=False))
     assert [t["mode"] for t in result.trials] == ["remove"]
     assert result.examples["relabel"]["relabelled"] == 0
 
@@ -137,14 +137,14 @@ def test_refine_best_skips_relabel_when_it_equals_remove():
 def test_refine_rejects_a_missing_metric_and_a_foreign_audit_before_training():
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
-    audit = audit_labels(model, train, filter_by="predicted_neq_given", show_progress=False)
+    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     before = snapshot(model)
     config = RefineConfig(mode="remove", epochs=[1], learning_rates=[1e-2])
     with mock.patch.object(refine_module, "train_epochs", side_effect=AssertionError("trained")):
         with pytest.raises(ValueError, match="metric='f1' is not among the eval metrics"):
-            refine(model, train, audit, lambda m: {"accuracy": 0.5}, config, metric="f1", show_progress=False)
+            refine(model, train, audit, lambda m: {'accuracy': 0.5}, config, metric='f1', runtime=Runtime(show_progress=False))
         with pytest.raises(ValueError, match="train_data has 6 examples"):
-            refine(model, train[:6], audit, lambda m: {"accuracy": 0.5}, config, show_progress=False)
+            refine(model, train[:6], audit, lambda m: {'accuracy': 0.5}, config, runtime=Runtime(show_progress=False))
     assert_identical(model, before)
 
 

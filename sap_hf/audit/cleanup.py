@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import default_data_collator
 from transformers.utils import logging
 
+from ..runtime.batching import Collator, examples_and_collate, is_map_style
+from ..runtime.contract import LoaderData, as_pass_data
+from ..runtime.modeling import predict_logits
+from ..runtime.passes import Runtime, resolve_runtime
 from .labels import LabelAudit
-from ..runtime.batching import Collator, batch_labels, is_map_style, process_layout
-from ..core.stats import forward_pixels, model_device, unwrap
 
 logger = logging.get_logger(__name__)
 
@@ -178,9 +179,7 @@ def train_epochs(
     weight_decay: float = 0.0,
     schedule: str = "constant",
     seed: int = 0,
-    accelerator: Any = None,
-    collate_fn: Optional[Collator] = None,
-    show_progress: bool = True,
+    runtime: Optional[Runtime] = None,
 ) -> None:
     """AdamW on the examples of `labels` (global index -> label); `on_checkpoint(epoch)` after each epoch in `epochs`.
 
@@ -188,18 +187,16 @@ def train_epochs(
     (`batch[rank::world]`) divided by the global batch size, and the gradients are all-reduced
     (SUM) once per step, so the update is the one-process update.
     """
-    collate = collate_fn or default_data_collator
-    rank, world = process_layout(accelerator)
-    device = model_device(model, accelerator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    runtime = resolve_runtime(runtime)
+    data, collate = examples_and_collate(as_pass_data(data, "train_data"), runtime.collate_fn)
+    step = _Stepper(model, runtime, collate, labels, learning_rate, weight_decay)
     generator = torch.Generator().manual_seed(seed)
     kept = sorted(labels)
-    checkpoints = set(epochs)
     steps = max(epochs) * math.ceil(len(kept) / batch_size)
-    scheduler = None
     if schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
-    progress = tqdm(total=steps, desc=f"SAP refine (lr={learning_rate:g})", unit="step", disable=not (show_progress and rank == 0))
+        step.schedule(lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    progress = tqdm(total=steps, desc=f"SAP refine (lr={learning_rate:g})", unit="step",
+                    disable=not (runtime.show_progress and runtime.is_main))
     with progress:
         for epoch in range(1, max(epochs) + 1):
             model.train()
@@ -208,41 +205,49 @@ def train_epochs(
             for item in _examples(data, labels, order):
                 buffer.append(item)
                 if len(buffer) == batch_size:
-                    _step(model, optimizer, buffer, labels, collate, device, rank, world, accelerator)
+                    step(buffer)
                     buffer = []
-                    _advance(scheduler, progress)
+                    progress.update(1)
             if buffer:
-                _step(model, optimizer, buffer, labels, collate, device, rank, world, accelerator)
-                _advance(scheduler, progress)
-            if epoch in checkpoints:
+                step(buffer)
+                progress.update(1)
+            if epoch in set(epochs):
                 on_checkpoint(epoch)
 
 
-def _advance(scheduler: Optional[Any], progress: tqdm) -> None:
-    if scheduler is not None:
-        scheduler.step()
-    progress.update(1)
+class _Stepper:
+    """One optimiser step on a global batch: this process's share of the loss, gradients summed over processes."""
 
+    def __init__(self, model: nn.Module, runtime: Runtime, collate: Collator, labels: Mapping[int, int],
+                 learning_rate: float, weight_decay: float):
+        self.model, self.runtime, self.collate, self.labels = model, runtime, collate, labels
+        self.device = runtime.device(model)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        self.scheduler: Optional[Any] = None
 
-def _step(model: nn.Module, optimizer: torch.optim.Optimizer, buffer: list[tuple[int, Any]], labels: Mapping[int, int],
-          collate: Collator, device: torch.device, rank: int, world: int, accelerator: Any) -> None:
-    optimizer.zero_grad(set_to_none=False)
-    share = buffer[rank::world]
-    if share:
-        batch = collate([_with_label(example, labels[index]) for index, example in share])
-        output = forward_pixels(model, batch, device)
-        logits = output.logits if hasattr(output, "logits") else output
-        loss = F.cross_entropy(logits.float(), batch_labels(batch).to(logits.device), reduction="sum") / len(buffer)
-        loss.backward()
-    if world > 1:
-        params = [p for p in model.parameters() if p.requires_grad]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
-        offset = 0
-        for p, g in zip(params, grads):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
-    optimizer.step()
+    def schedule(self, factor: Callable[[int], float]) -> None:
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def __call__(self, buffer: list[tuple[int, Any]]) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+        share = buffer[self.runtime.rank :: self.runtime.world]
+        if share:
+            batch = self.collate([_with_label(example, self.labels[index]) for index, example in share])
+            logits = predict_logits(self.model, batch, self.device)
+            targets = torch.as_tensor([self.labels[index] for index, _ in share], device=logits.device)
+            loss = F.cross_entropy(logits, targets, reduction="sum") / len(buffer)
+            loss.backward()
+        if self.runtime.world > 1:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            flat = self.runtime.sum(torch.cat([g.reshape(-1) for g in grads]))
+            offset = 0
+            for p, g in zip(params, grads):
+                p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+                offset += g.numel()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
 
 def refine(
@@ -251,12 +256,10 @@ def refine(
     audit: LabelAudit,
     evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
     config: Optional[RefineConfig] = None,
-    accelerator: Any = None,
     *,
+    runtime: Optional[Runtime] = None,
     metric: str = "accuracy",
     greater_is_better: bool = True,
-    collate_fn: Optional[Collator] = None,
-    show_progress: bool = True,
 ) -> RefineResult:
     """Fine-tune `model` (the SAP-corrected one) on `train_data` cleaned by `audit`; lr and length by `evaluate_fn`.
 
@@ -265,49 +268,10 @@ def refine(
     is left at the best candidate; unchanged when no fine-tune beats it.
     """
     config = config or RefineConfig()
-    if config.learning_rates is None:
-        raise ValueError(
-            "RefineConfig.learning_rates=None: refine() needs the learning rates to try, e.g. the training lr and twice it "
-            "(RefineConfig(learning_rates=[2e-5, 4e-5])); SAPTrainer.refine fills them from TrainingArguments.learning_rate."
-        )
-    base = unwrap(model, accelerator)
-    if len(audit) == 0:
-        raise ValueError("The audit is empty: run audit_labels on the training data first.")
-    if _indexable(train_data) and int(audit.indices.max()) >= len(train_data):
-        raise ValueError(
-            f"The audit covers example index {int(audit.indices.max())} but train_data has {len(train_data)} examples: "
-            "pass the audit of this train_data (audit_labels(model, train_data))."
-        )
-    modes = ["remove", "relabel"] if config.mode == "best" else [config.mode]
-    plans = {mode: cleaned_labels(audit, mode, config.relabel_threshold) for mode in modes}
-    if not _indexable(train_data):
-        logger.warning(
-            "SAP refine: train_data is a stream, so every epoch sees the kept examples in stream order (no shuffle). "
-            "For shuffled epochs pass a map-style dataset (e.g. load it with streaming=False / --streaming false)."
-        )
-    examples = {}
-    given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
-    for mode, labels in plans.items():
-        if not labels:
-            raise ValueError(
-                f"mode={mode!r} leaves no training example ({audit.num_suspected} of {len(audit)} suspected); nothing to fine-tune on."
-            )
-        examples[mode] = {
-            "kept": len(labels),
-            "removed": len(audit) - len(labels),
-            "relabelled": sum(1 for i, y in labels.items() if given[i] != y),
-        }
-
-    if len(modes) == 2 and plans["relabel"] == plans["remove"]:
-        # No suspect reaches relabel_threshold: 'relabel' would repeat every 'remove' run exactly.
-        logger.info("SAP refine: no suspected label reaches relabel_threshold=%g; 'relabel' equals 'remove', trying it once.",
-                    config.relabel_threshold)
-        modes = ["remove"]
-
-    def score(metrics: Mapping[str, float]) -> float:
-        value = float(metrics[metric])
-        return value if greater_is_better else -value
-
+    runtime = resolve_runtime(runtime)
+    base = runtime.unwrap(model)
+    train_data = as_pass_data(train_data, "train_data")
+    plans, examples = _plans(audit, train_data, config)
     start = copy.deepcopy(base.state_dict())
     baseline = dict(evaluate_fn(base))
     if metric not in baseline:  # before any training: a missing metric would otherwise fail after the first epoch
@@ -315,40 +279,83 @@ def refine(
             f"metric={metric!r} is not among the eval metrics {sorted(baseline)}: pass one of them as metric= "
             "(SAPTrainer: TrainingArguments.metric_for_best_model)."
         )
-    best = {"mode": None, "learning_rate": None, "epochs": 0, "metrics": baseline, "state": None}
+    best = _Best(baseline, metric, greater_is_better)
     trials: list[dict[str, Any]] = []
     try:
-        for mode in modes:
-            for lr in config.learning_rates:
-                base.load_state_dict(start)
+        for mode, lr in [(mode, lr) for mode in plans for lr in config.learning_rates]:
+            base.load_state_dict(start)
 
-                def checkpoint(epoch: int, mode: str = mode, lr: float = lr) -> None:
-                    metrics = dict(evaluate_fn(base))
-                    trials.append({"mode": mode, "learning_rate": lr, "epochs": epoch, "metrics": metrics})
-                    logger.info("SAP refine: mode=%s lr=%g epochs=%d -> %s=%.4f", mode, lr, epoch, metric, metrics[metric])
-                    if score(metrics) > score(best["metrics"]):
-                        best.update(mode=mode, learning_rate=lr, epochs=epoch, metrics=metrics,
-                                    state={k: v.detach().clone() for k, v in base.state_dict().items()})
+            def checkpoint(epoch: int, mode: str = mode, lr: float = lr) -> None:
+                metrics = dict(evaluate_fn(base))
+                trials.append({"mode": mode, "learning_rate": lr, "epochs": epoch, "metrics": metrics})
+                logger.info("SAP refine: mode=%s lr=%g epochs=%d -> %s=%.4f", mode, lr, epoch, metric, metrics[metric])
+                best.offer(metrics, base, mode=mode, learning_rate=lr, epochs=epoch)
 
-                train_epochs(
-                    base, train_data, plans[mode], learning_rate=lr, epochs=config.epochs, on_checkpoint=checkpoint,
-                    batch_size=config.batch_size, weight_decay=config.weight_decay, schedule=config.schedule, seed=config.seed,
-                    accelerator=accelerator, collate_fn=collate_fn, show_progress=show_progress,
-                )
+            train_epochs(
+                base, train_data, plans[mode], learning_rate=lr, epochs=config.epochs, on_checkpoint=checkpoint,
+                batch_size=config.batch_size, weight_decay=config.weight_decay, schedule=config.schedule, seed=config.seed,
+                runtime=runtime,
+            )
     except BaseException:
         base.load_state_dict(start)
         raise
-    base.load_state_dict(best["state"] if best["state"] is not None else start)
+    base.load_state_dict(best.state if best.state is not None else start)
     base.eval()
-    if best["state"] is None:
+    if best.state is None:
         logger.warning("SAP refine: no fine-tune beat the corrected model on the eval set; the model is unchanged.")
-    return RefineResult(
-        mode=best["mode"],
-        learning_rate=best["learning_rate"],
-        epochs=best["epochs"],
-        baseline_metrics=baseline,
-        final_metrics=best["metrics"],
-        examples=examples,
-        trials=trials,
-        config=config.to_dict(),
-    )
+    return RefineResult(baseline_metrics=baseline, final_metrics=best.metrics, examples=examples, trials=trials,
+                        config=config.to_dict(), **best.choice)
+
+
+class _Best:
+    """The best candidate so far: "no change" (the baseline) until a fine-tune beats it on the eval metric."""
+
+    def __init__(self, baseline: Mapping[str, float], metric: str, greater_is_better: bool):
+        self.metric, self.sign = metric, 1.0 if greater_is_better else -1.0
+        self.metrics = dict(baseline)
+        self.choice: dict[str, Any] = {"mode": None, "learning_rate": None, "epochs": 0}
+        self.state: Optional[dict[str, torch.Tensor]] = None
+
+    def offer(self, metrics: Mapping[str, float], model: nn.Module, **choice: Any) -> None:
+        if self.sign * float(metrics[self.metric]) > self.sign * float(self.metrics[self.metric]):
+            self.metrics, self.choice = dict(metrics), choice
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[dict[str, dict[int, int]], dict[str, dict[str, int]]]:
+    """Per mode, the labels to train on (index -> label) and what it kept, removed and relabelled; raises on bad input."""
+    if config.learning_rates is None:
+        raise ValueError(
+            "RefineConfig.learning_rates=None: refine() needs the learning rates to try, e.g. the training lr and twice it "
+            "(RefineConfig(learning_rates=[2e-5, 4e-5])); SAPTrainer.refine fills them from TrainingArguments.learning_rate."
+        )
+    if len(audit) == 0:
+        raise ValueError("The audit is empty: run audit_labels on the training data first.")
+    size = len(train_data) if _indexable(train_data) or isinstance(train_data, LoaderData) else None
+    if size is not None and int(audit.indices.max()) >= size:
+        raise ValueError(
+            f"The audit covers example index {int(audit.indices.max())} but train_data has {size} examples: "
+            "pass the audit of this train_data (audit_labels(model, train_data))."
+        )
+    modes = ["remove", "relabel"] if config.mode == "best" else [config.mode]
+    plans = {mode: cleaned_labels(audit, mode, config.relabel_threshold) for mode in modes}
+    if size is None:
+        logger.warning(
+            "SAP refine: train_data is a stream, so every epoch sees the kept examples in stream order (no shuffle). "
+            "For shuffled epochs pass a map-style dataset (e.g. load it with streaming=False / --streaming false)."
+        )
+    given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
+    examples = {}
+    for mode, labels in plans.items():
+        if not labels:
+            raise ValueError(
+                f"mode={mode!r} leaves no training example ({audit.num_suspected} of {len(audit)} suspected); nothing to fine-tune on."
+            )
+        examples[mode] = {"kept": len(labels), "removed": len(audit) - len(labels),
+                          "relabelled": sum(1 for i, y in labels.items() if given[i] != y)}
+    if len(modes) == 2 and plans["relabel"] == plans["remove"]:
+        # No suspect reaches relabel_threshold: 'relabel' would repeat every 'remove' run exactly.
+        logger.info("SAP refine: no suspected label reaches relabel_threshold=%g; 'relabel' equals 'remove', trying it once.",
+                    config.relabel_threshold)
+        del plans["relabel"]
+    return plans, examples

@@ -7,12 +7,8 @@ cross-validation, what cleanlab normally asks for) would cost.
 
 Two parts, kept apart:
 
-* the pure scoring (`label_quality_scores`, `flag_label_issues`): probabilities + given labels ->
-  one label-quality score per example (lower = more likely wrong) and a `suspected` flag. When
-  cleanlab is installed (`pip install "sap_hf[audit]"`) its `cleanlab.rank.get_label_quality_scores`
-  and `cleanlab.filter.find_label_issues` (confident learning) are used; without it the same
-  scores are computed with torch and an example is suspected when the model predicts another class
-  than its label (cleanlab's `filter_by="predicted_neq_given"`).
+* the pure scoring (`sap_hf.audit.scores`): probabilities + given labels -> one label-quality
+  score per example (lower = more likely wrong) and a `suspected` flag, with cleanlab when installed;
 * the data walk (`audit_labels`): the same data forms as the rest of the library (datasets, streams,
   lists, DataLoaders), sharded across processes without duplicates (`batching.iter_shard_batches`),
   gathered once, so one and several processes give the same ranking.
@@ -22,126 +18,28 @@ The CSV / JSON / PNG writers are in `sap_hf.audit.report`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from transformers import default_data_collator
 from transformers.utils import logging
 
-from ..runtime.batching import Collator, batch_labels, gather_shards, iter_shard_batches, process_layout, shard_progress
-from ..core.stats import forward_pixels, inference_mode, model_device, raise_on_any_process, unwrap
 from ..core.selection import EXTRA_VIEWS
+from ..core.targets import check_classifier
+from ..runtime.batching import KEY_COLUMN
+from ..runtime.passes import DataPass, PassBatch, Runtime, resolve_runtime
+from . import scores
+from .scores import FILTERS, SCORE_METHODS, flag_label_issues, label_quality_scores
 
 logger = logging.get_logger(__name__)
 
-SCORE_METHODS: tuple[str, ...] = ("self_confidence", "normalized_margin")
-"""Label-quality scores: the probability of the given label, or cleanlab's normalized margin
-`(p_given - max_{k != given} p_k + 1) / 2`; both lie in [0, 1], lower = more likely mislabelled."""
-FILTERS: tuple[str, ...] = ("auto", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
-"""How `suspected` is decided. Every value but 'predicted_neq_given' needs cleanlab; 'auto' is
-cleanlab's default ('prune_by_noise_rate') when cleanlab is installed, 'predicted_neq_given' otherwise."""
 VIEWS: tuple[str, ...] = ("image", "shift")
 """Probabilities of the image alone, or the mean over the image and four one-step shifts
-(`trusted.shifted_views`: what a memorised model fits is the exact pixels). 'shift' is the default of
-`audit_labels`: on the SAP-corrected models of benchmarks/label_audit.py it ranks the wrong labels
-better (average precision 0.850 vs 0.769 on sym40, 0.523 vs 0.491 on asym40) for 5 forward passes."""
-
-
-def cleanlab_available() -> bool:
-    try:
-        import cleanlab  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _require_cleanlab(what: str, fallback: str) -> None:
-    """Raise an ImportError that names the argument and both fixes when cleanlab is missing."""
-    if not cleanlab_available():
-        raise ImportError(
-            f"{what} uses cleanlab, which is not installed: pip install 'sap_hf[audit]', or use {fallback}."
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# Pure scoring
-# ----------------------------------------------------------------------------------------------
-
-
-def _check_scoring_inputs(probs: torch.Tensor, labels: torch.Tensor) -> None:
-    if probs.dim() != 2 or labels.dim() != 1 or probs.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"probs must be (N, num_classes) and labels (N,), got {tuple(probs.shape)} and {tuple(labels.shape)}."
-        )
-    if probs.shape[0] == 0:
-        raise ValueError("Nothing to audit: probs and labels are empty. Pass at least one labelled example.")
-    if probs.shape[1] < 2:
-        raise ValueError(f"A label audit needs at least 2 classes, got probs with {probs.shape[1]} column(s).")
-    bad = (labels < 0) | (labels >= probs.shape[1])
-    if bad.any():
-        position = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels[{position}]={int(labels[position])} is outside [0, {probs.shape[1]}); fix the labels or the number "
-            "of classes of the probabilities."
-        )
-
-
-def label_quality_scores(
-    probs: torch.Tensor, labels: torch.Tensor, method: str = "self_confidence", *, use_cleanlab: Optional[bool] = None
-) -> torch.Tensor:
-    """One score in [0, 1] per example, lower = the given label is more likely wrong.
-
-    `use_cleanlab=None` uses cleanlab's `get_label_quality_scores` when it is installed and the
-    torch formula (the same definition) otherwise; True/False forces one of them.
-    """
-    if method not in SCORE_METHODS:
-        raise ValueError(f"method={method!r} is invalid: choose one of {list(SCORE_METHODS)}.")
-    probs, labels = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long)
-    _check_scoring_inputs(probs, labels)
-    if use_cleanlab is None:
-        use_cleanlab = cleanlab_available()
-    if use_cleanlab:
-        _require_cleanlab("use_cleanlab=True", "use_cleanlab=None (torch fallback)")
-        from cleanlab.rank import get_label_quality_scores
-
-        scores = get_label_quality_scores(labels.numpy(), probs.numpy(), method=method)
-        return torch.as_tensor(scores, dtype=torch.float64)
-    given = probs.gather(1, labels[:, None]).squeeze(1)
-    if method == "self_confidence":
-        return given
-    others = probs.scatter(1, labels[:, None], -math.inf).amax(1)
-    return (given - others + 1) / 2
-
-
-def flag_label_issues(probs: torch.Tensor, labels: torch.Tensor, filter_by: str = "auto") -> torch.Tensor:
-    """Boolean mask of the examples whose label is suspected to be wrong.
-
-    With cleanlab: `cleanlab.filter.find_label_issues(labels, probs, filter_by=...)` (confident
-    learning: per class pair, about as many issues as the estimated joint of given and true labels
-    says there are). Without: `predicted_neq_given`, the model predicts another class than the label.
-    """
-    if filter_by not in FILTERS:
-        raise ValueError(f"filter_by={filter_by!r} is invalid: choose one of {list(FILTERS)}.")
-    probs, labels = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long)
-    _check_scoring_inputs(probs, labels)
-    if filter_by == "auto":
-        filter_by = "prune_by_noise_rate" if cleanlab_available() else "predicted_neq_given"
-    if filter_by == "predicted_neq_given":
-        return probs.argmax(1) != labels
-    _require_cleanlab(f"filter_by={filter_by!r}", "filter_by='predicted_neq_given' (or 'auto')")
-    from cleanlab.filter import find_label_issues
-
-    mask = find_label_issues(labels.numpy(), probs.numpy(), filter_by=filter_by, n_jobs=1)
-    return torch.as_tensor(mask, dtype=torch.bool)
-
-
-# ----------------------------------------------------------------------------------------------
-# The audit
-# ----------------------------------------------------------------------------------------------
+(`sap_hf.core.selection.shifted_views`: what a memorised model fits is the exact pixels). 'shift' is the
+default of `audit_labels`: it ranks the wrong labels better, for 5 forward passes instead of one
+(benchmarks/README.md, label audit)."""
 
 
 @dataclass
@@ -247,32 +145,13 @@ class LabelAudit:
         }
 
 
-KEY_COLUMN = "key"
-"""An example's stable name (Clothing1M's image path): carried into the audit when the examples have it."""
-
-
-def _keeping_keys(collate: Collator) -> Collator:
-    """`collate`, plus the examples' `key` strings (collators such as `default_data_collator` drop strings)."""
-
-    def wrapped(examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = collate(examples)
-        if examples and isinstance(examples[0], Mapping) and KEY_COLUMN in examples[0] and KEY_COLUMN not in batch:
-            batch = dict(batch, **{KEY_COLUMN: [example[KEY_COLUMN] for example in examples]})
-        return batch
-
-    return wrapped
-
-
-def predict_probs(model: nn.Module, batch: dict[str, Any], device: torch.device, views: str = "image") -> torch.Tensor:
+def predict_probs(walk: DataPass, batch: PassBatch, views: str = "image") -> torch.Tensor:
     """Softmax probabilities of one batch (float64 on the CPU); 'shift' averages them over the shifted views."""
-    output = forward_pixels(model, batch, device)
-    logits = output.logits if hasattr(output, "logits") else output
-    probs = logits.float().softmax(-1)
+    probs = walk.logits(batch).softmax(-1)
     if views == "shift":
-        extra = EXTRA_VIEWS["shift_loss"](batch["pixel_values"])
+        extra = EXTRA_VIEWS["shift_loss"](batch.pixel_values)
         for view in extra:
-            out = forward_pixels(model, dict(batch, pixel_values=view), device)
-            probs = probs + (out.logits if hasattr(out, "logits") else out).float().softmax(-1)
+            probs = probs + walk.logits(batch, view).softmax(-1)
         probs = probs / (1 + len(extra))
     return probs.double().cpu()
 
@@ -286,118 +165,126 @@ def audit_labels(
     views: str = "shift",
     num_labels: Optional[int] = None,
     class_names: Optional[Sequence[str]] = None,
-    batch_size: int = 64,
-    accelerator: Any = None,
-    collate_fn: Optional[Collator] = None,
+    runtime: Optional[Runtime] = None,
     use_cleanlab: Optional[bool] = None,
-    show_progress: bool = True,
 ) -> LabelAudit:
     """Score every labelled example of `data` under `model` and flag the labels that look wrong.
 
     Run it on the SAP-corrected model: the memorised model fits (almost) every noisy label and
     sees nothing wrong. `method` is the label-quality score (`SCORE_METHODS`), `filter_by` how
     `suspected` is decided (`FILTERS`), `views` whether probabilities are averaged over shifted
-    copies of the image (`VIEWS`; default 'shift', 'image' is 5x cheaper). Every process walks its own shard; the probabilities are
-    gathered once, so every process returns the same audit, equal to a one-process run.
-    `use_cleanlab=None` uses cleanlab when it is installed.
+    copies of the image (`VIEWS`; default 'shift', 'image' is 5x cheaper). Every process walks its
+    own shard; the probabilities are gathered once, so every process returns the same audit, equal
+    to a one-process run. `use_cleanlab=None` uses cleanlab when it is installed. Examples labelled
+    -100 are left out of the audit.
 
     Raises ValueError (on every process, before any scoring) for data without labels, labels
     outside `[0, num_labels)`, or empty data.
     """
+    use_cleanlab, filter_by = _check_audit_options(method, filter_by, views, use_cleanlab)
+    runtime = resolve_runtime(runtime, batch_size=64)
+    bare = runtime.unwrap(model)
+    num_labels = check_classifier(bare, num_labels)
+    class_names = class_names if class_names is not None else _config_class_names(bare, num_labels)
+    with runtime.run(model, data, "audit", argument="data", description="SAP label audit") as walk:
+        local = _AuditShard(num_labels)
+        for batch in walk.batches(with_examples=True, by_key=False):
+            labels, valid = walk.require_labels(batch, num_labels, "a label audit (it checks given labels)")
+            local.add(batch, labels, valid, predict_probs(walk, batch, views))
+    indices, given, probs, keys = _merge_shards(runtime.gather(local.summary()))
+    return LabelAudit(
+        indices=indices,
+        given=given,
+        probs=probs,
+        scores=label_quality_scores(probs, given, method, use_cleanlab=use_cleanlab),
+        suspected=flag_label_issues(probs, given, filter_by),
+        method=method,
+        filter_by=filter_by,
+        views=views,
+        keys=keys,
+        class_names=list(class_names) if class_names is not None else None,
+        meta={"cleanlab": bool(use_cleanlab), "processes": runtime.world},
+    )
+
+
+def _check_audit_options(method: str, filter_by: str, views: str, use_cleanlab: Optional[bool]) -> tuple[bool, str]:
+    """Validate the options and resolve 'auto' (before the data pass: a missing cleanlab must not cost one)."""
     if method not in SCORE_METHODS:
         raise ValueError(f"method={method!r} is invalid: choose one of {list(SCORE_METHODS)}.")
     if filter_by not in FILTERS:
         raise ValueError(f"filter_by={filter_by!r} is invalid: choose one of {list(FILTERS)}.")
     if views not in VIEWS:
         raise ValueError(f"views={views!r} is invalid: choose one of {list(VIEWS)}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} is invalid: use a positive integer.")
     if use_cleanlab is None:
-        use_cleanlab = cleanlab_available()
+        use_cleanlab = scores.cleanlab_available()
     if filter_by == "auto":
         filter_by = "prune_by_noise_rate" if use_cleanlab else "predicted_neq_given"
-    # Before the data pass: a missing cleanlab must not cost a pass over the data.
     if use_cleanlab:
-        _require_cleanlab("use_cleanlab=True", "use_cleanlab=None (torch fallback)")
+        scores.require_cleanlab("use_cleanlab=True", "use_cleanlab=None (torch fallback)")
     if filter_by != "predicted_neq_given":
-        _require_cleanlab(f"filter_by={filter_by!r}", "filter_by='predicted_neq_given' (or 'auto')")
-    model = unwrap(model, accelerator)
-    config = getattr(model, "config", None)
-    num_labels = num_labels or getattr(config, "num_labels", None)
-    if num_labels is None:
-        raise ValueError("num_labels is unknown: pass num_labels= or use a model whose config has num_labels.")
-    if class_names is None and getattr(config, "id2label", None):
-        id2label = config.id2label
-        class_names = [str(id2label.get(c, id2label.get(str(c), c))) for c in range(num_labels)]
-    device = model_device(model, accelerator)
-    rank, world = process_layout(accelerator)
-    collate = _keeping_keys(collate_fn or default_data_collator)
+        scores.require_cleanlab(f"filter_by={filter_by!r}", "filter_by='predicted_neq_given' (or 'auto')")
+    return use_cleanlab, filter_by
 
-    indices, given, probs, keys = [], [], [], []
-    has_keys = True
-    error: Optional[BaseException] = None
-    progress = shard_progress(data, "SAP label audit", rank=rank, world=world, show=show_progress)
-    try:
-        with inference_mode(model), progress:
-            for batch_indices, batch in iter_shard_batches(
-                data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate, by_key=False
-            ):
-                labels = batch_labels(batch)
-                if labels is None:
-                    raise ValueError(
-                        f"The data has no 'labels'/'label' (keys: {sorted(batch)}): a label audit checks given labels. "
-                        "Audit the labelled training data."
-                    )
-                labels = labels.long().cpu()
-                bad = (labels < 0) | (labels >= num_labels)
-                if bad.any():
-                    position = int(bad.nonzero()[0, 0])
-                    raise ValueError(
-                        f"sample {int(batch_indices[position])} has label {int(labels[position])}, outside the model's "
-                        f"{num_labels} classes [0, {num_labels}); fix the labels or the model's num_labels."
-                    )
-                batch_keys = batch.get(KEY_COLUMN)
-                if batch_keys is None:
-                    has_keys = False
-                elif has_keys:
-                    keys.extend(batch_keys.tolist() if isinstance(batch_keys, torch.Tensor) else list(batch_keys))
-                probs.append(predict_probs(model, batch, device, views))
-                indices.append(torch.as_tensor(batch_indices, dtype=torch.long))
-                given.append(labels)
-                progress.update(len(batch_indices))
-    except Exception as err:  # re-raised below on this process, announced to the others
-        error = err
-    raise_on_any_process(error, accelerator)
 
-    local = {
-        "indices": torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-        "given": torch.cat(given) if given else torch.zeros(0, dtype=torch.long),
-        "probs": torch.cat(probs) if probs else torch.zeros(0, num_labels, dtype=torch.float64),
-        "keys": keys if has_keys and indices else None,
-    }
-    shards = gather_shards(local, accelerator)
+def _config_class_names(model: nn.Module, num_labels: int) -> Optional[list[str]]:
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not id2label:
+        return None
+    return [str(id2label.get(c, id2label.get(str(c), c))) for c in range(num_labels)]
+
+
+class _AuditShard:
+    """This process's share of the audit: positions, given labels, probabilities and keys of its labelled examples."""
+
+    def __init__(self, num_labels: int):
+        self.num_labels = num_labels
+        self.indices: list[torch.Tensor] = []
+        self.given: list[torch.Tensor] = []
+        self.probs: list[torch.Tensor] = []
+        self.keys: Optional[list[Any]] = []
+
+    def add(self, batch: PassBatch, labels: torch.Tensor, valid: torch.Tensor, probs: torch.Tensor) -> None:
+        self.indices.append(torch.as_tensor(batch.ids, dtype=torch.long)[valid])
+        self.given.append(labels[valid])
+        self.probs.append(probs[valid])
+        keys = _batch_keys(batch)
+        if keys is None or self.keys is None:
+            self.keys = None
+        else:
+            self.keys.extend(k for k, keep in zip(keys, valid.tolist()) if keep)
+
+    def summary(self) -> dict[str, Any]:
+        empty = not self.indices
+        return {
+            "indices": torch.zeros(0, dtype=torch.long) if empty else torch.cat(self.indices),
+            "given": torch.zeros(0, dtype=torch.long) if empty else torch.cat(self.given),
+            "probs": torch.zeros(0, self.num_labels, dtype=torch.float64) if empty else torch.cat(self.probs),
+            "keys": None if empty else self.keys,
+        }
+
+
+def _batch_keys(batch: PassBatch) -> Optional[list[Any]]:
+    """The examples' `key`s (Clothing1M: the image path), from the raw examples or a ready batch; None without."""
+    if batch.examples is not None:
+        if all(isinstance(e, Mapping) and KEY_COLUMN in e for e in batch.examples):
+            return [e[KEY_COLUMN] for e in batch.examples]
+        return None
+    keys = batch.batch.get(KEY_COLUMN)
+    if keys is None:
+        return None
+    return keys.tolist() if isinstance(keys, torch.Tensor) else list(keys)
+
+
+def _merge_shards(shards: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[Any]]]:
+    """Every process's share, in data order: (indices, given, probs, keys or None)."""
     all_indices = torch.cat([s["indices"] for s in shards])
     if all_indices.numel() == 0:
-        raise ValueError("The data is empty: a label audit needs at least one labelled example.")
+        raise ValueError("The data has no labelled example (empty, or every label is -100): a label audit needs one.")
     order = torch.argsort(all_indices)
-    all_keys = None
+    keys = None
     if all(s["keys"] is not None or s["indices"].numel() == 0 for s in shards):
         flat = [k for s in shards for k in (s["keys"] or [])]
-        all_keys = [flat[i] for i in order.tolist()] if len(flat) == all_indices.numel() else None
-    labels = torch.cat([s["given"] for s in shards])[order]
-    all_probs = torch.cat([s["probs"] for s in shards])[order]
-    scores = label_quality_scores(all_probs, labels, method, use_cleanlab=use_cleanlab)
-    suspected = flag_label_issues(all_probs, labels, filter_by)
-    return LabelAudit(
-        indices=all_indices[order],
-        given=labels,
-        probs=all_probs,
-        scores=scores,
-        suspected=suspected,
-        method=method,
-        filter_by=filter_by,
-        views=views,
-        keys=all_keys,
-        class_names=list(class_names) if class_names is not None else None,
-        meta={"cleanlab": bool(use_cleanlab), "processes": world},
-    )
+        keys = [flat[i] for i in order.tolist()] if len(flat) == all_indices.numel() else None
+    given = torch.cat([s["given"] for s in shards])[order]
+    probs = torch.cat([s["probs"] for s in shards])[order]
+    return all_indices[order], given, probs, keys

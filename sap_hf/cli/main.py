@@ -21,7 +21,9 @@ from typing import Any, Optional, Sequence
 from transformers import AutoModelForImageClassification
 from transformers.utils import logging
 
-from ..api import check_stats_path, sap_correct
+from ..api import sap_correct
+from ..core.cache import check_stats_path
+from ..runtime.passes import Runtime
 from ..audit.labels import FILTERS, SCORE_METHODS, VIEWS, audit_labels
 from ..audit.report import write_audit_report
 from .args import parse_with_config
@@ -98,7 +100,7 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     # Raw rows, decoded by the collator: each image is decoded once per pass, by the one process that reads it.
     train, validation, test = (None if s is None else undecoded_images(s) for s in (splits.train, splits.validation, splits.test))
     evaluate = lambda: evaluate_accuracy(  # noqa: E731
-        model, test, batch_size=config.batch_size, accelerator=accelerator, collate_fn=transform.collate
+        model, test, runtime=Runtime(accelerator=accelerator, collate_fn=transform.collate, batch_size=config.batch_size)
     )
     test_before = evaluate() if test is not None else {}
     result = sap_correct(
@@ -197,7 +199,7 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
     data = prepare(data, transform)
     result = audit_labels(
         model, data, method=args.method, filter_by=args.filter_by, views=args.views, class_names=splits.class_names,
-        batch_size=args.batch_size, accelerator=accelerator,
+        runtime=Runtime(accelerator=accelerator, batch_size=args.batch_size),
     )
     summary = result.summary()
     if accelerator.is_main_process:

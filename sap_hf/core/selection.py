@@ -19,12 +19,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..runtime.batching import Collator, batch_labels, gather_shards, is_map_style, iter_shard_batches, num_examples
+from ..runtime.batching import is_map_style
+from ..runtime.contract import LoaderData
+from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resolve_runtime
 from .config import SELECTION_RULES
-from .stats import forward_pixels, inference_mode, model_device
+from .targets import check_classifier
 
 logger = logging.get_logger(__name__)
 
@@ -85,25 +86,25 @@ EXTRA_VIEWS = {"shift_loss": shifted_views, "agreement": _flipped_view}
 """Rules that average the loss over the image and extra views of it."""
 
 
-def sample_scores(model: nn.Module, batch: dict[str, Any], labels: torch.Tensor, device: torch.device, rule: str) -> torch.Tensor:
-    """Per-sample score (lower = more trustworthy). `inf` marks a sample the rule rejects.
+def sample_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, rule: str) -> torch.Tensor:
+    """Per-sample score (lower = more trustworthy), on the CPU. `inf` marks a sample the rule rejects.
 
     'shift_loss' and 'agreement' average the loss over the image and its `EXTRA_VIEWS`;
     'agreement' also rejects a sample unless every view predicts its label.
     """
-    logits = _logits(forward_pixels(model, batch, device))
-    labels = labels.to(logits.device)
-    loss = F.cross_entropy(logits.float(), labels, reduction="none")
+    logits = walk.logits(batch)
+    labels = labels.to(logits.device).clamp_min(0)  # -100 (ignored) scores as class 0; the caller drops it
+    loss = F.cross_entropy(logits, labels, reduction="none")
     if rule not in EXTRA_VIEWS:
-        return loss
-    views = EXTRA_VIEWS[rule](batch["pixel_values"])
+        return loss.cpu()
+    views = EXTRA_VIEWS[rule](batch.pixel_values)
     agree = logits.argmax(-1) == labels
     for view in views:
-        view_logits = _logits(forward_pixels(model, dict(batch, pixel_values=view), device))
-        loss = loss + F.cross_entropy(view_logits.float(), labels, reduction="none")
+        view_logits = walk.logits(batch, view)
+        loss = loss + F.cross_entropy(view_logits, labels, reduction="none")
         agree &= view_logits.argmax(-1) == labels
     loss = loss / (1 + len(views))
-    return torch.where(agree, loss, torch.full_like(loss, math.inf)) if rule == "agreement" else loss
+    return (torch.where(agree, loss, torch.full_like(loss, math.inf)) if rule == "agreement" else loss).cpu()
 
 
 def select_trusted(
@@ -114,10 +115,7 @@ def select_trusted(
     num_labels: Optional[int] = None,
     rule: str = "loss",
     selection_model: Optional[nn.Module] = None,
-    batch_size: int = 32,
-    accelerator: Any = None,
-    collate_fn: Optional[Collator] = None,
-    show_progress: bool = True,
+    runtime: Optional[Runtime] = None,
 ) -> TrustedSelection:
     """Keep the `per_class` lowest-score samples of each class of a labelled dataset.
 
@@ -126,79 +124,91 @@ def select_trusted(
     copies shifted by ~1/28 of its side, see `shifted_views`: needs no checkpoint, and on a
     memorised model it is far purer than 'loss') or 'agreement' (mean loss over the image and its
     horizontal flip; samples whose views do not both predict the label are dropped).
-    Warns when a class has fewer than `per_class` samples; raises when a class has none, or when
-    a label lies outside `[0, num_labels)`.
+    Samples labelled -100 are skipped; samples with non-finite pixels or scores are excluded (a
+    warning gives their count). Warns when a class has fewer than `per_class` samples; raises when
+    a class has none, or when a label lies outside `[0, num_labels)`.
     """
+    _check_selection(per_class, rule, selection_model)
+    runtime = resolve_runtime(runtime)
+    scorer = selection_model if rule == "early_loss" else model
+    num_labels = check_classifier(runtime.unwrap(scorer), num_labels, "selection_model" if rule == "early_loss" else "model")
+    with runtime.run(scorer, data, "selection", argument="train_data", description="SAP trusted selection") as walk:
+        candidates = _Candidates(per_class, keep_examples=not _indexed(walk.data))
+        for batch in walk.batches(with_examples=True):
+            labels, valid = walk.require_labels(batch, num_labels, "trusted selection")
+            candidates.check_unique(batch.ids)
+            scores = sample_scores(walk, batch, labels, rule)
+            scores[~finite_samples(batch.pixel_values).cpu()] = math.nan
+            candidates.offer(batch, scores, labels, valid, rejects_with_inf=rule == "agreement")
+    return _merge(runtime.gather(candidates.summary()), num_labels, per_class, rule, runtime.is_main)
+
+
+def _check_selection(per_class: Any, rule: str, selection_model: Optional[nn.Module]) -> None:
     if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
         raise ValueError(f"per_class={per_class!r} is invalid: keep at least 1 trusted sample per class.")
     if rule not in SELECTION_RULES:
         raise ValueError(f"rule={rule!r} is invalid: choose one of {list(SELECTION_RULES)}.")
     if rule == "early_loss" and selection_model is None:
         raise ValueError("rule='early_loss' needs selection_model= (an earlier checkpoint of the model).")
-    scorer = selection_model if rule == "early_loss" else model
-    if accelerator is not None:
-        scorer = accelerator.unwrap_model(scorer)
-    num_labels = num_labels or getattr(getattr(scorer, "config", None), "num_labels", None)
-    if num_labels is None:
-        raise ValueError("num_labels is unknown: pass num_labels= or use a model whose config has num_labels.")
-    device = model_device(scorer, accelerator)
-    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
 
-    heaps: dict[int, list[tuple[float, _Descending]]] = {}
-    kept: dict[Any, Any] = {}  # identity -> example, for the candidates of a stream
-    seen: set = set()  # identities read from a stream, to refuse a key seen twice
-    map_style = is_map_style(data)
-    problem: Optional[str] = None
-    total = num_examples(data)
-    progress = tqdm(
-        total=math.ceil(total / world) if total else None,
-        desc="SAP trusted selection",
-        unit="sample",
-        disable=not (show_progress and rank == 0),
-    )
-    with inference_mode(scorer), progress:
-        for ids, batch, examples in iter_shard_batches(
-            data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn,
-            with_examples=True,
-        ):
-            labels = batch_labels(batch)
-            if labels is None:
-                problem = f"the batches have no 'labels'/'label' (keys: {sorted(batch)}); selection needs labels."
-                break
-            bad = (labels < 0) | (labels >= num_labels)
-            if bad.any():
-                position = int(bad.nonzero()[0, 0])
-                problem = (
-                    f"sample {ids[position]!r} has label {int(labels[position])}, outside the model's "
-                    f"{num_labels} classes [0, {num_labels}); fix the labels or the model's num_labels."
-                )
-                break
-            duplicate = None if map_style else _first_duplicate(ids, seen)
-            if duplicate is not None:
-                problem = _duplicate_message(duplicate)
-                break
-            scores = sample_scores(scorer, batch, labels, device, rule).cpu().tolist()
-            for position, (score, label, identity) in enumerate(zip(scores, labels.tolist(), ids)):
-                heap = heaps.setdefault(label, [])
-                item = (-score, _Descending(identity))  # max-heap on (score, identity)
-                if len(heap) < per_class:
-                    heapq.heappush(heap, item)
-                elif item > heap[0]:
-                    kept.pop(heapq.heapreplace(heap, item)[1].value, None)
-                else:
-                    continue
-                if examples is not None and not map_style:  # map-style data is re-read by index instead
-                    kept[identity] = examples[position]
-            progress.update(len(ids))
 
-    local = {
-        "problem": problem,
-        "candidates": [(-s, i.value, label, kept.get(i.value)) for label, heap in heaps.items() for s, i in heap],
-    }
-    shards = gather_shards(local, accelerator)
-    problems = [shard["problem"] for shard in shards if shard["problem"]]
-    if problems:
-        raise ValueError(f"Trusted selection failed: {problems[0]}")
+def _indexed(data: Any) -> bool:
+    """Data re-read by index for the statistics (so its examples need not be kept)."""
+    return is_map_style(data) or isinstance(data, LoaderData)
+
+
+class _Candidates:
+    """This process's bounded candidates: one max-heap of `per_class` (score, identity) per class.
+
+    A stream's candidates keep their raw examples (a few hundred rows per class), so the
+    statistics pass reads them instead of the stream again.
+    """
+
+    def __init__(self, per_class: int, keep_examples: bool):
+        self.per_class, self.keep_examples = per_class, keep_examples
+        self.heaps: dict[int, list[tuple[float, _Descending]]] = {}
+        self.kept: dict[Any, Any] = {}  # identity -> example, for the candidates of a stream
+        self.seen: set = set()  # identities read from a stream, to refuse a key seen twice
+        self.ignored = 0
+        self.nonfinite = 0
+
+    def check_unique(self, ids: list[Any]) -> None:
+        if not self.keep_examples:
+            return
+        for identity in ids:
+            if identity in self.seen:
+                raise ValueError(_duplicate_message(identity))
+            self.seen.add(identity)
+
+    def offer(self, batch: PassBatch, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
+              rejects_with_inf: bool) -> None:
+        """Push each usable sample; -100 labels are ignored, non-finite scores excluded and counted."""
+        rejected = torch.isposinf(scores) if rejects_with_inf else torch.zeros_like(valid)
+        usable = valid & torch.isfinite(scores)
+        self.ignored += int((~valid).sum())
+        self.nonfinite += int((valid & ~usable & ~rejected).sum())
+        for position in usable.nonzero().flatten().tolist():
+            identity, label = batch.ids[position], int(labels[position])
+            heap = self.heaps.setdefault(label, [])
+            item = (-float(scores[position]), _Descending(identity))  # max-heap on (score, identity)
+            if len(heap) < self.per_class:
+                heapq.heappush(heap, item)
+            elif item > heap[0]:
+                self.kept.pop(heapq.heapreplace(heap, item)[1].value, None)
+            else:
+                continue
+            if self.keep_examples and batch.examples is not None:
+                self.kept[identity] = batch.examples[position]
+
+    def summary(self) -> dict[str, Any]:
+        """What this process hands to the merge: candidates (score, identity, label, example) and counts."""
+        candidates = [(-s, i.value, label, self.kept.get(i.value)) for label, heap in self.heaps.items() for s, i in heap]
+        return {"candidates": candidates, "ignored": self.ignored, "nonfinite": self.nonfinite,
+                "keep_examples": self.keep_examples}
+
+
+def _merge(shards: list[dict[str, Any]], num_labels: int, per_class: int, rule: str, is_main: bool) -> TrustedSelection:
+    """Every process's candidates -> the `per_class` best of each class (the same on every process)."""
     by_class: dict[int, list[tuple[float, Any]]] = {}
     example_of: dict[Any, Any] = {}
     for shard in shards:
@@ -206,8 +216,8 @@ def select_trusted(
             if identity in example_of:  # a key on two processes (within one process it is caught while reading)
                 raise ValueError(f"Trusted selection failed: {_duplicate_message(identity)}")
             example_of[identity] = example
-            if math.isfinite(score):
-                by_class.setdefault(label, []).append((score, identity))
+            by_class.setdefault(label, []).append((score, identity))
+    _report_excluded(sum(s["ignored"] for s in shards), sum(s["nonfinite"] for s in shards), is_main)
     empty = [c for c in range(num_labels) if not by_class.get(c)]
     if empty:
         raise ValueError(
@@ -221,10 +231,10 @@ def select_trusted(
         per_class_counts[label] = len(best)
         chosen.extend((identity, label, score) for score, identity in best)
     short = {c: n for c, n in per_class_counts.items() if n < per_class}
-    if short:
+    if short and is_main:
         logger.warning("Classes with fewer than %d trusted samples (class: count): %s", per_class, short)
     chosen.sort(key=lambda item: item[0])
-    keep_examples = not map_style and all(example_of[i] is not None for i, _, _ in chosen)
+    keep_examples = shards[0]["keep_examples"] and all(example_of[i] is not None for i, _, _ in chosen)
     return TrustedSelection(
         indices=[i for i, _, _ in chosen],
         labels=[label for _, label, _ in chosen],
@@ -232,6 +242,18 @@ def select_trusted(
         per_class=per_class_counts,
         examples=[example_of[i] for i, _, _ in chosen] if keep_examples else None,
     )
+
+
+def _report_excluded(ignored: int, nonfinite: int, is_main: bool) -> None:
+    if not is_main:
+        return
+    if nonfinite:
+        logger.warning(
+            "SAP trusted selection excluded %d sample(s) with non-finite pixel values or loss (NaN/Inf images?); "
+            "they can never be trusted. Check the data for corrupt images.", nonfinite,
+        )
+    if ignored:
+        logger.info("SAP trusted selection skipped %d sample(s) labelled -100 (the ignore index).", ignored)
 
 
 class _Descending:
@@ -252,21 +274,8 @@ class _Descending:
         return isinstance(other, _Descending) and other.value == self.value
 
 
-def _first_duplicate(ids: list[Any], seen: set) -> Any:
-    """The first identity of `ids` already in `seen` (None if none); adds the others to `seen`."""
-    for identity in ids:
-        if identity in seen:
-            return identity
-        seen.add(identity)
-    return None
-
-
 def _duplicate_message(identity: Any) -> str:
     return (
         f"the key {identity!r} identifies two examples of the stream; sample identities must be unique (Clothing1M: "
         "the image path). Remove the duplicate row or give it another 'key'."
     )
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output

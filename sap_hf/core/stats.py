@@ -15,14 +15,14 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
-from ..runtime.batching import Collator, check_pixel_values, iter_shard_batches, process_layout, shard_progress
+from ..runtime.passes import Runtime, resolve_runtime
 from .targets import TargetGroup, group_by_identity
 
 logger = logging.get_logger(__name__)
@@ -72,10 +72,8 @@ class ActivationStats:
                         f"{source} hold a {group.in_features}-wide layer {name!r} that this model does not have; they "
                         "belong to another model. Delete the file or pass another stats_path."
                     )
-        signature, fingerprint = self.meta.get("weights_signature"), self.meta.get("fingerprint")
-        if (signature is not None and signature != weights_signature(model, self.target_modules)) or (
-            signature is None and fingerprint is not None and fingerprint != weights_fingerprint(model, self.target_modules)
-        ):
+        signature = self.meta.get("weights_signature")
+        if signature != weights_signature(model, self.target_modules):
             raise ValueError(
                 f"{source} were collected on other weights than this model's (fingerprint mismatch): the model was "
                 "retrained or already corrected. Delete the file or pass another stats_path to collect anew."
@@ -101,16 +99,6 @@ class ActivationStats:
             max_tokens_per_sample=json.loads(metadata["max_tokens_per_sample"]),
             meta=json.loads(metadata.get("meta", "{}")),
         )
-
-
-def weights_fingerprint(model: nn.Module, names: Sequence[str]) -> str:
-    """A hash of the named layers' full weights (the check of statistics files written before `weights_signature`)."""
-    modules = dict(model.named_modules())
-    digest = hashlib.sha256()
-    for name in names:
-        digest.update(name.encode())
-        digest.update(modules[name].weight.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:32]
 
 
 SIGNATURE_SAMPLES = 4096
@@ -174,13 +162,13 @@ def subsample_tokens(x: torch.Tensor, max_tokens: Optional[int], generator: Opti
 
 
 @contextlib.contextmanager
-def input_hooks(model: nn.Module, names: Sequence[str], callback) -> Iterator[None]:
+def input_hooks(model: nn.Module, names: Sequence[str], callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
     """Call `callback(name, input_tensor)` on every forward of the named modules; always unhook."""
     modules = dict(model.named_modules())
     handles = []
     try:
         for name in names:
-            def hook(module, args, kwargs, _name=name):
+            def hook(module: nn.Module, args: tuple, kwargs: dict, _name: str = name) -> None:
                 tensor = args[0] if args else kwargs.get("input")
                 callback(_name, tensor)
 
@@ -191,104 +179,63 @@ def input_hooks(model: nn.Module, names: Sequence[str], callback) -> Iterator[No
             handle.remove()
 
 
-@contextlib.contextmanager
-def exact_float32_matmul() -> Iterator[None]:
-    """TF32 off for CUDA matmuls (exact float32 Grams); the previous setting is restored.
+class GroupedGrams:
+    """The Gram accumulators of one statistics pass, grouped by shared input as the first batch shows.
 
-    Uses torch's `fp32_precision` setting where it exists (torch >= 2.9; transformers sets TF32
-    through it and mixing it with the legacy `allow_tf32` flag raises), else the legacy flag.
+    On the first forward every target records its input tensor, and each *distinct* tensor (q/k/v
+    share one) is accumulated once; after that forward `fix_groups` turns what was seen into the
+    groups, and every later forward accumulates once per group. No separate discovery forward.
     """
-    matmul = torch.backends.cuda.matmul
-    attribute, exact = ("fp32_precision", "ieee") if hasattr(matmul, "fp32_precision") else ("allow_tf32", False)
-    previous = getattr(matmul, attribute)
-    setattr(matmul, attribute, exact)
-    try:
-        yield
-    finally:
-        setattr(matmul, attribute, previous)
 
+    def __init__(self, model: nn.Module, names: Sequence[str], dtype: torch.dtype, device: torch.device,
+                 max_tokens_per_sample: Optional[int], generator: Optional[torch.Generator]):
+        self.model, self.names, self.dtype, self.device = model, list(names), dtype, device
+        self.max_tokens, self.generator = max_tokens_per_sample, generator
+        self.groups: Optional[list[TargetGroup]] = None
+        self.accumulators: dict[str, GramAccumulator] = {}  # group name -> accumulator, once the groups are known
+        self.samples = 0
+        self._first_inputs: dict[str, torch.Tensor] = {}
+        self._first: list[tuple[torch.Tensor, GramAccumulator]] = []  # one per distinct input tensor
 
-@contextlib.contextmanager
-def inference_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, exact float32 matmuls; the previous state is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), exact_float32_matmul():
-            yield
-    finally:
-        model.train(was_training)
+    def __call__(self, name: str, tensor: torch.Tensor) -> None:
+        if self.groups is None:
+            self._first_inputs.setdefault(name, tensor)
+            if any(held is tensor for held, _ in self._first):
+                return  # a layer sharing this input (k/v after q) already accumulated it
+            accumulator = GramAccumulator(tensor.shape[-1], self.dtype, self.device)
+            self._first.append((tensor, accumulator))
+        elif name in self.accumulators:
+            accumulator = self.accumulators[name]
+        else:
+            return
+        accumulator.update(subsample_tokens(tensor, self.max_tokens, self.generator))
 
+    def fix_groups(self) -> None:
+        """After the first forward: the groups, each with the accumulator of its input tensor."""
+        if self.groups is not None:
+            return
+        self.groups = _groups_seen(self.model, self.names, self._first_inputs)
+        for group in self.groups:
+            held = self._first_inputs[group.name]
+            self.accumulators[group.name] = next(acc for tensor, acc in self._first if tensor is held)
+        self._first_inputs.clear()
+        self._first.clear()
 
-def forward_pixels(model: nn.Module, batch: dict[str, Any], device: torch.device) -> Any:
-    """`model(pixel_values=...)` on the model's device and dtype, with a clear error for wrong images."""
-    check_pixel_values(batch)
-    pixels = batch["pixel_values"].to(device)
-    dtype = next(model.parameters()).dtype
-    if pixels.is_floating_point() and dtype.is_floating_point:
-        pixels = pixels.to(dtype)
-    config = getattr(model, "config", None)
-    channels = getattr(getattr(config, "vision_config", config), "num_channels", None)
-    if channels is not None and pixels.shape[1] != channels:
-        raise ValueError(
-            f"pixel_values have {pixels.shape[1]} channels but the model expects num_channels={channels}; convert "
-            "the images (e.g. ImageTransform(num_channels=...) or the model's image processor)."
-        )
-    try:
-        return model(pixel_values=pixels)
-    except (RuntimeError, ValueError) as err:
-        size = getattr(getattr(config, "vision_config", config), "image_size", None)
-        expected = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        if size is None or isinstance(err, torch.OutOfMemoryError) or tuple(pixels.shape[-2:]) == expected:
-            raise
-        raise ValueError(
-            f"The model failed on pixel_values of shape {tuple(pixels.shape)} (model image_size={size}): {err}. "
-            "Resize the images to what the model expects, e.g. with its image processor."
-        ) from err
-
-
-def unwrap(model: nn.Module, accelerator: Any = None) -> nn.Module:
-    """The bare model behind an Accelerate/DDP wrapper (hooks and weights live there)."""
-    return accelerator.unwrap_model(model) if accelerator is not None else model
-
-
-def raise_on_any_process(error: Optional[BaseException], accelerator: Any) -> None:
-    """Collective: every process learns whether any failed, and all raise instead of hanging.
-
-    Call it on every process after a local pass and before the next collective operation.
-    """
-    _, world = process_layout(accelerator)
-    if world > 1:
-        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-        failed = accelerator.reduce(flag, reduction="sum").item() > 0
-    else:
-        failed = error is not None
-    if error is not None:
-        raise error
-    if failed:
-        raise RuntimeError("Another process failed during the SAP pass; see its error above. Nothing was changed.")
-
-
-def model_device(model: nn.Module, accelerator: Any = None) -> torch.device:
-    if accelerator is not None:
-        return accelerator.device
-    return next(model.parameters()).device
-
-
-def discover_groups(model: nn.Module, names: Sequence[str], sample: dict[str, Any], device: torch.device) -> list[TargetGroup]:
-    """Run one sample through the model and group layers that receive the same tensor.
-
-    `collect_statistics` learns the groups from its first batch instead (no extra forward); this
-    stand-alone form serves callers that need the groups before any pass (benchmarks/speed.py).
-    """
-    seen: dict[str, torch.Tensor] = {}
-
-    def record(name: str, tensor: torch.Tensor) -> None:
-        seen.setdefault(name, tensor)
-
-    with inference_mode(model), input_hooks(model, names, record):
-        forward_pixels(model, sample, device)
-    return _groups_seen(model, names, seen)
+    def reduce(self, groups: list[TargetGroup], runtime: Runtime) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+        """Every process's sums added up (a process whose shard was empty contributes zeros), checked finite."""
+        grams, counts = {}, {}
+        for group in groups:
+            accumulator = self.accumulators.setdefault(group.name, GramAccumulator(group.in_features, self.dtype, self.device))
+            gram = runtime.sum(accumulator.result())
+            count = runtime.sum(torch.tensor([accumulator.count], dtype=torch.float64, device=self.device))
+            if not torch.isfinite(gram.sum(dtype=torch.float64)):  # NaN/Inf propagate; no d x d bool temporary
+                raise ValueError(
+                    f"Non-finite activations reached {group.members} (e.g. an fp16 overflow or NaN inputs): the "
+                    "statistics are unusable and no weight was changed. Run the statistics in float32/bfloat16 "
+                    "or check the inputs for NaN/Inf."
+                )
+            grams[group.name], counts[group.name] = gram, int(count.item())
+        return grams, counts
 
 
 def collect_statistics(
@@ -296,95 +243,40 @@ def collect_statistics(
     data: Any,
     target_names: Sequence[str],
     *,
-    batch_size: int = 32,
-    accelerator: Any = None,
-    collate_fn: Optional[Collator] = None,
+    runtime: Optional[Runtime] = None,
     max_tokens_per_sample: Optional[int] = None,
     accumulation_dtype: Union[str, torch.dtype] = torch.float32,
     seed: int = 0,
-    show_progress: bool = True,
 ) -> ActivationStats:
     """One forward pass over `data` accumulating each target group's Gram matrix and token count.
 
-    With an `Accelerator`, every process reads its own shard and the sums are all-reduced, so
-    every process returns the same global statistics. Which layers share an input (q/k/v) is
-    learnt from the first batch of the pass itself (no separate forward): on that batch each
-    distinct input tensor is accumulated once, and the groups are fixed from then on.
+    With several processes (`runtime.accelerator`), every process reads its own shard and the sums
+    are all-reduced, so every process returns the same global statistics, equal to one process's.
+    Which layers share an input (q/k/v) is learnt from the first batch of the pass itself.
     """
+    runtime = resolve_runtime(runtime)
     dtype = getattr(torch, accumulation_dtype) if isinstance(accumulation_dtype, str) else accumulation_dtype
-    model = unwrap(model, accelerator)
-    device = model_device(model, accelerator)
-    rank, world = process_layout(accelerator)
-    names = list(target_names)
-    generator = torch.Generator().manual_seed(seed + rank) if max_tokens_per_sample else None
-    first_inputs: dict[str, torch.Tensor] = {}  # first forward only: each target's input tensor
-    first_accumulators: list[tuple[torch.Tensor, GramAccumulator]] = []  # one per distinct input tensor
-    accumulators: dict[str, GramAccumulator] = {}  # group name -> accumulator, once the groups are known
-    groups: Optional[list[TargetGroup]] = None
-
-    def accumulate(name: str, tensor: torch.Tensor) -> None:
-        if groups is None:
-            first_inputs.setdefault(name, tensor)
-            if any(held is tensor for held, _ in first_accumulators):
-                return  # a layer sharing this input (k/v after q) already accumulated it
-            accumulator = GramAccumulator(tensor.shape[-1], dtype, device)
-            first_accumulators.append((tensor, accumulator))
-        elif name in accumulators:
-            accumulator = accumulators[name]
-        else:
-            return
-        accumulator.update(subsample_tokens(tensor, max_tokens_per_sample, generator))
-
-    progress = shard_progress(data, "SAP statistics", rank=rank, world=world, show=show_progress)
-    error: Optional[BaseException] = None
-    try:
-        with inference_mode(model), input_hooks(model, names, accumulate), progress:
-            for _, batch in iter_shard_batches(
-                data, batch_size=batch_size, process_index=rank, num_processes=world, collate_fn=collate_fn
-            ):
-                forward_pixels(model, batch, device)
-                if groups is None:
-                    groups = _groups_seen(model, names, first_inputs)
-                    for group in groups:
-                        held = first_inputs[group.name]
-                        accumulators[group.name] = next(acc for tensor, acc in first_accumulators if tensor is held)
-                    first_inputs.clear()
-                    first_accumulators.clear()
-                progress.update(batch["pixel_values"].shape[0])
-    except Exception as err:  # re-raised on this process, and announced to the others
-        error = err
-    raise_on_any_process(error, accelerator)
-    groups = _agree_on_groups(groups, accelerator)
-    for group in groups:  # a process whose shard was empty contributes zeros
-        accumulators.setdefault(group.name, GramAccumulator(group.in_features, dtype, device))
-
-    grams, counts = {}, {}
-    for group in groups:
-        gram = accumulators[group.name].result()
-        count = torch.tensor([accumulators[group.name].count], dtype=torch.float64, device=device)
-        if accelerator is not None and world > 1:
-            gram = accelerator.reduce(gram.contiguous(), reduction="sum")
-            count = accelerator.reduce(count, reduction="sum")
-        if not torch.isfinite(gram.sum(dtype=torch.float64)):  # NaN/Inf propagate; no d x d bool temporary
-            raise ValueError(
-                f"Non-finite activations reached {group.members} (e.g. an fp16 overflow or NaN inputs): the "
-                "statistics are unusable and no weight was changed. Run the statistics in float32/bfloat16 "
-                "or check the inputs for NaN/Inf."
-            )
-        grams[group.name] = gram
-        counts[group.name] = int(count.item())
+    with runtime.run(model, data, "statistics", argument="trusted data") as walk:
+        generator = torch.Generator().manual_seed(seed + runtime.rank) if max_tokens_per_sample else None
+        grams = GroupedGrams(walk.model, target_names, dtype, walk.device, max_tokens_per_sample, generator)
+        with input_hooks(walk.model, grams.names, grams):
+            for batch in walk.batches():
+                walk.logits(batch)
+                grams.fix_groups()
+                grams.samples += len(batch)
+    groups = _agree_on_groups(grams.groups, runtime)
+    gram_of, counts = grams.reduce(groups, runtime)
+    samples = int(runtime.sum(torch.tensor([grams.samples], dtype=torch.float64)).item())
     logger.info(
-        "Collected SAP statistics for %d layers in %d groups over %d tokens per layer.",
-        sum(len(g.members) for g in groups),
-        len(groups),
-        max(counts.values(), default=0),
+        "Collected SAP statistics for %d layers in %d groups over %d samples (%d tokens per layer).",
+        sum(len(g.members) for g in groups), len(groups), samples, max(counts.values(), default=0),
     )
     return ActivationStats(
         groups=groups,
-        grams=grams,
+        grams=gram_of,
         counts=counts,
         max_tokens_per_sample=max_tokens_per_sample,
-        meta={"weights_signature": weights_signature(model, [n for g in groups for n in g.members])},
+        meta={"weights_signature": weights_signature(walk.model, [n for g in groups for n in g.members]), "samples": samples},
     )
 
 
@@ -400,16 +292,13 @@ def _groups_seen(model: nn.Module, names: Sequence[str], inputs: dict[str, torch
     return group_by_identity(list(names), [inputs[n] for n in names], [modules[n].in_features for n in names])
 
 
-def _agree_on_groups(groups: Optional[list[TargetGroup]], accelerator: Any) -> list[TargetGroup]:
+def _agree_on_groups(groups: Optional[list[TargetGroup]], runtime: Runtime) -> list[TargetGroup]:
     """Every process's groups (one whose shard was empty learns them from the others); raises on empty data."""
-    _, world = process_layout(accelerator)
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        groups = next((g for g in gather_object([groups]) if g is not None), None)
+    if runtime.world > 1:
+        groups = next((g for g in runtime.gather(groups) if g is not None), None)
     if groups is None:
         raise ValueError(
-            "The data is empty: SAP needs at least one trusted sample. Pass a non-empty dataset, list of "
+            "The trusted data is empty: SAP needs at least one trusted sample. Pass a non-empty dataset, list of "
             "examples or DataLoader."
         )
     return groups

@@ -172,3 +172,43 @@ def _names_inside_module_lists(model: nn.Module) -> set[str]:
                 if sub_name:
                     inside.add(f"{prefix}.{sub_name}" if prefix else sub_name)
     return inside
+
+
+# ----------------------------------------------------------------------------------------------
+# The model side of the input contract
+# ----------------------------------------------------------------------------------------------
+
+
+def check_classifier(model: nn.Module, num_labels: Optional[int] = None, argument: str = "model") -> int:
+    """The number of classes of a single-label image classifier with real weights; a ValueError otherwise.
+
+    SAP's trusted selection, evaluation and audit read one class id per sample and argmax logits:
+    a regression or multi-label head would be "corrected" against meaningless losses, so they are
+    refused here, before any data is read or weight changed.
+    """
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise ValueError(
+            f"{argument} has parameters on the meta device (no weights loaded): load it with its weights, e.g. "
+            "from_pretrained(...) without device_map='meta' / init_empty_weights()."
+        )
+    config = getattr(model, "config", None)
+    problem = getattr(config, "problem_type", None)
+    if problem in ("regression", "multi_label_classification"):
+        raise ValueError(
+            f"{argument} is a {problem} model (config.problem_type={problem!r}); SAP corrects single-label classifiers "
+            "(problem_type None or 'single_label_classification')."
+        )
+    num_labels = num_labels or getattr(config, "num_labels", None)
+    if num_labels is None:
+        raise ValueError(f"The number of classes of {argument} is unknown: pass num_labels= or use a model whose config has num_labels.")
+    if int(num_labels) < 2:
+        raise ValueError(
+            f"{argument} has num_labels={num_labels}: a one-output head is a regression model; SAP corrects single-label "
+            "classifiers with at least 2 classes."
+        )
+    if config is not None and not classifier_names(model):
+        raise ValueError(
+            f"{argument} ({type(model).__name__}) has no classification head (no nn.Linear with num_labels={num_labels} "
+            "outputs): SAP corrects image classifiers, e.g. AutoModelForImageClassification.from_pretrained(...)."
+        )
+    return int(num_labels)

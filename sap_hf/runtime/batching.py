@@ -22,12 +22,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 
+from .contract import LoaderData, is_map_style
+
 Batch = dict[str, Any]
 Collator = Callable[[list[dict[str, Any]]], Batch]
-
-
-def is_map_style(data: Any) -> bool:
-    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple))
 
 
 def _is_batch(item: Any) -> bool:
@@ -43,26 +41,6 @@ def num_examples(data: Any) -> Optional[int]:
         return len(data)
     except TypeError:
         return None
-
-
-def process_layout(accelerator: Any) -> tuple[int, int]:
-    """`(process_index, num_processes)`; `(0, 1)` without an Accelerator."""
-    if accelerator is None:
-        return 0, 1
-    return accelerator.process_index, accelerator.num_processes
-
-
-def gather_shards(local: Any, accelerator: Any) -> list[Any]:
-    """Every process's `local` (picklable), in process order, on every process; `[local]` alone.
-
-    Selection and the label audit each reduce their own shard to a small summary first, so this
-    one collective moves candidates, never the data.
-    """
-    if accelerator is None or accelerator.num_processes == 1:
-        return [local]
-    from accelerate.utils import gather_object
-
-    return gather_object([local])
 
 
 def shard_progress(data: Any, description: str, *, rank: int, world: int, show: bool) -> tqdm:
@@ -106,16 +84,10 @@ def iter_shard_batches(
     decoding in `collate_fn` (see `sap_hf.data.ImageTransform.collate`) that reading is cheap.
     `by_key=False` ignores keys: identities are positions and every process reads the whole stream.
     """
-    collate = collate_fn or default_data_collator
-    if num_processes > 1 and type(data).__name__ in ("DataLoaderShard", "DataLoaderDispatcher"):
-        raise ValueError(
-            "The data is a DataLoader already sharded by accelerator.prepare(); SAP shards data itself (without the "
-            "padding duplicates prepare() adds). Pass the dataset or the unprepared DataLoader."
-        )
-
     if isinstance(data, IndexedSubset):  # walk the stream itself, sharded, keeping the subset's identities
         keep = data.indices if keep is None else keep & data.indices
         data = data.data
+    data, collate = examples_and_collate(data, collate_fn)
 
     def emit(ids: list, examples: list) -> tuple:
         batch = collate(examples)
@@ -162,6 +134,13 @@ def iter_shard_batches(
             ids, examples = [], []
     if examples:
         yield emit(ids, examples)
+
+
+def examples_and_collate(data: Any, collate_fn: Optional[Collator]) -> tuple[Any, Collator]:
+    """What to read and how to batch it: a DataLoader's dataset through its own collate_fn, else `collate_fn`."""
+    if isinstance(data, LoaderData):
+        return data.examples(), data.collate_fn or collate_fn or default_data_collator
+    return data, collate_fn or default_data_collator
 
 
 def _has_key(example: Any) -> bool:
@@ -279,8 +258,18 @@ def subset(data: Any, indices: Iterable[Identity]) -> Any:
     re-read, sharded like every other pass; `select_trusted` keeps a stream's trusted examples so
     that `sap_correct` needs no such second pass.
     """
-    if is_map_style(data):
+    if isinstance(data, LoaderData):
+        return data.select(list(indices))
+    if is_map_style(data) or (isinstance(data, (list, tuple)) and not (data and _is_batch(data[0]))):
         chosen = sorted(set(int(i) for i in indices))
+        outside = [i for i in chosen[:1] + chosen[-1:] if not 0 <= i < len(data)]
+        if outside:
+            raise ValueError(
+                f"trusted_indices hold {outside[0]}, outside the {len(data)} examples of the data: pass positions of this "
+                "data (e.g. result.trusted_indices of a run on the same data)."
+            )
+        if not is_map_style(data):
+            return IndexedSubset(data, set(chosen))
         return data.select(chosen) if hasattr(data, "select") else torch.utils.data.Subset(data, chosen)
     return IndexedSubset(data, set(indices))
 

@@ -1,0 +1,193 @@
+"""What users may hand a pass, checked once, up front, with errors that name the argument and the fix.
+
+Data: a map-style dataset (`datasets.Dataset`, any `torch.utils.data.Dataset`), a stream
+(`datasets.IterableDataset`), a list of examples or of ready batches, a `DataLoader`, or a
+one-shot iterator (a generator). Every pass must see the same examples in the same order each
+time it reads the data, or a selection would be paired with statistics of other samples:
+
+* a `DataLoader` over a map-style dataset (e.g. `Trainer.get_train_dataloader()`, shuffled and
+  reshuffled on every iteration) is read as its dataset in index order, through the loader's own
+  `collate_fn` (`LoaderData`); a sampler that draws a subset reads that subset, in index order;
+* a one-shot iterator is read once and kept (in memory, with a warning);
+* a dict of datasets (`DatasetDict`) is refused: which split is meant must be said.
+
+Labels: one int-like class id per sample. Integral floats and numpy integers are converted;
+`-100` (the transformers ignore index) marks a sample that passes skip; strings, fractions,
+multi-label targets and ids outside `[0, num_labels)` are errors naming the sample and the value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+IGNORE_INDEX = -100
+"""The transformers ignore index: a sample with this label is skipped by selection, evaluation and the audit."""
+
+_WHOLE_DATA_SAMPLERS = ("SequentialSampler", "RandomSampler", "SeedableRandomSampler", "DistributedSampler",
+                        "LengthGroupedSampler", "DistributedLengthGroupedSampler")
+"""Samplers that visit the whole dataset (in some order): their loader is read as the whole dataset."""
+
+
+class LoaderData:
+    """A DataLoader's dataset (or the subset its sampler draws), read in index order through its `collate_fn`."""
+
+    def __init__(self, dataset: Any, collate_fn: Any, indices: Optional[list[int]] = None):
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.indices = indices
+
+    def examples(self) -> Any:
+        """The map-style data the passes read (a `Subset` when the sampler draws only some indices)."""
+        if self.indices is None:
+            return self.dataset
+        if hasattr(self.dataset, "select"):
+            return self.dataset.select(self.indices)
+        return torch.utils.data.Subset(self.dataset, self.indices)
+
+    def select(self, positions: Sequence[int]) -> "LoaderData":
+        """The examples at `positions` of this view (the trusted ones, say), read the same way."""
+        chosen = sorted(set(int(p) for p in positions))
+        if chosen and (chosen[0] < 0 or chosen[-1] >= len(self)):
+            raise ValueError(f"Index {chosen[-1] if chosen[-1] >= len(self) else chosen[0]} is outside the DataLoader's {len(self)} examples.")
+        base = chosen if self.indices is None else [self.indices[p] for p in chosen]
+        return LoaderData(self.dataset, self.collate_fn, base)
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.indices is None else len(self.indices)
+
+    def __iter__(self) -> Iterator[Any]:
+        data = self.examples()
+        return (data[i] for i in range(len(data)))
+
+
+def is_map_style(data: Any) -> bool:
+    """Indexable data with a length (a `datasets.Dataset`, a torch map-style `Dataset`), lists aside."""
+    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple, Mapping, str, bytes))
+
+
+def as_pass_data(data: Any, argument: str = "data") -> Any:
+    """`data` in a form that gives the same examples in the same order on every read, or a ValueError naming `argument`."""
+    if data is None:
+        raise ValueError(f"{argument}=None: pass a datasets.Dataset, an IterableDataset, a list of examples or a DataLoader.")
+    if isinstance(data, (LoaderData, list, tuple)):
+        return data
+    if isinstance(data, (str, bytes, Path)):
+        raise ValueError(
+            f"{argument}={str(data)!r} is a path or name, not data: load it first, e.g. "
+            "datasets.load_dataset(...) or datasets.load_from_disk(...), with the images as pixel_values."
+        )
+    if isinstance(data, Mapping):
+        if "pixel_values" in data:  # one ready batch
+            return [data]
+        keys = list(data)
+        hint = f"{argument}=data[{keys[0]!r}]" if keys else f"a non-empty {argument}"
+        raise ValueError(
+            f"{argument} is a dict of {len(keys)} entries ({', '.join(map(repr, keys[:6]))}), not one dataset: pass one "
+            f"of them, e.g. {hint}."
+        )
+    if isinstance(data, torch.utils.data.DataLoader):
+        return _loader_data(data, argument)
+    if is_map_style(data):
+        return data
+    if not isinstance(data, Iterable):
+        raise ValueError(
+            f"{argument} is a {type(data).__name__}, which is not data: pass a datasets.Dataset, an IterableDataset, a "
+            "list of examples or a DataLoader."
+        )
+    if isinstance(data, Iterator):  # a generator: a second pass would find it empty
+        kept = list(data)
+        logger.warning(
+            "%s is a one-shot iterator: it was read once and kept in memory (%d items) so that every pass sees the same "
+            "examples. Pass a datasets.Dataset (or a list) to avoid the copy.", argument, len(kept),
+        )
+        return kept
+    return data
+
+
+def _loader_data(loader: torch.utils.data.DataLoader, argument: str) -> Any:
+    dataset = loader.dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return loader  # a stream of batches, read in the stream's own order
+    sampler = _innermost_sampler(loader)
+    indices = None
+    if type(sampler).__name__ not in _WHOLE_DATA_SAMPLERS:
+        indices = sorted({int(i) for i in sampler})
+    logger.info(
+        "%s is a DataLoader: SAP reads its dataset%s in index order through its collate_fn (its shuffling would pair "
+        "one pass's samples with another's).", argument, "" if indices is None else f" ({len(indices)} sampled indices)",
+    )
+    return LoaderData(dataset, loader.collate_fn, indices)
+
+
+def _innermost_sampler(loader: torch.utils.data.DataLoader) -> Any:
+    """The sampler that decides which indices a loader visits (through accelerate's batch-sampler shards)."""
+    batch_sampler = loader.batch_sampler
+    while hasattr(batch_sampler, "batch_sampler"):  # accelerate.data_loader.BatchSamplerShard
+        batch_sampler = batch_sampler.batch_sampler
+    return getattr(batch_sampler, "sampler", None) or loader.sampler
+
+
+def class_labels(
+    batch: Mapping[str, Any],
+    ids: Sequence[Any],
+    num_labels: int,
+    argument: str = "data",
+    examples: Optional[Sequence[Any]] = None,
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """`(labels, valid)`: int64 class ids and a mask that is False where the label is -100; None when unlabelled.
+
+    Raises a ValueError naming `argument`, the sample and the value for labels that are not one
+    class id in `[0, num_labels)` per sample.
+    """
+    raw = batch.get("labels", batch.get("label")) if isinstance(batch, Mapping) else None
+    if raw is None:
+        first = examples[0] if examples else None
+        value = first.get("labels", first.get("label")) if isinstance(first, Mapping) else None
+        if isinstance(value, str):
+            raise _string_labels(argument, ids[0], value)
+        return None
+    if isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], str):
+        raise _string_labels(argument, ids[0], raw[0])
+    try:
+        labels = torch.as_tensor(raw)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{argument}: the labels {raw!r} are not class ids ({err}); give one int per sample.") from None
+    if labels.dim() != 1 or labels.shape[0] != len(ids):
+        raise ValueError(
+            f"{argument}: labels of shape {tuple(labels.shape)} for {len(ids)} samples; SAP corrects single-label "
+            "classifiers and needs one class id per sample (not one-hot or multi-label targets)."
+        )
+    if labels.dtype == torch.bool or labels.is_complex():
+        raise ValueError(f"{argument}: labels of dtype {labels.dtype}; give int class ids in [0, {num_labels}).")
+    if labels.is_floating_point():
+        whole = torch.isfinite(labels) & (labels == labels.round())
+        if not whole.all():
+            position = int((~whole).nonzero()[0, 0])
+            raise ValueError(
+                f"{argument}: sample {ids[position]!r} has label {float(labels[position])!r}, not a whole class id; "
+                f"give int labels in [0, {num_labels}) (regression targets are not supported)."
+            )
+    labels = labels.long()
+    valid = labels != IGNORE_INDEX
+    bad = valid & ((labels < 0) | (labels >= num_labels))
+    if bad.any():
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{argument}: sample {ids[position]!r} has label {int(labels[position])}, outside the model's {num_labels} "
+            f"classes [0, {num_labels}) (-100 is ignored); fix the label mapping or the model's num_labels."
+        )
+    return labels, valid
+
+
+def _string_labels(argument: str, identity: Any, value: str) -> ValueError:
+    return ValueError(
+        f"{argument}: sample {identity!r} has the label {value!r}, a string; SAP needs int class ids: map the names "
+        "through the model's config.label2id (or a datasets ClassLabel column, dataset.class_encode_column('label'))."
+    )
