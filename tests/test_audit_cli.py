@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sap_hf.cli import main as cli
+from sap_hf.cli import commands as cli
 from sap_hf.audit.report import CSV_NAME, GRID_NAME, SUMMARY_NAME
 
 WORKER = Path(__file__).with_name("distributed_audit_worker.py")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from sap_hf.cli import main as cli
+from sap_hf.cli import commands as cli
 from sap_hf.hub import load_sap_record
 from sap_hf.runtime.passes import Runtime
 

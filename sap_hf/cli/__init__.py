@@ -1,5 +1,5 @@
 """The `sap-hf` command line (`correct`, `audit`, `push`) and the argument parsing it shares with the recipe."""
 
-from .main import main
+from .commands import main
 
 __all__ = ["main"]
