@@ -17,6 +17,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .runtime.batching import Collator, subset
+from .core.adapters import merge_for_correction
 from .core.config import SAPConfig, validate_alpha
 from .core.evaluation import accuracy_evaluator
 from .core.projection import current_weights, plan_projection, write_weights
@@ -34,6 +35,9 @@ class SAPResult:
 
     `trusted_indices` (positions in the selection data, or the `key`s of a keyed stream) make the run reproducible and let the same
     trusted samples be reused, e.g. to fine-tune on them after SAP.
+
+    `model` (set by `sap_correct`, not a field: `asdict`/`to_dict` must not copy it) is the corrected
+    model: the one given, or for a PEFT model the merged plain model (save that one whole).
     """
 
     alphas: list[Optional[float]]
@@ -45,6 +49,7 @@ class SAPResult:
     trusted_per_class: dict[int, int] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     trusted_indices: list[Union[int, str]] = field(default_factory=list)
+    model = None  # Optional[nn.Module], not annotated so that it is no dataclass field
 
     @property
     def alpha(self) -> Optional[float]:
@@ -108,6 +113,8 @@ def sap_project(
     each kind its own, e.g. the `kind_alphas` a `sap_correct(alpha_scope="per_kind")` chose. With
     `config.num_rounds > 1`, statistics are re-collected on the projected model and alpha is
     multiplied by `config.alpha_growth` each round. `stats` skips the first data pass.
+    A PEFT (LoRA) model is merged first (SAP corrects W + s·B·A) and the merged plain model is
+    returned: use and save that one, the PEFT wrapper would save only adapters.
     """
     config = config or SAPConfig()
     if alpha is None:
@@ -123,6 +130,7 @@ def sap_project(
     else:
         alpha = validate_alpha(alpha)
     base = unwrap(model, accelerator)
+    model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     if stats is not None:
         stats.check_model(base, "The given stats")
     targets = stats.target_modules if stats is not None else _resolve_targets(base, config)
@@ -192,6 +200,7 @@ def sap_correct(
     (re-tune alpha without a data pass, or resume an interrupted run) and saved to it otherwise; it is
     checked (`check_stats_path`) before any data is read.
     The model is left at the best alpha, or unchanged when no alpha beats it on the eval set.
+    A PEFT (LoRA) model is merged first: `result.model` is the corrected plain model to save.
     """
     config = config or SAPConfig()
     if evaluate_fn is None:
@@ -201,6 +210,7 @@ def sap_correct(
             eval_data, batch_size=config.batch_size, accelerator=accelerator, collate_fn=collate_fn
         )
     base = unwrap(model, accelerator)
+    model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     targets = _resolve_targets(base, config)
     stats, selection = None, None
     if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
@@ -254,7 +264,7 @@ def sap_correct(
             rounds.append(search)
             if not search.improved:
                 break
-    return SAPResult(
+    result = SAPResult(
         alphas=[r.best_alpha for r in rounds],
         rounds=rounds,
         baseline_metrics=rounds[0].baseline,
@@ -265,6 +275,8 @@ def sap_correct(
         config=config.to_dict(),
         trusted_indices=[_identity(i) for i in trusted_indices] if trusted_indices is not None else [],
     )
+    result.model = model  # the corrected model (for PEFT: the merged one, not the consumed wrapper)
+    return result
 
 
 def _identity(value: Any) -> Union[int, str]:
