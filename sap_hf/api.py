@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 from torch import nn
 from transformers.utils import logging
 
+from .core.adapters import merge_for_correction
 from .core.cache import cached_statistics, check_stats_path, save_statistics
 from .core.config import SAPConfig, validate_alpha
 from .core.evaluation import accuracy_evaluator
@@ -39,6 +40,9 @@ class SAPResult:
     `trusted_indices` (positions in the selection data, or the `key`s of a keyed stream) make the run
     reproducible and let the same trusted samples be reused, e.g. to fine-tune on them after SAP.
     `timings` are the wall seconds of each phase ("selection", "statistics", "evaluation", "search").
+
+    `model` (set by `sap_correct`, not a field: `asdict`/`to_dict` must not copy it) is the corrected
+    model: the one given, or for a PEFT model the merged plain model (save that one whole).
     """
 
     alphas: list[Optional[float]]
@@ -51,6 +55,7 @@ class SAPResult:
     config: dict[str, Any] = field(default_factory=dict)
     trusted_indices: list[Union[int, str]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    model = None  # Optional[nn.Module], not annotated so that it is no dataclass field
 
     @property
     def alpha(self) -> Optional[float]:
@@ -114,11 +119,13 @@ def sap_project(
     each kind its own, e.g. the `kind_alphas` a `sap_correct(alpha_scope="per_kind")` chose. With
     `config.num_rounds > 1`, statistics are re-collected on the projected model and alpha is
     multiplied by `config.alpha_growth` each round. `stats` skips the first data pass.
+    A PEFT (LoRA) model is merged first and the merged plain model is returned: save that one.
     """
     config = config or SAPConfig()
     alpha = _fixed_alpha(alpha, config)
     runtime = _runtime(config, accelerator, collate_fn)
     base = runtime.unwrap(model)
+    model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
     if stats is not None:
         stats.check_model(base, "The given stats")
@@ -211,10 +218,12 @@ def sap_correct(
     interrupted run) and saved to it otherwise; it is checked before any data is read.
     `on_phase(phase, seconds)` is called after each phase (`SAPResult.timings` sums them).
     The model is left at the best alpha, or unchanged when no alpha beats it on the eval set.
+    A PEFT (LoRA) model is merged first: `result.model` is the corrected plain model to save.
     """
     config = config or SAPConfig()
     runtime = _runtime(config, accelerator, collate_fn, show_progress, on_phase)
     base = runtime.unwrap(model)
+    model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
     evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
     train_data = None if train_data is None else as_pass_data(train_data, "train_data")
@@ -236,12 +245,14 @@ def sap_correct(
             rounds.append(search)
             if not search.improved:
                 break
-    return SAPResult(
+    result = SAPResult(
         alphas=[r.best_alpha for r in rounds], rounds=rounds, baseline_metrics=rounds[0].baseline,
         final_metrics=rounds[-1].best_metrics, target_modules=list(stats.target_modules), num_trusted=plan.num_trusted,
         trusted_per_class={int(k): v for k, v in plan.per_class.items()}, config=config.to_dict(),
         trusted_indices=plan.identities(), timings=dict(runtime.timings),
     )
+    result.model = model  # the corrected model (for PEFT: the merged one, not the consumed wrapper)
+    return result
 
 
 def _evaluator(evaluate_fn: Optional[EvaluateFn], eval_data: Any, runtime: Runtime) -> EvaluateFn:

@@ -24,6 +24,7 @@ from .audit.report import write_audit_report
 from .runtime.batching import batch_labels, first_example_batch
 from .runtime.contract import IGNORE_INDEX
 from .runtime.passes import Runtime
+from .core.adapters import merge_trainer_adapters
 from .core.config import SAPConfig
 from .hub import sap_record, staged_save, write_sap_files
 from .losses import check_label_smoothing, training_loss_record
@@ -101,10 +102,13 @@ class SAPTrainer(Trainer):
         batches (default: the Trainer's `data_collator`): give the raw stream
         (`sap_hf.data.undecoded_images(split)`) and `ImageTransform.collate` so that each training image
         is decoded once, by one process, and the trusted samples are kept as raw rows.
+        A PEFT (LoRA) model is merged first and `self.model` becomes the merged model, so that
+        `save_model()` writes the whole corrected model (a PEFT save would keep only the adapters).
         """
         selection_dataset, eval_dataset = self._train_and_eval("correct()", "selection_dataset", selection_dataset,
                                                                eval_dataset, "alpha")
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
+        merge_trainer_adapters(self)  # PEFT: self.model becomes the merged model, corrected and saved whole
 
         def on_evaluate(alpha: Optional[float], metrics: dict[str, float]) -> None:
             scores = {f"sap/{k}": v for k, v in metrics.items() if not k.endswith(_BOOKKEEPING)}

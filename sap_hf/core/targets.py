@@ -21,6 +21,8 @@ from typing import Mapping, Optional, Sequence, Union
 from torch import nn
 from transformers.utils import logging
 
+from .adapters import check_no_adapters
+
 logger = logging.get_logger(__name__)
 
 Patterns = Optional[Union[str, Sequence[str]]]
@@ -79,8 +81,10 @@ def find_target_modules(
     adds the head. Raises a ValueError listing the model's Linear layers when the selection leaves
     the backbone empty, even if the head is still projected: a typo in a pattern must not silently
     shrink SAP to the classifier. The one way to project the head alone is `target_modules=[]`
-    with `project_classifier=True` (logged).
+    with `project_classifier=True` (logged). A model that still holds PEFT adapter modules raises:
+    `lora_A`/`lora_B`/`base_layer` are not layers of the model SAP corrects (merge them first).
     """
+    check_no_adapters(model)
     if isinstance(target_modules, str) and target_modules != "all-linear":
         try:
             re.compile(target_modules)
