@@ -26,7 +26,10 @@ from .core.targets import TargetGroup, classifier_names, find_target_modules
 from .trainer import SAPTrainer
 from .core.selection import TrustedSelection, select_trusted
 
-__version__ = "0.1.0"
+__version__: str = next(  # importlib.metadata.version("sap_hf"), one source (pyproject.toml); "0+unknown" when not installed
+    (dist.version for dist in __import__("importlib.metadata", fromlist=["distributions"]).distributions(name="sap_hf")),
+    "0+unknown",
+)
 
 __all__ = [
     "ActivationStats",

@@ -21,3 +21,21 @@ def assert_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), f"{name} changed"
+
+
+def user_error(capsys, call, *args, prog: str = "sap-hf") -> str:
+    """Run `call(*args)` expecting a user error: exit code 2 and one `PROG...: error: ...` line last on stderr.
+
+    Returns that line (logging warnings before it are allowed; a traceback is not).
+    """
+    import pytest
+
+    capsys.readouterr()  # drop what earlier calls printed
+    with pytest.raises(SystemExit) as exit_info:
+        call(*args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("\n"), err
+    line = err.splitlines()[-1]
+    assert line.startswith(prog) and ": error: " in line, err
+    return line
