@@ -54,7 +54,8 @@ def test_cli_audit_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
     assert "--output_dir is required: where to save the corrected model" in line
     other = _tiny_model(tmp_path / "model3", num_labels=3)
     for command, fix in (("audit", "audit with a model trained on this data"), ("correct", "correct a model trained on this data")):
-        line = user_error(capsys, cli.main, [command, "--model_name_or_path", str(other), *data, "--output_dir", str(tmp_path / command)])
+        line = user_error(capsys, cli.main, [command, "--model_name_or_path", str(other), *data, "--output_dir",
+                                             str(tmp_path / command)], alone=False)  # found once the model is read
         assert f"has num_labels=3 but the data has 14 classes; {fix}" in line
     line = user_error(capsys, cli.main, ["audit", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--views", "flip"])
     assert "--views 'flip' is invalid" in line

@@ -90,7 +90,7 @@ def test_missing_data_dir_fails_before_any_data_is_read(tmp_path, capsys):
 
 
 def test_push_folder_without_a_saved_model(tmp_path, capsys):
-    for folder, reason in ((tmp_path, "no config.json"), (tmp_path / "missing", "it does not exist")):
+    for folder, reason in ((tmp_path, "it has no config.json"), (tmp_path / "missing", "it does not exist")):
         with mock.patch("sap_hf.hub.HfApi", side_effect=AssertionError("the Hub was called")):
             line = user_error(capsys, cli.main, ["push", str(folder), "--repo_id", "user/vit-sap"], prog="sap-hf push")
         assert line == (f"sap-hf push: error: FOLDER {str(folder)!r} holds no saved model ({reason}); pass a folder "
@@ -189,7 +189,7 @@ def test_command_line_prints_no_traceback_unless_debug(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert run.stderr.splitlines()[-1].startswith(f"sap-hf correct: error: --model_name_or_path: no model folder at {missing!r}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith(f"sap-hf correct: error: --model_name_or_path: no model folder at {missing!r}")
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError: --model_name_or_path" in debug.stderr

@@ -18,8 +18,12 @@ CLOTHING1M_LAYOUT = "images/, *_key_list.txt, *_label_kv.txt"
 
 
 def looks_like_local_path(value: str) -> bool:
-    """True when `value` can only mean a local path: it exists, starts with '.', '/' or '~', holds a
-    backslash or the platform's separator beyond a Hub id's one '/', or is no valid Hub repo id."""
+    """True when `value` can only mean a local path, so that a missing folder is reported as one.
+
+    That is: it exists (as for `from_pretrained`, a local path wins), starts with '.', '/' or '~',
+    holds a backslash (or the platform's separator), or is no valid Hub repo id ('a/b/c', 'my model').
+    A one-slash name that does not exist ('user/vit') stays a Hub id.
+    """
     if value.startswith((".", "/", "~")) or os.path.exists(value):
         return True
     if "\\" in value or (os.sep != "/" and os.sep in value):

@@ -69,6 +69,8 @@ class CorrectArguments(DataArguments):
         super().__post_init__()
         _require(self, model_name_or_path="the trained model (Hub id or local path) to correct",
                  output_dir="where to save the corrected model")
+        # Here, before the next dataclasses are parsed: a wrong path is the only line printed.
+        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
 
@@ -88,7 +90,6 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
     args, config = parse_with_config((CorrectArguments, SAPConfig), argv, prog="sap-hf correct")
-    check_paths(model_name_or_path=args.model_name_or_path, data_dir=args.data_dir, output_dir=args.output_dir)
     accelerator = Accelerator()
     if args.stats_path:  # before the data is loaded and evaluated
         check_stats_path(args.stats_path, writable=accelerator.is_main_process)
@@ -151,7 +152,7 @@ def push(argv: Optional[Sequence[str]] = None) -> None:
     (args,) = ArgumentParser(PushArguments, prog="sap-hf push").parse_strict(argv)
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
-        reason = "it does not exist" if not folder.exists() else "it is a file" if not folder.is_dir() else "no config.json"
+        reason = "it does not exist" if not folder.exists() else "it is a file" if not folder.is_dir() else "it has no config.json"
         raise FileNotFoundError(
             f"FOLDER {args.folder!r} holds no saved model ({reason}); pass a folder written by `sap-hf correct` or "
             "SAPTrainer.save_model()."
@@ -182,6 +183,7 @@ class AuditArguments(DataArguments):
         super().__post_init__()
         _require(self, model_name_or_path="the (SAP-corrected) model whose view of the labels to report",
                  output_dir="where to write the label audit")
+        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir)
         if self.split not in ("train", "validation", "test"):
             raise ValueError(f"--split {self.split!r} is invalid: choose 'train', 'validation' or 'test'.")
         for name, allowed in (("method", SCORE_METHODS), ("filter_by", FILTERS), ("views", VIEWS)):
@@ -196,7 +198,6 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
     (args,) = parse_with_config((AuditArguments,), argv, prog="sap-hf audit")
-    check_paths(model_name_or_path=args.model_name_or_path, data_dir=args.data_dir, output_dir=args.output_dir)
     accelerator = Accelerator()
     splits = load_splits(args)
     model = _load_classifier(args.model_name_or_path, splits, "audit with a model trained on this data")
@@ -234,6 +235,7 @@ COMMAND_HELP = {
 
 
 def _usage() -> str:
+    """The command listing: argparse knows one command's arguments, not which commands exist."""
     listing = "".join(f"  {name:<8} {text}\n" for name, text in COMMAND_HELP.items())
     return (f"usage: sap-hf {{{','.join(COMMANDS)}}} [--help] [--debug] ...\n       sap-hf --version\n{listing}"
             "  --debug  show the traceback of an error instead of its one-line message\n")
