@@ -11,6 +11,10 @@ symmetric label noise, a tiny ViT trained from scratch), configured by
 `SAPConfig` or `LossConfig` can be given on the command line or in a YAML `--config`:
 `--loss gce --gce_q 0.7` or `--loss sce` trains with a noise-robust loss before SAP,
 `--label_smoothing_factor 0.1` (with the default `--loss ce`) with label smoothing.
+
+A user error (a bad value, a wrong path) is one line on stderr with exit code 2, and paths are
+checked before any data is read or model loaded; a bare `--debug` shows the traceback instead
+(`--debug OPTION` is still TrainingArguments' own debug option).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from transformers.utils import logging
 from sap_hf import ActivationStats, SAPConfig
 from sap_hf.core.cache import check_stats_path
 from sap_hf.cli.args import parse_with_config
+from sap_hf.cli.checks import check_paths
+from sap_hf.cli.errors import pop_debug_flag, report_user_errors
 from sap_hf.data import undecoded_images
 from sap_hf.core.formatting import format_result_alphas
 from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
@@ -80,7 +86,15 @@ ARGUMENT_TYPES = (ScriptArguments, TrainingArguments, SAPConfig, LossConfig)
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run the recipe; a user error exits with code 2 and one line on stderr (a bare `--debug`: the traceback)."""
+    debug, argv = pop_debug_flag(sys.argv[1:] if argv is None else argv, debug_takes_values=True)
+    with report_user_errors(Path(__file__).name, debug=debug):
+        return run(argv)
+
+
+def run(argv: list[str]) -> dict:
+    """Fine-tune, correct, audit (and refine), evaluate and save: `main` without the one-line error reporting."""
+    argv = list(argv)
     if not torch.cuda.is_available() and not any(a.startswith("--use_cpu") for a in argv):
         # Without this, TrainingArguments treats N CPU processes as N independent runs (NOT_PARALLEL);
         # use_cpu makes them one gloo (MULTI_CPU) job.
@@ -88,6 +102,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     script_args, training_args, sap_config, loss_config = parse_with_config(
         ARGUMENT_TYPES, argv, default_config=DEFAULT_CONFIG
     )
+    check_paths(model_name_or_path=script_args.model_name_or_path, data_dir=script_args.data_dir,
+                output_dir=training_args.output_dir)  # before any data is read or model loaded
     loss_func = make_loss_func(loss_config, training_args.label_smoothing_factor)  # raises before any data is read
     refine_config = script_args.refine_config() if script_args.refine else None  # validated before training
     logging.set_verbosity_info() if training_args.should_log else None

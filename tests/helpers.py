@@ -21,3 +21,22 @@ def assert_identical(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
     assert before.keys() == after.keys()
     for name, tensor in before.items():
         assert torch.equal(tensor, after[name]), f"{name} changed"
+
+
+def user_error(capsys, call, *args, prog: str = "sap-hf", alone: bool = True) -> str:
+    """Run `call(*args)` expecting a user error: exit code 2 and one line `PROG...: error: ...` on stderr.
+
+    Returns that line. `alone=False` for an error found after work began (a model was loaded): what
+    that work logged may precede the line.
+    """
+    import pytest
+
+    capsys.readouterr()  # drop what earlier calls printed
+    with pytest.raises(SystemExit) as exit_info:
+        call(*args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("\n") and (err.count("\n") == 1 or not alone), err
+    line = err.splitlines()[-1]
+    assert line.startswith(prog) and ": error: " in line, err
+    return line

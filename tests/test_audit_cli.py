@@ -13,6 +13,8 @@ import pytest
 from sap_hf.cli import commands as cli
 from sap_hf.audit.report import CSV_NAME, GRID_NAME, SUMMARY_NAME
 
+from helpers import user_error
+
 WORKER = Path(__file__).with_name("distributed_audit_worker.py")
 
 
@@ -42,19 +44,21 @@ def test_cli_audit_writes_csv_summary_and_grid(tiny_clothing1m, tmp_path, capsys
     assert (out / GRID_NAME).stat().st_size > 0 or printed["suspected"] == 0
 
 
-def test_cli_audit_rejects_bad_arguments(tiny_clothing1m, tmp_path):
-    with pytest.raises(ValueError, match="--model_name_or_path is required"):
-        cli.main(["audit", "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="--output_dir is required: where to write the label audit"):
-        cli.main(["audit", "--data_dir", str(tiny_clothing1m), "--model_name_or_path", "x"])
-    with pytest.raises(ValueError, match="--output_dir is required: where to save the corrected model"):
-        cli.main(["correct", "--data_dir", str(tiny_clothing1m), "--model_name_or_path", "x"])
+def test_cli_audit_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
+    data = ["--data_dir", str(tiny_clothing1m)]
+    line = user_error(capsys, cli.main, ["audit", *data, "--output_dir", str(tmp_path)], prog="sap-hf audit")
+    assert "--model_name_or_path is required" in line
+    line = user_error(capsys, cli.main, ["audit", *data, "--model_name_or_path", "x"], prog="sap-hf audit")
+    assert "--output_dir is required: where to write the label audit" in line
+    line = user_error(capsys, cli.main, ["correct", *data, "--model_name_or_path", "x"], prog="sap-hf correct")
+    assert "--output_dir is required: where to save the corrected model" in line
     other = _tiny_model(tmp_path / "model3", num_labels=3)
     for command, fix in (("audit", "audit with a model trained on this data"), ("correct", "correct a model trained on this data")):
-        with pytest.raises(ValueError, match=f"has num_labels=3 but the data has 14 classes; {fix}"):
-            cli.main([command, "--model_name_or_path", str(other), "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path / command)])
-    with pytest.raises(ValueError, match="--views 'flip' is invalid"):
-        cli.main(["audit", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--views", "flip"])
+        line = user_error(capsys, cli.main, [command, "--model_name_or_path", str(other), *data, "--output_dir",
+                                             str(tmp_path / command)], alone=False)  # found once the model is read
+        assert f"has num_labels=3 but the data has 14 classes; {fix}" in line
+    line = user_error(capsys, cli.main, ["audit", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--views", "flip"])
+    assert "--views 'flip' is invalid" in line
 
 
 def _launch(out: Path, processes: int) -> dict:

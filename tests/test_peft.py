@@ -15,7 +15,8 @@ from transformers import AutoModelForImageClassification, PreTrainedModel, Train
 
 peft = pytest.importorskip("peft")
 
-from sap_hf import SAPConfig, collect_statistics, find_target_modules, sap_correct, sap_project  # noqa: E402
+from sap_hf import SAPConfig, collect_statistics, sap_correct, sap_project
+from sap_hf.core.targets import find_target_modules
 from sap_hf.core.adapters import (  # noqa: E402
     ADAPTER_SEGMENTS,
     adapter_module_names,
@@ -28,6 +29,7 @@ from sap_hf.models import tiny_model  # noqa: E402
 from sap_hf.trainer import SAPTrainer  # noqa: E402
 
 from helpers import random_examples  # noqa: E402
+from sap_hf.runtime.passes import Runtime
 
 PIXELS = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 
@@ -106,7 +108,7 @@ def test_corrected_weights_are_the_merged_weights_projected(trained_peft):
     reference = copy.deepcopy(model).merge_and_unload()
     for name, weight in effective.items():
         torch.testing.assert_close(reference.get_submodule(name).weight, weight)
-    stats = collect_statistics(reference, trusted, find_target_modules(reference), batch_size=4, show_progress=False)
+    stats = collect_statistics(reference, trusted, find_target_modules(reference), runtime=Runtime(batch_size=4, show_progress=False))
     # The Gram of q_proj's group is that of the input the LoRA layer's W and A read (hooked on the PEFT model).
     seen = []
     layer = model.base_model.model.vit.layers[0].attention.q_proj

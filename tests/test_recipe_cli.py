@@ -16,6 +16,8 @@ from sap_hf.cli import commands as cli
 from sap_hf.hub import load_sap_record
 from sap_hf.runtime.passes import Runtime
 
+from helpers import user_error
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clothing1m.py"
 TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
@@ -107,7 +109,7 @@ def test_recipe_finetunes_and_corrects_a_pretrained_checkpoint(tiny_clothing1m, 
     assert name in encoder and not torch.equal(model.state_dict()[name], encoder[name])  # fine-tuned and/or projected
 
 
-def test_recipe_checks_stats_path_before_reading_data(tmp_path):
+def test_recipe_checks_stats_path_before_reading_data(tmp_path, capsys):
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
 
@@ -116,9 +118,12 @@ def test_recipe_checks_stats_path_before_reading_data(tmp_path):
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"garbage")
     for path, match in ((folder, "is a directory"), (corrupt, "not a readable SAP statistics file")):
-        with mock.patch.object(clothing1m, "load_splits", side_effect=AssertionError("data was read")), \
-                pytest.raises(ValueError, match=f"stats_path=.*{match}"):
-            clothing1m.main(["--output_dir", str(tmp_path / "out"), "--stats_path", str(path), "--report_to", "none"])
+        argv = ["--output_dir", str(tmp_path / "out"), "--stats_path", str(path), "--report_to", "none"]
+        with mock.patch.object(clothing1m, "load_splits", side_effect=AssertionError("data was read")):
+            line = user_error(capsys, clothing1m.main, argv, prog="clothing1m.py")
+            assert line.startswith("clothing1m.py: error: stats_path=") and match in line
+            with pytest.raises(ValueError, match=f"stats_path=.*{match}"):  # the exception, for callers of run()
+                clothing1m.run(argv)
 
 
 def test_recipe_replaces_a_stale_default_statistics_cache(tmp_path):
@@ -173,20 +178,20 @@ def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
-    with pytest.raises(ValueError, match="model_name_or_path"):
-        cli.main(["correct", "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="alphas"):
-        cli.main(["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--alphas", "0.5"])
-    with pytest.raises(SystemExit):
-        cli.main(["frobnicate"])
-    message = capsys.readouterr().err
-    assert "unknown command 'frobnicate'" in message and all(f"  {name} " in message for name in cli.COMMANDS)
+    line = user_error(capsys, cli.main, ["correct", "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path)])
+    assert "--model_name_or_path is required" in line
+    line = user_error(capsys, cli.main, ["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--alphas", "0.5"])
+    assert "alphas" in line
+    line = user_error(capsys, cli.main, ["frobnicate"])
+    assert "unknown command 'frobnicate'" in line and all(name in line for name in cli.COMMANDS)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
-    assert exit_info.value.code == 0 and "usage: sap-hf" in capsys.readouterr().out
-    with mock.patch.object(cli, "load_splits", side_effect=AssertionError("data was read")), \
-            pytest.raises(ValueError, match="stats_path=.* is a directory"):
-        cli.main(["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path / "o"), "--stats_path", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: sap-hf" in out and all(f"  {name} " in out for name in cli.COMMANDS)
+    with mock.patch.object(cli, "load_splits", side_effect=AssertionError("data was read")):
+        line = user_error(capsys, cli.main, ["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path / "o"),
+                                             "--stats_path", str(tmp_path)])
+    assert "stats_path=" in line and "is a directory" in line
 
 
 def test_yaml_configs_parse_and_cli_overrides(tmp_path):

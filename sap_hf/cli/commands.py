@@ -4,10 +4,15 @@
     sap-hf correct --model_name_or_path user/vit-noisy --dataset_name user/my-images --push_to_hub --hub_model_id user/vit-sap
     sap-hf push ./my-vit-sap --repo_id user/vit-sap
     sap-hf audit --model_name_or_path ./my-vit-sap --data_dir /data/clothing1m --output_dir ./label-audit
+    sap-hf --version
 
 `correct` reads the same data arguments as the recipe (Clothing1M layout, a `datasets` dataset,
 or the embedded Fashion-MNIST default) and every `SAPConfig` field; `--config FILE.yaml` gives
 defaults. It runs under `accelerate launch` with any number of processes.
+
+A user error (a bad value, a wrong path, a missing argument) is one line on stderr naming the
+argument and the fix, with exit code 2; paths are checked before any data or model is read.
+`--debug` (any command) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from ..core.cache import check_stats_path
 from ..runtime.passes import Runtime
 from ..audit.labels import FILTERS, SCORE_METHODS, VIEWS, audit_labels
 from ..audit.report import write_audit_report
-from .args import parse_with_config
+from .. import __version__
+from .args import ArgumentParser, parse_with_config
+from .checks import check_paths
+from .errors import pop_debug_flag, report_user_errors
 from ..core.config import SAPConfig
 from ..core.evaluation import evaluate_accuracy
 from ..hub import push_folder, sap_record, staged_save, write_sap_files
@@ -63,6 +71,8 @@ class CorrectArguments(DataArguments):
         super().__post_init__()
         _require(self, model_name_or_path="the trained model (Hub id or local path) to correct",
                  output_dir="where to save the corrected model")
+        # Here, before the next dataclasses are parsed: a wrong path is the only line printed.
+        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
 
@@ -81,7 +91,7 @@ def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> Any:
 def correct(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
-    args, config = parse_with_config((CorrectArguments, SAPConfig), argv)
+    args, config = parse_with_config((CorrectArguments, SAPConfig), argv, prog="sap-hf correct")
     accelerator = Accelerator()
     if args.stats_path:  # before the data is loaded and evaluated
         check_stats_path(args.stats_path, writable=accelerator.is_main_process)
@@ -138,14 +148,17 @@ class PushArguments:
 
 
 def push(argv: Optional[Sequence[str]] = None) -> None:
-    from transformers import HfArgumentParser
-
     argv = list(argv or [])
     if argv and not argv[0].startswith("-"):
         argv = ["--folder", argv[0], *argv[1:]]
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(argv)
-    if not (Path(args.folder) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.folder!r} holds no saved model (config.json); save one with `sap-hf correct` first.")
+    (args,) = ArgumentParser(PushArguments, prog="sap-hf push").parse_strict(argv)
+    folder = Path(args.folder)
+    if not (folder / "config.json").is_file():
+        reason = "it does not exist" if not folder.exists() else "it is a file" if not folder.is_dir() else "it has no config.json"
+        raise FileNotFoundError(
+            f"FOLDER {args.folder!r} holds no saved model ({reason}); pass a folder written by `sap-hf correct` or "
+            "SAPTrainer.save_model()."
+        )
     push_folder(args.folder, args.repo_id, token=args.token, private=args.private)
 
 
@@ -172,6 +185,7 @@ class AuditArguments(DataArguments):
         super().__post_init__()
         _require(self, model_name_or_path="the (SAP-corrected) model whose view of the labels to report",
                  output_dir="where to write the label audit")
+        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir)
         if self.split not in ("train", "validation", "test"):
             raise ValueError(f"--split {self.split!r} is invalid: choose 'train', 'validation' or 'test'.")
         for name, allowed in (("method", SCORE_METHODS), ("filter_by", FILTERS), ("views", VIEWS)):
@@ -185,7 +199,7 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
     """`sap-hf audit`: which labels of a split look wrong to the model; CSV + JSON + PNG in --output_dir."""
     from accelerate import Accelerator
 
-    (args,) = parse_with_config((AuditArguments,), argv)
+    (args,) = parse_with_config((AuditArguments,), argv, prog="sap-hf audit")
     accelerator = Accelerator()
     splits = load_splits(args)
     model = _load_classifier(args.model_name_or_path, splits, "audit with a model trained on this data")
@@ -222,15 +236,32 @@ COMMAND_HELP = {
 }
 
 
+def _usage() -> str:
+    """The command listing: argparse knows one command's arguments, not which commands exist."""
+    listing = "".join(f"  {name:<8} {text}\n" for name, text in COMMAND_HELP.items())
+    return (f"usage: sap-hf {{{','.join(COMMANDS)}}} [--help] [--debug] ...\n       sap-hf --version\n{listing}"
+            "  --debug  show the traceback of an error instead of its one-line message\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        unknown = f"sap-hf: unknown command {argv[0]!r}\n" if argv and not argv[0].startswith("-") else ""
-        listing = "".join(f"  {name:<8} {text}\n" for name, text in COMMAND_HELP.items())
-        asked = bool(argv) and argv[0] in ("-h", "--help")
-        (sys.stdout if asked else sys.stderr).write(f"{unknown}usage: sap-hf {{{','.join(COMMANDS)}}} [--help] ...\n{listing}")
-        raise SystemExit(0 if asked else 2)
-    COMMANDS[argv[0]](argv[1:])
+    """Run one command; a user error exits with code 2 and one line on stderr (`--debug`: the traceback)."""
+    debug, argv = pop_debug_flag(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        sys.stderr.write(_usage())
+        raise SystemExit(2)
+    if argv[0] in ("-h", "--help"):
+        sys.stdout.write(_usage())
+        raise SystemExit(0)
+    if argv[0] == "--version":
+        sys.stdout.write(f"sap-hf {__version__}\n")
+        return
+    if argv[0] not in COMMANDS:
+        what = "option" if argv[0].startswith("-") else "command"
+        sys.stderr.write(f"sap-hf: error: unknown {what} {argv[0]!r}; choose a command: {', '.join(COMMANDS)} "
+                         "(`sap-hf --help` describes them).\n")
+        raise SystemExit(2)
+    with report_user_errors(f"sap-hf {argv[0]}", debug=debug):
+        COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":
