@@ -72,3 +72,50 @@ def test_import_arrows_point_down():
         for name in sorted(imported - allowed):
             wrong.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not wrong, "\n".join(wrong)
+
+
+MAX_FUNCTION_LINES = 60
+MAX_TOP_LEVEL_NAMES = 16
+
+
+def _code_lines(lines: list[str], node: ast.AST) -> int:
+    """Lines of code of a function: its span without the docstring, blank and comment-only lines."""
+    body = node.body
+    doc = None
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+        doc = range(body[0].lineno, body[0].end_lineno + 1)
+    count = 0
+    for number in range(node.lineno, node.end_lineno + 1):
+        text = lines[number - 1].strip()
+        if text and not text.startswith("#") and not (doc and number in doc):
+            count += 1
+    return count
+
+
+def test_no_library_function_is_over_60_lines_of_code():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        lines = source.split("\n")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                size = _code_lines(lines, node)
+                if size > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({size} lines)")
+    assert not long, "split these functions:\n" + "\n".join(long)
+
+
+def test_the_top_level_exports_at_most_16_names_that_all_resolve():
+    import sap_hf
+
+    assert len(sap_hf.__all__) <= MAX_TOP_LEVEL_NAMES, sap_hf.__all__
+    assert all(hasattr(sap_hf, name) for name in sap_hf.__all__)
+    public = {name for name in vars(sap_hf) if not name.startswith("_")} - set(sap_hf.__all__)
+    modules = {name for name in public if isinstance(getattr(sap_hf, name), type(sap_hf))}
+    assert public == modules, f"names outside __all__: {sorted(public - modules)}"
+
+
+def test_the_function_length_check_counts_code_not_docstrings():
+    source = 'def f():\n    """Doc\n    more."""\n    # comment\n\n    x = 1\n    return x\n'
+    node = ast.parse(source).body[0]
+    assert _code_lines(source.split("\n"), node) == 3  # def, x = 1, return x

@@ -137,105 +137,121 @@ def search_alpha(
     alphas = [validate_alpha(a, "alphas") for a in alphas]
     if not alphas:
         raise ValueError("alphas is empty: give at least one alpha >= 1.")
-    if method == "bracket":
-        alphas = sorted(set(alphas))
-    bases = bases if bases is not None else eigenbases(stats)
-    originals = current_weights(model, stats.target_modules)
-    rotated = rotate_weights(originals, stats.groups, bases)  # W U once; each alpha then costs out x d^2
+    search = _Search(model, stats, sorted(set(alphas)) if method == "bracket" else alphas, evaluate_fn, metric,
+                     greater_is_better, bases, on_evaluate, method, tolerance)
+    try:
+        search.shared_pass()
+        if kinds is not None:
+            search.kind_pass(kinds)
+    except BaseException:
+        write_weights(model, search.originals)
+        raise
+    search.finish()
+    return search.result
 
-    def score(metrics: Mapping[str, float]) -> float:
-        if metric not in metrics:
-            raise ValueError(f"The evaluation returned {sorted(metrics)}, not the metric {metric!r} to select alpha by.")
-        value = float(metrics[metric])
-        value = value if greater_is_better else -value
+
+class _Search:
+    """The state of one alpha search: originals, `W U` per layer, every score, the best write so far."""
+
+    def __init__(self, model: nn.Module, stats: ActivationStats, alphas: list[float], evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
+                 metric: str, greater_is_better: bool, bases: Optional[Mapping[str, Eigenbasis]],
+                 on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]], method: str, tolerance: float):
+        self.model, self.stats, self.alphas, self.evaluate_fn = model, stats, alphas, evaluate_fn
+        self.metric, self.greater_is_better, self.on_evaluate = metric, greater_is_better, on_evaluate
+        self.method, self.tolerance = method, tolerance
+        self.bases = bases if bases is not None else eigenbases(stats)
+        self.originals = current_weights(model, stats.target_modules)
+        self.rotated = rotate_weights(self.originals, stats.groups, self.bases)  # W U once; each alpha then costs out x d^2
+        self.result = AlphaSearchResult(metric=metric, baseline={})
+        self.shared_scores: dict[float, dict[str, float]] = {}
+        self.best_score = -math.inf
+        self.best_write: Any = None
+
+    def score(self, metrics: Mapping[str, float]) -> float:
+        if self.metric not in metrics:
+            raise ValueError(f"The evaluation returned {sorted(metrics)}, not the metric {self.metric!r} to select alpha by.")
+        value = float(metrics[self.metric])
+        value = value if self.greater_is_better else -value
         return value if math.isfinite(value) else -math.inf
 
-    result = AlphaSearchResult(metric=metric, baseline={})
-
-    def write(alpha: Any) -> None:
+    def write(self, alpha: Any) -> None:
         """Every target from the originals: projected where `alpha` gives a value, original where None."""
-        new_weights = dict(originals)
-        new_weights.update(plan_projection(originals, stats.groups, bases, alpha, rotated))
-        write_weights(model, new_weights)
+        new_weights = dict(self.originals)
+        new_weights.update(plan_projection(self.originals, self.stats.groups, self.bases, alpha, self.rotated))
+        write_weights(self.model, new_weights)
 
-    def evaluate(alpha: Any) -> dict[str, float]:
-        write(alpha)
-        return dict(evaluate_fn(model))
+    def evaluate(self, alpha: Any) -> dict[str, float]:
+        self.write(alpha)
+        return dict(self.evaluate_fn(self.model))
 
-    shared_scores: dict[float, dict[str, float]] = {}
+    def shared(self, alpha: float) -> float:
+        metrics = self.evaluate(alpha)
+        if self.on_evaluate:
+            self.on_evaluate(alpha, metrics)
+        self.shared_scores[alpha] = metrics
+        logger.info("SAP alpha=%g: %s=%.4f (unchanged: %.4f)", alpha, self.metric, metrics[self.metric],
+                    self.result.baseline[self.metric])
+        return self.score(metrics)
 
-    def shared(alpha: float) -> float:
-        metrics = evaluate(alpha)
-        if on_evaluate:
-            on_evaluate(alpha, metrics)
-        shared_scores[alpha] = metrics
-        logger.info("SAP alpha=%g: %s=%.4f (unchanged: %.4f)", alpha, metric, metrics[metric], result.baseline[metric])
-        return score(metrics)
-
-    best_write: Any = None
-    try:
-        result.baseline = dict(evaluate_fn(model))
-        if on_evaluate:
-            on_evaluate(None, result.baseline)
-        baseline_score = score(result.baseline)
-        if method == "grid":
+    def shared_pass(self) -> None:
+        """The unchanged model, then one alpha for every group: every alpha, or a bracket of the best."""
+        result, alphas = self.result, self.alphas
+        result.baseline = dict(self.evaluate_fn(self.model))
+        if self.on_evaluate:
+            self.on_evaluate(None, result.baseline)
+        self.best_score = self.score(result.baseline)
+        if self.method == "grid":
             for alpha in alphas:
-                shared(alpha)
+                self.shared(alpha)
         else:  # index len(alphas) is "unchanged", the alpha -> inf end of the grid
             n = len(alphas)
-            bracket_indices(
-                lambda i: shared(alphas[i]), n + 1, {n: baseline_score}, [n, *range(n)], start=(n - 1) // 2, tolerance=tolerance
-            )
-        best_score = baseline_score
+            bracket_indices(lambda i: self.shared(alphas[i]), n + 1, {n: self.best_score}, [n, *range(n)],
+                            start=(n - 1) // 2, tolerance=self.tolerance)
         result.best_metrics = result.baseline
-        for alpha in alphas if method == "grid" else sorted(shared_scores):  # first strictly better wins, as in a grid
-            if alpha in shared_scores:
-                metrics = shared_scores[alpha]
+        for alpha in alphas if self.method == "grid" else sorted(self.shared_scores):  # first strictly better wins
+            if alpha in self.shared_scores:
+                metrics = self.shared_scores[alpha]
                 result.alphas.append(alpha)
                 result.metrics.append(metrics)
-                if score(metrics) > best_score:
-                    best_score, result.best_alpha, result.best_metrics, best_write = score(metrics), alpha, metrics, alpha
-        if kinds is not None:
-            present = [kind for kind in LAYER_KINDS if kind in set(kinds.values())]
-            chosen: dict[str, Optional[float]] = {kind: result.best_alpha for kind in present}
-            for kind in present:
-                start = chosen[kind]  # this configuration is already scored; so is the current best
+                if self.score(metrics) > self.best_score:
+                    self.best_score, result.best_alpha, result.best_metrics, self.best_write = self.score(metrics), alpha, metrics, alpha
 
-                def trial_score(alpha: Optional[float], kind: str = kind) -> float:
-                    nonlocal best_score, chosen, best_write
-                    trial = dict(chosen, **{kind: alpha})
-                    per_group = group_alphas(stats.groups, kinds, trial)
-                    metrics = evaluate(per_group)
-                    result.kind_trials.append({"kind": kind, "alpha": alpha, "alphas": trial, "metrics": metrics})
-                    logger.info("SAP %s alpha=%s (others %s): %s=%.4f", kind, alpha, chosen, metric, metrics[metric])
-                    current = score(metrics)
-                    if current > best_score:
-                        best_score, result.best_metrics = current, metrics
-                        chosen, best_write = trial, per_group
-                    return current
+    def kind_pass(self, kinds: Mapping[str, str]) -> None:
+        """One coordinate pass: each layer kind in turn tries the grid and "unchanged", the others held."""
+        present = [kind for kind in LAYER_KINDS if kind in set(kinds.values())]
+        self.chosen: dict[str, Optional[float]] = {kind: self.result.best_alpha for kind in present}
+        alphas, n = self.alphas, len(self.alphas)
+        for kind in present:
+            start = self.chosen[kind]  # this configuration is already scored; so is the current best
+            if self.method == "grid":
+                for alpha in [None, *alphas]:
+                    if alpha != start and alpha != self.chosen[kind]:
+                        self.trial(kinds, kind, alpha)
+            else:
+                at = n if start is None else alphas.index(start)
+                bracket_indices(lambda i, kind=kind: self.trial(kinds, kind, None if i == n else alphas[i]), n + 1,
+                                {at: self.best_score}, [at, n, *range(n)], tolerance=self.tolerance)
+        self.result.kind_alphas = self.chosen
 
-                if method == "grid":
-                    for alpha in [None, *alphas]:
-                        if alpha != start and alpha != chosen[kind]:
-                            trial_score(alpha)
-                else:
-                    n = len(alphas)
-                    at = n if start is None else alphas.index(start)
-                    bracket_indices(
-                        lambda i: trial_score(None if i == n else alphas[i]), n + 1, {at: best_score}, [at, n, *range(n)],
-                        tolerance=tolerance,
-                    )
-            result.kind_alphas = chosen
-    except BaseException:
-        write_weights(model, originals)
-        raise
-    if best_write is None:
-        write_weights(model, originals)
-        logger.warning(
-            "No alpha improved %s over the uncorrected model (%.4f); the model is left unchanged.",
-            metric,
-            result.baseline[metric],
-        )
-    else:
-        write(best_write)
-    return result
+    def trial(self, kinds: Mapping[str, str], kind: str, alpha: Optional[float]) -> float:
+        trial = dict(self.chosen, **{kind: alpha})
+        per_group = group_alphas(self.stats.groups, kinds, trial)
+        metrics = self.evaluate(per_group)
+        self.result.kind_trials.append({"kind": kind, "alpha": alpha, "alphas": trial, "metrics": metrics})
+        logger.info("SAP %s alpha=%s (others %s): %s=%.4f", kind, alpha, self.chosen, self.metric, metrics[self.metric])
+        current = self.score(metrics)
+        if current > self.best_score:
+            self.best_score, self.result.best_metrics = current, metrics
+            self.chosen, self.best_write = trial, per_group
+        return current
+
+    def finish(self) -> None:
+        """Leave the model at the best write, or exactly as it came when nothing beat it."""
+        if self.best_write is None:
+            write_weights(self.model, self.originals)
+            logger.warning(
+                "No alpha improved %s over the uncorrected model (%.4f); the model is left unchanged.",
+                self.metric, self.result.baseline[self.metric],
+            )
+        else:
+            self.write(self.best_write)
