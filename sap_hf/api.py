@@ -39,7 +39,9 @@ class SAPResult:
 
     `trusted_indices` (positions in the selection data, or the `key`s of a keyed stream) make the run
     reproducible and let the same trusted samples be reused, e.g. to fine-tune on them after SAP.
-    `timings` are the wall seconds of each phase ("selection", "statistics", "evaluation", "search").
+    `timings` are the wall seconds of each phase: "selection", "statistics", "evaluation" (every
+    evaluation of the alpha search), "eigh" (eigendecompositions and `W U`), "write" (the final
+    weights) and "search" (the whole alpha search, its evaluations, eigh and write included).
 
     `model` (set by `sap_correct`, not a field: `asdict`/`to_dict` must not copy it) is the corrected
     model: the one given, or for a PEFT model the merged plain model (save that one whole).
@@ -241,6 +243,7 @@ def sap_correct(
                 search = search_alpha(
                     base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
                     on_evaluate=on_evaluate, kinds=kinds, method=config.alpha_search, tolerance=config.alpha_search_tolerance,
+                    on_phase=runtime.record,
                 )
             rounds.append(search)
             if not search.improved:

@@ -19,6 +19,7 @@ alpha (benchmarks/sap_ablation.py); one shared alpha has to compromise between t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -119,6 +120,7 @@ def search_alpha(
     kinds: Optional[Mapping[str, str]] = None,
     method: str = "bracket",
     tolerance: float = 0.0025,
+    on_phase: Optional[Callable[[str, float], None]] = None,
 ) -> AlphaSearchResult:
     """Evaluate the model unchanged and projected with alphas of the grid; leave it at the best one.
 
@@ -131,14 +133,18 @@ def search_alpha(
     is called after each evaluation of the shared search (alpha None = unchanged), e.g. to log
     through a Trainer. `kinds` (group name -> layer kind, see `targets.group_kinds`) adds the
     per-kind coordinate pass; its choice is `kind_alphas`, every trial is in `kind_trials`.
+    `on_phase(phase, seconds)` hears "eigh" (eigendecompositions and `W U`) and "write" (the final weights).
     """
     if method not in ALPHA_SEARCHES:
         raise ValueError(f"method={method!r} is invalid: choose one of {list(ALPHA_SEARCHES)}.")
     alphas = [validate_alpha(a, "alphas") for a in alphas]
     if not alphas:
         raise ValueError("alphas is empty: give at least one alpha >= 1.")
+    clock = time.perf_counter()
     search = _Search(model, stats, sorted(set(alphas)) if method == "bracket" else alphas, evaluate_fn, metric,
                      greater_is_better, bases, on_evaluate, method, tolerance)
+    if on_phase is not None:
+        on_phase("eigh", time.perf_counter() - clock)
     try:
         search.shared_pass()
         if kinds is not None:
@@ -146,7 +152,10 @@ def search_alpha(
     except BaseException:
         write_weights(model, search.originals)
         raise
+    clock = time.perf_counter()
     search.finish()
+    if on_phase is not None:
+        on_phase("write", time.perf_counter() - clock)
     return search.result
 
 
