@@ -22,7 +22,7 @@ from .api import SAPResult, sap_correct
 from .audit.labels import LabelAudit, audit_labels
 from .audit.report import write_audit_report
 from .runtime.batching import batch_labels, first_example_batch
-from .runtime.contract import IGNORE_INDEX
+from .runtime.contract import IGNORE_INDEX, LoaderData, as_pass_data
 from .runtime.passes import Runtime
 from .core.adapters import merge_trainer_adapters
 from .core.config import SAPConfig
@@ -44,6 +44,12 @@ def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
     references = np.asarray(prediction.label_ids)
     labelled = references != IGNORE_INDEX  # -100: the transformers ignore index, not a class
     predictions, references = predictions[labelled], references[labelled]
+    outside = (references < 0) | (references >= np.asarray(logits).shape[-1])
+    if outside.any():
+        raise ValueError(
+            f"The eval labels hold {int(references[outside][0])}, outside the model's {np.asarray(logits).shape[-1]} classes "
+            "(-100 is ignored): fix the label mapping of the eval set or the model's num_labels."
+        )
     if _ACCURACY is None:
         try:
             import evaluate
@@ -166,6 +172,9 @@ class SAPTrainer(Trainer):
         """(metric, greater_is_better, evaluate_fn) on a clean labelled eval set, through `Trainer.evaluate`."""
         metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
         greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
+        eval_dataset = as_pass_data(eval_dataset, "eval_dataset")  # one set (not a dict), re-readable (not a generator)
+        if isinstance(eval_dataset, LoaderData):  # Trainer.evaluate batches a dataset itself
+            eval_dataset = eval_dataset.examples()
         if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
             raise ValueError(
                 "The eval dataset has no 'labels'/'label' column: SAP's alpha search and refine's choices need a clean, "
@@ -199,6 +208,7 @@ class SAPTrainer(Trainer):
         dataset = dataset if dataset is not None else self.train_dataset
         if dataset is None:
             raise ValueError("audit_labels() needs a labelled dataset (or a Trainer with train_dataset).")
+        dataset = as_pass_data(dataset, "dataset")  # read once as every pass reads it (the report reads it again)
         audit = audit_labels(
             self.model, dataset, method=method, filter_by=filter_by, views=views,
             runtime=self._runtime(self.args.per_device_eval_batch_size),
@@ -229,6 +239,7 @@ class SAPTrainer(Trainer):
         train_dataset, eval_dataset = self._train_and_eval("refine()", "train_dataset", train_dataset, eval_dataset,
                                                            "lr and length")
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
+        train_dataset = as_pass_data(train_dataset, "train_dataset")  # the audit and the fine-tune read the same examples
         audit = audit or self.label_audit or self.audit_labels(train_dataset)
         refine_config = refine_config or RefineConfig()
         if refine_config.learning_rates is None:
