@@ -2,31 +2,30 @@
 
 A corrected model is an ordinary `from_pretrained`-loadable folder plus `sap_record.json` (what
 SAP did and measured) and a `README.md` model card. Files are staged in a hidden folder and
-moved into place one by one with `os.replace`, so an interrupted save never leaves a
-half-written file where a previous, readable one stood. A failed push leaves the local folder
-intact and says what to rerun.
+moved into place one by one with `os.replace` (`sap_hf.runtime.io.staged_save`), and the record
+and card are each written atomically, so an interrupted save never leaves a half-written file
+where a previous, readable one stood. A failed push leaves the local folder intact and says what
+to rerun.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .core.formatting import format_alpha, format_kind_alphas
 from .losses import describe_training_loss
+from .runtime.io import STAGING_NAME, atomic_write
+from .runtime.io import staged_save  # noqa: F401  (callers import the save mechanism from here)
 
 logger = logging.get_logger(__name__)
 
 SAP_RECORD_NAME = "sap_record.json"
 SAP_TAGS = ["sap", "label-noise", "vision-transformer", "image-classification", "sap_hf"]
-STAGING_NAME = ".sap_staging"
 
 CITATION = """@inproceedings{kodge2025sap,
   title     = {SAP: Corrective Machine Unlearning with Scaled Activation Projection for Label Noise Robustness},
@@ -91,33 +90,6 @@ The full record (configuration, every alpha's metrics, trusted samples per class
 """
 
 
-@contextlib.contextmanager
-def staged_save(output_dir: Union[str, Path], *, is_main: bool = True) -> Iterator[Path]:
-    """Yield a staging folder; on success move its files into `output_dir` one `os.replace` each.
-
-    On failure the staging folder is removed and `output_dir` keeps its previous files.
-    """
-    output_dir = Path(output_dir)
-    stage = output_dir / STAGING_NAME
-    if is_main:
-        shutil.rmtree(stage, ignore_errors=True)
-        stage.mkdir(parents=True)
-    try:
-        yield stage
-    except BaseException:
-        if is_main:
-            shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if not is_main:
-        return
-    for path in sorted(stage.rglob("*")):
-        if path.is_file():
-            target = output_dir / path.relative_to(stage)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
-    shutil.rmtree(stage, ignore_errors=True)
-
-
 def sap_record(result: Any, base_model: Optional[str] = None, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     from . import __version__
 
@@ -127,10 +99,16 @@ def sap_record(result: Any, base_model: Optional[str] = None, extra: Optional[Ma
 
 
 def write_sap_files(output_dir: Union[str, Path], record: Mapping[str, Any], model_name: Optional[str] = None) -> None:
-    """Write `sap_record.json` and the model card into `output_dir`."""
+    """Write `sap_record.json` and the model card into `output_dir`, each atomically.
+
+    Usually `output_dir` is a `staged_save` folder already; writing each file atomically as well
+    keeps a direct call (a record refreshed in a finished save folder) just as safe.
+    """
     output_dir = Path(output_dir)
-    (output_dir / SAP_RECORD_NAME).write_text(json.dumps(record, indent=2, default=float))
-    build_model_card(record, model_name or output_dir.name).save(output_dir / "README.md")
+    text = json.dumps(record, indent=2, default=float)
+    card = str(build_model_card(record, model_name or output_dir.name))
+    atomic_write(output_dir / SAP_RECORD_NAME, lambda handle: handle.write(text))
+    atomic_write(output_dir / "README.md", lambda handle: handle.write(card))
 
 
 def load_sap_record(path: Union[str, Path]) -> dict[str, Any]:

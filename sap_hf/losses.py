@@ -27,28 +27,19 @@ times larger.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .runtime.checks import check_choice, finite_float, invalid, positive_float
+
 LOSSES: tuple[str, ...] = ("ce", "gce", "sce")
 IGNORE_INDEX = -100
 _LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {"ce": (), "gce": ("gce_q",), "sce": ("sce_alpha", "sce_beta", "sce_log_zero")}
 _LOSS_TITLES = {"ce": "cross-entropy", "gce": "generalized cross-entropy (GCE, Zhang & Sabuncu 2018)",
                 "sce": "symmetric cross-entropy (SCE, Wang et al. 2019)"}
-
-
-def _bad(field_name: str, value: Any, fix: str) -> ValueError:
-    return ValueError(f"LossConfig.{field_name}={value!r} is invalid: {fix}")
-
-
-def _finite_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(name, value, "use a finite number.")
-    return float(value)
 
 
 @dataclass
@@ -82,21 +73,19 @@ class LossConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.loss not in LOSSES:
-            raise _bad("loss", self.loss, f"choose one of {list(LOSSES)} (label smoothing: loss='ce' with "
-                       "TrainingArguments.label_smoothing_factor).")
-        self.gce_q = _finite_number("gce_q", self.gce_q)
+        self.loss = check_choice(
+            "LossConfig.loss", self.loss, LOSSES, "(label smoothing: loss='ce' with TrainingArguments.label_smoothing_factor.)"
+        )
+        self.gce_q = finite_float("LossConfig.gce_q", self.gce_q)
         if not 0.0 < self.gce_q <= 1.0:
-            raise _bad("gce_q", self.gce_q, "use a number in (0, 1] (0.7 in Zhang & Sabuncu 2018; q -> 0 is "
-                       "cross-entropy, q = 1 is MAE).")
+            raise invalid("LossConfig.gce_q", self.gce_q, "use a number in (0, 1] (0.7 in Zhang & Sabuncu 2018; q -> 0 is "
+                          "cross-entropy, q = 1 is MAE).")
         for name in ("sce_alpha", "sce_beta"):
-            value = _finite_number(name, getattr(self, name))
-            if value <= 0:
-                raise _bad(name, value, "use a positive weight (Wang et al. 2019: sce_alpha=0.1, sce_beta=1.0).")
-            setattr(self, name, value)
-        self.sce_log_zero = _finite_number("sce_log_zero", self.sce_log_zero)
+            setattr(self, name, positive_float(f"LossConfig.{name}", getattr(self, name),
+                                               "It is a weight (Wang et al. 2019: sce_alpha=0.1, sce_beta=1.0)."))
+        self.sce_log_zero = finite_float("LossConfig.sce_log_zero", self.sce_log_zero)
         if self.sce_log_zero >= 0:
-            raise _bad("sce_log_zero", self.sce_log_zero, "use a negative number: it stands for log(0) (paper: -4).")
+            raise invalid("LossConfig.sce_log_zero", self.sce_log_zero, "use a negative number: it stands for log(0) (paper: -4).")
 
     def parameters(self) -> dict[str, float]:
         """The parameters the chosen loss uses (what a record should show)."""

@@ -1,6 +1,7 @@
 """A picture of the alpha search: eval metric against alpha, with the unchanged model as a line.
 
 matplotlib is optional (`pip install sap_hf[plot]`); without it the plot is skipped with a log line.
+The image is written atomically (`sap_hf.runtime.io.atomic_write`), like every other output file.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from transformers.utils import logging
 
 from .core.formatting import format_kind_alphas
+from .runtime.io import atomic_write
 
 logger = logging.get_logger(__name__)
 
@@ -56,7 +58,8 @@ def plot_alpha_curve(
     axis.legend(fontsize=8)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    image_format = path.suffix.lstrip(".").lower() or "png"  # a handle has no name to infer it from
+    try:
+        return atomic_write(path, lambda handle: figure.savefig(handle, dpi=120, format=image_format), mode="wb")
+    finally:
+        plt.close(figure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import struct
 from pathlib import Path
@@ -144,6 +145,19 @@ def test_noisy_fashion_mnist_bad_sizes(tmp_path, kwargs, argument):
         noisy_fashion_mnist(data_dir=_fake_fashion_dir(tmp_path), **kwargs)
 
 
+def test_noisy_fashion_mnist_takes_numpy_numbers_and_checks_the_noise_before_reading(tmp_path):
+    root = _fake_fashion_dir(tmp_path)
+    data = noisy_fashion_mnist(noise_rate=np.float32(0.5), seed=1, train_size=np.int64(100), val_size=np.int32(50),
+                               test_size=np.int64(20), data_dir=root)
+    assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (100, 50, 20)
+    assert sum(data["train"]["is_noisy"]) == 50
+    for kwargs, argument in [({"noise_type": "pairflip"}, "noise_type"), ({"noise_rate": 1.0}, "noise_rate")]:
+        with pytest.raises(ValueError, match=f"{argument}="):  # before the (absent) files are looked for
+            noisy_fashion_mnist(data_dir=tmp_path / "absent", **kwargs)
+    with pytest.raises(ValueError, match="val_size=True"):
+        noisy_fashion_mnist(data_dir=root, val_size=True)
+
+
 def test_missing_data_dir_is_explained(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_dir.*dataset-fashion-mnist"):
         load_fashion_mnist("train", data_dir=tmp_path / "absent")
@@ -252,6 +266,11 @@ def test_clothing1m_missing_files_are_named(clothing_copy, tmp_path):
         load_clothing1m(clothing_copy, "val")
     with pytest.raises(ValueError, match="num_shards"):
         load_clothing1m(clothing_copy, "test", num_shards=0)
+    with pytest.raises(ValueError, match="num_shards=True"):
+        load_clothing1m(clothing_copy, "test", num_shards=True)
+    assert load_clothing1m(clothing_copy, "test", num_shards=np.int64(2)).n_shards == 2
+    with pytest.raises(ValueError, match=r"split='val' is invalid.*did you mean 'validation'"):
+        load_clothing1m(clothing_copy, "val")
 
 
 def test_clothing1m_key_without_label(clothing_copy):
@@ -334,6 +353,92 @@ def test_transform_argument_errors():
         ImageTransform(image_size=8, mean=[0.1, 0.2])
     with pytest.raises(ValueError, match="image_size"):
         ImageTransform(image_size=0)
+
+
+def _fashion_image() -> np.ndarray:
+    """A real picture (Fashion-MNIST's first test image) when Debian's copy is installed, else a gradient."""
+    if DEBIAN_PRESENT:
+        return read_idx(fm.DEBIAN_FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[0]
+    return (np.add.outer(np.arange(28), np.arange(28)) * 255 // 54).astype(np.uint8)
+
+
+def _sixteen_bit_versions(image8: np.ndarray) -> dict[str, object]:
+    """The same picture in every 16-bit form: value x 257 maps 0..255 onto 0..65535."""
+    wide = image8.astype(np.uint16) * 257
+    png = io.BytesIO()
+    Image.fromarray(wide).save(png, format="PNG")
+    return {
+        "I;16": Image.fromarray(wide),
+        "I;16B": Image.fromarray(wide.astype(">u2")),
+        "I;16L": Image.frombytes("I;16L", (wide.shape[1], wide.shape[0]), wide.astype("<u2").tobytes()),
+        "I": Image.fromarray(wide.astype(np.int32)),
+        "uint16 array": wide,
+        "16-bit PNG bytes": {"bytes": png.getvalue(), "path": None},
+    }
+
+
+@pytest.mark.parametrize("num_channels", [1, 3])
+@pytest.mark.parametrize("size, augment", [(28, False), (32, False), (32, True)])
+def test_sixteen_bit_images_give_the_intensities_of_the_8_bit_picture(num_channels, size, augment):
+    """16-bit greyscale used to be clipped at 255 by convert('L'): a nearly white image."""
+    image8 = _fashion_image()
+    versions = _sixteen_bit_versions(image8)
+    assert versions["I;16"].mode == "I;16" and versions["I;16B"].mode == "I;16B" and versions["I"].mode == "I"
+
+    def pixels(image):
+        transform = ImageTransform(image_size=size, num_channels=num_channels, mean=0.0, std=1.0, augment=augment, seed=5)
+        return transform({"image": [image]})["pixel_values"][0]
+
+    reference = pixels(Image.fromarray(image8))
+    for name, image in versions.items():
+        out = pixels(image)
+        assert out.shape == reference.shape, name
+        assert float((out - reference).abs().max()) <= 1.01 / 255, name  # 8-bit rounding of a resize at most
+    assert float(reference.mean()) < 0.9  # the picture is not white, so a clipped copy could not pass
+
+
+def test_sixteen_bit_images_keep_their_precision_and_reach_a_processor_in_8_bits():
+    from transformers import ViTImageProcessor
+
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # steps of 1000/65535, finer than 1/255
+    out = ImageTransform(image_size=8, num_channels=1, mean=0.0, std=1.0)({"image": [Image.fromarray(ramp)]})
+    assert torch.allclose(out["pixel_values"][0][0], torch.from_numpy(ramp / 65535.0).float(), atol=1e-6)
+    processor = ViTImageProcessor(size={"height": 16, "width": 16})
+    image8 = _fashion_image()
+    ours = ImageTransform(processor)({"image": [Image.fromarray(image8.astype(np.uint16) * 257)]})["pixel_values"][0]
+    assert torch.equal(ours, ImageTransform(processor)({"image": [Image.fromarray(image8)]})["pixel_values"][0])
+
+
+@pytest.mark.filterwarnings("ignore:Downcasting array dtype")
+def test_integer_containers_without_a_bit_depth_are_read_by_their_values():
+    """Mode 'I' / int64 arrays holding 0..255 are 8-bit pictures (datasets decodes int arrays so)."""
+    image8 = _fashion_image()
+    transform = ImageTransform(image_size=28, num_channels=1, mean=0.0, std=1.0)
+    reference = transform({"image": [Image.fromarray(image8)]})["pixel_values"][0]
+    for image in (Image.fromarray(image8.astype(np.int32)), image8.astype(np.int64), (image8.astype(np.int64) * 257)):
+        assert torch.allclose(transform({"image": [image]})["pixel_values"][0], reference, atol=1e-6)
+    stored = datasets.Dataset.from_dict({"image": [image8.astype(np.int64)]}, features=datasets.Features({"image": datasets.Image()}))
+    assert torch.allclose(transform({"image": [stored[0]["image"]]})["pixel_values"][0], reference, atol=1e-6)
+
+
+def test_float_and_out_of_range_images_are_refused_with_the_fix():
+    transform = ImageTransform(image_size=8)
+    with pytest.raises(ValueError, match=r"mode 'F'.*ambiguous.*Image.fromarray"):
+        transform({"image": [Image.fromarray(np.zeros((8, 8), dtype=np.float32))]})
+    with pytest.raises(ValueError, match=r"mode 'I'.*70000\.\.70000.*I;16"):
+        transform({"image": [Image.fromarray(np.full((8, 8), 70000, dtype=np.int32))]})
+    with pytest.raises(ValueError, match="dtype float32.*uint8"):
+        transform({"image": [np.zeros((8, 8), dtype=np.float32)]})
+
+
+def test_transform_takes_numpy_numbers_and_checks_them():
+    transform = ImageTransform(image_size=np.int64(16), num_channels=np.int64(1), mean=np.float32(0.5), seed=np.int64(2))
+    assert transform.size == (16, 16) and transform.num_channels == 1 and type(transform.num_channels) is int
+    assert ImageTransform(image_size=np.array([12, 10])).size == (12, 10)
+    for kwargs, field in [({"num_channels": True}, "num_channels"), ({"image_size": 8.0}, "image_size"),
+                          ({"std": 0.0}, "std"), ({"mean": float("nan")}, "mean"), ({"seed": -1}, "seed")]:
+        with pytest.raises(ValueError, match=f"{field}="):
+            ImageTransform(**{"image_size": 8, **kwargs})
 
 
 def test_transform_augmentation_is_seeded():

@@ -7,17 +7,17 @@
 * `label_audit_top.png`: the top suspected images with "given -> predicted" under each
   (needs matplotlib, `pip install "sap_hf[audit]"`; skipped with a log line without it).
 
-Every file is written to a temporary name and moved into place with `os.replace`, so an
-interrupted audit never leaves a half-written CSV where a reader would take it for complete.
+Every file is written to a temporary name and moved into place with `os.replace`
+(`sap_hf.runtime.io.atomic_write`), so an interrupted audit never leaves a half-written CSV where
+a reader would take it for complete.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from transformers.utils import logging
@@ -25,31 +25,13 @@ from transformers.utils import logging
 from .labels import LabelAudit
 from ..runtime.batching import Collator, iter_shard_batches
 from ..runtime.contract import as_pass_data
+from ..runtime.io import atomic_write
 
 logger = logging.get_logger(__name__)
 
 CSV_NAME = "label_audit.csv"
 SUMMARY_NAME = "label_audit_summary.json"
 GRID_NAME = "label_audit_top.png"
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Write through a temporary file in the same folder, then `os.replace` it into place.
-
-    The temporary file is opened like any other file (named after this process, so a leftover of a
-    killed run is overwritten), so the report gets the umask's usual permissions (a `tempfile`
-    would leave it readable by its owner only).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode, **({"newline": ""} if "b" not in mode else {})) as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_audit_csv(audit: LabelAudit, path: Union[str, Path]) -> Path:
@@ -63,12 +45,12 @@ def write_audit_csv(audit: LabelAudit, path: Union[str, Path]) -> Path:
                 writer.writeheader()
             writer.writerow(row)
 
-    return _atomic_write(Path(path), write)
+    return atomic_write(Path(path), write)
 
 
 def write_audit_summary(audit: LabelAudit, path: Union[str, Path], extra: Optional[dict[str, Any]] = None) -> Path:
     summary = {**audit.summary(), **(extra or {})}
-    return _atomic_write(Path(path), lambda handle: handle.write(json.dumps(summary, indent=2, default=float)))
+    return atomic_write(Path(path), lambda handle: handle.write(json.dumps(summary, indent=2, default=float)))
 
 
 def _displayable(pixels: torch.Tensor) -> Any:
@@ -136,7 +118,7 @@ def plot_suspected_grid(
         figure.savefig(handle, dpi=120, format="png")
 
     try:
-        return _atomic_write(Path(path), write, mode="wb")
+        return atomic_write(Path(path), write, mode="wb")
     finally:
         plt.close(figure)
 

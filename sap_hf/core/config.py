@@ -9,12 +9,13 @@ model is touched, so a bad config can never leave a half-written model behind.
 from __future__ import annotations
 
 import dataclasses
-import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 from transformers.utils import logging
 
+from ..runtime.checks import check_choice, finite_float, integer, invalid, is_bool, plain_scalar, positive_int
 from .projection import validate_alpha
 
 logger = logging.get_logger(__name__)
@@ -24,10 +25,6 @@ SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement", "shift_lo
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
 ALPHA_SCOPES: tuple[str, ...] = ("shared", "per_kind")
 ALPHA_SEARCHES: tuple[str, ...] = ("bracket", "grid")
-
-
-def _bad(field_name: str, value: Any, fix: str) -> ValueError:
-    return ValueError(f"SAPConfig.{field_name}={value!r} is invalid: {fix}")
 
 
 @dataclass
@@ -77,8 +74,9 @@ class SAPConfig:
                 "'shared' (the paper): one alpha for every projected layer. 'per_kind': after the shared search, "
                 "the attention layers, the MLP layers and the classifier each try every alpha of the grid and "
                 "'unchanged' in turn, the other kinds held (a coordinate pass: up to 4x the evaluations). The "
-                "shared result stays a candidate, so it is never worse on the eval set. On memorised ViTs the "
-                "attention layers want a strong alpha and the MLP layers a mild one (benchmarks/sap_ablation.py)."
+                "shared result stays a candidate, so it is never worse on the eval set. Why: on memorised ViTs the "
+                "attention layers want a strong alpha and the MLP layers a mild one, which one shared alpha can only "
+                "compromise between (benchmarks/README.md, ablation)."
             )
         },
     )
@@ -90,7 +88,7 @@ class SAPConfig:
                 "(default): start at the middle of the sorted grid ('unchanged' is its alpha -> inf end) and climb "
                 "until the metric has fallen on both sides of the best alpha, for the shared alpha and for each kind "
                 "of the per-kind pass: the grid's choice on a unimodal curve with a fraction of the evaluations "
-                "(benchmarks/correction_cost.py). 'grid': evaluate every alpha (and every alpha per kind)."
+                "(benchmarks/README.md, 'Correction cost'). 'grid': evaluate every alpha (and every alpha per kind)."
             )
         },
     )
@@ -115,8 +113,8 @@ class SAPConfig:
                 "How trusted samples are ranked: 'loss' (the paper: cross-entropy of the model being "
                 "corrected), 'early_loss' (cross-entropy under an earlier checkpoint, given as "
                 "`selection_model`, that has not yet memorised the noise), 'shift_loss' (loss averaged "
-                "over the image and four copies shifted by ~1/28 of its side: no checkpoint needed, and "
-                "far purer than 'loss' on a model that memorised the noise), 'agreement' (loss averaged "
+                "over the image and four copies shifted by 1/28 of its side, 1 pixel at 28x28: no checkpoint "
+                "needed, and far purer than 'loss' on a model that memorised the noise), 'agreement' (loss averaged "
                 "over flipped views, keeping only samples whose views all predict the label)."
             )
         },
@@ -140,7 +138,14 @@ class SAPConfig:
     )
     accumulation_dtype: str = field(
         default="float32",
-        metadata={"help": "dtype of the accumulated Gram matrices: 'float32' or 'float64'. eigh always runs in float64."},
+        metadata={
+            "help": (
+                "dtype of the accumulated Gram matrices: 'float32' (faster) or 'float64' (exact). float32's rounding "
+                "error is amplified by alpha in the low-energy directions, so the weights drift from the exact ones "
+                "as alpha grows (benchmarks/README.md, 'Same weights'); use float64 when large alphas matter. "
+                "eigh always runs in float64."
+            )
+        },
     )
     batch_size: int = field(
         default=32,
@@ -151,36 +156,41 @@ class SAPConfig:
     def __post_init__(self) -> None:
         self.target_modules = self._normalise_patterns("target_modules", self.target_modules)
         self.exclude_modules = self._normalise_patterns("exclude_modules", self.exclude_modules)
-        if isinstance(self.alphas, (str, int, float)):  # one value, e.g. YAML `alphas: 1e4`
-            self.alphas = [self.alphas]
-        self.alphas = [validate_alpha(a, "alphas") for a in self.alphas]
-        if not self.alphas:
-            raise _bad("alphas", self.alphas, "give at least one alpha >= 1, e.g. [1e3, 1e4, 1e5].")
-        _positive_int("trusted_per_class", self.trusted_per_class)
-        _positive_int("num_rounds", self.num_rounds)
-        _positive_int("batch_size", self.batch_size)
+        self.alphas = _alpha_grid(self.alphas)
+        self.trusted_per_class = positive_int("SAPConfig.trusted_per_class", self.trusted_per_class)
+        self.num_rounds = positive_int("SAPConfig.num_rounds", self.num_rounds)
+        self.batch_size = positive_int("SAPConfig.batch_size", self.batch_size)
         if self.max_tokens_per_sample is not None:
-            _positive_int("max_tokens_per_sample", self.max_tokens_per_sample)
-        if not isinstance(self.alpha_growth, (int, float)) or not math.isfinite(self.alpha_growth) or self.alpha_growth < 1:
-            raise _bad("alpha_growth", self.alpha_growth, "use a finite number >= 1 (1 keeps alpha fixed across rounds).")
-        if self.alpha_scope not in ALPHA_SCOPES:
-            raise _bad("alpha_scope", self.alpha_scope, f"choose one of {list(ALPHA_SCOPES)}.")
-        if self.alpha_search not in ALPHA_SEARCHES:
-            raise _bad("alpha_search", self.alpha_search, f"choose one of {list(ALPHA_SEARCHES)}.")
-        tolerance = self.alpha_search_tolerance
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
-            raise _bad("alpha_search_tolerance", tolerance, "use a finite number >= 0 (in the metric's units, e.g. 0.0025).")
-        if self.accumulation_dtype not in ACCUMULATION_DTYPES:
-            raise _bad("accumulation_dtype", self.accumulation_dtype, f"choose one of {list(ACCUMULATION_DTYPES)}.")
+            self.max_tokens_per_sample = positive_int(
+                "SAPConfig.max_tokens_per_sample", self.max_tokens_per_sample, "None uses every token."
+            )
+        self.sampling_seed = integer("SAPConfig.sampling_seed", self.sampling_seed)
+        self.alpha_growth = finite_float("SAPConfig.alpha_growth", self.alpha_growth)
+        if self.alpha_growth < 1:
+            raise invalid("SAPConfig.alpha_growth", self.alpha_growth, "use a finite number >= 1 (1 keeps alpha fixed across rounds).")
+        tolerance = finite_float("SAPConfig.alpha_search_tolerance", self.alpha_search_tolerance)
+        if tolerance < 0:
+            raise invalid("SAPConfig.alpha_search_tolerance", tolerance, "use a finite number >= 0 (in the metric's units, e.g. 0.0025).")
+        self.alpha_search_tolerance = tolerance
+        self.project_classifier = _flag("project_classifier", self.project_classifier)
+        self.alpha_scope = check_choice("SAPConfig.alpha_scope", self.alpha_scope, ALPHA_SCOPES)
+        self.alpha_search = check_choice("SAPConfig.alpha_search", self.alpha_search, ALPHA_SEARCHES)
+        self.accumulation_dtype = check_choice("SAPConfig.accumulation_dtype", self.accumulation_dtype, ACCUMULATION_DTYPES)
+        self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, SELECTION_RULES)
         if self.accumulation_dtype == "float32" and max(self.alphas) > 1e3:
-            logger.warning(
+            # The default grid reaches 1e7 with the default float32, and a default must not warn: the
+            # pairing is documented (accumulation_dtype's help), and the search scores every alpha as
+            # written against "unchanged", so a float32 error at a large alpha can cost it a candidate
+            # but never pass unmeasured into the result. A grid the user chose is warned about: they
+            # asked for large alphas, and may write one with sap_project, which measures nothing.
+            report = logger.info if set(self.alphas) == set(DEFAULT_ALPHAS) else logger.warning
+            report(
                 "SAPConfig: alphas up to %g with accumulation_dtype='float32': float32 Gram matrices carry an error of "
-                "about 1e-7 x the largest eigenvalue, which alpha amplifies (measured weight error ~2e-4 at alpha=1e4, "
-                "~2e-2 at 1e6 against float64). Use accumulation_dtype='float64' for exact results at large alpha.",
+                "about 1e-7 x the largest eigenvalue, which alpha amplifies in the low-energy directions (the "
+                "measurements are in benchmarks/README.md, 'Same weights'). Use accumulation_dtype='float64' for "
+                "exact results at large alpha.",
                 max(self.alphas),
             )
-        if self.selection_rule not in SELECTION_RULES:
-            raise _bad("selection_rule", self.selection_rule, f"choose one of {list(SELECTION_RULES)}.")
 
     @staticmethod
     def _normalise_patterns(name: str, value: Any) -> Any:
@@ -190,7 +200,7 @@ class SAPConfig:
             values = list(value)
             # From the command line a single regex or 'all-linear' arrives as a one-item list.
             return values[0] if len(values) == 1 and values[0] == "all-linear" else values
-        raise _bad(name, value, "use a regex string, a list of non-empty module-name suffixes, or None.")
+        raise invalid(f"SAPConfig.{name}", value, "use a regex string, a list of non-empty module-name suffixes, or None.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +214,26 @@ class SAPConfig:
         return cls(**values)
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _bad(name, value, "use a positive integer.")
+def _alpha_grid(alphas: Any) -> list[float]:
+    """The alpha grid as a list of plain floats, from one value (YAML `alphas: 1e4`, `np.float32(100)`),
+    a list/tuple (numpy numbers inside are fine) or a numpy array / tensor."""
+    values = alphas.tolist() if callable(getattr(alphas, "tolist", None)) else alphas  # ndarray, tensor, numpy scalar
+    if isinstance(values, (str, numbers.Real)):
+        values = [values]
+    if isinstance(values, Mapping) or not isinstance(values, Iterable):
+        raise invalid("SAPConfig.alphas", alphas, "give a list of alphas >= 1, e.g. [1e3, 1e4, 1e5].")
+    grid = []
+    for value in values:
+        if is_bool(value):
+            raise invalid("SAPConfig.alphas", alphas, f"{value!r} is a bool, not an alpha; give numbers >= 1, e.g. [1e3, 1e4].")
+        grid.append(validate_alpha(plain_scalar(value), "SAPConfig.alphas"))
+    if not grid:
+        raise invalid("SAPConfig.alphas", alphas, "give at least one alpha >= 1, e.g. [1e3, 1e4, 1e5].")
+    return grid
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A bool field, numpy's `bool_` included; anything else raises (`"false"` would be truthy)."""
+    if not is_bool(value):
+        raise invalid(f"SAPConfig.{name}", value, "use True or False.")
+    return bool(plain_scalar(value))

@@ -19,16 +19,19 @@ Only the key and label lists are held in memory; images are read one at a time.
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
+from typing import Optional, Union
 
 import datasets
 import numpy as np
 from PIL import Image, ImageDraw
+from transformers.utils import logging
 
+from ..runtime.batching import KEY_COLUMN
+from ..runtime.checks import check_choice, integer, invalid, positive_int
 from .noise import add_label_noise
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 CLOTHING1M_CLASSES = [
     "T-Shirt",
@@ -61,26 +64,30 @@ _LAYOUT = (
 
 
 def clothing1m_features() -> datasets.Features:
-    """Features of every split: ``image`` (RGB), ``label`` (14-way ``ClassLabel``) and ``key`` (relative path)."""
+    """Features of every split: ``image`` (RGB), ``label`` (14-way ``ClassLabel``) and ``key`` (relative path).
+
+    The key column is ``sap_hf.runtime.batching.KEY_COLUMN``, the name SAP reads a sample's
+    identity from when it shards a stream and keeps trusted samples.
+    """
     return datasets.Features(
         {
             "image": datasets.Image(mode="RGB"),
             "label": datasets.ClassLabel(names=CLOTHING1M_CLASSES),
-            "key": datasets.Value("string"),
+            KEY_COLUMN: datasets.Value("string"),
         }
     )
 
 
 def load_clothing1m(
-    data_dir: str | Path,
+    data_dir: Union[str, Path],
     split: str = "noisy_train",
     streaming: bool = True,
     skip_unreadable_images: bool = True,
     num_shards: int = 8,
     *,
-    cache_dir: str | Path | None = None,
-    num_proc: int | None = None,
-) -> datasets.IterableDataset | datasets.Dataset:
+    cache_dir: Optional[Union[str, Path]] = None,
+    num_proc: Optional[int] = None,
+) -> Union[datasets.IterableDataset, datasets.Dataset]:
     """Read one Clothing1M split; rows are ``{"image": PIL RGB, "label": int, "key": str}``.
 
     ``noisy_train`` takes its labels from ``noisy_label_kv.txt``, the other
@@ -116,10 +123,10 @@ def load_clothing1m(
         ValueError: a bad ``split``/``num_shards``, a malformed kv line, a label
             outside 0..13, or a key without a label.
     """
-    if split not in SPLIT_FILES:
-        raise ValueError(f"split={split!r} is not a Clothing1M split; use one of {tuple(SPLIT_FILES)}.")
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards={num_shards!r} must be a positive int (e.g. a multiple of your workers).")
+    split = check_choice("split", split, SPLIT_FILES, "These are Clothing1M's official lists.")
+    num_shards = positive_int("num_shards", num_shards, "Use e.g. a multiple of your DataLoader workers x processes.")
+    if num_proc is not None:
+        num_proc = positive_int("num_proc", num_proc, "None checks the images in this process.")
     root = Path(data_dir).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"data_dir={str(data_dir)!r} is not a directory; {_LAYOUT}.")
@@ -166,7 +173,7 @@ def read_key_list(path: Path) -> list[str]:
     return keys
 
 
-def read_label_kv(path: Path, wanted: set[str] | None = None) -> dict[str, int]:
+def read_label_kv(path: Path, wanted: Optional[set[str]] = None) -> dict[str, int]:
     """Parse a ``<relative path> <label>`` file; every line is validated, only ``wanted`` keys are kept."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; {_LAYOUT}.")
@@ -209,7 +216,7 @@ def _generate_examples(keys: list[list[str]], labels: list[list[int]], root: str
             skipped += 1
             logger.warning("Skipping unreadable Clothing1M image %s (%s); %d skipped so far in this pass.", path, err, skipped)
             continue
-        yield {"image": {"path": str(path), "bytes": None}, "label": label, "key": key}
+        yield {"image": {"path": str(path), "bytes": None}, "label": label, KEY_COLUMN: key}
     if skipped:
         logger.warning(
             "Clothing1M: skipped %d unreadable of %d images in this pass over shard(s) starting at %s.",
@@ -252,7 +259,7 @@ def _fingerprint(root: Path, split: str, skip: bool) -> str:
 
 
 def write_tiny_clothing1m(
-    root: str | Path,
+    root: Union[str, Path],
     per_class: int = 3,
     image_size: int = 32,
     seed: int = 0,
@@ -267,12 +274,11 @@ def write_tiny_clothing1m(
     ``round(noise_rate * n_train)`` of them flipped (symmetric); the clean
     labels of all images are in ``clean_label_kv.txt``. Returns ``root``.
     """
-    if isinstance(classes, bool) or not isinstance(classes, int) or not 2 <= classes <= len(CLOTHING1M_CLASSES):
-        raise ValueError(f"classes={classes!r} must be an int in [2, {len(CLOTHING1M_CLASSES)}].")
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class={per_class!r} must be a positive int.")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size={image_size!r} must be an int >= 8.")
+    classes = integer("classes", classes, minimum=2, hint=f"Clothing1M has {len(CLOTHING1M_CLASSES)} classes.")
+    if classes > len(CLOTHING1M_CLASSES):
+        raise invalid("classes", classes, f"use an integer in [2, {len(CLOTHING1M_CLASSES)}] (Clothing1M's classes).")
+    per_class = positive_int("per_class", per_class)
+    image_size = integer("image_size", image_size, minimum=8, hint="The stripes need at least 8 pixels.")
     root = Path(root)
     rng = np.random.default_rng(seed)
     split_keys: dict[str, list[str]] = {}

@@ -10,16 +10,18 @@ how to get them. Nothing is cached outside the Hugging Face datasets cache.
 from __future__ import annotations
 
 import gzip
-import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Union
 
 import datasets
 import numpy as np
+from transformers.utils import logging
 
-from .noise import FASHION_MNIST_ASYMMETRIC_MAP, add_label_noise
+from ..runtime.checks import check_choice, integer, invalid
+from .noise import FASHION_MNIST_ASYMMETRIC_MAP, NOISE_TYPES, add_label_noise, check_noise_rate
 
-logger = logging.getLogger(__name__)
+logger = logging.get_logger(__name__)
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
@@ -50,7 +52,7 @@ _IDX_DTYPES = {
 }
 
 
-def read_idx(path: str | Path) -> np.ndarray:
+def read_idx(path: Union[str, Path]) -> np.ndarray:
     """Read an idx file (the MNIST format), gzipped or not, into a numpy array.
 
     Gzip is detected from the content, not the file name, so renamed files work.
@@ -81,7 +83,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def load_fashion_mnist(split: str = "train", data_dir: str | Path | None = None) -> datasets.Dataset:
+def load_fashion_mnist(split: str = "train", data_dir: Optional[Union[str, Path]] = None) -> datasets.Dataset:
     """Load one official split as a ``Dataset`` with ``image`` (``Image``) and ``label`` (``ClassLabel``).
 
     Args:
@@ -101,10 +103,10 @@ def noisy_fashion_mnist(
     noise_rate: float = 0.4,
     noise_type: str = "symmetric",
     seed: int = 0,
-    train_size: int | None = None,
+    train_size: Optional[int] = None,
     val_size: int = 5000,
-    test_size: int | None = None,
-    data_dir: str | Path | None = None,
+    test_size: Optional[int] = None,
+    data_dir: Optional[Union[str, Path]] = None,
 ) -> datasets.DatasetDict:
     """Fashion-MNIST with synthetic label noise on the training split: the SAP experiment data.
 
@@ -128,13 +130,15 @@ def noisy_fashion_mnist(
         ``clean_label``, ``is_noisy``), ``validation`` and ``test`` (``image``,
         clean ``label``).
     """
+    noise_type = check_choice("noise_type", noise_type, NOISE_TYPES)  # checked before any file is read
+    noise_rate = check_noise_rate(noise_rate, "noise_rate")
     train_source, test_source = _resolve("train", data_dir), _resolve("test", data_dir)
     n_train_total, n_test_total = len(train_source.labels), len(test_source.labels)
-    _check_size("val_size", val_size, 0, n_train_total - 1)
+    val_size = _check_size("val_size", val_size, 0, n_train_total - 1)
     if train_size is not None:
-        _check_size("train_size", train_size, 1, n_train_total - val_size)
+        train_size = _check_size("train_size", train_size, 1, n_train_total - val_size)
     if test_size is not None:
-        _check_size("test_size", test_size, 1, n_test_total)
+        test_size = _check_size("test_size", test_size, 1, n_test_total)
 
     rng = np.random.default_rng(seed)
     all_train = np.arange(n_train_total)
@@ -165,8 +169,8 @@ class _Source:
     """One split from idx arrays (``images`` set) or from the Hub (``hub`` set)."""
 
     labels: np.ndarray
-    images: np.ndarray | None = None
-    hub: datasets.Dataset | None = None
+    images: Optional[np.ndarray] = None
+    hub: Optional[datasets.Dataset] = None
 
     def build(self, indices: np.ndarray, **columns: np.ndarray) -> datasets.Dataset:
         """Rows ``indices`` as a Dataset; ``columns`` override or add per-row columns."""
@@ -178,7 +182,8 @@ class _Source:
             features["is_noisy"] = datasets.Value("bool")
         data = {"label": self.labels[indices].astype(np.int64), **columns}
         if self.images is not None:
-            # Image() accepts uint8 arrays and stores them PNG-encoded: ~5 s for 60k on one core.
+            # Image() accepts uint8 arrays and stores them PNG-encoded, once, when the split is built
+            # (its cost for the 60k training images: benchmarks/README.md, "Data loading").
             data = {"image": list(self.images[indices]), **data}
             return datasets.Dataset.from_dict(data, features=datasets.Features(features))
         dataset = self.hub.select(indices)
@@ -188,9 +193,8 @@ class _Source:
         return dataset.cast(datasets.Features(features))
 
 
-def _resolve(split: str, data_dir: str | Path | None) -> _Source:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not a Fashion-MNIST split; use one of {SPLITS}.")
+def _resolve(split: str, data_dir: Optional[Union[str, Path]]) -> _Source:
+    split = check_choice("split", split, SPLITS, "Fashion-MNIST has an official train and test split.")
     if data_dir is not None:
         return _from_dir(Path(data_dir), split, user_given=True)
     if _find_idx_files(DEBIAN_FASHION_MNIST_DIR, split) is not None:
@@ -211,7 +215,7 @@ def _resolve(split: str, data_dir: str | Path | None) -> _Source:
     return _from_hub(hub, split)
 
 
-def _find_idx_files(directory: Path, split: str) -> tuple[Path, Path] | None:
+def _find_idx_files(directory: Path, split: str) -> Optional[tuple[Path, Path]]:
     found = []
     for stem in _IDX_STEMS[split]:
         candidates = [directory / f"{stem}.gz", directory / stem]
@@ -267,6 +271,8 @@ def _stratified_choice(indices: np.ndarray, labels: np.ndarray, size: int, rng: 
     return np.sort(np.concatenate(chosen))
 
 
-def _check_size(name: str, value: int, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
-        raise ValueError(f"{name}={value!r} must be an int in [{low}, {high}] for Fashion-MNIST.")
+def _check_size(name: str, value: int, low: int, high: int) -> int:
+    size = integer(name, value, minimum=low, hint=f"Fashion-MNIST allows [{low}, {high}] here.")
+    if size > high:
+        raise invalid(name, value, f"use an integer in [{low}, {high}] for Fashion-MNIST.")
+    return size

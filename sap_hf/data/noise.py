@@ -9,12 +9,14 @@ measured against the truth.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
+from transformers.utils import logging
 
-logger = logging.getLogger(__name__)
+from ..runtime.checks import check_choice, finite_float, integer, invalid
+
+logger = logging.get_logger(__name__)
 
 NOISE_TYPES = ("symmetric", "asymmetric")
 
@@ -41,12 +43,12 @@ annotation noise looks like.
 
 
 def add_label_noise(
-    labels: Sequence[int] | np.ndarray,
+    labels: Union[Sequence[int], np.ndarray],
     rate: float,
     noise_type: str = "symmetric",
-    num_classes: int | None = None,
+    num_classes: Optional[int] = None,
     seed: int = 0,
-    asymmetric_map: Mapping[int, int] | None = None,
+    asymmetric_map: Optional[Mapping[int, int]] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flip exactly ``round(rate * len(labels))`` labels and say which ones.
 
@@ -75,18 +77,13 @@ def add_label_noise(
         ValueError: on a bad ``rate``, ``noise_type``, ``num_classes``,
             ``labels`` or ``asymmetric_map``, naming the argument and the fix.
     """
-    if noise_type not in NOISE_TYPES:
-        raise ValueError(f"noise_type={noise_type!r} is not supported; use one of {NOISE_TYPES}.")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating, np.integer)):
-        raise ValueError(f"rate={rate!r} must be a float in [0, 1).")
-    if not 0.0 <= float(rate) < 1.0:
-        raise ValueError(f"rate={rate!r} must be in [0, 1) (the fraction of labels to flip).")
+    noise_type = check_choice("noise_type", noise_type, NOISE_TYPES)
+    rate = check_noise_rate(rate)
     labels_arr = _as_label_array(labels)
     if num_classes is None:
         num_classes = int(labels_arr.max()) + 1 if labels_arr.size else 0
-    elif isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ValueError(f"num_classes={num_classes!r} must be an int (the number of classes) or None.")
-    num_classes = int(num_classes)
+    else:
+        num_classes = integer("num_classes", num_classes, minimum=0, hint="It is the number of classes, or None to infer it.")
     if labels_arr.size and (labels_arr.min() < 0 or labels_arr.max() >= num_classes):
         bad = labels_arr[(labels_arr < 0) | (labels_arr >= num_classes)][0]
         raise ValueError(
@@ -95,7 +92,7 @@ def add_label_noise(
         )
 
     rng = np.random.default_rng(seed)
-    n_flip = int(round(float(rate) * labels_arr.size))
+    n_flip = int(round(rate * labels_arr.size))
     noisy = labels_arr.copy()
     if noise_type == "symmetric":
         if n_flip and num_classes < 2:
@@ -118,11 +115,19 @@ def add_label_noise(
         noisy[chosen] = lookup[labels_arr[chosen]]
 
     is_noisy = noisy != labels_arr
-    logger.info("Flipped %d of %d labels (%s noise, rate=%g, seed=%d).", n_flip, labels_arr.size, noise_type, rate, seed)
+    logger.info("Flipped %d of %d labels (%s noise, rate=%g, seed=%s).", n_flip, labels_arr.size, noise_type, rate, seed)
     return noisy, is_noisy
 
 
-def _as_label_array(labels: Sequence[int] | np.ndarray) -> np.ndarray:
+def check_noise_rate(rate: float, name: str = "rate") -> float:
+    """`rate` as a float in [0, 1), the fraction of labels to flip (1 would leave no label to learn from)."""
+    value = finite_float(name, rate, "It is the fraction of labels to flip, in [0, 1).")
+    if not 0.0 <= value < 1.0:
+        raise invalid(name, rate, "use a fraction in [0, 1) (the share of labels to flip), e.g. 0.4.")
+    return value
+
+
+def _as_label_array(labels: Union[Sequence[int], np.ndarray]) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
         raise ValueError(f"labels must be 1-D class ids, got an array of shape {arr.shape}; flatten it first.")
@@ -133,7 +138,7 @@ def _as_label_array(labels: Sequence[int] | np.ndarray) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _validate_map(asymmetric_map: Mapping[int, int] | None, num_classes: int) -> dict[int, int]:
+def _validate_map(asymmetric_map: Optional[Mapping[int, int]], num_classes: int) -> dict[int, int]:
     if asymmetric_map is None:
         raise ValueError(
             "asymmetric_map is required for noise_type='asymmetric' (class -> noisy class); for Fashion-MNIST "

@@ -2,14 +2,19 @@
 
 Transforms run lazily (``Dataset.with_transform``, ``IterableDataset.map``), so
 datasets stay small on disk and augmentation differs per epoch.
+
+Intensities are scaled by the bit depth the image declares (its PIL mode or numpy dtype): 8-bit
+images by 1/255, 16-bit ones by 1/65535, so the same picture stored in 8 or 16 bits gives the same
+pixel values, and a dark 16-bit image stays dark instead of being stretched. Only containers that
+declare no depth (PIL mode ``I``, int32/int64 arrays: what ``datasets`` decodes int arrays to)
+are read by their values: 0..255 as 8 bits, up to 65535 as 16 bits.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional, Sequence, Union
 
 import datasets
 import numpy as np
@@ -17,8 +22,19 @@ import torch
 from PIL import Image, ImageOps
 from transformers import default_data_collator
 
+from ..runtime.batching import KEY_COLUMN
+from ..runtime.checks import check_choice, integer, invalid, plain_scalar, positive_int
+
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels")
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+"""PIL modes of 16-bit greyscale images: what 16-bit PNGs and TIFFs open as.
+
+``convert("L")`` would clip their 0..65535 values at 255 (a nearly white image), so they are
+rescaled instead. Mode ``I`` (32-bit integers, what older Pillow opens 16-bit PNGs as) is read as
+16-bit when it holds values above 255 and as 8-bit otherwise.
+"""
+_SIXTEEN_TO_EIGHT_BIT = 65535.0 / 255.0  # 257: 16-bit full scale onto 8-bit full scale
 
 
 class ImageTransform:
@@ -28,9 +44,18 @@ class ImageTransform:
     match a pretrained checkpoint) or from explicit ``image_size``,
     ``num_channels``, ``mean`` and ``std`` (a model trained from scratch, e.g.
     a 1-channel ViT on 28×28 Fashion-MNIST). Images may be PIL images, uint8
-    arrays (H×W or H×W×C, or nested lists from an ``Array2D`` column) or
-    ``{"bytes", "path"}`` dicts. Columns other than the image, the label and
-    ``keep_columns`` are dropped.
+    arrays (H×W or H×W×C, or nested lists from an ``Array2D`` column), uint16
+    arrays or ``{"bytes", "path"}`` dicts. Columns other than the image, the
+    label and ``keep_columns`` are dropped.
+
+    16-bit greyscale images (PIL modes ``I;16``, ``I;16B``, ``I;16L``; uint16
+    arrays; mode ``I`` and int arrays holding values above 255) are scaled by
+    1/65535, so they give the intensities of the same picture in 8 bits; without
+    a processor they keep their full precision through augmentation and resizing
+    (a processor gets them rounded to 8 bits, the input processors are made for).
+    16-bit colour arrays are rounded to 8 bits. Float images (PIL mode ``F``,
+    float arrays) are refused: whether 1.0 means white or nearly black cannot be
+    told from the data.
 
     Args:
         image_processor: e.g. ``AutoImageProcessor.from_pretrained(...)``; excludes ``image_size``.
@@ -47,23 +72,22 @@ class ImageTransform:
 
     def __init__(
         self,
-        image_processor: Any | None = None,
+        image_processor: Optional[Any] = None,
         *,
-        image_size: int | tuple[int, int] | None = None,
+        image_size: Optional[Union[int, tuple[int, int]]] = None,
         num_channels: int = 3,
-        mean: Sequence[float] | float | None = None,
-        std: Sequence[float] | float | None = None,
+        mean: Optional[Union[Sequence[float], float]] = None,
+        std: Optional[Union[Sequence[float], float]] = None,
         augment: bool = False,
         seed: int = 0,
-        keep_columns: Sequence[str] = ("index", "idx", "key"),
+        keep_columns: Sequence[str] = ("index", "idx", KEY_COLUMN),
     ) -> None:
         if (image_processor is None) == (image_size is None):
             raise ValueError(
                 "Pass exactly one of image_processor (a transformers image processor) or image_size "
                 f"(got image_processor={type(image_processor).__name__}, image_size={image_size!r})."
             )
-        if num_channels not in (1, 3):
-            raise ValueError(f"num_channels={num_channels!r} must be 1 (grayscale) or 3 (RGB).")
+        num_channels = check_choice("num_channels", num_channels, (1, 3), "1 is grayscale, 3 is RGB.")
         self.image_processor = image_processor
         self.num_channels = num_channels
         self.size = _as_size(image_size) if image_size is not None else None
@@ -72,12 +96,12 @@ class ImageTransform:
         self.mean = _per_channel("mean", 0.5 if mean is None else mean, num_channels)
         self.std = _per_channel("std", 0.5 if std is None else std, num_channels)
         if np.any(self.std <= 0):
-            raise ValueError(f"std={std!r} must be positive.")
+            raise invalid("std", std, "use positive standard deviations (the divisor of the normalisation).")
         self.augment = augment
-        self.seed = seed
+        self.seed = integer("seed", seed, minimum=0, hint="It seeds the augmentation (numpy.random.default_rng).")
         self.keep_columns = tuple(keep_columns)
-        self._rng: np.random.Generator | None = None
-        self._rng_owner: tuple[int, int] | None = None
+        self._rng: Optional[np.random.Generator] = None
+        self._rng_owner: Optional[tuple[int, int]] = None
 
     @classmethod
     def from_config(cls, config: Any, **kwargs: Any) -> "ImageTransform":
@@ -119,18 +143,27 @@ class ImageTransform:
         return default_data_collator([dict(zip(out, row)) for row in zip(*out.values())])
 
     def _to_pil(self, image: Any) -> Image.Image:
+        """A PIL image in ``L``/``RGB`` (``num_channels``), or in ``F`` on the 0..255 scale for 16-bit input.
+
+        ``F`` keeps a 16-bit image's precision through augmentation and resizing; ``_pixels``
+        copies it into every channel, as ``convert("RGB")`` does for an ``L`` image.
+        """
         if isinstance(image, dict):
             image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
         elif not isinstance(image, Image.Image):
-            array = np.asarray(image)
-            if array.dtype != np.uint8:  # nested lists (Array2D columns) arrive as int64
-                if not (np.issubdtype(array.dtype, np.integer) and array.size and 0 <= array.min() <= array.max() <= 255):
-                    raise ValueError(
-                        f"Image arrays must hold integers in 0..255, got dtype {array.dtype}; "
-                        "convert them to uint8 first (floats are ambiguous: 0..1 or 0..255)."
-                    )
-                array = array.astype(np.uint8)
-            image = Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array)
+            image = _array_to_pil(np.asarray(image))
+        if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+            image = _high_bit_depth(image)
+            if image.mode == "F":
+                if self.image_processor is None:
+                    return image
+                image = Image.fromarray(np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8))
+        elif image.mode == "F":
+            raise ValueError(
+                f"A float image (PIL mode 'F', {image.width}x{image.height}) is ambiguous: 0..1 or 0..255. "
+                "Convert it to 8 bits first, e.g. Image.fromarray(np.uint8(np.clip(np.asarray(image) * 255, 0, 255).round())) "
+                "for 0..1 values, or to 16 bits (mode 'I;16', 0..65535)."
+            )
         mode = "L" if self.num_channels == 1 else "RGB"
         return image if image.mode == mode else image.convert(mode)
 
@@ -153,7 +186,9 @@ class ImageTransform:
         for image in images:
             if image.size != (width, height):
                 image = image.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.float32).reshape(height, width, self.num_channels) / 255.0
+            array = np.asarray(image, dtype=np.float32) / 255.0
+            if array.ndim == 2:  # L, or F from a 16-bit image: its one channel into every channel
+                array = np.repeat(array[:, :, None], self.num_channels, axis=2)
             array = (array - self.mean) / self.std
             result.append(torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))))
         return result
@@ -172,10 +207,10 @@ class ImageTransform:
 
 
 def prepare_image_dataset(
-    dataset: datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict | datasets.IterableDatasetDict,
+    dataset: Union[datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict],
     transform: ImageTransform,
     batch_size: int = 64,
-):
+) -> Union[datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict]:
     """Attach ``transform`` lazily: ``with_transform`` (map-style) or ``map(batched=True)`` (iterable).
 
     With ``Trainer``, set ``remove_unused_columns=False``: the raw columns
@@ -183,6 +218,7 @@ def prepare_image_dataset(
     A ``DatasetDict`` is prepared split by split. ``batch_size`` bounds the
     memory of one iterable batch (``map``'s default of 1000 images is too much at 224²).
     """
+    batch_size = positive_int("batch_size", batch_size, "It bounds the images one iterable batch decodes.")
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return type(dataset)({name: prepare_image_dataset(split, transform, batch_size) for name, split in dataset.items()})
     if isinstance(dataset, datasets.Dataset):
@@ -213,17 +249,64 @@ def undecoded_images(dataset: Any) -> Any:
     return dataset
 
 
-def _as_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
-        raise ValueError(f"image_size={image_size!r} must be a positive int or (height, width).")
-    return size
+def _array_to_pil(array: np.ndarray) -> Image.Image:
+    """An image array as PIL: uint8 as is, uint16 as 16 bits, other ints by their values (0..255: 8 bits)."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype not in (np.uint8, np.uint16):  # nested lists (Array2D columns) arrive as int64
+        if not (np.issubdtype(array.dtype, np.integer) and array.size and 0 <= array.min() <= array.max() <= 65535):
+            raise ValueError(
+                f"Image arrays must be uint8, uint16 or integers in 0..65535, got dtype {array.dtype}"
+                + (f" with values {array.min()}..{array.max()}" if array.size and np.issubdtype(array.dtype, np.number) else "")
+                + "; convert them to uint8 (or uint16 for 16-bit data) first (floats are ambiguous: 0..1 or 0..255)."
+            )
+        array = array.astype(np.uint8 if array.max() <= 255 else np.uint16)
+    if array.dtype == np.uint16 and array.ndim == 3:  # PIL has no 16-bit colour mode: round to 8 bits
+        array = np.rint(array / _SIXTEEN_TO_EIGHT_BIT).astype(np.uint8)
+    return Image.fromarray(array)  # uint16 H x W: mode I;16, scaled with the other 16-bit images
 
 
-def _per_channel(name: str, value: Sequence[float] | float, num_channels: int) -> np.ndarray:
-    array = np.atleast_1d(np.asarray(value, dtype=np.float32))
+def _high_bit_depth(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image as mode ``F`` on the 8-bit scale (value / 257, its precision kept).
+
+    Mode ``I`` declares 32 bits, not a depth: holding only 0..255 (``datasets`` decodes int arrays
+    of 8-bit pictures to it) it is returned as ``L``; up to 65535 it is 16-bit; beyond, an error.
+    """
+    array = np.asarray(image)
+    if image.mode == "I":
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise ValueError(
+                f"A 32-bit integer image (PIL mode 'I') must hold 8-bit (0..255) or 16-bit (0..65535) values, got "
+                f"{low}..{high}; rescale it to 0..65535 (mode 'I;16', a uint16 array) or to 0..255 (mode 'L', uint8)."
+            )
+        if high <= 255:
+            return Image.fromarray(array.astype(np.uint8))
+    return Image.fromarray(array.astype(np.float32) / np.float32(_SIXTEEN_TO_EIGHT_BIT))  # float32 -> mode F
+
+
+def _as_size(image_size: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    fix = "use a positive int or (height, width)."
+    image_size = plain_scalar(image_size)  # a numpy int
+    if isinstance(image_size, (str, bytes)) or not hasattr(image_size, "__len__"):
+        image_size = (image_size, image_size)
+    if len(image_size) != 2:
+        raise invalid("image_size", image_size, fix)
+    try:
+        return tuple(positive_int("image_size", side) for side in image_size)
+    except ValueError:
+        raise invalid("image_size", image_size, fix) from None
+
+
+def _per_channel(name: str, value: Union[Sequence[float], float], num_channels: int) -> np.ndarray:
+    try:
+        array = np.atleast_1d(np.asarray(value, dtype=np.float32))
+    except (TypeError, ValueError):
+        raise invalid(name, value, f"use a number or {num_channels} numbers (one per channel).") from None
     if array.size == 1:
         array = np.repeat(array, num_channels)
     if array.shape != (num_channels,):
-        raise ValueError(f"{name}={value!r} must have 1 or num_channels={num_channels} values.")
+        raise invalid(name, value, f"give 1 or num_channels={num_channels} values.")
+    if not np.all(np.isfinite(array)):
+        raise invalid(name, value, "use finite numbers.")
     return array
