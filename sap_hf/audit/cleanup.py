@@ -20,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..runtime.batching import Collator, examples_and_collate, is_map_style
+from ..runtime.checks import check_choice, finite_float, invalid, positive_float, positive_int
 from ..runtime.contract import LoaderData, as_pass_data
 from ..runtime.modeling import predict_logits
 from ..runtime.passes import Runtime, resolve_runtime
@@ -79,27 +81,25 @@ class RefineConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the shuffling."})
 
     def __post_init__(self) -> None:
-        if self.mode not in REFINE_MODES:
-            raise ValueError(f"RefineConfig.mode={self.mode!r} is invalid: choose one of {list(REFINE_MODES)}.")
-        if isinstance(self.learning_rates, (int, float)):
-            self.learning_rates = [self.learning_rates]
-        if isinstance(self.epochs, int):
-            self.epochs = [self.epochs]
+        self.mode = check_choice("RefineConfig.mode", self.mode, REFINE_MODES)
+        self.schedule = check_choice("RefineConfig.schedule", self.schedule, SCHEDULES)
         if self.learning_rates is not None:
-            self.learning_rates = [float(lr) for lr in self.learning_rates]
-        if self.learning_rates is not None and (not self.learning_rates or any(not math.isfinite(lr) or lr <= 0 for lr in self.learning_rates)):
-            raise ValueError(f"RefineConfig.learning_rates={self.learning_rates!r} is invalid: give positive finite numbers, e.g. [1e-4, 3e-4].")
-        if not self.epochs or any(isinstance(e, bool) or not isinstance(e, int) or e < 1 for e in self.epochs):
-            raise ValueError(f"RefineConfig.epochs={self.epochs!r} is invalid: give positive integers, e.g. [1, 2, 4, 8].")
-        self.epochs = sorted(set(self.epochs))
-        if isinstance(self.relabel_threshold, bool) or not isinstance(self.relabel_threshold, (int, float)) or not 0.0 < self.relabel_threshold <= 1.0:
-            raise ValueError(f"RefineConfig.relabel_threshold={self.relabel_threshold!r} is invalid: use a probability in (0, 1].")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"RefineConfig.schedule={self.schedule!r} is invalid: choose one of {list(SCHEDULES)}.")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"RefineConfig.batch_size={self.batch_size!r} is invalid: use a positive integer.")
-        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf:
-            raise ValueError(f"RefineConfig.weight_decay={self.weight_decay!r} is invalid: use a number >= 0.")
+            rates = [self.learning_rates] if np.ndim(self.learning_rates) == 0 else list(np.asarray(self.learning_rates).tolist())
+            if not rates:
+                raise invalid("RefineConfig.learning_rates", self.learning_rates, "give positive finite numbers, e.g. [1e-4, 3e-4].")
+            self.learning_rates = [positive_float("RefineConfig.learning_rates", lr, "e.g. [1e-4, 3e-4].") for lr in rates]
+        epochs = [self.epochs] if np.ndim(self.epochs) == 0 else list(self.epochs)
+        if not epochs:
+            raise invalid("RefineConfig.epochs", self.epochs, "give positive integers, e.g. [1, 2, 4, 8].")
+        self.epochs = sorted({positive_int("RefineConfig.epochs", e, "e.g. [1, 2, 4, 8].") for e in epochs})
+        threshold = finite_float("RefineConfig.relabel_threshold", self.relabel_threshold)
+        if not 0.0 < threshold <= 1.0:
+            raise invalid("RefineConfig.relabel_threshold", self.relabel_threshold, "use a probability in (0, 1].")
+        self.relabel_threshold = threshold
+        self.batch_size = positive_int("RefineConfig.batch_size", self.batch_size)
+        self.weight_decay = finite_float("RefineConfig.weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise invalid("RefineConfig.weight_decay", self.weight_decay, "use a number >= 0.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,8 +133,7 @@ def cleaned_labels(audit: LabelAudit, mode: str, relabel_threshold: float = 0.9)
     examples the corrected model is confident about (probability of its prediction >= threshold),
     with the predicted label.
     """
-    if mode not in ("remove", "relabel"):
-        raise ValueError(f"mode={mode!r} is invalid here: choose 'remove' or 'relabel'.")
+    check_choice("mode", mode, ("remove", "relabel"))
     keep = ~audit.suspected
     labels = audit.given.clone()
     if mode == "relabel":

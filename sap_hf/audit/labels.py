@@ -29,6 +29,7 @@ from transformers.utils import logging
 from ..core.selection import EXTRA_VIEWS
 from ..core.targets import check_classifier
 from ..runtime.batching import KEY_COLUMN
+from ..runtime.checks import check_choice
 from ..runtime.passes import DataPass, PassBatch, Runtime, resolve_runtime
 from . import scores
 from .scores import FILTERS, SCORE_METHODS, flag_label_issues, label_quality_scores
@@ -209,12 +210,9 @@ def audit_labels(
 
 def _check_audit_options(method: str, filter_by: str, views: str, use_cleanlab: Optional[bool]) -> tuple[bool, str]:
     """Validate the options and resolve 'auto' (before the data pass: a missing cleanlab must not cost one)."""
-    if method not in SCORE_METHODS:
-        raise ValueError(f"method={method!r} is invalid: choose one of {list(SCORE_METHODS)}.")
-    if filter_by not in FILTERS:
-        raise ValueError(f"filter_by={filter_by!r} is invalid: choose one of {list(FILTERS)}.")
-    if views not in VIEWS:
-        raise ValueError(f"views={views!r} is invalid: choose one of {list(VIEWS)}.")
+    check_choice("method", method, SCORE_METHODS)
+    check_choice("filter_by", filter_by, FILTERS)
+    check_choice("views", views, VIEWS)
     if use_cleanlab is None:
         use_cleanlab = scores.cleanlab_available()
     if filter_by == "auto":

@@ -87,8 +87,10 @@ def plot_suspected_grid(
         return None
     images: dict[int, torch.Tensor] = {}
     # One batch of exactly the chosen images: a stream yields it at the last of them and is not read further.
-    for indices, batch in iter_shard_batches(  # the data read as the audit read it (a DataLoader: by dataset index)
-        as_pass_data(data), batch_size=len(chosen), collate_fn=collate_fn, keep=set(chosen), by_key=False
+    if isinstance(data, torch.utils.data.DataLoader):  # read as the audit read it: by dataset index
+        data = as_pass_data(data)
+    for indices, batch in iter_shard_batches(
+        data, batch_size=len(chosen), collate_fn=collate_fn, keep=set(chosen), by_key=False
     ):
         for position, index in enumerate(indices):
             images[index] = batch["pixel_values"][position]

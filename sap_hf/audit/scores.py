@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..runtime.checks import check_choice
+
 SCORE_METHODS: tuple[str, ...] = ("self_confidence", "normalized_margin")
 """Label-quality scores: the probability of the given label, or cleanlab's normalized margin
 `(p_given - max_{k != given} p_k + 1) / 2`; both lie in [0, 1], lower = more likely mislabelled."""
@@ -66,8 +68,7 @@ def label_quality_scores(
     `use_cleanlab=None` uses cleanlab's `get_label_quality_scores` when it is installed and the
     torch formula (the same definition) otherwise; True/False forces one of them.
     """
-    if method not in SCORE_METHODS:
-        raise ValueError(f"method={method!r} is invalid: choose one of {list(SCORE_METHODS)}.")
+    check_choice("method", method, SCORE_METHODS)
     probs, labels = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long)
     _check_scoring_inputs(probs, labels)
     if use_cleanlab is None:
@@ -92,8 +93,7 @@ def flag_label_issues(probs: torch.Tensor, labels: torch.Tensor, filter_by: str 
     learning: per class pair, about as many issues as the estimated joint of given and true labels
     says there are). Without: `predicted_neq_given`, the model predicts another class than the label.
     """
-    if filter_by not in FILTERS:
-        raise ValueError(f"filter_by={filter_by!r} is invalid: choose one of {list(FILTERS)}.")
+    check_choice("filter_by", filter_by, FILTERS)
     probs, labels = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long)
     _check_scoring_inputs(probs, labels)
     if filter_by == "auto":

@@ -177,7 +177,7 @@ class AuditArguments(DataArguments):
     filter_by: str = field(
         default="auto", metadata={"help": f"How 'suspected' is decided: one of {list(FILTERS)} (all but 'predicted_neq_given' need cleanlab)."}
     )
-    views: str = field(default="shift", metadata={"help": f"Probabilities of the image alone or averaged over it and 4 one-pixel shifts (default; better AP in benchmarks/label_audit.py): {list(VIEWS)}."})
+    views: str = field(default="shift", metadata={"help": f"Probabilities of the image alone or averaged over it and 4 one-pixel shifts (default: it ranks wrong labels better, see benchmarks/README.md): {list(VIEWS)}."})
     top_k: int = field(default=32, metadata={"help": "Suspected images shown in label_audit_top.png (0: no image grid)."})
     batch_size: int = field(default=64, metadata={"help": "Batch size of the audit pass (per process)."})
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from torch import nn
 from transformers.utils import logging
 
+from ..runtime.checks import check_choice
 from .config import ALPHA_SEARCHES, validate_alpha
 from .projection import Eigenbasis, current_weights, eigendecompose, plan_projection, rotate_weights, write_weights
 from .stats import ActivationStats
@@ -136,8 +137,7 @@ def search_alpha(
     per-kind coordinate pass; its choice is `kind_alphas`, every trial is in `kind_trials`.
     `on_phase(phase, seconds)` hears "eigh" (eigendecompositions and `W U`) and "write" (the final weights).
     """
-    if method not in ALPHA_SEARCHES:
-        raise ValueError(f"method={method!r} is invalid: choose one of {list(ALPHA_SEARCHES)}.")
+    check_choice("method", method, ALPHA_SEARCHES)
     alphas = [validate_alpha(a, "alphas") for a in alphas]
     if not alphas:
         raise ValueError("alphas is empty: give at least one alpha >= 1.")

@@ -22,6 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from ..runtime.batching import is_map_style
+from ..runtime.checks import check_choice, positive_int
 from ..runtime.contract import LoaderData
 from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resolve_runtime
 from .config import SELECTION_RULES
@@ -121,7 +122,7 @@ def select_trusted(
 
     `rule` is 'loss' (the paper), 'early_loss' (score with `selection_model`, e.g. an earlier
     checkpoint that has not memorised the noise), 'shift_loss' (mean loss over the image and four
-    copies shifted by ~1/28 of its side, see `shifted_views`: needs no checkpoint, and on a
+    copies shifted by a 1/28 of its side, see `shifted_views`: needs no checkpoint, and on a
     memorised model it is far purer than 'loss') or 'agreement' (mean loss over the image and its
     horizontal flip; samples whose views do not both predict the label are dropped).
     Samples labelled -100 are skipped; samples with non-finite pixels or scores are excluded (a
@@ -144,10 +145,8 @@ def select_trusted(
 
 
 def _check_selection(per_class: Any, rule: str, selection_model: Optional[nn.Module]) -> None:
-    if isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1:
-        raise ValueError(f"per_class={per_class!r} is invalid: keep at least 1 trusted sample per class.")
-    if rule not in SELECTION_RULES:
-        raise ValueError(f"rule={rule!r} is invalid: choose one of {list(SELECTION_RULES)}.")
+    positive_int("per_class", per_class, "keep at least 1 trusted sample per class.")
+    check_choice("rule", rule, SELECTION_RULES)
     if rule == "early_loss" and selection_model is None:
         raise ValueError("rule='early_loss' needs selection_model= (an earlier checkpoint of the model).")
 

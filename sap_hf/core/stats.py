@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
+from ..runtime.io import atomic_path
 from ..runtime.passes import Runtime, resolve_runtime
 from .targets import TargetGroup, group_by_identity
 
@@ -56,9 +57,8 @@ class ActivationStats:
             "max_tokens_per_sample": json.dumps(self.max_tokens_per_sample),
             "meta": json.dumps(self.meta),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
         return path
 
     def check_model(self, model: nn.Module, source: str = "the statistics") -> None:
