@@ -247,5 +247,7 @@ def test_recipe_trains_with_the_chosen_loss_and_records_it(tiny_clothing1m, tmp_
      (["--loss", "mae"], r"LossConfig\.loss='mae'"), (["--loss", "gce", "--gce_q", "2"], r"LossConfig\.gce_q=2")],
 )
 def test_recipe_rejects_bad_loss_arguments_before_reading_data(tmp_path, args, message):
+    empty = tmp_path / "data"  # exists (the path check passes) but holds no data: reading it would fail
+    empty.mkdir()
     with pytest.raises(ValueError, match=message):
-        _recipe().main(["--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out"), *args])
+        _recipe().run(["--data_dir", str(empty), "--output_dir", str(tmp_path / "out"), *args])
