@@ -220,3 +220,14 @@ def test_a_nan_image_is_excluded_and_counted_never_corrupting_its_class(caplog):
     assert not {0, 3} & set(got.indices)
     best_finite = [i for i in sorted(clean.indices) if i not in (0, 3)]
     assert set(best_finite) <= set(got.indices)  # the finite lowest-loss samples are kept
+
+
+def test_phases_are_timed_through_the_public_hook():
+    seen = []
+    result = sap_correct(tiny_model("vit", num_labels=3), random_examples(12, seed=1), random_examples(6, seed=2), _config(),
+                         on_phase=lambda phase, seconds: seen.append((phase, seconds)), show_progress=False)
+    phases = [phase for phase, _ in seen]
+    assert phases[:3] == ["selection", "statistics", "eigh"] and phases[-2:] == ["write", "search"]
+    assert phases.count("evaluation") == 1 + len(result.rounds[0].metrics)  # the unchanged model, then each alpha
+    assert set(result.timings) == set(phases) and all(seconds >= 0 for _, seconds in seen)
+    assert result.timings["evaluation"] == pytest.approx(sum(s for p, s in seen if p == "evaluation"))
