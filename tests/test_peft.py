@@ -240,3 +240,10 @@ def test_unmergeable_adapters_are_refused_before_any_change(trained_peft):
     with pytest.raises(ValueError, match="no merge support"):
         merge_adapters(plain)
     assert isinstance(plain.classifier, NoMergeLayer) and torch.equal(plain.classifier.base_layer.weight, head)
+
+
+def test_the_merged_model_trains_whole_like_a_plain_model(trained_peft):
+    model = trained_peft()
+    assert not all(parameter.requires_grad for parameter in model.parameters())  # PEFT froze the base weights
+    merged = merge_adapters(model)
+    assert all(parameter.requires_grad for parameter in merged.parameters())  # refine() after correct() trains every weight

@@ -140,6 +140,8 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         merged._hf_peft_config_loaded = False
     if "peft_config" in getattr(merged, "__dict__", {}):
         del merged.peft_config
+    for parameter in merged.parameters():  # PEFT froze the base weights; a plain model trains whole (refine, Trainer)
+        parameter.requires_grad_(True)
     dropped = f"; inactive adapter(s) {inactive} were dropped (they did not affect the outputs)" if inactive else ""
     logger.warning(
         "SAP: merged the PEFT adapter(s) %s of %s into the weights (W + s·B·A%s)%s. The plain %s returned "
