@@ -90,15 +90,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _probs(model: Any, pixels: Any, views: str = "image", batch_size: int = 1000) -> Any:
-    """Softmax probabilities (float64) of every image, through the library's `predict_probs`."""
+    """Softmax probabilities (float64) of every image, through the library's `predict_probs` on one `Runtime` pass."""
     import torch
 
     from sap_hf.audit.labels import predict_probs
 
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([predict_probs(model, {"pixel_values": pixels[i : i + batch_size]}, torch.device("cpu"), views)
-                          for i in range(0, len(pixels), batch_size)])
+    images = common.TensorExamples(pixels, torch.zeros(len(pixels), dtype=torch.long))  # labels unread
+    probs = None
+    with Runtime(batch_size=batch_size, show_progress=False).run(model, images, "probabilities") as walk:
+        for batch in walk.batches():
+            chunk = predict_probs(walk, batch, views)
+            if probs is None:
+                probs = torch.zeros(len(pixels), chunk.shape[-1], dtype=chunk.dtype)
+            probs[torch.as_tensor(batch.ids, dtype=torch.long)] = chunk
+    return probs
 
 
 def _rule_scores(model: Any, data: dict[str, Any], rule: str, batch_size: int = 1000) -> tuple[Any, Any]:
