@@ -99,8 +99,10 @@ DEFAULT_METHOD_GROUPS = ("ce", "robust_gce", "robust_sce")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.run_parser(__doc__.split("\n\n")[0])
+    recipe = common.recipe_sap_config()  # recipes/configs/default.yaml
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
-    parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[10])
+    parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[recipe.trusted_per_class],
+                        help="trusted-set sizes tried for every rule (default: the recipe's)")
     parser.add_argument("--alpha_scopes", nargs="+", default=["shared", "per_kind"], choices=["shared", "per_kind"],
                         help="SAPConfig.alpha_scope values tried for every trusted set (the val-best one is 'sap')")
     parser.add_argument("--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)")
@@ -113,8 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the other rows are kept).")
     parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"], choices=["remove", "relabel"],
                         help="sap+refine: modes tried (both: RefineConfig(mode='best'), val picks)")
-    parser.add_argument("--refine_lrs", nargs="+", type=float, default=[2e-3, 4e-3],
-                        help="sap+refine: learning rates (the training lr and twice it, as SAPTrainer.refine's default)")
+    parser.add_argument("--refine_lrs", nargs="+", type=float, default=None,
+                        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)")
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
     parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"])
     parser.add_argument("--refine_batch_size", type=int, default=64)
@@ -123,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = common.finish_args(parser.parse_args(argv), argv)
     args.merge = args.methods is not None
     args.methods = list(dict.fromkeys(args.methods or (["ce"] if args.quick else DEFAULT_METHOD_GROUPS)))
+    if args.refine_lrs is None:
+        args.refine_lrs = [args.lr, 2 * args.lr]
     if args.quick:
         args.trusted_per_class = [3]
         args.refine_lrs, args.refine_epochs = [1e-3], [1]

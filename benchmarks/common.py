@@ -6,6 +6,9 @@ Everything here is general: a new benchmark should find its data loading, its tr
 evaluation and its JSON/PNG/table writing here instead of copying them.
 
 Sections:
+  - the recipe     `recipe_settings` (recipes/configs/default.yaml as a mapping) and `recipe_sap_config`
+                   (its SAPConfig keys as a `SAPConfig`): the benchmarks' recipe settings come from the
+                   YAML, never from copies, so changing the recipe changes the benchmarks
   - command line   `run_parser` (the arguments of every (setting, seed) study) and `finish_args`
   - data           `load_run_data` (noisy Fashion-MNIST as tensors), `image_tensors`, `TensorExamples`
   - models         `predict`, `accuracy`, `fit_diagnostics`, `train_from_scratch`, `finetune_grid`,
@@ -13,7 +16,7 @@ Sections:
                    arguments), `cache_path`
   - running        `run_tasks` (one process per (setting, seed) task)
   - reporting      `mean_std`, `pyplot`, `write_json`, `environment`, `cpu_name`, `loadavg`,
-                   `matmul_gflops`, `best_of`
+                   `matmul_gflops`, `best_of`, `rebound_library_names` (no benchmark monkeypatches the library)
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: The embedded recipe (`sap-hf recipe` without --config): the source of every "recipe" setting below.
+RECIPE_CONFIG = ROOT / "recipes" / "configs" / "default.yaml"
 if str(ROOT) not in sys.path:  # the scripts import sap_hf from this checkout when run from anywhere
     sys.path.insert(1, str(ROOT))
 
@@ -50,12 +55,58 @@ TRAINING_KEYS: tuple[str, ...] = ("train_size", "val_size", "test_size", "epochs
 
 
 # --------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------
+
+
+def recipe_settings(path: Path = RECIPE_CONFIG) -> dict[str, Any]:
+    """The recipe's YAML as a mapping (read on every call: a changed file changes the next benchmark run)."""
+    import yaml
+
+    settings = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values.")
+    return settings
+
+
+def recipe_sap_config(path: Path = RECIPE_CONFIG, **overrides: Any) -> Any:
+    """The recipe's `SAPConfig`: the YAML's keys that are SAPConfig fields (the others keep SAPConfig's defaults),
+    then `overrides` (a benchmark's own choices, e.g. a larger batch_size); what `sap-hf recipe` corrects with."""
+    import dataclasses
+
+    from sap_hf import SAPConfig
+
+    fields = {f.name for f in dataclasses.fields(SAPConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"recipe_sap_config: {unknown} are no SAPConfig fields.")
+    settings = {k: v for k, v in recipe_settings(path).items() if k in fields}
+    return SAPConfig(**{**settings, **overrides})
+
+
+def recipe_training(path: Path = RECIPE_CONFIG) -> dict[str, Any]:
+    """The recipe's training settings under `run_parser`'s names (train_size, ..., lr, warmup_epochs, batch_size,
+    weight_decay). `warmup_steps` below 1 is a share of the training (transformers' convention): x epochs."""
+    settings = recipe_settings(path)
+    epochs = settings["num_train_epochs"]
+    warmup = settings.get("warmup_steps", 0)
+    if warmup >= 1:
+        raise ValueError(f"{path}: warmup_steps={warmup} counts optimiser steps; the benchmarks need a share (< 1).")
+    return {"train_size": settings["train_size"], "val_size": settings["val_size"], "test_size": settings["test_size"],
+            "epochs": epochs, "lr": float(settings["learning_rate"]), "warmup_epochs": round(warmup * epochs, 6),
+            "batch_size": settings["per_device_train_batch_size"], "weight_decay": float(settings.get("weight_decay", 0.0))}
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
 
 def run_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the arguments every (setting, seed) study shares: data, training, alphas, fine-tuning, workers.
+
+    The data and training defaults are the recipe's (`recipe_training`); the model (hidden 64, 4 layers,
+    patch 7) is `sap_hf.models.tiny_vit_config`'s, which the recipe uses too.
 
     Add the script's own arguments to it, parse, then call `finish_args` (which applies `--quick`).
     """
@@ -64,14 +115,15 @@ def run_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, few epochs, one seed")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--train_size", type=int, default=4000)
-    parser.add_argument("--val_size", type=int, default=2000)
-    parser.add_argument("--test_size", type=int, default=5000)
-    parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup_epochs", type=float, default=5)
-    parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--weight_decay", type=float, default=0.0)
+    recipe = recipe_training()  # the defaults are the recipe's training (recipes/configs/default.yaml)
+    parser.add_argument("--train_size", type=int, default=recipe["train_size"])
+    parser.add_argument("--val_size", type=int, default=recipe["val_size"])
+    parser.add_argument("--test_size", type=int, default=recipe["test_size"])
+    parser.add_argument("--epochs", type=int, default=recipe["epochs"])
+    parser.add_argument("--lr", type=float, default=recipe["lr"])
+    parser.add_argument("--warmup_epochs", type=float, default=recipe["warmup_epochs"])
+    parser.add_argument("--batch_size", type=int, default=recipe["batch_size"])
+    parser.add_argument("--weight_decay", type=float, default=recipe["weight_decay"])
     parser.add_argument("--hidden_size", type=int, default=64)
     parser.add_argument("--num_layers", type=int, default=4)
     parser.add_argument("--patch_size", type=int, default=7)
@@ -454,6 +506,41 @@ def environment() -> dict[str, Any]:
 
     return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def rebound_library_names() -> list[str]:
+    """Names of the loaded `sap_hf` modules (and of their classes) bound to code from `benchmarks/`: a monkeypatch.
+
+    The benchmarks time the library through its public hooks (`on_phase`, `SAPResult.timings`) and
+    benchmark-side code (subclasses, copies of a loop); they never rebind a library name, so this is []
+    after any benchmark run. A function counts as benchmark code when its source file is under benchmarks/.
+    """
+    import inspect
+
+    bench = os.path.realpath(ROOT / "benchmarks") + os.sep
+
+    def in_benchmarks(filename: Optional[str]) -> bool:  # "<string>" (dataclass-made methods) is no file
+        return bool(filename) and not filename.startswith("<") and os.path.realpath(filename).startswith(bench)
+
+    def from_benchmarks(value: Any) -> bool:
+        value = getattr(value, "__func__", value)  # staticmethod / classmethod
+        code = getattr(value, "__code__", None)
+        if code is not None:
+            return in_benchmarks(code.co_filename)
+        if inspect.isclass(value):
+            return in_benchmarks(getattr(sys.modules.get(value.__module__), "__file__", None))
+        return False
+
+    found = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or module_name.split(".")[0] != "sap_hf":
+            continue
+        for name, value in list(vars(module).items()):
+            if from_benchmarks(value):
+                found.append(f"{module_name}.{name}")
+            elif inspect.isclass(value) and value.__module__.split(".")[0] == "sap_hf":
+                found += [f"{module_name}.{name}.{attr}" for attr, member in list(vars(value).items()) if from_benchmarks(member)]
+    return sorted(set(found))
 
 
 def best_of(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:

@@ -12,19 +12,26 @@ What it measures
   2. The recipe's tiny ViT (32x32 input, images decoded and resized by the recipe's transform) trained
      for 3 epochs on the streamed training set (AdamW, lr 5e-4, batch 32; ~50% clean val accuracy:
      trained, not memorised); its first epoch, timed, is the unit the correction is compared with.
-  3. The recipe's correction (`sap_correct` with recipes/configs/default.yaml's SAP settings: shift_loss
-     selection, 10 per class, per-kind alphas over an 11-point grid, float64 statistics; raw rows decoded
-     by `ImageTransform.collate`, as the recipe does) under `accelerate launch` with 1 process and with
-     2 (`--multi_gpu --num_processes 2`, gloo on CPU), one torch thread each. Rows
-     `{processes, phase, seconds, decodes}` for selection | statistics | eigh | alpha_search | write |
-     total: PIL decodes are counted in every process (a wrapper around `ImageFile.load` that counts
-     real decodes) and summed. The alpha search runs with the default bracketing search, then again
-     with the full grid from the same statistics (rows `search: "bracket" | "grid"`, `evaluations`).
+  3. The recipe's correction (`sap_correct` with recipes/configs/default.yaml's SAP settings, read from the
+     file by `common.recipe_sap_config`: today shift_loss selection, 10 per class, per-kind alphas over an
+     11-point grid, float64 statistics; raw rows decoded by `ImageTransform.collate`, as the recipe does)
+     under `accelerate launch` with 1 process and with 2 (`--multi_gpu --num_processes 2`, gloo on CPU),
+     one torch thread each. Rows `{processes, phase, seconds, decodes}` for selection | statistics | eigh |
+     alpha_search | write | total. The phases are timed by the library itself: `sap_correct(on_phase=...)`
+     (seconds as the main process measured them, no barrier between phases; `timings` in the record is
+     its `SAPResult.timings`); alpha_search is the sum of the search's "evaluation" phases. PIL decodes
+     are counted in every process (a wrapper around PIL's `ImageFile.load` that counts real decodes),
+     given to the phase that ended next (the innermost one: "search" encloses eigh, evaluations and
+     write) and summed over processes. The alpha search runs with the default bracketing search, then
+     again with the full grid from the same statistics (saved by that correction to `stats_path` and
+     loaded by a second `sap_correct` with alpha_search="grid"; rows `search: "bracket" | "grid"`,
+     `evaluations`).
   4. Bracket vs grid on the accuracy benchmark's memorised models (`--cache_dir`, default
      /work/cache/accuracy: tiny ViTs that fit 40% sym/asym noise, seeds 0-2; models missing from the
      cache are skipped, never trained here): same choice (alpha, or val accuracy within 0.2 points)
      and the evaluations each needs, for alpha_scope shared and per_kind on the 14-point grid, with the
-     default tolerance (0.0025) and with 0 (stop at the first fall).
+     recipe's tolerance (SAPConfig's default, 0.0025) and with 0 (stop at the first fall); the trusted
+     set and statistics dtype are the recipe's.
   5. A table extrapolated to Clothing1M (1M noisy training images, 14k validation, ViT-B/16 at
      224x224) from the measured per-image decode rate and benchmarks/results/speed.json's ViT-B rates.
 
@@ -34,6 +41,7 @@ Writes benchmarks/results/correction_cost.json and correction_cost.png (`--quick
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -41,7 +49,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from sap_hf.runtime.passes import Runtime
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,11 +57,6 @@ from common import RESULTS_DIR, ROOT, environment, loadavg, pyplot, quiet_librar
 CLASSES = 14
 FASHION_CLASSES = 10
 PHASES = ("selection", "statistics", "eigh", "alpha_search", "write", "total")
-RECIPE_SAP = dict(  # recipes/configs/default.yaml
-    alphas=[10, 20, 30, 50, 100, 200, 300, 500, 1000, 3000, 10000],
-    trusted_per_class=10, selection_rule="shift_loss", alpha_scope="per_kind", batch_size=256,
-    accumulation_dtype="float64",
-)
 CLOTHING1M = {"train": 1_000_000, "validation": 14_000, "trusted": 14 * 100, "processes": [1, 8]}
 
 
@@ -229,18 +231,65 @@ def finetune_epoch(corpus: Path, model_dir: Path, epochs: int = 3, lr: float = 5
 # --------------------------------------------------------------------------------------------
 
 
+class PhaseLog:
+    """The `on_phase` callback of one correction: each phase's seconds (as the library reports them) and decodes.
+
+    A phase's decodes are those counted since the previous callback: phases run one after the other,
+    except "search", which encloses its "eigh", "evaluation"s and "write" and is reported after them, so
+    every decode goes to the innermost phase (a "search" entry keeps only what ran outside its parts: 0).
+    """
+
+    def __init__(self, decodes: list[int]):
+        self.decodes = decodes
+        self.mark = decodes[0]
+        self.spans: list[tuple[str, float, int]] = []  # (phase, seconds, decodes) in the order the phases ended
+
+    def start(self) -> None:
+        self.mark, self.spans = self.decodes[0], []
+
+    def __call__(self, phase: str, seconds: float) -> None:
+        now = self.decodes[0]
+        self.spans.append((phase, seconds, now - self.mark))
+        self.mark = now
+
+    def total(self, phase: str) -> list[float]:
+        """[seconds, decodes] of every span of `phase`."""
+        chosen = [(s, d) for name, s, d in self.spans if name == phase]
+        return [sum(s for s, _ in chosen), sum(d for _, d in chosen)]
+
+
+#: The rows' phases from the library's ("alpha_search" = its evaluations; "search" encloses eigh, evaluations, write).
+ROW_PHASES = {"selection": "selection", "statistics": "statistics", "eigh": "eigh", "alpha_search": "evaluation",
+              "write": "write"}
+
+
+def library_intact() -> dict[str, Any]:
+    """That no library name was rebound (the timings come from the hook, not from wrappers): checked after the runs."""
+    import sap_hf.api as api
+    import sap_hf.core.projection as projection
+    import sap_hf.core.search as search
+    import sap_hf.core.selection as selection
+    import sap_hf.core.stats as stats
+    from common import rebound_library_names
+
+    same = {"api.select_trusted": api.select_trusted is selection.select_trusted,
+            "api.collect_statistics": api.collect_statistics is stats.collect_statistics,
+            "api.search_alpha": api.search_alpha is search.search_alpha,
+            "api.eigenbases": api.eigenbases is search.eigenbases,
+            "search.rotate_weights": search.rotate_weights is projection.rotate_weights,
+            "search.write_weights": search.write_weights is projection.write_weights}
+    return {"same_objects": same, "rebound": rebound_library_names()}
+
+
 def worker(corpus: str, model_dir: str, out: str) -> None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from transformers import ViTForImageClassification
 
-    import sap_hf.api as api
-    import sap_hf.core.search as search
-    from sap_hf import SAPConfig, sap_correct
+    from common import recipe_sap_config
+    from sap_hf import sap_correct
     from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
-    from sap_hf.core.evaluation import accuracy_evaluator
-    from sap_hf.core.targets import classifier_names, group_kinds
 
     torch.set_num_threads(1)
     quiet_libraries()
@@ -250,63 +299,44 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
     original = {k: v.clone() for k, v in model.state_dict().items()}
     transform = ImageTransform(image_size=32)
     train, val = (undecoded_images(load_clothing1m(corpus, split)) for split in ("noisy_train", "validation"))
-    config = SAPConfig(**RECIPE_SAP)
+    config = recipe_sap_config()  # recipes/configs/default.yaml's SAP settings
     quick = json.loads((Path(corpus) / "corpus.json").read_text())["train"] < 1000
     if quick:
-        config = SAPConfig(**dict(RECIPE_SAP, alphas=[10, 100, 1000], trusted_per_class=2))
+        config = recipe_sap_config(alphas=[10, 100, 1000], trusted_per_class=2)
+    # The statistics of the correction, saved by sap_correct itself, feed the full-grid search below.
+    stats_path = Path(out).with_name(Path(out).stem + "_stats.safetensors")
+    if accelerator.is_main_process:
+        stats_path.unlink(missing_ok=True)  # a file left there would be loaded: no statistics pass to time
+    log = PhaseLog(decodes)
 
-    spans: dict[str, list[tuple[float, int]]] = {}  # phase -> [(seconds, decodes)] in call order
-    captured: dict[str, Any] = {}
-
-    def timed(phase: str, fn: Any, keep: Optional[str] = None) -> Any:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            accelerator.wait_for_everyone()
-            clock, before = time.perf_counter(), decodes[0]
-            value = fn(*args, **kwargs)
-            accelerator.wait_for_everyone()
-            spans.setdefault(phase, []).append((time.perf_counter() - clock, decodes[0] - before))
-            if keep:
-                captured[keep] = value
-            return value
-
-        return wrapper
-
-    api.select_trusted = timed("selection", api.select_trusted)
-    api.collect_statistics = timed("statistics", api.collect_statistics, keep="stats")
-    search.eigenbases = timed("eigh", search.eigenbases, keep="bases")
-    search.rotate_weights = timed("rotate", search.rotate_weights)
-    search.write_weights = timed("writes", search.write_weights)
-    api.search_alpha = timed("search", api.search_alpha)
     accelerator.wait_for_everyone()
     clock, before = time.perf_counter(), decodes[0]
-    result = sap_correct(model, train, val, config, accelerator, collate_fn=transform.collate, show_progress=False)
-    total = (time.perf_counter() - clock, decodes[0] - before)
+    log.start()
+    result = sap_correct(model, train, val, config, accelerator, collate_fn=transform.collate, show_progress=False,
+                         stats_path=stats_path, on_phase=log)
+    total = [time.perf_counter() - clock, decodes[0] - before]
     bracket = result.rounds[0]
     evaluations = 1 + len(bracket.metrics) + len(bracket.kind_trials)
+    phases = {row: log.total(phase) for row, phase in ROW_PHASES.items()}
+    phases["total"] = total
+    spans = list(log.spans)
 
-    phases = {name: [sum(s for s, _ in spans.get(name, [])), sum(d for _, d in spans.get(name, []))]
-              for name in ("selection", "statistics", "eigh", "rotate", "search")}
-    final_write = spans["writes"][-1]
-    phases["write"] = list(final_write)
-    phases["eigh"] = [phases["eigh"][0] + phases["rotate"][0], phases["eigh"][1] + phases["rotate"][1]]
-    phases["alpha_search"] = [phases["search"][0] - phases["eigh"][0] - final_write[0],
-                              phases["search"][1] - phases["eigh"][1] - final_write[1]]
-    phases["total"] = list(total)
-
-    # The same alpha search with the full grid, from the same statistics and eigenbases.
+    # The same alpha search with the full grid, from the same statistics (loaded from stats_path: no data pass,
+    # no selection). Its row is its evaluations, as the bracket's alpha_search row.
     model.load_state_dict(original)
-    evaluate_fn = accuracy_evaluator(val, runtime=Runtime(batch_size=config.batch_size, accelerator=accelerator, collate_fn=transform.collate))
-    kinds = group_kinds(captured["stats"].groups, classifier_names(model))
     accelerator.wait_for_everyone()
-    clock, before = time.perf_counter(), decodes[0]
-    grid = search.search_alpha(model, captured["stats"], config.alphas, evaluate_fn, bases=captured["bases"],
-                               kinds=kinds, method="grid")
+    log.start()
+    grid_config = dataclasses.replace(config, alpha_search="grid")
+    grid_result = sap_correct(model, None, val, grid_config, accelerator, collate_fn=transform.collate,
+                              show_progress=False, stats_path=stats_path, on_phase=log)
     accelerator.wait_for_everyone()
-    grid_cost = [time.perf_counter() - clock, decodes[0] - before]
+    grid = grid_result.rounds[0]
+    grid_cost = log.total("evaluation")
     grid_evaluations = 1 + len(grid.metrics) + len(grid.kind_trials)
 
     shards = gather_object([{"phases": phases, "grid": grid_cost}])
     if accelerator.is_main_process:
+        stats_path.unlink(missing_ok=True)
         summed = {name: [phases[name][0], sum(s["phases"][name][1] for s in shards)] for name in PHASES}
         record = {
             "processes": accelerator.num_processes,
@@ -316,6 +346,9 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
             + [{"processes": accelerator.num_processes, "phase": "alpha_search", "search": "grid",
                 "evaluations": grid_evaluations, "seconds": round(grid_cost[0], 3),
                 "decodes": sum(s["grid"][1] for s in shards)}],
+            "timings": {k: round(v, 3) for k, v in result.timings.items()},  # SAPResult.timings of the main process
+            "grid_timings": {k: round(v, 3) for k, v in grid_result.timings.items()},
+            "phase_log": [{"phase": name, "seconds": round(sec, 3), "decodes": d} for name, sec, d in spans],
             "choice": {"bracket": {"alpha": bracket.best_alpha, "kind_alphas": bracket.kind_alphas,
                                    "val_accuracy": bracket.best_metrics.get("accuracy")},
                        "grid": {"alpha": grid.best_alpha, "kind_alphas": grid.kind_alphas,
@@ -323,6 +356,8 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
             "val_accuracy_before": bracket.baseline.get("accuracy"),
             "num_trusted": result.num_trusted,
             "config": config.to_dict(),
+            "timing_method": "sap_correct(on_phase=...): each process times its own phases, no barrier between them",
+            "library_intact": library_intact(),
         }
         Path(out).write_text(json.dumps(record, indent=1))
     accelerator.wait_for_everyone()
@@ -352,21 +387,24 @@ def launch(processes: int, corpus: Path, model_dir: Path, out: Path) -> dict[str
 
 
 def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
-    """For every cached model: trusted set (shift_loss, 10/class), then the 4 searches from one set of statistics."""
+    """For every cached model: the recipe's trusted set (selection rule, per class, statistics dtype of
+    recipes/configs/default.yaml), then the searches (grid, bracket at the recipe's tolerance, bracket at 0)
+    from one set of statistics."""
     import torch
 
-    from common import DEFAULT_ALPHAS, accuracy, cache_path, prepare_run, run_parser
+    from common import DEFAULT_ALPHAS, accuracy, cache_path, prepare_run, recipe_sap_config, run_parser
 
-    from sap_hf import collect_statistics, search_alpha, select_trusted
-    from sap_hf.core.targets import find_target_modules
+    from sap_hf import Runtime, collect_statistics, search_alpha, select_trusted
     from sap_hf.core.search import eigenbases
-    from sap_hf.core.targets import classifier_names, group_kinds
+    from sap_hf.core.targets import classifier_names, find_target_modules, group_kinds
 
-    torch.set_num_threads(1)
-    run_args = run_parser("").parse_args(["--cache_dir", args.cache_dir, "--threads", "1"])
-    rows, missing = [], []
     if not args.cache_dir:
         return {"rows": [], "summary": {}, "note": "skipped (no --cache_dir)"}
+    torch.set_num_threads(1)
+    recipe = recipe_sap_config()
+    run_args = run_parser("").parse_args(["--cache_dir", args.cache_dir, "--threads", "1"])
+    rows, missing = [], []
+    passes = Runtime(batch_size=500, show_progress=False)
     for setting in args.settings:
         for seed in args.seeds:
             cache = cache_path(setting, seed, run_args)
@@ -376,14 +414,16 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
             run = prepare_run(setting, seed, run_args)
             model, data = run["model"], run["data"]
             state = {k: v.clone() for k, v in model.state_dict().items()}
-            selection = select_trusted(model, run['train_set'], 10, rule='shift_loss', runtime=Runtime(batch_size=500, show_progress=False))
-            stats = collect_statistics(model, run['train_set'].select(selection.indices), find_target_modules(model), accumulation_dtype='float64', runtime=Runtime(batch_size=500, show_progress=False))
+            selection = select_trusted(model, run["train_set"], recipe.trusted_per_class, rule=recipe.selection_rule,
+                                       runtime=passes)
+            stats = collect_statistics(model, run["train_set"].select(selection.indices), find_target_modules(model),
+                                       accumulation_dtype=recipe.accumulation_dtype, runtime=passes)
             bases = eigenbases(stats)
             kinds = group_kinds(stats.groups, classifier_names(model))
             evaluate = lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}  # noqa: E731
             for scope in ("shared", "per_kind"):
                 found = {}
-                for method, tolerance in (("grid", 0.0), ("bracket", 0.0025), ("bracket_tol0", 0.0)):
+                for method, tolerance in (("grid", 0.0), ("bracket", recipe.alpha_search_tolerance), ("bracket_tol0", 0.0)):
                     model.load_state_dict(state)
                     res = search_alpha(model, stats, list(DEFAULT_ALPHAS), evaluate, bases=bases,
                                        kinds=kinds if scope == "per_kind" else None, method=method.split("_")[0],
@@ -424,7 +464,8 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
                     "max_val_gap_points": max(abs(r["bracket_tolerance_0"]["val_gap_points"]) for r in chosen),
                 },
             }
-    return {"alphas": list(DEFAULT_ALPHAS), "trusted": "shift_loss, 10 per class, float64 statistics",
+    return {"alphas": list(DEFAULT_ALPHAS), "tolerance": recipe.alpha_search_tolerance,
+            "trusted": f"{recipe.selection_rule}, {recipe.trusted_per_class} per class, {recipe.accumulation_dtype} statistics",
             "rows": rows, "summary": summary, "missing_models": missing}
 
 

@@ -13,7 +13,8 @@ clean labels say which are really wrong (used for the metrics only, never for a 
                         accuracy kept (early stopping: cleanlab's practice is normally trained models, which
                         is cheaper and stronger than the 100-epoch memorising schedule), predicting its 1/5.
    cleanlab_sap         cleanlab on the probabilities of the SAP-corrected model (`sap_correct` with the
-                        recipe's configuration: shift_loss, 10 trusted per class, per-kind alpha on val).
+                        recipe's SAP settings, read from recipes/configs/default.yaml: shift_loss, 10 trusted
+                        per class, per-kind alpha on val today; batch_size 500 here).
    sap_audit            `sap_hf.audit_labels` on the SAP-corrected model (`--audit_views`, `--audit_method`;
                         its `suspected` flag is cleanlab's `find_label_issues`).
    sap_loss, sap_shift_loss   `sap_hf.core.selection.sample_scores` ('loss', 'shift_loss') under the SAP model;
@@ -51,16 +52,16 @@ from common import accuracy, mean_std, prepare_run, train_from_scratch
 DETECTORS = ("cleanlab_in_sample", "cleanlab_cv5", "cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss",
              "memorised_shift_loss")
 SAP_DETECTORS = ("cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss")
-RECIPE_ALPHAS = (10, 20, 30, 50, 100, 200, 300, 500, 1000, 3000, 10000)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.run_parser(__doc__.split("\n\n")[0])
+    recipe = common.recipe_sap_config()  # recipes/configs/default.yaml: the correction of cleanlab_sap and sap_*
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of cleanlab_cv5")
     parser.add_argument("--cv_epochs", type=int, default=15, help="training length of each CV model (best val epoch kept)")
     parser.add_argument("--cv_warmup_epochs", type=float, default=1)
-    parser.add_argument("--sap_alphas", nargs="+", type=float, default=list(RECIPE_ALPHAS))
-    parser.add_argument("--trusted_per_class", type=int, default=10)
+    parser.add_argument("--sap_alphas", nargs="+", type=float, default=list(recipe.alphas))
+    parser.add_argument("--trusted_per_class", type=int, default=recipe.trusted_per_class)
     parser.add_argument("--audit_views", default="shift", choices=["image", "shift"])
     parser.add_argument("--audit_method", default="self_confidence", choices=["self_confidence", "normalized_margin"])
     parser.add_argument("--plot_seed", type=int, default=None)
@@ -89,15 +90,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _probs(model: Any, pixels: Any, views: str = "image", batch_size: int = 1000) -> Any:
-    """Softmax probabilities (float64) of every image, through the library's `predict_probs`."""
+    """Softmax probabilities (float64) of every image, through the library's `predict_probs` on one `Runtime` pass."""
     import torch
 
     from sap_hf.audit.labels import predict_probs
 
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([predict_probs(model, {"pixel_values": pixels[i : i + batch_size]}, torch.device("cpu"), views)
-                          for i in range(0, len(pixels), batch_size)])
+    images = common.TensorExamples(pixels, torch.zeros(len(pixels), dtype=torch.long))  # labels unread
+    probs = None
+    with Runtime(batch_size=batch_size, show_progress=False).run(model, images, "probabilities") as walk:
+        for batch in walk.batches():
+            chunk = predict_probs(walk, batch, views)
+            if probs is None:
+                probs = torch.zeros(len(pixels), chunk.shape[-1], dtype=chunk.dtype)
+            probs[torch.as_tensor(batch.ids, dtype=torch.long)] = chunk
+    return probs
 
 
 def _rule_scores(model: Any, data: dict[str, Any], rule: str, batch_size: int = 1000) -> tuple[Any, Any]:
@@ -186,9 +192,9 @@ def detector_metrics(is_noisy: Any, suspicion: Any, flagged: Any) -> dict[str, f
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    from sap_hf import SAPConfig, audit_labels, sap_correct
+    from sap_hf import audit_labels, sap_correct
     from sap_hf.audit.scores import flag_label_issues, label_quality_scores
-    from sap_hf.audit.labels import cleanlab_available
+    from sap_hf.audit.scores import cleanlab_available
     from sap_hf.data import FASHION_MNIST_CLASSES
 
     if not cleanlab_available():
@@ -233,8 +239,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
     # (c) the SAP-corrected model: the recipe's configuration, alpha(s) on the clean val split.
     clock = time.perf_counter()
-    sap_config = SAPConfig(alphas=list(args.sap_alphas), trusted_per_class=args.trusted_per_class, selection_rule="shift_loss",
-                           alpha_scope="per_kind", accumulation_dtype="float64", batch_size=500)
+    sap_config = common.recipe_sap_config(alphas=list(args.sap_alphas), trusted_per_class=args.trusted_per_class, batch_size=500)
     result = sap_correct(model, train_set, config=sap_config, show_progress=False,
                          evaluate_fn=lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])})
     sap_seconds = time.perf_counter() - clock

@@ -6,7 +6,8 @@ models between the two scripts). For every (setting, seed) the paper's projectio
 choice at a time; every alpha is chosen on the clean VALIDATION split, the clean TEST split only
 reports. Rows (`variant`):
 
-  Which layers are projected (trusted set: `--rule`/`--per_class`, the library default rule):
+  Which layers are projected (trusted set: `--rule`/`--per_class`, by default the recipe's
+  selection_rule / trusted_per_class from recipes/configs/default.yaml):
     all            every attention/MLP Linear + the classifier (the library default)
     no_head        the backbone only
     attention      q/k/v + attention output only
@@ -57,8 +58,9 @@ SAMPLE_VARIANTS = ("random", "clean", "mislabelled")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.run_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--rule", default="shift_loss", choices=list(RULES))
-    parser.add_argument("--per_class", type=int, default=10)
+    recipe = common.recipe_sap_config()  # recipes/configs/default.yaml: the trusted set of the recipe
+    parser.add_argument("--rule", default=recipe.selection_rule, choices=list(RULES))
+    parser.add_argument("--per_class", type=int, default=recipe.trusted_per_class)
     args = common.finish_args(parser.parse_args(argv), argv)
     if args.quick:
         args.per_class = 3

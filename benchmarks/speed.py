@@ -6,7 +6,9 @@ shape (random init, 224x224, patch 16 -> 197 tokens, 10 labels, float32, eval + 
 uses 64x64 images, 17 tokens):
 
   inference         plain forward over the n samples
-  stats_exact       sap_hf.core.stats.collect_statistics, every token (the default)
+  stats_exact       sap_hf.core.stats.collect_statistics, every token (the default); timed as
+                    `speed_investigate.instrumented_statistics`, the library's loop with timers on the
+                    Gram updates (for the breakdown), checked equal to collect_statistics at warm-up
   stats_subsampled  the same with max_tokens_per_sample=CAP (CLS always kept)
   eigh_project      current_weights + eigenbases (float64 eigh of every group) + plan_projection
                     + write_weights, for one alpha
@@ -32,7 +34,7 @@ returned on free, so RSS follows live memory); nothing there grows with n but wh
 itself keeps.
 
 --investigate (on by default, off with --quick) adds: a breakdown of the statistics pass (time in
-GramAccumulator.update / .result, monkeypatched timers), Gram-update micro-benchmarks per block
+GramAccumulator.update / .result and subsample_tokens), Gram-update micro-benchmarks per block
 size, the finalisation cost, the statistics pass with float64 accumulation, and a prototype
 GramAccumulator (recursive update + in-place mirror) timed interleaved with the others.
 
@@ -48,7 +50,6 @@ table and the figure.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
@@ -59,11 +60,13 @@ from typing import Any, Optional
 import common
 import torch
 
-from speed_investigate import PROTO_METHODS, breakdown, investigate, prototype_accumulator, stats_timers
+from speed_investigate import (
+    PROTO_METHODS, breakdown, instrumented_statistics, investigate, matches_library, prototype_accumulator_class,
+)
 from speed_memory import measure, run_child
 from speed_methods import (
     IMAGE, LABELS, LAYERS, METHODS, PATCH, SHAPES, RandomBatches, build_model, forward_flops_per_sample,
-    gram_flops_per_sample, max_relative_difference, run_eigh_project, run_inference, run_reference_svd, run_stats,
+    gram_flops_per_sample, max_relative_difference, run_eigh_project, run_inference, run_reference_svd,
     tokens_per_sample, verify,
 )
 from speed_report import plot, print_table
@@ -202,10 +205,14 @@ def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         with torch.no_grad():
             groups = discover_groups(model, names, data[0]["pixel_values"][:1])
         ctx[m] = {"model": model, "names": names, "data": data, "groups": groups, "runs": {k: [] for k in METHODS}}
-        # warm-up: one batch through each forward-based path (lazy init of oneDNN kernels etc.)
+        # warm-up: one batch through each forward-based path (lazy init of oneDNN kernels etc.); the timed statistics
+        # pass (benchmark-side instrumentation, speed_investigate.py) must return exactly the library's statistics
         run_inference(model, data[:1])
-        run_stats(model, data[:1], names, args.bs_per[m], None)
-        run_stats(model, data[:1], names, args.bs_per[m], args.cap)
+        ctx[m]["instrumented_matches_library"] = all(
+            matches_library(model, data[:1], names, args.bs_per[m], cap) for cap in (None, args.cap))
+        if not ctx[m]["instrumented_matches_library"]:
+            raise RuntimeError(f"[{m}] the instrumented statistics pass differs from sap_hf's collect_statistics: "
+                               "update speed_investigate.instrumented_statistics to the library's loop.")
     return ctx
 
 
@@ -220,9 +227,9 @@ def run_method(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], m: str,
         seconds, mem, _ = measure(lambda: run_inference(model, data))
     elif method in ("stats_exact", "stats_subsampled", "stats_exact_proto", "stats_subsampled_proto"):
         cap = None if method.startswith("stats_exact") else args.cap
-        swap = prototype_accumulator() if method.endswith("_proto") else contextlib.nullcontext()
-        with swap, stats_timers() as timers:
-            seconds, mem, stats = measure(lambda: run_stats(model, data, names, bs, cap))
+        accumulator = prototype_accumulator_class() if method.endswith("_proto") else None
+        seconds, mem, (stats, timers) = measure(
+            lambda: instrumented_statistics(model, data, names, bs, cap, accumulator=accumulator))
         if method == "stats_exact":
             c["stats"] = stats
         if method == "stats_exact_proto" and "proto_gram_rel_diff" not in c:
@@ -313,9 +320,8 @@ def investigate_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]])
                 print(f"investigating the statistics pass: {m}", flush=True)
                 investigation[m] = investigate(m, args.bs_per[m], image_size=args.image)
                 # the cost of the accurate alternative: float64 accumulation, same n, one run
-                with stats_timers() as timers:
-                    seconds, mem, _ = measure(
-                        lambda: run_stats(c["model"], c["data"], c["names"], args.bs_per[m], None, "float64"))
+                seconds, mem, (_, timers) = measure(
+                    lambda: instrumented_statistics(c["model"], c["data"], c["names"], args.bs_per[m], None, "float64"))
                 investigation[m]["stats_exact_float64_accumulation"] = {
                     "seconds": round(seconds, 3), "ratio_over_inference": round(seconds / inf, 3),
                     "peak_mem_mb": None if mem is None else round(mem, 1),
@@ -369,6 +375,7 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
         if not full:  # a partial run: only the ratios to inference
             summary[m] = {
                 "n_samples": args.n_per[m], "batch_size": args.bs_per[m], "methods": args.method_list,
+                "instrumented_pass_matches_library": c["instrumented_matches_library"],
                 **{f"ratio_{k}_over_inference": round(best[k]["seconds"] / inf, 3)
                    for k in args.method_list if k in ("stats_exact", "stats_subsampled")},
                 **{f"{k}_breakdown_s": breakdown(best[k], inf) for k in args.method_list if k.startswith("stats")},
@@ -382,6 +389,7 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
         s = {
             "n_samples": args.n_per[m], "batch_size": args.bs_per[m], "tokens_per_sample": tokens_per_sample(args.image), "token_cap": args.cap,
             "alpha": args.alpha, "groups": len(c["groups"]), "target_layers": len(c["names"]),
+            "instrumented_pass_matches_library": c["instrumented_matches_library"],
             "ratio_stats_exact_over_inference": round(best["stats_exact"]["seconds"] / inf, 3),
             "ratio_stats_subsampled_over_inference": round(best["stats_subsampled"]["seconds"] / inf, 3),
             "target_stats_exact_le_2": best["stats_exact"]["seconds"] / inf <= 2.0,

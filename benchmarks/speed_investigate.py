@@ -1,11 +1,13 @@
 """The `--investigate` part of `speed.py`: where the statistics pass spends its time, and prototypes.
 
-`stats_timers` times GramAccumulator.update / .result and subsample_tokens inside
-`collect_statistics` (a monkeypatch, always restored); `breakdown` turns those timers into the
-per-part seconds of the JSON. `investigate` micro-benchmarks one Gram update per block size (and
-BLAS ssyrk where scipy is installed), the finalisation of every Gram and their allocation. The
-prototype accumulator (recursive update, in-place mirror) is measured here and is NOT used by the
-library.
+`instrumented_statistics` is the statistics pass with GramAccumulator.update / .result and
+subsample_tokens timed: a copy of `collect_statistics`'s loop with a benchmark-side accumulator
+subclass, on the library's own walk, hooks, grouping and reduction (no library name is rebound;
+`matches_library` checks it returns exactly the library's statistics). `breakdown` turns those timers
+into the per-part seconds of the JSON. `investigate` micro-benchmarks one Gram update per block size
+(and BLAS ssyrk where scipy is installed), the finalisation of every Gram and their allocation. The
+prototype accumulator (recursive update, in-place mirror) is measured here, passed to
+`instrumented_statistics(accumulator=...)`, and is NOT used by the library.
 """
 
 from __future__ import annotations
@@ -26,45 +28,107 @@ PROTO_METHODS = ["stats_exact_proto", "stats_subsampled_proto"]
 
 
 # --------------------------------------------------------------------------------------------
-# Instrumentation of collect_statistics (benchmark-side monkeypatch, always restored)
+# Instrumentation of the statistics pass (benchmark-side code: no library name is rebound)
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def stats_timers():
-    """Time GramAccumulator.update / .result and subsample_tokens inside collect_statistics.
+def new_timers() -> dict[str, Any]:
+    return {"gram_update_s": 0.0, "gram_result_s": 0.0, "subsample_s": 0.0, "update_calls": 0}
 
-    Overhead: one perf_counter pair per hook call (~250 per batch), i.e. microseconds per batch.
+
+def timed_accumulator_class(base: type, timers: dict[str, Any]) -> type:
+    """A subclass of the accumulator `base` (the library's GramAccumulator or the prototype) whose update and
+    result add their seconds to `timers`. Overhead: one perf_counter pair per call (~250 per batch)."""
+
+    class TimedAccumulator(base):
+        def update(self, rows: torch.Tensor) -> None:
+            start = time.perf_counter()
+            super().update(rows)
+            timers["gram_update_s"] += time.perf_counter() - start
+            timers["update_calls"] += 1
+
+        def result(self) -> torch.Tensor:
+            start = time.perf_counter()
+            out = super().result()
+            timers["gram_result_s"] += time.perf_counter() - start
+            return out
+
+    return TimedAccumulator
+
+
+def instrumented_grams_class():
+    """The library's GroupedGrams with a given accumulator class and a timed subsample_tokens.
+
+    `__call__` is a copy of `sap_hf.core.stats.GroupedGrams.__call__` (the one place that names the
+    accumulator class and `subsample_tokens`); grouping and the reduction are the library's own methods.
     """
-    import sap_hf.core.stats as stats_module
+    from sap_hf.core.stats import GramAccumulator, GroupedGrams, subsample_tokens
 
-    acc_cls = stats_module.GramAccumulator
-    timers = {"gram_update_s": 0.0, "gram_result_s": 0.0, "subsample_s": 0.0, "update_calls": 0}
-    original_update, original_result, original_subsample = acc_cls.update, acc_cls.result, stats_module.subsample_tokens
+    class InstrumentedGrams(GroupedGrams):
+        def __init__(self, *args: Any, timers: dict[str, Any], accumulator: type = GramAccumulator, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.timers, self.accumulator_cls = timers, timed_accumulator_class(accumulator, timers)
 
-    def update(self, rows):
-        start = time.perf_counter()
-        original_update(self, rows)
-        timers["gram_update_s"] += time.perf_counter() - start
-        timers["update_calls"] += 1
+        def __call__(self, name: str, tensor: torch.Tensor) -> None:
+            if self.groups is None:
+                self._first_inputs.setdefault(name, tensor)
+                if any(held is tensor for held, _ in self._first):
+                    return
+                accumulator = self.accumulator_cls(tensor.shape[-1], self.dtype, self.device)
+                self._first.append((tensor, accumulator))
+            elif name in self.accumulators:
+                accumulator = self.accumulators[name]
+            else:
+                return
+            start = time.perf_counter()
+            rows = subsample_tokens(tensor, self.max_tokens, self.generator)
+            self.timers["subsample_s"] += time.perf_counter() - start
+            accumulator.update(rows)
 
-    def result(self):
-        start = time.perf_counter()
-        out = original_result(self)
-        timers["gram_result_s"] += time.perf_counter() - start
-        return out
+    return InstrumentedGrams
 
-    def subsample(*args, **kwargs):
-        start = time.perf_counter()
-        out = original_subsample(*args, **kwargs)
-        timers["subsample_s"] += time.perf_counter() - start
-        return out
 
-    acc_cls.update, acc_cls.result, stats_module.subsample_tokens = update, result, subsample
-    try:
-        yield timers
-    finally:
-        acc_cls.update, acc_cls.result, stats_module.subsample_tokens = original_update, original_result, original_subsample
+def instrumented_statistics(model, data, names, batch_size: int, cap: Optional[int], accumulation_dtype: str = "float32",
+                            accumulator: Optional[type] = None, seed: int = 0):
+    """`collect_statistics` with timers on GramAccumulator.update / .result and subsample_tokens: `(stats, timers)`.
+
+    A copy of `sap_hf.core.stats.collect_statistics`'s loop for one process, on the library's own
+    `Runtime.run` walk, hooks, grouping, reduction and ActivationStats; only the accumulator is a
+    benchmark-side subclass (`accumulator`: the library's GramAccumulator by default, or the prototype).
+    `matches_library` checks that it returns exactly the library's statistics.
+    """
+    from sap_hf import ActivationStats, Runtime
+    from sap_hf.core.stats import GramAccumulator, input_hooks, weights_signature
+
+    timers = new_timers()
+    runtime = Runtime(batch_size=batch_size, show_progress=False)
+    dtype = getattr(torch, accumulation_dtype)
+    with runtime.run(model, data, "statistics", argument="trusted data") as walk:
+        generator = torch.Generator().manual_seed(seed + runtime.rank) if cap else None
+        grams = instrumented_grams_class()(walk.model, names, dtype, walk.device, cap, generator, timers=timers,
+                                           accumulator=accumulator or GramAccumulator)
+        with input_hooks(walk.model, grams.names, grams):
+            for batch in walk.batches():
+                walk.logits(batch)
+                grams.fix_groups()
+                grams.samples += len(batch)
+    if grams.groups is None:
+        raise ValueError("instrumented_statistics: the data is empty.")
+    gram_of, counts = grams.reduce(grams.groups, runtime)
+    stats = ActivationStats(groups=grams.groups, grams=gram_of, counts=counts, max_tokens_per_sample=cap,
+                            meta={"weights_signature": weights_signature(walk.model, [n for g in grams.groups for n in g.members]),
+                                  "samples": grams.samples})
+    return stats, timers
+
+
+def matches_library(model, data, names, batch_size: int, cap: Optional[int]) -> bool:
+    """The instrumented pass returns exactly what the library's `collect_statistics` returns (same Grams, counts, groups)."""
+    from speed_methods import run_stats
+
+    ours, _ = instrumented_statistics(model, data, names, batch_size, cap)
+    library = run_stats(model, data, names, batch_size, cap)
+    return (ours.groups == library.groups and ours.counts == library.counts and ours.meta == library.meta
+            and all(torch.equal(ours.grams[g], library.grams[g]) for g in library.grams))
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,19 +197,6 @@ def prototype_accumulator_class():
             return mirror_upper_inplace(self.gram, strip=64)  # recursive cuts are 64-aligned
 
     return PrototypeGramAccumulator
-
-
-@contextlib.contextmanager
-def prototype_accumulator():
-    """Swap sap_hf.core.stats.GramAccumulator for the prototype inside collect_statistics (restored)."""
-    import sap_hf.core.stats as stats_module
-
-    original = stats_module.GramAccumulator
-    stats_module.GramAccumulator = prototype_accumulator_class()
-    try:
-        yield
-    finally:
-        stats_module.GramAccumulator = original
 
 
 def investigate(shape: str, batch_size: int, repeats: int = 3, image_size: int = IMAGE) -> dict[str, Any]:
@@ -264,7 +315,7 @@ def investigate(shape: str, batch_size: int, repeats: int = 3, image_size: int =
 
 
 def breakdown(run: dict[str, Any], inference_s: float) -> Optional[dict[str, float]]:
-    """Seconds per part of one timed statistics pass (`run["timers"]` from `stats_timers`), or None untimed."""
+    """Seconds per part of one timed statistics pass (`run["timers"]` from `instrumented_statistics`), or None untimed."""
     t = run.get("timers")
     if not t:
         return None

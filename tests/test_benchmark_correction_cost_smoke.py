@@ -1,4 +1,8 @@
-"""Smoke test of benchmarks/correction_cost.py --quick: 1 and 2 processes, decode counts (no assertion on timings)."""
+"""Smoke test of benchmarks/correction_cost.py --quick: 1 and 2 processes, decode counts (no assertion on timings).
+
+The phases come from the library's hook (`sap_correct(on_phase=...)`, `SAPResult.timings`), never from
+wrappers around library names: the worker records that no library name was rebound.
+"""
 
 import json
 import subprocess
@@ -10,6 +14,10 @@ import pytest
 from sap_hf.data import DEBIAN_FASHION_MNIST_DIR
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "correction_cost.py"
+ROWS = {"selection", "statistics", "eigh", "alpha_search", "write", "total"}
+#: row phase -> the library's phase (SAPResult.timings key) it reports
+FROM_HOOK = {"selection": "selection", "statistics": "statistics", "eigh": "eigh", "alpha_search": "evaluation",
+             "write": "write"}
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist")
@@ -21,9 +29,52 @@ def test_correction_cost_quick(tmp_path):
     assert [r["processes"] for r in result["runs"]] == [1, 2]
     for run_record in result["runs"]:
         phases = {r["phase"] for r in run_record["rows"]}
-        assert phases == {"selection", "statistics", "eigh", "alpha_search", "write", "total"}
+        assert phases == ROWS
         searches = {r.get("search") for r in run_record["rows"] if r["phase"] == "alpha_search"}
         assert searches == {"bracket", "grid"}
+        # the rows are the hook's phases: SAPResult.timings of the correction, summed as the rows say
+        timings = run_record["timings"]
+        assert set(timings) == {"selection", "statistics", "evaluation", "eigh", "write", "search"}
+        assert set(run_record["grid_timings"]) == {"evaluation", "eigh", "write", "search"}  # statistics from stats_path
+        rows = {r["phase"]: r for r in run_record["rows"] if r.get("search") != "grid"}
+        for row, phase in FROM_HOOK.items():
+            assert rows[row]["seconds"] == pytest.approx(timings[phase], abs=2e-3), (row, phase)
+        grid = next(r for r in run_record["rows"] if r.get("search") == "grid")
+        assert grid["seconds"] == pytest.approx(run_record["grid_timings"]["evaluation"], abs=2e-3)
+        assert timings["search"] >= timings["eigh"] + timings["evaluation"] + timings["write"] - 3e-3
+        logged = [entry["phase"] for entry in run_record["phase_log"]]
+        assert logged[:2] == ["selection", "statistics"] and logged[-2:] == ["write", "search"]
+        # every decode of the correction is in the phase rows (innermost phase); none in "search" itself
+        assert sum(rows[name]["decodes"] for name in FROM_HOOK) == rows["total"]["decodes"]
+        assert all(entry["decodes"] == 0 for entry in run_record["phase_log"] if entry["phase"] in ("search", "eigh", "write"))
+        # no library name rebound: the same objects everywhere, nothing bound to benchmark code
+        intact = run_record["library_intact"]
+        assert all(intact["same_objects"].values()), intact
+        assert intact["rebound"] == []
     # every image decoded once per pass whatever the number of processes
     assert result["targets"]["decodes_1p"]["decodes"] == result["targets"]["decodes_2p"]["decodes"]
     assert result["targets"]["decodes_1p"]["met_le_1.1"]
+
+
+def test_recipe_settings_come_from_the_yaml(tmp_path):
+    """The benchmarks' recipe settings are read from recipes/configs/default.yaml, not copied."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    settings = common.recipe_settings()
+    config = common.recipe_sap_config()
+    assert config.alphas == [float(a) for a in settings["alphas"]]
+    assert (config.trusted_per_class, config.selection_rule, config.alpha_scope, config.accumulation_dtype, config.batch_size) == (
+        settings["trusted_per_class"], settings["selection_rule"], settings["alpha_scope"], settings["accumulation_dtype"],
+        settings["batch_size"])
+    changed = tmp_path / "recipe.yaml"
+    changed.write_text(common.RECIPE_CONFIG.read_text().replace("trusted_per_class: 10", "trusted_per_class: 7"))
+    assert common.recipe_sap_config(changed).trusted_per_class == 7
+    assert common.recipe_sap_config(changed, batch_size=500).batch_size == 500
+    training = common.recipe_training()
+    parser_defaults = common.run_parser("").parse_args([])
+    assert (parser_defaults.epochs, parser_defaults.lr, parser_defaults.batch_size) == (
+        settings["num_train_epochs"], settings["learning_rate"], settings["per_device_train_batch_size"])
+    assert parser_defaults.warmup_epochs == training["warmup_epochs"] == pytest.approx(settings["warmup_steps"] * settings["num_train_epochs"])

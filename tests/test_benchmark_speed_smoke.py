@@ -45,3 +45,41 @@ def test_speed_quick_reports_every_method_and_matches_reference(tmp_path: Path) 
         assert summary["ratio_stats_exact_over_inference"] > 0
         memory = summary["memory_n_vs_4n"]
         assert memory["big_n"] == 4 * memory["n"] and memory["n_peak_growth_mb"] > 0
+        # the timed statistics pass is benchmark-side instrumentation that returns exactly the library's statistics
+        assert summary["instrumented_pass_matches_library"] is True
+        breakdown = summary["stats_exact_breakdown_s"]
+        assert breakdown["addmm_update_calls"] > 0 and breakdown["gram_update"] >= 0
+
+
+def test_statistics_instrumentation_rebinds_no_library_name() -> None:
+    """speed_investigate times the Gram updates with a benchmark-side subclass and a copy of the loop: the library's
+    names stay the library's during and after, and the prototype accumulator gives the library's Grams."""
+    import torch
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import common
+        import speed_investigate
+        from speed_methods import RandomBatches, build_model, run_stats
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    import sap_hf.core.stats as stats_module
+    from sap_hf.core.targets import find_target_modules
+
+    library = (stats_module.GramAccumulator, stats_module.GramAccumulator.update, stats_module.GramAccumulator.result,
+               stats_module.subsample_tokens, stats_module.collect_statistics)
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=32)
+    names = find_target_modules(model)
+    data = list(RandomBatches(4, 2, seed=1, image_size=32))
+    assert speed_investigate.matches_library(model, data, names, 2, None)
+    assert speed_investigate.matches_library(model, data, names, 2, 3)
+    proto, timers = speed_investigate.instrumented_statistics(
+        model, data, names, 2, None, accumulator=speed_investigate.prototype_accumulator_class())
+    assert timers["update_calls"] > 0 and timers["gram_update_s"] > 0 and timers["gram_result_s"] > 0
+    reference = run_stats(model, data, names, 2, None)
+    for group, gram in reference.grams.items():
+        assert torch.allclose(proto.grams[group], gram, rtol=1e-5, atol=1e-4)
+    assert (stats_module.GramAccumulator, stats_module.GramAccumulator.update, stats_module.GramAccumulator.result,
+            stats_module.subsample_tokens, stats_module.collect_statistics) == library
+    assert common.rebound_library_names() == []
