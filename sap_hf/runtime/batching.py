@@ -1,9 +1,10 @@
 """One way to walk any user data in batches, sharded exactly across processes.
 
-Statistics, trusted selection and evaluation all read data the same way, so it lives here once.
-Accepted inputs: a map-style dataset (`datasets.Dataset`, any `torch.utils.data.Dataset`), an
-iterable of examples (`datasets.IterableDataset`, a list of dicts), or an iterable of ready
-batches (a `DataLoader`, a list of dicts whose `pixel_values` has a batch dimension).
+Every pass (`runtime.passes.Runtime.run`) reads data through `iter_shard_batches`, so it lives here
+once. Inputs, after `runtime.contract.as_pass_data`: a map-style dataset (`datasets.Dataset`, any
+`torch.utils.data.Dataset`), an iterable of examples (`datasets.IterableDataset`, a list of dicts),
+a `LoaderData` (a DataLoader's dataset in index order, through its collate_fn), or an iterable of
+ready batches (a list of dicts whose `pixel_values` has a batch dimension, a loader over a stream).
 
 Sharding never pads or repeats: example (or batch) `i` belongs to process `i % num_processes`.
 `Accelerator.prepare(dataloader)` would duplicate samples to even out the last batch, which
