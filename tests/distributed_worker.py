@@ -65,6 +65,7 @@ def main(out_dir: str, mode: str = "equal", *args: str) -> None:
         return
     selection = select_trusted(model, data, 3, runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
     shifted = select_trusted(model, data, 2, rule='shift_loss', runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
+    curved = select_trusted(model, data, 2, rule='curvature', runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
     trusted = subset(data, selection.indices)
     stats = collect_statistics(model, trusted, find_target_modules(model), accumulation_dtype='float64', runtime=Runtime(batch_size=2, accelerator=accelerator, show_progress=False))
     sap_project(model, trusted, alpha=10.0, config=SAPConfig(batch_size=2), accelerator=accelerator)
@@ -72,7 +73,8 @@ def main(out_dir: str, mode: str = "equal", *args: str) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/weights.safetensors")
         save_file({k: v.contiguous() for k, v in stats.grams.items()}, f"{out_dir}/grams.safetensors")
         with open(f"{out_dir}/result.json", "w") as handle:
-            json.dump({"indices": selection.indices, "shift_indices": shifted.indices, "counts": stats.counts, "processes": accelerator.num_processes}, handle)
+            json.dump({"indices": selection.indices, "shift_indices": shifted.indices,
+                       "curvature_indices": curved.indices, "curvature_scores": curved.losses, "counts": stats.counts, "processes": accelerator.num_processes}, handle)
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

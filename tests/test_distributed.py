@@ -32,6 +32,8 @@ def test_two_processes_equal_one(tmp_path):
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["indices"] == two["indices"] and len(one["indices"]) == 9
     assert one["shift_indices"] == two["shift_indices"] and len(one["shift_indices"]) == 6
+    assert one["curvature_indices"] == two["curvature_indices"] and len(one["curvature_indices"]) == 6
+    assert max(abs(a - b) / a for a, b in zip(one["curvature_scores"], two["curvature_scores"])) < 1e-3  # a difference of close float32 gradients
     assert one["counts"] == two["counts"]
     for name in ("grams", "weights"):
         a, b = load_file(tmp_path / "one" / f"{name}.safetensors"), load_file(tmp_path / "two" / f"{name}.safetensors")

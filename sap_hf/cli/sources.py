@@ -56,7 +56,16 @@ class DataArguments:
         default=None,
         metadata={"help": "Fashion-MNIST idx files for the embedded default (else Debian's dataset-fashion-mnist, else the Hub)."},
     )
-    noise_type: str = field(default="symmetric", metadata={"help": "Embedded default: 'symmetric' or 'asymmetric' label noise."})
+    noise_type: str = field(
+        default="symmetric",
+        metadata={
+            "help": (
+                "Embedded default's label noise: 'symmetric' (any other class), 'asymmetric' (a fixed class map: "
+                "shirt <-> T-shirt, ...) or 'instance' (the images a pixel-level classifier finds ambiguous, "
+                "flipped to the class it confuses them with)."
+            )
+        },
+    )
     noise_rate: float = field(default=0.4, metadata={"help": "Embedded default: fraction of flipped training labels."})
     train_size: Optional[int] = field(default=6000, metadata={"help": "Embedded default: training images (None: all)."})
     val_size: int = field(default=1000, metadata={"help": "Embedded default: clean validation images."})

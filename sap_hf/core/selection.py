@@ -11,8 +11,10 @@ not depend on the number of processes. For a stream, the candidates' examples ar
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from ..runtime.batching import is_map_style
-from ..runtime.checks import check_choice, positive_int
+from ..runtime.batching import Identity, check_pixel_values, is_map_style
+from ..runtime.checks import check_choice, integer, positive_int
 from ..runtime.contract import LoaderData
 from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resolve_runtime
 from .config import SELECTION_RULES
@@ -87,12 +89,80 @@ EXTRA_VIEWS = {"shift_loss": shifted_views, "agreement": _flipped_view}
 """Rules that average the loss over the image and extra views of it."""
 
 
-def sample_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, rule: str) -> torch.Tensor:
+CURVATURE_DRAWS = 10
+"""Random directions per sample of the 'curvature' rule (the reference's number)."""
+CURVATURE_STEP = 1e-3
+"""Length of each input coordinate's step along a direction (the reference's `h`)."""
+
+
+def curvature_seed(seed: int, identity: Identity) -> int:
+    """The seed of one sample's random directions: from its identity, so that the draws do not depend
+    on which process reads it, nor on the batch it lands in (Python's `hash` of a str differs per process)."""
+    if isinstance(identity, numbers.Integral) and not isinstance(identity, bool):
+        name = f"position:{int(identity)}"
+    else:
+        name = f"{type(identity).__name__}:{identity}"
+    digest = hashlib.blake2b(f"{int(seed)}|{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
+
+
+def input_gradient(walk: DataPass, batch: PassBatch, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each sample's gradient of its own cross-entropy with respect to its input pixels.
+
+    The summed loss keeps the samples apart (the gradient of a mean would shrink with the batch
+    size); the gradient is taken with respect to the input alone, so no parameter gets a `.grad`
+    and the backward does no work for the weights.
+    """
+    leaf = pixels.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(walk.logits(batch, leaf), labels, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, leaf)
+    return gradient.detach()
+
+
+def curvature_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, seed: int = 0,
+                     draws: int = CURVATURE_DRAWS, step: float = CURVATURE_STEP) -> torch.Tensor:
+    """The 'curvature' rule: mean over `draws` of `||grad L(x + step * v) - grad L(x)||`, v Rademacher.
+
+    A mislabelled sample that the model memorised sits in a sharp, narrow minimum of its own loss
+    around its input: the input gradient changes fast when the image moves a little. A correctly
+    labelled one lies in a flat region shared with its class. This is the reference's "regularised"
+    curvature estimate (the norm of the gradient difference, per direction); lower is more
+    trustworthy. `grad L(x)` is the same for every direction, so it is computed once per batch:
+    the same number as the gradient of the two losses' difference, for one forward and backward
+    less per direction. Each sample's directions come from a generator seeded by `curvature_seed`.
+    The score is a difference of two close gradients, so it carries the rounding of the model's
+    dtype magnified by `1 / step`: other batchings (another batch size, more processes) agree on it
+    to fewer digits than on a loss, and a bfloat16 model is too coarse for a `step` this small.
+    Runs in eval mode under the pass's `no_grad`: grad is enabled for the input only.
+    """
+    check_pixel_values(batch.batch)
+    pixels = batch.pixel_values.to(walk.device)
+    pixels = pixels if pixels.is_floating_point() else pixels.float()
+    finite = finite_samples(pixels).reshape(-1, *([1] * (pixels.dim() - 1)))
+    pixels = torch.where(finite, pixels, torch.zeros_like(pixels))  # a NaN image scores NaN via the caller, alone
+    labels = labels.to(walk.device).clamp_min(0)
+    generators = [torch.Generator().manual_seed(curvature_seed(seed, identity)) for identity in batch.ids]
+    clean = input_gradient(walk, batch, pixels, labels)
+    total = torch.zeros(len(batch), dtype=torch.float64)
+    for _ in range(draws):
+        signs = torch.stack([torch.randint(0, 2, pixels.shape[1:], generator=g, dtype=torch.int8) for g in generators])
+        direction = (signs * 2 - 1).to(device=pixels.device, dtype=pixels.dtype) * step
+        moved = input_gradient(walk, batch, pixels + direction, labels)
+        total += (moved - clean).flatten(1).float().norm(dim=1).cpu().double()
+    score = (total / draws).float()
+    return torch.where(torch.isfinite(score), score, torch.full_like(score, math.nan))
+
+
+def sample_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, rule: str, seed: int = 0) -> torch.Tensor:
     """Per-sample score (lower = more trustworthy), on the CPU. `inf` marks a sample the rule rejects.
 
     'shift_loss' and 'agreement' average the loss over the image and its `EXTRA_VIEWS`;
-    'agreement' also rejects a sample unless every view predicts its label.
+    'agreement' also rejects a sample unless every view predicts its label. 'curvature' is
+    `curvature_scores` (its random directions seeded by `seed` and each sample's identity).
     """
+    if rule == "curvature":
+        return curvature_scores(walk, batch, labels, seed)
     logits = walk.logits(batch)
     labels = labels.to(logits.device).clamp_min(0)  # -100 (ignored) scores as class 0; the caller drops it
     loss = F.cross_entropy(logits, labels, reduction="none")
@@ -117,6 +187,7 @@ def select_trusted(
     rule: str = "loss",
     selection_model: Optional[nn.Module] = None,
     runtime: Optional[Runtime] = None,
+    seed: int = 0,
 ) -> TrustedSelection:
     """Keep the `per_class` lowest-score samples of each class of a labelled dataset.
 
@@ -124,21 +195,28 @@ def select_trusted(
     checkpoint that has not memorised the noise), 'shift_loss' (mean loss over the image and four
     copies shifted by a 1/28 of its side, see `shifted_views`: needs no checkpoint, and on a
     memorised model it is far purer than 'loss') or 'agreement' (mean loss over the image and its
-    horizontal flip; samples whose views do not both predict the label are dropped).
+    horizontal flip; samples whose views do not both predict the label are dropped) or
+    'curvature' (the reference's choice for real noise: how fast the input gradient of the loss
+    changes along random directions, see `curvature_scores`; `seed` seeds those directions, per
+    sample, so any number of processes selects the same samples. It costs about `CURVATURE_DRAWS`
+    forward and backward passes per sample, and a training step's activation memory per batch).
     Samples labelled -100 are skipped; samples with non-finite pixels or scores are excluded (a
     warning gives their count). Warns when a class has fewer than `per_class` samples; raises when
     a class has none, or when a label lies outside `[0, num_labels)`.
     """
     _check_selection(per_class, rule, selection_model)
+    seed = integer("seed", seed, hint="It seeds the random directions of rule='curvature'.")
     runtime = resolve_runtime(runtime)
     scorer = selection_model if rule == "early_loss" else model
     num_labels = check_classifier(runtime.unwrap(scorer), num_labels, "selection_model" if rule == "early_loss" else "model")
+    if rule == "curvature":
+        _warn_if_too_coarse(runtime.unwrap(scorer), runtime.is_main)
     with runtime.run(scorer, data, "selection", argument="train_data", description="SAP trusted selection") as walk:
         candidates = _Candidates(per_class, keep_examples=not _indexed(walk.data))
         for batch in walk.batches(with_examples=True):
             labels, valid = walk.require_labels(batch, num_labels, "trusted selection")
             candidates.check_unique(batch.ids)
-            scores = sample_scores(walk, batch, labels, rule)
+            scores = sample_scores(walk, batch, labels, rule, seed)
             scores[~finite_samples(batch.pixel_values).cpu()] = math.nan
             candidates.offer(batch, scores, labels, valid, rejects_with_inf=rule == "agreement")
     return _merge(runtime.gather(candidates.summary()), num_labels, per_class, rule, runtime.is_main)
@@ -149,6 +227,17 @@ def _check_selection(per_class: Any, rule: str, selection_model: Optional[nn.Mod
     check_choice("rule", rule, SELECTION_RULES)
     if rule == "early_loss" and selection_model is None:
         raise ValueError("rule='early_loss' needs selection_model= (an earlier checkpoint of the model).")
+
+
+def _warn_if_too_coarse(model: nn.Module, is_main: bool) -> None:
+    """A half-precision model rounds away most of the 'curvature' rule's small input steps."""
+    parameter = next(model.parameters(), None)
+    if is_main and parameter is not None and parameter.dtype in (torch.float16, torch.bfloat16):
+        logger.warning(
+            "selection_rule='curvature' with a %s model: its input steps of %g are below that precision, so the "
+            "scores are mostly rounding. Select with a float32 copy of the model (model.float()), or use "
+            "another selection_rule.", parameter.dtype, CURVATURE_STEP,
+        )
 
 
 def _indexed(data: Any) -> bool:

@@ -19,7 +19,7 @@ import numpy as np
 from transformers.utils import logging
 
 from ..runtime.checks import check_choice, integer, invalid
-from .noise import FASHION_MNIST_ASYMMETRIC_MAP, NOISE_TYPES, add_label_noise, check_noise_rate
+from .noise import FASHION_MNIST_ASYMMETRIC_MAP, NOISE_TYPES, add_label_noise, check_noise_rate, cross_fitted_probabilities
 
 logger = logging.get_logger(__name__)
 
@@ -116,8 +116,12 @@ def noisy_fashion_mnist(
 
     Args:
         noise_rate: fraction of training labels flipped, in ``[0, 1)``.
-        noise_type: ``"symmetric"`` or ``"asymmetric"`` (uses
-            :data:`~sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP`).
+        noise_type: ``"symmetric"``, ``"asymmetric"`` (uses
+            :data:`~sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP`) or
+            ``"instance"`` (flips the images a pixel-level softmax regression,
+            cross-fitted on the clean training labels, finds ambiguous, to the
+            class it confuses them with: see
+            :func:`~sap_hf.data.noise.cross_fitted_probabilities`).
         seed: seeds the validation carve-out, the training subset and the noise.
         train_size: number of training images (stratified subset chosen before
             the noise); ``None`` keeps all that the validation split leaves.
@@ -157,6 +161,7 @@ def noisy_fashion_mnist(
         num_classes=len(FASHION_MNIST_CLASSES),
         seed=seed,
         asymmetric_map=FASHION_MNIST_ASYMMETRIC_MAP if noise_type == "asymmetric" else None,
+        probabilities=_instance_probabilities(train_source, train_idx, clean, seed) if noise_type == "instance" else None,
     )
     train = train_source.build(train_idx, label=noisy, clean_label=clean, is_noisy=is_noisy)
     return datasets.DatasetDict(
@@ -191,6 +196,18 @@ class _Source:
         for name, values in data.items():
             dataset = dataset.add_column(name, values.tolist(), feature=features[name])
         return dataset.cast(datasets.Features(features))
+
+    def pixels(self, indices: np.ndarray) -> np.ndarray:
+        """The grey images at `indices` as an `(n, 28, 28)` uint8 array (the Hub copy is decoded for it)."""
+        if self.images is not None:
+            return self.images[indices]
+        return np.stack([np.asarray(image.convert("L")) for image in self.hub.select(indices)["image"]])
+
+
+def _instance_probabilities(source: _Source, indices: np.ndarray, clean: np.ndarray, seed: int) -> np.ndarray:
+    """Cross-fitted probabilities of the training subset's own images: cheap, deterministic, no model training."""
+    logger.info("Fitting the pixel-level classifier behind instance-dependent noise on %d images.", len(indices))
+    return cross_fitted_probabilities(source.pixels(indices), clean, len(FASHION_MNIST_CLASSES), seed=seed)
 
 
 def _resolve(split: str, data_dir: Optional[Union[str, Path]]) -> _Source:
