@@ -154,7 +154,7 @@ class SAPConfig:
         default=32,
         metadata={"help": "Batch size for the statistics, selection and evaluation passes over datasets."},
     )
-    sampling_seed: int = field(default=0, metadata={"help": "Seed of the token sub-sampling (max_tokens_per_sample)."})
+    sampling_seed: int = field(default=0, metadata={"help": "Seed of the token sub-sampling (max_tokens_per_sample) and of the curvature rule's random draws."})
 
     def __post_init__(self) -> None:
         self.target_modules = self._normalise_patterns("target_modules", self.target_modules)
