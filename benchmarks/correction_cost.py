@@ -44,7 +44,7 @@ import argparse
 import dataclasses
 import json
 import os
-import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -365,13 +365,18 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
 
 
 def launch(processes: int, corpus: Path, model_dir: Path, out: Path) -> dict[str, Any]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)),
-               "--num_processes", str(processes)]
-    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [__file__, "--worker", str(corpus), str(model_dir), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(ROOT))
     started = time.perf_counter()
-    run = subprocess.run(command, capture_output=True, text=True, env=env)
+    # The port stays bound here (SO_REUSEADDR, not listening) until the run ends: no other socket gets it,
+    # the TCPStore can still listen on it (a random port may be in use: EADDRINUSE, seen with the tests' ports).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("", 0))
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
+                   "--dynamo_backend", "no", "--main_process_port", str(held.getsockname()[1]),
+                   "--num_processes", str(processes)]
+        command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [__file__, "--worker", str(corpus), str(model_dir), str(out)]
+        run = subprocess.run(command, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise RuntimeError(f"accelerate launch with {processes} process(es) failed:\n{run.stderr[-4000:]}")
     record = json.loads(out.read_text())

@@ -61,8 +61,17 @@ def main(out_dir: str, mode: str = "equal", *args: str) -> None:
     data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes
     if mode == "fail":  # example 1 lands on process 1 only: it fails, process 0 must not hang
         data[1] = {"pixel_values": torch.randn(3, 9, 9), "labels": 1}
-        collect_statistics(model, data, find_target_modules(model), runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
-        return
+        try:
+            collect_statistics(model, data, find_target_modules(model), runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
+            failed = False
+        except Exception as err:  # what each process raised, written before any process exits:
+            print(f"[process {accelerator.process_index}] {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            failed = True
+        # the launcher terminates the others once one exits, so a process slowed down after the error
+        # collective (a loaded machine) could be killed before its error is printed
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        sys.exit(1 if failed else 0)
     selection = select_trusted(model, data, 3, runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
     shifted = select_trusted(model, data, 2, rule='shift_loss', runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
     curved = select_trusted(model, data, 2, rule='curvature', runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))

@@ -2,10 +2,6 @@
 
 import csv
 import json
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +10,7 @@ from sap_hf.cli import commands as cli
 from sap_hf.audit.report import CSV_NAME, GRID_NAME, SUMMARY_NAME
 
 from helpers import user_error
+from launching import accelerate_launch
 
 WORKER = Path(__file__).with_name("distributed_audit_worker.py")
 
@@ -63,11 +60,7 @@ def test_cli_audit_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
 
 def _launch(out: Path, processes: int) -> dict:
     out.mkdir()
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)), "--num_processes", str(processes)]
-    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [str(WORKER), str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    run = accelerate_launch(processes, [WORKER, out], timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 

@@ -27,7 +27,7 @@ def _run(script: Path, out: Path, cache: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, str(script), "--quick", "--threads", "1", "--out_dir", str(out), "--cache_dir", str(cache),
            "--settings", "sym40"]
-    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

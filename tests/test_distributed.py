@@ -1,25 +1,19 @@
 """Two CPU processes (gloo) give the same trusted indices, statistics and weights as one."""
 
 import json
-import os
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from launching import accelerate_launch
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
 def launch(out: Path, processes: int, mode: str = "equal", expect_ok: bool = True, args: tuple = ()) -> dict:
     out.mkdir()
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)), "--num_processes", str(processes)]
-    command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [str(WORKER), str(out), mode, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    run = accelerate_launch(processes, [WORKER, out, mode, *args], timeout=300)
     if not expect_ok:
         return {"returncode": run.returncode, "stderr": run.stderr}
     assert run.returncode == 0, run.stderr[-3000:]

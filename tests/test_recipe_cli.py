@@ -1,8 +1,6 @@
 """The recipe end to end on a tiny Clothing1M directory (1 and 2 processes) and the `sap-hf` CLI."""
 
 import json
-import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +16,8 @@ from sap_hf.runtime.passes import Runtime
 
 from helpers import user_error
 
+from launching import accelerate_launch
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clothing1m.py"
 TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
@@ -27,11 +27,7 @@ TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_
 
 
 def _launch(processes: int, args: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--main_process_port", str(random.randint(20000, 40000)),
-               "--num_processes", str(processes), *(["--multi_gpu"] if processes > 1 else ["--cpu"]), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
-    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    return accelerate_launch(processes, args, timeout=600, cwd=ROOT, env={"HF_HUB_OFFLINE": "1"})
 
 
 @pytest.mark.parametrize("processes", [1, 2])
