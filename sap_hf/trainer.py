@@ -188,14 +188,9 @@ class SAPTrainer(Trainer):
                 "The eval dataset has no 'labels'/'label' column: SAP's alpha search and refine's choices need a clean, "
                 "labelled eval set; pass eval_dataset= with labels."
             )
+        self._log_evaluation_path(fallback)
         if fallback is None:
-            logger.info("SAP evaluation: shared by the %d process(es), each reading and scoring only its shard of the "
-                        "eval set; metrics from compute_metrics on the gathered predictions.", self.accelerator.num_processes)
             return metric, greater, lambda model: self._shared_evaluate(model, eval_dataset)
-        (logger.warning if self.accelerator.num_processes > 1 else logger.info)(
-            "SAP evaluation through Trainer.evaluate because %s: for a streaming eval set the main process reads the whole "
-            "set for every evaluation.", fallback,
-        )
 
         def evaluate_fn(model: nn.Module) -> dict[str, float]:
             metrics = self.evaluate(eval_dataset, metric_key_prefix="sap_eval")
@@ -223,6 +218,20 @@ class SAPTrainer(Trainer):
             if getattr(type(self), name) is not getattr(SAPTrainer, name):
                 return f"{type(self).__name__} overrides {name}()"
         return None
+
+    def _log_evaluation_path(self, fallback: Optional[str]) -> None:
+        """Say (main process) how SAP evaluates; a warning where `Trainer.evaluate` costs more than a shared pass."""
+        if not self.is_world_process_zero():
+            return
+        processes = self.accelerator.num_processes
+        if fallback is None:
+            logger.info("SAP evaluation: shared by the %d process(es), each reading and scoring only its shard of the eval "
+                        "set; metrics from compute_metrics on the gathered predictions.", processes)
+            return
+        (logger.warning if processes > 1 else logger.info)(
+            "SAP evaluation through Trainer.evaluate because %s: with %d processes, a streaming eval set is read whole by "
+            "the main process for every evaluation.", fallback, processes,
+        )
 
     def _shared_evaluate(self, model: nn.Module, eval_dataset: Any) -> dict[str, float]:
         """`compute_metrics` and `loss` on the eval set, each process reading only its shard (`eval_predictions`).
