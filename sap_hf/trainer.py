@@ -3,8 +3,9 @@
 It adds only what it must: `correct()` (trusted selection -> statistics -> alpha search on the
 eval set -> write), logging of every alpha's metrics through `Trainer.log` (so `report_to`
 backends see them), and saving/pushing the SAP record and model card with the model.
-Evaluation during the alpha search is `Trainer.evaluate`, so `compute_metrics`, streaming
-eval sets and multi-process gathering behave exactly as in training.
+Evaluations (alpha search, refine) apply the Trainer's `compute_metrics` to predictions that every
+process computes on its own shard of the eval set, gathered once (`core.evaluation.eval_predictions`):
+`Trainer.evaluate` would have the main process read a whole streaming eval set for each of them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from torch import nn
 from transformers import EvalPrediction, Trainer
+from transformers.trainer_utils import denumpify_detensorize
 from transformers.utils import logging
 
 from .api import SAPResult, sap_correct
@@ -26,6 +28,7 @@ from .runtime.contract import IGNORE_INDEX, LoaderData, as_pass_data
 from .runtime.passes import Runtime
 from .core.adapters import merge_trainer_adapters
 from .core.config import SAPConfig
+from .core.evaluation import eval_predictions
 from .hub import sap_record, staged_save, write_sap_files
 from .losses import check_label_smoothing, training_loss_record
 from .audit.cleanup import RefineConfig, RefineResult, refine
@@ -169,23 +172,87 @@ class SAPTrainer(Trainer):
         return train, eval_dataset
 
     def _sap_evaluator(self, eval_dataset: Any) -> tuple[str, bool, Any]:
-        """(metric, greater_is_better, evaluate_fn) on a clean labelled eval set, through `Trainer.evaluate`."""
+        """(metric, greater_is_better, evaluate_fn) on a clean labelled eval set.
+
+        The evaluation is shared by every process (`_shared_evaluate`) unless the Trainer is set up
+        for something only `Trainer.evaluate` gives (`_evaluate_fallback` says what).
+        """
         metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
         greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
         eval_dataset = as_pass_data(eval_dataset, "eval_dataset")  # one set (not a dict), re-readable (not a generator)
-        if isinstance(eval_dataset, LoaderData):  # Trainer.evaluate batches a dataset itself
+        fallback = self._evaluate_fallback()
+        if fallback is not None and isinstance(eval_dataset, LoaderData):  # Trainer.evaluate batches a dataset itself
             eval_dataset = eval_dataset.examples()
         if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
             raise ValueError(
                 "The eval dataset has no 'labels'/'label' column: SAP's alpha search and refine's choices need a clean, "
                 "labelled eval set; pass eval_dataset= with labels."
             )
+        self._log_evaluation_path(fallback)
+        if fallback is None:
+            return metric, greater, lambda model: self._shared_evaluate(model, eval_dataset)
 
         def evaluate_fn(model: nn.Module) -> dict[str, float]:
             metrics = self.evaluate(eval_dataset, metric_key_prefix="sap_eval")
             return {key.removeprefix("sap_eval_"): value for key, value in metrics.items()}
 
         return metric, greater, evaluate_fn
+
+    def _evaluate_fallback(self) -> Optional[str]:
+        """Why the shared evaluation cannot stand in for `Trainer.evaluate` here (None: it can).
+
+        The shared evaluation hands `compute_metrics` the logits and labels only, concatenated; metrics
+        that need the inputs or per-batch losses (`include_for_metrics`), per-batch metrics
+        (`batch_eval_metrics`), unconcatenated batches, or a subclass's own evaluation code keep
+        `Trainer.evaluate`.
+        """
+        args = self.args
+        included = list(getattr(args, "include_for_metrics", None) or [])
+        if included:
+            return f"TrainingArguments.include_for_metrics={included} (compute_metrics needs what only Trainer gathers)"
+        if getattr(args, "batch_eval_metrics", False):
+            return "TrainingArguments.batch_eval_metrics=True"
+        if not getattr(args, "eval_do_concat_batches", True):
+            return "TrainingArguments.eval_do_concat_batches=False"
+        for name in ("evaluate", "evaluation_loop", "prediction_step"):
+            if getattr(type(self), name) is not getattr(SAPTrainer, name):
+                return f"{type(self).__name__} overrides {name}()"
+        return None
+
+    def _log_evaluation_path(self, fallback: Optional[str]) -> None:
+        """Say (main process) how SAP evaluates; a warning where `Trainer.evaluate` costs more than a shared pass."""
+        if not self.is_world_process_zero():
+            return
+        processes = self.accelerator.num_processes
+        if fallback is None:
+            logger.info("SAP evaluation: shared by the %d process(es), each reading and scoring only its shard of the eval "
+                        "set; metrics from compute_metrics on the gathered predictions.", processes)
+            return
+        (logger.warning if processes > 1 else logger.info)(
+            "SAP evaluation through Trainer.evaluate because %s: with %d processes, a streaming eval set is read whole by "
+            "the main process for every evaluation.", fallback, processes,
+        )
+
+    def _shared_evaluate(self, model: nn.Module, eval_dataset: Any) -> dict[str, float]:
+        """`compute_metrics` and `loss` on the eval set, each process reading only its shard (`eval_predictions`).
+
+        Metrics equal a one-process run's. `loss` is plain cross-entropy over the labelled samples (as
+        `eval_loss` of a model with a standard classification head), even where the model or
+        `compute_loss_func` would compute another loss, so `metric_for_best_model="loss"` compares
+        alphas on the clean set by likelihood. As in `Trainer.evaluate`, no `compute_metrics` (or
+        `prediction_loss_only`) means the loss alone.
+        """
+        loss_only = self.compute_metrics is None or self.args.prediction_loss_only
+        output = eval_predictions(
+            model, eval_dataset, runtime=self._runtime(self.args.per_device_eval_batch_size),
+            preprocess=self.preprocess_logits_for_metrics, with_predictions=not loss_only,
+        )
+        metrics: dict[str, Any] = {}
+        if not loss_only:
+            metrics = denumpify_detensorize(dict(self.compute_metrics(
+                EvalPrediction(predictions=output.predictions, label_ids=output.label_ids))))
+        metrics["loss"] = output.loss
+        return metrics
 
     def audit_labels(
         self,

@@ -17,18 +17,58 @@ from sap_hf.models import tiny_model  # noqa: E402
 from sap_hf.runtime.passes import Runtime
 
 
-def clothing(out_dir: str, data_dir: str) -> None:
-    """sap_correct on a streaming Clothing1M directory (keyed rows, images decoded in collate); count decodes."""
+def count_decodes() -> list[int]:
+    """This process's real PIL decodes so far (a no-op reload of a decoded image is not one), in a one-item list."""
     from PIL import ImageFile
 
     decodes = [0]
     load = ImageFile.ImageFile.load
 
     def counting_load(self, *args, **kwargs):
-        decodes[0] += bool(self.tile)  # a real decode, not a no-op reload
+        decodes[0] += bool(self.tile)
         return load(self, *args, **kwargs)
 
     ImageFile.ImageFile.load = counting_load
+    return decodes
+
+
+def trainer(out_dir: str, data_dir: str) -> None:
+    """SAPTrainer.correct() on streaming Clothing1M, alpha by loss; one evaluation's decodes per process, new and old."""
+    decodes = count_decodes()
+    from accelerate.utils import gather_object
+    from transformers import TrainingArguments, ViTForImageClassification
+
+    from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
+    from sap_hf.models import tiny_vit_config
+    from sap_hf.trainer import SAPTrainer
+
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_vit_config(image_size=16, patch_size=4, num_channels=3, num_labels=14, hidden_size=32, num_hidden_layers=2))
+    train, val = (undecoded_images(load_clothing1m(data_dir, split, num_shards=4)) for split in ("noisy_train", "validation"))
+    args = TrainingArguments(output_dir=f"{out_dir}/run", per_device_eval_batch_size=4, report_to=[], disable_tqdm=True, use_cpu=True,
+                             remove_unused_columns=False, max_steps=1, metric_for_best_model="loss", greater_is_better=False)
+    sap = SAPTrainer(model=model, args=args, train_dataset=train, eval_dataset=val, data_collator=ImageTransform(image_size=16).collate,
+                     sap_config=SAPConfig(alphas=[1.0, 10.0, 100.0], trusted_per_class=2, batch_size=4, accumulation_dtype="float64"))
+    result = sap.correct()
+    logged = [{k: v for k, v in entry.items() if k in ("sap/alpha", "sap/loss", "sap/accuracy")} for entry in sap.state.log_history if "sap/alpha" in entry]
+    evaluate_fn = sap._sap_evaluator(val)[2]
+    before = decodes[0]
+    shared = evaluate_fn(sap.model)
+    shared_decodes, before = gather_object([decodes[0] - before]), decodes[0]
+    old = sap.evaluate(val)  # Trainer.evaluate, for the record: who decodes what
+    old_decodes = gather_object([decodes[0] - before])
+    if sap.accelerator.is_main_process:
+        with open(f"{out_dir}/result.json", "w") as handle:
+            json.dump({"alpha": result.alpha, "logged": logged, "shared": shared, "shared_decodes": shared_decodes,
+                       "old": {"loss": old["eval_loss"], "accuracy": old["eval_accuracy"]}, "old_decodes": old_decodes,
+                       "processes": sap.accelerator.num_processes}, handle)
+    sap.accelerator.wait_for_everyone()
+    sap.accelerator.end_training()
+
+
+def clothing(out_dir: str, data_dir: str) -> None:
+    """sap_correct on a streaming Clothing1M directory (keyed rows, images decoded in collate); count decodes."""
+    decodes = count_decodes()
     from accelerate.utils import gather_object
 
     from sap_hf import sap_correct
@@ -54,8 +94,8 @@ def clothing(out_dir: str, data_dir: str) -> None:
 
 
 def main(out_dir: str, mode: str = "equal", *args: str) -> None:
-    if mode == "clothing":
-        return clothing(out_dir, *args)
+    if mode in ("clothing", "trainer"):
+        return {"clothing": clothing, "trainer": trainer}[mode](out_dir, *args)
     accelerator = Accelerator(cpu=True)
     model = tiny_model("vit", num_labels=3, seed=0)
     data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes

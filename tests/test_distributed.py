@@ -60,3 +60,21 @@ def test_streaming_clothing1m_with_keys_same_on_two_processes_and_each_image_dec
     # 42 training images read once, the trusted ones once more for the statistics, 42 validation images per evaluation
     expected = 42 + len(one["indices"]) + 42 * one["evaluations"]
     assert one["decodes"] == two["decodes"] == expected
+
+
+def test_sap_trainer_evaluation_is_shared_same_on_two_processes_and_each_decodes_its_half(tmp_path):
+    from sap_hf.data import write_tiny_clothing1m
+
+    data = write_tiny_clothing1m(tmp_path / "c1m", per_class=3, image_size=16, seed=0)
+    one = launch(tmp_path / "one", 1, "trainer", args=(str(data),))
+    two = launch(tmp_path / "two", 2, "trainer", args=(str(data),))
+    assert two["processes"] == 2 and one["alpha"] == two["alpha"]  # chosen by loss (metric_for_best_model="loss")
+    assert [entry["sap/alpha"] for entry in one["logged"]] == [entry["sap/alpha"] for entry in two["logged"]]
+    def scores(run: dict) -> list:
+        return [(e["sap/accuracy"], e["sap/loss"]) for e in run["logged"]] + [(run["shared"]["accuracy"], run["shared"]["loss"])]
+
+    for (accuracy_one, loss_one), (accuracy_two, loss_two) in zip(scores(one), scores(two), strict=True):
+        assert accuracy_one == accuracy_two and abs(loss_one - loss_two) <= 1e-6
+    assert one["shared"]["accuracy"] == one["old"]["accuracy"] and abs(one["shared"]["loss"] - one["old"]["loss"]) <= 1e-6
+    # one evaluation of the 42 validation images: each process decodes only its shards (Trainer.evaluate: the main all)
+    assert one["shared_decodes"] == [42] and sum(two["shared_decodes"]) == 42 and max(two["shared_decodes"]) <= 42 // 2 + 1

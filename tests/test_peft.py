@@ -183,7 +183,7 @@ def test_sap_trainer_correct_then_save_model_writes_the_corrected_model(tmp_path
     )
     trainer.train()
     before = _logits(trainer.model)
-    result = trainer.correct()  # alpha chosen by Trainer.evaluate, which must run the merged model SAP writes
+    result = trainer.correct()  # alpha chosen by the SAP evaluation, which must run the merged model SAP writes
     assert result.changed and result.model is trainer.model
     assert isinstance(trainer.model, PreTrainedModel) and not is_peft_model(trainer.model)
     assert trainer.model_wrapped is trainer.model

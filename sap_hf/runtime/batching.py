@@ -22,9 +22,11 @@ from typing import Any, Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 from transformers import default_data_collator
+from transformers.utils import logging
 
 from .contract import LoaderData, is_map_style
 
+logger = logging.get_logger(__name__)
 Batch = dict[str, Any]
 Collator = Callable[[list[dict[str, Any]]], Batch]
 
@@ -82,7 +84,8 @@ def iter_shard_batches(
     dataset reads only this process's indices; a keyed `datasets.IterableDataset` with at least as
     many shards as processes is split by shards (`split_dataset_by_node`) before any row is decoded.
     Other streams are read whole by every process, each keeping every N-th example; with the image
-    decoding in `collate_fn` (see `sap_hf.data.ImageTransform.collate`) that reading is cheap.
+    decoding in `collate_fn` (see `sap_hf.data.ImageTransform.collate`) that reading is cheap, but it
+    is still every row's I/O on every process, so the main process warns once (`_warn_read_whole`).
     `by_key=False` ignores keys: identities are positions and every process reads the whole stream.
     """
     if isinstance(data, IndexedSubset):  # walk the stream itself, sharded, keeping the subset's identities
@@ -119,6 +122,7 @@ def iter_shard_batches(
     if _is_batch(first):
         yield from _iter_prebatched(iterator, process_index, num_processes, keep, with_examples)
         return
+    _warn_read_whole(data, sharded or not by_key, keyed, process_index, num_processes)
     step, offset = (1, 0) if sharded else (num_processes, process_index)
     ids: list[Identity] = []
     examples: list[Any] = []
@@ -184,6 +188,38 @@ def _own_shards(data: Any, rank: int, world: int) -> tuple[Any, bool]:
         return split_dataset_by_node(data, rank=rank, world_size=world, strategy="shards"), True
     except TypeError:
         return data, False
+
+
+def _warn_read_whole(stream: Any, split: bool, keyed: bool, rank: int, num_processes: int) -> None:
+    """Say once (main process) why every process reads every row of `stream`, and how to give each only its share.
+
+    Nothing to say for a `split` stream, one process, a list (in memory already), or a `by_key=False`
+    pass (which reads positions whole by design; a key would not change it).
+
+    Without keys a stream is not split: identities must not depend on the process count, and a
+    row's position in the whole stream is known only to a process that read every row before it.
+    (Per-shard positions would change with the shard layout and would replace the positions a
+    single process gives today.) A keyed stream is split only by whole shards.
+    """
+    if split or rank != 0 or num_processes == 1 or isinstance(stream, (list, tuple)):
+        return
+    shards = getattr(stream, "num_shards", None)
+    if not keyed:
+        reason, fix = f"has no {KEY_COLUMN!r} column", f"add a unique {KEY_COLUMN!r} column (e.g. the image path)"
+        fix += "" if shards is None or shards >= num_processes else f" and at least {num_processes} shards"
+    elif shards is None:
+        reason, fix = f"is a {type(stream).__name__}, which cannot be split by shards", "pass a datasets.IterableDataset"
+        fix += f" with a {KEY_COLUMN!r} column and at least {num_processes} shards"
+    elif shards >= num_processes:  # an older datasets: no split of uneven shard counts
+        reason = f"has {shards} shards, which this datasets version cannot split evenly over {num_processes} processes"
+        fix = f"update datasets, or give it a multiple of {num_processes} shards"
+    else:
+        reason = f"has {shards} shard(s) for {num_processes} processes"
+        fix = f"give it at least {num_processes} shards (e.g. Dataset.to_iterable_dataset(num_shards={num_processes}))"
+    logger.warning_once(
+        f"The stream {reason}: every one of the {num_processes} processes reads all its rows and keeps every "
+        f"{num_processes}-th. To have each process read only its own share, {fix}, or pass a map-style Dataset."
+    )
 
 
 def _iter_prebatched(iterator: Iterator[Any], rank: int, world: int, keep: Optional[set], with_examples: bool) -> Iterator[tuple]:
