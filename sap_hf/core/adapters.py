@@ -165,7 +165,7 @@ def merge_for_correction(model: nn.Module, base: nn.Module) -> tuple[nn.Module, 
 def merge_trainer_adapters(trainer: Any) -> None:
     """A Trainer holding a PEFT model: make the merged model its `model` (and `model_wrapped`).
 
-    Then `Trainer.evaluate` during the alpha search runs the very model SAP corrects, and
+    Then the evaluations of the alpha search run the very model SAP corrects, and
     `save_model()` writes that whole corrected model instead of the adapters alone.
     """
     merged = merge_adapters(trainer.model)

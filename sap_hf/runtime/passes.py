@@ -93,7 +93,7 @@ class Runtime:
 
     @contextlib.contextmanager
     def timed(self, phase: str) -> Iterator[None]:
-        """Time a phase that is not a data pass of its own (e.g. an evaluation through `Trainer.evaluate`)."""
+        """Time a phase that is not a data pass of its own (e.g. a caller's own `evaluate_fn`)."""
         start = time.perf_counter()
         try:
             yield
