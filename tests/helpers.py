@@ -12,6 +12,19 @@ def random_examples(n: int, num_labels: int = 3, size: int = 16, channels: int =
     return [{"pixel_values": pixels[i], "labels": i % num_labels} for i in range(n)]
 
 
+class MapStyle(torch.utils.data.Dataset):
+    """A plain map-style torch Dataset over a list (no `__iter__`, no `select`): what many users hand over."""
+
+    def __init__(self, examples: list):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        return self.examples[index]
+
+
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 

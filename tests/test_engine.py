@@ -12,7 +12,7 @@ from sap_hf.core.stats import input_hooks
 from sap_hf.core.targets import group_kinds, linear_layers
 from sap_hf.core.selection import shifted_views
 
-from helpers import assert_identical, random_examples, snapshot
+from helpers import MapStyle, assert_identical, random_examples, snapshot
 from sap_hf.runtime.passes import Runtime
 
 
@@ -405,16 +405,6 @@ def test_cached_rotation_gives_the_same_weights():
 
 
 def test_map_style_selection_reads_by_index_and_keeps_no_examples():
-    class MapStyle(torch.utils.data.Dataset):
-        def __init__(self, examples):
-            self.examples = examples
-
-        def __len__(self):
-            return len(self.examples)
-
-        def __getitem__(self, index):
-            return self.examples[index]
-
     data = random_examples(12)
     selection = select_trusted(tiny_model('vit'), MapStyle(data), 2, runtime=Runtime(show_progress=False))
     assert selection.examples is None

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_identical, random_examples, snapshot
+from helpers import MapStyle, assert_identical, random_examples, snapshot
 from sap_hf import SAPConfig, select_trusted
 from sap_hf.core.selection import CURVATURE_DRAWS, CURVATURE_STEP, curvature_seed
 from sap_hf.models import tiny_model
@@ -50,16 +50,6 @@ def test_curvature_ranks_by_the_direct_per_sample_estimate():
 
 
 def test_curvature_is_the_same_on_a_list_a_map_style_dataset_and_a_shuffled_dataloader():
-    class MapStyle(torch.utils.data.Dataset):
-        def __init__(self, examples):
-            self.examples = examples
-
-        def __len__(self):
-            return len(self.examples)
-
-        def __getitem__(self, index):
-            return self.examples[index]
-
     model = tiny_model("vit", num_labels=3)
     data = random_examples(20, num_labels=3, seed=1)
     by_list = select_trusted(model, data, 3, rule="curvature", runtime=QUIET)
