@@ -69,9 +69,17 @@ def test_the_trainers_own_shuffled_dataloader_selects_by_dataset_position(tmp_pa
 
 def test_a_sampler_that_draws_a_subset_reads_that_subset_in_index_order():
     train = random_examples(12, seed=5)
-    loader = torch.utils.data.DataLoader(train, batch_size=3, sampler=torch.utils.data.SubsetRandomSampler([7, 1, 4, 10]))
+    loader = torch.utils.data.DataLoader(train, batch_size=3, sampler=torch.utils.data.SubsetRandomSampler([9, 1, 5, 4, 11, 0]))
     view = as_pass_data(loader, "train_data")
-    assert isinstance(view, LoaderData) and view.indices == [1, 4, 7, 10] and len(view) == 4
+    assert isinstance(view, LoaderData) and view.indices == [0, 1, 4, 5, 9, 11] and len(view) == 6
+    model = tiny_model("vit", num_labels=3)
+    chosen = select_trusted(model, loader, 1, runtime=QUIET)
+    assert set(chosen.indices) <= {0, 1, 4, 5, 9, 11}  # identities are indices of loader.dataset
+    drawn = [0, 1, 4, 5, 9, 11]
+    direct = select_trusted(model, [train[i] for i in drawn], 1, runtime=QUIET)
+    assert chosen.indices == [drawn[i] for i in direct.indices]
+    with pytest.raises(ValueError, match="trusted_indices hold 2, which the DataLoader does not draw"):
+        view.select([1, 2])
 
 
 def test_a_generator_is_read_once_and_kept(caplog):

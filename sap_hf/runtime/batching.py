@@ -91,6 +91,8 @@ def iter_shard_batches(
     if isinstance(data, IndexedSubset):  # walk the stream itself, sharded, keeping the subset's identities
         keep = data.indices if keep is None else keep & data.indices
         data = data.data
+    if isinstance(data, LoaderData) and data.indices is not None:  # the indices its sampler draws, by dataset index
+        keep = set(data.indices) if keep is None else keep & set(data.indices)
     data, collate = examples_and_collate(data, collate_fn)
 
     def emit(ids: list, examples: list) -> tuple:

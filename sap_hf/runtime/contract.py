@@ -36,7 +36,12 @@ _WHOLE_DATA_SAMPLERS = ("SequentialSampler", "RandomSampler", "SeedableRandomSam
 
 
 class LoaderData:
-    """A DataLoader's dataset (or the subset its sampler draws), read in index order through its `collate_fn`."""
+    """A DataLoader's dataset read in index order through its `collate_fn`; `indices`: only those its sampler draws.
+
+    Sample identities are indices of the loader's dataset, whether the sampler draws all of them or
+    a subset, so `result.trusted_indices` (or an audit's indices) select the same examples from
+    `loader.dataset` that SAP read.
+    """
 
     def __init__(self, dataset: Any, collate_fn: Any, indices: Optional[list[int]] = None):
         self.dataset = dataset
@@ -44,27 +49,27 @@ class LoaderData:
         self.indices = indices
 
     def examples(self) -> Any:
-        """The map-style data the passes read (a `Subset` when the sampler draws only some indices)."""
-        if self.indices is None:
-            return self.dataset
-        if hasattr(self.dataset, "select"):
-            return self.dataset.select(self.indices)
-        return torch.utils.data.Subset(self.dataset, self.indices)
+        """The map-style data that positions index: the loader's whole dataset (`indices` restrict the walk)."""
+        return self.dataset
 
-    def select(self, positions: Sequence[int]) -> "LoaderData":
-        """The examples at `positions` of this view (the trusted ones, say), read the same way."""
-        chosen = sorted(set(int(p) for p in positions))
-        if chosen and (chosen[0] < 0 or chosen[-1] >= len(self)):
-            raise ValueError(f"Index {chosen[-1] if chosen[-1] >= len(self) else chosen[0]} is outside the DataLoader's {len(self)} examples.")
-        base = chosen if self.indices is None else [self.indices[p] for p in chosen]
-        return LoaderData(self.dataset, self.collate_fn, base)
+    def select(self, indices: Sequence[int]) -> "LoaderData":
+        """The examples at `indices` of the loader's dataset (the trusted ones, say), read the same way."""
+        chosen = sorted(set(int(i) for i in indices))
+        allowed = set(self.indices) if self.indices is not None else None
+        outside = [i for i in chosen if not 0 <= i < len(self.dataset) or (allowed is not None and i not in allowed)]
+        if outside:
+            raise ValueError(
+                f"trusted_indices hold {outside[0]}, which the DataLoader does not draw from its {len(self.dataset)}-example "
+                "dataset: pass indices of loader.dataset (e.g. result.trusted_indices of a run on the same loader)."
+            )
+        return LoaderData(self.dataset, self.collate_fn, chosen)
 
     def __len__(self) -> int:
         return len(self.dataset) if self.indices is None else len(self.indices)
 
     def __iter__(self) -> Iterator[Any]:
-        data = self.examples()
-        return (data[i] for i in range(len(data)))
+        order = range(len(self.dataset)) if self.indices is None else self.indices
+        return (self.dataset[i] for i in order)
 
 
 def is_map_style(data: Any) -> bool:
