@@ -239,3 +239,40 @@ def test_phases_are_timed_through_the_public_hook():
     assert phases.count("evaluation") == 1 + len(result.rounds[0].metrics)  # the unchanged model, then each alpha
     assert set(result.timings) == set(phases) and all(seconds >= 0 for _, seconds in seen)
     assert result.timings["evaluation"] == pytest.approx(sum(s for p, s in seen if p == "evaluation"))
+
+
+def test_string_labels_under_either_key_are_named_before_the_collator_fails():
+    model = tiny_model("vit", num_labels=3)
+    names = ["shirt", "shoe", "bag"]
+    for key in ("label", "labels"):
+        data = [{"pixel_values": e["pixel_values"], key: names[e["labels"]]} for e in random_examples(6)]
+        with pytest.raises(ValueError, match="has the label 'shirt', a string"):
+            select_trusted(model, data, 1, runtime=QUIET)
+
+
+def test_runtime_batch_size_is_checked():
+    with pytest.raises(ValueError, match="Runtime.batch_size=0 is invalid"):
+        Runtime(batch_size=0)
+
+
+def test_a_random_draw_sampler_reads_the_whole_dataset_with_a_warning(caplog):
+    train = random_examples(9, seed=5)
+    weights = torch.ones(9)
+    loader = torch.utils.data.DataLoader(train, batch_size=3, sampler=torch.utils.data.WeightedRandomSampler(weights, 4))
+    with caplog.at_level(logging.WARNING, logger="sap_hf"):
+        view = as_pass_data(loader, "train_data")
+    assert view.indices is None and len(view) == 9 and "WeightedRandomSampler" in caplog.text
+
+
+def test_refine_accepts_the_audit_of_a_subset_sampling_loader():
+    from sap_hf import RefineConfig, audit_labels, refine
+
+    model = tiny_model("vit", num_labels=3)
+    train = random_examples(12, seed=1)
+    loader = torch.utils.data.DataLoader(train, batch_size=4, sampler=torch.utils.data.SubsetRandomSampler(range(3, 12)))
+    view = as_pass_data(loader, "train_data")
+    audit = audit_labels(model, view, filter_by="predicted_neq_given", runtime=QUIET)
+    assert audit.indices.tolist() == list(range(3, 12))  # indices of loader.dataset
+    result = refine(model, view, audit, lambda m: evaluate_accuracy(m, random_examples(6, seed=2), runtime=QUIET),
+                    RefineConfig(learning_rates=[1e-3], epochs=[1], batch_size=4, mode="remove"), runtime=QUIET)
+    assert result.examples["remove"]["kept"] + result.examples["remove"]["removed"] == 9

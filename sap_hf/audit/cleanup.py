@@ -330,7 +330,7 @@ def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[di
         )
     if len(audit) == 0:
         raise ValueError("The audit is empty: run audit_labels on the training data first.")
-    size = len(train_data) if _indexable(train_data) or isinstance(train_data, LoaderData) else None
+    size = len(train_data.dataset) if isinstance(train_data, LoaderData) else len(train_data) if _indexable(train_data) else None
     if size is not None and int(audit.indices.max()) >= size:
         raise ValueError(
             f"The audit covers example index {int(audit.indices.max())} but train_data has {size} examples: "

@@ -266,7 +266,7 @@ def collect_statistics(
                 grams.samples += len(batch)
     groups = _agree_on_groups(grams.groups, runtime)
     gram_of, counts = grams.reduce(groups, runtime)
-    samples = int(runtime.sum(torch.tensor([grams.samples], dtype=torch.float64)).item())
+    samples = int(runtime.sum(torch.tensor([grams.samples], dtype=torch.float64, device=walk.device)).item())
     logger.info(
         "Collected SAP statistics for %d layers in %d groups over %d samples (%d tokens per layer).",
         sum(len(g.members) for g in groups), len(groups), samples, max(counts.values(), default=0),

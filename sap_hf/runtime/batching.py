@@ -72,6 +72,7 @@ def iter_shard_batches(
     keep: Optional[set[Identity]] = None,
     with_examples: bool = False,
     by_key: bool = True,
+    check: Optional[Callable[[list, list], None]] = None,
 ) -> Iterator[tuple]:
     """Yield `(identities, batch)` for this process's share of `data` (`+ examples` with `with_examples`).
 
@@ -96,6 +97,8 @@ def iter_shard_batches(
     data, collate = examples_and_collate(data, collate_fn)
 
     def emit(ids: list, examples: list) -> tuple:
+        if check is not None:  # the caller's checks of the raw examples (string labels), before the collator sees them
+            check(ids, examples)
         batch = collate(examples)
         return (ids, batch, examples) if with_examples else (ids, batch)
 
@@ -126,6 +129,12 @@ def iter_shard_batches(
         return
     _warn_read_whole(data, sharded or not by_key, keyed, process_index, num_processes)
     step, offset = (1, 0) if sharded else (num_processes, process_index)
+    yield from _chunked(iterator, step, offset, keyed, by_key, keep, batch_size, emit)
+
+
+def _chunked(iterator: Iterator[Any], step: int, offset: int, keyed: bool, by_key: bool, keep: Optional[set],
+             batch_size: int, emit: Callable[[list, list], tuple]) -> Iterator[tuple]:
+    """Every `step`-th example from `offset` (those in `keep`), in batches of `batch_size`, with their identities."""
     ids: list[Identity] = []
     examples: list[Any] = []
     for position, example in enumerate(iterator):

@@ -123,7 +123,15 @@ def _loader_data(loader: torch.utils.data.DataLoader, argument: str) -> Any:
     sampler = _innermost_sampler(loader)
     indices = None
     if type(sampler).__name__ not in _WHOLE_DATA_SAMPLERS:
-        indices = sorted({int(i) for i in sampler})
+        fixed = getattr(sampler, "indices", None)  # SubsetRandomSampler: a fixed set, drawn in random order
+        if fixed is None:
+            logger.warning(
+                "%s is a DataLoader whose sampler (%s) may draw a different set on every read and process: SAP reads its "
+                "whole dataset instead. To correct on some examples only, pass them as a dataset (e.g. "
+                "torch.utils.data.Subset or dataset.select(indices)).", argument, type(sampler).__name__,
+            )
+        else:
+            indices = sorted({int(i) for i in fixed})
     logger.info(
         "%s is a DataLoader: SAP reads its dataset%s in index order through its collate_fn (its shuffling would pair "
         "one pass's samples with another's).", argument, "" if indices is None else f" ({len(indices)} sampled indices)",
@@ -189,6 +197,14 @@ def class_labels(
             f"classes [0, {num_labels}) (-100 is ignored); fix the label mapping or the model's num_labels."
         )
     return labels, valid
+
+
+def check_example_labels(ids: Sequence[Any], examples: Sequence[Any], argument: str = "data") -> None:
+    """Before collation: a string label would make the collator fail with an unrelated message."""
+    first = examples[0] if examples else None
+    value = first.get("labels", first.get("label")) if isinstance(first, Mapping) else None
+    if isinstance(value, str):
+        raise _string_labels(argument, ids[0], value)
 
 
 def _string_labels(argument: str, identity: Any, value: str) -> ValueError:

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .batching import Batch, Collator, Identity, iter_shard_batches, shard_progress
-from .contract import as_pass_data, class_labels
+from .checks import positive_int
+from .contract import as_pass_data, check_example_labels, class_labels
 from .distributed import gather_shards, is_main_process, main_process_value, process_layout, raise_on_any_process, sum_over_processes
 from .modeling import inference_mode, model_device, predict_logits, unwrap_model
 
@@ -49,6 +50,9 @@ class Runtime:
     show_progress: bool = True
     on_phase: Optional[PhaseHook] = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.batch_size = positive_int("Runtime.batch_size", self.batch_size)
 
     @property
     def rank(self) -> int:
@@ -153,7 +157,7 @@ class DataPass:
         for ids, batch, examples in iter_shard_batches(
             self.data, batch_size=self.runtime.batch_size, process_index=self.runtime.rank,
             num_processes=self.runtime.world, collate_fn=self.runtime.collate_fn, keep=keep, with_examples=True,
-            by_key=by_key,
+            by_key=by_key, check=lambda ids, examples: check_example_labels(ids, examples, self.argument),
         ):
             yield PassBatch(list(ids), batch, examples if with_examples else None)
             self.progress.update(len(ids))
