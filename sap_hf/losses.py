@@ -34,9 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from .runtime.checks import check_choice, finite_float, invalid, positive_float
+from .runtime.contract import IGNORE_INDEX
+from .runtime.modeling import logits_of
 
 LOSSES: tuple[str, ...] = ("ce", "gce", "sce")
-IGNORE_INDEX = -100
 _LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {"ce": (), "gce": ("gce_q",), "sce": ("sce_alpha", "sce_beta", "sce_log_zero")}
 _LOSS_TITLES = {"ce": "cross-entropy", "gce": "generalized cross-entropy (GCE, Zhang & Sabuncu 2018)",
                 "sce": "symmetric cross-entropy (SCE, Wang et al. 2019)"}
@@ -146,16 +147,6 @@ def symmetric_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, alpha: f
     return _reduce(per_item, valid, num_items_in_batch)
 
 
-def _logits_of(outputs: Any) -> torch.Tensor:
-    if torch.is_tensor(outputs):
-        return outputs
-    if isinstance(outputs, Mapping) or hasattr(outputs, "keys"):
-        if "logits" in outputs:
-            return outputs["logits"]
-        raise ValueError(f"The model outputs have no 'logits' (keys: {list(outputs.keys())}); the losses need class logits.")
-    return outputs[0]
-
-
 class RobustLoss:
     """The loss of a `LossConfig` as a `Trainer` `compute_loss_func`: `(outputs, labels, num_items_in_batch)`.
 
@@ -173,7 +164,7 @@ class RobustLoss:
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         if labels is None:
             raise ValueError(f"{self!r} needs labels: the batches must carry a 'labels' column.")
-        logits, c = _logits_of(outputs), self.config
+        logits, c = logits_of(outputs), self.config
         kwargs = {"num_items_in_batch": num_items_in_batch, "ignore_index": self.ignore_index}
         if c.loss == "gce":
             return generalized_cross_entropy(logits, labels, c.gce_q, **kwargs)

@@ -83,3 +83,14 @@ def test_the_measurements_moved_out_are_in_the_benchmarks_readme():
     # evaluations (search.py), PNG encoding of Fashion-MNIST's training split (fashion_mnist.py).
     for text in ("2.4e-4 (1e4), 2.4e-2 (1e6)", "31 (**34%**)", "126 (**37%**)", "## Data loading"):
         assert text in readme, text
+
+
+def test_one_key_column_one_ignore_index_one_logits_helper():
+    """Constants and the logits helper are defined once (runtime/), every other module imports them."""
+    import re
+
+    sources = {path: path.read_text() for path in PACKAGE.rglob("*.py")}
+    for pattern, home in ((r"^KEY_COLUMN\s*=", "runtime/batching.py"), (r"^IGNORE_INDEX\s*=", "runtime/contract.py"),
+                          (r"^def (_?logits_of|_logits)\b", "runtime/modeling.py")):
+        where = [str(p.relative_to(PACKAGE)) for p, s in sources.items() if re.search(pattern, s, re.M)]
+        assert where == [home], (pattern, where)
