@@ -191,6 +191,9 @@ def run(argv: list[str]) -> dict:
         trainer.push_to_hub(commit_message="SAP-corrected model")  # saves first, then uploads once
     else:
         trainer.save_model()
+    # Every process reaches the teardown together: a process that destroys the gloo group while another is still
+    # saving (the main process) or uploading could leave that one waiting in its teardown.
+    trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()  # destroy the process group before exit: a live gloo group can abort the teardown
     return summary
 

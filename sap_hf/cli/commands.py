@@ -135,6 +135,7 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")  # the command's result, for scripts
         if args.push_to_hub:
             push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
+    accelerator.wait_for_everyone()  # teardown together: not while the main process still uploads
     accelerator.end_training()  # destroy the process group before exit: a live gloo group can abort the teardown
     return record
 
