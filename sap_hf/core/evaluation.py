@@ -35,18 +35,10 @@ _NO_LABELS = "The eval data has no labelled sample (empty, or every label is -10
 
 def evaluate_accuracy(model: nn.Module, data: Any, *, runtime: Optional[Runtime] = None) -> dict[str, float]:
     """`{"accuracy": correct / total, "samples": total}` over every labelled example of `data` exactly once."""
-    runtime = resolve_runtime(runtime, batch_size=64, show_progress=False)
-    num_labels = check_classifier(runtime.unwrap(model))
-    with runtime.run(model, data, "evaluation", argument="eval data", description="SAP eval") as walk:
-        counts = torch.zeros(2, dtype=torch.float64)
-        for batch in walk.batches():
-            labels, valid = walk.require_labels(batch, num_labels, "an evaluation (alpha search, refine)")
-            predicted = walk.logits(batch).argmax(-1).cpu()
-            counts += torch.tensor([float((predicted == labels)[valid].sum()), float(valid.sum())], dtype=torch.float64)
-    counts = runtime.sum(counts.to(walk.device)).cpu()
-    if counts[1] == 0:
-        raise ValueError(_NO_LABELS)
-    return {"accuracy": float(counts[0] / counts[1]), "samples": int(counts[1])}
+    output = eval_predictions(model, data, runtime=resolve_runtime(runtime, batch_size=64, show_progress=False))
+    labelled = output.label_ids != IGNORE_INDEX
+    correct = (output.predictions.argmax(-1) == output.label_ids)[labelled]
+    return {"accuracy": float(correct.sum() / labelled.sum()), "samples": output.samples}
 
 
 def accuracy_evaluator(data: Any, runtime: Optional[Runtime] = None) -> EvalFn:
