@@ -152,19 +152,15 @@ def class_labels(
     ids: Sequence[Any],
     num_labels: int,
     argument: str = "data",
-    examples: Optional[Sequence[Any]] = None,
 ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """`(labels, valid)`: int64 class ids and a mask that is False where the label is -100; None when unlabelled.
 
     Raises a ValueError naming `argument`, the sample and the value for labels that are not one
-    class id in `[0, num_labels)` per sample.
+    class id in `[0, num_labels)` per sample. String labels in the raw examples are caught before
+    collation (`check_example_labels`), where a collator would drop or choke on them.
     """
     raw = batch.get("labels", batch.get("label")) if isinstance(batch, Mapping) else None
     if raw is None:
-        first = examples[0] if examples else None
-        value = first.get("labels", first.get("label")) if isinstance(first, Mapping) else None
-        if isinstance(value, str):
-            raise _string_labels(argument, ids[0], value)
         return None
     if isinstance(raw, (list, tuple)) and raw and isinstance(raw[0], str):
         raise _string_labels(argument, ids[0], raw[0])

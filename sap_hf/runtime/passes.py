@@ -168,7 +168,7 @@ class DataPass:
 
     def labels(self, batch: PassBatch, num_labels: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """`(labels, valid)` checked against the contract (`contract.class_labels`); None for unlabelled data."""
-        return class_labels(batch.batch, batch.ids, num_labels, self.argument, batch.examples)
+        return class_labels(batch.batch, batch.ids, num_labels, self.argument)
 
     def require_labels(self, batch: PassBatch, num_labels: int, purpose: str) -> tuple[torch.Tensor, torch.Tensor]:
         checked = self.labels(batch, num_labels)
