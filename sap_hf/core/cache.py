@@ -18,10 +18,7 @@ def cached_statistics(stats_path: Optional[Union[str, Path]], runtime: Runtime) 
     """The statistics in `stats_path` when the main process sees the file there (every process then loads it), else None."""
     if stats_path is None or not runtime.main_value(Path(stats_path).is_file()):
         return None
-    try:
-        return ActivationStats.load(stats_path)
-    except Exception as err:
-        raise _unreadable_stats(stats_path, err) from err
+    return _load_stats(stats_path)
 
 
 def save_statistics(stats: ActivationStats, stats_path: Union[str, Path], runtime: Runtime) -> None:
