@@ -193,3 +193,30 @@ def test_command_line_prints_no_traceback_unless_debug(tmp_path):
     assert run.stderr.startswith(f"sap-hf correct: error: --model_name_or_path: no model folder at {missing!r}")
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError: --model_name_or_path" in debug.stderr
+
+
+@pytest.mark.parametrize("command", ["correct", "audit"])
+def test_hub_id_that_cannot_be_loaded_is_one_line(tmp_path, capsys, monkeypatch, command):
+    """A mistyped or uncached Hub id: one line naming the argument and the fixes, not the Hub client's traceback."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    hub_id = "nobody-sap-hf/no-such-model"
+    splits = mock.Mock(class_names=["a", "b"])
+    with mock.patch.object(cli, "load_splits", return_value=splits):
+        line = user_error(capsys, cli.main, [command, "--model_name_or_path", hub_id, "--output_dir", "out"],
+                          prog=f"sap-hf {command}: error: ")
+    assert line.startswith(f"sap-hf {command}: error: --model_name_or_path: cannot load {hub_id!r} (")
+    assert line.endswith("unset HF_HUB_OFFLINE to download it, or pass a folder saved with save_pretrained.")
+
+
+def test_recipe_hub_id_that_cannot_be_loaded_names_the_argument(monkeypatch):
+    import huggingface_hub.constants
+
+    from sap_hf.cli.sources import ModelArguments, load_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"--model_name_or_path: cannot load 'nobody-sap-hf/no-such-model'"):
+        load_model(ModelArguments(model_name_or_path="nobody-sap-hf/no-such-model"), mock.Mock(class_names=["a", "b"]))

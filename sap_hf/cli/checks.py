@@ -8,8 +8,9 @@ whole data pass.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -52,6 +53,26 @@ def check_model_path(value: Optional[str], argument: str = "--model_name_or_path
         f"{argument}: no model folder at {value!r} ({reason}); pass a folder saved with save_pretrained, "
         f"or a Hub id such as {HUB_ID_EXAMPLE}."
     )
+
+
+@contextmanager
+def hub_model_errors(value: str, argument: str = "--model_name_or_path") -> Iterator[None]:
+    """Turn `from_pretrained`'s OSError for a Hub id it cannot load into a user error naming the argument.
+
+    A local folder is checked by `check_model_path` before any work; a Hub id can only be tried. Without
+    this, a mistyped id, a private repo without a login or an id not yet cached under `HF_HUB_OFFLINE=1`
+    ended in a traceback through the Hub client. FileNotFoundError is a user error of the CLI (one line).
+    """
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise FileNotFoundError(
+            f"{argument}: cannot load {value!r} ({reason}); check the id (a private or gated model needs "
+            "`hf auth login`), unset HF_HUB_OFFLINE to download it, or pass a folder saved with save_pretrained."
+        ) from error
 
 
 def check_output_dir(value: Optional[str], argument: str = "--output_dir") -> None:

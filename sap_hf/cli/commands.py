@@ -33,7 +33,7 @@ from ..audit.labels import FILTERS, SCORE_METHODS, VIEWS, audit_labels
 from ..audit.report import write_audit_report
 from .. import __version__
 from .args import ArgumentParser, parse_with_config
-from .checks import check_paths
+from .checks import check_paths, hub_model_errors
 from .errors import pop_debug_flag, report_user_errors
 from ..core.config import SAPConfig
 from ..core.evaluation import evaluate_accuracy
@@ -79,7 +79,8 @@ class CorrectArguments(DataArguments):
 
 def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> Any:
     """The trained classifier, refused (before any data pass) when its classes are not the data's."""
-    model = AutoModelForImageClassification.from_pretrained(model_name_or_path)
+    with hub_model_errors(model_name_or_path):
+        model = AutoModelForImageClassification.from_pretrained(model_name_or_path)
     if model.config.num_labels != len(splits.class_names):
         raise ValueError(
             f"The model {model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "

@@ -26,6 +26,7 @@ from ..data import (
 )
 from ..models import tiny_vit_config
 from ..data.noise import NOISE_TYPES
+from .checks import hub_model_errors
 
 logger = logging.get_logger(__name__)
 
@@ -152,7 +153,8 @@ def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optiona
     id2label = dict(enumerate(splits.class_names))
     if args.model_name_or_path:
         head = dict(num_labels=len(id2label), id2label=id2label, label2id={v: k for k, v in id2label.items()})
-        model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
+        with hub_model_errors(args.model_name_or_path):
+            model_type = AutoConfig.from_pretrained(args.model_name_or_path).model_type
         if model_type in PRETRAINING_ENCODERS:
             classifier = PRETRAINING_ENCODERS[model_type]
             logger.warning(
