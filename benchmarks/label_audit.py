@@ -20,6 +20,12 @@ clean labels say which are really wrong (used for the metrics only, never for a 
    sap_loss, sap_shift_loss   `sap_hf.core.selection.sample_scores` ('loss', 'shift_loss') under the SAP model;
                         flagged = the model (view-averaged for shift_loss) predicts another class.
    memorised_shift_loss 'shift_loss' under the memorised model (no correction; same flag rule).
+   sap_curvature        `sample_scores('curvature')` (the reference's input-loss curvature, 10 Rademacher
+                        draws, h = 1e-3) under the SAP model; flagged = the SAP model predicts another class.
+   sap_refine_audit     the pipeline's own second look: `sap_audit`, then `sap_hf.refine` of the SAP model
+                        (`--refine_mode`, lr = 2 x the training lr, cosine over `--refine_epochs`, "no change"
+                        a candidate on val), then `audit_labels` of the refined model.
+   refine_audit         the same without SAP: `audit_labels` of the memorised model, refine, audit again.
 
 Metrics per (setting, seed, detector): average precision and AUROC of the ranking (positive = the
 label is wrong), precision and recall of the detector's flagged set, and `cost_epochs`: the wall
@@ -50,8 +56,8 @@ from sap_hf.runtime.passes import Runtime
 from common import accuracy, mean_std, prepare_run, train_from_scratch
 
 DETECTORS = ("cleanlab_in_sample", "cleanlab_cv5", "cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss",
-             "memorised_shift_loss")
-SAP_DETECTORS = ("cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss")
+             "memorised_shift_loss", "sap_curvature", "sap_refine_audit", "refine_audit")
+SAP_DETECTORS = ("cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss", "sap_curvature", "sap_refine_audit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--trusted_per_class", type=int, default=recipe.trusted_per_class)
     parser.add_argument("--audit_views", default="shift", choices=["image", "shift"])
     parser.add_argument("--audit_method", default="self_confidence", choices=["self_confidence", "normalized_margin"])
+    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=list(DETECTORS),
+                        help="detectors to compute (with --merge, the others' rows are kept from label_audit.json)")
+    parser.add_argument("--refine_mode", default="remove", choices=["remove", "relabel"],
+                        help="sap_refine_audit / refine_audit: how refine treats the first audit's suspects")
+    parser.add_argument("--refine_epochs", type=int, default=4, help="sap_refine_audit / refine_audit: refine's length")
     parser.add_argument("--plot_seed", type=int, default=None)
     parser.add_argument("--grid_seed", type=int, default=None,
                         help="seed whose top suspected images (sap_audit) are drawn per setting (default: plot_seed)")
@@ -75,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = common.finish_args(parser.parse_args(argv), argv)
     args.alphas = args.sap_alphas
     if args.quick:
-        args.cv_epochs, args.trusted_per_class, args.sap_alphas = 2, 3, [10.0, 100.0, 1e4]
+        args.cv_epochs, args.trusted_per_class, args.sap_alphas, args.refine_epochs = 2, 3, [10.0, 100.0, 1e4], 1
     args.jobs = 1 if args.quick else args.jobs
     if args.plot_seed is None:
         args.plot_seed = args.seeds[0]
@@ -124,6 +135,37 @@ def _rule_scores(model: Any, data: dict[str, Any], rule: str, batch_size: int = 
             scores.append(sum(torch.nn.functional.cross_entropy(l, labels, reduction="none") for l in logits) / len(views))
             flags.append(sum(l.softmax(-1) for l in logits).argmax(-1) != labels)
     return torch.cat(scores), torch.cat(flags)
+
+
+def _curvature_scores(model: Any, train_set: Any, num_labels: int, batch_size: int = 250) -> Any:
+    """The 'curvature' rule's score of every training image (`sample_scores` on one `Runtime` pass), by position."""
+    import torch
+
+    from sap_hf.core.selection import sample_scores
+
+    scores = torch.zeros(len(train_set))
+    with Runtime(batch_size=batch_size, show_progress=False).run(model, train_set, "curvature") as walk:
+        for batch in walk.batches():
+            labels, _ = walk.require_labels(batch, num_labels, "curvature scores")
+            scores[torch.as_tensor(batch.ids, dtype=torch.long)] = sample_scores(walk, batch, labels, "curvature").float()
+    return scores
+
+
+def refined_audit(model: Any, train_set: Any, first: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) -> tuple[Any, dict]:
+    """`sap_hf.refine` of `model` with the first audit's suspects (one mode, lr 2 x training lr, "no change" a
+    candidate on val), then `audit_labels` of the refined model: the audit a user gets after the pipeline's clean-up."""
+    from sap_hf import RefineConfig, audit_labels, refine
+
+    config = RefineConfig(mode=args.refine_mode, learning_rates=[2 * args.lr], epochs=[args.refine_epochs],
+                          batch_size=64, schedule="cosine", seed=seed)
+    result = refine(model, train_set, first, lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+                    config, runtime=Runtime(show_progress=False))
+    audit = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views,
+                         runtime=Runtime(batch_size=1000, show_progress=False))
+    info = {"refine_epochs": result.epochs, "refine_mode": result.mode, "first_suspected": int(first.suspected.sum()),
+            "refined_val_accuracy": result.final_metrics["accuracy"],
+            "refined_test_accuracy": accuracy(model, data["test_x"], data["test_y"])}
+    return audit, info
 
 
 def cross_validated_probs(data: dict[str, Any], config: Any, args: argparse.Namespace, seed: int) -> dict[str, Any]:
@@ -219,15 +261,17 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
             step = max(1, len(precision) // 400)
             curves[detector] = {"precision": precision[::step].round(4).tolist(), "recall": recall[::step].round(4).tolist()}
 
+    wanted = set(args.detectors)
     epoch_seconds = time_one_epoch(model, data, args)
     # (b) 5-fold cross-validation (its early-stopping evaluations on val are part of its cost).
-    clock = time.perf_counter()
-    cv = cross_validated_probs(data, config, args, seed)
-    cv_seconds = time.perf_counter() - clock
-    suspicion, flagged = cleanlab_scores(cv["probs"])
-    add("cleanlab_cv5", suspicion, flagged, cv_seconds, epochs_trained=cv["epochs_trained"],
-        train_epoch_equivalents=cv["samples_trained"] / len(labels), fold_best_epochs=cv["fold_best_epochs"],
-        fold_best_val=cv["fold_best_val"])
+    if "cleanlab_cv5" in wanted:
+        clock = time.perf_counter()
+        cv = cross_validated_probs(data, config, args, seed)
+        cv_seconds = time.perf_counter() - clock
+        suspicion, flagged = cleanlab_scores(cv["probs"])
+        add("cleanlab_cv5", suspicion, flagged, cv_seconds, epochs_trained=cv["epochs_trained"],
+            train_epoch_equivalents=cv["samples_trained"] / len(labels), fold_best_epochs=cv["fold_best_epochs"],
+            fold_best_val=cv["fold_best_val"])
 
     # (a) in-sample probabilities of the memorised model.
     clock = time.perf_counter()
@@ -252,7 +296,8 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     add("cleanlab_sap", suspicion, flagged, sap_seconds + time.perf_counter() - clock, **sap_info)
     clock = time.perf_counter()
     audit = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views, class_names=list(FASHION_MNIST_CLASSES), runtime=Runtime(batch_size=1000, show_progress=False))
-    add("sap_audit", -audit.scores, audit.suspected, sap_seconds + time.perf_counter() - clock,
+    audit_seconds = sap_seconds + time.perf_counter() - clock
+    add("sap_audit", -audit.scores, audit.suspected, audit_seconds,
         views=args.audit_views, method=args.audit_method, filter_by=audit.filter_by, **sap_info)
     if seed == args.grid_seed and not args.no_plot:  # what a person checking the labels sees
         from sap_hf.audit.report import plot_suspected_grid
@@ -261,7 +306,24 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     for rule in ("loss", "shift_loss"):
         clock = time.perf_counter()
         add(f"sap_{rule}", *_rule_scores(model, data, rule), sap_seconds + time.perf_counter() - clock, **sap_info)
+    if "sap_curvature" in wanted:
+        clock = time.perf_counter()
+        curvature = _curvature_scores(model, train_set, config.num_labels)
+        add("sap_curvature", curvature, sap_probs.argmax(1) != labels, sap_seconds + time.perf_counter() - clock, **sap_info)
+    if "sap_refine_audit" in wanted:
+        clock = time.perf_counter()
+        second, info = refined_audit(model, train_set, audit, data, args, seed)
+        add("sap_refine_audit", -second.scores, second.suspected, audit_seconds + time.perf_counter() - clock, **sap_info, **info)
     model.load_state_dict(memorised_state)
+    if "refine_audit" in wanted:
+        clock = time.perf_counter()
+        first = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views,
+                             runtime=Runtime(batch_size=1000, show_progress=False))
+        second, info = refined_audit(model, train_set, first, data, args, seed)
+        add("refine_audit", -second.scores, second.suspected, time.perf_counter() - clock, **info)
+        model.load_state_dict(memorised_state)
+    rows[:] = [row for row in rows if row["detector"] in wanted]  # the SAP model's scores are computed for every SAP row
+    curves = {d: curve for d, curve in curves.items() if d in wanted}
 
     for row in rows:
         row["cost_epochs"] = row["cost_seconds"] / epoch_seconds
@@ -344,18 +406,28 @@ def plot(curves: dict[str, Any], out_dir: Path, plot_seed: int) -> list[str]:
 
 
 def _merge(records: list[dict[str, Any]]) -> tuple[list, list, dict]:
-    """Rows, runs and curves of several results; a later record wins for the same (setting, seed)."""
-    rows: dict[tuple, list] = {}
-    runs: dict[tuple, dict] = {}
+    """Rows, runs and curves of several results; a later record wins for the same (setting, seed, detector).
+
+    So a run of a few `--detectors` with `--merge` adds or replaces those rows and keeps the others
+    (each row's `cost_epochs` is in the epoch time of its own run). A (setting, seed)'s runs are kept
+    as a list (`runs[i]["detectors"]` says which rows each produced); curves merge by detector.
+    """
+    rows: dict[tuple, dict] = {}
+    runs: dict[tuple, list] = {}
     curves: dict[str, Any] = {}
     for record in records:
         for run in record["runs"]:
             key = (run["setting"], run["seed"])
-            runs[key] = run
-            rows[key] = [r for r in record["rows"] if (r["setting"], r["seed"]) == key]
-        curves.update(record.get("curves", {}))
+            produced = [r for r in record["rows"] if (r["setting"], r["seed"]) == key]
+            run = dict(run, detectors=run.get("detectors") or [r["detector"] for r in produced])
+            runs[key] = [old for old in runs.get(key, []) if old != run] + [run]
+            rows.update({(*key, r["detector"]): r for r in produced})
+        for setting, by_detector in record.get("curves", {}).items():
+            curves.setdefault(setting, {}).update(by_detector)
     order = sorted(runs, key=lambda k: (list(common.SETTINGS).index(k[0]), k[1]))
-    return [r for k in order for r in rows[k]], [runs[k] for k in order], curves
+    ranked = {d: i for i, d in enumerate(DETECTORS)}
+    ordered_rows = [rows[k] for k in sorted(rows, key=lambda k: (order.index(k[:2]), ranked.get(k[2], len(ranked))))]
+    return ordered_rows, [run for k in order for run in runs[k]], curves
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -379,6 +451,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {k: v for k, v in vars(args).items() if k != "out_dir"}
     if args.merge_only and previous:  # the computing runs' configuration, not this merge's
         config = dict(previous[0]["config"], seeds=sorted({r["seed"] for r in runs}), merged_from=list(args.merge_only))
+    elif args.merge and previous:  # rows kept from earlier runs were computed with their configuration
+        config = dict(config, earlier_config=previous[-1]["config"].get("earlier_config", previous[-1]["config"]))
     record = {"rows": rows, "summary": summary, "targets": goal, "runs": runs, "curves": curves,
               "config": config, "environment": common.environment(),
               "elapsed_seconds": time.perf_counter() - started}
