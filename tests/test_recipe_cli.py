@@ -53,6 +53,9 @@ def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
     if refine:  # the clean-up after SAP, across processes too
         assert "refine_mode" in summary and record["refine"]["config"]["epochs"] == [1]
         assert summary["val_accuracy_after_refine"] >= summary["val_accuracy_after"]
+        # the second look: the refined model audits the labels again into its own folder
+        assert (out / "_label_audit_refined" / "label_audit.csv").is_file()
+        assert 0 <= summary["label_audit_refined_suspected"] <= 42 and "label_audit_suspected" in summary
 
 
 def _pretrained_mae(folder: Path) -> Path:
