@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md"]
+READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "checks.md"]
 RUN_COMMAND = (
     'apt-get update && apt-get install -y dataset-fashion-mnist && pip install torch==2.13.0 && '
     'pip install -e ".[audit]" && accelerate launch recipes/clothing1m.py'
