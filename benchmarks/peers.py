@@ -42,19 +42,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import common
 
 #: Hyper-parameter grids (argument name -> default). Forget sizes: 0 = every available sample ("all").
 PEER_DEFAULTS: dict[str, Any] = {
-    "ssd_alphas": [1.0, 3.0, 10.0, 30.0, 100.0],
-    "ssd_lambdas": [0.1, 0.5, 1.0],
-    "ssd_forget_sizes": [20, 50, 100, 200, 400, 800, 0],
-    "scrub_lrs": [1e-4, 3e-4, 1e-3],
+    "ssd_alphas": [3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0],
+    "ssd_lambdas": [0.1, 1.0],
+    "ssd_forget_sizes": [10, 20, 50, 100, 400, 0],
+    "scrub_lrs": [3e-4, 1e-3, 3e-3],
     "scrub_max_epochs": [1, 3],
-    "scrub_epochs": [1, 2, 3, 5, 8],
-    "scrub_forget_sizes": [20, 100, 400, 0],
+    "scrub_epochs": [1, 2, 3, 5, 8, 12, 20],
+    "scrub_forget_sizes": [20, 100, 0],
     "scrub_temperature": 4.0,
     "scrub_kl_weight": 1.0,
     "scrub_ce_weight": 1.0,
@@ -313,7 +314,7 @@ def peer_rows(model: Any, data: dict, *, trusted_indices: Sequence[int], suspect
         oracle_forget, oracle_retain = oracle_sets(data, *sizes[method], seed)
         for forget_set, forget, retain in (("realistic", suspected, trusted), ("oracle", oracle_forget, oracle_retain)):
             model.load_state_dict(original)
-            cost = Cost()
+            cost, clock = Cost(), time.perf_counter()
 
             def validate(m: Any) -> float:
                 cost.forward += len(data["val_x"])
@@ -334,7 +335,7 @@ def peer_rows(model: Any, data: dict, *, trusted_indices: Sequence[int], suspect
                        val_accuracy=best.pop("val_accuracy"), val_unchanged=val_unchanged,
                        forget_size=k, forget_available=len(forget), forget_noisy_fraction=(
                            float(data["is_noisy"][chosen].float().mean()) if k else None),
-                       cost_epochs=cost.epochs(n_train), cost_epochs_final=final, unchanged=k == 0 or best.get("epochs") == 0,
+                       cost_epochs=cost.epochs(n_train), cost_epochs_final=final, seconds=time.perf_counter() - clock, unchanged=k == 0 or best.get("epochs") == 0,
                        **{key: v for key, v in best.items() if not key.startswith("final_")}, **common.fit_diagnostics(model, data))
             rows.append(row)
     model.load_state_dict(original)
