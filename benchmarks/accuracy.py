@@ -717,8 +717,15 @@ def peers_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
         seeds = sorted(seed for seed, found in by_seed.items() if set(PEER_TABLE) <= set(found))
         if not seeds:
             continue
-        entry: dict[str, Any] = {"seeds": seeds, "methods": {}, "targets": []}
-        for name in PEER_TABLE:
+        # Fine-tuning on the peers' realistic retain set (the recipe's trusted set), when the 'ce' rows hold it.
+        peer = by_seed[seeds[0]]["scrub (realistic)"]
+        same_retain = f"finetune_trusted[{peer.get('trusted_rule')}/{peer.get('trusted_per_class')}]"
+        for r in rows:
+            if r["setting"] == setting and r["method"] == same_retain and r["seed"] in by_seed:
+                by_seed[r["seed"]][same_retain] = r
+        columns = list(PEER_TABLE) + ([same_retain] if all(same_retain in by_seed[s] for s in seeds) else [])
+        entry: dict[str, Any] = {"seeds": seeds, "methods": {}, "targets": [], "same_retain_finetune": same_retain}
+        for name in columns:
             chosen = [by_seed[seed][name] for seed in seeds]
             method = {"test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
                       "per_seed": [r["test_accuracy"] for r in chosen]}
@@ -759,14 +766,15 @@ def plot_peers(table: dict[str, Any], out_dir: Path) -> list[str]:
     plt = common.pyplot()
     if plt is None or not table:
         return []
-    figure, axis = plt.subplots(figsize=(8, 4))
+    figure, axis = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(table)
+    names = [n for n in next(iter(table.values()))["methods"] if all(n in e["methods"] for e in table.values())]
     for i, (setting, entry) in enumerate(table.items()):
         methods = entry["methods"]
-        axis.bar([j + i * width for j in range(len(PEER_TABLE))], [100 * methods[n]["test_accuracy"]["mean"] for n in PEER_TABLE],
-                 width, yerr=[100 * methods[n]["test_accuracy"]["std"] for n in PEER_TABLE], capsize=3, label=setting)
-    axis.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(PEER_TABLE))],
-                    [n.replace(" (", "\n(") for n in PEER_TABLE], fontsize=7)
+        axis.bar([j + i * width for j in range(len(names))], [100 * methods[n]["test_accuracy"]["mean"] for n in names],
+                 width, yerr=[100 * methods[n]["test_accuracy"]["std"] for n in names], capsize=3, label=setting)
+    axis.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(names))],
+                    [n.replace(" (", "\n(").replace("[", "\n[") for n in names], fontsize=7)
     axis.set_ylabel("clean test accuracy (%)")
     axis.set_title("SAP against SSD and SCRUB (oracle: forget set of truly mislabelled images)", fontsize=9)
     axis.legend(fontsize=8)
@@ -845,6 +853,12 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
 def replot(out_dir: Path) -> None:
     """Redraw the figures and reprint the tables from an existing accuracy.json (no training)."""
     record = json.loads((out_dir / "accuracy.json").read_text())
+    record["peers"] = peers_table(record["rows"])  # recomputed from the rows (the table's columns may have changed)
+    with _exclusive(out_dir / ".accuracy.json.lock"):
+        stored = json.loads((out_dir / "accuracy.json").read_text())
+        if stored.get("peers") != record["peers"] and stored["rows"] == record["rows"]:
+            stored["peers"] = record["peers"]
+            common.write_json(out_dir / "accuracy.json", stored)
     config = record["config"]
     plot(record["rows"], record["runs"], record["summary"], config["alphas"], config["plot_seed"], out_dir)
     plot_robust(record.get("robust", {}), out_dir)
