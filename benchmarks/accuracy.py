@@ -29,6 +29,10 @@ For every setting (40% symmetric noise; 40% asymmetric noise with
    sap+refine             `sap`'s model, its label audit (`sap_hf.audit_labels`), then `sap_hf.refine`: fine-tuning
                           on the training set without the suspected labels ('remove') or with the confident ones
                           relabelled ('relabel'); mode, lr and length picked on validation (--refine_* arguments).
+   ssd, scrub             (`--methods peers`) the corrective-unlearning peers of `benchmarks/peers.py`, which need a
+                          forget set: 'realistic' (top-k of `sap`'s audit suspects / the recipe's trusted samples)
+                          and 'oracle' (truly mislabelled / correctly labelled samples: hidden labels); `forget_set`
+                          in the row, summary names 'ssd (realistic)', ...; the `peers` table of accuracy.json.
    sap[rule/k], sap_per_kind[rule/k]  diagnostic rows: SAP restricted to one trusted set and scope.
    finetune_trusted[rule/k]  the same for fine-tuning; `finetune_trusted_best` is the best of these
                           by validation accuracy (the strongest fine-tuning baseline).
