@@ -554,7 +554,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if all("purity" in r for r in chosen):
                 entry["purity"] = mean_std([r["purity"] for r in chosen])
             keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch",
-                    "refine_mode", "refine_epochs", "forget_set", "forget_size", "lam", "max_epochs", "epochs")
+                    "refine_mode", "refine_epochs", "forget_set", "forget_size", "lam", "max_epochs", "scrub_epochs")
             entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
             summary[setting][method] = entry
     return summary
@@ -587,11 +587,11 @@ def _choice(choice: dict[str, Any]) -> str:
     if "epoch" in choice:
         return f"ep{choice['epoch']}"
     if "forget_set" in choice:
-        if not choice.get("forget_size") or choice.get("epochs") == 0:
+        if not choice.get("forget_size") or choice.get("scrub_epochs") == 0:
             return "unchanged"
         if "lam" in choice:
             return f"k={choice['forget_size']}/a={choice['alpha']:g}/l={choice['lam']:g}"
-        return f"k={choice['forget_size']}/lr={choice['lr']:g}/m={choice['max_epochs']}x{choice['epochs']}ep"
+        return f"k={choice['forget_size']}/lr={choice['lr']:g}/m={choice['max_epochs']}x{choice['scrub_epochs']}ep"
     if "refine_mode" in choice:
         mode = choice["refine_mode"]
         return f"{mode}/lr={choice['lr']:g}x{choice['refine_epochs']}ep" if mode else "unchanged"
@@ -981,6 +981,8 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }
+    if existing.get("merged"):  # the record of earlier merges (older runs wrote it): kept
+        record["merged"] = existing["merged"]
     if not args.no_plot:
         written = plot(rows, runs, summary, list(record["config"]["alphas"]), record["config"]["plot_seed"], out_dir)
         written += plot_robust(robust, out_dir)

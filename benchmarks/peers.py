@@ -241,7 +241,7 @@ def run_scrub(model: Any, data: dict, forget: tuple[Any, Any], retain: tuple[Any
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    best: dict[str, Any] = {"val_accuracy": validate(model), "lr": None, "max_epochs": 0, "epochs": 0, "forget_size": 0}
+    best: dict[str, Any] = {"val_accuracy": validate(model), "lr": None, "max_epochs": 0, "scrub_epochs": 0, "forget_size": 0}
     trials: list[dict] = []
     checkpoints = set(grid["scrub_epochs"])
     for k in _forget_sizes(sizes, len(forget[0])):
@@ -254,9 +254,9 @@ def run_scrub(model: Any, data: dict, forget: tuple[Any, Any], retain: tuple[Any
                     if epoch not in checkpoints:
                         return
                     val = validate(model)
-                    trials.append({"forget_size": k, "lr": lr, "max_epochs": max_epochs, "epochs": epoch, "val_accuracy": round(val, 4)})
+                    trials.append({"forget_size": k, "lr": lr, "max_epochs": max_epochs, "scrub_epochs": epoch, "val_accuracy": round(val, 4)})
                     if val > best["val_accuracy"]:
-                        best = {"val_accuracy": val, "lr": lr, "max_epochs": max_epochs, "epochs": epoch, "forget_size": k,
+                        best = {"val_accuracy": val, "lr": lr, "max_epochs": max_epochs, "scrub_epochs": epoch, "forget_size": k,
                                 "state": copy.deepcopy(model.state_dict())}
 
                 scrub_train(model, teacher, (forget[0][:k], forget[1][:k]), retain, lr=lr, max_epochs=max_epochs,
@@ -264,7 +264,7 @@ def run_scrub(model: Any, data: dict, forget: tuple[Any, Any], retain: tuple[Any
                             ce_weight=grid["scrub_ce_weight"], batch_size=grid["scrub_batch_size"], seed=seed,
                             on_epoch=on_epoch, cost=cost)
     model.load_state_dict(best.pop("state", original))
-    k, epochs = best["forget_size"], best["epochs"]
+    k, epochs = best["forget_size"], best["scrub_epochs"]
     passes = k * min(best["max_epochs"], epochs) + len(retain[0]) * epochs
     best.update(trials=trials, retain_size=len(retain[0]) if epochs else 0, final_train_passes=passes, final_forward_passes=passes,
                 temperature=grid["scrub_temperature"], kl_weight=grid["scrub_kl_weight"], ce_weight=grid["scrub_ce_weight"])
@@ -295,7 +295,8 @@ def peer_rows(model: Any, data: dict, *, trusted_indices: Sequence[int], suspect
     `data`: `common.load_run_data`'s dict; `trusted_indices`: the recipe's trusted samples (positions in
     train); `suspects`: the label audit's suspects, most suspicious first; `args`: a namespace with
     optional `peer_<grid>` / `quick` attributes (`peer_settings`). Rows: method, forget_set, oracle,
-    test/val accuracy, `val_unchanged`, the chosen hyper-parameters, forget/retain sizes, the forget set's
+    test/val accuracy, `val_unchanged`, the chosen hyper-parameters (SSD: alpha, lam; SCRUB: lr, max_epochs,
+    scrub_epochs: names no caller's row uses), forget/retain sizes, the forget set's
     share of truly mislabelled images (`forget_noisy_fraction`, reported only), cost_epochs,
     cost_epochs_final, fit diagnostics and the val grid (`trials`).
     """
@@ -335,7 +336,7 @@ def peer_rows(model: Any, data: dict, *, trusted_indices: Sequence[int], suspect
                        val_accuracy=best.pop("val_accuracy"), val_unchanged=val_unchanged,
                        forget_size=k, forget_available=len(forget), forget_noisy_fraction=(
                            float(data["is_noisy"][chosen].float().mean()) if k else None),
-                       cost_epochs=cost.epochs(n_train), cost_epochs_final=final, seconds=time.perf_counter() - clock, unchanged=k == 0 or best.get("epochs") == 0,
+                       cost_epochs=cost.epochs(n_train), cost_epochs_final=final, seconds=time.perf_counter() - clock, unchanged=k == 0 or best.get("scrub_epochs") == 0,
                        **{key: v for key, v in best.items() if not key.startswith("final_")}, **common.fit_diagnostics(model, data))
             rows.append(row)
     model.load_state_dict(original)

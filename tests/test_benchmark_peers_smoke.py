@@ -162,7 +162,10 @@ def test_accuracy_quick_methods_peers_merges_ssd_and_scrub_rows(tmp_path: Path) 
             assert r["forget_size"] == 0 or r["forget_noisy_fraction"] == 1.0
         else:
             assert r["forget_size"] <= r["forget_available"] == r["audit_suspected"]
-    assert {"ssd", "lam", "alpha"} & set(next(r for r in peer if r["method"] == "ssd")) >= {"lam", "alpha"}
+    assert {"lam", "alpha"} <= set(next(r for r in peer if r["method"] == "ssd"))
+    # SCRUB's length is `scrub_epochs`: a caller's own `epochs` (pretrained.py's fine-tuning length) is not overwritten
+    assert {"lr", "max_epochs", "scrub_epochs"} <= set(next(r for r in peer if r["method"] == "scrub"))
+    assert not any("epochs" in r for r in peer)
     table = record["peers"]["sym40"]
     assert [t["theirs"] for t in table["targets"]] == ["ssd (realistic)", "scrub (realistic)", "ssd (oracle)", "scrub (oracle)"]
     assert record["config_peers"]["oracle_sizes"] == {"ssd": [40, 8], "scrub": [8, 2]}
