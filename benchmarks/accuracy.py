@@ -29,6 +29,10 @@ For every setting (40% symmetric noise; 40% asymmetric noise with
    sap+refine             `sap`'s model, its label audit (`sap_hf.audit_labels`), then `sap_hf.refine`: fine-tuning
                           on the training set without the suspected labels ('remove') or with the confident ones
                           relabelled ('relabel'); mode, lr and length picked on validation (--refine_* arguments).
+   ssd, scrub             (`--methods peers`) the corrective-unlearning peers of `benchmarks/peers.py`, which need a
+                          forget set: 'realistic' (top-k of `sap`'s audit suspects / the recipe's trusted samples)
+                          and 'oracle' (truly mislabelled / correctly labelled samples: hidden labels); `forget_set`
+                          in the row, summary names 'ssd (realistic)', ...; the `peers` table of accuracy.json.
    sap[rule/k], sap_per_kind[rule/k]  diagnostic rows: SAP restricted to one trusted set and scope.
    finetune_trusted[rule/k]  the same for fine-tuning; `finetune_trusted_best` is the best of these
                           by validation accuracy (the strongest fine-tuning baseline).
@@ -82,6 +86,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import common
+import peers
 from sap_hf.runtime.passes import Runtime
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
 
@@ -93,7 +98,9 @@ ROBUST_LOSSES = ("gce", "sce", "ls")
 LABEL_SMOOTHING = 0.1
 #: Row groups `--methods` can compute: "ce" (every cross-entropy row above) and one group per robust loss.
 #: "sap+refine" recomputes only that row from the recorded `sap` choice (the "ce" group computes it too).
-METHOD_GROUPS = ("ce", "sap+refine", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
+#: "peers": SSD and SCRUB (benchmarks/peers.py) on the recorded `sap`'s audit and the recipe's trusted set.
+METHOD_GROUPS = ("ce", "sap+refine", "peers", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
+PEER_METHODS = ("ssd", "scrub")
 DEFAULT_METHOD_GROUPS = ("ce", "robust_gce", "robust_sce")
 
 
@@ -122,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refine_batch_size", type=int, default=64)
     parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
                         help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
+    peers.add_peer_arguments(parser)
     args = common.finish_args(parser.parse_args(argv), argv)
     args.merge = args.methods is not None
     args.methods = list(dict.fromkeys(args.methods or (["ce"] if args.quick else DEFAULT_METHOD_GROUPS)))
@@ -454,12 +462,67 @@ def run_sap_refine(setting: str, seed: int, args: argparse.Namespace) -> dict[st
             "run": {"seconds": time.perf_counter() - run["started"]}}
 
 
+def recorded_rows(setting: str, seed: int, args: argparse.Namespace, needed: tuple[str, ...], group: str) -> dict[str, dict]:
+    """The rows of <out_dir>/accuracy.json for (setting, seed) by method; SystemExit when one of `needed` is missing."""
+    path = Path(args.out_dir) / "accuracy.json"
+    recorded = [r for r in json.loads(path.read_text())["rows"] if (r["setting"], r["seed"]) == (setting, seed)] if path.exists() else []
+    by_method = {r["method"]: r for r in recorded if "forget_set" not in r}
+    missing = [m for m in needed if m not in by_method]
+    if missing:
+        raise SystemExit(f"--methods {group} needs the recorded {missing} rows of {setting} seed {seed}, which {path} "
+                         "does not hold: compute the 'ce' group first.")
+    return by_method
+
+
+def run_peers(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The `peers` group: SSD and SCRUB (`peers.peer_rows`) on the memorised model of (setting, seed).
+
+    Suspects: the label audit of `sap`'s model (rebuilt from its recorded choice), as `sap+refine` audits
+    (`sap_hf.audit_labels`, `--refine_views`), most suspicious first. Trusted: `sap_hf.select_trusted` with the
+    recipe's rule and per-class count (`common.recipe_sap_config()`) on the memorised model.
+    """
+    from sap_hf import audit_labels, select_trusted
+
+    recorded = recorded_rows(setting, seed, args, ("sap", "none"), "peers")
+    run = prepare_run(setting, seed, args)
+    model, data, train_set = run["model"], run["data"], run["train_set"]
+    final_state = copy.deepcopy(model.state_dict())
+    clock = time.perf_counter()
+    model.load_state_dict(rebuild_sap(run, recorded["sap"]))
+    audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
+    suspects = audit.suspected_indices()
+    model.load_state_dict(final_state)
+    recipe = common.recipe_sap_config()
+    selection = select_trusted(model, train_set, recipe.trusted_per_class, num_labels=run["config"].num_labels,
+                               rule=recipe.selection_rule, selection_model=run["early_model"] if recipe.selection_rule == "early_loss" else None,
+                               runtime=Runtime(batch_size=500, show_progress=False))
+    inputs_seconds = time.perf_counter() - clock
+    rows = peers.peer_rows(model, data, trusted_indices=selection.indices, suspects=suspects, args=args, seed=seed)
+    trusted = torch_index(selection.indices)
+    purity = float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean())
+    for row in rows:
+        row.update(setting=setting, seed=seed, gain_vs_none=row["test_accuracy"] - recorded["none"]["test_accuracy"],
+                   trusted_rule=recipe.selection_rule, trusted_per_class=recipe.trusted_per_class, trusted_purity=purity,
+                   audit_suspected=len(suspects))
+    return {"setting": setting, "seed": seed, "group": "peers", "rows": rows,
+            "run": {"seconds": time.perf_counter() - run["started"], "inputs_seconds": inputs_seconds,
+                    "peers_seconds": time.perf_counter() - clock - inputs_seconds}}
+
+
+def torch_index(indices: Any) -> Any:
+    import torch
+
+    return torch.as_tensor(list(indices), dtype=torch.long)
+
+
 def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
     setting, seed, args, group = task
     if group == "ce":
         result = run_one(setting, seed, args)
     elif group == "sap+refine":
         result = run_sap_refine(setting, seed, args)
+    elif group == "peers":
+        result = run_peers(setting, seed, args)
     else:
         result = run_robust(setting, seed, args, group.removeprefix("robust_"))
     fit = result["run"].get("train_noisy_accuracy")
@@ -473,12 +536,17 @@ def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def _summary_name(row: dict[str, Any]) -> str:
+    """A row's method in the summary: the peers' rows add their forget set ('ssd (realistic)', 'scrub (oracle)')."""
+    return f"{row['method']} ({row['forget_set']})" if "forget_set" in row else row["method"]
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for setting in dict.fromkeys(r["setting"] for r in rows):
         summary[setting] = {}
-        for method in dict.fromkeys(r["method"] for r in rows if r["setting"] == setting):
-            chosen = [r for r in rows if r["setting"] == setting and r["method"] == method]
+        for method in dict.fromkeys(_summary_name(r) for r in rows if r["setting"] == setting):
+            chosen = [r for r in rows if r["setting"] == setting and _summary_name(r) == method]
             entry = {"test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
                      "gain_vs_none": mean_std([r["gain_vs_none"] for r in chosen])}
             if all("gain_vs_base" in r for r in chosen):  # robust_<loss> rows: against the robust model itself
@@ -486,7 +554,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             if all("purity" in r for r in chosen):
                 entry["purity"] = mean_std([r["purity"] for r in chosen])
             keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch",
-                    "refine_mode", "refine_epochs")
+                    "refine_mode", "refine_epochs", "forget_set", "forget_size", "lam", "max_epochs", "scrub_epochs")
             entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
             summary[setting][method] = entry
     return summary
@@ -518,6 +586,12 @@ def _choice(choice: dict[str, Any]) -> str:
         return ""
     if "epoch" in choice:
         return f"ep{choice['epoch']}"
+    if "forget_set" in choice:
+        if not choice.get("forget_size") or choice.get("scrub_epochs") == 0:
+            return "unchanged"
+        if "lam" in choice:
+            return f"k={choice['forget_size']}/a={choice['alpha']:g}/l={choice['lam']:g}"
+        return f"k={choice['forget_size']}/lr={choice['lr']:g}/m={choice['max_epochs']}x{choice['scrub_epochs']}ep"
     if "refine_mode" in choice:
         mode = choice["refine_mode"]
         return f"{mode}/lr={choice['lr']:g}x{choice['refine_epochs']}ep" if mode else "unchanged"
@@ -629,6 +703,92 @@ def plot_robust(robust: dict[str, Any], out_dir: Path) -> list[str]:
     return [str(path)]
 
 
+#: The peers table's columns (summary names) and its targets: (ours, theirs) where ours should be >= theirs.
+PEER_TABLE = ("finetune_trusted", "sap", "sap+refine", "ssd (realistic)", "scrub (realistic)", "ssd (oracle)", "scrub (oracle)")
+PEER_TARGETS = (("sap", "ssd (realistic)"), ("sap", "scrub (realistic)"), ("sap+refine", "ssd (oracle)"),
+                ("sap+refine", "scrub (oracle)"))
+
+
+def peers_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per setting, over the seeds that have every column of `PEER_TABLE`: each column's test accuracy (mean, std,
+    per seed), the peers' cost and chosen forget sizes, and every target's difference ours - theirs (mean, per seed)."""
+    out: dict[str, Any] = {}
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        by_seed: dict[int, dict[str, dict]] = {}
+        for r in rows:
+            if r["setting"] == setting and _summary_name(r) in PEER_TABLE:
+                by_seed.setdefault(r["seed"], {})[_summary_name(r)] = r
+        seeds = sorted(seed for seed, found in by_seed.items() if set(PEER_TABLE) <= set(found))
+        if not seeds:
+            continue
+        # Fine-tuning on the peers' realistic retain set (the recipe's trusted set), when the 'ce' rows hold it.
+        peer = by_seed[seeds[0]]["scrub (realistic)"]
+        same_retain = f"finetune_trusted[{peer.get('trusted_rule')}/{peer.get('trusted_per_class')}]"
+        for r in rows:
+            if r["setting"] == setting and r["method"] == same_retain and r["seed"] in by_seed:
+                by_seed[r["seed"]][same_retain] = r
+        columns = list(PEER_TABLE) + ([same_retain] if all(same_retain in by_seed[s] for s in seeds) else [])
+        entry: dict[str, Any] = {"seeds": seeds, "methods": {}, "targets": [], "same_retain_finetune": same_retain}
+        for name in columns:
+            chosen = [by_seed[seed][name] for seed in seeds]
+            method = {"test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
+                      "per_seed": [r["test_accuracy"] for r in chosen]}
+            if "forget_set" in chosen[0]:
+                method.update(cost_epochs=mean_std([r["cost_epochs"] for r in chosen]),
+                              cost_epochs_final=mean_std([r["cost_epochs_final"] for r in chosen]),
+                              forget_sizes=[r["forget_size"] for r in chosen], retain_sizes=[r["retain_size"] for r in chosen],
+                              forget_noisy_fraction=[r["forget_noisy_fraction"] for r in chosen],
+                              choices=[_choice(r) for r in chosen])
+            entry["methods"][name] = method
+        for ours, theirs in PEER_TARGETS:
+            diffs = [by_seed[s][ours]["test_accuracy"] - by_seed[s][theirs]["test_accuracy"] for s in seeds]
+            entry["targets"].append({"ours": ours, "theirs": theirs, "difference": mean_std(diffs), "per_seed": diffs,
+                                     "met": statistics.fmean(diffs) >= 0})
+        out[setting] = entry
+    return out
+
+
+def print_peers_table(table: dict[str, Any]) -> None:
+    if not table:
+        return
+    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
+    print("\n== Peers: test accuracy (%), mean ± std over seeds; oracle = forget set of truly mislabelled images ==")
+    for setting, entry in table.items():
+        print(f"{setting} (seeds {entry['seeds']})")
+        for name, m in entry["methods"].items():
+            extra = (f"  cost {m['cost_epochs']['mean']:.2f} ep (final {m['cost_epochs_final']['mean']:.2f}), "
+                     f"choices {' '.join(m['choices'])}") if "cost_epochs" in m else ""
+            print(f"  {name:20s} {pct(m['test_accuracy']):>14s}{extra}")
+        for t in entry["targets"]:
+            per_seed = " ".join(f"{100 * d:+.1f}" for d in t["per_seed"])
+            print(f"  {t['ours']} - {t['theirs']}: {100 * t['difference']['mean']:+.1f} ({per_seed}) "
+                  f"{'met' if t['met'] else 'NOT met'}")
+
+
+def plot_peers(table: dict[str, Any], out_dir: Path) -> list[str]:
+    """Bars per setting: fine-tuning, SAP, SAP+refine and the peers with both forget sets (mean ± std)."""
+    plt = common.pyplot()
+    if plt is None or not table:
+        return []
+    figure, axis = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(table)
+    names = [n for n in next(iter(table.values()))["methods"] if all(n in e["methods"] for e in table.values())]
+    for i, (setting, entry) in enumerate(table.items()):
+        methods = entry["methods"]
+        axis.bar([j + i * width for j in range(len(names))], [100 * methods[n]["test_accuracy"]["mean"] for n in names],
+                 width, yerr=[100 * methods[n]["test_accuracy"]["std"] for n in names], capsize=3, label=setting)
+    axis.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(names))],
+                    [n.replace(" (", "\n(").replace("[", "\n[") for n in names], fontsize=7)
+    axis.set_ylabel("clean test accuracy (%)")
+    axis.set_title("SAP against SSD and SCRUB (oracle: forget set of truly mislabelled images)", fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    path = out_dir / "accuracy_peers.png"
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return [str(path)]
+
+
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[str, Any], alphas: list[float],
          plot_seed: int, out_dir: Path) -> list[str]:
     """The alpha figure (one seed per setting) and the methods bar chart, from what accuracy.json holds."""
@@ -697,11 +857,19 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
 def replot(out_dir: Path) -> None:
     """Redraw the figures and reprint the tables from an existing accuracy.json (no training)."""
     record = json.loads((out_dir / "accuracy.json").read_text())
+    record["peers"] = peers_table(record["rows"])  # recomputed from the rows (the table's columns may have changed)
+    with _exclusive(out_dir / ".accuracy.json.lock"):
+        stored = json.loads((out_dir / "accuracy.json").read_text())
+        if stored.get("peers") != record["peers"] and stored["rows"] == record["rows"]:
+            stored["peers"] = record["peers"]
+            common.write_json(out_dir / "accuracy.json", stored)
     config = record["config"]
     plot(record["rows"], record["runs"], record["summary"], config["alphas"], config["plot_seed"], out_dir)
     plot_robust(record.get("robust", {}), out_dir)
+    plot_peers(record.get("peers", {}), out_dir)
     print_table(record["summary"], record["purity"], record["runs"])
     print_robust_table(record.get("robust", {}))
+    print_peers_table(record.get("peers", {}))
 
 
 def _result_group(result: dict[str, Any]) -> str:
@@ -713,6 +881,8 @@ def _group(row: dict[str, Any]) -> str:
     """The `--methods` group a row belongs to."""
     if row["method"] == "sap+refine":
         return "sap+refine"
+    if row["method"] in PEER_METHODS:
+        return "peers"
     return f"robust_{row['loss']}" if "loss" in row else "ce"
 
 
@@ -767,6 +937,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.write_json(path, record)
     print_table(record["summary"], record["purity"], record["runs"])
     print_robust_table(record["robust"])
+    print_peers_table(record["peers"])
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 
@@ -781,6 +952,7 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
     summary = summarise(rows)
     purity = purity_table(rows)
     robust = robust_table(rows)
+    peer_table = peers_table(rows)
 
     from sap_hf.data.noise import FASHION_MNIST_ASYMMETRIC_MAP
 
@@ -791,6 +963,7 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
         "summary": summary,
         "purity": purity,
         "robust": robust,
+        "peers": peer_table,
         "runs": runs,
         "robust_runs": robust_runs,
         "settings": {name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in settings},
@@ -802,12 +975,18 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
         "config_robust": _robust_config(existing.get("config_robust"), config, args),
         # The arguments of the last run that computed sap+refine rows (its --refine_* arguments).
         "config_refine": (config if {"ce", "sap+refine"} & set(args.methods) else existing.get("config_refine")),
+        # The last run that computed peers rows, with its grids (`peers.peer_settings`) and the scaled oracle sizes.
+        "config_peers": (dict(config, grids=peers.peer_settings(args), oracle_sizes=peers.oracle_sizes(args.train_size))
+                         if "peers" in args.methods else existing.get("config_peers")),
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }
+    if existing.get("merged"):  # the record of earlier merges (older runs wrote it): kept
+        record["merged"] = existing["merged"]
     if not args.no_plot:
         written = plot(rows, runs, summary, list(record["config"]["alphas"]), record["config"]["plot_seed"], out_dir)
         written += plot_robust(robust, out_dir)
+        written += plot_peers(peer_table, out_dir)
         record["plots"] = [os.path.relpath(p, out_dir) for p in written]
     elif existing.get("plots"):
         record["plots"] = existing["plots"]  # redraw them with --replot
