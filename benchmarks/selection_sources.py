@@ -236,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     tasks = [(setting, seed, args) for setting in args.settings for seed in args.seeds]
     rows = [row for result in common.run_tasks(run_one, tasks, args.jobs) for row in result["rows"]]
     record = {"rows": rows, "summary": summarise(rows), "recipe": recipe_sap_config().to_dict(),
-              "shares": args.shares, "draws": args.draws, "last_epochs": args.last_epochs,
+              "train_size": args.train_size, "classes": 10, "shares": args.shares, "draws": args.draws, "last_epochs": args.last_epochs,
               "environment": dict(common.environment(), loadavg=common.loadavg()),
               "elapsed_seconds": round(time.perf_counter() - started, 1)}
     out = Path(args.out_dir)

@@ -27,7 +27,7 @@ from .audit.labels import LabelAudit, audit_labels
 from .audit.report import write_audit_report
 from .runtime.batching import batch_labels, first_example_batch
 from .runtime.contract import IGNORE_INDEX, LoaderData, as_pass_data
-from .runtime.passes import Runtime
+from .runtime.passes import PhaseHook, Runtime
 from .core.adapters import merge_trainer_adapters
 from .core.config import SAPConfig
 from .core.evaluation import eval_predictions
@@ -194,6 +194,7 @@ class SAPTrainer(Trainer):
         trusted_indices: Optional[list[Union[int, str]]] = None,
         stats_path: Optional[Union[str, Path]] = None,
         collate_fn: Optional[Any] = None,
+        on_phase: Optional[PhaseHook] = None,
     ) -> SAPResult:
         """Correct `self.model` with SAP and return what was measured.
 
@@ -206,6 +207,7 @@ class SAPTrainer(Trainer):
         is decoded once, by one process, and the trusted samples are kept as raw rows.
         A PEFT (LoRA) model is merged first and `self.model` becomes the merged model, so that
         `save_model()` writes the whole corrected model (a PEFT save would keep only the adapters).
+        `on_phase(phase, seconds)` is called after each phase, as in `sap_correct`.
         """
         selection_dataset, eval_dataset = self._train_and_eval("correct()", "selection_dataset", selection_dataset,
                                                                eval_dataset, "alpha")
@@ -215,6 +217,8 @@ class SAPTrainer(Trainer):
         if self._records_losses and trusted_indices is None and selection_model is None:
             recorded, selection_seconds = self._recorded_selection(selection_dataset)
             trusted_indices = recorded.indices
+            if on_phase is not None:
+                on_phase("selection", selection_seconds)
 
         def on_evaluate(alpha: Optional[float], metrics: dict[str, float]) -> None:
             scores = {f"sap/{k}": v for k, v in metrics.items() if not k.endswith(_BOOKKEEPING)}
@@ -233,6 +237,7 @@ class SAPTrainer(Trainer):
             trusted_indices=trusted_indices,
             stats_path=stats_path,
             on_evaluate=on_evaluate,
+            on_phase=on_phase,
             show_progress=not self.args.disable_tqdm,
         )
         if recorded is not None and result.trusted_indices == recorded.indices:  # (a stats_path cache may hold others)
