@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,13 +49,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--last_epochs", nargs="+", type=int, default=[1, 10], help="training_loss_epochs windows")
     parser.add_argument("--loss_cache", default="/work/cache/selection_sources")
     parser.set_defaults(cache_dir="/work/cache/accuracy", jobs=1)
+    argv = sys.argv[1:] if argv is None else argv
     args = common.finish_args(parser.parse_args(argv), argv)
     if args.quick:
         args.shares, args.draws, args.last_epochs = [0.5], 1, [1]
-        args.settings = args.settings if argv and "--settings" in argv else ["sym40"]
-        if not argv or "--loss_cache" not in argv:
+        args.settings = args.settings if "--settings" in argv else ["sym40"]
+        if "--loss_cache" not in argv:
             args.loss_cache = tempfile.mkdtemp(prefix="selection_sources_")
-        if not argv or "--cache_dir" not in argv:
+        if "--cache_dir" not in argv:
             args.cache_dir = None
     return args
 
