@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import TrainingArguments
 
-from sap_hf import SAPConfig
+from sap_hf import SAPConfig, sap_correct
 from sap_hf.core.recorded import merge_losses
 from sap_hf.core.selection import select_from_scores
 from sap_hf.data import ImageTransform
@@ -106,6 +106,8 @@ def test_last_epochs_window(tmp_path):
 def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="selection_rule='shift_loss'.*trusted_source='pass'"):
         SAPConfig(trusted_source="training", selection_rule="shift_loss")
+    with pytest.raises(ValueError, match="SAPTrainer.correct\\(\\), pass trusted_indices="):
+        sap_correct(tiny_model("vit", num_labels=3), random_examples(12), random_examples(6), SAPConfig(trusted_source="training"))
     with pytest.raises(ValueError, match="call trainer.train\\(\\) first"):
         _trainer(tmp_path, MapStyle(random_examples(24, seed=1))).correct()
     stream = datasets.Dataset.from_list([{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]}
