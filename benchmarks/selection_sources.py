@@ -48,6 +48,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=3, help="random draws per share (purity averaged over them)")
     parser.add_argument("--last_epochs", nargs="+", type=int, default=[1, 10], help="training_loss_epochs windows")
     parser.add_argument("--loss_cache", default="/work/cache/selection_sources")
+    parser.add_argument("--models", nargs="+", default=None, metavar="SETTING:SEED",
+                        help="only these (setting, seed) models, e.g. sym40:0 asym40:1 (default: --settings x --seeds)")
     parser.set_defaults(cache_dir="/work/cache/accuracy", jobs=1)
     argv = sys.argv[1:] if argv is None else argv
     args = common.finish_args(parser.parse_args(argv), argv)
@@ -235,7 +237,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    tasks = [(setting, seed, args) for setting in args.settings for seed in args.seeds]
+    pairs = ([(m.split(":")[0], int(m.split(":")[1])) for m in args.models] if args.models
+             else [(setting, seed) for setting in args.settings for seed in args.seeds])
+    tasks = [(setting, seed, args) for setting, seed in pairs]
     rows = [row for result in common.run_tasks(run_one, tasks, args.jobs) for row in result["rows"]]
     record = {"rows": rows, "summary": summarise(rows), "recipe": recipe_sap_config().to_dict(),
               "train_size": args.train_size, "classes": 10, "shares": args.shares, "draws": args.draws, "last_epochs": args.last_epochs,
