@@ -32,7 +32,11 @@ What it measures
      and the evaluations each needs, for alpha_scope shared and per_kind on the 14-point grid, with the
      recipe's tolerance (SAPConfig's default, 0.0025) and with 0 (stop at the first fall); the trusted
      set and statistics dtype are the recipe's.
-  5. A table extrapolated to Clothing1M (1M noisy training images, 14k validation, ViT-B/16 at
+  5. Selection sources (issue #18): the same model with `selection_subset` (`--subset_share` of the training
+     stream), and a model that memorised the noise (`memorise`: SAPTrainer, 60 epochs, losses recorded) corrected
+     with the full pass, the share, and `SAPTrainer.correct()` with `trusted_source="training"` (no selection
+     pass); rows carry `source`, `decodes_per_process` and the trusted set's `purity` (clean labels of the corpus).
+  6. A table extrapolated to Clothing1M (1M noisy training images, 14k validation, ViT-B/16 at
      224x224) from the measured per-image decode rate and benchmarks/results/speed.json's ViT-B rates.
 
 Writes benchmarks/results/correction_cost.json and correction_cost.png (`--quick`: *_quick.*).
