@@ -1,7 +1,7 @@
 """Per-example training losses recorded while a model trains, for a trusted selection with no pass of its own.
 
 The paper's selection scores every training example with the trained model: a full inference pass
-over the training set, which at Clothing1M scale costs as much as a third of a fine-tuning epoch.
+over the training set, a large share of a fine-tuning epoch's cost on a large training set.
 Training computes the logits of every example anyway, once per epoch, so `SAPTrainer` keeps each
 example's cross-entropy from them (`SAPConfig.trusted_source="training"`) and `correct()` selects
 from those (`select_from_scores`) without reading the data again.
