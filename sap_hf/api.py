@@ -293,8 +293,14 @@ class _TrustedPlan:
             plan.per_class = plan.cached.meta.get("trusted_per_class", {})
             logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
         elif trusted_indices is None:
+            if config.trusted_source == "training":
+                raise ValueError(
+                    "config.trusted_source='training' selects from the losses SAPTrainer.train() records, which "
+                    "sap_correct does not have: use SAPTrainer.correct(), pass trusted_indices=, or use trusted_source='pass'."
+                )
             selection = select_trusted(base, train_data, config.trusted_per_class, rule=config.selection_rule,
-                                       selection_model=selection_model, runtime=runtime, seed=config.sampling_seed)
+                                       selection_model=selection_model, runtime=runtime, seed=config.sampling_seed,
+                                       subset=config.selection_subset)
             trusted_indices, plan.per_class = selection.indices, dict(selection.per_class)
             plan.trusted = selection.examples  # a stream's trusted examples, kept by the selection pass: no second read
         plan.indices = list(trusted_indices) if trusted_indices is not None else None

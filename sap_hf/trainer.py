@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import EvalPrediction, Trainer
 from transformers.trainer_utils import denumpify_detensorize
@@ -25,10 +27,14 @@ from .audit.labels import LabelAudit, audit_labels
 from .audit.report import write_audit_report
 from .runtime.batching import batch_labels, first_example_batch
 from .runtime.contract import IGNORE_INDEX, LoaderData, as_pass_data
-from .runtime.passes import Runtime
+from .runtime.passes import PhaseHook, Runtime
 from .core.adapters import merge_trainer_adapters
 from .core.config import SAPConfig
 from .core.evaluation import eval_predictions
+from .core.recorded import INDEX_COLUMN, IndexCarryingCollator, IndexedExamples, TrainingLosses, merge_losses
+from .core.selection import TrustedSelection, select_from_scores
+from .core.targets import check_classifier
+from .runtime.modeling import logits_of
 from .hub import sap_record, staged_save, write_sap_files
 from .losses import check_label_smoothing, training_loss_record
 from .audit.cleanup import RefineConfig, RefineResult, refine
@@ -76,6 +82,11 @@ class SAPTrainer(Trainer):
         accuracy is used. A noise-robust loss goes in as usual, e.g.
         `compute_loss_func=sap_hf.losses.RobustLoss(LossConfig(loss="gce"))`; once this trainer
         has trained, the SAP record and card say which loss it was (`training_loss`).
+
+    With `SAPConfig(trusted_source="training")`, `train()` records every training example's
+    cross-entropy (from the logits of its training step, by its position in `train_dataset`;
+    `core.recorded` says how the position travels through the shuffled, sharded batches) and
+    `correct()` selects the trusted samples from those losses: no selection pass over the training set.
     """
 
     def __init__(self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any):
@@ -91,6 +102,88 @@ class SAPTrainer(Trainer):
         self.refine_result: Optional[RefineResult] = None
         self.sap_extra_record: dict[str, Any] = {}
         self._sap_saved = False
+        self.training_losses: Optional[TrainingLosses] = None
+
+    @property
+    def _records_losses(self) -> bool:
+        return self.sap_config.trusted_source == "training"
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; with `trusted_source="training"` each example's losses are recorded (anew on every call)."""
+        if self._records_losses:
+            if self.train_dataset is None:
+                raise ValueError("Trainer: training requires a train_dataset.")
+            IndexedExamples(self.train_dataset)  # a stream is refused here, before any step
+            self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
+        return super().train(*args, **kwargs)
+
+    def get_train_dataloader(self) -> Any:
+        """The Trainer's loader; when recording, over examples that carry their position (`core.recorded`)."""
+        if not self._records_losses or self.training_losses is None:
+            return super().get_train_dataloader()
+        dataset, collator = self.train_dataset, self.data_collator
+        try:
+            import datasets
+
+            plain = self._remove_unused_columns(dataset, "training") if isinstance(dataset, datasets.Dataset) else dataset
+        except ImportError:  # pragma: no cover - datasets is a dependency
+            plain = dataset
+        self.train_dataset, self.data_collator = IndexedExamples(plain), IndexCarryingCollator(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset, self.data_collator = dataset, collator
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self._records_losses and INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns.append(INDEX_COLUMN)  # kept by the Trainer's column removal
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """`Trainer.compute_loss`; a training batch that carries positions also records its per-example losses."""
+        positions = inputs.pop(INDEX_COLUMN, None) if isinstance(inputs, dict) else None
+        if positions is None or not model.training or self.training_losses is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs.get("labels", inputs.get("label"))
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        self._record_losses(positions, logits_of(outputs), labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record_losses(self, positions: torch.Tensor, logits: torch.Tensor, labels: Any) -> None:
+        """Each example's plain cross-entropy from the step's logits (whatever the training loss), under its position."""
+        if labels is None or logits.dim() != 2 or torch.as_tensor(labels).shape != positions.shape:
+            raise ValueError(
+                f"SAPConfig.trusted_source='training' records one loss per example and needs class-id labels, one per "
+                f"example, and (batch, classes) logits; got labels {None if labels is None else tuple(torch.as_tensor(labels).shape)} "
+                f"and logits {tuple(logits.shape)}. Use trusted_source='pass'."
+            )
+        labels = torch.as_tensor(labels, device=logits.device).long()
+        with torch.no_grad():
+            losses = F.cross_entropy(logits.detach().float(), labels.clamp_min(0), reduction="none")
+        self.training_losses.add(int(self.state.epoch or 0), positions, losses, labels)
+
+    def _recorded_selection(self, selection_dataset: Any) -> tuple[TrustedSelection, float]:
+        """The trusted samples from the recorded training losses of every process (`select_from_scores`)."""
+        if self.training_losses is None:
+            raise ValueError(
+                "SAPConfig.trusted_source='training' selects from the losses that train() records: call trainer.train() "
+                "first (with this sap_config), or use trusted_source='pass'."
+            )
+        if selection_dataset is not None and len(selection_dataset) != self.training_losses.size:
+            raise ValueError(
+                f"selection_dataset has {len(selection_dataset)} examples, the train_dataset whose losses were recorded "
+                f"{self.training_losses.size}: the recorded positions are those of train_dataset. Pass that dataset (or "
+                "None), or use trusted_source='pass'."
+            )
+        runtime = self._runtime(self.args.per_device_eval_batch_size)
+        with runtime.timed("selection"):
+            positions, scores, labels = merge_losses(runtime.gather(self.training_losses.summary()))
+            selection = select_from_scores(
+                positions, scores, labels, self.sap_config.trusted_per_class, check_classifier(runtime.unwrap(self.model)),
+                source="the training losses SAPTrainer recorded", is_main=runtime.is_main,
+            )
+        return selection, runtime.timings["selection"]
 
     def correct(
         self,
@@ -101,6 +194,7 @@ class SAPTrainer(Trainer):
         trusted_indices: Optional[list[Union[int, str]]] = None,
         stats_path: Optional[Union[str, Path]] = None,
         collate_fn: Optional[Any] = None,
+        on_phase: Optional[PhaseHook] = None,
     ) -> SAPResult:
         """Correct `self.model` with SAP and return what was measured.
 
@@ -113,11 +207,18 @@ class SAPTrainer(Trainer):
         is decoded once, by one process, and the trusted samples are kept as raw rows.
         A PEFT (LoRA) model is merged first and `self.model` becomes the merged model, so that
         `save_model()` writes the whole corrected model (a PEFT save would keep only the adapters).
+        `on_phase(phase, seconds)` is called after each phase, as in `sap_correct`.
         """
         selection_dataset, eval_dataset = self._train_and_eval("correct()", "selection_dataset", selection_dataset,
                                                                eval_dataset, "alpha")
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
         merge_trainer_adapters(self)  # PEFT: self.model becomes the merged model, corrected and saved whole
+        recorded = None
+        if self._records_losses and trusted_indices is None and selection_model is None:
+            recorded, selection_seconds = self._recorded_selection(selection_dataset)
+            trusted_indices = recorded.indices
+            if on_phase is not None:
+                on_phase("selection", selection_seconds)
 
         def on_evaluate(alpha: Optional[float], metrics: dict[str, float]) -> None:
             scores = {f"sap/{k}": v for k, v in metrics.items() if not k.endswith(_BOOKKEEPING)}
@@ -136,8 +237,12 @@ class SAPTrainer(Trainer):
             trusted_indices=trusted_indices,
             stats_path=stats_path,
             on_evaluate=on_evaluate,
+            on_phase=on_phase,
             show_progress=not self.args.disable_tqdm,
         )
+        if recorded is not None and result.trusted_indices == recorded.indices:  # (a stats_path cache may hold others)
+            result.trusted_per_class = {int(k): v for k, v in recorded.per_class.items()}
+            result.timings = {"selection": selection_seconds, **result.timings}
         self.sap_result = result
         for search in result.rounds:  # alpha_scope="per_kind": every trial of the coordinate pass, one log entry each
             for trial in search.kind_trials:

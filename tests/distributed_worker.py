@@ -93,9 +93,46 @@ def clothing(out_dir: str, data_dir: str) -> None:
     accelerator.end_training()  # destroy the gloo group before exit (else a teardown race can abort the process)
 
 
+def recorded(out_dir: str, data_dir: str) -> None:
+    """Selection without a full pass on every process: a hashed share of a keyed stream, and SAPTrainer's training losses."""
+    decodes = count_decodes()
+    from accelerate.utils import gather_object
+    from transformers import TrainingArguments
+
+    from helpers import MapStyle
+    from sap_hf.core.recorded import merge_losses
+    from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
+    from sap_hf.models import tiny_vit_config
+    from sap_hf.trainer import SAPTrainer
+    from transformers import ViTForImageClassification
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = ViTForImageClassification(tiny_vit_config(image_size=16, patch_size=4, num_channels=3, num_labels=14, hidden_size=32, num_hidden_layers=2))
+    train = undecoded_images(load_clothing1m(data_dir, "noisy_train", num_shards=4))
+    runtime = Runtime(batch_size=4, accelerator=accelerator, collate_fn=ImageTransform(image_size=16).collate, show_progress=False)
+    before = decodes[0]
+    share = select_trusted(model, train, 1, runtime=runtime, seed=5, subset=0.6)
+    share_decodes = sum(gather_object([decodes[0] - before]))
+    args = TrainingArguments(output_dir=f"{out_dir}/run", per_device_train_batch_size=4, per_device_eval_batch_size=4, report_to=[],
+                             disable_tqdm=True, use_cpu=True, num_train_epochs=1, learning_rate=0.0, save_strategy="no")
+    sap = SAPTrainer(model=tiny_model("vit", num_labels=3, seed=0), args=args, train_dataset=MapStyle(random_examples(23, seed=5)),
+                     eval_dataset=random_examples(12, seed=2),
+                     sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=4, trusted_source="training"))
+    sap.train()
+    positions, losses, _ = merge_losses(gather_object([sap.training_losses.summary()]))
+    result = sap.correct()
+    if accelerator.is_main_process:
+        with open(f"{out_dir}/result.json", "w") as handle:
+            json.dump({"share": share.indices, "share_decodes": share_decodes, "positions": positions, "losses": losses.tolist(),
+                       "trusted": result.trusted_indices, "processes": accelerator.num_processes}, handle)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def main(out_dir: str, mode: str = "equal", *args: str) -> None:
-    if mode in ("clothing", "trainer"):
-        return {"clothing": clothing, "trainer": trainer}[mode](out_dir, *args)
+    if mode in ("clothing", "trainer", "recorded"):
+        return {"clothing": clothing, "trainer": trainer, "recorded": recorded}[mode](out_dir, *args)
     accelerator = Accelerator(cpu=True)
     model = tiny_model("vit", num_labels=3, seed=0)
     data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes

@@ -78,3 +78,22 @@ def test_sap_trainer_evaluation_is_shared_same_on_two_processes_and_each_decodes
     assert one["shared"]["accuracy"] == one["old"]["accuracy"] and abs(one["shared"]["loss"] - one["old"]["loss"]) <= 1e-6
     # one evaluation of the 42 validation images: each process decodes only its shards (Trainer.evaluate: the main all)
     assert one["shared_decodes"] == [42] and sum(two["shared_decodes"]) == 42 and max(two["shared_decodes"]) <= 42 // 2 + 1
+
+
+def test_selection_without_a_full_pass_is_the_same_on_two_processes(tmp_path):
+    """A hashed share of a keyed stream (each drawn image decoded once, by one process) and SAPTrainer's
+    recorded training losses (gathered from both processes, the sampler's padded repeat averaged) select alike."""
+    from sap_hf.data import write_tiny_clothing1m
+    from sap_hf.runtime.batching import HashSample
+
+    data = write_tiny_clothing1m(tmp_path / "c1m", per_class=8, image_size=16, seed=0)
+    one = launch(tmp_path / "one", 1, "recorded", args=(str(data),))
+    two = launch(tmp_path / "two", 2, "recorded", args=(str(data),))
+    assert two["processes"] == 2
+    keys = [line.split()[0] for line in (data / "noisy_label_kv.txt").read_text().splitlines() if line.strip()]
+    drawn = [k for k in keys if k in HashSample(0.6, 5)]
+    assert one["share"] == two["share"] and set(one["share"]) <= set(drawn)
+    assert one["share_decodes"] == two["share_decodes"] == len(drawn) < len(keys)
+    assert one["positions"] == two["positions"] == list(range(23))
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-5
+    assert one["trusted"] == two["trusted"] and len(one["trusted"]) == 6

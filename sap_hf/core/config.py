@@ -22,6 +22,7 @@ logger = logging.get_logger(__name__)
 
 DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
 SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement", "shift_loss", "curvature")
+TRUSTED_SOURCES: tuple[str, ...] = ("pass", "training")
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
 ALPHA_SCOPES: tuple[str, ...] = ("shared", "per_kind")
 ALPHA_SEARCHES: tuple[str, ...] = ("bracket", "grid")
@@ -122,6 +123,40 @@ class SAPConfig:
             )
         },
     )
+    selection_subset: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Score only part of the selection data: None (default) scores every example. A number in (0, 1) "
+                "is a share of the examples, a whole number >= 1 a count (a stream without len() takes a share "
+                "only). The examples are drawn at random with `sampling_seed`, the same on every process; trusted "
+                "identities stay positions (or keys) of the whole data. The cost of the selection pass shrinks "
+                "with the share, while the per_class lowest of a random share of a class are nearly as clean as "
+                "those of the whole class as long as the share holds many times per_class samples of each class."
+            )
+        },
+    )
+    trusted_source: str = field(
+        default="pass",
+        metadata={
+            "help": (
+                "Where the trusted samples' scores come from: 'pass' (default) scores the selection data with "
+                "selection_rule in a pass of its own; 'training' (SAPTrainer only) ranks by the per-example "
+                "cross-entropy that SAPTrainer.train() recorded during training (mean over the last "
+                "`training_loss_epochs` epochs), with no pass at all. Mislabelled examples are learned late, so "
+                "their loss averaged over training stays high even once the model has memorised them."
+            )
+        },
+    )
+    training_loss_epochs: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": (
+                "trusted_source='training': average each example's recorded loss over the last this many epochs "
+                "of train(); None (default) averages over every epoch."
+            )
+        },
+    )
     num_rounds: int = field(
         default=1,
         metadata={"help": "Rounds of SAP: each round re-collects statistics on the projected model."},
@@ -154,7 +189,7 @@ class SAPConfig:
         default=32,
         metadata={"help": "Batch size for the statistics, selection and evaluation passes over datasets."},
     )
-    sampling_seed: int = field(default=0, metadata={"help": "Seed of the token sub-sampling (max_tokens_per_sample) and of the curvature rule's random draws."})
+    sampling_seed: int = field(default=0, metadata={"help": "Seed of the token sub-sampling (max_tokens_per_sample), of the curvature rule's random draws and of selection_subset's draw."})
 
     def __post_init__(self) -> None:
         self.target_modules = self._normalise_patterns("target_modules", self.target_modules)
@@ -168,6 +203,12 @@ class SAPConfig:
                 "SAPConfig.max_tokens_per_sample", self.max_tokens_per_sample, "None uses every token."
             )
         self.sampling_seed = integer("SAPConfig.sampling_seed", self.sampling_seed)
+        self.selection_subset = _subset_size(self.selection_subset)
+        self.trusted_source = check_choice("SAPConfig.trusted_source", self.trusted_source, TRUSTED_SOURCES)
+        if self.training_loss_epochs is not None:
+            self.training_loss_epochs = positive_int(
+                "SAPConfig.training_loss_epochs", self.training_loss_epochs, "None averages over every epoch."
+            )
         self.alpha_growth = finite_float("SAPConfig.alpha_growth", self.alpha_growth)
         if self.alpha_growth < 1:
             raise invalid("SAPConfig.alpha_growth", self.alpha_growth, "use a finite number >= 1 (1 keeps alpha fixed across rounds).")
@@ -180,6 +221,12 @@ class SAPConfig:
         self.alpha_search = check_choice("SAPConfig.alpha_search", self.alpha_search, ALPHA_SEARCHES)
         self.accumulation_dtype = check_choice("SAPConfig.accumulation_dtype", self.accumulation_dtype, ACCUMULATION_DTYPES)
         self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, SELECTION_RULES)
+        if self.trusted_source == "training" and (self.selection_rule != "loss" or self.selection_subset is not None):
+            raise ValueError(
+                f"SAPConfig.trusted_source='training' ranks by the recorded training loss, so selection_rule="
+                f"{self.selection_rule!r} and selection_subset={self.selection_subset!r} would not be used: keep "
+                "selection_rule='loss' and selection_subset=None, or use trusted_source='pass'."
+            )
         if self.accumulation_dtype == "float32" and max(self.alphas) > 1e3:
             # The default grid reaches 1e7 with the default float32, and a default must not warn: the
             # pairing is documented (accumulation_dtype's help), and the search scores every alpha as
@@ -233,6 +280,18 @@ def _alpha_grid(alphas: Any) -> list[float]:
     if not grid:
         raise invalid("SAPConfig.alphas", alphas, "give at least one alpha >= 1, e.g. [1e3, 1e4, 1e5].")
     return grid
+
+
+def _subset_size(value: Any) -> Optional[float]:
+    """`selection_subset`: None, a share in (0, 1), or a whole count >= 1 (kept as a float, e.g. 14000.0)."""
+    if value is None:
+        return None
+    if is_bool(value) or not isinstance(plain_scalar(value), numbers.Real):
+        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1) or a whole count >= 1.")
+    size = finite_float("SAPConfig.selection_subset", value)
+    if size <= 0 or (size >= 1 and size != int(size)):
+        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1) (e.g. 0.1) or a whole count >= 1 (e.g. 14000).")
+    return size
 
 
 def _flag(name: str, value: Any) -> bool:

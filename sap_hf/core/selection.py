@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -23,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from ..runtime.batching import Identity, check_pixel_values, is_map_style
+from ..runtime.batching import HashSample, Identity, check_pixel_values, identity_name, is_map_style, num_examples
 from ..runtime.checks import check_choice, integer, positive_int
-from ..runtime.contract import LoaderData
+from ..runtime.contract import LoaderData, class_labels
 from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resolve_runtime
 from .config import SELECTION_RULES
 from .targets import check_classifier
@@ -98,11 +97,7 @@ CURVATURE_STEP = 1e-3
 def curvature_seed(seed: int, identity: Identity) -> int:
     """The seed of one sample's random directions: from its identity, so that the draws do not depend
     on which process reads it, nor on the batch it lands in (Python's `hash` of a str differs per process)."""
-    if isinstance(identity, numbers.Integral) and not isinstance(identity, bool):
-        name = f"position:{int(identity)}"
-    else:
-        name = f"{type(identity).__name__}:{identity}"
-    digest = hashlib.blake2b(f"{int(seed)}|{name}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{int(seed)}|{identity_name(identity)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
 
 
@@ -188,6 +183,7 @@ def select_trusted(
     selection_model: Optional[nn.Module] = None,
     runtime: Optional[Runtime] = None,
     seed: int = 0,
+    subset: Optional[float] = None,
 ) -> TrustedSelection:
     """Keep the `per_class` lowest-score samples of each class of a labelled dataset.
 
@@ -200,6 +196,8 @@ def select_trusted(
     changes along random directions, see `curvature_scores`; `seed` seeds those directions, per
     sample, so any number of processes selects the same samples. It costs about `CURVATURE_DRAWS`
     forward and backward passes per sample, and a training step's activation memory per batch).
+    `subset` scores only a random part of the data (`SAPConfig.selection_subset`: a share in (0, 1) or a
+    count; `subset_keep` draws it with `seed`); the trusted identities still refer to the whole data.
     Samples labelled -100 are skipped; samples with non-finite pixels or scores are excluded (a
     warning gives their count). Warns when a class has fewer than `per_class` samples; raises when
     a class has none, or when a label lies outside `[0, num_labels)`.
@@ -213,13 +211,64 @@ def select_trusted(
         _warn_if_too_coarse(runtime.unwrap(scorer), runtime.is_main)
     with runtime.run(scorer, data, "selection", argument="train_data", description="SAP trusted selection") as walk:
         candidates = _Candidates(per_class, keep_examples=not _indexed(walk.data))
-        for batch in walk.batches(with_examples=True):
+        for batch in walk.batches(with_examples=True, keep=subset_keep(walk.data, subset, seed)):
             labels, valid = walk.require_labels(batch, num_labels, "trusted selection")
             candidates.check_unique(batch.ids)
             scores = sample_scores(walk, batch, labels, rule, seed)
             scores[~finite_samples(batch.pixel_values).cpu()] = math.nan
             candidates.offer(batch, scores, labels, valid, rejects_with_inf=rule == "agreement")
     return _merge(runtime.gather(candidates.summary()), num_labels, per_class, rule, runtime.is_main)
+
+
+def subset_keep(data: Any, subset: Optional[float], seed: int) -> Any:
+    """The identities a selection with `subset` scores, as `iter_shard_batches(keep=...)` takes them (None: all).
+
+    Indexed data (a dataset, a list, a DataLoader's dataset) gets exactly the asked number of positions,
+    drawn by a `torch.randperm` seeded with `seed`: the same on every process, each of which then reads
+    only its own share of them. A stream cannot be indexed, so each of its examples is kept when the
+    `HashSample` draw of its identity (key or position) falls below the share: the expected share,
+    the same on every process, decided before the example is collated (so a skipped image is never
+    decoded). A count needs the stream's length to become a share.
+    """
+    if subset is None:
+        return None
+    if isinstance(data, LoaderData):
+        pool: Optional[list] = list(data.indices) if data.indices is not None else list(range(len(data.dataset)))
+    elif is_map_style(data) or isinstance(data, (list, tuple)):
+        pool = list(range(len(data)))
+    else:
+        pool = None
+    if pool is None:
+        size = num_examples(data)
+        if subset >= 1 and size is None:
+            raise ValueError(
+                f"selection_subset={subset:g} is a count, and this stream has no len() to turn it into a share: give "
+                "a share in (0, 1) instead (e.g. selection_subset=0.1 scores about a tenth of the stream)."
+            )
+        return HashSample(subset if subset < 1 else min(1.0, subset / max(size, 1)), seed)
+    count = max(1, round(subset * len(pool))) if subset < 1 else int(subset)
+    if count >= len(pool):
+        return None
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(seed)))[:count]
+    return {pool[i] for i in order.tolist()}
+
+
+def select_from_scores(ids: list[Identity], scores: torch.Tensor, labels: torch.Tensor, per_class: int, num_labels: int, *,
+                       source: str = "scores", is_main: bool = True) -> TrustedSelection:
+    """The `per_class` lowest of `scores` in each class, from scores computed elsewhere (no data pass).
+
+    `ids`, `scores` and `labels` are one entry per sample (e.g. the training losses `SAPTrainer` recorded).
+    The same candidates, merge, tie-breaking and checks as `select_trusted`: labels -100 are skipped,
+    non-finite scores excluded, labels outside `[0, num_labels)` and classes without a sample raise,
+    classes with fewer than `per_class` warn. `source` names the scores in those messages.
+    """
+    positive_int("per_class", per_class, "keep at least 1 trusted sample per class.")
+    if len(ids) == 0:
+        raise ValueError(f"Trusted selection from {source}: there are no scores; SAP needs trusted samples of every class.")
+    checked = class_labels({"labels": labels}, ids, num_labels, source)
+    candidates = _Candidates(per_class, keep_examples=False)
+    candidates.offer(PassBatch(list(ids), {}, None), scores.detach().double().cpu(), checked[0], checked[1], rejects_with_inf=False)
+    return _merge([candidates.summary()], num_labels, per_class, source, is_main)
 
 
 def _check_selection(per_class: Any, rule: str, selection_model: Optional[nn.Module]) -> None:

@@ -14,8 +14,10 @@ sum over processes equals a single-process run exactly.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -108,7 +110,7 @@ def iter_shard_batches(
             positions = [i for i in positions if i in keep]
         for start in range(0, len(positions), batch_size):
             chunk = list(positions[start : start + batch_size])
-            yield emit(chunk, _fetch_examples(data, chunk))
+            yield emit(chunk, fetch_examples(data, chunk))
         return
     stream, sharded = _own_shards(data, process_index, num_processes) if by_key else (data, False)
     iterator = iter(stream)
@@ -254,7 +256,7 @@ def _iter_prebatched(iterator: Iterator[Any], rank: int, world: int, keep: Optio
         yield (indices, dict(batch), None) if with_examples else (indices, dict(batch))
 
 
-def _fetch_examples(data: Any, indices: list[int]) -> list[dict[str, Any]]:
+def fetch_examples(data: Any, indices: list[int]) -> list[dict[str, Any]]:
     getitems = getattr(data, "__getitems__", None)
     if getitems is not None:
         fetched = getitems(indices)
@@ -320,6 +322,37 @@ def subset(data: Any, indices: Iterable[Identity]) -> Any:
             return IndexedSubset(data, set(chosen))
         return data.select(chosen) if hasattr(data, "select") else torch.utils.data.Subset(data, chosen)
     return IndexedSubset(data, set(indices))
+
+
+def identity_name(identity: Identity) -> str:
+    """A sample identity as text that is the same in every process (Python's `hash` of a str is not)."""
+    if isinstance(identity, numbers.Integral) and not isinstance(identity, bool):
+        return f"position:{int(identity)}"
+    return f"{type(identity).__name__}:{identity}"
+
+
+def identity_draw(seed: int, identity: Identity) -> float:
+    """A uniform number in [0, 1) fixed by `seed` and the sample's identity alone (not by process or batch)."""
+    digest = hashlib.blake2b(f"{int(seed)}|{identity_name(identity)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+
+class HashSample:
+    """The identities whose `identity_draw` falls below `share`: a random share of a stream, decided per sample.
+
+    Usable as `iter_shard_batches(keep=...)`: `identity in sample` needs nothing but the identity, so a
+    stream is drawn from while it is read, the same on every process, and a skipped example is never
+    collated (never decoded).
+    """
+
+    def __init__(self, share: float, seed: int):
+        self.share, self.seed = float(share), int(seed)
+
+    def __contains__(self, identity: Identity) -> bool:
+        return identity_draw(self.seed, identity) < self.share
+
+    def __and__(self, other: Iterable[Identity]) -> set[Identity]:
+        return {identity for identity in other if identity in self}
 
 
 class IndexedSubset:

@@ -1,0 +1,129 @@
+"""Per-example training losses recorded while a model trains, for a trusted selection with no pass of its own.
+
+The paper's selection scores every training example with the trained model: a full inference pass
+over the training set, a large share of a fine-tuning epoch's cost on a large training set.
+Training computes the logits of every example anyway, once per epoch, so `SAPTrainer` keeps each
+example's cross-entropy from them (`SAPConfig.trusted_source="training"`) and `correct()` selects
+from those (`select_from_scores`) without reading the data again.
+
+Which losses: mislabelled examples are learned late, so a model that has memorised them gives them a
+low loss at the end, while their loss averaged over the whole training stays high. The mean over
+every epoch (`training_loss_epochs=None`) is therefore the default, the mean over the last few epochs
+the alternative (benchmarks/README.md, "Trusted selection sources", measures both).
+
+How an example is recognised in a shuffled, sharded batch: `IndexedExamples` adds its position to
+each example (`INDEX_COLUMN`), the Trainer keeps that column (it is added to its signature columns),
+`IndexCarryingCollator` takes it out before the user's collator and puts it back into the batch as a
+tensor, and the trainer pops it before the forward. Positions are those of the training dataset,
+the positions `select_trusted` and `trusted_indices` use. Streams have no positions that survive a
+shuffle: recording needs a map-style training dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from ..runtime.batching import fetch_examples
+from ..runtime.contract import IGNORE_INDEX, is_map_style
+
+INDEX_COLUMN = "sap_index"
+"""The column that carries each training example's position through the Trainer's collator."""
+
+
+def _with_index(example: Any, index: int) -> dict[str, Any]:
+    if not isinstance(example, Mapping):
+        raise ValueError(
+            f"SAPConfig.trusted_source='training' records losses by example position, and example {index} of the "
+            f"train_dataset is a {type(example).__name__}, not a dict of columns; use trusted_source='pass'."
+        )
+    return {**example, INDEX_COLUMN: int(index)}
+
+
+class IndexedExamples(torch.utils.data.Dataset):
+    """A map-style dataset whose examples also carry their position (`INDEX_COLUMN`)."""
+
+    def __init__(self, data: Any):
+        if not is_map_style(data):
+            raise ValueError(
+                f"SAPConfig.trusted_source='training' needs a map-style train_dataset (a datasets.Dataset or a torch "
+                f"Dataset with len()): a {type(data).__name__} has no positions that survive the Trainer's shuffle. "
+                "Use trusted_source='pass' (with selection_subset to score only a share of a stream)."
+            )
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return _with_index(self.data[index], index)
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [_with_index(example, i) for example, i in zip(fetch_examples(self.data, list(indices)), indices)]
+
+
+class IndexCarryingCollator:
+    """`collate(examples)` with each example's `INDEX_COLUMN` taken out first and put back as one tensor."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]):
+        self.collate = collate
+
+    def __call__(self, features: list[Any]) -> Any:
+        features = [dict(feature) for feature in features]
+        positions = [feature.pop(INDEX_COLUMN) for feature in features]
+        batch = self.collate(features)
+        batch[INDEX_COLUMN] = torch.tensor(positions, dtype=torch.long)
+        return batch
+
+
+class TrainingLosses:
+    """This process's record: each position's summed loss and count per epoch kept, and its label.
+
+    `epochs=None` keeps one running sum over every epoch; `epochs=k` keeps the last k epochs seen (older
+    epochs are dropped as new ones begin). Arrays of the dataset's size: no per-example Python objects.
+    """
+
+    def __init__(self, size: int, epochs: Optional[int] = None):
+        self.size, self.epochs = int(size), epochs
+        self.windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.labels = np.full(self.size, IGNORE_INDEX, dtype=np.int64)
+
+    def add(self, epoch: int, positions: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> None:
+        """Record one batch's per-example losses (labels -100 are not recorded)."""
+        window = 0 if self.epochs is None else int(epoch)
+        if window not in self.windows:
+            self.windows[window] = (np.zeros(self.size), np.zeros(self.size, dtype=np.int64))
+            if self.epochs is not None:
+                for old in [w for w in self.windows if w <= window - self.epochs]:
+                    del self.windows[old]
+        labelled = (labels != IGNORE_INDEX).cpu().numpy()
+        where = positions.cpu().numpy()[labelled]
+        total, count = self.windows[window]
+        np.add.at(total, where, losses.detach().double().cpu().numpy()[labelled])
+        np.add.at(count, where, 1)
+        self.labels[where] = labels.cpu().numpy()[labelled]
+
+    def summary(self) -> dict[str, np.ndarray]:
+        """The recorded positions with their summed loss, count and label (what each process hands to the merge)."""
+        total = sum((t for t, _ in self.windows.values()), np.zeros(self.size))
+        count = sum((c for _, c in self.windows.values()), np.zeros(self.size, dtype=np.int64))
+        seen = np.flatnonzero(count)
+        return {"positions": seen, "total": total[seen], "count": count[seen], "labels": self.labels[seen]}
+
+
+def merge_losses(shards: list[dict[str, np.ndarray]]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Every process's record -> (positions, mean loss, label), each position once (a position two processes
+    saw, as a distributed sampler's padding repeats a few, has its losses averaged over both)."""
+    positions = np.concatenate([s["positions"] for s in shards]) if shards else np.zeros(0, dtype=np.int64)
+    if positions.size == 0:
+        return [], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    unique, inverse = np.unique(positions, return_inverse=True)
+    total, count = np.zeros(len(unique)), np.zeros(len(unique), dtype=np.int64)
+    labels = np.zeros(len(unique), dtype=np.int64)
+    np.add.at(total, inverse, np.concatenate([s["total"] for s in shards]))
+    np.add.at(count, inverse, np.concatenate([s["count"] for s in shards]))
+    labels[inverse] = np.concatenate([s["labels"] for s in shards])
+    return unique.tolist(), torch.from_numpy(total / count), torch.from_numpy(labels)
