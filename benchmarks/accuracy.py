@@ -113,15 +113,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{' '.join(DEFAULT_METHOD_GROUPS)} ('ce' with --quick), written as a new accuracy.json. Given "
                              "explicitly, only those are computed and their rows are merged into <out_dir>/accuracy.json "
                              "(the other rows are kept).")
-    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"], choices=["remove", "relabel"],
-                        help="sap+refine: modes tried (both: RefineConfig(mode='best'), val picks)")
-    parser.add_argument("--refine_lrs", nargs="+", type=float, default=None,
-                        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)")
-    parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
-    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"])
-    parser.add_argument("--refine_batch_size", type=int, default=64)
-    parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
-                        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
+    add_refine_arguments(parser)
     args = common.finish_args(parser.parse_args(argv), argv)
     args.merge = args.methods is not None
     args.methods = list(dict.fromkeys(args.methods or (["ce"] if args.quick else DEFAULT_METHOD_GROUPS)))
@@ -133,6 +125,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.plot_seed is None:
         args.plot_seed = args.seeds[0]
     return args
+
+
+def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | None = None) -> None:
+    """The `--refine_*` arguments of `sap_refine_row` (the recipe's refine settings by default; `epochs`: another
+    default length grid, for a benchmark that cannot afford the recipe's)."""
+    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"], choices=["remove", "relabel"],
+                        help="sap+refine: modes tried (both: RefineConfig(mode='best'), val picks)")
+    parser.add_argument("--refine_lrs", nargs="+", type=float, default=None,
+                        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)")
+    parser.add_argument("--refine_epochs", nargs="+", type=int, default=list(epochs or [1, 2, 3, 4, 6, 8]))
+    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"])
+    parser.add_argument("--refine_batch_size", type=int, default=64)
+    parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
+                        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,24 +391,29 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
     }
 
 
-def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[str, Any], args: argparse.Namespace,
+                   method: str = "sap+refine", audit: Any = None) -> dict[str, Any]:
     """`sap+refine`: audit the training labels with `sap`'s model, then `sap_hf.refine` (choices on val).
 
+    `sap` is the row of the model in `sap_state` (its identifying keys are copied); `method` names the row (e.g.
+    'refine' when `sap_state` is the uncorrected model); `audit`: that model's `audit_labels` when already made.
     The audit's precision/recall against the hidden clean labels are reported, never used.
     """
     from sap_hf import RefineConfig, audit_labels, refine
 
     data, train_set = run["data"], run["train_set"]
     model.load_state_dict(sap_state)
-    audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
+    if audit is None:
+        audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
     flagged, noisy = audit.suspected, data["is_noisy"]
     config = RefineConfig(mode="best" if len(args.refine_modes) > 1 else args.refine_modes[0],
                           learning_rates=list(args.refine_lrs), epochs=list(args.refine_epochs),
                           batch_size=args.refine_batch_size, schedule=args.refine_schedule, seed=sap["seed"])
     result = refine(model, train_set, audit, lambda m: {'accuracy': accuracy(m, data['val_x'], data['val_y'])}, config, runtime=Runtime(show_progress=False))
     counts = result.examples.get(result.mode, {}) if result.mode else {}
-    row = {k: sap[k] for k in ("setting", "seed", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")}
-    row.update(method="sap+refine", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+    keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
+    row = {k: sap[k] for k in keys if k in sap}
+    row.update(method=method, test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
                val_accuracy=result.final_metrics["accuracy"], sap_val_accuracy=sap["val_accuracy"],
                refine_mode=result.mode, lr=result.learning_rate, refine_epochs=result.epochs,
                kept=counts.get("kept"), removed=counts.get("removed"), relabelled=counts.get("relabelled"),
