@@ -84,15 +84,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     import accuracy as accuracy_bench
 
     parser = common.run_parser(__doc__.split("\n\n")[0])
-    parser.set_defaults(train_size=2000, val_size=1000, test_size=5000, ft_epochs=[1, 2, 5, 10, 20, 40],
+    parser.set_defaults(train_size=1000, val_size=1000, test_size=5000, ft_epochs=[1, 2, 5, 10, 20, 40],
                         cache_dir=None)
     parser.add_argument("--noises", nargs="+", default=list(NOISES), choices=list(NOISES))
-    parser.add_argument("--lengths", nargs="+", type=int, default=[5, 20, 80], help="fine-tuning epochs (one run each)")
+    parser.add_argument("--lengths", nargs="+", type=int, default=[5, 20, 40], help="fine-tuning epochs (one run each)")
     parser.add_argument("--warmup_share", type=float, default=None,
                         help="warm-up as a share of each fine-tuning run (default: the recipe's warmup_steps)")
     parser.add_argument("--pretrain_size", type=int, default=10000)
     parser.add_argument("--pretrain_epochs", type=int, default=20)
-    parser.add_argument("--methods", nargs="+", default=["core", "curvature"], choices=list(METHOD_GROUPS))
+    parser.add_argument("--methods", nargs="*", default=[], choices=[g for g in METHOD_GROUPS if g != "core"],
+                        help="extra row groups: curvature (sap_curvature), peers (benchmarks/peers.py); the core rows always run")
+    parser.add_argument("--out_name", default="pretrained", help="<out_dir>/<out_name>.json / .png")
     parser.add_argument("--train_only", action="store_true", help="pretrain and fine-tune into --cache_dir, no methods")
     accuracy_bench.add_refine_arguments(parser, epochs=[1, 2, 4])
     args = common.finish_args(parser.parse_args(argv), argv)
@@ -101,6 +103,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.refine_lrs is None:
         args.refine_lrs = [args.lr, 2 * args.lr]
     if args.quick:
+        args.methods = list(dict.fromkeys(["curvature", *args.methods]))
         args.lengths, args.pretrain_size, args.pretrain_epochs = [2], 500, 1
         args.refine_lrs, args.refine_epochs = [args.lr], [1]
     return args
@@ -534,7 +537,7 @@ def print_table(summary: dict[str, Any], verdicts: list[dict[str, Any]], cost: d
         print(f"  {rule:12s} {c['seconds']['mean']:6.2f} s  x{c['ratio_to_loss'] or float('nan'):.1f}")
 
 
-def plot(summary: dict[str, Any], out_dir: Path) -> list[str]:
+def plot(summary: dict[str, Any], path: Path) -> list[str]:
     """Test accuracy against fine-tuning epochs (log), one panel per noise, one line per method (mean of seeds)."""
     plt = common.pyplot()
     if plt is None:
@@ -556,7 +559,7 @@ def plot(summary: dict[str, Any], out_dir: Path) -> list[str]:
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("clean test accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    return [common.save_figure(figure, out_dir / "pretrained.png")]
+    return [common.save_figure(figure, path)]
 
 
 
@@ -588,7 +591,7 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], pretra
               "recipe_sap_config": common.recipe_sap_config(batch_size=500).to_dict(),
               "environment": common.environment(), "elapsed_seconds": time.perf_counter() - started}
     if final and not args.no_plot and rows:
-        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(summary, out_dir)]
+        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(summary, out_dir / f"{args.out_name}.png")]
     return record
 
 
@@ -602,7 +605,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
           f"{pretraining['final_accuracy_on_pretrain_test']:.3f})", flush=True)
     # Seed by seed (a run cut short has whole seeds), the longest fine-tuning of a seed first.
     tasks = [(seed, epochs, args) for seed in args.seeds for epochs in sorted(args.lengths, reverse=True)]
-    path = out_dir / "pretrained.json"
+    path = out_dir / f"{args.out_name}.json"
 
     def partial(results: list[dict[str, Any]]) -> None:
         if not args.train_only:
