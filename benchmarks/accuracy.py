@@ -93,14 +93,17 @@ ROBUST_LOSSES = ("gce", "sce", "ls")
 LABEL_SMOOTHING = 0.1
 #: Row groups `--methods` can compute: "ce" (every cross-entropy row above) and one group per robust loss.
 #: "sap+refine" recomputes only that row from the recorded `sap` choice (the "ce" group computes it too).
-METHOD_GROUPS = ("ce", "sap+refine", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
+#: "curvature" adds SAP with the reference's curvature rule (`sap_curvature*` rows) and the selection cost per rule.
+METHOD_GROUPS = ("ce", "sap+refine", "curvature", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
+#: Rules whose selection seconds the "curvature" group measures side by side.
+COST_RULES = ("loss", "shift_loss", "curvature")
 DEFAULT_METHOD_GROUPS = ("ce", "robust_gce", "robust_sce")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.run_parser(__doc__.split("\n\n")[0])
     recipe = common.recipe_sap_config()  # recipes/configs/default.yaml
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=[*RULES, "curvature"])
     parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[recipe.trusted_per_class],
                         help="trusted-set sizes tried for every rule (default: the recipe's)")
     parser.add_argument("--alpha_scopes", nargs="+", default=["shared", "per_kind"], choices=["shared", "per_kind"],
@@ -146,13 +149,15 @@ def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | No
 # --------------------------------------------------------------------------------------------
 
 
-def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namespace, timing: dict[str, Any]) -> list[dict]:
+def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namespace, timing: dict[str, Any],
+                   selections: dict[tuple[str, int], Any] | None = None) -> list[dict]:
     """`sap_correct` on the trusted set of every rule x `--trusted_per_class` x `--alpha_scopes`, alpha on val.
 
     `run` is a `prepare_run` result (its model is left at `final_state`'s weights only between
     candidates: reload it after). One candidate per (rule, per_class, scope), in that order (ties on val
     go to the earlier one), with its val/test accuracy, fit diagnostics, trusted indices, purity and
     corrected `state`; a rule that cannot fill every class gives `{"rule", "per_class", "error"}`.
+    `selections[(rule, per_class)]`: a `select_trusted` result already made (it is used instead of selecting again).
     """
     import torch
 
@@ -170,7 +175,7 @@ def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namesp
             model.load_state_dict(final_state)
             clock = time.perf_counter()
             try:
-                selection = select_trusted(model, train_set, per_class, num_labels=config.num_labels, rule=rule, selection_model=early_model if rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
+                selection = (selections or {}).get((rule, per_class)) or select_trusted(model, train_set, per_class, num_labels=config.num_labels, rule=rule, selection_model=early_model if rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
             except ValueError as err:  # e.g. 'agreement' leaves a class with no sample
                 candidates.append({"rule": rule, "per_class": per_class, "error": str(err)})
                 continue
@@ -465,12 +470,45 @@ def run_sap_refine(setting: str, seed: int, args: argparse.Namespace) -> dict[st
             "run": {"seconds": time.perf_counter() - run["started"]}}
 
 
+def run_curvature(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The `curvature` group: SAP on the trusted set of rule='curvature' by exactly `sap_candidates`' protocol
+    (every `--trusted_per_class` x `--alpha_scopes`, alpha grid, choice on val): rows `sap_curvature_<scope>[k]`
+    (compare `sap[shift_loss/k]`, `sap_per_kind[shift_loss/k]`) and `sap_curvature` (the val-best of them); and the
+    seconds of trusted selection under each of `COST_RULES`, timed one after the other in this process."""
+    from sap_hf import select_trusted
+
+    run = prepare_run(setting, seed, args)
+    model, data = run["model"], run["data"]
+    final_state = copy.deepcopy(model.state_dict())
+    none_test = accuracy(model, data["test_x"], data["test_y"])
+    cost, selections = {}, {}
+    for rule in COST_RULES:
+        clock = time.perf_counter()
+        selections[(rule, args.trusted_per_class[0])] = select_trusted(
+            model, run["train_set"], args.trusted_per_class[0], num_labels=run["config"].num_labels, rule=rule,
+            runtime=Runtime(batch_size=500, show_progress=False))
+        cost[rule] = time.perf_counter() - clock
+    curvature_args = copy.copy(args)
+    curvature_args.rules = ["curvature"]
+    candidates = [c for c in sap_candidates(run, final_state, curvature_args, run["timing"], selections) if "error" not in c]
+    base = {"setting": setting, "seed": seed, "group": "curvature", "selection_seconds": cost}
+    rows = [sap_row(base, f"sap_curvature_{c['scope']}[{c['per_class']}]", c) for c in candidates]
+    if candidates:
+        rows.append(sap_row(base, "sap_curvature", max(candidates, key=lambda c: c["val_accuracy"])))
+    for row in rows:
+        row["gain_vs_none"] = row["test_accuracy"] - none_test
+    return {"setting": setting, "seed": seed, "group": "curvature", "rows": rows,
+            "run": {"seconds": time.perf_counter() - run["started"], "selection_seconds": cost}}
+
+
 def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
     setting, seed, args, group = task
     if group == "ce":
         result = run_one(setting, seed, args)
     elif group == "sap+refine":
         result = run_sap_refine(setting, seed, args)
+    elif group == "curvature":
+        result = run_curvature(setting, seed, args)
     else:
         result = run_robust(setting, seed, args, group.removeprefix("robust_"))
     fit = result["run"].get("train_noisy_accuracy")
@@ -724,6 +762,8 @@ def _group(row: dict[str, Any]) -> str:
     """The `--methods` group a row belongs to."""
     if row["method"] == "sap+refine":
         return "sap+refine"
+    if row.get("group") == "curvature":
+        return "curvature"
     return f"robust_{row['loss']}" if "loss" in row else "ce"
 
 
