@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -114,7 +115,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=2)
 def _source(split: str) -> Any:
+    """One official split's idx arrays, read once per process."""
     from sap_hf.data.fashion_mnist import _resolve  # the idx arrays themselves (no 60k-image Dataset built)
 
     return _resolve(split, None)
