@@ -552,7 +552,9 @@ def plot(summary: dict[str, Any], path: Path) -> list[str]:
         return []
     figure, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 4.2), squeeze=False, sharey=True)
     styles = {"none": dict(color="grey", ls="--"), "best_epoch": dict(color="green", ls="-."),
-              "oracle": dict(color="black", ls=":"), "sap+refine": dict(color="red", lw=2.2), "sap": dict(color="orange")}
+              "oracle": dict(color="black", ls=":"), "sap+refine": dict(color="red", lw=2.2), "sap": dict(color="orange"),
+              "refine": dict(color="tab:cyan"), "finetune_trusted": dict(color="purple", ls="--"),
+              "sap_defaults": dict(color="tab:blue"), "sap_curvature": dict(color="brown")}
     for axis, (noise, lengths) in zip(axes[0], summary.items()):
         xs = [int(e) for e in lengths]
         methods = dict.fromkeys(m for v in lengths.values() for m in v)
@@ -562,6 +564,7 @@ def plot(summary: dict[str, Any], path: Path) -> list[str]:
         fits = [f"{100 * lengths[str(e)]['none']['noisy_fit']['mean']:.0f}%" for e in xs if "none" in lengths[str(e)]]
         axis.set_xscale("log")
         axis.set_xticks(xs, [f"{e}\n(fit {f})" for e, f in zip(xs, fits)] if len(fits) == len(xs) else [str(e) for e in xs])
+        axis.minorticks_off()
         axis.set_xlabel("fine-tuning epochs (fit: share of the wrong labels the model predicts)", fontsize=8)
         axis.set_title(f"{noise}: pretrained tiny ViT fine-tuned on 5 noisy classes", fontsize=9)
         axis.grid(alpha=0.3)
