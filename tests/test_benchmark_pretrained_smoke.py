@@ -54,7 +54,7 @@ def test_pretrained_quick_writes_rows_for_every_noise_and_method(tmp_path: Path)
             none = next(row for row in mine if row["method"] == "none")
             assert sap["val_accuracy"] >= none["val_accuracy"]
     # The noise is exactly 40% in every cell; the backbone was saved with save_pretrained (a headless ViTModel).
-    assert all(abs(run["actual_noise_rate"] - 0.4) < 1e-9 for run in result["runs"])
+    assert all(abs(run["actual_noise_rate"] - 0.4) < 1e-6 for run in result["runs"])
     backbone = Path(result["pretraining"]["path"])
     assert json.loads((backbone / "config.json").read_text())["architectures"] == ["ViTModel"]
     assert {v["noise"] for v in result["targets"]} == NOISES
