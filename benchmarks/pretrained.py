@@ -34,10 +34,11 @@ pretrained checkpoint instead. This benchmark does what such a user does, at a s
      oracle            the same fine-tuning on the CLEAN labels, best epoch: the ceiling.
      sap               `sap_correct` with the recipe's SAPConfig (recipes/configs/default.yaml).
      sap_defaults      `sap_correct` with `SAPConfig()` (only batch_size raised: speed, not the result).
-     sap_curvature     the recipe's SAPConfig with selection_rule='curvature' (the reference's rule).
+     sap_curvature     the recipe's SAPConfig with selection_rule='curvature' (the reference's rule; `--methods curvature`).
      refine            `audit_labels` + `refine` of the uncorrected model (accuracy.sap_refine_row).
      sap+refine        `sap`'s model, its audit, then `refine` (the recipe's pipeline).
      finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val).
+   `refine` / `sap+refine` use the recipe's refine settings with the length grid cut to 1, 2, 4 epochs (`--refine_*`).
    Optional (`--methods ... peers`): `benchmarks/peers.py`'s `peer_rows` (SSD, SCRUB) when that file exists,
    given the uncorrected model, the data dict, `sap`'s trusted indices and the audit's suspects.
    Diagnostics: `noisy_fit` (share of the wrong training labels the model predicts), `clean_fit`, trusted
