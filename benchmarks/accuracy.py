@@ -99,15 +99,18 @@ LABEL_SMOOTHING = 0.1
 #: Row groups `--methods` can compute: "ce" (every cross-entropy row above) and one group per robust loss.
 #: "sap+refine" recomputes only that row from the recorded `sap` choice (the "ce" group computes it too).
 #: "peers": SSD and SCRUB (benchmarks/peers.py) on the recorded `sap`'s audit and the recipe's trusted set.
-METHOD_GROUPS = ("ce", "sap+refine", "peers", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
+#: "curvature" adds SAP with the reference's curvature rule (`sap_curvature*` rows) and the selection cost per rule.
+METHOD_GROUPS = ("ce", "sap+refine", "peers", "curvature", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
 PEER_METHODS = ("ssd", "scrub")
+#: Rules whose selection seconds the "curvature" group measures side by side.
+COST_RULES = ("loss", "shift_loss", "curvature")
 DEFAULT_METHOD_GROUPS = ("ce", "robust_gce", "robust_sce")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.run_parser(__doc__.split("\n\n")[0])
     recipe = common.recipe_sap_config()  # recipes/configs/default.yaml
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
+    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=[*RULES, "curvature"])
     parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[recipe.trusted_per_class],
                         help="trusted-set sizes tried for every rule (default: the recipe's)")
     parser.add_argument("--alpha_scopes", nargs="+", default=["shared", "per_kind"], choices=["shared", "per_kind"],
@@ -120,15 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{' '.join(DEFAULT_METHOD_GROUPS)} ('ce' with --quick), written as a new accuracy.json. Given "
                              "explicitly, only those are computed and their rows are merged into <out_dir>/accuracy.json "
                              "(the other rows are kept).")
-    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"], choices=["remove", "relabel"],
-                        help="sap+refine: modes tried (both: RefineConfig(mode='best'), val picks)")
-    parser.add_argument("--refine_lrs", nargs="+", type=float, default=None,
-                        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)")
-    parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 3, 4, 6, 8])
-    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"])
-    parser.add_argument("--refine_batch_size", type=int, default=64)
-    parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
-                        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
+    add_refine_arguments(parser)
     peers.add_peer_arguments(parser)
     args = common.finish_args(parser.parse_args(argv), argv)
     args.merge = args.methods is not None
@@ -143,18 +138,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | None = None) -> None:
+    """The `--refine_*` arguments of `sap_refine_row` (the recipe's refine settings by default; `epochs`: another
+    default length grid, for a benchmark that cannot afford the recipe's)."""
+    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"], choices=["remove", "relabel"],
+                        help="sap+refine: modes tried (both: RefineConfig(mode='best'), val picks)")
+    parser.add_argument("--refine_lrs", nargs="+", type=float, default=None,
+                        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)")
+    parser.add_argument("--refine_epochs", nargs="+", type=int, default=list(epochs or [1, 2, 3, 4, 6, 8]))
+    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"])
+    parser.add_argument("--refine_batch_size", type=int, default=64)
+    parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
+                        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
+
+
 # --------------------------------------------------------------------------------------------
 # One (setting, seed) run, in a worker process
 # --------------------------------------------------------------------------------------------
 
 
-def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namespace, timing: dict[str, Any]) -> list[dict]:
+def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namespace, timing: dict[str, Any],
+                   selections: dict[tuple[str, int], Any] | None = None) -> list[dict]:
     """`sap_correct` on the trusted set of every rule x `--trusted_per_class` x `--alpha_scopes`, alpha on val.
 
     `run` is a `prepare_run` result (its model is left at `final_state`'s weights only between
     candidates: reload it after). One candidate per (rule, per_class, scope), in that order (ties on val
     go to the earlier one), with its val/test accuracy, fit diagnostics, trusted indices, purity and
     corrected `state`; a rule that cannot fill every class gives `{"rule", "per_class", "error"}`.
+    `selections[(rule, per_class)]`: a `select_trusted` result already made (it is used instead of selecting again).
     """
     import torch
 
@@ -172,7 +183,7 @@ def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namesp
             model.load_state_dict(final_state)
             clock = time.perf_counter()
             try:
-                selection = select_trusted(model, train_set, per_class, num_labels=config.num_labels, rule=rule, selection_model=early_model if rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
+                selection = (selections or {}).get((rule, per_class)) or select_trusted(model, train_set, per_class, num_labels=config.num_labels, rule=rule, selection_model=early_model if rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
             except ValueError as err:  # e.g. 'agreement' leaves a class with no sample
                 candidates.append({"rule": rule, "per_class": per_class, "error": str(err)})
                 continue
@@ -393,24 +404,29 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
     }
 
 
-def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[str, Any], args: argparse.Namespace,
+                   method: str = "sap+refine", audit: Any = None) -> dict[str, Any]:
     """`sap+refine`: audit the training labels with `sap`'s model, then `sap_hf.refine` (choices on val).
 
+    `sap` is the row of the model in `sap_state` (its identifying keys are copied); `method` names the row (e.g.
+    'refine' when `sap_state` is the uncorrected model); `audit`: that model's `audit_labels` when already made.
     The audit's precision/recall against the hidden clean labels are reported, never used.
     """
     from sap_hf import RefineConfig, audit_labels, refine
 
     data, train_set = run["data"], run["train_set"]
     model.load_state_dict(sap_state)
-    audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
+    if audit is None:
+        audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
     flagged, noisy = audit.suspected, data["is_noisy"]
     config = RefineConfig(mode="best" if len(args.refine_modes) > 1 else args.refine_modes[0],
                           learning_rates=list(args.refine_lrs), epochs=list(args.refine_epochs),
                           batch_size=args.refine_batch_size, schedule=args.refine_schedule, seed=sap["seed"])
     result = refine(model, train_set, audit, lambda m: {'accuracy': accuracy(m, data['val_x'], data['val_y'])}, config, runtime=Runtime(show_progress=False))
     counts = result.examples.get(result.mode, {}) if result.mode else {}
-    row = {k: sap[k] for k in ("setting", "seed", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")}
-    row.update(method="sap+refine", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+    keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
+    row = {k: sap[k] for k in keys if k in sap}
+    row.update(method=method, test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
                val_accuracy=result.final_metrics["accuracy"], sap_val_accuracy=sap["val_accuracy"],
                refine_mode=result.mode, lr=result.learning_rate, refine_epochs=result.epochs,
                kept=counts.get("kept"), removed=counts.get("removed"), relabelled=counts.get("relabelled"),
@@ -515,6 +531,37 @@ def torch_index(indices: Any) -> Any:
     return torch.as_tensor(list(indices), dtype=torch.long)
 
 
+def run_curvature(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The `curvature` group: SAP on the trusted set of rule='curvature' by exactly `sap_candidates`' protocol
+    (every `--trusted_per_class` x `--alpha_scopes`, alpha grid, choice on val): rows `sap_curvature_<scope>[k]`
+    (compare `sap[shift_loss/k]`, `sap_per_kind[shift_loss/k]`) and `sap_curvature` (the val-best of them); and the
+    seconds of trusted selection under each of `COST_RULES`, timed one after the other in this process."""
+    from sap_hf import select_trusted
+
+    run = prepare_run(setting, seed, args)
+    model, data = run["model"], run["data"]
+    final_state = copy.deepcopy(model.state_dict())
+    none_test = accuracy(model, data["test_x"], data["test_y"])
+    cost, selections = {}, {}
+    for rule in COST_RULES:
+        clock = time.perf_counter()
+        selections[(rule, args.trusted_per_class[0])] = select_trusted(
+            model, run["train_set"], args.trusted_per_class[0], num_labels=run["config"].num_labels, rule=rule,
+            runtime=Runtime(batch_size=500, show_progress=False))
+        cost[rule] = time.perf_counter() - clock
+    curvature_args = copy.copy(args)
+    curvature_args.rules = ["curvature"]
+    candidates = [c for c in sap_candidates(run, final_state, curvature_args, run["timing"], selections) if "error" not in c]
+    base = {"setting": setting, "seed": seed, "group": "curvature", "selection_seconds": cost}
+    rows = [sap_row(base, f"sap_curvature_{c['scope']}[{c['per_class']}]", c) for c in candidates]
+    if candidates:
+        rows.append(sap_row(base, "sap_curvature", max(candidates, key=lambda c: c["val_accuracy"])))
+    for row in rows:
+        row["gain_vs_none"] = row["test_accuracy"] - none_test
+    return {"setting": setting, "seed": seed, "group": "curvature", "rows": rows,
+            "run": {"seconds": time.perf_counter() - run["started"], "selection_seconds": cost}}
+
+
 def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
     setting, seed, args, group = task
     if group == "ce":
@@ -523,6 +570,8 @@ def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
         result = run_sap_refine(setting, seed, args)
     elif group == "peers":
         result = run_peers(setting, seed, args)
+    elif group == "curvature":
+        result = run_curvature(setting, seed, args)
     else:
         result = run_robust(setting, seed, args, group.removeprefix("robust_"))
     fit = result["run"].get("train_noisy_accuracy")
@@ -883,6 +932,8 @@ def _group(row: dict[str, Any]) -> str:
         return "sap+refine"
     if row["method"] in PEER_METHODS:
         return "peers"
+    if row.get("group") == "curvature":
+        return "curvature"
     return f"robust_{row['loss']}" if "loss" in row else "ce"
 
 

@@ -312,7 +312,8 @@ def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any],
 
     AdamW without weight decay, constant lr, batches of `args.ft_batch_size`. "No change" (epoch 0)
     is a candidate. Returns the val-best (lr, epochs) with its test accuracy, and every candidate's
-    val accuracy (`grid`). The model is left at the original `state`. `loss_fn` as in
+    val accuracy (`grid`), and the chosen model's `fit_diagnostics` when `data` has `is_noisy`. The model is left
+    at the original `state`. `loss_fn` as in
     `train_from_scratch` (its `indices` index into x/y).
     """
     import torch
@@ -343,8 +344,10 @@ def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any],
                     best = {"lr": lr, "epochs": epoch, "val_accuracy": val, "state": copy.deepcopy(model.state_dict())}
     model.load_state_dict(best["state"] if best["state"] is not None else state)
     test = accuracy(model, data["test_x"], data["test_y"])
+    fit = fit_diagnostics(model, data) if "is_noisy" in data else {}
     model.load_state_dict(state)
-    return {"lr": best["lr"], "epochs": best["epochs"], "val_accuracy": best["val_accuracy"], "test_accuracy": test, "grid": grid}
+    return {"lr": best["lr"], "epochs": best["epochs"], "val_accuracy": best["val_accuracy"], "test_accuracy": test,
+            "grid": grid, **fit}
 
 
 def cache_path(setting: str, seed: int, args: argparse.Namespace, tag: Optional[str] = None) -> Optional[Path]:
@@ -425,16 +428,27 @@ def prepare_run(setting: str, seed: int, args: argparse.Namespace, loss_fn: Opti
 # --------------------------------------------------------------------------------------------
 
 
-def run_tasks(worker: Callable[[Any], Any], tasks: Sequence[Any], jobs: int) -> list[Any]:
+def run_tasks(worker: Callable[[Any], Any], tasks: Sequence[Any], jobs: int,
+              on_result: Optional[Callable[[list[Any]], None]] = None) -> list[Any]:
     """`[worker(t) for t in tasks]`, in `jobs` fresh ("spawn") processes when jobs > 1 and there is more than one task.
 
     One task per process (`maxtasksperchild=1`) so no memory or thread state leaks between runs;
-    `worker` must be a module-level function (picklable).
+    `worker` must be a module-level function (picklable). `on_result(results so far)` is called after each
+    task as it finishes (e.g. to write partial results: a long run cut short keeps what it finished).
     """
+    results: list[Any] = []
     if jobs > 1 and len(tasks) > 1:
         with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks)), maxtasksperchild=1) as pool:
-            return list(pool.imap(worker, tasks))
-    return [worker(task) for task in tasks]
+            for result in pool.imap_unordered(worker, tasks) if on_result else pool.imap(worker, tasks):
+                results.append(result)
+                if on_result:
+                    on_result(list(results))
+        return results
+    for task in tasks:
+        results.append(worker(task))
+        if on_result:
+            on_result(list(results))
+    return results
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,651 @@
+#!/usr/bin/env python
+"""SAP on a *pretrained* ViT fine-tuned on noisy labels: the users' regime, from under-fitting to memorising.
+
+Every other accuracy study trains a tiny ViT from scratch until it memorises the noise. Users fine-tune a
+pretrained checkpoint instead. This benchmark does what such a user does, at a size that fits 2 CPU cores:
+
+1. Pretraining (once, cached): the tiny ViT (`sap_hf.models.tiny_vit_config`: hidden 64, 4 layers, patch 7)
+   trained with CLEAN labels on the five Fashion-MNIST classes the task never sees (`PRETRAIN_CLASSES`:
+   Trouser, Sandal, Sneaker, Bag, Ankle boot; `--pretrain_size` images of the official training set,
+   `--pretrain_epochs`, the recipe's optimiser). Its backbone (`ViTModel`, no head) is written with
+   `save_pretrained` to `<cache_dir>/pretrained_<key>/`: the stand-in for an ImageNet checkpoint.
+   Why supervised on other classes and not `ViTMAEForPreTraining` on unlabelled images: it is what a
+   public checkpoint is (supervised features of other classes), it is cheap, and MAE at this scale
+   (17 tokens, 64 wide) is unproven and costs many more epochs.
+2. The task: the five tops (`TASK_CLASSES`: T-shirt/top, Pullover, Dress, Coat, Shirt; the hardest, most
+   confusable classes of Fashion-MNIST), labels 0..4. Per seed: `--train_size` training and `--val_size`
+   clean validation images (stratified, disjoint, from the official training set), and the official test
+   images of the five classes (5,000; `--test_size` subsamples). 40% noise (exactly 40% of the labels
+   flipped, `sap_hf.data.noise.add_label_noise`):
+     sym40   symmetric: to any other of the 5 classes.
+     asym40  asymmetric, `TASK_ASYMMETRIC_MAP` (inside the 5 classes): T-shirt <-> Shirt, Pullover <-> Coat,
+             Dress -> Coat.
+     inst40  instance-dependent: the images a cross-fitted pixel softmax regression finds ambiguous, flipped
+             to the class it confuses them with (`cross_fitted_probabilities` of the task's own images and
+             5-class labels).
+3. Fine-tuning (cached): `ViTForImageClassification.from_pretrained(<backbone>, num_labels=5)` (a new,
+   seeded head, as the recipe's `--model_name_or_path` on a headless checkpoint), every parameter trained
+   on the noisy labels for each of `--lengths` epochs (separate runs: each its own warm-up + cosine, the
+   recipe's lr / batch / warm-up share, `common.train_from_scratch`). The clean-val accuracy after every
+   epoch gives the best-epoch checkpoint.
+4. Methods per (noise, seed, length), all choices on the clean validation split, reported on test:
+     none              the fine-tuned model at its final state.
+     best_epoch        its best-val epoch (needs clean val during training).
+     oracle            the same fine-tuning on the CLEAN labels, best epoch: the ceiling.
+     sap               `sap_correct` with the recipe's SAPConfig (recipes/configs/default.yaml).
+     sap_defaults      `sap_correct` with `SAPConfig()` (only batch_size raised: speed, not the result).
+     sap_curvature     the recipe's SAPConfig with selection_rule='curvature' (the reference's rule; `--methods curvature`).
+     refine            `audit_labels` + `refine` of the uncorrected model (accuracy.sap_refine_row).
+     sap+refine        `sap`'s model, its audit, then `refine` (the recipe's pipeline).
+     finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val).
+   `refine` / `sap+refine` use the recipe's refine settings with the length grid cut to 1, 2, 4 epochs (`--refine_*`).
+   Optional (`--methods ... peers`): `benchmarks/peers.py`'s `peer_rows` (SSD, SCRUB) when that file exists,
+   given the uncorrected model, the data dict, `sap`'s trusted indices and the audit's suspects.
+   Diagnostics: `noisy_fit` (share of the wrong training labels the model predicts), `clean_fit`, trusted
+   purity, the label audits' AP against the hidden truth (`audit_ap_*`), selection seconds per rule.
+
+Output: `<out_dir>/pretrained.json` (rows, summary, targets), `<out_dir>/pretrained.png` (test accuracy
+against fine-tuning length, one panel per noise, one line per method), a table on stdout.
+
+Run: python benchmarks/pretrained.py --cache_dir /work/cache/pretrained --jobs 2 --threads 1
+     python benchmarks/pretrained.py --quick        (smoke run, tiny data)
+     python benchmarks/pretrained.py --train_only --cache_dir DIR   (fill the model cache only)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import common
+from common import accuracy, fit_diagnostics, mean_std, train_from_scratch
+
+#: Fashion-MNIST classes the task uses (labels 0..4 in this order) and the ones pretraining uses.
+TASK_CLASSES: tuple[int, ...] = (0, 2, 3, 4, 6)  # T-shirt/top, Pullover, Dress, Coat, Shirt
+PRETRAIN_CLASSES: tuple[int, ...] = (1, 5, 7, 8, 9)  # Trouser, Sandal, Sneaker, Bag, Ankle boot
+#: Asymmetric noise inside the task (task labels): T-shirt <-> Shirt, Pullover <-> Coat, Dress -> Coat.
+TASK_ASYMMETRIC_MAP: dict[int, int] = {0: 4, 4: 0, 1: 3, 3: 1, 2: 3}
+NOISES: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4),
+                                        "inst40": ("instance", 0.4)}
+#: Row methods in table order.
+METHODS = ("none", "best_epoch", "oracle", "sap", "sap_defaults", "sap_curvature", "refine", "sap+refine",
+           "finetune_trusted")
+METHOD_GROUPS = ("core", "curvature", "peers")
+#: The arguments that define a fine-tuned model (its cache key).
+FT_KEYS = ("train_size", "val_size", "lr", "warmup_share", "batch_size", "weight_decay")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    import accuracy as accuracy_bench
+
+    parser = common.run_parser(__doc__.split("\n\n")[0])
+    parser.set_defaults(train_size=1000, val_size=1000, test_size=5000, ft_epochs=[1, 2, 5, 10, 20, 40],
+                        cache_dir=None)
+    parser.add_argument("--noises", nargs="+", default=list(NOISES), choices=list(NOISES))
+    parser.add_argument("--lengths", nargs="+", type=int, default=[5, 20, 40], help="fine-tuning epochs (one run each)")
+    parser.add_argument("--warmup_share", type=float, default=None,
+                        help="warm-up as a share of each fine-tuning run (default: the recipe's warmup_steps)")
+    parser.add_argument("--pretrain_size", type=int, default=10000)
+    parser.add_argument("--pretrain_epochs", type=int, default=20)
+    parser.add_argument("--methods", nargs="*", default=[], choices=[g for g in METHOD_GROUPS if g != "core"],
+                        help="extra row groups: curvature (sap_curvature), peers (benchmarks/peers.py); the core rows always run")
+    parser.add_argument("--out_name", default="pretrained", help="<out_dir>/<out_name>.json / .png")
+    parser.add_argument("--train_only", action="store_true", help="pretrain and fine-tune into --cache_dir, no methods")
+    parser.add_argument("--replot", action="store_true",
+                        help="only recompute the summary, targets, table and figure from <out_dir>/<out_name>.json's rows")
+    accuracy_bench.add_refine_arguments(parser, epochs=[1, 2, 4])
+    args = common.finish_args(parser.parse_args(argv), argv)
+    if args.warmup_share is None:
+        args.warmup_share = float(common.recipe_settings().get("warmup_steps", 0.0))
+    if args.refine_lrs is None:
+        args.refine_lrs = [args.lr, 2 * args.lr]
+    if args.quick:
+        args.methods = list(dict.fromkeys(["curvature", *args.methods]))
+        args.lengths, args.pretrain_size, args.pretrain_epochs = [2], 500, 1
+        args.refine_lrs, args.refine_epochs = [args.lr], [1]
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=2)
+def _source(split: str) -> Any:
+    """One official split's idx arrays, read once per process."""
+    from sap_hf.data.fashion_mnist import _resolve  # the idx arrays themselves (no 60k-image Dataset built)
+
+    return _resolve(split, None)
+
+
+def _tensors(images: Any, labels: Any) -> tuple[Any, Any]:
+    return common.image_tensors({"image": list(images), "label": [int(v) for v in labels]})
+
+
+def _task_labels(labels: Any, classes: tuple[int, ...]) -> Any:
+    import numpy as np
+
+    lookup = np.full(10, -1, dtype=np.int64)
+    lookup[list(classes)] = np.arange(len(classes))
+    return lookup[labels]
+
+
+def split_indices(seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Train / val positions in the official training set and test positions in the official test set (task
+    classes only). Independent of the noise: every noise and the oracle of a seed see the same images."""
+    import numpy as np
+
+    from sap_hf.data.fashion_mnist import _stratified_choice
+
+    train_src, test_src = _source("train"), _source("test")
+    rng = np.random.default_rng(seed)
+    pool = np.flatnonzero(np.isin(train_src.labels, TASK_CLASSES))
+    val = _stratified_choice(pool, train_src.labels[pool], args.val_size, rng)
+    rest = np.setdiff1d(pool, val, assume_unique=True)
+    train = _stratified_choice(rest, train_src.labels[rest], args.train_size, rng)
+    test = np.flatnonzero(np.isin(test_src.labels, TASK_CLASSES))
+    if args.test_size < len(test):
+        test = np.sort(np.random.default_rng(1000 + seed).choice(test, size=args.test_size, replace=False))
+    return {"train": train, "val": val, "test": test}
+
+
+def load_task_data(noise: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The task's tensors in `common.load_run_data`'s shape (train_x, train_y noisy, clean_y, is_noisy, val_x, val_y,
+    test_x, test_y); `noise` is a key of NOISES or 'clean' (the oracle's labels)."""
+    import torch
+
+    from sap_hf.data.noise import add_label_noise, cross_fitted_probabilities
+
+    train_src, test_src = _source("train"), _source("test")
+    index = split_indices(seed, args)
+    clean = _task_labels(train_src.labels[index["train"]], TASK_CLASSES)
+    noisy = clean.copy()
+    if noise != "clean":
+        noise_type, rate = NOISES[noise]
+        extra: dict[str, Any] = {}
+        if noise_type == "asymmetric":
+            extra["asymmetric_map"] = TASK_ASYMMETRIC_MAP
+        if noise_type == "instance":
+            extra["probabilities"] = cross_fitted_probabilities(train_src.images[index["train"]], clean, len(TASK_CLASSES),
+                                                                seed=seed)
+        noisy, _ = add_label_noise(clean, rate, noise_type=noise_type, num_classes=len(TASK_CLASSES), seed=seed, **extra)
+    data: dict[str, Any] = {}
+    data["train_x"], data["train_y"] = _tensors(train_src.images[index["train"]], noisy)
+    data["clean_y"] = torch.as_tensor(clean, dtype=torch.long)
+    data["is_noisy"] = data["train_y"] != data["clean_y"]
+    data["val_x"], data["val_y"] = _tensors(train_src.images[index["val"]], _task_labels(train_src.labels[index["val"]], TASK_CLASSES))
+    data["test_x"], data["test_y"] = _tensors(test_src.images[index["test"]], _task_labels(test_src.labels[index["test"]], TASK_CLASSES))
+    return data
+
+
+def class_names(classes: tuple[int, ...]) -> dict[int, str]:
+    from sap_hf.data.fashion_mnist import FASHION_MNIST_CLASSES
+
+    return {i: FASHION_MNIST_CLASSES[c] for i, c in enumerate(classes)}
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining and fine-tuning (cached)
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    common.quiet_libraries()
+    hf_logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar, once per model
+
+
+def _key(values: dict[str, Any]) -> str:
+    return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    if args.cache_dir:
+        return Path(args.cache_dir)
+    return Path(args.out_dir) / ".pretrained_cache"  # quick runs: a private folder, never the shared cache
+
+
+def pretrain_path(args: argparse.Namespace) -> Path:
+    key = _key({"size": args.pretrain_size, "epochs": args.pretrain_epochs, "lr": args.lr, "batch_size": args.batch_size,
+                "hidden_size": args.hidden_size, "num_layers": args.num_layers, "patch_size": args.patch_size})
+    return _cache_dir(args) / f"pretrained_{key}"
+
+
+def pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    """The backbone checkpoint (trained once, then read from the cache): its path and record."""
+    import numpy as np
+    import torch
+    from transformers import ViTForImageClassification
+
+    from sap_hf.data.fashion_mnist import _stratified_choice
+    from sap_hf.models import tiny_vit_config
+
+    path = pretrain_path(args)
+    record_path = path / "pretraining.json"
+    if record_path.exists():
+        return json.loads(record_path.read_text())
+    torch.set_num_threads(args.threads)
+    _quiet()
+    train_src, test_src = _source("train"), _source("test")
+    rng = np.random.default_rng(12345)
+    pool = np.flatnonzero(np.isin(train_src.labels, PRETRAIN_CLASSES))
+    train = _stratified_choice(pool, train_src.labels[pool], args.pretrain_size, rng)
+    test = np.flatnonzero(np.isin(test_src.labels, PRETRAIN_CLASSES))[:2000]
+    data: dict[str, Any] = {}
+    data["train_x"], data["train_y"] = _tensors(train_src.images[train], _task_labels(train_src.labels[train], PRETRAIN_CLASSES))
+    data["val_x"], data["val_y"] = _tensors(test_src.images[test], _task_labels(test_src.labels[test], PRETRAIN_CLASSES))
+    pre_args = copy.copy(args)
+    pre_args.epochs, pre_args.warmup_epochs = args.pretrain_epochs, args.warmup_share * args.pretrain_epochs
+    torch.manual_seed(0)
+    config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size,
+                             num_labels=len(PRETRAIN_CLASSES), id2label=class_names(PRETRAIN_CLASSES))
+    model = ViTForImageClassification(config)
+    trained = train_from_scratch(model, data, pre_args, seed=0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.vit.save_pretrained(path)  # the backbone only: a headless checkpoint, like ViT-in21k
+    record = {"path": str(path), "classes": list(PRETRAIN_CLASSES), "train_images": int(len(train)),
+              "epochs": args.pretrain_epochs, "final_accuracy_on_pretrain_test": trained["history"][-1],
+              "history": trained["history"], "seconds": trained["seconds"]}
+    common.write_json(record_path, record)
+    return record
+
+
+def finetune_path(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> Path:
+    key = _key({k: getattr(args, k) for k in FT_KEYS})
+    return _cache_dir(args) / f"finetune_{noise}_seed{seed}_ep{epochs}_{key}_{pretrain_path(args).name}.pt"
+
+
+def new_model(seed: int, args: argparse.Namespace) -> Any:
+    """The pretrained backbone with a new 5-class head (seeded), through `from_pretrained`."""
+    import torch
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification.from_pretrained(pretrain_path(args), num_labels=len(TASK_CLASSES),
+                                                     id2label=class_names(TASK_CLASSES),
+                                                     label2id={v: k for k, v in class_names(TASK_CLASSES).items()})
+
+
+def finetuned(noise: str, seed: int, epochs: int, args: argparse.Namespace, data: Optional[dict] = None) -> dict[str, Any]:
+    """The fine-tuned model of (noise or 'clean', seed, epochs): `model` (final state), `early_model` (best val),
+    `trained` (history, best epoch, seconds), `data`. Trained and cached on first use."""
+    import torch
+
+    _quiet()
+    data = data if data is not None else load_task_data(noise, seed, args)
+    path = finetune_path(noise, seed, epochs, args)
+    model = new_model(seed, args)
+    if path.exists():
+        trained = torch.load(path, weights_only=False)
+        model.load_state_dict(trained.pop("final_state"))
+        trained["cached"] = True
+    else:
+        ft_args = copy.copy(args)
+        ft_args.epochs, ft_args.warmup_epochs = epochs, args.warmup_share * epochs
+        trained = train_from_scratch(model, data, ft_args, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(trained, final_state=model.state_dict()), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    early_model = new_model(seed, args)
+    early_model.load_state_dict(trained["best"]["state"])
+    return {"data": data, "model": model, "early_model": early_model, "trained": trained, "config": model.config,
+            "train_set": common.TensorExamples(data["train_x"], data["train_y"])}
+
+
+def _train_worker(task: tuple[str, int, int, argparse.Namespace]) -> dict[str, Any]:
+    import torch
+
+    noise, seed, epochs, args = task
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    run = finetuned(noise, seed, epochs, args)
+    fit = fit_diagnostics(run["model"], run["data"]) if noise != "clean" else {}
+    print(f"[pretrained] fine-tuned {noise} seed {seed} {epochs} ep in {time.perf_counter() - start:.0f}s "
+          f"(best epoch {run['trained']['best']['epoch']}, {fit})", flush=True)
+    return {"noise": noise, "seed": seed, "epochs": epochs, "seconds": run["trained"]["seconds"]}
+
+
+
+# --------------------------------------------------------------------------------------------
+# One (noise, seed, epochs) cell, in a worker process
+# --------------------------------------------------------------------------------------------
+
+
+def _val_fn(data: dict[str, Any]) -> Any:
+    return lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}
+
+
+def sap_method(run: dict[str, Any], state: dict, config: Any, base: dict[str, Any], method: str) -> dict[str, Any]:
+    """`sap_correct(config)` from `state`, alpha on val: the row, the corrected `state` and the trusted indices."""
+    import torch
+
+    from sap_hf import sap_correct
+
+    model, data = run["model"], run["data"]
+    model.load_state_dict(state)
+    clock = time.perf_counter()
+    result = sap_correct(model, run["train_set"], config=config, evaluate_fn=_val_fn(data), show_progress=False)
+    seconds = time.perf_counter() - clock
+    index = torch.as_tensor(result.trusted_indices, dtype=torch.long)
+    row = dict(base, method=method, test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+               val_accuracy=result.final_metrics["accuracy"], alpha=result.alpha, kind_alphas=result.kind_alphas,
+               rule=config.selection_rule, trusted_per_class=config.trusted_per_class, alpha_scope=config.alpha_scope,
+               num_trusted=result.num_trusted, purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
+               selection_seconds=result.timings.get("selection"), seconds=seconds, **fit_diagnostics(model, data))
+    out = {"row": row, "state": copy.deepcopy(model.state_dict()), "trusted_indices": [int(i) for i in result.trusted_indices]}
+    model.load_state_dict(state)
+    return out
+
+
+def audit_metrics(audit: Any, data: dict[str, Any]) -> dict[str, float]:
+    """The audit's ranking and flags against the hidden truth (label_audit.detector_metrics: AP, AUROC, P, R)."""
+    import torch
+
+    from label_audit import detector_metrics
+
+    n = len(data["train_y"])
+    suspicion, flagged = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
+    suspicion[audit.indices] = -audit.scores.double()
+    flagged[audit.indices] = audit.suspected
+    return detector_metrics(data["is_noisy"], suspicion, flagged)
+
+
+def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
+    from sap_hf import audit_labels
+    from sap_hf.runtime.passes import Runtime
+
+    return audit_labels(model, run["train_set"], views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
+
+
+def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Every method's row for one (noise, seed, fine-tuning length); `inputs` says what `peer_rows` gets."""
+    import accuracy as accuracy_bench
+    import torch
+
+    from sap_hf import SAPConfig
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    run = finetuned(noise, seed, epochs, args)
+    data, model, early_model, trained = (run[k] for k in ("data", "model", "early_model", "trained"))
+    final_state = copy.deepcopy(model.state_dict())
+    base = {"noise": noise, "seed": seed, "epochs": epochs}
+    test = lambda m: accuracy(m, data["test_x"], data["test_y"])
+    rows = [dict(base, method="none", test_accuracy=test(model), val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
+                 **fit_diagnostics(model, data)),
+            dict(base, method="best_epoch", test_accuracy=test(early_model), val_accuracy=trained["best"]["val_accuracy"],
+                 best_epoch=trained["best"]["epoch"], **fit_diagnostics(early_model, data))]
+    oracle = finetuned("clean", seed, epochs, args, data=dict(data, train_y=data["clean_y"]))["early_model"]
+    rows.append(dict(base, method="oracle", test_accuracy=test(oracle), val_accuracy=accuracy(oracle, data["val_x"], data["val_y"]),
+                     **fit_diagnostics(oracle, data)))
+    timing: dict[str, float] = {}
+    sap = sap_method(run, final_state, common.recipe_sap_config(batch_size=500), base, "sap")
+    defaults = sap_method(run, final_state, SAPConfig(batch_size=500), base, "sap_defaults")
+    rows += [sap["row"], defaults["row"]]
+    if "curvature" in args.methods:
+        rows.append(sap_method(run, final_state, common.recipe_sap_config(batch_size=500, selection_rule="curvature"),
+                               base, "sap_curvature")["row"])
+    trusted = torch.as_tensor(sap["trusted_indices"], dtype=torch.long)
+    ft = common.finetune_grid(model, final_state, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
+    rows.append(dict(base, method="finetune_trusted", test_accuracy=ft["test_accuracy"], val_accuracy=ft["val_accuracy"],
+                     lr=ft["lr"], ft_epochs=ft["epochs"], noisy_fit=ft["noisy_fit"], clean_fit=ft["clean_fit"]))
+    audits = {}
+    for name, state, row in (("refine", final_state, rows[0]), ("sap+refine", sap["state"], sap["row"])):
+        clock = time.perf_counter()
+        model.load_state_dict(state)
+        audit = _audit(model, run, args)
+        audits[name] = audit
+        refined = accuracy_bench.sap_refine_row(model, state, row, run, args, method=name, audit=audit)
+        after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)
+        refined.update(audit_ap_before=audit_metrics(audit, data)["average_precision"],
+                       audit_after=audit_metrics(after, data), seconds=time.perf_counter() - clock)
+        rows.append(dict(base, **refined))
+        timing[name] = refined["seconds"]
+    model.load_state_dict(final_state)
+    if "peers" in args.methods:
+        rows += peer_method_rows(model, data, sap["trusted_indices"], audits["sap+refine"].suspected_indices(), base, args, seed)
+    none_test = rows[0]["test_accuracy"]
+    for row in rows:
+        row["gain_vs_none"] = row["test_accuracy"] - none_test
+    return {"noise": noise, "seed": seed, "epochs": epochs, "rows": rows,
+            "run": {**base, "val_history": trained["history"], "best_epoch": trained["best"]["epoch"],
+                    "train_seconds": trained["seconds"], "actual_noise_rate": float(data["is_noisy"].float().mean()),
+                    "seconds": time.perf_counter() - started, "timing": timing}}
+
+
+def peer_method_rows(model: Any, data: dict[str, Any], trusted: list[int], suspects: list[int], base: dict[str, Any],
+                     args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """`benchmarks/peers.py`'s rows (SSD, SCRUB) on the uncorrected model, when that file exists."""
+    try:
+        import peers
+    except ImportError:
+        print("[pretrained] --methods peers: benchmarks/peers.py is not there; no peer rows.", flush=True)
+        return []
+    rows = peers.peer_rows(copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed)
+    return [dict(base, **row) for row in rows]
+
+
+def _cell_worker(task: tuple[str, int, int, argparse.Namespace]) -> dict[str, Any]:
+    noise, seed, epochs, args = task
+    result = run_cell(noise, seed, epochs, args)
+    by = {r["method"]: r["test_accuracy"] for r in result["rows"]}
+    print(f"[pretrained] {noise} seed {seed} {epochs} ep done in {result['run']['seconds']:.0f}s: "
+          + " ".join(f"{m}={100 * by[m]:.1f}" for m in METHODS if m in by), flush=True)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Summary, targets, table, figure
+# --------------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per noise, length and method: test / val accuracy, noisy_fit (mean, std over seeds), the SAP choices."""
+    out: dict[str, Any] = {}
+    for row in rows:
+        entry = out.setdefault(row["noise"], {}).setdefault(str(row["epochs"]), {}).setdefault(row["method"], [])
+        entry.append(row)
+    summary: dict[str, Any] = {}
+    for noise, lengths in out.items():
+        for length, methods in lengths.items():
+            for method, chosen in methods.items():
+                entry = {k: mean_std([r[k] for r in chosen]) for k in ("test_accuracy", "val_accuracy", "noisy_fit", "gain_vs_none")
+                         if all(r.get(k) is not None for r in chosen)}
+                for k in ("purity", "selection_seconds", "audit_ap_before"):
+                    if all(r.get(k) is not None for r in chosen):
+                        entry[k] = mean_std([r[k] for r in chosen])
+                if all("audit_after" in r for r in chosen):
+                    entry["audit_ap_after"] = mean_std([r["audit_after"]["average_precision"] for r in chosen])
+                entry["seeds"] = [r["seed"] for r in chosen]
+                entry["choices"] = [_choice(r) for r in chosen]
+                summary.setdefault(noise, {}).setdefault(length, {})[method] = entry
+    return summary
+
+
+def _choice(row: dict[str, Any]) -> str:
+    if row["method"].startswith("sap") and "refine" not in row["method"]:
+        if row.get("kind_alphas") and row.get("alpha_scope") == "per_kind":
+            alphas = ",".join(f"{k[:3]}={'-' if a is None else f'{a:g}'}" for k, a in row["kind_alphas"].items())
+            return f"{row['rule']}/{alphas}"
+        return f"{row['rule']}/a={'-' if row.get('alpha') is None else format(row['alpha'], 'g')}"
+    if "refine_mode" in row:
+        return f"{row['refine_mode']}/lr={row['lr']:g}x{row['refine_epochs']}" if row["refine_mode"] else "unchanged"
+    if row["method"] == "finetune_trusted":
+        return f"lr={row['lr']:g}x{row['ft_epochs']}" if row.get("lr") is not None else "unchanged"
+    if row["method"] == "best_epoch":
+        return f"ep{row['best_epoch']}"
+    return ""
+
+
+def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets per (noise, length), on the means over seeds (points of test accuracy)."""
+    verdicts = []
+    for noise, lengths in summary.items():
+        for length, m in lengths.items():
+            if not {"none", "best_epoch", "oracle", "sap", "sap+refine"} <= set(m):
+                continue
+            mean = {k: 100 * v["test_accuracy"]["mean"] for k, v in m.items()}
+            gap = mean["oracle"] - mean["none"]
+            closed = (mean["sap+refine"] - mean["none"]) / gap if gap > 0.5 else None  # no gap: nothing to close
+            verdicts.append({
+                "noise": noise, "epochs": int(length),
+                "sap+refine_minus_best_epoch": mean["sap+refine"] - mean["best_epoch"],
+                "target_sap+refine_ge_best_epoch_plus_1": mean["sap+refine"] >= mean["best_epoch"] + 1,
+                "oracle_minus_none": gap, "gap_closed": closed,
+                "target_gap_closed_ge_50pct": None if closed is None else bool(closed >= 0.5),
+                "sap_minus_none": mean["sap"] - mean["none"],
+                "target_sap_ge_none_minus_0.5": mean["sap"] >= mean["none"] - 0.5,
+            })
+    return verdicts
+
+
+def selection_cost(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds of trusted selection per rule (the same cells, side by side), and the ratio to 'loss'."""
+    by_rule: dict[str, list[float]] = {}
+    for row in rows:
+        if row.get("selection_seconds") is not None:
+            by_rule.setdefault(row["rule"], []).append(row["selection_seconds"])
+    means = {rule: statistics.fmean(v) for rule, v in by_rule.items()}
+    loss = means.get("loss")
+    return {rule: {"seconds": mean_std(v), "ratio_to_loss": means[rule] / loss if loss else None} for rule, v in by_rule.items()}
+
+
+def print_table(summary: dict[str, Any], verdicts: list[dict[str, Any]], cost: dict[str, Any]) -> None:
+    pct = lambda s: f"{100 * s['mean']:5.1f}±{100 * s['std']:3.1f}"
+    for noise, lengths in summary.items():
+        print(f"\n== {noise}: test accuracy (%) of the 5-class task, mean ± std over seeds ==")
+        print(f"{'method':18s} " + " ".join(f"{f'{e} ep':>11s} {'fit':>5s}" for e in lengths) + "  choices (per seed, last length)")
+        methods = [m for m in METHODS if any(m in v for v in lengths.values())]
+        methods += [m for v in lengths.values() for m in v if m not in methods]
+        for method in dict.fromkeys(methods):
+            cells = []
+            for entry in (lengths[e].get(method) for e in lengths):
+                cells.append(f"{pct(entry['test_accuracy']):>11s} {100 * entry['noisy_fit']['mean']:4.0f}%"
+                             if entry and "noisy_fit" in entry else f"{pct(entry['test_accuracy']) if entry else '-':>11s} {'':5s}")
+            last = lengths[list(lengths)[-1]].get(method)
+            print(f"{method:18s} " + " ".join(cells) + "  " + (" ".join(c for c in last["choices"] if c) if last else ""))
+    print("\n== Targets (means over seeds, points) ==")
+    for v in verdicts:
+        print(f"{v['noise']:7s} {v['epochs']:4d} ep: sap+refine - best_epoch {v['sap+refine_minus_best_epoch']:+5.1f} "
+              f"({'met' if v['target_sap+refine_ge_best_epoch_plus_1'] else 'MISSED'}); gap closed "
+              + (f"{100 * v['gap_closed']:5.0f}% ({'met' if v['target_gap_closed_ge_50pct'] else 'MISSED'})"
+                 if v["gap_closed"] is not None else f"n/a (oracle - none {v['oracle_minus_none']:+.1f})")
+              + "; sap - none "
+              f"{v['sap_minus_none']:+5.1f} ({'met' if v['target_sap_ge_none_minus_0.5'] else 'MISSED'})")
+    print("\n== Trusted selection cost per rule (s per cell, and x the 'loss' rule) ==")
+    for rule, c in cost.items():
+        print(f"  {rule:12s} {c['seconds']['mean']:6.2f} s  x{c['ratio_to_loss'] or float('nan'):.1f}")
+
+
+def plot(summary: dict[str, Any], path: Path) -> list[str]:
+    """Test accuracy against fine-tuning epochs (log), one panel per noise, one line per method (mean of seeds)."""
+    plt = common.pyplot()
+    if plt is None:
+        return []
+    figure, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 4.2), squeeze=False, sharey=True)
+    styles = {"none": dict(color="grey", ls="--"), "best_epoch": dict(color="green", ls="-."),
+              "oracle": dict(color="black", ls=":"), "sap+refine": dict(color="red", lw=2.2), "sap": dict(color="orange"),
+              "refine": dict(color="tab:cyan"), "finetune_trusted": dict(color="purple", ls="--"),
+              "sap_defaults": dict(color="tab:blue"), "sap_curvature": dict(color="brown")}
+    for axis, (noise, lengths) in zip(axes[0], summary.items()):
+        xs = [int(e) for e in lengths]
+        methods = dict.fromkeys(m for v in lengths.values() for m in v)
+        for method in methods:
+            points = [(int(e), 100 * v[method]["test_accuracy"]["mean"]) for e, v in lengths.items() if method in v]
+            axis.plot(*zip(*points), marker="o", ms=3, label=method, **styles.get(method, {}))
+        fits = [f"{100 * lengths[str(e)]['none']['noisy_fit']['mean']:.0f}%" for e in xs if "none" in lengths[str(e)]]
+        axis.set_xscale("log")
+        axis.set_xticks(xs, [f"{e}\n(fit {f})" for e, f in zip(xs, fits)] if len(fits) == len(xs) else [str(e) for e in xs])
+        axis.minorticks_off()
+        axis.set_xlabel("fine-tuning epochs (fit: share of the wrong labels the model predicts)", fontsize=8)
+        axis.set_title(f"{noise}: pretrained tiny ViT fine-tuned on 5 noisy classes", fontsize=9)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("clean test accuracy (%)")
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    return [common.save_figure(figure, path)]
+
+
+
+def _seed_worker(task: tuple[int, int, argparse.Namespace]) -> dict[str, Any]:
+    """One (seed, length): its fine-tunings (clean and every noise; cached), then every noise's cell."""
+    import torch
+
+    seed, epochs, args = task
+    torch.set_num_threads(args.threads)
+    for noise in ["clean", *args.noises]:
+        if not finetune_path(noise, seed, epochs, args).exists():
+            _train_worker((noise, seed, epochs, args))
+    if args.train_only:
+        return {"seed": seed, "epochs": epochs, "cells": []}
+    return {"seed": seed, "epochs": epochs, "cells": [_cell_worker((noise, seed, epochs, args)) for noise in args.noises]}
+
+
+def build_record(args: argparse.Namespace, results: list[dict[str, Any]], pretraining: dict[str, Any],
+                 started: float, out_dir: Path, final: bool) -> dict[str, Any]:
+    cells = sorted((c for r in results for c in r["cells"]), key=lambda c: (args.noises.index(c["noise"]), c["seed"], c["epochs"]))
+    rows = sorted((row for c in cells for row in c["rows"]), key=lambda r: (args.noises.index(r["noise"]), r["epochs"], r["seed"]))
+    summary, cost = summarise(rows), selection_cost(rows)
+    record = {"rows": rows, "summary": summary, "targets": targets(summary), "selection_cost": cost,
+              "runs": [c["run"] for c in cells], "pretraining": pretraining, "complete": final,
+              "task": {"classes": class_names(TASK_CLASSES), "pretrain_classes": class_names(PRETRAIN_CLASSES),
+                       "asymmetric_map": {str(k): v for k, v in TASK_ASYMMETRIC_MAP.items()},
+                       "noises": {k: {"noise_type": t, "noise_rate": r} for k, (t, r) in NOISES.items() if k in args.noises}},
+              "config": {k: v for k, v in vars(args).items() if k != "out_dir"},
+              "recipe_sap_config": common.recipe_sap_config(batch_size=500).to_dict(),
+              "environment": common.environment(), "elapsed_seconds": time.perf_counter() - started}
+    if final and not args.no_plot and rows:
+        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(summary, out_dir / f"{args.out_name}.png")]
+    return record
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if args.replot:
+        return replot(args, out_dir)
+    pretraining = pretrain(args)
+    print(f"[pretrained] backbone: {pretraining['path']} (accuracy on its own classes "
+          f"{pretraining['final_accuracy_on_pretrain_test']:.3f})", flush=True)
+    # Seed by seed (a run cut short has whole seeds), the longest fine-tuning of a seed first.
+    tasks = [(seed, epochs, args) for seed in args.seeds for epochs in sorted(args.lengths, reverse=True)]
+    path = out_dir / f"{args.out_name}.json"
+
+    def partial(results: list[dict[str, Any]]) -> None:
+        if not args.train_only:
+            common.write_json(path, build_record(args, results, pretraining, started, out_dir, final=False))
+
+    results = common.run_tasks(_seed_worker, tasks, args.jobs, on_result=partial)
+    if args.train_only:
+        return {"pretraining": pretraining}
+    record = build_record(args, results, pretraining, started, out_dir, final=True)
+    common.write_json(path, record)
+    print_table(record["summary"], record["targets"], record["selection_cost"])
+    print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
+    return record
+
+def replot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
+    """Summary, targets, selection cost, figure and table again from the recorded rows (no training)."""
+    path = out_dir / f"{args.out_name}.json"
+    record = json.loads(path.read_text())
+    record["summary"] = summarise(record["rows"])
+    record["targets"], record["selection_cost"] = targets(record["summary"]), selection_cost(record["rows"])
+    if not args.no_plot and record["rows"]:
+        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(record["summary"], out_dir / f"{args.out_name}.png")]
+    common.write_json(path, record)
+    print_table(record["summary"], record["targets"], record["selection_cost"])
+    return record
+
+
+if __name__ == "__main__":
+    main()
