@@ -452,7 +452,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per noise, length and method: test / val accuracy, noisy_fit (mean, std over seeds), the SAP choices."""
     out: dict[str, Any] = {}
     for row in rows:
-        entry = out.setdefault(row["noise"], {}).setdefault(str(row["epochs"]), {}).setdefault(row["method"], [])
+        method = f"{row['method']} ({row['forget_set']})" if row.get("forget_set") else row["method"]  # peers: one per forget set
+        entry = out.setdefault(row["noise"], {}).setdefault(str(row["epochs"]), {}).setdefault(method, [])
         entry.append(row)
     summary: dict[str, Any] = {}
     for noise, lengths in out.items():
