@@ -14,6 +14,8 @@ from typing import Iterator, Optional
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .errors import one_line
+
 HUB_ID_EXAMPLE = "google/vit-base-patch16-224"
 CLOTHING1M_LAYOUT = "images/, *_key_list.txt, *_label_kv.txt"
 
@@ -68,9 +70,8 @@ def hub_model_errors(value: str, argument: str = "--model_name_or_path") -> Iter
     except OSError as error:
         if isinstance(error, FileNotFoundError):
             raise
-        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise FileNotFoundError(
-            f"{argument}: cannot load {value!r} ({reason}); check the id (a private or gated model needs "
+            f"{argument}: cannot load {value!r} ({one_line(error)}); check the id (a private or gated model needs "
             "`hf auth login`), unset HF_HUB_OFFLINE to download it, or pass a folder saved with save_pretrained."
         ) from error
 

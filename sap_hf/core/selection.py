@@ -11,7 +11,6 @@ not depend on the number of processes. For a stream, the candidates' examples ar
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import math
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from ..runtime.batching import HashSample, Identity, check_pixel_values, identity_name, is_map_style, num_examples
+from ..runtime.batching import HashSample, Identity, check_pixel_values, identity_digest, is_map_style, num_examples
 from ..runtime.checks import check_choice, integer, positive_int
 from ..runtime.contract import LoaderData, class_labels
 from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resolve_runtime
@@ -97,8 +96,7 @@ CURVATURE_STEP = 1e-3
 def curvature_seed(seed: int, identity: Identity) -> int:
     """The seed of one sample's random directions: from its identity, so that the draws do not depend
     on which process reads it, nor on the batch it lands in (Python's `hash` of a str differs per process)."""
-    digest = hashlib.blake2b(f"{int(seed)}|{identity_name(identity)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1  # 63 bits: any torch.Generator takes it
+    return identity_digest(seed, identity) >> 1  # 63 bits: any torch.Generator takes it
 
 
 def input_gradient(walk: DataPass, batch: PassBatch, pixels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -331,10 +331,15 @@ def identity_name(identity: Identity) -> str:
     return f"{type(identity).__name__}:{identity}"
 
 
-def identity_draw(seed: int, identity: Identity) -> float:
-    """A uniform number in [0, 1) fixed by `seed` and the sample's identity alone (not by process or batch)."""
+def identity_digest(seed: int, identity: Identity) -> int:
+    """A 64-bit number fixed by `seed` and the sample's identity alone (not by process or batch)."""
     digest = hashlib.blake2b(f"{int(seed)}|{identity_name(identity)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
+    return int.from_bytes(digest, "little")
+
+
+def identity_draw(seed: int, identity: Identity) -> float:
+    """A uniform number in [0, 1) fixed by `seed` and the sample's identity alone (`identity_digest`)."""
+    return identity_digest(seed, identity) / 2.0**64
 
 
 class HashSample:
