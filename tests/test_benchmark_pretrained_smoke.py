@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "pretrained.py"
-METHODS = {"none", "best_epoch", "oracle", "sap", "sap_defaults", "sap_curvature", "refine", "sap+refine", "finetune_trusted"}
+METHODS = {"none", "best_epoch", "oracle", "sap", "sap_paper", "sap_curvature", "refine", "sap+refine", "finetune_trusted"}
 NOISES = {"sym40", "asym40", "inst40"}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sap_hf.core.config import DEFAULT_ALPHAS, SAPConfig
+from sap_hf.core.config import DEFAULT_ALPHAS, FLOAT32_ALPHA_LIMIT, SAPConfig
 from sap_hf.losses import LossConfig
 from sap_hf.runtime.checks import check_choice, finite_float, integer, positive_float, positive_int
 
@@ -121,10 +121,22 @@ def test_sap_config_still_rejects_bools_and_wrong_types(field, value):
         SAPConfig(**{field: value})
 
 
-def test_default_config_logs_no_warning(caplog):
+def test_default_config_logs_nothing(caplog):
     with caplog.at_level(logging.INFO, logger="sap_hf"):
         assert SAPConfig().alphas == list(DEFAULT_ALPHAS) and SAPConfig().accumulation_dtype == "float32"
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+        SAPConfig(alphas=[FLOAT32_ALPHA_LIMIT])  # the grid's top, chosen by hand: no warning either
+    assert not caplog.records, caplog.text
+
+
+def test_defaults_are_the_measured_pipeline_and_follow_the_trusted_source():
+    config = SAPConfig()
+    assert (config.selection_rule, config.trusted_per_class, config.alpha_scope) == ("shift_loss", 10, "per_kind")
+    assert max(config.alphas) == FLOAT32_ALPHA_LIMIT and min(config.alphas) == 10
+    # Recorded training losses are one loss per example: the default rule becomes 'loss', kept in to_dict.
+    recorded = SAPConfig(trusted_source="training")
+    assert recorded.selection_rule == "loss" and SAPConfig.from_dict(recorded.to_dict()) == recorded
+    with pytest.raises(ValueError, match="selection_rule='shift_loss'.*leave selection_rule at None"):
+        SAPConfig(trusted_source="training", selection_rule="shift_loss")
 
 
 def test_a_chosen_large_alpha_grid_in_float32_warns_with_no_measured_numbers(caplog):

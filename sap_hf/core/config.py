@@ -20,7 +20,12 @@ from .projection import validate_alpha
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_ALPHAS: tuple[float, ...] = (1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7)
+DEFAULT_ALPHAS: tuple[float, ...] = (10.0, 20.0, 30.0, 50.0, 1e2, 2e2, 3e2, 5e2, 1e3, 3e3, 1e4)
+"""The default alpha grid: dense where the search settles on memorised ViTs, capped where float32 statistics
+stay close to exact (`FLOAT32_ALPHA_LIMIT`)."""
+FLOAT32_ALPHA_LIMIT = 1e4
+"""The largest alpha that float32 Gram matrices are used at without a warning (benchmarks/README.md,
+'Same weights': the float32 error grows with alpha)."""
 SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement", "shift_loss", "curvature")
 TRUSTED_SOURCES: tuple[str, ...] = ("pass", "training")
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
@@ -64,15 +69,16 @@ class SAPConfig:
             "help": (
                 "Grid of scaling factors alpha >= 1 searched on a clean eval set. alpha=1 keeps the raw "
                 "energy ratios as importance (strongest shrinkage); large alpha keeps every used direction "
-                "(weakest). 'No change' is always a candidate."
+                "(weakest). 'No change' is always a candidate. The default, 10 ... 1e4 (11 values), is dense where "
+                "the search settles on memorised ViTs and stops where float32 statistics stay close to exact."
             )
         },
     )
     alpha_scope: str = field(
-        default="shared",
+        default="per_kind",
         metadata={
             "help": (
-                "'shared' (the paper): one alpha for every projected layer. 'per_kind': after the shared search, "
+                "'shared' (the paper): one alpha for every projected layer. 'per_kind' (default): after the shared search, "
                 "the attention layers, the MLP layers and the classifier each try every alpha of the grid and "
                 "'unchanged' in turn, the other kinds held (a coordinate pass: up to 4x the evaluations). The "
                 "shared result stays a candidate, so it is never worse on the eval set. Why: on memorised ViTs the "
@@ -104,14 +110,20 @@ class SAPConfig:
         },
     )
     trusted_per_class: int = field(
-        default=100,
-        metadata={"help": "Trusted samples kept per class: the k lowest-loss samples of each class."},
-    )
-    selection_rule: str = field(
-        default="loss",
+        default=10,
         metadata={
             "help": (
-                "How trusted samples are ranked: 'loss' (the paper: cross-entropy of the model being "
+                "Trusted samples kept per class: the k best-ranked (lowest-score) samples of each class. Few and clean "
+                "beats many and mixed: each wrong label among them is projected back in."
+            )
+        },
+    )
+    selection_rule: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "How trusted samples are ranked. None (default): 'shift_loss' when trusted_source='pass', 'loss' "
+                "(the recorded training loss) when trusted_source='training'. 'loss' (the paper: cross-entropy of the model being "
                 "corrected), 'early_loss' (cross-entropy under an earlier checkpoint, given as "
                 "`selection_model`, that has not yet memorised the noise), 'shift_loss' (loss averaged "
                 "over the image and four copies shifted by 1/28 of its side, 1 pixel at 28x28: no checkpoint "
@@ -220,26 +232,26 @@ class SAPConfig:
         self.alpha_scope = check_choice("SAPConfig.alpha_scope", self.alpha_scope, ALPHA_SCOPES)
         self.alpha_search = check_choice("SAPConfig.alpha_search", self.alpha_search, ALPHA_SEARCHES)
         self.accumulation_dtype = check_choice("SAPConfig.accumulation_dtype", self.accumulation_dtype, ACCUMULATION_DTYPES)
+        if self.selection_rule is None:
+            self.selection_rule = "loss" if self.trusted_source == "training" else "shift_loss"
         self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, SELECTION_RULES)
         if self.trusted_source == "training" and (self.selection_rule != "loss" or self.selection_subset is not None):
             raise ValueError(
                 f"SAPConfig.trusted_source='training' ranks by the recorded training loss, so selection_rule="
-                f"{self.selection_rule!r} and selection_subset={self.selection_subset!r} would not be used: keep "
-                "selection_rule='loss' and selection_subset=None, or use trusted_source='pass'."
+                f"{self.selection_rule!r} and selection_subset={self.selection_subset!r} would not be used: leave "
+                "selection_rule at None (or 'loss') and selection_subset at None, or use trusted_source='pass'."
             )
-        if self.accumulation_dtype == "float32" and max(self.alphas) > 1e3:
-            # The default grid reaches 1e7 with the default float32, and a default must not warn: the
-            # pairing is documented (accumulation_dtype's help), and the search scores every alpha as
-            # written against "unchanged", so a float32 error at a large alpha can cost it a candidate
-            # but never pass unmeasured into the result. A grid the user chose is warned about: they
-            # asked for large alphas, and may write one with sap_project, which measures nothing.
-            report = logger.info if set(self.alphas) == set(DEFAULT_ALPHAS) else logger.warning
-            report(
+        if self.accumulation_dtype == "float32" and max(self.alphas) > FLOAT32_ALPHA_LIMIT:
+            # The default grid stops at the limit, so a default never warns. The search scores every alpha
+            # as written against "unchanged", so a float32 error at a large alpha can cost it a candidate
+            # but never pass unmeasured into the result; sap_project, which measures nothing, can write one.
+            logger.warning(
                 "SAPConfig: alphas up to %g with accumulation_dtype='float32': float32 Gram matrices carry an error of "
                 "about 1e-7 x the largest eigenvalue, which alpha amplifies in the low-energy directions (the "
                 "measurements are in benchmarks/README.md, 'Same weights'). Use accumulation_dtype='float64' for "
-                "exact results at large alpha.",
+                "exact results above alpha=%g.",
                 max(self.alphas),
+                FLOAT32_ALPHA_LIMIT,
             )
 
     @staticmethod

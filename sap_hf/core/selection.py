@@ -177,7 +177,7 @@ def select_trusted(
     per_class: int,
     *,
     num_labels: Optional[int] = None,
-    rule: str = "loss",
+    rule: str = "shift_loss",
     selection_model: Optional[nn.Module] = None,
     runtime: Optional[Runtime] = None,
     seed: int = 0,
@@ -185,10 +185,10 @@ def select_trusted(
 ) -> TrustedSelection:
     """Keep the `per_class` lowest-score samples of each class of a labelled dataset.
 
-    `rule` is 'loss' (the paper), 'early_loss' (score with `selection_model`, e.g. an earlier
-    checkpoint that has not memorised the noise), 'shift_loss' (mean loss over the image and four
-    copies shifted by a 1/28 of its side, see `shifted_views`: needs no checkpoint, and on a
-    memorised model it is far purer than 'loss') or 'agreement' (mean loss over the image and its
+    `rule` is 'shift_loss' (the default, as `SAPConfig`'s: mean loss over the image and four copies
+    shifted by a 1/28 of its side, see `shifted_views`: needs no checkpoint, and on a memorised model
+    it is far purer than 'loss'), 'loss' (the paper), 'early_loss' (score with `selection_model`,
+    e.g. an earlier checkpoint that has not memorised the noise) or 'agreement' (mean loss over the image and its
     horizontal flip; samples whose views do not both predict the label are dropped) or
     'curvature' (the reference's choice for real noise: how fast the input gradient of the loss
     changes along random directions, see `curvature_scores`; `seed` seeds those directions, per

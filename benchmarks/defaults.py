@@ -1,0 +1,209 @@
+"""Defaults: what a user who changes nothing gets from `SAPConfig()`, in both regimes.
+
+    python benchmarks/defaults.py --scratch_cache /work/cache/accuracy --pretrained_cache /work/cache/pretrained
+    python benchmarks/defaults.py --quick        # smoke run: tiny data, one model per regime
+
+Question
+  `SAPConfig()`'s defaults are the recipe's SAP settings (shift_loss selection, 10 per class, one alpha
+  per layer kind over 10 ... 1e4); they were the paper's (loss, 100 per class, one shared alpha over
+  1 ... 1e7). On the models of both regimes, does `SAPConfig()` give what the recipe gives, how far is
+  it above the paper's settings, and at what cost?
+
+Protocol
+  Models: `scratch`, the accuracy benchmark's memorised tiny ViTs (`common.prepare_run` with
+  `accuracy.parse_args`' defaults: 4,000 noisy Fashion-MNIST images, 100 epochs), sym40 / asym40 x
+  `--seeds`; `pretrained`, pretrained.py's fine-tuned models (`pretrained.finetuned`: backbone pretrained on
+  five other classes, 1,000 noisy images of the five tops), sym40 / asym40 / inst40 x `--seeds` x
+  `--lengths` fine-tuning epochs. Both read their model caches (trained there on first use).
+  Configs, one after the other on each model from the same trained state (`pretrained.sap_method`:
+  `sap_correct`, alpha chosen on the clean val split, test accuracy reported):
+    paper      SAPConfig(**common.PAPER_SAP)      the paper's settings, the old defaults
+    defaults   SAPConfig()                        what a user who changes nothing gets (float32 statistics)
+    recipe     common.recipe_sap_config()         recipes/configs/default.yaml (float64 statistics): the
+                                                  `sap` rows of accuracy.py's per-kind study and pretrained.py
+  all with batch_size=500 (speed, not the result). `none` is the model as trained. `same_choice`:
+  defaults wrote the same alphas (and picked the same trusted samples) as recipe. Seconds are measured
+  side by side in one process, so their ratios compare; their levels depend on the load.
+
+Writes benchmarks/results/defaults.json and defaults.png (`--quick`: *_quick.*).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+CONFIGS = ("paper", "defaults", "recipe")
+REGIMES = ("scratch", "pretrained")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out_dir", default=str(common.RESULTS_DIR))
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one seed, one length")
+    parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[20, 40], help="pretrained: fine-tuning epochs")
+    parser.add_argument("--scratch_cache", default=None, help="the accuracy benchmark's model cache")
+    parser.add_argument("--pretrained_cache", default=None, help="pretrained.py's model cache")
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.lengths, args.jobs = [0], [2], 1
+    return args
+
+
+def regime_args(regime: str, args: argparse.Namespace) -> argparse.Namespace:
+    """The regime's own benchmark arguments (its data, training and cache), as its script parses them."""
+    import accuracy
+    import pretrained
+
+    cache = args.scratch_cache if regime == "scratch" else args.pretrained_cache
+    argv = ["--threads", str(args.threads), "--out_dir", str(args.out_dir)]
+    argv += ["--cache_dir", cache] if cache else []
+    argv += ["--quick"] if args.quick else []
+    return (accuracy if regime == "scratch" else pretrained).parse_args(argv)
+
+
+def tasks(args: argparse.Namespace) -> list[tuple[str, str, int, int, argparse.Namespace]]:
+    import pretrained
+
+    out = []
+    if "scratch" in args.regimes:
+        scratch = regime_args("scratch", args)
+        out += [("scratch", s, seed, scratch.epochs, scratch) for s in common.SETTINGS for seed in args.seeds]
+    if "pretrained" in args.regimes:
+        tuned = regime_args("pretrained", args)
+        pretrained.pretrain(tuned)  # the backbone, once, before any worker fine-tunes from it
+        out += [("pretrained", n, seed, e, tuned) for n in pretrained.NOISES for seed in args.seeds for e in args.lengths]
+    return out
+
+
+def configs() -> dict[str, Any]:
+    from sap_hf import SAPConfig
+
+    return {"paper": SAPConfig(**common.PAPER_SAP, batch_size=500), "defaults": SAPConfig(batch_size=500),
+            "recipe": common.recipe_sap_config(batch_size=500)}
+
+
+def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[str, Any]]:
+    """Every config's row on one model (and the model's own `none` row)."""
+    import pretrained
+    import torch
+
+    regime, noise, seed, epochs, args = task
+    torch.set_num_threads(args.threads)
+    common.quiet_libraries()
+    run = common.prepare_run(noise, seed, args) if regime == "scratch" else pretrained.finetuned(noise, seed, epochs, args)
+    data, model = run["data"], run["model"]
+    state = copy.deepcopy(model.state_dict())
+    base = {"regime": regime, "noise": noise, "seed": seed, "epochs": epochs}
+    rows = [dict(base, config="none", test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
+                 val_accuracy=common.accuracy(model, data["val_x"], data["val_y"]), **common.fit_diagnostics(model, data))]
+    trusted = {}
+    for name, config in configs().items():
+        out = pretrained.sap_method(run, state, config, base, name)
+        rows.append(dict(out["row"], config=name, accumulation_dtype=config.accumulation_dtype))
+        trusted[name] = out["trusted_indices"]
+    by = {r["config"]: r for r in rows}
+    by["defaults"]["same_choice"] = (by["defaults"]["kind_alphas"] == by["recipe"]["kind_alphas"]
+                                     and by["defaults"]["alpha"] == by["recipe"]["alpha"]
+                                     and trusted["defaults"] == trusted["recipe"])
+    print(f"[defaults] {regime} {noise} seed {seed} {epochs} ep: "
+          + " ".join(f"{r['config']}={100 * r['test_accuracy']:.1f}" for r in rows), flush=True)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per (regime, noise, epochs): each config's test / val accuracy and seconds (mean ± std over seeds), and the
+    paired differences defaults − recipe, defaults − paper, recipe − none."""
+    cells: dict[str, dict[str, list[dict]]] = {}
+    for row in rows:
+        cells.setdefault(f"{row['regime']}/{row['noise']}/{row['epochs']}", {}).setdefault(row["config"], []).append(row)
+    summary = {}
+    for cell, by in cells.items():
+        entry = {name: {"test_accuracy": common.mean_std(r["test_accuracy"] for r in group),
+                        "val_accuracy": common.mean_std(r["val_accuracy"] for r in group),
+                        **({"seconds": common.mean_std(r["seconds"] for r in group)} if name != "none" else {})}
+                 for name, group in by.items()}
+        paired = {(r["seed"], r["config"]): r for group in by.values() for r in group}
+        seeds = sorted({r["seed"] for r in by["none"]})
+
+        def diff(a: str, b: str, key: str = "test_accuracy") -> dict[str, float]:
+            return common.mean_std(paired[s, a][key] - paired[s, b][key] for s in seeds)
+
+        entry["defaults_minus_recipe"] = diff("defaults", "recipe")
+        entry["defaults_minus_paper"] = diff("defaults", "paper")
+        entry["defaults_minus_none"] = diff("defaults", "none")
+        entry["same_choice"] = sum(bool(paired[s, "defaults"].get("same_choice")) for s in seeds)
+        entry["cost_defaults_over_paper"] = common.mean_std(paired[s, "defaults"]["seconds"] / paired[s, "paper"]["seconds"]
+                                                            for s in seeds)
+        summary[cell] = entry
+    return summary
+
+
+def print_table(summary: dict[str, Any]) -> None:
+    print("\n== clean test accuracy (%), mean ± std over seeds; Δ in points (paired by seed) ==")
+    print(f"{'regime/noise/epochs':26s}" + "".join(f"{c:>13s}" for c in ("none", *CONFIGS))
+          + f"{'def-rec':>9s}{'def-pap':>9s}{'same':>6s}{'cost d/p':>10s}")
+    for cell, entry in summary.items():
+        accs = "".join(f"{100 * entry[c]['test_accuracy']['mean']:8.1f}±{100 * entry[c]['test_accuracy']['std']:3.1f}"
+                       for c in ("none", *CONFIGS))
+        print(f"{cell:26s}{accs}{100 * entry['defaults_minus_recipe']['mean']:+9.2f}"
+              f"{100 * entry['defaults_minus_paper']['mean']:+9.2f}{entry['same_choice']:>4d}/{entry['none']['test_accuracy']['n']}"
+              f"{entry['cost_defaults_over_paper']['mean']:9.2f}×")
+
+
+def plot(summary: dict[str, Any], path: Path) -> list[str]:
+    """Test accuracy per cell, one bar per config (none, paper, defaults, recipe), one panel per regime."""
+    plt = common.pyplot()
+    if plt is None:
+        return []
+    regimes = list(dict.fromkeys(cell.split("/")[0] for cell in summary))
+    figure, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.2), squeeze=False)
+    colors = {"none": "grey", "paper": "tab:blue", "defaults": "red", "recipe": "orange"}
+    for axis, regime in zip(axes[0], regimes):
+        cells = [c for c in summary if c.startswith(regime + "/")]
+        width = 0.8 / len(colors)
+        for k, (name, color) in enumerate(colors.items()):
+            means = [100 * summary[c][name]["test_accuracy"]["mean"] for c in cells]
+            stds = [100 * summary[c][name]["test_accuracy"]["std"] for c in cells]
+            label = {"defaults": "SAPConfig()", "paper": "paper (old defaults)", "recipe": "recipe (float64)"}.get(name, name)
+            axis.bar([i + (k - 1.5) * width for i in range(len(cells))], means, width, yerr=stds, color=color, label=label)
+        axis.set_xticks(range(len(cells)), [c.split("/", 1)[1].replace("/", "\n") + " ep" for c in cells], fontsize=8)
+        low = min(100 * summary[c][n]["test_accuracy"]["mean"] for c in cells for n in colors)
+        axis.set_ylim(max(0, low - 8), None)
+        axis.set_title(f"{regime}: clean test accuracy after SAP", fontsize=9)
+        axis.set_ylabel("clean test accuracy (%)")
+        axis.grid(alpha=0.3, axis="y")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    return [common.save_figure(figure, path)]
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "defaults_quick" if args.quick else "defaults"
+    started = time.perf_counter()
+    rows = [row for result in common.run_tasks(_worker, tasks(args), args.jobs) for row in result]
+    summary = summarise(rows)
+    print_table(summary)
+    record = {"rows": rows, "summary": summary, "configs": {k: v.to_dict() for k, v in configs().items()},
+              "seconds": time.perf_counter() - started, "environment": common.environment()}
+    record["figures"] = plot(summary, out_dir / f"{name}.png")
+    common.write_json(out_dir / f"{name}.json", record)
+    return record
+
+
+if __name__ == "__main__":
+    main()
