@@ -232,7 +232,8 @@ def test_a_nan_image_is_excluded_and_counted_never_corrupting_its_class(caplog):
 
 def test_phases_are_timed_through_the_public_hook():
     seen = []
-    result = sap_correct(tiny_model("vit", num_labels=3), random_examples(12, seed=1), random_examples(6, seed=2), _config(),
+    result = sap_correct(tiny_model("vit", num_labels=3), random_examples(12, seed=1), random_examples(6, seed=2),
+                         _config(alpha_scope="shared"),  # one evaluation per alpha (per_kind adds its trials)
                          on_phase=lambda phase, seconds: seen.append((phase, seconds)), show_progress=False)
     phases = [phase for phase, _ in seen]
     assert phases[:3] == ["selection", "statistics", "eigh"] and phases[-2:] == ["write", "search"]

@@ -131,7 +131,7 @@ def test_trusted_selection_keeps_lowest_loss_per_class_and_warns(caplog):
     torch.manual_seed(0)
     model = tiny_model("vit", num_labels=3)
     data = random_examples(30, num_labels=3)
-    selection = select_trusted(model, data, 4, runtime=Runtime(batch_size=7, show_progress=False))
+    selection = select_trusted(model, data, 4, rule="loss", runtime=Runtime(batch_size=7, show_progress=False))
     with torch.no_grad():
         logits = model(pixel_values=torch.stack([e["pixel_values"] for e in data])).logits
     losses = torch.nn.functional.cross_entropy(logits, torch.tensor([e["labels"] for e in data]), reduction="none")
@@ -142,7 +142,7 @@ def test_trusted_selection_keeps_lowest_loss_per_class_and_warns(caplog):
     assert selection.indices == sorted(expected)
     assert selection.per_class == {0: 4, 1: 4, 2: 4}
     with caplog.at_level(logging.WARNING):
-        small = select_trusted(model, data[:7], 4, runtime=Runtime(show_progress=False))
+        small = select_trusted(model, data[:7], 4, rule="loss", runtime=Runtime(show_progress=False))
     assert small.per_class == {0: 3, 1: 2, 2: 2}
     assert "fewer than 4" in caplog.text
 

@@ -156,7 +156,9 @@ def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):
               "--output_dir", str(out), "--trusted_per_class", "1", "--alphas", "1", "1000", "--batch_size", "16"])
     summary = json.loads(capsys.readouterr().out)
     assert set(summary) == {"alpha", "kind_alphas", "eval_before", "eval_after", "test_before", "test_after"}
-    assert summary["kind_alphas"] == {}  # alpha_scope defaults to the paper's shared alpha
+    # alpha_scope defaults to per_kind: every kind has its written alpha (None: unchanged)
+    assert set(summary["kind_alphas"]) == {"attention", "mlp", "classifier"}
+    assert set(summary["kind_alphas"].values()) <= {None, 1.0, 1000.0}
     assert summary["eval_after"]["accuracy"] >= summary["eval_before"]["accuracy"]
     assert load_sap_record(out)["base_model"] == str(trained)
     reloaded = AutoModelForImageClassification.from_pretrained(out)

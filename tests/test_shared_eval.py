@@ -27,7 +27,8 @@ def _trainer(tmp_path, eval_dataset=None, cls=SAPTrainer, **args):
     return cls(
         model=tiny_model("vit", num_labels=3), args=training_args, train_dataset=random_examples(24, seed=1),
         eval_dataset=eval_dataset if eval_dataset is not None else random_examples(13, seed=2),
-        sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8),
+        # one shared alpha: one logged evaluation per candidate (the per-kind trials are tested in test_trainer.py)
+        sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, alpha_scope="shared"),
     )
 
 

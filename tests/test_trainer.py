@@ -71,7 +71,7 @@ def test_per_kind_alphas_are_logged_recorded_and_on_the_card(tmp_path):
     assert plot_alpha_curve(result, tmp_path / "curve.png").stat().st_size > 0  # with the per-kind trial curves
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Written alpha per layer kind" in card and "Best shared alpha per round" in card
-    assert "selection rule `loss`" in card
+    assert "selection rule `shift_loss`" in card  # SAPConfig's default rule
     for kind in result.kind_alphas:
         assert kind in card.split("Written alpha per layer kind")[1].splitlines()[0]
 
