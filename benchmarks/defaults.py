@@ -125,7 +125,7 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per (regime, noise, epochs): each config's test / val accuracy and seconds (mean ± std over seeds), and the
-    paired differences defaults − recipe, defaults − paper, recipe − none."""
+    paired differences defaults − recipe, defaults − paper, defaults − none."""
     cells: dict[str, dict[str, list[dict]]] = {}
     for row in rows:
         cells.setdefault(f"{row['regime']}/{row['noise']}/{row['epochs']}", {}).setdefault(row["config"], []).append(row)
@@ -138,8 +138,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         paired = {(r["seed"], r["config"]): r for group in by.values() for r in group}
         seeds = sorted({r["seed"] for r in by["none"]})
 
-        def diff(a: str, b: str, key: str = "test_accuracy") -> dict[str, float]:
-            return common.mean_std(paired[s, a][key] - paired[s, b][key] for s in seeds)
+        def diff(a: str, b: str) -> dict[str, float]:
+            return common.mean_std(paired[s, a]["test_accuracy"] - paired[s, b]["test_accuracy"] for s in seeds)
 
         entry["defaults_minus_recipe"] = diff("defaults", "recipe")
         entry["defaults_minus_paper"] = diff("defaults", "paper")
