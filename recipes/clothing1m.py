@@ -38,7 +38,7 @@ from sap_hf.data import undecoded_images
 from sap_hf.core.formatting import format_result_alphas
 from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
 from sap_hf.plotting import plot_alpha_curve
-from sap_hf.audit.cleanup import REFINE_MODES, RefineConfig
+from sap_hf.audit.cleanup import BEST_MODES, REFINE_MODES, RefineConfig
 from sap_hf.cli.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
 from sap_hf.trainer import SAPTrainer
 
@@ -77,7 +77,10 @@ class ScriptArguments(DataArguments, ModelArguments):
             "most wrong labels, so this second audit ranks them better than the first (benchmarks/README.md, label audit)."
         },
     )
-    refine_mode: str = field(default="best", metadata={"help": f"Refine: one of {list(REFINE_MODES)} ('best' tries both on val)."})
+    refine_mode: str = field(
+        default="best",
+        metadata={"help": f"Refine: one of {list(REFINE_MODES)} ('best' tries {list(BEST_MODES)} and keeps the one best on val)."},
+    )
     refine_learning_rates: Optional[list[float]] = field(
         default=None, metadata={"help": "Refine: learning rates tried (default: the training learning_rate and twice it)."}
     )

@@ -37,7 +37,7 @@ from .core.targets import check_classifier
 from .runtime.modeling import logits_of
 from .hub import sap_record, staged_save, write_sap_files
 from .losses import check_label_smoothing, training_loss_record
-from .audit.cleanup import RefineConfig, RefineResult, refine
+from .audit.cleanup import MODES, RefineConfig, RefineResult, refine
 
 logger = logging.get_logger(__name__)
 
@@ -401,12 +401,13 @@ class SAPTrainer(Trainer):
         audit: Optional[LabelAudit] = None,
         refine_config: Optional[RefineConfig] = None,
     ) -> RefineResult:
-        """Clean-up after `correct()`: fine-tune on the training data without the suspected labels (`sap_hf.audit.cleanup.refine`).
+        """Clean-up after `correct()`: fine-tune as the label audit says (`sap_hf.audit.cleanup.refine`).
 
         `train_dataset` (default: the training set) must be the data `audit` was made on
-        (default: `self.label_audit`, or a new audit of `train_dataset`). Learning rate, length and
-        mode are chosen on `eval_dataset` (default: the Trainer's); the result goes into the SAP
-        record and the model card.
+        (default: `self.label_audit`, or a new audit of `train_dataset`). Each run is a `Trainer`
+        with this trainer's `TrainingArguments` (batch size, optimiser, schedule, precision, seed),
+        learning rate and length from `refine_config`. Learning rate, length and mode are chosen on
+        `eval_dataset` (default: the Trainer's); the result goes into the SAP record and the model card.
         """
         train_dataset, eval_dataset = self._train_and_eval("refine()", "train_dataset", train_dataset, eval_dataset,
                                                            "lr and length")
@@ -418,12 +419,13 @@ class SAPTrainer(Trainer):
             lr = self.args.learning_rate
             refine_config = dataclasses.replace(refine_config, learning_rates=[lr, 2 * lr])
         result = refine(
-            self.model, train_dataset, audit, evaluate_fn, refine_config,
-            runtime=self._runtime(refine_config.batch_size), metric=metric, greater_is_better=greater,
+            self.model, train_dataset, audit, evaluate_fn, refine_config, args=self.args,
+            runtime=self._runtime(self.args.per_device_eval_batch_size), metric=metric, greater_is_better=greater,
         )
         self.refine_result = result
         for trial in result.trials:
             self.log({"sap/refine_lr": trial["learning_rate"], "sap/refine_epochs": float(trial["epochs"]),
+                      "sap/refine_mode": float(MODES.index(trial["mode"])),
                       **{f"sap/refine_{k}": v for k, v in trial["metrics"].items() if not k.endswith(_BOOKKEEPING)}})
         return result
 

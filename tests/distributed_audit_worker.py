@@ -1,10 +1,12 @@
 """Run by tests/test_audit_cli.py under `accelerate launch`: audit the labels, refine; save what must match."""
 
 import json
+import os
 import sys
 
 import torch
 from accelerate import Accelerator
+from transformers import TrainingArguments
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from helpers import random_examples  # noqa: E402
@@ -17,6 +19,10 @@ from sap_hf.runtime.passes import Runtime
 
 def main(out_dir: str) -> None:
     torch.manual_seed(0)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    # Before the Accelerator: a TrainingArguments made later resets the process state the Accelerator holds.
+    args = TrainingArguments(output_dir=f"{out_dir}/refine", per_device_train_batch_size=8 // processes,
+                             use_cpu=True, report_to=[], disable_tqdm=True, seed=0)
     accelerator = Accelerator(cpu=True)
     model = tiny_model("vit", num_labels=3, seed=0)
     data = random_examples(23, num_labels=3, seed=5)  # 23: uneven shards on 2 processes
@@ -28,8 +34,12 @@ def main(out_dir: str) -> None:
         calls.append(1)
         return {"accuracy": float(len(calls)), "val": val(m)["accuracy"]}
 
-    config = RefineConfig(mode="relabel", relabel_threshold=0.3, learning_rates=[1e-2], epochs=[1, 2], batch_size=5)
-    result = refine(model, data, audit, evaluate, config, runtime=Runtime(accelerator=accelerator, show_progress=False))
+    # refine: 24 images, all kept ('soft'), a global batch of 8 however many processes: the same batches, no padding
+    refine_data = random_examples(24, num_labels=3, seed=7)
+    refine_audit = audit_labels(model, refine_data, runtime=Runtime(batch_size=4, accelerator=accelerator, show_progress=False))
+    config = RefineConfig(mode="soft", learning_rates=[1e-2], epochs=[1, 2])
+    result = refine(model, refine_data, refine_audit, evaluate, config, args=args,
+                    runtime=Runtime(accelerator=accelerator, show_progress=False))
     if accelerator.is_main_process:
         weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         with open(f"{out_dir}/result.json", "w") as handle:

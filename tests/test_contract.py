@@ -275,5 +275,5 @@ def test_refine_accepts_the_audit_of_a_subset_sampling_loader():
     audit = audit_labels(model, view, filter_by="predicted_neq_given", runtime=QUIET)
     assert audit.indices.tolist() == list(range(3, 12))  # indices of loader.dataset
     result = refine(model, view, audit, lambda m: evaluate_accuracy(m, random_examples(6, seed=2), runtime=QUIET),
-                    RefineConfig(learning_rates=[1e-3], epochs=[1], batch_size=4, mode="remove"), runtime=QUIET)
+                    RefineConfig(learning_rates=[1e-3], epochs=[1], mode="remove"), runtime=QUIET)
     assert result.examples["remove"]["kept"] + result.examples["remove"]["removed"] == 9

@@ -14,7 +14,8 @@ from sap_hf.audit.labels import LabelAudit
 from sap_hf.core.evaluation import accuracy_evaluator
 from sap_hf.hub import load_sap_record
 from sap_hf.models import tiny_model
-from sap_hf.audit.cleanup import RefineConfig, cleaned_labels, refine
+from sap_hf.audit.cleanup import BEST_MODES, RefineConfig, cleaned_labels, cleanup_plan, refine
+from sap_hf.data import augment
 from sap_hf.trainer import SAPTrainer
 
 from helpers import random_examples, snapshot, assert_identical
@@ -28,6 +29,11 @@ def _audit():
                       suspected=torch.tensor([False, True, True, False]))
 
 
+def _args(tmp_path, batch_size=8, **extra):
+    return TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=batch_size, report_to=[],
+                             disable_tqdm=True, use_cpu=True, lr_scheduler_type="cosine", seed=0, **extra)
+
+
 def test_cleaned_labels_remove_and_relabel():
     audit = _audit()
     assert cleaned_labels(audit, "remove") == {3: 0, 9: 1}
@@ -36,48 +42,99 @@ def test_cleaned_labels_remove_and_relabel():
     assert cleaned_labels(audit, "relabel", 0.5) == {3: 0, 5: 1, 7: 0, 9: 1}
 
 
+def test_plans_of_the_modes_that_keep_every_image():
+    audit = _audit()
+    soft = cleanup_plan(audit, "soft", RefineConfig(temperature=0.5))
+    assert soft.positions == [3, 5, 7, 9] and not soft.unlabelled.any()
+    assert torch.allclose(soft.targets.sum(1), torch.ones(4))
+    # example 7: given 1 with p=0.05, so its target is mostly the sharpened prediction (class 0)
+    sharp0 = 0.95 ** 2 / (0.95 ** 2 + 0.05 ** 2)
+    assert soft.targets[2, 0].item() == pytest.approx(0.05 * 0 + 0.95 * sharp0, abs=1e-6)
+    # example 3: given 0 with p=0.9: 0.9 x one-hot + 0.1 x sharpened
+    assert soft.targets[0, 0].item() == pytest.approx(0.9 + 0.1 * 0.81 / 0.82, abs=1e-6)
+    pseudo = cleanup_plan(audit, "pseudo")
+    assert pseudo.positions == [3, 5, 7, 9] and pseudo.unlabelled.tolist() == [False, True, True, False]
+    assert pseudo.targets[1].sum() == 0 and pseudo.hard_labels() == {3: 0, 9: 1}
+    assert pseudo.counts(audit) == {"kept": 2, "removed": 0, "unlabelled": 2, "relabelled": 0}
+
+
 def test_refine_config_validates():
-    for bad, match in (({"mode": "drop"}, "mode"), ({"learning_rates": [0.0]}, "learning_rates"), ({"epochs": [0]}, "epochs"),
+    for bad, match in (({"mode": "drop"}, "mode"), ({"mode": []}, "mode"), ({"mode": ["remove", "x"]}, "mode"),
+                       ({"learning_rates": [0.0]}, "learning_rates"), ({"epochs": [0]}, "epochs"),
                        ({"relabel_threshold": 1.5}, "relabel_threshold"), ({"relabel_threshold": "high"}, "relabel_threshold"),
-                       ({"batch_size": 0}, "batch_size"), ({"weight_decay": float("nan")}, "weight_decay")):
+                       ({"pseudo_threshold": 0}, "pseudo_threshold"), ({"temperature": 0}, "temperature"),
+                       ({"unlabelled_weight": -1}, "unlabelled_weight")):
         with pytest.raises(ValueError, match=match):
             RefineConfig(**bad)
     assert RefineConfig(epochs=[4, 1, 4]).epochs == [1, 4]
+    assert RefineConfig().modes == list(BEST_MODES) and RefineConfig(mode=["soft", "soft"]).modes == ["soft"]
 
 
-def test_refine_picks_on_val_and_is_never_worse():
+def test_augmentations_keep_shape_and_content():
+    pixels = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    keys = torch.arange(6)
+    draws = augment.hashed_uniform(keys, 5, augment.STRONG_DRAWS)
+    assert draws.shape == (6, augment.STRONG_DRAWS) and ((draws >= 0) & (draws < 1)).all()
+    # an image's draws depend on its key and the salt only, not on the batch it is in
+    assert torch.equal(augment.hashed_uniform(keys[3:], 5, augment.STRONG_DRAWS), draws[3:])
+    assert not torch.equal(augment.hashed_uniform(keys, 6, augment.STRONG_DRAWS), draws)
+    many = augment.hashed_uniform(torch.arange(4000), 1, 2)
+    assert abs(float(many.mean()) - 0.5) < 0.02 and abs(float((many < 0.5).float().mean()) - 0.5) < 0.03
+    shifted = augment.random_shift(pixels, 2, draws[:, :2])
+    assert shifted.shape == pixels.shape
+    # a whole-pixel shift: each image's interior equals the original's, moved by at most 2 pixels
+    for image, moved in zip(pixels, shifted):
+        assert any(torch.equal(moved[:, 2:6, 2:6], image[:, 2 + dy:6 + dy, 2 + dx:6 + dx])
+                   for dy in range(-2, 3) for dx in range(-2, 3))
+    flipped = augment.random_flip(pixels, draws[:, 2])
+    assert all(torch.equal(f, p) or torch.equal(f, p.flip(-1)) for f, p in zip(flipped, pixels))
+    holes = augment.cutout(torch.ones(6, 1, 8, 8), draws[:, 3:5], 0.5)
+    assert all(0 < int((h == 0).sum()) <= 16 for h in holes)
+    strong = augment.strong_view(pixels, draws)
+    assert strong.shape == pixels.shape and torch.isfinite(strong).all() and not torch.equal(strong, pixels)
+
+
+@pytest.mark.parametrize("mode", ["remove", "soft", "pseudo"])
+def test_refine_picks_on_val_and_is_never_worse(tmp_path, mode):
     model = tiny_model("vit", num_labels=3, seed=0)
     train, val = random_examples(24, seed=1), random_examples(12, seed=2)
     audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     evaluate = accuracy_evaluator(val, runtime=Runtime(batch_size=12))
     before = evaluate(model)["accuracy"]
-    config = RefineConfig(mode="best", learning_rates=[1e-3, 1e-2], epochs=[1, 2], relabel_threshold=0.3, batch_size=8)
-    result = refine(model, train, audit, evaluate, config, runtime=Runtime(show_progress=False))
-    assert len(result.trials) == 2 * 2 * 2  # modes x lrs x checkpoints
+    config = RefineConfig(mode=mode, learning_rates=[1e-3, 1e-2], epochs=[1, 2], pseudo_threshold=0.3)
+    result = refine(model, train, audit, evaluate, config, args=_args(tmp_path), runtime=Runtime(show_progress=False))
+    assert len(result.trials) == 2 * 2  # lrs x checkpoints
     assert result.final_metrics["accuracy"] >= before == result.baseline_metrics["accuracy"]
     assert evaluate(model)["accuracy"] == pytest.approx(result.final_metrics["accuracy"])
-    assert result.examples["remove"]["kept"] == int((~audit.suspected).sum())
-    assert result.examples["relabel"]["relabelled"] > 0
+    kept = int((~audit.suspected).sum())
+    assert result.examples[mode]["kept"] == (24 if mode == "soft" else kept)
+    # cost: 2 epochs x 2 lrs of the examples trained (pseudo: a suspect's weak and strong view)
+    per_epoch = {"remove": kept, "soft": 24, "pseudo": 24 + audit.num_suspected}[mode]
+    assert result.cost_epochs == pytest.approx(2 * 2 * per_epoch / 24)
     assert result.to_dict()["changed"] == result.changed
 
 
-def test_refine_trains_only_on_kept_examples():
+def test_refine_trains_only_on_kept_examples_with_their_targets(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
     audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     seen = []
-    original = refine_module._with_label
+    original = refine_module.CleanupTrainer.compute_loss
 
-    def spy(example, label):
-        seen.append(label)
-        return original(example, label)
+    def spy(self, model, inputs, *args, **kwargs):
+        seen.append((inputs[refine_module.TARGET_COLUMN].clone(), inputs[refine_module.UNLABELLED_COLUMN].clone()))
+        return original(self, model, inputs, *args, **kwargs)
 
-    with mock.patch.object(refine_module, "_with_label", spy):
-        refine(model, train, audit, lambda m: {'accuracy': 0.0}, RefineConfig(mode='remove', epochs=[1], learning_rates=[0.001]), runtime=Runtime(show_progress=False))
-    assert len(seen) == int((~audit.suspected).sum())
+    with mock.patch.object(refine_module.CleanupTrainer, "compute_loss", spy):
+        refine(model, train, audit, lambda m: {'accuracy': 0.0}, RefineConfig(mode='remove', epochs=[1], learning_rates=[0.001]),
+               args=_args(tmp_path, batch_size=4), runtime=Runtime(show_progress=False))
+    targets = torch.cat([t for t, _ in seen])
+    assert len(targets) == int((~audit.suspected).sum()) and not torch.cat([u for _, u in seen]).any()
+    given = audit.given[~audit.suspected]
+    assert sorted(targets.argmax(1).tolist()) == sorted(given.tolist()) and torch.equal(targets.sum(1), torch.ones(len(targets)))
 
 
-def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan():
+def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
     audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
@@ -91,45 +148,28 @@ def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan():
         return {"accuracy": 0.5}
 
     with pytest.raises(KeyboardInterrupt):
-        refine(model, train, audit, evaluate, RefineConfig(epochs=[1, 2], learning_rates=[0.01]), runtime=Runtime(show_progress=False))
+        refine(model, train, audit, evaluate, RefineConfig(epochs=[1, 2], learning_rates=[0.01]), args=_args(tmp_path),
+               runtime=Runtime(show_progress=False))
     assert_identical(model, before)
     everything = LabelAudit(indices=audit.indices, given=audit.given, probs=audit.probs, scores=audit.scores,
                             suspected=torch.ones_like(audit.suspected))
     with pytest.raises(ValueError, match="learning_rates=None"):
         refine(model, train, audit, evaluate, RefineConfig(), runtime=Runtime(show_progress=False))
-    with pytest.raises(ValueError, match="leaves no training example"):
-        refine(model, train, everything, evaluate, RefineConfig(learning_rates=[0.001]), runtime=Runtime(show_progress=False))
+    for mode in ("remove", "pseudo"):
+        with pytest.raises(ValueError, match="leaves no labelled training example"):
+            refine(model, train, everything, evaluate, RefineConfig(mode=mode, learning_rates=[0.001]),
+                   runtime=Runtime(show_progress=False))
     assert_identical(model, before)
 
 
-def test_refine_shuffles_a_list_of_examples_each_epoch():
-    model = tiny_model("vit", num_labels=3, seed=0)
-    train = random_examples(12, seed=1)
-    for position, example in enumerate(train):
-        example["position"] = position
-    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
-    seen = []
-    original = refine_module._with_label
-
-    def spy(example, label):
-        seen.append(example.get("position"))
-        return original({k: v for k, v in example.items() if k != "position"}, label)
-
-    kept = int((~audit.suspected).sum())
-    assert kept >= 3
-    with mock.patch.object(refine_module, "_with_label", spy):
-        refine(model, train, audit, lambda m: {'accuracy': 0.0}, RefineConfig(mode='remove', epochs=[2], learning_rates=[0.001], batch_size=4), runtime=Runtime(show_progress=False))
-    first, second = seen[:kept], seen[kept:]
-    assert sorted(first) == sorted(second) and (first != sorted(first) or second != sorted(second) or first != second)
-
-
-def test_refine_best_skips_relabel_when_it_equals_remove():
+def test_refine_best_skips_relabel_when_it_equals_remove(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     train, val = random_examples(12, seed=1), random_examples(6, seed=2)
     audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     assert audit.num_suspected > 0
-    config = RefineConfig(mode="best", learning_rates=[1e-3], epochs=[1], relabel_threshold=1.0, batch_size=4)
-    result = refine(model, train, audit, accuracy_evaluator(val, runtime=Runtime(batch_size=6)), config, runtime=Runtime(show_progress=False))
+    config = RefineConfig(mode=["remove", "relabel"], learning_rates=[1e-3], epochs=[1], relabel_threshold=1.0)
+    result = refine(model, train, audit, accuracy_evaluator(val, runtime=Runtime(batch_size=6)), config,
+                    args=_args(tmp_path, batch_size=4), runtime=Runtime(show_progress=False))
     assert [t["mode"] for t in result.trials] == ["remove"]
     assert result.examples["relabel"]["relabelled"] == 0
 
@@ -140,7 +180,7 @@ def test_refine_rejects_a_missing_metric_and_a_foreign_audit_before_training():
     audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
     before = snapshot(model)
     config = RefineConfig(mode="remove", epochs=[1], learning_rates=[1e-2])
-    with mock.patch.object(refine_module, "train_epochs", side_effect=AssertionError("trained")):
+    with mock.patch.object(refine_module.CleanupTrainer, "train", side_effect=AssertionError("trained")):
         with pytest.raises(ValueError, match="metric='f1' is not among the eval metrics"):
             refine(model, train, audit, lambda m: {'accuracy': 0.5}, config, metric='f1', runtime=Runtime(show_progress=False))
         with pytest.raises(ValueError, match="train_data has 6 examples"):
@@ -160,7 +200,7 @@ def test_trainer_audit_refine_record_and_card(tmp_path):
     with open(folder / "label_audit.csv") as handle:
         assert len(list(csv.DictReader(handle))) == 24
     assert json.loads((folder / "label_audit_summary.json").read_text())["suspected"] == audit.num_suspected
-    result = trainer.refine(refine_config=RefineConfig(epochs=[1], batch_size=8))  # lrs: args.learning_rate x 1, x 2
+    result = trainer.refine(refine_config=RefineConfig(epochs=[1]))  # lrs: args.learning_rate x 1, x 2
     assert result.final_metrics["accuracy"] >= result.baseline_metrics["accuracy"]
     assert any("sap/refine_lr" in entry for entry in trainer.state.log_history)
     trainer.save_model()

@@ -55,7 +55,7 @@ def test_correct_and_refine_evaluate_without_trainer_evaluate_and_select_by_loss
     assert not any(key.startswith("sap_eval_") for entry in trainer.state.log_history for key in entry)
     best = min(entry["sap/loss"] for entry in logged)
     assert result.final_metrics["loss"] == best and "sap/loss_after" in trainer.state.log_history[-1]
-    refined = trainer.refine(refine_config=RefineConfig(epochs=[1], batch_size=8, learning_rates=[1e-3]))
+    refined = trainer.refine(refine_config=RefineConfig(epochs=[1], learning_rates=[1e-3]))
     assert refined.baseline_metrics["loss"] == pytest.approx(best, abs=1e-6)  # the model is at the chosen alpha
     assert all("loss" in trial["metrics"] for trial in refined.trials)
 

@@ -1,56 +1,81 @@
-"""Clean-up after SAP (`refine`): fine-tune the corrected model on the training data without its wrong labels.
+"""Clean-up after SAP (`refine`): fine-tune the corrected model with `transformers.Trainer`, learning from every image.
 
 SAP removes memorised noise but uses no labels, so it stops short of a model trained on clean
-data. The corrected model's label audit (`sap_hf.audit`) says which training labels are wrong;
-`refine` fine-tunes the corrected model on the training data with those examples removed
-(`mode="remove"`), or relabelled to the corrected model's prediction where it is confident
-and removed otherwise (`mode="relabel"`); `mode="best"` tries both. The learning rate and the
-length are chosen on a clean validation split, and "no change" (the SAP model) stays a candidate,
-so refine never hands back a model worse on validation than the one it started from.
+data. The corrected model's label audit (`sap_hf.audit`) says which training labels look wrong;
+`refine` then fine-tunes the corrected model on the training data, in one of these modes:
 
-Training is a plain AdamW loop. With several processes every process takes the same global
-batches (same shuffle), computes the loss of its share of each batch, and the gradients are
-summed once per step: the update equals a one-process run's, with no padded duplicates.
+* `remove`: the suspected examples are dropped (40% of the images teach nothing at 40% noise);
+* `relabel`: a suspected example takes the corrected model's class where it is confident, else is dropped;
+* `soft`: every example is kept with a soft target, its given label mixed with the corrected model's
+  sharpened probabilities in proportion to the probability the model gives the given label (label
+  refinement, as in DivideMix);
+* `pseudo`: unsuspected examples keep their labels; the suspected ones are unlabelled data, each
+  trained to predict, on a strongly augmented view, the class the model itself gives a weakly
+  augmented view when it is confident (FixMatch consistency).
+
+The corrected model is the teacher (the audit's probabilities, for `soft`) and the starting point.
+Modes, learning rates and length are chosen on a clean validation split, and "no change" (the SAP
+model) stays a candidate, so refine never hands back a model worse on validation than its input.
+
+Each run is a `transformers.Trainer` (`CleanupTrainer`): mixed precision, gradient accumulation,
+DDP/FSDP, `report_to` and the optimiser come from the `TrainingArguments` given (a `SAPTrainer`
+gives its own); `RefineConfig` holds only what is the clean-up's own. The loss of a global batch is
+its per-example sum over the global example count (one all-reduce of the count), so one and several
+processes make the same update.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import dataclasses
+import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.state import PartialState
 from torch import nn
-from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
-from ..runtime.batching import Collator, examples_and_collate, is_map_style
+from ..data.augment import STRONG_DRAWS, WEAK_DRAWS, hashed_uniform, strong_view, weak_view
+from ..runtime.batching import Collator, examples_and_collate, fetch_examples
 from ..runtime.checks import check_choice, finite_float, invalid, positive_float, positive_int
-from ..runtime.contract import LoaderData, as_pass_data
-from ..runtime.modeling import predict_logits
+from ..runtime.contract import LoaderData, as_pass_data, is_map_style
+from ..runtime.modeling import logits_of
 from ..runtime.passes import Runtime, resolve_runtime
 from .labels import LabelAudit
 
 logger = logging.get_logger(__name__)
 
-REFINE_MODES: tuple[str, ...] = ("remove", "relabel", "best")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+MODES: tuple[str, ...] = ("remove", "relabel", "soft", "pseudo")
+BEST_MODES: tuple[str, ...] = ("remove", "pseudo")
+"""What `mode="best"` tries (benchmarks/README.md, "Learning from the doubted images" measured every mode)."""
+REFINE_MODES: tuple[str, ...] = (*MODES, "best")
+
+TARGET_COLUMN = "sap_cleanup_target"
+"""Each training example's soft target (a probability vector; all zeros for an unlabelled example)."""
+UNLABELLED_COLUMN = "sap_cleanup_unlabelled"
+"""1 for an example whose label is not used (`pseudo`: the suspected ones), 0 otherwise."""
+POSITION_COLUMN = "sap_cleanup_position"
+"""Each example's position in the training data: with the step, it seeds the example's augmentation."""
 
 
 @dataclass
 class RefineConfig:
-    """Configuration of the clean-up fine-tune after SAP (`refine`)."""
+    """The clean-up's own settings; batch size, optimiser, schedule, precision and seed come from `TrainingArguments`."""
 
-    mode: str = field(
+    mode: Union[str, list[str]] = field(
         default="best",
         metadata={
             "help": (
-                "'remove': drop the suspected examples. 'relabel': give a suspected example the corrected model's "
-                "predicted class when its probability is >= relabel_threshold, drop it otherwise. 'best' (default): "
-                "try both and keep the one better on the eval set."
+                f"One of {list(MODES)}, a list of them, or 'best' (= {list(BEST_MODES)}): each is tried and the eval set "
+                "picks one. 'remove' drops the suspected examples; 'relabel' gives a suspect the corrected model's class "
+                "when its probability >= relabel_threshold; 'soft' trains every example on its label mixed with the "
+                "corrected model's sharpened probabilities; 'pseudo' treats the suspects as unlabelled images trained "
+                "to agree, on a strong augmentation, with the model's confident prediction on a weak one (FixMatch)."
             )
         },
     )
@@ -58,31 +83,40 @@ class RefineConfig:
         default=None,
         metadata={
             "help": (
-                "Learning rates tried (AdamW); the eval set picks one. None: SAPTrainer.refine uses its "
-                "TrainingArguments.learning_rate x 1 and x 2 (the benchmark's best: refine at or above the training lr, "
-                "cosine); sap_hf.refine() needs them given."
+                "Learning rates tried; the eval set picks one. None: SAPTrainer.refine uses its "
+                "TrainingArguments.learning_rate x 1 and x 2; sap_hf.refine() needs them given."
             )
         },
     )
     epochs: list[int] = field(
         default_factory=lambda: [1, 2, 3, 4, 6, 8],
-        metadata={"help": "Epochs after which the eval set is measured; the largest is the run length. Epoch 0 (no change) is a candidate."},
+        metadata={"help": "Epochs after which the eval set is measured; the largest is the run length (the schedule "
+                          "spans it). Epoch 0 (no change) is a candidate."},
     )
     relabel_threshold: float = field(
         default=0.9,
-        metadata={"help": "mode='relabel': relabel a suspected example when the corrected model gives its predicted class at least this probability."},
+        metadata={"help": "mode='relabel': relabel a suspect when the corrected model gives its class at least this probability."},
     )
-    schedule: str = field(
-        default="cosine",
-        metadata={"help": "Learning-rate schedule of each run: 'cosine' (decay to 0 over the largest of `epochs`) or 'constant'."},
+    temperature: float = field(
+        default=0.5,
+        metadata={"help": "mode='soft': sharpening temperature of the corrected model's probabilities (DivideMix: 0.5)."},
     )
-    batch_size: int = field(default=64, metadata={"help": "Global training batch size (split across processes)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    seed: int = field(default=0, metadata={"help": "Seed of the shuffling."})
+    pseudo_threshold: float = field(
+        default=0.95,
+        metadata={"help": "mode='pseudo': an unlabelled image trains only when the weak view's top probability is at least "
+                          "this (FixMatch: 0.95)."},
+    )
+    unlabelled_weight: float = field(
+        default=1.0, metadata={"help": "mode='pseudo': weight of the unlabelled images' loss beside the labelled ones'."}
+    )
+    augment: bool = field(
+        default=True,
+        metadata={"help": "Train on a weakly augmented view (flip, shift by 1/8 of the side) of every image, in every "
+                          "mode ('pseudo' always augments its unlabelled images)."},
+    )
 
     def __post_init__(self) -> None:
-        self.mode = check_choice("RefineConfig.mode", self.mode, REFINE_MODES)
-        self.schedule = check_choice("RefineConfig.schedule", self.schedule, SCHEDULES)
+        self.mode = _check_modes(self.mode)
         if self.learning_rates is not None:
             rates = [self.learning_rates] if np.ndim(self.learning_rates) == 0 else list(np.asarray(self.learning_rates).tolist())
             if not rates:
@@ -92,22 +126,41 @@ class RefineConfig:
         if not epochs:
             raise invalid("RefineConfig.epochs", self.epochs, "give positive integers, e.g. [1, 2, 4, 8].")
         self.epochs = sorted({positive_int("RefineConfig.epochs", e, "e.g. [1, 2, 4, 8].") for e in epochs})
-        threshold = finite_float("RefineConfig.relabel_threshold", self.relabel_threshold)
-        if not 0.0 < threshold <= 1.0:
-            raise invalid("RefineConfig.relabel_threshold", self.relabel_threshold, "use a probability in (0, 1].")
-        self.relabel_threshold = threshold
-        self.batch_size = positive_int("RefineConfig.batch_size", self.batch_size)
-        self.weight_decay = finite_float("RefineConfig.weight_decay", self.weight_decay)
-        if self.weight_decay < 0:
-            raise invalid("RefineConfig.weight_decay", self.weight_decay, "use a number >= 0.")
+        for name in ("relabel_threshold", "pseudo_threshold"):
+            value = finite_float(f"RefineConfig.{name}", getattr(self, name))
+            if not 0.0 < value <= 1.0:
+                raise invalid(f"RefineConfig.{name}", getattr(self, name), "use a probability in (0, 1].")
+            setattr(self, name, value)
+        self.temperature = positive_float("RefineConfig.temperature", self.temperature, "e.g. 0.5.")
+        self.unlabelled_weight = finite_float("RefineConfig.unlabelled_weight", self.unlabelled_weight)
+        if self.unlabelled_weight < 0:
+            raise invalid("RefineConfig.unlabelled_weight", self.unlabelled_weight, "use a number >= 0, e.g. 1.0.")
+
+    @property
+    def modes(self) -> list[str]:
+        """The modes tried, in order."""
+        return list(BEST_MODES) if self.mode == "best" else ([self.mode] if isinstance(self.mode, str) else list(self.mode))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def _check_modes(mode: Any) -> Union[str, list[str]]:
+    if isinstance(mode, str):
+        return check_choice("RefineConfig.mode", mode, REFINE_MODES)
+    modes = list(mode) if isinstance(mode, (list, tuple)) else None
+    if not modes:
+        raise invalid("RefineConfig.mode", mode, f"use one of {list(REFINE_MODES)} or a non-empty list of {list(MODES)}.")
+    return list(dict.fromkeys(check_choice("RefineConfig.mode", m, MODES) for m in modes))
+
+
 @dataclass
 class RefineResult:
-    """What the clean-up did: the chosen mode, lr and length, how many labels it removed or changed, every trial."""
+    """What the clean-up did: the chosen mode, lr and length, how many labels it kept/removed/changed, every trial.
+
+    `cost_epochs`: forward + backward passes of all runs, in epochs of the training set (an unlabelled
+    image of `pseudo` counts twice: its weak and its strong view).
+    """
 
     mode: Optional[str]
     learning_rate: Optional[float]
@@ -117,6 +170,7 @@ class RefineResult:
     examples: dict[str, dict[str, int]] = field(default_factory=dict)
     trials: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    cost_epochs: float = 0.0
 
     @property
     def changed(self) -> bool:
@@ -126,127 +180,222 @@ class RefineResult:
         return dict(asdict(self), changed=self.changed)
 
 
-def cleaned_labels(audit: LabelAudit, mode: str, relabel_threshold: float = 0.9) -> dict[int, int]:
-    """Global index -> label to train on; indices absent are dropped.
+# ----------------------------------------------------------------------------------------------
+# Plans: which examples train, on which target (pure functions of the audit)
+# ----------------------------------------------------------------------------------------------
 
-    'remove' keeps every unsuspected example with its label; 'relabel' also keeps the suspected
-    examples the corrected model is confident about (probability of its prediction >= threshold),
-    with the predicted label.
-    """
-    check_choice("mode", mode, ("remove", "relabel"))
+
+@dataclass
+class CleanupPlan:
+    """The training examples of one mode: positions in the training data, soft targets, which are unlabelled."""
+
+    positions: list[int]
+    targets: torch.Tensor
+    unlabelled: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def hard_labels(self) -> dict[int, int]:
+        """Position -> the class of its target, for the labelled examples."""
+        labels = self.targets.argmax(1).tolist()
+        return {p: y for p, y, u in zip(self.positions, labels, self.unlabelled.tolist()) if not u}
+
+    def counts(self, audit: LabelAudit) -> dict[str, int]:
+        given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
+        labels = self.hard_labels()
+        return {"kept": len(labels), "removed": len(audit) - len(self), "unlabelled": int(self.unlabelled.sum()),
+                "relabelled": sum(1 for p, y in labels.items() if given[p] != y)}
+
+
+def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`p^(1/T)` renormalised per row (T < 1 sharpens)."""
+    logits = probs.clamp_min(1e-12).log() / temperature
+    return logits.softmax(-1)
+
+
+def cleanup_plan(audit: LabelAudit, mode: str, config: Optional[RefineConfig] = None) -> CleanupPlan:
+    """The examples and targets `mode` trains on, from the audit of the corrected model."""
+    config = config or RefineConfig()
+    check_choice("mode", mode, MODES)
+    probs = audit.probs.double()
+    onehot = F.one_hot(audit.given, probs.shape[1]).double()
     keep = ~audit.suspected
-    labels = audit.given.clone()
+    unlabelled = torch.zeros_like(keep)
+    targets = onehot.clone()
     if mode == "relabel":
-        confident = audit.suspected & (audit.probs.max(1).values >= relabel_threshold)
-        labels[confident] = audit.predicted[confident]
+        confident = audit.suspected & (probs.max(1).values >= config.relabel_threshold)
+        targets[confident] = F.one_hot(audit.predicted[confident], probs.shape[1]).double()
         keep = keep | confident
-    return {int(i): int(y) for i, y, k in zip(audit.indices.tolist(), labels.tolist(), keep.tolist()) if k}
+    elif mode == "soft":
+        trust = audit.prob_given.double()[:, None]  # the corrected model's probability of the given label
+        targets = trust * onehot + (1 - trust) * sharpen(probs, config.temperature)
+        keep = torch.ones_like(keep)
+    elif mode == "pseudo":
+        unlabelled = audit.suspected.clone()
+        targets[unlabelled] = 0.0
+        keep = torch.ones_like(keep)
+    order = torch.argsort(audit.indices)  # positions ascending: the data's order
+    chosen = order[keep[order]]
+    return CleanupPlan(positions=audit.indices[chosen].tolist(), targets=targets[chosen].float(),
+                       unlabelled=unlabelled[chosen])
 
 
-def _indexable(data: Any) -> bool:
-    """Examples reachable by position (a map-style dataset, or a list/tuple of examples): shuffled each epoch."""
-    return is_map_style(data) or isinstance(data, (list, tuple))
+def cleaned_labels(audit: LabelAudit, mode: str, relabel_threshold: float = 0.9) -> dict[int, int]:
+    """Global index -> hard label to train on for `remove`/`relabel`; indices absent are dropped."""
+    check_choice("mode", mode, ("remove", "relabel"))
+    return cleanup_plan(audit, mode, RefineConfig(relabel_threshold=relabel_threshold)).hard_labels()
 
 
-def _examples(data: Any, labels: Mapping[int, int], order: Sequence[int]) -> Iterator[tuple[int, Any]]:
-    """(global index, example) for the kept examples, in `order` (indexable data) or stream order."""
-    if _indexable(data):
-        for index in order:
-            yield index, data[index]
-        return
-    for position, example in enumerate(data):
-        if position in labels:
-            yield position, example
+# ----------------------------------------------------------------------------------------------
+# The data a run trains on, and its collator
+# ----------------------------------------------------------------------------------------------
 
 
-def _with_label(example: Any, label: int) -> Any:
-    example = dict(example)
-    example.pop("label", None)
-    example["labels"] = label
+def _with_target(example: Any, position: int, target: torch.Tensor, unlabelled: bool) -> dict[str, Any]:
+    if not isinstance(example, Mapping):
+        raise ValueError(
+            f"refine trains on examples that are dicts of columns (pixel_values, label); got a {type(example).__name__}."
+        )
+    example = {k: v for k, v in example.items() if k not in ("label", "labels")}
+    example["labels"] = -100 if unlabelled else int(target.argmax())  # for collators that expect one; not trained on
+    example[TARGET_COLUMN] = target
+    example[UNLABELLED_COLUMN] = int(unlabelled)
+    example[POSITION_COLUMN] = int(position)
     return example
 
 
-def train_epochs(
-    model: nn.Module,
-    data: Any,
-    labels: Mapping[int, int],
-    *,
-    learning_rate: float,
-    epochs: Sequence[int],
-    on_checkpoint: Callable[[int], None],
-    batch_size: int = 32,
-    weight_decay: float = 0.0,
-    schedule: str = "constant",
-    seed: int = 0,
-    runtime: Optional[Runtime] = None,
-) -> None:
-    """AdamW on the examples of `labels` (global index -> label); `on_checkpoint(epoch)` after each epoch in `epochs`.
+class PlanExamples(torch.utils.data.Dataset):
+    """The examples of a plan from indexable data, each carrying its target: what the Trainer shuffles."""
 
-    Every process walks the same global batches; each computes the summed loss of its share
-    (`batch[rank::world]`) divided by the global batch size, and the gradients are all-reduced
-    (SUM) once per step, so the update is the one-process update.
+    def __init__(self, data: Any, plan: CleanupPlan):
+        self.data, self.plan = data, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        positions = [self.plan.positions[i] for i in indices]
+        examples = fetch_examples(self.data, positions)
+        return [_with_target(e, p, self.plan.targets[i], bool(self.plan.unlabelled[i]))
+                for e, p, i in zip(examples, positions, indices)]
+
+
+class PlanStream(torch.utils.data.IterableDataset):
+    """The examples of a plan from a stream, in stream order (a stream has no positions to shuffle)."""
+
+    def __init__(self, data: Any, plan: CleanupPlan):
+        self.data, self.plan = data, plan
+        self.row = {p: i for i, p in enumerate(plan.positions)}
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for position, example in enumerate(self.data):
+            row = self.row.get(position)
+            if row is not None:
+                yield _with_target(example, position, self.plan.targets[row], bool(self.plan.unlabelled[row]))
+
+
+class PlanCollator:
+    """The user's collator on the examples without the plan's columns; those come back as tensors."""
+
+    def __init__(self, collate: Collator):
+        self.collate = collate
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        features = [dict(f) for f in features]
+        targets = torch.stack([torch.as_tensor(f.pop(TARGET_COLUMN)) for f in features])
+        unlabelled = torch.tensor([f.pop(UNLABELLED_COLUMN) for f in features], dtype=torch.bool)
+        positions = torch.tensor([f.pop(POSITION_COLUMN) for f in features], dtype=torch.long)
+        batch = dict(self.collate(features))
+        batch[TARGET_COLUMN], batch[UNLABELLED_COLUMN], batch[POSITION_COLUMN] = targets.float(), unlabelled, positions
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# The Trainer of one run
+# ----------------------------------------------------------------------------------------------
+
+
+class CleanupTrainer(Trainer):
+    """A `Trainer` whose loss is the clean-up's: soft-target cross-entropy, plus FixMatch on the unlabelled examples.
+
+    Only `compute_loss` is overridden (why: the targets are soft and the unlabelled examples need two views).
     """
-    runtime = resolve_runtime(runtime)
-    data, collate = examples_and_collate(as_pass_data(data, "train_data"), runtime.collate_fn)
-    step = _Stepper(model, runtime, collate, labels, learning_rate, weight_decay)
-    generator = torch.Generator().manual_seed(seed)
-    kept = sorted(labels)
-    steps = max(epochs) * math.ceil(len(kept) / batch_size)
-    if schedule == "cosine":
-        step.schedule(lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
-    progress = tqdm(total=steps, desc=f"SAP refine (lr={learning_rate:g})", unit="step",
-                    disable=not (runtime.show_progress and runtime.is_main))
-    with progress:
-        for epoch in range(1, max(epochs) + 1):
-            model.train()
-            order = [kept[i] for i in torch.randperm(len(kept), generator=generator).tolist()] if _indexable(data) else kept
-            buffer: list[tuple[int, Any]] = []
-            for item in _examples(data, labels, order):
-                buffer.append(item)
-                if len(buffer) == batch_size:
-                    step(buffer)
-                    buffer = []
-                    progress.update(1)
-            if buffer:
-                step(buffer)
-                progress.update(1)
-            if epoch in set(epochs):
-                on_checkpoint(epoch)
+
+    def __init__(self, *args: Any, refine_config: RefineConfig, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.refine_config = refine_config
+        self.model_accepts_loss_kwargs = False  # our loss is normalised here; Trainer only divides by accumulation steps
+        self.passes = 0  # examples forwarded and backpropagated by this process (the cost)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        config = self.refine_config
+        targets = inputs.pop(TARGET_COLUMN).float()
+        unlabelled = inputs.pop(UNLABELLED_COLUMN).bool()
+        positions = inputs.pop(POSITION_COLUMN)
+        pixels = inputs["pixel_values"]
+        salt = (self.args.seed * 1_000_003 + self.state.global_step) * 2  # per step; an image's draws are its own
+        views = [weak_view(pixels, hashed_uniform(positions, salt, WEAK_DRAWS)) if config.augment else pixels]
+        if unlabelled.any():
+            views.append(strong_view(pixels[unlabelled], hashed_uniform(positions[unlabelled], salt + 1, STRONG_DRAWS)))
+        logits = logits_of(model(pixel_values=torch.cat(views))).float()
+        count = pixels.shape[0]
+        self.passes += count + int(unlabelled.sum())
+        first = logits[:count]
+        total = -(targets * first.log_softmax(-1)).sum()  # unlabelled rows have all-zero targets
+        if unlabelled.any():
+            with torch.no_grad():
+                confidence, pseudo = first[unlabelled].softmax(-1).max(-1)
+                confident = (confidence >= config.pseudo_threshold).float()
+            strong = F.cross_entropy(logits[count:], pseudo, reduction="none")
+            total = total + config.unlabelled_weight * (strong * confident).sum()
+        world = self.accelerator.num_processes
+        if world > 1:  # the global batch's example count: DDP averages the processes' gradients
+            count = self.accelerator.reduce(torch.tensor(count, device=logits.device), reduction="sum").item()
+        loss = total * world / count
+        return (loss, {"logits": first}) if return_outputs else loss
 
 
-class _Stepper:
-    """One optimiser step on a global batch: this process's share of the loss, gradients summed over processes."""
+class _Checkpoints(TrainerCallback):
+    """Calls `on_epoch(epoch)` at the end of each epoch listed (all processes: the evaluation is shared)."""
 
-    def __init__(self, model: nn.Module, runtime: Runtime, collate: Collator, labels: Mapping[int, int],
-                 learning_rate: float, weight_decay: float):
-        self.model, self.runtime, self.collate, self.labels = model, runtime, collate, labels
-        self.device = runtime.device(model)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-        self.scheduler: Optional[Any] = None
+    def __init__(self, epochs: Sequence[int], on_epoch: Callable[[int], None]):
+        self.epochs, self.on_epoch = set(epochs), on_epoch
 
-    def schedule(self, factor: Callable[[int], float]) -> None:
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        epoch = int(round(state.epoch or 0))
+        if epoch in self.epochs:
+            self.on_epoch(epoch)
 
-    def __call__(self, buffer: list[tuple[int, Any]]) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
-        share = buffer[self.runtime.rank :: self.runtime.world]
-        if share:
-            batch = self.collate([_with_label(example, self.labels[index]) for index, example in share])
-            logits = predict_logits(self.model, batch, self.device)
-            targets = torch.as_tensor([self.labels[index] for index, _ in share], device=logits.device)
-            loss = F.cross_entropy(logits, targets, reduction="sum") / len(buffer)
-            loss.backward()
-        if self.runtime.world > 1:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            flat = self.runtime.sum(torch.cat([g.reshape(-1) for g in grads]))
-            offset = 0
-            for p, g in zip(params, grads):
-                p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
-                offset += g.numel()
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
+
+def run_arguments(args: Optional[TrainingArguments], output_dir: str, learning_rate: float, epochs: int,
+                  show_progress: bool) -> TrainingArguments:
+    """The user's `TrainingArguments` for one clean-up run: its lr and length, nothing saved or evaluated by Trainer."""
+    if args is None:
+        args = TrainingArguments(
+            output_dir=output_dir, per_device_train_batch_size=64, lr_scheduler_type="cosine", weight_decay=0.0,
+            report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=not show_progress,
+        )
+    accelerator_config = args.accelerator_config
+    if PartialState._shared_state:  # keep the caller's process group (a fresh TrainingArguments would reset it)
+        accelerator_config = dataclasses.replace(accelerator_config, use_configured_state=True)
+    return dataclasses.replace(
+        args, output_dir=output_dir, learning_rate=learning_rate, num_train_epochs=epochs, max_steps=-1,
+        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, push_to_hub=False,
+        remove_unused_columns=False, logging_strategy="no", accelerator_config=accelerator_config,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# refine: every (mode, lr) run, the choice on the eval set
+# ----------------------------------------------------------------------------------------------
 
 
 def refine(
@@ -256,21 +405,26 @@ def refine(
     evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
     config: Optional[RefineConfig] = None,
     *,
+    args: Optional[TrainingArguments] = None,
     runtime: Optional[Runtime] = None,
     metric: str = "accuracy",
     greater_is_better: bool = True,
 ) -> RefineResult:
-    """Fine-tune `model` (the SAP-corrected one) on `train_data` cleaned by `audit`; lr and length by `evaluate_fn`.
+    """Fine-tune `model` (the SAP-corrected one) on `train_data` as `audit` says; mode, lr and length by `evaluate_fn`.
 
     `audit` must come from `audit_labels(model, train_data)` (the indices are positions in
-    `train_data`). `evaluate_fn(model) -> metrics` measures a clean validation split. The model
-    is left at the best candidate; unchanged when no fine-tune beats it.
+    `train_data`). `evaluate_fn(model) -> metrics` measures a clean validation split. `args`: the
+    `TrainingArguments` of each run (batch size, optimiser, schedule, precision, seed, `report_to`;
+    default: batch 64, AdamW, cosine, no weight decay); their learning rate and length are the
+    config's. `runtime.collate_fn` batches the examples. The model is left at the best candidate;
+    unchanged when no fine-tune beats it, and restored if a run fails.
     """
     config = config or RefineConfig()
     runtime = resolve_runtime(runtime)
     base = runtime.unwrap(model)
     train_data = as_pass_data(train_data, "train_data")
     plans, examples = _plans(audit, train_data, config)
+    data, collate = examples_and_collate(train_data, runtime.collate_fn)
     start = copy.deepcopy(base.state_dict())
     baseline = dict(evaluate_fn(base))
     if metric not in baseline:  # before any training: a missing metric would otherwise fail after the first epoch
@@ -280,21 +434,29 @@ def refine(
         )
     best = _Best(baseline, metric, greater_is_better)
     trials: list[dict[str, Any]] = []
+    passes = 0
     try:
-        for mode, lr in [(mode, lr) for mode in plans for lr in config.learning_rates]:
-            base.load_state_dict(start)
+        with tempfile.TemporaryDirectory(prefix="sap_refine_") as scratch:
+            for mode, lr in [(mode, lr) for mode in plans for lr in config.learning_rates]:
+                base.load_state_dict(start)
 
-            def checkpoint(epoch: int, mode: str = mode, lr: float = lr) -> None:
-                metrics = dict(evaluate_fn(base))
-                trials.append({"mode": mode, "learning_rate": lr, "epochs": epoch, "metrics": metrics})
-                logger.info("SAP refine: mode=%s lr=%g epochs=%d -> %s=%.4f", mode, lr, epoch, metric, metrics[metric])
-                best.offer(metrics, base, mode=mode, learning_rate=lr, epochs=epoch)
+                def checkpoint(epoch: int, mode: str = mode, lr: float = lr) -> None:
+                    metrics = dict(evaluate_fn(base))
+                    trials.append({"mode": mode, "learning_rate": lr, "epochs": epoch, "metrics": metrics})
+                    logger.info("SAP refine: mode=%s lr=%g epochs=%d -> %s=%.4f", mode, lr, epoch, metric, metrics[metric])
+                    best.offer(metrics, base, mode=mode, learning_rate=lr, epochs=epoch)
 
-            train_epochs(
-                base, train_data, plans[mode], learning_rate=lr, epochs=config.epochs, on_checkpoint=checkpoint,
-                batch_size=config.batch_size, weight_decay=config.weight_decay, schedule=config.schedule, seed=config.seed,
-                runtime=runtime,
-            )
+                trainer = CleanupTrainer(
+                    model=base,
+                    args=run_arguments(args, f"{args.output_dir}/_refine" if args is not None else scratch, lr,
+                                       max(config.epochs), runtime.show_progress),
+                    train_dataset=(PlanExamples if _indexable(data) else PlanStream)(data, plans[mode]),
+                    data_collator=PlanCollator(collate),
+                    callbacks=[_Checkpoints(config.epochs, checkpoint)],
+                    refine_config=config,
+                )
+                trainer.train()
+                passes += int(runtime.sum(torch.tensor(float(trainer.passes), dtype=torch.float64)).item())
     except BaseException:
         base.load_state_dict(start)
         raise
@@ -303,7 +465,11 @@ def refine(
     if best.state is None:
         logger.warning("SAP refine: no fine-tune beat the corrected model on the eval set; the model is unchanged.")
     return RefineResult(baseline_metrics=baseline, final_metrics=best.metrics, examples=examples, trials=trials,
-                        config=config.to_dict(), **best.choice)
+                        config=config.to_dict(), cost_epochs=passes / max(1, len(audit)), **best.choice)
+
+
+def _indexable(data: Any) -> bool:
+    return is_map_style(data) or isinstance(data, (list, tuple))
 
 
 class _Best:
@@ -321,8 +487,8 @@ class _Best:
             self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[dict[str, dict[int, int]], dict[str, dict[str, int]]]:
-    """Per mode, the labels to train on (index -> label) and what it kept, removed and relabelled; raises on bad input."""
+def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[dict[str, CleanupPlan], dict[str, dict[str, int]]]:
+    """Per mode, what it trains on and what it kept, removed, relabelled, left unlabelled; raises on bad input."""
     if config.learning_rates is None:
         raise ValueError(
             "RefineConfig.learning_rates=None: refine() needs the learning rates to try, e.g. the training lr and twice it "
@@ -336,23 +502,21 @@ def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[di
             f"The audit covers example index {int(audit.indices.max())} but train_data has {size} examples: "
             "pass the audit of this train_data (audit_labels(model, train_data))."
         )
-    modes = ["remove", "relabel"] if config.mode == "best" else [config.mode]
-    plans = {mode: cleaned_labels(audit, mode, config.relabel_threshold) for mode in modes}
     if size is None:
         logger.warning(
-            "SAP refine: train_data is a stream, so every epoch sees the kept examples in stream order (no shuffle). "
+            "SAP refine: train_data is a stream, so every epoch sees the examples in stream order (no shuffle). "
             "For shuffled epochs pass a map-style dataset (e.g. load it with streaming=False / --streaming false)."
         )
-    given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
+    plans = {mode: cleanup_plan(audit, mode, config) for mode in config.modes}
     examples = {}
-    for mode, labels in plans.items():
-        if not labels:
+    for mode, plan in plans.items():
+        if len(plan) == len(plan.unlabelled.nonzero()):
             raise ValueError(
-                f"mode={mode!r} leaves no training example ({audit.num_suspected} of {len(audit)} suspected); nothing to fine-tune on."
+                f"mode={mode!r} leaves no labelled training example ({audit.num_suspected} of {len(audit)} suspected); "
+                "nothing to fine-tune on."
             )
-        examples[mode] = {"kept": len(labels), "removed": len(audit) - len(labels),
-                          "relabelled": sum(1 for i, y in labels.items() if given[i] != y)}
-    if len(modes) == 2 and plans["relabel"] == plans["remove"]:
+        examples[mode] = plan.counts(audit)
+    if "relabel" in plans and "remove" in plans and plans["relabel"].hard_labels() == plans["remove"].hard_labels():
         # No suspect reaches relabel_threshold: 'relabel' would repeat every 'remove' run exactly.
         logger.info("SAP refine: no suspected label reaches relabel_threshold=%g; 'relabel' equals 'remove', trying it once.",
                     config.relabel_threshold)
