@@ -43,10 +43,13 @@ _IMAGE_COLUMNS = ("img", "image")
 CIFAR10Source = Union[str, Path, datasets.DatasetDict, dict, tuple, list]
 
 
-def cifar10n_label_key(label_set: str) -> str:
-    """The file's key for ``label_set``: a short name (``"worse"``) or the key itself (``"worse_label"``)."""
+def cifar10n_label_key(label_set: str, name: str = "label_set") -> str:
+    """The file's key for ``label_set``: a short name (``"worse"``) or the key itself (``"worse_label"``).
+
+    ``name`` is the argument named in the error (the recipe's ``cifar10n_label_set``).
+    """
     keys = {key: key for key in CIFAR10N_LABEL_SETS.values()}
-    choice = check_choice("label_set", label_set, [*CIFAR10N_LABEL_SETS, *keys],
+    choice = check_choice(name, label_set, [*CIFAR10N_LABEL_SETS, *keys],
                           "These are the label sets of CIFAR-10N's CIFAR-10_human.pt ('clean': no noise).")
     return CIFAR10N_LABEL_SETS.get(choice, choice)
 
@@ -89,6 +92,12 @@ def read_cifar10n_labels(path: Union[str, Path], label_set: str = "worse") -> tu
     if len(noisy) != len(clean):
         raise ValueError(f"labels={str(path)!r}: {key} has {len(noisy)} labels but clean_label has {len(clean)}.")
     return noisy, clean
+
+
+def cifar10n_label_set_name(label_set: str) -> str:
+    """The short name of ``label_set`` (``"worse_label"`` -> ``"worse"``), for run and data set names."""
+    key = cifar10n_label_key(label_set)
+    return next(short for short, k in CIFAR10N_LABEL_SETS.items() if k == key)
 
 
 def label_noise_rate(labels: Any, clean_labels: Any) -> float:
