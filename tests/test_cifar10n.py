@@ -141,3 +141,51 @@ def test_errors_name_the_argument_the_value_and_the_fix(tiny_cifar10n, tmp_path)
         load_cifar10n(tmp_path / "nowhere", labels)
     with pytest.raises(ValueError, match=r"no 'test'"):
         load_cifar10n(datasets.DatasetDict(train=_splits(content["clean_label"])["train"]), labels)
+
+
+# ---------------------------------------------------------------- the recipe on CIFAR-10N
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "clothing1m.py"
+
+
+def test_recipe_runs_on_a_tiny_cifar10n_copy(tmp_path):
+    from launching import accelerate_launch
+
+    from sap_hf.data import write_tiny_cifar10n
+
+    folder, labels = write_tiny_cifar10n(tmp_path / "data", n_train=60, n_test=40)
+    out = tmp_path / "out"
+    args = [RECIPE, "--config", ROOT / "recipes" / "configs" / "cifar10n.yaml", "--dataset_name", folder,
+            "--cifar10n_labels", labels, "--cifar10n_label_set", "aggre", "--output_dir", out,
+            "--train_size", "40", "--val_size", "20", "--test_size", "10", "--num_train_epochs", "2",
+            "--per_device_train_batch_size", "16", "--tiny_hidden_size", "32", "--tiny_num_layers", "1",
+            "--trusted_per_class", "1", "--alphas", "1", "100", "--refine_epochs", "1", "--disable_tqdm", "true"]
+    run = accelerate_launch(1, args, timeout=300, cwd=ROOT, env={"HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert "[sap_hf] cifar10n-aggre" in run.stdout and "after refine" in run.stdout
+    import json
+
+    summary = json.loads((out / "sap_summary.json").read_text())
+    assert summary["dataset"] == "cifar10n-aggre" and 0 <= summary["test_accuracy_after"] <= 1
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(out)
+    assert config.num_channels == 3 and config.id2label[9] == "truck" and config.patch_size == 8
+
+
+def test_recipe_refuses_a_missing_label_file_before_reading_data(tmp_path, capsys):
+    import sys
+    from unittest import mock
+
+    from helpers import user_error
+
+    sys.path.insert(0, str(RECIPE.parent))
+    import clothing1m
+
+    argv = ["--output_dir", str(tmp_path / "out"), "--cifar10n_labels", str(tmp_path / "nope.pt"), "--report_to", "none"]
+    with mock.patch.object(clothing1m, "load_splits", side_effect=AssertionError("data was read")):
+        line = user_error(capsys, clothing1m.main, argv, prog="clothing1m.py")
+    assert "--cifar10n_labels" in line and "nope.pt' does not exist" in line and "CIFAR-10_human.pt" in line
+    line = user_error(capsys, clothing1m.main, [*argv, "--cifar10n_label_set", "wrose"], prog="clothing1m.py")
+    assert "cifar10n_label_set='wrose' is invalid" in line and "did you mean 'worse'" in line

@@ -9,6 +9,7 @@ from .cifar10n import (
     label_noise_rate,
     load_cifar10n,
     read_cifar10n_labels,
+    write_tiny_cifar10n,
 )
 from .clothing1m import CLOTHING1M_CLASSES, clothing1m_features, load_clothing1m, write_tiny_clothing1m
 from .fashion_mnist import (
@@ -39,5 +40,6 @@ __all__ = [
     "read_cifar10n_labels",
     "read_idx",
     "undecoded_images",
+    "write_tiny_cifar10n",
     "write_tiny_clothing1m",
 ]

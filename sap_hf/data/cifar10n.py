@@ -17,6 +17,7 @@ from typing import Any, Optional, Union
 
 import datasets
 import numpy as np
+from PIL import Image
 from transformers.utils import logging
 
 from ..runtime.checks import check_choice, integer, invalid
@@ -294,3 +295,34 @@ def _check_size(name: str, value: int, low: int, high: int) -> int:
     if size > high:
         raise invalid(name, value, f"use an integer in [{low}, {high}] for this CIFAR-10N copy.")
     return size
+
+
+def write_tiny_cifar10n(
+    root: Union[str, Path], n_train: int = 60, n_test: int = 40, image_size: int = 32, seed: int = 0
+) -> tuple[Path, Path]:
+    """A tiny CIFAR-10N copy for tests and smoke runs: ``(images folder, label file)`` under ``root``.
+
+    The folder holds ``train-00000-of-00001.parquet`` and ``test-00000-of-00001.parquet`` (random RGB
+    images, columns ``img`` and ``label`` as on the Hub); the label file is a ``CIFAR-10_human.pt`` with
+    every key of the real one for ``n_train`` images, the noisy sets flipping some labels at random.
+    """
+    import torch
+
+    root = Path(root)
+    folder = root / "cifar10"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    clean = np.arange(n_train) % len(CIFAR10_CLASSES)
+    labels = {"clean_label": clean}
+    for key, rate in (("aggre_label", 0.1), ("random_label1", 0.2), ("random_label2", 0.2), ("random_label3", 0.2),
+                      ("worse_label", 0.4)):
+        flip = rng.random(n_train) < rate
+        labels[key] = np.where(flip, (clean + rng.integers(1, len(CIFAR10_CLASSES), n_train)) % 10, clean)
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CIFAR10_CLASSES)})
+    for split, targets in (("train", clean), ("test", np.arange(n_test) % len(CIFAR10_CLASSES))):
+        images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)) for _ in targets]
+        dataset = datasets.Dataset.from_dict({"img": images, "label": targets.tolist()}, features=features)
+        dataset.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    label_path = root / "CIFAR-10_human.pt"
+    torch.save(labels, label_path)
+    return folder, label_path
