@@ -3,6 +3,8 @@
     accelerate launch recipes/clothing1m.py                                  # embedded default, no download
     accelerate launch recipes/clothing1m.py --data_dir /data/clothing1m \\
         --config recipes/configs/clothing1m_vit_base.yaml                     # a real Clothing1M copy
+    accelerate launch recipes/clothing1m.py --config recipes/configs/cifar10n.yaml \
+        --cifar10n_labels CIFAR-10_human.pt                                  # CIFAR-10N (images: uoft-cs/cifar10)
     accelerate launch --multi_gpu --num_processes 2 recipes/clothing1m.py    # 2 processes (CPU: gloo)
 
 Without `--data_dir` it runs on the embedded default (real Fashion-MNIST images with 40%
@@ -114,6 +116,7 @@ def run(argv: list[str]) -> dict:
         ARGUMENT_TYPES, argv, default_config=DEFAULT_CONFIG
     )
     check_paths(model_name_or_path=script_args.model_name_or_path, data_dir=script_args.data_dir,
+                cifar10n_labels=script_args.cifar10n_labels,
                 output_dir=training_args.output_dir)  # before any data is read or model loaded
     loss_func = make_loss_func(loss_config, training_args.label_smoothing_factor)  # raises before any data is read
     refine_config = script_args.refine_config() if script_args.refine else None  # validated before training

@@ -108,10 +108,27 @@ def check_data_dir(value: Optional[str], argument: str = "--data_dir") -> None:
         raise NotADirectoryError(f"{argument} {value!r} is a file; {fix}.")
 
 
+def check_label_file(value: Optional[str], argument: str = "--cifar10n_labels") -> None:
+    """Refuse a CIFAR-10N label file that does not exist (its content is checked when read, before any image)."""
+    if not value:
+        return
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{argument} {value!r} {'is a folder' if path.is_dir() else 'does not exist'}; pass the path of "
+            "CIFAR-10_human.pt, the label file of the CIFAR-N release (github.com/UCSC-REAL/cifar-10-100n, data/)."
+        )
+
+
 def check_paths(
-    *, model_name_or_path: Optional[str] = None, data_dir: Optional[str] = None, output_dir: Optional[str] = None
+    *,
+    model_name_or_path: Optional[str] = None,
+    data_dir: Optional[str] = None,
+    output_dir: Optional[str] = None,
+    cifar10n_labels: Optional[str] = None,
 ) -> None:
     """All the up-front path checks of a command, in the order a user reads its arguments."""
     check_model_path(model_name_or_path)
     check_data_dir(data_dir)
+    check_label_file(cifar10n_labels)
     check_output_dir(output_dir)

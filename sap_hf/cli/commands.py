@@ -72,7 +72,8 @@ class CorrectArguments(DataArguments):
         _require(self, model_name_or_path="the trained model (Hub id or local path) to correct",
                  output_dir="where to save the corrected model")
         # Here, before the next dataclasses are parsed: a wrong path is the only line printed.
-        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir)
+        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir,
+                    cifar10n_labels=self.cifar10n_labels)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
 
@@ -187,7 +188,8 @@ class AuditArguments(DataArguments):
         super().__post_init__()
         _require(self, model_name_or_path="the (SAP-corrected) model whose view of the labels to report",
                  output_dir="where to write the label audit")
-        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir)
+        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir,
+                    cifar10n_labels=self.cifar10n_labels)
         if self.split not in ("train", "validation", "test"):
             raise ValueError(f"--split {self.split!r} is invalid: choose 'train', 'validation' or 'test'.")
         for name, allowed in (("method", SCORE_METHODS), ("filter_by", FILTERS), ("views", VIEWS)):

@@ -1,7 +1,8 @@
 """Where the recipe and the CLI get their data and model: one set of arguments, one loader.
 
-Data, in order of precedence: a Clothing1M copy in its official layout (`data_dir`), a
-`datasets` dataset by name or local path (`dataset_name`), or the embedded default:
+Data, in order of precedence: a Clothing1M copy in its official layout (`data_dir`), CIFAR-10N
+(`cifar10n_labels`, images from `dataset_name`), a `datasets` dataset by name or local path
+(`dataset_name`), or the embedded default:
 Fashion-MNIST with synthetic label noise (no download). Model: a Hub id or local path
 (`model_name_or_path`, with its image processor), or a tiny ViT built from a config.
 """
@@ -17,14 +18,19 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 from transformers.utils import logging
 
 from ..data import (
+    CIFAR10_CLASSES,
     CLOTHING1M_CLASSES,
     FASHION_MNIST_CLASSES,
     ImageTransform,
+    cifar10n_label_key,
+    cifar10n_label_set_name,
+    load_cifar10n,
     load_clothing1m,
     noisy_fashion_mnist,
     prepare_image_dataset,
 )
 from ..models import tiny_vit_config
+from ..data.cifar10n import CIFAR10N_LABEL_SETS, HUB_REPO_ID as CIFAR10_HUB_ID
 from ..data.noise import NOISE_TYPES
 from .checks import hub_model_errors
 
@@ -45,14 +51,31 @@ class DataArguments:
     )
     dataset_name: Optional[str] = field(
         default=None,
-        metadata={"help": "A `datasets` dataset (Hub id or local path) with an image and a label column, instead of Clothing1M."},
+        metadata={
+            "help": "A `datasets` dataset (Hub id or local path) with an image and a label column, instead of Clothing1M. "
+            f"With cifar10n_labels: the CIFAR-10 images (default {CIFAR10_HUB_ID}; or a local train-*/test-*.parquet folder)."
+        },
+    )
+    cifar10n_labels: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "CIFAR-10N: path of CIFAR-10_human.pt (the CIFAR-N release); its labels are attached by position to "
+            "the train split of `dataset_name`, whose order is checked. Validation and test are carved from CIFAR-10's "
+            "test split; train_size, val_size, test_size and noise_seed apply."
+        },
+    )
+    cifar10n_label_set: str = field(
+        default="worse",
+        metadata={"help": f"CIFAR-10N label set: one of {list(CIFAR10N_LABEL_SETS)} (or the file's key, e.g. worse_label)."},
     )
     image_column: str = field(default="image", metadata={"help": "Image column of `dataset_name`."})
     label_column: str = field(default="label", metadata={"help": "Label column of `dataset_name`."})
     train_split: str = field(default="train", metadata={"help": "Noisy training split of `dataset_name`."})
     validation_split: str = field(default="validation", metadata={"help": "Clean validation split of `dataset_name` (picks alpha)."})
     test_split: Optional[str] = field(default="test", metadata={"help": "Clean test split of `dataset_name` (None: no test)."})
-    streaming: bool = field(default=True, metadata={"help": "Stream Clothing1M / `dataset_name` instead of loading it."})
+    streaming: bool = field(
+        default=True, metadata={"help": "Stream Clothing1M / `dataset_name` instead of loading it (not CIFAR-10N: loaded)."}
+    )
     fashion_mnist_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Fashion-MNIST idx files for the embedded default (else Debian's dataset-fashion-mnist, else the Hub)."},
@@ -68,10 +91,10 @@ class DataArguments:
         },
     )
     noise_rate: float = field(default=0.4, metadata={"help": "Embedded default: fraction of flipped training labels."})
-    train_size: Optional[int] = field(default=6000, metadata={"help": "Embedded default: training images (None: all)."})
-    val_size: int = field(default=1000, metadata={"help": "Embedded default: clean validation images."})
-    test_size: Optional[int] = field(default=2000, metadata={"help": "Embedded default: clean test images (None: all 10k)."})
-    noise_seed: int = field(default=0, metadata={"help": "Seed of the embedded default's subsets and noise."})
+    train_size: Optional[int] = field(default=6000, metadata={"help": "Embedded default and CIFAR-10N: training images (None: all)."})
+    val_size: int = field(default=1000, metadata={"help": "Embedded default and CIFAR-10N: clean validation images."})
+    test_size: Optional[int] = field(default=2000, metadata={"help": "Embedded default and CIFAR-10N: clean test images (None: all the rest)."})
+    noise_seed: int = field(default=0, metadata={"help": "Seed of the embedded default's (and CIFAR-10N's) subsets and noise."})
     augment: bool = field(default=False, metadata={"help": "Random flip/shift augmentation on the training split."})
 
     def __post_init__(self) -> None:
@@ -81,6 +104,11 @@ class DataArguments:
             raise ValueError(f"noise_rate={self.noise_rate!r} is invalid: use a fraction in [0, 1), e.g. 0.4.")
         if self.data_dir and self.dataset_name:
             raise ValueError("Give data_dir (Clothing1M) or dataset_name, not both.")
+        if self.data_dir and self.cifar10n_labels:
+            raise ValueError(
+                "Give data_dir (Clothing1M) or cifar10n_labels (CIFAR-10N, images from dataset_name), not both."
+            )
+        cifar10n_label_key(self.cifar10n_label_set, name="cifar10n_label_set")  # a typo fails at parse time
 
 
 @dataclass
@@ -113,6 +141,18 @@ def load_splits(args: DataArguments) -> Splits:
     if args.data_dir:
         read = lambda split: load_clothing1m(args.data_dir, split, streaming=args.streaming)  # noqa: E731
         return Splits(read("noisy_train"), read("validation"), read("test"), list(CLOTHING1M_CLASSES), 3, "clothing1m")
+    if args.cifar10n_labels:
+        data = load_cifar10n(
+            args.dataset_name or CIFAR10_HUB_ID,
+            args.cifar10n_labels,
+            args.cifar10n_label_set,
+            train_size=args.train_size,
+            val_size=args.val_size,
+            test_size=args.test_size,
+            seed=args.noise_seed,
+        )
+        name = f"cifar10n-{cifar10n_label_set_name(args.cifar10n_label_set)}"
+        return Splits(data["train"], data["validation"], data["test"], list(CIFAR10_CLASSES), 3, name)
     if args.dataset_name:
         return _load_named(args)
     data = noisy_fashion_mnist(
