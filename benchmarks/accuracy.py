@@ -81,6 +81,7 @@ import copy
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,7 +89,7 @@ from typing import Any, Iterator
 import common
 import peers
 from sap_hf.runtime.passes import Runtime
-from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
+from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run, refine_arguments
 
 MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
 EXTRA_METHODS = ("sap_shared", "finetune_trusted_best", "sap+finetune", "sap+refine")
@@ -141,13 +142,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | None = None) -> None:
     """The `--refine_*` arguments of `sap_refine_row` (the recipe's refine settings by default; `epochs`: another
     default length grid, for a benchmark that cannot afford the recipe's)."""
-    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"], choices=["remove", "relabel"],
-                        help="sap+refine: modes tried (both: RefineConfig(mode='best'), val picks)")
+    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"],
+                        choices=["remove", "relabel", "soft", "pseudo"],
+                        help="sap+refine: modes tried (RefineConfig(mode=[...]), val picks)")
     parser.add_argument("--refine_lrs", nargs="+", type=float, default=None,
                         help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)")
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=list(epochs or [1, 2, 3, 4, 6, 8]))
-    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"])
+    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"],
+                        help="TrainingArguments.lr_scheduler_type of the clean-up runs")
     parser.add_argument("--refine_batch_size", type=int, default=64)
+    parser.add_argument("--refine_augment", type=int, default=0, choices=[0, 1],
+                        help="RefineConfig.augment (1: flip + shift on every image; the recorded rows ran without)")
     parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
                         help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
 
@@ -419,16 +424,18 @@ def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[s
     if audit is None:
         audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
     flagged, noisy = audit.suspected, data["is_noisy"]
-    config = RefineConfig(mode="best" if len(args.refine_modes) > 1 else args.refine_modes[0],
-                          learning_rates=list(args.refine_lrs), epochs=list(args.refine_epochs),
-                          batch_size=args.refine_batch_size, schedule=args.refine_schedule, seed=sap["seed"])
-    result = refine(model, train_set, audit, lambda m: {'accuracy': accuracy(m, data['val_x'], data['val_y'])}, config, runtime=Runtime(show_progress=False))
+    config = RefineConfig(mode=list(args.refine_modes), learning_rates=list(args.refine_lrs),
+                          epochs=list(args.refine_epochs), augment=bool(args.refine_augment))
+    with tempfile.TemporaryDirectory() as scratch:
+        result = refine(model, train_set, audit, lambda m: {'accuracy': accuracy(m, data['val_x'], data['val_y'])}, config,
+                        args=refine_arguments(scratch, args.refine_batch_size, sap["seed"], args.refine_schedule),
+                        runtime=Runtime(show_progress=False))
     counts = result.examples.get(result.mode, {}) if result.mode else {}
     keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
     row = {k: sap[k] for k in keys if k in sap}
     row.update(method=method, test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
                val_accuracy=result.final_metrics["accuracy"], sap_val_accuracy=sap["val_accuracy"],
-               refine_mode=result.mode, lr=result.learning_rate, refine_epochs=result.epochs,
+               refine_mode=result.mode, lr=result.learning_rate, refine_epochs=result.epochs, cost_epochs=result.cost_epochs,
                kept=counts.get("kept"), removed=counts.get("removed"), relabelled=counts.get("relabelled"),
                audit_suspected=int(flagged.sum()), audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
                audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),

@@ -355,6 +355,15 @@ def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any],
             "grid": grid, **fit}
 
 
+def refine_arguments(output_dir: str, batch_size: int, seed: int, schedule: str = "cosine") -> Any:
+    """The `TrainingArguments` of the benchmarks' clean-up runs (`sap_hf.refine`): AdamW without weight decay or
+    warm-up, `schedule` over each run, batches of `batch_size`, on the CPU, nothing reported."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=output_dir, per_device_train_batch_size=batch_size, lr_scheduler_type=schedule,
+                             weight_decay=0.0, seed=seed, report_to=[], disable_tqdm=True, use_cpu=True)
+
+
 def cache_path(setting: str, seed: int, args: argparse.Namespace, tag: Optional[str] = None) -> Optional[Path]:
     """Where `prepare_run` keeps the trained model of (setting, seed), or None without `args.cache_dir`.
 

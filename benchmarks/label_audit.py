@@ -47,13 +47,14 @@ import argparse
 import copy
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import common
 from sap_hf.runtime.passes import Runtime
-from common import accuracy, mean_std, prepare_run, train_from_scratch
+from common import accuracy, mean_std, prepare_run, refine_arguments, train_from_scratch
 
 DETECTORS = ("cleanlab_in_sample", "cleanlab_cv5", "cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss",
              "memorised_shift_loss", "sap_curvature", "sap_refine_audit", "refine_audit")
@@ -156,10 +157,10 @@ def refined_audit(model: Any, train_set: Any, first: Any, data: dict[str, Any], 
     candidate on val), then `audit_labels` of the refined model: the audit a user gets after the pipeline's clean-up."""
     from sap_hf import RefineConfig, audit_labels, refine
 
-    config = RefineConfig(mode=args.refine_mode, learning_rates=[2 * args.lr], epochs=[args.refine_epochs],
-                          batch_size=64, schedule="cosine", seed=seed)
-    result = refine(model, train_set, first, lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
-                    config, runtime=Runtime(show_progress=False))
+    config = RefineConfig(mode=args.refine_mode, learning_rates=[2 * args.lr], epochs=[args.refine_epochs], augment=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        result = refine(model, train_set, first, lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+                        config, args=refine_arguments(scratch, 64, seed), runtime=Runtime(show_progress=False))
     audit = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views,
                          runtime=Runtime(batch_size=1000, show_progress=False))
     info = {"refine_epochs": result.epochs, "refine_mode": result.mode, "first_suspected": int(first.suspected.sum()),

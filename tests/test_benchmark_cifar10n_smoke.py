@@ -1,0 +1,41 @@
+"""Smoke test of benchmarks/cifar10n.py --quick on a tiny CIFAR-10N copy built here (not the shared data):
+every method's row for a label set, the oracle, the summary, the targets and the figure.
+
+No assertion on accuracy values (3 epochs on 200 random images mean nothing); one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sap_hf.data.cifar10n import write_tiny_cifar10n
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "cifar10n.py"
+
+
+def test_cifar10n_benchmark_quick(tmp_path):
+    images, labels = write_tiny_cifar10n(tmp_path / "data", n_train=200, n_test=200)
+    out = tmp_path / "cifar10n.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--images", str(images), "--labels", str(labels),
+                          "--label_sets", "worse", "--threads", "1", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(out.read_text())
+    methods = {row["method"] for row in record["rows"]}
+    assert {"none", "best_epoch", "oracle", "sap", "sap+remove", "sap+soft", "sap+pseudo", "best+sap",
+            "best+sap+pseudo"} <= methods
+    for row in record["rows"]:
+        assert 0 <= row["test_accuracy"] <= 1
+        if row["method"].startswith(("sap+", "best+sap+")):  # the clean-up: its cost and "no change" as a candidate
+            assert row["cost_epochs"] >= 0 and row["refine_epochs"] in (0, 1)
+    worse = [row for row in record["rows"] if row["method"] == "none"][0]
+    assert 0.25 <= worse["noise_rate"] <= 0.55  # the tiny copy's worse labels flip ~40%
+    summary = record["summary"]["worse"]
+    assert {"oracle", "sap", "sap+pseudo"} <= set(summary) and "sap_minus_none" in record["targets"]["worse"]
+    assert out.with_suffix(".png").is_file()
