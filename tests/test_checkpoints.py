@@ -4,6 +4,7 @@ transformers 5 writes ViT checkpoints with legacy tensor names and `Trainer` rel
 `strict=False`: without `sap_hf.checkpoints` only the embeddings and the head came back.
 """
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments, ViTForImageClassification
@@ -33,10 +34,10 @@ def _first_epoch_best():
     return metrics
 
 
-def _trainer(tmp_path, model, epochs, **args):
+def _trainer(tmp_path, model, epochs, learning_rate=1e-2, **args):
     training_args = TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        num_train_epochs=epochs, learning_rate=1e-2, eval_strategy="epoch", save_strategy="epoch",
+        num_train_epochs=epochs, learning_rate=learning_rate, eval_strategy="epoch", save_strategy="epoch",
         report_to=[], disable_tqdm=True, use_cpu=True, **args,
     )
     return SAPTrainer(model=model, args=training_args, train_dataset=random_examples(16, size=8),
@@ -112,3 +113,20 @@ def test_checkpoint_with_the_models_own_names_is_left_to_the_trainer(tmp_path):
     assert load_checkpoint_weights(model, tmp_path) is False
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
     assert load_checkpoint_weights(model, tmp_path / "no-such-folder") is False
+
+
+def test_peft_best_model_is_the_best_adapter(tmp_path):
+    """PEFT: the Trainer loads the adapter through PEFT (names as the live model's); the guard leaves it alone."""
+    peft = pytest.importorskip("peft")
+    _model().save_pretrained(tmp_path / "base")
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    model = peft.get_peft_model(ViTForImageClassification.from_pretrained(tmp_path / "base"), lora)
+    assert load_checkpoint_weights(model, tmp_path / "base") is False
+    trainer = _trainer(tmp_path, model, 3, load_best_model_at_end=True, metric_for_best_model="accuracy",
+                       learning_rate=5e-2)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")
+    reference = peft.PeftModel.from_pretrained(ViTForImageClassification.from_pretrained(tmp_path / "base"), best)
+    pixels = torch.randn(4, 3, 8, 8)
+    assert torch.equal(_logits(trainer.model, pixels), _logits(reference, pixels))
