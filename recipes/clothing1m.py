@@ -130,7 +130,7 @@ def run(argv: list[str]) -> dict:
         train_dataset=prepare(splits.train, train_transform),
         eval_dataset=prepare(splits.validation, eval_transform),
         data_collator=default_data_collator,
-        processing_class=processor,
+        processing_class=processor or eval_transform.to_image_processor(),  # saved: the folder loads in pipeline()
         compute_loss_func=loss_func,
         sap_config=sap_config,
         base_model_name=script_args.model_name_or_path,

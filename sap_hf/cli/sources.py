@@ -3,7 +3,8 @@
 Data, in order of precedence: a Clothing1M copy in its official layout (`data_dir`), a
 `datasets` dataset by name or local path (`dataset_name`), or the embedded default:
 Fashion-MNIST with synthetic label noise (no download). Model: a Hub id or local path
-(`model_name_or_path`, with its image processor), or a tiny ViT built from a config.
+(`model_name_or_path`, with its image processor), or a tiny RGB ViT built from a config (its processor:
+`ImageTransform.to_image_processor`, saved with the model so that `transformers.pipeline` serves it).
 """
 
 from __future__ import annotations
@@ -172,7 +173,9 @@ def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optiona
     config = tiny_vit_config(
         image_size=image_size,
         patch_size=args.tiny_patch_size if image_size % args.tiny_patch_size == 0 else 4,
-        num_channels=splits.num_channels,
+        # RGB even for grey data (the grey value in every channel): the image-classification pipeline converts
+        # every image to RGB, and a standard image processor saved with the model then reproduces the transform.
+        num_channels=3,
         num_labels=len(id2label),
         hidden_size=args.tiny_hidden_size,
         num_hidden_layers=args.tiny_num_layers,
