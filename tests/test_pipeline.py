@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, TrainingArguments, pipeline
 
 from sap_hf.cli import commands as cli
-from sap_hf.cli.sources import image_transforms
+from sap_hf.cli.sources import image_transforms, saved_image_processor
 from sap_hf.data import ImageTransform
 from sap_hf.models import tiny_model, tiny_vit_config
 from sap_hf.trainer import SAPTrainer
@@ -95,3 +95,5 @@ def test_one_channel_transform_has_no_standard_processor():
         ImageTransform(image_size=28, num_channels=1).to_image_processor()
     processor = object()
     assert ImageTransform(processor).to_image_processor() is processor
+    assert saved_image_processor(None, ImageTransform(image_size=28, num_channels=1)) is None  # saved without one
+    assert saved_image_processor(processor, ImageTransform(image_size=28, num_channels=1)) is processor

@@ -39,7 +39,7 @@ from ..core.config import SAPConfig
 from ..core.evaluation import evaluate_accuracy
 from ..hub import push_folder, sap_record, staged_save, write_sap_files
 from ..data import undecoded_images
-from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare
+from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare, saved_image_processor
 
 logger = logging.get_logger(__name__)
 
@@ -89,20 +89,6 @@ def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> Any:
     return model
 
 
-def _image_processor(processor: Optional[Any], transform: Any) -> Optional[Any]:
-    """The processor saved with the corrected model: the model's own, else one reproducing the config's transform.
-
-    Without it `transformers.pipeline("image-classification", model=output_dir)` could not load the folder.
-    """
-    if processor is not None:
-        return processor
-    try:
-        return transform.to_image_processor()
-    except ValueError as err:  # a 1-channel model: nothing standard reproduces its input
-        logger.warning("No image processor saved with the corrected model: %s", err)
-        return None
-
-
 def correct(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
@@ -140,7 +126,7 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     with staged_save(args.output_dir, is_main=accelerator.is_main_process) as stage:
         if accelerator.is_main_process:
             model.save_pretrained(stage)
-            saved_processor = _image_processor(processor, transform)
+            saved_processor = saved_image_processor(processor, transform)
             if saved_processor is not None:  # the folder loads in transformers.pipeline()
                 saved_processor.save_pretrained(stage)
             write_sap_files(stage, record, args.hub_model_id or Path(args.output_dir).name)

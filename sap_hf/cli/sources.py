@@ -205,5 +205,20 @@ def image_transforms(model: nn.Module, processor: Optional[Any], augment: bool, 
     )
 
 
+def saved_image_processor(processor: Optional[Any], transform: ImageTransform) -> Optional[Any]:
+    """The image processor to save with a model: its own, else one reproducing `transform` (None: there is none).
+
+    Without one, `transformers.pipeline("image-classification", model=folder)` cannot load the folder.
+    A 1-channel transform has no standard equivalent: a warning, and the model is saved without one.
+    """
+    if processor is not None:
+        return processor
+    try:
+        return transform.to_image_processor()
+    except ValueError as err:
+        logger.warning("No image processor saved with the model: %s", err)
+        return None
+
+
 def prepare(split: Any, transform: ImageTransform) -> Any:
     return None if split is None else prepare_image_dataset(split, transform)
