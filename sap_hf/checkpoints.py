@@ -103,7 +103,7 @@ class CheckpointWeights(TrainerCallback):
         self.uses_own_loading = uses_own_loading  # () -> bool: DeepSpeed / FSDP, whose loads are theirs
 
     def arm(self, args: tuple, kwargs: dict, output_dir: str) -> None:
-        """Remember the checkpoint `Trainer.train(*args, **kwargs)` resumes from (`True`: the last one in output_dir)."""
+        """Remember the checkpoint `Trainer.train(*args, **kwargs)` resumes from (`True`: output_dir's last one)."""
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         if isinstance(resume, bool):
             resume = get_last_checkpoint(output_dir) if resume else None

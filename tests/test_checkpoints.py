@@ -75,7 +75,7 @@ def test_resume_from_checkpoint_starts_from_the_checkpoints_weights(tmp_path):
     checkpoint = tmp_path / "out" / "checkpoint-2"
     saved = ViTForImageClassification.from_pretrained(checkpoint).state_dict()
 
-    resumed = _trainer(tmp_path, _model(seed=1), 2)  # other initial weights: every tensor must come from the checkpoint
+    resumed = _trainer(tmp_path, _model(seed=1), 2)  # other initial weights: each tensor must come from the checkpoint
     seen = _WeightsAtTrainBegin()
     resumed.add_callback(seen)  # after SAPTrainer's own callback, which runs first
     resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -85,7 +85,8 @@ def test_resume_from_checkpoint_starts_from_the_checkpoints_weights(tmp_path):
     again = _trainer(tmp_path, _model(seed=1), 1)  # resume at the end of epoch 1 of 1: no step left to train
     again.train(resume_from_checkpoint=str(checkpoint))
     pixels = torch.randn(4, 3, 8, 8)
-    assert torch.equal(_logits(again.model, pixels), _logits(ViTForImageClassification.from_pretrained(checkpoint), pixels))
+    expected = _logits(ViTForImageClassification.from_pretrained(checkpoint), pixels)
+    assert torch.equal(_logits(again.model, pixels), expected)
 
 
 def test_resume_true_means_the_last_checkpoint(tmp_path):

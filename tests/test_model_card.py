@@ -37,12 +37,14 @@ def test_each_step_has_its_own_column_and_model_index_entry(tmp_path):
     assert "| eval | accuracy | 0.4000 | 0.5000 | 0.6000 |" in card.text
     assert "| test | accuracy | 0.3000 | 0.4500 | 0.5500 |" in card.text  # test after SAP is not test after refine
     assert {name: result.metric_value for name, result in results.items()} == {
-        "test accuracy before SAP": 0.3, "test accuracy after SAP": 0.45, "test accuracy after clean-up (refine)": 0.55,
+        "test accuracy before SAP": 0.3, "test accuracy after SAP": 0.45,
+        "test accuracy after clean-up (refine)": 0.55,
         "eval accuracy before SAP": 0.4, "eval accuracy after SAP": 0.5, "eval accuracy after clean-up (refine)": 0.6,
     }
     for name, result in results.items():
         assert result.task_type == "image-classification" and result.metric_type == "accuracy"
-        assert result.dataset_name == DATASET and result.dataset_split == ("test" if name.startswith("test") else "validation")
+        assert result.dataset_name == DATASET
+        assert result.dataset_split == ("test" if name.startswith("test") else "validation")
     assert card.data.model_name == "user/tiny-sap"
 
 

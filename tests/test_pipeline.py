@@ -47,7 +47,7 @@ def _check_pipeline_matches_model(folder: Path, transform: ImageTransform, image
 
 
 def test_recipe_embedded_default_folder_loads_in_pipeline(tmp_path):
-    """The embedded default (grey Fashion-MNIST, tiny ViT from a config) saves a processor that reproduces its input."""
+    """The embedded default (grey Fashion-MNIST, tiny ViT from a config) saves a processor reproducing its input."""
     sys.path.insert(0, str(ROOT / "recipes"))
     import clothing1m
 
@@ -79,8 +79,9 @@ def test_cli_correct_folder_loads_in_pipeline(tiny_clothing1m, tmp_path, capsys)
     from transformers import ViTForImageClassification
 
     trained = tmp_path / "trained"
-    ViTForImageClassification(tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32,
-                                              num_hidden_layers=2)).save_pretrained(trained)
+    config = tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32,
+                             num_hidden_layers=2)
+    ViTForImageClassification(config).save_pretrained(trained)
     out = tmp_path / "corrected"
     cli.main(["correct", "--model_name_or_path", str(trained), "--data_dir", str(tiny_clothing1m),
               "--output_dir", str(out), "--trusted_per_class", "1", "--alphas", "1", "1000", "--batch_size", "16"])
