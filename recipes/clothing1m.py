@@ -41,7 +41,8 @@ from sap_hf.core.formatting import format_result_alphas
 from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
 from sap_hf.plotting import plot_alpha_curve
 from sap_hf.audit.cleanup import BEST_MODES, REFINE_MODES, RefineConfig
-from sap_hf.cli.sources import DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare
+from sap_hf.cli.sources import (DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare,
+                               saved_image_processor)
 from sap_hf.trainer import SAPTrainer
 
 logger = logging.get_logger("sap_hf.recipes.clothing1m")
@@ -136,7 +137,7 @@ def run(argv: list[str]) -> dict:
         train_dataset=prepare(splits.train, train_transform),
         eval_dataset=prepare(splits.validation, eval_transform),
         data_collator=default_data_collator,
-        processing_class=processor,
+        processing_class=saved_image_processor(processor, eval_transform),  # saved: the folder loads in pipeline()
         compute_loss_func=loss_func,
         sap_config=sap_config,
         base_model_name=script_args.model_name_or_path,

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .core.formatting import format_alpha, format_kind_alphas
@@ -57,9 +57,7 @@ chosen on a clean evaluation split.
 
 ## Results
 
-| split | metric | before SAP | after SAP |
-|---|---|---|---|
-{results_rows}
+{results_table}
 
 ### Evaluation metric for each alpha (first round)
 
@@ -123,22 +121,80 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+STEPS = {"before": "before SAP", "sap": "after SAP", "refine": "after clean-up (refine)"}
+"""The steps a corrected model went through, in order: the card has one column, the model-index one result, each."""
+SPLITS = {"eval": "validation", "test": "test"}
+"""The card's split names and the dataset split each one is recorded as in the model-index."""
+
+
+def step_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, Mapping[str, Any]]]:
+    """`{"eval"|"test": {step: metrics}}` for the steps the record measured (`STEPS`' keys), each its own numbers.
+
+    Eval: `baseline_metrics` (before SAP), `final_metrics` (after SAP), `refine.final_metrics`.
+    Test: `test_metrics_before`; after SAP `test_metrics_after_sap`, or, when no clean-up followed,
+    `test_metrics_after`; after the clean-up `test_metrics_after` (the recipe's final model). Kept apart so
+    that no column mixes a test number after refine with an eval number after SAP.
+    """
+    refined = bool(record.get("refine"))
+    eval_steps = {"before": record.get("baseline_metrics"), "sap": record.get("final_metrics"),
+                  "refine": (record.get("refine") or {}).get("final_metrics")}
+    after_sap = record.get("test_metrics_after_sap") or (None if refined else record.get("test_metrics_after"))
+    test_steps = {"before": record.get("test_metrics_before"), "sap": after_sap,
+                  "refine": record.get("test_metrics_after") if refined else None}
+    return {split: {step: metrics for step, metrics in steps.items() if metrics}
+            for split, steps in (("eval", eval_steps), ("test", test_steps))}
+
+
+def _results_table(record: Mapping[str, Any], metric: str) -> str:
+    """The card's results table: one row per split and metric, one column per step (refine's only when it ran)."""
+    steps = [step for step in STEPS if step != "refine" or record.get("refine")]
+    measured = step_metrics(record)
+    lines = ["| split | metric | " + " | ".join(STEPS[step] for step in steps) + " |",
+             "|---|---|" + "---|" * len(steps)]
+    for split, by_step in measured.items():
+        keys = [metric] if split == "eval" else sorted({key for metrics in by_step.values() for key in metrics})
+        for key in keys:
+            values = " | ".join(_fmt(by_step.get(step, {}).get(key, "n/a")) for step in steps)
+            lines.append(f"| {split} | {key} | {values} |")
+    return "\n".join(lines)
+
+
+def eval_results(record: Mapping[str, Any]) -> list[EvalResult]:
+    """The model-index: accuracy after each step on the test and eval splits of `record["dataset"]`.
+
+    Empty when the record names no dataset (a model-index result must say on which data it was
+    measured): `SAPTrainer` users set `trainer.sap_extra_record["dataset"]`, as the recipe does.
+    """
+    dataset = record.get("dataset")
+    if not dataset:
+        return []
+    results = []
+    for split in ("test", "eval"):
+        for step, metrics in step_metrics(record)[split].items():
+            value = metrics.get("accuracy")
+            if isinstance(value, (int, float)) and value == value:  # NaN: not measured
+                results.append(EvalResult(
+                    task_type="image-classification", task_name="Image Classification", dataset_type=str(dataset),
+                    dataset_name=str(dataset), dataset_split=SPLITS[split], metric_type="accuracy",
+                    metric_value=float(value), metric_name=f"{split} accuracy {STEPS[step]}",
+                ))
+    return results
+
+
 def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
-    """A model card from the template: what SAP did, the numbers, tags, base model, citation."""
+    """A model card from the template: what SAP did, the numbers of each step, model-index, tags, citation."""
     first = record["rounds"][0] if record.get("rounds") else {"alphas": [], "metrics": [], "baseline": {}}
     metric = first.get("metric", "accuracy")
-    before, after = record.get("baseline_metrics", {}), record.get("final_metrics", {})
-    rows = [f"| eval | {metric} | {_fmt(before.get(metric))} | {_fmt(after.get(metric))} |"]
-    test_before, test_after = record.get("test_metrics_before", {}), record.get("test_metrics_after", {})
-    for key in sorted(set(test_before) | set(test_after)):
-        rows.append(f"| test | {key} | {_fmt(test_before.get(key))} | {_fmt(test_after.get(key))} |")
     per_class = record.get("trusted_per_class") or {}
+    results = eval_results(record)
     data = ModelCardData(
         library_name="transformers",
         tags=list(SAP_TAGS),
         base_model=record.get("base_model") or None,
         pipeline_tag="image-classification",
         license=record.get("license"),
+        model_name=model_name if results else None,
+        eval_results=results or None,
     )
     content = CARD_TEMPLATE.format(
         model_name=model_name,
@@ -159,7 +215,7 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
             if record.get("kind_alphas") else ""
         ),
         verdict="weights projected" if record.get("changed") else "no alpha beat the uncorrected model; weights unchanged",
-        results_rows="\n".join(rows),
+        results_table=_results_table(record, metric),
         metric=metric,
         baseline_metric=_fmt(first.get("baseline", {}).get(metric)),
         alpha_rows="\n".join(f"| {a:g} | {_fmt(m.get(metric))} |" for a, m in zip(first["alphas"], first["metrics"])),

@@ -36,6 +36,7 @@ from .core.selection import TrustedSelection, select_from_scores
 from .core.targets import check_classifier
 from .runtime.modeling import logits_of
 from .hub import sap_record, staged_save, write_sap_files
+from .checkpoints import install as install_checkpoint_weights
 from .losses import check_label_smoothing, training_loss_record
 from .audit.cleanup import MODES, RefineConfig, RefineResult, refine
 
@@ -103,6 +104,7 @@ class SAPTrainer(Trainer):
         self.sap_extra_record: dict[str, Any] = {}
         self._sap_saved = False
         self.training_losses: Optional[TrainingLosses] = None
+        self._checkpoint_weights = install_checkpoint_weights(self)  # exact best/resumed weights (sap_hf.checkpoints)
 
     @property
     def _records_losses(self) -> bool:
@@ -115,6 +117,7 @@ class SAPTrainer(Trainer):
                 raise ValueError("Trainer: training requires a train_dataset.")
             IndexedExamples(self.train_dataset)  # a stream is refused here, before any step
             self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
+        self._checkpoint_weights.arm(args, kwargs, self.args.output_dir)
         return super().train(*args, **kwargs)
 
     def get_train_dataloader(self) -> Any:

@@ -39,7 +39,7 @@ from ..core.config import SAPConfig
 from ..core.evaluation import evaluate_accuracy
 from ..hub import push_folder, sap_record, staged_save, write_sap_files
 from ..data import undecoded_images
-from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare
+from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare, saved_image_processor
 
 logger = logging.get_logger(__name__)
 
@@ -127,8 +127,9 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     with staged_save(args.output_dir, is_main=accelerator.is_main_process) as stage:
         if accelerator.is_main_process:
             model.save_pretrained(stage)
-            if processor is not None:
-                processor.save_pretrained(stage)
+            saved_processor = saved_image_processor(processor, transform)
+            if saved_processor is not None:  # the folder loads in transformers.pipeline()
+                saved_processor.save_pretrained(stage)
             write_sap_files(stage, record, args.hub_model_id or Path(args.output_dir).name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -4,7 +4,8 @@ Data, in order of precedence: a Clothing1M copy in its official layout (`data_di
 (`cifar10n_labels`, images from `dataset_name`), a `datasets` dataset by name or local path
 (`dataset_name`), or the embedded default:
 Fashion-MNIST with synthetic label noise (no download). Model: a Hub id or local path
-(`model_name_or_path`, with its image processor), or a tiny ViT built from a config.
+(`model_name_or_path`, with its image processor), or a tiny RGB ViT built from a config (its processor:
+`ImageTransform.to_image_processor`, saved with the model so that `transformers.pipeline` serves it).
 """
 
 from __future__ import annotations
@@ -212,7 +213,9 @@ def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optiona
     config = tiny_vit_config(
         image_size=image_size,
         patch_size=args.tiny_patch_size if image_size % args.tiny_patch_size == 0 else 4,
-        num_channels=splits.num_channels,
+        # RGB even for grey data (the grey value in every channel): the image-classification pipeline converts
+        # every image to RGB, and a standard image processor saved with the model then reproduces the transform.
+        num_channels=3,
         num_labels=len(id2label),
         hidden_size=args.tiny_hidden_size,
         num_hidden_layers=args.tiny_num_layers,
@@ -240,6 +243,21 @@ def image_transforms(model: nn.Module, processor: Optional[Any], augment: bool, 
         ImageTransform(image_size=size, num_channels=channels, augment=augment, seed=seed),
         ImageTransform(image_size=size, num_channels=channels),
     )
+
+
+def saved_image_processor(processor: Optional[Any], transform: ImageTransform) -> Optional[Any]:
+    """The image processor to save with a model: its own, else one reproducing `transform` (None: there is none).
+
+    Without one, `transformers.pipeline("image-classification", model=folder)` cannot load the folder.
+    A 1-channel transform has no standard equivalent: a warning, and the model is saved without one.
+    """
+    if processor is not None:
+        return processor
+    try:
+        return transform.to_image_processor()
+    except ValueError as err:
+        logger.warning("No image processor saved with the model: %s", err)
+        return None
 
 
 def prepare(split: Any, transform: ImageTransform) -> Any:

@@ -129,6 +129,34 @@ class ImageTransform:
                 out[column] = list(batch[column])
         return out
 
+    def to_image_processor(self) -> Any:
+        """The `transformers` image processor that turns a PIL image into this transform's pixel values.
+
+        Saved next to a model (``processor.save_pretrained(folder)``, or ``processing_class=`` of a
+        Trainer), it lets ``transformers.pipeline("image-classification", model=folder)`` feed the
+        model what it was trained on: a ``ViTImageProcessor`` that resizes with PIL's bilinear filter
+        to ``image_size``, scales by 1/255 and normalises with ``mean``/``std``. Built from a
+        processor, that processor. One-channel transforms have none: the pipeline converts every
+        image to RGB and no standard processor turns it back into one grey channel (a 3-channel
+        model on grey images replicated into RGB, ``num_channels=3``, is served exactly).
+        """
+        if self.image_processor is not None:
+            return self.image_processor
+        if self.num_channels != 3:
+            raise ValueError(
+                "A 1-channel ImageTransform has no standard image processor (the image-classification pipeline "
+                "converts images to RGB): train with num_channels=3 (grey images are replicated into RGB) to save one."
+            )
+        from transformers import ViTImageProcessor
+        from transformers.image_utils import PILImageResampling
+
+        height, width = self.size
+        return ViTImageProcessor(
+            do_resize=True, size={"height": height, "width": width}, resample=PILImageResampling.BILINEAR,
+            do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+            image_mean=[float(v) for v in self.mean], image_std=[float(v) for v in self.std],
+        )
+
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """A ``collate_fn``: raw examples (undecoded images) -> a model batch, decoding each image here.
 
