@@ -29,7 +29,7 @@ def test_cifar10n_benchmark_quick(tmp_path):
     record = json.loads(out.read_text())
     methods = {row["method"] for row in record["rows"]}
     assert {"none", "best_epoch", "oracle", "sap", "sap+remove", "sap+soft", "sap+pseudo", "best+sap",
-            "best+sap+pseudo"} <= methods
+            "best+sap+pseudo", "sap+refine", "best+sap+refine"} <= methods
     for row in record["rows"]:
         assert 0 <= row["test_accuracy"] <= 1
         if row["method"].startswith(("sap+", "best+sap+")):  # the clean-up: its cost and "no change" as a candidate
