@@ -589,3 +589,143 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     return 2 * size**3 / best_of(lambda: a @ b, repeats) / 1e9
+
+
+# --------------------------------------------------------------------------------------------
+# The clean-up study (benchmarks/cifar10n.py, benchmarks/cleanup.py): SAP, then refine in each mode
+# --------------------------------------------------------------------------------------------
+
+
+def audit_ap(audit: Any, data: dict[str, Any]) -> float:
+    """Average precision of an audit's ranking (most suspicious first) against the true label errors (`is_noisy`)."""
+    from sklearn.metrics import average_precision_score
+
+    truth = data["is_noisy"][audit.indices].numpy()
+    return float(average_precision_score(truth, -audit.scores.double().numpy())) if truth.any() else float("nan")
+
+
+def sap_and_cleanups(model: Any, state: dict, data: dict[str, Any], *, lr: float, modes: Sequence[str],
+                     refine_epochs: Sequence[int], refine_batch_size: int, seed: int, prefix: str = "",
+                     scratch: str) -> list[dict[str, Any]]:
+    """`<prefix>sap` (`sap_correct(SAPConfig())`) from `state`, then `<prefix>sap+<mode>` for each mode: the rows.
+
+    Each clean-up starts from the SAP model and its label audit (`views="shift"`): `sap_hf.refine` in that one
+    mode, lr in {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them. The model is left
+    at `state`. Rows carry the trusted samples' purity, the audits' average precision against the true errors
+    (before and after the clean-up), `noisy_fit`, and the clean-up's `cost_epochs`.
+    """
+    import torch
+
+    from sap_hf import RefineConfig, SAPConfig, audit_labels, refine, sap_correct
+    from sap_hf.runtime.passes import Runtime
+
+    def val(m: Any) -> dict[str, float]:
+        return {"accuracy": accuracy(m, data["val_x"], data["val_y"])}
+
+    def audit(m: Any) -> Any:
+        return audit_labels(m, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
+
+    train_set = TensorExamples(data["train_x"], data["train_y"])
+    model.load_state_dict(state)
+    clock = time.perf_counter()
+    result = sap_correct(model, train_set, config=SAPConfig(batch_size=500), evaluate_fn=val, show_progress=False)
+    index = torch.as_tensor(result.trusted_indices, dtype=torch.long)
+    sap_state = copy.deepcopy(model.state_dict())
+    first = audit(model)
+    rows = [dict(method=f"{prefix}sap", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+                 val_accuracy=result.final_metrics["accuracy"], kind_alphas=result.kind_alphas,
+                 purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
+                 audit_ap=audit_ap(first, data), audit_suspected=first.num_suspected,
+                 seconds=time.perf_counter() - clock, **fit_diagnostics(model, data))]
+    for mode in modes:
+        model.load_state_dict(sap_state)
+        clock = time.perf_counter()
+        config = RefineConfig(mode=mode, learning_rates=[lr, 2 * lr], epochs=list(refine_epochs))
+        refined = refine(model, train_set, first, val, config, args=refine_arguments(scratch, refine_batch_size, seed),
+                         runtime=Runtime(show_progress=False))
+        rows.append(dict(method=f"{prefix}sap+{mode}", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+                         val_accuracy=refined.final_metrics["accuracy"], refine_mode=refined.mode,
+                         lr=refined.learning_rate, refine_epochs=refined.epochs, cost_epochs=refined.cost_epochs,
+                         examples=refined.examples.get(mode), audit_ap_after=audit_ap(audit(model), data),
+                         seconds=time.perf_counter() - clock,
+                         trials=[{"lr": t["learning_rate"], "epochs": t["epochs"], "val": round(t["metrics"]["accuracy"], 4)}
+                                 for t in refined.trials], **fit_diagnostics(model, data)))
+    model.load_state_dict(state)
+    return rows
+
+
+def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`sap+refine` / `best+sap+refine`: what `RefineConfig()` (mode="best") gives, the val-best of its modes' rows.
+
+    `refine` tries the modes from the same start with the same seeds and keeps the first best on val, so this
+    pick equals a `mode="best"` run; its cost is the sum of the modes' costs.
+    """
+    from sap_hf.audit.cleanup import BEST_MODES
+
+    picked = []
+    for prefix in ("", "best+"):
+        tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}"]
+        if len(tried) == len(BEST_MODES):
+            chosen = max(tried, key=lambda r: r["val_accuracy"])  # max keeps the first of equals, as refine does
+            picked.append(dict(chosen, method=f"{prefix}sap+refine", chosen_mode=chosen["method"].rsplit("+", 1)[1],
+                               cost_epochs=sum(r["cost_epochs"] for r in tried)))
+    return picked
+
+
+def summarise_cleanup(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """Per value of `key` (a setting) and method: test accuracy % mean/std over seeds, mean cost and noisy fit;
+    rows whose `key` is 'oracle' (the clean-label training) are shared by every setting."""
+    summary: dict[str, Any] = {}
+    oracle = [r["test_accuracy"] * 100 for r in rows if r["method"] == "oracle"]
+    for setting in dict.fromkeys(r[key] for r in rows if r[key] != "oracle"):
+        methods: dict[str, list[dict[str, Any]]] = {}
+        for row in (r for r in rows if r[key] == setting):
+            methods.setdefault(row["method"], []).append(row)
+        cell = {}
+        for method, group in methods.items():
+            cell[method] = mean_std(r["test_accuracy"] * 100 for r in group)
+            cell[method]["noisy_fit"] = mean_std(r["noisy_fit"] for r in group)["mean"]
+            if "cost_epochs" in group[0]:
+                cell[method]["cost_epochs"] = mean_std(r["cost_epochs"] for r in group)["mean"]
+        if oracle:
+            cell["oracle"] = mean_std(oracle)
+        summary[setting] = cell
+    return summary
+
+
+def cleanup_targets(summary: dict[str, Any], pipeline: str = "best+sap+refine") -> dict[str, Any]:
+    """Per setting, the issues' targets: `sap` >= `none` - 0.5; `pipeline` >= `best_epoch` + 2 and >= 50% of the gap
+    from `none` to `oracle` (None where the gap is under 0.5 points)."""
+    verdicts = {}
+    for setting, cell in summary.items():
+        if not {"none", "best_epoch", "sap"} <= set(cell):
+            continue
+        none, best = cell["none"]["mean"], cell["best_epoch"]["mean"]
+        gap = cell["oracle"]["mean"] - none if "oracle" in cell else None
+        verdict = {"sap_minus_none": cell["sap"]["mean"] - none, "noisy_fit_none": cell["none"]["noisy_fit"]}
+        for name in dict.fromkeys((pipeline, "sap+refine", "best+sap+refine")):
+            if name in cell:
+                value = cell[name]["mean"]
+                verdict[f"{name}_minus_best_epoch"] = value - best
+                verdict[f"{name}_gap_closed"] = (value - none) / gap if gap is not None and gap > 0.5 else None
+        verdicts[setting] = verdict
+    return verdicts
+
+
+def plot_cleanup(summary: dict[str, Any], path: Path, title: str) -> Optional[str]:
+    """One bar panel per setting: test accuracy % (mean, std over seeds) of every method, oracle last."""
+    plt = pyplot()
+    if plt is None or not summary:
+        return None
+    figure, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.4), squeeze=False)
+    for axis, (setting, cell) in zip(axes[0], summary.items()):
+        names = [m for m in cell if m != "oracle"] + (["oracle"] if "oracle" in cell else [])
+        colours = ["black" if m == "oracle" else "tab:red" if "refine" in m else "tab:pink" if "+" in m[4:] else
+                   "orange" if "sap" in m else "tab:blue" if m == "best_epoch" else "grey" for m in names]
+        means = [cell[m]["mean"] for m in names]
+        axis.bar(range(len(names)), means, yerr=[cell[m]["std"] for m in names], capsize=3, color=colours)
+        axis.set_xticks(range(len(names)), names, rotation=50, ha="right", fontsize=8)
+        axis.set_ylim(max(0.0, min(means) - 5), max(means) + 3)
+        axis.set_title(f"{title} {setting}")
+        axis.set_ylabel("clean test accuracy %")
+    return save_figure(figure, path)

@@ -1,0 +1,120 @@
+"""The clean-up after SAP on Fashion-MNIST (sym40, asym40), from scratch: which `refine` mode, from which model.
+
+    python benchmarks/cleanup.py --cache_dir /work/cache/accuracy     # the accuracy benchmark's models
+    python benchmarks/cleanup.py --quick                               # smoke test
+
+The accuracy benchmark's protocol (`common.prepare_run`: the recipe's tiny ViT trained from scratch on 4,000
+images with 40% noise for 100 epochs, until it memorises), its models when `--cache_dir` holds them, plus:
+
+    oracle            the same training on the clean labels, val-best epoch (the ceiling)
+    sap+<mode>        sap's model, its audit, `refine(mode)` for each --modes (augmented views; lr, 2 lr; val picks)
+    sap+refine        RefineConfig()'s choice: the val-best of its modes (remove, pseudo)
+    best+sap(+...)    the same pipeline from the val-best epoch instead of the last one
+
+`benchmarks/cifar10n.py` runs the same methods on real human noise. Rows, summary, targets: `common.sap_and_cleanups`,
+`summarise_cleanup`, `cleanup_targets`.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    accuracy,
+    cleanup_targets,
+    default_cleanup_rows,
+    environment,
+    finish_args,
+    fit_diagnostics,
+    plot_cleanup,
+    prepare_run,
+    run_parser,
+    run_tasks,
+    sap_and_cleanups,
+    summarise_cleanup,
+    train_from_scratch,
+    write_json,
+)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> Any:
+    parser = run_parser(__doc__.splitlines()[0])
+    parser.add_argument("--modes", nargs="+", default=["remove", "soft", "pseudo"],
+                        choices=["remove", "relabel", "soft", "pseudo"])
+    parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
+    parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--refine_batch_size", type=int, default=64)
+    args = finish_args(parser.parse_args(argv), argv)
+    if args.quick:
+        args.refine_epochs = [1]
+    return args
+
+
+def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
+    """Every row of one (setting, seed): none, best_epoch, oracle, sap, the clean-ups from the last and best models."""
+    import torch
+
+    setting, seed, args = task
+    run = prepare_run(setting, seed, args)
+    model, data, trained = run["model"], run["data"], run["trained"]
+    base = {"setting": setting, "seed": seed, "train_epochs": args.epochs}
+    last = copy.deepcopy(model.state_dict())
+    rows = [dict(base, method="none", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+                 val_accuracy=trained["history"][-1], **fit_diagnostics(model, data))]
+    model.load_state_dict(trained["best"]["state"])
+    rows.append(dict(base, method="best_epoch", best_epoch=trained["best"]["epoch"],
+                     test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+                     val_accuracy=trained["best"]["val_accuracy"], **fit_diagnostics(model, data)))
+    settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        rows += [dict(base, **r) for r in sap_and_cleanups(model, last, data, modes=args.modes, scratch=scratch,
+                                                           **settings)]
+        if args.best_modes:
+            rows += [dict(base, **r) for r in sap_and_cleanups(model, trained["best"]["state"], data, prefix="best+",
+                                                               modes=args.best_modes, scratch=scratch, **settings)]
+    rows += default_cleanup_rows(rows)
+    if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
+        torch.manual_seed(seed)
+        oracle_model = type(model)(run["config"])
+        clean = train_from_scratch(oracle_model, dict(data, train_y=data["clean_y"]), args, seed)
+        oracle_model.load_state_dict(clean["best"]["state"])
+        rows.append(dict(base, setting="oracle", method="oracle", best_epoch=clean["best"]["epoch"],
+                         test_accuracy=accuracy(oracle_model, data["test_x"], data["test_y"]),
+                         val_accuracy=clean["best"]["val_accuracy"]))
+    return {"setting": setting, "seed": seed, "rows": rows, "seconds": time.perf_counter() - run["started"]}
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out_dir) / ("cleanup_quick.json" if args.quick else "cleanup.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
+
+    def record(results: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [row for result in results for row in result["rows"]]
+        summary = summarise_cleanup(rows, "setting")
+        config = {k: v for k, v in vars(args).items() if k not in ("jobs", "threads", "out_dir", "cache_dir")}
+        return {"config": config, "environment": environment(), "rows": rows, "summary": summary,
+                "targets": cleanup_targets(summary), "cells": [{k: r[k] for k in ("setting", "seed", "seconds")}
+                                                             for r in results]}
+
+    final = record(run_tasks(run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, record(done))))
+    write_json(out, final)
+    figure = None if args.no_plot else plot_cleanup(final["summary"], out.with_suffix(".png"), "Fashion-MNIST")
+    for setting, cell in final["summary"].items():
+        print(f"\n{setting} (clean test %, {cell['none']['n']} seed(s))")
+        for method, stats in cell.items():
+            extra = f"  cost {stats['cost_epochs']:.1f} ep" if "cost_epochs" in stats else ""
+            print(f"  {method:18s} {stats['mean']:5.1f} ± {stats['std']:.1f}{extra}")
+    print(final["targets"], figure)
+    return final
+
+
+if __name__ == "__main__":
+    main()
