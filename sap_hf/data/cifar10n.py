@@ -81,7 +81,8 @@ def read_cifar10n_labels(path: Union[str, Path], label_set: str = "worse") -> tu
         ) from err
     if not isinstance(content, dict):
         raise ValueError(
-            f"labels={str(path)!r} holds a {type(content).__name__}, not the dict of label arrays of CIFAR-10_human.pt."
+            f"labels={str(path)!r} holds a {type(content).__name__}, not the dict of label arrays of "
+            "CIFAR-10_human.pt; pass the official file."
         )
     missing = [k for k in (key, "clean_label") if k not in content]
     if missing:
@@ -193,8 +194,8 @@ def _train_test(source: CIFAR10Source) -> tuple[datasets.Dataset, datasets.Datas
     if isinstance(source, (tuple, list)):
         if len(source) != 2 or not all(isinstance(s, datasets.Dataset) for s in source):
             raise ValueError(
-                f"source={_describe(source)} is invalid: pass a (train, test) pair of datasets.Dataset, a DatasetDict, "
-                f"a Hub id such as {HUB_REPO_ID!r} or a local folder."
+                f"source={_describe(source)} is invalid: pass a (train, test) pair of datasets.Dataset, a "
+                f"DatasetDict, a Hub id such as {HUB_REPO_ID!r} or a local folder."
             )
         return source[0], source[1]
     if isinstance(source, (str, Path)):
@@ -227,7 +228,8 @@ def _load_source(name: str) -> Any:
     if looks_local and not path.is_dir():
         raise FileNotFoundError(
             f"source={name!r} {'is a file' if path.exists() else 'does not exist'}; pass a folder with "
-            f"train-*.parquet and test-*.parquet, a folder written by save_to_disk, or a Hub id such as {HUB_REPO_ID!r}."
+            "train-*.parquet and test-*.parquet, a folder written by save_to_disk, or a Hub id such as "
+            f"{HUB_REPO_ID!r}."
         )
     try:
         return datasets.load_dataset(str(path) if looks_local else name)
