@@ -103,6 +103,8 @@ def test_validation_and_test_are_carved_from_test_disjointly_and_seeded(tiny_cif
     assert _ids(load_cifar10n(folder, labels, val_size=10, test_size=25, seed=1)["validation"]) != val
     rest = load_cifar10n(folder, labels, val_size=10)
     assert len(rest["test"]) == N_TEST - 10
+    smaller = load_cifar10n(folder, labels, train_size=20, val_size=10, test_size=25, seed=0)  # same evaluation
+    assert _ids(smaller["validation"]) == val and _ids(smaller["test"]) == test
 
 
 def test_a_datasetdict_or_a_pair_works_and_images_stay_lazy(tiny_cifar10n):

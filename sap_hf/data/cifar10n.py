@@ -165,16 +165,18 @@ def load_cifar10n(
     if test_size is not None:
         test_size = _check_size("test_size", test_size, 1, n_test - val_size)
 
-    rng = np.random.default_rng(seed)
+    # Two streams: the validation/test carve-out does not change with train_size, so runs on different
+    # training subsets are evaluated on the same images.
+    train_rng, test_rng = np.random.default_rng([seed, 0]), np.random.default_rng([seed, 1])
     train_idx = np.arange(n_train)
     if train_size is not None and train_size < n_train:
-        train_idx = _stratified_choice(train_idx, train_clean, train_size, rng)
+        train_idx = _stratified_choice(train_idx, train_clean, train_size, train_rng)
     test_labels = np.asarray(test.with_format("numpy")["label"], dtype=np.int64)
     all_test = np.arange(n_test)
-    val_idx = _stratified_choice(all_test, test_labels, val_size, rng)
+    val_idx = _stratified_choice(all_test, test_labels, val_size, test_rng)
     test_idx = np.setdiff1d(all_test, val_idx, assume_unique=True)
     if test_size is not None and test_size < len(test_idx):
-        test_idx = np.sort(rng.choice(test_idx, size=test_size, replace=False))
+        test_idx = np.sort(test_rng.choice(test_idx, size=test_size, replace=False))
 
     noisy = noisy_all[train_idx]
     class_label = datasets.ClassLabel(names=CIFAR10_CLASSES)
