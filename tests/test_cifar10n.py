@@ -46,8 +46,8 @@ def _splits(clean: np.ndarray) -> datasets.DatasetDict:
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CIFAR10_CLASSES)})
     test_labels = np.arange(N_TEST) % 10
     return datasets.DatasetDict(
-        train=datasets.Dataset.from_dict({"img": _images(N_TRAIN, 0), "label": clean[:N_TRAIN].tolist()}, features=features),
-        test=datasets.Dataset.from_dict({"img": _images(N_TEST, 100), "label": test_labels.tolist()}, features=features),
+        train=datasets.Dataset.from_dict({"img": _images(N_TRAIN, 0), "label": clean[:N_TRAIN].tolist()}, features),
+        test=datasets.Dataset.from_dict({"img": _images(N_TEST, 100), "label": test_labels.tolist()}, features),
     )
 
 
@@ -103,6 +103,8 @@ def test_validation_and_test_are_carved_from_test_disjointly_and_seeded(tiny_cif
     assert _ids(load_cifar10n(folder, labels, val_size=10, test_size=25, seed=1)["validation"]) != val
     rest = load_cifar10n(folder, labels, val_size=10)
     assert len(rest["test"]) == N_TEST - 10
+    same = load_cifar10n(folder, labels, train_size=20, val_size=10, test_size=25, seed=0)
+    assert not set(_ids(same["validation"])) & set(_ids(same["test"]))  # one seeded stream: the subset comes first
 
 
 def test_a_datasetdict_or_a_pair_works_and_images_stay_lazy(tiny_cifar10n):
@@ -117,9 +119,10 @@ def test_a_datasetdict_or_a_pair_works_and_images_stay_lazy(tiny_cifar10n):
 def test_a_shuffled_copy_is_refused_naming_the_first_differing_position(tiny_cifar10n):
     _, labels, content = tiny_cifar10n
     splits = _splits(content["clean_label"])
-    shuffled = datasets.DatasetDict(train=splits["train"].select([0, 1, 2, 4, 3, *range(5, N_TRAIN)]), test=splits["test"])
-    with pytest.raises(ValueError, match=r"at position 3 its label is 4 \(deer\) but the file's clean_label is 3 \(cat\)"
-                                         r".*original order"):
+    swapped = splits["train"].select([0, 1, 2, 4, 3, *range(5, N_TRAIN)])  # two images out of place
+    shuffled = datasets.DatasetDict(train=swapped, test=splits["test"])
+    message = r"at position 3 its label is 4 \(deer\) but the file's clean_label is 3 \(cat\).*original order"
+    with pytest.raises(ValueError, match=message):
         load_cifar10n(shuffled, labels, val_size=10)
 
 
@@ -183,7 +186,8 @@ def test_recipe_refuses_a_missing_label_file_before_reading_data(tmp_path, capsy
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
 
-    argv = ["--output_dir", str(tmp_path / "out"), "--cifar10n_labels", str(tmp_path / "nope.pt"), "--report_to", "none"]
+    argv = ["--output_dir", str(tmp_path / "out"), "--cifar10n_labels", str(tmp_path / "nope.pt"),
+            "--report_to", "none"]
     with mock.patch.object(clothing1m, "load_splits", side_effect=AssertionError("data was read")):
         line = user_error(capsys, clothing1m.main, argv, prog="clothing1m.py")
     assert "--cifar10n_labels" in line and "nope.pt' does not exist" in line and "CIFAR-10_human.pt" in line

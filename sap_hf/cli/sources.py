@@ -53,21 +53,24 @@ class DataArguments:
     dataset_name: Optional[str] = field(
         default=None,
         metadata={
-            "help": "A `datasets` dataset (Hub id or local path) with an image and a label column, instead of Clothing1M. "
-            f"With cifar10n_labels: the CIFAR-10 images (default {CIFAR10_HUB_ID}; or a local train-*/test-*.parquet folder)."
+            "help": "A `datasets` dataset (Hub id or local path) with an image and a label column, instead of "
+            f"Clothing1M. With cifar10n_labels: the CIFAR-10 images (default {CIFAR10_HUB_ID}; or a local folder of "
+            "train-*/test-*.parquet files)."
         },
     )
     cifar10n_labels: Optional[str] = field(
         default=None,
         metadata={
-            "help": "CIFAR-10N: path of CIFAR-10_human.pt (the CIFAR-N release); its labels are attached by position to "
-            "the train split of `dataset_name`, whose order is checked. Validation and test are carved from CIFAR-10's "
-            "test split; train_size, val_size, test_size and noise_seed apply."
+            "help": "CIFAR-10N: path of CIFAR-10_human.pt (the CIFAR-N release); its labels are attached by position "
+            "to the train split of `dataset_name`, whose order is checked. Validation and test are carved from "
+            "CIFAR-10's test split; train_size, val_size, test_size and noise_seed apply."
         },
     )
     cifar10n_label_set: str = field(
         default="worse",
-        metadata={"help": f"CIFAR-10N label set: one of {list(CIFAR10N_LABEL_SETS)} (or the file's key, e.g. worse_label)."},
+        metadata={
+            "help": f"CIFAR-10N label set: one of {list(CIFAR10N_LABEL_SETS)} (or the file's key, e.g. worse_label)."
+        },
     )
     image_column: str = field(default="image", metadata={"help": "Image column of `dataset_name`."})
     label_column: str = field(default="label", metadata={"help": "Label column of `dataset_name`."})
@@ -75,7 +78,8 @@ class DataArguments:
     validation_split: str = field(default="validation", metadata={"help": "Clean validation split of `dataset_name` (picks alpha)."})
     test_split: Optional[str] = field(default="test", metadata={"help": "Clean test split of `dataset_name` (None: no test)."})
     streaming: bool = field(
-        default=True, metadata={"help": "Stream Clothing1M / `dataset_name` instead of loading it (not CIFAR-10N: loaded)."}
+        default=True,
+        metadata={"help": "Stream Clothing1M / `dataset_name` instead of loading it (not CIFAR-10N: loaded)."},
     )
     fashion_mnist_dir: Optional[str] = field(
         default=None,
@@ -92,10 +96,16 @@ class DataArguments:
         },
     )
     noise_rate: float = field(default=0.4, metadata={"help": "Embedded default: fraction of flipped training labels."})
-    train_size: Optional[int] = field(default=6000, metadata={"help": "Embedded default and CIFAR-10N: training images (None: all)."})
+    train_size: Optional[int] = field(
+        default=6000, metadata={"help": "Embedded default and CIFAR-10N: training images (None: all)."}
+    )
     val_size: int = field(default=1000, metadata={"help": "Embedded default and CIFAR-10N: clean validation images."})
-    test_size: Optional[int] = field(default=2000, metadata={"help": "Embedded default and CIFAR-10N: clean test images (None: all the rest)."})
-    noise_seed: int = field(default=0, metadata={"help": "Seed of the embedded default's (and CIFAR-10N's) subsets and noise."})
+    test_size: Optional[int] = field(
+        default=2000, metadata={"help": "Embedded default and CIFAR-10N: clean test images (None: all the rest)."}
+    )
+    noise_seed: int = field(
+        default=0, metadata={"help": "Seed of the embedded default's (and CIFAR-10N's) subsets and noise."}
+    )
     augment: bool = field(default=False, metadata={"help": "Random flip/shift augmentation on the training split."})
 
     def __post_init__(self) -> None:

@@ -81,7 +81,8 @@ def read_cifar10n_labels(path: Union[str, Path], label_set: str = "worse") -> tu
         ) from err
     if not isinstance(content, dict):
         raise ValueError(
-            f"labels={str(path)!r} holds a {type(content).__name__}, not the dict of label arrays of CIFAR-10_human.pt."
+            f"labels={str(path)!r} holds a {type(content).__name__}, not the dict of label arrays of "
+            "CIFAR-10_human.pt; pass the official file."
         )
     missing = [k for k in (key, "clean_label") if k not in content]
     if missing:
@@ -164,16 +165,17 @@ def load_cifar10n(
     if test_size is not None:
         test_size = _check_size("test_size", test_size, 1, n_test - val_size)
 
-    rng = np.random.default_rng(seed)
+    # One stream: the training subset, then the validation/test carve-out (benchmarks/results/cifar10n.json used it).
+    train_rng = test_rng = np.random.default_rng(seed)
     train_idx = np.arange(n_train)
     if train_size is not None and train_size < n_train:
-        train_idx = _stratified_choice(train_idx, train_clean, train_size, rng)
+        train_idx = _stratified_choice(train_idx, train_clean, train_size, train_rng)
     test_labels = np.asarray(test.with_format("numpy")["label"], dtype=np.int64)
     all_test = np.arange(n_test)
-    val_idx = _stratified_choice(all_test, test_labels, val_size, rng)
+    val_idx = _stratified_choice(all_test, test_labels, val_size, test_rng)
     test_idx = np.setdiff1d(all_test, val_idx, assume_unique=True)
     if test_size is not None and test_size < len(test_idx):
-        test_idx = np.sort(rng.choice(test_idx, size=test_size, replace=False))
+        test_idx = np.sort(test_rng.choice(test_idx, size=test_size, replace=False))
 
     noisy = noisy_all[train_idx]
     class_label = datasets.ClassLabel(names=CIFAR10_CLASSES)
@@ -193,8 +195,8 @@ def _train_test(source: CIFAR10Source) -> tuple[datasets.Dataset, datasets.Datas
     if isinstance(source, (tuple, list)):
         if len(source) != 2 or not all(isinstance(s, datasets.Dataset) for s in source):
             raise ValueError(
-                f"source={_describe(source)} is invalid: pass a (train, test) pair of datasets.Dataset, a DatasetDict, "
-                f"a Hub id such as {HUB_REPO_ID!r} or a local folder."
+                f"source={_describe(source)} is invalid: pass a (train, test) pair of datasets.Dataset, a "
+                f"DatasetDict, a Hub id such as {HUB_REPO_ID!r} or a local folder."
             )
         return source[0], source[1]
     if isinstance(source, (str, Path)):
@@ -227,7 +229,8 @@ def _load_source(name: str) -> Any:
     if looks_local and not path.is_dir():
         raise FileNotFoundError(
             f"source={name!r} {'is a file' if path.exists() else 'does not exist'}; pass a folder with "
-            f"train-*.parquet and test-*.parquet, a folder written by save_to_disk, or a Hub id such as {HUB_REPO_ID!r}."
+            "train-*.parquet and test-*.parquet, a folder written by save_to_disk, or a Hub id such as "
+            f"{HUB_REPO_ID!r}."
         )
     try:
         return datasets.load_dataset(str(path) if looks_local else name)
