@@ -18,6 +18,7 @@ images with 40% noise for 100 epochs, until it memorises), its models when `--ca
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -27,6 +28,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     accuracy,
+    cleanup_table,
     cleanup_targets,
     default_cleanup_rows,
     environment,
@@ -43,6 +45,14 @@ from common import (  # noqa: E402
 )
 
 
+def replot(out: Path) -> dict[str, Any]:
+    """The table and figure again from a recorded JSON (no training)."""
+    record = json.loads(out.read_text())
+    print(cleanup_table(record["summary"]))
+    plot_cleanup(record["summary"], out.with_suffix(".png"), "Fashion-MNIST")
+    return record
+
+
 def parse_args(argv: Optional[list[str]] = None) -> Any:
     parser = run_parser(__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=["remove", "soft", "pseudo"],
@@ -50,6 +60,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Any:
     parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)
+    parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")
     args = finish_args(parser.parse_args(argv), argv)
     if args.quick:
         args.refine_epochs = [1]
@@ -94,6 +105,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out_dir) / ("cleanup_quick.json" if args.quick else "cleanup.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        return replot(out)
     tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
 
     def record(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -107,12 +120,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     final = record(run_tasks(run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, record(done))))
     write_json(out, final)
     figure = None if args.no_plot else plot_cleanup(final["summary"], out.with_suffix(".png"), "Fashion-MNIST")
-    for setting, cell in final["summary"].items():
-        print(f"\n{setting} (clean test %, {cell['none']['n']} seed(s))")
-        for method, stats in cell.items():
-            extra = f"  cost {stats['cost_epochs']:.1f} ep" if "cost_epochs" in stats else ""
-            print(f"  {method:18s} {stats['mean']:5.1f} ± {stats['std']:.1f}{extra}")
-    print(final["targets"], figure)
+    print(cleanup_table(final["summary"]))
+    print(json.dumps(final["targets"], indent=1), figure)
     return final
 
 

@@ -729,3 +729,23 @@ def plot_cleanup(summary: dict[str, Any], path: Path, title: str) -> Optional[st
         axis.set_title(f"{title} {setting}")
         axis.set_ylabel("clean test accuracy %")
     return save_figure(figure, path)
+
+
+def cleanup_table(summary: dict[str, Any]) -> str:
+    """The summary as the markdown table benchmarks/README.md shows: a column per setting, `mean ± std`, and the
+    clean-up rows' cost in epochs of the training set."""
+    settings = list(summary)
+    methods = list(dict.fromkeys(m for cell in summary.values() for m in cell))
+    lines = ["| clean test % | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    for method in methods:
+        cells = []
+        for setting in settings:
+            stats = summary[setting].get(method)
+            if stats is None:
+                cells.append("–")
+                continue
+            cost = f" ({stats['cost_epochs']:.0f} ep)" if "cost_epochs" in stats else ""
+            fit = f" (fit {stats['noisy_fit'] * 100:.0f}%)" if method == "none" else ""
+            cells.append(f"{stats['mean']:.1f} ± {stats['std']:.1f}{fit}{cost}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
