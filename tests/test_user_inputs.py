@@ -90,3 +90,96 @@ def test_stats_path_with_other_trusted_indices_is_refused(tmp_path):
     again = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, trusted_indices=first.trusted_indices,
                         stats_path=stats_path, show_progress=False)
     assert again.trusted_indices == [0, 1, 2]
+
+
+# --- 2. the CLI: the model's class names against the data's ---------------------------------------------------
+
+
+def _named_image_folder(tmp_path, names=("cat", "dog", "fox")):
+    """A local `datasets` folder (train/validation/test parquet) of 6x6 RGB images, labels a ClassLabel of `names`."""
+    import datasets
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))})
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("validation", 6), ("test", 6)):
+        rows = {"image": [Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)) for _ in range(n)],
+                "label": [i % len(names) for i in range(n)]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
+    return folder
+
+
+def _classifier_folder(tmp_path, id2label, name="model"):
+    from transformers import ViTForImageClassification
+
+    from sap_hf.models import tiny_vit_config
+
+    path = tmp_path / name
+    config = tiny_vit_config(image_size=6, patch_size=3, num_channels=3, num_labels=len(id2label), hidden_size=16,
+                             num_hidden_layers=1, id2label=dict(enumerate(id2label)))
+    ViTForImageClassification(config).save_pretrained(path)
+    return path
+
+
+def test_cli_remaps_the_data_labels_to_a_model_that_orders_the_classes_otherwise(tmp_path, caplog):
+    from sap_hf.cli import commands
+    from sap_hf.cli.sources import DataArguments, load_splits
+
+    splits = load_splits(DataArguments(dataset_name=str(_named_image_folder(tmp_path)), streaming=False))
+    model_path = _classifier_folder(tmp_path, ["fox", "cat", "dog"])
+    with caplog.at_level("WARNING"):
+        model, aligned = commands._load_classifier(str(model_path), splits, "fix")
+    assert "remapped" in caplog.text
+    assert aligned.class_names == ["fox", "cat", "dog"]
+    for before, after in zip(splits.train, aligned.train):  # each sample keeps its class *name*
+        assert model.config.id2label[after["label"]] == ["cat", "dog", "fox"][before["label"]]
+    same, kept = commands._load_classifier(str(_classifier_folder(tmp_path, ["cat", "dog", "fox"], "same")), splits, "")
+    assert kept is splits
+
+
+def test_cli_refuses_a_model_whose_class_names_are_not_the_data_s(tmp_path, capsys):
+    from helpers import user_error
+
+    from sap_hf.cli import commands
+
+    folder = _named_image_folder(tmp_path)
+    model_path = _classifier_folder(tmp_path, ["cat", "dog", "cow"])
+    line = user_error(capsys, commands.main, ["correct", "--model_name_or_path", str(model_path), "--dataset_name",
+                                              str(folder), "--output_dir", str(tmp_path / "out"), "--streaming",
+                                              "false"], alone=False)
+    assert "--model_name_or_path" in line and "'cow'" in line and "'fox'" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, field, expected", [
+    (["--selection_rule", "None"], "selection_rule", "shift_loss"),  # help: "None (default)"
+    (["--max_tokens_per_sample", "None"], "max_tokens_per_sample", None),
+    (["--selection_subset", "None"], "selection_subset", None),
+    (["--training_loss_epochs", "None"], "training_loss_epochs", None),
+    (["--test_split", "None"], "test_split", None),  # help: "(None: no test)"
+    (["--train_size", "None"], "train_size", None),  # help: "(None: all)"
+    (["--target_modules", ".*(q_proj|v_proj)"], "target_modules", ".*(q_proj|v_proj)"),  # README: a regex string
+    (["--target_modules", "[]"], "target_modules", []),  # help: "[] with it projects the head alone"
+    (["--target_modules", "all-linear"], "target_modules", "all-linear"),
+    (["--target_modules", "q_proj", "mlp.fc1"], "target_modules", ["q_proj", "mlp.fc1"]),
+])
+def test_documented_option_values_are_taken_on_the_command_line(tmp_path, argv, field, expected):
+    from sap_hf.cli.args import parse_with_config
+    from sap_hf.cli.commands import CorrectArguments
+    from sap_hf.core.config import SAPConfig
+
+    model = _classifier_folder(tmp_path, ["cat", "dog", "fox"])
+    base = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "out")]
+    args, config = parse_with_config((CorrectArguments, SAPConfig), base + argv, prog="sap-hf correct")
+    assert getattr(config if hasattr(config, field) else args, field) == expected
+
+
+def test_a_command_line_regex_selects_layers():
+    from sap_hf import SAPConfig
+    from sap_hf.core.targets import find_target_modules
+    from sap_hf.models import tiny_model
+
+    config = SAPConfig(target_modules=[".*(q_proj|v_proj)"], project_classifier=False)
+    names = find_target_modules(tiny_model("vit", num_labels=3), config.target_modules, None, False)
+    assert names and all(name.endswith(("q_proj", "v_proj")) for name in names)

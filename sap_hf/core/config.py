@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
@@ -49,9 +50,11 @@ class SAPConfig:
             "help": (
                 "Which nn.Linear layers to project. None (default): every Linear of the backbone "
                 "(attention q/k/v/output and MLP layers of any ViT-family model). A str (Python/YAML) "
-                "is a regex that must fully match the module name; a list is a list of name suffixes; "
+                "is a regex that must fully match the module name (on the command line: one value with regex characters, "
+                "e.g. '.*(query|value)'); a list is a list of name suffixes; "
                 "'all-linear' selects every Linear of the backbone. A pattern that matches no backbone layer is "
-                "an error. The classifier head is governed by `project_classifier`; [] with it projects the head alone."
+                "an error. The classifier head is governed by `project_classifier`; [] (on the command line: '[]') with it "
+                "projects the head alone."
             )
         },
     )
@@ -260,8 +263,10 @@ class SAPConfig:
             return value
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
             values = list(value)
-            # From the command line a single regex or 'all-linear' arrives as a one-item list.
-            return values[0] if len(values) == 1 and values[0] == "all-linear" else values
+            # From the command line a single regex or 'all-linear' arrives as a one-item list, and [] as '[]'.
+            if len(values) == 1 and (values[0] == "all-linear" or _REGEX_ONLY.search(values[0])):
+                return [] if values[0] == "[]" else values[0]
+            return values
         raise invalid(f"SAPConfig.{name}", value, "use a regex string, a list of non-empty module-name suffixes, or None.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,6 +279,10 @@ class SAPConfig:
         if unknown:
             raise ValueError(f"Unknown SAPConfig field(s) {unknown}; valid fields are {sorted(known)}.")
         return cls(**values)
+
+
+_REGEX_ONLY = re.compile(r"[][*+?(){}|^$\\]")
+"""Characters no module-name suffix holds: a one-item list with them is a regex (or '[]', the empty list)."""
 
 
 def _alpha_grid(alphas: Any) -> list[float]:
