@@ -134,7 +134,8 @@ def test_cli_remaps_the_data_labels_to_a_model_that_orders_the_classes_otherwise
     assert aligned.class_names == ["fox", "cat", "dog"]
     for before, after in zip(splits.train, aligned.train):  # each sample keeps its class *name*
         assert model.config.id2label[after["label"]] == ["cat", "dog", "fox"][before["label"]]
-    same, kept = commands._load_classifier(str(_classifier_folder(tmp_path, ["cat", "dog", "fox"], "same")), splits, "")
+    same_order = _classifier_folder(tmp_path, ["cat", "dog", "fox"], "same")
+    _, kept = commands._load_classifier(str(same_order), splits, "")
     assert kept is splits
 
 
@@ -183,3 +184,67 @@ def test_a_command_line_regex_selects_layers():
     config = SAPConfig(target_modules=[".*(q_proj|v_proj)"], project_classifier=False)
     names = find_target_modules(tiny_model("vit", num_labels=3), config.target_modules, None, False)
     assert names and all(name.endswith(("q_proj", "v_proj")) for name in names)
+
+
+# --- 4. models at the edge of the contract ---------------------------------------------------------------------
+
+
+class _ConvNet(torch.nn.Module):
+    """A conv backbone with a Linear head: no nn.Linear for SAP to project but the head."""
+
+    def __init__(self, num_labels: int = 3):
+        super().__init__()
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig(num_labels=num_labels)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.classifier = torch.nn.Linear(4, num_labels)
+
+    def forward(self, pixel_values, labels=None):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        return ImageClassifierOutput(logits=self.classifier(self.features(pixel_values)))
+
+
+def test_a_model_without_backbone_linears_is_refused_unless_the_head_alone_is_asked_for():
+    from helpers import assert_identical, random_examples, snapshot
+
+    from sap_hf import SAPConfig, sap_correct, sap_project
+
+    model = _ConvNet()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"no nn.Linear layer besides its classification head.*target_modules=\[\]"):
+        sap_correct(model, random_examples(12), random_examples(6, seed=2), SAPConfig(alphas=[10.0], trusted_per_class=2),
+                    show_progress=False)
+    assert_identical(model, before)
+    sap_project(model, random_examples(6), alpha=10.0, config=SAPConfig(target_modules=[]))  # asked for: allowed
+
+
+def test_errors_advise_only_arguments_the_function_takes():
+    import inspect
+    import re
+
+    from helpers import random_examples
+
+    from sap_hf import sap_correct, sap_project
+
+    class Plain(torch.nn.Module):  # no config: the number of classes is unknown
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 3)
+
+    for call, args in ((sap_correct, (random_examples(4), random_examples(4))), (sap_project, (random_examples(4),))):
+        with pytest.raises(ValueError) as info:
+            call(Plain(), *args)
+        advised = re.findall(r"\b(?:pass|give|set) (\w+)=", str(info.value))
+        assert set(advised) <= set(inspect.signature(call).parameters), (call.__name__, str(info.value))
+
+
+def test_a_head_that_disagrees_with_id2label_is_named():
+    from sap_hf.core.targets import check_classifier
+    from sap_hf.models import tiny_model
+
+    model = tiny_model("vit", num_labels=3)
+    model.config.id2label = {i: f"c{i}" for i in range(5)}  # 5 names, a 3-output head
+    with pytest.raises(ValueError, match=r"num_labels=5 .*'classifier', has 3 outputs.*disagree"):
+        check_classifier(model)

@@ -204,7 +204,8 @@ def select_trusted(
     seed = integer("seed", seed, hint="It seeds the random directions of rule='curvature'.")
     runtime = resolve_runtime(runtime)
     scorer = selection_model if rule == "early_loss" else model
-    num_labels = check_classifier(runtime.unwrap(scorer), num_labels, "selection_model" if rule == "early_loss" else "model")
+    scorer_name = "selection_model" if rule == "early_loss" else "model"
+    num_labels = check_classifier(runtime.unwrap(scorer), num_labels, scorer_name, takes_num_labels=True)
     if rule == "curvature":
         _warn_if_too_coarse(runtime.unwrap(scorer), runtime.is_main)
     with runtime.run(scorer, data, "selection", argument="train_data", description="SAP trusted selection") as walk:
