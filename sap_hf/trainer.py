@@ -117,8 +117,38 @@ class SAPTrainer(Trainer):
                 raise ValueError("Trainer: training requires a train_dataset.")
             IndexedExamples(self.train_dataset)  # a stream is refused here, before any step
             self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
+            self._restore_losses(kwargs.get("resume_from_checkpoint", args[0] if args else None))
         self._checkpoint_weights.arm(args, kwargs, self.args.output_dir)
         return super().train(*args, **kwargs)
+
+    def _restore_losses(self, checkpoint: Any) -> None:
+        """Resuming: the losses recorded before the checkpoint (saved in it by `_save_checkpoint`), or a warning."""
+        if checkpoint is None or checkpoint is False:
+            return
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+            if checkpoint is None:
+                return  # Trainer.train raises: no checkpoint to resume from
+        if self.args.process_index != 0:
+            return  # the main process restores every process's record; the merge sums them
+        problem = self.training_losses.restore(checkpoint)
+        if problem is not None:
+            logger.warning(
+                "train(resume_from_checkpoint=%r): %s, so trusted_source='training' selects from the epochs trained from "
+                "now on only. Train from the start (or from a checkpoint SAPTrainer saved with this sap_config) to "
+                "average every epoch.", str(checkpoint), problem,
+            )
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """`Trainer._save_checkpoint`; with recorded losses, each process's record goes into the checkpoint too."""
+        super()._save_checkpoint(model, trial)
+        if self._records_losses and self.training_losses is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.training_losses.save(folder, self.args.process_index)
 
     def get_train_dataloader(self) -> Any:
         """The Trainer's loader; when recording, over examples that carry their position (`core.recorded`)."""

@@ -248,3 +248,70 @@ def test_a_head_that_disagrees_with_id2label_is_named():
     model.config.id2label = {i: f"c{i}" for i in range(5)}  # 5 names, a 3-output head
     with pytest.raises(ValueError, match=r"num_labels=5 .*'classifier', has 3 outputs.*disagree"):
         check_classifier(model)
+
+
+# --- 5. recorded training losses: resumed training, tuple examples ---------------------------------------------
+
+
+def _recording_trainer(tmp_path, train, **args):
+    from transformers import TrainingArguments
+
+    from sap_hf import SAPConfig
+    from sap_hf.models import tiny_model
+    from sap_hf.trainer import SAPTrainer
+
+    from helpers import random_examples
+
+    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=2,
+                    learning_rate=0.0, report_to=[], disable_tqdm=True, use_cpu=True, save_strategy="epoch", seed=0)
+    training_args = TrainingArguments(**{**defaults, **args})
+    config = SAPConfig(alphas=[10.0], trusted_per_class=2, batch_size=8, trusted_source="training")
+    return SAPTrainer(model=tiny_model("vit", num_labels=3), args=training_args, train_dataset=train,
+                      eval_dataset=random_examples(6, seed=2), sap_config=config)
+
+
+def test_resumed_training_keeps_the_recorded_losses(tmp_path, caplog):
+    from helpers import MapStyle, random_examples
+
+    train = MapStyle(random_examples(12, seed=1))
+    whole = _recording_trainer(tmp_path / "whole", train)
+    whole.train()
+    full = whole.training_losses.summary()
+    assert full["count"].tolist() == [2] * 12
+
+    first = _recording_trainer(tmp_path, train, num_train_epochs=1)
+    first.train()  # saves checkpoint-3 (one epoch of 3 steps)
+    resumed = _recording_trainer(tmp_path, train)
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)
+    record = resumed.training_losses.summary()
+    assert record["count"].tolist() == [2] * 12  # both epochs, not only the one trained after resuming
+    np.testing.assert_allclose(record["total"], full["total"], rtol=1e-5)
+    assert "resume_from_checkpoint" not in caplog.text
+
+
+def test_resuming_from_a_checkpoint_without_recorded_losses_warns(tmp_path, caplog):
+    from helpers import MapStyle, random_examples
+
+    train = MapStyle(random_examples(12, seed=1))
+    _recording_trainer(tmp_path, train, num_train_epochs=1).train()
+    for path in (tmp_path / "out").glob("checkpoint-*/sap_training_losses-*.npz"):
+        path.unlink()  # as a plain Trainer's checkpoint
+    resumed = _recording_trainer(tmp_path, train)
+    with caplog.at_level("WARNING"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "resume_from_checkpoint" in caplog.text and "from now on only" in caplog.text
+
+
+def test_recorded_losses_take_tuple_examples_the_trainer_takes(tmp_path):
+    from helpers import MapStyle, random_examples
+
+    examples = [(e["pixel_values"], e["labels"]) for e in random_examples(12, seed=1)]
+
+    def collate(rows):
+        return {"pixel_values": torch.stack([p for p, _ in rows]), "labels": torch.tensor([y for _, y in rows])}
+
+    trainer = _recording_trainer(tmp_path, MapStyle(examples), save_strategy="no")
+    trainer.data_collator = collate
+    trainer.train()
+    assert trainer.training_losses.summary()["count"].tolist() == [2] * 12
