@@ -47,18 +47,32 @@ _BOOKKEEPING = ("runtime", "per_second", "epoch", "model_preparation_time")
 
 
 def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """`evaluate`'s accuracy; offline (its script lives on the Hub) the same formula computed here."""
+    """`evaluate`'s accuracy; offline (its script lives on the Hub) the same formula computed here.
+
+    Predictions are logits (`(samples, classes)`, argmaxed here) or class ids already (one int per
+    sample: what a `preprocess_logits_for_metrics` returning `logits.argmax(-1)` hands on).
+    """
     global _ACCURACY
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predictions = np.asarray(logits).argmax(-1)
+    logits = np.asarray(logits)
     references = np.asarray(prediction.label_ids)
+    ids = logits.ndim == references.ndim and np.issubdtype(logits.dtype, np.integer)
+    if not ids and logits.ndim != references.ndim + 1:
+        raise ValueError(
+            f"accuracy_metrics: predictions of shape {logits.shape} for labels of shape {references.shape}; give "
+            "(samples, classes) logits or one class id per sample (preprocess_logits_for_metrics returning "
+            "logits.argmax(-1)), or pass your own compute_metrics."
+        )
+    predictions = logits if ids else logits.argmax(-1)
+    num_classes = None if ids else logits.shape[-1]
     labelled = references != IGNORE_INDEX  # -100: the transformers ignore index, not a class
     predictions, references = predictions[labelled], references[labelled]
-    outside = (references < 0) | (references >= np.asarray(logits).shape[-1])
+    outside = (references < 0) | (references >= (num_classes if num_classes is not None else np.inf))
     if outside.any():
+        classes = "" if num_classes is None else f", outside the model's {num_classes} classes"
         raise ValueError(
-            f"The eval labels hold {int(references[outside][0])}, outside the model's {np.asarray(logits).shape[-1]} classes "
-            "(-100 is ignored): fix the label mapping of the eval set or the model's num_labels."
+            f"The eval labels hold {int(references[outside][0])}{classes} (-100 is ignored): fix the label mapping of "
+            "the eval set or the model's num_labels."
         )
     if _ACCURACY is None:
         try:

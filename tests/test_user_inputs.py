@@ -315,3 +315,36 @@ def test_recorded_losses_take_tuple_examples_the_trainer_takes(tmp_path):
     trainer.data_collator = collate
     trainer.train()
     assert trainer.training_losses.summary()["count"].tolist() == [2] * 12
+
+
+# --- 6. the default metric with predictions that are class ids already -------------------------------------------
+
+
+def test_accuracy_metrics_takes_class_ids_from_preprocess_logits_for_metrics():
+    from transformers import EvalPrediction
+
+    from sap_hf.trainer import accuracy_metrics
+
+    logits = np.array([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0], [0.0, 1.0, 5.0], [4.0, 0.0, 0.0]])
+    labels = np.array([0, 1, 1, -100])
+    expected = accuracy_metrics(EvalPrediction(predictions=logits, label_ids=labels))["accuracy"]
+    assert expected == pytest.approx(2 / 3)
+    ids = accuracy_metrics(EvalPrediction(predictions=logits.argmax(-1), label_ids=labels))["accuracy"]
+    assert ids == pytest.approx(expected)
+
+
+def test_sap_trainer_with_preprocess_logits_for_metrics_evaluates_alphas(tmp_path):
+    from transformers import TrainingArguments
+
+    from sap_hf import SAPConfig
+    from sap_hf.models import tiny_model
+    from sap_hf.trainer import SAPTrainer
+
+    from helpers import random_examples
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
+    trainer = SAPTrainer(model=tiny_model("vit", num_labels=3), args=args, train_dataset=random_examples(12),
+                         eval_dataset=random_examples(6, seed=2), sap_config=SAPConfig(alphas=[10.0], trusted_per_class=2),
+                         preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
+    result = trainer.correct()
+    assert 0.0 <= result.baseline_metrics["accuracy"] <= 1.0
