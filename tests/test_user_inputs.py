@@ -348,3 +348,32 @@ def test_sap_trainer_with_preprocess_logits_for_metrics_evaluates_alphas(tmp_pat
                          preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
     result = trainer.correct()
     assert 0.0 <= result.baseline_metrics["accuracy"] <= 1.0
+
+
+# --- 7. numbers with two meanings: selection_subset=1 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("whole", [1, 1.0])
+def test_selection_subset_one_is_the_whole_data(whole):
+    from helpers import MapStyle, random_examples
+
+    from sap_hf.core.selection import select_trusted
+    from sap_hf.models import tiny_model
+    from sap_hf.runtime.passes import Runtime
+
+    model, data = tiny_model("vit", num_labels=3), MapStyle(random_examples(12, seed=1))
+    runtime = Runtime(show_progress=False)
+    every = select_trusted(model, data, 2, runtime=runtime)
+    assert select_trusted(model, data, 2, runtime=runtime, subset=whole).indices == every.indices
+
+
+def test_a_selection_subset_that_misses_a_class_is_named():
+    from helpers import MapStyle, random_examples
+
+    from sap_hf.core.selection import select_trusted
+    from sap_hf.models import tiny_model
+    from sap_hf.runtime.passes import Runtime
+
+    with pytest.raises(ValueError, match=r"selection_subset=2 \(a count of examples\).*larger selection_subset"):
+        select_trusted(tiny_model("vit", num_labels=3), MapStyle(random_examples(12, seed=1)), 2,
+                       runtime=Runtime(show_progress=False), subset=2)

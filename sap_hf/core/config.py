@@ -142,9 +142,9 @@ class SAPConfig:
         default=None,
         metadata={
             "help": (
-                "Score only part of the selection data: None (default) scores every example. A number in (0, 1) "
-                "is a share of the examples, a whole number >= 1 a count (a stream without len() takes a share "
-                "only). The examples are drawn at random with `sampling_seed`, the same on every process; trusted "
+                "Score only part of the selection data: None (default) scores every example. A number in (0, 1] "
+                "is a share of the examples (1 or 1.0: all of them), a whole number > 1 a count (a stream without "
+                "len() takes a share only). The examples are drawn at random with `sampling_seed`, the same on every process; trusted "
                 "identities stay positions (or keys) of the whole data. The cost of the selection pass shrinks "
                 "with the share, while the per_class lowest of a random share of a class are nearly as clean as "
                 "those of the whole class as long as the share holds many times per_class samples of each class."
@@ -304,14 +304,16 @@ def _alpha_grid(alphas: Any) -> list[float]:
 
 
 def _subset_size(value: Any) -> Optional[float]:
-    """`selection_subset`: None, a share in (0, 1), or a whole count >= 1 (kept as a float, e.g. 14000.0)."""
+    """`selection_subset`: None, a share in (0, 1] (1 and 1.0 alike: the whole data), or a whole count > 1 (kept as
+    a float, e.g. 14000.0). One rule for ints and floats: the command line and YAML cannot tell 1 from 1.0."""
     if value is None:
         return None
     if is_bool(value) or not isinstance(plain_scalar(value), numbers.Real):
-        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1) or a whole count >= 1.")
+        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1] or a whole count > 1.")
     size = finite_float("SAPConfig.selection_subset", value)
-    if size <= 0 or (size >= 1 and size != int(size)):
-        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1) (e.g. 0.1) or a whole count >= 1 (e.g. 14000).")
+    if size <= 0 or (size > 1 and size != int(size)):
+        raise invalid("SAPConfig.selection_subset", value,
+                      "use None, a share in (0, 1] (e.g. 0.1; 1 = every example) or a whole count > 1 (e.g. 14000).")
     return size
 
 
