@@ -335,7 +335,7 @@ class SAPTrainer(Trainer):
         fallback = self._evaluate_fallback()
         if fallback is not None and isinstance(eval_dataset, LoaderData):  # Trainer.evaluate batches a dataset itself
             eval_dataset = eval_dataset.examples()
-        if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
+        if batch_labels(first_example_batch(eval_dataset, self.data_collator, "eval_dataset")) is None:
             raise ValueError(
                 "The eval dataset has no 'labels'/'label' column: SAP's alpha search and refine's choices need a clean, "
                 "labelled eval set; pass eval_dataset= with labels."

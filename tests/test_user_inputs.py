@@ -377,3 +377,42 @@ def test_a_selection_subset_that_misses_a_class_is_named():
     with pytest.raises(ValueError, match=r"selection_subset=2 \(a count of examples\).*larger selection_subset"):
         select_trusted(tiny_model("vit", num_labels=3), MapStyle(random_examples(12, seed=1)), 2,
                        runtime=Runtime(show_progress=False), subset=2)
+
+
+# --- 8. examples that the default collator would fail on ------------------------------------------------------
+
+
+def _unequal_sizes():
+    from helpers import random_examples
+
+    examples = random_examples(6, size=16)
+    examples[3] = {"pixel_values": torch.randn(3, 20, 20), "labels": 0}
+    return examples
+
+
+@pytest.mark.parametrize("make, pattern", [
+    (lambda: [(e["pixel_values"], e["labels"]) for e in __import__("helpers").random_examples(6)],
+     r"train_data: sample 0 is a tuple, not a dict.*collate_fn="),
+    (lambda: [{"image": Image.new("RGB", (8, 8)), "label": i % 3} for i in range(6)],
+     r"train_data: the examples hold images in column 'image' but no 'pixel_values'.*prepare_image_dataset"),
+    (_unequal_sizes, r"train_data: samples 0 and 3 have pixel_values of shapes \(3, 16, 16\) and \(3, 20, 20\).*resize"),
+])
+def test_examples_the_collator_cannot_batch_are_explained_before_any_weight_changes(make, pattern):
+    from helpers import assert_identical, random_examples, snapshot
+
+    from sap_hf import SAPConfig, sap_correct
+    from sap_hf.models import tiny_model
+
+    model = tiny_model("vit", num_labels=3)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=pattern):
+        sap_correct(model, make(), random_examples(6, seed=2), SAPConfig(alphas=[10.0], trusted_per_class=1),
+                    show_progress=False)
+    assert_identical(model, before)
+
+
+def test_first_example_batch_names_the_argument():
+    from sap_hf.runtime.batching import first_example_batch
+
+    with pytest.raises(ValueError, match=r"eval_dataset: the examples hold images in column 'img'"):
+        first_example_batch([{"img": Image.new("RGB", (8, 8)), "label": 0}], argument="eval_dataset")
