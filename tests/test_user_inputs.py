@@ -416,3 +416,23 @@ def test_first_example_batch_names_the_argument():
 
     with pytest.raises(ValueError, match=r"eval_dataset: the examples hold images in column 'img'"):
         first_example_batch([{"img": Image.new("RGB", (8, 8)), "label": 0}], argument="eval_dataset")
+
+
+# --- 9. a list of keyed examples takes back its own trusted identities -----------------------------------------
+
+
+def test_a_list_of_keyed_examples_takes_back_its_trusted_identities():
+    from helpers import random_examples
+
+    from sap_hf import SAPConfig, sap_correct
+    from sap_hf.models import tiny_model
+
+    train = [dict(example, key=f"img_{i:02d}.jpg") for i, example in enumerate(random_examples(12, seed=1))]
+    evals = random_examples(6, seed=2)
+    config = SAPConfig(alphas=[10.0], trusted_per_class=2)
+    first = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, show_progress=False)
+    assert all(isinstance(identity, str) for identity in first.trusted_indices)
+    again = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, trusted_indices=first.trusted_indices,
+                        show_progress=False)
+    assert again.trusted_indices == first.trusted_indices
+    assert again.final_metrics == first.final_metrics

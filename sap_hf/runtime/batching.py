@@ -306,7 +306,7 @@ def batch_labels(batch: Mapping[str, Any]) -> Optional[torch.Tensor]:
 
 
 def subset(data: Any, indices: Iterable[Identity]) -> Any:
-    """The examples of `data` at `indices` (positions, or keys of a keyed stream), without loading a stream.
+    """The examples of `data` at `indices` (positions, or keys of a keyed stream or list), without loading a stream.
 
     Map-style data is indexed directly (each process later reads only its own indices). A stream is
     re-read, sharded like every other pass; `select_trusted` keeps a stream's trusted examples so
@@ -314,6 +314,8 @@ def subset(data: Any, indices: Iterable[Identity]) -> Any:
     """
     if isinstance(data, LoaderData):
         return data.select(list(indices))
+    if isinstance(data, (list, tuple)) and data and _has_key(data[0]):
+        return IndexedSubset(data, set(indices))  # a list is walked as a stream: keyed examples are known by key
     if is_map_style(data) or (isinstance(data, (list, tuple)) and not (data and _is_batch(data[0]))):
         chosen = sorted(set(int(i) for i in indices))
         outside = [i for i in chosen[:1] + chosen[-1:] if not 0 <= i < len(data)]
