@@ -150,9 +150,9 @@ class SAPTrainer(Trainer):
         problem = self.training_losses.restore(checkpoint)
         if problem is not None:
             logger.warning(
-                "train(resume_from_checkpoint=%r): %s, so trusted_source='training' selects from the epochs trained from "
-                "now on only. Train from the start (or from a checkpoint SAPTrainer saved with this sap_config) to "
-                "average every epoch.", str(checkpoint), problem,
+                "train(resume_from_checkpoint=%r): %s, so trusted_source='training' selects from the epochs "
+                "trained from now on only. Train from the start (or from a checkpoint SAPTrainer saved with this "
+                "sap_config) to average every epoch.", str(checkpoint), problem,
             )
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:

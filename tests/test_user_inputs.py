@@ -197,7 +197,8 @@ class _ConvNet(torch.nn.Module):
         from transformers import PretrainedConfig
 
         self.config = PretrainedConfig(num_labels=num_labels)
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                            torch.nn.Flatten())
         self.classifier = torch.nn.Linear(4, num_labels)
 
     def forward(self, pixel_values, labels=None):
@@ -214,8 +215,8 @@ def test_a_model_without_backbone_linears_is_refused_unless_the_head_alone_is_as
     model = _ConvNet()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"no nn.Linear layer besides its classification head.*target_modules=\[\]"):
-        sap_correct(model, random_examples(12), random_examples(6, seed=2), SAPConfig(alphas=[10.0], trusted_per_class=2),
-                    show_progress=False)
+        sap_correct(model, random_examples(12), random_examples(6, seed=2),
+                    SAPConfig(alphas=[10.0], trusted_per_class=2), show_progress=False)
     assert_identical(model, before)
     sap_project(model, random_examples(6), alpha=10.0, config=SAPConfig(target_modules=[]))  # asked for: allowed
 
@@ -344,7 +345,8 @@ def test_sap_trainer_with_preprocess_logits_for_metrics_evaluates_alphas(tmp_pat
 
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
     trainer = SAPTrainer(model=tiny_model("vit", num_labels=3), args=args, train_dataset=random_examples(12),
-                         eval_dataset=random_examples(6, seed=2), sap_config=SAPConfig(alphas=[10.0], trusted_per_class=2),
+                         eval_dataset=random_examples(6, seed=2),
+                         sap_config=SAPConfig(alphas=[10.0], trusted_per_class=2),
                          preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
     result = trainer.correct()
     assert 0.0 <= result.baseline_metrics["accuracy"] <= 1.0
@@ -395,7 +397,8 @@ def _unequal_sizes():
      r"train_data: sample 0 is a tuple, not a dict.*collate_fn="),
     (lambda: [{"image": Image.new("RGB", (8, 8)), "label": i % 3} for i in range(6)],
      r"train_data: the examples hold images in column 'image' but no 'pixel_values'.*prepare_image_dataset"),
-    (_unequal_sizes, r"train_data: samples 0 and 3 have pixel_values of shapes \(3, 16, 16\) and \(3, 20, 20\).*resize"),
+    (_unequal_sizes,
+     r"train_data: samples 0 and 3 have pixel_values of shapes \(3, 16, 16\) and \(3, 20, 20\).*resize"),
 ])
 def test_examples_the_collator_cannot_batch_are_explained_before_any_weight_changes(make, pattern):
     from helpers import assert_identical, random_examples, snapshot

@@ -28,8 +28,8 @@ def cached_statistics(stats_path: Optional[Union[str, Path]], runtime: Runtime) 
 TARGET_OPTIONS = ("target_modules", "exclude_modules", "project_classifier", "max_tokens_per_sample",
                   "accumulation_dtype")
 """The `SAPConfig` fields that decide which layers the statistics cover and how they are accumulated."""
-SELECTION_OPTIONS = ("trusted_source", "selection_rule", "trusted_per_class", "selection_subset", "training_loss_epochs",
-                     "sampling_seed")
+SELECTION_OPTIONS = ("trusted_source", "selection_rule", "trusted_per_class", "selection_subset",
+                     "training_loss_epochs", "sampling_seed")
 """The `SAPConfig` fields that decide which trusted samples a selection picks (not used with given trusted_indices)."""
 OPTIONS_KEY = "options"
 GIVEN_KEY = "trusted_indices_given"

@@ -50,11 +50,11 @@ class SAPConfig:
             "help": (
                 "Which nn.Linear layers to project. None (default): every Linear of the backbone "
                 "(attention q/k/v/output and MLP layers of any ViT-family model). A str (Python/YAML) "
-                "is a regex that must fully match the module name (on the command line: one value with regex characters, "
-                "e.g. '.*(query|value)'); a list is a list of name suffixes; "
+                "is a regex that must fully match the module name (on the command line: one value with regex "
+                "characters, e.g. '.*(query|value)'); a list is a list of name suffixes; "
                 "'all-linear' selects every Linear of the backbone. A pattern that matches no backbone layer is "
-                "an error. The classifier head is governed by `project_classifier`; [] (on the command line: '[]') with it "
-                "projects the head alone."
+                "an error. The classifier head is governed by `project_classifier`; [] (on the command line: '[]') "
+                "with it projects the head alone."
             )
         },
     )
@@ -144,9 +144,9 @@ class SAPConfig:
             "help": (
                 "Score only part of the selection data: None (default) scores every example. A number in (0, 1] "
                 "is a share of the examples (1 or 1.0: all of them), a whole number > 1 a count (a stream without "
-                "len() takes a share only). The examples are drawn at random with `sampling_seed`, the same on every process; trusted "
-                "identities stay positions (or keys) of the whole data. The cost of the selection pass shrinks "
-                "with the share, while the per_class lowest of a random share of a class are nearly as clean as "
+                "len() takes a share only). The examples are drawn at random with `sampling_seed`, the same on "
+                "every process; trusted identities stay positions (or keys) of the whole data. The cost of the "
+                "selection pass shrinks with the share, while the per_class lowest of a random share of a class are nearly as clean as "
                 "those of the whole class as long as the share holds many times per_class samples of each class."
             )
         },
