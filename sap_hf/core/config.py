@@ -146,8 +146,9 @@ class SAPConfig:
                 "is a share of the examples (1 or 1.0: all of them), a whole number > 1 a count (a stream without "
                 "len() takes a share only). The examples are drawn at random with `sampling_seed`, the same on "
                 "every process; trusted identities stay positions (or keys) of the whole data. The cost of the "
-                "selection pass shrinks with the share, while the per_class lowest of a random share of a class are nearly as clean as "
-                "those of the whole class as long as the share holds many times per_class samples of each class."
+                "selection pass shrinks with the share, while the per_class lowest of a random share of a class are "
+                "nearly as clean as those of the whole class as long as the share holds many times per_class samples "
+                "of each class."
             )
         },
     )
