@@ -33,8 +33,9 @@ class _RaisingParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-NONE_WORDS = ("None", "none", "null")
-"""What an `Optional` option takes on the command line for None, as its help and a YAML `--config` write it."""
+NONE_WORDS = ("None",)
+"""What an `Optional` option of ours takes on the command line for None, as its help writes it. Not
+`TrainingArguments`' options: there `--report_to none` is a value of its own."""
 
 
 def _none_or(convert: Any) -> Any:
@@ -49,6 +50,8 @@ def _none_or(convert: Any) -> Any:
 def _optional_fields(dataclass_types: Any) -> set[str]:
     names = set()
     for dtype in dataclass_types if isinstance(dataclass_types, (list, tuple)) else [dataclass_types]:
+        if dtype.__module__.split(".")[0] == "transformers":
+            continue
         hints = typing.get_type_hints(dtype)
         names.update(f.name for f in dataclasses.fields(dtype) if type(None) in typing.get_args(hints.get(f.name)))
     return names
