@@ -32,7 +32,7 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
 from sap_hf import ActivationStats, SAPConfig
-from sap_hf.core.cache import check_stats_path
+from sap_hf.core.cache import check_statistics_options, check_stats_path
 from sap_hf.cli.args import parse_with_config
 from sap_hf.cli.checks import check_paths
 from sap_hf.cli.errors import pop_debug_flag, report_user_errors
@@ -148,7 +148,7 @@ def run(argv: list[str]) -> dict:
     before = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
     if default_stats:
         if trainer.is_world_process_zero():
-            _drop_stale_stats(Path(stats_path), trainer.model)
+            _drop_stale_stats(Path(stats_path), trainer.model, sap_config)
         trainer.accelerator.wait_for_everyone()
     audit_train = prepare(splits.train, eval_transform)  # the training labels, without augmentation
     # SAP reads the raw rows with the eval transform as collator: each training image is decoded once, by one
@@ -218,17 +218,21 @@ def run(argv: list[str]) -> dict:
     return summary
 
 
-def _drop_stale_stats(path: Path, model: Any) -> None:
+def _drop_stale_stats(path: Path, model: Any, config: SAPConfig) -> None:
     """The default cache in output_dir may hold an earlier run's statistics: collect anew instead of failing.
 
-    (An explicit --stats_path that does not match the model still raises, in `sap_correct`.)
+    Stale: collected on other weights, or with other targeting / accumulation / selection options
+    (`check_statistics_options`). (An explicit --stats_path that does not match still raises, in `sap_correct`.)
     """
     if not path.is_file():
         return
     try:
-        ActivationStats.load(path).check_model(model)
-    except ValueError:
-        logger.warning("%s holds statistics of other weights (an earlier run in this output_dir): collecting new ones.", path)
+        stats = ActivationStats.load(path)
+        stats.check_model(model)
+        check_statistics_options(stats, config, path, trusted_given=config.trusted_source == "training")
+    except ValueError as err:
+        logger.warning("%s holds statistics of an earlier run in this output_dir that do not fit this one (%s): "
+                       "collecting new ones.", path, err)
         path.unlink()
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from transformers.utils import logging
 
 from .core.adapters import merge_for_correction
-from .core.cache import cached_statistics, check_stats_path, save_statistics
+from .core.cache import (GIVEN_KEY, OPTIONS_KEY, cached_statistics, check_statistics_options, check_stats_path,
+                         save_statistics, statistics_options)
 from .core.config import SAPConfig, validate_alpha
 from .core.evaluation import accuracy_evaluator
 from .core.projection import current_weights, plan_projection, write_weights
@@ -282,13 +283,16 @@ class _TrustedPlan:
     per_class: dict[int, int] = field(default_factory=dict)
     cached: Optional[ActivationStats] = None
     stats_path: Optional[Union[str, Path]] = None
+    given: bool = False  # trusted_indices were given (no selection)
 
     @classmethod
     def make(cls, base: nn.Module, train_data: Any, config: SAPConfig, runtime: Runtime, selection_model: Optional[nn.Module],
              trusted_indices: Optional[Sequence[Any]], stats_path: Optional[Union[str, Path]]) -> "_TrustedPlan":
-        plan = cls(config, runtime, stats_path=stats_path, cached=cached_statistics(stats_path, runtime))
+        plan = cls(config, runtime, stats_path=stats_path, cached=cached_statistics(stats_path, runtime),
+                   given=trusted_indices is not None)
         if plan.cached is not None:
             plan.cached.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
+            check_statistics_options(plan.cached, config, stats_path, trusted_indices)
             trusted_indices = plan.cached.meta.get("trusted_indices", trusted_indices)
             plan.per_class = plan.cached.meta.get("trusted_per_class", {})
             logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
@@ -323,6 +327,7 @@ class _TrustedPlan:
             self._check_count(stats)
             if self.stats_path is not None:
                 stats.meta.update(trusted_indices=self.identities(), trusted_per_class=self.per_class)
+                stats.meta.update({OPTIONS_KEY: statistics_options(self.config, self.given), GIVEN_KEY: self.given})
                 save_statistics(stats, self.stats_path, self.runtime)
         return stats
 

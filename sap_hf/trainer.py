@@ -47,18 +47,32 @@ _BOOKKEEPING = ("runtime", "per_second", "epoch", "model_preparation_time")
 
 
 def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """`evaluate`'s accuracy; offline (its script lives on the Hub) the same formula computed here."""
+    """`evaluate`'s accuracy; offline (its script lives on the Hub) the same formula computed here.
+
+    Predictions are logits (`(samples, classes)`, argmaxed here) or class ids already (one int per
+    sample: what a `preprocess_logits_for_metrics` returning `logits.argmax(-1)` hands on).
+    """
     global _ACCURACY
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    predictions = np.asarray(logits).argmax(-1)
+    logits = np.asarray(logits)
     references = np.asarray(prediction.label_ids)
+    ids = logits.ndim == references.ndim and np.issubdtype(logits.dtype, np.integer)
+    if not ids and logits.ndim != references.ndim + 1:
+        raise ValueError(
+            f"accuracy_metrics: predictions of shape {logits.shape} for labels of shape {references.shape}; give "
+            "(samples, classes) logits or one class id per sample (preprocess_logits_for_metrics returning "
+            "logits.argmax(-1)), or pass your own compute_metrics."
+        )
+    predictions = logits if ids else logits.argmax(-1)
+    num_classes = None if ids else logits.shape[-1]
     labelled = references != IGNORE_INDEX  # -100: the transformers ignore index, not a class
     predictions, references = predictions[labelled], references[labelled]
-    outside = (references < 0) | (references >= np.asarray(logits).shape[-1])
+    outside = (references < 0) | (references >= (num_classes if num_classes is not None else np.inf))
     if outside.any():
+        classes = "" if num_classes is None else f", outside the model's {num_classes} classes"
         raise ValueError(
-            f"The eval labels hold {int(references[outside][0])}, outside the model's {np.asarray(logits).shape[-1]} classes "
-            "(-100 is ignored): fix the label mapping of the eval set or the model's num_labels."
+            f"The eval labels hold {int(references[outside][0])}{classes} (-100 is ignored): fix the label mapping of "
+            "the eval set or the model's num_labels."
         )
     if _ACCURACY is None:
         try:
@@ -117,8 +131,38 @@ class SAPTrainer(Trainer):
                 raise ValueError("Trainer: training requires a train_dataset.")
             IndexedExamples(self.train_dataset)  # a stream is refused here, before any step
             self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
+            self._restore_losses(kwargs.get("resume_from_checkpoint", args[0] if args else None))
         self._checkpoint_weights.arm(args, kwargs, self.args.output_dir)
         return super().train(*args, **kwargs)
+
+    def _restore_losses(self, checkpoint: Any) -> None:
+        """Resuming: the losses recorded before the checkpoint (saved in it by `_save_checkpoint`), or a warning."""
+        if checkpoint is None or checkpoint is False:
+            return
+        if checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            checkpoint = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+            if checkpoint is None:
+                return  # Trainer.train raises: no checkpoint to resume from
+        if self.args.process_index != 0:
+            return  # the main process restores every process's record; the merge sums them
+        problem = self.training_losses.restore(checkpoint)
+        if problem is not None:
+            logger.warning(
+                "train(resume_from_checkpoint=%r): %s, so trusted_source='training' selects from the epochs "
+                "trained from now on only. Train from the start (or from a checkpoint SAPTrainer saved with this "
+                "sap_config) to average every epoch.", str(checkpoint), problem,
+            )
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """`Trainer._save_checkpoint`; with recorded losses, each process's record goes into the checkpoint too."""
+        super()._save_checkpoint(model, trial)
+        if self._records_losses and self.training_losses is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.training_losses.save(folder, self.args.process_index)
 
     def get_train_dataloader(self) -> Any:
         """The Trainer's loader; when recording, over examples that carry their position (`core.recorded`)."""
@@ -291,7 +335,7 @@ class SAPTrainer(Trainer):
         fallback = self._evaluate_fallback()
         if fallback is not None and isinstance(eval_dataset, LoaderData):  # Trainer.evaluate batches a dataset itself
             eval_dataset = eval_dataset.examples()
-        if batch_labels(first_example_batch(eval_dataset, self.data_collator)) is None:
+        if batch_labels(first_example_batch(eval_dataset, self.data_collator, "eval_dataset")) is None:
             raise ValueError(
                 "The eval dataset has no 'labels'/'label' column: SAP's alpha search and refine's choices need a clean, "
                 "labelled eval set; pass eval_dataset= with labels."

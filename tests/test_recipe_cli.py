@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
+from sap_hf import SAPConfig
 from sap_hf.cli import commands as cli
 from sap_hf.hub import load_sap_record
 from sap_hf.runtime.passes import Runtime
@@ -138,10 +139,30 @@ def test_recipe_replaces_a_stale_default_statistics_cache(tmp_path):
     path = tmp_path / "_sap_stats.safetensors"
     first = tiny_model("vit", num_labels=3, seed=0)
     collect_statistics(first, random_examples(4), find_target_modules(first), runtime=Runtime(show_progress=False)).save(path)
-    clothing1m._drop_stale_stats(path, first)
+    config = SAPConfig()
+    clothing1m._drop_stale_stats(path, first, config)
     assert path.is_file()  # the same weights: reused
-    clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3, seed=1))
+    clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3, seed=1), config)
     assert not path.exists()  # an earlier run's weights: collected anew instead of failing after training
+
+
+def test_recipe_replaces_a_default_statistics_cache_of_other_options(tmp_path):
+    sys.path.insert(0, str(RECIPE.parent))
+    import clothing1m
+
+    from sap_hf import sap_correct
+    from sap_hf.models import tiny_model
+
+    from helpers import random_examples
+
+    path = tmp_path / "_sap_stats.safetensors"
+    config = SAPConfig(alphas=[10.0], trusted_per_class=2)
+    sap_correct(tiny_model("vit", num_labels=3), random_examples(12), random_examples(6, seed=2), config,
+                stats_path=path, show_progress=False)
+    clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3), config)
+    assert path.is_file()  # the same weights and options: reused
+    clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3), SAPConfig(project_classifier=False))
+    assert not path.exists()  # other targets: collected anew instead of projecting the earlier run's layers
 
 
 def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):

@@ -69,7 +69,7 @@ def test_stream_subset_is_hashed_per_key_and_the_same_on_every_process():
     from sap_hf.core.selection import _Candidates  # noqa: F401  (the merge is the one select_trusted uses)
 
     assert {k for k in drawn if k in subset_keep(stream, 0.5, seed=3)} == drawn
-    with pytest.raises(ValueError, match="no len\\(\\).*share in \\(0, 1\\)"):
+    with pytest.raises(ValueError, match="no len\\(\\).*share in \\(0, 1\\]"):
         select_trusted(model, stream, 2, runtime=_runtime(), subset=20)
 
 

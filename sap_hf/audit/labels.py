@@ -185,7 +185,7 @@ def audit_labels(
     use_cleanlab, filter_by = _check_audit_options(method, filter_by, views, use_cleanlab)
     runtime = resolve_runtime(runtime, batch_size=64)
     bare = runtime.unwrap(model)
-    num_labels = check_classifier(bare, num_labels)
+    num_labels = check_classifier(bare, num_labels, takes_num_labels=True)
     class_names = class_names if class_names is not None else _config_class_names(bare, num_labels)
     with runtime.run(model, data, "audit", argument="data", description="SAP label audit") as walk:
         local = _AuditShard(num_labels)

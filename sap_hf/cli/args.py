@@ -9,7 +9,9 @@ prints them in the same one-line form as every other user error (`sap_hf.cli.err
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
@@ -31,8 +33,43 @@ class _RaisingParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+NONE_WORDS = ("None",)
+"""What an `Optional` option of ours takes on the command line for None, as its help writes it. Not
+`TrainingArguments`' options: there `--report_to none` is a value of its own."""
+
+
+def _none_or(convert: Any) -> Any:
+    """`convert`, except that `None` (the documented value of an Optional option: `--test_split None`) is None."""
+    def parse(text: str) -> Any:
+        return None if text in NONE_WORDS else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in "invalid int value"
+    return parse
+
+
+def _optional_fields(dataclass_types: Any) -> set[str]:
+    names = set()
+    for dtype in dataclass_types if isinstance(dataclass_types, (list, tuple)) else [dataclass_types]:
+        if dtype.__module__.split(".")[0] == "transformers":
+            continue
+        hints = typing.get_type_hints(dtype)
+        names.update(f.name for f in dataclasses.fields(dtype) if type(None) in typing.get_args(hints.get(f.name)))
+    return names
+
+
 class ArgumentParser(HfArgumentParser):
-    """`HfArgumentParser` that raises `UsageError` (instead of exiting) and refuses unknown flags up front."""
+    """`HfArgumentParser` that raises `UsageError` (instead of exiting) and refuses unknown flags up front.
+
+    An `Optional` single-value option takes `None` for None (its documented default: `--selection_rule None`,
+    `--test_split None`, `--train_size None`), which `HfArgumentParser` would read as a string or refuse.
+    """
+
+    def __init__(self, dataclass_types: Any, **kwargs: Any):
+        super().__init__(dataclass_types, **kwargs)
+        optional = _optional_fields(dataclass_types)
+        for action in self._actions:
+            if action.dest in optional and action.type is not None and action.nargs is None:
+                action.type = _none_or(action.type)
 
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)

@@ -39,7 +39,8 @@ from ..core.config import SAPConfig
 from ..core.evaluation import evaluate_accuracy
 from ..hub import push_folder, sap_record, staged_save, write_sap_files
 from ..data import undecoded_images
-from .sources import DataArguments, image_transforms, load_processor, load_splits, prepare, saved_image_processor
+from .sources import (DataArguments, align_labels, image_transforms, load_processor, load_splits, prepare,
+                      saved_image_processor)
 
 logger = logging.get_logger(__name__)
 
@@ -78,8 +79,9 @@ class CorrectArguments(DataArguments):
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
 
 
-def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> Any:
-    """The trained classifier, refused (before any data pass) when its classes are not the data's."""
+def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> tuple[Any, Any]:
+    """The trained classifier, refused (before any data pass) when its classes are not the data's, and the splits
+    with labels as the model's class ids (`align_labels`: remapped when its id2label orders the names otherwise)."""
     with hub_model_errors(model_name_or_path):
         model = AutoModelForImageClassification.from_pretrained(model_name_or_path)
     if model.config.num_labels != len(splits.class_names):
@@ -87,7 +89,7 @@ def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> Any:
             f"The model {model_name_or_path!r} has num_labels={model.config.num_labels} but the data has "
             f"{len(splits.class_names)} classes; {fix}."
         )
-    return model
+    return model, align_labels(splits, model, model_name_or_path)
 
 
 def correct(argv: Optional[Sequence[str]] = None) -> dict:
@@ -98,7 +100,7 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     if args.stats_path:  # before the data is loaded and evaluated
         check_stats_path(args.stats_path, writable=accelerator.is_main_process)
     splits = load_splits(args)
-    model = _load_classifier(args.model_name_or_path, splits, "correct a model trained on this data")
+    model, splits = _load_classifier(args.model_name_or_path, splits, "correct a model trained on this data")
     if splits.validation is None:
         raise ValueError("The data has no clean validation split: SAP chooses alpha on it. Set --validation_split.")
     if config.selection_rule == "early_loss":
@@ -207,7 +209,7 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
     (args,) = parse_with_config((AuditArguments,), argv, prog="sap-hf audit")
     accelerator = Accelerator()
     splits = load_splits(args)
-    model = _load_classifier(args.model_name_or_path, splits, "audit with a model trained on this data")
+    model, splits = _load_classifier(args.model_name_or_path, splits, "audit with a model trained on this data")
     data = getattr(splits, args.split)
     if data is None:
         raise ValueError(f"The data has no {args.split!r} split to audit; pass --split train.")

@@ -199,6 +199,58 @@ def _load_named(args: DataArguments) -> Splits:
     return Splits(train, read(args.validation_split), read(args.test_split), names, 3, args.dataset_name)
 
 
+def align_labels(splits: Splits, model: nn.Module, model_name_or_path: str) -> Splits:
+    """The splits with labels given as the model's class ids, when the model names its classes.
+
+    A model's `config.id2label` gives the class of each logit. When it names the data's classes in
+    another order (a model trained with another label mapping), the data's labels are remapped to
+    the model's ids (a log line says so): scoring or correcting on the data's own ids would pair
+    each sample with another class's logit, silently. Names that differ as sets raise a ValueError
+    naming `--model_name_or_path`; models with the default names (`LABEL_0`, ...) say nothing and
+    are taken in the data's order. ClassLabel columns with the data's class names (`label`, and
+    e.g. a clean-label column) are remapped alike; their ClassLabel then lists the model's order.
+    """
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
+    data_names = [str(name) for name in splits.class_names]
+    if not names or names == data_names or all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+        return splits
+    if sorted(names) != sorted(data_names):
+        only_model = sorted(set(names) - set(data_names))[:5]
+        only_data = sorted(set(data_names) - set(names))[:5]
+        raise ValueError(
+            f"--model_name_or_path {model_name_or_path!r} names its classes (config.id2label) {only_model} where the "
+            f"data has {only_data}: its logits are not the data's classes. Pass a model trained on this data, or data "
+            "with the model's classes (its label column a ClassLabel with the names of the model's id2label)."
+        )
+    table = [names.index(name) for name in data_names]  # data id -> model id
+    logger.warning(
+        "The model %s orders the classes differently from the data (class %r is id %d in the data, %d in the model): "
+        "the data's labels are remapped to the model's ids.",
+        model_name_or_path, *next((n, i, t) for i, (n, t) in enumerate(zip(data_names, table)) if i != t),
+    )
+
+    def remap(split: Any) -> Any:
+        if split is None:
+            return None
+        features = getattr(split, "features", None)
+        columns = [column for column, feature in (features or {}).items()
+                   if isinstance(feature, datasets.ClassLabel) and list(feature.names) == data_names] or ["label"]
+        if features is not None:
+            features = features.copy()
+            for column in columns:
+                features[column] = datasets.ClassLabel(names=names)
+
+        def to_model_ids(*values: Any) -> dict[str, Any]:
+            return {column: value if value is None or value < 0 else table[value]
+                    for column, value in zip(columns, values)}
+
+        return split.map(to_model_ids, input_columns=columns, features=features)
+
+    return Splits(remap(splits.train), remap(splits.validation), remap(splits.test), names, splits.num_channels,
+                  splits.name)
+
+
 def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optional[Any]]:
     """The model (with a head sized for the data's classes) and its image processor, if any."""
     id2label = dict(enumerate(splits.class_names))

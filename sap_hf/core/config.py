@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
@@ -49,9 +50,11 @@ class SAPConfig:
             "help": (
                 "Which nn.Linear layers to project. None (default): every Linear of the backbone "
                 "(attention q/k/v/output and MLP layers of any ViT-family model). A str (Python/YAML) "
-                "is a regex that must fully match the module name; a list is a list of name suffixes; "
+                "is a regex that must fully match the module name (on the command line: one value with regex "
+                "characters, e.g. '.*(query|value)'); a list is a list of name suffixes; "
                 "'all-linear' selects every Linear of the backbone. A pattern that matches no backbone layer is "
-                "an error. The classifier head is governed by `project_classifier`; [] with it projects the head alone."
+                "an error. The classifier head is governed by `project_classifier`; [] (on the command line: '[]') "
+                "with it projects the head alone."
             )
         },
     )
@@ -139,12 +142,13 @@ class SAPConfig:
         default=None,
         metadata={
             "help": (
-                "Score only part of the selection data: None (default) scores every example. A number in (0, 1) "
-                "is a share of the examples, a whole number >= 1 a count (a stream without len() takes a share "
-                "only). The examples are drawn at random with `sampling_seed`, the same on every process; trusted "
-                "identities stay positions (or keys) of the whole data. The cost of the selection pass shrinks "
-                "with the share, while the per_class lowest of a random share of a class are nearly as clean as "
-                "those of the whole class as long as the share holds many times per_class samples of each class."
+                "Score only part of the selection data: None (default) scores every example. A number in (0, 1] "
+                "is a share of the examples (1 or 1.0: all of them), a whole number > 1 a count (a stream without "
+                "len() takes a share only). The examples are drawn at random with `sampling_seed`, the same on "
+                "every process; trusted identities stay positions (or keys) of the whole data. The cost of the "
+                "selection pass shrinks with the share, while the per_class lowest of a random share of a class are "
+                "nearly as clean as those of the whole class as long as the share holds many times per_class samples "
+                "of each class."
             )
         },
     )
@@ -260,8 +264,10 @@ class SAPConfig:
             return value
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
             values = list(value)
-            # From the command line a single regex or 'all-linear' arrives as a one-item list.
-            return values[0] if len(values) == 1 and values[0] == "all-linear" else values
+            # From the command line a single regex or 'all-linear' arrives as a one-item list, and [] as '[]'.
+            if len(values) == 1 and (values[0] == "all-linear" or _REGEX_ONLY.search(values[0])):
+                return [] if values[0] == "[]" else values[0]
+            return values
         raise invalid(f"SAPConfig.{name}", value, "use a regex string, a list of non-empty module-name suffixes, or None.")
 
     def to_dict(self) -> dict[str, Any]:
@@ -274,6 +280,10 @@ class SAPConfig:
         if unknown:
             raise ValueError(f"Unknown SAPConfig field(s) {unknown}; valid fields are {sorted(known)}.")
         return cls(**values)
+
+
+_REGEX_ONLY = re.compile(r"[][*+?(){}|^$\\]")
+"""Characters no module-name suffix holds: a one-item list with them is a regex (or '[]', the empty list)."""
 
 
 def _alpha_grid(alphas: Any) -> list[float]:
@@ -295,14 +305,16 @@ def _alpha_grid(alphas: Any) -> list[float]:
 
 
 def _subset_size(value: Any) -> Optional[float]:
-    """`selection_subset`: None, a share in (0, 1), or a whole count >= 1 (kept as a float, e.g. 14000.0)."""
+    """`selection_subset`: None, a share in (0, 1] (1 and 1.0 alike: the whole data), or a whole count > 1 (kept as
+    a float, e.g. 14000.0). One rule for ints and floats: the command line and YAML cannot tell 1 from 1.0."""
     if value is None:
         return None
     if is_bool(value) or not isinstance(plain_scalar(value), numbers.Real):
-        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1) or a whole count >= 1.")
+        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1] or a whole count > 1.")
     size = finite_float("SAPConfig.selection_subset", value)
-    if size <= 0 or (size >= 1 and size != int(size)):
-        raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1) (e.g. 0.1) or a whole count >= 1 (e.g. 14000).")
+    if size <= 0 or (size > 1 and size != int(size)):
+        raise invalid("SAPConfig.selection_subset", value,
+                      "use None, a share in (0, 1] (e.g. 0.1; 1 = every example) or a whole count > 1 (e.g. 14000).")
     return size
 
 

@@ -16,13 +16,18 @@ each example (`INDEX_COLUMN`), the Trainer keeps that column (it is added to its
 `IndexCarryingCollator` takes it out before the user's collator and puts it back into the batch as a
 tensor, and the trainer pops it before the forward. Positions are those of the training dataset,
 the positions `select_trusted` and `trusted_indices` use. Streams have no positions that survive a
-shuffle: recording needs a map-style training dataset.
+shuffle: recording needs a map-style training dataset. Examples that are not dicts (a torch Dataset of
+`(pixels, label)` tuples, batched by the user's own collator) travel as `PositionedExample`s instead.
+
+Resuming: every checkpoint the Trainer saves holds each process's record (`RECORD_FILE`), and
+`train(resume_from_checkpoint=...)` restores it, so the selection still averages every epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -34,12 +39,20 @@ INDEX_COLUMN = "sap_index"
 """The column that carries each training example's position through the Trainer's collator."""
 
 
-def _with_index(example: Any, index: int) -> dict[str, Any]:
+RECORD_FILE = "sap_training_losses-{rank}.npz"
+"""A checkpoint's recorded losses, one file per process (`TrainingLosses.save` / `restore`)."""
+
+
+class PositionedExample(NamedTuple):
+    """An example that is not a dict (a tuple, say), with its position: the user's collator gets `example` back."""
+
+    example: Any
+    position: int
+
+
+def _with_index(example: Any, index: int) -> Any:
     if not isinstance(example, Mapping):
-        raise ValueError(
-            f"SAPConfig.trusted_source='training' records losses by example position, and example {index} of the "
-            f"train_dataset is a {type(example).__name__}, not a dict of columns; use trusted_source='pass'."
-        )
+        return PositionedExample(example, int(index))
     return {**example, INDEX_COLUMN: int(index)}
 
 
@@ -72,9 +85,13 @@ class IndexCarryingCollator:
         self.collate = collate
 
     def __call__(self, features: list[Any]) -> Any:
-        features = [dict(feature) for feature in features]
-        positions = [feature.pop(INDEX_COLUMN) for feature in features]
-        batch = self.collate(features)
+        if features and isinstance(features[0], PositionedExample):
+            positions = [feature.position for feature in features]
+            batch = self.collate([feature.example for feature in features])
+        else:
+            features = [dict(feature) for feature in features]
+            positions = [feature.pop(INDEX_COLUMN) for feature in features]
+            batch = self.collate(features)
         batch[INDEX_COLUMN] = torch.tensor(positions, dtype=torch.long)
         return batch
 
@@ -112,6 +129,42 @@ class TrainingLosses:
         count = sum((c for _, c in self.windows.values()), np.zeros(self.size, dtype=np.int64))
         seen = np.flatnonzero(count)
         return {"positions": seen, "total": total[seen], "count": count[seen], "labels": self.labels[seen]}
+
+
+    def save(self, folder: Any, rank: int) -> Path:
+        """Write this process's record into a checkpoint `folder` (`RECORD_FILE`)."""
+        path = Path(folder) / RECORD_FILE.format(rank=rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"size": np.array(self.size), "epochs": np.array(-1 if self.epochs is None else self.epochs),
+                  "labels": self.labels, "windows": np.array(sorted(self.windows), dtype=np.int64)}
+        for window, (total, count) in self.windows.items():
+            arrays[f"total_{window}"], arrays[f"count_{window}"] = total, count
+        with open(path, "wb") as handle:
+            np.savez(handle, **arrays)
+        return path
+
+    def restore(self, folder: Any) -> Optional[str]:
+        """Add the records saved in checkpoint `folder` (every process's: the merge sums them); None, or why not."""
+        paths = sorted(Path(folder).glob(RECORD_FILE.format(rank="*")))
+        if not paths:
+            return "it holds no recorded losses (saved without trusted_source='training', or by another trainer)"
+        loaded = []
+        for path in paths:
+            with np.load(path) as record:
+                epochs = None if int(record["epochs"]) < 0 else int(record["epochs"])
+                if int(record["size"]) != self.size or epochs != self.epochs:
+                    return (f"its losses were recorded for {int(record['size'])} examples and training_loss_epochs="
+                            f"{epochs}, this run has {self.size} and {self.epochs}")
+                loaded.append({key: record[key] for key in record.files})
+        for record in loaded:
+            for window in record["windows"].tolist():
+                total, count = self.windows.setdefault(
+                    window, (np.zeros(self.size), np.zeros(self.size, dtype=np.int64)))
+                total += record[f"total_{window}"]
+                count += record[f"count_{window}"]
+            labelled = record["labels"] != IGNORE_INDEX
+            self.labels[labelled] = record["labels"][labelled]
+        return None
 
 
 def merge_losses(shards: list[dict[str, np.ndarray]]) -> tuple[list[int], torch.Tensor, torch.Tensor]:

@@ -194,8 +194,8 @@ def select_trusted(
     changes along random directions, see `curvature_scores`; `seed` seeds those directions, per
     sample, so any number of processes selects the same samples. It costs about `CURVATURE_DRAWS`
     forward and backward passes per sample, and a training step's activation memory per batch).
-    `subset` scores only a random part of the data (`SAPConfig.selection_subset`: a share in (0, 1) or a
-    count; `subset_keep` draws it with `seed`); the trusted identities still refer to the whole data.
+    `subset` scores only a random part of the data (`SAPConfig.selection_subset`: a share in (0, 1] or a
+    count > 1; `subset_keep` draws it with `seed`); the trusted identities still refer to the whole data.
     Samples labelled -100 are skipped; samples with non-finite pixels or scores are excluded (a
     warning gives their count). Warns when a class has fewer than `per_class` samples; raises when
     a class has none, or when a label lies outside `[0, num_labels)`.
@@ -204,7 +204,8 @@ def select_trusted(
     seed = integer("seed", seed, hint="It seeds the random directions of rule='curvature'.")
     runtime = resolve_runtime(runtime)
     scorer = selection_model if rule == "early_loss" else model
-    num_labels = check_classifier(runtime.unwrap(scorer), num_labels, "selection_model" if rule == "early_loss" else "model")
+    scorer_name = "selection_model" if rule == "early_loss" else "model"
+    num_labels = check_classifier(runtime.unwrap(scorer), num_labels, scorer_name, takes_num_labels=True)
     if rule == "curvature":
         _warn_if_too_coarse(runtime.unwrap(scorer), runtime.is_main)
     with runtime.run(scorer, data, "selection", argument="train_data", description="SAP trusted selection") as walk:
@@ -215,7 +216,7 @@ def select_trusted(
             scores = sample_scores(walk, batch, labels, rule, seed)
             scores[~finite_samples(batch.pixel_values).cpu()] = math.nan
             candidates.offer(batch, scores, labels, valid, rejects_with_inf=rule == "agreement")
-    return _merge(runtime.gather(candidates.summary()), num_labels, per_class, rule, runtime.is_main)
+    return _merge(runtime.gather(candidates.summary()), num_labels, per_class, rule, runtime.is_main, subset)
 
 
 def subset_keep(data: Any, subset: Optional[float], seed: int) -> Any:
@@ -238,13 +239,13 @@ def subset_keep(data: Any, subset: Optional[float], seed: int) -> Any:
         pool = None
     if pool is None:
         size = num_examples(data)
-        if subset >= 1 and size is None:
+        if subset > 1 and size is None:
             raise ValueError(
                 f"selection_subset={subset:g} is a count, and this stream has no len() to turn it into a share: give "
-                "a share in (0, 1) instead (e.g. selection_subset=0.1 scores about a tenth of the stream)."
+                "a share in (0, 1] instead (e.g. selection_subset=0.1 scores about a tenth of the stream)."
             )
-        return HashSample(subset if subset < 1 else min(1.0, subset / max(size, 1)), seed)
-    count = max(1, round(subset * len(pool))) if subset < 1 else int(subset)
+        return HashSample(subset if subset <= 1 else min(1.0, subset / max(size, 1)), seed)
+    count = max(1, round(subset * len(pool))) if subset <= 1 else int(subset)
     if count >= len(pool):
         return None
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(int(seed)))[:count]
@@ -342,8 +343,11 @@ class _Candidates:
                 "keep_examples": self.keep_examples}
 
 
-def _merge(shards: list[dict[str, Any]], num_labels: int, per_class: int, rule: str, is_main: bool) -> TrustedSelection:
-    """Every process's candidates -> the `per_class` best of each class (the same on every process)."""
+def _merge(shards: list[dict[str, Any]], num_labels: int, per_class: int, rule: str, is_main: bool,
+           subset: Optional[float] = None) -> TrustedSelection:
+    """Every process's candidates -> the `per_class` best of each class (the same on every process).
+
+    `subset` (`selection_subset`) is named in the errors: a small share or count can miss a class."""
     by_class: dict[int, list[tuple[float, Any]]] = {}
     example_of: dict[Any, Any] = {}
     for shard in shards:
@@ -354,6 +358,14 @@ def _merge(shards: list[dict[str, Any]], num_labels: int, per_class: int, rule: 
             by_class.setdefault(label, []).append((score, identity))
     _report_excluded(sum(s["ignored"] for s in shards), sum(s["nonfinite"] for s in shards), is_main)
     empty = [c for c in range(num_labels) if not by_class.get(c)]
+    if empty and subset is not None:
+        scored = sum(len(samples) for samples in by_class.values())
+        raise ValueError(
+            f"Classes {empty} have no usable sample among the {scored} scored with selection_subset={subset:g} "
+            f"({'a share of the data' if subset <= 1 else 'a count of examples'}); SAP needs trusted samples of every "
+            "class. Give a larger selection_subset (a share in (0, 1], e.g. 0.1, or a count > 1 holding many times "
+            "trusted_per_class samples of every class), or None to score every example."
+        )
     if empty:
         raise ValueError(
             f"Classes {empty} have no usable sample in the selection data (rule={rule!r}); SAP needs trusted "

@@ -28,6 +28,8 @@ logger = logging.get_logger(__name__)
 Patterns = Optional[Union[str, Sequence[str]]]
 
 LAYER_KINDS: tuple[str, ...] = ("attention", "mlp", "classifier")
+_HEAD_NAMES = ("classifier", "head", "fc", "score", "logits")
+"""Usual names of a classification head, to tell a head of the wrong width from a model without one."""
 _ATTENTION_SEGMENT = re.compile(r".*(attn|attention).*", re.IGNORECASE)
 
 
@@ -106,6 +108,14 @@ def find_target_modules(
             if name not in heads:
                 backbone.append(name)
     has_backbone = any(name not in heads for name in layers)
+    if heads and not has_backbone and not head_only and project_classifier:
+        raise ValueError(
+            f"The model ({type(model).__name__}) has no nn.Linear layer besides its classification head "
+            f"{sorted(heads)} (a convolutional backbone?): SAP projects nn.Linear layers, so with "
+            f"target_modules={target_modules!r} it would correct the head alone. To do that knowingly, pass "
+            "target_modules=[] with project_classifier=True; to correct the backbone, use a transformer (ViT-family) "
+            "model."
+        )
     if not selected or (has_backbone and not backbone and not head_only):
         listing = ", ".join(layers) if layers else "(the model has no nn.Linear layer)"
         head_note = f" (only the classifier {sorted(heads)} would be projected)" if selected else ""
@@ -183,8 +193,12 @@ def _names_inside_module_lists(model: nn.Module) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_classifier(model: nn.Module, num_labels: Optional[int] = None, argument: str = "model") -> int:
+def check_classifier(model: nn.Module, num_labels: Optional[int] = None, argument: str = "model",
+                     takes_num_labels: bool = False) -> int:
     """The number of classes of a single-label image classifier with real weights; a ValueError otherwise.
+
+    `takes_num_labels`: the caller has a `num_labels=` argument, which the error for a model without
+    `config.num_labels` may then advise (others must not advise an argument they do not take).
 
     SAP's trusted selection, evaluation and audit read one class id per sample and argmax logits:
     a regression or multi-label head would be "corrected" against meaningless losses, so they are
@@ -204,13 +218,31 @@ def check_classifier(model: nn.Module, num_labels: Optional[int] = None, argumen
         )
     num_labels = num_labels or getattr(config, "num_labels", None)
     if num_labels is None:
-        raise ValueError(f"The number of classes of {argument} is unknown: pass num_labels= or use a model whose config has num_labels.")
+        advice = "Pass num_labels= or use" if takes_num_labels else "Use"
+        raise ValueError(
+            f"The number of classes of {argument} ({type(model).__name__}) is unknown: it has no config.num_labels. "
+            f"{advice} a transformers image classifier, whose config gives "
+            "num_labels (e.g. AutoModelForImageClassification.from_pretrained(...))."
+        )
     if int(num_labels) < 2:
         raise ValueError(
             f"{argument} has num_labels={num_labels}: a one-output head is a regression model; SAP corrects single-label "
             "classifiers with at least 2 classes."
         )
     if config is not None and not classifier_names(model):
+        in_blocks = _names_inside_module_lists(model)
+        outside = [(name, layer) for name, layer in linear_layers(model).items() if name not in in_blocks]
+        classifies = "Classification" in type(model).__name__  # a headless backbone (ViTModel's pooler) is not one
+        outside = [(n, layer) for n, layer in outside if classifies or n.rsplit(".", 1)[-1] in _HEAD_NAMES]
+        if outside:
+            name, layer = outside[-1]
+            raise ValueError(
+                f"{argument} ({type(model).__name__}) has num_labels={num_labels} (config.id2label names "
+                f"{len(getattr(config, 'id2label', None) or {})} classes) but its last layer outside the blocks, "
+                f"{name!r}, has {layer.out_features} outputs: the config and the head disagree. Load the model with "
+                f"the head's classes (from_pretrained(..., num_labels={layer.out_features}) or a config whose "
+                f"id2label has {layer.out_features} names), or give it a {num_labels}-class head and train it first."
+            )
         raise ValueError(
             f"{argument} ({type(model).__name__}) has no classification head (no nn.Linear with num_labels={num_labels} "
             "outputs): SAP corrects image classifiers, e.g. AutoModelForImageClassification.from_pretrained(...)."

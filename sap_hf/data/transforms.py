@@ -28,6 +28,8 @@ from ..runtime.checks import check_choice, integer, invalid, plain_scalar, posit
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+EXIF_ORIENTATION = 0x0112
+"""The EXIF tag that says how a camera image must be rotated/flipped to display upright."""
 """PIL modes of 16-bit greyscale images: what 16-bit PNGs and TIFFs open as.
 
 ``convert("L")`` would clip their 0..65535 values at 255 (a nearly white image), so they are
@@ -177,7 +179,7 @@ class ImageTransform:
         copies it into every channel, as ``convert("RGB")`` does for an ``L`` image.
         """
         if isinstance(image, dict):
-            image = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+            image = decode_image(image)
         elif not isinstance(image, Image.Image):
             image = _array_to_pil(np.asarray(image))
         if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
@@ -232,6 +234,16 @@ class ImageTransform:
     def __repr__(self) -> str:
         source = type(self.image_processor).__name__ if self.image_processor is not None else f"size={self.size}"
         return f"ImageTransform({source}, num_channels={self.num_channels}, augment={self.augment})"
+
+
+def decode_image(value: dict[str, Any]) -> Image.Image:
+    """An undecoded ``{"path", "bytes"}`` image as ``datasets.Image`` decodes it: loaded, and turned upright by its
+    EXIF orientation tag (camera JPEGs store pixels sideways and say so there), so both give the same pixels."""
+    image = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+    image.load()
+    if image.getexif().get(EXIF_ORIENTATION) is not None:
+        image = ImageOps.exif_transpose(image)
+    return image
 
 
 def prepare_image_dataset(

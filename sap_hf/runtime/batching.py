@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import default_data_collator
 from transformers.utils import logging
 
-from .contract import LoaderData, is_map_style
+from .contract import LoaderData, check_collatable, is_map_style
 
 logger = logging.get_logger(__name__)
 Batch = dict[str, Any]
@@ -75,6 +75,7 @@ def iter_shard_batches(
     with_examples: bool = False,
     by_key: bool = True,
     check: Optional[Callable[[list, list], None]] = None,
+    argument: str = "data",
 ) -> Iterator[tuple]:
     """Yield `(identities, batch)` for this process's share of `data` (`+ examples` with `with_examples`).
 
@@ -90,6 +91,7 @@ def iter_shard_batches(
     decoding in `collate_fn` (see `sap_hf.data.ImageTransform.collate`) that reading is cheap, but it
     is still every row's I/O on every process, so the main process warns once (`_warn_read_whole`).
     `by_key=False` ignores keys: identities are positions and every process reads the whole stream.
+    Examples batched by `default_data_collator` are checked first (`check_collatable`, naming `argument`).
     """
     if isinstance(data, IndexedSubset):  # walk the stream itself, sharded, keeping the subset's identities
         keep = data.indices if keep is None else keep & data.indices
@@ -101,6 +103,8 @@ def iter_shard_batches(
     def emit(ids: list, examples: list) -> tuple:
         if check is not None:  # the caller's checks of the raw examples (string labels), before the collator sees them
             check(ids, examples)
+        if collate is default_data_collator:  # its failures speak torch's words: say what is wrong, and the fix
+            check_collatable(ids, examples, argument)
         batch = collate(examples)
         return (ids, batch, examples) if with_examples else (ids, batch)
 
@@ -265,12 +269,12 @@ def fetch_examples(data: Any, indices: list[int]) -> list[dict[str, Any]]:
     return [data[i] for i in indices]
 
 
-def first_example_batch(data: Any, collate_fn: Optional[Collator] = None) -> Batch:
+def first_example_batch(data: Any, collate_fn: Optional[Collator] = None, argument: str = "data") -> Batch:
     """A batch holding only the first example of `data` (used to inspect the model's wiring).
 
     Raises ValueError on empty data or data without `pixel_values`, before anything is changed.
     """
-    for _, batch in iter_shard_batches(data, batch_size=1, collate_fn=collate_fn):
+    for _, batch in iter_shard_batches(data, batch_size=1, collate_fn=collate_fn, argument=argument):
         check_pixel_values(batch)
         return {k: (v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in batch.items()}
     raise ValueError(
@@ -302,7 +306,7 @@ def batch_labels(batch: Mapping[str, Any]) -> Optional[torch.Tensor]:
 
 
 def subset(data: Any, indices: Iterable[Identity]) -> Any:
-    """The examples of `data` at `indices` (positions, or keys of a keyed stream), without loading a stream.
+    """The examples of `data` at `indices` (positions, or keys of a keyed stream or list), without loading a stream.
 
     Map-style data is indexed directly (each process later reads only its own indices). A stream is
     re-read, sharded like every other pass; `select_trusted` keeps a stream's trusted examples so
@@ -310,6 +314,8 @@ def subset(data: Any, indices: Iterable[Identity]) -> Any:
     """
     if isinstance(data, LoaderData):
         return data.select(list(indices))
+    if isinstance(data, (list, tuple)) and data and _has_key(data[0]):
+        return IndexedSubset(data, set(indices))  # a list is walked as a stream: keyed examples are known by key
     if is_map_style(data) or (isinstance(data, (list, tuple)) and not (data and _is_batch(data[0]))):
         chosen = sorted(set(int(i) for i in indices))
         outside = [i for i in chosen[:1] + chosen[-1:] if not 0 <= i < len(data)]

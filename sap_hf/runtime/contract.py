@@ -208,3 +208,45 @@ def _string_labels(argument: str, identity: Any, value: str) -> ValueError:
         f"{argument}: sample {identity!r} has the label {value!r}, a string; SAP needs int class ids: map the names "
         "through the model's config.label2id (or a datasets ClassLabel column, dataset.class_encode_column('label'))."
     )
+
+
+IMAGE_COLUMNS = ("image", "img")
+"""Columns that hold images not yet turned into `pixel_values` (as `sap_hf.data.ImageTransform` reads them)."""
+
+
+def check_collatable(ids: Sequence[Any], examples: Sequence[Any], argument: str = "data") -> None:
+    """Before `default_data_collator` batches raw examples: what it would fail on (or drop) with torch's words.
+
+    Examples must be dicts, hold `pixel_values` (not an image column still to decode) and share one
+    image size. Raises a ValueError naming `argument`, the sample, what is wrong and the fix; a
+    `collate_fn` of the user's own is trusted with whatever its examples are.
+    """
+    if not examples:
+        return
+    first = examples[0]
+    if not isinstance(first, Mapping):
+        raise ValueError(
+            f"{argument}: sample {ids[0]!r} is a {type(first).__name__}, not a dict of columns, which the default "
+            "collator cannot batch: give examples such as {'pixel_values': tensor, 'labels': int} (e.g. a "
+            "datasets.Dataset), or pass collate_fn= (SAPTrainer: data_collator=) a function that turns a list of "
+            "your examples into a batch dict."
+        )
+    if "pixel_values" not in first:
+        image_column = next((column for column in IMAGE_COLUMNS if column in first), None)
+        if image_column is not None:
+            raise ValueError(
+                f"{argument}: the examples hold images in column {image_column!r} but no 'pixel_values': turn the "
+                "images into pixel values first, e.g. data = sap_hf.data.prepare_image_dataset(data, "
+                "ImageTransform(image_processor=processor)), or pass collate_fn=ImageTransform(...).collate."
+            )
+        return  # no images at all: `check_pixel_values` names the keys after collation
+    shapes = [(identity, tuple(getattr(example.get("pixel_values"), "shape", ()) or ())) for identity, example in
+              zip(ids, examples) if isinstance(example, Mapping)]
+    odd = next(((identity, shape) for identity, shape in shapes if shape != shapes[0][1]), None)
+    if odd is not None:
+        raise ValueError(
+            f"{argument}: samples {shapes[0][0]!r} and {odd[0]!r} have pixel_values of shapes {shapes[0][1]} and "
+            f"{odd[1]}; a batch needs one image size: resize the images to one size, e.g. with "
+            "sap_hf.data.prepare_image_dataset(data, ImageTransform(image_size=224)) or the model's image processor."
+        )
+

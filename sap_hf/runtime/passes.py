@@ -158,6 +158,7 @@ class DataPass:
             self.data, batch_size=self.runtime.batch_size, process_index=self.runtime.rank,
             num_processes=self.runtime.world, collate_fn=self.runtime.collate_fn, keep=keep, with_examples=True,
             by_key=by_key, check=lambda ids, examples: check_example_labels(ids, examples, self.argument),
+            argument=self.argument,
         ):
             yield PassBatch(list(ids), batch, examples if with_examples else None)
             self.progress.update(len(ids))
