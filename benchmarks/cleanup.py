@@ -46,8 +46,11 @@ from common import (  # noqa: E402
 
 
 def replot(out: Path) -> dict[str, Any]:
-    """The table and figure again from a recorded JSON (no training)."""
+    """The summary, targets, table and figure again from a recorded JSON's rows (no training)."""
     record = json.loads(out.read_text())
+    record["summary"] = summarise_cleanup(record["rows"], "setting")
+    record["targets"] = cleanup_targets(record["summary"])
+    write_json(out, record)
     print(cleanup_table(record["summary"]))
     plot_cleanup(record["summary"], out.with_suffix(".png"), "Fashion-MNIST")
     return record

@@ -674,23 +674,56 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summarise_cleanup(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """Per value of `key` (a setting) and method: test accuracy % mean/std over seeds, mean cost and noisy fit;
-    rows whose `key` is 'oracle' (the clean-label training) are shared by every setting."""
-    summary: dict[str, Any] = {}
-    oracle = [r["test_accuracy"] * 100 for r in rows if r["method"] == "oracle"]
-    for setting in dict.fromkeys(r[key] for r in rows if r[key] != "oracle"):
+    rows whose `key` is 'oracle' (the clean-label training: `oracle`, `oracle+refine`) are shared by every setting."""
+
+    def stats(group: list[dict[str, Any]]) -> dict[str, Any]:
+        out = mean_std(r["test_accuracy"] * 100 for r in group)
+        if all(r.get("noisy_fit") is not None for r in group):
+            out["noisy_fit"] = mean_std(r["noisy_fit"] for r in group)["mean"]
+        if "cost_epochs" in group[0]:
+            out["cost_epochs"] = mean_std(r["cost_epochs"] for r in group)["mean"]
+        return out
+
+    def by_method(selected: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         methods: dict[str, list[dict[str, Any]]] = {}
-        for row in (r for r in rows if r[key] == setting):
+        for row in selected:
             methods.setdefault(row["method"], []).append(row)
-        cell = {}
-        for method, group in methods.items():
-            cell[method] = mean_std(r["test_accuracy"] * 100 for r in group)
-            cell[method]["noisy_fit"] = mean_std(r["noisy_fit"] for r in group)["mean"]
-            if "cost_epochs" in group[0]:
-                cell[method]["cost_epochs"] = mean_std(r["cost_epochs"] for r in group)["mean"]
-        if oracle:
-            cell["oracle"] = mean_std(oracle)
-        summary[setting] = cell
+        return methods
+
+    oracle = {m: stats(group) for m, group in by_method(r for r in rows if r[key] == "oracle").items()}
+    summary: dict[str, Any] = {}
+    for setting in dict.fromkeys(r[key] for r in rows if r[key] != "oracle"):
+        summary[setting] = {m: stats(group) for m, group in by_method(r for r in rows if r[key] == setting).items()}
+        summary[setting].update(oracle)
     return summary
+
+
+def clean_label_cleanup_row(model: Any, state: dict, data: dict[str, Any], *, lr: float, refine_epochs: Sequence[int],
+                            refine_batch_size: int, seed: int, scratch: str) -> dict[str, Any]:
+    """`oracle+refine`: the clean-up's fine-tuning (augmented views, lr in {lr, 2 lr}, cosine, val picks the length)
+    of the clean-label model on the clean labels, from `state`: the ceiling for `sap+refine`, which adds those
+    augmented epochs to its model. The model is left at `state`."""
+    import torch
+
+    from sap_hf import RefineConfig, refine
+    from sap_hf.audit.labels import LabelAudit
+    from sap_hf.runtime.passes import Runtime
+
+    n = len(data["clean_y"])
+    trusting = LabelAudit(indices=torch.arange(n), given=data["clean_y"], probs=torch.nn.functional.one_hot(
+        data["clean_y"], int(data["clean_y"].max()) + 1).double(), scores=torch.ones(n, dtype=torch.float64),
+        suspected=torch.zeros(n, dtype=torch.bool))
+    model.load_state_dict(state)
+    clock = time.perf_counter()
+    result = refine(model, TensorExamples(data["train_x"], data["clean_y"]), trusting,
+                    lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+                    RefineConfig(mode="remove", learning_rates=[lr, 2 * lr], epochs=list(refine_epochs)),
+                    args=refine_arguments(scratch, refine_batch_size, seed), runtime=Runtime(show_progress=False))
+    row = dict(method="oracle+refine", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+               val_accuracy=result.final_metrics["accuracy"], lr=result.learning_rate, refine_epochs=result.epochs,
+               cost_epochs=result.cost_epochs, seconds=time.perf_counter() - clock)
+    model.load_state_dict(state)
+    return row
 
 
 def cleanup_targets(summary: dict[str, Any], pipeline: str = "best+sap+refine") -> dict[str, Any]:
