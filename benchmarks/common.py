@@ -667,7 +667,7 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}"]
         if len(tried) == len(BEST_MODES):
             chosen = max(tried, key=lambda r: r["val_accuracy"])  # max keeps the first of equals, as refine does
-            picked.append(dict(chosen, method=f"{prefix}sap+refine", chosen_mode=chosen["method"].rsplit("+", 1)[1],
+            picked.append(dict(chosen, method=f"{prefix}sap+refine", chosen_mode=chosen["refine_mode"],
                                cost_epochs=sum(r["cost_epochs"] for r in tried)))
     return picked
 

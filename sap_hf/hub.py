@@ -243,12 +243,18 @@ def _refine_section(record: Mapping[str, Any]) -> str:
     refine = record.get("refine")
     if refine:
         metric = (record.get("rounds") or [{}])[0].get("metric", "accuracy")
-        verbs = {"remove": "removed", "relabel": "relabelled where the model is confident, removed otherwise"}
+        verbs = {
+            "remove": "the suspected labels removed",
+            "relabel": "the suspected labels relabelled where the model is confident, removed otherwise",
+            "soft": "every label mixed with the corrected model's sharpened probabilities",
+            "pseudo": "the suspected images kept as unlabelled data (FixMatch pseudo-labels)",
+        }
         if refine.get("changed"):
             counts = refine.get("examples", {}).get(refine.get("mode"), {})
             what = (
-                f"fine-tuned the corrected model on the training data with the suspected labels {verbs.get(refine.get('mode'), refine.get('mode'))} "
-                f"({counts.get('kept')} examples kept, {counts.get('removed')} removed, {counts.get('relabelled')} relabelled), "
+                f"fine-tuned the corrected model on the training data with {verbs.get(refine.get('mode'), refine.get('mode'))} "
+                f"({counts.get('kept')} labelled examples kept, {counts.get('removed')} removed, "
+                f"{counts.get('unlabelled', 0)} unlabelled, {counts.get('relabelled')} with another top class), "
                 f"lr {refine.get('learning_rate'):g}, {refine.get('epochs')} epoch(s); mode, lr and length chosen on the eval set"
             )
         else:

@@ -114,6 +114,7 @@ class SAPTrainer(Trainer):
         self.base_model_name = base_model_name
         self.sap_result: Optional[SAPResult] = None
         self.label_audit: Optional[LabelAudit] = None
+        self._audited_data: Any = None  # what label_audit was made on (refine reuses the audit for that data only)
         self.refine_result: Optional[RefineResult] = None
         self.sap_extra_record: dict[str, Any] = {}
         self._sap_saved = False
@@ -427,12 +428,13 @@ class SAPTrainer(Trainer):
         dataset = dataset if dataset is not None else self.train_dataset
         if dataset is None:
             raise ValueError("audit_labels() needs a labelled dataset (or a Trainer with train_dataset).")
+        given = dataset
         dataset = as_pass_data(dataset, "dataset")  # read once as every pass reads it (the report reads it again)
         audit = audit_labels(
             self.model, dataset, method=method, filter_by=filter_by, views=views,
             runtime=self._runtime(self.args.per_device_eval_batch_size),
         )
-        self.label_audit = audit
+        self.label_audit, self._audited_data = audit, given
         if self.is_world_process_zero():
             folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "_label_audit"
             write_audit_report(audit, folder, dataset, top_k=top_k, collate_fn=self.data_collator)
@@ -456,11 +458,14 @@ class SAPTrainer(Trainer):
         learning rate and length from `refine_config`. Learning rate, length and mode are chosen on
         `eval_dataset` (default: the Trainer's); the result goes into the SAP record and the model card.
         """
+        given_train = train_dataset if train_dataset is not None else self.train_dataset
         train_dataset, eval_dataset = self._train_and_eval("refine()", "train_dataset", train_dataset, eval_dataset,
                                                            "lr and length")
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
         train_dataset = as_pass_data(train_dataset, "train_dataset")  # the audit and the fine-tune read the same examples
-        audit = audit or self.label_audit or self.audit_labels(train_dataset)
+        if audit is None:  # the trainer's last audit, when it is of this very data; else a new one
+            audited = self.label_audit is not None and self._audited_data is given_train
+            audit = self.label_audit if audited else self.audit_labels(given_train)
         refine_config = refine_config or RefineConfig()
         if refine_config.learning_rates is None:
             lr = self.args.learning_rate

@@ -208,3 +208,47 @@ def test_trainer_audit_refine_record_and_card(tmp_path):
     assert record["refine"]["config"]["learning_rates"] == [5e-5, 1e-4] and record["label_audit"]["examples"] == 24
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Label audit" in card and "## Clean-up after SAP (refine)" in card
+
+
+def test_refine_keeps_the_label_key_a_collator_reads(tmp_path):
+    """transformers' run_image_classification collates `example["label"]`: refine hands it the same key."""
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = [{"pixel_values": e["pixel_values"], "label": e["labels"]} for e in random_examples(12, seed=1)]
+
+    def collate(examples):
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+                "labels": torch.tensor([e["label"] for e in examples])}
+
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(collate_fn=collate, show_progress=False))
+    result = refine(model, train, audit, lambda m: {"accuracy": 0.0}, RefineConfig(mode="pseudo", epochs=[1], learning_rates=[1e-3]),
+                    args=_args(tmp_path, batch_size=4), runtime=Runtime(collate_fn=collate, show_progress=False))
+    assert len(result.trials) == 1
+
+
+def test_run_arguments_keep_the_user_settings_but_no_evaluation_saving_or_reporting(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path / "user"), per_device_train_batch_size=16, weight_decay=0.1,
+                             eval_strategy="epoch", eval_on_start=True, save_strategy="epoch", load_best_model_at_end=True,
+                             metric_for_best_model="accuracy", lr_scheduler_type="reduce_lr_on_plateau", report_to=[],
+                             dataloader_num_workers=2, use_cpu=True)
+    run = refine_module.run_arguments(args, str(tmp_path / "run"), 3e-4, 4, show_progress=False, stream=True)
+    assert (run.per_device_train_batch_size, run.weight_decay, run.learning_rate, run.num_train_epochs) == (16, 0.1, 3e-4, 4)
+    assert str(run.eval_strategy.value) == "no" and not run.eval_on_start and not run.load_best_model_at_end
+    assert str(run.save_strategy.value) == "no" and run.report_to == [] and run.output_dir == str(tmp_path / "run")
+    assert str(run.lr_scheduler_type.value) == "cosine"  # a plateau scheduler needs an eval metric the runs do not have
+    assert run.dataloader_num_workers == 0  # a stream is numbered by position: one reader
+    assert refine_module.run_arguments(args, str(tmp_path / "run"), 3e-4, 4, False).dataloader_num_workers == 2
+
+
+def test_refine_explains_a_loader_over_a_stream(tmp_path):
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = random_examples(8, seed=1)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(train)
+
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
+    loader = torch.utils.data.DataLoader(Stream(), batch_size=4)
+    with pytest.raises(ValueError, match="DataLoader over a stream"):
+        refine(model, loader, audit, lambda m: {"accuracy": 0.0}, RefineConfig(epochs=[1], learning_rates=[1e-3]),
+               runtime=Runtime(show_progress=False))

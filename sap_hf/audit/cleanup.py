@@ -18,15 +18,17 @@ Modes, learning rates and length are chosen on a clean validation split, and "no
 model) stays a candidate, so refine never hands back a model worse on validation than its input.
 
 Each run is a `transformers.Trainer` (`CleanupTrainer`): mixed precision, gradient accumulation,
-DDP/FSDP, `report_to` and the optimiser come from the `TrainingArguments` given (a `SAPTrainer`
-gives its own); `RefineConfig` holds only what is the clean-up's own. The loss of a global batch is
-its per-example sum over the global example count (one all-reduce of the count), so one and several
-processes make the same update.
+DDP, gradient clipping (`max_grad_norm`) and the optimiser come from the `TrainingArguments` given
+(a `SAPTrainer` gives its own); `RefineConfig` holds only what is the clean-up's own. Trainer reports
+nothing of its own (`refine` returns every trial; `SAPTrainer.refine` logs them). The loss of a batch
+is its per-example sum over the global example count (one all-reduce of the count), and each image's
+augmentation is seeded by its position and the step, so one and several processes make the same
+update when the global batch is the same and divides the data (accelerate pads an uneven last batch
+with repeated examples; with gradient accumulation the update is a mean of micro-batch means).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.state import PartialState
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from ..data.augment import STRONG_DRAWS, WEAK_DRAWS, hashed_uniform, strong_view, weak_view
@@ -257,8 +259,9 @@ def _with_target(example: Any, position: int, target: torch.Tensor, unlabelled: 
         raise ValueError(
             f"refine trains on examples that are dicts of columns (pixel_values, label); got a {type(example).__name__}."
         )
-    example = {k: v for k, v in example.items() if k not in ("label", "labels")}
-    example["labels"] = -100 if unlabelled else int(target.argmax())  # for collators that expect one; not trained on
+    hard = -100 if unlabelled else int(target.argmax())  # for collators that read a label; not trained on
+    keys = [k for k in ("label", "labels") if k in example] or ["labels"]
+    example = {**example, **{k: hard for k in keys}}
     example[TARGET_COLUMN] = target
     example[UNLABELLED_COLUMN] = int(unlabelled)
     example[POSITION_COLUMN] = int(position)
@@ -332,6 +335,7 @@ class CleanupTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.refine_config = refine_config
         self.model_accepts_loss_kwargs = False  # our loss is normalised here; Trainer only divides by accumulation steps
+        self.loss_is_scaled_for_ga = False
         self.passes = 0  # examples forwarded and backpropagated by this process (the cost)
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
@@ -376,20 +380,35 @@ class _Checkpoints(TrainerCallback):
 
 
 def run_arguments(args: Optional[TrainingArguments], output_dir: str, learning_rate: float, epochs: int,
-                  show_progress: bool) -> TrainingArguments:
-    """The user's `TrainingArguments` for one clean-up run: its lr and length, nothing saved or evaluated by Trainer."""
+                  show_progress: bool, stream: bool = False) -> TrainingArguments:
+    """The user's `TrainingArguments` for one clean-up run: its lr and length; Trainer saves, evaluates, reports nothing.
+
+    (`refine` evaluates and reports the trials itself; `SAPTrainer.refine` logs them through its own `log`.)
+    A scheduler that needs an eval metric becomes cosine; a stream is read by the main loader process only
+    (`PlanStream` numbers the examples by their position, which DataLoader workers would each restart).
+    """
+    configured = bool(PartialState._shared_state)  # keep the caller's process group (a new TrainingArguments resets it)
     if args is None:
         args = TrainingArguments(
             output_dir=output_dir, per_device_train_batch_size=64, lr_scheduler_type="cosine", weight_decay=0.0,
             report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=not show_progress,
+            accelerator_config={"use_configured_state": configured},
         )
     accelerator_config = args.accelerator_config
-    if PartialState._shared_state:  # keep the caller's process group (a fresh TrainingArguments would reset it)
+    if configured:
         accelerator_config = dataclasses.replace(accelerator_config, use_configured_state=True)
+    scheduler = args.lr_scheduler_type
+    if str(getattr(scheduler, "value", scheduler)) in ("reduce_lr_on_plateau", "greedy"):
+        logger.info("SAP refine: lr_scheduler_type=%s needs an eval metric during training; the clean-up runs use "
+                    "cosine.", getattr(scheduler, "value", scheduler))
+        scheduler = "cosine"
+    workers = 0 if stream else args.dataloader_num_workers
     return dataclasses.replace(
         args, output_dir=output_dir, learning_rate=learning_rate, num_train_epochs=epochs, max_steps=-1,
-        eval_strategy="no", save_strategy="no", load_best_model_at_end=False, push_to_hub=False,
-        remove_unused_columns=False, logging_strategy="no", accelerator_config=accelerator_config,
+        eval_strategy="no", eval_on_start=False, save_strategy="no", load_best_model_at_end=False, push_to_hub=False,
+        remove_unused_columns=False, logging_strategy="no", report_to=[], lr_scheduler_type=scheduler,
+        dataloader_num_workers=workers, accelerator_config=accelerator_config,
+        **({"dataloader_persistent_workers": False, "dataloader_prefetch_factor": None} if workers == 0 else {}),
     )
 
 
@@ -425,7 +444,7 @@ def refine(
     train_data = as_pass_data(train_data, "train_data")
     plans, examples = _plans(audit, train_data, config)
     data, collate = examples_and_collate(train_data, runtime.collate_fn)
-    start = copy.deepcopy(base.state_dict())
+    start = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # copies off the accelerator
     baseline = dict(evaluate_fn(base))
     if metric not in baseline:  # before any training: a missing metric would otherwise fail after the first epoch
         raise ValueError(
@@ -448,13 +467,15 @@ def refine(
 
                 trainer = CleanupTrainer(
                     model=base,
-                    args=run_arguments(args, f"{args.output_dir}/_refine" if args is not None else scratch, lr,
-                                       max(config.epochs), runtime.show_progress),
+                    args=run_arguments(args, scratch, lr, max(config.epochs), runtime.show_progress,
+                                       stream=not _indexable(data)),
                     train_dataset=(PlanExamples if _indexable(data) else PlanStream)(data, plans[mode]),
                     data_collator=PlanCollator(collate),
                     callbacks=[_Checkpoints(config.epochs, checkpoint)],
                     refine_config=config,
                 )
+                if not runtime.show_progress:
+                    trainer.remove_callback(PrinterCallback)  # its end-of-run line; the trials are logged
                 trainer.train()
                 passes += int(runtime.sum(torch.tensor(float(trainer.passes), dtype=torch.float64)).item())
     except BaseException:
@@ -484,7 +505,7 @@ class _Best:
     def offer(self, metrics: Mapping[str, float], model: nn.Module, **choice: Any) -> None:
         if self.sign * float(metrics[self.metric]) > self.sign * float(self.metrics[self.metric]):
             self.metrics, self.choice = dict(metrics), choice
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[dict[str, CleanupPlan], dict[str, dict[str, int]]]:
@@ -496,6 +517,11 @@ def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[di
         )
     if len(audit) == 0:
         raise ValueError("The audit is empty: run audit_labels on the training data first.")
+    if isinstance(train_data, torch.utils.data.DataLoader):  # a loader over a stream yields batches, not examples
+        raise ValueError(
+            "train_data is a DataLoader over a stream: refine trains on examples and batches them itself; pass the "
+            "loader's dataset (train_data=loader.dataset) and its collate_fn as Runtime(collate_fn=...)."
+        )
     size = len(train_data.dataset) if isinstance(train_data, LoaderData) else len(train_data) if _indexable(train_data) else None
     if size is not None and int(audit.indices.max()) >= size:
         raise ValueError(

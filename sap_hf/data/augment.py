@@ -7,7 +7,7 @@ square) is trained to predict it. They work on a whole batch at once, on the bat
 cost little beside the forward pass; torchvision does not install beside the CPU wheel this project
 uses, so they are written here.
 
-Every function draws from `draws`, a `(batch, k)` tensor of uniform numbers in [0, 1), one row per image:
+Every function draws from `draws`, a `(batch, k)` tensor of uniform numbers in [0, 1], one row per image:
 `hashed_uniform(keys, salt, k)` makes them from each image's identity (its position in the training
 data) and the training step, so an image gets the same augmentation however the batch is split
 across processes (one and several processes then make the same update).
@@ -32,7 +32,9 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def hashed_uniform(keys: torch.Tensor, salt: int, k: int) -> torch.Tensor:
-    """`(len(keys), k)` numbers in [0, 1) that depend only on (key, salt, column): a splitmix64 hash in torch."""
+    """`(len(keys), k)` numbers in [0, 1] that depend only on (key, salt, column): a splitmix64 hash in torch.
+
+    (1.0 itself is possible after the float32 rounding; every user clamps or clips it.)"""
     keys = keys.to(torch.int64).reshape(-1, 1)
     columns = torch.arange(k, dtype=torch.int64, device=keys.device).reshape(1, -1)
     x = keys * 0x3C6EF372FE94F82B + columns * 0x1F83D9ABFB41BD6B + (int(salt) * 0x5BE0CD19137E2179 & 0x7FFFFFFFFFFFFFFF)
