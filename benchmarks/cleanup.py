@@ -9,6 +9,7 @@ images with 40% noise for 100 epochs, until it memorises), its models when `--ca
     oracle            the same training on the clean labels, val-best epoch (the ceiling)
     sap+<mode>        sap's model, its audit, `refine(mode)` for each --modes (augmented views; lr, 2 lr; val picks)
     sap+refine        RefineConfig()'s choice: the val-best of its modes (remove, pseudo)
+    ...-noaug         the same clean-up without augmentation (RefineConfig(augment=False); --augment 1 0)
     best+sap(+...)    the same pipeline from the val-best epoch instead of the last one
 
 `benchmarks/cifar10n.py` runs the same methods on real human noise. Rows, summary, targets: `common.sap_and_cleanups`,
@@ -60,6 +61,8 @@ def parse_args(argv: Optional[list[str]] = None) -> Any:
     parser = run_parser(__doc__.splitlines()[0])
     parser.add_argument("--modes", nargs="+", default=["remove", "soft", "pseudo"],
                         choices=["remove", "relabel", "soft", "pseudo"])
+    parser.add_argument("--augment", nargs="+", type=int, default=[1], choices=[0, 1],
+                        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)")
     parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)
@@ -88,7 +91,7 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
     settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
     with tempfile.TemporaryDirectory() as scratch:
         rows += [dict(base, **r) for r in sap_and_cleanups(model, last, data, modes=args.modes, scratch=scratch,
-                                                           **settings)]
+                                                           augments=[bool(a) for a in args.augment], **settings)]
         if args.best_modes:
             rows += [dict(base, **r) for r in sap_and_cleanups(model, trained["best"]["state"], data, prefix="best+",
                                                                modes=args.best_modes, scratch=scratch, **settings)]

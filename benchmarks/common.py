@@ -606,12 +606,13 @@ def audit_ap(audit: Any, data: dict[str, Any]) -> float:
 
 def sap_and_cleanups(model: Any, state: dict, data: dict[str, Any], *, lr: float, modes: Sequence[str],
                      refine_epochs: Sequence[int], refine_batch_size: int, seed: int, prefix: str = "",
-                     scratch: str) -> list[dict[str, Any]]:
+                     scratch: str, augments: Sequence[bool] = (True,)) -> list[dict[str, Any]]:
     """`<prefix>sap` (`sap_correct(SAPConfig())`) from `state`, then `<prefix>sap+<mode>` for each mode: the rows.
 
     Each clean-up starts from the SAP model and its label audit (`views="shift"`): `sap_hf.refine` in that one
-    mode, lr in {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them. The model is left
-    at `state`. Rows carry the trusted samples' purity, the audits' average precision against the true errors
+    mode, lr in {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them; once per value of
+    `augments` (`RefineConfig.augment`; rows without augmentation are named `<prefix>sap+<mode>-noaug`). The model is
+    left at `state`. Rows carry the trusted samples' purity, the audits' average precision against the true errors
     (before and after the clean-up), `noisy_fit`, and the clean-up's `cost_epochs`.
     """
     import torch
@@ -637,13 +638,13 @@ def sap_and_cleanups(model: Any, state: dict, data: dict[str, Any], *, lr: float
                  purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
                  audit_ap=audit_ap(first, data), audit_suspected=first.num_suspected,
                  seconds=time.perf_counter() - clock, **fit_diagnostics(model, data))]
-    for mode in modes:
+    for mode, augment in [(mode, augment) for augment in augments for mode in modes]:
         model.load_state_dict(sap_state)
         clock = time.perf_counter()
-        config = RefineConfig(mode=mode, learning_rates=[lr, 2 * lr], epochs=list(refine_epochs))
+        config = RefineConfig(mode=mode, learning_rates=[lr, 2 * lr], epochs=list(refine_epochs), augment=augment)
         refined = refine(model, train_set, first, val, config, args=refine_arguments(scratch, refine_batch_size, seed),
                          runtime=Runtime(show_progress=False))
-        rows.append(dict(method=f"{prefix}sap+{mode}", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        rows.append(dict(method=f"{prefix}sap+{mode}{'' if augment else '-noaug'}", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
                          val_accuracy=refined.final_metrics["accuracy"], refine_mode=refined.mode,
                          lr=refined.learning_rate, refine_epochs=refined.epochs, cost_epochs=refined.cost_epochs,
                          examples=refined.examples.get(mode), audit_ap_after=audit_ap(audit(model), data),
@@ -658,16 +659,16 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`sap+refine` / `best+sap+refine`: what `RefineConfig()` (mode="best") gives, the val-best of its modes' rows.
 
     `refine` tries the modes from the same start with the same seeds and keeps the first best on val, so this
-    pick equals a `mode="best"` run; its cost is the sum of the modes' costs.
+    pick equals a `mode="best"` run; its cost is the sum of the modes' costs. `-noaug`: the same without augmentation.
     """
     from sap_hf.audit.cleanup import BEST_MODES
 
     picked = []
-    for prefix in ("", "best+"):
-        tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}"]
+    for prefix, suffix in [(p, s) for p in ("", "best+") for s in ("", "-noaug")]:
+        tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}{suffix}"]
         if len(tried) == len(BEST_MODES):
             chosen = max(tried, key=lambda r: r["val_accuracy"])  # max keeps the first of equals, as refine does
-            picked.append(dict(chosen, method=f"{prefix}sap+refine", chosen_mode=chosen["refine_mode"],
+            picked.append(dict(chosen, method=f"{prefix}sap+refine{suffix}", chosen_mode=chosen["refine_mode"],
                                cost_epochs=sum(r["cost_epochs"] for r in tried)))
     return picked
 
