@@ -727,7 +727,7 @@ def clean_label_cleanup_row(model: Any, state: dict, data: dict[str, Any], *, lr
     return row
 
 
-def cleanup_targets(summary: dict[str, Any], pipeline: str = "best+sap+refine") -> dict[str, Any]:
+def cleanup_targets(summary: dict[str, Any], pipeline: str = "sap+refine") -> dict[str, Any]:
     """Per setting, the issues' targets: `sap` >= `none` - 0.5; `pipeline` >= `best_epoch` + 2 and >= 50% of the gap
     from `none` to `oracle` (None where the gap is under 0.5 points)."""
     verdicts = {}
