@@ -23,19 +23,27 @@ def test_cifar10n_benchmark_quick(tmp_path):
     out = tmp_path / "cifar10n.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--images", str(images), "--labels", str(labels),
-                          "--label_sets", "worse", "--threads", "1", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=600)
+                          "--label_sets", "worse", "--threads", "1", "--out", str(out), "--modes", "remove", "soft",
+                          "pseudo", "--augment", "1", "0"], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(out.read_text())
     methods = {row["method"] for row in record["rows"]}
-    assert {"none", "best_epoch", "oracle", "sap", "sap+remove", "sap+soft", "sap+pseudo", "best+sap",
-            "best+sap+pseudo", "sap+refine", "best+sap+refine"} <= methods
+    assert {"none", "best_epoch", "oracle", "oracle+refine", "sap", "sap+remove", "sap+soft", "sap+pseudo", "best+sap",
+            "best+sap+pseudo", "sap+refine", "best+sap+refine", "sap+remove-noaug", "sap+refine-noaug"} <= methods
     for row in record["rows"]:
         assert 0 <= row["test_accuracy"] <= 1
-        if row["method"].startswith(("sap+", "best+sap+")):  # the clean-up: its cost and "no change" as a candidate
+        if "+" in row["method"] and row["method"] != "best+sap":  # the clean-up: its cost and "no change" a candidate
             assert row["cost_epochs"] >= 0 and row["refine_epochs"] in (0, 1)
     worse = [row for row in record["rows"] if row["method"] == "none"][0]
     assert 0.25 <= worse["noise_rate"] <= 0.55  # the tiny copy's worse labels flip ~40%
     summary = record["summary"]["worse"]
     assert {"oracle", "sap", "sap+pseudo"} <= set(summary) and "sap_minus_none" in record["targets"]["worse"]
     assert out.with_suffix(".png").is_file()
+    # --merge: new rows replace those of the same label set, seed and method; the others stay
+    again = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--images", str(images), "--labels", str(labels),
+                            "--label_sets", "--threads", "1", "--out", str(out), "--merge"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    merged = json.loads(out.read_text())
+    assert len(merged["rows"]) == len(record["rows"]) and merged["merged"]
+    assert {r["method"] for r in merged["rows"]} == methods
