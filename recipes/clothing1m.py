@@ -90,9 +90,15 @@ class ScriptArguments(DataArguments, ModelArguments):
     refine_epochs: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8], metadata={"help": "Refine: epochs evaluated on val (the largest is the run length)."})
     refine_relabel_threshold: float = field(default=0.9, metadata={"help": "Refine, mode 'relabel': relabel when the corrected model's probability is at least this."})
 
+    refine_augment: bool = field(
+        default=True,
+        metadata={"help": "Refine: train on flipped and shifted views of every image (RefineConfig.augment; 'pseudo' "
+                          "always augments its unlabelled images)."},
+    )
+
     def refine_config(self) -> RefineConfig:
         return RefineConfig(mode=self.refine_mode, learning_rates=self.refine_learning_rates, epochs=self.refine_epochs,
-                            relabel_threshold=self.refine_relabel_threshold)
+                            relabel_threshold=self.refine_relabel_threshold, augment=self.refine_augment)
 
 
 ARGUMENT_TYPES = (ScriptArguments, TrainingArguments, SAPConfig, LossConfig)
