@@ -772,7 +772,14 @@ def cleanup_table(summary: dict[str, Any]) -> str:
     """The summary as the markdown table benchmarks/README.md shows: a column per setting, `mean ± std`, and the
     clean-up rows' cost in epochs of the training set."""
     settings = list(summary)
-    methods = list(dict.fromkeys(m for cell in summary.values() for m in cell))
+
+    def order(method: str) -> tuple:  # baselines, SAP, its clean-ups, without augmentation, from the best epoch, oracles
+        head = ("none", "best_epoch", "sap")
+        return (method.startswith("oracle"), method.startswith("best+"), method.endswith("-noaug"),
+                method.endswith("refine") or method.endswith("refine-noaug"),
+                head.index(method) if method in head else len(head), method)
+
+    methods = sorted(dict.fromkeys(m for cell in summary.values() for m in cell), key=order)
     lines = ["| clean test % | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
     for method in methods:
         cells = []
