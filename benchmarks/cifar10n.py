@@ -41,15 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     accuracy,
     clean_label_cleanup_row,
+    cleanup_study_rows,
     cleanup_table,
     cleanup_targets,
-    default_cleanup_rows,
     environment,
     fit_diagnostics,
     image_tensors,
     plot_cleanup,
     run_tasks,
-    sap_and_cleanups,
     summarise_cleanup,
     train_from_scratch,
     write_json,
@@ -173,13 +172,7 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     rows.append(dict(base, method="none", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
                      val_accuracy=trained["history"][-1], **fit_diagnostics(model, data)))
     rows.append(best)
-    with tempfile.TemporaryDirectory() as scratch:
-        rows += [dict(base, **r) for r in sap_and_cleanups(model, last, data, modes=args.modes, scratch=scratch,
-                                                           augments=[bool(a) for a in args.augment], **settings)]
-        if args.best_modes:
-            rows += [dict(base, **r) for r in sap_and_cleanups(model, trained["best"]["state"], data, prefix="best+",
-                                                               modes=args.best_modes, scratch=scratch, **settings)]
-    rows += default_cleanup_rows(rows)
+    rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
     return {"rows": rows, "history": trained["history"], "seconds": time.perf_counter() - started, **task_key(task)}
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -29,9 +28,9 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     accuracy,
+    cleanup_study_rows,
     cleanup_table,
     cleanup_targets,
-    default_cleanup_rows,
     environment,
     finish_args,
     fit_diagnostics,
@@ -39,7 +38,6 @@ from common import (  # noqa: E402
     prepare_run,
     run_parser,
     run_tasks,
-    sap_and_cleanups,
     summarise_cleanup,
     train_from_scratch,
     write_json,
@@ -88,14 +86,7 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
     rows.append(dict(base, method="best_epoch", best_epoch=trained["best"]["epoch"],
                      test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
                      val_accuracy=trained["best"]["val_accuracy"], **fit_diagnostics(model, data)))
-    settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
-    with tempfile.TemporaryDirectory() as scratch:
-        rows += [dict(base, **r) for r in sap_and_cleanups(model, last, data, modes=args.modes, scratch=scratch,
-                                                           augments=[bool(a) for a in args.augment], **settings)]
-        if args.best_modes:
-            rows += [dict(base, **r) for r in sap_and_cleanups(model, trained["best"]["state"], data, prefix="best+",
-                                                               modes=args.best_modes, scratch=scratch, **settings)]
-    rows += default_cleanup_rows(rows)
+    rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
     if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])

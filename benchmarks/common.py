@@ -655,6 +655,23 @@ def sap_and_cleanups(model: Any, state: dict, data: dict[str, Any], *, lr: float
     return rows
 
 
+def cleanup_study_rows(model: Any, last: dict, best: dict, data: dict[str, Any], args: argparse.Namespace,
+                       seed: int) -> list[dict[str, Any]]:
+    """The clean-up study's rows of one model: `sap_and_cleanups` from its last state (`args.modes` x `args.augment`)
+    and from its val-best state (`best+`, `args.best_modes`), then `default_cleanup_rows`. Reads `args.lr`,
+    `args.refine_epochs`, `args.refine_batch_size`."""
+    import tempfile
+
+    settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = sap_and_cleanups(model, last, data, modes=args.modes, scratch=scratch,
+                                augments=[bool(a) for a in args.augment], **settings)
+        if args.best_modes:
+            rows += sap_and_cleanups(model, best, data, prefix="best+", modes=args.best_modes, scratch=scratch,
+                                     **settings)
+    return rows + default_cleanup_rows(rows)
+
+
 def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`sap+refine` / `best+sap+refine`: what `RefineConfig()` (mode="best") gives, the val-best of its modes' rows.
 
