@@ -165,7 +165,7 @@ def load_cifar10n(
     if test_size is not None:
         test_size = _check_size("test_size", test_size, 1, n_test - val_size)
 
-    # One stream: the training subset, then the validation/test carve-out (benchmarks/results/cifar10n.json used it).
+    # One seeded stream: the training subset first, then the validation/test carve-out.
     train_rng = test_rng = np.random.default_rng(seed)
     train_idx = np.arange(n_train)
     if train_size is not None and train_size < n_train:
