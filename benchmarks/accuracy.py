@@ -83,13 +83,16 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import common
 import peers
-from sap_hf.runtime.passes import Runtime
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run, refine_arguments
+
+from sap_hf.runtime.passes import Runtime
+
 
 MAIN_METHODS = ("none", "best_epoch", "sap", "finetune_trusted")
 EXTRA_METHODS = ("sap_shared", "finetune_trusted_best", "sap+finetune", "sap+refine")
@@ -112,18 +115,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.run_parser(__doc__.split("\n\n")[0])
     recipe = common.recipe_sap_config()  # recipes/configs/default.yaml
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=[*RULES, "curvature"])
-    parser.add_argument("--trusted_per_class", nargs="+", type=int, default=[recipe.trusted_per_class],
-                        help="trusted-set sizes tried for every rule (default: the recipe's)")
-    parser.add_argument("--alpha_scopes", nargs="+", default=["shared", "per_kind"], choices=["shared", "per_kind"],
-                        help="SAPConfig.alpha_scope values tried for every trusted set (the val-best one is 'sap')")
-    parser.add_argument("--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)")
-    parser.add_argument("--replot", action="store_true", help="only redraw the plots/table from <out_dir>/accuracy.json")
-    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHOD_GROUPS),
-                        help="row groups to compute: 'ce' (the cross-entropy model: none, best_epoch, sap, fine-tuning) "
-                             "and robust_<loss> (gce, sce, ls: that loss's model, its best epoch, SAP on it). Default: "
-                             f"{' '.join(DEFAULT_METHOD_GROUPS)} ('ce' with --quick), written as a new accuracy.json. Given "
-                             "explicitly, only those are computed and their rows are merged into <out_dir>/accuracy.json "
-                             "(the other rows are kept).")
+    parser.add_argument(
+        "--trusted_per_class",
+        nargs="+",
+        type=int,
+        default=[recipe.trusted_per_class],
+        help="trusted-set sizes tried for every rule (default: the recipe's)",
+    )
+    parser.add_argument(
+        "--alpha_scopes",
+        nargs="+",
+        default=["shared", "per_kind"],
+        choices=["shared", "per_kind"],
+        help="SAPConfig.alpha_scope values tried for every trusted set (the val-best one is 'sap')",
+    )
+    parser.add_argument(
+        "--plot_seed", type=int, default=None, help="seed whose alpha curves are plotted (default: first)"
+    )
+    parser.add_argument(
+        "--replot", action="store_true", help="only redraw the plots/table from <out_dir>/accuracy.json"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=list(METHOD_GROUPS),
+        help="row groups to compute: 'ce' (the cross-entropy model: none, best_epoch, sap, fine-tuning) "
+        "and robust_<loss> (gce, sce, ls: that loss's model, its best epoch, SAP on it). Default: "
+        f"{' '.join(DEFAULT_METHOD_GROUPS)} ('ce' with --quick), written as a new accuracy.json. Given "
+        "explicitly, only those are computed and their rows are merged into <out_dir>/accuracy.json "
+        "(the other rows are kept).",
+    )
     add_refine_arguments(parser)
     peers.add_peer_arguments(parser)
     args = common.finish_args(parser.parse_args(argv), argv)
@@ -142,19 +164,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | None = None) -> None:
     """The `--refine_*` arguments of `sap_refine_row` (the recipe's refine settings by default; `epochs`: another
     default length grid, for a benchmark that cannot afford the recipe's)."""
-    parser.add_argument("--refine_modes", nargs="+", default=["remove", "relabel"],
-                        choices=["remove", "relabel", "soft", "pseudo"],
-                        help="sap+refine: modes tried (RefineConfig(mode=[...]), val picks)")
-    parser.add_argument("--refine_lrs", nargs="+", type=float, default=None,
-                        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)")
+    parser.add_argument(
+        "--refine_modes",
+        nargs="+",
+        default=["remove", "relabel"],
+        choices=["remove", "relabel", "soft", "pseudo"],
+        help="sap+refine: modes tried (RefineConfig(mode=[...]), val picks)",
+    )
+    parser.add_argument(
+        "--refine_lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)",
+    )
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=list(epochs or [1, 2, 3, 4, 6, 8]))
-    parser.add_argument("--refine_schedule", default="cosine", choices=["constant", "cosine"],
-                        help="TrainingArguments.lr_scheduler_type of the clean-up runs")
+    parser.add_argument(
+        "--refine_schedule",
+        default="cosine",
+        choices=["constant", "cosine"],
+        help="TrainingArguments.lr_scheduler_type of the clean-up runs",
+    )
     parser.add_argument("--refine_batch_size", type=int, default=64)
-    parser.add_argument("--refine_augment", type=int, default=0, choices=[0, 1],
-                        help="RefineConfig.augment (1: flip + shift on every image; the recorded rows ran without)")
-    parser.add_argument("--refine_views", default="shift", choices=["image", "shift"],
-                        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))")
+    parser.add_argument(
+        "--refine_augment",
+        type=int,
+        default=0,
+        choices=[0, 1],
+        help="RefineConfig.augment (1: flip + shift on every image; the recorded rows ran without)",
+    )
+    parser.add_argument(
+        "--refine_views",
+        default="shift",
+        choices=["image", "shift"],
+        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,8 +206,13 @@ def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | No
 # --------------------------------------------------------------------------------------------
 
 
-def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namespace, timing: dict[str, Any],
-                   selections: dict[tuple[str, int], Any] | None = None) -> list[dict]:
+def sap_candidates(
+    run: dict[str, Any],
+    final_state: dict,
+    args: argparse.Namespace,
+    timing: dict[str, Any],
+    selections: dict[tuple[str, int], Any] | None = None,
+) -> list[dict]:
     """`sap_correct` on the trusted set of every rule x `--trusted_per_class` x `--alpha_scopes`, alpha on val.
 
     `run` is a `prepare_run` result (its model is left at `final_state`'s weights only between
@@ -176,7 +225,9 @@ def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namesp
 
     from sap_hf import SAPConfig, sap_correct, select_trusted
 
-    data, model, early_model, config, train_set = (run[k] for k in ("data", "model", "early_model", "config", "train_set"))
+    data, model, early_model, config, train_set = (
+        run[k] for k in ("data", "model", "early_model", "config", "train_set")
+    )
 
     def evaluate_fn(m: Any) -> dict[str, float]:
         return {"accuracy": accuracy(m, data["val_x"], data["val_y"])}
@@ -188,7 +239,15 @@ def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namesp
             model.load_state_dict(final_state)
             clock = time.perf_counter()
             try:
-                selection = (selections or {}).get((rule, per_class)) or select_trusted(model, train_set, per_class, num_labels=config.num_labels, rule=rule, selection_model=early_model if rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
+                selection = (selections or {}).get((rule, per_class)) or select_trusted(
+                    model,
+                    train_set,
+                    per_class,
+                    num_labels=config.num_labels,
+                    rule=rule,
+                    selection_model=early_model if rule == "early_loss" else None,
+                    runtime=Runtime(batch_size=500, show_progress=False),
+                )
             except ValueError as err:  # e.g. 'agreement' leaves a class with no sample
                 candidates.append({"rule": rule, "per_class": per_class, "error": str(err)})
                 continue
@@ -197,29 +256,60 @@ def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namesp
             for scope in args.alpha_scopes:
                 model.load_state_dict(final_state)
                 # alpha_search="grid": this study plots and records every alpha's val/test curve
-                sap_config = SAPConfig(alphas=list(args.alphas), trusted_per_class=per_class, selection_rule=rule,
-                                       alpha_search="grid", batch_size=500, alpha_scope=scope)
-                result = sap_correct(model, train_set, config=sap_config, trusted_indices=selection.indices,
-                                     evaluate_fn=evaluate_fn, show_progress=False)
-                candidates.append({
-                    "rule": rule, "per_class": per_class, "scope": scope, "num_trusted": len(selection.indices),
-                    "purity": purity, "indices": selection.indices,
-                    "alpha": result.alpha, "kind_alphas": result.kind_alphas,
-                    "val_accuracy": result.final_metrics["accuracy"],
-                    "test_accuracy": accuracy(model, data["test_x"], data["test_y"]), **fit_diagnostics(model, data),
-                    "val_curve": [round(m["accuracy"], 4) for m in result.rounds[0].metrics],
-                    "state": copy.deepcopy(model.state_dict()),
-                })
+                sap_config = SAPConfig(
+                    alphas=list(args.alphas),
+                    trusted_per_class=per_class,
+                    selection_rule=rule,
+                    alpha_search="grid",
+                    batch_size=500,
+                    alpha_scope=scope,
+                )
+                result = sap_correct(
+                    model,
+                    train_set,
+                    config=sap_config,
+                    trusted_indices=selection.indices,
+                    evaluate_fn=evaluate_fn,
+                    show_progress=False,
+                )
+                candidates.append(
+                    {
+                        "rule": rule,
+                        "per_class": per_class,
+                        "scope": scope,
+                        "num_trusted": len(selection.indices),
+                        "purity": purity,
+                        "indices": selection.indices,
+                        "alpha": result.alpha,
+                        "kind_alphas": result.kind_alphas,
+                        "val_accuracy": result.final_metrics["accuracy"],
+                        "test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
+                        **fit_diagnostics(model, data),
+                        "val_curve": [round(m["accuracy"], 4) for m in result.rounds[0].metrics],
+                        "state": copy.deepcopy(model.state_dict()),
+                    }
+                )
             timing["sap"][f"{rule}/{per_class}"] = time.perf_counter() - clock
     return candidates
 
 
 def sap_row(base: dict[str, Any], method: str, c: dict) -> dict:
     """The row of one SAP candidate (`sap_candidates`)."""
-    return dict(base, method=method, test_accuracy=c["test_accuracy"], val_accuracy=c["val_accuracy"],
-                alpha=c["alpha"], alpha_scope=c["scope"], kind_alphas=c["kind_alphas"], rule=c["rule"],
-                trusted_per_class=c["per_class"], num_trusted=c["num_trusted"],
-                purity=c["purity"], noisy_fit=c["noisy_fit"], clean_fit=c["clean_fit"])
+    return dict(
+        base,
+        method=method,
+        test_accuracy=c["test_accuracy"],
+        val_accuracy=c["val_accuracy"],
+        alpha=c["alpha"],
+        alpha_scope=c["scope"],
+        kind_alphas=c["kind_alphas"],
+        rule=c["rule"],
+        trusted_per_class=c["per_class"],
+        num_trusted=c["num_trusted"],
+        purity=c["purity"],
+        noisy_fit=c["noisy_fit"],
+        clean_fit=c["clean_fit"],
+    )
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -229,7 +319,8 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
     run = prepare_run(setting, seed, args)
     data, train_set, config, model, early_model, trained, timing, started = (
-        run[k] for k in ("data", "train_set", "config", "model", "early_model", "trained", "timing", "started"))
+        run[k] for k in ("data", "train_set", "config", "model", "early_model", "trained", "timing", "started")
+    )
     noise_type, rate = run["noise_type"], run["noise_rate"]
     clock = time.perf_counter()
     final_state = copy.deepcopy(model.state_dict())
@@ -245,10 +336,23 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     train_noisy_acc = accuracy(model, data["train_x"], data["train_y"])
     none_fit = fit_diagnostics(model, data)
     rows = [
-        dict(base, method="none", test_accuracy=none_test, val_accuracy=none_val, train_noisy_accuracy=train_noisy_acc,
-             epochs=args.epochs, **none_fit),
-        dict(base, method="best_epoch", test_accuracy=test_acc(early_model), val_accuracy=trained["best"]["val_accuracy"],
-             epoch=trained["best"]["epoch"], **fit_diagnostics(early_model, data)),
+        dict(
+            base,
+            method="none",
+            test_accuracy=none_test,
+            val_accuracy=none_val,
+            train_noisy_accuracy=train_noisy_acc,
+            epochs=args.epochs,
+            **none_fit,
+        ),
+        dict(
+            base,
+            method="best_epoch",
+            test_accuracy=test_acc(early_model),
+            val_accuracy=trained["best"]["val_accuracy"],
+            epoch=trained["best"]["epoch"],
+            **fit_diagnostics(early_model, data),
+        ),
     ]
 
     # ---- SAP: every (rule, per_class) trusted set, alpha searched on val by sap_correct ----
@@ -267,9 +371,18 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     y_of = lambda c: data["train_y"][torch.tensor(c["indices"])]
 
     def ft_row(method: str, c: dict, ft: dict) -> dict:
-        return dict(base, method=method, test_accuracy=ft["test_accuracy"], val_accuracy=ft["val_accuracy"],
-                    lr=ft["lr"], ft_epochs=ft["epochs"], rule=c["rule"], trusted_per_class=c["per_class"],
-                    num_trusted=c["num_trusted"], purity=c["purity"])
+        return dict(
+            base,
+            method=method,
+            test_accuracy=ft["test_accuracy"],
+            val_accuracy=ft["val_accuracy"],
+            lr=ft["lr"],
+            ft_epochs=ft["epochs"],
+            rule=c["rule"],
+            trusted_per_class=c["per_class"],
+            num_trusted=c["num_trusted"],
+            purity=c["purity"],
+        )
 
     # The alpha-vs-accuracy figure (one seed): test accuracy at every alpha of the paper's rule and of
     # the val-chosen trusted set. Reporting only: nothing is chosen from these numbers.
@@ -280,11 +393,16 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
         clock = time.perf_counter()
         paper = next((c for c in shared if c["rule"] == "loss"), None)
-        same_set = next((c for c in shared if chosen and (c["rule"], c["per_class"]) == (chosen["rule"], chosen["per_class"])), None)
+        same_set = next(
+            (c for c in shared if chosen and (c["rule"], c["per_class"]) == (chosen["rule"], chosen["per_class"])),
+            None,
+        )
         for c in {id(c): c for c in (paper, same_set) if c is not None}.values():
             model.load_state_dict(final_state)
             targets = find_target_modules(model, None, None, True)
-            stats = collect_statistics(model, train_set.select(c['indices']), targets, runtime=Runtime(batch_size=500, show_progress=False))
+            stats = collect_statistics(
+                model, train_set.select(c["indices"]), targets, runtime=Runtime(batch_size=500, show_progress=False)
+            )
             bases, originals = eigenbases(stats), current_weights(model, stats.target_modules)
             c["test_curve"] = []
             for alpha in args.alphas:
@@ -309,7 +427,13 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
             rows.append(sap_row(base, "sap_shared", chosen_shared))
         rows.append(ft_row("finetune_trusted", chosen, finetunes[(chosen["rule"], chosen["per_class"])]))
         # SAP, then the same fine-tuning grid on the same trusted samples (a composition, not a baseline).
-        rows.append(ft_row("sap+finetune", chosen, finetune_grid(model, chosen["state"], x_of(chosen), y_of(chosen), data, args, seed)))
+        rows.append(
+            ft_row(
+                "sap+finetune",
+                chosen,
+                finetune_grid(model, chosen["state"], x_of(chosen), y_of(chosen), data, args, seed),
+            )
+        )
         clock = time.perf_counter()
         rows.append(sap_refine_row(model, chosen["state"], sap_row(base, "sap", chosen), run, args))
         timing["sap+refine"] = time.perf_counter() - clock
@@ -321,15 +445,23 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         row["gain_vs_none"] = row["test_accuracy"] - none_test
 
     return {
-        "setting": setting, "seed": seed, "rows": rows,
+        "setting": setting,
+        "seed": seed,
+        "rows": rows,
         "run": {
-            "setting": setting, "seed": seed, "noise_type": noise_type, "noise_rate": rate,
+            "setting": setting,
+            "seed": seed,
+            "noise_type": noise_type,
+            "noise_rate": rate,
             "actual_noise_rate": float(data["is_noisy"].float().mean()),
-            "train_noisy_accuracy": train_noisy_acc, "train_seconds": trained["seconds"],
-            "best_epoch": trained["best"]["epoch"], "val_history": trained["history"],
+            "train_noisy_accuracy": train_noisy_acc,
+            "train_seconds": trained["seconds"],
+            "best_epoch": trained["best"]["epoch"],
+            "val_history": trained["history"],
             "candidates": [{k: v for k, v in c.items() if k not in ("indices", "state")} for c in candidates],
             "finetune_grids": {f"{r}/{k}": ft["grid"] for (r, k), ft in finetunes.items()},
-            "seconds": time.perf_counter() - started, "timing": timing,
+            "seconds": time.perf_counter() - started,
+            "timing": timing,
         },
     }
 
@@ -357,6 +489,7 @@ def robust_loss(name: str) -> tuple[Any, str, dict[str, Any]]:
 
         def loss_fn(logits: Any, labels: Any, *, indices: Any = None, epoch: int = 0) -> Any:
             return robust(logits, labels)
+
     tag = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     return loss_fn, tag, params
 
@@ -380,11 +513,23 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
     base_test = accuracy(model, data["test_x"], data["test_y"])
     train_noisy_acc = accuracy(model, data["train_x"], data["train_y"])
     rows = [
-        dict(base, method=name, test_accuracy=base_test, val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
-             train_noisy_accuracy=train_noisy_acc, epochs=args.epochs, **fit_diagnostics(model, data)),
-        dict(base, method=f"{name}_best_epoch", test_accuracy=accuracy(early_model, data["test_x"], data["test_y"]),
-             val_accuracy=trained["best"]["val_accuracy"], epoch=trained["best"]["epoch"],
-             **fit_diagnostics(early_model, data)),
+        dict(
+            base,
+            method=name,
+            test_accuracy=base_test,
+            val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
+            train_noisy_accuracy=train_noisy_acc,
+            epochs=args.epochs,
+            **fit_diagnostics(model, data),
+        ),
+        dict(
+            base,
+            method=f"{name}_best_epoch",
+            test_accuracy=accuracy(early_model, data["test_x"], data["test_y"]),
+            val_accuracy=trained["best"]["val_accuracy"],
+            epoch=trained["best"]["epoch"],
+            **fit_diagnostics(early_model, data),
+        ),
     ]
     candidates = sap_candidates(run, final_state, args, timing)
     model.load_state_dict(final_state)
@@ -398,19 +543,36 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
         row["gain_vs_none"] = row["test_accuracy"] - none_test
         row["gain_vs_base"] = row["test_accuracy"] - base_test
     return {
-        "setting": setting, "seed": seed, "loss": loss, "rows": rows,
+        "setting": setting,
+        "seed": seed,
+        "loss": loss,
+        "rows": rows,
         "run": {
-            "setting": setting, "seed": seed, "loss": loss, "loss_params": params, "cache_tag": tag,
-            "train_noisy_accuracy": train_noisy_acc, "train_seconds": trained["seconds"],
-            "best_epoch": trained["best"]["epoch"], "val_history": trained["history"],
+            "setting": setting,
+            "seed": seed,
+            "loss": loss,
+            "loss_params": params,
+            "cache_tag": tag,
+            "train_noisy_accuracy": train_noisy_acc,
+            "train_seconds": trained["seconds"],
+            "best_epoch": trained["best"]["epoch"],
+            "val_history": trained["history"],
             "candidates": [{k: v for k, v in c.items() if k not in ("indices", "state")} for c in candidates],
-            "seconds": time.perf_counter() - run["started"], "timing": timing,
+            "seconds": time.perf_counter() - run["started"],
+            "timing": timing,
         },
     }
 
 
-def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[str, Any], args: argparse.Namespace,
-                   method: str = "sap+refine", audit: Any = None) -> dict[str, Any]:
+def sap_refine_row(
+    model: Any,
+    sap_state: dict,
+    sap: dict[str, Any],
+    run: dict[str, Any],
+    args: argparse.Namespace,
+    method: str = "sap+refine",
+    audit: Any = None,
+) -> dict[str, Any]:
     """`sap+refine`: audit the training labels with `sap`'s model, then `sap_hf.refine` (choices on val).
 
     `sap` is the row of the model in `sap_state` (its identifying keys are copied); `method` names the row (e.g.
@@ -422,26 +584,55 @@ def sap_refine_row(model: Any, sap_state: dict, sap: dict[str, Any], run: dict[s
     data, train_set = run["data"], run["train_set"]
     model.load_state_dict(sap_state)
     if audit is None:
-        audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
+        audit = audit_labels(
+            model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False)
+        )
     flagged, noisy = audit.suspected, data["is_noisy"]
-    config = RefineConfig(mode=list(args.refine_modes), learning_rates=list(args.refine_lrs),
-                          epochs=list(args.refine_epochs), augment=bool(args.refine_augment))
+    config = RefineConfig(
+        mode=list(args.refine_modes),
+        learning_rates=list(args.refine_lrs),
+        epochs=list(args.refine_epochs),
+        augment=bool(args.refine_augment),
+    )
     with tempfile.TemporaryDirectory() as scratch:
-        result = refine(model, train_set, audit, lambda m: {'accuracy': accuracy(m, data['val_x'], data['val_y'])}, config,
-                        args=refine_arguments(scratch, args.refine_batch_size, sap["seed"], args.refine_schedule),
-                        runtime=Runtime(show_progress=False))
+        result = refine(
+            model,
+            train_set,
+            audit,
+            lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+            config,
+            args=refine_arguments(scratch, args.refine_batch_size, sap["seed"], args.refine_schedule),
+            runtime=Runtime(show_progress=False),
+        )
     counts = result.examples.get(result.mode, {}) if result.mode else {}
     keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
     row = {k: sap[k] for k in keys if k in sap}
-    row.update(method=method, test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-               val_accuracy=result.final_metrics["accuracy"], sap_val_accuracy=sap["val_accuracy"],
-               refine_mode=result.mode, lr=result.learning_rate, refine_epochs=result.epochs, cost_epochs=result.cost_epochs,
-               kept=counts.get("kept"), removed=counts.get("removed"), relabelled=counts.get("relabelled"),
-               audit_suspected=int(flagged.sum()), audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
-               audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
-               refine_trials=[{"mode": t["mode"], "lr": t["learning_rate"], "epochs": t["epochs"],
-                               "val_accuracy": round(t["metrics"]["accuracy"], 4)} for t in result.trials],
-               **fit_diagnostics(model, data))
+    row.update(
+        method=method,
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=result.final_metrics["accuracy"],
+        sap_val_accuracy=sap["val_accuracy"],
+        refine_mode=result.mode,
+        lr=result.learning_rate,
+        refine_epochs=result.epochs,
+        cost_epochs=result.cost_epochs,
+        kept=counts.get("kept"),
+        removed=counts.get("removed"),
+        relabelled=counts.get("relabelled"),
+        audit_suspected=int(flagged.sum()),
+        audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
+        audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
+        refine_trials=[
+            {
+                "mode": t["mode"],
+                "lr": t["learning_rate"],
+                "epochs": t["epochs"],
+                "val_accuracy": round(t["metrics"]["accuracy"], 4),
+            }
+            for t in result.trials
+        ],
+        **fit_diagnostics(model, data),
+    )
     return row
 
 
@@ -458,12 +649,22 @@ def rebuild_sap(run: dict[str, Any], sap: dict[str, Any]) -> dict:
     alpha = sap["kind_alphas"] if sap.get("alpha_scope") == "per_kind" else sap["alpha"]
     unchanged = alpha is None or (isinstance(alpha, dict) and all(a is None for a in alpha.values()))
     if not unchanged:
-        selection = select_trusted(model, train_set, sap['trusted_per_class'], num_labels=run['config'].num_labels, rule=sap['rule'], selection_model=run['early_model'] if sap['rule'] == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
+        selection = select_trusted(
+            model,
+            train_set,
+            sap["trusted_per_class"],
+            num_labels=run["config"].num_labels,
+            rule=sap["rule"],
+            selection_model=run["early_model"] if sap["rule"] == "early_loss" else None,
+            runtime=Runtime(batch_size=500, show_progress=False),
+        )
         sap_project(model, train_set.select(selection.indices), alpha=alpha, config=SAPConfig(batch_size=500))
     val = accuracy(model, data["val_x"], data["val_y"])
     if abs(val - sap["val_accuracy"]) > 1e-6:
-        raise RuntimeError(f"Rebuilt 'sap' model of {sap['setting']} seed {sap['seed']} has val accuracy {val:.4f}, the "
-                           f"recorded one {sap['val_accuracy']:.4f}: the cached models differ from the recorded run; rerun in full.")
+        raise RuntimeError(
+            f"Rebuilt 'sap' model of {sap['setting']} seed {sap['seed']} has val accuracy {val:.4f}, the "
+            f"recorded one {sap['val_accuracy']:.4f}: the cached models differ from the recorded run; rerun in full."
+        )
     sap_state = copy.deepcopy(model.state_dict())
     model.load_state_dict(state)
     return sap_state
@@ -472,28 +673,47 @@ def rebuild_sap(run: dict[str, Any], sap: dict[str, Any]) -> dict:
 def run_sap_refine(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The `sap+refine` group alone: `sap` rebuilt from its row in <out_dir>/accuracy.json, then `sap_refine_row`."""
     path = Path(args.out_dir) / "accuracy.json"
-    recorded = [r for r in json.loads(path.read_text())["rows"] if (r["setting"], r["seed"]) == (setting, seed)] if path.exists() else []
+    recorded = (
+        [r for r in json.loads(path.read_text())["rows"] if (r["setting"], r["seed"]) == (setting, seed)]
+        if path.exists()
+        else []
+    )
     sap = next((r for r in recorded if r["method"] == "sap"), None)
     none = next((r for r in recorded if r["method"] == "none"), None)
     if sap is None or none is None:
-        raise SystemExit(f"--methods sap+refine refines the recorded 'sap' model of {setting} seed {seed}, which {path} "
-                         "does not hold: compute the 'ce' group first.")
+        raise SystemExit(
+            f"--methods sap+refine refines the recorded 'sap' model of {setting} seed {seed}, which {path} "
+            "does not hold: compute the 'ce' group first."
+        )
     run = prepare_run(setting, seed, args)
     row = sap_refine_row(run["model"], rebuild_sap(run, sap), sap, run, args)
     row["gain_vs_none"] = row["test_accuracy"] - none["test_accuracy"]
-    return {"setting": setting, "seed": seed, "group": "sap+refine", "rows": [row],
-            "run": {"seconds": time.perf_counter() - run["started"]}}
+    return {
+        "setting": setting,
+        "seed": seed,
+        "group": "sap+refine",
+        "rows": [row],
+        "run": {"seconds": time.perf_counter() - run["started"]},
+    }
 
 
-def recorded_rows(setting: str, seed: int, args: argparse.Namespace, needed: tuple[str, ...], group: str) -> dict[str, dict]:
+def recorded_rows(
+    setting: str, seed: int, args: argparse.Namespace, needed: tuple[str, ...], group: str
+) -> dict[str, dict]:
     """The rows of <out_dir>/accuracy.json for (setting, seed) by method; SystemExit when one of `needed` is missing."""
     path = Path(args.out_dir) / "accuracy.json"
-    recorded = [r for r in json.loads(path.read_text())["rows"] if (r["setting"], r["seed"]) == (setting, seed)] if path.exists() else []
+    recorded = (
+        [r for r in json.loads(path.read_text())["rows"] if (r["setting"], r["seed"]) == (setting, seed)]
+        if path.exists()
+        else []
+    )
     by_method = {r["method"]: r for r in recorded if "forget_set" not in r}
     missing = [m for m in needed if m not in by_method]
     if missing:
-        raise SystemExit(f"--methods {group} needs the recorded {missing} rows of {setting} seed {seed}, which {path} "
-                         "does not hold: compute the 'ce' group first.")
+        raise SystemExit(
+            f"--methods {group} needs the recorded {missing} rows of {setting} seed {seed}, which {path} "
+            "does not hold: compute the 'ce' group first."
+        )
     return by_method
 
 
@@ -512,24 +732,46 @@ def run_peers(setting: str, seed: int, args: argparse.Namespace) -> dict[str, An
     final_state = copy.deepcopy(model.state_dict())
     clock = time.perf_counter()
     model.load_state_dict(rebuild_sap(run, recorded["sap"]))
-    audit = audit_labels(model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
+    audit = audit_labels(
+        model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False)
+    )
     suspects = audit.suspected_indices()
     model.load_state_dict(final_state)
     recipe = common.recipe_sap_config()
-    selection = select_trusted(model, train_set, recipe.trusted_per_class, num_labels=run["config"].num_labels,
-                               rule=recipe.selection_rule, selection_model=run["early_model"] if recipe.selection_rule == "early_loss" else None,
-                               runtime=Runtime(batch_size=500, show_progress=False))
+    selection = select_trusted(
+        model,
+        train_set,
+        recipe.trusted_per_class,
+        num_labels=run["config"].num_labels,
+        rule=recipe.selection_rule,
+        selection_model=run["early_model"] if recipe.selection_rule == "early_loss" else None,
+        runtime=Runtime(batch_size=500, show_progress=False),
+    )
     inputs_seconds = time.perf_counter() - clock
     rows = peers.peer_rows(model, data, trusted_indices=selection.indices, suspects=suspects, args=args, seed=seed)
     trusted = torch_index(selection.indices)
     purity = float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean())
     for row in rows:
-        row.update(setting=setting, seed=seed, gain_vs_none=row["test_accuracy"] - recorded["none"]["test_accuracy"],
-                   trusted_rule=recipe.selection_rule, trusted_per_class=recipe.trusted_per_class, trusted_purity=purity,
-                   audit_suspected=len(suspects))
-    return {"setting": setting, "seed": seed, "group": "peers", "rows": rows,
-            "run": {"seconds": time.perf_counter() - run["started"], "inputs_seconds": inputs_seconds,
-                    "peers_seconds": time.perf_counter() - clock - inputs_seconds}}
+        row.update(
+            setting=setting,
+            seed=seed,
+            gain_vs_none=row["test_accuracy"] - recorded["none"]["test_accuracy"],
+            trusted_rule=recipe.selection_rule,
+            trusted_per_class=recipe.trusted_per_class,
+            trusted_purity=purity,
+            audit_suspected=len(suspects),
+        )
+    return {
+        "setting": setting,
+        "seed": seed,
+        "group": "peers",
+        "rows": rows,
+        "run": {
+            "seconds": time.perf_counter() - run["started"],
+            "inputs_seconds": inputs_seconds,
+            "peers_seconds": time.perf_counter() - clock - inputs_seconds,
+        },
+    }
 
 
 def torch_index(indices: Any) -> Any:
@@ -553,20 +795,32 @@ def run_curvature(setting: str, seed: int, args: argparse.Namespace) -> dict[str
     for rule in COST_RULES:
         clock = time.perf_counter()
         selections[(rule, args.trusted_per_class[0])] = select_trusted(
-            model, run["train_set"], args.trusted_per_class[0], num_labels=run["config"].num_labels, rule=rule,
-            runtime=Runtime(batch_size=500, show_progress=False))
+            model,
+            run["train_set"],
+            args.trusted_per_class[0],
+            num_labels=run["config"].num_labels,
+            rule=rule,
+            runtime=Runtime(batch_size=500, show_progress=False),
+        )
         cost[rule] = time.perf_counter() - clock
     curvature_args = copy.copy(args)
     curvature_args.rules = ["curvature"]
-    candidates = [c for c in sap_candidates(run, final_state, curvature_args, run["timing"], selections) if "error" not in c]
+    candidates = [
+        c for c in sap_candidates(run, final_state, curvature_args, run["timing"], selections) if "error" not in c
+    ]
     base = {"setting": setting, "seed": seed, "group": "curvature", "selection_seconds": cost}
     rows = [sap_row(base, f"sap_curvature_{c['scope']}[{c['per_class']}]", c) for c in candidates]
     if candidates:
         rows.append(sap_row(base, "sap_curvature", max(candidates, key=lambda c: c["val_accuracy"])))
     for row in rows:
         row["gain_vs_none"] = row["test_accuracy"] - none_test
-    return {"setting": setting, "seed": seed, "group": "curvature", "rows": rows,
-            "run": {"seconds": time.perf_counter() - run["started"], "selection_seconds": cost}}
+    return {
+        "setting": setting,
+        "seed": seed,
+        "group": "curvature",
+        "rows": rows,
+        "run": {"seconds": time.perf_counter() - run["started"], "selection_seconds": cost},
+    }
 
 
 def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
@@ -582,8 +836,11 @@ def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
     else:
         result = run_robust(setting, seed, args, group.removeprefix("robust_"))
     fit = result["run"].get("train_noisy_accuracy")
-    print(f"[accuracy] {group} {setting} seed {seed} done in {result['run']['seconds']:.0f}s"
-          + (f" (train fit on noisy labels {fit:.3f})" if fit is not None else ""), flush=True)
+    print(
+        f"[accuracy] {group} {setting} seed {seed} done in {result['run']['seconds']:.0f}s"
+        + (f" (train fit on noisy labels {fit:.3f})" if fit is not None else ""),
+        flush=True,
+    )
     return result
 
 
@@ -603,14 +860,31 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         summary[setting] = {}
         for method in dict.fromkeys(_summary_name(r) for r in rows if r["setting"] == setting):
             chosen = [r for r in rows if r["setting"] == setting and _summary_name(r) == method]
-            entry = {"test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
-                     "gain_vs_none": mean_std([r["gain_vs_none"] for r in chosen])}
+            entry = {
+                "test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
+                "gain_vs_none": mean_std([r["gain_vs_none"] for r in chosen]),
+            }
             if all("gain_vs_base" in r for r in chosen):  # robust_<loss> rows: against the robust model itself
                 entry["gain_vs_base"] = mean_std([r["gain_vs_base"] for r in chosen])
             if all("purity" in r for r in chosen):
                 entry["purity"] = mean_std([r["purity"] for r in chosen])
-            keys = ("rule", "trusted_per_class", "alpha", "alpha_scope", "kind_alphas", "lr", "ft_epochs", "epoch",
-                    "refine_mode", "refine_epochs", "forget_set", "forget_size", "lam", "max_epochs", "scrub_epochs")
+            keys = (
+                "rule",
+                "trusted_per_class",
+                "alpha",
+                "alpha_scope",
+                "kind_alphas",
+                "lr",
+                "ft_epochs",
+                "epoch",
+                "refine_mode",
+                "refine_epochs",
+                "forget_set",
+                "forget_size",
+                "lam",
+                "max_epochs",
+                "scrub_epochs",
+            )
             entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
             summary[setting][method] = entry
     return summary
@@ -623,12 +897,26 @@ def purity_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
         if not row["method"].startswith("sap["):
             continue
         key = row["method"][4:-1]
-        ft = next(r for r in rows if r["setting"] == row["setting"] and r["seed"] == row["seed"]
-                  and r["method"] == f"finetune_trusted[{key}]")
-        per_kind = next((r for r in rows if r["setting"] == row["setting"] and r["seed"] == row["seed"]
-                         and r["method"] == f"sap_per_kind[{key}]"), None)
+        ft = next(
+            r
+            for r in rows
+            if r["setting"] == row["setting"]
+            and r["seed"] == row["seed"]
+            and r["method"] == f"finetune_trusted[{key}]"
+        )
+        per_kind = next(
+            (
+                r
+                for r in rows
+                if r["setting"] == row["setting"]
+                and r["seed"] == row["seed"]
+                and r["method"] == f"sap_per_kind[{key}]"
+            ),
+            None,
+        )
         entry = out.setdefault(row["setting"], {}).setdefault(
-            key, {"purity": [], "sap_gain": [], "sap_per_kind_gain": [], "finetune_gain": []})
+            key, {"purity": [], "sap_gain": [], "sap_per_kind_gain": [], "finetune_gain": []}
+        )
         entry["purity"].append(row["purity"])
         entry["sap_gain"].append(row["gain_vs_none"])
         if per_kind is not None:
@@ -654,7 +942,11 @@ def _choice(choice: dict[str, Any]) -> str:
     text = f"{choice.get('rule')}/{choice.get('trusted_per_class')}"
     if choice.get("kind_alphas"):
         short = {"attention": "att", "mlp": "mlp", "classifier": "cls"}
-        return text + "/" + ",".join(f"{short.get(k, k)}={'-' if a is None else f'{a:g}'}" for k, a in choice["kind_alphas"].items())
+        return (
+            text
+            + "/"
+            + ",".join(f"{short.get(k, k)}={'-' if a is None else f'{a:g}'}" for k, a in choice["kind_alphas"].items())
+        )
     if "alpha" in choice:
         return text + (f"/a={choice['alpha']:g}" if choice["alpha"] is not None else "/unchanged")
     return text + (f"/lr={choice['lr']:g}x{choice['ft_epochs']}ep" if choice.get("lr") is not None else "/unchanged")
@@ -666,19 +958,25 @@ def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict
         fits = [r["train_noisy_accuracy"] for r in runs if r["setting"] == setting]
         if not fits:  # only robust_<loss> rows (print_robust_table)
             continue
-        print(f"\n== {setting}: test accuracy (%), mean ± std over {len(fits)} seed(s); "
-              f"memorised model fits {100 * statistics.fmean(fits):.1f}% of the noisy training labels ==")
+        print(
+            f"\n== {setting}: test accuracy (%), mean ± std over {len(fits)} seed(s); "
+            f"memorised model fits {100 * statistics.fmean(fits):.1f}% of the noisy training labels =="
+        )
         print(f"{'method':34s} {'test acc':>14s} {'gain vs none':>14s}  choices (per seed)")
         for method, entry in methods.items():
             if "[" in method or method.startswith("robust_"):
                 continue
             choices = " ".join(_choice(setting_rows) for setting_rows in entry.get("choices", []))
             print(f"{method:34s} {pct(entry['test_accuracy']):>14s} {pct(entry['gain_vs_none']):>14s}  {choices}")
-        print(f"  {'trusted set (rule/k)':32s} {'purity':>14s} {'SAP gain':>14s} {'per-kind gain':>14s} {'finetune gain':>14s}")
+        print(
+            f"  {'trusted set (rule/k)':32s} {'purity':>14s} {'SAP gain':>14s} {'per-kind gain':>14s} {'finetune gain':>14s}"
+        )
         for key, entry in purity.get(setting, {}).items():
             per_kind = pct(entry["sap_per_kind_gain"]) if "sap_per_kind_gain" in entry else "-"
-            print(f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {per_kind:>14s} "
-                  f"{pct(entry['finetune_gain']):>14s}")
+            print(
+                f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {per_kind:>14s} "
+                f"{pct(entry['finetune_gain']):>14s}"
+            )
 
 
 def _unchanged(row: dict[str, Any]) -> bool:
@@ -694,8 +992,11 @@ def robust_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     losses = ["ce"] + [loss for loss in ROBUST_LOSSES if any(r.get("loss") == loss for r in rows)]
     for setting in settings:
         for loss in losses:
-            names = (("none", "best_epoch", "sap") if loss == "ce" else
-                     (f"robust_{loss}", f"robust_{loss}_best_epoch", f"robust_{loss}+sap"))
+            names = (
+                ("none", "best_epoch", "sap")
+                if loss == "ce"
+                else (f"robust_{loss}", f"robust_{loss}_best_epoch", f"robust_{loss}+sap")
+            )
             by_seed: dict[int, dict[str, dict]] = {}
             for r in rows:
                 if r["setting"] == setting and r["method"] in names:
@@ -726,14 +1027,18 @@ def print_robust_table(robust: dict[str, Any]) -> None:
         return
     pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
     print("\n== Robust losses: test accuracy (%), mean ± std over seeds; SAP gain = <loss>+sap - <loss> (points) ==")
-    print(f"{'setting':8s} {'loss':5s} {'noisy fit':>10s} {'model':>14s} {'best_epoch':>14s} {'+SAP':>14s} "
-          f"{'SAP gain':>14s}  per seed / unchanged seeds / choices")
+    print(
+        f"{'setting':8s} {'loss':5s} {'noisy fit':>10s} {'model':>14s} {'best_epoch':>14s} {'+SAP':>14s} "
+        f"{'SAP gain':>14s}  per seed / unchanged seeds / choices"
+    )
     for setting, losses in robust.items():
         for loss, e in losses.items():
             per_seed = " ".join(f"{100 * g:+.1f}" for g in e["sap_gain_per_seed"])
-            print(f"{setting:8s} {loss:5s} {100 * e['train_noisy_accuracy']['mean']:9.1f}% {pct(e['model']):>14s} "
-                  f"{pct(e['best_epoch']):>14s} {pct(e['sap']):>14s} {pct(e['sap_gain']):>14s}  {per_seed} / "
-                  f"{e['sap_unchanged_seeds'] or '-'} / {' '.join(e['sap_choices'])}")
+            print(
+                f"{setting:8s} {loss:5s} {100 * e['train_noisy_accuracy']['mean']:9.1f}% {pct(e['model']):>14s} "
+                f"{pct(e['best_epoch']):>14s} {pct(e['sap']):>14s} {pct(e['sap_gain']):>14s}  {per_seed} / "
+                f"{e['sap_unchanged_seeds'] or '-'} / {' '.join(e['sap_choices'])}"
+            )
 
 
 def plot_robust(robust: dict[str, Any], out_dir: Path) -> list[str]:
@@ -742,13 +1047,27 @@ def plot_robust(robust: dict[str, Any], out_dir: Path) -> list[str]:
     if plt is None or not any(set(losses) - {"ce"} for losses in robust.values()):
         return []
     figure, axes = plt.subplots(1, len(robust), figsize=(5.5 * len(robust), 4), squeeze=False)
-    bars = (("model", "trained model", "grey"), ("best_epoch", "best epoch (val)", "green"), ("sap", "+ SAP (val)", "red"))
+    bars = (
+        ("model", "trained model", "grey"),
+        ("best_epoch", "best epoch (val)", "green"),
+        ("sap", "+ SAP (val)", "red"),
+    )
     for axis, (setting, losses) in zip(axes[0], robust.items()):
         names = list(losses)
         for j, (key, label, color) in enumerate(bars):
-            axis.bar([i + (j - 1) * 0.27 for i in range(len(names))], [100 * losses[n][key]["mean"] for n in names], 0.27,
-                     yerr=[100 * losses[n][key]["std"] for n in names], capsize=3, color=color, alpha=0.75, label=label)
-        axis.set_xticks(range(len(names)), [f"{n}\n(fit {100 * losses[n]['train_noisy_accuracy']['mean']:.0f}%)" for n in names])
+            axis.bar(
+                [i + (j - 1) * 0.27 for i in range(len(names))],
+                [100 * losses[n][key]["mean"] for n in names],
+                0.27,
+                yerr=[100 * losses[n][key]["std"] for n in names],
+                capsize=3,
+                color=color,
+                alpha=0.75,
+                label=label,
+            )
+        axis.set_xticks(
+            range(len(names)), [f"{n}\n(fit {100 * losses[n]['train_noisy_accuracy']['mean']:.0f}%)" for n in names]
+        )
         axis.set_ylabel("clean test accuracy (%)")
         axis.set_title(f"{setting}: training loss, then SAP", fontsize=9)
         axis.legend(fontsize=7, loc="lower right")
@@ -760,9 +1079,21 @@ def plot_robust(robust: dict[str, Any], out_dir: Path) -> list[str]:
 
 
 #: The peers table's columns (summary names) and its targets: (ours, theirs) where ours should be >= theirs.
-PEER_TABLE = ("finetune_trusted", "sap", "sap+refine", "ssd (realistic)", "scrub (realistic)", "ssd (oracle)", "scrub (oracle)")
-PEER_TARGETS = (("sap", "ssd (realistic)"), ("sap", "scrub (realistic)"), ("sap+refine", "ssd (oracle)"),
-                ("sap+refine", "scrub (oracle)"))
+PEER_TABLE = (
+    "finetune_trusted",
+    "sap",
+    "sap+refine",
+    "ssd (realistic)",
+    "scrub (realistic)",
+    "ssd (oracle)",
+    "scrub (oracle)",
+)
+PEER_TARGETS = (
+    ("sap", "ssd (realistic)"),
+    ("sap", "scrub (realistic)"),
+    ("sap+refine", "ssd (oracle)"),
+    ("sap+refine", "scrub (oracle)"),
+)
 
 
 def peers_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -787,19 +1118,31 @@ def peers_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry: dict[str, Any] = {"seeds": seeds, "methods": {}, "targets": [], "same_retain_finetune": same_retain}
         for name in columns:
             chosen = [by_seed[seed][name] for seed in seeds]
-            method = {"test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
-                      "per_seed": [r["test_accuracy"] for r in chosen]}
+            method = {
+                "test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
+                "per_seed": [r["test_accuracy"] for r in chosen],
+            }
             if "forget_set" in chosen[0]:
-                method.update(cost_epochs=mean_std([r["cost_epochs"] for r in chosen]),
-                              cost_epochs_final=mean_std([r["cost_epochs_final"] for r in chosen]),
-                              forget_sizes=[r["forget_size"] for r in chosen], retain_sizes=[r["retain_size"] for r in chosen],
-                              forget_noisy_fraction=[r["forget_noisy_fraction"] for r in chosen],
-                              choices=[_choice(r) for r in chosen])
+                method.update(
+                    cost_epochs=mean_std([r["cost_epochs"] for r in chosen]),
+                    cost_epochs_final=mean_std([r["cost_epochs_final"] for r in chosen]),
+                    forget_sizes=[r["forget_size"] for r in chosen],
+                    retain_sizes=[r["retain_size"] for r in chosen],
+                    forget_noisy_fraction=[r["forget_noisy_fraction"] for r in chosen],
+                    choices=[_choice(r) for r in chosen],
+                )
             entry["methods"][name] = method
         for ours, theirs in PEER_TARGETS:
             diffs = [by_seed[s][ours]["test_accuracy"] - by_seed[s][theirs]["test_accuracy"] for s in seeds]
-            entry["targets"].append({"ours": ours, "theirs": theirs, "difference": mean_std(diffs), "per_seed": diffs,
-                                     "met": statistics.fmean(diffs) >= 0})
+            entry["targets"].append(
+                {
+                    "ours": ours,
+                    "theirs": theirs,
+                    "difference": mean_std(diffs),
+                    "per_seed": diffs,
+                    "met": statistics.fmean(diffs) >= 0,
+                }
+            )
         out[setting] = entry
     return out
 
@@ -812,13 +1155,21 @@ def print_peers_table(table: dict[str, Any]) -> None:
     for setting, entry in table.items():
         print(f"{setting} (seeds {entry['seeds']})")
         for name, m in entry["methods"].items():
-            extra = (f"  cost {m['cost_epochs']['mean']:.2f} ep (final {m['cost_epochs_final']['mean']:.2f}), "
-                     f"choices {' '.join(m['choices'])}") if "cost_epochs" in m else ""
+            extra = (
+                (
+                    f"  cost {m['cost_epochs']['mean']:.2f} ep (final {m['cost_epochs_final']['mean']:.2f}), "
+                    f"choices {' '.join(m['choices'])}"
+                )
+                if "cost_epochs" in m
+                else ""
+            )
             print(f"  {name:20s} {pct(m['test_accuracy']):>14s}{extra}")
         for t in entry["targets"]:
             per_seed = " ".join(f"{100 * d:+.1f}" for d in t["per_seed"])
-            print(f"  {t['ours']} - {t['theirs']}: {100 * t['difference']['mean']:+.1f} ({per_seed}) "
-                  f"{'met' if t['met'] else 'NOT met'}")
+            print(
+                f"  {t['ours']} - {t['theirs']}: {100 * t['difference']['mean']:+.1f} ({per_seed}) "
+                f"{'met' if t['met'] else 'NOT met'}"
+            )
 
 
 def plot_peers(table: dict[str, Any], out_dir: Path) -> list[str]:
@@ -831,10 +1182,19 @@ def plot_peers(table: dict[str, Any], out_dir: Path) -> list[str]:
     names = [n for n in next(iter(table.values()))["methods"] if all(n in e["methods"] for e in table.values())]
     for i, (setting, entry) in enumerate(table.items()):
         methods = entry["methods"]
-        axis.bar([j + i * width for j in range(len(names))], [100 * methods[n]["test_accuracy"]["mean"] for n in names],
-                 width, yerr=[100 * methods[n]["test_accuracy"]["std"] for n in names], capsize=3, label=setting)
-    axis.set_xticks([j + width * (len(table) - 1) / 2 for j in range(len(names))],
-                    [n.replace(" (", "\n(").replace("[", "\n[") for n in names], fontsize=7)
+        axis.bar(
+            [j + i * width for j in range(len(names))],
+            [100 * methods[n]["test_accuracy"]["mean"] for n in names],
+            width,
+            yerr=[100 * methods[n]["test_accuracy"]["std"] for n in names],
+            capsize=3,
+            label=setting,
+        )
+    axis.set_xticks(
+        [j + width * (len(table) - 1) / 2 for j in range(len(names))],
+        [n.replace(" (", "\n(").replace("[", "\n[") for n in names],
+        fontsize=7,
+    )
     axis.set_ylabel("clean test accuracy (%)")
     axis.set_title("SAP against SSD and SCRUB (oracle: forget set of truly mislabelled images)", fontsize=9)
     axis.legend(fontsize=8)
@@ -845,8 +1205,14 @@ def plot_peers(table: dict[str, Any], out_dir: Path) -> list[str]:
     return [str(path)]
 
 
-def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[str, Any], alphas: list[float],
-         plot_seed: int, out_dir: Path) -> list[str]:
+def plot(
+    rows: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    summary: dict[str, Any],
+    alphas: list[float],
+    plot_seed: int,
+    out_dir: Path,
+) -> list[str]:
     """The alpha figure (one seed per setting) and the methods bar chart, from what accuracy.json holds."""
     plt = common.pyplot()
     if plt is None:
@@ -862,27 +1228,44 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
                     continue
                 name = f"{c['rule']}/{c['per_class']} (purity {c['purity']:.2f})"
                 if "test_curve" in c:
-                    line, = axis.plot(alphas, c["test_curve"], marker="o", ms=3, lw=1.8, label=f"SAP {name}: test")
+                    (line,) = axis.plot(alphas, c["test_curve"], marker="o", ms=3, lw=1.8, label=f"SAP {name}: test")
                     axis.plot(alphas, c["val_curve"], ls=":", color=line.get_color(), lw=1, label=f"SAP {name}: val")
                 else:
                     axis.plot(alphas, c["val_curve"], ls=":", lw=1, label=f"SAP {name}: val")
-            for method, style in (("none", {"color": "grey", "ls": "--"}), ("best_epoch", {"color": "green", "ls": "-."}),
-                                  ("finetune_trusted", {"color": "purple", "ls": "--"}),
-                                  ("finetune_trusted_best", {"color": "purple", "ls": ":"})):
+            for method, style in (
+                ("none", {"color": "grey", "ls": "--"}),
+                ("best_epoch", {"color": "green", "ls": "-."}),
+                ("finetune_trusted", {"color": "purple", "ls": "--"}),
+                ("finetune_trusted_best", {"color": "purple", "ls": ":"}),
+            ):
                 if method in by_method:
                     axis.axhline(by_method[method]["test_accuracy"], label=f"{method} (test)", lw=1.2, **style)
             sap = by_method.get("sap")
             if sap is not None and sap.get("kind_alphas"):
-                axis.axhline(sap["test_accuracy"], color="red", lw=1.2,
-                             label=f"sap: val-chosen per-kind alphas ({_choice(sap)}) (test)")
+                axis.axhline(
+                    sap["test_accuracy"],
+                    color="red",
+                    lw=1.2,
+                    label=f"sap: val-chosen per-kind alphas ({_choice(sap)}) (test)",
+                )
             elif sap is not None and sap["alpha"] is not None:
-                axis.scatter([sap["alpha"]], [sap["test_accuracy"]], s=140, facecolors="none", edgecolors="red", zorder=5,
-                             label=f"sap: val-chosen ({sap['rule']}/{sap['trusted_per_class']}, alpha={sap['alpha']:g})")
+                axis.scatter(
+                    [sap["alpha"]],
+                    [sap["test_accuracy"]],
+                    s=140,
+                    facecolors="none",
+                    edgecolors="red",
+                    zorder=5,
+                    label=f"sap: val-chosen ({sap['rule']}/{sap['trusted_per_class']}, alpha={sap['alpha']:g})",
+                )
             axis.set_xscale("log")
             axis.set_xlabel("alpha")
             axis.set_ylabel("clean accuracy (solid: test, dotted: val)")
-            axis.set_title(f"{run['setting']}, seed {run['seed']}: tiny ViT fitting "
-                           f"{100 * run['train_noisy_accuracy']:.1f}% of the noisy training labels", fontsize=9)
+            axis.set_title(
+                f"{run['setting']}, seed {run['seed']}: tiny ViT fitting "
+                f"{100 * run['train_noisy_accuracy']:.1f}% of the noisy training labels",
+                fontsize=9,
+            )
             axis.legend(fontsize=6, loc="lower right")
         figure.tight_layout()
         path = out_dir / "accuracy_alpha.png"
@@ -896,9 +1279,17 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], summary: dict[s
     for i, (setting, entries) in enumerate(summary.items()):
         present = [m for m in methods if m in entries]
         xs = [methods.index(m) + i * width for m in present]
-        axis.bar(xs, [100 * entries[m]["test_accuracy"]["mean"] for m in present], width,
-                 yerr=[100 * entries[m]["test_accuracy"]["std"] for m in present], capsize=3, label=setting)
-    axis.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(methods))], methods, rotation=15, fontsize=8)
+        axis.bar(
+            xs,
+            [100 * entries[m]["test_accuracy"]["mean"] for m in present],
+            width,
+            yerr=[100 * entries[m]["test_accuracy"]["std"] for m in present],
+            capsize=3,
+            label=setting,
+        )
+    axis.set_xticks(
+        [j + width * (len(summary) - 1) / 2 for j in range(len(methods))], methods, rotation=15, fontsize=8
+    )
     axis.set_ylabel("clean test accuracy (%)")
     axis.set_title("Tiny ViT memorising 40% label noise on Fashion-MNIST (mean ± std over seeds)", fontsize=9)
     axis.legend(fontsize=8)
@@ -944,16 +1335,22 @@ def _group(row: dict[str, Any]) -> str:
     return f"robust_{row['loss']}" if "loss" in row else "ce"
 
 
-def merge(existing: dict[str, Any], rows: list[dict], runs: list[dict], robust_runs: list[dict]) -> tuple[list, list, list]:
+def merge(
+    existing: dict[str, Any], rows: list[dict], runs: list[dict], robust_runs: list[dict]
+) -> tuple[list, list, list]:
     """Rows/runs of `existing` (an accuracy.json) whose (setting, seed, group) was not recomputed, plus the new ones."""
     computed = {(r["setting"], r["seed"], _group(r)) for r in rows}
     keep = [r for r in existing.get("rows", []) if (r["setting"], r["seed"], _group(r)) not in computed]
     keep_runs = [r for r in existing.get("runs", []) if (r["setting"], r["seed"], "ce") not in computed]
-    keep_robust = [r for r in existing.get("robust_runs", []) if (r["setting"], r["seed"], f"robust_{r['loss']}") not in computed]
+    keep_robust = [
+        r for r in existing.get("robust_runs", []) if (r["setting"], r["seed"], f"robust_{r['loss']}") not in computed
+    ]
     return keep + rows, keep_runs + runs, keep_robust + robust_runs
 
 
-def _robust_config(previous: dict[str, Any] | None, config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any] | None:
+def _robust_config(
+    previous: dict[str, Any] | None, config: dict[str, Any], args: argparse.Namespace
+) -> dict[str, Any] | None:
     robust = [g for g in args.methods if g.startswith("robust_")]
     if not robust:
         return previous
@@ -984,7 +1381,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         replot(out_dir)
         return {}
     started = time.perf_counter()
-    tasks = [(setting, seed, args, group) for group in args.methods for seed in args.seeds for setting in args.settings]
+    tasks = [
+        (setting, seed, args, group) for group in args.methods for seed in args.seeds for setting in args.settings
+    ]
     results = common.run_tasks(_worker, tasks, args.jobs)
     order = {group: i for i, group in enumerate(args.methods)}
     results.sort(key=lambda r: (order[_result_group(r)], args.settings.index(r["setting"]), r["seed"]))
@@ -1000,8 +1399,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return record
 
 
-def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existing: dict[str, Any], out_dir: Path,
-                 started: float) -> dict[str, Any]:
+def build_record(
+    args: argparse.Namespace, results: list[dict[str, Any]], existing: dict[str, Any], out_dir: Path, started: float
+) -> dict[str, Any]:
     """accuracy.json's content: the new results merged into `existing` (empty unless --methods), tables, plots."""
     rows = [row for result in results for row in result["rows"]]
     runs = [result["run"] for result in results if _result_group(result) == "ce"]
@@ -1024,9 +1424,13 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
         "peers": peer_table,
         "runs": runs,
         "robust_runs": robust_runs,
-        "settings": {name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in settings},
-        "asymmetric_map": {"name": "sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP",
-                           "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()}},
+        "settings": {
+            name: {"noise_type": t, "noise_rate": r} for name, (t, r) in SETTINGS.items() if name in settings
+        },
+        "asymmetric_map": {
+            "name": "sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP",
+            "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()},
+        },
         # The arguments of the run that computed the 'ce' rows (config) and of the robust_<loss> rows
         # (config_robust: seeds, settings and methods are the union over the merged runs).
         "config": config if "ce" in args.methods or "config" not in existing else existing["config"],
@@ -1034,8 +1438,11 @@ def build_record(args: argparse.Namespace, results: list[dict[str, Any]], existi
         # The arguments of the last run that computed sap+refine rows (its --refine_* arguments).
         "config_refine": (config if {"ce", "sap+refine"} & set(args.methods) else existing.get("config_refine")),
         # The last run that computed peers rows, with its grids (`peers.peer_settings`) and the scaled oracle sizes.
-        "config_peers": (dict(config, grids=peers.peer_settings(args), oracle_sizes=peers.oracle_sizes(args.train_size))
-                         if "peers" in args.methods else existing.get("config_peers")),
+        "config_peers": (
+            dict(config, grids=peers.peer_settings(args), oracle_sizes=peers.oracle_sizes(args.train_size))
+            if "peers" in args.methods
+            else existing.get("config_peers")
+        ),
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     accuracy,
@@ -54,6 +55,7 @@ from common import (  # noqa: E402
     write_json,
 )
 
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10n"
 RESULTS = Path(__file__).resolve().parent / "results"
 LABEL_SETS = ("worse", "random1", "aggre")
@@ -62,12 +64,22 @@ MODES = ("remove", "soft", "pseudo")
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", default=str(SHARED / "cifar10"), help="CIFAR-10 images (a folder of parquet, a Hub id)")
+    parser.add_argument(
+        "--images", default=str(SHARED / "cifar10"), help="CIFAR-10 images (a folder of parquet, a Hub id)"
+    )
     parser.add_argument("--labels", default=str(SHARED / "CIFAR-10_human.pt"), help="CIFAR-10N's CIFAR-10_human.pt")
-    parser.add_argument("--label_sets", nargs="*", default=list(LABEL_SETS), choices=LABEL_SETS,
-                        help="noisy label sets (none: the oracle rows only)")
-    parser.add_argument("--merge", action="store_true",
-                        help="add the rows to --out's, replacing those of the same label set, seed and method")
+    parser.add_argument(
+        "--label_sets",
+        nargs="*",
+        default=list(LABEL_SETS),
+        choices=LABEL_SETS,
+        help="noisy label sets (none: the oracle rows only)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the rows to --out's, replacing those of the same label set, seed and method",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train_size", type=int, default=4000)
     parser.add_argument("--val_size", type=int, default=1000)
@@ -80,9 +92,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--weight_decay", type=float, default=0.0)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=["remove", "relabel", "soft", "pseudo"])
-    parser.add_argument("--augment", nargs="+", type=int, default=[1], choices=[0, 1],
-                        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)")
-    parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"], help="modes of the best+sap+<mode> rows")
+    parser.add_argument(
+        "--augment",
+        nargs="+",
+        type=int,
+        default=[1],
+        choices=[0, 1],
+        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
+    )
+    parser.add_argument(
+        "--best_modes", nargs="*", default=["remove", "pseudo"], help="modes of the best+sap+<mode> rows"
+    )
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=1)
@@ -109,8 +129,15 @@ def load_data(label_set: str, seed: int, args: argparse.Namespace) -> dict[str, 
 
     from sap_hf.data import load_cifar10n
 
-    splits = load_cifar10n(args.images, args.labels, label_set=label_set, train_size=args.train_size,
-                           val_size=args.val_size, test_size=args.test_size, seed=seed)
+    splits = load_cifar10n(
+        args.images,
+        args.labels,
+        label_set=label_set,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
+        seed=seed,
+    )
     data: dict[str, Any] = {}
     data["train_x"], data["train_y"] = image_tensors(splits["train"], image_size=32, num_channels=3)
     data["clean_y"] = torch.tensor(splits["train"]["clean_label"], dtype=torch.long)
@@ -128,8 +155,15 @@ def new_model(seed: int, args: argparse.Namespace) -> Any:
     from sap_hf.models import tiny_vit_config
 
     torch.manual_seed(seed)
-    config = tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=10, hidden_size=args.hidden,
-                             num_hidden_layers=args.layers, id2label=dict(enumerate(CIFAR10_CLASSES)))
+    config = tiny_vit_config(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        num_labels=10,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        id2label=dict(enumerate(CIFAR10_CLASSES)),
+    )
     return ViTForImageClassification(config)
 
 
@@ -154,34 +188,67 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     data = load_data("worse" if label_set == "oracle" else label_set, seed, args)  # oracle: trained on clean_y
     model = new_model(seed, args)
     trained = trained_model(model, data, label_set, seed, args)
-    base = {"label_set": label_set, "seed": seed, "noise_rate": float(data["is_noisy"].float().mean()),
-            "train_epochs": args.epochs, "train_seconds": trained["seconds"]}
+    base = {
+        "label_set": label_set,
+        "seed": seed,
+        "noise_rate": float(data["is_noisy"].float().mean()),
+        "train_epochs": args.epochs,
+        "train_seconds": trained["seconds"],
+    }
     last = copy.deepcopy(model.state_dict())
     rows = []
     model.load_state_dict(trained["best"]["state"])
-    best = dict(base, method="best_epoch" if label_set != "oracle" else "oracle", best_epoch=trained["best"]["epoch"],
-                test_accuracy=accuracy(model, data["test_x"], data["test_y"]), val_accuracy=trained["best"]["val_accuracy"],
-                **fit_diagnostics(model, data))
+    best = dict(
+        base,
+        method="best_epoch" if label_set != "oracle" else "oracle",
+        best_epoch=trained["best"]["epoch"],
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=trained["best"]["val_accuracy"],
+        **fit_diagnostics(model, data),
+    )
     settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
     if label_set == "oracle":
         with tempfile.TemporaryDirectory() as scratch:
             ceiling = clean_label_cleanup_row(model, last, data, scratch=scratch, **settings)
-        return {"rows": [best, dict(base, **ceiling)], "history": trained["history"],
-                "seconds": time.perf_counter() - started, **task_key(task)}
+        return {
+            "rows": [best, dict(base, **ceiling)],
+            "history": trained["history"],
+            "seconds": time.perf_counter() - started,
+            **task_key(task),
+        }
     model.load_state_dict(last)
-    rows.append(dict(base, method="none", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-                     val_accuracy=trained["history"][-1], **fit_diagnostics(model, data)))
+    rows.append(
+        dict(
+            base,
+            method="none",
+            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+            val_accuracy=trained["history"][-1],
+            **fit_diagnostics(model, data),
+        )
+    )
     rows.append(best)
     rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
     return {"rows": rows, "history": trained["history"], "seconds": time.perf_counter() - started, **task_key(task)}
 
 
-def trained_model(model: Any, data: dict[str, Any], label_set: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def trained_model(
+    model: Any, data: dict[str, Any], label_set: str, seed: int, args: argparse.Namespace
+) -> dict[str, Any]:
     """`train_from_scratch` on the noisy (oracle: clean) labels, or its result from `--cache_dir`; model at its last epoch."""
     import torch
 
-    keys = ("train_size", "val_size", "test_size", "hidden", "layers", "epochs", "lr", "warmup_epochs", "batch_size",
-            "weight_decay")
+    keys = (
+        "train_size",
+        "val_size",
+        "test_size",
+        "hidden",
+        "layers",
+        "epochs",
+        "lr",
+        "warmup_epochs",
+        "batch_size",
+        "weight_decay",
+    )
     name = "_".join([label_set, str(seed), *(f"{k}={getattr(args, k)}" for k in keys)]) + ".pt"
     path = Path(args.cache_dir) / name if args.cache_dir else None
     if path is not None and path.is_file():
@@ -216,9 +283,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rows = [row for result in results for row in result["rows"]]
         summary = summarise_cleanup(rows, "label_set")
         config = {k: v for k, v in vars(args).items() if k not in ("jobs", "threads", "out", "cache_dir", "replot")}
-        return {"config": config, "environment": environment(), "rows": rows, "summary": summary,
-                "targets": cleanup_targets(summary),
-                "cells": [{k: r[k] for k in ("label_set", "seed", "seconds", "history")} for r in results]}
+        return {
+            "config": config,
+            "environment": environment(),
+            "rows": rows,
+            "summary": summary,
+            "targets": cleanup_targets(summary),
+            "cells": [{k: r[k] for k in ("label_set", "seed", "seconds", "history")} for r in results],
+        }
 
     def merged(new: dict[str, Any], old: Optional[dict[str, Any]]) -> dict[str, Any]:
         if old is None:
@@ -226,8 +298,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         ids = {(r["label_set"], r["seed"], r["method"]) for r in new["rows"]}
         rows = [r for r in old["rows"] if (r["label_set"], r["seed"], r["method"]) not in ids] + new["rows"]
         summary = summarise_cleanup(rows, "label_set")
-        return dict(old, rows=rows, summary=summary, targets=cleanup_targets(summary),
-                    merged=[*old.get("merged", []), new["config"]])
+        return dict(
+            old,
+            rows=rows,
+            summary=summary,
+            targets=cleanup_targets(summary),
+            merged=[*old.get("merged", []), new["config"]],
+        )
 
     if args.replot:  # summary, targets, table and figure again from the recorded rows
         recorded = json.loads(out.read_text())
@@ -235,11 +312,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         recorded["targets"] = cleanup_targets(recorded["summary"])
         write_json(out, recorded)
         print(cleanup_table(recorded["summary"]))
-        print(json.dumps(recorded["targets"], indent=1), plot_cleanup(recorded["summary"], out.with_suffix(".png"), "CIFAR-10N"))
+        print(
+            json.dumps(recorded["targets"], indent=1),
+            plot_cleanup(recorded["summary"], out.with_suffix(".png"), "CIFAR-10N"),
+        )
         return recorded
 
     previous = json.loads(out.read_text()) if args.merge and out.is_file() else None
-    results = run_tasks(run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, merged(record(done), previous)))
+    results = run_tasks(
+        run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, merged(record(done), previous))
+    )
     final = merged(record(results), previous)
     write_json(out, final)
     figure = plot_cleanup(final["summary"], out.with_suffix(".png"), "CIFAR-10N")

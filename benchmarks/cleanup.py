@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     accuracy,
@@ -57,10 +58,17 @@ def replot(out: Path) -> dict[str, Any]:
 
 def parse_args(argv: Optional[list[str]] = None) -> Any:
     parser = run_parser(__doc__.splitlines()[0])
-    parser.add_argument("--modes", nargs="+", default=["remove", "soft", "pseudo"],
-                        choices=["remove", "relabel", "soft", "pseudo"])
-    parser.add_argument("--augment", nargs="+", type=int, default=[1], choices=[0, 1],
-                        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)")
+    parser.add_argument(
+        "--modes", nargs="+", default=["remove", "soft", "pseudo"], choices=["remove", "relabel", "soft", "pseudo"]
+    )
+    parser.add_argument(
+        "--augment",
+        nargs="+",
+        type=int,
+        default=[1],
+        choices=[0, 1],
+        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
+    )
     parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)
@@ -80,21 +88,42 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
     model, data, trained = run["model"], run["data"], run["trained"]
     base = {"setting": setting, "seed": seed, "train_epochs": args.epochs}
     last = copy.deepcopy(model.state_dict())
-    rows = [dict(base, method="none", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-                 val_accuracy=trained["history"][-1], **fit_diagnostics(model, data))]
+    rows = [
+        dict(
+            base,
+            method="none",
+            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+            val_accuracy=trained["history"][-1],
+            **fit_diagnostics(model, data),
+        )
+    ]
     model.load_state_dict(trained["best"]["state"])
-    rows.append(dict(base, method="best_epoch", best_epoch=trained["best"]["epoch"],
-                     test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-                     val_accuracy=trained["best"]["val_accuracy"], **fit_diagnostics(model, data)))
+    rows.append(
+        dict(
+            base,
+            method="best_epoch",
+            best_epoch=trained["best"]["epoch"],
+            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+            val_accuracy=trained["best"]["val_accuracy"],
+            **fit_diagnostics(model, data),
+        )
+    )
     rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
     if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])
         clean = train_from_scratch(oracle_model, dict(data, train_y=data["clean_y"]), args, seed)
         oracle_model.load_state_dict(clean["best"]["state"])
-        rows.append(dict(base, setting="oracle", method="oracle", best_epoch=clean["best"]["epoch"],
-                         test_accuracy=accuracy(oracle_model, data["test_x"], data["test_y"]),
-                         val_accuracy=clean["best"]["val_accuracy"]))
+        rows.append(
+            dict(
+                base,
+                setting="oracle",
+                method="oracle",
+                best_epoch=clean["best"]["epoch"],
+                test_accuracy=accuracy(oracle_model, data["test_x"], data["test_y"]),
+                val_accuracy=clean["best"]["val_accuracy"],
+            )
+        )
     return {"setting": setting, "seed": seed, "rows": rows, "seconds": time.perf_counter() - run["started"]}
 
 
@@ -110,9 +139,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         rows = [row for result in results for row in result["rows"]]
         summary = summarise_cleanup(rows, "setting")
         config = {k: v for k, v in vars(args).items() if k not in ("jobs", "threads", "out_dir", "cache_dir")}
-        return {"config": config, "environment": environment(), "rows": rows, "summary": summary,
-                "targets": cleanup_targets(summary), "cells": [{k: r[k] for k in ("setting", "seed", "seconds")}
-                                                             for r in results]}
+        return {
+            "config": config,
+            "environment": environment(),
+            "rows": rows,
+            "summary": summary,
+            "targets": cleanup_targets(summary),
+            "cells": [{k: r[k] for k in ("setting", "seed", "seconds")} for r in results],
+        }
 
     final = record(run_tasks(run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, record(done))))
     write_json(out, final)

@@ -32,8 +32,10 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
+
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -51,12 +53,28 @@ DEFAULT_ALPHAS: tuple[float, ...] = (1, 3, 10, 20, 30, 50, 100, 200, 300, 500, 1
 #: The paper's SAP settings, which were `SAPConfig`'s defaults until the defaults became the recipe's
 #: (benchmarks/README.md, "Defaults"): `sap_correct(config=SAPConfig(**PAPER_SAP))` reproduces the rows
 #: recorded as `sap_defaults` before then (now `sap_paper`).
-PAPER_SAP: dict[str, Any] = dict(selection_rule="loss", trusted_per_class=100, alpha_scope="shared",
-                                 alphas=[1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7], accumulation_dtype="float32")
+PAPER_SAP: dict[str, Any] = dict(
+    selection_rule="loss",
+    trusted_per_class=100,
+    alpha_scope="shared",
+    alphas=[1.0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7],
+    accumulation_dtype="float32",
+)
 #: The arguments that define a trained model: the cache key of `prepare_run` (order and format are
 #: part of the cached file names; changing them orphans every cached model).
-TRAINING_KEYS: tuple[str, ...] = ("train_size", "val_size", "test_size", "epochs", "lr", "warmup_epochs",
-                                  "batch_size", "weight_decay", "hidden_size", "num_layers", "patch_size")
+TRAINING_KEYS: tuple[str, ...] = (
+    "train_size",
+    "val_size",
+    "test_size",
+    "epochs",
+    "lr",
+    "warmup_epochs",
+    "batch_size",
+    "weight_decay",
+    "hidden_size",
+    "num_layers",
+    "patch_size",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,9 +115,16 @@ def recipe_training(path: Path = RECIPE_CONFIG) -> dict[str, Any]:
     warmup = settings.get("warmup_steps", 0)
     if warmup >= 1:
         raise ValueError(f"{path}: warmup_steps={warmup} counts optimiser steps; the benchmarks need a share (< 1).")
-    return {"train_size": settings["train_size"], "val_size": settings["val_size"], "test_size": settings["test_size"],
-            "epochs": epochs, "lr": float(settings["learning_rate"]), "warmup_epochs": round(warmup * epochs, 6),
-            "batch_size": settings["per_device_train_batch_size"], "weight_decay": float(settings.get("weight_decay", 0.0))}
+    return {
+        "train_size": settings["train_size"],
+        "val_size": settings["val_size"],
+        "test_size": settings["test_size"],
+        "epochs": epochs,
+        "lr": float(settings["learning_rate"]),
+        "warmup_epochs": round(warmup * epochs, 6),
+        "batch_size": settings["per_device_train_batch_size"],
+        "weight_decay": float(settings.get("weight_decay", 0.0)),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,13 +159,19 @@ def run_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--patch_size", type=int, default=7)
     parser.add_argument("--alphas", nargs="+", type=float, default=list(DEFAULT_ALPHAS))
     parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3])
-    parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40, 80, 160],
-                        help="fine-tuning checkpoints evaluated on val (the last one is the run length)")
+    parser.add_argument(
+        "--ft_epochs",
+        nargs="+",
+        type=int,
+        default=[1, 2, 5, 10, 20, 40, 80, 160],
+        help="fine-tuning checkpoints evaluated on val (the last one is the run length)",
+    )
     parser.add_argument("--ft_batch_size", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (one (setting, seed) run each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--cache_dir", default=None,
-                        help="save/reuse the trained models here (keyed by the training arguments)")
+    parser.add_argument(
+        "--cache_dir", default=None, help="save/reuse the trained models here (keyed by the training arguments)"
+    )
     parser.add_argument("--no_plot", action="store_true")
     return parser
 
@@ -212,8 +243,12 @@ def load_run_data(setting: str, seed: int, args: argparse.Namespace) -> dict[str
 
     noise_type, rate = SETTINGS[setting]
     splits = noisy_fashion_mnist(
-        noise_rate=rate, noise_type=noise_type, seed=seed,
-        train_size=args.train_size, val_size=args.val_size, test_size=args.test_size,
+        noise_rate=rate,
+        noise_type=noise_type,
+        seed=seed,
+        train_size=args.train_size,
+        val_size=args.val_size,
+        test_size=args.test_size,
     )
     data: dict[str, Any] = {}
     data["train_x"], data["train_y"] = image_tensors(splits["train"])
@@ -254,7 +289,12 @@ def predict(model: Any, pixels: Any, batch_size: int = 1000) -> Any:
 
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(pixel_values=pixels[i : i + batch_size]).logits.argmax(-1) for i in range(0, len(pixels), batch_size)])
+        return torch.cat(
+            [
+                model(pixel_values=pixels[i : i + batch_size]).logits.argmax(-1)
+                for i in range(0, len(pixels), batch_size)
+            ]
+        )
 
 
 def accuracy(model: Any, pixels: Any, labels: Any) -> float:
@@ -271,8 +311,9 @@ def fit_diagnostics(model: Any, data: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def train_from_scratch(model: Any, data: dict[str, Any], args: argparse.Namespace, seed: int,
-                       loss_fn: Optional[BatchLoss] = None) -> dict[str, Any]:
+def train_from_scratch(
+    model: Any, data: dict[str, Any], args: argparse.Namespace, seed: int, loss_fn: Optional[BatchLoss] = None
+) -> dict[str, Any]:
     """Plain AdamW loop on pre-made tensors; clean-val accuracy after every epoch, best state kept.
 
     Linear warm-up over `args.warmup_epochs` then cosine decay to 0 over `args.epochs`; batches of
@@ -311,8 +352,16 @@ def train_from_scratch(model: Any, data: dict[str, Any], args: argparse.Namespac
     return {"history": history, "best": best, "seconds": time.perf_counter() - start}
 
 
-def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any], args: argparse.Namespace, seed: int,
-                  loss_fn: Optional[BatchLoss] = None) -> dict[str, Any]:
+def finetune_grid(
+    model: Any,
+    state: dict,
+    x: Any,
+    y: Any,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    seed: int,
+    loss_fn: Optional[BatchLoss] = None,
+) -> dict[str, Any]:
     """Fine-tune every parameter on (x, y) for each lr of `args.ft_lrs`; evaluate val at each `args.ft_epochs`.
 
     AdamW without weight decay, constant lr, batches of `args.ft_batch_size`. "No change" (epoch 0)
@@ -351,8 +400,14 @@ def finetune_grid(model: Any, state: dict, x: Any, y: Any, data: dict[str, Any],
     test = accuracy(model, data["test_x"], data["test_y"])
     fit = fit_diagnostics(model, data) if "is_noisy" in data else {}
     model.load_state_dict(state)
-    return {"lr": best["lr"], "epochs": best["epochs"], "val_accuracy": best["val_accuracy"], "test_accuracy": test,
-            "grid": grid, **fit}
+    return {
+        "lr": best["lr"],
+        "epochs": best["epochs"],
+        "val_accuracy": best["val_accuracy"],
+        "test_accuracy": test,
+        "grid": grid,
+        **fit,
+    }
 
 
 def refine_arguments(output_dir: str, batch_size: int, seed: int, schedule: str = "cosine") -> Any:
@@ -360,8 +415,16 @@ def refine_arguments(output_dir: str, batch_size: int, seed: int, schedule: str 
     warm-up, `schedule` over each run, batches of `batch_size`, on the CPU, nothing reported."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=output_dir, per_device_train_batch_size=batch_size, lr_scheduler_type=schedule,
-                             weight_decay=0.0, seed=seed, report_to=[], disable_tqdm=True, use_cpu=True)
+    return TrainingArguments(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        lr_scheduler_type=schedule,
+        weight_decay=0.0,
+        seed=seed,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+    )
 
 
 def cache_path(setting: str, seed: int, args: argparse.Namespace, tag: Optional[str] = None) -> Optional[Path]:
@@ -387,8 +450,13 @@ def quiet_libraries() -> None:
     logging.getLogger("sap_hf").setLevel(logging.ERROR)
 
 
-def prepare_run(setting: str, seed: int, args: argparse.Namespace, loss_fn: Optional[BatchLoss] = None,
-                cache_tag: Optional[str] = None) -> dict[str, Any]:
+def prepare_run(
+    setting: str,
+    seed: int,
+    args: argparse.Namespace,
+    loss_fn: Optional[BatchLoss] = None,
+    cache_tag: Optional[str] = None,
+) -> dict[str, Any]:
     """Data tensors, the memorised model (final state) and the best-val checkpoint of one (setting, seed).
 
     The model is a tiny ViT (`sap_hf.models.tiny_vit_config` with `args.hidden_size`,
@@ -414,7 +482,9 @@ def prepare_run(setting: str, seed: int, args: argparse.Namespace, loss_fn: Opti
     data = load_run_data(setting, seed, args)
     timing: dict[str, Any] = {"data": time.perf_counter() - started}
 
-    config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size)
+    config = tiny_vit_config(
+        hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size
+    )
     cache = cache_path(setting, seed, args, cache_tag) if (loss_fn is None or cache_tag) else None
     model = ViTForImageClassification(config)
     if cache is not None and cache.exists():
@@ -432,9 +502,18 @@ def prepare_run(setting: str, seed: int, args: argparse.Namespace, loss_fn: Opti
     timing["train"] = trained["seconds"]
     early_model = ViTForImageClassification(config)
     early_model.load_state_dict(trained["best"]["state"])
-    return {"data": data, "train_set": TensorExamples(data["train_x"], data["train_y"]), "config": config,
-            "model": model, "early_model": early_model, "trained": trained, "timing": timing, "started": started,
-            "noise_type": noise_type, "noise_rate": rate}
+    return {
+        "data": data,
+        "train_set": TensorExamples(data["train_x"], data["train_y"]),
+        "config": config,
+        "model": model,
+        "early_model": early_model,
+        "trained": trained,
+        "timing": timing,
+        "started": started,
+        "noise_type": noise_type,
+        "noise_rate": rate,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,8 +521,12 @@ def prepare_run(setting: str, seed: int, args: argparse.Namespace, loss_fn: Opti
 # --------------------------------------------------------------------------------------------
 
 
-def run_tasks(worker: Callable[[Any], Any], tasks: Sequence[Any], jobs: int,
-              on_result: Optional[Callable[[list[Any]], None]] = None) -> list[Any]:
+def run_tasks(
+    worker: Callable[[Any], Any],
+    tasks: Sequence[Any],
+    jobs: int,
+    on_result: Optional[Callable[[list[Any]], None]] = None,
+) -> list[Any]:
     """`[worker(t) for t in tasks]`, in `jobs` fresh ("spawn") processes when jobs > 1 and there is more than one task.
 
     One task per process (`maxtasksperchild=1`) so no memory or thread state leaks between runs;
@@ -473,7 +556,11 @@ def run_tasks(worker: Callable[[Any], Any], tasks: Sequence[Any], jobs: int,
 def mean_std(values: Iterable[float]) -> dict[str, float]:
     """`{"mean", "std" (sample; 0 for one value), "n"}`."""
     values = list(values)
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def pyplot() -> Any:
@@ -532,8 +619,13 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+    return {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
 
 
 def rebound_library_names() -> list[str]:
@@ -567,7 +659,11 @@ def rebound_library_names() -> list[str]:
             if from_benchmarks(value):
                 found.append(f"{module_name}.{name}")
             elif inspect.isclass(value) and value.__module__.split(".")[0] == "sap_hf":
-                found += [f"{module_name}.{name}.{attr}" for attr, member in list(vars(value).items()) if from_benchmarks(member)]
+                found += [
+                    f"{module_name}.{name}.{attr}"
+                    for attr, member in list(vars(value).items())
+                    if from_benchmarks(member)
+                ]
     return sorted(set(found))
 
 
@@ -604,9 +700,20 @@ def audit_ap(audit: Any, data: dict[str, Any]) -> float:
     return float(average_precision_score(truth, -audit.scores.double().numpy())) if truth.any() else float("nan")
 
 
-def sap_and_cleanups(model: Any, state: dict, data: dict[str, Any], *, lr: float, modes: Sequence[str],
-                     refine_epochs: Sequence[int], refine_batch_size: int, seed: int, prefix: str = "",
-                     scratch: str, augments: Sequence[bool] = (True,)) -> list[dict[str, Any]]:
+def sap_and_cleanups(
+    model: Any,
+    state: dict,
+    data: dict[str, Any],
+    *,
+    lr: float,
+    modes: Sequence[str],
+    refine_epochs: Sequence[int],
+    refine_batch_size: int,
+    seed: int,
+    prefix: str = "",
+    scratch: str,
+    augments: Sequence[bool] = (True,),
+) -> list[dict[str, Any]]:
     """`<prefix>sap` (`sap_correct(SAPConfig())`) from `state`, then `<prefix>sap+<mode>` for each mode: the rows.
 
     Each clean-up starts from the SAP model and its label audit (`views="shift"`): `sap_hf.refine` in that one
@@ -633,30 +740,58 @@ def sap_and_cleanups(model: Any, state: dict, data: dict[str, Any], *, lr: float
     index = torch.as_tensor(result.trusted_indices, dtype=torch.long)
     sap_state = copy.deepcopy(model.state_dict())
     first = audit(model)
-    rows = [dict(method=f"{prefix}sap", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-                 val_accuracy=result.final_metrics["accuracy"], kind_alphas=result.kind_alphas,
-                 purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
-                 audit_ap=audit_ap(first, data), audit_suspected=first.num_suspected,
-                 seconds=time.perf_counter() - clock, **fit_diagnostics(model, data))]
+    rows = [
+        dict(
+            method=f"{prefix}sap",
+            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+            val_accuracy=result.final_metrics["accuracy"],
+            kind_alphas=result.kind_alphas,
+            purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
+            audit_ap=audit_ap(first, data),
+            audit_suspected=first.num_suspected,
+            seconds=time.perf_counter() - clock,
+            **fit_diagnostics(model, data),
+        )
+    ]
     for mode, augment in [(mode, augment) for augment in augments for mode in modes]:
         model.load_state_dict(sap_state)
         clock = time.perf_counter()
         config = RefineConfig(mode=mode, learning_rates=[lr, 2 * lr], epochs=list(refine_epochs), augment=augment)
-        refined = refine(model, train_set, first, val, config, args=refine_arguments(scratch, refine_batch_size, seed),
-                         runtime=Runtime(show_progress=False))
-        rows.append(dict(method=f"{prefix}sap+{mode}{'' if augment else '-noaug'}", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-                         val_accuracy=refined.final_metrics["accuracy"], refine_mode=refined.mode,
-                         lr=refined.learning_rate, refine_epochs=refined.epochs, cost_epochs=refined.cost_epochs,
-                         examples=refined.examples.get(mode), audit_ap_after=audit_ap(audit(model), data),
-                         seconds=time.perf_counter() - clock,
-                         trials=[{"lr": t["learning_rate"], "epochs": t["epochs"], "val": round(t["metrics"]["accuracy"], 4)}
-                                 for t in refined.trials], **fit_diagnostics(model, data)))
+        refined = refine(
+            model,
+            train_set,
+            first,
+            val,
+            config,
+            args=refine_arguments(scratch, refine_batch_size, seed),
+            runtime=Runtime(show_progress=False),
+        )
+        rows.append(
+            dict(
+                method=f"{prefix}sap+{mode}{'' if augment else '-noaug'}",
+                test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+                val_accuracy=refined.final_metrics["accuracy"],
+                refine_mode=refined.mode,
+                lr=refined.learning_rate,
+                refine_epochs=refined.epochs,
+                cost_epochs=refined.cost_epochs,
+                examples=refined.examples.get(mode),
+                audit_ap_after=audit_ap(audit(model), data),
+                seconds=time.perf_counter() - clock,
+                trials=[
+                    {"lr": t["learning_rate"], "epochs": t["epochs"], "val": round(t["metrics"]["accuracy"], 4)}
+                    for t in refined.trials
+                ],
+                **fit_diagnostics(model, data),
+            )
+        )
     model.load_state_dict(state)
     return rows
 
 
-def cleanup_study_rows(model: Any, last: dict, best: dict, data: dict[str, Any], args: argparse.Namespace,
-                       seed: int) -> list[dict[str, Any]]:
+def cleanup_study_rows(
+    model: Any, last: dict, best: dict, data: dict[str, Any], args: argparse.Namespace, seed: int
+) -> list[dict[str, Any]]:
     """The clean-up study's rows of one model: `sap_and_cleanups` from its last state (`args.modes` x `args.augment`)
     and from its val-best state (`best+`, `args.best_modes`), then `default_cleanup_rows`. Reads `args.lr`,
     `args.refine_epochs`, `args.refine_batch_size`."""
@@ -664,11 +799,13 @@ def cleanup_study_rows(model: Any, last: dict, best: dict, data: dict[str, Any],
 
     settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
     with tempfile.TemporaryDirectory() as scratch:
-        rows = sap_and_cleanups(model, last, data, modes=args.modes, scratch=scratch,
-                                augments=[bool(a) for a in args.augment], **settings)
+        rows = sap_and_cleanups(
+            model, last, data, modes=args.modes, scratch=scratch, augments=[bool(a) for a in args.augment], **settings
+        )
         if args.best_modes:
-            rows += sap_and_cleanups(model, best, data, prefix="best+", modes=args.best_modes, scratch=scratch,
-                                     **settings)
+            rows += sap_and_cleanups(
+                model, best, data, prefix="best+", modes=args.best_modes, scratch=scratch, **settings
+            )
     return rows + default_cleanup_rows(rows)
 
 
@@ -685,8 +822,14 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}{suffix}"]
         if len(tried) == len(BEST_MODES):
             chosen = max(tried, key=lambda r: r["val_accuracy"])  # max keeps the first of equals, as refine does
-            picked.append(dict(chosen, method=f"{prefix}sap+refine{suffix}", chosen_mode=chosen["refine_mode"],
-                               cost_epochs=sum(r["cost_epochs"] for r in tried)))
+            picked.append(
+                dict(
+                    chosen,
+                    method=f"{prefix}sap+refine{suffix}",
+                    chosen_mode=chosen["refine_mode"],
+                    cost_epochs=sum(r["cost_epochs"] for r in tried),
+                )
+            )
     return picked
 
 
@@ -716,8 +859,17 @@ def summarise_cleanup(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     return summary
 
 
-def clean_label_cleanup_row(model: Any, state: dict, data: dict[str, Any], *, lr: float, refine_epochs: Sequence[int],
-                            refine_batch_size: int, seed: int, scratch: str) -> dict[str, Any]:
+def clean_label_cleanup_row(
+    model: Any,
+    state: dict,
+    data: dict[str, Any],
+    *,
+    lr: float,
+    refine_epochs: Sequence[int],
+    refine_batch_size: int,
+    seed: int,
+    scratch: str,
+) -> dict[str, Any]:
     """`oracle+refine`: the clean-up's fine-tuning (augmented views, lr in {lr, 2 lr}, cosine, val picks the length)
     of the clean-label model on the clean labels, from `state`: the ceiling for `sap+refine`, which adds those
     augmented epochs to its model. The model is left at `state`."""
@@ -728,18 +880,33 @@ def clean_label_cleanup_row(model: Any, state: dict, data: dict[str, Any], *, lr
     from sap_hf.runtime.passes import Runtime
 
     n = len(data["clean_y"])
-    trusting = LabelAudit(indices=torch.arange(n), given=data["clean_y"], probs=torch.nn.functional.one_hot(
-        data["clean_y"], int(data["clean_y"].max()) + 1).double(), scores=torch.ones(n, dtype=torch.float64),
-        suspected=torch.zeros(n, dtype=torch.bool))
+    trusting = LabelAudit(
+        indices=torch.arange(n),
+        given=data["clean_y"],
+        probs=torch.nn.functional.one_hot(data["clean_y"], int(data["clean_y"].max()) + 1).double(),
+        scores=torch.ones(n, dtype=torch.float64),
+        suspected=torch.zeros(n, dtype=torch.bool),
+    )
     model.load_state_dict(state)
     clock = time.perf_counter()
-    result = refine(model, TensorExamples(data["train_x"], data["clean_y"]), trusting,
-                    lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
-                    RefineConfig(mode="remove", learning_rates=[lr, 2 * lr], epochs=list(refine_epochs)),
-                    args=refine_arguments(scratch, refine_batch_size, seed), runtime=Runtime(show_progress=False))
-    row = dict(method="oracle+refine", test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-               val_accuracy=result.final_metrics["accuracy"], lr=result.learning_rate, refine_epochs=result.epochs,
-               cost_epochs=result.cost_epochs, seconds=time.perf_counter() - clock)
+    result = refine(
+        model,
+        TensorExamples(data["train_x"], data["clean_y"]),
+        trusting,
+        lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+        RefineConfig(mode="remove", learning_rates=[lr, 2 * lr], epochs=list(refine_epochs)),
+        args=refine_arguments(scratch, refine_batch_size, seed),
+        runtime=Runtime(show_progress=False),
+    )
+    row = dict(
+        method="oracle+refine",
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=result.final_metrics["accuracy"],
+        lr=result.learning_rate,
+        refine_epochs=result.epochs,
+        cost_epochs=result.cost_epochs,
+        seconds=time.perf_counter() - clock,
+    )
     model.load_state_dict(state)
     return row
 
@@ -774,8 +941,20 @@ def plot_cleanup(summary: dict[str, Any], path: Path, title: str) -> Optional[st
     figure, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.4), squeeze=False)
     for axis, (setting, cell) in zip(axes[0], summary.items()):
         names = [m for m in cell if m != "oracle"] + (["oracle"] if "oracle" in cell else [])
-        colours = ["black" if m == "oracle" else "tab:red" if "refine" in m else "tab:pink" if "+" in m[4:] else
-                   "orange" if "sap" in m else "tab:blue" if m == "best_epoch" else "grey" for m in names]
+        colours = [
+            "black"
+            if m == "oracle"
+            else "tab:red"
+            if "refine" in m
+            else "tab:pink"
+            if "+" in m[4:]
+            else "orange"
+            if "sap" in m
+            else "tab:blue"
+            if m == "best_epoch"
+            else "grey"
+            for m in names
+        ]
         means = [cell[m]["mean"] for m in names]
         axis.bar(range(len(names)), means, yerr=[cell[m]["std"] for m in names], capsize=3, color=colours)
         axis.set_xticks(range(len(names)), names, rotation=50, ha="right", fontsize=8)
@@ -790,11 +969,18 @@ def cleanup_table(summary: dict[str, Any]) -> str:
     clean-up rows' cost in epochs of the training set."""
     settings = list(summary)
 
-    def order(method: str) -> tuple:  # baselines, SAP, its clean-ups, without augmentation, from the best epoch, oracles
+    def order(
+        method: str,
+    ) -> tuple:  # baselines, SAP, its clean-ups, without augmentation, from the best epoch, oracles
         head = ("none", "best_epoch", "sap")
-        return (method.startswith("oracle"), method.startswith("best+"), method.endswith("-noaug"),
-                method.endswith("refine") or method.endswith("refine-noaug"),
-                head.index(method) if method in head else len(head), method)
+        return (
+            method.startswith("oracle"),
+            method.startswith("best+"),
+            method.endswith("-noaug"),
+            method.endswith("refine") or method.endswith("refine-noaug"),
+            head.index(method) if method in head else len(head),
+            method,
+        )
 
     methods = sorted(dict.fromkeys(m for cell in summary.values() for m in cell), key=order)
     lines = ["| clean test % | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]

@@ -58,6 +58,7 @@ from typing import Any, Optional
 
 from common import RESULTS_DIR, ROOT, environment, loadavg, pyplot, quiet_libraries, write_json
 
+
 CLASSES = 14
 FASHION_CLASSES = 10
 PHASES = ("selection", "statistics", "eigh", "alpha_search", "write", "total")
@@ -65,7 +66,9 @@ CLOTHING1M = {"train": 1_000_000, "validation": 14_000, "trusted": 14 * 100, "pr
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out_dir", default=str(RESULTS_DIR))
     parser.add_argument("--quick", action="store_true", help="smoke run: small corpus, short grid, few models")
     parser.add_argument("--corpus_dir", default="/work/cache/c1m_corpus")
@@ -77,15 +80,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--settings", nargs="+", default=["sym40", "asym40"])
     parser.add_argument("--no_plot", action="store_true")
-    parser.add_argument("--reuse_runs", action="store_true", help="report the corrections measured by the last run again")
-    parser.add_argument("--retime_epoch", action="store_true",
-                        help="time one more fine-tuning epoch of the cached model now (same recipe; the model is not saved)")
-    parser.add_argument("--reuse_comparison", action="store_true", help="take the bracket/grid comparison from the last JSON")
-    parser.add_argument("--subset_share", type=float, default=0.25,
-                        help="SAPConfig.selection_subset of the corpus's subset correction (a share of the training stream)")
+    parser.add_argument(
+        "--reuse_runs", action="store_true", help="report the corrections measured by the last run again"
+    )
+    parser.add_argument(
+        "--retime_epoch",
+        action="store_true",
+        help="time one more fine-tuning epoch of the cached model now (same recipe; the model is not saved)",
+    )
+    parser.add_argument(
+        "--reuse_comparison", action="store_true", help="take the bracket/grid comparison from the last JSON"
+    )
+    parser.add_argument(
+        "--subset_share",
+        type=float,
+        default=0.25,
+        help="SAPConfig.selection_subset of the corpus's subset correction (a share of the training stream)",
+    )
     parser.add_argument("--memorise_epochs", type=int, default=60, help="training epochs of the memorised model")
-    parser.add_argument("--selection_sources", default=str(RESULTS_DIR / "selection_sources.json"),
-                        help="benchmarks/selection_sources.py's record: the share the Clothing1M extrapolation uses")
+    parser.add_argument(
+        "--selection_sources",
+        default=str(RESULTS_DIR / "selection_sources.json"),
+        help="benchmarks/selection_sources.py's record: the share the Clothing1M extrapolation uses",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("CORPUS", "MODEL", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--worker_trainer", nargs=3, metavar=("CORPUS", "MODEL", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -154,10 +171,15 @@ def write_corpus(root: Path, per_class: int, val_per_class: int, image_size: int
     (root / "clean_train_key_list.txt").write_text(lines(train))
     (root / "clean_val_key_list.txt").write_text(lines(keys["val"]))
     (root / "clean_test_key_list.txt").write_text(lines(keys["test"]))
-    record = {"config": wanted, "train": len(train), "validation": len(keys["val"]), "test": len(keys["test"]),
-              "noise_rate": float(np.mean(np.asarray(noisy) != np.asarray([clean[k] for k in train]))),
-              "bytes": sum(p.stat().st_size for p in (root / "images").rglob("*.jpg")),
-              "seconds_to_write": round(time.perf_counter() - started, 1)}
+    record = {
+        "config": wanted,
+        "train": len(train),
+        "validation": len(keys["val"]),
+        "test": len(keys["test"]),
+        "noise_rate": float(np.mean(np.asarray(noisy) != np.asarray([clean[k] for k in train]))),
+        "bytes": sum(p.stat().st_size for p in (root / "images").rglob("*.jpg")),
+        "seconds_to_write": round(time.perf_counter() - started, 1),
+    }
     marker.write_text(json.dumps(record, indent=1))
     return record
 
@@ -185,8 +207,15 @@ def tiny_model() -> Any:
     from sap_hf.data import CLOTHING1M_CLASSES
     from sap_hf.models import tiny_vit_config
 
-    config = tiny_vit_config(image_size=32, patch_size=4, num_channels=3, num_labels=CLASSES, hidden_size=64,
-                             num_hidden_layers=4, id2label=dict(enumerate(CLOTHING1M_CLASSES)))
+    config = tiny_vit_config(
+        image_size=32,
+        patch_size=4,
+        num_channels=3,
+        num_labels=CLASSES,
+        hidden_size=64,
+        num_hidden_layers=4,
+        id2label=dict(enumerate(CLOTHING1M_CLASSES)),
+    )
     return ViTForImageClassification(config)
 
 
@@ -228,9 +257,16 @@ def finetune_epoch(corpus: Path, model_dir: Path, epochs: int = 3, lr: float = 5
         seconds.append(time.perf_counter() - started)
         if epoch == 0:
             first_decodes = decodes[0] - before
-    record = {"seconds": seconds[0], "images": images, "decodes": first_decodes, "batch_size": 32,
-              "optimizer": f"AdamW lr={lr:g}", "threads": 1, "epochs_trained": epochs,
-              "all_epoch_seconds": [round(x, 1) for x in seconds]}
+    record = {
+        "seconds": seconds[0],
+        "images": images,
+        "decodes": first_decodes,
+        "batch_size": 32,
+        "optimizer": f"AdamW lr={lr:g}",
+        "threads": 1,
+        "epochs_trained": epochs,
+        "all_epoch_seconds": [round(x, 1) for x in seconds],
+    }
     model.save_pretrained(model_dir)
     record_path.write_text(json.dumps(record, indent=1))
     return record
@@ -241,7 +277,9 @@ def corpus_labels(corpus: Path) -> tuple[list[str], dict[str, int], dict[str, in
     from sap_hf.data.clothing1m import CLEAN_KV, NOISY_KV
 
     def kv(name: str) -> dict[str, int]:
-        return {k: int(v) for k, v in (line.split() for line in (corpus / name).read_text().splitlines() if line.strip())}
+        return {
+            k: int(v) for k, v in (line.split() for line in (corpus / name).read_text().splitlines() if line.strip())
+        }
 
     keys = [line.strip() for line in (corpus / "noisy_train_key_list.txt").read_text().splitlines() if line.strip()]
     return keys, kv(NOISY_KV), kv(CLEAN_KV)
@@ -287,33 +325,64 @@ def memorise(corpus: Path, model_dir: Path, epochs: int, image_size: int = 28) -
     torch.set_num_threads(1)
     rows = CorpusRows(corpus)
     transform = ImageTransform(image_size=image_size)
-    batches = [transform.collate([rows[i] for i in range(start, min(start + 256, len(rows)))]) for start in range(0, len(rows), 256)]
+    batches = [
+        transform.collate([rows[i] for i in range(start, min(start + 256, len(rows)))])
+        for start in range(0, len(rows), 256)
+    ]
     pixels = torch.cat([b["pixel_values"] for b in batches])
     labels = torch.cat([b["labels"] for b in batches])
     _, _, clean = corpus_labels(corpus)
     is_noisy = labels != torch.tensor([clean[k] for k in rows.keys])
     train = [{"pixel_values": pixels[i], "labels": int(labels[i])} for i in range(len(labels))]
     torch.manual_seed(0)
-    model = ViTForImageClassification(tiny_vit_config(
-        image_size=image_size, patch_size=image_size // 4, num_channels=3, num_labels=CLASSES, hidden_size=64,
-        num_hidden_layers=4, id2label=dict(enumerate(CLOTHING1M_CLASSES))))
-    args = TrainingArguments(output_dir=str(model_dir / "_trainer"), per_device_train_batch_size=128, num_train_epochs=epochs,
-                             learning_rate=2e-3, warmup_steps=0.05, lr_scheduler_type="cosine", weight_decay=0.0,
-                             save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, logging_strategy="no", seed=0)
-    trainer = SAPTrainer(model=model, args=args, train_dataset=_Listed(train),
-                         sap_config=SAPConfig(trusted_source="training"))
+    model = ViTForImageClassification(
+        tiny_vit_config(
+            image_size=image_size,
+            patch_size=image_size // 4,
+            num_channels=3,
+            num_labels=CLASSES,
+            hidden_size=64,
+            num_hidden_layers=4,
+            id2label=dict(enumerate(CLOTHING1M_CLASSES)),
+        )
+    )
+    args = TrainingArguments(
+        output_dir=str(model_dir / "_trainer"),
+        per_device_train_batch_size=128,
+        num_train_epochs=epochs,
+        learning_rate=2e-3,
+        warmup_steps=0.05,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        logging_strategy="no",
+        seed=0,
+    )
+    trainer = SAPTrainer(
+        model=model, args=args, train_dataset=_Listed(train), sap_config=SAPConfig(trusted_source="training")
+    )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
     model.eval()
     with torch.no_grad():
-        predicted = torch.cat([model(pixel_values=pixels[i : i + 500]).logits.argmax(-1) for i in range(0, len(pixels), 500)])
+        predicted = torch.cat(
+            [model(pixel_values=pixels[i : i + 500]).logits.argmax(-1) for i in range(0, len(pixels), 500)]
+        )
     model.save_pretrained(model_dir)
     torch.save(trainer.training_losses, model_dir / "training_losses.pt")
-    record = {"epochs": epochs, "image_size": image_size, "train_seconds": round(seconds, 1), "images": len(labels),
-              "noisy_fit": float((predicted[is_noisy] == labels[is_noisy]).float().mean()),
-              "clean_fit": float((predicted[~is_noisy] == labels[~is_noisy]).float().mean()),
-              "training": "SAPTrainer, AdamW lr 2e-3, batch 128, warmup 5%, cosine, no weight decay, trusted_source='training'"}
+    record = {
+        "epochs": epochs,
+        "image_size": image_size,
+        "train_seconds": round(seconds, 1),
+        "images": len(labels),
+        "noisy_fit": float((predicted[is_noisy] == labels[is_noisy]).float().mean()),
+        "clean_fit": float((predicted[~is_noisy] == labels[~is_noisy]).float().mean()),
+        "training": "SAPTrainer, AdamW lr 2e-3, batch 128, warmup 5%, cosine, no weight decay, trusted_source='training'",
+    }
     record_path.write_text(json.dumps(record, indent=1))
     return record
 
@@ -364,43 +433,58 @@ class PhaseLog:
 
 
 #: The rows' phases from the library's ("alpha_search" = its evaluations; "search" encloses eigh, evaluations, write).
-ROW_PHASES = {"selection": "selection", "statistics": "statistics", "eigh": "eigh", "alpha_search": "evaluation",
-              "write": "write"}
+ROW_PHASES = {
+    "selection": "selection",
+    "statistics": "statistics",
+    "eigh": "eigh",
+    "alpha_search": "evaluation",
+    "write": "write",
+}
 
 
 def library_intact() -> dict[str, Any]:
     """That no library name was rebound (the timings come from the hook, not from wrappers): checked after the runs."""
+    from common import rebound_library_names
+
     import sap_hf.api as api
     import sap_hf.core.projection as projection
     import sap_hf.core.search as search
     import sap_hf.core.selection as selection
     import sap_hf.core.stats as stats
-    from common import rebound_library_names
 
-    same = {"api.select_trusted": api.select_trusted is selection.select_trusted,
-            "api.collect_statistics": api.collect_statistics is stats.collect_statistics,
-            "api.search_alpha": api.search_alpha is search.search_alpha,
-            "api.eigenbases": api.eigenbases is search.eigenbases,
-            "search.rotate_weights": search.rotate_weights is projection.rotate_weights,
-            "search.write_weights": search.write_weights is projection.write_weights}
+    same = {
+        "api.select_trusted": api.select_trusted is selection.select_trusted,
+        "api.collect_statistics": api.collect_statistics is stats.collect_statistics,
+        "api.search_alpha": api.search_alpha is search.search_alpha,
+        "api.eigenbases": api.eigenbases is search.eigenbases,
+        "search.rotate_weights": search.rotate_weights is projection.rotate_weights,
+        "search.write_weights": search.write_weights is projection.write_weights,
+    }
     return {"same_objects": same, "rebound": rebound_library_names()}
 
 
-def _phases(log: "PhaseLog", total: list[float]) -> dict[str, list[float]]:
+def _phases(log: PhaseLog, total: list[float]) -> dict[str, list[float]]:
     phases = {row: log.total(phase) for row, phase in ROW_PHASES.items()}
     phases["total"] = total
     return phases
 
 
-def _rows(processes: int, source: str, shards: list[dict[str, Any]], name: str, evaluations: int,
-          purity: Optional[float]) -> list[dict[str, Any]]:
+def _rows(
+    processes: int, source: str, shards: list[dict[str, Any]], name: str, evaluations: int, purity: Optional[float]
+) -> list[dict[str, Any]]:
     """One correction's rows: each phase's seconds (main process), decodes summed and per process."""
     mine = shards[0][name]
     rows = []
     for phase in PHASES:
         per_process = [int(shard[name][phase][1]) for shard in shards]
-        row = {"processes": processes, "source": source, "phase": phase, "seconds": round(mine[phase][0], 3),
-               "decodes": sum(per_process), "decodes_per_process": per_process}
+        row = {
+            "processes": processes,
+            "source": source,
+            "phase": phase,
+            "seconds": round(mine[phase][0], 3),
+            "decodes": sum(per_process),
+            "decodes_per_process": per_process,
+        }
         if phase == "alpha_search":
             row.update(search="bracket", evaluations=evaluations)
         if phase == "selection":
@@ -426,9 +510,9 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object
+    from common import recipe_sap_config
     from transformers import ViTForImageClassification
 
-    from common import recipe_sap_config
     from sap_hf import sap_correct
     from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
 
@@ -453,8 +537,17 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
         accelerator.wait_for_everyone()
         clock, before = time.perf_counter(), decodes[0]
         log.start()
-        result = sap_correct(model, data, val, sap_config, accelerator, collate_fn=transform.collate, show_progress=False,
-                             on_phase=log, **kwargs)
+        result = sap_correct(
+            model,
+            data,
+            val,
+            sap_config,
+            accelerator,
+            collate_fn=transform.collate,
+            show_progress=False,
+            on_phase=log,
+            **kwargs,
+        )
         return result, _phases(log, [time.perf_counter() - clock, decodes[0] - before])
 
     result, phases = correct(train, config, stats_path=stats_path)
@@ -464,7 +557,9 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
     # no selection). Its row is its evaluations, as the bracket's alpha_search row.
     grid_result, grid_phases = correct(None, dataclasses.replace(config, alpha_search="grid"), stats_path=stats_path)
     grid = grid_result.rounds[0]
-    subset_result, subset_phases = correct(train, dataclasses.replace(config, selection_subset=settings["subset_share"]))
+    subset_result, subset_phases = correct(
+        train, dataclasses.replace(config, selection_subset=settings["subset_share"])
+    )
     shards = gather_object([{"pass": phases, "grid": grid_phases, "subset": subset_phases}])
     if accelerator.is_main_process:
         stats_path.unlink(missing_ok=True)
@@ -472,16 +567,26 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
         grid_row = _rows(processes, "pass", shards, "grid", _evaluations(grid), None)[3]
         record = {
             "processes": processes,
-            "rows": _rows(processes, "pass", shards, "pass", _evaluations(bracket), _purity(corpus, result.trusted_indices))
+            "rows": _rows(
+                processes, "pass", shards, "pass", _evaluations(bracket), _purity(corpus, result.trusted_indices)
+            )
             + [dict(grid_row, search="grid")]
-            + _rows(processes, "subset", shards, "subset", _evaluations(subset_result.rounds[0]),
-                    _purity(corpus, subset_result.trusted_indices)),
+            + _rows(
+                processes,
+                "subset",
+                shards,
+                "subset",
+                _evaluations(subset_result.rounds[0]),
+                _purity(corpus, subset_result.trusted_indices),
+            ),
             "timings": {k: round(v, 3) for k, v in result.timings.items()},  # SAPResult.timings of the main process
             "grid_timings": {k: round(v, 3) for k, v in grid_result.timings.items()},
             "subset_timings": {k: round(v, 3) for k, v in subset_result.timings.items()},
             "phase_log": [{"phase": name, "seconds": round(sec, 3), "decodes": d} for name, sec, d in spans],
-            "choice": {name: _choice_record(found) for name, found in
-                       (("bracket", bracket), ("grid", grid), ("subset", subset_result.rounds[0]))},
+            "choice": {
+                name: _choice_record(found)
+                for name, found in (("bracket", bracket), ("grid", grid), ("subset", subset_result.rounds[0]))
+            },
             "val_accuracy_before": bracket.baseline.get("accuracy"),
             "num_trusted": result.num_trusted,
             "subset_share": settings["subset_share"],
@@ -495,7 +600,11 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
 
 
 def _choice_record(search: Any) -> dict[str, Any]:
-    return {"alpha": search.best_alpha, "kind_alphas": search.kind_alphas, "val_accuracy": search.best_metrics.get("accuracy")}
+    return {
+        "alpha": search.best_alpha,
+        "kind_alphas": search.kind_alphas,
+        "val_accuracy": search.best_metrics.get("accuracy"),
+    }
 
 
 def trainer_worker(corpus: str, model_dir: str, out: str) -> None:
@@ -503,9 +612,9 @@ def trainer_worker(corpus: str, model_dir: str, out: str) -> None:
     recorded while it trained the model (`memorise`), no selection pass; the shared evaluation of the alpha search."""
     import torch
     from accelerate.utils import gather_object
+    from common import recipe_sap_config
     from transformers import TrainingArguments, ViTForImageClassification
 
-    from common import recipe_sap_config
     from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
     from sap_hf.trainer import SAPTrainer
 
@@ -517,26 +626,52 @@ def trainer_worker(corpus: str, model_dir: str, out: str) -> None:
     val = undecoded_images(load_clothing1m(corpus, "validation"))
     settings = json.loads((Path(out).parent / "worker_settings.json").read_text())
     config = recipe_sap_config(**{**settings["overrides"], "selection_rule": "loss", "trusted_source": "training"})
-    args = TrainingArguments(output_dir=str(Path(out).with_suffix("")), per_device_eval_batch_size=config.batch_size,
-                             report_to=[], disable_tqdm=True, use_cpu=True, remove_unused_columns=False, save_strategy="no")
-    trainer = SAPTrainer(model=model, args=args, train_dataset=CorpusRows(Path(corpus)), eval_dataset=val,
-                         data_collator=transform.collate, sap_config=config)
-    trainer.training_losses = torch.load(Path(model_dir) / "training_losses.pt", weights_only=False)  # what train() recorded
+    args = TrainingArguments(
+        output_dir=str(Path(out).with_suffix("")),
+        per_device_eval_batch_size=config.batch_size,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        remove_unused_columns=False,
+        save_strategy="no",
+    )
+    trainer = SAPTrainer(
+        model=model,
+        args=args,
+        train_dataset=CorpusRows(Path(corpus)),
+        eval_dataset=val,
+        data_collator=transform.collate,
+        sap_config=config,
+    )
+    trainer.training_losses = torch.load(
+        Path(model_dir) / "training_losses.pt", weights_only=False
+    )  # what train() recorded
     log = PhaseLog(decodes)
     trainer.accelerator.wait_for_everyone()
     clock, before = time.perf_counter(), decodes[0]
     log.start()
     result = trainer.correct(on_phase=log)
-    phases = _phases(log, [time.perf_counter() - clock, decodes[0] - before])  # selection: from the recorded losses, 0 decodes
+    phases = _phases(
+        log, [time.perf_counter() - clock, decodes[0] - before]
+    )  # selection: from the recorded losses, 0 decodes
     shards = gather_object([{"training": phases}])
     if trainer.accelerator.is_main_process:
         processes = trainer.accelerator.num_processes
-        record = {"processes": processes,
-                  "rows": _rows(processes, "training", shards, "training", _evaluations(result.rounds[0]),
-                                _purity(corpus, result.trusted_indices)),
-                  "timings": {k: round(v, 3) for k, v in result.timings.items()},
-                  "choice": {"training": _choice_record(result.rounds[0])}, "num_trusted": result.num_trusted,
-                  "via": "SAPTrainer.correct(), trusted_source='training'"}
+        record = {
+            "processes": processes,
+            "rows": _rows(
+                processes,
+                "training",
+                shards,
+                "training",
+                _evaluations(result.rounds[0]),
+                _purity(corpus, result.trusted_indices),
+            ),
+            "timings": {k: round(v, 3) for k, v in result.timings.items()},
+            "choice": {"training": _choice_record(result.rounds[0])},
+            "num_trusted": result.num_trusted,
+            "via": "SAPTrainer.correct(), trusted_source='training'",
+        }
         Path(out).write_text(json.dumps(record, indent=1))
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
@@ -551,10 +686,28 @@ def launch(processes: int, corpus: Path, model_dir: Path, out: Path, mode: str =
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         held.bind(("", 0))
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", str(held.getsockname()[1]),
-                   "--num_processes", str(processes)]
-        command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [__file__, mode, str(corpus), str(model_dir), str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(held.getsockname()[1]),
+            "--num_processes",
+            str(processes),
+        ]
+        command += (["--multi_gpu"] if processes > 1 else ["--cpu"]) + [
+            __file__,
+            mode,
+            str(corpus),
+            str(model_dir),
+            str(out),
+        ]
         run = subprocess.run(command, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise RuntimeError(f"accelerate launch with {processes} process(es) failed:\n{run.stderr[-4000:]}")
@@ -575,7 +728,6 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
     recipes/configs/default.yaml), then the searches (grid, bracket at the recipe's tolerance, bracket at 0)
     from one set of statistics."""
     import torch
-
     from common import DEFAULT_ALPHAS, accuracy, cache_path, prepare_run, recipe_sap_config, run_parser
 
     from sap_hf import Runtime, collect_statistics, search_alpha, select_trusted
@@ -598,37 +750,69 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
             run = prepare_run(setting, seed, run_args)
             model, data = run["model"], run["data"]
             state = {k: v.clone() for k, v in model.state_dict().items()}
-            selection = select_trusted(model, run["train_set"], recipe.trusted_per_class, rule=recipe.selection_rule,
-                                       runtime=passes)
-            stats = collect_statistics(model, run["train_set"].select(selection.indices), find_target_modules(model),
-                                       accumulation_dtype=recipe.accumulation_dtype, runtime=passes)
+            selection = select_trusted(
+                model, run["train_set"], recipe.trusted_per_class, rule=recipe.selection_rule, runtime=passes
+            )
+            stats = collect_statistics(
+                model,
+                run["train_set"].select(selection.indices),
+                find_target_modules(model),
+                accumulation_dtype=recipe.accumulation_dtype,
+                runtime=passes,
+            )
             bases = eigenbases(stats)
             kinds = group_kinds(stats.groups, classifier_names(model))
             evaluate = lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}  # noqa: E731
             for scope in ("shared", "per_kind"):
                 found = {}
-                for method, tolerance in (("grid", 0.0), ("bracket", recipe.alpha_search_tolerance), ("bracket_tol0", 0.0)):
+                for method, tolerance in (
+                    ("grid", 0.0),
+                    ("bracket", recipe.alpha_search_tolerance),
+                    ("bracket_tol0", 0.0),
+                ):
                     model.load_state_dict(state)
-                    res = search_alpha(model, stats, list(DEFAULT_ALPHAS), evaluate, bases=bases,
-                                       kinds=kinds if scope == "per_kind" else None, method=method.split("_")[0],
-                                       tolerance=tolerance)
-                    found[method] = {"alpha": res.best_alpha, "kind_alphas": res.kind_alphas,
-                                     "val_accuracy": res.best_metrics["accuracy"],
-                                     "test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
-                                     "evaluations": 1 + len(res.metrics) + len(res.kind_trials)}
+                    res = search_alpha(
+                        model,
+                        stats,
+                        list(DEFAULT_ALPHAS),
+                        evaluate,
+                        bases=bases,
+                        kinds=kinds if scope == "per_kind" else None,
+                        method=method.split("_")[0],
+                        tolerance=tolerance,
+                    )
+                    found[method] = {
+                        "alpha": res.best_alpha,
+                        "kind_alphas": res.kind_alphas,
+                        "val_accuracy": res.best_metrics["accuracy"],
+                        "test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
+                        "evaluations": 1 + len(res.metrics) + len(res.kind_trials),
+                    }
                 grid, fast = found["grid"], found["bracket"]
                 same_alpha = grid["alpha"] == fast["alpha"] and grid["kind_alphas"] == fast["kind_alphas"]
                 zero = found["bracket_tol0"]
-                zero.update(same_alpha=grid["alpha"] == zero["alpha"] and grid["kind_alphas"] == zero["kind_alphas"],
-                            val_gap_points=round(100 * (grid["val_accuracy"] - zero["val_accuracy"]), 3))
-                rows.append({"setting": setting, "seed": seed, "scope": scope, "grid": grid, "bracket": fast,
-                             "bracket_tolerance_0": zero,
-                             "same_alpha": same_alpha,
-                             "val_gap_points": round(100 * (grid["val_accuracy"] - fast["val_accuracy"]), 3),
-                             "evaluation_ratio": round(fast["evaluations"] / grid["evaluations"], 3)})
-                print(f"  {setting} seed {seed} {scope:8s}: grid {grid['evaluations']:2d} evals -> "
-                      f"{_choice(grid)} val {grid['val_accuracy']:.4f} | bracket {fast['evaluations']:2d} evals -> "
-                      f"{_choice(fast)} val {fast['val_accuracy']:.4f}")
+                zero.update(
+                    same_alpha=grid["alpha"] == zero["alpha"] and grid["kind_alphas"] == zero["kind_alphas"],
+                    val_gap_points=round(100 * (grid["val_accuracy"] - zero["val_accuracy"]), 3),
+                )
+                rows.append(
+                    {
+                        "setting": setting,
+                        "seed": seed,
+                        "scope": scope,
+                        "grid": grid,
+                        "bracket": fast,
+                        "bracket_tolerance_0": zero,
+                        "same_alpha": same_alpha,
+                        "val_gap_points": round(100 * (grid["val_accuracy"] - fast["val_accuracy"]), 3),
+                        "evaluation_ratio": round(fast["evaluations"] / grid["evaluations"], 3),
+                    }
+                )
+                print(
+                    f"  {setting} seed {seed} {scope:8s}: grid {grid['evaluations']:2d} evals -> "
+                    f"{_choice(grid)} val {grid['val_accuracy']:.4f} | bracket {fast['evaluations']:2d} evals -> "
+                    f"{_choice(fast)} val {fast['val_accuracy']:.4f}"
+                )
     summary = {}
     for scope in ("shared", "per_kind"):
         chosen = [r for r in rows if r["scope"] == scope]
@@ -636,21 +820,31 @@ def compare_searches(args: argparse.Namespace) -> dict[str, Any]:
             grid_total = sum(r["grid"]["evaluations"] for r in chosen)
             fast_total = sum(r["bracket"]["evaluations"] for r in chosen)
             summary[scope] = {
-                "models": len(chosen), "grid_evaluations": grid_total, "bracket_evaluations": fast_total,
+                "models": len(chosen),
+                "grid_evaluations": grid_total,
+                "bracket_evaluations": fast_total,
                 "evaluation_ratio": round(fast_total / grid_total, 3),
                 "same_choice": sum(r["same_alpha"] or abs(r["val_gap_points"]) <= 0.2 for r in chosen),
                 "same_alpha": sum(r["same_alpha"] for r in chosen),
                 "max_val_gap_points": max(abs(r["val_gap_points"]) for r in chosen),
                 "tolerance_0": {
                     "bracket_evaluations": sum(r["bracket_tolerance_0"]["evaluations"] for r in chosen),
-                    "same_choice": sum(r["bracket_tolerance_0"]["same_alpha"]
-                                       or abs(r["bracket_tolerance_0"]["val_gap_points"]) <= 0.2 for r in chosen),
+                    "same_choice": sum(
+                        r["bracket_tolerance_0"]["same_alpha"]
+                        or abs(r["bracket_tolerance_0"]["val_gap_points"]) <= 0.2
+                        for r in chosen
+                    ),
                     "max_val_gap_points": max(abs(r["bracket_tolerance_0"]["val_gap_points"]) for r in chosen),
                 },
             }
-    return {"alphas": list(DEFAULT_ALPHAS), "tolerance": recipe.alpha_search_tolerance,
-            "trusted": f"{recipe.selection_rule}, {recipe.trusted_per_class} per class, {recipe.accumulation_dtype} statistics",
-            "rows": rows, "summary": summary, "missing_models": missing}
+    return {
+        "alphas": list(DEFAULT_ALPHAS),
+        "tolerance": recipe.alpha_search_tolerance,
+        "trusted": f"{recipe.selection_rule}, {recipe.trusted_per_class} per class, {recipe.accumulation_dtype} statistics",
+        "rows": rows,
+        "summary": summary,
+        "missing_models": missing,
+    }
 
 
 def _choice(found: dict[str, Any]) -> str:
@@ -686,10 +880,14 @@ def clothing1m_share(sources_path: Path) -> dict[str, Any]:
     chosen = met[0] if met else max(shares, key=lambda share: (-shares[share]["max_purity_gap_points"], share))
     ratio = chosen * per_class_train / recipe["trusted_per_class"]
     per_class_c1m = CLOTHING1M["train"] / CLASSES
-    return {"measured_share": chosen, "met_target": bool(met), "purity_gap_points": shares[chosen]["max_purity_gap_points"],
-            "candidates_per_trusted": ratio,
-            "share": min(1.0, ratio * CLOTHING1M["trusted"] / CLASSES / per_class_c1m),
-            "rule": "measured share x (per-class training images / trusted per class), kept at Clothing1M"}
+    return {
+        "measured_share": chosen,
+        "met_target": bool(met),
+        "purity_gap_points": shares[chosen]["max_purity_gap_points"],
+        "candidates_per_trusted": ratio,
+        "share": min(1.0, ratio * CLOTHING1M["trusted"] / CLASSES / per_class_c1m),
+        "rule": "measured share x (per-class training images / trusted per class), kept at Clothing1M",
+    }
 
 
 def extrapolate(record: dict[str, Any], sources_path: Path = RESULTS_DIR / "selection_sources.json") -> dict[str, Any]:
@@ -706,13 +904,19 @@ def extrapolate(record: dict[str, Any], sources_path: Path = RESULTS_DIR / "sele
     base = {r["method"]: r for r in speed.get("rows", []) if r.get("model") == "base"}
     summary = record["search_comparison"].get("summary", {})
     if "inference" not in base or not summary:
-        return {"note": "needs benchmarks/results/speed.json's ViT-Base rows and the search comparison; no extrapolation."}
+        return {
+            "note": "needs benchmarks/results/speed.json's ViT-Base rows and the search comparison; no extrapolation."
+        }
     forward = base["inference"]["seconds"] / base["inference"]["n_samples"]  # s per image, 1 CPU thread
     stats_ratio = base["stats_exact"]["seconds"] / base["inference"]["seconds"]
     decode = record["finetune_epoch"]["decode_seconds_per_image"]
     train, val, trusted = CLOTHING1M["train"], CLOTHING1M["validation"], CLOTHING1M["trusted"]
     share = clothing1m_share(sources_path)
-    recorded = [_by_source(r, "training")["selection"]["seconds"] for r in record["runs"] if r.get("via") == "SAPTrainer.correct"]
+    recorded = [
+        _by_source(r, "training")["selection"]["seconds"]
+        for r in record["runs"]
+        if r.get("via") == "SAPTrainer.correct"
+    ]
     from_scores = min(recorded) / record["corpus"]["train"] if recorded else 0.0  # s per recorded example
     hours = lambda seconds: round(seconds / 3600, 2)  # noqa: E731
     per_pass = {
@@ -730,48 +934,70 @@ def extrapolate(record: dict[str, Any], sources_path: Path = RESULTS_DIR / "sele
             for scope, values in summary.items():
                 for search in ("grid", "bracket"):
                     evaluations = values[f"{search}_evaluations"] / values["models"]
-                    seconds = {"selection": per_pass[f"selection_{source}"], "statistics": per_pass["statistics"],
-                               "alpha_search": evaluations * per_pass["one_evaluation"]}
+                    seconds = {
+                        "selection": per_pass[f"selection_{source}"],
+                        "statistics": per_pass["statistics"],
+                        "alpha_search": evaluations * per_pass["one_evaluation"],
+                    }
                     seconds["total"] = sum(seconds.values())
-                    table.append({"processes": processes, "source": source, "alpha_scope": scope, "search": search,
-                                  "evaluations": round(evaluations, 1),
-                                  **{k: hours(v / processes) for k, v in seconds.items()},
-                                  "finetune_epoch": hours(per_pass["finetune_epoch"] / processes),
-                                  "over_epoch": round(seconds["total"] / per_pass["finetune_epoch"], 3)})
+                    table.append(
+                        {
+                            "processes": processes,
+                            "source": source,
+                            "alpha_scope": scope,
+                            "search": search,
+                            "evaluations": round(evaluations, 1),
+                            **{k: hours(v / processes) for k, v in seconds.items()},
+                            "finetune_epoch": hours(per_pass["finetune_epoch"] / processes),
+                            "over_epoch": round(seconds["total"] / per_pass["finetune_epoch"], 3),
+                        }
+                    )
     return {
         "unit": "hours of one CPU core per process (1 torch thread), ideal scaling over processes",
-        "rates": {"decode_and_transform_s_per_image": round(decode, 5), "vit_base_forward_s_per_image": round(forward, 4),
-                  "stats_over_inference": round(stats_ratio, 3), "finetune_step_over_forward": 3.0,
-                  "select_from_recorded_losses_s_per_example": from_scores},
+        "rates": {
+            "decode_and_transform_s_per_image": round(decode, 5),
+            "vit_base_forward_s_per_image": round(forward, 4),
+            "stats_over_inference": round(stats_ratio, 3),
+            "finetune_step_over_forward": 3.0,
+            "select_from_recorded_losses_s_per_example": from_scores,
+        },
         "subset_share": share,
         "per_pass_hours_1_process": {k: hours(v) for k, v in per_pass.items()},
-        "formulas": {"selection pass": "train x (decode + forward) ('loss', the ViT-B config; shift_loss: 5 forwards)",
-                     "selection subset": "share x train x (decode + forward)",
-                     "selection training": "train x (measured seconds per recorded example of SAPTrainer.correct()'s selection)",
-                     "statistics": "trusted x (decode + stats_ratio x forward)",
-                     "alpha_search": "evaluations x validation x (decode + forward)",
-                     "finetune_epoch": "train x (decode + 3 forward)",
-                     "eigh": "not included: seconds (speed.json eigh_project: once per correction)",
-                     "recording": "not included: one cross-entropy of logits the training step has computed, per example"},
+        "formulas": {
+            "selection pass": "train x (decode + forward) ('loss', the ViT-B config; shift_loss: 5 forwards)",
+            "selection subset": "share x train x (decode + forward)",
+            "selection training": "train x (measured seconds per recorded example of SAPTrainer.correct()'s selection)",
+            "statistics": "trusted x (decode + stats_ratio x forward)",
+            "alpha_search": "evaluations x validation x (decode + forward)",
+            "finetune_epoch": "train x (decode + 3 forward)",
+            "eigh": "not included: seconds (speed.json eigh_project: once per correction)",
+            "recording": "not included: one cross-entropy of logits the training step has computed, per example",
+        },
         "table": table,
         "gpu": "not measured: no GPU was lent to this task",
     }
 
 
 def print_report(record: dict[str, Any]) -> None:
-    print(f"\nCorpus: {record['corpus']['train']} training + {record['corpus']['validation']} validation JPEGs "
-          f"({record['corpus']['config']['image_size']}x{record['corpus']['config']['image_size']}); one fine-tuning "
-          f"epoch {record['finetune_epoch']['seconds']:.1f} s (trained model), "
-          f"{record['memorised_model']['epoch']['seconds']:.1f} s (memorised model, noisy fit "
-          f"{100 * record['memorised_model']['noisy_fit']:.1f}%)")
-    print(f"{'model':9s} {'via':18s} {'P':>2} {'source':8s} {'phase':13s} {'search':7s} {'evals':>5s} {'seconds':>8s} "
-          f"{'decodes':>8s} {'per process':>14s} {'purity':>6s}")
+    print(
+        f"\nCorpus: {record['corpus']['train']} training + {record['corpus']['validation']} validation JPEGs "
+        f"({record['corpus']['config']['image_size']}x{record['corpus']['config']['image_size']}); one fine-tuning "
+        f"epoch {record['finetune_epoch']['seconds']:.1f} s (trained model), "
+        f"{record['memorised_model']['epoch']['seconds']:.1f} s (memorised model, noisy fit "
+        f"{100 * record['memorised_model']['noisy_fit']:.1f}%)"
+    )
+    print(
+        f"{'model':9s} {'via':18s} {'P':>2} {'source':8s} {'phase':13s} {'search':7s} {'evals':>5s} {'seconds':>8s} "
+        f"{'decodes':>8s} {'per process':>14s} {'purity':>6s}"
+    )
     for run in record["runs"]:
         for row in run["rows"]:
             purity = "" if row.get("purity") is None else f"{100 * row['purity']:.0f}%"
-            print(f"{run['model']:9s} {run['via']:18s} {row['processes']:>2} {row.get('source', ''):8s} {row['phase']:13s} "
-                  f"{row.get('search', ''):7s} {row.get('evaluations', ''):>5} {row['seconds']:8.2f} {row['decodes']:8d} "
-                  f"{str(row.get('decodes_per_process', '')):>14s} {purity:>6s}")
+            print(
+                f"{run['model']:9s} {run['via']:18s} {row['processes']:>2} {row.get('source', ''):8s} {row['phase']:13s} "
+                f"{row.get('search', ''):7s} {row.get('evaluations', ''):>5} {row['seconds']:8.2f} {row['decodes']:8d} "
+                f"{str(row.get('decodes_per_process', '')):>14s} {purity:>6s}"
+            )
     for name, value in record["targets"].items():
         print(f"  {name}: {value}")
 
@@ -783,8 +1009,18 @@ def plot(record: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     ax = axes[0]
     labels = []
-    colours = {"selection": "#4c72b0", "statistics": "#55a868", "eigh": "#c44e52", "alpha_search": "#8172b2", "write": "#ccb974"}
-    bars = [(run, source) for run in record["runs"] for source in dict.fromkeys(r.get("source", "pass") for r in run["rows"])]
+    colours = {
+        "selection": "#4c72b0",
+        "statistics": "#55a868",
+        "eigh": "#c44e52",
+        "alpha_search": "#8172b2",
+        "write": "#ccb974",
+    }
+    bars = [
+        (run, source)
+        for run in record["runs"]
+        for source in dict.fromkeys(r.get("source", "pass") for r in run["rows"])
+    ]
     for i, (run, source) in enumerate(bars):
         rows = _by_source(run, source)
         bottom = 0.0
@@ -792,8 +1028,12 @@ def plot(record: dict[str, Any], path: Path) -> None:
             ax.bar(i, rows[phase]["seconds"], bottom=bottom, color=colour, label=phase if i == 0 else None)
             bottom += rows[phase]["seconds"]
         labels.append(f"{run['model']}\n{source}, {run['processes']}p\n{rows['total']['decodes']} dec.")
-    for j, (name, seconds) in enumerate((("fine-tune epoch\n(trained)", record["finetune_epoch"]["seconds"]),
-                                         ("fine-tune epoch\n(memorised)", record["memorised_model"]["epoch"]["seconds"]))):
+    for j, (name, seconds) in enumerate(
+        (
+            ("fine-tune epoch\n(trained)", record["finetune_epoch"]["seconds"]),
+            ("fine-tune epoch\n(memorised)", record["memorised_model"]["epoch"]["seconds"]),
+        )
+    ):
         ax.bar(len(bars) + j, seconds, color="#999999", label="1 fine-tuning epoch" if j == 0 else None)
         labels.append(name)
     ax.set_xticks(range(len(labels)), labels, fontsize=6)
@@ -831,8 +1071,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     started = time.perf_counter()
     print(f"Corpus in {corpus_dir} ...")
     corpus = write_corpus(corpus_dir, args.per_class, args.val_per_class, args.image_size)
-    settings = {"overrides": {"alphas": [10, 100, 1000], "trusted_per_class": 2} if args.quick else {},
-                "subset_share": args.subset_share}
+    settings = {
+        "overrides": {"alphas": [10, 100, 1000], "trusted_per_class": 2} if args.quick else {},
+        "subset_share": args.subset_share,
+    }
     (corpus_dir / "worker_settings.json").write_text(json.dumps(settings))
     model_dir = corpus_dir / ("model_tiny_vit_1epoch" if args.quick else "model_tiny_vit_3epochs")
     print("One fine-tuning epoch ...")
@@ -853,7 +1095,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                     continue
                 if args.quick and name == "memorised" and processes != max(args.processes):  # a short smoke run
                     continue
-                saved = corpus_dir / f"correction_{name}_{via.split('.')[0]}_{processes}p.json"  # --reuse_runs reads it
+                saved = (
+                    corpus_dir / f"correction_{name}_{via.split('.')[0]}_{processes}p.json"
+                )  # --reuse_runs reads it
                 if args.reuse_runs and saved.is_file():
                     runs.append(json.loads(saved.read_text()))
                     continue
@@ -867,8 +1111,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     else:
         print("Bracket vs grid on the accuracy benchmark's models ...")
         comparison = compare_searches(args)
-    record: dict[str, Any] = {"corpus": corpus, "finetune_epoch": epoch, "memorised_model": memorised, "runs": runs,
-                              "search_comparison": comparison}
+    record: dict[str, Any] = {
+        "corpus": corpus,
+        "finetune_epoch": epoch,
+        "memorised_model": memorised,
+        "runs": runs,
+        "search_comparison": comparison,
+    }
     record["extrapolation"] = extrapolate(record, args.selection_sources)
     record["targets"] = targets(record)
     record["environment"] = dict(environment(), loadavg=loadavg())
@@ -901,8 +1150,12 @@ def time_epoch(corpus: Path, model_dir: Path, lr: float = 5e-4) -> dict[str, Any
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return {"seconds": time.perf_counter() - started, "decodes": decodes[0] - before, "retimed": True,
-            "loadavg_after": loadavg()}
+    return {
+        "seconds": time.perf_counter() - started,
+        "decodes": decodes[0] - before,
+        "retimed": True,
+        "loadavg_after": loadavg(),
+    }
 
 
 def decode_rate(corpus: Path, images: int = 300) -> float:
@@ -928,23 +1181,35 @@ def _by_source(run: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
 def targets(record: dict[str, Any]) -> dict[str, Any]:
     corpus = record["corpus"]
     out: dict[str, Any] = {}
-    epochs = {"trained": record["finetune_epoch"]["seconds"], "memorised": record["memorised_model"]["epoch"]["seconds"]}
+    epochs = {
+        "trained": record["finetune_epoch"]["seconds"],
+        "memorised": record["memorised_model"]["epoch"]["seconds"],
+    }
     pass_rows = {}
     for run in record["runs"]:
         tag = f"{run['model']}_{run['processes']}p"
         for source in dict.fromkeys(r.get("source", "pass") for r in run["rows"]):
             rows = _by_source(run, source)
             evaluations = rows["alpha_search"]["evaluations"]
-            selected = {"pass": corpus["train"], "subset": run.get("subset_share", 0) * corpus["train"], "training": 0}[source]
+            selected = {
+                "pass": corpus["train"],
+                "subset": run.get("subset_share", 0) * corpus["train"],
+                "training": 0,
+            }[source]
             ideal = round(selected + run["num_trusted"] + corpus["validation"] * evaluations)
             name = f"{tag}_{source}"
             search_images = corpus["validation"] * evaluations
             out[name] = {
-                "decodes": rows["total"]["decodes"], "ideal": ideal, "decode_ratio": round(rows["total"]["decodes"] / ideal, 3),
+                "decodes": rows["total"]["decodes"],
+                "ideal": ideal,
+                "decode_ratio": round(rows["total"]["decodes"] / ideal, 3),
                 "met_decodes_le_1.1": rows["total"]["decodes"] <= 1.1 * ideal,
-                "alpha_search_max_process_share": round(max(rows["alpha_search"]["decodes_per_process"]) / search_images, 3),
+                "alpha_search_max_process_share": round(
+                    max(rows["alpha_search"]["decodes_per_process"]) / search_images, 3
+                ),
                 "total_over_finetune_epoch": round(rows["total"]["seconds"] / epochs[run["model"]], 3),
-                "purity": rows["selection"].get("purity"), "choice": run["choice"].get("bracket" if source == "pass" else source),
+                "purity": rows["selection"].get("purity"),
+                "choice": run["choice"].get("bracket" if source == "pass" else source),
             }
             if run["processes"] > 1:
                 out[name]["met_alpha_search_le_0.6"] = out[name]["alpha_search_max_process_share"] <= 0.6
@@ -965,20 +1230,27 @@ def targets(record: dict[str, Any]) -> dict[str, Any]:
             continue
         fast = _by_source(run, "pass")["alpha_search"]
         out[f"corpus_search_evaluations_{run['model']}_{run['processes']}p"] = {
-            "bracket": fast["evaluations"], "grid": grid["evaluations"],
+            "bracket": fast["evaluations"],
+            "grid": grid["evaluations"],
             "ratio": round(fast["evaluations"] / grid["evaluations"], 3),
             "same_alpha": run["choice"]["bracket"]["kind_alphas"] == run["choice"]["grid"]["kind_alphas"]
             and run["choice"]["bracket"]["alpha"] == run["choice"]["grid"]["alpha"],
-            "val_gap_points": round(100 * (run["choice"]["grid"]["val_accuracy"] - run["choice"]["bracket"]["val_accuracy"]), 3)}
+            "val_gap_points": round(
+                100 * (run["choice"]["grid"]["val_accuracy"] - run["choice"]["bracket"]["val_accuracy"]), 3
+            ),
+        }
     summary = record["search_comparison"].get("summary", {})
     for scope, values in summary.items():
-        out[f"accuracy_models_{scope}"] = {**values, "met_le_0.5_same_choice": values["evaluation_ratio"] <= 0.5
-                                           and values["same_choice"] == values["models"]}
+        out[f"accuracy_models_{scope}"] = {
+            **values,
+            "met_le_0.5_same_choice": values["evaluation_ratio"] <= 0.5 and values["same_choice"] == values["models"],
+        }
     table = record["extrapolation"].get("table", [])
     for source in dict.fromkeys(r["source"] for r in table):
         best = [r for r in table if r["source"] == source and r["search"] == "bracket" and r["processes"] == 1]
-        out[f"clothing1m_{source}"] = {r["alpha_scope"]: {"over_epoch": r["over_epoch"], "met_le_0.1": r["over_epoch"] <= 0.1}
-                                       for r in best}
+        out[f"clothing1m_{source}"] = {
+            r["alpha_scope"]: {"over_epoch": r["over_epoch"], "met_le_0.1": r["over_epoch"] <= 0.1} for r in best
+        }
     return out
 
 

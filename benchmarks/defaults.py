@@ -37,9 +37,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+
 
 CONFIGS = ("paper", "defaults", "recipe")
 REGIMES = ("scratch", "pretrained")
@@ -84,15 +86,20 @@ def tasks(args: argparse.Namespace) -> list[tuple[str, str, int, int, argparse.N
     if "pretrained" in args.regimes:
         tuned = regime_args("pretrained", args)
         pretrained.pretrain(tuned)  # the backbone, once, before any worker fine-tunes from it
-        out += [("pretrained", n, seed, e, tuned) for n in pretrained.NOISES for seed in args.seeds for e in args.lengths]
+        out += [
+            ("pretrained", n, seed, e, tuned) for n in pretrained.NOISES for seed in args.seeds for e in args.lengths
+        ]
     return out
 
 
 def configs() -> dict[str, Any]:
     from sap_hf import SAPConfig
 
-    return {"paper": SAPConfig(**common.PAPER_SAP, batch_size=500), "defaults": SAPConfig(batch_size=500),
-            "recipe": common.recipe_sap_config(batch_size=500)}
+    return {
+        "paper": SAPConfig(**common.PAPER_SAP, batch_size=500),
+        "defaults": SAPConfig(batch_size=500),
+        "recipe": common.recipe_sap_config(batch_size=500),
+    }
 
 
 def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[str, Any]]:
@@ -103,23 +110,39 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
     regime, noise, seed, epochs, args = task
     torch.set_num_threads(args.threads)
     common.quiet_libraries()
-    run = common.prepare_run(noise, seed, args) if regime == "scratch" else pretrained.finetuned(noise, seed, epochs, args)
+    run = (
+        common.prepare_run(noise, seed, args)
+        if regime == "scratch"
+        else pretrained.finetuned(noise, seed, epochs, args)
+    )
     data, model = run["data"], run["model"]
     state = copy.deepcopy(model.state_dict())
     base = {"regime": regime, "noise": noise, "seed": seed, "epochs": epochs}
-    rows = [dict(base, config="none", test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
-                 val_accuracy=common.accuracy(model, data["val_x"], data["val_y"]), **common.fit_diagnostics(model, data))]
+    rows = [
+        dict(
+            base,
+            config="none",
+            test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
+            val_accuracy=common.accuracy(model, data["val_x"], data["val_y"]),
+            **common.fit_diagnostics(model, data),
+        )
+    ]
     trusted = {}
     for name, config in configs().items():
         out = pretrained.sap_method(run, state, config, base, name)
         rows.append(dict(out["row"], config=name, accumulation_dtype=config.accumulation_dtype))
         trusted[name] = out["trusted_indices"]
     by = {r["config"]: r for r in rows}
-    by["defaults"]["same_choice"] = (by["defaults"]["kind_alphas"] == by["recipe"]["kind_alphas"]
-                                     and by["defaults"]["alpha"] == by["recipe"]["alpha"]
-                                     and trusted["defaults"] == trusted["recipe"])
-    print(f"[defaults] {regime} {noise} seed {seed} {epochs} ep: "
-          + " ".join(f"{r['config']}={100 * r['test_accuracy']:.1f}" for r in rows), flush=True)
+    by["defaults"]["same_choice"] = (
+        by["defaults"]["kind_alphas"] == by["recipe"]["kind_alphas"]
+        and by["defaults"]["alpha"] == by["recipe"]["alpha"]
+        and trusted["defaults"] == trusted["recipe"]
+    )
+    print(
+        f"[defaults] {regime} {noise} seed {seed} {epochs} ep: "
+        + " ".join(f"{r['config']}={100 * r['test_accuracy']:.1f}" for r in rows),
+        flush=True,
+    )
     return rows
 
 
@@ -128,13 +151,19 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     paired differences defaults − recipe, defaults − paper, defaults − none."""
     cells: dict[str, dict[str, list[dict]]] = {}
     for row in rows:
-        cells.setdefault(f"{row['regime']}/{row['noise']}/{row['epochs']}", {}).setdefault(row["config"], []).append(row)
+        cells.setdefault(f"{row['regime']}/{row['noise']}/{row['epochs']}", {}).setdefault(row["config"], []).append(
+            row
+        )
     summary = {}
     for cell, by in cells.items():
-        entry = {name: {"test_accuracy": common.mean_std(r["test_accuracy"] for r in group),
-                        "val_accuracy": common.mean_std(r["val_accuracy"] for r in group),
-                        **({"seconds": common.mean_std(r["seconds"] for r in group)} if name != "none" else {})}
-                 for name, group in by.items()}
+        entry = {
+            name: {
+                "test_accuracy": common.mean_std(r["test_accuracy"] for r in group),
+                "val_accuracy": common.mean_std(r["val_accuracy"] for r in group),
+                **({"seconds": common.mean_std(r["seconds"] for r in group)} if name != "none" else {}),
+            }
+            for name, group in by.items()
+        }
         paired = {(r["seed"], r["config"]): r for group in by.values() for r in group}
         seeds = sorted({r["seed"] for r in by["none"]})
 
@@ -145,22 +174,30 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         entry["defaults_minus_paper"] = diff("defaults", "paper")
         entry["defaults_minus_none"] = diff("defaults", "none")
         entry["same_choice"] = sum(bool(paired[s, "defaults"].get("same_choice")) for s in seeds)
-        entry["cost_defaults_over_paper"] = common.mean_std(paired[s, "defaults"]["seconds"] / paired[s, "paper"]["seconds"]
-                                                            for s in seeds)
+        entry["cost_defaults_over_paper"] = common.mean_std(
+            paired[s, "defaults"]["seconds"] / paired[s, "paper"]["seconds"] for s in seeds
+        )
         summary[cell] = entry
     return summary
 
 
 def print_table(summary: dict[str, Any]) -> None:
     print("\n== clean test accuracy (%), mean ± std over seeds; Δ in points (paired by seed) ==")
-    print(f"{'regime/noise/epochs':26s}" + "".join(f"{c:>13s}" for c in ("none", *CONFIGS))
-          + f"{'def-rec':>9s}{'def-pap':>9s}{'same':>6s}{'cost d/p':>10s}")
+    print(
+        f"{'regime/noise/epochs':26s}"
+        + "".join(f"{c:>13s}" for c in ("none", *CONFIGS))
+        + f"{'def-rec':>9s}{'def-pap':>9s}{'same':>6s}{'cost d/p':>10s}"
+    )
     for cell, entry in summary.items():
-        accs = "".join(f"{100 * entry[c]['test_accuracy']['mean']:8.1f}±{100 * entry[c]['test_accuracy']['std']:3.1f}"
-                       for c in ("none", *CONFIGS))
-        print(f"{cell:26s}{accs}{100 * entry['defaults_minus_recipe']['mean']:+9.2f}"
-              f"{100 * entry['defaults_minus_paper']['mean']:+9.2f}{entry['same_choice']:>4d}/{entry['none']['test_accuracy']['n']}"
-              f"{entry['cost_defaults_over_paper']['mean']:9.2f}×")
+        accs = "".join(
+            f"{100 * entry[c]['test_accuracy']['mean']:8.1f}±{100 * entry[c]['test_accuracy']['std']:3.1f}"
+            for c in ("none", *CONFIGS)
+        )
+        print(
+            f"{cell:26s}{accs}{100 * entry['defaults_minus_recipe']['mean']:+9.2f}"
+            f"{100 * entry['defaults_minus_paper']['mean']:+9.2f}{entry['same_choice']:>4d}/{entry['none']['test_accuracy']['n']}"
+            f"{entry['cost_defaults_over_paper']['mean']:9.2f}×"
+        )
 
 
 def plot(summary: dict[str, Any], path: Path) -> list[str]:
@@ -177,8 +214,12 @@ def plot(summary: dict[str, Any], path: Path) -> list[str]:
         for k, (name, color) in enumerate(colors.items()):
             means = [100 * summary[c][name]["test_accuracy"]["mean"] for c in cells]
             stds = [100 * summary[c][name]["test_accuracy"]["std"] for c in cells]
-            label = {"defaults": "SAPConfig()", "paper": "paper (old defaults)", "recipe": "recipe (float64)"}.get(name, name)
-            axis.bar([i + (k - 1.5) * width for i in range(len(cells))], means, width, yerr=stds, color=color, label=label)
+            label = {"defaults": "SAPConfig()", "paper": "paper (old defaults)", "recipe": "recipe (float64)"}.get(
+                name, name
+            )
+            axis.bar(
+                [i + (k - 1.5) * width for i in range(len(cells))], means, width, yerr=stds, color=color, label=label
+            )
         axis.set_xticks(range(len(cells)), [c.split("/", 1)[1].replace("/", "\n") + " ep" for c in cells], fontsize=8)
         low = min(100 * summary[c][n]["test_accuracy"]["mean"] for c in cells for n in colors)
         axis.set_ylim(max(0, low - 8), None)
@@ -198,8 +239,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rows = [row for result in common.run_tasks(_worker, tasks(args), args.jobs) for row in result]
     summary = summarise(rows)
     print_table(summary)
-    record = {"rows": rows, "summary": summary, "configs": {k: v.to_dict() for k, v in configs().items()},
-              "seconds": time.perf_counter() - started, "environment": common.environment()}
+    record = {
+        "rows": rows,
+        "summary": summary,
+        "configs": {k: v.to_dict() for k, v in configs().items()},
+        "seconds": time.perf_counter() - started,
+        "environment": common.environment(),
+    }
     record["figures"] = plot(summary, out_dir / f"{name}.png")
     common.write_json(out_dir / f"{name}.json", record)
     return record

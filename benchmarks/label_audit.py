@@ -53,11 +53,23 @@ from pathlib import Path
 from typing import Any
 
 import common
-from sap_hf.runtime.passes import Runtime
 from common import accuracy, mean_std, prepare_run, refine_arguments, train_from_scratch
 
-DETECTORS = ("cleanlab_in_sample", "cleanlab_cv5", "cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss",
-             "memorised_shift_loss", "sap_curvature", "sap_refine_audit", "refine_audit")
+from sap_hf.runtime.passes import Runtime
+
+
+DETECTORS = (
+    "cleanlab_in_sample",
+    "cleanlab_cv5",
+    "cleanlab_sap",
+    "sap_audit",
+    "sap_loss",
+    "sap_shift_loss",
+    "memorised_shift_loss",
+    "sap_curvature",
+    "sap_refine_audit",
+    "refine_audit",
+)
 SAP_DETECTORS = ("cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss", "sap_curvature", "sap_refine_audit")
 
 
@@ -65,25 +77,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = common.run_parser(__doc__.split("\n\n")[0])
     recipe = common.recipe_sap_config()  # recipes/configs/default.yaml: the correction of cleanlab_sap and sap_*
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of cleanlab_cv5")
-    parser.add_argument("--cv_epochs", type=int, default=15, help="training length of each CV model (best val epoch kept)")
+    parser.add_argument(
+        "--cv_epochs", type=int, default=15, help="training length of each CV model (best val epoch kept)"
+    )
     parser.add_argument("--cv_warmup_epochs", type=float, default=1)
     parser.add_argument("--sap_alphas", nargs="+", type=float, default=list(recipe.alphas))
     parser.add_argument("--trusted_per_class", type=int, default=recipe.trusted_per_class)
     parser.add_argument("--audit_views", default="shift", choices=["image", "shift"])
     parser.add_argument("--audit_method", default="self_confidence", choices=["self_confidence", "normalized_margin"])
-    parser.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=list(DETECTORS),
-                        help="detectors to compute (with --merge, the others' rows are kept from label_audit.json)")
-    parser.add_argument("--refine_mode", default="remove", choices=["remove", "relabel"],
-                        help="sap_refine_audit / refine_audit: how refine treats the first audit's suspects")
-    parser.add_argument("--refine_epochs", type=int, default=4, help="sap_refine_audit / refine_audit: refine's length")
+    parser.add_argument(
+        "--detectors",
+        nargs="+",
+        default=list(DETECTORS),
+        choices=list(DETECTORS),
+        help="detectors to compute (with --merge, the others' rows are kept from label_audit.json)",
+    )
+    parser.add_argument(
+        "--refine_mode",
+        default="remove",
+        choices=["remove", "relabel"],
+        help="sap_refine_audit / refine_audit: how refine treats the first audit's suspects",
+    )
+    parser.add_argument(
+        "--refine_epochs", type=int, default=4, help="sap_refine_audit / refine_audit: refine's length"
+    )
     parser.add_argument("--plot_seed", type=int, default=None)
-    parser.add_argument("--grid_seed", type=int, default=None,
-                        help="seed whose top suspected images (sap_audit) are drawn per setting (default: plot_seed)")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the rows of other (setting, seed) pairs already in <out_dir>/label_audit.json")
-    parser.add_argument("--merge_only", nargs="+", default=None, metavar="JSON",
-                        help="compute nothing: merge these label_audit.json files (e.g. seeds run in parallel) into "
-                             "<out_dir>/label_audit.json (later files win for the same setting and seed)")
+    parser.add_argument(
+        "--grid_seed",
+        type=int,
+        default=None,
+        help="seed whose top suspected images (sap_audit) are drawn per setting (default: plot_seed)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of other (setting, seed) pairs already in <out_dir>/label_audit.json",
+    )
+    parser.add_argument(
+        "--merge_only",
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="compute nothing: merge these label_audit.json files (e.g. seeds run in parallel) into "
+        "<out_dir>/label_audit.json (later files win for the same setting and seed)",
+    )
     args = common.finish_args(parser.parse_args(argv), argv)
     args.alphas = args.sap_alphas
     if args.quick:
@@ -133,8 +170,10 @@ def _rule_scores(model: Any, data: dict[str, Any], rule: str, batch_size: int = 
             pixels, labels = x[i : i + batch_size], y[i : i + batch_size]
             views = [pixels] + (EXTRA_VIEWS[rule](pixels) if rule in EXTRA_VIEWS else [])
             logits = [model(pixel_values=view).logits.float() for view in views]
-            scores.append(sum(torch.nn.functional.cross_entropy(l, labels, reduction="none") for l in logits) / len(views))
-            flags.append(sum(l.softmax(-1) for l in logits).argmax(-1) != labels)
+            scores.append(
+                sum(torch.nn.functional.cross_entropy(z, labels, reduction="none") for z in logits) / len(views)
+            )
+            flags.append(sum(z.softmax(-1) for z in logits).argmax(-1) != labels)
     return torch.cat(scores), torch.cat(flags)
 
 
@@ -148,24 +187,46 @@ def _curvature_scores(model: Any, train_set: Any, num_labels: int, batch_size: i
     with Runtime(batch_size=batch_size, show_progress=False).run(model, train_set, "curvature") as walk:
         for batch in walk.batches():
             labels, _ = walk.require_labels(batch, num_labels, "curvature scores")
-            scores[torch.as_tensor(batch.ids, dtype=torch.long)] = sample_scores(walk, batch, labels, "curvature").float()
+            scores[torch.as_tensor(batch.ids, dtype=torch.long)] = sample_scores(
+                walk, batch, labels, "curvature"
+            ).float()
     return scores
 
 
-def refined_audit(model: Any, train_set: Any, first: Any, data: dict[str, Any], args: argparse.Namespace, seed: int) -> tuple[Any, dict]:
+def refined_audit(
+    model: Any, train_set: Any, first: Any, data: dict[str, Any], args: argparse.Namespace, seed: int
+) -> tuple[Any, dict]:
     """`sap_hf.refine` of `model` with the first audit's suspects (one mode, lr 2 x training lr, "no change" a
     candidate on val), then `audit_labels` of the refined model: the audit a user gets after the pipeline's clean-up."""
     from sap_hf import RefineConfig, audit_labels, refine
 
-    config = RefineConfig(mode=args.refine_mode, learning_rates=[2 * args.lr], epochs=[args.refine_epochs], augment=False)
+    config = RefineConfig(
+        mode=args.refine_mode, learning_rates=[2 * args.lr], epochs=[args.refine_epochs], augment=False
+    )
     with tempfile.TemporaryDirectory() as scratch:
-        result = refine(model, train_set, first, lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
-                        config, args=refine_arguments(scratch, 64, seed), runtime=Runtime(show_progress=False))
-    audit = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views,
-                         runtime=Runtime(batch_size=1000, show_progress=False))
-    info = {"refine_epochs": result.epochs, "refine_mode": result.mode, "first_suspected": int(first.suspected.sum()),
-            "refined_val_accuracy": result.final_metrics["accuracy"],
-            "refined_test_accuracy": accuracy(model, data["test_x"], data["test_y"])}
+        result = refine(
+            model,
+            train_set,
+            first,
+            lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+            config,
+            args=refine_arguments(scratch, 64, seed),
+            runtime=Runtime(show_progress=False),
+        )
+    audit = audit_labels(
+        model,
+        train_set,
+        method=args.audit_method,
+        views=args.audit_views,
+        runtime=Runtime(batch_size=1000, show_progress=False),
+    )
+    info = {
+        "refine_epochs": result.epochs,
+        "refine_mode": result.mode,
+        "first_suspected": int(first.suspected.sum()),
+        "refined_val_accuracy": result.final_metrics["accuracy"],
+        "refined_test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
+    }
     return audit, info
 
 
@@ -179,7 +240,13 @@ def cross_validated_probs(data: dict[str, Any], config: Any, args: argparse.Name
     probs = torch.zeros(n, config.num_labels, dtype=torch.float64)
     cv_args = copy.copy(args)
     cv_args.epochs, cv_args.warmup_epochs = args.cv_epochs, args.cv_warmup_epochs
-    record = {"fold_best_epochs": [], "fold_best_val": [], "train_seconds": 0.0, "epochs_trained": 0, "samples_trained": 0}
+    record = {
+        "fold_best_epochs": [],
+        "fold_best_val": [],
+        "train_seconds": 0.0,
+        "epochs_trained": 0,
+        "samples_trained": 0,
+    }
     for fold in range(args.folds):
         held = folds == fold
         fold_data = dict(data, train_x=data["train_x"][~held], train_y=data["train_y"][~held])
@@ -236,8 +303,7 @@ def detector_metrics(is_noisy: Any, suspicion: Any, flagged: Any) -> dict[str, f
 
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from sap_hf import audit_labels, sap_correct
-    from sap_hf.audit.scores import flag_label_issues, label_quality_scores
-    from sap_hf.audit.scores import cleanlab_available
+    from sap_hf.audit.scores import cleanlab_available, flag_label_issues, label_quality_scores
     from sap_hf.data import FASHION_MNIST_CLASSES
 
     if not cleanlab_available():
@@ -250,7 +316,9 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     base = {"setting": setting, "seed": seed}
 
     def cleanlab_scores(probs: Any) -> tuple[Any, Any]:
-        return -label_quality_scores(probs, labels, "self_confidence", use_cleanlab=True), flag_label_issues(probs, labels)
+        return -label_quality_scores(probs, labels, "self_confidence", use_cleanlab=True), flag_label_issues(
+            probs, labels
+        )
 
     def add(detector: str, suspicion: Any, flagged: Any, seconds: float, **extra: Any) -> None:
         metrics = detector_metrics(is_noisy, suspicion, flagged)
@@ -260,7 +328,10 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
             precision, recall, _ = precision_recall_curve(is_noisy.numpy(), suspicion.double().numpy())
             step = max(1, len(precision) // 400)
-            curves[detector] = {"precision": precision[::step].round(4).tolist(), "recall": recall[::step].round(4).tolist()}
+            curves[detector] = {
+                "precision": precision[::step].round(4).tolist(),
+                "recall": recall[::step].round(4).tolist(),
+            }
 
     wanted = set(args.detectors)
     epoch_seconds = time_one_epoch(model, data, args)
@@ -270,9 +341,16 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         cv = cross_validated_probs(data, config, args, seed)
         cv_seconds = time.perf_counter() - clock
         suspicion, flagged = cleanlab_scores(cv["probs"])
-        add("cleanlab_cv5", suspicion, flagged, cv_seconds, epochs_trained=cv["epochs_trained"],
-            train_epoch_equivalents=cv["samples_trained"] / len(labels), fold_best_epochs=cv["fold_best_epochs"],
-            fold_best_val=cv["fold_best_val"])
+        add(
+            "cleanlab_cv5",
+            suspicion,
+            flagged,
+            cv_seconds,
+            epochs_trained=cv["epochs_trained"],
+            train_epoch_equivalents=cv["samples_trained"] / len(labels),
+            fold_best_epochs=cv["fold_best_epochs"],
+            fold_best_val=cv["fold_best_val"],
+        )
 
     # (a) in-sample probabilities of the memorised model.
     clock = time.perf_counter()
@@ -284,22 +362,47 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
     # (c) the SAP-corrected model: the recipe's configuration, alpha(s) on the clean val split.
     clock = time.perf_counter()
-    sap_config = common.recipe_sap_config(alphas=list(args.sap_alphas), trusted_per_class=args.trusted_per_class, batch_size=500)
-    result = sap_correct(model, train_set, config=sap_config, show_progress=False,
-                         evaluate_fn=lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])})
+    sap_config = common.recipe_sap_config(
+        alphas=list(args.sap_alphas), trusted_per_class=args.trusted_per_class, batch_size=500
+    )
+    result = sap_correct(
+        model,
+        train_set,
+        config=sap_config,
+        show_progress=False,
+        evaluate_fn=lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+    )
     sap_seconds = time.perf_counter() - clock
     timing["sap_correct"] = sap_seconds
-    sap_info = {"sap_kind_alphas": result.kind_alphas, "sap_val_accuracy": result.final_metrics["accuracy"],
-                "sap_test_accuracy": accuracy(model, data["test_x"], data["test_y"])}
+    sap_info = {
+        "sap_kind_alphas": result.kind_alphas,
+        "sap_val_accuracy": result.final_metrics["accuracy"],
+        "sap_test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
+    }
     clock = time.perf_counter()
     sap_probs = _probs(model, data["train_x"])
     suspicion, flagged = cleanlab_scores(sap_probs)
     add("cleanlab_sap", suspicion, flagged, sap_seconds + time.perf_counter() - clock, **sap_info)
     clock = time.perf_counter()
-    audit = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views, class_names=list(FASHION_MNIST_CLASSES), runtime=Runtime(batch_size=1000, show_progress=False))
+    audit = audit_labels(
+        model,
+        train_set,
+        method=args.audit_method,
+        views=args.audit_views,
+        class_names=list(FASHION_MNIST_CLASSES),
+        runtime=Runtime(batch_size=1000, show_progress=False),
+    )
     audit_seconds = sap_seconds + time.perf_counter() - clock
-    add("sap_audit", -audit.scores, audit.suspected, audit_seconds,
-        views=args.audit_views, method=args.audit_method, filter_by=audit.filter_by, **sap_info)
+    add(
+        "sap_audit",
+        -audit.scores,
+        audit.suspected,
+        audit_seconds,
+        views=args.audit_views,
+        method=args.audit_method,
+        filter_by=audit.filter_by,
+        **sap_info,
+    )
     if seed == args.grid_seed and not args.no_plot:  # what a person checking the labels sees
         from sap_hf.audit.report import plot_suspected_grid
 
@@ -310,28 +413,59 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     if "sap_curvature" in wanted:
         clock = time.perf_counter()
         curvature = _curvature_scores(model, train_set, config.num_labels)
-        add("sap_curvature", curvature, sap_probs.argmax(1) != labels, sap_seconds + time.perf_counter() - clock, **sap_info)
+        add(
+            "sap_curvature",
+            curvature,
+            sap_probs.argmax(1) != labels,
+            sap_seconds + time.perf_counter() - clock,
+            **sap_info,
+        )
     if "sap_refine_audit" in wanted:
         clock = time.perf_counter()
         second, info = refined_audit(model, train_set, audit, data, args, seed)
-        add("sap_refine_audit", -second.scores, second.suspected, audit_seconds + time.perf_counter() - clock, **sap_info, **info)
+        add(
+            "sap_refine_audit",
+            -second.scores,
+            second.suspected,
+            audit_seconds + time.perf_counter() - clock,
+            **sap_info,
+            **info,
+        )
     model.load_state_dict(memorised_state)
     if "refine_audit" in wanted:
         clock = time.perf_counter()
-        first = audit_labels(model, train_set, method=args.audit_method, views=args.audit_views,
-                             runtime=Runtime(batch_size=1000, show_progress=False))
+        first = audit_labels(
+            model,
+            train_set,
+            method=args.audit_method,
+            views=args.audit_views,
+            runtime=Runtime(batch_size=1000, show_progress=False),
+        )
         second, info = refined_audit(model, train_set, first, data, args, seed)
         add("refine_audit", -second.scores, second.suspected, time.perf_counter() - clock, **info)
         model.load_state_dict(memorised_state)
-    rows[:] = [row for row in rows if row["detector"] in wanted]  # the SAP model's scores are computed for every SAP row
+    rows[:] = [
+        row for row in rows if row["detector"] in wanted
+    ]  # the SAP model's scores are computed for every SAP row
     curves = {d: curve for d, curve in curves.items() if d in wanted}
 
     for row in rows:
         row["cost_epochs"] = row["cost_seconds"] / epoch_seconds
-    return {"setting": setting, "seed": seed, "rows": rows, "curves": curves,
-            "run": {"setting": setting, "seed": seed, "epoch_seconds": epoch_seconds, "noise_rate": float(is_noisy.float().mean()),
-                    "memorised_train_fit": float((memorised_probs.argmax(1) == labels).float().mean()),
-                    "seconds": time.perf_counter() - run["started"], "timing": timing}}
+    return {
+        "setting": setting,
+        "seed": seed,
+        "rows": rows,
+        "curves": curves,
+        "run": {
+            "setting": setting,
+            "seed": seed,
+            "epoch_seconds": epoch_seconds,
+            "noise_rate": float(is_noisy.float().mean()),
+            "memorised_train_fit": float((memorised_probs.argmax(1) == labels).float().mean()),
+            "seconds": time.perf_counter() - run["started"],
+            "timing": timing,
+        },
+    }
 
 
 def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
@@ -368,11 +502,25 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
         cv = entries["cleanlab_cv5"]
         ap, cv_ap = entries[best]["average_precision"]["mean"], cv["average_precision"]["mean"]
         cost, cv_cost = entries[best]["cost_epochs"]["mean"], cv["cost_epochs"]["mean"]
-        both = [d for d in SAP_DETECTORS if d in entries and entries[d]["average_precision"]["mean"] >= cv_ap
-                and entries[d]["cost_epochs"]["mean"] <= cv_cost / 5]
-        out[setting] = {"best_sap_detector": best, "average_precision": ap, "cv5_average_precision": cv_ap,
-                        "ap_margin": ap - cv_ap, "cost_epochs": cost, "cv5_cost_epochs": cv_cost, "cost_ratio": cost / cv_cost,
-                        "ap_met": ap >= cv_ap, "cost_met": cost <= cv_cost / 5, "sap_detectors_meeting_both": both}
+        both = [
+            d
+            for d in SAP_DETECTORS
+            if d in entries
+            and entries[d]["average_precision"]["mean"] >= cv_ap
+            and entries[d]["cost_epochs"]["mean"] <= cv_cost / 5
+        ]
+        out[setting] = {
+            "best_sap_detector": best,
+            "average_precision": ap,
+            "cv5_average_precision": cv_ap,
+            "ap_margin": ap - cv_ap,
+            "cost_epochs": cost,
+            "cv5_cost_epochs": cv_cost,
+            "cost_ratio": cost / cv_cost,
+            "ap_met": ap >= cv_ap,
+            "cost_met": cost <= cv_cost / 5,
+            "sap_detectors_meeting_both": both,
+        }
     return out
 
 
@@ -385,11 +533,13 @@ def print_table(summary: dict[str, Any], goal: dict[str, Any]) -> None:
             print(f"{detector:22s} " + " ".join(f"{c:>13s}" for c in cells) + f" {entry['cost_epochs']['mean']:15.2f}")
         if setting in goal:
             g = goal[setting]
-            print(f"  target: best SAP-based ({g['best_sap_detector']}) AP {g['average_precision']:.3f} vs cv5 "
-                  f"{g['cv5_average_precision']:.3f} ({'met' if g['ap_met'] else 'MISSED'}); cost "
-                  f"{g['cost_epochs']:.2f} vs {g['cv5_cost_epochs']:.2f} epochs = {g['cost_ratio']:.2f}x "
-                  f"({'met' if g['cost_met'] else 'MISSED'}, needs <= 0.20x); SAP-based detectors meeting both: "
-                  f"{', '.join(g['sap_detectors_meeting_both']) or 'none'}")
+            print(
+                f"  target: best SAP-based ({g['best_sap_detector']}) AP {g['average_precision']:.3f} vs cv5 "
+                f"{g['cv5_average_precision']:.3f} ({'met' if g['ap_met'] else 'MISSED'}); cost "
+                f"{g['cost_epochs']:.2f} vs {g['cv5_cost_epochs']:.2f} epochs = {g['cost_ratio']:.2f}x "
+                f"({'met' if g['cost_met'] else 'MISSED'}, needs <= 0.20x); SAP-based detectors meeting both: "
+                f"{', '.join(g['sap_detectors_meeting_both']) or 'none'}"
+            )
 
 
 def plot(curves: dict[str, Any], out_dir: Path, plot_seed: int) -> list[str]:
@@ -399,7 +549,9 @@ def plot(curves: dict[str, Any], out_dir: Path, plot_seed: int) -> list[str]:
     figure, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 4.6), squeeze=False)
     for axis, (setting, by_detector) in zip(axes[0], curves.items()):
         for detector, curve in by_detector.items():
-            style = {"lw": 2.0} if detector.startswith("sap") or detector == "cleanlab_sap" else {"lw": 1.2, "ls": "--"}
+            style = (
+                {"lw": 2.0} if detector.startswith("sap") or detector == "cleanlab_sap" else {"lw": 1.2, "ls": "--"}
+            )
             axis.plot(curve["recall"], curve["precision"], label=detector, **style)
         axis.set_xlabel("recall (share of the wrong labels found)")
         axis.set_ylabel("precision")
@@ -445,8 +597,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
         results = common.run_tasks(_worker, tasks, args.jobs)
         results.sort(key=lambda r: (args.settings.index(r["setting"]), r["seed"]))
-    new = {"rows": [row for result in results for row in result["rows"]], "runs": [r["run"] for r in results],
-           "curves": {r["setting"]: r["curves"] for r in results if r["curves"]}}
+    new = {
+        "rows": [row for result in results for row in result["rows"]],
+        "runs": [r["run"] for r in results],
+        "curves": {r["setting"]: r["curves"] for r in results if r["curves"]},
+    }
     sources = list(args.merge_only or []) + ([str(out_dir / "label_audit.json")] if args.merge else [])
     previous = [json.loads(Path(p).read_text()) for p in sources if Path(p).is_file()]
     rows, runs, curves = _merge(previous + [new])
@@ -454,12 +609,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     goal = targets(summary)
     config = {k: v for k, v in vars(args).items() if k != "out_dir"}
     if args.merge_only and previous:  # the computing runs' configuration, not this merge's
-        config = dict(previous[0]["config"], seeds=sorted({r["seed"] for r in runs}), merged_from=list(args.merge_only))
+        config = dict(
+            previous[0]["config"], seeds=sorted({r["seed"] for r in runs}), merged_from=list(args.merge_only)
+        )
     elif args.merge and previous:  # rows kept from earlier runs were computed with their configuration
         config = dict(config, earlier_config=previous[-1]["config"].get("earlier_config", previous[-1]["config"]))
-    record = {"rows": rows, "summary": summary, "targets": goal, "runs": runs, "curves": curves,
-              "config": config, "environment": common.environment(),
-              "elapsed_seconds": time.perf_counter() - started}
+    record = {
+        "rows": rows,
+        "summary": summary,
+        "targets": goal,
+        "runs": runs,
+        "curves": curves,
+        "config": config,
+        "environment": common.environment(),
+        "elapsed_seconds": time.perf_counter() - started,
+    }
     if not args.no_plot:
         record["plots"] = [os.path.relpath(p, out_dir) for p in plot(curves, out_dir, args.plot_seed)]
     path = common.write_json(out_dir / "label_audit.json", record)

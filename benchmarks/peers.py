@@ -43,9 +43,11 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 import common
+
 
 #: Hyper-parameter grids (argument name -> default). Forget sizes: 0 = every available sample ("all").
 PEER_DEFAULTS: dict[str, Any] = {
@@ -61,8 +63,15 @@ PEER_DEFAULTS: dict[str, Any] = {
     "scrub_ce_weight": 1.0,
     "scrub_batch_size": 32,
 }
-QUICK: dict[str, Any] = {"ssd_alphas": [1.0, 10.0], "ssd_lambdas": [1.0], "ssd_forget_sizes": [10, 0],
-                         "scrub_lrs": [1e-3], "scrub_max_epochs": [1], "scrub_epochs": [1, 2], "scrub_forget_sizes": [0]}
+QUICK: dict[str, Any] = {
+    "ssd_alphas": [1.0, 10.0],
+    "ssd_lambdas": [1.0],
+    "ssd_forget_sizes": [10, 0],
+    "scrub_lrs": [1e-3],
+    "scrub_max_epochs": [1],
+    "scrub_epochs": [1, 2],
+    "scrub_forget_sizes": [0],
+}
 #: The SAP paper's peer set sizes (retain, forget) on a 50,000-image training set, scaled by `oracle_sizes`.
 PAPER_TRAIN_SIZE = 50_000
 PAPER_SIZES = {"ssd": (5000, 1000), "scrub": (1000, 200)}
@@ -72,8 +81,13 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     """`--peer_<name>` arguments for every grid of `PEER_DEFAULTS` (None: the default, or QUICK's with --quick)."""
     for name, default in PEER_DEFAULTS.items():
         kind = type(default[0] if isinstance(default, list) else default)
-        parser.add_argument(f"--peer_{name}", type=kind, nargs="+" if isinstance(default, list) else None, default=None,
-                            help=f"peers: {name} (default {default})")
+        parser.add_argument(
+            f"--peer_{name}",
+            type=kind,
+            nargs="+" if isinstance(default, list) else None,
+            default=None,
+            help=f"peers: {name} (default {default})",
+        )
 
 
 def peer_settings(args: Any) -> dict[str, Any]:
@@ -101,7 +115,9 @@ def _params(model: Any) -> dict[str, Any]:
     return {name: p for name, p in model.named_parameters()}
 
 
-def diagonal_fisher(model: Any, x: Any, y: Any, prefixes: Sequence[int] = (), cost: Optional[Cost] = None) -> dict[int, dict]:
+def diagonal_fisher(
+    model: Any, x: Any, y: Any, prefixes: Sequence[int] = (), cost: Optional[Cost] = None
+) -> dict[int, dict]:
     """Mean squared per-sample gradient of the cross-entropy of (x, y) for every parameter (eval mode).
 
     One forward+backward per sample, in order; `prefixes` (sizes k) also return the importance over the
@@ -130,7 +146,9 @@ def diagonal_fisher(model: Any, x: Any, y: Any, prefixes: Sequence[int] = (), co
     return out
 
 
-def ssd_dampen(params: dict[str, Any], forget: dict[str, Any], retain: dict[str, Any], alpha: float, lam: float) -> tuple[dict, int]:
+def ssd_dampen(
+    params: dict[str, Any], forget: dict[str, Any], retain: dict[str, Any], alpha: float, lam: float
+) -> tuple[dict, int]:
     """SSD's update: theta_i * min(lam * I_r / I_f, 1) where I_f > alpha * I_r, theta_i elsewhere.
 
     `params`, `forget` (I_f), `retain` (I_r): {name: tensor} of the same shapes. Returns the new
@@ -142,7 +160,9 @@ def ssd_dampen(params: dict[str, Any], forget: dict[str, Any], retain: dict[str,
     for name, theta in params.items():
         i_f, i_r = forget[name], retain[name]
         mask = i_f > alpha * i_r
-        beta = torch.where(mask, (lam * i_r / torch.where(mask, i_f, torch.ones_like(i_f))).clamp(max=1.0), torch.ones_like(i_f))
+        beta = torch.where(
+            mask, (lam * i_r / torch.where(mask, i_f, torch.ones_like(i_f))).clamp(max=1.0), torch.ones_like(i_f)
+        )
         new[name] = theta.detach() * beta
         selected += int(mask.sum())
     return new, selected
@@ -161,12 +181,30 @@ def kl_to_teacher(student_logits: Any, teacher_logits: Any, temperature: float) 
     import torch.nn.functional as F
 
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean") * t * t
+    return (
+        F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean")
+        * t
+        * t
+    )
 
 
-def scrub_train(model: Any, teacher: Any, forget: tuple[Any, Any], retain: tuple[Any, Any], *, lr: float, max_epochs: int,
-                epochs: int, temperature: float, kl_weight: float, ce_weight: float, batch_size: int, seed: int,
-                on_epoch: Callable[[int], None], cost: Optional[Cost] = None) -> None:
+def scrub_train(
+    model: Any,
+    teacher: Any,
+    forget: tuple[Any, Any],
+    retain: tuple[Any, Any],
+    *,
+    lr: float,
+    max_epochs: int,
+    epochs: int,
+    temperature: float,
+    kl_weight: float,
+    ce_weight: float,
+    batch_size: int,
+    seed: int,
+    on_epoch: Callable[[int], None],
+    cost: Optional[Cost] = None,
+) -> None:
     """SCRUB from the model's current weights: `epochs` epochs, max pass on `forget` while epoch <= `max_epochs`,
     then a min pass on `retain`; `on_epoch(epoch)` after each (the model is left at the last epoch's weights)."""
     import torch
@@ -207,8 +245,16 @@ def _forget_sizes(sizes: Sequence[int], available: int) -> list[int]:
     return sorted(k for k in resolved | ({available} if available else set()) if k > 0)
 
 
-def run_ssd(model: Any, data: dict, forget: tuple[Any, Any], retain: tuple[Any, Any], grid: dict, sizes: Sequence[int],
-            validate: Callable[[Any], float], cost: Cost) -> dict[str, Any]:
+def run_ssd(
+    model: Any,
+    data: dict,
+    forget: tuple[Any, Any],
+    retain: tuple[Any, Any],
+    grid: dict,
+    sizes: Sequence[int],
+    validate: Callable[[Any], float],
+    cost: Cost,
+) -> dict[str, Any]:
     """SSD over the grid (forget top-k sizes x alpha x lambda), "no change" first; the model is left at the best."""
     original = {name: p.detach().clone() for name, p in _params(model).items()}
     best = {"val_accuracy": validate(model), "alpha": None, "lam": None, "forget_size": 0, "selected": 0}
@@ -223,25 +269,55 @@ def run_ssd(model: Any, data: dict, forget: tuple[Any, Any], retain: tuple[Any, 
                     new, selected = ssd_dampen(original, forget_imps[k], retain_imp, alpha, lam)
                     _load_params(model, new)
                     val = validate(model)
-                    trials.append({"forget_size": k, "alpha": alpha, "lam": lam, "selected": selected, "val_accuracy": round(val, 4)})
+                    trials.append(
+                        {
+                            "forget_size": k,
+                            "alpha": alpha,
+                            "lam": lam,
+                            "selected": selected,
+                            "val_accuracy": round(val, 4),
+                        }
+                    )
                     if val > best["val_accuracy"]:
-                        best = {"val_accuracy": val, "alpha": alpha, "lam": lam, "forget_size": k, "selected": selected,
-                                "state": {n: t.clone() for n, t in new.items()}}
+                        best = {
+                            "val_accuracy": val,
+                            "alpha": alpha,
+                            "lam": lam,
+                            "forget_size": k,
+                            "selected": selected,
+                            "state": {n: t.clone() for n, t in new.items()},
+                        }
     _load_params(model, best.pop("state", original))
     k = best["forget_size"]
-    best.update(trials=trials, retain_size=len(retain[0]) if k else 0,
-                final_train_passes=(len(retain[0]) + k) if k else 0)
+    best.update(
+        trials=trials, retain_size=len(retain[0]) if k else 0, final_train_passes=(len(retain[0]) + k) if k else 0
+    )
     return best
 
 
-def run_scrub(model: Any, data: dict, forget: tuple[Any, Any], retain: tuple[Any, Any], grid: dict, sizes: Sequence[int],
-              validate: Callable[[Any], float], cost: Cost, seed: int) -> dict[str, Any]:
+def run_scrub(
+    model: Any,
+    data: dict,
+    forget: tuple[Any, Any],
+    retain: tuple[Any, Any],
+    grid: dict,
+    sizes: Sequence[int],
+    validate: Callable[[Any], float],
+    cost: Cost,
+    seed: int,
+) -> dict[str, Any]:
     """SCRUB over the grid (forget top-k x lr x max_epochs, val at `scrub_epochs`), "no change" first; model left at the best."""
     original = copy.deepcopy(model.state_dict())
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    best: dict[str, Any] = {"val_accuracy": validate(model), "lr": None, "max_epochs": 0, "scrub_epochs": 0, "forget_size": 0}
+    best: dict[str, Any] = {
+        "val_accuracy": validate(model),
+        "lr": None,
+        "max_epochs": 0,
+        "scrub_epochs": 0,
+        "forget_size": 0,
+    }
     trials: list[dict] = []
     checkpoints = set(grid["scrub_epochs"])
     for k in _forget_sizes(sizes, len(forget[0])):
@@ -254,20 +330,53 @@ def run_scrub(model: Any, data: dict, forget: tuple[Any, Any], retain: tuple[Any
                     if epoch not in checkpoints:
                         return
                     val = validate(model)
-                    trials.append({"forget_size": k, "lr": lr, "max_epochs": max_epochs, "scrub_epochs": epoch, "val_accuracy": round(val, 4)})
+                    trials.append(
+                        {
+                            "forget_size": k,
+                            "lr": lr,
+                            "max_epochs": max_epochs,
+                            "scrub_epochs": epoch,
+                            "val_accuracy": round(val, 4),
+                        }
+                    )
                     if val > best["val_accuracy"]:
-                        best = {"val_accuracy": val, "lr": lr, "max_epochs": max_epochs, "scrub_epochs": epoch, "forget_size": k,
-                                "state": copy.deepcopy(model.state_dict())}
+                        best = {
+                            "val_accuracy": val,
+                            "lr": lr,
+                            "max_epochs": max_epochs,
+                            "scrub_epochs": epoch,
+                            "forget_size": k,
+                            "state": copy.deepcopy(model.state_dict()),
+                        }
 
-                scrub_train(model, teacher, (forget[0][:k], forget[1][:k]), retain, lr=lr, max_epochs=max_epochs,
-                            epochs=max(checkpoints), temperature=grid["scrub_temperature"], kl_weight=grid["scrub_kl_weight"],
-                            ce_weight=grid["scrub_ce_weight"], batch_size=grid["scrub_batch_size"], seed=seed,
-                            on_epoch=on_epoch, cost=cost)
+                scrub_train(
+                    model,
+                    teacher,
+                    (forget[0][:k], forget[1][:k]),
+                    retain,
+                    lr=lr,
+                    max_epochs=max_epochs,
+                    epochs=max(checkpoints),
+                    temperature=grid["scrub_temperature"],
+                    kl_weight=grid["scrub_kl_weight"],
+                    ce_weight=grid["scrub_ce_weight"],
+                    batch_size=grid["scrub_batch_size"],
+                    seed=seed,
+                    on_epoch=on_epoch,
+                    cost=cost,
+                )
     model.load_state_dict(best.pop("state", original))
     k, epochs = best["forget_size"], best["scrub_epochs"]
     passes = k * min(best["max_epochs"], epochs) + len(retain[0]) * epochs
-    best.update(trials=trials, retain_size=len(retain[0]) if epochs else 0, final_train_passes=passes, final_forward_passes=passes,
-                temperature=grid["scrub_temperature"], kl_weight=grid["scrub_kl_weight"], ce_weight=grid["scrub_ce_weight"])
+    best.update(
+        trials=trials,
+        retain_size=len(retain[0]) if epochs else 0,
+        final_train_passes=passes,
+        final_forward_passes=passes,
+        temperature=grid["scrub_temperature"],
+        kl_weight=grid["scrub_kl_weight"],
+        ce_weight=grid["scrub_ce_weight"],
+    )
     return best
 
 
@@ -288,7 +397,9 @@ def oracle_sets(data: dict, retain_size: int, forget_size: int, seed: int) -> tu
     return forget, retain
 
 
-def peer_rows(model: Any, data: dict, *, trusted_indices: Sequence[int], suspects: Sequence[int], args: Any, seed: int) -> list[dict]:
+def peer_rows(
+    model: Any, data: dict, *, trusted_indices: Sequence[int], suspects: Sequence[int], args: Any, seed: int
+) -> list[dict]:
     """SSD and SCRUB with the realistic and the oracle forget sets: four rows (see the module docstring).
 
     `model`: the uncorrected ViTForImageClassification at its final state (restored before returning);
@@ -313,7 +424,10 @@ def peer_rows(model: Any, data: dict, *, trusted_indices: Sequence[int], suspect
     rows = []
     for method in ("ssd", "scrub"):
         oracle_forget, oracle_retain = oracle_sets(data, *sizes[method], seed)
-        for forget_set, forget, retain in (("realistic", suspected, trusted), ("oracle", oracle_forget, oracle_retain)):
+        for forget_set, forget, retain in (
+            ("realistic", suspected, trusted),
+            ("oracle", oracle_forget, oracle_retain),
+        ):
             model.load_state_dict(original)
             cost, clock = Cost(), time.perf_counter()
 
@@ -331,13 +445,23 @@ def peer_rows(model: Any, data: dict, *, trusted_indices: Sequence[int], suspect
                 final = (best["final_train_passes"] + best["final_forward_passes"] / 3) / n_train
             k = best.pop("forget_size")
             chosen = forget[:k]
-            row = dict(method=method, forget_set=forget_set, oracle=forget_set == "oracle",
-                       test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
-                       val_accuracy=best.pop("val_accuracy"), val_unchanged=val_unchanged,
-                       forget_size=k, forget_available=len(forget), forget_noisy_fraction=(
-                           float(data["is_noisy"][chosen].float().mean()) if k else None),
-                       cost_epochs=cost.epochs(n_train), cost_epochs_final=final, seconds=time.perf_counter() - clock, unchanged=k == 0 or best.get("scrub_epochs") == 0,
-                       **{key: v for key, v in best.items() if not key.startswith("final_")}, **common.fit_diagnostics(model, data))
+            row = dict(
+                method=method,
+                forget_set=forget_set,
+                oracle=forget_set == "oracle",
+                test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
+                val_accuracy=best.pop("val_accuracy"),
+                val_unchanged=val_unchanged,
+                forget_size=k,
+                forget_available=len(forget),
+                forget_noisy_fraction=(float(data["is_noisy"][chosen].float().mean()) if k else None),
+                cost_epochs=cost.epochs(n_train),
+                cost_epochs_final=final,
+                seconds=time.perf_counter() - clock,
+                unchanged=k == 0 or best.get("scrub_epochs") == 0,
+                **{key: v for key, v in best.items() if not key.startswith("final_")},
+                **common.fit_diagnostics(model, data),
+            )
             rows.append(row)
     model.load_state_dict(original)
     return rows

@@ -69,16 +69,29 @@ from typing import Any, Optional
 import common
 from common import accuracy, fit_diagnostics, mean_std, train_from_scratch
 
+
 #: Fashion-MNIST classes the task uses (labels 0..4 in this order) and the ones pretraining uses.
 TASK_CLASSES: tuple[int, ...] = (0, 2, 3, 4, 6)  # T-shirt/top, Pullover, Dress, Coat, Shirt
 PRETRAIN_CLASSES: tuple[int, ...] = (1, 5, 7, 8, 9)  # Trouser, Sandal, Sneaker, Bag, Ankle boot
 #: Asymmetric noise inside the task (task labels): T-shirt <-> Shirt, Pullover <-> Coat, Dress -> Coat.
 TASK_ASYMMETRIC_MAP: dict[int, int] = {0: 4, 4: 0, 1: 3, 3: 1, 2: 3}
-NOISES: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4),
-                                        "inst40": ("instance", 0.4)}
+NOISES: dict[str, tuple[str, float]] = {
+    "sym40": ("symmetric", 0.4),
+    "asym40": ("asymmetric", 0.4),
+    "inst40": ("instance", 0.4),
+}
 #: Row methods in table order.
-METHODS = ("none", "best_epoch", "oracle", "sap", "sap_paper", "sap_curvature", "refine", "sap+refine",
-           "finetune_trusted")
+METHODS = (
+    "none",
+    "best_epoch",
+    "oracle",
+    "sap",
+    "sap_paper",
+    "sap_curvature",
+    "refine",
+    "sap+refine",
+    "finetune_trusted",
+)
 METHOD_GROUPS = ("core", "curvature", "peers")
 #: The arguments that define a fine-tuned model (its cache key).
 FT_KEYS = ("train_size", "val_size", "lr", "warmup_share", "batch_size", "weight_decay")
@@ -88,20 +101,37 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     import accuracy as accuracy_bench
 
     parser = common.run_parser(__doc__.split("\n\n")[0])
-    parser.set_defaults(train_size=1000, val_size=1000, test_size=5000, ft_epochs=[1, 2, 5, 10, 20, 40],
-                        cache_dir=None)
+    parser.set_defaults(
+        train_size=1000, val_size=1000, test_size=5000, ft_epochs=[1, 2, 5, 10, 20, 40], cache_dir=None
+    )
     parser.add_argument("--noises", nargs="+", default=list(NOISES), choices=list(NOISES))
-    parser.add_argument("--lengths", nargs="+", type=int, default=[5, 20, 40], help="fine-tuning epochs (one run each)")
-    parser.add_argument("--warmup_share", type=float, default=None,
-                        help="warm-up as a share of each fine-tuning run (default: the recipe's warmup_steps)")
+    parser.add_argument(
+        "--lengths", nargs="+", type=int, default=[5, 20, 40], help="fine-tuning epochs (one run each)"
+    )
+    parser.add_argument(
+        "--warmup_share",
+        type=float,
+        default=None,
+        help="warm-up as a share of each fine-tuning run (default: the recipe's warmup_steps)",
+    )
     parser.add_argument("--pretrain_size", type=int, default=10000)
     parser.add_argument("--pretrain_epochs", type=int, default=20)
-    parser.add_argument("--methods", nargs="*", default=[], choices=[g for g in METHOD_GROUPS if g != "core"],
-                        help="extra row groups: curvature (sap_curvature), peers (benchmarks/peers.py); the core rows always run")
+    parser.add_argument(
+        "--methods",
+        nargs="*",
+        default=[],
+        choices=[g for g in METHOD_GROUPS if g != "core"],
+        help="extra row groups: curvature (sap_curvature), peers (benchmarks/peers.py); the core rows always run",
+    )
     parser.add_argument("--out_name", default="pretrained", help="<out_dir>/<out_name>.json / .png")
-    parser.add_argument("--train_only", action="store_true", help="pretrain and fine-tune into --cache_dir, no methods")
-    parser.add_argument("--replot", action="store_true",
-                        help="only recompute the summary, targets, table and figure from <out_dir>/<out_name>.json's rows")
+    parser.add_argument(
+        "--train_only", action="store_true", help="pretrain and fine-tune into --cache_dir, no methods"
+    )
+    parser.add_argument(
+        "--replot",
+        action="store_true",
+        help="only recompute the summary, targets, table and figure from <out_dir>/<out_name>.json's rows",
+    )
     accuracy_bench.add_refine_arguments(parser, epochs=[1, 2, 4])
     args = common.finish_args(parser.parse_args(argv), argv)
     if args.warmup_share is None:
@@ -176,15 +206,22 @@ def load_task_data(noise: str, seed: int, args: argparse.Namespace) -> dict[str,
         if noise_type == "asymmetric":
             extra["asymmetric_map"] = TASK_ASYMMETRIC_MAP
         if noise_type == "instance":
-            extra["probabilities"] = cross_fitted_probabilities(train_src.images[index["train"]], clean, len(TASK_CLASSES),
-                                                                seed=seed)
-        noisy, _ = add_label_noise(clean, rate, noise_type=noise_type, num_classes=len(TASK_CLASSES), seed=seed, **extra)
+            extra["probabilities"] = cross_fitted_probabilities(
+                train_src.images[index["train"]], clean, len(TASK_CLASSES), seed=seed
+            )
+        noisy, _ = add_label_noise(
+            clean, rate, noise_type=noise_type, num_classes=len(TASK_CLASSES), seed=seed, **extra
+        )
     data: dict[str, Any] = {}
     data["train_x"], data["train_y"] = _tensors(train_src.images[index["train"]], noisy)
     data["clean_y"] = torch.as_tensor(clean, dtype=torch.long)
     data["is_noisy"] = data["train_y"] != data["clean_y"]
-    data["val_x"], data["val_y"] = _tensors(train_src.images[index["val"]], _task_labels(train_src.labels[index["val"]], TASK_CLASSES))
-    data["test_x"], data["test_y"] = _tensors(test_src.images[index["test"]], _task_labels(test_src.labels[index["test"]], TASK_CLASSES))
+    data["val_x"], data["val_y"] = _tensors(
+        train_src.images[index["val"]], _task_labels(train_src.labels[index["val"]], TASK_CLASSES)
+    )
+    data["test_x"], data["test_y"] = _tensors(
+        test_src.images[index["test"]], _task_labels(test_src.labels[index["test"]], TASK_CLASSES)
+    )
     return data
 
 
@@ -217,8 +254,17 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def pretrain_path(args: argparse.Namespace) -> Path:
-    key = _key({"size": args.pretrain_size, "epochs": args.pretrain_epochs, "lr": args.lr, "batch_size": args.batch_size,
-                "hidden_size": args.hidden_size, "num_layers": args.num_layers, "patch_size": args.patch_size})
+    key = _key(
+        {
+            "size": args.pretrain_size,
+            "epochs": args.pretrain_epochs,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "hidden_size": args.hidden_size,
+            "num_layers": args.num_layers,
+            "patch_size": args.patch_size,
+        }
+    )
     return _cache_dir(args) / f"pretrained_{key}"
 
 
@@ -243,20 +289,35 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     train = _stratified_choice(pool, train_src.labels[pool], args.pretrain_size, rng)
     test = np.flatnonzero(np.isin(test_src.labels, PRETRAIN_CLASSES))[:2000]
     data: dict[str, Any] = {}
-    data["train_x"], data["train_y"] = _tensors(train_src.images[train], _task_labels(train_src.labels[train], PRETRAIN_CLASSES))
-    data["val_x"], data["val_y"] = _tensors(test_src.images[test], _task_labels(test_src.labels[test], PRETRAIN_CLASSES))
+    data["train_x"], data["train_y"] = _tensors(
+        train_src.images[train], _task_labels(train_src.labels[train], PRETRAIN_CLASSES)
+    )
+    data["val_x"], data["val_y"] = _tensors(
+        test_src.images[test], _task_labels(test_src.labels[test], PRETRAIN_CLASSES)
+    )
     pre_args = copy.copy(args)
     pre_args.epochs, pre_args.warmup_epochs = args.pretrain_epochs, args.warmup_share * args.pretrain_epochs
     torch.manual_seed(0)
-    config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size,
-                             num_labels=len(PRETRAIN_CLASSES), id2label=class_names(PRETRAIN_CLASSES))
+    config = tiny_vit_config(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.num_layers,
+        patch_size=args.patch_size,
+        num_labels=len(PRETRAIN_CLASSES),
+        id2label=class_names(PRETRAIN_CLASSES),
+    )
     model = ViTForImageClassification(config)
     trained = train_from_scratch(model, data, pre_args, seed=0)
     path.mkdir(parents=True, exist_ok=True)
     model.vit.save_pretrained(path)  # the backbone only: a headless checkpoint, like ViT-in21k
-    record = {"path": str(path), "classes": list(PRETRAIN_CLASSES), "train_images": int(len(train)),
-              "epochs": args.pretrain_epochs, "final_accuracy_on_pretrain_test": trained["history"][-1],
-              "history": trained["history"], "seconds": trained["seconds"]}
+    record = {
+        "path": str(path),
+        "classes": list(PRETRAIN_CLASSES),
+        "train_images": int(len(train)),
+        "epochs": args.pretrain_epochs,
+        "final_accuracy_on_pretrain_test": trained["history"][-1],
+        "history": trained["history"],
+        "seconds": trained["seconds"],
+    }
     common.write_json(record_path, record)
     return record
 
@@ -272,12 +333,17 @@ def new_model(seed: int, args: argparse.Namespace) -> Any:
     from transformers import ViTForImageClassification
 
     torch.manual_seed(seed)
-    return ViTForImageClassification.from_pretrained(pretrain_path(args), num_labels=len(TASK_CLASSES),
-                                                     id2label=class_names(TASK_CLASSES),
-                                                     label2id={v: k for k, v in class_names(TASK_CLASSES).items()})
+    return ViTForImageClassification.from_pretrained(
+        pretrain_path(args),
+        num_labels=len(TASK_CLASSES),
+        id2label=class_names(TASK_CLASSES),
+        label2id={v: k for k, v in class_names(TASK_CLASSES).items()},
+    )
 
 
-def finetuned(noise: str, seed: int, epochs: int, args: argparse.Namespace, data: Optional[dict] = None) -> dict[str, Any]:
+def finetuned(
+    noise: str, seed: int, epochs: int, args: argparse.Namespace, data: Optional[dict] = None
+) -> dict[str, Any]:
     """The fine-tuned model of (noise or 'clean', seed, epochs): `model` (final state), `early_model` (best val),
     `trained` (history, best epoch, seconds), `data`. Trained and cached on first use."""
     import torch
@@ -299,8 +365,14 @@ def finetuned(noise: str, seed: int, epochs: int, args: argparse.Namespace, data
         path.with_suffix(".tmp").replace(path)
     early_model = new_model(seed, args)
     early_model.load_state_dict(trained["best"]["state"])
-    return {"data": data, "model": model, "early_model": early_model, "trained": trained, "config": model.config,
-            "train_set": common.TensorExamples(data["train_x"], data["train_y"])}
+    return {
+        "data": data,
+        "model": model,
+        "early_model": early_model,
+        "trained": trained,
+        "config": model.config,
+        "train_set": common.TensorExamples(data["train_x"], data["train_y"]),
+    }
 
 
 def _train_worker(task: tuple[str, int, int, argparse.Namespace]) -> dict[str, Any]:
@@ -311,10 +383,12 @@ def _train_worker(task: tuple[str, int, int, argparse.Namespace]) -> dict[str, A
     start = time.perf_counter()
     run = finetuned(noise, seed, epochs, args)
     fit = fit_diagnostics(run["model"], run["data"]) if noise != "clean" else {}
-    print(f"[pretrained] fine-tuned {noise} seed {seed} {epochs} ep in {time.perf_counter() - start:.0f}s "
-          f"(best epoch {run['trained']['best']['epoch']}, {fit})", flush=True)
+    print(
+        f"[pretrained] fine-tuned {noise} seed {seed} {epochs} ep in {time.perf_counter() - start:.0f}s "
+        f"(best epoch {run['trained']['best']['epoch']}, {fit})",
+        flush=True,
+    )
     return {"noise": noise, "seed": seed, "epochs": epochs, "seconds": run["trained"]["seconds"]}
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,12 +412,27 @@ def sap_method(run: dict[str, Any], state: dict, config: Any, base: dict[str, An
     result = sap_correct(model, run["train_set"], config=config, evaluate_fn=_val_fn(data), show_progress=False)
     seconds = time.perf_counter() - clock
     index = torch.as_tensor(result.trusted_indices, dtype=torch.long)
-    row = dict(base, method=method, test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-               val_accuracy=result.final_metrics["accuracy"], alpha=result.alpha, kind_alphas=result.kind_alphas,
-               rule=config.selection_rule, trusted_per_class=config.trusted_per_class, alpha_scope=config.alpha_scope,
-               num_trusted=result.num_trusted, purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
-               selection_seconds=result.timings.get("selection"), seconds=seconds, **fit_diagnostics(model, data))
-    out = {"row": row, "state": copy.deepcopy(model.state_dict()), "trusted_indices": [int(i) for i in result.trusted_indices]}
+    row = dict(
+        base,
+        method=method,
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=result.final_metrics["accuracy"],
+        alpha=result.alpha,
+        kind_alphas=result.kind_alphas,
+        rule=config.selection_rule,
+        trusted_per_class=config.trusted_per_class,
+        alpha_scope=config.alpha_scope,
+        num_trusted=result.num_trusted,
+        purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
+        selection_seconds=result.timings.get("selection"),
+        seconds=seconds,
+        **fit_diagnostics(model, data),
+    )
+    out = {
+        "row": row,
+        "state": copy.deepcopy(model.state_dict()),
+        "trusted_indices": [int(i) for i in result.trusted_indices],
+    }
     model.load_state_dict(state)
     return out
 
@@ -351,7 +440,6 @@ def sap_method(run: dict[str, Any], state: dict, config: Any, base: dict[str, An
 def audit_metrics(audit: Any, data: dict[str, Any]) -> dict[str, float]:
     """The audit's ranking and flags against the hidden truth (label_audit.detector_metrics: AP, AUROC, P, R)."""
     import torch
-
     from label_audit import detector_metrics
 
     n = len(data["train_y"])
@@ -365,7 +453,9 @@ def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
     from sap_hf import audit_labels
     from sap_hf.runtime.passes import Runtime
 
-    return audit_labels(model, run["train_set"], views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False))
+    return audit_labels(
+        model, run["train_set"], views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False)
+    )
 
 
 def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -382,24 +472,61 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
     final_state = copy.deepcopy(model.state_dict())
     base = {"noise": noise, "seed": seed, "epochs": epochs}
     test = lambda m: accuracy(m, data["test_x"], data["test_y"])
-    rows = [dict(base, method="none", test_accuracy=test(model), val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
-                 **fit_diagnostics(model, data)),
-            dict(base, method="best_epoch", test_accuracy=test(early_model), val_accuracy=trained["best"]["val_accuracy"],
-                 best_epoch=trained["best"]["epoch"], **fit_diagnostics(early_model, data))]
+    rows = [
+        dict(
+            base,
+            method="none",
+            test_accuracy=test(model),
+            val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
+            **fit_diagnostics(model, data),
+        ),
+        dict(
+            base,
+            method="best_epoch",
+            test_accuracy=test(early_model),
+            val_accuracy=trained["best"]["val_accuracy"],
+            best_epoch=trained["best"]["epoch"],
+            **fit_diagnostics(early_model, data),
+        ),
+    ]
     oracle = finetuned("clean", seed, epochs, args, data=dict(data, train_y=data["clean_y"]))["early_model"]
-    rows.append(dict(base, method="oracle", test_accuracy=test(oracle), val_accuracy=accuracy(oracle, data["val_x"], data["val_y"]),
-                     **fit_diagnostics(oracle, data)))
+    rows.append(
+        dict(
+            base,
+            method="oracle",
+            test_accuracy=test(oracle),
+            val_accuracy=accuracy(oracle, data["val_x"], data["val_y"]),
+            **fit_diagnostics(oracle, data),
+        )
+    )
     timing: dict[str, float] = {}
     sap = sap_method(run, final_state, common.recipe_sap_config(batch_size=500), base, "sap")
     paper = sap_method(run, final_state, SAPConfig(**common.PAPER_SAP, batch_size=500), base, "sap_paper")
     rows += [sap["row"], paper["row"]]
     if "curvature" in args.methods:
-        rows.append(sap_method(run, final_state, common.recipe_sap_config(batch_size=500, selection_rule="curvature"),
-                               base, "sap_curvature")["row"])
+        rows.append(
+            sap_method(
+                run,
+                final_state,
+                common.recipe_sap_config(batch_size=500, selection_rule="curvature"),
+                base,
+                "sap_curvature",
+            )["row"]
+        )
     trusted = torch.as_tensor(sap["trusted_indices"], dtype=torch.long)
     ft = common.finetune_grid(model, final_state, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
-    rows.append(dict(base, method="finetune_trusted", test_accuracy=ft["test_accuracy"], val_accuracy=ft["val_accuracy"],
-                     lr=ft["lr"], ft_epochs=ft["epochs"], noisy_fit=ft["noisy_fit"], clean_fit=ft["clean_fit"]))
+    rows.append(
+        dict(
+            base,
+            method="finetune_trusted",
+            test_accuracy=ft["test_accuracy"],
+            val_accuracy=ft["val_accuracy"],
+            lr=ft["lr"],
+            ft_epochs=ft["epochs"],
+            noisy_fit=ft["noisy_fit"],
+            clean_fit=ft["clean_fit"],
+        )
+    )
     audits = {}
     for name, state, row in (("refine", final_state, rows[0]), ("sap+refine", sap["state"], sap["row"])):
         clock = time.perf_counter()
@@ -408,31 +535,56 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         audits[name] = audit
         refined = accuracy_bench.sap_refine_row(model, state, row, run, args, method=name, audit=audit)
         after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)
-        refined.update(audit_ap_before=audit_metrics(audit, data)["average_precision"],
-                       audit_after=audit_metrics(after, data), seconds=time.perf_counter() - clock)
+        refined.update(
+            audit_ap_before=audit_metrics(audit, data)["average_precision"],
+            audit_after=audit_metrics(after, data),
+            seconds=time.perf_counter() - clock,
+        )
         rows.append(dict(base, **refined))
         timing[name] = refined["seconds"]
     model.load_state_dict(final_state)
     if "peers" in args.methods:
-        rows += peer_method_rows(model, data, sap["trusted_indices"], audits["sap+refine"].suspected_indices(), base, args, seed)
+        rows += peer_method_rows(
+            model, data, sap["trusted_indices"], audits["sap+refine"].suspected_indices(), base, args, seed
+        )
     none_test = rows[0]["test_accuracy"]
     for row in rows:
         row["gain_vs_none"] = row["test_accuracy"] - none_test
-    return {"noise": noise, "seed": seed, "epochs": epochs, "rows": rows,
-            "run": {**base, "val_history": trained["history"], "best_epoch": trained["best"]["epoch"],
-                    "train_seconds": trained["seconds"], "actual_noise_rate": float(data["is_noisy"].float().mean()),
-                    "seconds": time.perf_counter() - started, "timing": timing}}
+    return {
+        "noise": noise,
+        "seed": seed,
+        "epochs": epochs,
+        "rows": rows,
+        "run": {
+            **base,
+            "val_history": trained["history"],
+            "best_epoch": trained["best"]["epoch"],
+            "train_seconds": trained["seconds"],
+            "actual_noise_rate": float(data["is_noisy"].float().mean()),
+            "seconds": time.perf_counter() - started,
+            "timing": timing,
+        },
+    }
 
 
-def peer_method_rows(model: Any, data: dict[str, Any], trusted: list[int], suspects: list[int], base: dict[str, Any],
-                     args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+def peer_method_rows(
+    model: Any,
+    data: dict[str, Any],
+    trusted: list[int],
+    suspects: list[int],
+    base: dict[str, Any],
+    args: argparse.Namespace,
+    seed: int,
+) -> list[dict[str, Any]]:
     """`benchmarks/peers.py`'s rows (SSD, SCRUB) on the uncorrected model, when that file exists."""
     try:
         import peers
     except ImportError:
         print("[pretrained] --methods peers: benchmarks/peers.py is not there; no peer rows.", flush=True)
         return []
-    rows = peers.peer_rows(copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed)
+    rows = peers.peer_rows(
+        copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed
+    )
     return [dict(base, **row) for row in rows]
 
 
@@ -440,8 +592,11 @@ def _cell_worker(task: tuple[str, int, int, argparse.Namespace]) -> dict[str, An
     noise, seed, epochs, args = task
     result = run_cell(noise, seed, epochs, args)
     by = {r["method"]: r["test_accuracy"] for r in result["rows"]}
-    print(f"[pretrained] {noise} seed {seed} {epochs} ep done in {result['run']['seconds']:.0f}s: "
-          + " ".join(f"{m}={100 * by[m]:.1f}" for m in METHODS if m in by), flush=True)
+    print(
+        f"[pretrained] {noise} seed {seed} {epochs} ep done in {result['run']['seconds']:.0f}s: "
+        + " ".join(f"{m}={100 * by[m]:.1f}" for m in METHODS if m in by),
+        flush=True,
+    )
     return result
 
 
@@ -454,15 +609,20 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per noise, length and method: test / val accuracy, noisy_fit (mean, std over seeds), the SAP choices."""
     out: dict[str, Any] = {}
     for row in rows:
-        method = f"{row['method']} ({row['forget_set']})" if row.get("forget_set") else row["method"]  # peers: one per forget set
+        method = (
+            f"{row['method']} ({row['forget_set']})" if row.get("forget_set") else row["method"]
+        )  # peers: one per forget set
         entry = out.setdefault(row["noise"], {}).setdefault(str(row["epochs"]), {}).setdefault(method, [])
         entry.append(row)
     summary: dict[str, Any] = {}
     for noise, lengths in out.items():
         for length, methods in lengths.items():
             for method, chosen in methods.items():
-                entry = {k: mean_std([r[k] for r in chosen]) for k in ("test_accuracy", "val_accuracy", "noisy_fit", "gain_vs_none")
-                         if all(r.get(k) is not None for r in chosen)}
+                entry = {
+                    k: mean_std([r[k] for r in chosen])
+                    for k in ("test_accuracy", "val_accuracy", "noisy_fit", "gain_vs_none")
+                    if all(r.get(k) is not None for r in chosen)
+                }
                 for k in ("purity", "selection_seconds", "audit_ap_before"):
                     if all(r.get(k) is not None for r in chosen):
                         entry[k] = mean_std([r[k] for r in chosen])
@@ -499,15 +659,19 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
             mean = {k: 100 * v["test_accuracy"]["mean"] for k, v in m.items()}
             gap = mean["oracle"] - mean["none"]
             closed = (mean["sap+refine"] - mean["none"]) / gap if gap > 0.5 else None  # no gap: nothing to close
-            verdicts.append({
-                "noise": noise, "epochs": int(length),
-                "sap+refine_minus_best_epoch": mean["sap+refine"] - mean["best_epoch"],
-                "target_sap+refine_ge_best_epoch_plus_1": mean["sap+refine"] >= mean["best_epoch"] + 1,
-                "oracle_minus_none": gap, "gap_closed": closed,
-                "target_gap_closed_ge_50pct": None if closed is None else bool(closed >= 0.5),
-                "sap_minus_none": mean["sap"] - mean["none"],
-                "target_sap_ge_none_minus_0.5": mean["sap"] >= mean["none"] - 0.5,
-            })
+            verdicts.append(
+                {
+                    "noise": noise,
+                    "epochs": int(length),
+                    "sap+refine_minus_best_epoch": mean["sap+refine"] - mean["best_epoch"],
+                    "target_sap+refine_ge_best_epoch_plus_1": mean["sap+refine"] >= mean["best_epoch"] + 1,
+                    "oracle_minus_none": gap,
+                    "gap_closed": closed,
+                    "target_gap_closed_ge_50pct": None if closed is None else bool(closed >= 0.5),
+                    "sap_minus_none": mean["sap"] - mean["none"],
+                    "target_sap_ge_none_minus_0.5": mean["sap"] >= mean["none"] - 0.5,
+                }
+            )
     return verdicts
 
 
@@ -519,31 +683,48 @@ def selection_cost(rows: list[dict[str, Any]]) -> dict[str, Any]:
             by_rule.setdefault(row["rule"], []).append(row["selection_seconds"])
     means = {rule: statistics.fmean(v) for rule, v in by_rule.items()}
     loss = means.get("loss")
-    return {rule: {"seconds": mean_std(v), "ratio_to_loss": means[rule] / loss if loss else None} for rule, v in by_rule.items()}
+    return {
+        rule: {"seconds": mean_std(v), "ratio_to_loss": means[rule] / loss if loss else None}
+        for rule, v in by_rule.items()
+    }
 
 
 def print_table(summary: dict[str, Any], verdicts: list[dict[str, Any]], cost: dict[str, Any]) -> None:
     pct = lambda s: f"{100 * s['mean']:5.1f}±{100 * s['std']:3.1f}"
     for noise, lengths in summary.items():
         print(f"\n== {noise}: test accuracy (%) of the 5-class task, mean ± std over seeds ==")
-        print(f"{'method':18s} " + " ".join(f"{f'{e} ep':>11s} {'fit':>5s}" for e in lengths) + "  choices (per seed, last length)")
+        print(
+            f"{'method':18s} "
+            + " ".join(f"{f'{e} ep':>11s} {'fit':>5s}" for e in lengths)
+            + "  choices (per seed, last length)"
+        )
         methods = [m for m in METHODS if any(m in v for v in lengths.values())]
         methods += [m for v in lengths.values() for m in v if m not in methods]
         for method in dict.fromkeys(methods):
             cells = []
             for entry in (lengths[e].get(method) for e in lengths):
-                cells.append(f"{pct(entry['test_accuracy']):>11s} {100 * entry['noisy_fit']['mean']:4.0f}%"
-                             if entry and "noisy_fit" in entry else f"{pct(entry['test_accuracy']) if entry else '-':>11s} {'':5s}")
+                cells.append(
+                    f"{pct(entry['test_accuracy']):>11s} {100 * entry['noisy_fit']['mean']:4.0f}%"
+                    if entry and "noisy_fit" in entry
+                    else f"{pct(entry['test_accuracy']) if entry else '-':>11s} {'':5s}"
+                )
             last = lengths[list(lengths)[-1]].get(method)
-            print(f"{method:18s} " + " ".join(cells) + "  " + (" ".join(c for c in last["choices"] if c) if last else ""))
+            print(
+                f"{method:18s} " + " ".join(cells) + "  " + (" ".join(c for c in last["choices"] if c) if last else "")
+            )
     print("\n== Targets (means over seeds, points) ==")
     for v in verdicts:
-        print(f"{v['noise']:7s} {v['epochs']:4d} ep: sap+refine - best_epoch {v['sap+refine_minus_best_epoch']:+5.1f} "
-              f"({'met' if v['target_sap+refine_ge_best_epoch_plus_1'] else 'MISSED'}); gap closed "
-              + (f"{100 * v['gap_closed']:5.0f}% ({'met' if v['target_gap_closed_ge_50pct'] else 'MISSED'})"
-                 if v["gap_closed"] is not None else f"n/a (oracle - none {v['oracle_minus_none']:+.1f})")
-              + "; sap - none "
-              f"{v['sap_minus_none']:+5.1f} ({'met' if v['target_sap_ge_none_minus_0.5'] else 'MISSED'})")
+        print(
+            f"{v['noise']:7s} {v['epochs']:4d} ep: sap+refine - best_epoch {v['sap+refine_minus_best_epoch']:+5.1f} "
+            f"({'met' if v['target_sap+refine_ge_best_epoch_plus_1'] else 'MISSED'}); gap closed "
+            + (
+                f"{100 * v['gap_closed']:5.0f}% ({'met' if v['target_gap_closed_ge_50pct'] else 'MISSED'})"
+                if v["gap_closed"] is not None
+                else f"n/a (oracle - none {v['oracle_minus_none']:+.1f})"
+            )
+            + "; sap - none "
+            f"{v['sap_minus_none']:+5.1f} ({'met' if v['target_sap_ge_none_minus_0.5'] else 'MISSED'})"
+        )
     print("\n== Trusted selection cost per rule (s per cell, and x the 'loss' rule) ==")
     for rule, c in cost.items():
         print(f"  {rule:12s} {c['seconds']['mean']:6.2f} s  x{c['ratio_to_loss'] or float('nan'):.1f}")
@@ -555,10 +736,17 @@ def plot(summary: dict[str, Any], path: Path) -> list[str]:
     if plt is None:
         return []
     figure, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 4.2), squeeze=False, sharey=True)
-    styles = {"none": dict(color="grey", ls="--"), "best_epoch": dict(color="green", ls="-."),
-              "oracle": dict(color="black", ls=":"), "sap+refine": dict(color="red", lw=2.2), "sap": dict(color="orange"),
-              "refine": dict(color="tab:cyan"), "finetune_trusted": dict(color="purple", ls="--"),
-              "sap_paper": dict(color="tab:blue"), "sap_curvature": dict(color="brown")}
+    styles = {
+        "none": dict(color="grey", ls="--"),
+        "best_epoch": dict(color="green", ls="-."),
+        "oracle": dict(color="black", ls=":"),
+        "sap+refine": dict(color="red", lw=2.2),
+        "sap": dict(color="orange"),
+        "refine": dict(color="tab:cyan"),
+        "finetune_trusted": dict(color="purple", ls="--"),
+        "sap_paper": dict(color="tab:blue"),
+        "sap_curvature": dict(color="brown"),
+    }
     for axis, (noise, lengths) in zip(axes[0], summary.items()):
         xs = [int(e) for e in lengths]
         methods = dict.fromkeys(m for v in lengths.values() for m in v)
@@ -567,7 +755,9 @@ def plot(summary: dict[str, Any], path: Path) -> list[str]:
             axis.plot(*zip(*points), marker="o", ms=3, label=method, **styles.get(method, {}))
         fits = [f"{100 * lengths[str(e)]['none']['noisy_fit']['mean']:.0f}%" for e in xs if "none" in lengths[str(e)]]
         axis.set_xscale("log")
-        axis.set_xticks(xs, [f"{e}\n(fit {f})" for e, f in zip(xs, fits)] if len(fits) == len(xs) else [str(e) for e in xs])
+        axis.set_xticks(
+            xs, [f"{e}\n(fit {f})" for e, f in zip(xs, fits)] if len(fits) == len(xs) else [str(e) for e in xs]
+        )
         axis.minorticks_off()
         axis.set_xlabel("fine-tuning epochs (fit: share of the wrong labels the model predicts)", fontsize=8)
         axis.set_title(f"{noise}: pretrained tiny ViT fine-tuned on 5 noisy classes", fontsize=9)
@@ -575,7 +765,6 @@ def plot(summary: dict[str, Any], path: Path) -> list[str]:
     axes[0][0].set_ylabel("clean test accuracy (%)")
     axes[0][-1].legend(fontsize=7, loc="lower left")
     return [common.save_figure(figure, path)]
-
 
 
 def _seed_worker(task: tuple[int, int, argparse.Namespace]) -> dict[str, Any]:
@@ -589,22 +778,48 @@ def _seed_worker(task: tuple[int, int, argparse.Namespace]) -> dict[str, Any]:
             _train_worker((noise, seed, epochs, args))
     if args.train_only:
         return {"seed": seed, "epochs": epochs, "cells": []}
-    return {"seed": seed, "epochs": epochs, "cells": [_cell_worker((noise, seed, epochs, args)) for noise in args.noises]}
+    return {
+        "seed": seed,
+        "epochs": epochs,
+        "cells": [_cell_worker((noise, seed, epochs, args)) for noise in args.noises],
+    }
 
 
-def build_record(args: argparse.Namespace, results: list[dict[str, Any]], pretraining: dict[str, Any],
-                 started: float, out_dir: Path, final: bool) -> dict[str, Any]:
-    cells = sorted((c for r in results for c in r["cells"]), key=lambda c: (args.noises.index(c["noise"]), c["seed"], c["epochs"]))
-    rows = sorted((row for c in cells for row in c["rows"]), key=lambda r: (args.noises.index(r["noise"]), r["epochs"], r["seed"]))
+def build_record(
+    args: argparse.Namespace,
+    results: list[dict[str, Any]],
+    pretraining: dict[str, Any],
+    started: float,
+    out_dir: Path,
+    final: bool,
+) -> dict[str, Any]:
+    cells = sorted(
+        (c for r in results for c in r["cells"]), key=lambda c: (args.noises.index(c["noise"]), c["seed"], c["epochs"])
+    )
+    rows = sorted(
+        (row for c in cells for row in c["rows"]),
+        key=lambda r: (args.noises.index(r["noise"]), r["epochs"], r["seed"]),
+    )
     summary, cost = summarise(rows), selection_cost(rows)
-    record = {"rows": rows, "summary": summary, "targets": targets(summary), "selection_cost": cost,
-              "runs": [c["run"] for c in cells], "pretraining": pretraining, "complete": final,
-              "task": {"classes": class_names(TASK_CLASSES), "pretrain_classes": class_names(PRETRAIN_CLASSES),
-                       "asymmetric_map": {str(k): v for k, v in TASK_ASYMMETRIC_MAP.items()},
-                       "noises": {k: {"noise_type": t, "noise_rate": r} for k, (t, r) in NOISES.items() if k in args.noises}},
-              "config": {k: v for k, v in vars(args).items() if k != "out_dir"},
-              "recipe_sap_config": common.recipe_sap_config(batch_size=500).to_dict(),
-              "environment": common.environment(), "elapsed_seconds": time.perf_counter() - started}
+    record = {
+        "rows": rows,
+        "summary": summary,
+        "targets": targets(summary),
+        "selection_cost": cost,
+        "runs": [c["run"] for c in cells],
+        "pretraining": pretraining,
+        "complete": final,
+        "task": {
+            "classes": class_names(TASK_CLASSES),
+            "pretrain_classes": class_names(PRETRAIN_CLASSES),
+            "asymmetric_map": {str(k): v for k, v in TASK_ASYMMETRIC_MAP.items()},
+            "noises": {k: {"noise_type": t, "noise_rate": r} for k, (t, r) in NOISES.items() if k in args.noises},
+        },
+        "config": {k: v for k, v in vars(args).items() if k != "out_dir"},
+        "recipe_sap_config": common.recipe_sap_config(batch_size=500).to_dict(),
+        "environment": common.environment(),
+        "elapsed_seconds": time.perf_counter() - started,
+    }
     if final and not args.no_plot and rows:
         record["plots"] = [os.path.relpath(p, out_dir) for p in plot(summary, out_dir / f"{args.out_name}.png")]
     return record
@@ -618,8 +833,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.replot:
         return replot(args, out_dir)
     pretraining = pretrain(args)
-    print(f"[pretrained] backbone: {pretraining['path']} (accuracy on its own classes "
-          f"{pretraining['final_accuracy_on_pretrain_test']:.3f})", flush=True)
+    print(
+        f"[pretrained] backbone: {pretraining['path']} (accuracy on its own classes "
+        f"{pretraining['final_accuracy_on_pretrain_test']:.3f})",
+        flush=True,
+    )
     # Seed by seed (a run cut short has whole seeds), the longest fine-tuning of a seed first.
     tasks = [(seed, epochs, args) for seed in args.seeds for epochs in sorted(args.lengths, reverse=True)]
     path = out_dir / f"{args.out_name}.json"
@@ -637,6 +855,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 
+
 def replot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Summary, targets, selection cost, figure and table again from the recorded rows (no training)."""
     path = out_dir / f"{args.out_name}.json"
@@ -644,7 +863,9 @@ def replot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     record["summary"] = summarise(record["rows"])
     record["targets"], record["selection_cost"] = targets(record["summary"]), selection_cost(record["rows"])
     if not args.no_plot and record["rows"]:
-        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(record["summary"], out_dir / f"{args.out_name}.png")]
+        record["plots"] = [
+            os.path.relpath(p, out_dir) for p in plot(record["summary"], out_dir / f"{args.out_name}.png")
+        ]
     common.write_json(path, record)
     print_table(record["summary"], record["targets"], record["selection_cost"])
     return record

@@ -39,12 +39,15 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import common
-from sap_hf.runtime.passes import Runtime
 from common import RULES, accuracy, finetune_grid, prepare_run
+
+from sap_hf.runtime.passes import Runtime
+
 
 LAYER_VARIANTS: dict[str, tuple[str, ...]] = {
     "all": ("attention", "fc1", "fc2", "head"),
@@ -83,10 +86,10 @@ class Projector:
     """Statistics of one trusted set, and new weights for any (layer kind -> alpha) choice."""
 
     def __init__(self, model: Any, examples: Any, head: str):
-        from sap_hf.core.targets import find_target_modules
         from sap_hf.core.projection import current_weights
         from sap_hf.core.search import eigenbases
         from sap_hf.core.stats import collect_statistics
+        from sap_hf.core.targets import find_target_modules
 
         targets = find_target_modules(model, None, None, True)
         self.stats = collect_statistics(model, examples, targets, runtime=Runtime(batch_size=500, show_progress=False))
@@ -107,8 +110,9 @@ class Projector:
         return new
 
 
-def best_on_val(model: Any, projector: Projector, choices: Sequence[Mapping[str, float | None]],
-                data: Mapping[str, Any]) -> tuple[Mapping[str, float | None], float]:
+def best_on_val(
+    model: Any, projector: Projector, choices: Sequence[Mapping[str, float | None]], data: Mapping[str, Any]
+) -> tuple[Mapping[str, float | None], float]:
     """The choice with the best val accuracy ("unchanged" = `{}` is always a candidate, ties to earlier)."""
     from sap_hf.core.projection import write_weights
 
@@ -138,16 +142,39 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     head = next(n for n in find_target_modules(model, None, None, True) if n.startswith("classifier"))
     none_test = accuracy(model, data["test_x"], data["test_y"])
     base = {"setting": setting, "seed": seed}
-    rows = [dict(base, variant="none", alpha=None, val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
-                 test_accuracy=none_test)]
+    rows = [
+        dict(
+            base,
+            variant="none",
+            alpha=None,
+            val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
+            test_accuracy=none_test,
+        )
+    ]
 
     def add(variant: str, projector: Projector, choice: Mapping[str, float | None], val: float, **extra: Any) -> None:
         write_weights(model, projector.weights(choice))
-        rows.append(dict(base, variant=variant, alpha=dict(choice) or None, val_accuracy=val,
-                         test_accuracy=accuracy(model, data["test_x"], data["test_y"]), **extra))
+        rows.append(
+            dict(
+                base,
+                variant=variant,
+                alpha=dict(choice) or None,
+                val_accuracy=val,
+                test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+                **extra,
+            )
+        )
         write_weights(model, projector.originals)
 
-    selection = select_trusted(model, train_set, args.per_class, num_labels=num_labels, rule=args.rule, selection_model=early_model if args.rule == 'early_loss' else None, runtime=Runtime(batch_size=500, show_progress=False))
+    selection = select_trusted(
+        model,
+        train_set,
+        args.per_class,
+        num_labels=num_labels,
+        rule=args.rule,
+        selection_model=early_model if args.rule == "early_loss" else None,
+        runtime=Runtime(batch_size=500, show_progress=False),
+    )
     trusted = torch.tensor(selection.indices, dtype=torch.long)
     purity = float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean())
     projector = Projector(model, train_set.select(selection.indices), head)
@@ -164,30 +191,61 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     # Diagnostic trusted sets of the same size (hidden clean labels used to build them, never to choose alpha).
     generator = torch.Generator().manual_seed(seed)
     count = args.per_class * num_labels
-    pools = {"random": torch.arange(len(data["train_y"])), "clean": torch.nonzero(~data["is_noisy"]).flatten(),
-             "mislabelled": torch.nonzero(data["is_noisy"]).flatten()}
+    pools = {
+        "random": torch.arange(len(data["train_y"])),
+        "clean": torch.nonzero(~data["is_noisy"]).flatten(),
+        "mislabelled": torch.nonzero(data["is_noisy"]).flatten(),
+    }
     for name in SAMPLE_VARIANTS:
         pool = pools[name]
         picked = pool[torch.randperm(len(pool), generator=generator)[:count]].tolist()
         other = Projector(model, train_set.select(picked), head)
         choice, val = best_on_val(model, other, [{k: a for k in LAYER_VARIANTS["all"]} for a in alphas], data)
-        add(f"trusted={name}", other, choice, val,
-            purity=float((data["train_y"][picked] == data["clean_y"][picked]).float().mean()))
+        add(
+            f"trusted={name}",
+            other,
+            choice,
+            val,
+            purity=float((data["train_y"][picked] == data["clean_y"][picked]).float().mean()),
+        )
 
     # Fine-tuning on the trusted set, from the memorised model and from the SAP-corrected one.
     x, y = data["train_x"][trusted], data["train_y"][trusted]
     ft = finetune_grid(model, final_state, x, y, data, args, seed)
-    rows.append(dict(base, variant="finetune_trusted", alpha=None, val_accuracy=ft["val_accuracy"],
-                     test_accuracy=ft["test_accuracy"], lr=ft["lr"], ft_epochs=ft["epochs"], purity=purity))
+    rows.append(
+        dict(
+            base,
+            variant="finetune_trusted",
+            alpha=None,
+            val_accuracy=ft["val_accuracy"],
+            test_accuracy=ft["test_accuracy"],
+            lr=ft["lr"],
+            ft_epochs=ft["epochs"],
+            purity=purity,
+        )
+    )
     write_weights(model, projector.weights(sap_choice))
     sap_state = copy.deepcopy(model.state_dict())
     ft = finetune_grid(model, sap_state, x, y, data, args, seed)
-    rows.append(dict(base, variant="sap+finetune", alpha=dict(sap_choice) or None, val_accuracy=ft["val_accuracy"],
-                     test_accuracy=ft["test_accuracy"], lr=ft["lr"], ft_epochs=ft["epochs"], purity=purity))
+    rows.append(
+        dict(
+            base,
+            variant="sap+finetune",
+            alpha=dict(sap_choice) or None,
+            val_accuracy=ft["val_accuracy"],
+            test_accuracy=ft["test_accuracy"],
+            lr=ft["lr"],
+            ft_epochs=ft["epochs"],
+            purity=purity,
+        )
+    )
     for row in rows:
         row["gain_vs_none"] = row["test_accuracy"] - none_test
-    return {"rows": rows, "seconds": time.perf_counter() - run["started"],
-            "train_noisy_accuracy": accuracy(run["model"], data["train_x"], data["train_y"])}
+    return {
+        "rows": rows,
+        "seconds": time.perf_counter() - run["started"],
+        "train_noisy_accuracy": accuracy(run["model"], data["train_x"], data["train_y"]),
+    }
 
 
 def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
@@ -206,8 +264,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
             gains = [r["gain_vs_none"] for r in chosen]
             tests = [r["test_accuracy"] for r in chosen]
             variants[variant] = {
-                "test_mean": statistics.fmean(tests), "gain_mean": statistics.fmean(gains),
-                "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0, "n": len(gains),
+                "test_mean": statistics.fmean(tests),
+                "gain_mean": statistics.fmean(gains),
+                "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+                "n": len(gains),
                 "purity_mean": statistics.fmean(r["purity"] for r in chosen) if "purity" in chosen[0] else None,
             }
     return out
@@ -219,7 +279,9 @@ def print_table(summary: Mapping[str, Any]) -> None:
         print(f"{'variant':22s} {'test':>7s} {'gain':>14s} {'purity':>7s}")
         for variant, s in variants.items():
             purity = f"{100 * s['purity_mean']:6.1f}" if s["purity_mean"] is not None else ""
-            print(f"{variant:22s} {100 * s['test_mean']:7.1f} {100 * s['gain_mean']:+7.1f} ± {100 * s['gain_std']:4.1f} {purity:>7s}")
+            print(
+                f"{variant:22s} {100 * s['test_mean']:7.1f} {100 * s['gain_mean']:+7.1f} ± {100 * s['gain_std']:4.1f} {purity:>7s}"
+            )
 
 
 def plot(summary: Mapping[str, Any], path: Path) -> bool:
@@ -230,10 +292,18 @@ def plot(summary: Mapping[str, Any], path: Path) -> bool:
     figure, axis = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(summary)
     for i, (setting, entries) in enumerate(summary.items()):
-        axis.bar([j + i * width for j in range(len(variants))], [100 * entries[v]["gain_mean"] for v in variants], width,
-                 yerr=[100 * entries[v]["gain_std"] for v in variants], capsize=3, label=setting)
+        axis.bar(
+            [j + i * width for j in range(len(variants))],
+            [100 * entries[v]["gain_mean"] for v in variants],
+            width,
+            yerr=[100 * entries[v]["gain_std"] for v in variants],
+            capsize=3,
+            label=setting,
+        )
     axis.axhline(0, color="grey", lw=0.8)
-    axis.set_xticks([j + width * (len(summary) - 1) / 2 for j in range(len(variants))], variants, rotation=25, fontsize=8)
+    axis.set_xticks(
+        [j + width * (len(summary) - 1) / 2 for j in range(len(variants))], variants, rotation=25, fontsize=8
+    )
     axis.set_ylabel("test accuracy gain vs none (points)")
     axis.set_title("SAP ablations on a tiny ViT memorising 40% label noise (alpha chosen on clean val)", fontsize=9)
     axis.legend(fontsize=8)
@@ -250,10 +320,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = common.run_tasks(_worker, tasks, args.jobs)
     rows = [row for result in results for row in result["rows"]]
     summary = summarise(rows)
-    record = {"rows": rows, "summary": summary,
-              "train_noisy_accuracy": [result["train_noisy_accuracy"] for result in results],
-              "config": {k: v for k, v in vars(args).items() if k not in ("out_dir", "cache_dir")},
-              "elapsed_seconds": time.perf_counter() - started}
+    record = {
+        "rows": rows,
+        "summary": summary,
+        "train_noisy_accuracy": [result["train_noisy_accuracy"] for result in results],
+        "config": {k: v for k, v in vars(args).items() if k not in ("out_dir", "cache_dir")},
+        "elapsed_seconds": time.perf_counter() - started,
+    }
     if not args.no_plot and plot(summary, out_dir / "sap_ablation.png"):
         record["plot"] = "sap_ablation.png"
     path = common.write_json(out_dir / "sap_ablation.json", record)

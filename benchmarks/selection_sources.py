@@ -48,8 +48,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=3, help="random draws per share (purity averaged over them)")
     parser.add_argument("--last_epochs", nargs="+", type=int, default=[1, 10], help="training_loss_epochs windows")
     parser.add_argument("--loss_cache", default="/work/cache/selection_sources")
-    parser.add_argument("--models", nargs="+", default=None, metavar="SETTING:SEED",
-                        help="only these (setting, seed) models, e.g. sym40:0 asym40:1 (default: --settings x --seeds)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        metavar="SETTING:SEED",
+        help="only these (setting, seed) models, e.g. sym40:0 asym40:1 (default: --settings x --seeds)",
+    )
     parser.set_defaults(cache_dir="/work/cache/accuracy", jobs=1)
     argv = sys.argv[1:] if argv is None else argv
     args = common.finish_args(parser.parse_args(argv), argv)
@@ -91,7 +96,9 @@ def recorded_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str,
     torch.set_num_threads(args.threads)
     common.quiet_libraries()
     data = load_run_data(setting, seed, args)
-    config = tiny_vit_config(hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size)
+    config = tiny_vit_config(
+        hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size
+    )
     record_args = argparse.Namespace(**{**vars(args), "cache_dir": args.loss_cache})
     path = cache_path(setting, seed, record_args, tag="epoch_losses")
     if path.exists():
@@ -113,13 +120,17 @@ def recorded_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str,
         state = torch.load(cached, weights_only=False)["final_state"]
         same = all(torch.equal(state[k], v) for k, v in saved["final_state"].items())
         model.load_state_dict(state)  # the accuracy benchmark's model itself
-    return {"data": data, "model": model, "losses": saved["losses"], "same_as_cached_model": same,
-            "train_seconds": saved["seconds"]}
+    return {
+        "data": data,
+        "model": model,
+        "losses": saved["losses"],
+        "same_as_cached_model": same,
+        "train_seconds": saved["seconds"],
+    }
 
 
 def sources(run: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every source's trusted indices (and selection seconds); see the module docstring."""
-    import torch
 
     from sap_hf import select_trusted
     from sap_hf.core.selection import select_from_scores
@@ -142,8 +153,11 @@ def sources(run: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
         draws, seconds = [], []
         for draw in range(args.draws):
             clock = time.perf_counter()
-            draws.append(select_trusted(model, train_set, per_class, rule=recipe.selection_rule, runtime=runtime,
-                                        seed=draw, subset=share).indices)
+            draws.append(
+                select_trusted(
+                    model, train_set, per_class, rule=recipe.selection_rule, runtime=runtime, seed=draw, subset=share
+                ).indices
+            )
             seconds.append(time.perf_counter() - clock)
         add(f"subset_{share:g}", draws, sum(seconds) / len(seconds), rule=recipe.selection_rule, share=share)
     windows = [("training_all", None)] + [(f"training_last{k}", k) for k in args.last_epochs]
@@ -168,27 +182,51 @@ def run_one(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     recipe = recipe_sap_config(batch_size=500)
     rows = []
     for found in sources(run, args):
-        purities = [float((data["train_y"][torch.tensor(d)] == data["clean_y"][torch.tensor(d)]).float().mean())
-                    for d in found["draws"]]
+        purities = [
+            float((data["train_y"][torch.tensor(d)] == data["clean_y"][torch.tensor(d)]).float().mean())
+            for d in found["draws"]
+        ]
         model.load_state_dict(state)
-        result = sap_correct(model, train_set, config=recipe, trusted_indices=found["indices"], show_progress=False,
-                             evaluate_fn=lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])})
-        rows.append({"setting": setting, "seed": seed, "source": found["source"], "rule": found["rule"],
-                     **{k: found[k] for k in ("share", "epochs") if k in found},
-                     "selection_seconds": round(found["seconds"], 4), "purity": sum(purities) / len(purities),
-                     "purity_draws": purities, "num_trusted": len(found["indices"]),
-                     "alpha": result.alpha, "kind_alphas": result.kind_alphas,
-                     "val_accuracy": result.final_metrics["accuracy"],
-                     "test_accuracy": accuracy(model, data["test_x"], data["test_y"])})
+        result = sap_correct(
+            model,
+            train_set,
+            config=recipe,
+            trusted_indices=found["indices"],
+            show_progress=False,
+            evaluate_fn=lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+        )
+        rows.append(
+            {
+                "setting": setting,
+                "seed": seed,
+                "source": found["source"],
+                "rule": found["rule"],
+                **{k: found[k] for k in ("share", "epochs") if k in found},
+                "selection_seconds": round(found["seconds"], 4),
+                "purity": sum(purities) / len(purities),
+                "purity_draws": purities,
+                "num_trusted": len(found["indices"]),
+                "alpha": result.alpha,
+                "kind_alphas": result.kind_alphas,
+                "val_accuracy": result.final_metrics["accuracy"],
+                "test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
+            }
+        )
     model.load_state_dict(state)
     before = accuracy(model, data["test_x"], data["test_y"])
     pass_row = rows[0]
     for row in rows:
-        row.update(test_before=before, purity_gap_points=round(100 * (pass_row["purity"] - row["purity"]), 2),
-                   same_choice=row["kind_alphas"] == pass_row["kind_alphas"] and row["alpha"] == pass_row["alpha"],
-                   test_gap_points=round(100 * (pass_row["test_accuracy"] - row["test_accuracy"]), 2),
-                   same_as_cached_model=run["same_as_cached_model"], train_seconds=round(run["train_seconds"], 1))
-    print(f"  {setting} seed {seed}: " + ", ".join(f"{r['source']} {100 * r['purity']:.1f}%" for r in rows), flush=True)
+        row.update(
+            test_before=before,
+            purity_gap_points=round(100 * (pass_row["purity"] - row["purity"]), 2),
+            same_choice=row["kind_alphas"] == pass_row["kind_alphas"] and row["alpha"] == pass_row["alpha"],
+            test_gap_points=round(100 * (pass_row["test_accuracy"] - row["test_accuracy"]), 2),
+            same_as_cached_model=run["same_as_cached_model"],
+            train_seconds=round(run["train_seconds"], 1),
+        )
+    print(
+        f"  {setting} seed {seed}: " + ", ".join(f"{r['source']} {100 * r['purity']:.1f}%" for r in rows), flush=True
+    )
     return {"rows": rows}
 
 
@@ -205,8 +243,9 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "max_test_gap_points": max(r["test_gap_points"] for r in chosen),
             "selection_seconds": round(sum(r["selection_seconds"] for r in chosen) / len(chosen), 4),
         }
-        summary[source]["meets_target"] = (summary[source]["max_purity_gap_points"] <= 1.0
-                                           and summary[source]["same_choice"] == len(chosen))
+        summary[source]["meets_target"] = summary[source]["max_purity_gap_points"] <= 1.0 and summary[source][
+            "same_choice"
+        ] == len(chosen)
     return summary
 
 
@@ -223,8 +262,13 @@ def plot(record: dict[str, Any], path: Path) -> None:
     axes[0].set_title("Purity of the trusted set (mean over models)")
     axes[1].bar(names, [100 * summary[n]["test_accuracy"] for n in names], color="#55a868")
     for i, n in enumerate(names):
-        axes[1].text(i, 100 * summary[n]["test_accuracy"] + 0.3, f"{summary[n]['same_choice']}/{summary[n]['models']}",
-                     ha="center", fontsize=8)
+        axes[1].text(
+            i,
+            100 * summary[n]["test_accuracy"] + 0.3,
+            f"{summary[n]['same_choice']}/{summary[n]['models']}",
+            ha="center",
+            fontsize=8,
+        )
     axes[1].set_ylabel("test accuracy after SAP (%)")
     axes[1].set_ylim(min(100 * summary[n]["test_accuracy"] for n in names) - 5, 100)
     axes[1].set_title("SAP result (label: same alpha choice as the full pass)")
@@ -237,14 +281,25 @@ def plot(record: dict[str, Any], path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    pairs = ([(m.split(":")[0], int(m.split(":")[1])) for m in args.models] if args.models
-             else [(setting, seed) for setting in args.settings for seed in args.seeds])
+    pairs = (
+        [(m.split(":")[0], int(m.split(":")[1])) for m in args.models]
+        if args.models
+        else [(setting, seed) for setting in args.settings for seed in args.seeds]
+    )
     tasks = [(setting, seed, args) for setting, seed in pairs]
     rows = [row for result in common.run_tasks(run_one, tasks, args.jobs) for row in result["rows"]]
-    record = {"rows": rows, "summary": summarise(rows), "recipe": recipe_sap_config().to_dict(),
-              "train_size": args.train_size, "classes": 10, "shares": args.shares, "draws": args.draws, "last_epochs": args.last_epochs,
-              "environment": dict(common.environment(), loadavg=common.loadavg()),
-              "elapsed_seconds": round(time.perf_counter() - started, 1)}
+    record = {
+        "rows": rows,
+        "summary": summarise(rows),
+        "recipe": recipe_sap_config().to_dict(),
+        "train_size": args.train_size,
+        "classes": 10,
+        "shares": args.shares,
+        "draws": args.draws,
+        "last_epochs": args.last_epochs,
+        "environment": dict(common.environment(), loadavg=common.loadavg()),
+        "elapsed_seconds": round(time.perf_counter() - started, 1),
+    }
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
@@ -253,8 +308,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         plot(record, out / f"selection_sources{suffix}.png")
     print(f"\n{'source':16s} {'purity':>7s} {'gap':>6s} {'same':>5s} {'test':>7s} {'sel. s':>7s}")
     for name, s in record["summary"].items():
-        print(f"{name:16s} {100 * s['purity']:6.2f}% {s['max_purity_gap_points']:6.2f} {s['same_choice']:>2d}/{s['models']:<2d} "
-              f"{100 * s['test_accuracy']:6.2f}% {s['selection_seconds']:7.3f}")
+        print(
+            f"{name:16s} {100 * s['purity']:6.2f}% {s['max_purity_gap_points']:6.2f} {s['same_choice']:>2d}/{s['models']:<2d} "
+            f"{100 * s['test_accuracy']:6.2f}% {s['selection_seconds']:7.3f}"
+        )
     return record
 
 

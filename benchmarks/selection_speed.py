@@ -55,7 +55,10 @@ def main() -> None:
             run()
             timings[name].append(time.perf_counter() - start)
     best = {name: min(values) for name, values in timings.items()}
-    rows = [{"method": name, "n_samples": args.n, "seconds": best[name], "samples_per_second": args.n / best[name]} for name in best]
+    rows = [
+        {"method": name, "n_samples": args.n, "seconds": best[name], "samples_per_second": args.n / best[name]}
+        for name in best
+    ]
     ratio = best["selection"] / best["inference"]
     print(f"{'method':<10} {'n':>6} {'seconds':>8} {'samples/s':>10}")
     for row in rows:
@@ -64,7 +67,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "selection_speed_quick.json" if args.quick else "selection_speed.json"
-    common.write_json(out / name, {"rows": rows, "time_ratio": ratio, "target": 1.10, "threads": torch.get_num_threads()}, indent=2)
+    common.write_json(
+        out / name, {"rows": rows, "time_ratio": ratio, "target": 1.10, "threads": torch.get_num_threads()}, indent=2
+    )
 
 
 if __name__ == "__main__":

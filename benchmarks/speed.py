@@ -59,17 +59,35 @@ from typing import Any, Optional
 
 import common
 import torch
-
 from speed_investigate import (
-    PROTO_METHODS, breakdown, instrumented_statistics, investigate, matches_library, prototype_accumulator_class,
+    PROTO_METHODS,
+    breakdown,
+    instrumented_statistics,
+    investigate,
+    matches_library,
+    prototype_accumulator_class,
 )
 from speed_memory import measure, run_child
 from speed_methods import (
-    IMAGE, LABELS, LAYERS, METHODS, PATCH, SHAPES, RandomBatches, build_model, forward_flops_per_sample,
-    gram_flops_per_sample, max_relative_difference, run_eigh_project, run_inference, run_reference_svd,
-    tokens_per_sample, verify,
+    IMAGE,
+    LABELS,
+    LAYERS,
+    METHODS,
+    PATCH,
+    SHAPES,
+    RandomBatches,
+    build_model,
+    forward_flops_per_sample,
+    gram_flops_per_sample,
+    max_relative_difference,
+    run_eigh_project,
+    run_inference,
+    run_reference_svd,
+    tokens_per_sample,
+    verify,
 )
 from speed_report import plot, print_table
+
 
 SLOW_METHODS = {"eigh_project", "reference_svd"}
 
@@ -98,28 +116,53 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--n", default=None, help="samples per model: an int, or 'tiny=256,base=32'")
     parser.add_argument("--batch_size", default=None, help="an int, or 'tiny=32,base=8'")
     parser.add_argument("--models", default=None, help="comma list from: tiny,base")
-    parser.add_argument("--methods", default=",".join(METHODS),
-                        help="subset of methods to run (summary fields that need a missing one are null)")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="subset of methods to run (summary fields that need a missing one are null)",
+    )
     parser.add_argument("--cap", type=int, default=16, help="max_tokens_per_sample for stats_subsampled")
     parser.add_argument("--alpha", type=float, default=1e4)
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (best of)")
-    parser.add_argument("--slow_seconds", type=float, default=20.0,
-                        help="eigh_project/reference_svd run once when a run takes longer than this")
+    parser.add_argument(
+        "--slow_seconds",
+        type=float,
+        default=20.0,
+        help="eigh_project/reference_svd run once when a run takes longer than this",
+    )
     parser.add_argument("--mem_factor", type=int, default=4, help="stats_exact memory at n and mem_factor*n")
     parser.add_argument("--no_mem_children", action="store_true", help="skip the fresh-process n vs 4n memory runs")
-    parser.add_argument("--investigate", action=argparse.BooleanOptionalAction, default=None,
-                        help="profile the statistics pass (default: on, off with --quick)")
+    parser.add_argument(
+        "--investigate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="profile the statistics pass (default: on, off with --quick)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--verify_n", type=int, default=8,
-                        help="samples for the float64 accuracy check (SVD of stored activations vs Gram path)")
-    parser.add_argument("--verify_full", default=None,
-                        help="models whose accuracy check also covers float32 Gram/SVD over an alpha sweep "
-                             "(default: tiny; none with --quick)")
-    parser.add_argument("--wait_quiet", type=float, default=0.0,
-                        help="wait up to this many seconds for the 1-min load average to drop below 0.5")
+    parser.add_argument(
+        "--verify_n",
+        type=int,
+        default=8,
+        help="samples for the float64 accuracy check (SVD of stored activations vs Gram path)",
+    )
+    parser.add_argument(
+        "--verify_full",
+        default=None,
+        help="models whose accuracy check also covers float32 Gram/SVD over an alpha sweep "
+        "(default: tiny; none with --quick)",
+    )
+    parser.add_argument(
+        "--wait_quiet",
+        type=float,
+        default=0.0,
+        help="wait up to this many seconds for the 1-min load average to drop below 0.5",
+    )
     parser.add_argument("--image_size", type=int, default=None, help="default 224 (64 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: tiny shape, 64x64 images, 4 samples, 1 repeat, no investigation")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny shape, 64x64 images, 4 samples, 1 repeat, no investigation",
+    )
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--no_plot", action="store_true")
     args = parser.parse_args(argv)
@@ -133,7 +176,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         if m not in SHAPES:
             raise SystemExit(f"unknown model {m!r}; choose from {sorted(SHAPES)}")
     args.n_per = parse_per_model(args.n or ("4" if args.quick else "tiny=128,base=32"), args.models_list, "n")
-    args.bs_per = parse_per_model(args.batch_size or ("2" if args.quick else "tiny=32,base=8"), args.models_list, "batch_size")
+    args.bs_per = parse_per_model(
+        args.batch_size or ("2" if args.quick else "tiny=32,base=8"), args.models_list, "batch_size"
+    )
     args.repeat_count = args.repeats or (1 if args.quick else 3)
     args.method_list = [x for x in args.methods.split(",") if x]
     unknown = [x for x in args.method_list if x not in METHODS]
@@ -169,11 +214,17 @@ def record_environment(args: argparse.Namespace) -> tuple[dict[str, Any], float]
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     wall_start = time.perf_counter()
-    print(f"torch {env['torch']}, threads={env['torch_threads']} (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), "
-          f"cpus={env['cpu_count']}, load={env['loadavg_start']}", flush=True)
+    print(
+        f"torch {env['torch']}, threads={env['torch_threads']} (OMP_NUM_THREADS={env['OMP_NUM_THREADS']}), "
+        f"cpus={env['cpu_count']}, load={env['loadavg_start']}",
+        flush=True,
+    )
     if (env["loadavg_start"] or [0])[0] > 0.5:
-        print("WARNING: the machine is busy; with more runnable threads than cores, torch's OpenMP threads "
-              "slow down by several x (see env.loadavg_*).", flush=True)
+        print(
+            "WARNING: the machine is busy; with more runnable threads than cores, torch's OpenMP threads "
+            "slow down by several x (see env.loadavg_*).",
+            flush=True,
+        )
     size = 1024 if args.quick else 2048
     env[f"matmul_{size}_gflops"] = round(common.matmul_gflops(size), 1)
     print(f"{size}^3 float32 matmul: {env[f'matmul_{size}_gflops']} GFLOP/s", flush=True)
@@ -209,10 +260,13 @@ def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         # pass (benchmark-side instrumentation, speed_investigate.py) must return exactly the library's statistics
         run_inference(model, data[:1])
         ctx[m]["instrumented_matches_library"] = all(
-            matches_library(model, data[:1], names, args.bs_per[m], cap) for cap in (None, args.cap))
+            matches_library(model, data[:1], names, args.bs_per[m], cap) for cap in (None, args.cap)
+        )
         if not ctx[m]["instrumented_matches_library"]:
-            raise RuntimeError(f"[{m}] the instrumented statistics pass differs from sap_hf's collect_statistics: "
-                               "update speed_investigate.instrumented_statistics to the library's loop.")
+            raise RuntimeError(
+                f"[{m}] the instrumented statistics pass differs from sap_hf's collect_statistics: "
+                "update speed_investigate.instrumented_statistics to the library's loop."
+            )
     return ctx
 
 
@@ -229,7 +283,8 @@ def run_method(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], m: str,
         cap = None if method.startswith("stats_exact") else args.cap
         accumulator = prototype_accumulator_class() if method.endswith("_proto") else None
         seconds, mem, (stats, timers) = measure(
-            lambda: instrumented_statistics(model, data, names, bs, cap, accumulator=accumulator))
+            lambda: instrumented_statistics(model, data, names, bs, cap, accumulator=accumulator)
+        )
         if method == "stats_exact":
             c["stats"] = stats
         if method == "stats_exact_proto" and "proto_gram_rel_diff" not in c:
@@ -260,7 +315,7 @@ def time_methods(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> No
     for r in range(args.repeat_count):
         print(f"repeat {r + 1}/{args.repeat_count}", flush=True)
         for m in args.models_list:
-            order = timed_methods[r % len(timed_methods):] + timed_methods[: r % len(timed_methods)]
+            order = timed_methods[r % len(timed_methods) :] + timed_methods[: r % len(timed_methods)]
             # eigh_project needs the Grams of a stats_exact run: keep it after stats_exact
             if "stats" not in ctx[m]:
                 order = ["stats_exact"] + [x for x in order if x != "stats_exact"]
@@ -277,15 +332,27 @@ def memory_children(args: argparse.Namespace) -> dict[str, Any]:
     for m in args.models_list:
         mem_children[m] = {}
         # one fresh process per size; --quick measures both sizes in one process (saves a start-up)
-        sizes = [[args.n_per[m], args.n_per[m] * args.mem_factor]] if args.quick else [[args.n_per[m]], [args.n_per[m] * args.mem_factor]]
+        sizes = (
+            [[args.n_per[m], args.n_per[m] * args.mem_factor]]
+            if args.quick
+            else [[args.n_per[m]], [args.n_per[m] * args.mem_factor]]
+        )
         for ns in sizes:
-            spec = {"model": m, "ns": ns, "batch_size": args.bs_per[m], "threads": torch.get_num_threads(),
-                    "image_size": args.image}
+            spec = {
+                "model": m,
+                "ns": ns,
+                "batch_size": args.bs_per[m],
+                "threads": torch.get_num_threads(),
+                "image_size": args.image,
+            }
             print(f"memory child: {m} stats_exact n={ns}", flush=True)
             for res in run_child(spec, timeout=3600):
                 key = "1" if res["n"] == args.n_per[m] else str(args.mem_factor)
                 mem_children[m][key] = res
-                print(f"  -> n={res['n']}: peak growth {res['peak_growth_mb']:.1f} MB ({res['seconds']:.1f} s)", flush=True)
+                print(
+                    f"  -> n={res['n']}: peak growth {res['peak_growth_mb']:.1f} MB ({res['seconds']:.1f} s)",
+                    flush=True,
+                )
     return mem_children
 
 
@@ -300,8 +367,15 @@ def verify_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> d
         alphas = sorted({1.0, 1e2, 1e4, 1e6, args.alpha}) if m in full_models else [args.alpha]
         print(f"accuracy check: {m}, n={vn}, alphas={alphas}", flush=True)
         start = time.perf_counter()
-        verification[m] = verify(c["model"], c["names"], c["groups"], list(RandomBatches(vn, args.bs_per[m], seed=2, image_size=args.image)),
-                                 args.bs_per[m], alphas, full=m in full_models)
+        verification[m] = verify(
+            c["model"],
+            c["names"],
+            c["groups"],
+            list(RandomBatches(vn, args.bs_per[m], seed=2, image_size=args.image)),
+            args.bs_per[m],
+            alphas,
+            full=m in full_models,
+        )
         verification[m]["seconds"] = round(time.perf_counter() - start, 1)
         for row in verification[m]["per_alpha"]:
             print("  " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()), flush=True)
@@ -321,20 +395,25 @@ def investigate_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]])
                 investigation[m] = investigate(m, args.bs_per[m], image_size=args.image)
                 # the cost of the accurate alternative: float64 accumulation, same n, one run
                 seconds, mem, (_, timers) = measure(
-                    lambda: instrumented_statistics(c["model"], c["data"], c["names"], args.bs_per[m], None, "float64"))
+                    lambda: instrumented_statistics(c["model"], c["data"], c["names"], args.bs_per[m], None, "float64")
+                )
                 investigation[m]["stats_exact_float64_accumulation"] = {
-                    "seconds": round(seconds, 3), "ratio_over_inference": round(seconds / inf, 3),
+                    "seconds": round(seconds, 3),
+                    "ratio_over_inference": round(seconds / inf, 3),
                     "peak_mem_mb": None if mem is None else round(mem, 1),
                     "breakdown_s": breakdown({"seconds": seconds, "timers": dict(timers)}, inf),
                 }
-                print(f"  stats_exact float64 accumulation: {seconds:.2f} s ({seconds / inf:.2f}x inference)", flush=True)
+                print(
+                    f"  stats_exact float64 accumulation: {seconds:.2f} s ({seconds / inf:.2f}x inference)", flush=True
+                )
             proto = {}
             for method in PROTO_METHODS:
                 runs = c["runs"][method]
                 fastest = min(runs, key=lambda x: x["seconds"])
                 mems = [x["peak_mem_mb"] for x in runs if x["peak_mem_mb"] is not None]
                 proto[method] = {
-                    "seconds": round(fastest["seconds"], 3), "all_seconds": [round(x["seconds"], 3) for x in runs],
+                    "seconds": round(fastest["seconds"], 3),
+                    "all_seconds": [round(x["seconds"], 3) for x in runs],
                     "ratio_over_inference": round(fastest["seconds"] / inf, 3),
                     "peak_mem_mb": round(max(mems), 1) if mems else None,
                     "breakdown_s": breakdown(fastest, inf),
@@ -350,8 +429,12 @@ def investigate_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]])
     return investigation
 
 
-def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verification: dict[str, Any],
-              mem_children: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def summarise(
+    args: argparse.Namespace,
+    ctx: dict[str, dict[str, Any]],
+    verification: dict[str, Any],
+    mem_children: dict[str, Any],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows (best run per model and method) and the per-model summary with the targets."""
     rows, summary = [], {}
     for m in args.models_list:
@@ -362,11 +445,17 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
             fastest = min(runs, key=lambda x: x["seconds"])
             mems = [x["peak_mem_mb"] for x in runs if x["peak_mem_mb"] is not None]
             best[method] = fastest
-            rows.append({
-                "model": m, "method": method, "n_samples": args.n_per[m], "seconds": round(fastest["seconds"], 4),
-                "peak_mem_mb": round(max(mems), 1) if mems else None, "runs": len(runs),
-                "all_seconds": [round(x["seconds"], 4) for x in runs],
-            })
+            rows.append(
+                {
+                    "model": m,
+                    "method": method,
+                    "n_samples": args.n_per[m],
+                    "seconds": round(fastest["seconds"], 4),
+                    "peak_mem_mb": round(max(mems), 1) if mems else None,
+                    "runs": len(runs),
+                    "all_seconds": [round(x["seconds"], 4) for x in runs],
+                }
+            )
         inf = best["inference"]["seconds"]
         fwd = forward_flops_per_sample(m, args.image) * args.n_per[m]
         gram_exact = gram_flops_per_sample(m, image_size=args.image) * args.n_per[m]
@@ -374,10 +463,15 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
         full = set(METHODS) <= set(args.method_list)
         if not full:  # a partial run: only the ratios to inference
             summary[m] = {
-                "n_samples": args.n_per[m], "batch_size": args.bs_per[m], "methods": args.method_list,
+                "n_samples": args.n_per[m],
+                "batch_size": args.bs_per[m],
+                "methods": args.method_list,
                 "instrumented_pass_matches_library": c["instrumented_matches_library"],
-                **{f"ratio_{k}_over_inference": round(best[k]["seconds"] / inf, 3)
-                   for k in args.method_list if k in ("stats_exact", "stats_subsampled")},
+                **{
+                    f"ratio_{k}_over_inference": round(best[k]["seconds"] / inf, 3)
+                    for k in args.method_list
+                    if k in ("stats_exact", "stats_subsampled")
+                },
                 **{f"{k}_breakdown_s": breakdown(best[k], inf) for k in args.method_list if k.startswith("stats")},
             }
             continue
@@ -387,8 +481,13 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
         ref_mem = max(x["peak_mem_mb"] or 0 for x in c["runs"]["reference_svd"])
         our_mem = max(x["peak_mem_mb"] or 0 for x in c["runs"]["stats_exact"])
         s = {
-            "n_samples": args.n_per[m], "batch_size": args.bs_per[m], "tokens_per_sample": tokens_per_sample(args.image), "token_cap": args.cap,
-            "alpha": args.alpha, "groups": len(c["groups"]), "target_layers": len(c["names"]),
+            "n_samples": args.n_per[m],
+            "batch_size": args.bs_per[m],
+            "tokens_per_sample": tokens_per_sample(args.image),
+            "token_cap": args.cap,
+            "alpha": args.alpha,
+            "groups": len(c["groups"]),
+            "target_layers": len(c["names"]),
             "instrumented_pass_matches_library": c["instrumented_matches_library"],
             "ratio_stats_exact_over_inference": round(best["stats_exact"]["seconds"] / inf, 3),
             "ratio_stats_subsampled_over_inference": round(best["stats_subsampled"]["seconds"] / inf, 3),
@@ -396,16 +495,26 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
             "target_stats_subsampled_le_1_2": best["stats_subsampled"]["seconds"] / inf <= 1.2,
             "ours_stats_plus_eigh_s": round(ours_total, 3),
             "speedup_vs_reference_svd": round(best["reference_svd"]["seconds"] / ours_total, 3),
-            "speedup_stats_exact_vs_reference_svd": round(best["reference_svd"]["seconds"] / best["stats_exact"]["seconds"], 3),
+            "speedup_stats_exact_vs_reference_svd": round(
+                best["reference_svd"]["seconds"] / best["stats_exact"]["seconds"], 3
+            ),
             "reference_svd_peak_mem_mb": round(ref_mem, 1),
             "stats_exact_peak_mem_mb": round(our_mem, 1),
             "memory_ratio_reference_over_stats_exact": round(ref_mem / our_mem, 2) if our_mem else None,
             "reference_stored_activations_mb": round(
-                sum(g.in_features for g in c["groups"][:-1]) * tokens_per_sample(args.image) * args.n_per[m] * 4 / 2**20
-                + c["groups"][-1].in_features * args.n_per[m] * 4 / 2**20, 1),
+                sum(g.in_features for g in c["groups"][:-1])
+                * tokens_per_sample(args.image)
+                * args.n_per[m]
+                * 4
+                / 2**20
+                + c["groups"][-1].in_features * args.n_per[m] * 4 / 2**20,
+                1,
+            ),
             "max_rel_diff": check["gram_float64_vs_svd_float64"],
-            "max_rel_diff_check": (f"accumulation_dtype=float64 Gram -> eigh vs float64 SVD of the stored activations, "
-                                   f"alpha={args.alpha:g}, n={verification[m]['n_samples']}"),
+            "max_rel_diff_check": (
+                f"accumulation_dtype=float64 Gram -> eigh vs float64 SVD of the stored activations, "
+                f"alpha={args.alpha:g}, n={verification[m]['n_samples']}"
+            ),
             "weights_match_1e-5": check["gram_float64_vs_svd_float64"] <= 1e-5,
             "max_rel_diff_default_float32_gram": check.get("gram_float32_vs_svd_float64"),
             "max_rel_diff_timed_runs": timed_diff["max_abs_over_max_abs"],
@@ -414,11 +523,17 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
             "flops": {
                 "forward_gflop_per_sample": round(forward_flops_per_sample(m, args.image) / 1e9, 3),
                 "gram_exact_gflop_per_sample": round(gram_flops_per_sample(m, image_size=args.image) / 1e9, 3),
-                "gram_subsampled_gflop_per_sample": round(gram_flops_per_sample(m, args.cap, image_size=args.image) / 1e9, 3),
-                "gram_full_gemm_gflop_per_sample": round(gram_flops_per_sample(m, block=None, image_size=args.image) / 1e9, 3),
+                "gram_subsampled_gflop_per_sample": round(
+                    gram_flops_per_sample(m, args.cap, image_size=args.image) / 1e9, 3
+                ),
+                "gram_full_gemm_gflop_per_sample": round(
+                    gram_flops_per_sample(m, block=None, image_size=args.image) / 1e9, 3
+                ),
                 "inference_gflops_per_s": round(fwd / inf / 1e9, 1),
                 "stats_exact_gflops_per_s": round((fwd + gram_exact) / best["stats_exact"]["seconds"] / 1e9, 1),
-                "stats_subsampled_gflops_per_s": round((fwd + gram_sub) / best["stats_subsampled"]["seconds"] / 1e9, 1),
+                "stats_subsampled_gflops_per_s": round(
+                    (fwd + gram_sub) / best["stats_subsampled"]["seconds"] / 1e9, 1
+                ),
                 "stats_exact_ideal_ratio_at_inference_rate": round(1 + gram_exact / fwd, 3),
             },
             "stats_exact_breakdown_s": breakdown(best["stats_exact"], inf),
@@ -427,12 +542,19 @@ def summarise(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], verifica
         if m in mem_children:
             small, large = mem_children[m]["1"], mem_children[m][str(args.mem_factor)]
             s["memory_n_vs_4n"] = {
-                "method": ("fresh subprocess per size (--quick: one subprocess, both sizes), lazily generated data, "
-                           "VmHWM - VmRSS around collect_statistics, glibc mmap threshold pinned"),
-                "n": small["n"], "n_peak_growth_mb": round(small["peak_growth_mb"], 1),
-                "big_n": large["n"], "big_n_peak_growth_mb": round(large["peak_growth_mb"], 1),
-                "growth_pct": round(100 * (large["peak_growth_mb"] - small["peak_growth_mb"]) / small["peak_growth_mb"], 2),
-                "target_le_5pct": (large["peak_growth_mb"] - small["peak_growth_mb"]) / small["peak_growth_mb"] <= 0.05,
+                "method": (
+                    "fresh subprocess per size (--quick: one subprocess, both sizes), lazily generated data, "
+                    "VmHWM - VmRSS around collect_statistics, glibc mmap threshold pinned"
+                ),
+                "n": small["n"],
+                "n_peak_growth_mb": round(small["peak_growth_mb"], 1),
+                "big_n": large["n"],
+                "big_n_peak_growth_mb": round(large["peak_growth_mb"], 1),
+                "growth_pct": round(
+                    100 * (large["peak_growth_mb"] - small["peak_growth_mb"]) / small["peak_growth_mb"], 2
+                ),
+                "target_le_5pct": (large["peak_growth_mb"] - small["peak_growth_mb"]) / small["peak_growth_mb"]
+                <= 0.05,
                 "seconds": [round(small["seconds"], 2), round(large["seconds"], 2)],
             }
         summary[m] = s
@@ -461,14 +583,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "investigation": investigation,
         "env": env,
         "config": {
-            "image_size": args.image, "patch_size": PATCH, "layers": LAYERS, "num_labels": LABELS, "dtype": "float32",
-            "repeats": args.repeat_count, "methods": args.method_list, "command": " ".join(sys.argv), "slow_seconds": args.slow_seconds, "quick": args.quick,
+            "image_size": args.image,
+            "patch_size": PATCH,
+            "layers": LAYERS,
+            "num_labels": LABELS,
+            "dtype": "float32",
+            "repeats": args.repeat_count,
+            "methods": args.method_list,
+            "command": " ".join(sys.argv),
+            "slow_seconds": args.slow_seconds,
+            "quick": args.quick,
             "timing": "best of `runs` per method (after a one-batch warm-up), args.method_list interleaved, order rotated per repeat",
             "peak_mem_mb": "max over runs of VmHWM - VmRSS(before) around the call, after gc + malloc_trim and a clear_refs HWM reset",
             "flops": "forward: L[2T(4h^2+2hm)+4T^2h] + 2(T-1)3p^2h + 2hC; Gram: per group 2 t sum_blocks (e-s)(d-s), 256-row blocks",
             "max_rel_diff": "max over projected layers of max|W_ours - W_ref| / max|W_ref|",
             "reference_svd": "forward keeping all group inputs (float32), torch.linalg.svd(X^T, full_matrices=False) "
-                             "in float32 per group, lambda from sigma^2, W @ (U diag(lambda) U^T) in float64, written",
+            "in float32 per group, lambda from sigma^2, W @ (U diag(lambda) U^T) in float64, written",
         },
     }
     print_table(rows, summary)

@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import common
 import torch
-
 from speed_memory import release_free_memory
 from speed_methods import GRAM_BLOCK, IMAGE, LAYERS, SHAPES, gram_flops_per_token, tokens_per_sample
+
 
 # The statistics pass with the proposed GramAccumulator (recursive update, in-place result)
 PROTO_METHODS = ["stats_exact_proto", "stats_subsampled_proto"]
@@ -88,8 +88,16 @@ def instrumented_grams_class():
     return InstrumentedGrams
 
 
-def instrumented_statistics(model, data, names, batch_size: int, cap: Optional[int], accumulation_dtype: str = "float32",
-                            accumulator: Optional[type] = None, seed: int = 0):
+def instrumented_statistics(
+    model,
+    data,
+    names,
+    batch_size: int,
+    cap: Optional[int],
+    accumulation_dtype: str = "float32",
+    accumulator: Optional[type] = None,
+    seed: int = 0,
+):
     """`collect_statistics` with timers on GramAccumulator.update / .result and subsample_tokens: `(stats, timers)`.
 
     A copy of `sap_hf.core.stats.collect_statistics`'s loop for one process, on the library's own
@@ -105,8 +113,16 @@ def instrumented_statistics(model, data, names, batch_size: int, cap: Optional[i
     dtype = getattr(torch, accumulation_dtype)
     with runtime.run(model, data, "statistics", argument="trusted data") as walk:
         generator = torch.Generator().manual_seed(seed + runtime.rank) if cap else None
-        grams = instrumented_grams_class()(walk.model, names, dtype, walk.device, cap, generator, timers=timers,
-                                           accumulator=accumulator or GramAccumulator)
+        grams = instrumented_grams_class()(
+            walk.model,
+            names,
+            dtype,
+            walk.device,
+            cap,
+            generator,
+            timers=timers,
+            accumulator=accumulator or GramAccumulator,
+        )
         with input_hooks(walk.model, grams.names, grams):
             for batch in walk.batches():
                 walk.logits(batch)
@@ -115,9 +131,16 @@ def instrumented_statistics(model, data, names, batch_size: int, cap: Optional[i
     if grams.groups is None:
         raise ValueError("instrumented_statistics: the data is empty.")
     gram_of, counts = grams.reduce(grams.groups, runtime)
-    stats = ActivationStats(groups=grams.groups, grams=gram_of, counts=counts, max_tokens_per_sample=cap,
-                            meta={"weights_signature": weights_signature(walk.model, [n for g in grams.groups for n in g.members]),
-                                  "samples": grams.samples})
+    stats = ActivationStats(
+        groups=grams.groups,
+        grams=gram_of,
+        counts=counts,
+        max_tokens_per_sample=cap,
+        meta={
+            "weights_signature": weights_signature(walk.model, [n for g in grams.groups for n in g.members]),
+            "samples": grams.samples,
+        },
+    )
     return stats, timers
 
 
@@ -127,8 +150,12 @@ def matches_library(model, data, names, batch_size: int, cap: Optional[int]) -> 
 
     ours, _ = instrumented_statistics(model, data, names, batch_size, cap)
     library = run_stats(model, data, names, batch_size, cap)
-    return (ours.groups == library.groups and ours.counts == library.counts and ours.meta == library.meta
-            and all(torch.equal(ours.grams[g], library.grams[g]) for g in library.grams))
+    return (
+        ours.groups == library.groups
+        and ours.counts == library.counts
+        and ours.meta == library.meta
+        and all(torch.equal(ours.grams[g], library.grams[g]) for g in library.grams)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,18 +255,29 @@ def investigate(shape: str, batch_size: int, repeats: int = 3, image_size: int =
             flops = rows_per_batch * gram_flops_per_token(width, block)
             key = "full" if block is None else str(block)
             per_width[width][key] = seconds
-            out["gram_update"].append({
-                "width": width, "block": key, "addmm_calls": 1 if block is None else math.ceil(width / block),
-                "ms": round(seconds * 1e3, 2), "gflop": round(flops / 1e9, 3),
-                "gflops_per_s": round(flops / seconds / 1e9, 1),
-            })
+            out["gram_update"].append(
+                {
+                    "width": width,
+                    "block": key,
+                    "addmm_calls": 1 if block is None else math.ceil(width / block),
+                    "ms": round(seconds * 1e3, 2),
+                    "gflop": round(flops / 1e9, 3),
+                    "gflops_per_s": round(flops / seconds / 1e9, 1),
+                }
+            )
         seconds = best_of(lambda: gram_update_recursive(gram, rows, 0, width, 128))
         flops = rows_per_batch * gram_flops_per_token(width, 128)
         per_width[width]["recursive128"] = seconds
-        out["gram_update"].append({
-            "width": width, "block": "recursive128", "addmm_calls": None, "ms": round(seconds * 1e3, 2),
-            "gflop": round(flops / 1e9, 3), "gflops_per_s": round(flops / seconds / 1e9, 1),
-        })
+        out["gram_update"].append(
+            {
+                "width": width,
+                "block": "recursive128",
+                "addmm_calls": None,
+                "ms": round(seconds * 1e3, 2),
+                "gflop": round(flops / 1e9, 3),
+                "gflops_per_s": round(flops / seconds / 1e9, 1),
+            }
+        )
         if ssyrk is not None:
             import numpy as np
 
@@ -249,19 +287,29 @@ def investigate(shape: str, batch_size: int, repeats: int = 3, image_size: int =
                 seconds = best_of(lambda: ssyrk(1.0, a_t, beta=1.0, c=c, trans=0, lower=0, overwrite_c=1))
             flops = rows_per_batch * width * (width + 1)
             per_width[width]["ssyrk"] = seconds
-            out["gram_update"].append({
-                "width": width, "block": "scipy_ssyrk", "addmm_calls": 1, "ms": round(seconds * 1e3, 2),
-                "gflop": round(flops / 1e9, 3), "gflops_per_s": round(flops / seconds / 1e9, 1),
-            })
+            out["gram_update"].append(
+                {
+                    "width": width,
+                    "block": "scipy_ssyrk",
+                    "addmm_calls": 1,
+                    "ms": round(seconds * 1e3, 2),
+                    "gflop": round(flops / 1e9, 3),
+                    "gflops_per_s": round(flops / seconds / 1e9, 1),
+                }
+            )
     library = {w: per_width[w]["256" if "256" in per_width[w] else "full"] for w in per_width}
     best = {w: min(v for k, v in per_width[w].items() if k not in ("ssyrk", "recursive128")) for w in per_width}
-    estimate = {"library_block_256": library, "best_block": best,
-                "recursive128": {w: per_width[w]["recursive128"] for w in per_width}}
+    estimate = {
+        "library_block_256": library,
+        "best_block": best,
+        "recursive128": {w: per_width[w]["recursive128"] for w in per_width},
+    }
     if ssyrk is not None:
         estimate["scipy_ssyrk"] = {w: per_width[w]["ssyrk"] for w in per_width}
     counts = {h: 3, m: 1} if h != m else {h: 4}
     out["gram_ms_per_sample"] = {
-        name: round(LAYERS * sum(counts[w] * t[w] for w in counts) * 1e3 / batch_size, 2) for name, t in estimate.items()
+        name: round(LAYERS * sum(counts[w] * t[w] for w in counts) * 1e3 / batch_size, 2)
+        for name, t in estimate.items()
     }
     out["best_block_per_width"] = {
         str(w): min((k for k in per_width[w] if k not in ("ssyrk", "recursive128")), key=lambda k: per_width[w][k])

@@ -19,11 +19,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-
 from speed_methods import IMAGE, RandomBatches, build_model, run_inference, run_stats
 
 
@@ -110,8 +110,15 @@ def child_main(spec: dict[str, Any]) -> None:
     for n in spec["ns"]:
         data = RandomBatches(n, spec["batch_size"], seed=1, image_size=image_size)
         seconds, growth, stats = measure(lambda: run_stats(model, data, names, spec["batch_size"], spec.get("cap")))
-        results.append({"n": n, "seconds": seconds, "peak_growth_mb": growth, "peak_rss_mb": hwm_mb(),
-                        "tokens": max(stats.counts.values())})
+        results.append(
+            {
+                "n": n,
+                "seconds": seconds,
+                "peak_growth_mb": growth,
+                "peak_rss_mb": hwm_mb(),
+                "tokens": max(stats.counts.values()),
+            }
+        )
         del stats
     print("CHILD_RESULT " + json.dumps(results))
 
@@ -124,7 +131,7 @@ def run_child(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
-            return json.loads(line[len("CHILD_RESULT "):])
+            return json.loads(line[len("CHILD_RESULT ") :])
     raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 

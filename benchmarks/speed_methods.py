@@ -13,7 +13,9 @@ from typing import Any, Optional
 
 import common  # noqa: F401  (puts this checkout's sap_hf first on sys.path)
 import torch
+
 from sap_hf.runtime.passes import Runtime
+
 
 METHODS = ["inference", "stats_exact", "stats_subsampled", "eigh_project", "reference_svd"]
 SHAPES = {
@@ -27,6 +29,7 @@ GRAM_BLOCK = 256  # sap_hf.core.stats.GramAccumulator's default block
 # --------------------------------------------------------------------------------------------
 # Models, data, FLOPs
 # --------------------------------------------------------------------------------------------
+
 
 def build_model(shape: str, seed: int = 0, image_size: int = IMAGE):
     from transformers import ViTConfig, ViTForImageClassification
@@ -76,8 +79,9 @@ def gram_flops_per_token(width: int, block: Optional[int] = GRAM_BLOCK) -> float
     return 2.0 * sum((min(s + block, width) - s) * (width - s) for s in range(0, width, block))
 
 
-def gram_flops_per_sample(shape: str, token_cap: Optional[int] = None, block: Optional[int] = GRAM_BLOCK,
-                          image_size: int = IMAGE) -> float:
+def gram_flops_per_sample(
+    shape: str, token_cap: Optional[int] = None, block: Optional[int] = GRAM_BLOCK, image_size: int = IMAGE
+) -> float:
     """Per layer: q/k/v (one group), o, fc1 read h-wide rows, fc2 reads m-wide rows; the classifier
     reads 1 row (CLS) per sample. t = min(cap, T) rows per sample for the encoder groups."""
     h, m, T = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"], tokens_per_sample(image_size)
@@ -90,6 +94,7 @@ def gram_flops_per_sample(shape: str, token_cap: Optional[int] = None, block: Op
 # The methods
 # --------------------------------------------------------------------------------------------
 
+
 def run_inference(model, data) -> None:
     with torch.no_grad():
         for batch in data:
@@ -99,7 +104,14 @@ def run_inference(model, data) -> None:
 def run_stats(model, data, names, batch_size: int, cap: Optional[int], accumulation_dtype: str = "float32"):
     from sap_hf.core.stats import collect_statistics
 
-    return collect_statistics(model, data, names, max_tokens_per_sample=cap, accumulation_dtype=accumulation_dtype, runtime=Runtime(batch_size=batch_size, show_progress=False))
+    return collect_statistics(
+        model,
+        data,
+        names,
+        max_tokens_per_sample=cap,
+        accumulation_dtype=accumulation_dtype,
+        runtime=Runtime(batch_size=batch_size, show_progress=False),
+    )
 
 
 def run_eigh_project(model, stats, alpha: float) -> dict[str, torch.Tensor]:
@@ -120,6 +132,7 @@ def store_activations(model, data, groups) -> dict[str, torch.Tensor]:
     handles = []
     try:
         for group in groups:
+
             def hook(module, args, _name=group.name):
                 x = args[0].detach()
                 stored[_name].append(x.reshape(-1, x.shape[-1]).clone())
@@ -142,7 +155,9 @@ def svd_basis(rows: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     return u.double(), s.double()
 
 
-def svd_projected(weights: dict[str, torch.Tensor], u: torch.Tensor, s: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+def svd_projected(
+    weights: dict[str, torch.Tensor], u: torch.Tensor, s: torch.Tensor, alpha: float
+) -> dict[str, torch.Tensor]:
     """lambda from the singular values (the SAP formula), P = U diag(lambda) U^T, W P in float64."""
     energy = s**2
     ratios = energy / energy.sum()
@@ -151,7 +166,9 @@ def svd_projected(weights: dict[str, torch.Tensor], u: torch.Tensor, s: torch.Te
     return {name: (w.detach().double() @ projection).to(w.dtype) for name, w in weights.items()}
 
 
-def run_reference_svd(model, data, groups, alpha: float, svd_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def run_reference_svd(
+    model, data, groups, alpha: float, svd_dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
     """The stored-activations approach: R = X^T (d x N) per distinct input, SVD, P = U diag(lambda) U^T.
 
     Activations are kept exactly as they come (float32, all of them in memory at once, like the
@@ -218,6 +235,8 @@ def verify(model, names, groups, data, batch_size: int, alphas: list[float], ful
             ours = plan_projection(originals, groups, bases, alpha)
             row[f"gram_{dtype}_vs_svd_float64"] = max_relative_difference(ours, truth)["max_abs_over_max_abs"]
         if full:
-            row["svd_float32_vs_svd_float64"] = max_relative_difference(from_svd("float32", alpha), truth)["max_abs_over_max_abs"]
+            row["svd_float32_vs_svd_float64"] = max_relative_difference(from_svd("float32", alpha), truth)[
+                "max_abs_over_max_abs"
+            ]
         result["per_alpha"].append(row)
     return result

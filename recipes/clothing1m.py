@@ -32,18 +32,26 @@ from transformers import TrainingArguments, default_data_collator, set_seed
 from transformers.utils import logging
 
 from sap_hf import ActivationStats, SAPConfig
-from sap_hf.core.cache import check_statistics_options, check_stats_path
+from sap_hf.audit.cleanup import BEST_MODES, REFINE_MODES, RefineConfig
 from sap_hf.cli.args import parse_with_config
 from sap_hf.cli.checks import check_paths
 from sap_hf.cli.errors import pop_debug_flag, report_user_errors
-from sap_hf.data import undecoded_images
+from sap_hf.cli.sources import (
+    DataArguments,
+    ModelArguments,
+    image_transforms,
+    load_model,
+    load_splits,
+    prepare,
+    saved_image_processor,
+)
+from sap_hf.core.cache import check_statistics_options, check_stats_path
 from sap_hf.core.formatting import format_result_alphas
+from sap_hf.data import undecoded_images
 from sap_hf.losses import LossConfig, make_loss_func, training_loss_record
 from sap_hf.plotting import plot_alpha_curve
-from sap_hf.audit.cleanup import BEST_MODES, REFINE_MODES, RefineConfig
-from sap_hf.cli.sources import (DataArguments, ModelArguments, image_transforms, load_model, load_splits, prepare,
-                               saved_image_processor)
 from sap_hf.trainer import SAPTrainer
+
 
 logger = logging.get_logger("sap_hf.recipes.clothing1m")
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "default.yaml"
@@ -70,7 +78,9 @@ class ScriptArguments(DataArguments, ModelArguments):
     )
     refine: bool = field(
         default=False,
-        metadata={"help": "After SAP, fine-tune on the training data without the suspected labels (sap_hf.refine); lr and length on val."},
+        metadata={
+            "help": "After SAP, fine-tune on the training data without the suspected labels (sap_hf.refine); lr and length on val."
+        },
     )
     reaudit_after_refine: bool = field(
         default=True,
@@ -82,23 +92,39 @@ class ScriptArguments(DataArguments, ModelArguments):
     )
     refine_mode: str = field(
         default="best",
-        metadata={"help": f"Refine: one of {list(REFINE_MODES)} ('best' tries {list(BEST_MODES)} and keeps the one best on val)."},
+        metadata={
+            "help": f"Refine: one of {list(REFINE_MODES)} ('best' tries {list(BEST_MODES)} and keeps the one best on val)."
+        },
     )
     refine_learning_rates: Optional[list[float]] = field(
-        default=None, metadata={"help": "Refine: learning rates tried (default: the training learning_rate and twice it)."}
+        default=None,
+        metadata={"help": "Refine: learning rates tried (default: the training learning_rate and twice it)."},
     )
-    refine_epochs: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 6, 8], metadata={"help": "Refine: epochs evaluated on val (the largest is the run length)."})
-    refine_relabel_threshold: float = field(default=0.9, metadata={"help": "Refine, mode 'relabel': relabel when the corrected model's probability is at least this."})
+    refine_epochs: list[int] = field(
+        default_factory=lambda: [1, 2, 3, 4, 6, 8],
+        metadata={"help": "Refine: epochs evaluated on val (the largest is the run length)."},
+    )
+    refine_relabel_threshold: float = field(
+        default=0.9,
+        metadata={"help": "Refine, mode 'relabel': relabel when the corrected model's probability is at least this."},
+    )
 
     refine_augment: bool = field(
         default=True,
-        metadata={"help": "Refine: train on flipped and shifted views of every image (RefineConfig.augment; 'pseudo' "
-                          "always augments its unlabelled images)."},
+        metadata={
+            "help": "Refine: train on flipped and shifted views of every image (RefineConfig.augment; 'pseudo' "
+            "always augments its unlabelled images)."
+        },
     )
 
     def refine_config(self) -> RefineConfig:
-        return RefineConfig(mode=self.refine_mode, learning_rates=self.refine_learning_rates, epochs=self.refine_epochs,
-                            relabel_threshold=self.refine_relabel_threshold, augment=self.refine_augment)
+        return RefineConfig(
+            mode=self.refine_mode,
+            learning_rates=self.refine_learning_rates,
+            epochs=self.refine_epochs,
+            relabel_threshold=self.refine_relabel_threshold,
+            augment=self.refine_augment,
+        )
 
 
 ARGUMENT_TYPES = (ScriptArguments, TrainingArguments, SAPConfig, LossConfig)
@@ -122,9 +148,12 @@ def run(argv: list[str]) -> dict:
     script_args, training_args, sap_config, loss_config = parse_with_config(
         ARGUMENT_TYPES, argv, default_config=DEFAULT_CONFIG
     )
-    check_paths(model_name_or_path=script_args.model_name_or_path, data_dir=script_args.data_dir,
-                cifar10n_labels=script_args.cifar10n_labels,
-                output_dir=training_args.output_dir)  # before any data is read or model loaded
+    check_paths(
+        model_name_or_path=script_args.model_name_or_path,
+        data_dir=script_args.data_dir,
+        cifar10n_labels=script_args.cifar10n_labels,
+        output_dir=training_args.output_dir,
+    )  # before any data is read or model loaded
     loss_func = make_loss_func(loss_config, training_args.label_smoothing_factor)  # raises before any data is read
     refine_config = script_args.refine_config() if script_args.refine else None  # validated before training
     logging.set_verbosity_info() if training_args.should_log else None
@@ -178,7 +207,9 @@ def run(argv: list[str]) -> dict:
         "test_metrics_after": {k.removeprefix("test_"): v for k, v in after.items() if k.endswith("accuracy")},
     }
     if sap_test:
-        trainer.sap_extra_record["test_metrics_after_sap"] = {k.removeprefix("test_"): v for k, v in sap_test.items() if k.endswith("accuracy")}
+        trainer.sap_extra_record["test_metrics_after_sap"] = {
+            k.removeprefix("test_"): v for k, v in sap_test.items() if k.endswith("accuracy")
+        }
     summary = {
         "dataset": splits.name,
         "training_loss": training_loss_record(loss_func, training_args.label_smoothing_factor),
@@ -194,9 +225,13 @@ def run(argv: list[str]) -> dict:
     if trainer.label_audit is not first_audit:
         summary["label_audit_refined_suspected"] = trainer.label_audit.num_suspected
     if trainer.refine_result is not None:
-        summary.update(test_accuracy_after_sap=sap_test.get("test_accuracy"), refine_mode=trainer.refine_result.mode,
-                       refine_learning_rate=trainer.refine_result.learning_rate, refine_epochs=trainer.refine_result.epochs,
-                       val_accuracy_after_refine=trainer.refine_result.final_metrics.get("accuracy"))
+        summary.update(
+            test_accuracy_after_sap=sap_test.get("test_accuracy"),
+            refine_mode=trainer.refine_result.mode,
+            refine_learning_rate=trainer.refine_result.learning_rate,
+            refine_epochs=trainer.refine_result.epochs,
+            val_accuracy_after_refine=trainer.refine_result.final_metrics.get("accuracy"),
+        )
     if trainer.is_world_process_zero():
         output_dir = Path(training_args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +239,9 @@ def run(argv: list[str]) -> dict:
         (output_dir / "sap_summary.json").write_text(json.dumps(summary, indent=2))
         refined = (
             f", after refine {_fmt(summary['test_accuracy_after'])} (mode={trainer.refine_result.mode}, "
-            f"{trainer.refine_result.epochs} epoch(s))" if trainer.refine_result is not None else ""
+            f"{trainer.refine_result.epochs} epoch(s))"
+            if trainer.refine_result is not None
+            else ""
         )
         print(
             f"[sap_hf] {splits.name} ({_loss(summary['training_loss'])}): "
@@ -237,8 +274,12 @@ def _drop_stale_stats(path: Path, model: Any, config: SAPConfig) -> None:
         stats.check_model(model)
         check_statistics_options(stats, config, path, trusted_given=config.trusted_source == "training")
     except ValueError as err:
-        logger.warning("%s holds statistics of an earlier run in this output_dir that do not fit this one (%s): "
-                       "collecting new ones.", path, err)
+        logger.warning(
+            "%s holds statistics of an earlier run in this output_dir that do not fit this one (%s): "
+            "collecting new ones.",
+            path,
+            err,
+        )
         path.unlink()
 
 

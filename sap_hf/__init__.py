@@ -19,9 +19,15 @@ from .core.stats import ActivationStats, collect_statistics
 from .runtime.passes import Runtime
 from .trainer import SAPTrainer
 
-__version__: str = next(  # importlib.metadata.version("sap_hf"), one source (pyproject.toml); "0+unknown" when not installed
-    (dist.version for dist in __import__("importlib.metadata", fromlist=["distributions"]).distributions(name="sap_hf")),
-    "0+unknown",
+
+__version__: str = (
+    next(  # importlib.metadata.version("sap_hf"), one source (pyproject.toml); "0+unknown" when not installed
+        (
+            dist.version
+            for dist in __import__("importlib.metadata", fromlist=["distributions"]).distributions(name="sap_hf")
+        ),
+        "0+unknown",
+    )
 )
 
 __all__ = [

@@ -8,26 +8,43 @@ is written, and both are made of the importable pieces: `select_trusted`, `colle
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from torch import nn
 from transformers.utils import logging
 
 from .core.adapters import merge_for_correction
-from .core.cache import (GIVEN_KEY, OPTIONS_KEY, cached_statistics, check_statistics_options, check_stats_path,
-                         save_statistics, statistics_options)
+from .core.cache import (
+    GIVEN_KEY,
+    OPTIONS_KEY,
+    cached_statistics,
+    check_statistics_options,
+    check_stats_path,
+    save_statistics,
+    statistics_options,
+)
 from .core.config import SAPConfig, validate_alpha
 from .core.evaluation import accuracy_evaluator
 from .core.projection import current_weights, plan_projection, write_weights
 from .core.search import AlphaSearchResult, eigenbases, search_alpha
 from .core.selection import select_trusted
 from .core.stats import ActivationStats, collect_statistics
-from .core.targets import check_classifier, check_layer_kinds, classifier_names, find_target_modules, group_alphas, group_kinds, layer_kind
+from .core.targets import (
+    check_classifier,
+    check_layer_kinds,
+    classifier_names,
+    find_target_modules,
+    group_alphas,
+    group_kinds,
+    layer_kind,
+)
 from .runtime.batching import Collator, subset
 from .runtime.contract import as_pass_data
 from .runtime.passes import PhaseHook, Runtime
+
 
 logger = logging.get_logger(__name__)
 
@@ -91,17 +108,34 @@ def _resolve_targets(model: nn.Module, config: SAPConfig) -> list[str]:
     return find_target_modules(model, config.target_modules, config.exclude_modules, config.project_classifier)
 
 
-def _collect(model: nn.Module, data: Any, targets: Sequence[str], config: SAPConfig, runtime: Runtime) -> ActivationStats:
+def _collect(
+    model: nn.Module, data: Any, targets: Sequence[str], config: SAPConfig, runtime: Runtime
+) -> ActivationStats:
     return collect_statistics(
-        model, data, targets, runtime=runtime, max_tokens_per_sample=config.max_tokens_per_sample,
-        accumulation_dtype=config.accumulation_dtype, seed=config.sampling_seed,
+        model,
+        data,
+        targets,
+        runtime=runtime,
+        max_tokens_per_sample=config.max_tokens_per_sample,
+        accumulation_dtype=config.accumulation_dtype,
+        seed=config.sampling_seed,
     )
 
 
-def _runtime(config: SAPConfig, accelerator: Any, collate_fn: Optional[Collator], show_progress: bool = True,
-             on_phase: Optional[PhaseHook] = None) -> Runtime:
-    return Runtime(accelerator=accelerator, collate_fn=collate_fn, batch_size=config.batch_size,
-                   show_progress=show_progress, on_phase=on_phase)
+def _runtime(
+    config: SAPConfig,
+    accelerator: Any,
+    collate_fn: Optional[Collator],
+    show_progress: bool = True,
+    on_phase: Optional[PhaseHook] = None,
+) -> Runtime:
+    return Runtime(
+        accelerator=accelerator,
+        collate_fn=collate_fn,
+        batch_size=config.batch_size,
+        show_progress=show_progress,
+        on_phase=on_phase,
+    )
 
 
 def sap_project(
@@ -146,7 +180,9 @@ def sap_project(
                 round_alpha: Any = group_alphas(stats.groups, group_kinds(stats.groups, classifier_names(base)), shown)
             else:
                 shown = round_alpha = alpha * growth
-            plan = plan_projection(current_weights(base, stats.target_modules), stats.groups, eigenbases(stats), round_alpha)
+            plan = plan_projection(
+                current_weights(base, stats.target_modules), stats.groups, eigenbases(stats), round_alpha
+            )
             write_weights(base, plan)
             logger.info("SAP round %d: projected %d layers with alpha=%s.", round_index + 1, len(plan), shown)
     return model
@@ -242,18 +278,32 @@ def sap_correct(
             kinds = group_kinds(stats.groups, classifier_names(base)) if config.alpha_scope == "per_kind" else None
             with runtime.timed("search"):  # includes its evaluations
                 search = search_alpha(
-                    base, stats, grid, evaluate_fn, metric=metric, greater_is_better=greater_is_better,
-                    on_evaluate=on_evaluate, kinds=kinds, method=config.alpha_search, tolerance=config.alpha_search_tolerance,
+                    base,
+                    stats,
+                    grid,
+                    evaluate_fn,
+                    metric=metric,
+                    greater_is_better=greater_is_better,
+                    on_evaluate=on_evaluate,
+                    kinds=kinds,
+                    method=config.alpha_search,
+                    tolerance=config.alpha_search_tolerance,
                     on_phase=runtime.record,
                 )
             rounds.append(search)
             if not search.improved:
                 break
     result = SAPResult(
-        alphas=[r.best_alpha for r in rounds], rounds=rounds, baseline_metrics=rounds[0].baseline,
-        final_metrics=rounds[-1].best_metrics, target_modules=list(stats.target_modules), num_trusted=plan.num_trusted,
-        trusted_per_class={int(k): v for k, v in plan.per_class.items()}, config=config.to_dict(),
-        trusted_indices=plan.identities(), timings=dict(runtime.timings),
+        alphas=[r.best_alpha for r in rounds],
+        rounds=rounds,
+        baseline_metrics=rounds[0].baseline,
+        final_metrics=rounds[-1].best_metrics,
+        target_modules=list(stats.target_modules),
+        num_trusted=plan.num_trusted,
+        trusted_per_class={int(k): v for k, v in plan.per_class.items()},
+        config=config.to_dict(),
+        trusted_indices=plan.identities(),
+        timings=dict(runtime.timings),
     )
     result.model = model  # the corrected model (for PEFT: the merged one, not the consumed wrapper)
     return result
@@ -262,6 +312,7 @@ def sap_correct(
 def _evaluator(evaluate_fn: Optional[EvaluateFn], eval_data: Any, runtime: Runtime) -> EvaluateFn:
     """The alpha search's evaluation: `evaluate_fn` (timed as "evaluation"), or accuracy on `eval_data`."""
     if evaluate_fn is not None:
+
         def timed(model: nn.Module) -> Mapping[str, float]:
             with runtime.timed("evaluation"):
                 return evaluate_fn(model)
@@ -286,10 +337,23 @@ class _TrustedPlan:
     given: bool = False  # trusted_indices were given (no selection)
 
     @classmethod
-    def make(cls, base: nn.Module, train_data: Any, config: SAPConfig, runtime: Runtime, selection_model: Optional[nn.Module],
-             trusted_indices: Optional[Sequence[Any]], stats_path: Optional[Union[str, Path]]) -> "_TrustedPlan":
-        plan = cls(config, runtime, stats_path=stats_path, cached=cached_statistics(stats_path, runtime),
-                   given=trusted_indices is not None)
+    def make(
+        cls,
+        base: nn.Module,
+        train_data: Any,
+        config: SAPConfig,
+        runtime: Runtime,
+        selection_model: Optional[nn.Module],
+        trusted_indices: Optional[Sequence[Any]],
+        stats_path: Optional[Union[str, Path]],
+    ) -> _TrustedPlan:
+        plan = cls(
+            config,
+            runtime,
+            stats_path=stats_path,
+            cached=cached_statistics(stats_path, runtime),
+            given=trusted_indices is not None,
+        )
         if plan.cached is not None:
             plan.cached.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
             check_statistics_options(plan.cached, config, stats_path, trusted_indices)
@@ -302,11 +366,20 @@ class _TrustedPlan:
                     "config.trusted_source='training' selects from the losses SAPTrainer.train() records, which "
                     "sap_correct does not have: use SAPTrainer.correct(), pass trusted_indices=, or use trusted_source='pass'."
                 )
-            selection = select_trusted(base, train_data, config.trusted_per_class, rule=config.selection_rule,
-                                       selection_model=selection_model, runtime=runtime, seed=config.sampling_seed,
-                                       subset=config.selection_subset)
+            selection = select_trusted(
+                base,
+                train_data,
+                config.trusted_per_class,
+                rule=config.selection_rule,
+                selection_model=selection_model,
+                runtime=runtime,
+                seed=config.sampling_seed,
+                subset=config.selection_subset,
+            )
             trusted_indices, plan.per_class = selection.indices, dict(selection.per_class)
-            plan.trusted = selection.examples  # a stream's trusted examples, kept by the selection pass: no second read
+            plan.trusted = (
+                selection.examples
+            )  # a stream's trusted examples, kept by the selection pass: no second read
         plan.indices = list(trusted_indices) if trusted_indices is not None else None
         if plan.trusted is None and plan.indices is not None and train_data is not None:
             plan.trusted = subset(train_data, plan.indices)
@@ -314,7 +387,8 @@ class _TrustedPlan:
             raise ValueError(
                 f"config.num_rounds={config.num_rounds} re-collects statistics each round, which needs the trusted "
                 "data: pass train_data= (and trusted_indices= or a stats_path saved by sap_correct), or use num_rounds=1."
-                if plan.cached is not None else "sap_correct needs train_data= to select the trusted samples from."
+                if plan.cached is not None
+                else "sap_correct needs train_data= to select the trusted samples from."
             )
         return plan
 

@@ -28,6 +28,7 @@ from transformers import PreTrainedModel, TrainerCallback, TrainerControl, Train
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -80,13 +81,20 @@ def load_checkpoint_weights(model: nn.Module, folder: Union[str, os.PathLike]) -
         logger.warning(
             "The checkpoint %s names its tensors differently from the model and from_pretrained could not map %s: "
             "the model keeps what Trainer loaded (possibly not the checkpoint's weights). Reload it with "
-            "%s.from_pretrained(%r).", folder, missing[:5], type(model).__name__, str(folder),
+            "%s.from_pretrained(%r).",
+            folder,
+            missing[:5],
+            type(model).__name__,
+            str(folder),
         )
         return False
     with torch.no_grad():
         model.load_state_dict(state, strict=True)  # copies in place: the optimizer and any wrapper keep their tensors
-    logger.info("Loaded %s with its legacy tensor names converted (Trainer's own load left %d tensors unloaded).",
-                folder, len(set(live) - saved))
+    logger.info(
+        "Loaded %s with its legacy tensor names converted (Trainer's own load left %d tensors unloaded).",
+        folder,
+        len(set(live) - saved),
+    )
     return True
 
 
@@ -112,14 +120,26 @@ class CheckpointWeights(TrainerCallback):
     def _skip(self) -> bool:
         return bool(self.uses_own_loading is not None and self.uses_own_loading())
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Optional[nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
         if self.resume_from_checkpoint and model is not None and not self._skip():
             load_checkpoint_weights(model, self.resume_from_checkpoint)
         self.resume_from_checkpoint = None
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                     model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+    def on_train_end(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Optional[nn.Module] = None,
+        **kwargs: Any,
+    ) -> None:
         best = state.best_model_checkpoint
         if args.load_best_model_at_end and best and os.path.isdir(best) and model is not None and not self._skip():
             load_checkpoint_weights(model, best)

@@ -11,16 +11,21 @@ to rerun.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .core.formatting import format_alpha, format_kind_alphas
 from .losses import describe_training_loss
-from .runtime.io import STAGING_NAME, atomic_write
-from .runtime.io import staged_save  # noqa: F401  (callers import the save mechanism from here)
+from .runtime.io import (
+    STAGING_NAME,
+    atomic_write,
+    staged_save,  # noqa: F401  (callers import the save mechanism from here)
+)
+
 
 logger = logging.get_logger(__name__)
 
@@ -88,7 +93,9 @@ The full record (configuration, every alpha's metrics, trusted samples per class
 """
 
 
-def sap_record(result: Any, base_model: Optional[str] = None, extra: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+def sap_record(
+    result: Any, base_model: Optional[str] = None, extra: Optional[Mapping[str, Any]] = None
+) -> dict[str, Any]:
     from . import __version__
 
     record = {"sap_hf_version": __version__, "base_model": base_model, **result.to_dict()}
@@ -136,21 +143,31 @@ def step_metrics(record: Mapping[str, Any]) -> dict[str, dict[str, Mapping[str, 
     that no column mixes a test number after refine with an eval number after SAP.
     """
     refined = bool(record.get("refine"))
-    eval_steps = {"before": record.get("baseline_metrics"), "sap": record.get("final_metrics"),
-                  "refine": (record.get("refine") or {}).get("final_metrics")}
+    eval_steps = {
+        "before": record.get("baseline_metrics"),
+        "sap": record.get("final_metrics"),
+        "refine": (record.get("refine") or {}).get("final_metrics"),
+    }
     after_sap = record.get("test_metrics_after_sap") or (None if refined else record.get("test_metrics_after"))
-    test_steps = {"before": record.get("test_metrics_before"), "sap": after_sap,
-                  "refine": record.get("test_metrics_after") if refined else None}
-    return {split: {step: metrics for step, metrics in steps.items() if metrics}
-            for split, steps in (("eval", eval_steps), ("test", test_steps))}
+    test_steps = {
+        "before": record.get("test_metrics_before"),
+        "sap": after_sap,
+        "refine": record.get("test_metrics_after") if refined else None,
+    }
+    return {
+        split: {step: metrics for step, metrics in steps.items() if metrics}
+        for split, steps in (("eval", eval_steps), ("test", test_steps))
+    }
 
 
 def _results_table(record: Mapping[str, Any], metric: str) -> str:
     """The card's results table: one row per split and metric, one column per step (refine's only when it ran)."""
     steps = [step for step in STEPS if step != "refine" or record.get("refine")]
     measured = step_metrics(record)
-    lines = ["| split | metric | " + " | ".join(STEPS[step] for step in steps) + " |",
-             "|---|---|" + "---|" * len(steps)]
+    lines = [
+        "| split | metric | " + " | ".join(STEPS[step] for step in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
     for split, by_step in measured.items():
         keys = [metric] if split == "eval" else sorted({key for metrics in by_step.values() for key in metrics})
         for key in keys:
@@ -173,11 +190,18 @@ def eval_results(record: Mapping[str, Any]) -> list[EvalResult]:
         for step, metrics in step_metrics(record)[split].items():
             value = metrics.get("accuracy")
             if isinstance(value, (int, float)) and value == value:  # NaN: not measured
-                results.append(EvalResult(
-                    task_type="image-classification", task_name="Image Classification", dataset_type=str(dataset),
-                    dataset_name=str(dataset), dataset_split=SPLITS[split], metric_type="accuracy",
-                    metric_value=float(value), metric_name=f"{split} accuracy {STEPS[step]}",
-                ))
+                results.append(
+                    EvalResult(
+                        task_type="image-classification",
+                        task_name="Image Classification",
+                        dataset_type=str(dataset),
+                        dataset_name=str(dataset),
+                        dataset_split=SPLITS[split],
+                        metric_type="accuracy",
+                        metric_value=float(value),
+                        metric_name=f"{split} accuracy {STEPS[step]}",
+                    )
+                )
     return results
 
 
@@ -201,7 +225,8 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
         base_model=record.get("base_model") or "trained from scratch",
         training_loss=(
             f"\n- Training loss (on the noisy labels, before SAP): {describe_training_loss(record['training_loss'])}"
-            if record.get("training_loss") else ""
+            if record.get("training_loss")
+            else ""
         ),
         num_trusted=record.get("num_trusted", 0),
         rule=record.get("config", {}).get("selection_rule", "loss"),
@@ -210,11 +235,14 @@ def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
         alphas=", ".join(format_alpha(a) for a in record.get("alphas", [])),
         alpha_label="Best shared alpha per round" if record.get("kind_alphas") else "Chosen alpha per round",
         kind_alphas=(
-            "\n- Written alpha per layer kind (`alpha_scope=\"per_kind\"`, round 1): "
+            '\n- Written alpha per layer kind (`alpha_scope="per_kind"`, round 1): '
             + format_kind_alphas(record["kind_alphas"])
-            if record.get("kind_alphas") else ""
+            if record.get("kind_alphas")
+            else ""
         ),
-        verdict="weights projected" if record.get("changed") else "no alpha beat the uncorrected model; weights unchanged",
+        verdict="weights projected"
+        if record.get("changed")
+        else "no alpha beat the uncorrected model; weights unchanged",
         results_table=_results_table(record, metric),
         metric=metric,
         baseline_metric=_fmt(first.get("baseline", {}).get(metric)),
@@ -269,13 +297,25 @@ def _refine_section(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def push_folder(folder: Union[str, Path], repo_id: str, *, token: Optional[str] = None, private: Optional[bool] = None, commit_message: str = "SAP-corrected model") -> Any:
+def push_folder(
+    folder: Union[str, Path],
+    repo_id: str,
+    *,
+    token: Optional[str] = None,
+    private: Optional[bool] = None,
+    commit_message: str = "SAP-corrected model",
+) -> Any:
     """Upload a saved folder to the Hub; on failure say that the local copy is intact and what to rerun."""
     folder = Path(folder)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, ignore_patterns=[f"{STAGING_NAME}/*", "checkpoint-*", "_*"])
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            commit_message=commit_message,
+            ignore_patterns=[f"{STAGING_NAME}/*", "checkpoint-*", "_*"],
+        )
     except Exception as err:
         raise RuntimeError(
             f"Pushing {str(folder)!r} to the Hub repo {repo_id!r} failed ({type(err).__name__}: {err}). The local save "

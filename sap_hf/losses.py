@@ -27,8 +27,9 @@ times larger.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,10 +38,18 @@ from .runtime.checks import check_choice, finite_float, invalid, positive_float
 from .runtime.contract import IGNORE_INDEX
 from .runtime.modeling import logits_of
 
+
 LOSSES: tuple[str, ...] = ("ce", "gce", "sce")
-_LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {"ce": (), "gce": ("gce_q",), "sce": ("sce_alpha", "sce_beta", "sce_log_zero")}
-_LOSS_TITLES = {"ce": "cross-entropy", "gce": "generalized cross-entropy (GCE, Zhang & Sabuncu 2018)",
-                "sce": "symmetric cross-entropy (SCE, Wang et al. 2019)"}
+_LOSS_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "ce": (),
+    "gce": ("gce_q",),
+    "sce": ("sce_alpha", "sce_beta", "sce_log_zero"),
+}
+_LOSS_TITLES = {
+    "ce": "cross-entropy",
+    "gce": "generalized cross-entropy (GCE, Zhang & Sabuncu 2018)",
+    "sce": "symmetric cross-entropy (SCE, Wang et al. 2019)",
+}
 
 
 @dataclass
@@ -64,10 +73,16 @@ class LossConfig:
     )
     gce_q: float = field(
         default=0.7,
-        metadata={"help": "GCE exponent q in (0, 1]: q -> 0 is cross-entropy, q = 1 is MAE (1 - p_y). The paper uses 0.7."},
+        metadata={
+            "help": "GCE exponent q in (0, 1]: q -> 0 is cross-entropy, q = 1 is MAE (1 - p_y). The paper uses 0.7."
+        },
     )
-    sce_alpha: float = field(default=0.1, metadata={"help": "SCE weight (> 0) of the cross-entropy term (paper: 0.1)."})
-    sce_beta: float = field(default=1.0, metadata={"help": "SCE weight (> 0) of the reverse cross-entropy term (paper: 1.0)."})
+    sce_alpha: float = field(
+        default=0.1, metadata={"help": "SCE weight (> 0) of the cross-entropy term (paper: 0.1)."}
+    )
+    sce_beta: float = field(
+        default=1.0, metadata={"help": "SCE weight (> 0) of the reverse cross-entropy term (paper: 1.0)."}
+    )
     sce_log_zero: float = field(
         default=-4.0,
         metadata={"help": "SCE's clamp A < 0 of log(0) in the reverse cross-entropy, RCE = -A (1 - p_y) (paper: -4)."},
@@ -75,18 +90,35 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         self.loss = check_choice(
-            "LossConfig.loss", self.loss, LOSSES, "(label smoothing: loss='ce' with TrainingArguments.label_smoothing_factor.)"
+            "LossConfig.loss",
+            self.loss,
+            LOSSES,
+            "(label smoothing: loss='ce' with TrainingArguments.label_smoothing_factor.)",
         )
         self.gce_q = finite_float("LossConfig.gce_q", self.gce_q)
         if not 0.0 < self.gce_q <= 1.0:
-            raise invalid("LossConfig.gce_q", self.gce_q, "use a number in (0, 1] (0.7 in Zhang & Sabuncu 2018; q -> 0 is "
-                          "cross-entropy, q = 1 is MAE).")
+            raise invalid(
+                "LossConfig.gce_q",
+                self.gce_q,
+                "use a number in (0, 1] (0.7 in Zhang & Sabuncu 2018; q -> 0 is cross-entropy, q = 1 is MAE).",
+            )
         for name in ("sce_alpha", "sce_beta"):
-            setattr(self, name, positive_float(f"LossConfig.{name}", getattr(self, name),
-                                               "It is a weight (Wang et al. 2019: sce_alpha=0.1, sce_beta=1.0)."))
+            setattr(
+                self,
+                name,
+                positive_float(
+                    f"LossConfig.{name}",
+                    getattr(self, name),
+                    "It is a weight (Wang et al. 2019: sce_alpha=0.1, sce_beta=1.0).",
+                ),
+            )
         self.sce_log_zero = finite_float("LossConfig.sce_log_zero", self.sce_log_zero)
         if self.sce_log_zero >= 0:
-            raise invalid("LossConfig.sce_log_zero", self.sce_log_zero, "use a negative number: it stands for log(0) (paper: -4).")
+            raise invalid(
+                "LossConfig.sce_log_zero",
+                self.sce_log_zero,
+                "use a negative number: it stands for log(0) (paper: -4).",
+            )
 
     def parameters(self) -> dict[str, float]:
         """The parameters the chosen loss uses (what a record should show)."""
@@ -111,7 +143,9 @@ def _reduce(per_item: torch.Tensor, valid: torch.Tensor, num_items_in_batch: Any
     return total / num_items_in_batch
 
 
-def _label_log_probs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _label_log_probs(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log p_y per item (float32 at least) and the mask of labelled items; logits (..., C), labels (...)."""
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
@@ -124,23 +158,37 @@ def _label_log_probs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: i
     return log_probs.gather(-1, index).squeeze(-1), valid
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, num_items_in_batch: Any = None,
-                  ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, *, num_items_in_batch: Any = None, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
     """Cross-entropy `-log p_y` with the same reduction as the robust losses (the `ce` baseline)."""
     log_p, valid = _label_log_probs(logits, labels, ignore_index)
     return _reduce(-log_p, valid, num_items_in_batch)
 
 
-def generalized_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, q: float = 0.7, *,
-                              num_items_in_batch: Any = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def generalized_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    q: float = 0.7,
+    *,
+    num_items_in_batch: Any = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """GCE `(1 - p_y^q) / q` (Zhang & Sabuncu 2018); `p_y^q` as `exp(q log p_y)` for stability."""
     log_p, valid = _label_log_probs(logits, labels, ignore_index)
     return _reduce(-torch.expm1(q * log_p) / q, valid, num_items_in_batch)
 
 
-def symmetric_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.1, beta: float = 1.0,
-                            log_zero: float = -4.0, *, num_items_in_batch: Any = None,
-                            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def symmetric_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.1,
+    beta: float = 1.0,
+    log_zero: float = -4.0,
+    *,
+    num_items_in_batch: Any = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
     """SCE `alpha * CE + beta * RCE` (Wang et al. 2019), `RCE = -log_zero * (1 - p_y)`."""
     log_p, valid = _label_log_probs(logits, labels, ignore_index)
     per_item = alpha * (-log_p) + beta * (-log_zero) * (-torch.expm1(log_p))

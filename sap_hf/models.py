@@ -24,6 +24,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
+
 FAMILIES: tuple[str, ...] = ("vit", "deit", "beit", "dinov2", "swin", "clip")
 
 

@@ -6,13 +6,15 @@ The image is written atomically (`sap_hf.runtime.io.atomic_write`), like every o
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from transformers.utils import logging
 
 from .core.formatting import format_kind_alphas
 from .runtime.io import atomic_write
+
 
 logger = logging.get_logger(__name__)
 
@@ -37,13 +39,22 @@ def plot_alpha_curve(
     for index, search in enumerate(result.rounds):
         values = [m[search.metric] for m in search.metrics]
         axis.plot(search.alphas, values, marker="o", label=f"eval {search.metric}, round {index + 1}")
-        axis.axhline(search.baseline[search.metric], linestyle="--", color="grey", label="unchanged (round 1)" if index == 0 else None)
+        axis.axhline(
+            search.baseline[search.metric],
+            linestyle="--",
+            color="grey",
+            label="unchanged (round 1)" if index == 0 else None,
+        )
         if search.best_alpha is not None:  # the best shared alpha, on its own curve
             shared_best = search.metrics[search.alphas.index(search.best_alpha)][search.metric]
             axis.scatter([search.best_alpha], [shared_best], s=120, facecolors="none", edgecolors="red")
     first = result.rounds[0]
     for kind in dict.fromkeys(t["kind"] for t in first.kind_trials):  # alpha_scope="per_kind": the coordinate pass
-        trials = sorted((t["alpha"], t["metrics"][first.metric]) for t in first.kind_trials if t["kind"] == kind and t["alpha"] is not None)
+        trials = sorted(
+            (t["alpha"], t["metrics"][first.metric])
+            for t in first.kind_trials
+            if t["kind"] == kind and t["alpha"] is not None
+        )
         if trials:
             axis.plot(*zip(*trials), marker=".", linestyle=":", label=f"per-kind pass: {kind} alpha varied")
     if first.kind_alphas and first.improved:

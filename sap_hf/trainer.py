@@ -23,22 +23,23 @@ from transformers.trainer_utils import denumpify_detensorize
 from transformers.utils import logging
 
 from .api import SAPResult, sap_correct
+from .audit.cleanup import MODES, RefineConfig, RefineResult, refine
 from .audit.labels import LabelAudit, audit_labels
 from .audit.report import write_audit_report
-from .runtime.batching import batch_labels, first_example_batch
-from .runtime.contract import IGNORE_INDEX, LoaderData, as_pass_data
-from .runtime.passes import PhaseHook, Runtime
+from .checkpoints import install as install_checkpoint_weights
 from .core.adapters import merge_trainer_adapters
 from .core.config import SAPConfig
 from .core.evaluation import eval_predictions
 from .core.recorded import INDEX_COLUMN, IndexCarryingCollator, IndexedExamples, TrainingLosses, merge_losses
 from .core.selection import TrustedSelection, select_from_scores
 from .core.targets import check_classifier
-from .runtime.modeling import logits_of
 from .hub import sap_record, staged_save, write_sap_files
-from .checkpoints import install as install_checkpoint_weights
 from .losses import check_label_smoothing, training_loss_record
-from .audit.cleanup import MODES, RefineConfig, RefineResult, refine
+from .runtime.batching import batch_labels, first_example_batch
+from .runtime.contract import IGNORE_INDEX, LoaderData, as_pass_data
+from .runtime.modeling import logits_of
+from .runtime.passes import PhaseHook, Runtime
+
 
 logger = logging.get_logger(__name__)
 
@@ -104,7 +105,9 @@ class SAPTrainer(Trainer):
     `correct()` selects the trusted samples from those losses: no selection pass over the training set.
     """
 
-    def __init__(self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any):
+    def __init__(
+        self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any
+    ):
         kwargs.setdefault("compute_metrics", None)
         if kwargs["compute_metrics"] is None:
             kwargs["compute_metrics"] = accuracy_metrics
@@ -153,7 +156,9 @@ class SAPTrainer(Trainer):
             logger.warning(
                 "train(resume_from_checkpoint=%r): %s, so trusted_source='training' selects from the epochs "
                 "trained from now on only. Train from the start (or from a checkpoint SAPTrainer saved with this "
-                "sap_config) to average every epoch.", str(checkpoint), problem,
+                "sap_config) to average every epoch.",
+                str(checkpoint),
+                problem,
             )
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
@@ -173,7 +178,9 @@ class SAPTrainer(Trainer):
         try:
             import datasets
 
-            plain = self._remove_unused_columns(dataset, "training") if isinstance(dataset, datasets.Dataset) else dataset
+            plain = (
+                self._remove_unused_columns(dataset, "training") if isinstance(dataset, datasets.Dataset) else dataset
+            )
         except ImportError:  # pragma: no cover - datasets is a dependency
             plain = dataset
         self.train_dataset, self.data_collator = IndexedExamples(plain), IndexCarryingCollator(collator)
@@ -187,12 +194,15 @@ class SAPTrainer(Trainer):
         if self._records_losses and INDEX_COLUMN not in self._signature_columns:
             self._signature_columns.append(INDEX_COLUMN)  # kept by the Trainer's column removal
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         """`Trainer.compute_loss`; a training batch that carries positions also records its per-example losses."""
         positions = inputs.pop(INDEX_COLUMN, None) if isinstance(inputs, dict) else None
         if positions is None or not model.training or self.training_losses is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         labels = inputs.get("labels", inputs.get("label"))
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         self._record_losses(positions, logits_of(outputs), labels)
@@ -228,8 +238,13 @@ class SAPTrainer(Trainer):
         with runtime.timed("selection"):
             positions, scores, labels = merge_losses(runtime.gather(self.training_losses.summary()))
             selection = select_from_scores(
-                positions, scores, labels, self.sap_config.trusted_per_class, check_classifier(runtime.unwrap(self.model)),
-                source="the training losses SAPTrainer recorded", is_main=runtime.is_main,
+                positions,
+                scores,
+                labels,
+                self.sap_config.trusted_per_class,
+                check_classifier(runtime.unwrap(self.model)),
+                source="the training losses SAPTrainer recorded",
+                is_main=runtime.is_main,
             )
         return selection, runtime.timings["selection"]
 
@@ -257,8 +272,9 @@ class SAPTrainer(Trainer):
         `save_model()` writes the whole corrected model (a PEFT save would keep only the adapters).
         `on_phase(phase, seconds)` is called after each phase, as in `sap_correct`.
         """
-        selection_dataset, eval_dataset = self._train_and_eval("correct()", "selection_dataset", selection_dataset,
-                                                               eval_dataset, "alpha")
+        selection_dataset, eval_dataset = self._train_and_eval(
+            "correct()", "selection_dataset", selection_dataset, eval_dataset, "alpha"
+        )
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
         merge_trainer_adapters(self)  # PEFT: self.model becomes the merged model, corrected and saved whole
         recorded = None
@@ -300,7 +316,10 @@ class SAPTrainer(Trainer):
         self.log(
             {
                 "sap/chosen_alpha": -1.0 if result.alpha is None else float(result.alpha),
-                **{f"sap/chosen_alpha_{kind}": -1.0 if a is None else float(a) for kind, a in result.kind_alphas.items()},
+                **{
+                    f"sap/chosen_alpha_{kind}": -1.0 if a is None else float(a)
+                    for kind, a in result.kind_alphas.items()
+                },
                 f"sap/{metric}_before": float(result.baseline_metrics[metric]),
                 f"sap/{metric}_after": float(result.final_metrics[metric]),
             }
@@ -309,15 +328,23 @@ class SAPTrainer(Trainer):
 
     def _runtime(self, batch_size: int) -> Runtime:
         """The runtime of a pass this Trainer makes: its accelerator, its data collator, its progress setting."""
-        return Runtime(accelerator=self.accelerator, collate_fn=self.data_collator, batch_size=batch_size,
-                       show_progress=not self.args.disable_tqdm)
+        return Runtime(
+            accelerator=self.accelerator,
+            collate_fn=self.data_collator,
+            batch_size=batch_size,
+            show_progress=not self.args.disable_tqdm,
+        )
 
-    def _train_and_eval(self, caller: str, train_name: str, train: Any, eval_dataset: Any, chosen: str) -> tuple[Any, Any]:
+    def _train_and_eval(
+        self, caller: str, train_name: str, train: Any, eval_dataset: Any, chosen: str
+    ) -> tuple[Any, Any]:
         """The labelled training data and the clean eval set, defaulting to the Trainer's; raise naming the missing one."""
         train = train if train is not None else self.train_dataset
         eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if train is None:
-            raise ValueError(f"{caller} needs labelled training data: pass {train_name}= (or a Trainer with train_dataset).")
+            raise ValueError(
+                f"{caller} needs labelled training data: pass {train_name}= (or a Trainer with train_dataset)."
+            )
         if eval_dataset is None:
             raise ValueError(
                 f"{caller} needs a clean labelled eval set to choose {chosen}: pass eval_dataset= (or a Trainer with eval_dataset)."
@@ -332,7 +359,9 @@ class SAPTrainer(Trainer):
         """
         metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
         greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
-        eval_dataset = as_pass_data(eval_dataset, "eval_dataset")  # one set (not a dict), re-readable (not a generator)
+        eval_dataset = as_pass_data(
+            eval_dataset, "eval_dataset"
+        )  # one set (not a dict), re-readable (not a generator)
         fallback = self._evaluate_fallback()
         if fallback is not None and isinstance(eval_dataset, LoaderData):  # Trainer.evaluate batches a dataset itself
             eval_dataset = eval_dataset.examples()
@@ -362,7 +391,9 @@ class SAPTrainer(Trainer):
         args = self.args
         included = list(getattr(args, "include_for_metrics", None) or [])
         if included:
-            return f"TrainingArguments.include_for_metrics={included} (compute_metrics needs what only Trainer gathers)"
+            return (
+                f"TrainingArguments.include_for_metrics={included} (compute_metrics needs what only Trainer gathers)"
+            )
         if getattr(args, "batch_eval_metrics", False):
             return "TrainingArguments.batch_eval_metrics=True"
         if not getattr(args, "eval_do_concat_batches", True):
@@ -378,12 +409,17 @@ class SAPTrainer(Trainer):
             return
         processes = self.accelerator.num_processes
         if fallback is None:
-            logger.info("SAP evaluation: shared by the %d process(es), each reading and scoring only its shard of the eval "
-                        "set; metrics from compute_metrics on the gathered predictions.", processes)
+            logger.info(
+                "SAP evaluation: shared by the %d process(es), each reading and scoring only its shard of the eval "
+                "set; metrics from compute_metrics on the gathered predictions.",
+                processes,
+            )
             return
         (logger.warning if processes > 1 else logger.info)(
             "SAP evaluation through Trainer.evaluate because %s: with %d processes, a streaming eval set is read whole by "
-            "the main process for every evaluation.", fallback, processes,
+            "the main process for every evaluation.",
+            fallback,
+            processes,
         )
 
     def _shared_evaluate(self, model: nn.Module, eval_dataset: Any) -> dict[str, float]:
@@ -397,13 +433,17 @@ class SAPTrainer(Trainer):
         """
         loss_only = self.compute_metrics is None or self.args.prediction_loss_only
         output = eval_predictions(
-            model, eval_dataset, runtime=self._runtime(self.args.per_device_eval_batch_size),
-            preprocess=self.preprocess_logits_for_metrics, with_predictions=not loss_only,
+            model,
+            eval_dataset,
+            runtime=self._runtime(self.args.per_device_eval_batch_size),
+            preprocess=self.preprocess_logits_for_metrics,
+            with_predictions=not loss_only,
         )
         metrics: dict[str, Any] = {}
         if not loss_only:
-            metrics = denumpify_detensorize(dict(self.compute_metrics(
-                EvalPrediction(predictions=output.predictions, label_ids=output.label_ids))))
+            metrics = denumpify_detensorize(
+                dict(self.compute_metrics(EvalPrediction(predictions=output.predictions, label_ids=output.label_ids)))
+            )
         metrics["loss"] = output.loss
         return metrics
 
@@ -431,7 +471,11 @@ class SAPTrainer(Trainer):
         given = dataset
         dataset = as_pass_data(dataset, "dataset")  # read once as every pass reads it (the report reads it again)
         audit = audit_labels(
-            self.model, dataset, method=method, filter_by=filter_by, views=views,
+            self.model,
+            dataset,
+            method=method,
+            filter_by=filter_by,
+            views=views,
             runtime=self._runtime(self.args.per_device_eval_batch_size),
         )
         self.label_audit, self._audited_data = audit, given
@@ -439,7 +483,12 @@ class SAPTrainer(Trainer):
             folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "_label_audit"
             write_audit_report(audit, folder, dataset, top_k=top_k, collate_fn=self.data_collator)
         summary = audit.summary()
-        self.log({"sap/audit_suspected": float(summary["suspected"]), "sap/audit_suspected_fraction": summary["suspected_fraction"]})
+        self.log(
+            {
+                "sap/audit_suspected": float(summary["suspected"]),
+                "sap/audit_suspected_fraction": summary["suspected_fraction"],
+            }
+        )
         return audit
 
     def refine(
@@ -459,10 +508,13 @@ class SAPTrainer(Trainer):
         `eval_dataset` (default: the Trainer's); the result goes into the SAP record and the model card.
         """
         given_train = train_dataset if train_dataset is not None else self.train_dataset
-        train_dataset, eval_dataset = self._train_and_eval("refine()", "train_dataset", train_dataset, eval_dataset,
-                                                           "lr and length")
+        train_dataset, eval_dataset = self._train_and_eval(
+            "refine()", "train_dataset", train_dataset, eval_dataset, "lr and length"
+        )
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
-        train_dataset = as_pass_data(train_dataset, "train_dataset")  # the audit and the fine-tune read the same examples
+        train_dataset = as_pass_data(
+            train_dataset, "train_dataset"
+        )  # the audit and the fine-tune read the same examples
         if audit is None:  # the trainer's last audit, when it is of this very data; else a new one
             audited = self.label_audit is not None and self._audited_data is given_train
             audit = self.label_audit if audited else self.audit_labels(given_train)
@@ -471,14 +523,26 @@ class SAPTrainer(Trainer):
             lr = self.args.learning_rate
             refine_config = dataclasses.replace(refine_config, learning_rates=[lr, 2 * lr])
         result = refine(
-            self.model, train_dataset, audit, evaluate_fn, refine_config, args=self.args,
-            runtime=self._runtime(self.args.per_device_eval_batch_size), metric=metric, greater_is_better=greater,
+            self.model,
+            train_dataset,
+            audit,
+            evaluate_fn,
+            refine_config,
+            args=self.args,
+            runtime=self._runtime(self.args.per_device_eval_batch_size),
+            metric=metric,
+            greater_is_better=greater,
         )
         self.refine_result = result
         for trial in result.trials:
-            self.log({"sap/refine_lr": trial["learning_rate"], "sap/refine_epochs": float(trial["epochs"]),
-                      "sap/refine_mode": float(MODES.index(trial["mode"])),
-                      **{f"sap/refine_{k}": v for k, v in trial["metrics"].items() if not k.endswith(_BOOKKEEPING)}})
+            self.log(
+                {
+                    "sap/refine_lr": trial["learning_rate"],
+                    "sap/refine_epochs": float(trial["epochs"]),
+                    "sap/refine_mode": float(MODES.index(trial["mode"])),
+                    **{f"sap/refine_{k}": v for k, v in trial["metrics"].items() if not k.endswith(_BOOKKEEPING)},
+                }
+            )
         return result
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
@@ -513,7 +577,9 @@ class SAPTrainer(Trainer):
             raise ValueError("No SAP correction yet: call trainer.correct() first.")
         extra = dict(self.sap_extra_record)
         if self.state.global_step > 0:  # this trainer trained the model: say with which loss
-            extra.setdefault("training_loss", training_loss_record(self.compute_loss_func, self.args.label_smoothing_factor))
+            extra.setdefault(
+                "training_loss", training_loss_record(self.compute_loss_func, self.args.label_smoothing_factor)
+            )
         if self.label_audit is not None:
             extra["label_audit"] = {k: v for k, v in self.label_audit.summary().items() if k != "disagreement_pairs"}
         if self.refine_result is not None:

@@ -14,7 +14,8 @@ import os
 import socket
 import subprocess
 import sys
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Optional
 
 
 @contextlib.contextmanager
@@ -31,12 +32,32 @@ def reserved_port() -> Iterator[int]:
         yield held.getsockname()[1]
 
 
-def accelerate_launch(processes: int, args: Sequence[object], *, timeout: float, cwd: Optional[object] = None,
-                      env: Optional[dict[str, str]] = None) -> subprocess.CompletedProcess:
+def accelerate_launch(
+    processes: int,
+    args: Sequence[object],
+    *,
+    timeout: float,
+    cwd: Optional[object] = None,
+    env: Optional[dict[str, str]] = None,
+) -> subprocess.CompletedProcess:
     """`accelerate launch` of `args` on `processes` CPU processes (gloo when 2+), one thread each."""
     with reserved_port() as port:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-                   "--dynamo_backend", "no", "--main_process_port", str(port), "--num_processes", str(processes),
-                   *(["--multi_gpu"] if processes > 1 else ["--cpu"]), *map(str, args)]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(port),
+            "--num_processes",
+            str(processes),
+            *(["--multi_gpu"] if processes > 1 else ["--cpu"]),
+            *map(str, args),
+        ]
         environment = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", **(env or {}))
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment, cwd=cwd)

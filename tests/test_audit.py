@@ -2,22 +2,29 @@
 
 import csv
 import dataclasses
+import json
 import os
 import stat
-import json
 from unittest import mock
 
 import pytest
 import torch
+from helpers import random_examples
 
 from sap_hf.audit import labels as audit_module
 from sap_hf.audit import scores as scores_module
 from sap_hf.audit.labels import audit_labels, flag_label_issues, label_quality_scores
-from sap_hf.audit.report import CSV_NAME, GRID_NAME, SUMMARY_NAME, plot_suspected_grid, write_audit_csv, write_audit_report
+from sap_hf.audit.report import (
+    CSV_NAME,
+    GRID_NAME,
+    SUMMARY_NAME,
+    plot_suspected_grid,
+    write_audit_csv,
+    write_audit_report,
+)
 from sap_hf.models import tiny_model
-
-from helpers import random_examples
 from sap_hf.runtime.passes import Runtime
+
 
 cleanlab = pytest.importorskip("cleanlab")
 
@@ -78,7 +85,9 @@ def test_audit_ranks_and_agrees_across_data_forms():
 
     import datasets
 
-    dataset = datasets.Dataset.from_list([{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in examples])
+    dataset = datasets.Dataset.from_list(
+        [{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in examples]
+    )
     loader = torch.utils.data.DataLoader(examples, batch_size=4)
     for other in (dataset.with_format("torch"), dataset.to_iterable_dataset().with_format("torch"), loader):
         again = audit_labels(model, other, runtime=Runtime(batch_size=7, show_progress=False))
@@ -90,18 +99,32 @@ def test_audit_without_cleanlab_uses_the_torch_fallback():
     model = tiny_model("vit", num_labels=3, seed=1)
     examples = random_examples(15, num_labels=3, seed=4)
     with mock.patch.object(scores_module, "cleanlab_available", return_value=False):
-        audit = audit_labels(model, examples, method='normalized_margin', views='shift', runtime=Runtime(batch_size=4, show_progress=False))
+        audit = audit_labels(
+            model,
+            examples,
+            method="normalized_margin",
+            views="shift",
+            runtime=Runtime(batch_size=4, show_progress=False),
+        )
         with pytest.raises(ImportError, match="cleanlab"):
-            audit_labels(model, examples, filter_by='both', runtime=Runtime(show_progress=False))
+            audit_labels(model, examples, filter_by="both", runtime=Runtime(show_progress=False))
         # Forced cleanlab scores without cleanlab: named, and raised before any forward pass.
         with mock.patch.object(audit_module, "predict_probs", side_effect=AssertionError("data pass")):
             with pytest.raises(ImportError, match="use_cleanlab=True"):
-                audit_labels(model, examples, use_cleanlab=True, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+                audit_labels(
+                    model,
+                    examples,
+                    use_cleanlab=True,
+                    filter_by="predicted_neq_given",
+                    runtime=Runtime(show_progress=False),
+                )
         with pytest.raises(ImportError, match="use_cleanlab=True"):
             label_quality_scores(torch.full((2, 2), 0.5), torch.tensor([0, 1]), use_cleanlab=True)
     assert audit.summary()["scorer"] == "torch" and audit.filter_by == "predicted_neq_given"
     assert torch.equal(audit.suspected, audit.predicted != audit.given)
-    assert torch.allclose(audit.scores, label_quality_scores(audit.probs, audit.given, "normalized_margin", use_cleanlab=True))
+    assert torch.allclose(
+        audit.scores, label_quality_scores(audit.probs, audit.given, "normalized_margin", use_cleanlab=True)
+    )
 
 
 def test_audit_rejects_bad_data():
@@ -116,13 +139,13 @@ def test_audit_rejects_bad_data():
     with pytest.raises(ValueError, match="empty"):
         audit_labels(model, [], runtime=Runtime(show_progress=False))
     with pytest.raises(ValueError, match="views="):
-        audit_labels(model, wrong, views='flip', runtime=Runtime(show_progress=False))
+        audit_labels(model, wrong, views="flip", runtime=Runtime(show_progress=False))
 
 
 def test_image_grid_stops_reading_a_stream_after_the_last_image_shown(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     examples = random_examples(30, num_labels=3, seed=3)
-    audit = audit_labels(model, examples, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+    audit = audit_labels(model, examples, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
     audit = dataclasses.replace(audit, suspected=torch.isin(audit.indices, torch.tensor([3, 7])))
     chosen = audit.suspected_indices()
     assert sorted(chosen) == [3, 7]
@@ -141,7 +164,13 @@ def test_image_grid_stops_reading_a_stream_after_the_last_image_shown(tmp_path):
 def test_report_files_and_an_interrupted_csv(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     examples = random_examples(18, num_labels=3, seed=3)
-    audit = audit_labels(model, examples, filter_by='predicted_neq_given', class_names=['a', 'b', 'c'], runtime=Runtime(show_progress=False))
+    audit = audit_labels(
+        model,
+        examples,
+        filter_by="predicted_neq_given",
+        class_names=["a", "b", "c"],
+        runtime=Runtime(show_progress=False),
+    )
     assert audit.num_suspected > 0
     written = write_audit_report(audit, tmp_path, examples, top_k=4, extra={"split": "train"})
     assert set(written) == {"csv", "summary", "grid"} and (tmp_path / GRID_NAME).stat().st_size > 0
@@ -167,4 +196,6 @@ def test_report_files_and_an_interrupted_csv(tmp_path):
     with mock.patch.object(type(audit), "rows", lambda self: failing_rows()), pytest.raises(KeyboardInterrupt):
         write_audit_csv(audit, tmp_path / CSV_NAME)
     assert (tmp_path / CSV_NAME).read_bytes() == before  # the previous CSV, whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CSV_NAME, SUMMARY_NAME, GRID_NAME])  # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [CSV_NAME, SUMMARY_NAME, GRID_NAME]
+    )  # no temp file left

@@ -13,20 +13,43 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_benchmark_accuracy_smoke import _fashion_mnist_available
+
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCURACY = ROOT / "benchmarks" / "accuracy.py"
 ABLATION = ROOT / "benchmarks" / "sap_ablation.py"
-VARIANTS = {"none", "all", "no_head", "attention", "mlp", "no_fc2", "kind_alpha", "trusted=random", "trusted=clean",
-            "trusted=mislabelled", "finetune_trusted", "sap+finetune"}
+VARIANTS = {
+    "none",
+    "all",
+    "no_head",
+    "attention",
+    "mlp",
+    "no_fc2",
+    "kind_alpha",
+    "trusted=random",
+    "trusted=clean",
+    "trusted=mislabelled",
+    "finetune_trusted",
+    "sap+finetune",
+}
 
 
 def _run(script: Path, out: Path, cache: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(script), "--quick", "--threads", "1", "--out_dir", str(out), "--cache_dir", str(cache),
-           "--settings", "sym40"]
+    cmd = [
+        sys.executable,
+        str(script),
+        "--quick",
+        "--threads",
+        "1",
+        "--out_dir",
+        str(out),
+        "--cache_dir",
+        str(cache),
+        "--settings",
+        "sym40",
+    ]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -14,10 +14,19 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
-MAIN_METHODS = {"none", "best_epoch", "sap", "sap_shared", "finetune_trusted", "finetune_trusted_best", "sap+finetune",
-                "sap+refine"}
+MAIN_METHODS = {
+    "none",
+    "best_epoch",
+    "sap",
+    "sap_shared",
+    "finetune_trusted",
+    "finetune_trusted_best",
+    "sap+finetune",
+    "sap+refine",
+}
 
 
 def _fashion_mnist_available() -> bool:
@@ -44,8 +53,10 @@ def test_accuracy_quick_writes_rows_for_every_setting_and_method(tmp_path: Path)
         assert MAIN_METHODS <= methods, sorted(methods)
         # One diagnostic SAP row and one fine-tuning row per usable trusted set (rule/k).
         sap_sets = {m[4:-1] for m in methods if m.startswith("sap[")}
-        assert sap_sets and sap_sets == {m[len("finetune_trusted["):-1] for m in methods if m.startswith("finetune_trusted[")}
-        assert sap_sets == {m[len("sap_per_kind["):-1] for m in methods if m.startswith("sap_per_kind[")}
+        assert sap_sets and sap_sets == {
+            m[len("finetune_trusted[") : -1] for m in methods if m.startswith("finetune_trusted[")
+        }
+        assert sap_sets == {m[len("sap_per_kind[") : -1] for m in methods if m.startswith("sap_per_kind[")}
         for row in mine:
             assert 0.0 <= row["test_accuracy"] <= 1.0
             assert {"setting", "seed", "method", "test_accuracy", "val_accuracy", "gain_vs_none"} <= set(row)
@@ -54,7 +65,11 @@ def test_accuracy_quick_writes_rows_for_every_setting_and_method(tmp_path: Path)
         # 'sap' is the first val-best candidate over every trusted set and both alpha scopes.
         candidates = [row for row in mine if row["method"].startswith(("sap[", "sap_per_kind["))]
         best = max(candidates, key=lambda row: row["val_accuracy"])
-        assert (sap["val_accuracy"], sap["test_accuracy"], sap["rule"]) == (best["val_accuracy"], best["test_accuracy"], best["rule"])
+        assert (sap["val_accuracy"], sap["test_accuracy"], sap["rule"]) == (
+            best["val_accuracy"],
+            best["test_accuracy"],
+            best["rule"],
+        )
         assert 0.0 <= sap["purity"] <= 1.0
         none = next(row for row in mine if row["method"] == "none")
         assert 0.0 <= none["train_noisy_accuracy"] <= 1.0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sap_hf.data.cifar10n import write_tiny_cifar10n
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "cifar10n.py"
 
@@ -22,14 +23,53 @@ def test_cifar10n_benchmark_quick(tmp_path):
     images, labels = write_tiny_cifar10n(tmp_path / "data", n_train=200, n_test=200)
     out = tmp_path / "cifar10n.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    run = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--images", str(images), "--labels", str(labels),
-                          "--label_sets", "worse", "--threads", "1", "--out", str(out), "--modes", "remove", "soft",
-                          "pseudo", "--augment", "1", "0"], capture_output=True, text=True, env=env, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "--label_sets",
+            "worse",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--modes",
+            "remove",
+            "soft",
+            "pseudo",
+            "--augment",
+            "1",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads(out.read_text())
     methods = {row["method"] for row in record["rows"]}
-    assert {"none", "best_epoch", "oracle", "oracle+refine", "sap", "sap+remove", "sap+soft", "sap+pseudo", "best+sap",
-            "best+sap+pseudo", "sap+refine", "best+sap+refine", "sap+remove-noaug", "sap+refine-noaug"} <= methods
+    assert {
+        "none",
+        "best_epoch",
+        "oracle",
+        "oracle+refine",
+        "sap",
+        "sap+remove",
+        "sap+soft",
+        "sap+pseudo",
+        "best+sap",
+        "best+sap+pseudo",
+        "sap+refine",
+        "best+sap+refine",
+        "sap+remove-noaug",
+        "sap+refine-noaug",
+    } <= methods
     for row in record["rows"]:
         assert 0 <= row["test_accuracy"] <= 1
         if "+" in row["method"] and row["method"] != "best+sap":  # the clean-up: its cost and "no change" a candidate
@@ -40,9 +80,27 @@ def test_cifar10n_benchmark_quick(tmp_path):
     assert {"oracle", "sap", "sap+pseudo"} <= set(summary) and "sap_minus_none" in record["targets"]["worse"]
     assert out.with_suffix(".png").is_file()
     # --merge: new rows replace those of the same label set, seed and method; the others stay
-    again = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--images", str(images), "--labels", str(labels),
-                            "--label_sets", "--threads", "1", "--out", str(out), "--merge"],
-                           capture_output=True, text=True, env=env, timeout=600)
+    again = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--quick",
+            "--images",
+            str(images),
+            "--labels",
+            str(labels),
+            "--label_sets",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--merge",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     merged = json.loads(out.read_text())
     assert len(merged["rows"]) == len(record["rows"]) and merged["merged"]

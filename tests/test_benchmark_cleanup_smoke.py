@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "cleanup.py"
 
@@ -24,13 +25,35 @@ def _fashion_mnist_available() -> bool:
 @pytest.mark.skipif(not _fashion_mnist_available(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_cleanup_benchmark_quick(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, str(SCRIPT), "--quick", "--settings", "sym40", "--modes", "remove", "pseudo",
-               "--best_modes", "remove", "pseudo", "--out_dir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--settings",
+        "sym40",
+        "--modes",
+        "remove",
+        "pseudo",
+        "--best_modes",
+        "remove",
+        "pseudo",
+        "--out_dir",
+        str(tmp_path),
+    ]
     run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((tmp_path / "cleanup_quick.json").read_text())
     methods = {row["method"] for row in record["rows"]}
-    assert {"none", "best_epoch", "oracle", "sap", "sap+remove", "sap+pseudo", "sap+refine", "best+sap+refine"} <= methods
+    assert {
+        "none",
+        "best_epoch",
+        "oracle",
+        "sap",
+        "sap+remove",
+        "sap+pseudo",
+        "sap+refine",
+        "best+sap+refine",
+    } <= methods
     chosen = [row for row in record["rows"] if row["method"] == "sap+refine"][0]
     tried = [row for row in record["rows"] if row["method"] in ("sap+remove", "sap+pseudo")]
     assert chosen["val_accuracy"] == max(row["val_accuracy"] for row in tried)  # RefineConfig()'s pick, on val

@@ -9,6 +9,7 @@ import pytest
 
 from sap_hf.data import DEBIAN_FASHION_MNIST_DIR
 
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "defaults.py"
 
 
@@ -18,8 +19,13 @@ def test_defaults_quick(tmp_path):
     run = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "defaults_quick.json").read_text())
-    assert set(result["summary"]) == {"scratch/sym40/3", "scratch/asym40/3", "pretrained/sym40/2",
-                                      "pretrained/asym40/2", "pretrained/inst40/2"}
+    assert set(result["summary"]) == {
+        "scratch/sym40/3",
+        "scratch/asym40/3",
+        "pretrained/sym40/2",
+        "pretrained/asym40/2",
+        "pretrained/inst40/2",
+    }
     configs = result["configs"]
     # SAPConfig() is the recipe's SAP but for the statistics' dtype (and the batch size both set here).
     differing = {k for k in configs["defaults"] if configs["defaults"][k] != configs["recipe"][k]}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "label_audit.py"
 
@@ -29,12 +30,30 @@ def test_label_audit_quick(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "label_audit.json").read_text())
     detectors = {row["detector"] for row in result["rows"]}
-    assert {"cleanlab_in_sample", "cleanlab_cv5", "cleanlab_sap", "sap_audit", "sap_loss", "sap_shift_loss",
-            "sap_curvature", "sap_refine_audit", "refine_audit"} <= detectors
+    assert {
+        "cleanlab_in_sample",
+        "cleanlab_cv5",
+        "cleanlab_sap",
+        "sap_audit",
+        "sap_loss",
+        "sap_shift_loss",
+        "sap_curvature",
+        "sap_refine_audit",
+        "refine_audit",
+    } <= detectors
     refined = next(row for row in result["rows"] if row["detector"] == "sap_refine_audit")
     assert refined["refine_epochs"] in (0, result["config"]["refine_epochs"]) and refined["first_suspected"] > 0
     for row in result["rows"]:
-        assert {"setting", "seed", "detector", "average_precision", "precision", "recall", "auroc", "cost_epochs"} <= set(row)
+        assert {
+            "setting",
+            "seed",
+            "detector",
+            "average_precision",
+            "precision",
+            "recall",
+            "auroc",
+            "cost_epochs",
+        } <= set(row)
         assert 0 <= row["average_precision"] <= 1 and 0 <= row["auroc"] <= 1 and row["cost_epochs"] > 0
     cv = next(row for row in result["rows"] if row["detector"] == "cleanlab_cv5")
     assert cv["epochs_trained"] == 5 * result["config"]["cv_epochs"]
@@ -49,10 +68,19 @@ def test_merge_keeps_the_other_detectors_rows() -> None:
 
     def record(detectors, value):
         rows = [{"setting": "sym40", "seed": 0, "detector": d, "average_precision": value} for d in detectors]
-        return {"rows": rows, "runs": [{"setting": "sym40", "seed": 0, "epoch_seconds": value}],
-                "curves": {"sym40": {d: {"value": value} for d in detectors}}}
+        return {
+            "rows": rows,
+            "runs": [{"setting": "sym40", "seed": 0, "epoch_seconds": value}],
+            "curves": {"sym40": {d: {"value": value} for d in detectors}},
+        }
 
-    rows, runs, curves = label_audit._merge([record(["cleanlab_cv5", "sap_audit"], 0.5), record(["sap_audit", "refine_audit"], 0.9)])
-    assert [(r["detector"], r["average_precision"]) for r in rows] == [("cleanlab_cv5", 0.5), ("sap_audit", 0.9), ("refine_audit", 0.9)]
+    rows, runs, curves = label_audit._merge(
+        [record(["cleanlab_cv5", "sap_audit"], 0.5), record(["sap_audit", "refine_audit"], 0.9)]
+    )
+    assert [(r["detector"], r["average_precision"]) for r in rows] == [
+        ("cleanlab_cv5", 0.5),
+        ("sap_audit", 0.9),
+        ("refine_audit", 0.9),
+    ]
     assert [run["detectors"] for run in runs] == [["cleanlab_cv5", "sap_audit"], ["sap_audit", "refine_audit"]]
     assert curves["sym40"]["cleanlab_cv5"] == {"value": 0.5} and curves["sym40"]["sap_audit"] == {"value": 0.9}

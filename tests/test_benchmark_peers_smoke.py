@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
 
@@ -33,7 +34,9 @@ def _tiny_model(seed: int = 0):
     from sap_hf.models import tiny_vit_config
 
     torch.manual_seed(seed)
-    return ViTForImageClassification(tiny_vit_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)).eval()
+    return ViTForImageClassification(
+        tiny_vit_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    ).eval()
 
 
 def test_diagonal_fisher_is_the_mean_squared_per_sample_gradient_with_prefixes() -> None:
@@ -113,13 +116,34 @@ def test_scrub_max_steps_push_away_from_the_teacher_and_min_steps_pull_back() ->
     assert kl() == pytest.approx(0.0, abs=1e-5)
     # one max pass on the forget set (and a retain pass without any weight on its loss): the KL grows from 0
     epochs, cost = [], peers.Cost()
-    peers.scrub_train(model, teacher, (x, y), (x[:4], y[:4]), lr=1e-2, max_epochs=1, epochs=1, kl_weight=0.0,
-                      on_epoch=epochs.append, cost=cost, **kwargs)
+    peers.scrub_train(
+        model,
+        teacher,
+        (x, y),
+        (x[:4], y[:4]),
+        lr=1e-2,
+        max_epochs=1,
+        epochs=1,
+        kl_weight=0.0,
+        on_epoch=epochs.append,
+        cost=cost,
+        **kwargs,
+    )
     pushed = kl()
     assert pushed > 1e-3 and epochs == [1] and (cost.train, cost.forward) == (12, 12)
     # min steps only (KL to the teacher, no CE, no max pass): the student comes back towards the teacher
-    peers.scrub_train(model, teacher, (x[:0], y[:0]), (x, y), lr=1e-3, max_epochs=0, epochs=20, kl_weight=1.0,
-                      on_epoch=lambda e: None, **kwargs)
+    peers.scrub_train(
+        model,
+        teacher,
+        (x[:0], y[:0]),
+        (x, y),
+        lr=1e-3,
+        max_epochs=0,
+        epochs=20,
+        kl_weight=1.0,
+        on_epoch=lambda e: None,
+        **kwargs,
+    )
     assert kl() < 0.5 * pushed
 
 
@@ -138,24 +162,52 @@ def _fashion_mnist_available() -> bool:
 @pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files are not installed")
 def test_accuracy_quick_methods_peers_merges_ssd_and_scrub_rows(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out_dir", str(tmp_path), "--settings", "sym40", "--no_plot"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--threads",
+        "1",
+        "--out_dir",
+        str(tmp_path),
+        "--settings",
+        "sym40",
+        "--no_plot",
+    ]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     before = json.loads((tmp_path / "accuracy.json").read_text())["rows"]
 
-    proc = subprocess.run(cmd[:-1] + ["--methods", "peers"], check=False, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        cmd[:-1] + ["--methods", "peers"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     record = json.loads((tmp_path / "accuracy.json").read_text())
     rows = record["rows"]
     peer = [r for r in rows if r["method"] in ("ssd", "scrub")]
     assert len(rows) == len(before) + 4  # the other groups' rows are kept
     assert {(r["method"], r["forget_set"], r["oracle"]) for r in peer} == {
-        ("ssd", "realistic", False), ("ssd", "oracle", True), ("scrub", "realistic", False), ("scrub", "oracle", True)}
+        ("ssd", "realistic", False),
+        ("ssd", "oracle", True),
+        ("scrub", "realistic", False),
+        ("scrub", "oracle", True),
+    }
     for r in peer:
-        assert {"setting", "seed", "test_accuracy", "val_accuracy", "cost_epochs", "cost_epochs_final", "forget_size",
-                "retain_size", "trials", "gain_vs_none"} <= set(r)
-        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["val_accuracy"] >= r["val_unchanged"]  # "no change" is a candidate
+        assert {
+            "setting",
+            "seed",
+            "test_accuracy",
+            "val_accuracy",
+            "cost_epochs",
+            "cost_epochs_final",
+            "forget_size",
+            "retain_size",
+            "trials",
+            "gain_vs_none",
+        } <= set(r)
+        assert (
+            0.0 <= r["test_accuracy"] <= 1.0 and r["val_accuracy"] >= r["val_unchanged"]
+        )  # "no change" is a candidate
         assert r["cost_epochs"] >= r["cost_epochs_final"] >= 0.0
         if r["oracle"]:  # 400 training images: SSD 40 retain / 8 forget, SCRUB 8 / 2 (when chosen)
             assert r["forget_size"] in ((0, 8) if r["method"] == "ssd" else (0, 2))
@@ -167,5 +219,10 @@ def test_accuracy_quick_methods_peers_merges_ssd_and_scrub_rows(tmp_path: Path) 
     assert {"lr", "max_epochs", "scrub_epochs"} <= set(next(r for r in peer if r["method"] == "scrub"))
     assert not any("epochs" in r for r in peer)
     table = record["peers"]["sym40"]
-    assert [t["theirs"] for t in table["targets"]] == ["ssd (realistic)", "scrub (realistic)", "ssd (oracle)", "scrub (oracle)"]
+    assert [t["theirs"] for t in table["targets"]] == [
+        "ssd (realistic)",
+        "scrub (realistic)",
+        "ssd (oracle)",
+        "scrub (oracle)",
+    ]
     assert record["config_peers"]["oracle_sizes"] == {"ssd": [40, 8], "scrub": [8, 2]}

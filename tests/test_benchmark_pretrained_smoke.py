@@ -15,9 +15,20 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "pretrained.py"
-METHODS = {"none", "best_epoch", "oracle", "sap", "sap_paper", "sap_curvature", "refine", "sap+refine", "finetune_trusted"}
+METHODS = {
+    "none",
+    "best_epoch",
+    "oracle",
+    "sap",
+    "sap_paper",
+    "sap_curvature",
+    "refine",
+    "sap+refine",
+    "finetune_trusted",
+}
 NOISES = {"sym40", "asym40", "inst40"}
 
 
@@ -31,8 +42,17 @@ def _fashion_mnist_available() -> bool:
 @pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files are not installed")
 def test_pretrained_quick_writes_rows_for_every_noise_and_method(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out_dir", str(tmp_path),
-           "--cache_dir", str(tmp_path / "cache")]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--threads",
+        "1",
+        "--out_dir",
+        str(tmp_path),
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

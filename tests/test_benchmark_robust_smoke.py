@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accuracy.py"
 
@@ -26,15 +27,51 @@ def _fashion_mnist_available() -> bool:
 @pytest.mark.skipif(not _fashion_mnist_available(), reason="Fashion-MNIST idx files are not installed")
 def test_robust_rows_are_computed_and_merged(tmp_path: Path) -> None:
     # An existing accuracy.json: its rows of other groups / seeds must survive the merge.
-    kept = [{"setting": "sym40", "seed": 0, "method": "none", "test_accuracy": 0.5, "val_accuracy": 0.5, "gain_vs_none": 0.0},
-            {"setting": "sym40", "seed": 7, "method": "robust_gce", "loss": "gce", "test_accuracy": 0.6,
-             "val_accuracy": 0.6, "gain_vs_none": 0.1, "gain_vs_base": 0.0}]
-    existing = {"rows": kept, "runs": [], "robust_runs": [{"setting": "sym40", "seed": 7, "loss": "gce"}],
-                "config": {"alphas": [1.0], "plot_seed": 0}}
+    kept = [
+        {
+            "setting": "sym40",
+            "seed": 0,
+            "method": "none",
+            "test_accuracy": 0.5,
+            "val_accuracy": 0.5,
+            "gain_vs_none": 0.0,
+        },
+        {
+            "setting": "sym40",
+            "seed": 7,
+            "method": "robust_gce",
+            "loss": "gce",
+            "test_accuracy": 0.6,
+            "val_accuracy": 0.6,
+            "gain_vs_none": 0.1,
+            "gain_vs_base": 0.0,
+        },
+    ]
+    existing = {
+        "rows": kept,
+        "runs": [],
+        "robust_runs": [{"setting": "sym40", "seed": 7, "loss": "gce"}],
+        "config": {"alphas": [1.0], "plot_seed": 0},
+    }
     (tmp_path / "accuracy.json").write_text(json.dumps(existing))
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--out_dir", str(tmp_path), "--settings", "sym40",
-           "--rules", "loss", "shift_loss", "--methods", "robust_gce", "robust_sce"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--threads",
+        "1",
+        "--out_dir",
+        str(tmp_path),
+        "--settings",
+        "sym40",
+        "--rules",
+        "loss",
+        "shift_loss",
+        "--methods",
+        "robust_gce",
+        "robust_sce",
+    ]
     proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "Robust losses" in proc.stdout
@@ -45,7 +82,13 @@ def test_robust_rows_are_computed_and_merged(tmp_path: Path) -> None:
     for loss in ("gce", "sce"):
         mine = {row["method"]: row for row in rows if row.get("loss") == loss and row["seed"] == 0}
         name = f"robust_{loss}"
-        assert {name, f"{name}_best_epoch", f"{name}+sap", f"{name}+sap[loss/3]", f"{name}+sap_per_kind[shift_loss/3]"} <= set(mine)
+        assert {
+            name,
+            f"{name}_best_epoch",
+            f"{name}+sap",
+            f"{name}+sap[loss/3]",
+            f"{name}+sap_per_kind[shift_loss/3]",
+        } <= set(mine)
         model, sap = mine[name], mine[f"{name}+sap"]
         assert model["gain_vs_base"] == 0.0 and 0.0 <= model["train_noisy_accuracy"] <= 1.0
         assert sap["gain_vs_base"] == pytest.approx(sap["test_accuracy"] - model["test_accuracy"])
@@ -57,7 +100,12 @@ def test_robust_rows_are_computed_and_merged(tmp_path: Path) -> None:
         assert model["loss_params"]["loss"] == loss
         entry = result["robust"]["sym40"][loss]
         assert entry["seeds"] == [0] and entry["sap_gain_per_seed"] == [pytest.approx(sap["gain_vs_base"])]
-    assert mine["robust_sce"]["loss_params"] == {"loss": "sce", "sce_alpha": 0.1, "sce_beta": 1.0, "sce_log_zero": -4.0}
+    assert mine["robust_sce"]["loss_params"] == {
+        "loss": "sce",
+        "sce_alpha": 0.1,
+        "sce_beta": 1.0,
+        "sce_log_zero": -4.0,
+    }
     assert sorted((run["seed"], run["loss"]) for run in result["robust_runs"]) == [(0, "gce"), (0, "sce"), (7, "gce")]
     assert "sym40" in result["summary"] and "robust_gce+sap" in result["summary"]["sym40"]
     assert (tmp_path / "accuracy_robust.png").is_file()

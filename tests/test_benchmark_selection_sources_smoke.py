@@ -9,12 +9,21 @@ import pytest
 
 from sap_hf.data import DEBIAN_FASHION_MNIST_DIR
 
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "selection_sources.py"
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_selection_sources_quick(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--quick", "--out_dir", str(tmp_path), "--loss_cache", str(tmp_path / "losses")]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--out_dir",
+        str(tmp_path),
+        "--loss_cache",
+        str(tmp_path / "losses"),
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / "selection_sources_quick.json").read_text())

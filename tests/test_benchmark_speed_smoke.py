@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "speed.py"
 METHODS = {"inference", "stats_exact", "stats_subsampled", "eigh_project", "reference_svd"}
@@ -66,8 +67,13 @@ def test_statistics_instrumentation_rebinds_no_library_name() -> None:
     import sap_hf.core.stats as stats_module
     from sap_hf.core.targets import find_target_modules
 
-    library = (stats_module.GramAccumulator, stats_module.GramAccumulator.update, stats_module.GramAccumulator.result,
-               stats_module.subsample_tokens, stats_module.collect_statistics)
+    library = (
+        stats_module.GramAccumulator,
+        stats_module.GramAccumulator.update,
+        stats_module.GramAccumulator.result,
+        stats_module.subsample_tokens,
+        stats_module.collect_statistics,
+    )
     torch.manual_seed(0)
     model = build_model("tiny", image_size=32)
     names = find_target_modules(model)
@@ -75,11 +81,17 @@ def test_statistics_instrumentation_rebinds_no_library_name() -> None:
     assert speed_investigate.matches_library(model, data, names, 2, None)
     assert speed_investigate.matches_library(model, data, names, 2, 3)
     proto, timers = speed_investigate.instrumented_statistics(
-        model, data, names, 2, None, accumulator=speed_investigate.prototype_accumulator_class())
+        model, data, names, 2, None, accumulator=speed_investigate.prototype_accumulator_class()
+    )
     assert timers["update_calls"] > 0 and timers["gram_update_s"] > 0 and timers["gram_result_s"] > 0
     reference = run_stats(model, data, names, 2, None)
     for group, gram in reference.grams.items():
         assert torch.allclose(proto.grams[group], gram, rtol=1e-5, atol=1e-4)
-    assert (stats_module.GramAccumulator, stats_module.GramAccumulator.update, stats_module.GramAccumulator.result,
-            stats_module.subsample_tokens, stats_module.collect_statistics) == library
+    assert (
+        stats_module.GramAccumulator,
+        stats_module.GramAccumulator.update,
+        stats_module.GramAccumulator.result,
+        stats_module.subsample_tokens,
+        stats_module.collect_statistics,
+    ) == library
     assert common.rebound_library_names() == []

@@ -6,6 +6,7 @@ transformers 5 writes ViT checkpoints with legacy tensor names and `Trainer` rel
 
 import pytest
 import torch
+from helpers import random_examples
 from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments, ViTForImageClassification
 
@@ -13,13 +14,12 @@ from sap_hf.checkpoints import CheckpointWeights, load_checkpoint_weights
 from sap_hf.models import tiny_vit_config
 from sap_hf.trainer import SAPTrainer
 
-from helpers import random_examples
-
 
 def _model(seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)
-    config = tiny_vit_config(image_size=8, patch_size=4, num_channels=3, num_labels=3, hidden_size=32,
-                             num_hidden_layers=2)
+    config = tiny_vit_config(
+        image_size=8, patch_size=4, num_channels=3, num_labels=3, hidden_size=32, num_hidden_layers=2
+    )
     return ViTForImageClassification(config)
 
 
@@ -36,12 +36,25 @@ def _first_epoch_best():
 
 def _trainer(tmp_path, model, epochs, learning_rate=1e-2, **args):
     training_args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        num_train_epochs=epochs, learning_rate=learning_rate, eval_strategy="epoch", save_strategy="epoch",
-        report_to=[], disable_tqdm=True, use_cpu=True, **args,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        **args,
     )
-    return SAPTrainer(model=model, args=training_args, train_dataset=random_examples(16, size=8),
-                      eval_dataset=random_examples(8, size=8, seed=3), compute_metrics=_first_epoch_best())
+    return SAPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=random_examples(16, size=8),
+        eval_dataset=random_examples(8, size=8, seed=3),
+        compute_metrics=_first_epoch_best(),
+    )
 
 
 def _logits(model, pixels):
@@ -104,8 +117,9 @@ def test_resume_true_means_the_last_checkpoint(tmp_path):
 def test_checkpoint_with_the_models_own_names_is_left_to_the_trainer(tmp_path):
     """Once transformers saves (or loads) with the live names, the guard does nothing: the Trainer's load was whole."""
     model = _model()
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
-              str(tmp_path / "model.safetensors"))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(tmp_path / "model.safetensors")
+    )
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(1.0)
@@ -123,8 +137,9 @@ def test_peft_best_model_is_the_best_adapter(tmp_path):
     lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
     model = peft.get_peft_model(ViTForImageClassification.from_pretrained(tmp_path / "base"), lora)
     assert load_checkpoint_weights(model, tmp_path / "base") is False
-    trainer = _trainer(tmp_path, model, 3, load_best_model_at_end=True, metric_for_best_model="accuracy",
-                       learning_rate=5e-2)
+    trainer = _trainer(
+        tmp_path, model, 3, load_best_model_at_end=True, metric_for_best_model="accuracy", learning_rate=5e-2
+    )
     trainer.train()
     best = trainer.state.best_model_checkpoint
     assert best.endswith("checkpoint-2")

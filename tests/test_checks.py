@@ -26,8 +26,11 @@ def test_check_choice_returns_the_plain_choice_and_suggests_a_near_miss():
     assert check_choice("rule", np.str_("loss"), ("loss", "shift_loss")) == "loss"
     assert type(check_choice("rule", np.str_("loss"), ("loss",))) is str
     assert check_choice("num_channels", np.int64(3), (1, 3)) == 3
-    with pytest.raises(ValueError, match=r"rule='shift-loss' is invalid: choose one of \['loss', 'shift_loss'\] "
-                                         r"\(did you mean 'shift_loss'\?\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"rule='shift-loss' is invalid: choose one of \['loss', 'shift_loss'\] "
+        r"\(did you mean 'shift_loss'\?\)",
+    ):
         check_choice("rule", "shift-loss", ("loss", "shift_loss"))
     for bad in (True, 3.0, np.array([1, 3]), None):  # True is not 1, 3.0 is not the choice 3
         with pytest.raises(ValueError, match="num_channels="):
@@ -153,15 +156,25 @@ def test_a_chosen_large_alpha_grid_in_float32_warns_with_no_measured_numbers(cap
 
 
 def test_loss_config_accepts_numpy_numbers_as_plain_floats():
-    config = LossConfig(loss=np.str_("sce"), gce_q=np.float32(0.5), sce_alpha=np.float32(0.25),
-                        sce_beta=np.int64(2), sce_log_zero=np.array(-4.0))
+    config = LossConfig(
+        loss=np.str_("sce"),
+        gce_q=np.float32(0.5),
+        sce_alpha=np.float32(0.25),
+        sce_beta=np.int64(2),
+        sce_log_zero=np.array(-4.0),
+    )
     assert (config.gce_q, config.sce_alpha, config.sce_beta, config.sce_log_zero) == (0.5, 0.25, 2.0, -4.0)
     assert _plain(config.to_dict().values()) and json.dumps(config.to_dict())
-    assert config.describe() == "symmetric cross-entropy (SCE, Wang et al. 2019) with sce_alpha=0.25, sce_beta=2, sce_log_zero=-4"
+    assert (
+        config.describe()
+        == "symmetric cross-entropy (SCE, Wang et al. 2019) with sce_alpha=0.25, sce_beta=2, sce_log_zero=-4"
+    )
 
 
-@pytest.mark.parametrize("field, value", [("gce_q", np.bool_(True)), ("sce_beta", True), ("sce_alpha", "0.1"),
-                                          ("loss", "GCE"), ("gce_q", np.float32(1.5))])
+@pytest.mark.parametrize(
+    "field, value",
+    [("gce_q", np.bool_(True)), ("sce_beta", True), ("sce_alpha", "0.1"), ("loss", "GCE"), ("gce_q", np.float32(1.5))],
+)
 def test_loss_config_rejects_bools_and_out_of_range_numpy_values(field, value):
     with pytest.raises(ValueError, match=rf"LossConfig\.{field}="):
         LossConfig(**{field: value})

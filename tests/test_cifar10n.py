@@ -12,6 +12,7 @@ from PIL import Image
 
 from sap_hf.data import CIFAR10_CLASSES, label_noise_rate, load_cifar10n, read_cifar10n_labels
 
+
 N_FILE, N_TRAIN, N_TEST = 80, 60, 40  # the file labels 80 images, the copy holds the first 60 (a prefix)
 
 
@@ -33,9 +34,16 @@ def _ids(split: datasets.Dataset) -> list[int]:
 def _label_file(root: Path) -> tuple[Path, dict]:
     rng = np.random.default_rng(1)
     clean = np.arange(N_FILE) % 10
-    noisy = {name: np.where(rng.random(N_FILE) < rate, (clean + 1 + rng.integers(0, 9, N_FILE)) % 10, clean)
-             for name, rate in (("aggre_label", 0.1), ("worse_label", 0.4), ("random_label1", 0.2),
-                                ("random_label2", 0.2), ("random_label3", 0.2))}
+    noisy = {
+        name: np.where(rng.random(N_FILE) < rate, (clean + 1 + rng.integers(0, 9, N_FILE)) % 10, clean)
+        for name, rate in (
+            ("aggre_label", 0.1),
+            ("worse_label", 0.4),
+            ("random_label1", 0.2),
+            ("random_label2", 0.2),
+            ("random_label3", 0.2),
+        )
+    }
     content = {"clean_label": clean, **noisy}
     path = root / "CIFAR-10_human.pt"
     torch.save(content, path)
@@ -159,11 +167,42 @@ def test_recipe_runs_on_a_tiny_cifar10n_copy(tmp_path):
 
     folder, labels = write_tiny_cifar10n(tmp_path / "data", n_train=60, n_test=40)
     out = tmp_path / "out"
-    args = [RECIPE, "--config", ROOT / "recipes" / "configs" / "cifar10n.yaml", "--dataset_name", folder,
-            "--cifar10n_labels", labels, "--cifar10n_label_set", "aggre", "--output_dir", out,
-            "--train_size", "40", "--val_size", "20", "--test_size", "10", "--num_train_epochs", "2",
-            "--per_device_train_batch_size", "16", "--tiny_hidden_size", "32", "--tiny_num_layers", "1",
-            "--trusted_per_class", "1", "--alphas", "1", "100", "--refine_epochs", "1", "--disable_tqdm", "true"]
+    args = [
+        RECIPE,
+        "--config",
+        ROOT / "recipes" / "configs" / "cifar10n.yaml",
+        "--dataset_name",
+        folder,
+        "--cifar10n_labels",
+        labels,
+        "--cifar10n_label_set",
+        "aggre",
+        "--output_dir",
+        out,
+        "--train_size",
+        "40",
+        "--val_size",
+        "20",
+        "--test_size",
+        "10",
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "16",
+        "--tiny_hidden_size",
+        "32",
+        "--tiny_num_layers",
+        "1",
+        "--trusted_per_class",
+        "1",
+        "--alphas",
+        "1",
+        "100",
+        "--refine_epochs",
+        "1",
+        "--disable_tqdm",
+        "true",
+    ]
     run = accelerate_launch(1, args, timeout=300, cwd=ROOT, env={"HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-4000:]
     assert "[sap_hf] cifar10n-aggre" in run.stdout and "after refine" in run.stdout
@@ -186,8 +225,14 @@ def test_recipe_refuses_a_missing_label_file_before_reading_data(tmp_path, capsy
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
 
-    argv = ["--output_dir", str(tmp_path / "out"), "--cifar10n_labels", str(tmp_path / "nope.pt"),
-            "--report_to", "none"]
+    argv = [
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--cifar10n_labels",
+        str(tmp_path / "nope.pt"),
+        "--report_to",
+        "none",
+    ]
     with mock.patch.object(clothing1m, "load_splits", side_effect=AssertionError("data was read")):
         line = user_error(capsys, clothing1m.main, argv, prog="clothing1m.py")
     assert "--cifar10n_labels" in line and "nope.pt' does not exist" in line and "CIFAR-10_human.pt" in line

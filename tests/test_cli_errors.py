@@ -13,13 +13,13 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from helpers import user_error
 
 import sap_hf
 from sap_hf.cli import commands as cli
 from sap_hf.cli.checks import check_model_path, looks_like_local_path
 from sap_hf.cli.errors import one_line, pop_debug_flag
 
-from helpers import user_error
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clothing1m.py"
@@ -48,12 +48,18 @@ def test_missing_or_incomplete_model_folder(tmp_path, capsys, command):
     empty.mkdir()
     a_file = tmp_path / "weights.bin"
     a_file.write_bytes(b"")
-    for value, reason in ((str(tmp_path / "missing"), "it does not exist"), ("./runs/missing", "it does not exist"),
-                          ("runs/exp1/checkpoint-5", "it does not exist"), (str(empty), "it has no config.json"),
-                          (str(a_file), "it is a file")):
+    for value, reason in (
+        (str(tmp_path / "missing"), "it does not exist"),
+        ("./runs/missing", "it does not exist"),
+        ("runs/exp1/checkpoint-5", "it does not exist"),
+        (str(empty), "it has no config.json"),
+        (str(a_file), "it is a file"),
+    ):
         line = _correct(capsys, "--model_name_or_path", value, *out, command=command)
-        assert line == (f"sap-hf {command}: error: --model_name_or_path: no model folder at {value!r} ({reason}); pass a "
-                        "folder saved with save_pretrained, or a Hub id such as google/vit-base-patch16-224.")
+        assert line == (
+            f"sap-hf {command}: error: --model_name_or_path: no model folder at {value!r} ({reason}); pass a "
+            "folder saved with save_pretrained, or a Hub id such as google/vit-base-patch16-224."
+        )
         assert "Repo id must be in the form" not in line
 
 
@@ -75,7 +81,10 @@ def test_output_dir_that_is_a_file_fails_before_any_data_is_read(tmp_path, capsy
     a_file = tmp_path / "taken"
     a_file.write_text("not a folder")
     line = _correct(capsys, "--model_name_or_path", model, "--output_dir", str(a_file), command=command)
-    assert line == f"sap-hf {command}: error: --output_dir {str(a_file)!r} is a file; pass a folder (it is created if missing)."
+    assert (
+        line
+        == f"sap-hf {command}: error: --output_dir {str(a_file)!r} is a file; pass a folder (it is created if missing)."
+    )
     inside = a_file / "sub"
     line = _correct(capsys, "--model_name_or_path", model, "--output_dir", str(inside), command=command)
     assert f"--output_dir {str(inside)!r} cannot be created: {str(a_file)!r} is a file" in line
@@ -84,7 +93,9 @@ def test_output_dir_that_is_a_file_fails_before_any_data_is_read(tmp_path, capsy
 def test_missing_data_dir_fails_before_any_data_is_read(tmp_path, capsys):
     model = str(_model_folder(tmp_path / "model"))
     missing = str(tmp_path / "clothing1m")
-    line = _correct(capsys, "--model_name_or_path", model, "--data_dir", missing, "--output_dir", str(tmp_path / "out"))
+    line = _correct(
+        capsys, "--model_name_or_path", model, "--data_dir", missing, "--output_dir", str(tmp_path / "out")
+    )
     assert f"--data_dir {missing!r} does not exist; pass the folder of a Clothing1M copy" in line
     assert "--dataset_name" in line  # the other way to give data
 
@@ -93,15 +104,19 @@ def test_push_folder_without_a_saved_model(tmp_path, capsys):
     for folder, reason in ((tmp_path, "it has no config.json"), (tmp_path / "missing", "it does not exist")):
         with mock.patch("sap_hf.hub.HfApi", side_effect=AssertionError("the Hub was called")):
             line = user_error(capsys, cli.main, ["push", str(folder), "--repo_id", "user/vit-sap"], prog="sap-hf push")
-        assert line == (f"sap-hf push: error: FOLDER {str(folder)!r} holds no saved model ({reason}); pass a folder "
-                        "written by `sap-hf correct` or SAPTrainer.save_model().")
+        assert line == (
+            f"sap-hf push: error: FOLDER {str(folder)!r} holds no saved model ({reason}); pass a folder "
+            "written by `sap-hf correct` or SAPTrainer.save_model()."
+        )
 
 
 def test_usage_errors_are_one_line_naming_the_argument(tmp_path, capsys):
     out = ["--output_dir", str(tmp_path / "out")]
     line = _correct(capsys, "--model_name_or_path", "x", *out, "--alphas", "ten")
-    assert line == ("sap-hf correct: error: argument --alphas: invalid float value: 'ten' "
-                    "(`sap-hf correct --help` lists the arguments).")
+    assert line == (
+        "sap-hf correct: error: argument --alphas: invalid float value: 'ten' "
+        "(`sap-hf correct --help` lists the arguments)."
+    )
     line = _correct(capsys, "--model_name_or_pth", "x", *out)  # the typo is reported, not the missing argument
     assert "unrecognized arguments: --model_name_or_pth x" in line
     line = _correct(capsys, "--model_name_or_path", "x", *out, "--push_to_hub", "maybe")
@@ -127,18 +142,24 @@ def test_messages_are_collapsed_to_one_line_and_other_errors_keep_their_tracebac
     argv = ["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path / "out")]
     with mock.patch.object(cli, "check_paths", side_effect=ValueError("first line\n\n   second line\n")):
         assert user_error(capsys, cli.main, argv) == "sap-hf correct: error: first line second line"
-    with mock.patch.object(cli, "check_paths", side_effect=RuntimeError("a worker failed")), \
-            pytest.raises(RuntimeError, match="a worker failed"):
+    with (
+        mock.patch.object(cli, "check_paths", side_effect=RuntimeError("a worker failed")),
+        pytest.raises(RuntimeError, match="a worker failed"),
+    ):
         cli.main(argv)  # not the user's: the traceback is kept
     assert one_line(ValueError()) == "ValueError"
 
 
 def test_debug_shows_the_exception_and_is_stripped_anywhere(tmp_path):
     missing = str(tmp_path / "missing")
-    for argv in (["--debug", "correct", "--model_name_or_path", missing, "--output_dir", str(tmp_path)],
-                 ["correct", "--model_name_or_path", missing, "--debug", "--output_dir", str(tmp_path)]):
-        with mock.patch.object(cli, "load_splits", side_effect=NOT_READ), \
-                pytest.raises(FileNotFoundError, match="no model folder at"):
+    for argv in (
+        ["--debug", "correct", "--model_name_or_path", missing, "--output_dir", str(tmp_path)],
+        ["correct", "--model_name_or_path", missing, "--debug", "--output_dir", str(tmp_path)],
+    ):
+        with (
+            mock.patch.object(cli, "load_splits", side_effect=NOT_READ),
+            pytest.raises(FileNotFoundError, match="no model folder at"),
+        ):
             cli.main(argv)
     assert pop_debug_flag(["push", "f", "--debug"]) == (True, ["push", "f"])
     assert pop_debug_flag(["--output_dir", "o"]) == (False, ["--output_dir", "o"])
@@ -170,7 +191,10 @@ def test_recipe_checks_paths_before_reading_data(tmp_path, capsys):
     cases = (
         (["--output_dir", str(a_file)], f"--output_dir {str(a_file)!r} is a file; pass a folder"),
         (["--output_dir", str(tmp_path / "o"), "--data_dir", str(tmp_path / "none")], "--data_dir"),
-        (["--output_dir", str(tmp_path / "o"), "--model_name_or_path", "./none"], "--model_name_or_path: no model folder"),
+        (
+            ["--output_dir", str(tmp_path / "o"), "--model_name_or_path", "./none"],
+            "--model_name_or_path: no model folder",
+        ),
         (["--output_dir", str(tmp_path / "o"), "--num_train_epochs", "many"], "argument --num_train_epochs"),
     )
     for argv, expected in cases:
@@ -184,15 +208,31 @@ def test_recipe_checks_paths_before_reading_data(tmp_path, capsys):
 def test_command_line_prints_no_traceback_unless_debug(tmp_path):
     """The installed entry point's path (`python -m sap_hf.cli`), in a fresh process: what a user sees."""
     missing = str(tmp_path / "no-such-model")
-    command = [sys.executable, "-m", "sap_hf.cli", "correct", "--model_name_or_path", missing,
-               "--output_dir", str(tmp_path / "out")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    command = [
+        sys.executable,
+        "-m",
+        "sap_hf.cli",
+        "correct",
+        "--model_name_or_path",
+        missing,
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        HF_HUB_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+    )
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 2 and "Traceback" not in run.stderr and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith(f"sap-hf correct: error: --model_name_or_path: no model folder at {missing!r}")
     debug = subprocess.run([*command, "--debug"], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError: --model_name_or_path" in debug.stderr
+    assert (
+        debug.returncode == 1
+        and "Traceback" in debug.stderr
+        and "FileNotFoundError: --model_name_or_path" in debug.stderr
+    )
 
 
 @pytest.mark.parametrize("command", ["correct", "audit"])
@@ -206,8 +246,12 @@ def test_hub_id_that_cannot_be_loaded_is_one_line(tmp_path, capsys, monkeypatch,
     hub_id = "nobody-sap-hf/no-such-model"
     splits = mock.Mock(class_names=["a", "b"])
     with mock.patch.object(cli, "load_splits", return_value=splits):
-        line = user_error(capsys, cli.main, [command, "--model_name_or_path", hub_id, "--output_dir", "out"],
-                          prog=f"sap-hf {command}: error: ")
+        line = user_error(
+            capsys,
+            cli.main,
+            [command, "--model_name_or_path", hub_id, "--output_dir", "out"],
+            prog=f"sap-hf {command}: error: ",
+        )
     assert line.startswith(f"sap-hf {command}: error: --model_name_or_path: cannot load {hub_id!r} (")
     assert line.endswith("unset HF_HUB_OFFLINE to download it, or pass a folder saved with save_pretrained.")
 

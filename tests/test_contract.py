@@ -13,16 +13,15 @@ import logging
 import numpy as np
 import pytest
 import torch
+from helpers import assert_identical, random_examples, snapshot
 from transformers import TrainingArguments, ViTConfig, ViTForImageClassification, ViTModel
 
 from sap_hf import Runtime, SAPConfig, evaluate_accuracy, sap_correct, sap_project, select_trusted
-from sap_hf.core.targets import find_target_modules
 from sap_hf.models import tiny_model
 from sap_hf.runtime.contract import LoaderData, as_pass_data, class_labels
 from sap_hf.runtime.modeling import unwrap_model
 from sap_hf.trainer import SAPTrainer, accuracy_metrics
 
-from helpers import assert_identical, random_examples, snapshot
 
 QUIET = Runtime(batch_size=4, show_progress=False)
 
@@ -57,8 +56,9 @@ def test_a_shuffled_dataloader_gives_the_same_correction_as_its_dataset():
 
 def test_the_trainers_own_shuffled_dataloader_selects_by_dataset_position(tmp_path):
     train, val = random_examples(16, seed=3), random_examples(8, seed=4)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True
+    )
     trainer = SAPTrainer(model=tiny_model("vit", num_labels=3), args=args, train_dataset=train, eval_dataset=val)
     loader = trainer.get_train_dataloader()  # shuffled, reshuffled on every iteration
     model = trainer.model
@@ -69,7 +69,9 @@ def test_the_trainers_own_shuffled_dataloader_selects_by_dataset_position(tmp_pa
 
 def test_a_sampler_that_draws_a_subset_reads_that_subset_in_index_order():
     train = random_examples(12, seed=5)
-    loader = torch.utils.data.DataLoader(train, batch_size=3, sampler=torch.utils.data.SubsetRandomSampler([9, 1, 5, 4, 11, 0]))
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=3, sampler=torch.utils.data.SubsetRandomSampler([9, 1, 5, 4, 11, 0])
+    )
     view = as_pass_data(loader, "train_data")
     assert isinstance(view, LoaderData) and view.indices == [0, 1, 4, 5, 9, 11] and len(view) == 6
     model = tiny_model("vit", num_labels=3)
@@ -97,7 +99,9 @@ def test_a_dict_of_eval_sets_is_refused_naming_the_keys():
     model = tiny_model("vit", num_labels=3)
     before = snapshot(model)
     evals = {"validation": random_examples(6), "test": random_examples(6)}
-    with pytest.raises(ValueError, match=r"eval_data is a dict of 2 entries \('validation', 'test'\).*eval_data=data\['validation'\]"):
+    with pytest.raises(
+        ValueError, match=r"eval_data is a dict of 2 entries \('validation', 'test'\).*eval_data=data\['validation'\]"
+    ):
         sap_correct(model, random_examples(9), evals, _config(), show_progress=False)
     assert_identical(model, before)
 
@@ -106,7 +110,9 @@ def test_trusted_indices_outside_the_data_are_an_error_not_dropped():
     model = tiny_model("vit", num_labels=3)
     before = snapshot(model)
     with pytest.raises(ValueError, match="trusted_indices hold 40, outside the 9 examples"):
-        sap_correct(model, random_examples(9), random_examples(6), _config(), trusted_indices=[0, 1, 40], show_progress=False)
+        sap_correct(
+            model, random_examples(9), random_examples(6), _config(), trusted_indices=[0, 1, 40], show_progress=False
+        )
     import datasets
 
     rows = [{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in random_examples(9)]
@@ -146,8 +152,19 @@ def test_unwrap_peels_dataparallel_and_torch_compile():
         (lambda: tiny_model("vit", num_labels=1), "num_labels=1: a one-output head is a regression model"),
         (lambda: _with_problem("multi_label_classification"), "multi_label_classification model"),
         (lambda: _with_problem("regression"), "regression model"),
-        (lambda: ViTModel(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=64)), "has no classification head"),
+        (
+            lambda: ViTModel(
+                ViTConfig(
+                    image_size=16,
+                    patch_size=4,
+                    hidden_size=32,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    intermediate_size=64,
+                )
+            ),
+            "has no classification head",
+        ),
         (lambda: _on_meta(), "meta device"),
     ],
 )
@@ -165,8 +182,17 @@ def _with_problem(problem_type):
 
 def _on_meta():
     with torch.device("meta"):
-        return ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
-                                                   num_attention_heads=2, intermediate_size=64, num_labels=3))
+        return ViTForImageClassification(
+            ViTConfig(
+                image_size=16,
+                patch_size=4,
+                hidden_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=64,
+                num_labels=3,
+            )
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -183,11 +209,16 @@ def test_minus_100_labels_are_ignored_by_evaluation_selection_and_the_trainer_me
     assert got == expected  # same accuracy over the same 9 labelled samples
     train = random_examples(12, seed=1)
     ignored = train + [dict(e, labels=-100) for e in random_examples(6, seed=8)]
-    assert select_trusted(model, ignored, 2, runtime=QUIET).indices == select_trusted(model, train, 2, runtime=QUIET).indices
+    assert (
+        select_trusted(model, ignored, 2, runtime=QUIET).indices
+        == select_trusted(model, train, 2, runtime=QUIET).indices
+    )
     from transformers import EvalPrediction
 
     logits = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
-    assert accuracy_metrics(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, -100, -100])))["accuracy"] == 1.0
+    assert (
+        accuracy_metrics(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, -100, -100])))["accuracy"] == 1.0
+    )
 
 
 def test_labels_outside_the_classes_are_an_error_naming_the_sample_and_value():
@@ -232,9 +263,14 @@ def test_a_nan_image_is_excluded_and_counted_never_corrupting_its_class(caplog):
 
 def test_phases_are_timed_through_the_public_hook():
     seen = []
-    result = sap_correct(tiny_model("vit", num_labels=3), random_examples(12, seed=1), random_examples(6, seed=2),
-                         _config(alpha_scope="shared"),  # one evaluation per alpha (per_kind adds its trials)
-                         on_phase=lambda phase, seconds: seen.append((phase, seconds)), show_progress=False)
+    result = sap_correct(
+        tiny_model("vit", num_labels=3),
+        random_examples(12, seed=1),
+        random_examples(6, seed=2),
+        _config(alpha_scope="shared"),  # one evaluation per alpha (per_kind adds its trials)
+        on_phase=lambda phase, seconds: seen.append((phase, seconds)),
+        show_progress=False,
+    )
     phases = [phase for phase, _ in seen]
     assert phases[:3] == ["selection", "statistics", "eigh"] and phases[-2:] == ["write", "search"]
     assert phases.count("evaluation") == 1 + len(result.rounds[0].metrics)  # the unchanged model, then each alpha
@@ -259,7 +295,9 @@ def test_runtime_batch_size_is_checked():
 def test_a_random_draw_sampler_reads_the_whole_dataset_with_a_warning(caplog):
     train = random_examples(9, seed=5)
     weights = torch.ones(9)
-    loader = torch.utils.data.DataLoader(train, batch_size=3, sampler=torch.utils.data.WeightedRandomSampler(weights, 4))
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=3, sampler=torch.utils.data.WeightedRandomSampler(weights, 4)
+    )
     with caplog.at_level(logging.WARNING, logger="sap_hf"):
         view = as_pass_data(loader, "train_data")
     assert view.indices is None and len(view) == 9 and "WeightedRandomSampler" in caplog.text
@@ -270,10 +308,18 @@ def test_refine_accepts_the_audit_of_a_subset_sampling_loader():
 
     model = tiny_model("vit", num_labels=3)
     train = random_examples(12, seed=1)
-    loader = torch.utils.data.DataLoader(train, batch_size=4, sampler=torch.utils.data.SubsetRandomSampler(range(3, 12)))
+    loader = torch.utils.data.DataLoader(
+        train, batch_size=4, sampler=torch.utils.data.SubsetRandomSampler(range(3, 12))
+    )
     view = as_pass_data(loader, "train_data")
     audit = audit_labels(model, view, filter_by="predicted_neq_given", runtime=QUIET)
     assert audit.indices.tolist() == list(range(3, 12))  # indices of loader.dataset
-    result = refine(model, view, audit, lambda m: evaluate_accuracy(m, random_examples(6, seed=2), runtime=QUIET),
-                    RefineConfig(learning_rates=[1e-3], epochs=[1], mode="remove"), runtime=QUIET)
+    result = refine(
+        model,
+        view,
+        audit,
+        lambda m: evaluate_accuracy(m, random_examples(6, seed=2), runtime=QUIET),
+        RefineConfig(learning_rates=[1e-3], epochs=[1], mode="remove"),
+        runtime=QUIET,
+    )
     assert result.examples["remove"]["kept"] + result.examples["remove"]["removed"] == 9

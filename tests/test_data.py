@@ -29,6 +29,7 @@ from sap_hf.data import (
 )
 from sap_hf.data.noise import FASHION_MNIST_ASYMMETRIC_MAP
 
+
 DEBIAN_PRESENT = (fm.DEBIAN_FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
 
 
@@ -138,7 +139,11 @@ def test_noisy_fashion_mnist_defaults_use_the_rest_of_train(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "argument"),
-    [({"val_size": 600}, "val_size"), ({"train_size": 590, "val_size": 100}, "train_size"), ({"val_size": 10, "test_size": 0}, "test_size")],
+    [
+        ({"val_size": 600}, "val_size"),
+        ({"train_size": 590, "val_size": 100}, "train_size"),
+        ({"val_size": 10, "test_size": 0}, "test_size"),
+    ],
 )
 def test_noisy_fashion_mnist_bad_sizes(tmp_path, kwargs, argument):
     with pytest.raises(ValueError, match=argument):
@@ -147,8 +152,14 @@ def test_noisy_fashion_mnist_bad_sizes(tmp_path, kwargs, argument):
 
 def test_noisy_fashion_mnist_takes_numpy_numbers_and_checks_the_noise_before_reading(tmp_path):
     root = _fake_fashion_dir(tmp_path)
-    data = noisy_fashion_mnist(noise_rate=np.float32(0.5), seed=1, train_size=np.int64(100), val_size=np.int32(50),
-                               test_size=np.int64(20), data_dir=root)
+    data = noisy_fashion_mnist(
+        noise_rate=np.float32(0.5),
+        seed=1,
+        train_size=np.int64(100),
+        val_size=np.int32(50),
+        test_size=np.int64(20),
+        data_dir=root,
+    )
     assert (len(data["train"]), len(data["validation"]), len(data["test"])) == (100, 50, 20)
     assert sum(data["train"]["is_noisy"]) == 50
     for kwargs, argument in [({"noise_type": "pairflip"}, "noise_type"), ({"noise_rate": 1.0}, "noise_rate")]:
@@ -181,7 +192,9 @@ def test_nothing_available_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_hub_fallback(tmp_path, monkeypatch):
     monkeypatch.setattr(fm, "DEBIAN_FASHION_MNIST_DIR", tmp_path)
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)})
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=FASHION_MNIST_CLASSES)}
+    )
     images = [np.full((28, 28), i, dtype=np.uint8) for i in range(40)]
     hub = datasets.Dataset.from_dict({"image": images, "label": [i % 10 for i in range(40)]}, features=features)
     calls = []
@@ -282,7 +295,11 @@ def test_clothing1m_key_without_label(clothing_copy):
 
 @pytest.mark.parametrize(
     ("line", "pattern"),
-    [("images/0/0/x.jpg", "line 5 is malformed"), ("images/0/0/x.jpg three", "malformed"), ("images/0/0/x.jpg 14", "outside 0..13")],
+    [
+        ("images/0/0/x.jpg", "line 5 is malformed"),
+        ("images/0/0/x.jpg three", "malformed"),
+        ("images/0/0/x.jpg 14", "outside 0..13"),
+    ],
 )
 def test_clothing1m_bad_kv_lines(clothing_copy, line, pattern):
     kv = clothing_copy / "noisy_label_kv.txt"
@@ -386,7 +403,9 @@ def test_sixteen_bit_images_give_the_intensities_of_the_8_bit_picture(num_channe
     assert versions["I;16"].mode == "I;16" and versions["I;16B"].mode == "I;16B" and versions["I"].mode == "I"
 
     def pixels(image):
-        transform = ImageTransform(image_size=size, num_channels=num_channels, mean=0.0, std=1.0, augment=augment, seed=5)
+        transform = ImageTransform(
+            image_size=size, num_channels=num_channels, mean=0.0, std=1.0, augment=augment, seed=5
+        )
         return transform({"image": [image]})["pixel_values"][0]
 
     reference = pixels(Image.fromarray(image8))
@@ -400,7 +419,7 @@ def test_sixteen_bit_images_give_the_intensities_of_the_8_bit_picture(num_channe
 def test_sixteen_bit_images_keep_their_precision_and_reach_a_processor_in_8_bits():
     from transformers import ViTImageProcessor
 
-    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # steps of 1000/65535, finer than 1/255
+    ramp = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000  # steps of 1000/65535, finer than 1/255
     out = ImageTransform(image_size=8, num_channels=1, mean=0.0, std=1.0)({"image": [Image.fromarray(ramp)]})
     assert torch.allclose(out["pixel_values"][0][0], torch.from_numpy(ramp / 65535.0).float(), atol=1e-6)
     processor = ViTImageProcessor(size={"height": 16, "width": 16})
@@ -417,7 +436,9 @@ def test_integer_containers_without_a_bit_depth_are_read_by_their_values():
     reference = transform({"image": [Image.fromarray(image8)]})["pixel_values"][0]
     for image in (Image.fromarray(image8.astype(np.int32)), image8.astype(np.int64), (image8.astype(np.int64) * 257)):
         assert torch.allclose(transform({"image": [image]})["pixel_values"][0], reference, atol=1e-6)
-    stored = datasets.Dataset.from_dict({"image": [image8.astype(np.int64)]}, features=datasets.Features({"image": datasets.Image()}))
+    stored = datasets.Dataset.from_dict(
+        {"image": [image8.astype(np.int64)]}, features=datasets.Features({"image": datasets.Image()})
+    )
     assert torch.allclose(transform({"image": [stored[0]["image"]]})["pixel_values"][0], reference, atol=1e-6)
 
 
@@ -432,11 +453,18 @@ def test_float_and_out_of_range_images_are_refused_with_the_fix():
 
 
 def test_transform_takes_numpy_numbers_and_checks_them():
-    transform = ImageTransform(image_size=np.int64(16), num_channels=np.int64(1), mean=np.float32(0.5), seed=np.int64(2))
+    transform = ImageTransform(
+        image_size=np.int64(16), num_channels=np.int64(1), mean=np.float32(0.5), seed=np.int64(2)
+    )
     assert transform.size == (16, 16) and transform.num_channels == 1 and type(transform.num_channels) is int
     assert ImageTransform(image_size=np.array([12, 10])).size == (12, 10)
-    for kwargs, field in [({"num_channels": True}, "num_channels"), ({"image_size": 8.0}, "image_size"),
-                          ({"std": 0.0}, "std"), ({"mean": float("nan")}, "mean"), ({"seed": -1}, "seed")]:
+    for kwargs, field in [
+        ({"num_channels": True}, "num_channels"),
+        ({"image_size": 8.0}, "image_size"),
+        ({"std": 0.0}, "std"),
+        ({"mean": float("nan")}, "mean"),
+        ({"seed": -1}, "seed"),
+    ]:
         with pytest.raises(ValueError, match=f"{field}="):
             ImageTransform(**{"image_size": 8, **kwargs})
 
@@ -522,13 +550,23 @@ def test_streams_are_split_before_decoding_with_stable_identities(tiny_clothing1
     decodes = _count_decodes(monkeypatch)
     seen = []
     for rank in range(2):  # keyed, 4 shards on 2 processes: each reads and decodes its own shards only
-        for ids, batch in iter_shard_batches(prepare_image_dataset(keyed, transform), batch_size=5, process_index=rank, num_processes=2):
+        for ids, batch in iter_shard_batches(
+            prepare_image_dataset(keyed, transform), batch_size=5, process_index=rank, num_processes=2
+        ):
             seen.extend(ids)
             assert len(ids) == batch["pixel_values"].shape[0]
     assert sorted(seen) == sorted(all_keys) and len(decodes) == len(all_keys)
     keyless = keyed.remove_columns("key")  # identities are then global positions (every process reads the stream)
-    parts = [[i for ids, _ in iter_shard_batches(keyless, batch_size=5, process_index=r, num_processes=2,
-                                                 collate_fn=transform.collate) for i in ids] for r in range(2)]
+    parts = [
+        [
+            i
+            for ids, _ in iter_shard_batches(
+                keyless, batch_size=5, process_index=r, num_processes=2, collate_fn=transform.collate
+            )
+            for i in ids
+        ]
+        for r in range(2)
+    ]
     assert parts[0] == list(range(0, 42, 2)) and parts[1] == list(range(1, 42, 2))
 
 

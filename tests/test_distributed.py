@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import torch
+from launching import accelerate_launch
 from safetensors.torch import load_file
 
-from launching import accelerate_launch
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
@@ -27,7 +27,9 @@ def test_two_processes_equal_one(tmp_path):
     assert one["indices"] == two["indices"] and len(one["indices"]) == 9
     assert one["shift_indices"] == two["shift_indices"] and len(one["shift_indices"]) == 6
     assert one["curvature_indices"] == two["curvature_indices"] and len(one["curvature_indices"]) == 6
-    assert max(abs(a - b) / a for a, b in zip(one["curvature_scores"], two["curvature_scores"])) < 1e-3  # a difference of close float32 gradients
+    assert (
+        max(abs(a - b) / a for a, b in zip(one["curvature_scores"], two["curvature_scores"])) < 1e-3
+    )  # a difference of close float32 gradients
     assert one["counts"] == two["counts"]
     for name in ("grams", "weights"):
         a, b = load_file(tmp_path / "one" / f"{name}.safetensors"), load_file(tmp_path / "two" / f"{name}.safetensors")
@@ -70,14 +72,23 @@ def test_sap_trainer_evaluation_is_shared_same_on_two_processes_and_each_decodes
     two = launch(tmp_path / "two", 2, "trainer", args=(str(data),))
     assert two["processes"] == 2 and one["alpha"] == two["alpha"]  # chosen by loss (metric_for_best_model="loss")
     assert [entry["sap/alpha"] for entry in one["logged"]] == [entry["sap/alpha"] for entry in two["logged"]]
+
     def scores(run: dict) -> list:
-        return [(e["sap/accuracy"], e["sap/loss"]) for e in run["logged"]] + [(run["shared"]["accuracy"], run["shared"]["loss"])]
+        return [(e["sap/accuracy"], e["sap/loss"]) for e in run["logged"]] + [
+            (run["shared"]["accuracy"], run["shared"]["loss"])
+        ]
 
     for (accuracy_one, loss_one), (accuracy_two, loss_two) in zip(scores(one), scores(two), strict=True):
         assert accuracy_one == accuracy_two and abs(loss_one - loss_two) <= 1e-6
-    assert one["shared"]["accuracy"] == one["old"]["accuracy"] and abs(one["shared"]["loss"] - one["old"]["loss"]) <= 1e-6
+    assert (
+        one["shared"]["accuracy"] == one["old"]["accuracy"] and abs(one["shared"]["loss"] - one["old"]["loss"]) <= 1e-6
+    )
     # one evaluation of the 42 validation images: each process decodes only its shards (Trainer.evaluate: the main all)
-    assert one["shared_decodes"] == [42] and sum(two["shared_decodes"]) == 42 and max(two["shared_decodes"]) <= 42 // 2 + 1
+    assert (
+        one["shared_decodes"] == [42]
+        and sum(two["shared_decodes"]) == 42
+        and max(two["shared_decodes"]) <= 42 // 2 + 1
+    )
 
 
 def test_selection_without_a_full_pass_is_the_same_on_two_processes(tmp_path):

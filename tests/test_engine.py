@@ -4,15 +4,21 @@ import logging
 
 import pytest
 import torch
-
-from sap_hf import ActivationStats, SAPConfig, collect_statistics, sap_correct, sap_project, search_alpha, select_trusted
-from sap_hf.core.targets import classifier_names, find_target_modules
-from sap_hf.models import FAMILIES, tiny_model
-from sap_hf.core.stats import input_hooks
-from sap_hf.core.targets import group_kinds, linear_layers
-from sap_hf.core.selection import shifted_views
-
 from helpers import MapStyle, assert_identical, random_examples, snapshot
+
+from sap_hf import (
+    ActivationStats,
+    SAPConfig,
+    collect_statistics,
+    sap_correct,
+    sap_project,
+    search_alpha,
+    select_trusted,
+)
+from sap_hf.core.selection import shifted_views
+from sap_hf.core.stats import input_hooks
+from sap_hf.core.targets import classifier_names, find_target_modules, group_kinds, linear_layers
+from sap_hf.models import FAMILIES, tiny_model
 from sap_hf.runtime.passes import Runtime
 
 
@@ -43,8 +49,12 @@ def test_qkv_share_one_statistic_computed_once(family, monkeypatch):
 
     calls = []
     original = stats_module.GramAccumulator.update
-    monkeypatch.setattr(stats_module.GramAccumulator, "update", lambda self, rows: (calls.append(id(self)), original(self, rows)))
-    stats = collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(batch_size=4, show_progress=False))
+    monkeypatch.setattr(
+        stats_module.GramAccumulator, "update", lambda self, rows: (calls.append(id(self)), original(self, rows))
+    )
+    stats = collect_statistics(
+        model, random_examples(4), find_target_modules(model), runtime=Runtime(batch_size=4, show_progress=False)
+    )
     qkv = [g for g in stats.groups if len(g.members) == 3]
     assert len(qkv) == 2  # one per layer
     assert {m.rsplit(".", 1)[-1] for m in qkv[0].members} == {"q_proj", "k_proj", "v_proj"}
@@ -60,7 +70,9 @@ def test_statistics_equal_stacked_activations_gram():
         model.eval()
         with torch.no_grad():
             model(pixel_values=torch.stack([e["pixel_values"] for e in data]))
-    stats = collect_statistics(model, data, targets, accumulation_dtype='float64', runtime=Runtime(batch_size=3, show_progress=False))
+    stats = collect_statistics(
+        model, data, targets, accumulation_dtype="float64", runtime=Runtime(batch_size=3, show_progress=False)
+    )
     for group in stats.groups:
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in captured[group.name]])
         torch.testing.assert_close(stats.grams[group.name], x.T @ x, rtol=1e-10, atol=1e-9)
@@ -72,7 +84,7 @@ def test_hooks_removed_after_exception_mid_pass():
     data = random_examples(8)
     data[5] = {"pixel_values": torch.randn(3, 9, 9), "labels": 0}  # wrong size: the model raises mid-pass
     before = snapshot(model)
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 (whatever the model raises: the hooks must go either way)
         collect_statistics(model, data, find_target_modules(model), runtime=Runtime(batch_size=2, show_progress=False))
     assert _hook_count(model) == 0
     assert_identical(model, before)
@@ -84,7 +96,9 @@ def test_hooks_removed_after_exception_mid_pass():
 
 def test_statistics_save_load_roundtrip(tmp_path):
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False))
+    stats = collect_statistics(
+        model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False)
+    )
     loaded = ActivationStats.load(stats.save(tmp_path / "stats.safetensors"))
     assert loaded.groups == stats.groups and loaded.counts == stats.counts
     for name, gram in stats.grams.items():
@@ -98,7 +112,10 @@ def test_statistics_save_load_roundtrip(tmp_path):
 
 def test_target_patterns_regex_suffix_and_exclude():
     model = tiny_model("vit")
-    assert find_target_modules(model, r".*\.fc1", project_classifier=False) == ["vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"]
+    assert find_target_modules(model, r".*\.fc1", project_classifier=False) == [
+        "vit.layers.0.mlp.fc1",
+        "vit.layers.1.mlp.fc1",
+    ]
     assert find_target_modules(model, ["q_proj"], project_classifier=False) == [
         "vit.layers.0.attention.q_proj",
         "vit.layers.1.attention.q_proj",
@@ -112,7 +129,9 @@ def test_target_patterns_regex_suffix_and_exclude():
 def test_target_typo_raises_even_with_the_head_projected(patterns):
     """A pattern matching no backbone layer must not silently shrink SAP to the classifier."""
     model = tiny_model("vit")
-    with pytest.raises(ValueError, match=r"No backbone nn.Linear layer matches.*vit.layers.0.mlp.fc1.*target_modules=\[\]"):
+    with pytest.raises(
+        ValueError, match=r"No backbone nn.Linear layer matches.*vit.layers.0.mlp.fc1.*target_modules=\[\]"
+    ):
         find_target_modules(model, patterns, project_classifier=True)
     with pytest.raises(ValueError, match="only the classifier"):  # exclusions that empty the backbone too
         find_target_modules(model, ["q_proj"], exclude_modules=["q_proj"])
@@ -146,6 +165,7 @@ def test_trusted_selection_keeps_lowest_loss_per_class_and_warns(caplog):
     assert small.per_class == {0: 3, 1: 2, 2: 2}
     assert "fewer than 4" in caplog.text
 
+
 def test_shifted_views_move_the_image_by_one_step_with_replicated_edges():
     image = torch.arange(2 * 3 * 28 * 28, dtype=torch.float32).reshape(2, 3, 28, 28)
     right, left, down, up = shifted_views(image)
@@ -161,11 +181,13 @@ def test_shift_loss_ranks_by_the_mean_loss_over_the_image_and_its_shifts():
     torch.manual_seed(0)
     model = tiny_model("vit", num_labels=3)
     data = random_examples(30, num_labels=3)
-    selection = select_trusted(model, data, 2, rule='shift_loss', runtime=Runtime(batch_size=7, show_progress=False))
+    selection = select_trusted(model, data, 2, rule="shift_loss", runtime=Runtime(batch_size=7, show_progress=False))
     pixels, labels = torch.stack([e["pixel_values"] for e in data]), torch.tensor([e["labels"] for e in data])
     with torch.no_grad():
         views = [pixels, *shifted_views(pixels)]
-        losses = sum(torch.nn.functional.cross_entropy(model(pixel_values=v).logits, labels, reduction="none") for v in views)
+        losses = sum(
+            torch.nn.functional.cross_entropy(model(pixel_values=v).logits, labels, reduction="none") for v in views
+        )
     expected = []
     for c in range(3):
         members = [i for i in range(30) if data[i]["labels"] == c]
@@ -173,10 +195,11 @@ def test_shift_loss_ranks_by_the_mean_loss_over_the_image_and_its_shifts():
     assert selection.indices == sorted(expected)
 
 
-
 def test_alpha_search_never_returns_a_worse_model():
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
+    stats = collect_statistics(
+        model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False)
+    )
     before = snapshot(model)
     # An evaluator under which every projection looks worse: the search must keep the original.
     reference = model.classifier.weight.detach().clone()
@@ -186,7 +209,12 @@ def test_alpha_search_never_returns_a_worse_model():
     assert len(result.metrics) == 2 and result.baseline["accuracy"] == 1.0
     assert_identical(model, before)
     # An evaluator that prefers change picks the alpha that changes most (alpha=1) and writes it.
-    result = search_alpha(model, stats, [1.0, 100.0], lambda m: {"accuracy": float((m.classifier.weight.detach() - reference).abs().sum())})
+    result = search_alpha(
+        model,
+        stats,
+        [1.0, 100.0],
+        lambda m: {"accuracy": float((m.classifier.weight.detach() - reference).abs().sum())},
+    )
     assert result.best_alpha == 1.0
     assert not torch.equal(model.classifier.weight, reference)
 
@@ -197,7 +225,10 @@ def test_sap_correct_end_to_end_reports_every_alpha():
     config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8)
     result = sap_correct(model, train, evals, config, show_progress=False)
     assert result.num_trusted == 6 and result.trusted_per_class == {0: 2, 1: 2, 2: 2}
-    assert result.trusted_indices == select_trusted(tiny_model('vit'), train, 2, runtime=Runtime(batch_size=8, show_progress=False)).indices
+    assert (
+        result.trusted_indices
+        == select_trusted(tiny_model("vit"), train, 2, runtime=Runtime(batch_size=8, show_progress=False)).indices
+    )
     assert result.rounds[0].alphas == [1.0, 1e3]
     assert result.final_metrics["accuracy"] >= result.baseline_metrics["accuracy"]
     assert "classifier" in result.target_modules
@@ -207,7 +238,9 @@ def test_sap_correct_end_to_end_reports_every_alpha():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layer_kinds_split_attention_mlp_and_classifier(family):
     model = tiny_model(family)
-    stats = collect_statistics(model, random_examples(2), find_target_modules(model), runtime=Runtime(show_progress=False))
+    stats = collect_statistics(
+        model, random_examples(2), find_target_modules(model), runtime=Runtime(show_progress=False)
+    )
     kinds = group_kinds(stats.groups, classifier_names(model))
     by_kind = {kind: [g for g in stats.groups if kinds[g.name] == kind] for kind in ("attention", "mlp", "classifier")}
     assert [g.name for g in by_kind["classifier"]] == ["classifier"]
@@ -227,11 +260,15 @@ def _kind_scored_setup(mlp_penalty):
     """A tiny ViT, its statistics and kinds, and an evaluator that rewards changing the attention layers
     and charges `mlp_penalty` per unit of change of the MLP layers (the classifier does not count)."""
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
+    stats = collect_statistics(
+        model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False)
+    )
     kinds = group_kinds(stats.groups, classifier_names(model))
     before = snapshot(model)
-    score = lambda m: {"accuracy": _change(m, before, "attention", kinds, stats.groups)
-                       - mlp_penalty * _change(m, before, "mlp", kinds, stats.groups)}
+    score = lambda m: {
+        "accuracy": _change(m, before, "attention", kinds, stats.groups)
+        - mlp_penalty * _change(m, before, "mlp", kinds, stats.groups)
+    }
     return model, stats, kinds, before, score
 
 
@@ -255,7 +292,12 @@ def test_per_kind_search_gives_each_layer_kind_its_own_alpha():
     assert result.best_alpha is None  # the shared part of the search
     assert result.kind_alphas == {"attention": 1.0, "mlp": None, "classifier": None} and result.improved
     assert [(t["kind"], t["alpha"]) for t in result.kind_trials] == [
-        ("attention", 1.0), ("attention", 100.0), ("mlp", 1.0), ("mlp", 100.0), ("classifier", 1.0), ("classifier", 100.0)
+        ("attention", 1.0),
+        ("attention", 100.0),
+        ("mlp", 1.0),
+        ("mlp", 100.0),
+        ("classifier", 1.0),
+        ("classifier", 100.0),
     ]
     assert result.best_metrics == max((t["metrics"] for t in result.kind_trials), key=lambda m: m["accuracy"])
     assert _change(model, before, "mlp", kinds, stats.groups) == 0.0
@@ -282,11 +324,15 @@ def test_kind_alphas_are_validated_before_any_change():
 def test_sap_correct_per_kind_records_kind_alphas():
     model = tiny_model("vit")
     train, evals = random_examples(24, seed=1), random_examples(12, seed=2)
-    config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind", alpha_search="grid")
+    config = SAPConfig(
+        alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind", alpha_search="grid"
+    )
     result = sap_correct(model, train, evals, config, show_progress=False)
     assert set(result.kind_alphas) == {"attention", "mlp", "classifier"}
     assert len(result.rounds[0].kind_trials) == 6
-    assert result.final_metrics["accuracy"] >= max(m["accuracy"] for m in result.rounds[0].metrics + [result.baseline_metrics])
+    assert result.final_metrics["accuracy"] >= max(
+        m["accuracy"] for m in result.rounds[0].metrics + [result.baseline_metrics]
+    )
     record = result.to_dict()
     assert record["kind_alphas"] == result.kind_alphas and record["config"]["alpha_scope"] == "per_kind"
 
@@ -305,7 +351,9 @@ def test_per_kind_pass_starts_from_the_shared_alpha_and_never_rescores_a_configu
 
 def test_interrupted_per_kind_pass_restores_the_original_weights():
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
+    stats = collect_statistics(
+        model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False)
+    )
     kinds = group_kinds(stats.groups, classifier_names(model))
     before = snapshot(model)
     calls = []
@@ -360,7 +408,9 @@ def test_bracket_returns_the_grids_choice_on_unimodal_curves_with_fewer_evaluati
         preference = [known_index, *[i for i in range(size) if i != known_index]]
         start = None if trial % 2 else int(rng.integers(0, size))
         calls = []
-        scores = bracket_indices(lambda i: calls.append(i) or curve[i], size, {known_index: curve[known_index]}, preference, start=start)
+        scores = bracket_indices(
+            lambda i: calls.append(i) or curve[i], size, {known_index: curve[known_index]}, preference, start=start
+        )
         grid_best = max(preference, key=lambda i: (curve[i], -preference.index(i)))
         bracket_best = max(scores, key=lambda i: (scores[i], -preference.index(i)))
         assert bracket_best == grid_best, (curve, known_index, start, scores)
@@ -391,21 +441,30 @@ def test_cached_rotation_gives_the_same_weights():
     from sap_hf.core.search import eigenbases
 
     model = tiny_model("vit")
-    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False))
+    stats = collect_statistics(
+        model, random_examples(6), find_target_modules(model), runtime=Runtime(show_progress=False)
+    )
     originals, bases = current_weights(model, stats.target_modules), eigenbases(stats)
     rotated = rotate_weights(originals, stats.groups, bases)
     for alpha in (1.0, 50.0):
-        plain, cached = plan_projection(originals, stats.groups, bases, alpha), plan_projection(originals, stats.groups, bases, alpha, rotated)
+        plain, cached = (
+            plan_projection(originals, stats.groups, bases, alpha),
+            plan_projection(originals, stats.groups, bases, alpha, rotated),
+        )
         assert plain.keys() == cached.keys() and all(torch.equal(plain[k], cached[k]) for k in plain)
         for name, weight in plain.items():  # and it is W P with P = U diag(lambda) U^T
             group = next(g for g in stats.groups if name in g.members)
             from sap_hf.core.projection import project_weight, projection_matrix
 
-            torch.testing.assert_close(weight, project_weight(originals[name], projection_matrix(bases[group.name], alpha)))
+            torch.testing.assert_close(
+                weight, project_weight(originals[name], projection_matrix(bases[group.name], alpha))
+            )
 
 
 def test_map_style_selection_reads_by_index_and_keeps_no_examples():
     data = random_examples(12)
-    selection = select_trusted(tiny_model('vit'), MapStyle(data), 2, runtime=Runtime(show_progress=False))
+    selection = select_trusted(tiny_model("vit"), MapStyle(data), 2, runtime=Runtime(show_progress=False))
     assert selection.examples is None
-    assert selection.indices == select_trusted(tiny_model('vit'), data, 2, runtime=Runtime(show_progress=False)).indices
+    assert (
+        selection.indices == select_trusted(tiny_model("vit"), data, 2, runtime=Runtime(show_progress=False)).indices
+    )

@@ -4,13 +4,12 @@ import math
 
 import pytest
 import torch
+from helpers import assert_identical, random_examples, snapshot
 
 from sap_hf import SAPConfig, collect_statistics, sap_correct, sap_project, select_trusted
-from sap_hf.core.targets import find_target_modules
 from sap_hf import api as api_module
+from sap_hf.core.targets import find_target_modules
 from sap_hf.models import tiny_model
-
-from helpers import assert_identical, random_examples, snapshot
 from sap_hf.runtime.passes import Runtime
 
 
@@ -70,15 +69,19 @@ def test_bad_trusted_data_leaves_model_identical(model, name, data, match):
 def test_no_matching_module_lists_linear_layers(model):
     before = snapshot(model)
     with pytest.raises(ValueError, match="vit.layers.0.mlp.fc1"):
-        sap_project(model, random_examples(4), alpha=10.0, config=SAPConfig(target_modules=["nope"], project_classifier=False))
+        sap_project(
+            model, random_examples(4), alpha=10.0, config=SAPConfig(target_modules=["nope"], project_classifier=False)
+        )
     assert_identical(model, before)
 
 
 def test_target_typo_with_the_default_head_raises_before_any_data_pass(model):
     """SAPConfig(target_modules=["qkv_typo"]) used to project the classifier alone and report success."""
     before = snapshot(model)
-    for call in (lambda c: sap_project(model, random_examples(4), alpha=10.0, config=c),
-                 lambda c: sap_correct(model, random_examples(6), random_examples(6), config=c, show_progress=False)):
+    for call in (
+        lambda c: sap_project(model, random_examples(4), alpha=10.0, config=c),
+        lambda c: sap_correct(model, random_examples(6), random_examples(6), config=c, show_progress=False),
+    ):
         with pytest.raises(ValueError, match=r"No backbone nn.Linear layer matches target_modules=\['qkv_typo'\]"):
             call(SAPConfig(target_modules=["qkv_typo"]))
     assert_identical(model, before)
@@ -87,11 +90,18 @@ def test_target_typo_with_the_default_head_raises_before_any_data_pass(model):
 def test_selection_errors(model):
     data = random_examples(9)
     with pytest.raises(ValueError, match=r"label 7, outside the model's 3 classes"):
-        select_trusted(model, data + [{'pixel_values': torch.randn(3, 16, 16), 'labels': 7}], 2, runtime=Runtime(show_progress=False))
+        select_trusted(
+            model,
+            data + [{"pixel_values": torch.randn(3, 16, 16), "labels": 7}],
+            2,
+            runtime=Runtime(show_progress=False),
+        )
     with pytest.raises(ValueError, match=r"Classes \[2\] have no usable sample"):
-        select_trusted(model, [e for e in data if e['labels'] != 2], 2, runtime=Runtime(show_progress=False))
+        select_trusted(model, [e for e in data if e["labels"] != 2], 2, runtime=Runtime(show_progress=False))
     with pytest.raises(ValueError, match="no 'labels'"):
-        select_trusted(model, [{'pixel_values': e['pixel_values']} for e in data], 2, runtime=Runtime(show_progress=False))
+        select_trusted(
+            model, [{"pixel_values": e["pixel_values"]} for e in data], 2, runtime=Runtime(show_progress=False)
+        )
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="per_class"):
             select_trusted(model, data, bad, runtime=Runtime(show_progress=False))
@@ -114,7 +124,13 @@ def test_stream_keys_identify_samples_and_bad_keys_are_named(model):
         select_trusted(model, mixed, 2, runtime=Runtime(show_progress=False))
     before = snapshot(model)
     with pytest.raises(ValueError, match="img2.jpg"):
-        sap_correct(model, twice, random_examples(6, seed=2), SAPConfig(alphas=[10.0], trusted_per_class=2), show_progress=False)
+        sap_correct(
+            model,
+            twice,
+            random_examples(6, seed=2),
+            SAPConfig(alphas=[10.0], trusted_per_class=2),
+            show_progress=False,
+        )
     assert_identical(model, before)
 
 
@@ -189,8 +205,14 @@ def _bad_stats_paths(tmp_path):
     in_the_way.write_text("")
     return [
         (folder, r"stats_path='.*a_folder' is a directory.*a_folder/sap_stats.safetensors"),
-        (garbage, r"stats_path='.*garbage.safetensors' is not a readable SAP statistics file \(SafetensorError.*Delete it"),
-        (wrong_format, r"stats_path='.*other.safetensors' is not a readable SAP statistics file \(format='something else'"),
+        (
+            garbage,
+            r"stats_path='.*garbage.safetensors' is not a readable SAP statistics file \(SafetensorError.*Delete it",
+        ),
+        (
+            wrong_format,
+            r"stats_path='.*other.safetensors' is not a readable SAP statistics file \(format='something else'",
+        ),
         (in_the_way / "stats.safetensors", r"stats_path='.*a_file/stats.safetensors' cannot be written"),
     ]
 
@@ -200,19 +222,33 @@ def test_bad_stats_path_fails_before_any_data_is_read(model, tmp_path):
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
     for path, match in _bad_stats_paths(tmp_path):
         with pytest.raises(ValueError, match=match):
-            sap_correct(model, _NoDataPass(random_examples(6)), config=config, evaluate_fn=lambda m: {"accuracy": 0.0},
-                        stats_path=path, show_progress=False)
+            sap_correct(
+                model,
+                _NoDataPass(random_examples(6)),
+                config=config,
+                evaluate_fn=lambda m: {"accuracy": 0.0},
+                stats_path=path,
+                show_progress=False,
+            )
     assert_identical(model, before)
 
 
 def test_truncated_statistics_file_names_stats_path(model, tmp_path):
     stats_path = tmp_path / "stats.safetensors"
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
-    collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False)).save(stats_path)
+    collect_statistics(
+        model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False)
+    ).save(stats_path)
     stats_path.write_bytes(stats_path.read_bytes()[:-64])
     with pytest.raises(ValueError, match=r"stats_path=.* is not a readable SAP statistics file.*Delete it"):
-        sap_correct(model, random_examples(6), config=config, evaluate_fn=lambda m: {"accuracy": 0.0},
-                    stats_path=stats_path, show_progress=False)
+        sap_correct(
+            model,
+            random_examples(6),
+            config=config,
+            evaluate_fn=lambda m: {"accuracy": 0.0},
+            stats_path=stats_path,
+            show_progress=False,
+        )
 
 
 def test_same_seed_same_selection_and_weights():
@@ -229,7 +265,9 @@ def test_same_seed_same_selection_and_weights():
 
 
 def test_non_finite_gram_rejected_before_write(model):
-    stats = collect_statistics(model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False))
+    stats = collect_statistics(
+        model, random_examples(4), find_target_modules(model), runtime=Runtime(show_progress=False)
+    )
     name = stats.groups[0].name
     stats.grams[name] = stats.grams[name].clone()
     stats.grams[name][0, 0] = float("nan")
@@ -258,14 +296,25 @@ def test_stale_statistics_are_rejected(tmp_path):
     stats_path = tmp_path / "stats.safetensors"
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
     first = tiny_model("vit", num_labels=3, seed=0)
-    sap_correct(first, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False)
+    sap_correct(
+        first, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False
+    )
     other = tiny_model("vit", num_labels=3, seed=1)
     before = snapshot(other)
     with pytest.raises(ValueError, match="stats_path"):
-        sap_correct(other, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False)
+        sap_correct(
+            other, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False
+        )
     smaller = tiny_model("vit", num_labels=3, hidden_size=16)
     with pytest.raises(ValueError, match="another model"):
-        sap_correct(smaller, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False)
+        sap_correct(
+            smaller,
+            random_examples(12),
+            random_examples(6, seed=2),
+            config,
+            stats_path=stats_path,
+            show_progress=False,
+        )
     assert_identical(other, before)
 
 

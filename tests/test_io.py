@@ -49,6 +49,7 @@ def test_a_failed_write_keeps_the_previous_file_and_removes_the_temporary(tmp_pa
     with pytest.raises(Boom):
         atomic_write(path, half_then_fail)
     assert path.read_text() == "previous" and _leftovers(tmp_path) == []
+
     def interrupted(handle):
         handle.write("x")
         raise KeyboardInterrupt()

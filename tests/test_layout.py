@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+
 PACKAGE = Path(__file__).resolve().parents[1] / "sap_hf"
 
 # Folders in import order: a folder may import only folders before it (and itself).
@@ -99,7 +100,12 @@ def _code_lines(lines: list[str], node: ast.AST) -> int:
     """Lines of code of a function: its span without the docstring, blank and comment-only lines."""
     body = node.body
     doc = None
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+    if (
+        body
+        and isinstance(body[0], ast.Expr)
+        and isinstance(body[0].value, ast.Constant)
+        and isinstance(body[0].value.value, str)
+    ):
         doc = range(body[0].lineno, body[0].end_lineno + 1)
     count = 0
     for number in range(node.lineno, node.end_lineno + 1):

@@ -31,7 +31,9 @@ def test_gram_route_equals_svd_of_stacked_activations(alpha):
     torch.testing.assert_close(basis.eigenvalues, s**2, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(projection_matrix(basis, alpha), expected_p, rtol=1e-9, atol=1e-12)
     w = torch.randn(7, x.shape[1], dtype=torch.float64)
-    torch.testing.assert_close(project_weight(w, projection_matrix(basis, alpha)), w @ expected_p, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        project_weight(w, projection_matrix(basis, alpha)), w @ expected_p, rtol=1e-9, atol=1e-12
+    )
 
 
 def test_alpha_one_gives_raw_ratios_and_large_alpha_keeps_weights():

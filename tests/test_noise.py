@@ -103,9 +103,14 @@ def test_bad_labels_are_rejected(labels):
 
 def test_numpy_numbers_are_accepted_and_bools_refused():
     labels = _labels()
-    noisy, is_noisy = add_label_noise(labels, np.float32(0.25), noise_type=np.str_("symmetric"), num_classes=np.int64(10))
+    noisy, is_noisy = add_label_noise(
+        labels, np.float32(0.25), noise_type=np.str_("symmetric"), num_classes=np.int64(10)
+    )
     assert is_noisy.sum() == 250
-    for kwargs, argument in [({"rate": True}, "rate"), ({"rate": 0.2, "num_classes": np.bool_(True)}, "num_classes"),
-                             ({"rate": 0.2, "noise_type": "symetric"}, "did you mean 'symmetric'")]:
+    for kwargs, argument in [
+        ({"rate": True}, "rate"),
+        ({"rate": 0.2, "num_classes": np.bool_(True)}, "num_classes"),
+        ({"rate": 0.2, "noise_type": "symetric"}, "did you mean 'symmetric'"),
+    ]:
         with pytest.raises(ValueError, match=argument):
             add_label_noise(labels, **kwargs)

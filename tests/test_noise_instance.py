@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_data import DEBIAN_PRESENT, _fake_fashion_dir
 
 from sap_hf.data import noisy_fashion_mnist
 from sap_hf.data.noise import NOISE_TYPES, add_label_noise, cross_fitted_probabilities
-
-from test_data import DEBIAN_PRESENT, _fake_fashion_dir
 
 
 def _probabilities(n: int = 1000, num_classes: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +91,9 @@ def test_instance_bad_inputs_name_the_argument(kwargs, match):
 def test_cross_fitted_probabilities_are_deterministic_and_out_of_fold():
     rng = np.random.default_rng(0)
     labels = np.arange(80) % 4
-    images = (rng.random((80, 8, 8)) * 60 + labels[:, None, None] * 40).astype(np.uint8)  # classes differ in brightness
+    images = (rng.random((80, 8, 8)) * 60 + labels[:, None, None] * 40).astype(
+        np.uint8
+    )  # classes differ in brightness
     probs = cross_fitted_probabilities(images, labels)
     assert probs.shape == (80, 4) and np.allclose(probs.sum(1), 1)
     np.testing.assert_array_equal(probs, cross_fitted_probabilities(images, labels))
@@ -102,7 +103,12 @@ def test_cross_fitted_probabilities_are_deterministic_and_out_of_fold():
     relabelled = labels.copy()
     relabelled[[0, 4, 8]] = 3
     assert cross_fitted_probabilities(images, relabelled)[[0, 4, 8], 3].max() < 0.2
-    for kwargs, argument in [({"folds": 1}, "folds"), ({"pool": 0}, "pool"), ({"l2": -1.0}, "l2"), ({"pool": 9}, "pool")]:
+    for kwargs, argument in [
+        ({"folds": 1}, "folds"),
+        ({"pool": 0}, "pool"),
+        ({"l2": -1.0}, "l2"),
+        ({"pool": 9}, "pool"),
+    ]:
         with pytest.raises(ValueError, match=argument):
             cross_fitted_probabilities(images, labels, **kwargs)
     with pytest.raises(ValueError, match="images"):
@@ -111,7 +117,9 @@ def test_cross_fitted_probabilities_are_deterministic_and_out_of_fold():
 
 def test_noisy_fashion_mnist_instance_on_a_small_subset(tmp_path):
     root = _fake_fashion_dir(tmp_path)
-    kwargs = dict(noise_rate=0.3, noise_type="instance", seed=2, train_size=200, val_size=50, test_size=20, data_dir=root)
+    kwargs = dict(
+        noise_rate=0.3, noise_type="instance", seed=2, train_size=200, val_size=50, test_size=20, data_dir=root
+    )
     data = noisy_fashion_mnist(**kwargs)
     train = data["train"]
     assert sum(train["is_noisy"]) == 60
@@ -121,7 +129,9 @@ def test_noisy_fashion_mnist_instance_on_a_small_subset(tmp_path):
 
 @pytest.mark.skipif(not DEBIAN_PRESENT, reason="Debian's dataset-fashion-mnist is not installed")
 def test_instance_noise_on_real_fashion_mnist_follows_the_confusable_classes():
-    train = noisy_fashion_mnist(noise_rate=0.4, noise_type="instance", train_size=600, val_size=100, test_size=10)["train"]
+    train = noisy_fashion_mnist(noise_rate=0.4, noise_type="instance", train_size=600, val_size=100, test_size=10)[
+        "train"
+    ]
     clean, noisy = np.array(train["clean_label"]), np.array(train["label"])
     flipped = noisy != clean
     assert flipped.sum() == 240

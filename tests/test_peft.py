@@ -13,10 +13,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForImageClassification, PreTrainedModel, Trainer, TrainingArguments
 
+
 peft = pytest.importorskip("peft")
 
+from helpers import random_examples  # noqa: E402
+
 from sap_hf import SAPConfig, collect_statistics, sap_correct, sap_project
-from sap_hf.core.targets import find_target_modules
 from sap_hf.core.adapters import (  # noqa: E402
     ADAPTER_SEGMENTS,
     adapter_module_names,
@@ -25,11 +27,11 @@ from sap_hf.core.adapters import (  # noqa: E402
     merge_for_correction,
 )
 from sap_hf.core.projection import eigendecompose, project_weight, projection_matrix  # noqa: E402
+from sap_hf.core.targets import find_target_modules
 from sap_hf.models import tiny_model  # noqa: E402
+from sap_hf.runtime.passes import Runtime
 from sap_hf.trainer import SAPTrainer  # noqa: E402
 
-from helpers import random_examples  # noqa: E402
-from sap_hf.runtime.passes import Runtime
 
 PIXELS = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
 
@@ -45,8 +47,16 @@ def _guide_config(model: nn.Module) -> "peft.LoraConfig":
 
 def _args(tmp_path, **extra) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=8, max_steps=3,
-        learning_rate=1e-2, report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=True, label_names=["labels"],
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        use_cpu=True,
+        label_names=["labels"],
         **extra,
     )
 
@@ -108,7 +118,9 @@ def test_corrected_weights_are_the_merged_weights_projected(trained_peft):
     reference = copy.deepcopy(model).merge_and_unload()
     for name, weight in effective.items():
         torch.testing.assert_close(reference.get_submodule(name).weight, weight)
-    stats = collect_statistics(reference, trusted, find_target_modules(reference), runtime=Runtime(batch_size=4, show_progress=False))
+    stats = collect_statistics(
+        reference, trusted, find_target_modules(reference), runtime=Runtime(batch_size=4, show_progress=False)
+    )
     # The Gram of q_proj's group is that of the input the LoRA layer's W and A read (hooked on the PEFT model).
     seen = []
     layer = model.base_model.model.vit.layers[0].attention.q_proj
@@ -116,11 +128,13 @@ def test_corrected_weights_are_the_merged_weights_projected(trained_peft):
     model.eval()
     with torch.no_grad():
         for i in range(0, len(trusted), 4):
-            model(pixel_values=torch.stack([e["pixel_values"] for e in trusted[i:i + 4]]))
+            model(pixel_values=torch.stack([e["pixel_values"] for e in trusted[i : i + 4]]))
     handle.remove()
     inputs = torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
     q_group = next(g for g in stats.groups if "vit.layers.0.attention.q_proj" in g.members)
-    torch.testing.assert_close(stats.grams[q_group.name].double(), inputs.double().T @ inputs.double(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        stats.grams[q_group.name].double(), inputs.double().T @ inputs.double(), rtol=1e-4, atol=1e-3
+    )
 
     expected = {}
     for group in stats.groups:
@@ -130,7 +144,8 @@ def test_corrected_weights_are_the_merged_weights_projected(trained_peft):
     q = model.base_model.model.vit.layers[0].attention.q_proj  # W·P + s·B·(A·P): the same thing, per LoRA term
     projection_q = projection_matrix(eigendecompose(stats.grams[q_group.name]), alpha).float()
     split = q.base_layer.weight @ projection_q + q.scaling["default"] * q.lora_B["default"].weight @ (
-        q.lora_A["default"].weight @ projection_q)
+        q.lora_A["default"].weight @ projection_q
+    )
     torch.testing.assert_close(split, expected["vit.layers.0.attention.q_proj"], rtol=1e-4, atol=1e-5)
 
     corrected = sap_project(model, trusted, alpha=alpha, config=SAPConfig(batch_size=4))
@@ -151,8 +166,11 @@ def test_sap_correct_returns_the_merged_corrected_model_and_it_saves_whole(train
     model = trained_peft()
     before = _logits(model)
     result = sap_correct(
-        model, random_examples(12, seed=1), config=SAPConfig(alphas=[2.0], trusted_per_class=2, batch_size=4),
-        evaluate_fn=_shrinkage, show_progress=False,
+        model,
+        random_examples(12, seed=1),
+        config=SAPConfig(alphas=[2.0], trusted_per_class=2, batch_size=4),
+        evaluate_fn=_shrinkage,
+        show_progress=False,
     )
     assert result.changed and result.alpha == 2.0 and _adapter_free(result.target_modules)
     corrected = result.model
@@ -177,8 +195,11 @@ def test_sap_trainer_correct_then_save_model_writes_the_corrected_model(tmp_path
     tiny_model("vit", num_labels=3).save_pretrained(folder)
     model = peft.get_peft_model(AutoModelForImageClassification.from_pretrained(folder), _guide_config(tiny_model()))
     trainer = SAPTrainer(
-        model=model, args=_args(tmp_path, metric_for_best_model="logit_size", greater_is_better=False),
-        train_dataset=random_examples(12, seed=1), eval_dataset=random_examples(6, seed=2), compute_metrics=_logit_size,
+        model=model,
+        args=_args(tmp_path, metric_for_best_model="logit_size", greater_is_better=False),
+        train_dataset=random_examples(12, seed=1),
+        eval_dataset=random_examples(6, seed=2),
+        compute_metrics=_logit_size,
         sap_config=SAPConfig(alphas=[2.0], trusted_per_class=2, batch_size=4),
     )
     trainer.train()
@@ -246,4 +267,6 @@ def test_the_merged_model_trains_whole_like_a_plain_model(trained_peft):
     model = trained_peft()
     assert not all(parameter.requires_grad for parameter in model.parameters())  # PEFT froze the base weights
     merged = merge_adapters(model)
-    assert all(parameter.requires_grad for parameter in merged.parameters())  # refine() after correct() trains every weight
+    assert all(
+        parameter.requires_grad for parameter in merged.parameters()
+    )  # refine() after correct() trains every weight

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import random_examples
 from PIL import Image
 from transformers import AutoModelForImageClassification, TrainingArguments, pipeline
 
@@ -21,7 +22,6 @@ from sap_hf.data import ImageTransform
 from sap_hf.models import tiny_model, tiny_vit_config
 from sap_hf.trainer import SAPTrainer
 
-from helpers import random_examples
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,11 +52,41 @@ def test_recipe_embedded_default_folder_loads_in_pipeline(tmp_path):
     import clothing1m
 
     out = tmp_path / "out"
-    clothing1m.run(["--output_dir", str(out), "--train_size", "60", "--val_size", "30", "--test_size", "30",
-                    "--max_steps", "2", "--per_device_train_batch_size", "16", "--tiny_hidden_size", "32",
-                    "--tiny_num_layers", "2", "--trusted_per_class", "1", "--alphas", "1", "100",
-                    "--alpha_scope", "shared", "--label_audit", "false", "--refine", "false",
-                    "--disable_tqdm", "true", "--report_to", "none"])
+    clothing1m.run(
+        [
+            "--output_dir",
+            str(out),
+            "--train_size",
+            "60",
+            "--val_size",
+            "30",
+            "--test_size",
+            "30",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "16",
+            "--tiny_hidden_size",
+            "32",
+            "--tiny_num_layers",
+            "2",
+            "--trusted_per_class",
+            "1",
+            "--alphas",
+            "1",
+            "100",
+            "--alpha_scope",
+            "shared",
+            "--label_audit",
+            "false",
+            "--refine",
+            "false",
+            "--disable_tqdm",
+            "true",
+            "--report_to",
+            "none",
+        ]
+    )
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.num_channels == 3 and model.config.image_size == 28
     processor = json.loads((out / "preprocessor_config.json").read_text())
@@ -68,8 +98,13 @@ def test_recipe_embedded_default_folder_loads_in_pipeline(tmp_path):
 def test_trainer_save_model_with_processing_class_loads_in_pipeline(tmp_path):
     transform = ImageTransform(image_size=16, num_channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
     args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], disable_tqdm=True, use_cpu=True)
-    trainer = SAPTrainer(model=tiny_model("vit", num_labels=3), args=args, train_dataset=random_examples(6),
-                         eval_dataset=random_examples(6), processing_class=transform.to_image_processor())
+    trainer = SAPTrainer(
+        model=tiny_model("vit", num_labels=3),
+        args=args,
+        train_dataset=random_examples(6),
+        eval_dataset=random_examples(6),
+        processing_class=transform.to_image_processor(),
+    )
     trainer.save_model()
     _check_pipeline_matches_model(tmp_path / "out", transform, _images(16, grey=False) + _images(16, grey=True))
 
@@ -79,12 +114,29 @@ def test_cli_correct_folder_loads_in_pipeline(tiny_clothing1m, tmp_path, capsys)
     from transformers import ViTForImageClassification
 
     trained = tmp_path / "trained"
-    config = tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32,
-                             num_hidden_layers=2)
+    config = tiny_vit_config(
+        image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32, num_hidden_layers=2
+    )
     ViTForImageClassification(config).save_pretrained(trained)
     out = tmp_path / "corrected"
-    cli.main(["correct", "--model_name_or_path", str(trained), "--data_dir", str(tiny_clothing1m),
-              "--output_dir", str(out), "--trusted_per_class", "1", "--alphas", "1", "1000", "--batch_size", "16"])
+    cli.main(
+        [
+            "correct",
+            "--model_name_or_path",
+            str(trained),
+            "--data_dir",
+            str(tiny_clothing1m),
+            "--output_dir",
+            str(out),
+            "--trusted_per_class",
+            "1",
+            "--alphas",
+            "1",
+            "1000",
+            "--batch_size",
+            "16",
+        ]
+    )
     capsys.readouterr()
     model = AutoModelForImageClassification.from_pretrained(out)
     _, transform = image_transforms(model, None, augment=False, seed=0)  # what `sap-hf correct` evaluated with

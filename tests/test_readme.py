@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "checks.md"]
 RUN_COMMAND = (
-    'apt-get update && apt-get install -y dataset-fashion-mnist && pip install torch==2.13.0 && '
+    "apt-get update && apt-get install -y dataset-fashion-mnist && pip install torch==2.13.0 && "
     'pip install -e ".[audit]" && accelerate launch recipes/clothing1m.py'
 )
 TEST_COMMAND = (
-    'apt-get update && apt-get install -y dataset-fashion-mnist; pip install torch==2.13.0 && '
-    'pip install -e ".[test]" && python -m pytest -q'
+    "apt-get update && apt-get install -y dataset-fashion-mnist; pip install torch==2.13.0 && "
+    'pip install -e ".[test]" && ruff check . && ruff format --check . && python -m pytest -q'
 )
 MAX_CHARS = 15_000
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)

@@ -8,6 +8,8 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import user_error
+from launching import accelerate_launch
 from transformers import AutoModelForImageClassification
 
 from sap_hf import SAPConfig
@@ -15,16 +17,36 @@ from sap_hf.cli import commands as cli
 from sap_hf.hub import load_sap_record
 from sap_hf.runtime.passes import Runtime
 
-from helpers import user_error
-
-from launching import accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "clothing1m.py"
-TINY = ["--max_steps", "4", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
-        "--tiny_hidden_size", "32", "--tiny_num_layers", "2", "--tiny_patch_size", "8",
-        "--trusted_per_class", "1", "--alphas", "1", "100", "--batch_size", "16",
-        "--logging_steps", "2", "--disable_tqdm", "true", "--report_to", "none"]
+TINY = [
+    "--max_steps",
+    "4",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "16",
+    "--tiny_hidden_size",
+    "32",
+    "--tiny_num_layers",
+    "2",
+    "--tiny_patch_size",
+    "8",
+    "--trusted_per_class",
+    "1",
+    "--alphas",
+    "1",
+    "100",
+    "--batch_size",
+    "16",
+    "--logging_steps",
+    "2",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
+]
 
 
 def _launch(processes: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -36,8 +58,20 @@ def test_recipe_on_tiny_clothing1m(tiny_clothing1m, tmp_path, processes):
     out = tmp_path / "out"
     scope = "per_kind" if processes == 2 else "shared"  # the coordinate pass across processes, too
     refine = ["--refine", "true", "--refine_epochs", "1", "--refine_learning_rates", "1e-3"] if processes == 2 else []
-    run = _launch(processes, [str(RECIPE), "--data_dir", str(tiny_clothing1m), "--output_dir", str(out), *TINY,
-                              "--alpha_scope", scope, *refine])
+    run = _launch(
+        processes,
+        [
+            str(RECIPE),
+            "--data_dir",
+            str(tiny_clothing1m),
+            "--output_dir",
+            str(out),
+            *TINY,
+            "--alpha_scope",
+            scope,
+            *refine,
+        ],
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert "clean-test accuracy before SAP" in run.stdout
     summary = json.loads((out / "sap_summary.json").read_text())
@@ -63,9 +97,18 @@ def _pretrained_mae(folder: Path) -> Path:
     """A tiny self-supervised checkpoint (ViTMAEForPreTraining + its image processor), as `save_pretrained` writes it."""
     from transformers import ViTImageProcessor, ViTMAEConfig, ViTMAEForPreTraining
 
-    config = ViTMAEConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                          intermediate_size=64, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-                          decoder_num_attention_heads=2, decoder_intermediate_size=64)
+    config = ViTMAEConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        decoder_hidden_size=32,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+    )
     ViTMAEForPreTraining(config).save_pretrained(folder)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
@@ -84,15 +127,28 @@ def test_pretrained_encoder_loads_into_a_classifier_with_a_new_head(tmp_path):
     encoder = ViTMAEForPreTraining.from_pretrained(pretrained).state_dict()
     loaded = model.state_dict()
     shared = [name for name in loaded if not name.startswith("classifier")]
-    assert shared and all(torch.equal(loaded[name], encoder[name]) for name in shared)  # the encoder, not a random init
+    assert shared and all(
+        torch.equal(loaded[name], encoder[name]) for name in shared
+    )  # the encoder, not a random init
 
 
 def test_recipe_finetunes_and_corrects_a_pretrained_checkpoint(tiny_clothing1m, tmp_path):
     """The mission's path: fine-tune a pretrained ViT (loaded with from_pretrained) on noisy labels, then correct it."""
     pretrained = _pretrained_mae(tmp_path / "mae")
     out = tmp_path / "out"
-    run = _launch(1, [str(RECIPE), "--data_dir", str(tiny_clothing1m), "--output_dir", str(out),
-                      "--model_name_or_path", str(pretrained), *TINY])  # the --tiny_* sizes are unused here
+    run = _launch(
+        1,
+        [
+            str(RECIPE),
+            "--data_dir",
+            str(tiny_clothing1m),
+            "--output_dir",
+            str(out),
+            "--model_name_or_path",
+            str(pretrained),
+            *TINY,
+        ],
+    )  # the --tiny_* sizes are unused here
     assert run.returncode == 0, run.stderr[-4000:]
     assert "pretraining checkpoint, not a classifier" in run.stderr
     assert "clean-test accuracy before SAP" in run.stdout
@@ -129,16 +185,17 @@ def test_recipe_checks_stats_path_before_reading_data(tmp_path, capsys):
 def test_recipe_replaces_a_stale_default_statistics_cache(tmp_path):
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
+    from helpers import random_examples
 
     from sap_hf import collect_statistics
     from sap_hf.core.targets import find_target_modules
     from sap_hf.models import tiny_model
 
-    from helpers import random_examples
-
     path = tmp_path / "_sap_stats.safetensors"
     first = tiny_model("vit", num_labels=3, seed=0)
-    collect_statistics(first, random_examples(4), find_target_modules(first), runtime=Runtime(show_progress=False)).save(path)
+    collect_statistics(
+        first, random_examples(4), find_target_modules(first), runtime=Runtime(show_progress=False)
+    ).save(path)
     config = SAPConfig()
     clothing1m._drop_stale_stats(path, first, config)
     assert path.is_file()  # the same weights: reused
@@ -149,16 +206,21 @@ def test_recipe_replaces_a_stale_default_statistics_cache(tmp_path):
 def test_recipe_replaces_a_default_statistics_cache_of_other_options(tmp_path):
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
+    from helpers import random_examples
 
     from sap_hf import sap_correct
     from sap_hf.models import tiny_model
 
-    from helpers import random_examples
-
     path = tmp_path / "_sap_stats.safetensors"
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
-    sap_correct(tiny_model("vit", num_labels=3), random_examples(12), random_examples(6, seed=2), config,
-                stats_path=path, show_progress=False)
+    sap_correct(
+        tiny_model("vit", num_labels=3),
+        random_examples(12),
+        random_examples(6, seed=2),
+        config,
+        stats_path=path,
+        show_progress=False,
+    )
     clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3), config)
     assert path.is_file()  # the same weights and options: reused
     clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3), SAPConfig(project_classifier=False))
@@ -166,15 +228,35 @@ def test_recipe_replaces_a_default_statistics_cache_of_other_options(tmp_path):
 
 
 def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):
-    from sap_hf.models import tiny_vit_config
     from transformers import ViTForImageClassification
 
+    from sap_hf.models import tiny_vit_config
+
     trained = tmp_path / "trained"
-    ViTForImageClassification(tiny_vit_config(image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32,
-                                              num_hidden_layers=2)).save_pretrained(trained)
+    ViTForImageClassification(
+        tiny_vit_config(
+            image_size=32, patch_size=8, num_channels=3, num_labels=14, hidden_size=32, num_hidden_layers=2
+        )
+    ).save_pretrained(trained)
     out = tmp_path / "corrected"
-    cli.main(["correct", "--model_name_or_path", str(trained), "--data_dir", str(tiny_clothing1m),
-              "--output_dir", str(out), "--trusted_per_class", "1", "--alphas", "1", "1000", "--batch_size", "16"])
+    cli.main(
+        [
+            "correct",
+            "--model_name_or_path",
+            str(trained),
+            "--data_dir",
+            str(tiny_clothing1m),
+            "--output_dir",
+            str(out),
+            "--trusted_per_class",
+            "1",
+            "--alphas",
+            "1",
+            "1000",
+            "--batch_size",
+            "16",
+        ]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert set(summary) == {"alpha", "kind_alphas", "eval_before", "eval_after", "test_before", "test_after"}
     # alpha_scope defaults to per_kind: every kind has its written alpha (None: unchanged)
@@ -202,7 +284,9 @@ def test_cli_correct_and_push(tiny_clothing1m, tmp_path, monkeypatch, capsys):
 def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
     line = user_error(capsys, cli.main, ["correct", "--data_dir", str(tiny_clothing1m), "--output_dir", str(tmp_path)])
     assert "--model_name_or_path is required" in line
-    line = user_error(capsys, cli.main, ["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--alphas", "0.5"])
+    line = user_error(
+        capsys, cli.main, ["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path), "--alphas", "0.5"]
+    )
     assert "alphas" in line
     line = user_error(capsys, cli.main, ["frobnicate"])
     assert "unknown command 'frobnicate'" in line and all(name in line for name in cli.COMMANDS)
@@ -211,18 +295,29 @@ def test_cli_rejects_bad_arguments(tiny_clothing1m, tmp_path, capsys):
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "usage: sap-hf" in out and all(f"  {name} " in out for name in cli.COMMANDS)
     with mock.patch.object(cli, "load_splits", side_effect=AssertionError("data was read")):
-        line = user_error(capsys, cli.main, ["correct", "--model_name_or_path", "x", "--output_dir", str(tmp_path / "o"),
-                                             "--stats_path", str(tmp_path)])
+        line = user_error(
+            capsys,
+            cli.main,
+            [
+                "correct",
+                "--model_name_or_path",
+                "x",
+                "--output_dir",
+                str(tmp_path / "o"),
+                "--stats_path",
+                str(tmp_path),
+            ],
+        )
     assert "stats_path=" in line and "is a directory" in line
 
 
 def test_yaml_configs_parse_and_cli_overrides(tmp_path):
     sys.path.insert(0, str(RECIPE.parent))
     import clothing1m
-    from sap_hf.cli.args import parse_with_config
-
     import yaml
     from transformers import HfArgumentParser
+
+    from sap_hf.cli.args import parse_with_config
 
     types = clothing1m.ARGUMENT_TYPES
     known = {action.dest for action in HfArgumentParser(types)._actions}

@@ -6,32 +6,44 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import assert_identical, random_examples, snapshot
 from transformers import TrainingArguments
 
 from sap_hf import SAPConfig, audit_labels
 from sap_hf.audit import cleanup as refine_module
+from sap_hf.audit.cleanup import BEST_MODES, RefineConfig, cleaned_labels, cleanup_plan, refine
 from sap_hf.audit.labels import LabelAudit
 from sap_hf.core.evaluation import accuracy_evaluator
+from sap_hf.data import augment
 from sap_hf.hub import load_sap_record
 from sap_hf.models import tiny_model
-from sap_hf.audit.cleanup import BEST_MODES, RefineConfig, cleaned_labels, cleanup_plan, refine
-from sap_hf.data import augment
-from sap_hf.trainer import SAPTrainer
-
-from helpers import random_examples, snapshot, assert_identical
 from sap_hf.runtime.passes import Runtime
+from sap_hf.trainer import SAPTrainer
 
 
 def _audit():
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.95, 0.05], [0.4, 0.6]], dtype=torch.float64)
     given = torch.tensor([0, 0, 1, 1])
-    return LabelAudit(indices=torch.tensor([3, 5, 7, 9]), given=given, probs=probs, scores=probs[torch.arange(4), given],
-                      suspected=torch.tensor([False, True, True, False]))
+    return LabelAudit(
+        indices=torch.tensor([3, 5, 7, 9]),
+        given=given,
+        probs=probs,
+        scores=probs[torch.arange(4), given],
+        suspected=torch.tensor([False, True, True, False]),
+    )
 
 
 def _args(tmp_path, batch_size=8, **extra):
-    return TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=batch_size, report_to=[],
-                             disable_tqdm=True, use_cpu=True, lr_scheduler_type="cosine", seed=0, **extra)
+    return TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=batch_size,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        lr_scheduler_type="cosine",
+        seed=0,
+        **extra,
+    )
 
 
 def test_cleaned_labels_remove_and_relabel():
@@ -48,7 +60,7 @@ def test_plans_of_the_modes_that_keep_every_image():
     assert soft.positions == [3, 5, 7, 9] and not soft.unlabelled.any()
     assert torch.allclose(soft.targets.sum(1), torch.ones(4))
     # example 7: given 1 with p=0.05, so its target is mostly the sharpened prediction (class 0)
-    sharp0 = 0.95 ** 2 / (0.95 ** 2 + 0.05 ** 2)
+    sharp0 = 0.95**2 / (0.95**2 + 0.05**2)
     assert soft.targets[2, 0].item() == pytest.approx(0.05 * 0 + 0.95 * sharp0, abs=1e-6)
     # example 3: given 0 with p=0.9: 0.9 x one-hot + 0.1 x sharpened
     assert soft.targets[0, 0].item() == pytest.approx(0.9 + 0.1 * 0.81 / 0.82, abs=1e-6)
@@ -59,11 +71,18 @@ def test_plans_of_the_modes_that_keep_every_image():
 
 
 def test_refine_config_validates():
-    for bad, match in (({"mode": "drop"}, "mode"), ({"mode": []}, "mode"), ({"mode": ["remove", "x"]}, "mode"),
-                       ({"learning_rates": [0.0]}, "learning_rates"), ({"epochs": [0]}, "epochs"),
-                       ({"relabel_threshold": 1.5}, "relabel_threshold"), ({"relabel_threshold": "high"}, "relabel_threshold"),
-                       ({"pseudo_threshold": 0}, "pseudo_threshold"), ({"temperature": 0}, "temperature"),
-                       ({"unlabelled_weight": -1}, "unlabelled_weight")):
+    for bad, match in (
+        ({"mode": "drop"}, "mode"),
+        ({"mode": []}, "mode"),
+        ({"mode": ["remove", "x"]}, "mode"),
+        ({"learning_rates": [0.0]}, "learning_rates"),
+        ({"epochs": [0]}, "epochs"),
+        ({"relabel_threshold": 1.5}, "relabel_threshold"),
+        ({"relabel_threshold": "high"}, "relabel_threshold"),
+        ({"pseudo_threshold": 0}, "pseudo_threshold"),
+        ({"temperature": 0}, "temperature"),
+        ({"unlabelled_weight": -1}, "unlabelled_weight"),
+    ):
         with pytest.raises(ValueError, match=match):
             RefineConfig(**bad)
     assert RefineConfig(epochs=[4, 1, 4]).epochs == [1, 4]
@@ -84,8 +103,11 @@ def test_augmentations_keep_shape_and_content():
     assert shifted.shape == pixels.shape
     # a whole-pixel shift: each image's interior equals the original's, moved by at most 2 pixels
     for image, moved in zip(pixels, shifted):
-        assert any(torch.equal(moved[:, 2:6, 2:6], image[:, 2 + dy:6 + dy, 2 + dx:6 + dx])
-                   for dy in range(-2, 3) for dx in range(-2, 3))
+        assert any(
+            torch.equal(moved[:, 2:6, 2:6], image[:, 2 + dy : 6 + dy, 2 + dx : 6 + dx])
+            for dy in range(-2, 3)
+            for dx in range(-2, 3)
+        )
     flipped = augment.random_flip(pixels, draws[:, 2])
     assert all(torch.equal(f, p) or torch.equal(f, p.flip(-1)) for f, p in zip(flipped, pixels))
     holes = augment.cutout(torch.ones(6, 1, 8, 8), draws[:, 3:5], 0.5)
@@ -98,7 +120,7 @@ def test_augmentations_keep_shape_and_content():
 def test_refine_picks_on_val_and_is_never_worse(tmp_path, mode):
     model = tiny_model("vit", num_labels=3, seed=0)
     train, val = random_examples(24, seed=1), random_examples(12, seed=2)
-    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
     evaluate = accuracy_evaluator(val, runtime=Runtime(batch_size=12))
     before = evaluate(model)["accuracy"]
     config = RefineConfig(mode=mode, learning_rates=[1e-3, 1e-2], epochs=[1, 2], pseudo_threshold=0.3)
@@ -117,7 +139,7 @@ def test_refine_picks_on_val_and_is_never_worse(tmp_path, mode):
 def test_refine_trains_only_on_kept_examples_with_their_targets(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
-    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
     seen = []
     original = refine_module.CleanupTrainer.compute_loss
 
@@ -126,18 +148,27 @@ def test_refine_trains_only_on_kept_examples_with_their_targets(tmp_path):
         return original(self, model, inputs, *args, **kwargs)
 
     with mock.patch.object(refine_module.CleanupTrainer, "compute_loss", spy):
-        refine(model, train, audit, lambda m: {'accuracy': 0.0}, RefineConfig(mode='remove', epochs=[1], learning_rates=[0.001]),
-               args=_args(tmp_path, batch_size=4), runtime=Runtime(show_progress=False))
+        refine(
+            model,
+            train,
+            audit,
+            lambda m: {"accuracy": 0.0},
+            RefineConfig(mode="remove", epochs=[1], learning_rates=[0.001]),
+            args=_args(tmp_path, batch_size=4),
+            runtime=Runtime(show_progress=False),
+        )
     targets = torch.cat([t for t, _ in seen])
     assert len(targets) == int((~audit.suspected).sum()) and not torch.cat([u for _, u in seen]).any()
     given = audit.given[~audit.suspected]
-    assert sorted(targets.argmax(1).tolist()) == sorted(given.tolist()) and torch.equal(targets.sum(1), torch.ones(len(targets)))
+    assert sorted(targets.argmax(1).tolist()) == sorted(given.tolist()) and torch.equal(
+        targets.sum(1), torch.ones(len(targets))
+    )
 
 
 def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
-    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
     before = snapshot(model)
     calls = []
 
@@ -148,28 +179,53 @@ def test_refine_restores_the_model_on_failure_and_rejects_an_empty_plan(tmp_path
         return {"accuracy": 0.5}
 
     with pytest.raises(KeyboardInterrupt):
-        refine(model, train, audit, evaluate, RefineConfig(epochs=[1, 2], learning_rates=[0.01]), args=_args(tmp_path),
-               runtime=Runtime(show_progress=False))
+        refine(
+            model,
+            train,
+            audit,
+            evaluate,
+            RefineConfig(epochs=[1, 2], learning_rates=[0.01]),
+            args=_args(tmp_path),
+            runtime=Runtime(show_progress=False),
+        )
     assert_identical(model, before)
-    everything = LabelAudit(indices=audit.indices, given=audit.given, probs=audit.probs, scores=audit.scores,
-                            suspected=torch.ones_like(audit.suspected))
+    everything = LabelAudit(
+        indices=audit.indices,
+        given=audit.given,
+        probs=audit.probs,
+        scores=audit.scores,
+        suspected=torch.ones_like(audit.suspected),
+    )
     with pytest.raises(ValueError, match="learning_rates=None"):
         refine(model, train, audit, evaluate, RefineConfig(), runtime=Runtime(show_progress=False))
     for mode in ("remove", "pseudo"):
         with pytest.raises(ValueError, match="leaves no labelled training example"):
-            refine(model, train, everything, evaluate, RefineConfig(mode=mode, learning_rates=[0.001]),
-                   runtime=Runtime(show_progress=False))
+            refine(
+                model,
+                train,
+                everything,
+                evaluate,
+                RefineConfig(mode=mode, learning_rates=[0.001]),
+                runtime=Runtime(show_progress=False),
+            )
     assert_identical(model, before)
 
 
 def test_refine_best_skips_relabel_when_it_equals_remove(tmp_path):
     model = tiny_model("vit", num_labels=3, seed=0)
     train, val = random_examples(12, seed=1), random_examples(6, seed=2)
-    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
     assert audit.num_suspected > 0
     config = RefineConfig(mode=["remove", "relabel"], learning_rates=[1e-3], epochs=[1], relabel_threshold=1.0)
-    result = refine(model, train, audit, accuracy_evaluator(val, runtime=Runtime(batch_size=6)), config,
-                    args=_args(tmp_path, batch_size=4), runtime=Runtime(show_progress=False))
+    result = refine(
+        model,
+        train,
+        audit,
+        accuracy_evaluator(val, runtime=Runtime(batch_size=6)),
+        config,
+        args=_args(tmp_path, batch_size=4),
+        runtime=Runtime(show_progress=False),
+    )
     assert [t["mode"] for t in result.trials] == ["remove"]
     assert result.examples["relabel"]["relabelled"] == 0
 
@@ -177,23 +233,44 @@ def test_refine_best_skips_relabel_when_it_equals_remove(tmp_path):
 def test_refine_rejects_a_missing_metric_and_a_foreign_audit_before_training():
     model = tiny_model("vit", num_labels=3, seed=0)
     train = random_examples(10, seed=1)
-    audit = audit_labels(model, train, filter_by='predicted_neq_given', runtime=Runtime(show_progress=False))
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
     before = snapshot(model)
     config = RefineConfig(mode="remove", epochs=[1], learning_rates=[1e-2])
     with mock.patch.object(refine_module.CleanupTrainer, "train", side_effect=AssertionError("trained")):
         with pytest.raises(ValueError, match="metric='f1' is not among the eval metrics"):
-            refine(model, train, audit, lambda m: {'accuracy': 0.5}, config, metric='f1', runtime=Runtime(show_progress=False))
+            refine(
+                model,
+                train,
+                audit,
+                lambda m: {"accuracy": 0.5},
+                config,
+                metric="f1",
+                runtime=Runtime(show_progress=False),
+            )
         with pytest.raises(ValueError, match="train_data has 6 examples"):
-            refine(model, train[:6], audit, lambda m: {'accuracy': 0.5}, config, runtime=Runtime(show_progress=False))
+            refine(model, train[:6], audit, lambda m: {"accuracy": 0.5}, config, runtime=Runtime(show_progress=False))
     assert_identical(model, before)
 
 
 def test_trainer_audit_refine_record_and_card(tmp_path):
     model = tiny_model("vit", num_labels=3)
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-                             num_train_epochs=1, report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=True)
-    trainer = SAPTrainer(model=model, args=args, train_dataset=random_examples(24, seed=1), eval_dataset=random_examples(12, seed=2),
-                         sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_train_epochs=1,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = SAPTrainer(
+        model=model,
+        args=args,
+        train_dataset=random_examples(24, seed=1),
+        eval_dataset=random_examples(12, seed=2),
+        sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8),
+    )
     trainer.correct()
     audit = trainer.audit_labels(filter_by="predicted_neq_given", top_k=4)
     folder = tmp_path / "out" / "_label_audit"
@@ -216,25 +293,53 @@ def test_refine_keeps_the_label_key_a_collator_reads(tmp_path):
     train = [{"pixel_values": e["pixel_values"], "label": e["labels"]} for e in random_examples(12, seed=1)]
 
     def collate(examples):
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-                "labels": torch.tensor([e["label"] for e in examples])}
+        return {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+            "labels": torch.tensor([e["label"] for e in examples]),
+        }
 
-    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(collate_fn=collate, show_progress=False))
-    result = refine(model, train, audit, lambda m: {"accuracy": 0.0}, RefineConfig(mode="pseudo", epochs=[1], learning_rates=[1e-3]),
-                    args=_args(tmp_path, batch_size=4), runtime=Runtime(collate_fn=collate, show_progress=False))
+    audit = audit_labels(
+        model, train, filter_by="predicted_neq_given", runtime=Runtime(collate_fn=collate, show_progress=False)
+    )
+    result = refine(
+        model,
+        train,
+        audit,
+        lambda m: {"accuracy": 0.0},
+        RefineConfig(mode="pseudo", epochs=[1], learning_rates=[1e-3]),
+        args=_args(tmp_path, batch_size=4),
+        runtime=Runtime(collate_fn=collate, show_progress=False),
+    )
     assert len(result.trials) == 1
 
 
 def test_run_arguments_keep_the_user_settings_but_no_evaluation_saving_or_reporting(tmp_path):
-    args = TrainingArguments(output_dir=str(tmp_path / "user"), per_device_train_batch_size=16, weight_decay=0.1,
-                             eval_strategy="epoch", eval_on_start=True, save_strategy="epoch", load_best_model_at_end=True,
-                             metric_for_best_model="accuracy", lr_scheduler_type="reduce_lr_on_plateau", report_to=[],
-                             dataloader_num_workers=2, use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "user"),
+        per_device_train_batch_size=16,
+        weight_decay=0.1,
+        eval_strategy="epoch",
+        eval_on_start=True,
+        save_strategy="epoch",
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        lr_scheduler_type="reduce_lr_on_plateau",
+        report_to=[],
+        dataloader_num_workers=2,
+        use_cpu=True,
+    )
     run = refine_module.run_arguments(args, str(tmp_path / "run"), 3e-4, 4, show_progress=False, stream=True)
-    assert (run.per_device_train_batch_size, run.weight_decay, run.learning_rate, run.num_train_epochs) == (16, 0.1, 3e-4, 4)
+    assert (run.per_device_train_batch_size, run.weight_decay, run.learning_rate, run.num_train_epochs) == (
+        16,
+        0.1,
+        3e-4,
+        4,
+    )
     assert str(run.eval_strategy.value) == "no" and not run.eval_on_start and not run.load_best_model_at_end
     assert str(run.save_strategy.value) == "no" and run.report_to == [] and run.output_dir == str(tmp_path / "run")
-    assert str(run.lr_scheduler_type.value) == "cosine"  # a plateau scheduler needs an eval metric the runs do not have
+    assert (
+        str(run.lr_scheduler_type.value) == "cosine"
+    )  # a plateau scheduler needs an eval metric the runs do not have
     assert run.dataloader_num_workers == 0  # a stream is numbered by position: one reader
     assert refine_module.run_arguments(args, str(tmp_path / "run"), 3e-4, 4, False).dataloader_num_workers == 2
 
@@ -250,5 +355,11 @@ def test_refine_explains_a_loader_over_a_stream(tmp_path):
     audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
     loader = torch.utils.data.DataLoader(Stream(), batch_size=4)
     with pytest.raises(ValueError, match="DataLoader over a stream"):
-        refine(model, loader, audit, lambda m: {"accuracy": 0.0}, RefineConfig(epochs=[1], learning_rates=[1e-3]),
-               runtime=Runtime(show_progress=False))
+        refine(
+            model,
+            loader,
+            audit,
+            lambda m: {"accuracy": 0.0},
+            RefineConfig(epochs=[1], learning_rates=[1e-3]),
+            runtime=Runtime(show_progress=False),
+        )

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import MapStyle, assert_identical, random_examples, snapshot
+
 from sap_hf import SAPConfig, select_trusted
 from sap_hf.core.selection import CURVATURE_DRAWS, CURVATURE_STEP, curvature_seed
 from sap_hf.models import tiny_model
 from sap_hf.runtime.passes import Runtime
+
 
 QUIET = Runtime(batch_size=7, show_progress=False)
 
@@ -29,7 +30,9 @@ def _direct_estimate(model, example, identity, seed=0):
     model.eval()
     for _ in range(CURVATURE_DRAWS):
         v = (torch.randint(0, 2, x.shape[1:], generator=generator, dtype=torch.int8) * 2 - 1).float() * CURVATURE_STEP
-        difference = F.cross_entropy(model(pixel_values=x + v).logits, label) - F.cross_entropy(model(pixel_values=x).logits, label)
+        difference = F.cross_entropy(model(pixel_values=x + v).logits, label) - F.cross_entropy(
+            model(pixel_values=x).logits, label
+        )
         (gradient,) = torch.autograd.grad(difference, x)
         total += gradient.flatten().norm().item()
     return total / CURVATURE_DRAWS
@@ -53,7 +56,9 @@ def test_curvature_is_the_same_on_a_list_a_map_style_dataset_and_a_shuffled_data
     model = tiny_model("vit", num_labels=3)
     data = random_examples(20, num_labels=3, seed=1)
     by_list = select_trusted(model, data, 3, rule="curvature", runtime=QUIET)
-    by_map = select_trusted(model, MapStyle(data), 3, rule="curvature", runtime=Runtime(batch_size=4, show_progress=False))
+    by_map = select_trusted(
+        model, MapStyle(data), 3, rule="curvature", runtime=Runtime(batch_size=4, show_progress=False)
+    )
     torch.manual_seed(0)
     loader = torch.utils.data.DataLoader(data, batch_size=5, shuffle=True)
     by_loader = select_trusted(model, loader, 3, rule="curvature", runtime=QUIET)

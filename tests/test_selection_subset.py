@@ -2,15 +2,13 @@
 
 import datasets
 import pytest
-import torch
+from helpers import MapStyle, random_examples
 
 from sap_hf import SAPConfig, sap_correct, select_trusted
 from sap_hf.core.selection import subset_keep
 from sap_hf.models import tiny_model
 from sap_hf.runtime.batching import HashSample
 from sap_hf.runtime.passes import Runtime
-
-from helpers import MapStyle, random_examples
 
 
 def _runtime(**kwargs):
@@ -55,8 +53,10 @@ def test_count_and_none_and_whole():
 
 
 def test_stream_subset_is_hashed_per_key_and_the_same_on_every_process():
-    rows = [{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"], "key": f"img/{i}.jpg"}
-            for i, e in enumerate(random_examples(60, seed=5))]
+    rows = [
+        {"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"], "key": f"img/{i}.jpg"}
+        for i, e in enumerate(random_examples(60, seed=5))
+    ]
     stream = datasets.Dataset.from_list(rows).with_format("torch").to_iterable_dataset(num_shards=2)
     keep = subset_keep(stream, 0.5, seed=3)
     assert isinstance(keep, HashSample)
@@ -80,6 +80,8 @@ def test_config_checks_and_sap_correct_uses_it():
     assert SAPConfig(selection_subset=14000).selection_subset == 14000.0
     train = MapStyle(random_examples(60, seed=1))
     config = SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, selection_subset=0.5, sampling_seed=2)
-    result = sap_correct(tiny_model("vit", num_labels=3), train, random_examples(12, seed=2), config, show_progress=False)
+    result = sap_correct(
+        tiny_model("vit", num_labels=3), train, random_examples(12, seed=2), config, show_progress=False
+    )
     assert set(result.trusted_indices) <= subset_keep(train, 0.5, seed=2)
     assert result.config["selection_subset"] == 0.5

@@ -5,6 +5,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from helpers import random_examples
 from transformers import TrainingArguments
 from transformers.utils.logging import warning_once
 
@@ -16,16 +17,23 @@ from sap_hf.runtime.batching import iter_shard_batches
 from sap_hf.runtime.passes import Runtime
 from sap_hf.trainer import SAPTrainer
 
-from helpers import random_examples
-
 
 def _trainer(tmp_path, eval_dataset=None, cls=SAPTrainer, **args):
     training_args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=5, num_train_epochs=1,
-        report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=True, **args,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=5,
+        num_train_epochs=1,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        use_cpu=True,
+        **args,
     )
     return cls(
-        model=tiny_model("vit", num_labels=3), args=training_args, train_dataset=random_examples(24, seed=1),
+        model=tiny_model("vit", num_labels=3),
+        args=training_args,
+        train_dataset=random_examples(24, seed=1),
         eval_dataset=eval_dataset if eval_dataset is not None else random_examples(13, seed=2),
         # one shared alpha: one logged evaluation per candidate (the per-kind trials are tested in test_trainer.py)
         sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, alpha_scope="shared"),
@@ -94,7 +102,9 @@ def test_preprocess_logits_and_prediction_loss_only_are_honoured(tmp_path):
     metrics = evaluate_fn(trainer.model)
     assert set(metrics) == {"top", "loss"} and seen[0].shape == (13,)
     trainer.preprocess_logits_for_metrics = lambda logits, labels: logits[:1]
-    with pytest.raises(ValueError, match="preprocess_logits_for_metrics returned a tensor of shape \\(1, 3\\) for a batch of 5"):
+    with pytest.raises(
+        ValueError, match="preprocess_logits_for_metrics returned a tensor of shape \\(1, 3\\) for a batch of 5"
+    ):
         evaluate_fn(trainer.model)
     trainer.args.prediction_loss_only = True
     assert set(evaluate_fn(trainer.model)) == {"loss"}
@@ -127,13 +137,21 @@ def test_what_needs_trainer_evaluate_keeps_it_and_says_why(tmp_path, caplog):
 def _stream(keys: bool, num_shards: int):
     import datasets
 
-    rows = [{"pixel_values": torch.full((3, 4, 4), float(i)).tolist(), "labels": i % 3, **({"key": f"k{i}"} if keys else {})}
-            for i in range(8)]
+    rows = [
+        {
+            "pixel_values": torch.full((3, 4, 4), float(i)).tolist(),
+            "labels": i % 3,
+            **({"key": f"k{i}"} if keys else {}),
+        }
+        for i in range(8)
+    ]
     return datasets.Dataset.from_list(rows).to_iterable_dataset(num_shards=num_shards)
 
 
 def _read(data, rank: int, world: int = 2) -> list:
-    return [i for ids, _ in iter_shard_batches(data, batch_size=3, process_index=rank, num_processes=world) for i in ids]
+    return [
+        i for ids, _ in iter_shard_batches(data, batch_size=3, process_index=rank, num_processes=world) for i in ids
+    ]
 
 
 def test_a_stream_read_whole_by_every_process_warns_once_on_the_main_process_naming_the_fix(caplog):
@@ -149,7 +167,9 @@ def test_a_stream_read_whole_by_every_process_warns_once_on_the_main_process_nam
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="sap_hf"):
         keyed = _stream(keys=True, num_shards=4)
-        assert len(_read(keyed, rank=0)) == 4 and sorted(_read(keyed, rank=0) + _read(keyed, rank=1)) == sorted(f"k{i}" for i in range(8))
+        assert len(_read(keyed, rank=0)) == 4 and sorted(_read(keyed, rank=0) + _read(keyed, rank=1)) == sorted(
+            f"k{i}" for i in range(8)
+        )
         _read(_stream(keys=False, num_shards=4), rank=0, world=1)  # one process: nothing to share
         _read(random_examples(6), rank=0)  # a list is in memory already
     assert not caplog.records

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+
 PACKAGE = Path(__file__).resolve().parents[1] / "sap_hf"
 DATA_MODULES = sorted((PACKAGE / "data").glob("*.py"))
 
@@ -35,7 +36,13 @@ def _annotations(tree: ast.AST):
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             arguments = node.args
-            for arg in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg]:
+            for arg in [
+                *arguments.posonlyargs,
+                *arguments.args,
+                *arguments.kwonlyargs,
+                arguments.vararg,
+                arguments.kwarg,
+            ]:
                 if arg is not None and arg.annotation is not None:
                     yield arg.annotation
             if node.returns is not None:
@@ -54,8 +61,13 @@ def test_data_modules_log_and_hint_like_the_rest_of_the_package(path):
     assert not [f for f in calls if isinstance(f, ast.Attribute) and f.attr in ("getLogger", "warn")]
     unions = [ast.unparse(a) for a in _annotations(tree) if any(isinstance(n, ast.BinOp) for n in ast.walk(a))]
     assert not unions, f"use Optional[...] / Union[...]: {unions}"
-    if "logger" in {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign) for t in node.targets
-                    if isinstance(t, ast.Name)}:
+    if "logger" in {
+        t.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        for t in node.targets
+        if isinstance(t, ast.Name)
+    }:
         assert "logger = logging.get_logger(__name__)" in path.read_text()
 
 
@@ -90,7 +102,10 @@ def test_one_key_column_one_ignore_index_one_logits_helper():
     import re
 
     sources = {path: path.read_text() for path in PACKAGE.rglob("*.py")}
-    for pattern, home in ((r"^KEY_COLUMN\s*=", "runtime/batching.py"), (r"^IGNORE_INDEX\s*=", "runtime/contract.py"),
-                          (r"^def (_?logits_of|_logits)\b", "runtime/modeling.py")):
+    for pattern, home in (
+        (r"^KEY_COLUMN\s*=", "runtime/batching.py"),
+        (r"^IGNORE_INDEX\s*=", "runtime/contract.py"),
+        (r"^def (_?logits_of|_logits)\b", "runtime/modeling.py"),
+    ):
         where = [str(p.relative_to(PACKAGE)) for p, s in sources.items() if re.search(pattern, s, re.M)]
         assert where == [home], (pattern, where)

@@ -6,6 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import random_examples
 from transformers import AutoModelForImageClassification, TrainingArguments
 
 from sap_hf import SAPConfig
@@ -13,18 +14,28 @@ from sap_hf.hub import SAP_RECORD_NAME, load_sap_record
 from sap_hf.models import tiny_model
 from sap_hf.trainer import SAPTrainer
 
-from helpers import random_examples
-
 
 def _trainer(tmp_path, sap_config=None, **args):
     model = tiny_model("vit", num_labels=3)
     training_args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        num_train_epochs=1, report_to=[], disable_tqdm=True, save_strategy="no", logging_steps=1, use_cpu=True, **args,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_train_epochs=1,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        **args,
     )
     return SAPTrainer(
-        model=model, args=training_args, train_dataset=random_examples(24, seed=1), eval_dataset=random_examples(12, seed=2),
-        sap_config=sap_config or SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8), base_model_name="tiny-vit",
+        model=model,
+        args=training_args,
+        train_dataset=random_examples(24, seed=1),
+        eval_dataset=random_examples(12, seed=2),
+        sap_config=sap_config or SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8),
+        base_model_name="tiny-vit",
     )
 
 
@@ -141,7 +152,9 @@ def test_save_model_with_push_to_hub_uploads_once_without_caches(tmp_path):
 def test_correct_and_refine_name_the_missing_dataset(tmp_path):
     trainer = _trainer(tmp_path)
     trainer.eval_dataset = None
-    with pytest.raises(ValueError, match=r"correct\(\) needs a clean labelled eval set to choose alpha: pass eval_dataset="):
+    with pytest.raises(
+        ValueError, match=r"correct\(\) needs a clean labelled eval set to choose alpha: pass eval_dataset="
+    ):
         trainer.correct()
     with pytest.raises(ValueError, match=r"refine\(\) needs a clean labelled eval set to choose lr and length"):
         trainer.refine()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MapStyle, random_examples
 from PIL import Image
 from transformers import TrainingArguments
 
@@ -16,8 +17,6 @@ from sap_hf.core.selection import select_from_scores
 from sap_hf.data import ImageTransform
 from sap_hf.models import tiny_model
 from sap_hf.trainer import SAPTrainer
-
-from helpers import MapStyle, random_examples
 
 
 def _image_split(n: int, seed: int) -> datasets.Dataset:
@@ -31,13 +30,25 @@ def _image_split(n: int, seed: int) -> datasets.Dataset:
 
 def _trainer(tmp_path, train, config=None, epochs=2, lr=5e-3, **args):
     training_args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, per_device_eval_batch_size=8,
-        num_train_epochs=epochs, learning_rate=lr, report_to=[], disable_tqdm=True, save_strategy="no", use_cpu=True,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_train_epochs=epochs,
+        learning_rate=lr,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        use_cpu=True,
         **args,
     )
     config = config or SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, trusted_source="training")
-    return SAPTrainer(model=tiny_model("vit", num_labels=3), args=training_args, train_dataset=train,
-                      eval_dataset=random_examples(12, seed=2), sap_config=config)
+    return SAPTrainer(
+        model=tiny_model("vit", num_labels=3),
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=random_examples(12, seed=2),
+        sap_config=config,
+    )
 
 
 def _losses(model, train):
@@ -107,11 +118,17 @@ def test_errors_name_the_fix(tmp_path):
     with pytest.raises(ValueError, match="selection_rule='shift_loss'.*trusted_source='pass'"):
         SAPConfig(trusted_source="training", selection_rule="shift_loss")
     with pytest.raises(ValueError, match="SAPTrainer.correct\\(\\), pass trusted_indices="):
-        sap_correct(tiny_model("vit", num_labels=3), random_examples(12), random_examples(6), SAPConfig(trusted_source="training"))
+        sap_correct(
+            tiny_model("vit", num_labels=3),
+            random_examples(12),
+            random_examples(6),
+            SAPConfig(trusted_source="training"),
+        )
     with pytest.raises(ValueError, match="call trainer.train\\(\\) first"):
         _trainer(tmp_path, MapStyle(random_examples(24, seed=1))).correct()
-    stream = datasets.Dataset.from_list([{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]}
-                                         for e in random_examples(12)]).to_iterable_dataset()
+    stream = datasets.Dataset.from_list(
+        [{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in random_examples(12)]
+    ).to_iterable_dataset()
     trainer = _trainer(tmp_path, stream, max_steps=2)
     with pytest.raises(ValueError, match="map-style train_dataset"):
         trainer.train()
@@ -122,8 +139,18 @@ def test_errors_name_the_fix(tmp_path):
 
 
 def test_merge_averages_a_position_two_processes_saw():
-    first = {"positions": np.array([0, 1]), "total": np.array([2.0, 4.0]), "count": np.array([1, 2]), "labels": np.array([0, 1])}
-    second = {"positions": np.array([1, 2]), "total": np.array([6.0, 1.0]), "count": np.array([2, 1]), "labels": np.array([1, 0])}
+    first = {
+        "positions": np.array([0, 1]),
+        "total": np.array([2.0, 4.0]),
+        "count": np.array([1, 2]),
+        "labels": np.array([0, 1]),
+    }
+    second = {
+        "positions": np.array([1, 2]),
+        "total": np.array([6.0, 1.0]),
+        "count": np.array([2, 1]),
+        "labels": np.array([1, 0]),
+    }
     positions, mean, labels = merge_losses([first, second])
     assert positions == [0, 1, 2] and mean.tolist() == [2.0, 2.5, 1.0] and labels.tolist() == [0, 1, 0]
 

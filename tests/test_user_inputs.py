@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -40,15 +38,18 @@ def test_image_transform_decodes_like_datasets_exif_orientation(tmp_path):
 # --- 1. the statistics cache is matched on its options, not on the weights alone -----------------------------
 
 
-@pytest.mark.parametrize("change", [
-    {"target_modules": ["q_proj", "k_proj", "v_proj"]},
-    {"exclude_modules": ["fc2"]},
-    {"project_classifier": False},
-    {"max_tokens_per_sample": 2},
-    {"accumulation_dtype": "float64"},
-    {"trusted_per_class": 1},
-    {"selection_rule": "loss"},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"target_modules": ["q_proj", "k_proj", "v_proj"]},
+        {"exclude_modules": ["fc2"]},
+        {"project_classifier": False},
+        {"max_tokens_per_sample": 2},
+        {"accumulation_dtype": "float64"},
+        {"trusted_per_class": 1},
+        {"selection_rule": "loss"},
+    ],
+)
 def test_stats_path_with_other_options_is_refused_before_any_weight_changes(tmp_path, change):
     from helpers import assert_identical, random_examples, snapshot
 
@@ -58,16 +59,18 @@ def test_stats_path_with_other_options_is_refused_before_any_weight_changes(tmp_
     stats_path = tmp_path / "stats.safetensors"
     train, evals = random_examples(12), random_examples(6, seed=2)
     base = dict(alphas=[10.0], trusted_per_class=2)
-    sap_correct(tiny_model("vit", num_labels=3), train, evals, SAPConfig(**base), stats_path=stats_path,
-                show_progress=False)
+    sap_correct(
+        tiny_model("vit", num_labels=3), train, evals, SAPConfig(**base), stats_path=stats_path, show_progress=False
+    )
     model = tiny_model("vit", num_labels=3)  # the same weights the statistics were collected on
     before = snapshot(model)
     name = next(iter(change))
     with pytest.raises(ValueError, match=rf"stats_path=.*{name}=.*this run has {name}=.*Delete"):
         sap_correct(model, train, evals, SAPConfig(**{**base, **change}), stats_path=stats_path, show_progress=False)
     assert_identical(model, before)
-    again = sap_correct(model, train, evals, SAPConfig(**base),
-                        stats_path=stats_path, show_progress=False)  # the same options: reused
+    again = sap_correct(
+        model, train, evals, SAPConfig(**base), stats_path=stats_path, show_progress=False
+    )  # the same options: reused
     assert again.num_trusted == 6
 
 
@@ -80,15 +83,36 @@ def test_stats_path_with_other_trusted_indices_is_refused(tmp_path):
     stats_path = tmp_path / "stats.safetensors"
     train, evals = random_examples(12), random_examples(6, seed=2)
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
-    first = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, trusted_indices=[0, 1, 2],
-                        stats_path=stats_path, show_progress=False)
+    first = sap_correct(
+        tiny_model("vit", num_labels=3),
+        train,
+        evals,
+        config,
+        trusted_indices=[0, 1, 2],
+        stats_path=stats_path,
+        show_progress=False,
+    )
     with pytest.raises(ValueError, match=r"stats_path=.*trusted_indices"):
-        sap_correct(tiny_model("vit", num_labels=3), train, evals, config, trusted_indices=[3, 4, 5],
-                    stats_path=stats_path, show_progress=False)
+        sap_correct(
+            tiny_model("vit", num_labels=3),
+            train,
+            evals,
+            config,
+            trusted_indices=[3, 4, 5],
+            stats_path=stats_path,
+            show_progress=False,
+        )
     with pytest.raises(ValueError, match=r"stats_path=.*given trusted_indices.*selects"):
         sap_correct(tiny_model("vit", num_labels=3), train, evals, config, stats_path=stats_path, show_progress=False)
-    again = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, trusted_indices=first.trusted_indices,
-                        stats_path=stats_path, show_progress=False)
+    again = sap_correct(
+        tiny_model("vit", num_labels=3),
+        train,
+        evals,
+        config,
+        trusted_indices=first.trusted_indices,
+        stats_path=stats_path,
+        show_progress=False,
+    )
     assert again.trusted_indices == [0, 1, 2]
 
 
@@ -104,8 +128,10 @@ def _named_image_folder(tmp_path, names=("cat", "dog", "fox")):
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(names))})
     rng = np.random.default_rng(0)
     for split, n in (("train", 12), ("validation", 6), ("test", 6)):
-        rows = {"image": [Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)) for _ in range(n)],
-                "label": [i % len(names) for i in range(n)]}
+        rows = {
+            "image": [Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)) for _ in range(n)],
+            "label": [i % len(names) for i in range(n)],
+        }
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(folder / f"{split}.parquet"))
     return folder
 
@@ -116,8 +142,15 @@ def _classifier_folder(tmp_path, id2label, name="model"):
     from sap_hf.models import tiny_vit_config
 
     path = tmp_path / name
-    config = tiny_vit_config(image_size=6, patch_size=3, num_channels=3, num_labels=len(id2label), hidden_size=16,
-                             num_hidden_layers=1, id2label=dict(enumerate(id2label)))
+    config = tiny_vit_config(
+        image_size=6,
+        patch_size=3,
+        num_channels=3,
+        num_labels=len(id2label),
+        hidden_size=16,
+        num_hidden_layers=1,
+        id2label=dict(enumerate(id2label)),
+    )
     ViTForImageClassification(config).save_pretrained(path)
     return path
 
@@ -146,25 +179,41 @@ def test_cli_refuses_a_model_whose_class_names_are_not_the_data_s(tmp_path, caps
 
     folder = _named_image_folder(tmp_path)
     model_path = _classifier_folder(tmp_path, ["cat", "dog", "cow"])
-    line = user_error(capsys, commands.main, ["correct", "--model_name_or_path", str(model_path), "--dataset_name",
-                                              str(folder), "--output_dir", str(tmp_path / "out"), "--streaming",
-                                              "false"], alone=False)
+    line = user_error(
+        capsys,
+        commands.main,
+        [
+            "correct",
+            "--model_name_or_path",
+            str(model_path),
+            "--dataset_name",
+            str(folder),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--streaming",
+            "false",
+        ],
+        alone=False,
+    )
     assert "--model_name_or_path" in line and "'cow'" in line and "'fox'" in line
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv, field, expected", [
-    (["--selection_rule", "None"], "selection_rule", "shift_loss"),  # help: "None (default)"
-    (["--max_tokens_per_sample", "None"], "max_tokens_per_sample", None),
-    (["--selection_subset", "None"], "selection_subset", None),
-    (["--training_loss_epochs", "None"], "training_loss_epochs", None),
-    (["--test_split", "None"], "test_split", None),  # help: "(None: no test)"
-    (["--train_size", "None"], "train_size", None),  # help: "(None: all)"
-    (["--target_modules", ".*(q_proj|v_proj)"], "target_modules", ".*(q_proj|v_proj)"),  # README: a regex string
-    (["--target_modules", "[]"], "target_modules", []),  # help: "[] with it projects the head alone"
-    (["--target_modules", "all-linear"], "target_modules", "all-linear"),
-    (["--target_modules", "q_proj", "mlp.fc1"], "target_modules", ["q_proj", "mlp.fc1"]),
-])
+@pytest.mark.parametrize(
+    "argv, field, expected",
+    [
+        (["--selection_rule", "None"], "selection_rule", "shift_loss"),  # help: "None (default)"
+        (["--max_tokens_per_sample", "None"], "max_tokens_per_sample", None),
+        (["--selection_subset", "None"], "selection_subset", None),
+        (["--training_loss_epochs", "None"], "training_loss_epochs", None),
+        (["--test_split", "None"], "test_split", None),  # help: "(None: no test)"
+        (["--train_size", "None"], "train_size", None),  # help: "(None: all)"
+        (["--target_modules", ".*(q_proj|v_proj)"], "target_modules", ".*(q_proj|v_proj)"),  # README: a regex string
+        (["--target_modules", "[]"], "target_modules", []),  # help: "[] with it projects the head alone"
+        (["--target_modules", "all-linear"], "target_modules", "all-linear"),
+        (["--target_modules", "q_proj", "mlp.fc1"], "target_modules", ["q_proj", "mlp.fc1"]),
+    ],
+)
 def test_documented_option_values_are_taken_on_the_command_line(tmp_path, argv, field, expected):
     from sap_hf.cli.args import parse_with_config
     from sap_hf.cli.commands import CorrectArguments
@@ -197,8 +246,9 @@ class _ConvNet(torch.nn.Module):
         from transformers import PretrainedConfig
 
         self.config = PretrainedConfig(num_labels=num_labels)
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
-                                            torch.nn.Flatten())
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+        )
         self.classifier = torch.nn.Linear(4, num_labels)
 
     def forward(self, pixel_values, labels=None):
@@ -215,8 +265,13 @@ def test_a_model_without_backbone_linears_is_refused_unless_the_head_alone_is_as
     model = _ConvNet()
     before = snapshot(model)
     with pytest.raises(ValueError, match=r"no nn.Linear layer besides its classification head.*target_modules=\[\]"):
-        sap_correct(model, random_examples(12), random_examples(6, seed=2),
-                    SAPConfig(alphas=[10.0], trusted_per_class=2), show_progress=False)
+        sap_correct(
+            model,
+            random_examples(12),
+            random_examples(6, seed=2),
+            SAPConfig(alphas=[10.0], trusted_per_class=2),
+            show_progress=False,
+        )
     assert_identical(model, before)
     sap_project(model, random_examples(6), alpha=10.0, config=SAPConfig(target_modules=[]))  # asked for: allowed
 
@@ -255,20 +310,33 @@ def test_a_head_that_disagrees_with_id2label_is_named():
 
 
 def _recording_trainer(tmp_path, train, **args):
+    from helpers import random_examples
     from transformers import TrainingArguments
 
     from sap_hf import SAPConfig
     from sap_hf.models import tiny_model
     from sap_hf.trainer import SAPTrainer
 
-    from helpers import random_examples
-
-    defaults = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=2,
-                    learning_rate=0.0, report_to=[], disable_tqdm=True, use_cpu=True, save_strategy="epoch", seed=0)
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        num_train_epochs=2,
+        learning_rate=0.0,
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        save_strategy="epoch",
+        seed=0,
+    )
     training_args = TrainingArguments(**{**defaults, **args})
     config = SAPConfig(alphas=[10.0], trusted_per_class=2, batch_size=8, trusted_source="training")
-    return SAPTrainer(model=tiny_model("vit", num_labels=3), args=training_args, train_dataset=train,
-                      eval_dataset=random_examples(6, seed=2), sap_config=config)
+    return SAPTrainer(
+        model=tiny_model("vit", num_labels=3),
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=random_examples(6, seed=2),
+        sap_config=config,
+    )
 
 
 def test_resumed_training_keeps_the_recorded_losses(tmp_path, caplog):
@@ -335,19 +403,22 @@ def test_accuracy_metrics_takes_class_ids_from_preprocess_logits_for_metrics():
 
 
 def test_sap_trainer_with_preprocess_logits_for_metrics_evaluates_alphas(tmp_path):
+    from helpers import random_examples
     from transformers import TrainingArguments
 
     from sap_hf import SAPConfig
     from sap_hf.models import tiny_model
     from sap_hf.trainer import SAPTrainer
 
-    from helpers import random_examples
-
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=4)
-    trainer = SAPTrainer(model=tiny_model("vit", num_labels=3), args=args, train_dataset=random_examples(12),
-                         eval_dataset=random_examples(6, seed=2),
-                         sap_config=SAPConfig(alphas=[10.0], trusted_per_class=2),
-                         preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
+    trainer = SAPTrainer(
+        model=tiny_model("vit", num_labels=3),
+        args=args,
+        train_dataset=random_examples(12),
+        eval_dataset=random_examples(6, seed=2),
+        sap_config=SAPConfig(alphas=[10.0], trusted_per_class=2),
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+    )
     result = trainer.correct()
     assert 0.0 <= result.baseline_metrics["accuracy"] <= 1.0
 
@@ -377,8 +448,13 @@ def test_a_selection_subset_that_misses_a_class_is_named():
     from sap_hf.runtime.passes import Runtime
 
     with pytest.raises(ValueError, match=r"selection_subset=2 \(a count of examples\).*larger selection_subset"):
-        select_trusted(tiny_model("vit", num_labels=3), MapStyle(random_examples(12, seed=1)), 2,
-                       runtime=Runtime(show_progress=False), subset=2)
+        select_trusted(
+            tiny_model("vit", num_labels=3),
+            MapStyle(random_examples(12, seed=1)),
+            2,
+            runtime=Runtime(show_progress=False),
+            subset=2,
+        )
 
 
 # --- 8. examples that the default collator would fail on ------------------------------------------------------
@@ -392,14 +468,23 @@ def _unequal_sizes():
     return examples
 
 
-@pytest.mark.parametrize("make, pattern", [
-    (lambda: [(e["pixel_values"], e["labels"]) for e in __import__("helpers").random_examples(6)],
-     r"train_data: sample 0 is a tuple, not a dict.*collate_fn="),
-    (lambda: [{"image": Image.new("RGB", (8, 8)), "label": i % 3} for i in range(6)],
-     r"train_data: the examples hold images in column 'image' but no 'pixel_values'.*prepare_image_dataset"),
-    (_unequal_sizes,
-     r"train_data: samples 0 and 3 have pixel_values of shapes \(3, 16, 16\) and \(3, 20, 20\).*resize"),
-])
+@pytest.mark.parametrize(
+    "make, pattern",
+    [
+        (
+            lambda: [(e["pixel_values"], e["labels"]) for e in __import__("helpers").random_examples(6)],
+            r"train_data: sample 0 is a tuple, not a dict.*collate_fn=",
+        ),
+        (
+            lambda: [{"image": Image.new("RGB", (8, 8)), "label": i % 3} for i in range(6)],
+            r"train_data: the examples hold images in column 'image' but no 'pixel_values'.*prepare_image_dataset",
+        ),
+        (
+            _unequal_sizes,
+            r"train_data: samples 0 and 3 have pixel_values of shapes \(3, 16, 16\) and \(3, 20, 20\).*resize",
+        ),
+    ],
+)
 def test_examples_the_collator_cannot_batch_are_explained_before_any_weight_changes(make, pattern):
     from helpers import assert_identical, random_examples, snapshot
 
@@ -409,8 +494,13 @@ def test_examples_the_collator_cannot_batch_are_explained_before_any_weight_chan
     model = tiny_model("vit", num_labels=3)
     before = snapshot(model)
     with pytest.raises(ValueError, match=pattern):
-        sap_correct(model, make(), random_examples(6, seed=2), SAPConfig(alphas=[10.0], trusted_per_class=1),
-                    show_progress=False)
+        sap_correct(
+            model,
+            make(),
+            random_examples(6, seed=2),
+            SAPConfig(alphas=[10.0], trusted_per_class=1),
+            show_progress=False,
+        )
     assert_identical(model, before)
 
 
@@ -435,7 +525,13 @@ def test_a_list_of_keyed_examples_takes_back_its_trusted_identities():
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
     first = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, show_progress=False)
     assert all(isinstance(identity, str) for identity in first.trusted_indices)
-    again = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, trusted_indices=first.trusted_indices,
-                        show_progress=False)
+    again = sap_correct(
+        tiny_model("vit", num_labels=3),
+        train,
+        evals,
+        config,
+        trusted_indices=first.trusted_indices,
+        show_progress=False,
+    )
     assert again.trusted_indices == first.trusted_indices
     assert again.final_metrics == first.final_metrics

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from ..runtime.contract import LoaderData, as_pass_data, is_map_style
 from ..runtime.modeling import logits_of
 from ..runtime.passes import Runtime, resolve_runtime
 from .labels import LabelAudit
+
 
 logger = logging.get_logger(__name__)
 
@@ -92,38 +94,59 @@ class RefineConfig:
     )
     epochs: list[int] = field(
         default_factory=lambda: [1, 2, 3, 4, 6, 8],
-        metadata={"help": "Epochs after which the eval set is measured; the largest is the run length (the schedule "
-                          "spans it). Epoch 0 (no change) is a candidate."},
+        metadata={
+            "help": "Epochs after which the eval set is measured; the largest is the run length (the schedule "
+            "spans it). Epoch 0 (no change) is a candidate."
+        },
     )
     relabel_threshold: float = field(
         default=0.9,
-        metadata={"help": "mode='relabel': relabel a suspect when the corrected model gives its class at least this probability."},
+        metadata={
+            "help": "mode='relabel': relabel a suspect when the corrected model gives its class at least this probability."
+        },
     )
     temperature: float = field(
         default=0.5,
-        metadata={"help": "mode='soft': sharpening temperature of the corrected model's probabilities (DivideMix: 0.5)."},
+        metadata={
+            "help": "mode='soft': sharpening temperature of the corrected model's probabilities (DivideMix: 0.5)."
+        },
     )
     pseudo_threshold: float = field(
         default=0.95,
-        metadata={"help": "mode='pseudo': an unlabelled image trains only when the weak view's top probability is at least "
-                          "this (FixMatch: 0.95)."},
+        metadata={
+            "help": "mode='pseudo': an unlabelled image trains only when the weak view's top probability is at least "
+            "this (FixMatch: 0.95)."
+        },
     )
     unlabelled_weight: float = field(
-        default=1.0, metadata={"help": "mode='pseudo': weight of the unlabelled images' loss beside the labelled ones'."}
+        default=1.0,
+        metadata={"help": "mode='pseudo': weight of the unlabelled images' loss beside the labelled ones'."},
     )
     augment: bool = field(
         default=True,
-        metadata={"help": "Train on a weakly augmented view (flip, shift by 1/8 of the side) of every image, in every "
-                          "mode ('pseudo' always augments its unlabelled images)."},
+        metadata={
+            "help": "Train on a weakly augmented view (flip, shift by 1/8 of the side) of every image, in every "
+            "mode ('pseudo' always augments its unlabelled images)."
+        },
     )
 
     def __post_init__(self) -> None:
         self.mode = _check_modes(self.mode)
         if self.learning_rates is not None:
-            rates = [self.learning_rates] if np.ndim(self.learning_rates) == 0 else list(np.asarray(self.learning_rates).tolist())
+            rates = (
+                [self.learning_rates]
+                if np.ndim(self.learning_rates) == 0
+                else list(np.asarray(self.learning_rates).tolist())
+            )
             if not rates:
-                raise invalid("RefineConfig.learning_rates", self.learning_rates, "give positive finite numbers, e.g. [1e-4, 3e-4].")
-            self.learning_rates = [positive_float("RefineConfig.learning_rates", lr, "e.g. [1e-4, 3e-4].") for lr in rates]
+                raise invalid(
+                    "RefineConfig.learning_rates",
+                    self.learning_rates,
+                    "give positive finite numbers, e.g. [1e-4, 3e-4].",
+                )
+            self.learning_rates = [
+                positive_float("RefineConfig.learning_rates", lr, "e.g. [1e-4, 3e-4].") for lr in rates
+            ]
         epochs = [self.epochs] if np.ndim(self.epochs) == 0 else list(self.epochs)
         if not epochs:
             raise invalid("RefineConfig.epochs", self.epochs, "give positive integers, e.g. [1, 2, 4, 8].")
@@ -141,7 +164,11 @@ class RefineConfig:
     @property
     def modes(self) -> list[str]:
         """The modes tried, in order."""
-        return list(BEST_MODES) if self.mode == "best" else ([self.mode] if isinstance(self.mode, str) else list(self.mode))
+        return (
+            list(BEST_MODES)
+            if self.mode == "best"
+            else ([self.mode] if isinstance(self.mode, str) else list(self.mode))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -152,7 +179,9 @@ def _check_modes(mode: Any) -> Union[str, list[str]]:
         return check_choice("RefineConfig.mode", mode, REFINE_MODES)
     modes = list(mode) if isinstance(mode, (list, tuple)) else None
     if not modes:
-        raise invalid("RefineConfig.mode", mode, f"use one of {list(REFINE_MODES)} or a non-empty list of {list(MODES)}.")
+        raise invalid(
+            "RefineConfig.mode", mode, f"use one of {list(REFINE_MODES)} or a non-empty list of {list(MODES)}."
+        )
     return list(dict.fromkeys(check_choice("RefineConfig.mode", m, MODES) for m in modes))
 
 
@@ -206,8 +235,12 @@ class CleanupPlan:
     def counts(self, audit: LabelAudit) -> dict[str, int]:
         given = dict(zip(audit.indices.tolist(), audit.given.tolist()))
         labels = self.hard_labels()
-        return {"kept": len(labels), "removed": len(audit) - len(self), "unlabelled": int(self.unlabelled.sum()),
-                "relabelled": sum(1 for p, y in labels.items() if given[p] != y)}
+        return {
+            "kept": len(labels),
+            "removed": len(audit) - len(self),
+            "unlabelled": int(self.unlabelled.sum()),
+            "relabelled": sum(1 for p, y in labels.items() if given[p] != y),
+        }
 
 
 def sharpen(probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -239,8 +272,9 @@ def cleanup_plan(audit: LabelAudit, mode: str, config: Optional[RefineConfig] = 
         keep = torch.ones_like(keep)
     order = torch.argsort(audit.indices)  # positions ascending: the data's order
     chosen = order[keep[order]]
-    return CleanupPlan(positions=audit.indices[chosen].tolist(), targets=targets[chosen].float(),
-                       unlabelled=unlabelled[chosen])
+    return CleanupPlan(
+        positions=audit.indices[chosen].tolist(), targets=targets[chosen].float(), unlabelled=unlabelled[chosen]
+    )
 
 
 def cleaned_labels(audit: LabelAudit, mode: str, relabel_threshold: float = 0.9) -> dict[int, int]:
@@ -283,8 +317,10 @@ class PlanExamples(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         positions = [self.plan.positions[i] for i in indices]
         examples = fetch_examples(self.data, positions)
-        return [_with_target(e, p, self.plan.targets[i], bool(self.plan.unlabelled[i]))
-                for e, p, i in zip(examples, positions, indices)]
+        return [
+            _with_target(e, p, self.plan.targets[i], bool(self.plan.unlabelled[i]))
+            for e, p, i in zip(examples, positions, indices)
+        ]
 
 
 class PlanStream(torch.utils.data.IterableDataset):
@@ -334,12 +370,15 @@ class CleanupTrainer(Trainer):
     def __init__(self, *args: Any, refine_config: RefineConfig, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.refine_config = refine_config
-        self.model_accepts_loss_kwargs = False  # our loss is normalised here; Trainer only divides by accumulation steps
+        self.model_accepts_loss_kwargs = (
+            False  # our loss is normalised here; Trainer only divides by accumulation steps
+        )
         self.loss_is_scaled_for_ga = False
         self.passes = 0  # examples forwarded and backpropagated by this process (the cost)
 
-    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         config = self.refine_config
         targets = inputs.pop(TARGET_COLUMN).float()
         unlabelled = inputs.pop(UNLABELLED_COLUMN).bool()
@@ -348,7 +387,9 @@ class CleanupTrainer(Trainer):
         salt = (self.args.seed * 1_000_003 + self.state.global_step) * 2  # per step; an image's draws are its own
         views = [weak_view(pixels, hashed_uniform(positions, salt, WEAK_DRAWS)) if config.augment else pixels]
         if unlabelled.any():
-            views.append(strong_view(pixels[unlabelled], hashed_uniform(positions[unlabelled], salt + 1, STRONG_DRAWS)))
+            views.append(
+                strong_view(pixels[unlabelled], hashed_uniform(positions[unlabelled], salt + 1, STRONG_DRAWS))
+            )
         logits = logits_of(model(pixel_values=torch.cat(views))).float()
         count = pixels.shape[0]
         self.passes += count + int(unlabelled.sum())
@@ -379,19 +420,32 @@ class _Checkpoints(TrainerCallback):
             self.on_epoch(epoch)
 
 
-def run_arguments(args: Optional[TrainingArguments], output_dir: str, learning_rate: float, epochs: int,
-                  show_progress: bool, stream: bool = False) -> TrainingArguments:
+def run_arguments(
+    args: Optional[TrainingArguments],
+    output_dir: str,
+    learning_rate: float,
+    epochs: int,
+    show_progress: bool,
+    stream: bool = False,
+) -> TrainingArguments:
     """The user's `TrainingArguments` for one clean-up run: its lr and length; Trainer saves, evaluates, reports nothing.
 
     (`refine` evaluates and reports the trials itself; `SAPTrainer.refine` logs them through its own `log`.)
     A scheduler that needs an eval metric becomes cosine; a stream is read by the main loader process only
     (`PlanStream` numbers the examples by their position, which DataLoader workers would each restart).
     """
-    configured = bool(PartialState._shared_state)  # keep the caller's process group (a new TrainingArguments resets it)
+    configured = bool(
+        PartialState._shared_state
+    )  # keep the caller's process group (a new TrainingArguments resets it)
     if args is None:
         args = TrainingArguments(
-            output_dir=output_dir, per_device_train_batch_size=64, lr_scheduler_type="cosine", weight_decay=0.0,
-            report_to=[], use_cpu=not torch.cuda.is_available(), disable_tqdm=not show_progress,
+            output_dir=output_dir,
+            per_device_train_batch_size=64,
+            lr_scheduler_type="cosine",
+            weight_decay=0.0,
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not show_progress,
             accelerator_config={"use_configured_state": configured},
         )
     accelerator_config = args.accelerator_config
@@ -399,15 +453,29 @@ def run_arguments(args: Optional[TrainingArguments], output_dir: str, learning_r
         accelerator_config = dataclasses.replace(accelerator_config, use_configured_state=True)
     scheduler = args.lr_scheduler_type
     if str(getattr(scheduler, "value", scheduler)) in ("reduce_lr_on_plateau", "greedy"):
-        logger.info("SAP refine: lr_scheduler_type=%s needs an eval metric during training; the clean-up runs use "
-                    "cosine.", getattr(scheduler, "value", scheduler))
+        logger.info(
+            "SAP refine: lr_scheduler_type=%s needs an eval metric during training; the clean-up runs use cosine.",
+            getattr(scheduler, "value", scheduler),
+        )
         scheduler = "cosine"
     workers = 0 if stream else args.dataloader_num_workers
     return dataclasses.replace(
-        args, output_dir=output_dir, learning_rate=learning_rate, num_train_epochs=epochs, max_steps=-1,
-        eval_strategy="no", eval_on_start=False, save_strategy="no", load_best_model_at_end=False, push_to_hub=False,
-        remove_unused_columns=False, logging_strategy="no", report_to=[], lr_scheduler_type=scheduler,
-        dataloader_num_workers=workers, accelerator_config=accelerator_config,
+        args,
+        output_dir=output_dir,
+        learning_rate=learning_rate,
+        num_train_epochs=epochs,
+        max_steps=-1,
+        eval_strategy="no",
+        eval_on_start=False,
+        save_strategy="no",
+        load_best_model_at_end=False,
+        push_to_hub=False,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        report_to=[],
+        lr_scheduler_type=scheduler,
+        dataloader_num_workers=workers,
+        accelerator_config=accelerator_config,
         **({"dataloader_persistent_workers": False, "dataloader_prefetch_factor": None} if workers == 0 else {}),
     )
 
@@ -462,13 +530,16 @@ def refine(
                 def checkpoint(epoch: int, mode: str = mode, lr: float = lr) -> None:
                     metrics = dict(evaluate_fn(base))
                     trials.append({"mode": mode, "learning_rate": lr, "epochs": epoch, "metrics": metrics})
-                    logger.info("SAP refine: mode=%s lr=%g epochs=%d -> %s=%.4f", mode, lr, epoch, metric, metrics[metric])
+                    logger.info(
+                        "SAP refine: mode=%s lr=%g epochs=%d -> %s=%.4f", mode, lr, epoch, metric, metrics[metric]
+                    )
                     best.offer(metrics, base, mode=mode, learning_rate=lr, epochs=epoch)
 
                 trainer = CleanupTrainer(
                     model=base,
-                    args=run_arguments(args, scratch, lr, max(config.epochs), runtime.show_progress,
-                                       stream=not _indexable(data)),
+                    args=run_arguments(
+                        args, scratch, lr, max(config.epochs), runtime.show_progress, stream=not _indexable(data)
+                    ),
                     train_dataset=(PlanExamples if _indexable(data) else PlanStream)(data, plans[mode]),
                     data_collator=PlanCollator(collate),
                     callbacks=[_Checkpoints(config.epochs, checkpoint)],
@@ -485,8 +556,15 @@ def refine(
     base.eval()
     if best.state is None:
         logger.warning("SAP refine: no fine-tune beat the corrected model on the eval set; the model is unchanged.")
-    return RefineResult(baseline_metrics=baseline, final_metrics=best.metrics, examples=examples, trials=trials,
-                        config=config.to_dict(), cost_epochs=passes / max(1, len(audit)), **best.choice)
+    return RefineResult(
+        baseline_metrics=baseline,
+        final_metrics=best.metrics,
+        examples=examples,
+        trials=trials,
+        config=config.to_dict(),
+        cost_epochs=passes / max(1, len(audit)),
+        **best.choice,
+    )
 
 
 def _indexable(data: Any) -> bool:
@@ -508,7 +586,9 @@ class _Best:
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[dict[str, CleanupPlan], dict[str, dict[str, int]]]:
+def _plans(
+    audit: LabelAudit, train_data: Any, config: RefineConfig
+) -> tuple[dict[str, CleanupPlan], dict[str, dict[str, int]]]:
     """Per mode, what it trains on and what it kept, removed, relabelled, left unlabelled; raises on bad input."""
     if config.learning_rates is None:
         raise ValueError(
@@ -522,7 +602,13 @@ def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[di
             "train_data is a DataLoader over a stream: refine trains on examples and batches them itself; pass the "
             "loader's dataset (train_data=loader.dataset) and its collate_fn as Runtime(collate_fn=...)."
         )
-    size = len(train_data.dataset) if isinstance(train_data, LoaderData) else len(train_data) if _indexable(train_data) else None
+    size = (
+        len(train_data.dataset)
+        if isinstance(train_data, LoaderData)
+        else len(train_data)
+        if _indexable(train_data)
+        else None
+    )
     if size is not None and int(audit.indices.max()) >= size:
         raise ValueError(
             f"The audit covers example index {int(audit.indices.max())} but train_data has {size} examples: "
@@ -544,7 +630,9 @@ def _plans(audit: LabelAudit, train_data: Any, config: RefineConfig) -> tuple[di
         examples[mode] = plan.counts(audit)
     if "relabel" in plans and "remove" in plans and plans["relabel"].hard_labels() == plans["remove"].hard_labels():
         # No suspect reaches relabel_threshold: 'relabel' would repeat every 'remove' run exactly.
-        logger.info("SAP refine: no suspected label reaches relabel_threshold=%g; 'relabel' equals 'remove', trying it once.",
-                    config.relabel_threshold)
+        logger.info(
+            "SAP refine: no suspected label reaches relabel_threshold=%g; 'relabel' equals 'remove', trying it once.",
+            config.relabel_threshold,
+        )
         del plans["relabel"]
     return plans, examples

@@ -18,9 +18,9 @@ The CSV / JSON / PNG writers are in `sap_hf.audit.report`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from ..runtime.checks import check_choice
 from ..runtime.passes import DataPass, PassBatch, Runtime, resolve_runtime
 from . import scores
 from .scores import FILTERS, SCORE_METHODS, flag_label_issues, label_quality_scores
+
 
 logger = logging.get_logger(__name__)
 
@@ -273,7 +274,9 @@ def _batch_keys(batch: PassBatch) -> Optional[list[Any]]:
     return keys.tolist() if isinstance(keys, torch.Tensor) else list(keys)
 
 
-def _merge_shards(shards: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[Any]]]:
+def _merge_shards(
+    shards: list[dict[str, Any]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[list[Any]]]:
     """Every process's share, in data order: (indices, given, probs, keys or None)."""
     all_indices = torch.cat([s["indices"] for s in shards])
     if all_indices.numel() == 0:

@@ -22,10 +22,11 @@ from typing import Any, Optional, Union
 import torch
 from transformers.utils import logging
 
-from .labels import LabelAudit
 from ..runtime.batching import Collator, iter_shard_batches
 from ..runtime.contract import as_pass_data
 from ..runtime.io import atomic_write
+from .labels import LabelAudit
+
 
 logger = logging.get_logger(__name__)
 

@@ -15,12 +15,22 @@ import torch
 
 from ..runtime.checks import check_choice
 
+
 SCORE_METHODS: tuple[str, ...] = ("self_confidence", "normalized_margin")
 """Label-quality scores: the probability of the given label, or cleanlab's normalized margin
 `(p_given - max_{k != given} p_k + 1) / 2`; both lie in [0, 1], lower = more likely mislabelled."""
-FILTERS: tuple[str, ...] = ("auto", "prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
+FILTERS: tuple[str, ...] = (
+    "auto",
+    "prune_by_noise_rate",
+    "prune_by_class",
+    "both",
+    "confident_learning",
+    "predicted_neq_given",
+)
 """How `suspected` is decided. Every value but 'predicted_neq_given' needs cleanlab; 'auto' is
 cleanlab's default ('prune_by_noise_rate') when cleanlab is installed, 'predicted_neq_given' otherwise."""
+
+
 def cleanlab_available() -> bool:
     try:
         import cleanlab  # noqa: F401

@@ -5,4 +5,5 @@ The commands live in `sap_hf.cli.commands`; `main` (re-exported here) is the `sa
 
 from .commands import main
 
+
 __all__ = ["main"]

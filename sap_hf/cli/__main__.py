@@ -1,3 +1,4 @@
 from .commands import main
 
+
 main()

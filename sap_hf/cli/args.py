@@ -12,8 +12,9 @@ import argparse
 import dataclasses
 import sys
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional
 
 import yaml
 from transformers import HfArgumentParser
@@ -40,6 +41,7 @@ NONE_WORDS = ("None",)
 
 def _none_or(convert: Any) -> Any:
     """`convert`, except that `None` (the documented value of an Optional option: `--test_split None`) is None."""
+
     def parse(text: str) -> Any:
         return None if text in NONE_WORDS else convert(text)
 
@@ -105,7 +107,9 @@ def parse_with_config(
     parser.add_argument("--config", default=None, help="YAML file with defaults for any of the arguments below.")
     if config_path is not None:
         if not config_path.is_file():
-            raise FileNotFoundError(f"--config {str(config_path)!r} does not exist; pass a YAML file of argument defaults.")
+            raise FileNotFoundError(
+                f"--config {str(config_path)!r} does not exist; pass a YAML file of argument defaults."
+            )
         try:
             values = yaml.safe_load(config_path.read_text()) or {}
         except yaml.YAMLError as err:  # a user's typo, reported in one line like the other user errors

@@ -8,13 +8,15 @@ whole data pass.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from .errors import one_line
+
 
 HUB_ID_EXAMPLE = "google/vit-base-patch16-224"
 CLOTHING1M_LAYOUT = "images/, *_key_list.txt, *_label_kv.txt"

@@ -19,28 +19,37 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from transformers import AutoModelForImageClassification
 from transformers.utils import logging
 
+from .. import __version__
 from ..api import sap_correct
-from ..core.cache import check_stats_path
-from ..runtime.passes import Runtime
 from ..audit.labels import FILTERS, SCORE_METHODS, VIEWS, audit_labels
 from ..audit.report import write_audit_report
-from .. import __version__
+from ..core.cache import check_stats_path
+from ..core.config import SAPConfig
+from ..core.evaluation import evaluate_accuracy
+from ..data import undecoded_images
+from ..hub import push_folder, sap_record, staged_save, write_sap_files
+from ..runtime.passes import Runtime
 from .args import ArgumentParser, parse_with_config
 from .checks import check_paths, hub_model_errors
 from .errors import pop_debug_flag, report_user_errors
-from ..core.config import SAPConfig
-from ..core.evaluation import evaluate_accuracy
-from ..hub import push_folder, sap_record, staged_save, write_sap_files
-from ..data import undecoded_images
-from .sources import (DataArguments, align_labels, image_transforms, load_processor, load_splits, prepare,
-                      saved_image_processor)
+from .sources import (
+    DataArguments,
+    align_labels,
+    image_transforms,
+    load_processor,
+    load_splits,
+    prepare,
+    saved_image_processor,
+)
+
 
 logger = logging.get_logger(__name__)
 
@@ -59,22 +68,33 @@ class CorrectArguments(DataArguments):
     model_name_or_path: Optional[str] = field(
         default=None, metadata={"help": "Trained image classifier to correct: a Hub id or a local path (required)."}
     )
-    output_dir: Optional[str] = field(default=None, metadata={"help": "Where the corrected model is saved (required)."})
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Where the corrected model is saved (required)."}
+    )
     stats_path: Optional[str] = field(
         default=None, metadata={"help": "Statistics cache: reused when it exists (no data pass), written otherwise."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Push the corrected model to the Hub."})
-    hub_model_id: Optional[str] = field(default=None, metadata={"help": "Hub repo id to push to (needed with --push_to_hub)."})
+    hub_model_id: Optional[str] = field(
+        default=None, metadata={"help": "Hub repo id to push to (needed with --push_to_hub)."}
+    )
     hub_token: Optional[str] = field(default=None, metadata={"help": "Hub token (default: the logged-in token)."})
     hub_private_repo: Optional[bool] = field(default=None, metadata={"help": "Create the Hub repo as private."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self, model_name_or_path="the trained model (Hub id or local path) to correct",
-                 output_dir="where to save the corrected model")
+        _require(
+            self,
+            model_name_or_path="the trained model (Hub id or local path) to correct",
+            output_dir="where to save the corrected model",
+        )
         # Here, before the next dataclasses are parsed: a wrong path is the only line printed.
-        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir,
-                    cifar10n_labels=self.cifar10n_labels)
+        check_paths(
+            model_name_or_path=self.model_name_or_path,
+            data_dir=self.data_dir,
+            output_dir=self.output_dir,
+            cifar10n_labels=self.cifar10n_labels,
+        )
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. user/vit-sap).")
 
@@ -112,9 +132,13 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     model.to(accelerator.device)
     _, transform = image_transforms(model, processor, augment=False, seed=0)
     # Raw rows, decoded by the collator: each image is decoded once per pass, by the one process that reads it.
-    train, validation, test = (None if s is None else undecoded_images(s) for s in (splits.train, splits.validation, splits.test))
+    train, validation, test = (
+        None if s is None else undecoded_images(s) for s in (splits.train, splits.validation, splits.test)
+    )
     evaluate = lambda: evaluate_accuracy(  # noqa: E731
-        model, test, runtime=Runtime(accelerator=accelerator, collate_fn=transform.collate, batch_size=config.batch_size)
+        model,
+        test,
+        runtime=Runtime(accelerator=accelerator, collate_fn=transform.collate, batch_size=config.batch_size),
     )
     test_before = evaluate() if test is not None else {}
     result = sap_correct(
@@ -135,8 +159,14 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
             write_sap_files(stage, record, args.hub_model_id or Path(args.output_dir).name)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        summary = {"alpha": result.alpha, "kind_alphas": result.kind_alphas, "eval_before": result.baseline_metrics,
-                   "eval_after": result.final_metrics, "test_before": test_before, "test_after": test_after}
+        summary = {
+            "alpha": result.alpha,
+            "kind_alphas": result.kind_alphas,
+            "eval_before": result.baseline_metrics,
+            "eval_after": result.final_metrics,
+            "test_before": test_before,
+            "test_after": test_after,
+        }
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")  # the command's result, for scripts
         if args.push_to_hub:
             push_folder(args.output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo)
@@ -160,7 +190,13 @@ def push(argv: Optional[Sequence[str]] = None) -> None:
     (args,) = ArgumentParser(PushArguments, prog="sap-hf push").parse_strict(argv)
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
-        reason = "it does not exist" if not folder.exists() else "it is a file" if not folder.is_dir() else "it has no config.json"
+        reason = (
+            "it does not exist"
+            if not folder.exists()
+            else "it is a file"
+            if not folder.is_dir()
+            else "it has no config.json"
+        )
         raise FileNotFoundError(
             f"FOLDER {args.folder!r} holds no saved model ({reason}); pass a folder written by `sap-hf correct` or "
             "SAPTrainer.save_model()."
@@ -173,26 +209,49 @@ class AuditArguments(DataArguments):
     """Arguments of `sap-hf audit`: which model judges which labels, and where the report goes."""
 
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "The (SAP-corrected) image classifier whose view of the labels is reported (required)."}
+        default=None,
+        metadata={"help": "The (SAP-corrected) image classifier whose view of the labels is reported (required)."},
     )
     output_dir: Optional[str] = field(
-        default=None, metadata={"help": "Where label_audit.csv, label_audit_summary.json and label_audit_top.png go (required)."}
+        default=None,
+        metadata={"help": "Where label_audit.csv, label_audit_summary.json and label_audit_top.png go (required)."},
     )
-    split: str = field(default="train", metadata={"help": "Which split's labels to audit: 'train', 'validation' or 'test'."})
-    method: str = field(default="self_confidence", metadata={"help": f"Label-quality score: one of {list(SCORE_METHODS)}."})
+    split: str = field(
+        default="train", metadata={"help": "Which split's labels to audit: 'train', 'validation' or 'test'."}
+    )
+    method: str = field(
+        default="self_confidence", metadata={"help": f"Label-quality score: one of {list(SCORE_METHODS)}."}
+    )
     filter_by: str = field(
-        default="auto", metadata={"help": f"How 'suspected' is decided: one of {list(FILTERS)} (all but 'predicted_neq_given' need cleanlab)."}
+        default="auto",
+        metadata={
+            "help": f"How 'suspected' is decided: one of {list(FILTERS)} (all but 'predicted_neq_given' need cleanlab)."
+        },
     )
-    views: str = field(default="shift", metadata={"help": f"Probabilities of the image alone or averaged over it and 4 one-pixel shifts (default: it ranks wrong labels better, see benchmarks/README.md): {list(VIEWS)}."})
-    top_k: int = field(default=32, metadata={"help": "Suspected images shown in label_audit_top.png (0: no image grid)."})
+    views: str = field(
+        default="shift",
+        metadata={
+            "help": f"Probabilities of the image alone or averaged over it and 4 one-pixel shifts (default: it ranks wrong labels better, see benchmarks/README.md): {list(VIEWS)}."
+        },
+    )
+    top_k: int = field(
+        default=32, metadata={"help": "Suspected images shown in label_audit_top.png (0: no image grid)."}
+    )
     batch_size: int = field(default=64, metadata={"help": "Batch size of the audit pass (per process)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self, model_name_or_path="the (SAP-corrected) model whose view of the labels to report",
-                 output_dir="where to write the label audit")
-        check_paths(model_name_or_path=self.model_name_or_path, data_dir=self.data_dir, output_dir=self.output_dir,
-                    cifar10n_labels=self.cifar10n_labels)
+        _require(
+            self,
+            model_name_or_path="the (SAP-corrected) model whose view of the labels to report",
+            output_dir="where to write the label audit",
+        )
+        check_paths(
+            model_name_or_path=self.model_name_or_path,
+            data_dir=self.data_dir,
+            output_dir=self.output_dir,
+            cifar10n_labels=self.cifar10n_labels,
+        )
         if self.split not in ("train", "validation", "test"):
             raise ValueError(f"--split {self.split!r} is invalid: choose 'train', 'validation' or 'test'.")
         for name, allowed in (("method", SCORE_METHODS), ("filter_by", FILTERS), ("views", VIEWS)):
@@ -219,13 +278,23 @@ def audit(argv: Optional[Sequence[str]] = None) -> dict:
     transform.keep_columns = (*transform.keep_columns, "key")  # Clothing1M's image path names each row of the CSV
     data = prepare(data, transform)
     result = audit_labels(
-        model, data, method=args.method, filter_by=args.filter_by, views=args.views, class_names=splits.class_names,
+        model,
+        data,
+        method=args.method,
+        filter_by=args.filter_by,
+        views=args.views,
+        class_names=splits.class_names,
         runtime=Runtime(accelerator=accelerator, batch_size=args.batch_size),
     )
     summary = result.summary()
     if accelerator.is_main_process:
-        written = write_audit_report(result, args.output_dir, data, top_k=args.top_k,
-                                     extra={"model": args.model_name_or_path, "dataset": splits.name, "split": args.split})
+        written = write_audit_report(
+            result,
+            args.output_dir,
+            data,
+            top_k=args.top_k,
+            extra={"model": args.model_name_or_path, "dataset": splits.name, "split": args.split},
+        )
         short = {k: summary[k] for k in ("examples", "suspected", "suspected_fraction", "scorer", "filter_by")}
         short["files"] = {k: str(v) for k, v in written.items()}
         short["top_pairs"] = dict(list(summary["suspected_pairs"].items())[:5])
@@ -246,8 +315,10 @@ COMMAND_HELP = {
 def _usage() -> str:
     """The command listing: argparse knows one command's arguments, not which commands exist."""
     listing = "".join(f"  {name:<8} {text}\n" for name, text in COMMAND_HELP.items())
-    return (f"usage: sap-hf {{{','.join(COMMANDS)}}} [--help] [--debug] ...\n       sap-hf --version\n{listing}"
-            "  --debug  show the traceback of an error instead of its one-line message\n")
+    return (
+        f"usage: sap-hf {{{','.join(COMMANDS)}}} [--help] [--debug] ...\n       sap-hf --version\n{listing}"
+        "  --debug  show the traceback of an error instead of its one-line message\n"
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -264,8 +335,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     if argv[0] not in COMMANDS:
         what = "option" if argv[0].startswith("-") else "command"
-        sys.stderr.write(f"sap-hf: error: unknown {what} {argv[0]!r}; choose a command: {', '.join(COMMANDS)} "
-                         "(`sap-hf --help` describes them).\n")
+        sys.stderr.write(
+            f"sap-hf: error: unknown {what} {argv[0]!r}; choose a command: {', '.join(COMMANDS)} "
+            "(`sap-hf --help` describes them).\n"
+        )
         raise SystemExit(2)
     with report_user_errors(f"sap-hf {argv[0]}", debug=debug):
         COMMANDS[argv[0]](argv[1:])

@@ -10,10 +10,11 @@ whoever debugs it. `--debug` shows the traceback of user errors too.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 from .args import UsageError
+
 
 #: Exceptions that report the user's mistake (their messages say what to change), printed as one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError)

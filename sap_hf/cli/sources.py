@@ -30,10 +30,12 @@ from ..data import (
     noisy_fashion_mnist,
     prepare_image_dataset,
 )
-from ..models import tiny_vit_config
-from ..data.cifar10n import CIFAR10N_LABEL_SETS, HUB_REPO_ID as CIFAR10_HUB_ID
+from ..data.cifar10n import CIFAR10N_LABEL_SETS
+from ..data.cifar10n import HUB_REPO_ID as CIFAR10_HUB_ID
 from ..data.noise import NOISE_TYPES
+from ..models import tiny_vit_config
 from .checks import hub_model_errors
+
 
 logger = logging.get_logger(__name__)
 
@@ -75,15 +77,21 @@ class DataArguments:
     image_column: str = field(default="image", metadata={"help": "Image column of `dataset_name`."})
     label_column: str = field(default="label", metadata={"help": "Label column of `dataset_name`."})
     train_split: str = field(default="train", metadata={"help": "Noisy training split of `dataset_name`."})
-    validation_split: str = field(default="validation", metadata={"help": "Clean validation split of `dataset_name` (picks alpha)."})
-    test_split: Optional[str] = field(default="test", metadata={"help": "Clean test split of `dataset_name` (None: no test)."})
+    validation_split: str = field(
+        default="validation", metadata={"help": "Clean validation split of `dataset_name` (picks alpha)."}
+    )
+    test_split: Optional[str] = field(
+        default="test", metadata={"help": "Clean test split of `dataset_name` (None: no test)."}
+    )
     streaming: bool = field(
         default=True,
         metadata={"help": "Stream Clothing1M / `dataset_name` instead of loading it (not CIFAR-10N: loaded)."},
     )
     fashion_mnist_dir: Optional[str] = field(
         default=None,
-        metadata={"help": "Fashion-MNIST idx files for the embedded default (else Debian's dataset-fashion-mnist, else the Hub)."},
+        metadata={
+            "help": "Fashion-MNIST idx files for the embedded default (else Debian's dataset-fashion-mnist, else the Hub)."
+        },
     )
     noise_type: str = field(
         default="symmetric",
@@ -128,12 +136,16 @@ class ModelArguments:
 
     model_name_or_path: Optional[str] = field(
         default=None,
-        metadata={"help": "Hub id or local path of an image classifier (e.g. google/vit-base-patch16-224-in21k); None builds a tiny ViT."},
+        metadata={
+            "help": "Hub id or local path of an image classifier (e.g. google/vit-base-patch16-224-in21k); None builds a tiny ViT."
+        },
     )
     tiny_hidden_size: int = field(default=64, metadata={"help": "Tiny ViT (no model_name_or_path): hidden size."})
     tiny_num_layers: int = field(default=4, metadata={"help": "Tiny ViT: number of layers."})
     tiny_patch_size: int = field(default=7, metadata={"help": "Tiny ViT: patch size (must divide the image size)."})
-    tiny_image_size: Optional[int] = field(default=None, metadata={"help": "Tiny ViT: image side (default: 28 for Fashion-MNIST, 32 otherwise)."})
+    tiny_image_size: Optional[int] = field(
+        default=None, metadata={"help": "Tiny ViT: image side (default: 28 for Fashion-MNIST, 32 otherwise)."}
+    )
 
 
 @dataclass
@@ -227,28 +239,34 @@ def align_labels(splits: Splits, model: nn.Module, model_name_or_path: str) -> S
     logger.warning(
         "The model %s orders the classes differently from the data (class %r is id %d in the data, %d in the model): "
         "the data's labels are remapped to the model's ids.",
-        model_name_or_path, *next((n, i, t) for i, (n, t) in enumerate(zip(data_names, table)) if i != t),
+        model_name_or_path,
+        *next((n, i, t) for i, (n, t) in enumerate(zip(data_names, table)) if i != t),
     )
 
     def remap(split: Any) -> Any:
         if split is None:
             return None
         features = getattr(split, "features", None)
-        columns = [column for column, feature in (features or {}).items()
-                   if isinstance(feature, datasets.ClassLabel) and list(feature.names) == data_names] or ["label"]
+        columns = [
+            column
+            for column, feature in (features or {}).items()
+            if isinstance(feature, datasets.ClassLabel) and list(feature.names) == data_names
+        ] or ["label"]
         if features is not None:
             features = features.copy()
             for column in columns:
                 features[column] = datasets.ClassLabel(names=names)
 
         def to_model_ids(*values: Any) -> dict[str, Any]:
-            return {column: value if value is None or value < 0 else table[value]
-                    for column, value in zip(columns, values)}
+            return {
+                column: value if value is None or value < 0 else table[value] for column, value in zip(columns, values)
+            }
 
         return split.map(to_model_ids, input_columns=columns, features=features)
 
-    return Splits(remap(splits.train), remap(splits.validation), remap(splits.test), names, splits.num_channels,
-                  splits.name)
+    return Splits(
+        remap(splits.train), remap(splits.validation), remap(splits.test), names, splits.num_channels, splits.name
+    )
 
 
 def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optional[Any]]:
@@ -263,7 +281,10 @@ def load_model(args: ModelArguments, splits: Splits) -> tuple[nn.Module, Optiona
             logger.warning(
                 "%s is a %r pretraining checkpoint, not a classifier: its encoder is loaded into %s with a newly "
                 "initialised %d-class head (and the pretraining-only weights are dropped); fine-tune before SAP.",
-                args.model_name_or_path, model_type, classifier.__name__, len(id2label),
+                args.model_name_or_path,
+                model_type,
+                classifier.__name__,
+                len(id2label),
             )
             model = classifier.from_pretrained(args.model_name_or_path, **head)
         else:
@@ -295,7 +316,9 @@ def load_processor(model_name_or_path: str) -> Optional[Any]:
         return None
 
 
-def image_transforms(model: nn.Module, processor: Optional[Any], augment: bool, seed: int) -> tuple[ImageTransform, ImageTransform]:
+def image_transforms(
+    model: nn.Module, processor: Optional[Any], augment: bool, seed: int
+) -> tuple[ImageTransform, ImageTransform]:
     """(train, eval) transforms that turn `image` columns into the model's `pixel_values`."""
     if processor is not None:
         return ImageTransform(processor, augment=augment, seed=seed), ImageTransform(processor)

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers.utils import logging
 
+
 logger = logging.get_logger(__name__)
 
 # Dotted-name segments that only adapter modules have (LoRA matrices, the wrapped layer, the
@@ -123,7 +124,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     except Exception as err:  # NotImplementedError, ValueError (peft's own checks), AttributeError, ...
         several = (
             f" It has several active adapters {active}: activate one (model.set_adapter(name)) or combine them "
-            "(add_weighted_adapter) first." if len(active) > 1 else ""
+            "(add_weighted_adapter) first."
+            if len(active) > 1
+            else ""
         )
         raise ValueError(
             f"model is a PEFT model ({what}) whose adapters cannot be merged "
@@ -147,7 +150,11 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         "SAP: merged the PEFT adapter(s) %s of %s into the weights (W + s·B·A%s)%s. The plain %s returned "
         "(sap_project's return value, SAPResult.model, SAPTrainer.model) is the corrected model: save it whole "
         "(save_pretrained), since saving the PEFT wrapper would write only adapters and lose the correction.",
-        active or "(default)", what, head_note, dropped, type(merged).__name__,
+        active or "(default)",
+        what,
+        head_note,
+        dropped,
+        type(merged).__name__,
     )
     return merged
 
@@ -175,7 +182,8 @@ def merge_trainer_adapters(trainer: Any) -> None:
     trainer.model_wrapped = merged
     logger.warning(
         "SAPTrainer.correct(): trainer.model is now the merged %s (adapters merged); save_model() writes the whole "
-        "corrected model.", type(merged).__name__,
+        "corrected model.",
+        type(merged).__name__,
     )
 
 
@@ -224,15 +232,25 @@ def _merge_in_place(model: nn.Module) -> nn.Module:
         except AttributeError:  # under a module already replaced
             continue
         if hasattr(target, "unload_and_optionally_merge_module"):  # modules_to_save / trainable tokens
-            setattr(parent, child_name, target.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None))
+            setattr(
+                parent,
+                child_name,
+                target.unload_and_optionally_merge_module(merge=True, safe_merge=True, adapter_names=None),
+            )
         elif _is_tuner_layer(target):
             target.merge(safe_merge=True)
             setattr(parent, child_name, target.get_base_layer())
-        elif isinstance(getattr(target, "modules_to_save", None), nn.ModuleDict) and hasattr(target, "original_module"):
+        elif isinstance(getattr(target, "modules_to_save", None), nn.ModuleDict) and hasattr(
+            target, "original_module"
+        ):
             # peft < 0.15 ModulesToSaveWrapper: the active adapter's trained copy is what forward uses
             active = getattr(target, "active_adapter", None)
             copies = target.modules_to_save
-            setattr(parent, child_name, copies[active] if isinstance(active, str) and active in copies else target.original_module)
+            setattr(
+                parent,
+                child_name,
+                copies[active] if isinstance(active, str) and active in copies else target.original_module,
+            )
     return model
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from ..runtime.passes import Runtime
 from .stats import STATS_FORMAT, ActivationStats
@@ -25,11 +26,22 @@ def cached_statistics(stats_path: Optional[Union[str, Path]], runtime: Runtime) 
     return _load_stats(stats_path)
 
 
-TARGET_OPTIONS = ("target_modules", "exclude_modules", "project_classifier", "max_tokens_per_sample",
-                  "accumulation_dtype")
+TARGET_OPTIONS = (
+    "target_modules",
+    "exclude_modules",
+    "project_classifier",
+    "max_tokens_per_sample",
+    "accumulation_dtype",
+)
 """The `SAPConfig` fields that decide which layers the statistics cover and how they are accumulated."""
-SELECTION_OPTIONS = ("trusted_source", "selection_rule", "trusted_per_class", "selection_subset",
-                     "training_loss_epochs", "sampling_seed")
+SELECTION_OPTIONS = (
+    "trusted_source",
+    "selection_rule",
+    "trusted_per_class",
+    "selection_subset",
+    "training_loss_epochs",
+    "sampling_seed",
+)
 """The `SAPConfig` fields that decide which trusted samples a selection picks (not used with given trusted_indices)."""
 OPTIONS_KEY = "options"
 GIVEN_KEY = "trusted_indices_given"
@@ -44,9 +56,13 @@ def statistics_options(config: Any, trusted_given: bool) -> dict[str, Any]:
     return {name: json.loads(json.dumps(getattr(config, name))) for name in names}
 
 
-def check_statistics_options(stats: ActivationStats, config: Any, stats_path: Union[str, Path],
-                             trusted_indices: Optional[Sequence[Any]] = None,
-                             trusted_given: Optional[bool] = None) -> None:
+def check_statistics_options(
+    stats: ActivationStats,
+    config: Any,
+    stats_path: Union[str, Path],
+    trusted_indices: Optional[Sequence[Any]] = None,
+    trusted_given: Optional[bool] = None,
+) -> None:
     """Raise a ValueError naming `stats_path`, the option and both values when the cached statistics were collected
     with other targeting, accumulation or trusted-selection options than this run's, or on other `trusted_indices`.
 
@@ -59,8 +75,10 @@ def check_statistics_options(stats: ActivationStats, config: Any, stats_path: Un
         return
     given = trusted_indices is not None if trusted_given is None else trusted_given
     cached_given = bool(stats.meta.get(GIVEN_KEY, False))
-    fix = (f"Delete {str(stats_path)!r} to collect the statistics anew with this run's options, pass another "
-           "stats_path, or rerun with the options the file was made with")
+    fix = (
+        f"Delete {str(stats_path)!r} to collect the statistics anew with this run's options, pass another "
+        "stats_path, or rerun with the options the file was made with"
+    )
     if given != cached_given:
         made, now = ("given trusted_indices", "selects its own") if cached_given else ("a trusted selection", "gives")
         raise ValueError(

@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Optional
 
 from transformers.utils import logging
 
 from ..runtime.checks import check_choice, finite_float, integer, invalid, is_bool, plain_scalar, positive_int
 from .projection import validate_alpha
+
 
 logger = logging.get_logger(__name__)
 
@@ -205,7 +207,12 @@ class SAPConfig:
         default=32,
         metadata={"help": "Batch size for the statistics, selection and evaluation passes over datasets."},
     )
-    sampling_seed: int = field(default=0, metadata={"help": "Seed of the token sub-sampling (max_tokens_per_sample), of the curvature rule's random draws and of selection_subset's draw."})
+    sampling_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the token sub-sampling (max_tokens_per_sample), of the curvature rule's random draws and of selection_subset's draw."
+        },
+    )
 
     def __post_init__(self) -> None:
         self.target_modules = self._normalise_patterns("target_modules", self.target_modules)
@@ -227,15 +234,25 @@ class SAPConfig:
             )
         self.alpha_growth = finite_float("SAPConfig.alpha_growth", self.alpha_growth)
         if self.alpha_growth < 1:
-            raise invalid("SAPConfig.alpha_growth", self.alpha_growth, "use a finite number >= 1 (1 keeps alpha fixed across rounds).")
+            raise invalid(
+                "SAPConfig.alpha_growth",
+                self.alpha_growth,
+                "use a finite number >= 1 (1 keeps alpha fixed across rounds).",
+            )
         tolerance = finite_float("SAPConfig.alpha_search_tolerance", self.alpha_search_tolerance)
         if tolerance < 0:
-            raise invalid("SAPConfig.alpha_search_tolerance", tolerance, "use a finite number >= 0 (in the metric's units, e.g. 0.0025).")
+            raise invalid(
+                "SAPConfig.alpha_search_tolerance",
+                tolerance,
+                "use a finite number >= 0 (in the metric's units, e.g. 0.0025).",
+            )
         self.alpha_search_tolerance = tolerance
         self.project_classifier = _flag("project_classifier", self.project_classifier)
         self.alpha_scope = check_choice("SAPConfig.alpha_scope", self.alpha_scope, ALPHA_SCOPES)
         self.alpha_search = check_choice("SAPConfig.alpha_search", self.alpha_search, ALPHA_SEARCHES)
-        self.accumulation_dtype = check_choice("SAPConfig.accumulation_dtype", self.accumulation_dtype, ACCUMULATION_DTYPES)
+        self.accumulation_dtype = check_choice(
+            "SAPConfig.accumulation_dtype", self.accumulation_dtype, ACCUMULATION_DTYPES
+        )
         if self.selection_rule is None:
             self.selection_rule = "loss" if self.trusted_source == "training" else "shift_loss"
         self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, SELECTION_RULES)
@@ -268,13 +285,15 @@ class SAPConfig:
             if len(values) == 1 and (values[0] == "all-linear" or _REGEX_ONLY.search(values[0])):
                 return [] if values[0] == "[]" else values[0]
             return values
-        raise invalid(f"SAPConfig.{name}", value, "use a regex string, a list of non-empty module-name suffixes, or None.")
+        raise invalid(
+            f"SAPConfig.{name}", value, "use a regex string, a list of non-empty module-name suffixes, or None."
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SAPConfig":
+    def from_dict(cls, values: dict[str, Any]) -> SAPConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -297,7 +316,9 @@ def _alpha_grid(alphas: Any) -> list[float]:
     grid = []
     for value in values:
         if is_bool(value):
-            raise invalid("SAPConfig.alphas", alphas, f"{value!r} is a bool, not an alpha; give numbers >= 1, e.g. [1e3, 1e4].")
+            raise invalid(
+                "SAPConfig.alphas", alphas, f"{value!r} is a bool, not an alpha; give numbers >= 1, e.g. [1e3, 1e4]."
+            )
         grid.append(validate_alpha(plain_scalar(value), "SAPConfig.alphas"))
     if not grid:
         raise invalid("SAPConfig.alphas", alphas, "give at least one alpha >= 1, e.g. [1e3, 1e4, 1e5].")
@@ -313,8 +334,11 @@ def _subset_size(value: Any) -> Optional[float]:
         raise invalid("SAPConfig.selection_subset", value, "use None, a share in (0, 1] or a whole count > 1.")
     size = finite_float("SAPConfig.selection_subset", value)
     if size <= 0 or (size > 1 and size != int(size)):
-        raise invalid("SAPConfig.selection_subset", value,
-                      "use None, a share in (0, 1] (e.g. 0.1; 1 = every example) or a whole count > 1 (e.g. 14000).")
+        raise invalid(
+            "SAPConfig.selection_subset",
+            value,
+            "use None, a share in (0, 1] (e.g. 0.1; 1 = every example) or a whole count > 1 (e.g. 14000).",
+        )
     return size
 
 

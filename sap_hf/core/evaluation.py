@@ -15,8 +15,9 @@ the model's classes is an error, since a label-mapping bug would otherwise read 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from torch import nn
 from ..runtime.contract import IGNORE_INDEX
 from ..runtime.passes import Runtime, resolve_runtime
 from .targets import check_classifier
+
 
 EvalFn = Callable[[nn.Module], dict[str, float]]
 Preprocess = Callable[[torch.Tensor, torch.Tensor], Any]
@@ -64,8 +66,14 @@ class EvalPredictions:
     samples: int
 
 
-def eval_predictions(model: nn.Module, data: Any, *, runtime: Optional[Runtime] = None,
-                     preprocess: Optional[Preprocess] = None, with_predictions: bool = True) -> EvalPredictions:
+def eval_predictions(
+    model: nn.Module,
+    data: Any,
+    *,
+    runtime: Optional[Runtime] = None,
+    preprocess: Optional[Preprocess] = None,
+    with_predictions: bool = True,
+) -> EvalPredictions:
     """Every sample's predictions and label, gathered once from all processes; the mean cross-entropy.
 
     Each process reads and scores only its own shard (one `Runtime.run` pass); one gather then moves
@@ -98,7 +106,9 @@ class _Shard:
 
     def add(self, ids: list[Any], logits: torch.Tensor, labels: torch.Tensor) -> None:
         on_device = labels.to(logits.device)
-        losses = torch.nn.functional.cross_entropy(logits.double(), on_device, ignore_index=IGNORE_INDEX, reduction="none")
+        losses = torch.nn.functional.cross_entropy(
+            logits.double(), on_device, ignore_index=IGNORE_INDEX, reduction="none"
+        )
         self.ids.extend(ids)
         self.labels.append(labels.cpu())
         self.losses.append(losses.cpu())
@@ -128,7 +138,9 @@ class _Shard:
             merged = [torch.cat(field)[order].numpy() for field in zip(*parts)]
             predictions = merged[0] if len(merged) == 1 else tuple(merged)
         loss = float(losses[labelled].sum() / labelled.sum())
-        return EvalPredictions(predictions=predictions, label_ids=labels.numpy(), loss=loss, samples=int(labelled.sum()))
+        return EvalPredictions(
+            predictions=predictions, label_ids=labels.numpy(), loss=loss, samples=int(labelled.sum())
+        )
 
 
 def _tensors(predictions: Any, rows: int) -> tuple[torch.Tensor, ...]:
@@ -137,7 +149,9 @@ def _tensors(predictions: Any, rows: int) -> tuple[torch.Tensor, ...]:
     Rows are reordered after the gather, so each part must have exactly one row per sample of the batch.
     """
     parts = tuple(predictions) if isinstance(predictions, (tuple, list)) else (predictions,)
-    if not parts or not all(isinstance(part, torch.Tensor) and part.dim() > 0 and part.shape[0] == rows for part in parts):
+    if not parts or not all(
+        isinstance(part, torch.Tensor) and part.dim() > 0 and part.shape[0] == rows for part in parts
+    ):
         raise ValueError(
             f"preprocess_logits_for_metrics returned {_describe(predictions)} for a batch of {rows} samples; SAP's shared "
             "evaluation gathers per-sample rows: return a tensor (or a tuple of tensors) with one row per sample."

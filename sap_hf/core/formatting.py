@@ -6,7 +6,8 @@ can all use it without pulling in the engine.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 
 def format_alpha(alpha: Optional[float]) -> str:

@@ -16,12 +16,14 @@ object with `name` and `members`, such as `sap_hf.core.targets.TargetGroup`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Optional, Protocol, Union
 
 import torch
 from torch import nn
 from transformers.utils import logging
+
 
 logger = logging.get_logger(__name__)
 

@@ -25,15 +25,16 @@ Resuming: every checkpoint the Trainer saves holds each process's record (`RECOR
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from ..runtime.batching import fetch_examples
 from ..runtime.contract import IGNORE_INDEX, is_map_style
+
 
 INDEX_COLUMN = "sap_index"
 """The column that carries each training example's position through the Trainer's collator."""
@@ -130,13 +131,16 @@ class TrainingLosses:
         seen = np.flatnonzero(count)
         return {"positions": seen, "total": total[seen], "count": count[seen], "labels": self.labels[seen]}
 
-
     def save(self, folder: Any, rank: int) -> Path:
         """Write this process's record into a checkpoint `folder` (`RECORD_FILE`)."""
         path = Path(folder) / RECORD_FILE.format(rank=rank)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {"size": np.array(self.size), "epochs": np.array(-1 if self.epochs is None else self.epochs),
-                  "labels": self.labels, "windows": np.array(sorted(self.windows), dtype=np.int64)}
+        arrays = {
+            "size": np.array(self.size),
+            "epochs": np.array(-1 if self.epochs is None else self.epochs),
+            "labels": self.labels,
+            "windows": np.array(sorted(self.windows), dtype=np.int64),
+        }
         for window, (total, count) in self.windows.items():
             arrays[f"total_{window}"], arrays[f"count_{window}"] = total, count
         with open(path, "wb") as handle:
@@ -153,13 +157,16 @@ class TrainingLosses:
             with np.load(path) as record:
                 epochs = None if int(record["epochs"]) < 0 else int(record["epochs"])
                 if int(record["size"]) != self.size or epochs != self.epochs:
-                    return (f"its losses were recorded for {int(record['size'])} examples and training_loss_epochs="
-                            f"{epochs}, this run has {self.size} and {self.epochs}")
+                    return (
+                        f"its losses were recorded for {int(record['size'])} examples and training_loss_epochs="
+                        f"{epochs}, this run has {self.size} and {self.epochs}"
+                    )
                 loaded.append({key: record[key] for key in record.files})
         for record in loaded:
             for window in record["windows"].tolist():
                 total, count = self.windows.setdefault(
-                    window, (np.zeros(self.size), np.zeros(self.size, dtype=np.int64)))
+                    window, (np.zeros(self.size), np.zeros(self.size, dtype=np.int64))
+                )
                 total += record[f"total_{window}"]
                 count += record[f"count_{window}"]
             labelled = record["labels"] != IGNORE_INDEX

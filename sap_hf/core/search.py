@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from torch import nn
 from transformers.utils import logging
@@ -32,6 +33,7 @@ from .config import ALPHA_SEARCHES, validate_alpha
 from .projection import Eigenbasis, current_weights, eigendecompose, plan_projection, rotate_weights, write_weights
 from .stats import ActivationStats
 from .targets import LAYER_KINDS, group_alphas
+
 
 logger = logging.get_logger(__name__)
 
@@ -142,8 +144,18 @@ def search_alpha(
     if not alphas:
         raise ValueError("alphas is empty: give at least one alpha >= 1.")
     clock = time.perf_counter()
-    search = _Search(model, stats, sorted(set(alphas)) if method == "bracket" else alphas, evaluate_fn, metric,
-                     greater_is_better, bases, on_evaluate, method, tolerance)
+    search = _Search(
+        model,
+        stats,
+        sorted(set(alphas)) if method == "bracket" else alphas,
+        evaluate_fn,
+        metric,
+        greater_is_better,
+        bases,
+        on_evaluate,
+        method,
+        tolerance,
+    )
     if on_phase is not None:
         on_phase("eigh", time.perf_counter() - clock)
     try:
@@ -163,15 +175,27 @@ def search_alpha(
 class _Search:
     """The state of one alpha search: originals, `W U` per layer, every score, the best write so far."""
 
-    def __init__(self, model: nn.Module, stats: ActivationStats, alphas: list[float], evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
-                 metric: str, greater_is_better: bool, bases: Optional[Mapping[str, Eigenbasis]],
-                 on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]], method: str, tolerance: float):
+    def __init__(
+        self,
+        model: nn.Module,
+        stats: ActivationStats,
+        alphas: list[float],
+        evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
+        metric: str,
+        greater_is_better: bool,
+        bases: Optional[Mapping[str, Eigenbasis]],
+        on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]],
+        method: str,
+        tolerance: float,
+    ):
         self.model, self.stats, self.alphas, self.evaluate_fn = model, stats, alphas, evaluate_fn
         self.metric, self.greater_is_better, self.on_evaluate = metric, greater_is_better, on_evaluate
         self.method, self.tolerance = method, tolerance
         self.bases = bases if bases is not None else eigenbases(stats)
         self.originals = current_weights(model, stats.target_modules)
-        self.rotated = rotate_weights(self.originals, stats.groups, self.bases)  # W U once; each alpha then costs out x d^2
+        self.rotated = rotate_weights(
+            self.originals, stats.groups, self.bases
+        )  # W U once; each alpha then costs out x d^2
         self.result = AlphaSearchResult(metric=metric, baseline={})
         self.shared_scores: dict[float, dict[str, float]] = {}
         self.best_score = -math.inf
@@ -179,7 +203,9 @@ class _Search:
 
     def score(self, metrics: Mapping[str, float]) -> float:
         if self.metric not in metrics:
-            raise ValueError(f"The evaluation returned {sorted(metrics)}, not the metric {self.metric!r} to select alpha by.")
+            raise ValueError(
+                f"The evaluation returned {sorted(metrics)}, not the metric {self.metric!r} to select alpha by."
+            )
         value = float(metrics[self.metric])
         value = value if self.greater_is_better else -value
         return value if math.isfinite(value) else -math.inf
@@ -199,8 +225,13 @@ class _Search:
         if self.on_evaluate:
             self.on_evaluate(alpha, metrics)
         self.shared_scores[alpha] = metrics
-        logger.info("SAP alpha=%g: %s=%.4f (unchanged: %.4f)", alpha, self.metric, metrics[self.metric],
-                    self.result.baseline[self.metric])
+        logger.info(
+            "SAP alpha=%g: %s=%.4f (unchanged: %.4f)",
+            alpha,
+            self.metric,
+            metrics[self.metric],
+            self.result.baseline[self.metric],
+        )
         return self.score(metrics)
 
     def shared_pass(self) -> None:
@@ -215,8 +246,14 @@ class _Search:
                 self.shared(alpha)
         else:  # index len(alphas) is "unchanged", the alpha -> inf end of the grid
             n = len(alphas)
-            bracket_indices(lambda i: self.shared(alphas[i]), n + 1, {n: self.best_score}, [n, *range(n)],
-                            start=(n - 1) // 2, tolerance=self.tolerance)
+            bracket_indices(
+                lambda i: self.shared(alphas[i]),
+                n + 1,
+                {n: self.best_score},
+                [n, *range(n)],
+                start=(n - 1) // 2,
+                tolerance=self.tolerance,
+            )
         result.best_metrics = result.baseline
         for alpha in alphas if self.method == "grid" else sorted(self.shared_scores):  # first strictly better wins
             if alpha in self.shared_scores:
@@ -224,7 +261,12 @@ class _Search:
                 result.alphas.append(alpha)
                 result.metrics.append(metrics)
                 if self.score(metrics) > self.best_score:
-                    self.best_score, result.best_alpha, result.best_metrics, self.best_write = self.score(metrics), alpha, metrics, alpha
+                    self.best_score, result.best_alpha, result.best_metrics, self.best_write = (
+                        self.score(metrics),
+                        alpha,
+                        metrics,
+                        alpha,
+                    )
 
     def kind_pass(self, kinds: Mapping[str, str]) -> None:
         """One coordinate pass: each layer kind in turn tries the grid and "unchanged", the others held."""
@@ -239,8 +281,13 @@ class _Search:
                         self.trial(kinds, kind, alpha)
             else:
                 at = n if start is None else alphas.index(start)
-                bracket_indices(lambda i, kind=kind: self.trial(kinds, kind, None if i == n else alphas[i]), n + 1,
-                                {at: self.best_score}, [at, n, *range(n)], tolerance=self.tolerance)
+                bracket_indices(
+                    lambda i, kind=kind: self.trial(kinds, kind, None if i == n else alphas[i]),
+                    n + 1,
+                    {at: self.best_score},
+                    [at, n, *range(n)],
+                    tolerance=self.tolerance,
+                )
         self.result.kind_alphas = self.chosen
 
     def trial(self, kinds: Mapping[str, str], kind: str, alpha: Optional[float]) -> float:
@@ -248,7 +295,9 @@ class _Search:
         per_group = group_alphas(self.stats.groups, kinds, trial)
         metrics = self.evaluate(per_group)
         self.result.kind_trials.append({"kind": kind, "alpha": alpha, "alphas": trial, "metrics": metrics})
-        logger.info("SAP %s alpha=%s (others %s): %s=%.4f", kind, alpha, self.chosen, self.metric, metrics[self.metric])
+        logger.info(
+            "SAP %s alpha=%s (others %s): %s=%.4f", kind, alpha, self.chosen, self.metric, metrics[self.metric]
+        )
         current = self.score(metrics)
         if current > self.best_score:
             self.best_score, self.result.best_metrics = current, metrics
@@ -261,7 +310,8 @@ class _Search:
             write_weights(self.model, self.originals)
             logger.warning(
                 "No alpha improved %s over the uncorrected model (%.4f); the model is left unchanged.",
-                self.metric, self.result.baseline[self.metric],
+                self.metric,
+                self.result.baseline[self.metric],
             )
         else:
             self.write(self.best_write)

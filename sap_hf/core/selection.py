@@ -28,6 +28,7 @@ from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resol
 from .config import SELECTION_RULES
 from .targets import check_classifier
 
+
 logger = logging.get_logger(__name__)
 
 
@@ -113,8 +114,14 @@ def input_gradient(walk: DataPass, batch: PassBatch, pixels: torch.Tensor, label
     return gradient.detach()
 
 
-def curvature_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, seed: int = 0,
-                     draws: int = CURVATURE_DRAWS, step: float = CURVATURE_STEP) -> torch.Tensor:
+def curvature_scores(
+    walk: DataPass,
+    batch: PassBatch,
+    labels: torch.Tensor,
+    seed: int = 0,
+    draws: int = CURVATURE_DRAWS,
+    step: float = CURVATURE_STEP,
+) -> torch.Tensor:
     """The 'curvature' rule: mean over `draws` of `||grad L(x + step * v) - grad L(x)||`, v Rademacher.
 
     A mislabelled sample that the model memorised sits in a sharp, narrow minimum of its own loss
@@ -252,8 +259,16 @@ def subset_keep(data: Any, subset: Optional[float], seed: int) -> Any:
     return {pool[i] for i in order.tolist()}
 
 
-def select_from_scores(ids: list[Identity], scores: torch.Tensor, labels: torch.Tensor, per_class: int, num_labels: int, *,
-                       source: str = "scores", is_main: bool = True) -> TrustedSelection:
+def select_from_scores(
+    ids: list[Identity],
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    per_class: int,
+    num_labels: int,
+    *,
+    source: str = "scores",
+    is_main: bool = True,
+) -> TrustedSelection:
     """The `per_class` lowest of `scores` in each class, from scores computed elsewhere (no data pass).
 
     `ids`, `scores` and `labels` are one entry per sample (e.g. the training losses `SAPTrainer` recorded).
@@ -263,10 +278,14 @@ def select_from_scores(ids: list[Identity], scores: torch.Tensor, labels: torch.
     """
     positive_int("per_class", per_class, "keep at least 1 trusted sample per class.")
     if len(ids) == 0:
-        raise ValueError(f"Trusted selection from {source}: there are no scores; SAP needs trusted samples of every class.")
+        raise ValueError(
+            f"Trusted selection from {source}: there are no scores; SAP needs trusted samples of every class."
+        )
     checked = class_labels({"labels": labels}, ids, num_labels, source)
     candidates = _Candidates(per_class, keep_examples=False)
-    candidates.offer(PassBatch(list(ids), {}, None), scores.detach().double().cpu(), checked[0], checked[1], rejects_with_inf=False)
+    candidates.offer(
+        PassBatch(list(ids), {}, None), scores.detach().double().cpu(), checked[0], checked[1], rejects_with_inf=False
+    )
     return _merge([candidates.summary()], num_labels, per_class, source, is_main)
 
 
@@ -284,7 +303,9 @@ def _warn_if_too_coarse(model: nn.Module, is_main: bool) -> None:
         logger.warning(
             "selection_rule='curvature' with a %s model: its input steps of %g are below that precision, so the "
             "scores are mostly rounding. Select with a float32 copy of the model (model.float()), or use "
-            "another selection_rule.", parameter.dtype, CURVATURE_STEP,
+            "another selection_rule.",
+            parameter.dtype,
+            CURVATURE_STEP,
         )
 
 
@@ -316,8 +337,9 @@ class _Candidates:
                 raise ValueError(_duplicate_message(identity))
             self.seen.add(identity)
 
-    def offer(self, batch: PassBatch, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor,
-              rejects_with_inf: bool) -> None:
+    def offer(
+        self, batch: PassBatch, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, rejects_with_inf: bool
+    ) -> None:
         """Push each usable sample; -100 labels are ignored, non-finite scores excluded and counted."""
         rejected = torch.isposinf(scores) if rejects_with_inf else torch.zeros_like(valid)
         usable = valid & torch.isfinite(scores)
@@ -338,13 +360,25 @@ class _Candidates:
 
     def summary(self) -> dict[str, Any]:
         """What this process hands to the merge: candidates (score, identity, label, example) and counts."""
-        candidates = [(-s, i.value, label, self.kept.get(i.value)) for label, heap in self.heaps.items() for s, i in heap]
-        return {"candidates": candidates, "ignored": self.ignored, "nonfinite": self.nonfinite,
-                "keep_examples": self.keep_examples}
+        candidates = [
+            (-s, i.value, label, self.kept.get(i.value)) for label, heap in self.heaps.items() for s, i in heap
+        ]
+        return {
+            "candidates": candidates,
+            "ignored": self.ignored,
+            "nonfinite": self.nonfinite,
+            "keep_examples": self.keep_examples,
+        }
 
 
-def _merge(shards: list[dict[str, Any]], num_labels: int, per_class: int, rule: str, is_main: bool,
-           subset: Optional[float] = None) -> TrustedSelection:
+def _merge(
+    shards: list[dict[str, Any]],
+    num_labels: int,
+    per_class: int,
+    rule: str,
+    is_main: bool,
+    subset: Optional[float] = None,
+) -> TrustedSelection:
     """Every process's candidates -> the `per_class` best of each class (the same on every process).
 
     `subset` (`selection_subset`) is named in the errors: a small share or count can miss a class."""
@@ -397,7 +431,8 @@ def _report_excluded(ignored: int, nonfinite: int, is_main: bool) -> None:
     if nonfinite:
         logger.warning(
             "SAP trusted selection excluded %d sample(s) with non-finite pixel values or loss (NaN/Inf images?); "
-            "they can never be trusted. Check the data for corrupt images.", nonfinite,
+            "they can never be trusted. Check the data for corrupt images.",
+            nonfinite,
         )
     if ignored:
         logger.info("SAP trusted selection skipped %d sample(s) labelled -100 (the ignore index).", ignored)
@@ -411,10 +446,10 @@ class _Descending:
     def __init__(self, value: Any):
         self.value = value
 
-    def __lt__(self, other: "_Descending") -> bool:
+    def __lt__(self, other: _Descending) -> bool:
         return other.value < self.value
 
-    def __gt__(self, other: "_Descending") -> bool:
+    def __gt__(self, other: _Descending) -> bool:
         return other.value > self.value
 
     def __eq__(self, other: object) -> bool:

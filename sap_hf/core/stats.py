@@ -13,9 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,6 +26,7 @@ from transformers.utils import logging
 from ..runtime.io import atomic_path
 from ..runtime.passes import Runtime, resolve_runtime
 from .targets import TargetGroup, group_by_identity
+
 
 logger = logging.get_logger(__name__)
 
@@ -80,7 +82,7 @@ class ActivationStats:
             )
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> "ActivationStats":
+    def load(cls, path: Union[str, Path]) -> ActivationStats:
         from safetensors import safe_open
 
         path = Path(path)
@@ -162,12 +164,15 @@ def subsample_tokens(x: torch.Tensor, max_tokens: Optional[int], generator: Opti
 
 
 @contextlib.contextmanager
-def input_hooks(model: nn.Module, names: Sequence[str], callback: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+def input_hooks(
+    model: nn.Module, names: Sequence[str], callback: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
     """Call `callback(name, input_tensor)` on every forward of the named modules; always unhook."""
     modules = dict(model.named_modules())
     handles = []
     try:
         for name in names:
+
             def hook(module: nn.Module, args: tuple, kwargs: dict, _name: str = name) -> None:
                 tensor = args[0] if args else kwargs.get("input")
                 callback(_name, tensor)
@@ -187,8 +192,15 @@ class GroupedGrams:
     groups, and every later forward accumulates once per group. No separate discovery forward.
     """
 
-    def __init__(self, model: nn.Module, names: Sequence[str], dtype: torch.dtype, device: torch.device,
-                 max_tokens_per_sample: Optional[int], generator: Optional[torch.Generator]):
+    def __init__(
+        self,
+        model: nn.Module,
+        names: Sequence[str],
+        dtype: torch.dtype,
+        device: torch.device,
+        max_tokens_per_sample: Optional[int],
+        generator: Optional[torch.Generator],
+    ):
         self.model, self.names, self.dtype, self.device = model, list(names), dtype, device
         self.max_tokens, self.generator = max_tokens_per_sample, generator
         self.groups: Optional[list[TargetGroup]] = None
@@ -225,7 +237,9 @@ class GroupedGrams:
         """Every process's sums added up (a process whose shard was empty contributes zeros), checked finite."""
         grams, counts = {}, {}
         for group in groups:
-            accumulator = self.accumulators.setdefault(group.name, GramAccumulator(group.in_features, self.dtype, self.device))
+            accumulator = self.accumulators.setdefault(
+                group.name, GramAccumulator(group.in_features, self.dtype, self.device)
+            )
             gram = runtime.sum(accumulator.result())
             count = runtime.sum(torch.tensor([accumulator.count], dtype=torch.float64, device=self.device))
             if not torch.isfinite(gram.sum(dtype=torch.float64)):  # NaN/Inf propagate; no d x d bool temporary
@@ -269,14 +283,20 @@ def collect_statistics(
     samples = int(runtime.sum(torch.tensor([grams.samples], dtype=torch.float64, device=walk.device)).item())
     logger.info(
         "Collected SAP statistics for %d layers in %d groups over %d samples (%d tokens per layer).",
-        sum(len(g.members) for g in groups), len(groups), samples, max(counts.values(), default=0),
+        sum(len(g.members) for g in groups),
+        len(groups),
+        samples,
+        max(counts.values(), default=0),
     )
     return ActivationStats(
         groups=groups,
         grams=gram_of,
         counts=counts,
         max_tokens_per_sample=max_tokens_per_sample,
-        meta={"weights_signature": weights_signature(walk.model, [n for g in groups for n in g.members]), "samples": samples},
+        meta={
+            "weights_signature": weights_signature(walk.model, [n for g in groups for n in g.members]),
+            "samples": samples,
+        },
     )
 
 

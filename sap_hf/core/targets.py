@@ -15,13 +15,15 @@ lists one version's names. The structure is what is stable:
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 from torch import nn
 from transformers.utils import logging
 
 from .adapters import check_no_adapters
+
 
 logger = logging.get_logger(__name__)
 
@@ -129,7 +131,8 @@ def find_target_modules(
     if head_only:
         logger.warning(
             "target_modules=[] with project_classifier=True: SAP projects the classification head alone (%s); "
-            "the backbone is left unchanged.", ", ".join(selected),
+            "the backbone is left unchanged.",
+            ", ".join(selected),
         )
     return selected
 
@@ -193,8 +196,9 @@ def _names_inside_module_lists(model: nn.Module) -> set[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def check_classifier(model: nn.Module, num_labels: Optional[int] = None, argument: str = "model",
-                     takes_num_labels: bool = False) -> int:
+def check_classifier(
+    model: nn.Module, num_labels: Optional[int] = None, argument: str = "model", takes_num_labels: bool = False
+) -> int:
     """The number of classes of a single-label image classifier with real weights; a ValueError otherwise.
 
     `takes_num_labels`: the caller has a `num_labels=` argument, which the error for a model without

@@ -21,6 +21,7 @@ from .fashion_mnist import (
 )
 from .transforms import ImageTransform, prepare_image_dataset, undecoded_images
 
+
 __all__ = [
     "CIFAR10N_LABEL_SETS",
     "CIFAR10_CLASSES",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 WEAK_DRAWS = 3
 """Uniform numbers per image that `weak_view` reads (flip, two shifts)."""
 STRONG_DRAWS = WEAK_DRAWS + 4
@@ -37,7 +38,11 @@ def hashed_uniform(keys: torch.Tensor, salt: int, k: int) -> torch.Tensor:
     (1.0 itself is possible after the float32 rounding; every user clamps or clips it.)"""
     keys = keys.to(torch.int64).reshape(-1, 1)
     columns = torch.arange(k, dtype=torch.int64, device=keys.device).reshape(1, -1)
-    x = keys * 0x3C6EF372FE94F82B + columns * 0x1F83D9ABFB41BD6B + (int(salt) * 0x5BE0CD19137E2179 & 0x7FFFFFFFFFFFFFFF)
+    x = (
+        keys * 0x3C6EF372FE94F82B
+        + columns * 0x1F83D9ABFB41BD6B
+        + (int(salt) * 0x5BE0CD19137E2179 & 0x7FFFFFFFFFFFFFFF)
+    )
     for multiplier, shift in ((0x3F58476D1CE4E5B9, 30), (0x14057B7EF767814F, 27)):
         x = (x ^ _shift_right(x, shift)) * multiplier  # int64 products wrap: arithmetic modulo 2^64
     x = x ^ _shift_right(x, 31)
@@ -101,4 +106,6 @@ def weak_view(pixels: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
 def strong_view(pixels: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
     """The weak view, then colour jitter and a cut-out of half the image side; `STRONG_DRAWS` draws per image."""
     weak = weak_view(pixels, draws[:, :WEAK_DRAWS])
-    return cutout(colour_jitter(weak, draws[:, WEAK_DRAWS:WEAK_DRAWS + 2]), draws[:, WEAK_DRAWS + 2:WEAK_DRAWS + 4])
+    return cutout(
+        colour_jitter(weak, draws[:, WEAK_DRAWS : WEAK_DRAWS + 2]), draws[:, WEAK_DRAWS + 2 : WEAK_DRAWS + 4]
+    )

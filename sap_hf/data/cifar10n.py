@@ -23,10 +23,20 @@ from transformers.utils import logging
 from ..runtime.checks import check_choice, integer, invalid
 from .fashion_mnist import _stratified_choice
 
+
 logger = logging.get_logger(__name__)
 
 CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 ]
 #: The label sets of ``CIFAR-10_human.pt``: short name -> the file's key. ``clean`` is the oracle (no noise).
 CIFAR10N_LABEL_SETS: dict[str, str] = {
@@ -50,8 +60,12 @@ def cifar10n_label_key(label_set: str, name: str = "label_set") -> str:
     ``name`` is the argument named in the error (the recipe's ``cifar10n_label_set``).
     """
     keys = {key: key for key in CIFAR10N_LABEL_SETS.values()}
-    choice = check_choice(name, label_set, [*CIFAR10N_LABEL_SETS, *keys],
-                          "These are the label sets of CIFAR-10N's CIFAR-10_human.pt ('clean': no noise).")
+    choice = check_choice(
+        name,
+        label_set,
+        [*CIFAR10N_LABEL_SETS, *keys],
+        "These are the label sets of CIFAR-10N's CIFAR-10_human.pt ('clean': no noise).",
+    )
     return CIFAR10N_LABEL_SETS.get(choice, choice)
 
 
@@ -184,8 +198,11 @@ def load_cifar10n(
     train_split = train_split.add_column("clean_label", train_clean[train_idx].tolist(), feature=class_label)
     logger.info(
         "CIFAR-10N %s: %d training images (noise rate %.4f), %d validation, %d test.",
-        cifar10n_label_key(label_set), len(train_idx), label_noise_rate(noisy, train_clean[train_idx]),
-        len(val_idx), len(test_idx),
+        cifar10n_label_key(label_set),
+        len(train_idx),
+        label_noise_rate(noisy, train_clean[train_idx]),
+        len(val_idx),
+        len(test_idx),
     )
     return datasets.DatasetDict(train=train_split, validation=test.select(val_idx), test=test.select(test_idx))
 
@@ -317,8 +334,13 @@ def write_tiny_cifar10n(
     rng = np.random.default_rng(seed)
     clean = np.arange(n_train) % len(CIFAR10_CLASSES)
     labels = {"clean_label": clean}
-    for key, rate in (("aggre_label", 0.1), ("random_label1", 0.2), ("random_label2", 0.2), ("random_label3", 0.2),
-                      ("worse_label", 0.4)):
+    for key, rate in (
+        ("aggre_label", 0.1),
+        ("random_label1", 0.2),
+        ("random_label2", 0.2),
+        ("random_label3", 0.2),
+        ("worse_label", 0.4),
+    ):
         flip = rng.random(n_train) < rate
         labels[key] = np.where(flip, (clean + rng.integers(1, len(CIFAR10_CLASSES), n_train)) % 10, clean)
     features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CIFAR10_CLASSES)})

@@ -31,6 +31,7 @@ from ..runtime.batching import KEY_COLUMN
 from ..runtime.checks import check_choice, integer, invalid, positive_int
 from .noise import add_label_noise
 
+
 logger = logging.get_logger(__name__)
 
 CLOTHING1M_CLASSES = [
@@ -214,13 +215,17 @@ def _generate_examples(keys: list[list[str]], labels: list[list[int]], root: str
                     "or pass skip_unreadable_images=True to skip it."
                 ) from err
             skipped += 1
-            logger.warning("Skipping unreadable Clothing1M image %s (%s); %d skipped so far in this pass.", path, err, skipped)
+            logger.warning(
+                "Skipping unreadable Clothing1M image %s (%s); %d skipped so far in this pass.", path, err, skipped
+            )
             continue
         yield {"image": {"path": str(path), "bytes": None}, "label": label, KEY_COLUMN: key}
     if skipped:
         logger.warning(
             "Clothing1M: skipped %d unreadable of %d images in this pass over shard(s) starting at %s.",
-            skipped, total, keys[0][0],
+            skipped,
+            total,
+            keys[0][0],
         )
 
 

@@ -19,7 +19,14 @@ import numpy as np
 from transformers.utils import logging
 
 from ..runtime.checks import check_choice, integer, invalid
-from .noise import FASHION_MNIST_ASYMMETRIC_MAP, NOISE_TYPES, add_label_noise, check_noise_rate, cross_fitted_probabilities
+from .noise import (
+    FASHION_MNIST_ASYMMETRIC_MAP,
+    NOISE_TYPES,
+    add_label_noise,
+    check_noise_rate,
+    cross_fitted_probabilities,
+)
+
 
 logger = logging.get_logger(__name__)
 
@@ -161,12 +168,12 @@ def noisy_fashion_mnist(
         num_classes=len(FASHION_MNIST_CLASSES),
         seed=seed,
         asymmetric_map=FASHION_MNIST_ASYMMETRIC_MAP if noise_type == "asymmetric" else None,
-        probabilities=_instance_probabilities(train_source, train_idx, clean, seed) if noise_type == "instance" else None,
+        probabilities=_instance_probabilities(train_source, train_idx, clean, seed)
+        if noise_type == "instance"
+        else None,
     )
     train = train_source.build(train_idx, label=noisy, clean_label=clean, is_noisy=is_noisy)
-    return datasets.DatasetDict(
-        train=train, validation=train_source.build(val_idx), test=test_source.build(test_idx)
-    )
+    return datasets.DatasetDict(train=train, validation=train_source.build(val_idx), test=test_source.build(test_idx))
 
 
 @dataclass
@@ -218,7 +225,8 @@ def _resolve(split: str, data_dir: Optional[Union[str, Path]]) -> _Source:
         return _from_dir(DEBIAN_FASHION_MNIST_DIR, split, user_given=False)
     logger.info(
         "No Fashion-MNIST idx files in %s; trying the Hub copy %s (HF_HUB_OFFLINE=1 skips the network retries).",
-        DEBIAN_FASHION_MNIST_DIR, HUB_REPO_ID,
+        DEBIAN_FASHION_MNIST_DIR,
+        HUB_REPO_ID,
     )
     try:
         hub = datasets.load_dataset(HUB_REPO_ID, split=split)

@@ -16,7 +16,8 @@ labels are plausible ones that a model fits early.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 from ..runtime.checks import check_choice, finite_float, integer, invalid, positive_int
+
 
 logger = logging.get_logger(__name__)
 
@@ -130,7 +132,9 @@ def add_label_noise(
         noisy[chosen] = targets
 
     is_noisy = noisy != labels_arr
-    logger.info("Flipped %d of %d labels (%s noise, rate=%g, seed=%s).", n_flip, labels_arr.size, noise_type, rate, seed)
+    logger.info(
+        "Flipped %d of %d labels (%s noise, rate=%g, seed=%s).", n_flip, labels_arr.size, noise_type, rate, seed
+    )
     return noisy, is_noisy
 
 
@@ -139,7 +143,9 @@ def _check_labels(labels: np.ndarray, num_classes: Optional[int]) -> int:
     if num_classes is None:
         num_classes = int(labels.max()) + 1 if labels.size else 0
     else:
-        num_classes = integer("num_classes", num_classes, minimum=0, hint="It is the number of classes, or None to infer it.")
+        num_classes = integer(
+            "num_classes", num_classes, minimum=0, hint="It is the number of classes, or None to infer it."
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)][0]
         raise ValueError(
@@ -149,8 +155,14 @@ def _check_labels(labels: np.ndarray, num_classes: Optional[int]) -> int:
     return num_classes
 
 
-def _asymmetric_flips(labels: np.ndarray, asymmetric_map: Optional[Mapping[int, int]], num_classes: int,
-                      n_flip: int, rate: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _asymmetric_flips(
+    labels: np.ndarray,
+    asymmetric_map: Optional[Mapping[int, int]],
+    num_classes: int,
+    n_flip: int,
+    rate: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """`n_flip` samples drawn uniformly among those whose class the map moves, and their mapped classes."""
     mapping = _validate_map(asymmetric_map, num_classes)
     lookup = np.arange(num_classes, dtype=np.int64)
@@ -171,8 +183,9 @@ INSTANCE_WEIGHT_FLOOR = 1e-12
 is, so any rate below 1 can be met exactly."""
 
 
-def instance_flips(labels: np.ndarray, probabilities: np.ndarray, n_flip: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def instance_flips(
+    labels: np.ndarray, probabilities: np.ndarray, n_flip: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Instance-dependent flips: which `n_flip` samples, and the class each one gets.
 
     A sample is drawn with weight `1 - p(true class)` (weighted sampling without replacement, by
@@ -201,7 +214,9 @@ def check_probabilities(probabilities: Any, n: int, num_classes: int, name: str 
     try:
         probs = np.asarray(probabilities, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be a numeric (n_samples, num_classes) array, got {type(probabilities).__name__}: {err}.") from err
+        raise ValueError(
+            f"{name} must be a numeric (n_samples, num_classes) array, got {type(probabilities).__name__}: {err}."
+        ) from err
     if probs.ndim != 2 or probs.shape != (n, num_classes):
         raise ValueError(
             f"{name} has shape {probs.shape}, expected ({n}, {num_classes}): one row of class probabilities per "
@@ -269,7 +284,9 @@ def cross_fitted_probabilities(
         raise ValueError(f"images has {len(features)} samples but labels {labels_arr.size}; pass one label per image.")
     folds = integer("folds", folds, minimum=2, hint="Cross-fitting needs at least 2 folds.")
     if labels_arr.size < folds:
-        raise ValueError(f"folds={folds} needs at least {folds} images, got {labels_arr.size}; pass more images or fewer folds.")
+        raise ValueError(
+            f"folds={folds} needs at least {folds} images, got {labels_arr.size}; pass more images or fewer folds."
+        )
     l2 = finite_float("l2", l2, "It is the L2 penalty on the weights, e.g. 3e-3.")
     if l2 < 0:
         raise invalid("l2", l2, "use a penalty >= 0, e.g. 3e-3.")
@@ -278,7 +295,9 @@ def cross_fitted_probabilities(
     probs = np.empty((labels_arr.size, num_classes))
     for fold in range(folds):
         held = fold_of == fold
-        probs[held] = _softmax_regression(features[~held], labels_arr[~held], features[held], num_classes, l2, max_iter)
+        probs[held] = _softmax_regression(
+            features[~held], labels_arr[~held], features[held], num_classes, l2, max_iter
+        )
     probs = np.round(probs, 9)
     return probs / probs.sum(1, keepdims=True)
 
@@ -297,7 +316,9 @@ def _pixel_features(images: Any, pool: int) -> np.ndarray:
     """Images -> float64 features: scaled to [0, 1] when integer, `pool` x `pool` average-pooled, flattened."""
     arr = np.asarray(images)
     if arr.ndim not in (3, 4) or not (np.issubdtype(arr.dtype, np.number) and not np.issubdtype(arr.dtype, np.bool_)):
-        raise ValueError(f"images must be a numeric (n, H, W) or (n, H, W, C) array, got shape {arr.shape}, dtype {arr.dtype}.")
+        raise ValueError(
+            f"images must be a numeric (n, H, W) or (n, H, W, C) array, got shape {arr.shape}, dtype {arr.dtype}."
+        )
     pixels = arr.astype(np.float64) / (255.0 if np.issubdtype(arr.dtype, np.integer) else 1.0)
     if pixels.ndim == 3:
         pixels = pixels[..., None]
@@ -309,16 +330,24 @@ def _pixel_features(images: Any, pool: int) -> np.ndarray:
     return pixels.reshape(n, -1)
 
 
-def _softmax_regression(train: np.ndarray, labels: np.ndarray, test: np.ndarray, num_classes: int,
-                        l2: float, max_iter: int) -> np.ndarray:
+def _softmax_regression(
+    train: np.ndarray, labels: np.ndarray, test: np.ndarray, num_classes: int, l2: float, max_iter: int
+) -> np.ndarray:
     """Fit a multinomial logistic regression on `train` (standardised features + bias); `test`'s probabilities."""
     mean, std = train.mean(0), train.std(0) + 1e-6
     x = torch.from_numpy((train - mean) / std)
     y = torch.from_numpy(labels)
     weight = torch.zeros(x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
-                                  line_search_fn="strong_wolfe", tolerance_grad=1e-10, tolerance_change=1e-12)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+    )
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any, Optional, Union
 
 import datasets
 import numpy as np
@@ -24,6 +25,7 @@ from transformers import default_data_collator
 
 from ..runtime.batching import KEY_COLUMN
 from ..runtime.checks import check_choice, integer, invalid, plain_scalar, positive_int
+
 
 IMAGE_COLUMNS = ("image", "img")
 LABEL_COLUMNS = ("label", "labels")
@@ -106,7 +108,7 @@ class ImageTransform:
         self._rng_owner: Optional[tuple[int, int]] = None
 
     @classmethod
-    def from_config(cls, config: Any, **kwargs: Any) -> "ImageTransform":
+    def from_config(cls, config: Any, **kwargs: Any) -> ImageTransform:
         """Size and channels from a model config (``config.image_size``, ``config.num_channels``)."""
         return cls(image_size=config.image_size, num_channels=getattr(config, "num_channels", 3), **kwargs)
 
@@ -154,9 +156,14 @@ class ImageTransform:
 
         height, width = self.size
         return ViTImageProcessor(
-            do_resize=True, size={"height": height, "width": width}, resample=PILImageResampling.BILINEAR,
-            do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-            image_mean=[float(v) for v in self.mean], image_std=[float(v) for v in self.std],
+            do_resize=True,
+            size={"height": height, "width": width},
+            resample=PILImageResampling.BILINEAR,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            do_normalize=True,
+            image_mean=[float(v) for v in self.mean],
+            image_std=[float(v) for v in self.std],
         )
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -260,7 +267,9 @@ def prepare_image_dataset(
     """
     batch_size = positive_int("batch_size", batch_size, "It bounds the images one iterable batch decodes.")
     if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
-        return type(dataset)({name: prepare_image_dataset(split, transform, batch_size) for name, split in dataset.items()})
+        return type(dataset)(
+            {name: prepare_image_dataset(split, transform, batch_size) for name, split in dataset.items()}
+        )
     if isinstance(dataset, datasets.Dataset):
         return dataset.with_transform(transform)
     if isinstance(dataset, datasets.IterableDataset):
@@ -297,7 +306,11 @@ def _array_to_pil(array: np.ndarray) -> Image.Image:
         if not (np.issubdtype(array.dtype, np.integer) and array.size and 0 <= array.min() <= array.max() <= 65535):
             raise ValueError(
                 f"Image arrays must be uint8, uint16 or integers in 0..65535, got dtype {array.dtype}"
-                + (f" with values {array.min()}..{array.max()}" if array.size and np.issubdtype(array.dtype, np.number) else "")
+                + (
+                    f" with values {array.min()}..{array.max()}"
+                    if array.size and np.issubdtype(array.dtype, np.number)
+                    else ""
+                )
                 + "; convert them to uint8 (or uint16 for 16-bit data) first (floats are ambiguous: 0..1 or 0..255)."
             )
         array = array.astype(np.uint8 if array.max() <= 255 else np.uint16)

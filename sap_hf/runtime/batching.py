@@ -18,8 +18,8 @@ import hashlib
 import itertools
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +27,7 @@ from transformers import default_data_collator
 from transformers.utils import logging
 
 from .contract import LoaderData, check_collatable, is_map_style
+
 
 logger = logging.get_logger(__name__)
 Batch = dict[str, Any]
@@ -138,8 +139,16 @@ def iter_shard_batches(
     yield from _chunked(iterator, step, offset, keyed, by_key, keep, batch_size, emit)
 
 
-def _chunked(iterator: Iterator[Any], step: int, offset: int, keyed: bool, by_key: bool, keep: Optional[set],
-             batch_size: int, emit: Callable[[list, list], tuple]) -> Iterator[tuple]:
+def _chunked(
+    iterator: Iterator[Any],
+    step: int,
+    offset: int,
+    keyed: bool,
+    by_key: bool,
+    keep: Optional[set],
+    batch_size: int,
+    emit: Callable[[list, list], tuple],
+) -> Iterator[tuple]:
     """Every `step`-th example from `offset` (those in `keep`), in batches of `batch_size`, with their identities."""
     ids: list[Identity] = []
     examples: list[Any] = []
@@ -225,7 +234,10 @@ def _warn_read_whole(stream: Any, split: bool, keyed: bool, rank: int, num_proce
         reason, fix = f"has no {KEY_COLUMN!r} column", f"add a unique {KEY_COLUMN!r} column (e.g. the image path)"
         fix += "" if shards is None or shards >= num_processes else f" and at least {num_processes} shards"
     elif shards is None:
-        reason, fix = f"is a {type(stream).__name__}, which cannot be split by shards", "pass a datasets.IterableDataset"
+        reason, fix = (
+            f"is a {type(stream).__name__}, which cannot be split by shards",
+            "pass a datasets.IterableDataset",
+        )
         fix += f" with a {KEY_COLUMN!r} column and at least {num_processes} shards"
     elif shards >= num_processes:  # an older datasets: no split of uneven shard counts
         reason = f"has {shards} shards, which this datasets version cannot split evenly over {num_processes} processes"
@@ -239,7 +251,9 @@ def _warn_read_whole(stream: Any, split: bool, keyed: bool, rank: int, num_proce
     )
 
 
-def _iter_prebatched(iterator: Iterator[Any], rank: int, world: int, keep: Optional[set], with_examples: bool) -> Iterator[tuple]:
+def _iter_prebatched(
+    iterator: Iterator[Any], rank: int, world: int, keep: Optional[set], with_examples: bool
+) -> Iterator[tuple]:
     """Ready batches (a DataLoader): batch `b` belongs to process `b % world`; identities are positions.
 
     There are no separate examples to keep (`with_examples` yields None for them).
@@ -255,7 +269,10 @@ def _iter_prebatched(iterator: Iterator[Any], rank: int, world: int, keep: Optio
             mask = torch.tensor([i in keep for i in indices], dtype=torch.bool)
             if not mask.any():
                 continue
-            batch = {k: (v[mask] if isinstance(v, torch.Tensor) and v.shape[:1] == mask.shape else v) for k, v in batch.items()}
+            batch = {
+                k: (v[mask] if isinstance(v, torch.Tensor) and v.shape[:1] == mask.shape else v)
+                for k, v in batch.items()
+            }
             indices = [i for i, kept in zip(indices, mask.tolist()) if kept]
         yield (indices, dict(batch), None) if with_examples else (indices, dict(batch))
 
@@ -386,9 +403,7 @@ class IndexedSubset:
         if first is None:
             return
         if _is_batch(first):
-            raise ValueError(
-                "Cannot take a subset of pre-batched data; pass a dataset or an iterable of examples."
-            )
+            raise ValueError("Cannot take a subset of pre-batched data; pass a dataset or an iterable of examples.")
         keyed = _has_key(first)
         for position, example in enumerate(itertools.chain([first], stream)):
             if example_identity(example, position, keyed) in self.indices:

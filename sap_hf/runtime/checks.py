@@ -15,7 +15,9 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Any, Iterable, Optional, TypeVar
+from collections.abc import Iterable
+from typing import Any, Optional, TypeVar
+
 
 T = TypeVar("T")
 

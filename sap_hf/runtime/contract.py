@@ -18,20 +18,27 @@ multi-label targets and ids outside `[0, num_labels)` are errors naming the samp
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from transformers.utils import logging
+
 
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
 """The transformers ignore index: a sample with this label is skipped by selection, evaluation and the audit."""
 
-_WHOLE_DATA_SAMPLERS = ("SequentialSampler", "RandomSampler", "SeedableRandomSampler", "DistributedSampler",
-                        "LengthGroupedSampler", "DistributedLengthGroupedSampler")
+_WHOLE_DATA_SAMPLERS = (
+    "SequentialSampler",
+    "RandomSampler",
+    "SeedableRandomSampler",
+    "DistributedSampler",
+    "LengthGroupedSampler",
+    "DistributedLengthGroupedSampler",
+)
 """Samplers that visit the whole dataset (in some order): their loader is read as the whole dataset."""
 
 
@@ -52,7 +59,7 @@ class LoaderData:
         """The map-style data that positions index: the loader's whole dataset (`indices` restrict the walk)."""
         return self.dataset
 
-    def select(self, indices: Sequence[int]) -> "LoaderData":
+    def select(self, indices: Sequence[int]) -> LoaderData:
         """The examples at `indices` of the loader's dataset (the trusted ones, say), read the same way."""
         chosen = sorted(set(int(i) for i in indices))
         allowed = set(self.indices) if self.indices is not None else None
@@ -74,13 +81,19 @@ class LoaderData:
 
 def is_map_style(data: Any) -> bool:
     """Indexable data with a length (a `datasets.Dataset`, a torch map-style `Dataset`), lists aside."""
-    return hasattr(data, "__getitem__") and hasattr(data, "__len__") and not isinstance(data, (list, tuple, Mapping, str, bytes))
+    return (
+        hasattr(data, "__getitem__")
+        and hasattr(data, "__len__")
+        and not isinstance(data, (list, tuple, Mapping, str, bytes))
+    )
 
 
 def as_pass_data(data: Any, argument: str = "data") -> Any:
     """`data` in a form that gives the same examples in the same order on every read, or a ValueError naming `argument`."""
     if data is None:
-        raise ValueError(f"{argument}=None: pass a datasets.Dataset, an IterableDataset, a list of examples or a DataLoader.")
+        raise ValueError(
+            f"{argument}=None: pass a datasets.Dataset, an IterableDataset, a list of examples or a DataLoader."
+        )
     if isinstance(data, (LoaderData, list, tuple)):
         return data
     if isinstance(data, (str, bytes, Path)):
@@ -110,7 +123,9 @@ def as_pass_data(data: Any, argument: str = "data") -> Any:
         kept = list(data)
         logger.warning(
             "%s is a one-shot iterator: it was read once and kept in memory (%d items) so that every pass sees the same "
-            "examples. Pass a datasets.Dataset (or a list) to avoid the copy.", argument, len(kept),
+            "examples. Pass a datasets.Dataset (or a list) to avoid the copy.",
+            argument,
+            len(kept),
         )
         return kept
     return data
@@ -128,13 +143,17 @@ def _loader_data(loader: torch.utils.data.DataLoader, argument: str) -> Any:
             logger.warning(
                 "%s is a DataLoader whose sampler (%s) may draw a different set on every read and process: SAP reads its "
                 "whole dataset instead. To correct on some examples only, pass them as a dataset (e.g. "
-                "torch.utils.data.Subset or dataset.select(indices)).", argument, type(sampler).__name__,
+                "torch.utils.data.Subset or dataset.select(indices)).",
+                argument,
+                type(sampler).__name__,
             )
         else:
             indices = sorted({int(i) for i in fixed})
     logger.info(
         "%s is a DataLoader: SAP reads its dataset%s in index order through its collate_fn (its shuffling would pair "
-        "one pass's samples with another's).", argument, "" if indices is None else f" ({len(indices)} sampled indices)",
+        "one pass's samples with another's).",
+        argument,
+        "" if indices is None else f" ({len(indices)} sampled indices)",
     )
     return LoaderData(dataset, loader.collate_fn, indices)
 
@@ -167,7 +186,9 @@ def class_labels(
     try:
         labels = torch.as_tensor(raw)
     except (TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"{argument}: the labels {raw!r} are not class ids ({err}); give one int per sample.") from None
+        raise ValueError(
+            f"{argument}: the labels {raw!r} are not class ids ({err}); give one int per sample."
+        ) from None
     if labels.dim() != 1 or labels.shape[0] != len(ids):
         raise ValueError(
             f"{argument}: labels of shape {tuple(labels.shape)} for {len(ids)} samples; SAP corrects single-label "
@@ -240,8 +261,11 @@ def check_collatable(ids: Sequence[Any], examples: Sequence[Any], argument: str 
                 "ImageTransform(image_processor=processor)), or pass collate_fn=ImageTransform(...).collate."
             )
         return  # no images at all: `check_pixel_values` names the keys after collation
-    shapes = [(identity, tuple(getattr(example.get("pixel_values"), "shape", ()) or ())) for identity, example in
-              zip(ids, examples) if isinstance(example, Mapping)]
+    shapes = [
+        (identity, tuple(getattr(example.get("pixel_values"), "shape", ()) or ()))
+        for identity, example in zip(ids, examples)
+        if isinstance(example, Mapping)
+    ]
     odd = next(((identity, shape) for identity, shape in shapes if shape != shapes[0][1]), None)
     if odd is not None:
         raise ValueError(
@@ -249,4 +273,3 @@ def check_collatable(ids: Sequence[Any], examples: Sequence[Any], argument: str 
             f"{odd[1]}; a batch needs one image size: resize the images to one size, e.g. with "
             "sap_hf.data.prepare_image_dataset(data, ImageTransform(image_size=224)) or the model's image processor."
         )
-

@@ -23,8 +23,10 @@ import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Union
+from typing import IO, Any, Union
+
 
 STAGING_NAME = ".sap_staging"
 
@@ -69,7 +71,9 @@ def atomic_write(path: Union[str, Path], write_fn: Callable[[IO[Any]], Any], mod
 
 
 @contextlib.contextmanager
-def staged_save(output_dir: Union[str, Path], *, is_main: bool = True, staging_name: str = STAGING_NAME) -> Iterator[Path]:
+def staged_save(
+    output_dir: Union[str, Path], *, is_main: bool = True, staging_name: str = STAGING_NAME
+) -> Iterator[Path]:
     """Yield a staging folder inside `output_dir`; on success move its files into `output_dir` one `os.replace` each.
 
     The folder-level form of `atomic_write`, for writers that produce several files at once

@@ -9,7 +9,8 @@ merges them first.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Optional
+from collections.abc import Iterator, Mapping
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -84,8 +85,9 @@ def logits_of(output: Any) -> torch.Tensor:
     return logits
 
 
-def forward_pixels(model: nn.Module, batch: Mapping[str, Any], device: torch.device,
-                   pixels: Optional[torch.Tensor] = None) -> Any:
+def forward_pixels(
+    model: nn.Module, batch: Mapping[str, Any], device: torch.device, pixels: Optional[torch.Tensor] = None
+) -> Any:
     """`model(pixel_values=...)` on the model's device and dtype, with a clear error for wrong images.
 
     `pixels` replaces the batch's `pixel_values` (a shifted view of them, say).
@@ -118,8 +120,9 @@ def forward_pixels(model: nn.Module, batch: Mapping[str, Any], device: torch.dev
         ) from err
 
 
-def predict_logits(model: nn.Module, batch: Mapping[str, Any], device: torch.device,
-                   pixels: Optional[torch.Tensor] = None) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, batch: Mapping[str, Any], device: torch.device, pixels: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The logits of `batch` (or of `pixels` in its place), as float32 or wider."""
     logits = logits_of(forward_pixels(model, batch, device, pixels))
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

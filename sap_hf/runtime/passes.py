@@ -15,8 +15,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -24,8 +25,16 @@ from torch import nn
 from .batching import Batch, Collator, Identity, iter_shard_batches, shard_progress
 from .checks import positive_int
 from .contract import as_pass_data, check_example_labels, class_labels
-from .distributed import gather_shards, is_main_process, main_process_value, process_layout, raise_on_any_process, sum_over_processes
+from .distributed import (
+    gather_shards,
+    is_main_process,
+    main_process_value,
+    process_layout,
+    raise_on_any_process,
+    sum_over_processes,
+)
 from .modeling import inference_mode, model_device, predict_logits, unwrap_model
+
 
 PhaseHook = Callable[[str, float], None]
 
@@ -66,7 +75,7 @@ class Runtime:
     def is_main(self) -> bool:
         return is_main_process(self.accelerator)
 
-    def replace(self, **changes: Any) -> "Runtime":
+    def replace(self, **changes: Any) -> Runtime:
         """A copy with some settings changed; the copy adds to the same `timings`."""
         return dataclasses.replace(self, **changes, timings=self.timings)
 
@@ -105,8 +114,9 @@ class Runtime:
             self.record(phase, time.perf_counter() - start)
 
     @contextlib.contextmanager
-    def run(self, model: nn.Module, data: Any, phase: str, *, argument: str = "data",
-            description: Optional[str] = None) -> Iterator["DataPass"]:
+    def run(
+        self, model: nn.Module, data: Any, phase: str, *, argument: str = "data", description: Optional[str] = None
+    ) -> Iterator[DataPass]:
         """A pass over `data` with `model` in inference mode: yields the `DataPass` to iterate.
 
         An exception inside the block is announced to every process and re-raised on all of them
@@ -150,14 +160,24 @@ class DataPass:
         self.data = data
         self.argument = argument
         self.device = runtime.device(model)
-        self.progress = shard_progress(data, description, rank=runtime.rank, world=runtime.world, show=runtime.show_progress)
+        self.progress = shard_progress(
+            data, description, rank=runtime.rank, world=runtime.world, show=runtime.show_progress
+        )
 
-    def batches(self, *, with_examples: bool = False, by_key: bool = True, keep: Optional[set] = None) -> Iterator[PassBatch]:
+    def batches(
+        self, *, with_examples: bool = False, by_key: bool = True, keep: Optional[set] = None
+    ) -> Iterator[PassBatch]:
         """This process's batches (each example read by one process only); the progress bar follows them."""
         for ids, batch, examples in iter_shard_batches(
-            self.data, batch_size=self.runtime.batch_size, process_index=self.runtime.rank,
-            num_processes=self.runtime.world, collate_fn=self.runtime.collate_fn, keep=keep, with_examples=True,
-            by_key=by_key, check=lambda ids, examples: check_example_labels(ids, examples, self.argument),
+            self.data,
+            batch_size=self.runtime.batch_size,
+            process_index=self.runtime.rank,
+            num_processes=self.runtime.world,
+            collate_fn=self.runtime.collate_fn,
+            keep=keep,
+            with_examples=True,
+            by_key=by_key,
+            check=lambda ids, examples: check_example_labels(ids, examples, self.argument),
             argument=self.argument,
         ):
             yield PassBatch(list(ids), batch, examples if with_examples else None)
@@ -187,8 +207,10 @@ def resolve_runtime(runtime: Optional[Runtime], **defaults: Any) -> Runtime:
 
 def finite_samples(pixels: torch.Tensor) -> torch.Tensor:
     """One bool per sample: every pixel finite (a NaN image must not score, or corrupt a class's selection)."""
-    return torch.isfinite(pixels.reshape(pixels.shape[0], -1)).all(1) if pixels.is_floating_point() else torch.ones(
-        pixels.shape[0], dtype=torch.bool, device=pixels.device
+    return (
+        torch.isfinite(pixels.reshape(pixels.shape[0], -1)).all(1)
+        if pixels.is_floating_point()
+        else torch.ones(pixels.shape[0], dtype=torch.bool, device=pixels.device)
     )
 
 
