@@ -1,6 +1,7 @@
 """CIFAR-10N: SAP and the clean-up after it on real human label noise (the benchmark of record).
 
     python benchmarks/cifar10n.py                       # label sets worse, random1, aggre; seeds 0-2
+    python benchmarks/cifar10n.py --regime mae          # fine-tuned from a backbone pretrained without labels
     python benchmarks/cifar10n.py --quick               # smoke test (a tiny copy, a few epochs)
 
 Data (`sap_hf.data.load_cifar10n`): CIFAR-10 training images with one CIFAR-10N label set (`worse`: 40% wrong,
@@ -8,6 +9,16 @@ Data (`sap_hf.data.load_cifar10n`): CIFAR-10 training images with one CIFAR-10N 
 from CIFAR-10's test split. The same images for every label set of a seed, so `oracle` (the same training on
 the clean labels) is trained once per seed. Model: a tiny ViT (32x32 RGB, 8x8 patches) trained from scratch with
 the recipe's optimiser until it memorises the noise; val after every epoch for `best_epoch`.
+
+Regimes (`--regime`):
+
+    scratch   the tiny ViT trained from scratch for 60 epochs (it fits 94-99% of the wrong labels).
+    mae       the same ViT fine-tuned for 30 epochs from a backbone pretrained WITHOUT labels: `ViTMAEForPreTraining`
+              (75% of the 16 patches masked, normalised-pixel loss, a 2-layer decoder) on all CIFAR-10 training
+              images of the copy (25,000; the task's 4,000 among them, their labels never read), flip + shift
+              augmented, `--pretrain_epochs`; its encoder is the classifier's backbone, the head new and seeded.
+              Pretrained once (seed 0) and cached under `--cache_dir`: the costly part, shared by every cell,
+              as one public checkpoint is shared by its users. Results in `results/cifar10n_mae.json`.
 
 Methods (every choice on the clean validation split, reported on test):
 
@@ -22,6 +33,18 @@ Methods (every choice on the clean validation split, reported on test):
     best+sap+<mode>   the same pipeline started from the val-best epoch instead of the last one
     ...-noaug         the same clean-up without augmentation (RefineConfig(augment=False); --augment 1 0)
 
+With `--methods extra` (the issue's other methods, each from the last model; every choice on val):
+
+    refine            the clean-up without SAP: the uncorrected model's audit, refine(RefineConfig(): remove | pseudo)
+    finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val)
+    scrub             SCRUB (benchmarks/peers.py) with the realistic forget set: forget = the SAP model's audit
+                      suspects (top-k on val), retain = `sap`'s trusted samples
+
+With `--methods cleanlab` (label sets of `--cleanlab_sets`): cleanlab's label-issue ranking (self-confidence) on
+5-fold cross-validated probabilities (`common.cross_validated_probs`: 5 models of the same kind as the cell's,
+`--cv_epochs`, early-stopped on val), its average precision against the true errors and its seconds, beside the
+SAP audit's (`sap_step`: SAP + one audit pass, timed in the same process): the `audits` list of the JSON.
+
 Each row: test/val accuracy, `noisy_fit` (share of the wrong training labels the model predicts), and for the
 SAP rows the trusted samples' purity and the audit's average precision against the true errors; the clean-up's
 `cost_epochs` (forward + backward passes, in epochs of the training set) beside the training's epochs.
@@ -32,6 +55,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,17 +63,24 @@ from typing import Any, Optional
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402
 from common import (  # noqa: E402
     accuracy,
     clean_label_cleanup_row,
     cleanup_study_rows,
     cleanup_table,
     cleanup_targets,
+    cross_validated_probs,
     environment,
+    finetune_grid,
     fit_diagnostics,
     image_tensors,
+    mean_std,
     plot_cleanup,
+    refine_row,
     run_tasks,
+    sap_step,
+    shift_audit,
     summarise_cleanup,
     train_from_scratch,
     write_json,
@@ -60,6 +91,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10n"
 RESULTS = Path(__file__).resolve().parent / "results"
 LABEL_SETS = ("worse", "random1", "aggre")
 MODES = ("remove", "soft", "pseudo")
+METHOD_GROUPS = ("core", "extra", "cleanlab")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -80,14 +112,34 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="add the rows to --out's, replacing those of the same label set, seed and method",
     )
+    parser.add_argument("--regime", default="scratch", choices=["scratch", "mae"], help="see the module docstring")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["core", "extra", "cleanlab"],
+        choices=METHOD_GROUPS,
+        help="core: none, best_epoch, oracle, sap and the clean-ups; extra: refine, finetune_trusted,"
+        " scrub; cleanlab: the audits against cleanlab's cross-validation",
+    )
+    parser.add_argument("--cleanlab_sets", nargs="*", default=["worse"], help="label sets of the cleanlab audits")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--cv_epochs", type=int, default=None, help="each CV model's length (default: --epochs / 2)")
+    parser.add_argument("--cv_warmup_epochs", type=float, default=1.0)
+    parser.add_argument("--pretrain_epochs", type=int, default=40, help="mae: epochs over the unlabelled images")
+    parser.add_argument("--pretrain_lr", type=float, default=1.5e-3)
+    parser.add_argument("--pretrain_batch_size", type=int, default=256)
+    parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3], help="finetune_trusted")
+    parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40])
+    parser.add_argument("--ft_batch_size", type=int, default=32)
+    peers.add_peer_arguments(parser)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train_size", type=int, default=4000)
     parser.add_argument("--val_size", type=int, default=1000)
     parser.add_argument("--test_size", type=int, default=3000)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=None, help="training length (scratch 60, mae 30)")
+    parser.add_argument("--lr", type=float, default=None, help="training lr (scratch 2e-3, mae 1e-3)")
     parser.add_argument("--warmup_epochs", type=float, default=3.0)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--weight_decay", type=float, default=0.0)
@@ -107,14 +159,22 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--refine_batch_size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=str(RESULTS / "cifar10n.json"))
+    parser.add_argument("--out", default=None, help="default results/cifar10n.json (mae: cifar10n_mae.json)")
     parser.add_argument("--cache_dir", default=None, help="keep the trained models here (keyed by their settings)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few epochs, one seed")
     args = parser.parse_args(argv)
+    scratch = args.regime == "scratch"
+    args.epochs = args.epochs or (60 if scratch else 30)
+    args.lr = args.lr or (2e-3 if scratch else 1e-3)
+    args.out = args.out or str(RESULTS / ("cifar10n.json" if scratch else "cifar10n_mae.json"))
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs, args.seeds = 200, 100, 100, 3, args.seeds[:1]
         args.hidden, args.layers, args.refine_epochs, args.warmup_epochs = 32, 2, [1], 0.5
+        args.pretrain_epochs, args.pretrain_images, args.folds, args.ft_epochs = 1, 400, 2, [1]
+    else:
+        args.pretrain_images = None  # the whole training split of the copy
+    args.cv_epochs = args.cv_epochs or max(1, args.epochs // 2)
     return args
 
 
@@ -147,15 +207,12 @@ def load_data(label_set: str, seed: int, args: argparse.Namespace) -> dict[str, 
     return data
 
 
-def new_model(seed: int, args: argparse.Namespace) -> Any:
-    import torch
-    from transformers import ViTForImageClassification
-
+def vit_config(args: argparse.Namespace) -> Any:
+    """The tiny ViT of every cell: 32x32 RGB, 8x8 patches (16 tokens + CLS), `--hidden`, `--layers`."""
     from sap_hf.data.cifar10n import CIFAR10_CLASSES
     from sap_hf.models import tiny_vit_config
 
-    torch.manual_seed(seed)
-    config = tiny_vit_config(
+    return tiny_vit_config(
         image_size=32,
         patch_size=8,
         num_channels=3,
@@ -164,7 +221,110 @@ def new_model(seed: int, args: argparse.Namespace) -> Any:
         num_hidden_layers=args.layers,
         id2label=dict(enumerate(CIFAR10_CLASSES)),
     )
-    return ViTForImageClassification(config)
+
+
+def build_model(args: argparse.Namespace) -> Any:
+    """A classifier from the current torch seed: random (scratch), or the MAE backbone with a new head (mae)."""
+    from transformers import ViTForImageClassification
+
+    model = ViTForImageClassification(vit_config(args))
+    if args.regime == "mae":
+        import torch
+
+        backbone = torch.load(args.backbone, weights_only=True)
+        loaded = model.vit.load_state_dict(backbone, strict=False)
+        if loaded.unexpected_keys or loaded.missing_keys:
+            raise RuntimeError(f"the MAE encoder does not match the classifier's ViT: {loaded}")
+    return model
+
+
+def new_model(seed: int, args: argparse.Namespace) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    return build_model(args)
+
+
+def mae_backbone(args: argparse.Namespace) -> Path:
+    """The encoder of `ViTMAEForPreTraining` pretrained on the copy's unlabelled training images (cached file).
+
+    Without `--cache_dir` (the smoke test) it is written to a temporary folder of this process."""
+    import tempfile
+
+    import torch
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from sap_hf.data import load_cifar10n
+
+    keys = ("hidden", "layers", "pretrain_epochs", "pretrain_lr", "pretrain_batch_size", "pretrain_images")
+    name = "mae_" + "_".join(f"{k}={getattr(args, k)}" for k in keys) + ".pt"
+    folder = Path(args.cache_dir) if args.cache_dir else Path(tempfile.gettempdir()) / f"cifar10n_mae_{os.getpid()}"
+    path = folder / name
+    if path.is_file():
+        return path
+    vit = vit_config(args)
+    config = ViTMAEConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=vit.hidden_size,
+        num_hidden_layers=vit.num_hidden_layers,
+        num_attention_heads=vit.num_attention_heads,
+        intermediate_size=vit.intermediate_size,
+        decoder_hidden_size=vit.hidden_size,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=vit.num_attention_heads,
+        decoder_intermediate_size=2 * vit.hidden_size,
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+    )
+    splits = load_cifar10n(
+        args.images, args.labels, label_set="clean", train_size=args.pretrain_images, val_size=0, test_size=1, seed=0
+    )
+    pixels, _ = image_tensors(splits["train"], image_size=32, num_channels=3)  # labels never read
+    torch.manual_seed(0)
+    model = ViTMAEForPreTraining(config)
+    history = pretrain_loop(model, pixels, args)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.vit.state_dict(), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+    path.with_suffix(".json").write_text(json.dumps({"config": config.to_dict(), "images": len(pixels), **history}))
+    return path
+
+
+def pretrain_loop(model: Any, pixels: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """MAE's reconstruction loss, AdamW (weight decay 0.05, betas 0.9/0.95), warm-up then cosine; each batch flipped
+    and shifted (`sap_hf.data.augment.weak_view`, seeded per image and epoch). Returns the loss per epoch."""
+    import math
+
+    import torch
+
+    from sap_hf.data.augment import WEAK_DRAWS, hashed_uniform, weak_view
+
+    batch, epochs = args.pretrain_batch_size, args.pretrain_epochs
+    steps = epochs * math.ceil(len(pixels) / batch)
+    warmup = max(1, steps // 10)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, weight_decay=0.05, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
+    )
+    generator = torch.Generator().manual_seed(0)
+    losses, started = [], time.perf_counter()
+    model.train()
+    for epoch in range(epochs):
+        order, total = torch.randperm(len(pixels), generator=generator), 0.0
+        for i in range(0, len(pixels), batch):
+            index = order[i : i + batch]
+            views = weak_view(pixels[index], hashed_uniform(index, epoch, WEAK_DRAWS))
+            loss = model(pixel_values=views).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(index)
+        losses.append(round(total / len(pixels), 4))
+        print(f"[cifar10n] MAE epoch {epoch + 1}/{epochs}: loss {losses[-1]}", flush=True)
+    return {"loss": losses, "seconds": time.perf_counter() - started}
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,7 +333,7 @@ def new_model(seed: int, args: argparse.Namespace) -> Any:
 
 
 def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
-    """Every method's rows for one (label set, seed); `oracle` for label set 'clean'."""
+    """Every method's rows for one (label set, seed); `oracle` for label set 'oracle' (trained on the clean labels)."""
     import tempfile
 
     import torch
@@ -191,12 +351,13 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     base = {
         "label_set": label_set,
         "seed": seed,
+        "regime": args.regime,
         "noise_rate": float(data["is_noisy"].float().mean()),
         "train_epochs": args.epochs,
         "train_seconds": trained["seconds"],
     }
     last = copy.deepcopy(model.state_dict())
-    rows = []
+    rows, audits = [], []
     model.load_state_dict(trained["best"]["state"])
     best = dict(
         base,
@@ -212,29 +373,126 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
             ceiling = clean_label_cleanup_row(model, last, data, scratch=scratch, **settings)
         return {
             "rows": [best, dict(base, **ceiling)],
+            "audits": [],
             "history": trained["history"],
             "seconds": time.perf_counter() - started,
             **task_key(task),
         }
     model.load_state_dict(last)
+    if "core" in args.methods:
+        rows.append(
+            dict(
+                base,
+                method="none",
+                test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+                val_accuracy=trained["history"][-1],
+                **fit_diagnostics(model, data),
+            )
+        )
+        rows.append(best)
+        rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
+    sap = sap_step(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
+    if "extra" in args.methods:
+        rows += [dict(base, **r) for r in extra_rows(model, last, sap, data, args, seed)]
+    if "cleanlab" in args.methods and label_set in args.cleanlab_sets:
+        audits += [dict(base, **r) for r in audit_rows(sap, data, args, seed)]
+    model.load_state_dict(last)
+    return {
+        "rows": rows,
+        "audits": audits,
+        "history": trained["history"],
+        "seconds": time.perf_counter() - started,
+        **task_key(task),
+    }
+
+
+def extra_rows(
+    model: Any, last: dict, sap: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int
+) -> list[dict[str, Any]]:
+    """`refine` (the clean-up without SAP), `finetune_trusted` and `scrub` (realistic forget set), from `last`."""
+    import tempfile
+
+    from sap_hf import RefineConfig
+
+    model.load_state_dict(last)
+    config = RefineConfig(learning_rates=[args.lr, 2 * args.lr], epochs=list(args.refine_epochs))
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = [
+            refine_row(
+                model,
+                data,
+                shift_audit(model, data),
+                config,
+                method="refine",
+                refine_batch_size=args.refine_batch_size,
+                seed=seed,
+                scratch=scratch,
+            )
+        ]
+    trusted = sap["trusted"]
+    clock = time.perf_counter()
+    ft = finetune_grid(model, last, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
     rows.append(
         dict(
-            base,
-            method="none",
-            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-            val_accuracy=trained["history"][-1],
-            **fit_diagnostics(model, data),
+            method="finetune_trusted",
+            test_accuracy=ft["test_accuracy"],
+            val_accuracy=ft["val_accuracy"],
+            lr=ft["lr"],
+            ft_epochs=ft["epochs"],
+            noisy_fit=ft["noisy_fit"],
+            clean_fit=ft["clean_fit"],
+            seconds=time.perf_counter() - clock,
         )
     )
-    rows.append(best)
-    rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
-    return {"rows": rows, "history": trained["history"], "seconds": time.perf_counter() - started, **task_key(task)}
+    model.load_state_dict(last)
+    scrub = peers.peer_rows(
+        model,
+        data,
+        trusted_indices=trusted.tolist(),
+        suspects=sap["audit"].suspected_indices(),
+        args=args,
+        seed=seed,
+        methods=("scrub",),
+        forget_sets=("realistic",),
+    )
+    return rows + scrub
+
+
+def audit_rows(sap: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int) -> list[dict]:
+    """The SAP audit (`sap_step`) and cleanlab on `args.folds`-fold cross-validated probabilities: AP and seconds."""
+    from sklearn.metrics import average_precision_score
+
+    from sap_hf.audit.scores import label_quality_scores
+
+    clock = time.perf_counter()
+    cv = cross_validated_probs(data, lambda: build_model(args), args, seed)
+    suspicion = -label_quality_scores(cv["probs"], data["train_y"], "self_confidence", use_cleanlab=True)
+    cv_seconds = time.perf_counter() - clock
+    truth = data["is_noisy"].numpy()
+    folds_epochs = cv["samples_trained"] / len(data["train_y"])
+    return [
+        dict(
+            method="sap_audit",
+            audit_ap=sap["row"]["audit_ap"],
+            seconds=sap["row"]["seconds"],
+            base_rate=float(truth.mean()),
+        ),
+        dict(
+            method=f"cleanlab_cv{args.folds}",
+            audit_ap=float(average_precision_score(truth, suspicion.double().numpy())),
+            seconds=cv_seconds,
+            cost_epochs=folds_epochs,
+            fold_best_epochs=cv["fold_best_epochs"],
+            base_rate=float(truth.mean()),
+        ),
+    ]
 
 
 def trained_model(
     model: Any, data: dict[str, Any], label_set: str, seed: int, args: argparse.Namespace
 ) -> dict[str, Any]:
-    """`train_from_scratch` on the noisy (oracle: clean) labels, or its result from `--cache_dir`; model at its last epoch."""
+    """`train_from_scratch` on the noisy (oracle: clean) labels, or its result from `--cache_dir`; model at its last
+    epoch. The mae regime's names add the backbone's settings."""
     import torch
 
     keys = (
@@ -249,7 +507,8 @@ def trained_model(
         "batch_size",
         "weight_decay",
     )
-    name = "_".join([label_set, str(seed), *(f"{k}={getattr(args, k)}" for k in keys)]) + ".pt"
+    regime = [] if args.regime == "scratch" else [Path(args.backbone).stem]
+    name = "_".join([*regime, label_set, str(seed), *(f"{k}={getattr(args, k)}" for k in keys)]) + ".pt"
     path = Path(args.cache_dir) / name if args.cache_dir else None
     if path is not None and path.is_file():
         cached = torch.load(path, weights_only=False)
@@ -273,60 +532,82 @@ def task_key(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
+def summarised(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with its summary, targets and audit summary computed again from its rows."""
+    summary = summarise_cleanup(record["rows"], "label_set")
+    return dict(
+        record,
+        summary=summary,
+        targets=cleanup_targets(summary),
+        audit_summary=audit_summary(record.get("audits", [])),
+    )
+
+
+def audit_summary(audits: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per label set: each audit's mean AP and seconds, and the issue's target (the SAP audit's AP >= cleanlab's
+    cross-validation's, at <= 1/5 of its seconds)."""
+    out: dict[str, Any] = {}
+    for label_set in dict.fromkeys(r["label_set"] for r in audits):
+        cell: dict[str, Any] = {}
+        for method in dict.fromkeys(r["method"] for r in audits if r["label_set"] == label_set):
+            group = [r for r in audits if r["label_set"] == label_set and r["method"] == method]
+            cell[method] = {
+                "audit_ap": mean_std(r["audit_ap"] for r in group),
+                "seconds": mean_std(r["seconds"] for r in group)["mean"],
+                "base_rate": group[0]["base_rate"],
+            }
+        cleanlab = next((m for m in cell if m.startswith("cleanlab")), None)
+        if cleanlab and "sap_audit" in cell:
+            ap_gap = cell["sap_audit"]["audit_ap"]["mean"] - cell[cleanlab]["audit_ap"]["mean"]
+            cost = cell["sap_audit"]["seconds"] / cell[cleanlab]["seconds"]
+            cell["target"] = {"ap_minus_cleanlab": ap_gap, "cost_ratio": cost, "met": ap_gap >= 0 and cost <= 0.2}
+        out[label_set] = cell
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    tasks = [(s, seed, args) for seed in args.seeds for s in ("oracle", *args.label_sets)]
+    label_sets = ("oracle", *args.label_sets) if "core" in args.methods else tuple(args.label_sets)
+    tasks = [(s, seed, args) for seed in args.seeds for s in label_sets]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    title = "CIFAR-10N" + (" (MAE backbone)" if args.regime == "mae" else "")
 
     def record(results: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = [row for result in results for row in result["rows"]]
-        summary = summarise_cleanup(rows, "label_set")
         config = {k: v for k, v in vars(args).items() if k not in ("jobs", "threads", "out", "cache_dir", "replot")}
         return {
             "config": config,
             "environment": environment(),
-            "rows": rows,
-            "summary": summary,
-            "targets": cleanup_targets(summary),
+            "rows": [row for result in results for row in result["rows"]],
+            "audits": [row for result in results for row in result["audits"]],
             "cells": [{k: r[k] for k in ("label_set", "seed", "seconds", "history")} for r in results],
         }
 
     def merged(new: dict[str, Any], old: Optional[dict[str, Any]]) -> dict[str, Any]:
         if old is None:
-            return new
-        ids = {(r["label_set"], r["seed"], r["method"]) for r in new["rows"]}
-        rows = [r for r in old["rows"] if (r["label_set"], r["seed"], r["method"]) not in ids] + new["rows"]
-        summary = summarise_cleanup(rows, "label_set")
-        return dict(
-            old,
-            rows=rows,
-            summary=summary,
-            targets=cleanup_targets(summary),
-            merged=[*old.get("merged", []), new["config"]],
-        )
+            return summarised(new)
+        combined = dict(old, merged=[*old.get("merged", []), new["config"]], cells=old["cells"] + new["cells"])
+        for part in ("rows", "audits"):
+            ids = {(r["label_set"], r["seed"], r["method"]) for r in new[part]}
+            kept = [r for r in old.get(part, []) if (r["label_set"], r["seed"], r["method"]) not in ids]
+            combined[part] = kept + new[part]
+        return summarised(combined)
 
     if args.replot:  # summary, targets, table and figure again from the recorded rows
-        recorded = json.loads(out.read_text())
-        recorded["summary"] = summarise_cleanup(recorded["rows"], "label_set")
-        recorded["targets"] = cleanup_targets(recorded["summary"])
-        write_json(out, recorded)
-        print(cleanup_table(recorded["summary"]))
-        print(
-            json.dumps(recorded["targets"], indent=1),
-            plot_cleanup(recorded["summary"], out.with_suffix(".png"), "CIFAR-10N"),
+        final = summarised(json.loads(out.read_text()))
+        write_json(out, final)
+    else:
+        if args.regime == "mae":
+            args.backbone = str(mae_backbone(args))  # once, before the workers start
+        previous = json.loads(out.read_text()) if args.merge and out.is_file() else None
+        results = run_tasks(
+            run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, merged(record(done), previous))
         )
-        return recorded
-
-    previous = json.loads(out.read_text()) if args.merge and out.is_file() else None
-    results = run_tasks(
-        run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, merged(record(done), previous))
-    )
-    final = merged(record(results), previous)
-    write_json(out, final)
-    figure = plot_cleanup(final["summary"], out.with_suffix(".png"), "CIFAR-10N")
+        final = merged(record(results), previous)
+        write_json(out, final)
+    figure = plot_cleanup(final["summary"], out.with_suffix(".png"), title)
     print(cleanup_table(final["summary"]))
-    print(json.dumps(final["targets"], indent=1), figure)
+    print(json.dumps({"targets": final["targets"], "audits": final["audit_summary"]}, indent=1), figure)
     return final
 
 

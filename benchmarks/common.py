@@ -692,12 +692,166 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def probabilities(model: Any, pixels: Any, views: str = "image", batch_size: int = 1000) -> Any:
+    """Softmax probabilities (float64) of every image, through the library's `predict_probs` on one `Runtime` pass."""
+    import torch
+
+    from sap_hf.audit.labels import predict_probs
+    from sap_hf.runtime.passes import Runtime
+
+    images = TensorExamples(pixels, torch.zeros(len(pixels), dtype=torch.long))  # labels unread
+    probs = None
+    with Runtime(batch_size=batch_size, show_progress=False).run(model, images, "probabilities") as walk:
+        for batch in walk.batches():
+            chunk = predict_probs(walk, batch, views)
+            if probs is None:
+                probs = torch.zeros(len(pixels), chunk.shape[-1], dtype=chunk.dtype)
+            probs[torch.as_tensor(batch.ids, dtype=torch.long)] = chunk
+    return probs
+
+
+def cross_validated_probs(
+    data: dict[str, Any], new_model: Callable[[], Any], args: argparse.Namespace, seed: int
+) -> dict[str, Any]:
+    """Out-of-sample probabilities of every training image from `args.folds` models, each `new_model()` (called
+    after `torch.manual_seed(100 seed + fold)`) trained by `train_from_scratch` for `args.cv_epochs` on the other
+    folds and early-stopped on val: cleanlab's cross-validation, the label audits' costly reference."""
+    import torch
+
+    n = len(data["train_y"])
+    folds = torch.randperm(n, generator=torch.Generator().manual_seed(1000 + seed)) % args.folds
+    probs = None
+    cv_args = copy.copy(args)
+    cv_args.epochs, cv_args.warmup_epochs = args.cv_epochs, args.cv_warmup_epochs
+    record = {
+        "fold_best_epochs": [],
+        "fold_best_val": [],
+        "train_seconds": 0.0,
+        "epochs_trained": 0,
+        "samples_trained": 0,
+    }
+    for fold in range(args.folds):
+        held = folds == fold
+        fold_data = dict(data, train_x=data["train_x"][~held], train_y=data["train_y"][~held])
+        torch.manual_seed(seed * 100 + fold)
+        model = new_model()
+        trained = train_from_scratch(model, fold_data, cv_args, seed * 100 + fold)
+        model.load_state_dict(trained["best"]["state"])
+        held_probs = probabilities(model, data["train_x"][held])
+        if probs is None:
+            probs = torch.zeros(n, held_probs.shape[-1], dtype=torch.float64)
+        probs[held] = held_probs
+        record["fold_best_epochs"].append(trained["best"]["epoch"])
+        record["fold_best_val"].append(round(trained["best"]["val_accuracy"], 4))
+        record["train_seconds"] += trained["seconds"]
+        record["epochs_trained"] += args.cv_epochs
+        record["samples_trained"] += args.cv_epochs * int((~held).sum())
+    record["probs"] = probs
+    return record
+
+
 def audit_ap(audit: Any, data: dict[str, Any]) -> float:
     """Average precision of an audit's ranking (most suspicious first) against the true label errors (`is_noisy`)."""
     from sklearn.metrics import average_precision_score
 
     truth = data["is_noisy"][audit.indices].numpy()
     return float(average_precision_score(truth, -audit.scores.double().numpy())) if truth.any() else float("nan")
+
+
+def val_metric(data: dict[str, Any]) -> Callable[[Any], dict[str, float]]:
+    """The `evaluate_fn` of the studies' SAP and clean-up runs: clean validation accuracy."""
+    return lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}
+
+
+def shift_audit(model: Any, data: dict[str, Any]) -> Any:
+    """The recipe's label audit (`views="shift"`) of the noisy training set under `model`."""
+    from sap_hf import audit_labels
+    from sap_hf.runtime.passes import Runtime
+
+    train_set = TensorExamples(data["train_x"], data["train_y"])
+    return audit_labels(model, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
+
+
+def sap_step(model: Any, state: dict, data: dict[str, Any], method: str = "sap") -> dict[str, Any]:
+    """`sap_correct(SAPConfig())` of `state` and the corrected model's label audit: `{"row", "state", "audit",
+    "trusted"}`. The model is left corrected. The row carries the trusted samples' purity and the audit's average
+    precision against the true errors; `seconds` covers the correction and the audit."""
+    import torch
+
+    from sap_hf import SAPConfig, sap_correct
+
+    model.load_state_dict(state)
+    clock = time.perf_counter()
+    train_set = TensorExamples(data["train_x"], data["train_y"])
+    result = sap_correct(
+        model, train_set, config=SAPConfig(batch_size=500), evaluate_fn=val_metric(data), show_progress=False
+    )
+    trusted = torch.as_tensor(result.trusted_indices, dtype=torch.long)
+    audit = shift_audit(model, data)
+    row = dict(
+        method=method,
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=result.final_metrics["accuracy"],
+        kind_alphas=result.kind_alphas,
+        purity=float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean()),
+        audit_ap=audit_ap(audit, data),
+        audit_suspected=audit.num_suspected,
+        seconds=time.perf_counter() - clock,
+        **fit_diagnostics(model, data),
+    )
+    return {"row": row, "state": copy.deepcopy(model.state_dict()), "audit": audit, "trusted": trusted}
+
+
+def refine_row(
+    model: Any,
+    data: dict[str, Any],
+    audit: Any,
+    config: Any,
+    *,
+    method: str,
+    refine_batch_size: int,
+    seed: int,
+    scratch: str,
+) -> dict[str, Any]:
+    """`sap_hf.refine(config)` of the model as it is, with `audit`'s suspects: the row (the model is left refined).
+
+    The row carries the chosen mode, lr and length, `cost_epochs`, the refined model's audit AP (`audit_ap_after`),
+    the val grid (`trials`) and `noisy_fit`."""
+    from sap_hf import refine
+    from sap_hf.runtime.passes import Runtime
+
+    clock = time.perf_counter()
+    refined = refine(
+        model,
+        TensorExamples(data["train_x"], data["train_y"]),
+        audit,
+        val_metric(data),
+        config,
+        args=refine_arguments(scratch, refine_batch_size, seed),
+        runtime=Runtime(show_progress=False),
+    )
+    return dict(
+        method=method,
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=refined.final_metrics["accuracy"],
+        refine_mode=refined.mode,
+        lr=refined.learning_rate,
+        refine_epochs=refined.epochs,
+        cost_epochs=refined.cost_epochs,
+        examples=refined.examples.get(refined.mode),
+        audit_ap_after=audit_ap(shift_audit(model, data), data),
+        seconds=time.perf_counter() - clock,
+        trials=[
+            {
+                "mode": t["mode"],
+                "lr": t["learning_rate"],
+                "epochs": t["epochs"],
+                "val": round(t["metrics"]["accuracy"], 4),
+            }
+            for t in refined.trials
+        ],
+        **fit_diagnostics(model, data),
+    )
 
 
 def sap_and_cleanups(
@@ -714,75 +868,31 @@ def sap_and_cleanups(
     scratch: str,
     augments: Sequence[bool] = (True,),
 ) -> list[dict[str, Any]]:
-    """`<prefix>sap` (`sap_correct(SAPConfig())`) from `state`, then `<prefix>sap+<mode>` for each mode: the rows.
+    """`<prefix>sap` (`sap_step`) from `state`, then `<prefix>sap+<mode>` (`refine_row`) for each mode: the rows.
 
     Each clean-up starts from the SAP model and its label audit (`views="shift"`): `sap_hf.refine` in that one
     mode, lr in {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them; once per value of
     `augments` (`RefineConfig.augment`; rows without augmentation are named `<prefix>sap+<mode>-noaug`). The model is
-    left at `state`. Rows carry the trusted samples' purity, the audits' average precision against the true errors
-    (before and after the clean-up), `noisy_fit`, and the clean-up's `cost_epochs`.
+    left at `state`.
     """
-    import torch
+    from sap_hf import RefineConfig
 
-    from sap_hf import RefineConfig, SAPConfig, audit_labels, refine, sap_correct
-    from sap_hf.runtime.passes import Runtime
-
-    def val(m: Any) -> dict[str, float]:
-        return {"accuracy": accuracy(m, data["val_x"], data["val_y"])}
-
-    def audit(m: Any) -> Any:
-        return audit_labels(m, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
-
-    train_set = TensorExamples(data["train_x"], data["train_y"])
-    model.load_state_dict(state)
-    clock = time.perf_counter()
-    result = sap_correct(model, train_set, config=SAPConfig(batch_size=500), evaluate_fn=val, show_progress=False)
-    index = torch.as_tensor(result.trusted_indices, dtype=torch.long)
-    sap_state = copy.deepcopy(model.state_dict())
-    first = audit(model)
-    rows = [
-        dict(
-            method=f"{prefix}sap",
-            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-            val_accuracy=result.final_metrics["accuracy"],
-            kind_alphas=result.kind_alphas,
-            purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
-            audit_ap=audit_ap(first, data),
-            audit_suspected=first.num_suspected,
-            seconds=time.perf_counter() - clock,
-            **fit_diagnostics(model, data),
-        )
-    ]
+    sap = sap_step(model, state, data, method=f"{prefix}sap")
+    rows = [sap["row"]]
     for mode, augment in [(mode, augment) for augment in augments for mode in modes]:
-        model.load_state_dict(sap_state)
-        clock = time.perf_counter()
+        model.load_state_dict(sap["state"])
         config = RefineConfig(mode=mode, learning_rates=[lr, 2 * lr], epochs=list(refine_epochs), augment=augment)
-        refined = refine(
-            model,
-            train_set,
-            first,
-            val,
-            config,
-            args=refine_arguments(scratch, refine_batch_size, seed),
-            runtime=Runtime(show_progress=False),
-        )
+        method = f"{prefix}sap+{mode}{'' if augment else '-noaug'}"
         rows.append(
-            dict(
-                method=f"{prefix}sap+{mode}{'' if augment else '-noaug'}",
-                test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-                val_accuracy=refined.final_metrics["accuracy"],
-                refine_mode=refined.mode,
-                lr=refined.learning_rate,
-                refine_epochs=refined.epochs,
-                cost_epochs=refined.cost_epochs,
-                examples=refined.examples.get(mode),
-                audit_ap_after=audit_ap(audit(model), data),
-                seconds=time.perf_counter() - clock,
-                trials=[
-                    {"lr": t["learning_rate"], "epochs": t["epochs"], "val": round(t["metrics"]["accuracy"], 4)}
-                    for t in refined.trials
-                ],
-                **fit_diagnostics(model, data),
+            refine_row(
+                model,
+                data,
+                sap["audit"],
+                config,
+                method=method,
+                refine_batch_size=refine_batch_size,
+                seed=seed,
+                scratch=scratch,
             )
         )
     model.load_state_dict(state)

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import common
-from common import accuracy, mean_std, prepare_run, refine_arguments, train_from_scratch
+from common import accuracy, cross_validated_probs, mean_std, prepare_run, probabilities, refine_arguments
 
 from sap_hf.runtime.passes import Runtime
 
@@ -138,23 +138,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # --------------------------------------------------------------------------------------------
 
 
-def _probs(model: Any, pixels: Any, views: str = "image", batch_size: int = 1000) -> Any:
-    """Softmax probabilities (float64) of every image, through the library's `predict_probs` on one `Runtime` pass."""
-    import torch
-
-    from sap_hf.audit.labels import predict_probs
-
-    images = common.TensorExamples(pixels, torch.zeros(len(pixels), dtype=torch.long))  # labels unread
-    probs = None
-    with Runtime(batch_size=batch_size, show_progress=False).run(model, images, "probabilities") as walk:
-        for batch in walk.batches():
-            chunk = predict_probs(walk, batch, views)
-            if probs is None:
-                probs = torch.zeros(len(pixels), chunk.shape[-1], dtype=chunk.dtype)
-            probs[torch.as_tensor(batch.ids, dtype=torch.long)] = chunk
-    return probs
-
-
 def _rule_scores(model: Any, data: dict[str, Any], rule: str, batch_size: int = 1000) -> tuple[Any, Any]:
     """`sap_hf.core.selection.sample_scores(rule)` of every training image, and whether the model's prediction
     (averaged over the rule's views) differs from the label; one pass over the views."""
@@ -230,40 +213,6 @@ def refined_audit(
     return audit, info
 
 
-def cross_validated_probs(data: dict[str, Any], config: Any, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """Out-of-sample probabilities of every training image from `args.folds` models (early-stopped on val)."""
-    import torch
-    from transformers import ViTForImageClassification
-
-    n = len(data["train_y"])
-    folds = torch.randperm(n, generator=torch.Generator().manual_seed(1000 + seed)) % args.folds
-    probs = torch.zeros(n, config.num_labels, dtype=torch.float64)
-    cv_args = copy.copy(args)
-    cv_args.epochs, cv_args.warmup_epochs = args.cv_epochs, args.cv_warmup_epochs
-    record = {
-        "fold_best_epochs": [],
-        "fold_best_val": [],
-        "train_seconds": 0.0,
-        "epochs_trained": 0,
-        "samples_trained": 0,
-    }
-    for fold in range(args.folds):
-        held = folds == fold
-        fold_data = dict(data, train_x=data["train_x"][~held], train_y=data["train_y"][~held])
-        torch.manual_seed(seed * 100 + fold)
-        model = ViTForImageClassification(config)
-        trained = train_from_scratch(model, fold_data, cv_args, seed * 100 + fold)
-        model.load_state_dict(trained["best"]["state"])
-        probs[held] = _probs(model, data["train_x"][held])
-        record["fold_best_epochs"].append(trained["best"]["epoch"])
-        record["fold_best_val"].append(round(trained["best"]["val_accuracy"], 4))
-        record["train_seconds"] += trained["seconds"]
-        record["epochs_trained"] += args.cv_epochs
-        record["samples_trained"] += args.cv_epochs * int((~held).sum())
-    record["probs"] = probs
-    return record
-
-
 def time_one_epoch(model: Any, data: dict[str, Any], args: argparse.Namespace) -> float:
     """Seconds of one training epoch over the whole training set (a copy of `model`, the recipe's optimiser/batch): the cost unit."""
     import torch
@@ -302,6 +251,8 @@ def detector_metrics(is_noisy: Any, suspicion: Any, flagged: Any) -> dict[str, f
 
 
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import ViTForImageClassification
+
     from sap_hf import audit_labels, sap_correct
     from sap_hf.audit.scores import cleanlab_available, flag_label_issues, label_quality_scores
     from sap_hf.data import FASHION_MNIST_CLASSES
@@ -338,7 +289,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
     # (b) 5-fold cross-validation (its early-stopping evaluations on val are part of its cost).
     if "cleanlab_cv5" in wanted:
         clock = time.perf_counter()
-        cv = cross_validated_probs(data, config, args, seed)
+        cv = cross_validated_probs(data, lambda: ViTForImageClassification(config), args, seed)
         cv_seconds = time.perf_counter() - clock
         suspicion, flagged = cleanlab_scores(cv["probs"])
         add(
@@ -354,7 +305,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
 
     # (a) in-sample probabilities of the memorised model.
     clock = time.perf_counter()
-    memorised_probs = _probs(model, data["train_x"])
+    memorised_probs = probabilities(model, data["train_x"])
     suspicion, flagged = cleanlab_scores(memorised_probs)
     add("cleanlab_in_sample", suspicion, flagged, time.perf_counter() - clock)
     clock = time.perf_counter()
@@ -380,7 +331,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         "sap_test_accuracy": accuracy(model, data["test_x"], data["test_y"]),
     }
     clock = time.perf_counter()
-    sap_probs = _probs(model, data["train_x"])
+    sap_probs = probabilities(model, data["train_x"])
     suspicion, flagged = cleanlab_scores(sap_probs)
     add("cleanlab_sap", suspicion, flagged, sap_seconds + time.perf_counter() - clock, **sap_info)
     clock = time.perf_counter()

@@ -398,9 +398,18 @@ def oracle_sets(data: dict, retain_size: int, forget_size: int, seed: int) -> tu
 
 
 def peer_rows(
-    model: Any, data: dict, *, trusted_indices: Sequence[int], suspects: Sequence[int], args: Any, seed: int
+    model: Any,
+    data: dict,
+    *,
+    trusted_indices: Sequence[int],
+    suspects: Sequence[int],
+    args: Any,
+    seed: int,
+    methods: Sequence[str] = ("ssd", "scrub"),
+    forget_sets: Sequence[str] = ("realistic", "oracle"),
 ) -> list[dict]:
-    """SSD and SCRUB with the realistic and the oracle forget sets: four rows (see the module docstring).
+    """SSD and SCRUB with the realistic and the oracle forget sets: four rows (see the module docstring), or those
+    of `methods` x `forget_sets`.
 
     `model`: the uncorrected ViTForImageClassification at its final state (restored before returning);
     `data`: `common.load_run_data`'s dict; `trusted_indices`: the recipe's trusted samples (positions in
@@ -422,12 +431,14 @@ def peer_rows(
     suspected = torch.as_tensor(list(suspects), dtype=torch.long)
     sizes = oracle_sizes(n_train)
     rows = []
-    for method in ("ssd", "scrub"):
+    for method in methods:
         oracle_forget, oracle_retain = oracle_sets(data, *sizes[method], seed)
         for forget_set, forget, retain in (
             ("realistic", suspected, trusted),
             ("oracle", oracle_forget, oracle_retain),
         ):
+            if forget_set not in forget_sets:
+                continue
             model.load_state_dict(original)
             cost, clock = Cost(), time.perf_counter()
 
