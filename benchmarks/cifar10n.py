@@ -40,6 +40,9 @@ With `--methods extra` (the issue's other methods, each from the last model; eve
     scrub             SCRUB (benchmarks/peers.py) with the realistic forget set: forget = the SAP model's audit
                       suspects (top-k on val), retain = `sap`'s trusted samples
 
+With `--methods defaults`: `sap_paper` (the paper's settings, `common.PAPER_SAP`), `sap_loss` (the loss rule),
+`sap_30` (30 trusted per class): SAP alone with settings other than `SAPConfig()`'s.
+
 With `--methods cleanlab` (label sets of `--cleanlab_sets`): cleanlab's label-issue ranking (self-confidence) on
 5-fold cross-validated probabilities (`common.cross_validated_probs`: 5 models of the same kind as the cell's,
 `--cv_epochs`, early-stopped on val), its average precision against the true errors and its seconds, beside the
@@ -65,6 +68,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
 from common import (  # noqa: E402
+    PAPER_SAP,
     accuracy,
     clean_label_cleanup_row,
     cleanup_study_rows,
@@ -91,7 +95,13 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10n"
 RESULTS = Path(__file__).resolve().parent / "results"
 LABEL_SETS = ("worse", "random1", "aggre")
 MODES = ("remove", "soft", "pseudo")
-METHOD_GROUPS = ("core", "extra", "cleanlab")
+METHOD_GROUPS = ("core", "extra", "cleanlab", "defaults")
+#: `--methods defaults`: SAP with other settings than `SAPConfig()`'s, to check the defaults on real noise.
+SAP_VARIANTS: dict[str, dict[str, Any]] = {
+    "sap_paper": PAPER_SAP,  # the paper's: loss rule, 100 per class, one alpha over 1 ... 1e7
+    "sap_loss": {"selection_rule": "loss"},  # SAPConfig() but the plain loss ranks the trusted samples
+    "sap_30": {"trusted_per_class": 30},  # SAPConfig() with 30 trusted samples per class instead of 10
+}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -119,7 +129,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=["core", "extra", "cleanlab"],
         choices=METHOD_GROUPS,
         help="core: none, best_epoch, oracle, sap and the clean-ups; extra: refine, finetune_trusted,"
-        " scrub; cleanlab: the audits against cleanlab's cross-validation",
+        " scrub; cleanlab: the audits against cleanlab's cross-validation; defaults: SAP_VARIANTS (not by default)",
     )
     parser.add_argument("--cleanlab_sets", nargs="*", default=["worse"], help="label sets of the cleanlab audits")
     parser.add_argument("--folds", type=int, default=5)
@@ -394,6 +404,12 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     sap = sap_step(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
     if "extra" in args.methods:
         rows += [dict(base, **r) for r in extra_rows(model, last, sap, data, args, seed)]
+    if "defaults" in args.methods:
+        from sap_hf import SAPConfig
+
+        for method, settings in SAP_VARIANTS.items():
+            config = SAPConfig(**{"batch_size": 500, **settings})
+            rows.append(dict(base, **sap_step(model, last, data, method=method, config=config)["row"]))
     if "cleanlab" in args.methods and label_set in args.cleanlab_sets:
         audits += [dict(base, **r) for r in audit_rows(sap, data, args, seed)]
     model.load_state_dict(last)

@@ -772,10 +772,10 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
     return audit_labels(model, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
 
 
-def sap_step(model: Any, state: dict, data: dict[str, Any], method: str = "sap") -> dict[str, Any]:
-    """`sap_correct(SAPConfig())` of `state` and the corrected model's label audit: `{"row", "state", "audit",
-    "trusted"}`. The model is left corrected. The row carries the trusted samples' purity and the audit's average
-    precision against the true errors; `seconds` covers the correction and the audit."""
+def sap_step(model: Any, state: dict, data: dict[str, Any], method: str = "sap", config: Any = None) -> dict[str, Any]:
+    """`sap_correct(config)` (default `SAPConfig()`, batches of 500) of `state` and the corrected model's label audit:
+    `{"row", "state", "audit", "trusted"}`. The model is left corrected. The row carries the trusted samples' purity
+    and the audit's average precision against the true errors; `seconds` covers the correction and the audit."""
     import torch
 
     from sap_hf import SAPConfig, sap_correct
@@ -783,9 +783,8 @@ def sap_step(model: Any, state: dict, data: dict[str, Any], method: str = "sap")
     model.load_state_dict(state)
     clock = time.perf_counter()
     train_set = TensorExamples(data["train_x"], data["train_y"])
-    result = sap_correct(
-        model, train_set, config=SAPConfig(batch_size=500), evaluate_fn=val_metric(data), show_progress=False
-    )
+    config = config or SAPConfig(batch_size=500)
+    result = sap_correct(model, train_set, config=config, evaluate_fn=val_metric(data), show_progress=False)
     trusted = torch.as_tensor(result.trusted_indices, dtype=torch.long)
     audit = shift_audit(model, data)
     row = dict(
