@@ -230,6 +230,37 @@ def restored_on_failure(model: nn.Module, names: Sequence[str]) -> Iterator[None
         raise
 
 
+def _search_round(
+    base: nn.Module,
+    stats: ActivationStats,
+    round_index: int,
+    config: SAPConfig,
+    runtime: Runtime,
+    evaluate_fn: EvaluateFn,
+    metric: str,
+    greater_is_better: bool,
+    on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]],
+) -> AlphaSearchResult:
+    """One round's alpha search on `stats`: the grid grown by `alpha_growth` per round, one alpha per layer kind
+    when `alpha_scope="per_kind"`; timed as "search" (its evaluations included)."""
+    grid = [a * config.alpha_growth**round_index for a in config.alphas]
+    kinds = group_kinds(stats.groups, classifier_names(base)) if config.alpha_scope == "per_kind" else None
+    with runtime.timed("search"):
+        return search_alpha(
+            base,
+            stats,
+            grid,
+            evaluate_fn,
+            metric=metric,
+            greater_is_better=greater_is_better,
+            on_evaluate=on_evaluate,
+            kinds=kinds,
+            method=config.alpha_search,
+            tolerance=config.alpha_search_tolerance,
+            on_phase=runtime.record,
+        )
+
+
 def sap_correct(
     model: nn.Module,
     train_data: Any,
@@ -274,22 +305,9 @@ def sap_correct(
     with restored_on_failure(base, targets):
         for round_index in range(config.num_rounds):
             stats = plan.statistics(base, targets, round_index)
-            grid = [a * config.alpha_growth**round_index for a in config.alphas]
-            kinds = group_kinds(stats.groups, classifier_names(base)) if config.alpha_scope == "per_kind" else None
-            with runtime.timed("search"):  # includes its evaluations
-                search = search_alpha(
-                    base,
-                    stats,
-                    grid,
-                    evaluate_fn,
-                    metric=metric,
-                    greater_is_better=greater_is_better,
-                    on_evaluate=on_evaluate,
-                    kinds=kinds,
-                    method=config.alpha_search,
-                    tolerance=config.alpha_search_tolerance,
-                    on_phase=runtime.record,
-                )
+            search = _search_round(
+                base, stats, round_index, config, runtime, evaluate_fn, metric, greater_is_better, on_evaluate
+            )
             rounds.append(search)
             if not search.improved:
                 break

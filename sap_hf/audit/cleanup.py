@@ -485,6 +485,45 @@ def run_arguments(
 # ----------------------------------------------------------------------------------------------
 
 
+def _baseline(evaluate_fn: Callable[[nn.Module], Mapping[str, float]], base: nn.Module, metric: str) -> dict:
+    """The eval metrics before any fine-tune; checks `metric` is among them before any training (a missing metric
+    would otherwise fail after the first epoch)."""
+    baseline = dict(evaluate_fn(base))
+    if metric not in baseline:
+        raise ValueError(
+            f"metric={metric!r} is not among the eval metrics {sorted(baseline)}: pass one of them as metric= "
+            "(SAPTrainer: TrainingArguments.metric_for_best_model)."
+        )
+    return baseline
+
+
+def _trial_trainer(
+    base: nn.Module,
+    data: Any,
+    plan: Any,
+    collate: Callable,
+    config: RefineConfig,
+    lr: float,
+    args: Optional[TrainingArguments],
+    scratch: str,
+    runtime: Runtime,
+    checkpoint: Callable[[int], None],
+) -> CleanupTrainer:
+    """The `CleanupTrainer` of one (mode, lr) trial: `plan`'s examples of `data`, `checkpoint(epoch)` at each of
+    `config.epochs`."""
+    trainer = CleanupTrainer(
+        model=base,
+        args=run_arguments(args, scratch, lr, max(config.epochs), runtime.show_progress, stream=not _indexable(data)),
+        train_dataset=(PlanExamples if _indexable(data) else PlanStream)(data, plan),
+        data_collator=PlanCollator(collate),
+        callbacks=[_Checkpoints(config.epochs, checkpoint)],
+        refine_config=config,
+    )
+    if not runtime.show_progress:
+        trainer.remove_callback(PrinterCallback)  # its end-of-run line; the trials are logged
+    return trainer
+
+
 def refine(
     model: nn.Module,
     train_data: Any,
@@ -513,12 +552,7 @@ def refine(
     plans, examples = _plans(audit, train_data, config)
     data, collate = examples_and_collate(train_data, runtime.collate_fn)
     start = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # copies off the accelerator
-    baseline = dict(evaluate_fn(base))
-    if metric not in baseline:  # before any training: a missing metric would otherwise fail after the first epoch
-        raise ValueError(
-            f"metric={metric!r} is not among the eval metrics {sorted(baseline)}: pass one of them as metric= "
-            "(SAPTrainer: TrainingArguments.metric_for_best_model)."
-        )
+    baseline = _baseline(evaluate_fn, base, metric)
     best = _Best(baseline, metric, greater_is_better)
     trials: list[dict[str, Any]] = []
     passes = 0
@@ -535,18 +569,9 @@ def refine(
                     )
                     best.offer(metrics, base, mode=mode, learning_rate=lr, epochs=epoch)
 
-                trainer = CleanupTrainer(
-                    model=base,
-                    args=run_arguments(
-                        args, scratch, lr, max(config.epochs), runtime.show_progress, stream=not _indexable(data)
-                    ),
-                    train_dataset=(PlanExamples if _indexable(data) else PlanStream)(data, plans[mode]),
-                    data_collator=PlanCollator(collate),
-                    callbacks=[_Checkpoints(config.epochs, checkpoint)],
-                    refine_config=config,
+                trainer = _trial_trainer(
+                    base, data, plans[mode], collate, config, lr, args, scratch, runtime, checkpoint
                 )
-                if not runtime.show_progress:
-                    trainer.remove_callback(PrinterCallback)  # its end-of-run line; the trials are logged
                 trainer.train()
                 passes += int(runtime.sum(torch.tensor(float(trainer.passes), dtype=torch.float64)).item())
     except BaseException:
