@@ -76,6 +76,8 @@ class SAPTrainer(Trainer):
     def __init__(
         self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any
     ):
+        """`Trainer.__init__`, extended with the SAP settings, accuracy as the default `compute_metrics` (the alpha
+        search needs a metric), and the callbacks that keep checkpoints exact (`.checkpoints`, `.recorded`)."""
         kwargs.setdefault("compute_metrics", None)
         if kwargs["compute_metrics"] is None:
             kwargs["compute_metrics"] = accuracy_metrics
@@ -111,7 +113,7 @@ class SAPTrainer(Trainer):
         return super().train(*args, **kwargs)
 
     def _restore_losses(self, checkpoint: Any) -> None:
-        """Resuming: the losses recorded before the checkpoint (saved in it by `_save_checkpoint`), or a warning."""
+        """Resuming: the losses recorded before the checkpoint (saved in it by `RecordSaver`), or a warning."""
         if checkpoint is None or checkpoint is False:
             return
         if checkpoint is True:
@@ -191,7 +193,11 @@ class SAPTrainer(Trainer):
 
     def _model_columns(self) -> list[str]:
         """The example keys the model's forward takes, plus the label names: what the Trainer's column removal keeps."""
-        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        model = self.model
+        if hasattr(model, "get_base_model"):  # a PeftModel: its base model's forward names the inputs
+            model = model.get_base_model()
+        elif type(model).__name__ == "PeftMixedModel":  # no get_base_model
+            model = model.base_model.model
         return [*inspect.signature(model.forward).parameters, *sorted({"label", "label_ids", *self.label_names})]
 
     @staticmethod
