@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from ..runtime.checks import check_choice, finite_float, integer, invalid, is_bool, plain_scalar, positive_int
 from .projection import validate_alpha
-from .selection import SELECTION_RULES
+from .selection import SCORERS
 
 
 logger = logging.get_logger(__name__)
@@ -256,7 +256,7 @@ class SAPConfig:
         )
         if self.selection_rule is None:
             self.selection_rule = "loss" if self.trusted_source == "training" else "shift_loss"
-        self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, SELECTION_RULES)
+        self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, tuple(SCORERS))
         if self.trusted_source == "training" and (self.selection_rule != "loss" or self.selection_subset is not None):
             raise ValueError(
                 f"SAPConfig.trusted_source='training' ranks by the recorded training loss, so selection_rule="

@@ -203,7 +203,6 @@ SCORERS: dict[str, Scorer] = {
 }
 """The selection rules by name (`SAPConfig.selection_rule`): a new rule is one `Scorer` added here."""
 
-SELECTION_RULES: tuple[str, ...] = tuple(SCORERS)
 EXPERIMENTAL_RULES: tuple[str, ...] = ("agreement", "curvature")
 """Rules the benchmarks show no gain for (benchmarks/README.md, "Trusted selection"): kept, not recommended."""
 
@@ -327,7 +326,7 @@ def select_from_scores(
 
 def _check_selection(per_class: Any, rule: str, selection_model: Optional[nn.Module]) -> None:
     positive_int("per_class", per_class, "keep at least 1 trusted sample per class.")
-    check_choice("rule", rule, SELECTION_RULES)
+    check_choice("rule", rule, tuple(SCORERS))
     if rule == "early_loss" and selection_model is None:
         raise ValueError("rule='early_loss' needs selection_model= (an earlier checkpoint of the model).")
 
