@@ -309,7 +309,8 @@ def memorise(corpus: Path, model_dir: Path, epochs: int, image_size: int = 28) -
     The images are decoded once into tensors first (training speed is not what this model is for; its first
     epoch is not the unit). The model is the Fashion-MNIST recipe's geometry (28x28, patch 7: 16 tokens,
     hidden 64, 4 layers) on RGB, 14 classes: at 32x32 / patch 4 (64 tokens) memorising 10k images would take
-    about 4x longer. Saved with `training_losses.pt` (the trainer's `TrainingLosses`) in `model_dir`.
+    about 4x longer. Saved with the trainer's `TrainingLosses` in `model_dir` (`TrainingLosses.save`: the
+    library's own `sap_training_losses-0.npz`, as in a checkpoint).
     """
     import torch
     from transformers import TrainingArguments, ViTForImageClassification
@@ -318,9 +319,10 @@ def memorise(corpus: Path, model_dir: Path, epochs: int, image_size: int = 28) -
     from sap_hf.data import CLOTHING1M_CLASSES, ImageTransform
     from sap_hf.models import tiny_vit_config
     from sap_hf.trainer import SAPTrainer
+    from sap_hf.trainer.recorded import RECORD_FILE
 
     record_path = model_dir / "memorised.json"
-    if record_path.is_file():
+    if record_path.is_file() and (model_dir / RECORD_FILE.format(rank=0)).is_file():
         return json.loads(record_path.read_text())
     torch.set_num_threads(1)
     rows = CorpusRows(corpus)
@@ -373,7 +375,7 @@ def memorise(corpus: Path, model_dir: Path, epochs: int, image_size: int = 28) -
             [model(pixel_values=pixels[i : i + 500]).logits.argmax(-1) for i in range(0, len(pixels), 500)]
         )
     model.save_pretrained(model_dir)
-    torch.save(trainer.training_losses, model_dir / "training_losses.pt")
+    trainer.training_losses.save(model_dir, rank=0)
     record = {
         "epochs": epochs,
         "image_size": image_size,
@@ -617,6 +619,7 @@ def trainer_worker(corpus: str, model_dir: str, out: str) -> None:
 
     from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
     from sap_hf.trainer import SAPTrainer
+    from sap_hf.trainer.recorded import TrainingLosses
 
     torch.set_num_threads(1)
     quiet_libraries()
@@ -643,9 +646,10 @@ def trainer_worker(corpus: str, model_dir: str, out: str) -> None:
         data_collator=transform.collate,
         sap_config=config,
     )
-    trainer.training_losses = torch.load(
-        Path(model_dir) / "training_losses.pt", weights_only=False
-    )  # what train() recorded
+    trainer.training_losses = TrainingLosses(len(trainer.train_dataset), config.training_loss_epochs)
+    problem = trainer.training_losses.restore(model_dir)  # what train() recorded
+    if problem is not None:
+        raise RuntimeError(f"{model_dir}: {problem}; delete memorised.json there to train the model again.")
     log = PhaseLog(decodes)
     trainer.accelerator.wait_for_everyone()
     clock, before = time.perf_counter(), decodes[0]

@@ -12,10 +12,10 @@ from .api import SAPResult, sap_correct, sap_project
 from .audit.cleanup import RefineConfig, refine
 from .audit.labels import LabelAudit, audit_labels
 from .core.config import SAPConfig
-from .core.evaluation import evaluate_accuracy
 from .core.search import search_alpha
 from .core.selection import TrustedSelection, select_trusted
 from .core.stats import ActivationStats, collect_statistics
+from .evaluation import evaluate_accuracy
 from .runtime.passes import Runtime
 from .trainer import SAPTrainer
 

@@ -27,7 +27,6 @@ from .core.cache import (
     statistics_options,
 )
 from .core.config import SAPConfig, validate_alpha
-from .core.evaluation import accuracy_evaluator
 from .core.projection import current_weights, plan_projection, write_weights
 from .core.search import AlphaSearchResult, eigenbases, search_alpha
 from .core.selection import select_trusted
@@ -41,6 +40,7 @@ from .core.targets import (
     group_kinds,
     layer_kind,
 )
+from .evaluation import accuracy_evaluator
 from .runtime.batching import Collator, subset
 from .runtime.contract import as_pass_data
 from .runtime.passes import PhaseHook, Runtime

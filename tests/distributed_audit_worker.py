@@ -13,7 +13,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from helpers import random_examples  # noqa: E402
 
 from sap_hf import RefineConfig, audit_labels, refine  # noqa: E402
-from sap_hf.core.evaluation import accuracy_evaluator  # noqa: E402
+from sap_hf.evaluation import accuracy_evaluator  # noqa: E402
 from sap_hf.models import tiny_model  # noqa: E402
 from sap_hf.runtime.passes import Runtime
 

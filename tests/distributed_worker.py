@@ -161,10 +161,10 @@ def recorded(out_dir: str, data_dir: str) -> None:
     from helpers import MapStyle
     from transformers import TrainingArguments, ViTForImageClassification
 
-    from sap_hf.core.recorded import merge_losses
     from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
     from sap_hf.models import tiny_vit_config
     from sap_hf.trainer import SAPTrainer
+    from sap_hf.trainer.recorded import merge_losses
 
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)

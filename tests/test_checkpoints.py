@@ -1,7 +1,7 @@
 """SAPTrainer ends with exactly the best checkpoint's weights and resumes exactly from a checkpoint.
 
 transformers 5 writes ViT checkpoints with legacy tensor names and `Trainer` reloads them with
-`strict=False`: without `sap_hf.checkpoints` only the embeddings and the head came back.
+`strict=False`: without `sap_hf.trainer.checkpoints` only the embeddings and the head came back.
 """
 
 import pytest
@@ -10,9 +10,9 @@ from helpers import random_examples
 from safetensors.torch import save_file
 from transformers import TrainerCallback, TrainingArguments, ViTForImageClassification
 
-from sap_hf.checkpoints import CheckpointWeights, load_checkpoint_weights
 from sap_hf.models import tiny_vit_config
 from sap_hf.trainer import SAPTrainer
+from sap_hf.trainer.checkpoints import CheckpointWeights, load_checkpoint_weights
 
 
 def _model(seed: int = 0) -> ViTForImageClassification:

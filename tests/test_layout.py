@@ -1,10 +1,11 @@
 """The package's layers, read from its folders: every import arrow points down.
 
 `runtime/` (passes over data, batching, processes, I/O) knows nothing of SAP; `core/` (SAP itself:
-config, math, targets, statistics, selection, search) builds on it; `data/` (readers, transforms,
-noise) stands alone; `audit/` reads what `core/` computes; the top-level modules (`api`, `trainer`,
-`hub`, ...) assemble them; `cli/` is the outermost. Cheap static checks: the source is parsed,
-nothing is imported.
+config, math, targets, statistics, selection, search) builds on it and knows nothing of a `Trainer`;
+`data/` (readers, transforms, noise) stands alone; `audit/` reads what `core/` computes; the top-level
+modules (`api`, `hub`, `evaluation`, ...) assemble them; `trainer/` (`SAPTrainer` and what only a
+`Trainer` needs) sits on top of them; `cli/` is the outermost. Cheap static checks: the source is
+parsed, nothing is imported.
 """
 
 from __future__ import annotations
@@ -17,7 +18,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sap_hf"
 
 # Folders in import order: a folder may import only folders before it (and itself).
 FOLDERS = ["runtime", "core", "data", "audit"]
+TRAINER = "trainer"  # a folder on top of the top-level modules: only the package's __init__ and cli import it
 OUTERMOST = "cli"  # may import anything
+# What only a `Trainer` brings: no module of these folders may import or take it.
+TRAINER_FREE = ["runtime", "core"]
+TRAINER_NAMES = {"Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl", "EvalPrediction"}
 # The bottom of the import graph: they import no sap_hf module but each other (losses.py uses the
 # argument checks), so each can be read, tested and reused without the engine.
 LEAVES = ["core/projection.py", "core/formatting.py", "runtime/checks.py", "runtime/io.py"]
@@ -72,7 +77,8 @@ def test_leaf_modules_import_only_other_leaves():
 def test_every_module_lives_in_a_known_layer():
     units = {_unit(path) for path in PACKAGE.rglob("*.py")}
     folders = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
-    assert folders == {*FOLDERS, OUTERMOST}, f"new folder(s) {folders - {*FOLDERS, OUTERMOST}}: place them in FOLDERS"
+    known = {*FOLDERS, TRAINER, OUTERMOST}
+    assert folders == known, f"new folder(s) {folders - known}: place them in FOLDERS"
     assert units - folders, "no top-level modules?"
 
 
@@ -83,13 +89,43 @@ def test_import_arrows_point_down():
         if unit == OUTERMOST or unit == "__init__":
             continue
         imported = _sap_imports(path) - {unit, "__init__"}
-        if unit in FOLDERS:  # a folder imports only earlier folders, never a top-level module or cli
+        if unit in FOLDERS:  # a folder imports only earlier folders, never a top-level module, trainer/ or cli
             allowed = set(FOLDERS[: FOLDERS.index(unit)])
-        else:  # a top-level module imports folders and other top-level modules, never cli
+        elif unit == TRAINER:  # trainer/ imports folders and top-level modules, never cli
             allowed = {u for u in imported if u != OUTERMOST}
+        else:  # a top-level module imports folders and other top-level modules, never trainer/ or cli
+            allowed = {u for u in imported if u not in (OUTERMOST, TRAINER)}
         for name in sorted(imported - allowed):
             wrong.append(f"{path.relative_to(PACKAGE)} imports {name}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_core_and_runtime_know_nothing_of_a_trainer():
+    """`core/` is SAP and `runtime/` the pass: no `Trainer`-side name imported, no function that takes a trainer."""
+    found = []
+    for folder in TRAINER_FREE:
+        for path in sorted((PACKAGE / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "transformers":
+                    found += [
+                        f"{path.relative_to(PACKAGE)} imports {a.name}" for a in node.names if a.name in TRAINER_NAMES
+                    ]
+                elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    arguments = [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]
+                    found += [
+                        f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name}(trainer)"
+                        for a in arguments
+                        if a.arg == "trainer"
+                    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_trainer_side_is_beside_the_trainer():
+    """What only a `Trainer` needs lives in trainer/, not at the top level nor in core/."""
+    trainer_side = {"recorded.py", "checkpoints.py", "adapters.py", "evaluation.py", "trainer.py"}
+    assert trainer_side <= {path.name for path in (PACKAGE / TRAINER).glob("*.py")}
+    assert not (PACKAGE / "trainer.py").exists() and not (PACKAGE / "checkpoints.py").exists()
+    assert not (PACKAGE / "core" / "recorded.py").exists() and not (PACKAGE / "core" / "evaluation.py").exists()
 
 
 MAX_FUNCTION_LINES = 60

@@ -13,8 +13,8 @@ from sap_hf import SAPConfig, audit_labels
 from sap_hf.audit import cleanup as refine_module
 from sap_hf.audit.cleanup import BEST_MODES, RefineConfig, cleaned_labels, cleanup_plan, refine
 from sap_hf.audit.labels import LabelAudit
-from sap_hf.core.evaluation import accuracy_evaluator
 from sap_hf.data import augment
+from sap_hf.evaluation import accuracy_evaluator
 from sap_hf.hub import load_sap_record
 from sap_hf.models import tiny_model
 from sap_hf.runtime.passes import Runtime

@@ -1,4 +1,4 @@
-"""SAPTrainer's evaluation without Trainer.evaluate: the same metrics, -100 ignored, fallbacks; unkeyed-stream warning."""
+"""SAPTrainer's evaluation without Trainer.evaluate: the same metrics, -100 ignored, Trainer's metric settings; unkeyed-stream warning."""
 
 import logging
 
@@ -11,14 +11,14 @@ from transformers.utils.logging import warning_once
 
 from sap_hf import SAPConfig
 from sap_hf.audit.cleanup import RefineConfig
-from sap_hf.core.evaluation import eval_predictions
+from sap_hf.evaluation import eval_predictions
 from sap_hf.models import tiny_model
 from sap_hf.runtime.batching import iter_shard_batches
 from sap_hf.runtime.passes import Runtime
 from sap_hf.trainer import SAPTrainer
 
 
-def _trainer(tmp_path, eval_dataset=None, cls=SAPTrainer, **args):
+def _trainer(tmp_path, eval_dataset=None, cls=SAPTrainer, compute_metrics=None, **args):
     training_args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -35,6 +35,7 @@ def _trainer(tmp_path, eval_dataset=None, cls=SAPTrainer, **args):
         args=training_args,
         train_dataset=random_examples(24, seed=1),
         eval_dataset=eval_dataset if eval_dataset is not None else random_examples(13, seed=2),
+        compute_metrics=compute_metrics,
         # one shared alpha: one logged evaluation per candidate (the per-kind trials are tested in test_trainer.py)
         sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, alpha_scope="shared"),
     )
@@ -110,28 +111,43 @@ def test_preprocess_logits_and_prediction_loss_only_are_honoured(tmp_path):
     assert set(evaluate_fn(trainer.model)) == {"loss"}
 
 
-def test_what_needs_trainer_evaluate_keeps_it_and_says_why(tmp_path, caplog):
-    calls = []
+def test_include_for_metrics_batch_eval_metrics_and_unconcatenated_batches_on_the_one_path(tmp_path):
+    """What `Trainer.evaluate` hands compute_metrics for these settings, from the shared pass (no Trainer.evaluate)."""
+    seen = []
 
-    def compute_metrics(prediction):
-        calls.append(prediction.inputs)
-        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+    def compute_metrics(prediction, compute_result=None):
+        seen.append((prediction, compute_result))
+        predictions, labels = prediction.predictions, prediction.label_ids
+        if isinstance(predictions, list):  # eval_do_concat_batches=False
+            predictions, labels = np.concatenate(predictions), np.concatenate(labels)
+        return {"accuracy": float((np.asarray(predictions).argmax(-1) == np.asarray(labels)).mean())}
 
-    trainer = _trainer(tmp_path, include_for_metrics=["inputs"])
-    trainer.compute_metrics = compute_metrics
-    with caplog.at_level(logging.INFO, logger="sap_hf"):
-        _, _, evaluate_fn = trainer._sap_evaluator(trainer.eval_dataset)
-    assert "through Trainer.evaluate because TrainingArguments.include_for_metrics=['inputs']" in caplog.text
-    assert "accuracy" in evaluate_fn(trainer.model) and calls[0] is not None
-
-    class Custom(SAPTrainer):
-        def prediction_step(self, *args, **kwargs):
-            return super().prediction_step(*args, **kwargs)
-
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="sap_hf"):
-        _trainer(tmp_path, cls=Custom)._sap_evaluator(random_examples(4))
-    assert "Custom overrides prediction_step()" in caplog.text
+    expected = None
+    for settings in (
+        {},
+        {"include_for_metrics": ["inputs", "loss"]},
+        {"eval_do_concat_batches": False},
+        {"batch_eval_metrics": True},
+    ):
+        trainer = _trainer(tmp_path, compute_metrics=compute_metrics, **settings)
+        trainer.evaluate = _no_trainer_evaluate
+        seen.clear()
+        metrics = trainer._sap_evaluator(trainer.eval_dataset)[2](trainer.model)
+        expected = expected or metrics
+        prediction, compute_result = seen[-1]
+        if settings.get("include_for_metrics"):
+            assert prediction.inputs.shape == (13, 3, 16, 16) and prediction.losses.shape == (13,)
+            pixels = torch.stack([example["pixel_values"] for example in trainer.eval_dataset]).numpy()
+            assert np.array_equal(prediction.inputs, pixels)  # in the eval set's order
+        else:
+            assert prediction.inputs is None and prediction.losses is None
+        if settings.get("eval_do_concat_batches") is False:
+            assert [len(part) for part in prediction.predictions] == [5, 5, 3]
+        if settings.get("batch_eval_metrics"):  # per batch of 5, tensors, compute_result on the last only
+            assert [entry[1] for entry in seen] == [False, False, True]
+            assert isinstance(prediction.predictions, torch.Tensor) and len(prediction.predictions) == 3
+            continue  # this compute_metrics does not accumulate: the last batch's accuracy alone
+        assert metrics == expected
 
 
 def _stream(keys: bool, num_shards: int):

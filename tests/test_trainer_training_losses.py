@@ -12,11 +12,11 @@ from PIL import Image
 from transformers import TrainingArguments
 
 from sap_hf import SAPConfig, sap_correct
-from sap_hf.core.recorded import merge_losses
 from sap_hf.core.selection import select_from_scores
 from sap_hf.data import ImageTransform
 from sap_hf.models import tiny_model
 from sap_hf.trainer import SAPTrainer
+from sap_hf.trainer.recorded import merge_losses
 
 
 def _image_split(n: int, seed: int) -> datasets.Dataset:
@@ -37,9 +37,8 @@ def _trainer(tmp_path, train, config=None, epochs=2, lr=5e-3, **args):
         learning_rate=lr,
         report_to=[],
         disable_tqdm=True,
-        save_strategy="no",
         use_cpu=True,
-        **args,
+        **{"save_strategy": "no", **args},
     )
     config = config or SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, trusted_source="training")
     return SAPTrainer(
@@ -163,3 +162,29 @@ def test_select_from_scores_checks_labels_like_the_pass():
         select_from_scores(ids, torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0, -100, 0, -100]), 1, 2)
     chosen = select_from_scores(ids, torch.tensor([0.5, float("nan"), 0.3, 0.1]), torch.tensor([0, 1, 0, 1]), 1, 2)
     assert chosen.indices == [2, 3] and chosen.per_class == {0: 1, 1: 1}
+
+
+def test_checkpoints_hold_the_record_and_a_resumed_run_averages_every_epoch(tmp_path):
+    """Each checkpoint gets every process's record (the `on_save` callback); resuming restores it."""
+    train = MapStyle(random_examples(24, seed=1))
+    full = _trainer(tmp_path / "full", train, epochs=2, save_strategy="epoch")
+    full.train()
+    first = tmp_path / "full" / "out" / "checkpoint-3"
+    assert (first / "sap_training_losses-0.npz").is_file()
+    assert (tmp_path / "full" / "out" / "checkpoint-6" / "sap_training_losses-0.npz").is_file()
+    resumed = _trainer(tmp_path / "resumed", train, epochs=2)
+    resumed.train(resume_from_checkpoint=str(first))
+    record, expected = resumed.training_losses.summary(), full.training_losses.summary()
+    assert record["count"].tolist() == [2] * 24  # the epoch before the checkpoint and the one after
+    assert np.allclose(record["total"], expected["total"], atol=1e-5)
+
+
+def test_what_the_recording_loader_cannot_build_is_refused_naming_the_fix(tmp_path):
+    train = MapStyle(random_examples(24, seed=1))
+    with pytest.raises(ValueError, match="auto_find_batch_size=True changes it inside Trainer"):
+        _trainer(tmp_path, train, auto_find_batch_size=True).train()
+    with pytest.raises(ValueError, match="train_sampling_strategy='group_by_length'.*use 'random'"):
+        _trainer(tmp_path, train, train_sampling_strategy="group_by_length").train()
+    sequential = _trainer(tmp_path, train, epochs=1, lr=0.0, train_sampling_strategy="sequential")
+    sequential.train()
+    assert sequential.training_losses.summary()["count"].tolist() == [1] * 24

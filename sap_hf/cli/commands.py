@@ -33,8 +33,8 @@ from ..audit.labels import FILTERS, SCORE_METHODS, VIEWS, audit_labels
 from ..audit.report import write_audit_report
 from ..core.cache import check_stats_path
 from ..core.config import SAPConfig
-from ..core.evaluation import evaluate_accuracy
 from ..data import undecoded_images
+from ..evaluation import evaluate_accuracy
 from ..hub import push_folder, sap_record, staged_save, write_sap_files
 from ..runtime.passes import Runtime
 from .args import ArgumentParser, parse_with_config

@@ -169,24 +169,6 @@ def merge_for_correction(model: nn.Module, base: nn.Module) -> tuple[nn.Module, 
     return (model, base) if merged is base else (merged, merged)
 
 
-def merge_trainer_adapters(trainer: Any) -> None:
-    """A Trainer holding a PEFT model: make the merged model its `model` (and `model_wrapped`).
-
-    Then the evaluations of the alpha search run the very model SAP corrects, and
-    `save_model()` writes that whole corrected model instead of the adapters alone.
-    """
-    merged = merge_adapters(trainer.model)
-    if merged is trainer.model:
-        return
-    trainer.model = merged
-    trainer.model_wrapped = merged
-    logger.warning(
-        "SAPTrainer.correct(): trainer.model is now the merged %s (adapters merged); save_model() writes the whole "
-        "corrected model.",
-        type(merged).__name__,
-    )
-
-
 def _is_tuner_layer(module: nn.Module) -> bool:
     return isinstance(getattr(module, "base_layer", None), nn.Module) and hasattr(module, "merge")
 

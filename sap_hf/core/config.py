@@ -19,6 +19,7 @@ from transformers.utils import logging
 
 from ..runtime.checks import check_choice, finite_float, integer, invalid, is_bool, plain_scalar, positive_int
 from .projection import validate_alpha
+from .selection import SCORERS
 
 
 logger = logging.get_logger(__name__)
@@ -29,7 +30,6 @@ stay close to exact (`FLOAT32_ALPHA_LIMIT`)."""
 FLOAT32_ALPHA_LIMIT = 1e4
 """The largest alpha that float32 Gram matrices are used at without a warning (benchmarks/README.md,
 'Same weights': the float32 error grows with alpha)."""
-SELECTION_RULES: tuple[str, ...] = ("loss", "early_loss", "agreement", "shift_loss", "curvature")
 TRUSTED_SOURCES: tuple[str, ...] = ("pass", "training")
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
 ALPHA_SCOPES: tuple[str, ...] = ("shared", "per_kind")
@@ -132,11 +132,12 @@ class SAPConfig:
                 "corrected), 'early_loss' (cross-entropy under an earlier checkpoint, given as "
                 "`selection_model`, that has not yet memorised the noise), 'shift_loss' (loss averaged "
                 "over the image and four copies shifted by 1/28 of its side, 1 pixel at 28x28: no checkpoint "
-                "needed, and far purer than 'loss' on a model that memorised the noise), 'agreement' (loss averaged "
-                "over flipped views, keeping only samples whose views all predict the label), 'curvature' (the "
-                "reference's choice for real noise: how much the loss's input gradient changes along random "
-                "+-1e-3 pixel directions, averaged over 10 draws; memorised wrong labels sit in sharp minima. "
-                "Costly: 10 forward and backward passes per sample, and a training step's memory per batch)."
+                "needed, and far purer than 'loss' on a model that memorised the noise). Experimental (never better in "
+                "the benchmarks): 'agreement' (loss averaged over flipped views, keeping only samples whose views all "
+                "predict the label), 'curvature' (the reference's choice for real noise: how much the loss's input "
+                "gradient changes along random +-1e-3 pixel directions, averaged over 10 draws; memorised wrong "
+                "labels sit in sharp minima. Costly: 10 forward and backward passes per sample, 5-6x 'shift_loss', "
+                "and a training step's memory per batch)."
             )
         },
     )
@@ -255,7 +256,7 @@ class SAPConfig:
         )
         if self.selection_rule is None:
             self.selection_rule = "loss" if self.trusted_source == "training" else "shift_loss"
-        self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, SELECTION_RULES)
+        self.selection_rule = check_choice("SAPConfig.selection_rule", self.selection_rule, tuple(SCORERS))
         if self.trusted_source == "training" and (self.selection_rule != "loss" or self.selection_subset is not None):
             raise ValueError(
                 f"SAPConfig.trusted_source='training' ranks by the recorded training loss, so selection_rule="

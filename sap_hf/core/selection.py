@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,7 +26,6 @@ from ..runtime.batching import HashSample, Identity, check_pixel_values, identit
 from ..runtime.checks import check_choice, integer, positive_int
 from ..runtime.contract import LoaderData, class_labels
 from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resolve_runtime
-from .config import SELECTION_RULES
 from .targets import check_classifier
 
 
@@ -154,28 +154,62 @@ def curvature_scores(
     return torch.where(torch.isfinite(score), score, torch.full_like(score, math.nan))
 
 
-def sample_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, rule: str, seed: int = 0) -> torch.Tensor:
-    """Per-sample score (lower = more trustworthy), on the CPU. `inf` marks a sample the rule rejects.
+Scorer = Callable[[DataPass, PassBatch, torch.Tensor, int], torch.Tensor]
+"""A selection rule: `(walk, batch, labels, seed) -> scores`, one per sample, on the CPU, lower = more trustworthy.
 
-    'shift_loss' and 'agreement' average the loss over the image and its `EXTRA_VIEWS`;
-    'agreement' also rejects a sample unless every view predicts its label. 'curvature' is
-    `curvature_scores` (its random directions seeded by `seed` and each sample's identity).
-    """
-    if rule == "curvature":
-        return curvature_scores(walk, batch, labels, seed)
+`labels` are the batch's checked labels (-100 where ignored: score those as anything, they are dropped);
+`seed` seeds any randomness (per sample identity, so the scores do not depend on batching or processes).
+`+inf` rejects a sample (the rule's own choice, not reported); NaN excludes it (counted in a warning).
+"""
+
+
+def loss_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """'loss' (the paper) and 'early_loss' (the same, under `selection_model`): the cross-entropy."""
+    logits = walk.logits(batch)
+    return F.cross_entropy(logits, labels.to(logits.device).clamp_min(0), reduction="none").cpu()
+
+
+def _view_loss(walk: DataPass, batch: PassBatch, labels: torch.Tensor, views: list[torch.Tensor]):
+    """(mean cross-entropy over the image and `views` of it, whether every one predicts the label)."""
     logits = walk.logits(batch)
     labels = labels.to(logits.device).clamp_min(0)  # -100 (ignored) scores as class 0; the caller drops it
     loss = F.cross_entropy(logits, labels, reduction="none")
-    if rule not in EXTRA_VIEWS:
-        return loss.cpu()
-    views = EXTRA_VIEWS[rule](batch.pixel_values)
     agree = logits.argmax(-1) == labels
     for view in views:
         view_logits = walk.logits(batch, view)
         loss = loss + F.cross_entropy(view_logits, labels, reduction="none")
         agree &= view_logits.argmax(-1) == labels
-    loss = loss / (1 + len(views))
-    return (torch.where(agree, loss, torch.full_like(loss, math.inf)) if rule == "agreement" else loss).cpu()
+    return loss / (1 + len(views)), agree
+
+
+def shift_loss_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """'shift_loss' (the default): the loss averaged over the image and its four `shifted_views`."""
+    return _view_loss(walk, batch, labels, shifted_views(batch.pixel_values))[0].cpu()
+
+
+def agreement_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """'agreement' (experimental): the loss averaged over the image and its flip; rejected unless both predict
+    the label. Never better than 'shift_loss' in the benchmarks."""
+    loss, agree = _view_loss(walk, batch, labels, _flipped_view(batch.pixel_values))
+    return torch.where(agree, loss, torch.full_like(loss, math.inf)).cpu()
+
+
+SCORERS: dict[str, Scorer] = {
+    "loss": loss_scores,
+    "early_loss": loss_scores,
+    "agreement": agreement_scores,
+    "shift_loss": shift_loss_scores,
+    "curvature": curvature_scores,
+}
+"""The selection rules by name (`SAPConfig.selection_rule`): a new rule is one `Scorer` added here."""
+
+EXPERIMENTAL_RULES: tuple[str, ...] = ("agreement", "curvature")
+"""Rules the benchmarks show no gain for (benchmarks/README.md, "Trusted selection"): kept, not recommended."""
+
+
+def sample_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, rule: str, seed: int = 0) -> torch.Tensor:
+    """Per-sample score of `rule` (lower = more trustworthy), on the CPU: `SCORERS[rule]`."""
+    return SCORERS[rule](walk, batch, labels, seed)
 
 
 def select_trusted(
@@ -195,12 +229,13 @@ def select_trusted(
     `rule` is 'shift_loss' (the default, as `SAPConfig`'s: mean loss over the image and four copies
     shifted by a 1/28 of its side, see `shifted_views`: needs no checkpoint, and on a memorised model
     it is far purer than 'loss'), 'loss' (the paper), 'early_loss' (score with `selection_model`,
-    e.g. an earlier checkpoint that has not memorised the noise) or 'agreement' (mean loss over the image and its
-    horizontal flip; samples whose views do not both predict the label are dropped) or
-    'curvature' (the reference's choice for real noise: how fast the input gradient of the loss
-    changes along random directions, see `curvature_scores`; `seed` seeds those directions, per
-    sample, so any number of processes selects the same samples. It costs about `CURVATURE_DRAWS`
-    forward and backward passes per sample, and a training step's activation memory per batch).
+    e.g. an earlier checkpoint that has not memorised the noise), or one of the `EXPERIMENTAL_RULES` (never
+    better in the benchmarks): 'agreement' (mean loss over the image and its horizontal flip; samples whose
+    views do not both predict the label are dropped) or 'curvature' (the reference's choice for real noise:
+    how fast the input gradient of the loss changes along random directions, see `curvature_scores`; `seed`
+    seeds those directions, per sample, so any number of processes selects the same samples. It costs about
+    `CURVATURE_DRAWS` forward and backward passes per sample, 5-6x 'shift_loss', and a training step's
+    activation memory per batch). Each rule is a `Scorer` in `SCORERS`.
     `subset` scores only a random part of the data (`SAPConfig.selection_subset`: a share in (0, 1] or a
     count > 1; `subset_keep` draws it with `seed`); the trusted identities still refer to the whole data.
     Samples labelled -100 are skipped; samples with non-finite pixels or scores are excluded (a
@@ -222,7 +257,7 @@ def select_trusted(
             candidates.check_unique(batch.ids)
             scores = sample_scores(walk, batch, labels, rule, seed)
             scores[~finite_samples(batch.pixel_values).cpu()] = math.nan
-            candidates.offer(batch, scores, labels, valid, rejects_with_inf=rule == "agreement")
+            candidates.offer(batch, scores, labels, valid)
     return _merge(runtime.gather(candidates.summary()), num_labels, per_class, rule, runtime.is_main, subset)
 
 
@@ -291,7 +326,7 @@ def select_from_scores(
 
 def _check_selection(per_class: Any, rule: str, selection_model: Optional[nn.Module]) -> None:
     positive_int("per_class", per_class, "keep at least 1 trusted sample per class.")
-    check_choice("rule", rule, SELECTION_RULES)
+    check_choice("rule", rule, tuple(SCORERS))
     if rule == "early_loss" and selection_model is None:
         raise ValueError("rule='early_loss' needs selection_model= (an earlier checkpoint of the model).")
 
@@ -338,9 +373,15 @@ class _Candidates:
             self.seen.add(identity)
 
     def offer(
-        self, batch: PassBatch, scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, rejects_with_inf: bool
+        self,
+        batch: PassBatch,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        rejects_with_inf: bool = True,
     ) -> None:
-        """Push each usable sample; -100 labels are ignored, non-finite scores excluded and counted."""
+        """Push each usable sample; -100 labels are ignored, non-finite scores excluded and counted (+inf from a
+        rule that `rejects_with_inf` is its rejection: dropped, not counted)."""
         rejected = torch.isposinf(scores) if rejects_with_inf else torch.zeros_like(valid)
         usable = valid & torch.isfinite(scores)
         self.ignored += int((~valid).sum())

@@ -2,90 +2,58 @@
 
 It adds only what it must: `correct()` (trusted selection -> statistics -> alpha search on the
 eval set -> write), logging of every alpha's metrics through `Trainer.log` (so `report_to`
-backends see them), and saving/pushing the SAP record and model card with the model.
+backends see them), and saving/pushing the SAP record and model card with the model. It overrides
+public `Trainer` hooks only (each says why), and uses no private `Trainer` attribute.
 Evaluations (alpha search, refine) apply the Trainer's `compute_metrics` to predictions that every
-process computes on its own shard of the eval set, gathered once (`core.evaluation.eval_predictions`):
+process computes on its own shard of the eval set, gathered once (`sap_hf.trainer.evaluation`):
 `Trainer.evaluate` would have the main process read a whole streaming eval set for each of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import EvalPrediction, Trainer
-from transformers.trainer_utils import denumpify_detensorize
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from transformers import Trainer
+from transformers.trainer_utils import RemoveColumnsCollator, seed_worker
 from transformers.utils import logging
 
-from .api import SAPResult, sap_correct
-from .audit.cleanup import MODES, RefineConfig, RefineResult, refine
-from .audit.labels import LabelAudit, audit_labels
-from .audit.report import write_audit_report
+from ..api import SAPResult, sap_correct
+from ..audit.cleanup import MODES, RefineConfig, RefineResult, refine
+from ..audit.labels import LabelAudit, audit_labels
+from ..audit.report import write_audit_report
+from ..core.config import SAPConfig
+from ..core.selection import TrustedSelection, select_from_scores
+from ..core.targets import check_classifier
+from ..hub import sap_record, staged_save, write_sap_files
+from ..losses import check_label_smoothing, training_loss_record
+from ..runtime.contract import as_pass_data
+from ..runtime.modeling import logits_of
+from ..runtime.passes import PhaseHook, Runtime
+from .adapters import merge_trainer_adapters
 from .checkpoints import install as install_checkpoint_weights
-from .core.adapters import merge_trainer_adapters
-from .core.config import SAPConfig
-from .core.evaluation import eval_predictions
-from .core.recorded import INDEX_COLUMN, IndexCarryingCollator, IndexedExamples, TrainingLosses, merge_losses
-from .core.selection import TrustedSelection, select_from_scores
-from .core.targets import check_classifier
-from .hub import sap_record, staged_save, write_sap_files
-from .losses import check_label_smoothing, training_loss_record
-from .runtime.batching import batch_labels, first_example_batch
-from .runtime.contract import IGNORE_INDEX, LoaderData, as_pass_data
-from .runtime.modeling import logits_of
-from .runtime.passes import PhaseHook, Runtime
+from .evaluation import EvalFn, accuracy_metrics, sap_evaluator
+from .recorded import (
+    INDEX_COLUMN,
+    IndexCarryingCollator,
+    IndexedExamples,
+    RecordSaver,
+    TrainingLosses,
+    merge_losses,
+)
 
 
 logger = logging.get_logger(__name__)
 
-_ACCURACY = None
 _BOOKKEEPING = ("runtime", "per_second", "epoch", "model_preparation_time")
-
-
-def accuracy_metrics(prediction: EvalPrediction) -> dict[str, float]:
-    """`evaluate`'s accuracy; offline (its script lives on the Hub) the same formula computed here.
-
-    Predictions are logits (`(samples, classes)`, argmaxed here) or class ids already (one int per
-    sample: what a `preprocess_logits_for_metrics` returning `logits.argmax(-1)` hands on).
-    """
-    global _ACCURACY
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    logits = np.asarray(logits)
-    references = np.asarray(prediction.label_ids)
-    ids = logits.ndim == references.ndim and np.issubdtype(logits.dtype, np.integer)
-    if not ids and logits.ndim != references.ndim + 1:
-        raise ValueError(
-            f"accuracy_metrics: predictions of shape {logits.shape} for labels of shape {references.shape}; give "
-            "(samples, classes) logits or one class id per sample (preprocess_logits_for_metrics returning "
-            "logits.argmax(-1)), or pass your own compute_metrics."
-        )
-    predictions = logits if ids else logits.argmax(-1)
-    num_classes = None if ids else logits.shape[-1]
-    labelled = references != IGNORE_INDEX  # -100: the transformers ignore index, not a class
-    predictions, references = predictions[labelled], references[labelled]
-    outside = (references < 0) | (references >= (num_classes if num_classes is not None else np.inf))
-    if outside.any():
-        classes = "" if num_classes is None else f", outside the model's {num_classes} classes"
-        raise ValueError(
-            f"The eval labels hold {int(references[outside][0])}{classes} (-100 is ignored): fix the label mapping of "
-            "the eval set or the model's num_labels."
-        )
-    if _ACCURACY is None:
-        try:
-            import evaluate
-
-            _ACCURACY = evaluate.load("accuracy")
-        except Exception as err:  # the metric script is fetched from the Hub
-            logger.info("evaluate.load('accuracy') unavailable (%s); computing accuracy locally.", type(err).__name__)
-            _ACCURACY = False
-    if _ACCURACY:
-        return _ACCURACY.compute(predictions=predictions, references=references)
-    return {"accuracy": float((predictions == references).mean()) if references.size else float("nan")}
+_RECORDING_SAMPLERS = ("random", "sequential")
 
 
 class SAPTrainer(Trainer):
@@ -101,13 +69,15 @@ class SAPTrainer(Trainer):
 
     With `SAPConfig(trusted_source="training")`, `train()` records every training example's
     cross-entropy (from the logits of its training step, by its position in `train_dataset`;
-    `core.recorded` says how the position travels through the shuffled, sharded batches) and
+    `sap_hf.trainer.recorded` says how the position travels through the shuffled, sharded batches) and
     `correct()` selects the trusted samples from those losses: no selection pass over the training set.
     """
 
     def __init__(
         self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any
     ):
+        """`Trainer.__init__`, extended with the SAP settings, accuracy as the default `compute_metrics` (the alpha
+        search needs a metric), and the callbacks that keep checkpoints exact (`.checkpoints`, `.recorded`)."""
         kwargs.setdefault("compute_metrics", None)
         if kwargs["compute_metrics"] is None:
             kwargs["compute_metrics"] = accuracy_metrics
@@ -122,25 +92,28 @@ class SAPTrainer(Trainer):
         self.sap_extra_record: dict[str, Any] = {}
         self._sap_saved = False
         self.training_losses: Optional[TrainingLosses] = None
-        self._checkpoint_weights = install_checkpoint_weights(self)  # exact best/resumed weights (sap_hf.checkpoints)
+        self._checkpoint_weights = install_checkpoint_weights(self)  # exact best/resumed weights (.checkpoints)
+        self.add_callback(RecordSaver(lambda: self.training_losses if self._records_losses else None))
 
     @property
     def _records_losses(self) -> bool:
         return self.sap_config.trusted_source == "training"
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`; with `trusted_source="training"` each example's losses are recorded (anew on every call)."""
+        """`Trainer.train`, overridden to start the loss record (`trusted_source="training"`, anew on every call)
+        and to arm the exact reload of a resumed checkpoint's weights."""
         if self._records_losses:
             if self.train_dataset is None:
                 raise ValueError("Trainer: training requires a train_dataset.")
             IndexedExamples(self.train_dataset)  # a stream is refused here, before any step
+            self._check_recording_args()
             self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
             self._restore_losses(kwargs.get("resume_from_checkpoint", args[0] if args else None))
         self._checkpoint_weights.arm(args, kwargs, self.args.output_dir)
         return super().train(*args, **kwargs)
 
     def _restore_losses(self, checkpoint: Any) -> None:
-        """Resuming: the losses recorded before the checkpoint (saved in it by `_save_checkpoint`), or a warning."""
+        """Resuming: the losses recorded before the checkpoint (saved in it by `RecordSaver`), or a warning."""
         if checkpoint is None or checkpoint is False:
             return
         if checkpoint is True:
@@ -161,43 +134,91 @@ class SAPTrainer(Trainer):
                 problem,
             )
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """`Trainer._save_checkpoint`; with recorded losses, each process's record goes into the checkpoint too."""
-        super()._save_checkpoint(model, trial)
-        if self._records_losses and self.training_losses is not None:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    def _check_recording_args(self) -> None:
+        """What the recording loader (`_indexed_train_dataloader`) cannot build as the Trainer would: refused."""
+        if self.args.auto_find_batch_size:
+            raise ValueError(
+                "SAPConfig.trusted_source='training' builds the training loader with TrainingArguments' batch size, "
+                "and auto_find_batch_size=True changes it inside Trainer: set per_device_train_batch_size yourself, "
+                "or use trusted_source='pass'."
+            )
+        if self.args.train_sampling_strategy not in _RECORDING_SAMPLERS:
+            raise ValueError(
+                f"SAPConfig.trusted_source='training' records with the Trainer's {' or '.join(_RECORDING_SAMPLERS)} "
+                f"sampler; train_sampling_strategy={self.args.train_sampling_strategy!r} groups examples by a "
+                "length images do not have: use 'random', or trusted_source='pass'."
+            )
 
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self.training_losses.save(folder, self.args.process_index)
-
-    def get_train_dataloader(self) -> Any:
-        """The Trainer's loader; when recording, over examples that carry their position (`core.recorded`)."""
+    def get_train_dataloader(self) -> DataLoader:
+        """`Trainer.get_train_dataloader`, overridden so that, when recording losses, each example carries its
+        position (`.recorded`) through the shuffled, sharded batches."""
         if not self._records_losses or self.training_losses is None:
             return super().get_train_dataloader()
-        dataset, collator = self.train_dataset, self.data_collator
-        try:
-            import datasets
+        return self._indexed_train_dataloader()
 
-            plain = (
-                self._remove_unused_columns(dataset, "training") if isinstance(dataset, datasets.Dataset) else dataset
+    def _indexed_train_dataloader(self) -> DataLoader:
+        """The Trainer's training loader over `IndexedExamples`: its column removal, sampler, batch size and worker
+        settings, prepared by its accelerator (which seeds and shards the sampler as for the Trainer's own)."""
+        args, dataset = self.args, self.train_dataset
+        columns = self._model_columns()
+        collator = IndexCarryingCollator(self.data_collator)
+        if args.remove_unused_columns:
+            dataset = self._without_unused_columns(dataset, columns)
+            collator = RemoveColumnsCollator(
+                collator,
+                signature_columns=[*columns, INDEX_COLUMN],
+                logger=logger,
+                model_name=type(self.model).__name__,
+                description="Training",
             )
-        except ImportError:  # pragma: no cover - datasets is a dependency
-            plain = dataset
-        self.train_dataset, self.data_collator = IndexedExamples(plain), IndexCarryingCollator(collator)
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.train_dataset, self.data_collator = dataset, collator
+        indexed = IndexedExamples(dataset)
+        sampler = (
+            SequentialSampler(indexed) if args.train_sampling_strategy == "sequential" else RandomSampler(indexed)
+        )
+        loader = DataLoader(
+            indexed,
+            batch_size=args.train_batch_size,
+            sampler=sampler,
+            collate_fn=collator,
+            drop_last=args.dataloader_drop_last,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers,
+            multiprocessing_context=args.dataloader_multiprocessing_context,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            in_order=args.dataloader_in_order,
+            worker_init_fn=partial(seed_worker, num_workers=args.dataloader_num_workers, rank=args.process_index),
+        )
+        return self.accelerator.prepare(loader)
 
-    def _set_signature_columns_if_needed(self) -> None:
-        super()._set_signature_columns_if_needed()
-        if self._records_losses and INDEX_COLUMN not in self._signature_columns:
-            self._signature_columns.append(INDEX_COLUMN)  # kept by the Trainer's column removal
+    def _model_columns(self) -> list[str]:
+        """The example keys the model's forward takes, plus the label names: what the Trainer's column removal keeps."""
+        model = self.model
+        if hasattr(model, "get_base_model"):  # a PeftModel: its base model's forward names the inputs
+            model = model.get_base_model()
+        elif type(model).__name__ == "PeftMixedModel":  # no get_base_model
+            model = model.base_model.model
+        return [*inspect.signature(model.forward).parameters, *sorted({"label", "label_ids", *self.label_names})]
+
+    @staticmethod
+    def _without_unused_columns(dataset: Any, columns: list[str]) -> Any:
+        """A `datasets.Dataset` without the columns the model does not take (as the Trainer removes them)."""
+        import datasets
+
+        if not isinstance(dataset, datasets.Dataset):
+            return dataset  # other datasets: the RemoveColumnsCollator drops the keys
+        if not set(columns) & set(dataset.column_names):
+            raise ValueError(
+                f"No columns in the training dataset match the model's forward method signature: ({', '.join(columns)})."
+                f" Its columns are {dataset.column_names}. Check the dataset and model, or set "
+                "remove_unused_columns=False in TrainingArguments."
+            )
+        return dataset.remove_columns([name for name in dataset.column_names if name not in columns])
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """`Trainer.compute_loss`; a training batch that carries positions also records its per-example losses."""
+        """`Trainer.compute_loss`, overridden to record each example's loss from a batch that carries positions."""
         positions = inputs.pop(INDEX_COLUMN, None) if isinstance(inputs, dict) else None
         if positions is None or not model.training or self.training_losses is None:
             return super().compute_loss(
@@ -308,7 +329,12 @@ class SAPTrainer(Trainer):
             result.trusted_per_class = {int(k): v for k, v in recorded.per_class.items()}
             result.timings = {"selection": selection_seconds, **result.timings}
         self.sap_result = result
-        for search in result.rounds:  # alpha_scope="per_kind": every trial of the coordinate pass, one log entry each
+        self._log_correction(result, metric)
+        return result
+
+    def _log_correction(self, result: SAPResult, metric: str) -> None:
+        """Every per-kind trial (alpha_scope="per_kind": the coordinate pass, one entry each) and the choice."""
+        for search in result.rounds:
             for trial in search.kind_trials:
                 scores = {f"sap/{k}": v for k, v in trial["metrics"].items() if not k.endswith(_BOOKKEEPING)}
                 alphas = {f"sap/alpha_{kind}": -1.0 if a is None else float(a) for kind, a in trial["alphas"].items()}
@@ -324,7 +350,6 @@ class SAPTrainer(Trainer):
                 f"sap/{metric}_after": float(result.final_metrics[metric]),
             }
         )
-        return result
 
     def _runtime(self, batch_size: int) -> Runtime:
         """The runtime of a pass this Trainer makes: its accelerator, its data collator, its progress setting."""
@@ -351,101 +376,9 @@ class SAPTrainer(Trainer):
             )
         return train, eval_dataset
 
-    def _sap_evaluator(self, eval_dataset: Any) -> tuple[str, bool, Any]:
-        """(metric, greater_is_better, evaluate_fn) on a clean labelled eval set.
-
-        The evaluation is shared by every process (`_shared_evaluate`) unless the Trainer is set up
-        for something only `Trainer.evaluate` gives (`_evaluate_fallback` says what).
-        """
-        metric = (self.args.metric_for_best_model or "accuracy").removeprefix("eval_")
-        greater = self.args.greater_is_better if self.args.greater_is_better is not None else True
-        eval_dataset = as_pass_data(
-            eval_dataset, "eval_dataset"
-        )  # one set (not a dict), re-readable (not a generator)
-        fallback = self._evaluate_fallback()
-        if fallback is not None and isinstance(eval_dataset, LoaderData):  # Trainer.evaluate batches a dataset itself
-            eval_dataset = eval_dataset.examples()
-        if batch_labels(first_example_batch(eval_dataset, self.data_collator, "eval_dataset")) is None:
-            raise ValueError(
-                "The eval dataset has no 'labels'/'label' column: SAP's alpha search and refine's choices need a clean, "
-                "labelled eval set; pass eval_dataset= with labels."
-            )
-        self._log_evaluation_path(fallback)
-        if fallback is None:
-            return metric, greater, lambda model: self._shared_evaluate(model, eval_dataset)
-
-        def evaluate_fn(model: nn.Module) -> dict[str, float]:
-            metrics = self.evaluate(eval_dataset, metric_key_prefix="sap_eval")
-            return {key.removeprefix("sap_eval_"): value for key, value in metrics.items()}
-
-        return metric, greater, evaluate_fn
-
-    def _evaluate_fallback(self) -> Optional[str]:
-        """Why the shared evaluation cannot stand in for `Trainer.evaluate` here (None: it can).
-
-        The shared evaluation hands `compute_metrics` the logits and labels only, concatenated; metrics
-        that need the inputs or per-batch losses (`include_for_metrics`), per-batch metrics
-        (`batch_eval_metrics`), unconcatenated batches, or a subclass's own evaluation code keep
-        `Trainer.evaluate`.
-        """
-        args = self.args
-        included = list(getattr(args, "include_for_metrics", None) or [])
-        if included:
-            return (
-                f"TrainingArguments.include_for_metrics={included} (compute_metrics needs what only Trainer gathers)"
-            )
-        if getattr(args, "batch_eval_metrics", False):
-            return "TrainingArguments.batch_eval_metrics=True"
-        if not getattr(args, "eval_do_concat_batches", True):
-            return "TrainingArguments.eval_do_concat_batches=False"
-        for name in ("evaluate", "evaluation_loop", "prediction_step"):
-            if getattr(type(self), name) is not getattr(SAPTrainer, name):
-                return f"{type(self).__name__} overrides {name}()"
-        return None
-
-    def _log_evaluation_path(self, fallback: Optional[str]) -> None:
-        """Say (main process) how SAP evaluates; a warning where `Trainer.evaluate` costs more than a shared pass."""
-        if not self.is_world_process_zero():
-            return
-        processes = self.accelerator.num_processes
-        if fallback is None:
-            logger.info(
-                "SAP evaluation: shared by the %d process(es), each reading and scoring only its shard of the eval "
-                "set; metrics from compute_metrics on the gathered predictions.",
-                processes,
-            )
-            return
-        (logger.warning if processes > 1 else logger.info)(
-            "SAP evaluation through Trainer.evaluate because %s: with %d processes, a streaming eval set is read whole by "
-            "the main process for every evaluation.",
-            fallback,
-            processes,
-        )
-
-    def _shared_evaluate(self, model: nn.Module, eval_dataset: Any) -> dict[str, float]:
-        """`compute_metrics` and `loss` on the eval set, each process reading only its shard (`eval_predictions`).
-
-        Metrics equal a one-process run's. `loss` is plain cross-entropy over the labelled samples (as
-        `eval_loss` of a model with a standard classification head), even where the model or
-        `compute_loss_func` would compute another loss, so `metric_for_best_model="loss"` compares
-        alphas on the clean set by likelihood. As in `Trainer.evaluate`, no `compute_metrics` (or
-        `prediction_loss_only`) means the loss alone.
-        """
-        loss_only = self.compute_metrics is None or self.args.prediction_loss_only
-        output = eval_predictions(
-            model,
-            eval_dataset,
-            runtime=self._runtime(self.args.per_device_eval_batch_size),
-            preprocess=self.preprocess_logits_for_metrics,
-            with_predictions=not loss_only,
-        )
-        metrics: dict[str, Any] = {}
-        if not loss_only:
-            metrics = denumpify_detensorize(
-                dict(self.compute_metrics(EvalPrediction(predictions=output.predictions, label_ids=output.label_ids)))
-            )
-        metrics["loss"] = output.loss
-        return metrics
+    def _sap_evaluator(self, eval_dataset: Any) -> tuple[str, bool, EvalFn]:
+        """(metric, greater_is_better, evaluate_fn) on a clean labelled eval set (`.evaluation.sap_evaluator`)."""
+        return sap_evaluator(self, eval_dataset, self._runtime(self.args.per_device_eval_batch_size))
 
     def audit_labels(
         self,
@@ -546,7 +479,8 @@ class SAPTrainer(Trainer):
         return result
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """Save atomically (staged files moved into place) plus the SAP record and card once corrected."""
+        """`Trainer.save_model`, overridden to save atomically (staged files moved into place) and to add the SAP
+        record and card once corrected."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         is_main = self.args.should_save
         with staged_save(output_dir, is_main=is_main) as stage:
@@ -558,7 +492,7 @@ class SAPTrainer(Trainer):
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.push_to_hub`; a failed upload says the local save is intact and what to rerun."""
+        """`Trainer.push_to_hub`, overridden so that a failed upload says the local save is intact and what to rerun."""
         self._sap_saved = False
         try:
             return super().push_to_hub(*args, **kwargs)
@@ -587,7 +521,8 @@ class SAPTrainer(Trainer):
         return sap_record(self.sap_result, self.base_model_name, extra)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """The SAP card (what SAP did, the numbers, tags, citation) once corrected; Trainer's otherwise."""
+        """`Trainer.create_model_card`, overridden to write the SAP card (what SAP did, the numbers, tags, citation)
+        once corrected; Trainer's otherwise."""
         if self.sap_result is None:
             return super().create_model_card(*args, **kwargs)
         if self.is_world_process_zero():

@@ -11,16 +11,17 @@ low loss at the end, while their loss averaged over the whole training stays hig
 every epoch (`training_loss_epochs=None`) is therefore the default, the mean over the last few epochs
 the alternative (benchmarks/README.md, "Trusted selection sources", measures both).
 
-How an example is recognised in a shuffled, sharded batch: `IndexedExamples` adds its position to
-each example (`INDEX_COLUMN`), the Trainer keeps that column (it is added to its signature columns),
-`IndexCarryingCollator` takes it out before the user's collator and puts it back into the batch as a
-tensor, and the trainer pops it before the forward. Positions are those of the training dataset,
+How an example is recognised in a shuffled, sharded batch: `SAPTrainer.get_train_dataloader` builds the
+Trainer's loader (same sampler, batch size, workers, column removal) over `IndexedExamples`, which adds
+each example's position (`INDEX_COLUMN`); `IndexCarryingCollator` takes it out before the user's collator
+and puts it back into the batch as a tensor, and `SAPTrainer.compute_loss` pops it before the forward. Positions are those of the training dataset,
 the positions `select_trusted` and `trusted_indices` use. Streams have no positions that survive a
 shuffle: recording needs a map-style training dataset. Examples that are not dicts (a torch Dataset of
 `(pixels, label)` tuples, batched by the user's own collator) travel as `PositionedExample`s instead.
 
-Resuming: every checkpoint the Trainer saves holds each process's record (`RECORD_FILE`), and
-`train(resume_from_checkpoint=...)` restores it, so the selection still averages every epoch.
+Resuming: every checkpoint the Trainer saves holds each process's record (`RECORD_FILE`, written by
+`RecordSaver.on_save`), and `train(resume_from_checkpoint=...)` restores it, so the selection still
+averages every epoch.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..runtime.batching import fetch_examples
 from ..runtime.contract import IGNORE_INDEX, is_map_style
@@ -172,6 +175,22 @@ class TrainingLosses:
             labelled = record["labels"] != IGNORE_INDEX
             self.labels[labelled] = record["labels"][labelled]
         return None
+
+
+class RecordSaver(TrainerCallback):
+    """Writes each process's record into every checkpoint the Trainer saves (`on_save` follows each save).
+
+    `record()` gives the trainer's current `TrainingLosses` (a new one each `train()`), or None: nothing to write.
+    """
+
+    def __init__(self, record: Callable[[], Optional[TrainingLosses]]):
+        self.record = record
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        record = self.record()
+        if record is not None:
+            folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            record.save(folder, args.process_index)
 
 
 def merge_losses(shards: list[dict[str, np.ndarray]]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
