@@ -5,7 +5,8 @@ Noise Robustness", AAAI 2025 (arXiv 2403.08618).
 
 The names here are the ones most users need; everything else is importable from its module:
 `sap_hf.core` (config, math, targets, statistics, selection, search), `sap_hf.runtime` (passes
-over data), `sap_hf.audit` (label audit and clean-up), `sap_hf.data`, `sap_hf.losses`, `sap_hf.hub`.
+over data), `sap_hf.utils` (option checks, atomic writes, sample identities), `sap_hf.audit`
+(label audit and clean-up), `sap_hf.data`, `sap_hf.losses`, `sap_hf.hub`.
 """
 
 from .api import SAPResult, sap_correct, sap_project

@@ -2,7 +2,7 @@
 
 A corrected model is an ordinary `from_pretrained`-loadable folder plus `sap_record.json` (what
 SAP did and measured) and a `README.md` model card. Files are staged in a hidden folder and
-moved into place one by one with `os.replace` (`sap_hf.runtime.io.staged_save`), and the record
+moved into place one by one with `os.replace` (`sap_hf.utils.io.staged_save`), and the record
 and card are each written atomically, so an interrupted save never leaves a half-written file
 where a previous, readable one stood. A failed push leaves the local folder intact and says what
 to rerun.
@@ -20,7 +20,7 @@ from transformers.utils import logging
 
 from .core.formatting import format_alpha, format_kind_alphas
 from .losses import describe_training_loss
-from .runtime.io import (
+from .utils.io import (
     STAGING_NAME,
     atomic_write,
     staged_save,  # noqa: F401  (callers import the save mechanism from here)

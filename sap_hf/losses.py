@@ -34,9 +34,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .runtime.checks import check_choice, finite_float, invalid, positive_float
 from .runtime.contract import IGNORE_INDEX
 from .runtime.modeling import logits_of
+from .utils.checks import check_choice, finite_float, invalid, positive_float
 
 
 LOSSES: tuple[str, ...] = ("ce", "gce", "sce")

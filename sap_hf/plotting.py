@@ -1,7 +1,7 @@
 """A picture of the alpha search: eval metric against alpha, with the unchanged model as a line.
 
 matplotlib is optional (`pip install sap_hf[plot]`); without it the plot is skipped with a log line.
-The image is written atomically (`sap_hf.runtime.io.atomic_write`), like every other output file.
+The image is written atomically (`sap_hf.utils.io.atomic_write`), like every other output file.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Optional, Union
 from transformers.utils import logging
 
 from .core.formatting import format_kind_alphas
-from .runtime.io import atomic_write
+from .utils.io import atomic_write
 
 
 logger = logging.get_logger(__name__)

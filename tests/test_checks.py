@@ -1,4 +1,4 @@
-"""Argument checks (`sap_hf.runtime.checks`) and the configs built on them: numpy numbers in, plain Python out."""
+"""Argument checks (`sap_hf.utils.checks`) and the configs built on them: numpy numbers in, plain Python out."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from sap_hf.core.config import DEFAULT_ALPHAS, FLOAT32_ALPHA_LIMIT, SAPConfig
 from sap_hf.losses import LossConfig
-from sap_hf.runtime.checks import check_choice, finite_float, integer, positive_float, positive_int
+from sap_hf.utils.checks import check_choice, finite_float, integer, positive_float, positive_int
 
 
 def _plain(values):

@@ -95,7 +95,7 @@ def test_selection_without_a_full_pass_is_the_same_on_two_processes(tmp_path):
     """A hashed share of a keyed stream (each drawn image decoded once, by one process) and SAPTrainer's
     recorded training losses (gathered from both processes, the sampler's padded repeat averaged) select alike."""
     from sap_hf.data import write_tiny_clothing1m
-    from sap_hf.runtime.batching import HashSample
+    from sap_hf.utils.identity import HashSample
 
     data = write_tiny_clothing1m(tmp_path / "c1m", per_class=8, image_size=16, seed=0)
     one = launch(tmp_path / "one", 1, "recorded", args=(str(data),))

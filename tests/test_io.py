@@ -1,4 +1,4 @@
-"""Atomic writes (`sap_hf.runtime.io`) and the writers that use them: a failure never leaves a half-written file."""
+"""Atomic writes (`sap_hf.utils.io`) and the writers that use them: a failure never leaves a half-written file."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from sap_hf import hub
 from sap_hf.audit import report
-from sap_hf.runtime.io import atomic_path, atomic_write, staged_save
+from sap_hf.utils.io import atomic_path, atomic_write, staged_save
 
 
 class Boom(RuntimeError):

@@ -1,11 +1,12 @@
 """The package's layers, read from its folders: every import arrow points down.
 
-`runtime/` (passes over data, batching, processes, I/O) knows nothing of SAP; `core/` (SAP itself:
-config, math, targets, statistics, selection, search) builds on it and knows nothing of a `Trainer`;
-`data/` (readers, transforms, noise) stands alone; `audit/` reads what `core/` computes; the top-level
-modules (`api`, `hub`, `evaluation`, ...) assemble them; `trainer/` (`SAPTrainer` and what only a
-`Trainer` needs) sits on top of them; `cli/` is the outermost. Cheap static checks: the source is
-parsed, nothing is imported.
+`utils/` (option checks, atomic writes, sample identities) knows nothing of passes or SAP; `runtime/`
+(passes over data, batching, processes) knows nothing of SAP; `core/` (SAP itself: config, math,
+targets, statistics, selection, search) builds on it and knows nothing of a `Trainer`; `data/`
+(readers, transforms, noise) stands alone; `audit/` reads what `core/` computes; the top-level modules
+(`api`, `hub`, `evaluation`, ...) assemble them; `trainer/` (`SAPTrainer` and what only a `Trainer`
+needs) sits on top of them; `cli/` is the outermost. Cheap static checks: the source is parsed,
+nothing is imported.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "sap_hf"
 
 # Folders in import order: a folder may import only folders before it (and itself).
-FOLDERS = ["runtime", "core", "data", "audit"]
+FOLDERS = ["utils", "runtime", "core", "data", "audit"]
 TRAINER = "trainer"  # a folder on top of the top-level modules: only the package's __init__ and cli import it
 OUTERMOST = "cli"  # may import anything
 # What only a `Trainer` brings: no module of these folders may import or take it.
-TRAINER_FREE = ["runtime", "core"]
+TRAINER_FREE = ["utils", "runtime", "core"]
 TRAINER_NAMES = {"Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl", "EvalPrediction"}
 # The bottom of the import graph: they import no sap_hf module but each other (losses.py uses the
 # argument checks), so each can be read, tested and reused without the engine.
-LEAVES = ["core/projection.py", "core/formatting.py", "runtime/checks.py", "runtime/io.py"]
+LEAVES = ["core/projection.py", "core/formatting.py", "utils/checks.py", "utils/io.py", "utils/identity.py"]
 
 
 def _unit(path: Path) -> str:
@@ -55,7 +56,7 @@ def _sap_imports(path: Path) -> set[str]:
 
 
 def _sap_modules(path: Path) -> set[str]:
-    """The sap_hf modules `path` imports, as paths relative to the package (`runtime/checks.py`)."""
+    """The sap_hf modules `path` imports, as paths relative to the package (`utils/checks.py`)."""
     package_parts = path.relative_to(PACKAGE).with_suffix("").parts
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):

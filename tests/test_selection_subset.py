@@ -7,8 +7,8 @@ from helpers import MapStyle, random_examples
 from sap_hf import SAPConfig, sap_correct, select_trusted
 from sap_hf.core.selection import subset_keep
 from sap_hf.models import tiny_model
-from sap_hf.runtime.batching import HashSample
 from sap_hf.runtime.passes import Runtime
+from sap_hf.utils.identity import HashSample
 
 
 def _runtime(**kwargs):

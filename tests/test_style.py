@@ -2,7 +2,7 @@
 
 * one logging style (`transformers.utils.logging`), one type-hint style (`Optional`/`Union`), no
   `print` or `warnings.warn` for user-facing messages, in `sap_hf/data` as in the rest;
-* one name for the key column (`sap_hf.runtime.batching.KEY_COLUMN`);
+* one name for the key column (`sap_hf.utils.identity.KEY_COLUMN`);
 * no measured numbers in docstrings, help strings or comments: they go stale as the code changes,
   and they live, with their protocol, in benchmarks/README.md.
 """
@@ -75,7 +75,7 @@ def test_clothing1m_names_the_key_column_through_the_shared_constant():
     source = (PACKAGE / "data" / "clothing1m.py").read_text()
     tree = ast.parse(source)
     literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value == "key"]
-    assert not literals and "from ..runtime.batching import KEY_COLUMN" in source
+    assert not literals and "from ..utils.identity import KEY_COLUMN" in source
 
 
 @pytest.mark.parametrize("path", NUMBER_FREE, ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -103,7 +103,7 @@ def test_one_key_column_one_ignore_index_one_logits_helper():
 
     sources = {path: path.read_text() for path in PACKAGE.rglob("*.py")}
     for pattern, home in (
-        (r"^KEY_COLUMN\s*=", "runtime/batching.py"),
+        (r"^KEY_COLUMN\s*=", "utils/identity.py"),
         (r"^IGNORE_INDEX\s*=", "runtime/contract.py"),
         (r"^def (_?logits_of|_logits)\b", "runtime/modeling.py"),
     ):

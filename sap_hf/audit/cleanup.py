@@ -45,10 +45,10 @@ from transformers.utils import logging
 
 from ..data.augment import STRONG_DRAWS, WEAK_DRAWS, hashed_uniform, strong_view, weak_view
 from ..runtime.batching import Collator, examples_and_collate, fetch_examples
-from ..runtime.checks import check_choice, finite_float, invalid, positive_float, positive_int
 from ..runtime.contract import LoaderData, as_pass_data, is_map_style
 from ..runtime.modeling import logits_of
 from ..runtime.passes import Runtime, resolve_runtime
+from ..utils.checks import check_choice, finite_float, invalid, positive_float, positive_int
 from .labels import LabelAudit
 
 

@@ -28,9 +28,9 @@ from transformers.utils import logging
 
 from ..core.selection import EXTRA_VIEWS
 from ..core.targets import check_classifier
-from ..runtime.batching import KEY_COLUMN
-from ..runtime.checks import check_choice
 from ..runtime.passes import DataPass, PassBatch, Runtime, resolve_runtime
+from ..utils.checks import check_choice
+from ..utils.identity import KEY_COLUMN
 from . import scores
 from .scores import FILTERS, SCORE_METHODS, flag_label_issues, label_quality_scores
 

@@ -8,7 +8,7 @@
   (needs matplotlib, `pip install "sap_hf[audit]"`; skipped with a log line without it).
 
 Every file is written to a temporary name and moved into place with `os.replace`
-(`sap_hf.runtime.io.atomic_write`), so an interrupted audit never leaves a half-written CSV where
+(`sap_hf.utils.io.atomic_write`), so an interrupted audit never leaves a half-written CSV where
 a reader would take it for complete.
 """
 
@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from ..runtime.batching import Collator, iter_shard_batches
 from ..runtime.contract import as_pass_data
-from ..runtime.io import atomic_write
+from ..utils.io import atomic_write
 from .labels import LabelAudit
 
 

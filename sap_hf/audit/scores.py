@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..runtime.checks import check_choice
+from ..utils.checks import check_choice
 
 
 SCORE_METHODS: tuple[str, ...] = ("self_confidence", "normalized_margin")

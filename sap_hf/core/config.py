@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from transformers.utils import logging
 
-from ..runtime.checks import check_choice, finite_float, integer, invalid, is_bool, plain_scalar, positive_int
+from ..utils.checks import check_choice, finite_float, integer, invalid, is_bool, plain_scalar, positive_int
 from .projection import validate_alpha
 from .selection import SCORERS
 

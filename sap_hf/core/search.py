@@ -28,7 +28,7 @@ from typing import Any, Optional
 from torch import nn
 from transformers.utils import logging
 
-from ..runtime.checks import check_choice
+from ..utils.checks import check_choice
 from .config import ALPHA_SEARCHES, validate_alpha
 from .projection import Eigenbasis, current_weights, eigendecompose, plan_projection, rotate_weights, write_weights
 from .stats import ActivationStats

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import logging
 
-from ..runtime.batching import HashSample, Identity, check_pixel_values, identity_digest, is_map_style, num_examples
-from ..runtime.checks import check_choice, integer, positive_int
+from ..runtime.batching import check_pixel_values, is_map_style, num_examples
 from ..runtime.contract import LoaderData, class_labels
 from ..runtime.passes import DataPass, PassBatch, Runtime, finite_samples, resolve_runtime
+from ..utils.checks import check_choice, integer, positive_int
+from ..utils.identity import HashSample, Identity, identity_digest
 from .targets import check_classifier
 
 

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
-from ..runtime.io import atomic_path
 from ..runtime.passes import Runtime, resolve_runtime
+from ..utils.io import atomic_path
 from .targets import TargetGroup, group_by_identity
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from transformers.utils import logging
 
-from ..runtime.checks import check_choice, integer, invalid
+from ..utils.checks import check_choice, integer, invalid
 from .fashion_mnist import _stratified_choice
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers.utils import logging
 
-from ..runtime.batching import KEY_COLUMN
-from ..runtime.checks import check_choice, integer, invalid, positive_int
+from ..utils.checks import check_choice, integer, invalid, positive_int
+from ..utils.identity import KEY_COLUMN
 from .noise import add_label_noise
 
 
@@ -67,7 +67,7 @@ _LAYOUT = (
 def clothing1m_features() -> datasets.Features:
     """Features of every split: ``image`` (RGB), ``label`` (14-way ``ClassLabel``) and ``key`` (relative path).
 
-    The key column is ``sap_hf.runtime.batching.KEY_COLUMN``, the name SAP reads a sample's
+    The key column is ``sap_hf.utils.identity.KEY_COLUMN``, the name SAP reads a sample's
     identity from when it shards a stream and keeps trusted samples.
     """
     return datasets.Features(

@@ -18,7 +18,7 @@ import datasets
 import numpy as np
 from transformers.utils import logging
 
-from ..runtime.checks import check_choice, integer, invalid
+from ..utils.checks import check_choice, integer, invalid
 from .noise import (
     FASHION_MNIST_ASYMMETRIC_MAP,
     NOISE_TYPES,

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.utils import logging
 
-from ..runtime.checks import check_choice, finite_float, integer, invalid, positive_int
+from ..utils.checks import check_choice, finite_float, integer, invalid, positive_int
 
 
 logger = logging.get_logger(__name__)

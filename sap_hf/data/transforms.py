@@ -23,8 +23,8 @@ import torch
 from PIL import Image, ImageOps
 from transformers import default_data_collator
 
-from ..runtime.batching import KEY_COLUMN
-from ..runtime.checks import check_choice, integer, invalid, plain_scalar, positive_int
+from ..utils.checks import check_choice, integer, invalid, plain_scalar, positive_int
+from ..utils.identity import KEY_COLUMN
 
 
 IMAGE_COLUMNS = ("image", "img")

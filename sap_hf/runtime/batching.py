@@ -14,18 +14,17 @@ sum over processes equals a single-process run exactly.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
-import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
 from transformers import default_data_collator
 from transformers.utils import logging
 
+from ..utils.identity import KEY_COLUMN, Identity
 from .contract import LoaderData, check_collatable, is_map_style
 
 
@@ -58,11 +57,6 @@ def shard_progress(data: Any, description: str, *, rank: int, world: int, show: 
         unit="sample",
         disable=not (show and rank == 0),
     )
-
-
-Identity = Union[int, str]
-KEY_COLUMN = "key"
-"""A stream's examples are identified by this column when they have it (Clothing1M: the image path)."""
 
 
 def iter_shard_batches(
@@ -345,42 +339,6 @@ def subset(data: Any, indices: Iterable[Identity]) -> Any:
             return IndexedSubset(data, set(chosen))
         return data.select(chosen) if hasattr(data, "select") else torch.utils.data.Subset(data, chosen)
     return IndexedSubset(data, set(indices))
-
-
-def identity_name(identity: Identity) -> str:
-    """A sample identity as text that is the same in every process (Python's `hash` of a str is not)."""
-    if isinstance(identity, numbers.Integral) and not isinstance(identity, bool):
-        return f"position:{int(identity)}"
-    return f"{type(identity).__name__}:{identity}"
-
-
-def identity_digest(seed: int, identity: Identity) -> int:
-    """A 64-bit number fixed by `seed` and the sample's identity alone (not by process or batch)."""
-    digest = hashlib.blake2b(f"{int(seed)}|{identity_name(identity)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def identity_draw(seed: int, identity: Identity) -> float:
-    """A uniform number in [0, 1) fixed by `seed` and the sample's identity alone (`identity_digest`)."""
-    return identity_digest(seed, identity) / 2.0**64
-
-
-class HashSample:
-    """The identities whose `identity_draw` falls below `share`: a random share of a stream, decided per sample.
-
-    Usable as `iter_shard_batches(keep=...)`: `identity in sample` needs nothing but the identity, so a
-    stream is drawn from while it is read, the same on every process, and a skipped example is never
-    collated (never decoded).
-    """
-
-    def __init__(self, share: float, seed: int):
-        self.share, self.seed = float(share), int(seed)
-
-    def __contains__(self, identity: Identity) -> bool:
-        return identity_draw(self.seed, identity) < self.share
-
-    def __and__(self, other: Iterable[Identity]) -> set[Identity]:
-        return {identity for identity in other if identity in self}
 
 
 class IndexedSubset:

@@ -22,8 +22,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .batching import Batch, Collator, Identity, iter_shard_batches, shard_progress
-from .checks import positive_int
+from ..utils.checks import positive_int
+from ..utils.identity import Identity
+from .batching import Batch, Collator, iter_shard_batches, shard_progress
 from .contract import as_pass_data, check_example_labels, class_labels
 from .distributed import (
     gather_shards,
