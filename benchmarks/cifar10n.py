@@ -96,6 +96,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LABEL_SETS = ("worse", "random1", "aggre")
 MODES = ("remove", "soft", "pseudo")
 METHOD_GROUPS = ("core", "extra", "cleanlab", "defaults")
+EXTRA_METHODS = ("refine", "finetune_trusted", "scrub")
 #: `--methods defaults`: SAP with other settings than `SAPConfig()`'s, to check the defaults on real noise.
 SAP_VARIANTS: dict[str, dict[str, Any]] = {
     "sap_paper": PAPER_SAP,  # the paper's: loss rule, 100 per class, one alpha over 1 ... 1e7
@@ -130,6 +131,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         choices=METHOD_GROUPS,
         help="core: none, best_epoch, oracle, sap and the clean-ups; extra: refine, finetune_trusted,"
         " scrub; cleanlab: the audits against cleanlab's cross-validation; defaults: SAP_VARIANTS (not by default)",
+    )
+    parser.add_argument(
+        "--extra_methods",
+        nargs="+",
+        default=list(EXTRA_METHODS),
+        choices=EXTRA_METHODS,
+        help="which of --methods extra's rows to run (e.g. one rerun with --merge)",
     )
     parser.add_argument("--cleanlab_sets", nargs="*", default=["worse"], help="label sets of the cleanlab audits")
     parser.add_argument("--folds", type=int, default=5)
@@ -425,53 +433,59 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
 def extra_rows(
     model: Any, last: dict, sap: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int
 ) -> list[dict[str, Any]]:
-    """`refine` (the clean-up without SAP), `finetune_trusted` and `scrub` (realistic forget set), from `last`."""
+    """`refine` (the clean-up without SAP), `finetune_trusted` and `scrub` (realistic forget set), from `last`; those
+    of `args.extra_methods`."""
     import tempfile
 
     from sap_hf import RefineConfig
 
-    model.load_state_dict(last)
-    config = RefineConfig(learning_rates=[args.lr, 2 * args.lr], epochs=list(args.refine_epochs))
-    with tempfile.TemporaryDirectory() as scratch:
-        rows = [
-            refine_row(
-                model,
-                data,
-                shift_audit(model, data),
-                config,
-                method="refine",
-                refine_batch_size=args.refine_batch_size,
-                seed=seed,
-                scratch=scratch,
+    rows = []
+    if "refine" in args.extra_methods:
+        model.load_state_dict(last)
+        config = RefineConfig(learning_rates=[args.lr, 2 * args.lr], epochs=list(args.refine_epochs))
+        with tempfile.TemporaryDirectory() as scratch:
+            audit = shift_audit(model, data)
+            rows.append(
+                refine_row(
+                    model,
+                    data,
+                    audit,
+                    config,
+                    method="refine",
+                    refine_batch_size=args.refine_batch_size,
+                    seed=seed,
+                    scratch=scratch,
+                )
             )
-        ]
     trusted = sap["trusted"]
-    clock = time.perf_counter()
-    ft = finetune_grid(model, last, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
-    rows.append(
-        dict(
-            method="finetune_trusted",
-            test_accuracy=ft["test_accuracy"],
-            val_accuracy=ft["val_accuracy"],
-            lr=ft["lr"],
-            ft_epochs=ft["epochs"],
-            noisy_fit=ft["noisy_fit"],
-            clean_fit=ft["clean_fit"],
-            seconds=time.perf_counter() - clock,
+    if "finetune_trusted" in args.extra_methods:
+        clock = time.perf_counter()
+        ft = finetune_grid(model, last, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
+        rows.append(
+            dict(
+                method="finetune_trusted",
+                test_accuracy=ft["test_accuracy"],
+                val_accuracy=ft["val_accuracy"],
+                lr=ft["lr"],
+                ft_epochs=ft["epochs"],
+                noisy_fit=ft["noisy_fit"],
+                clean_fit=ft["clean_fit"],
+                seconds=time.perf_counter() - clock,
+            )
         )
-    )
-    model.load_state_dict(last)
-    scrub = peers.peer_rows(
-        model,
-        data,
-        trusted_indices=trusted.tolist(),
-        suspects=sap["audit"].suspected_indices(),
-        args=args,
-        seed=seed,
-        methods=("scrub",),
-        forget_sets=("realistic",),
-    )
-    return rows + scrub
+    if "scrub" in args.extra_methods:
+        model.load_state_dict(last)
+        rows += peers.peer_rows(
+            model,
+            data,
+            trusted_indices=trusted.tolist(),
+            suspects=sap["audit"].suspected_indices(),
+            args=args,
+            seed=seed,
+            methods=("scrub",),
+            forget_sets=("realistic",),
+        )
+    return rows
 
 
 def audit_rows(sap: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int) -> list[dict]:

@@ -373,6 +373,7 @@ def finetune_grid(
     import torch
 
     loss_fn = loss_fn or cross_entropy
+    model.load_state_dict(state)  # "no change" is `state`, whatever the model held before the call
     base_val = accuracy(model, data["val_x"], data["val_y"])
     best = {"lr": None, "epochs": 0, "val_accuracy": base_val, "state": None}
     grid = []

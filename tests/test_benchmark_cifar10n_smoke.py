@@ -75,6 +75,11 @@ def test_cifar10n_benchmark_quick(tmp_path):
         if "+" in row["method"] and row["method"] != "best+sap":  # the clean-up: its cost and "no change" a candidate
             assert row["cost_epochs"] >= 0 and row["refine_epochs"] in (0, 1)
     worse = [row for row in record["rows"] if row["method"] == "none"][0]
+    tuned = [row for row in record["rows"] if row["method"] == "finetune_trusted"][0]
+    # "no change" is the last model, whatever ran before it: its val is `none`'s, and a fine-tune must beat it
+    unchanged = abs(tuned["val_accuracy"] - worse["val_accuracy"]) < 1e-4  # `none`'s val is rounded
+    assert tuned["val_accuracy"] > worse["val_accuracy"] or unchanged
+    assert unchanged == (tuned["ft_epochs"] == 0)
     assert 0.25 <= worse["noise_rate"] <= 0.55  # the tiny copy's worse labels flip ~40%
     summary = record["summary"]["worse"]
     assert {"oracle", "sap", "sap+pseudo"} <= set(summary) and "sap_minus_none" in record["targets"]["worse"]
