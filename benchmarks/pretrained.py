@@ -39,6 +39,7 @@ pretrained checkpoint instead. This benchmark does what such a user does, at a s
      sap_curvature     the recipe's SAPConfig with selection_rule='curvature' (the reference's rule; `--methods curvature`).
      refine            `audit_labels` + `refine` of the uncorrected model (accuracy.sap_refine_row).
      sap+refine        `sap`'s model, its audit, then `refine` (the recipe's pipeline).
+     best+sap(+refine) the same from the val-best epoch (`best_epoch`'s model) instead of the last one.
      finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val).
    `refine` / `sap+refine` use the recipe's refine settings with the length grid cut to 1, 2, 4 epochs (`--refine_*`).
    Optional (`--methods ... peers`): `benchmarks/peers.py`'s `peer_rows` (SSD, SCRUB) when that file exists,
@@ -90,6 +91,8 @@ METHODS = (
     "sap_curvature",
     "refine",
     "sap+refine",
+    "best+sap",
+    "best+sap+refine",
     "finetune_trusted",
 )
 METHOD_GROUPS = ("core", "curvature", "peers")
@@ -527,8 +530,15 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
             clean_fit=ft["clean_fit"],
         )
     )
+    best_sap = sap_method(run, early_model.state_dict(), common.recipe_sap_config(batch_size=500), base, "best+sap")
+    rows.append(best_sap["row"])  # the pipeline started from the val-best epoch instead of the last one
     audits = {}
-    for name, state, row in (("refine", final_state, rows[0]), ("sap+refine", sap["state"], sap["row"])):
+    starts = (
+        ("refine", final_state, rows[0]),
+        ("sap+refine", sap["state"], sap["row"]),
+        ("best+sap+refine", best_sap["state"], best_sap["row"]),
+    )
+    for name, state, row in starts:
         clock = time.perf_counter()
         model.load_state_dict(state)
         audit = _audit(model, run, args)
@@ -741,6 +751,8 @@ def plot(summary: dict[str, Any], path: Path) -> list[str]:
         "best_epoch": dict(color="green", ls="-."),
         "oracle": dict(color="black", ls=":"),
         "sap+refine": dict(color="red", lw=2.2),
+        "best+sap+refine": dict(color="darkred", ls="--"),
+        "best+sap": dict(color="orange", ls="--"),
         "sap": dict(color="orange"),
         "refine": dict(color="tab:cyan"),
         "finetune_trusted": dict(color="purple", ls="--"),

@@ -27,6 +27,8 @@ METHODS = {
     "sap_curvature",
     "refine",
     "sap+refine",
+    "best+sap",
+    "best+sap+refine",
     "finetune_trusted",
 }
 NOISES = {"sym40", "asym40", "inst40"}
