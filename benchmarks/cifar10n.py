@@ -143,7 +143,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--cv_epochs", type=int, default=None, help="each CV model's length (default: --epochs / 2)")
     parser.add_argument("--cv_warmup_epochs", type=float, default=1.0)
-    parser.add_argument("--pretrain_epochs", type=int, default=40, help="mae: epochs over the unlabelled images")
+    parser.add_argument("--pretrain_epochs", type=int, default=80, help="mae: epochs over the unlabelled images")
     parser.add_argument("--pretrain_lr", type=float, default=1.5e-3)
     parser.add_argument("--pretrain_batch_size", type=int, default=256)
     parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3], help="finetune_trusted")
@@ -189,7 +189,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs, args.seeds = 200, 100, 100, 3, args.seeds[:1]
         args.hidden, args.layers, args.refine_epochs, args.warmup_epochs = 32, 2, [1], 0.5
-        args.pretrain_epochs, args.pretrain_images, args.folds, args.ft_epochs = 1, 400, 2, [1]
+        args.pretrain_epochs, args.pretrain_images, args.folds, args.ft_epochs = 1, None, 2, [1]  # every copy image
     else:
         args.pretrain_images = None  # the whole training split of the copy
     args.cv_epochs = args.cv_epochs or max(1, args.epochs // 2)

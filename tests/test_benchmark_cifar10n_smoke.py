@@ -110,3 +110,21 @@ def test_cifar10n_benchmark_quick(tmp_path):
     merged = json.loads(out.read_text())
     assert len(merged["rows"]) == len(record["rows"]) and merged["merged"]
     assert {r["method"] for r in merged["rows"]} == methods
+
+
+def test_cifar10n_benchmark_quick_mae_regime(tmp_path):
+    """The MAE regime: an encoder pretrained without labels (cached once), then the same methods from it."""
+    images, labels = write_tiny_cifar10n(tmp_path / "data", n_train=200, n_test=200)
+    out, cache = tmp_path / "mae.json", tmp_path / "cache"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, str(SCRIPT), "--quick", "--regime", "mae", "--images", str(images), "--labels"]
+    command += [str(labels), "--label_sets", "worse", "--methods", "core", "--modes", "remove", "--threads", "1"]
+    command += ["--out", str(out), "--cache_dir", str(cache)]
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["config"]["regime"] == "mae" and Path(record["config"]["backbone"]).is_file()
+    assert {"none", "best_epoch", "oracle", "sap", "sap+remove"} <= {row["method"] for row in record["rows"]}
+    assert all(row["regime"] == "mae" for row in record["rows"])
+    backbone = json.loads(Path(record["config"]["backbone"]).with_suffix(".json").read_text())
+    assert len(backbone["loss"]) == record["config"]["pretrain_epochs"] and backbone["images"] > 0
