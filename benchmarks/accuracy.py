@@ -270,7 +270,7 @@ def sap_candidates(
                     config=sap_config,
                     trusted_indices=selection.indices,
                     evaluate_fn=evaluate_fn,
-                    show_progress=False,
+                    runtime=Runtime(show_progress=False),
                 )
                 candidates.append(
                     {

@@ -779,13 +779,15 @@ def sap_step(model: Any, state: dict, data: dict[str, Any], method: str = "sap",
     and the audit's average precision against the true errors; `seconds` covers the correction and the audit."""
     import torch
 
-    from sap_hf import SAPConfig, sap_correct
+    from sap_hf import Runtime, SAPConfig, sap_correct
 
     model.load_state_dict(state)
     clock = time.perf_counter()
     train_set = TensorExamples(data["train_x"], data["train_y"])
     config = config or SAPConfig(batch_size=500)
-    result = sap_correct(model, train_set, config=config, evaluate_fn=val_metric(data), show_progress=False)
+    result = sap_correct(
+        model, train_set, config=config, evaluate_fn=val_metric(data), runtime=Runtime(show_progress=False)
+    )
     trusted = torch.as_tensor(result.trusted_indices, dtype=torch.long)
     audit = shift_audit(model, data)
     row = dict(

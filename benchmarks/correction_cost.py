@@ -17,7 +17,7 @@ What it measures
      11-point grid, float64 statistics; raw rows decoded by `ImageTransform.collate`, as the recipe does)
      under `accelerate launch` with 1 process and with 2 (`--multi_gpu --num_processes 2`, gloo on CPU),
      one torch thread each. Rows `{processes, phase, seconds, decodes}` for selection | statistics | eigh |
-     alpha_search | write | total. The phases are timed by the library itself: `sap_correct(on_phase=...)`
+     alpha_search | write | total. The phases are timed by the library itself: `Runtime(on_phase=...)`
      (seconds as the main process measured them, no barrier between phases; `timings` in the record is
      its `SAPResult.timings`); alpha_search is the sum of the search's "evaluation" phases. PIL decodes
      are counted in every process (a wrapper around PIL's `ImageFile.load` that counts real decodes),
@@ -515,7 +515,7 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
     from common import recipe_sap_config
     from transformers import ViTForImageClassification
 
-    from sap_hf import sap_correct
+    from sap_hf import Runtime, sap_correct
     from sap_hf.data import ImageTransform, load_clothing1m, undecoded_images
 
     torch.set_num_threads(1)
@@ -544,10 +544,7 @@ def worker(corpus: str, model_dir: str, out: str) -> None:
             data,
             val,
             sap_config,
-            accelerator,
-            collate_fn=transform.collate,
-            show_progress=False,
-            on_phase=log,
+            runtime=Runtime(accelerator=accelerator, collate_fn=transform.collate, show_progress=False, on_phase=log),
             **kwargs,
         )
         return result, _phases(log, [time.perf_counter() - clock, decodes[0] - before])

@@ -320,8 +320,8 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         model,
         train_set,
         config=sap_config,
-        show_progress=False,
         evaluate_fn=lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+        runtime=Runtime(show_progress=False),
     )
     sap_seconds = time.perf_counter() - clock
     timing["sap_correct"] = sap_seconds

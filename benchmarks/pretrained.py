@@ -407,12 +407,14 @@ def sap_method(run: dict[str, Any], state: dict, config: Any, base: dict[str, An
     """`sap_correct(config)` from `state`, alpha on val: the row, the corrected `state` and the trusted indices."""
     import torch
 
-    from sap_hf import sap_correct
+    from sap_hf import Runtime, sap_correct
 
     model, data = run["model"], run["data"]
     model.load_state_dict(state)
     clock = time.perf_counter()
-    result = sap_correct(model, run["train_set"], config=config, evaluate_fn=_val_fn(data), show_progress=False)
+    result = sap_correct(
+        model, run["train_set"], config=config, evaluate_fn=_val_fn(data), runtime=Runtime(show_progress=False)
+    )
     seconds = time.perf_counter() - clock
     index = torch.as_tensor(result.trusted_indices, dtype=torch.long)
     row = dict(

@@ -172,7 +172,7 @@ def sources(run: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
 def run_one(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     import torch
 
-    from sap_hf import sap_correct
+    from sap_hf import Runtime, sap_correct
 
     setting, seed, args = task
     run = recorded_run(setting, seed, args)
@@ -192,8 +192,8 @@ def run_one(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
             train_set,
             config=recipe,
             trusted_indices=found["indices"],
-            show_progress=False,
             evaluate_fn=lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+            runtime=Runtime(show_progress=False),
         )
         rows.append(
             {

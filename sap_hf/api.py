@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -266,9 +266,8 @@ def sap_correct(
     train_data: Any,
     eval_data: Any = None,
     config: Optional[SAPConfig] = None,
-    accelerator: Any = None,
+    runtime: Optional[Runtime] = None,
     *,
-    collate_fn: Optional[Collator] = None,
     evaluate_fn: Optional[EvaluateFn] = None,
     metric: str = "accuracy",
     greater_is_better: bool = True,
@@ -276,35 +275,41 @@ def sap_correct(
     trusted_indices: Optional[Sequence[Union[int, str]]] = None,
     stats_path: Optional[Union[str, Path]] = None,
     on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]] = None,
-    on_phase: Optional[PhaseHook] = None,
-    show_progress: bool = True,
+    **run_options: Any,
 ) -> SAPResult:
     """The whole correction: trusted selection -> statistics -> alpha search -> write.
 
     `train_data` is the (noisy) labelled data to pick trusted samples from; `eval_data` a clean
-    labelled set to pick alpha on (or give `evaluate_fn(model) -> metrics`). `trusted_indices`
-    skips selection. `greater_is_better` says which way `metric` improves. `stats_path`: statistics
-    are loaded from it when the file exists (re-tune alpha without a data pass, or resume an
-    interrupted run) and saved to it otherwise; it is checked before any data is read.
-    `on_phase(phase, seconds)` is called after each phase (`SAPResult.timings` sums them).
+    labelled set to pick alpha on (or give `evaluate_fn(model) -> metrics`). `config` says what SAP
+    does, `runtime` how the data passes run (`Runtime(accelerator=, collate_fn=, show_progress=,
+    on_phase=)`; default: this process alone, `default_data_collator`, a progress bar): its batch size
+    is `config.batch_size`, and `on_phase(phase, seconds)` is called after each phase
+    (`SAPResult.timings` sums this call's). `trusted_indices` skips selection. `greater_is_better`
+    says which way `metric` improves. `stats_path`: statistics are loaded from it when the file
+    exists (re-tune alpha without a data pass, or resume an interrupted run) and saved to it
+    otherwise; it is checked before any data is read. `on_evaluate(alpha, metrics)` follows each
+    evaluation of the alpha search.
     The model is left at the best alpha, or unchanged when no alpha beats it on the eval set.
     A PEFT (LoRA) model is merged first: `result.model` is the corrected plain model to save.
+
+    Older calls still work: `accelerator=`, `collate_fn=`, `show_progress=` and `on_phase=` (or an
+    accelerator in `runtime`'s place) make the `Runtime`, with a deprecation warning.
     """
     config = config or SAPConfig()
-    runtime = _runtime(config, accelerator, collate_fn, show_progress, on_phase)
+    runtime = _correction_runtime(config, runtime, run_options)
     base = runtime.unwrap(model)
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
     evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
     train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     targets = _resolve_targets(base, config)
-    if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
-        check_stats_path(stats_path, writable=runtime.is_main)
-    plan = _TrustedPlan.make(base, train_data, config, runtime, selection_model, trusted_indices, stats_path)
+    cached = _TrustedStatistics.load_cache(base, config, runtime, stats_path, trusted_indices)
+    trusted = _TrustedSamples.make(base, train_data, config, runtime, selection_model, trusted_indices, cached)
+    statistics = _TrustedStatistics(trusted, config, runtime, cached, stats_path)
     rounds: list[AlphaSearchResult] = []
     with restored_on_failure(base, targets):
         for round_index in range(config.num_rounds):
-            stats = plan.statistics(base, targets, round_index)
+            stats = statistics.of_round(base, targets, round_index)
             search = _search_round(
                 base, stats, round_index, config, runtime, evaluate_fn, metric, greater_is_better, on_evaluate
             )
@@ -317,14 +322,41 @@ def sap_correct(
         baseline_metrics=rounds[0].baseline,
         final_metrics=rounds[-1].best_metrics,
         target_modules=list(stats.target_modules),
-        num_trusted=plan.num_trusted,
-        trusted_per_class={int(k): v for k, v in plan.per_class.items()},
+        num_trusted=trusted.num_trusted,
+        trusted_per_class={int(k): v for k, v in trusted.per_class.items()},
         config=config.to_dict(),
-        trusted_indices=plan.identities(),
+        trusted_indices=trusted.identities(),
         timings=dict(runtime.timings),
     )
     result.model = model  # the corrected model (for PEFT: the merged one, not the consumed wrapper)
     return result
+
+
+_RUN_OPTIONS = ("accelerator", "collate_fn", "show_progress", "on_phase")
+"""`sap_correct`'s former keywords for what is now its `Runtime`."""
+
+
+def _correction_runtime(config: SAPConfig, runtime: Any, options: dict[str, Any]) -> Runtime:
+    """The run of one correction: `runtime` (or one made of the former keywords) at `config.batch_size`, timed anew."""
+    unknown = sorted(set(options) - set(_RUN_OPTIONS))
+    if unknown:
+        raise TypeError(f"sap_correct() got an unexpected keyword argument {unknown[0]!r}")
+    if runtime is not None and not isinstance(runtime, Runtime):  # an accelerator, where the fifth argument was one
+        if "accelerator" in options:
+            raise TypeError("sap_correct() got multiple values for argument 'accelerator'")
+        options, runtime = {"accelerator": runtime, **options}, None
+    if options:
+        if runtime is not None:
+            raise TypeError(
+                f"sap_correct() got runtime= and {', '.join(f'{k}=' for k in options)}: set those in the Runtime."
+            )
+        logger.warning_once(
+            "sap_correct(accelerator=, collate_fn=, show_progress=, on_phase=) is deprecated: pass "
+            "runtime=sap_hf.Runtime(accelerator=..., collate_fn=..., show_progress=..., on_phase=...) instead."
+        )
+        runtime = Runtime(**options)
+    runtime = runtime if runtime is not None else Runtime()
+    return replace(runtime, batch_size=config.batch_size, timings={})
 
 
 def _evaluator(evaluate_fn: Optional[EvaluateFn], eval_data: Any, runtime: Runtime) -> EvaluateFn:
@@ -342,17 +374,17 @@ def _evaluator(evaluate_fn: Optional[EvaluateFn], eval_data: Any, runtime: Runti
 
 
 @dataclass
-class _TrustedPlan:
-    """Where the trusted samples come from (selection, given indices or a statistics cache) and their statistics."""
+class _TrustedSamples:
+    """Which samples are trusted: selected, given as `trusted_indices`, or those a statistics cache was made on.
 
-    config: SAPConfig
-    runtime: Runtime
-    trusted: Any = None
+    `indices` are their identities (positions, or a stream's keys), `examples` the samples themselves
+    (None when only the cache holds them), `given` whether the caller named them (no selection).
+    """
+
     indices: Optional[list[Any]] = None
     per_class: dict[int, int] = field(default_factory=dict)
-    cached: Optional[ActivationStats] = None
-    stats_path: Optional[Union[str, Path]] = None
-    given: bool = False  # trusted_indices were given (no selection)
+    examples: Any = None
+    given: bool = False
 
     @classmethod
     def make(
@@ -363,21 +395,12 @@ class _TrustedPlan:
         runtime: Runtime,
         selection_model: Optional[nn.Module],
         trusted_indices: Optional[Sequence[Any]],
-        stats_path: Optional[Union[str, Path]],
-    ) -> _TrustedPlan:
-        plan = cls(
-            config,
-            runtime,
-            stats_path=stats_path,
-            cached=cached_statistics(stats_path, runtime),
-            given=trusted_indices is not None,
-        )
-        if plan.cached is not None:
-            plan.cached.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
-            check_statistics_options(plan.cached, config, stats_path, trusted_indices)
-            trusted_indices = plan.cached.meta.get("trusted_indices", trusted_indices)
-            plan.per_class = plan.cached.meta.get("trusted_per_class", {})
-            logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
+        cached: Optional[ActivationStats],
+    ) -> _TrustedSamples:
+        trusted = cls(given=trusted_indices is not None)
+        if cached is not None:
+            trusted_indices = cached.meta.get("trusted_indices", trusted_indices)
+            trusted.per_class = cached.meta.get("trusted_per_class", {})
         elif trusted_indices is None:
             if config.trusted_source == "training":
                 raise ValueError(
@@ -394,36 +417,23 @@ class _TrustedPlan:
                 seed=config.sampling_seed,
                 subset=config.selection_subset,
             )
-            trusted_indices, plan.per_class = selection.indices, dict(selection.per_class)
-            plan.trusted = (
+            trusted_indices, trusted.per_class = selection.indices, dict(selection.per_class)
+            trusted.examples = (
                 selection.examples
             )  # a stream's trusted examples, kept by the selection pass: no second read
-        plan.indices = list(trusted_indices) if trusted_indices is not None else None
-        if plan.trusted is None and plan.indices is not None and train_data is not None:
-            plan.trusted = subset(train_data, plan.indices)
-        if plan.trusted is None and (plan.cached is None or config.num_rounds > 1):
+        trusted.indices = list(trusted_indices) if trusted_indices is not None else None
+        if trusted.examples is None and trusted.indices is not None and train_data is not None:
+            trusted.examples = subset(train_data, trusted.indices)
+        if trusted.examples is None and (cached is None or config.num_rounds > 1):
             raise ValueError(
                 f"config.num_rounds={config.num_rounds} re-collects statistics each round, which needs the trusted "
                 "data: pass train_data= (and trusted_indices= or a stats_path saved by sap_correct), or use num_rounds=1."
-                if plan.cached is not None
+                if cached is not None
                 else "sap_correct needs train_data= to select the trusted samples from."
             )
-        return plan
+        return trusted
 
-    def statistics(self, base: nn.Module, targets: Sequence[str], round_index: int) -> ActivationStats:
-        """Round 0: the cache or a new pass (saved to the cache); later rounds: a pass on the projected model."""
-        if round_index == 0 and self.cached is not None:
-            return self.cached
-        stats = _collect(base, self.trusted, targets, self.config, self.runtime)
-        if round_index == 0:
-            self._check_count(stats)
-            if self.stats_path is not None:
-                stats.meta.update(trusted_indices=self.identities(), trusted_per_class=self.per_class)
-                stats.meta.update({OPTIONS_KEY: statistics_options(self.config, self.given), GIVEN_KEY: self.given})
-                save_statistics(stats, self.stats_path, self.runtime)
-        return stats
-
-    def _check_count(self, stats: ActivationStats) -> None:
+    def check_count(self, stats: ActivationStats) -> None:
         """Given trusted_indices must all exist: a stream's missing keys/positions would otherwise be dropped silently."""
         seen, asked = stats.meta.get("samples"), len(set(self.indices)) if self.indices is not None else None
         if asked is not None and seen is not None and seen < asked:
@@ -439,3 +449,51 @@ class _TrustedPlan:
     def identities(self) -> list[Union[int, str]]:
         """The trusted samples' identities as JSON keeps them: positions (int) or a stream's keys (str)."""
         return [i if isinstance(i, str) else int(i) for i in self.indices] if self.indices is not None else []
+
+
+@dataclass
+class _TrustedStatistics:
+    """The trusted samples' statistics: round 0 from the cache (`stats_path`) or a pass saved to it, later rounds
+    a pass on the projected model."""
+
+    trusted: _TrustedSamples
+    config: SAPConfig
+    runtime: Runtime
+    cached: Optional[ActivationStats] = None
+    stats_path: Optional[Union[str, Path]] = None
+
+    @staticmethod
+    def load_cache(
+        base: nn.Module,
+        config: SAPConfig,
+        runtime: Runtime,
+        stats_path: Optional[Union[str, Path]],
+        trusted_indices: Optional[Sequence[Any]],
+    ) -> Optional[ActivationStats]:
+        """The statistics in `stats_path`, checked against the model and this run's options; None: no file yet.
+
+        The path is checked before any data is read: a wrong path must not cost a data pass.
+        """
+        if stats_path is None:
+            return None
+        check_stats_path(stats_path, writable=runtime.is_main)
+        cached = cached_statistics(stats_path, runtime)
+        if cached is not None:
+            cached.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")
+            check_statistics_options(cached, config, stats_path, trusted_indices)
+            logger.info("Loaded SAP statistics from %s: no data pass needed.", stats_path)
+        return cached
+
+    def of_round(self, base: nn.Module, targets: Sequence[str], round_index: int) -> ActivationStats:
+        """Round 0: the cache or a new pass (saved to the cache); later rounds: a pass on the projected model."""
+        if round_index == 0 and self.cached is not None:
+            return self.cached
+        stats = _collect(base, self.trusted.examples, targets, self.config, self.runtime)
+        if round_index == 0:
+            self.trusted.check_count(stats)
+            if self.stats_path is not None:
+                given = self.trusted.given
+                stats.meta.update(trusted_indices=self.trusted.identities(), trusted_per_class=self.trusted.per_class)
+                stats.meta.update({OPTIONS_KEY: statistics_options(self.config, given), GIVEN_KEY: given})
+                save_statistics(stats, self.stats_path, self.runtime)
+        return stats

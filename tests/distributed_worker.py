@@ -131,10 +131,12 @@ def clothing(out_dir: str, data_dir: str) -> None:
         train,
         val,
         config,
-        accelerator=accelerator,
-        collate_fn=transform.collate,
-        show_progress=False,
-        on_phase=lambda phase, seconds: phases.append(phase),
+        runtime=Runtime(
+            accelerator=accelerator,
+            collate_fn=transform.collate,
+            show_progress=False,
+            on_phase=lambda phase, seconds: phases.append(phase),
+        ),
     )
     total = sum(gather_object([decodes[0]]))
     if accelerator.is_main_process:

@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/correction_cost.py --quick: 1 and 2 processes, decode counts (no assertion on timings).
 
-The phases come from the library's hook (`sap_correct(on_phase=...)`, `SAPResult.timings`), never from
+The phases come from the library's hook (`Runtime(on_phase=...)`, `SAPResult.timings`), never from
 wrappers around library names: the worker records that no library name was rebound.
 """
 

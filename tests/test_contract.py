@@ -33,7 +33,7 @@ def _config(**overrides):
 
 
 def _corrected(model, train, val, **kwargs):
-    result = sap_correct(model, train, val, _config(), show_progress=False, **kwargs)
+    result = sap_correct(model, train, val, _config(), runtime=Runtime(show_progress=False), **kwargs)
     return result, snapshot(model)
 
 
@@ -89,7 +89,9 @@ def test_a_generator_is_read_once_and_kept(caplog):
     val = random_examples(9, seed=2)
     expected = evaluate_accuracy(model, val, runtime=QUIET)
     with caplog.at_level(logging.WARNING, logger="sap_hf"):
-        result = sap_correct(model, random_examples(12, seed=1), (e for e in val), _config(), show_progress=False)
+        result = sap_correct(
+            model, random_examples(12, seed=1), (e for e in val), _config(), runtime=Runtime(show_progress=False)
+        )
     assert result.baseline_metrics["accuracy"] == expected["accuracy"]
     assert len(result.rounds[0].metrics) == 2  # every alpha saw the whole eval set, not an exhausted generator
     assert "one-shot iterator" in caplog.text
@@ -102,7 +104,7 @@ def test_a_dict_of_eval_sets_is_refused_naming_the_keys():
     with pytest.raises(
         ValueError, match=r"eval_data is a dict of 2 entries \('validation', 'test'\).*eval_data=data\['validation'\]"
     ):
-        sap_correct(model, random_examples(9), evals, _config(), show_progress=False)
+        sap_correct(model, random_examples(9), evals, _config(), runtime=Runtime(show_progress=False))
     assert_identical(model, before)
 
 
@@ -111,14 +113,26 @@ def test_trusted_indices_outside_the_data_are_an_error_not_dropped():
     before = snapshot(model)
     with pytest.raises(ValueError, match="trusted_indices hold 40, outside the 9 examples"):
         sap_correct(
-            model, random_examples(9), random_examples(6), _config(), trusted_indices=[0, 1, 40], show_progress=False
+            model,
+            random_examples(9),
+            random_examples(6),
+            _config(),
+            trusted_indices=[0, 1, 40],
+            runtime=Runtime(show_progress=False),
         )
     import datasets
 
     rows = [{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in random_examples(9)]
     stream = datasets.Dataset.from_list(rows).to_iterable_dataset().with_format("torch")  # counted after the pass
     with pytest.raises(ValueError, match="name 3 samples but the data holds only 2"):
-        sap_correct(model, stream, random_examples(6), _config(), trusted_indices=[0, 1, 40], show_progress=False)
+        sap_correct(
+            model,
+            stream,
+            random_examples(6),
+            _config(),
+            trusted_indices=[0, 1, 40],
+            runtime=Runtime(show_progress=False),
+        )
     assert_identical(model, before)
 
 
@@ -131,9 +145,9 @@ def test_dataparallel_keeps_project_classifier_false_and_corrects_like_the_bare_
     train, val = random_examples(12, seed=1), random_examples(6, seed=2)
     config = _config(project_classifier=False)
     bare = tiny_model("vit", num_labels=3)
-    expected = sap_correct(bare, train, val, config, show_progress=False)
+    expected = sap_correct(bare, train, val, config, runtime=Runtime(show_progress=False))
     wrapped = torch.nn.DataParallel(tiny_model("vit", num_labels=3))
-    got = sap_correct(wrapped, train, val, config, show_progress=False)
+    got = sap_correct(wrapped, train, val, config, runtime=Runtime(show_progress=False))
     assert "classifier" not in got.target_modules and got.target_modules == expected.target_modules
     assert got.trusted_indices == expected.trusted_indices
     assert_identical(wrapped.module, snapshot(bare))
@@ -171,7 +185,7 @@ def test_unwrap_peels_dataparallel_and_torch_compile():
 def test_models_that_are_not_single_label_classifiers_are_refused_before_any_pass(build, message):
     model = build()
     with pytest.raises(ValueError, match=message):
-        sap_correct(model, random_examples(6), random_examples(6), _config(), show_progress=False)
+        sap_correct(model, random_examples(6), random_examples(6), _config(), runtime=Runtime(show_progress=False))
 
 
 def _with_problem(problem_type):
@@ -268,14 +282,45 @@ def test_phases_are_timed_through_the_public_hook():
         random_examples(12, seed=1),
         random_examples(6, seed=2),
         _config(alpha_scope="shared"),  # one evaluation per alpha (per_kind adds its trials)
-        on_phase=lambda phase, seconds: seen.append((phase, seconds)),
-        show_progress=False,
+        Runtime(show_progress=False, on_phase=lambda phase, seconds: seen.append((phase, seconds))),
     )
     phases = [phase for phase, _ in seen]
     assert phases[:3] == ["selection", "statistics", "eigh"] and phases[-2:] == ["write", "search"]
     assert phases.count("evaluation") == 1 + len(result.rounds[0].metrics)  # the unchanged model, then each alpha
     assert set(result.timings) == set(phases) and all(seconds >= 0 for _, seconds in seen)
     assert result.timings["evaluation"] == pytest.approx(sum(s for p, s in seen if p == "evaluation"))
+
+
+def test_the_run_is_one_runtime_and_the_former_keywords_still_make_it(caplog):
+    """`sap_correct(data, config, runtime)`: the Runtime's batch size is config.batch_size's, its timings are this
+    call's; `accelerator=`/`collate_fn=`/`show_progress=`/`on_phase=` still work (a deprecation warning), alike."""
+    from transformers import default_data_collator
+
+    train, val, config = random_examples(12, seed=1), random_examples(6, seed=2), _config(alpha_scope="shared")
+    seen, sizes = [], []
+
+    def collate(examples):
+        sizes.append(len(examples))
+        return default_data_collator(examples)
+
+    runtime = Runtime(batch_size=5, collate_fn=collate, show_progress=False, on_phase=lambda p, s: seen.append(p))
+    sap_correct(tiny_model("vit", num_labels=3), train, val, config, runtime, trusted_indices=[0, 1, 2, 3, 4, 5])
+    assert max(sizes) == config.batch_size  # not the Runtime's 5
+    before = len(seen)
+    again = sap_correct(tiny_model("vit", num_labels=3), train, val, config, runtime)
+    assert "selection" in again.timings and runtime.timings == {}
+    assert set(again.timings) == set(seen[before:])  # this call's phases only
+    with caplog.at_level(logging.WARNING, logger="sap_hf"):
+        legacy = sap_correct(tiny_model("vit", num_labels=3), train, val, config, show_progress=False)
+        collated = sap_correct(tiny_model("vit", num_labels=3), train, val, config, collate_fn=collate)
+    assert "deprecated" in caplog.text and "runtime=sap_hf.Runtime(" in caplog.text
+    for other in (legacy, collated):
+        assert other.trusted_indices == again.trusted_indices and other.alphas == again.alphas
+        assert other.final_metrics == again.final_metrics
+    with pytest.raises(TypeError, match="set those in the Runtime"):
+        sap_correct(tiny_model("vit", num_labels=3), train, val, config, QUIET, show_progress=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch_size'"):
+        sap_correct(tiny_model("vit", num_labels=3), train, val, config, batch_size=4)
 
 
 def test_string_labels_under_either_key_are_named_before_the_collator_fails():

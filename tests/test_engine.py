@@ -223,7 +223,7 @@ def test_sap_correct_end_to_end_reports_every_alpha():
     model = tiny_model("vit")
     train, evals = random_examples(24, seed=1), random_examples(12, seed=2)
     config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8)
-    result = sap_correct(model, train, evals, config, show_progress=False)
+    result = sap_correct(model, train, evals, config, runtime=Runtime(show_progress=False))
     assert result.num_trusted == 6 and result.trusted_per_class == {0: 2, 1: 2, 2: 2}
     assert (
         result.trusted_indices
@@ -327,7 +327,7 @@ def test_sap_correct_per_kind_records_kind_alphas():
     config = SAPConfig(
         alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind", alpha_search="grid"
     )
-    result = sap_correct(model, train, evals, config, show_progress=False)
+    result = sap_correct(model, train, evals, config, runtime=Runtime(show_progress=False))
     assert set(result.kind_alphas) == {"attention", "mlp", "classifier"}
     assert len(result.rounds[0].kind_trials) == 6
     assert result.final_metrics["accuracy"] >= max(
@@ -373,7 +373,7 @@ def test_per_kind_with_two_rounds():
     model = tiny_model("vit")
     train, evals = random_examples(24, seed=1), random_examples(12, seed=2)
     config = SAPConfig(alphas=[1.0, 1e3], trusted_per_class=2, batch_size=8, alpha_scope="per_kind", num_rounds=2)
-    result = sap_correct(model, train, evals, config, show_progress=False)
+    result = sap_correct(model, train, evals, config, runtime=Runtime(show_progress=False))
     assert 1 <= len(result.rounds) <= 2
     for search in result.rounds:
         assert set(search.kind_alphas) == {"attention", "mlp", "classifier"}

@@ -80,7 +80,9 @@ def test_target_typo_with_the_default_head_raises_before_any_data_pass(model):
     before = snapshot(model)
     for call in (
         lambda c: sap_project(model, random_examples(4), alpha=10.0, config=c),
-        lambda c: sap_correct(model, random_examples(6), random_examples(6), config=c, show_progress=False),
+        lambda c: sap_correct(
+            model, random_examples(6), random_examples(6), config=c, runtime=Runtime(show_progress=False)
+        ),
     ):
         with pytest.raises(ValueError, match=r"No backbone nn.Linear layer matches target_modules=\['qkv_typo'\]"):
             call(SAPConfig(target_modules=["qkv_typo"]))
@@ -129,7 +131,7 @@ def test_stream_keys_identify_samples_and_bad_keys_are_named(model):
             twice,
             random_examples(6, seed=2),
             SAPConfig(alphas=[10.0], trusted_per_class=2),
-            show_progress=False,
+            runtime=Runtime(show_progress=False),
         )
     assert_identical(model, before)
 
@@ -138,7 +140,9 @@ def test_eval_set_without_labels_is_rejected_before_any_change(model):
     before = snapshot(model)
     unlabeled = [{"pixel_values": e["pixel_values"]} for e in random_examples(6)]
     with pytest.raises(ValueError, match="labels"):
-        sap_correct(model, random_examples(12), unlabeled, SAPConfig(trusted_per_class=2), show_progress=False)
+        sap_correct(
+            model, random_examples(12), unlabeled, SAPConfig(trusted_per_class=2), runtime=Runtime(show_progress=False)
+        )
     assert_identical(model, before)
 
 
@@ -172,7 +176,14 @@ def test_interrupted_correct_resumes_from_saved_statistics(model, tmp_path):
 
     before = snapshot(model)
     with pytest.raises(KeyboardInterrupt):
-        sap_correct(model, train, config=config, evaluate_fn=interrupted, stats_path=stats_path, show_progress=False)
+        sap_correct(
+            model,
+            train,
+            config=config,
+            evaluate_fn=interrupted,
+            stats_path=stats_path,
+            runtime=Runtime(show_progress=False),
+        )
     assert_identical(model, before)
     assert stats_path.is_file()
 
@@ -180,7 +191,9 @@ def test_interrupted_correct_resumes_from_saved_statistics(model, tmp_path):
         def __iter__(self):
             raise AssertionError("the rerun must not read the data")
 
-    result = sap_correct(model, NoDataPass(train), evals, config, stats_path=stats_path, show_progress=False)
+    result = sap_correct(
+        model, NoDataPass(train), evals, config, stats_path=stats_path, runtime=Runtime(show_progress=False)
+    )
     assert result.rounds[0].alphas == [1.0, 10.0, 100.0]
 
 
@@ -228,7 +241,7 @@ def test_bad_stats_path_fails_before_any_data_is_read(model, tmp_path):
                 config=config,
                 evaluate_fn=lambda m: {"accuracy": 0.0},
                 stats_path=path,
-                show_progress=False,
+                runtime=Runtime(show_progress=False),
             )
     assert_identical(model, before)
 
@@ -247,7 +260,7 @@ def test_truncated_statistics_file_names_stats_path(model, tmp_path):
             config=config,
             evaluate_fn=lambda m: {"accuracy": 0.0},
             stats_path=stats_path,
-            show_progress=False,
+            runtime=Runtime(show_progress=False),
         )
 
 
@@ -297,13 +310,23 @@ def test_stale_statistics_are_rejected(tmp_path):
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
     first = tiny_model("vit", num_labels=3, seed=0)
     sap_correct(
-        first, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False
+        first,
+        random_examples(12),
+        random_examples(6, seed=2),
+        config,
+        stats_path=stats_path,
+        runtime=Runtime(show_progress=False),
     )
     other = tiny_model("vit", num_labels=3, seed=1)
     before = snapshot(other)
     with pytest.raises(ValueError, match="stats_path"):
         sap_correct(
-            other, random_examples(12), random_examples(6, seed=2), config, stats_path=stats_path, show_progress=False
+            other,
+            random_examples(12),
+            random_examples(6, seed=2),
+            config,
+            stats_path=stats_path,
+            runtime=Runtime(show_progress=False),
         )
     smaller = tiny_model("vit", num_labels=3, hidden_size=16)
     with pytest.raises(ValueError, match="another model"):
@@ -313,7 +336,7 @@ def test_stale_statistics_are_rejected(tmp_path):
             random_examples(6, seed=2),
             config,
             stats_path=stats_path,
-            show_progress=False,
+            runtime=Runtime(show_progress=False),
         )
     assert_identical(other, before)
 
@@ -323,10 +346,10 @@ def test_resumed_run_keeps_the_trusted_record(tmp_path):
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
     model = tiny_model("vit", num_labels=3)
     train, evals = random_examples(12), random_examples(6, seed=2)
-    first = sap_correct(model, train, evals, config, stats_path=stats_path, show_progress=False)
+    first = sap_correct(model, train, evals, config, stats_path=stats_path, runtime=Runtime(show_progress=False))
     if first.changed:
         model = tiny_model("vit", num_labels=3)  # the statistics belong to the uncorrected weights
-    again = sap_correct(model, train, evals, config, stats_path=stats_path, show_progress=False)
+    again = sap_correct(model, train, evals, config, stats_path=stats_path, runtime=Runtime(show_progress=False))
     assert again.num_trusted == first.num_trusted == 6
     assert again.trusted_per_class == first.trusted_per_class == {0: 2, 1: 2, 2: 2}
 

@@ -170,7 +170,7 @@ def test_sap_correct_returns_the_merged_corrected_model_and_it_saves_whole(train
         random_examples(12, seed=1),
         config=SAPConfig(alphas=[2.0], trusted_per_class=2, batch_size=4),
         evaluate_fn=_shrinkage,
-        show_progress=False,
+        runtime=Runtime(show_progress=False),
     )
     assert result.changed and result.alpha == 2.0 and _adapter_free(result.target_modules)
     corrected = result.model

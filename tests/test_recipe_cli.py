@@ -219,7 +219,7 @@ def test_recipe_replaces_a_default_statistics_cache_of_other_options(tmp_path):
         random_examples(6, seed=2),
         config,
         stats_path=path,
-        show_progress=False,
+        runtime=Runtime(show_progress=False),
     )
     clothing1m._drop_stale_stats(path, tiny_model("vit", num_labels=3), config)
     assert path.is_file()  # the same weights and options: reused

@@ -81,7 +81,11 @@ def test_config_checks_and_sap_correct_uses_it():
     train = MapStyle(random_examples(60, seed=1))
     config = SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8, selection_subset=0.5, sampling_seed=2)
     result = sap_correct(
-        tiny_model("vit", num_labels=3), train, random_examples(12, seed=2), config, show_progress=False
+        tiny_model("vit", num_labels=3),
+        train,
+        random_examples(12, seed=2),
+        config,
+        runtime=Runtime(show_progress=False),
     )
     assert set(result.trusted_indices) <= subset_keep(train, 0.5, seed=2)
     assert result.config["selection_subset"] == 0.5

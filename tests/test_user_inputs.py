@@ -53,23 +53,35 @@ def test_image_transform_decodes_like_datasets_exif_orientation(tmp_path):
 def test_stats_path_with_other_options_is_refused_before_any_weight_changes(tmp_path, change):
     from helpers import assert_identical, random_examples, snapshot
 
-    from sap_hf import SAPConfig, sap_correct
+    from sap_hf import Runtime, SAPConfig, sap_correct
     from sap_hf.models import tiny_model
 
     stats_path = tmp_path / "stats.safetensors"
     train, evals = random_examples(12), random_examples(6, seed=2)
     base = dict(alphas=[10.0], trusted_per_class=2)
     sap_correct(
-        tiny_model("vit", num_labels=3), train, evals, SAPConfig(**base), stats_path=stats_path, show_progress=False
+        tiny_model("vit", num_labels=3),
+        train,
+        evals,
+        SAPConfig(**base),
+        stats_path=stats_path,
+        runtime=Runtime(show_progress=False),
     )
     model = tiny_model("vit", num_labels=3)  # the same weights the statistics were collected on
     before = snapshot(model)
     name = next(iter(change))
     with pytest.raises(ValueError, match=rf"stats_path=.*{name}=.*this run has {name}=.*Delete"):
-        sap_correct(model, train, evals, SAPConfig(**{**base, **change}), stats_path=stats_path, show_progress=False)
+        sap_correct(
+            model,
+            train,
+            evals,
+            SAPConfig(**{**base, **change}),
+            stats_path=stats_path,
+            runtime=Runtime(show_progress=False),
+        )
     assert_identical(model, before)
     again = sap_correct(
-        model, train, evals, SAPConfig(**base), stats_path=stats_path, show_progress=False
+        model, train, evals, SAPConfig(**base), stats_path=stats_path, runtime=Runtime(show_progress=False)
     )  # the same options: reused
     assert again.num_trusted == 6
 
@@ -77,7 +89,7 @@ def test_stats_path_with_other_options_is_refused_before_any_weight_changes(tmp_
 def test_stats_path_with_other_trusted_indices_is_refused(tmp_path):
     from helpers import random_examples
 
-    from sap_hf import SAPConfig, sap_correct
+    from sap_hf import Runtime, SAPConfig, sap_correct
     from sap_hf.models import tiny_model
 
     stats_path = tmp_path / "stats.safetensors"
@@ -90,7 +102,7 @@ def test_stats_path_with_other_trusted_indices_is_refused(tmp_path):
         config,
         trusted_indices=[0, 1, 2],
         stats_path=stats_path,
-        show_progress=False,
+        runtime=Runtime(show_progress=False),
     )
     with pytest.raises(ValueError, match=r"stats_path=.*trusted_indices"):
         sap_correct(
@@ -100,10 +112,17 @@ def test_stats_path_with_other_trusted_indices_is_refused(tmp_path):
             config,
             trusted_indices=[3, 4, 5],
             stats_path=stats_path,
-            show_progress=False,
+            runtime=Runtime(show_progress=False),
         )
     with pytest.raises(ValueError, match=r"stats_path=.*given trusted_indices.*selects"):
-        sap_correct(tiny_model("vit", num_labels=3), train, evals, config, stats_path=stats_path, show_progress=False)
+        sap_correct(
+            tiny_model("vit", num_labels=3),
+            train,
+            evals,
+            config,
+            stats_path=stats_path,
+            runtime=Runtime(show_progress=False),
+        )
     again = sap_correct(
         tiny_model("vit", num_labels=3),
         train,
@@ -111,7 +130,7 @@ def test_stats_path_with_other_trusted_indices_is_refused(tmp_path):
         config,
         trusted_indices=first.trusted_indices,
         stats_path=stats_path,
-        show_progress=False,
+        runtime=Runtime(show_progress=False),
     )
     assert again.trusted_indices == [0, 1, 2]
 
@@ -260,7 +279,7 @@ class _ConvNet(torch.nn.Module):
 def test_a_model_without_backbone_linears_is_refused_unless_the_head_alone_is_asked_for():
     from helpers import assert_identical, random_examples, snapshot
 
-    from sap_hf import SAPConfig, sap_correct, sap_project
+    from sap_hf import Runtime, SAPConfig, sap_correct, sap_project
 
     model = _ConvNet()
     before = snapshot(model)
@@ -270,7 +289,7 @@ def test_a_model_without_backbone_linears_is_refused_unless_the_head_alone_is_as
             random_examples(12),
             random_examples(6, seed=2),
             SAPConfig(alphas=[10.0], trusted_per_class=2),
-            show_progress=False,
+            runtime=Runtime(show_progress=False),
         )
     assert_identical(model, before)
     sap_project(model, random_examples(6), alpha=10.0, config=SAPConfig(target_modules=[]))  # asked for: allowed
@@ -488,7 +507,7 @@ def _unequal_sizes():
 def test_examples_the_collator_cannot_batch_are_explained_before_any_weight_changes(make, pattern):
     from helpers import assert_identical, random_examples, snapshot
 
-    from sap_hf import SAPConfig, sap_correct
+    from sap_hf import Runtime, SAPConfig, sap_correct
     from sap_hf.models import tiny_model
 
     model = tiny_model("vit", num_labels=3)
@@ -499,7 +518,7 @@ def test_examples_the_collator_cannot_batch_are_explained_before_any_weight_chan
             make(),
             random_examples(6, seed=2),
             SAPConfig(alphas=[10.0], trusted_per_class=1),
-            show_progress=False,
+            runtime=Runtime(show_progress=False),
         )
     assert_identical(model, before)
 
@@ -517,13 +536,13 @@ def test_first_example_batch_names_the_argument():
 def test_a_list_of_keyed_examples_takes_back_its_trusted_identities():
     from helpers import random_examples
 
-    from sap_hf import SAPConfig, sap_correct
+    from sap_hf import Runtime, SAPConfig, sap_correct
     from sap_hf.models import tiny_model
 
     train = [dict(example, key=f"img_{i:02d}.jpg") for i, example in enumerate(random_examples(12, seed=1))]
     evals = random_examples(6, seed=2)
     config = SAPConfig(alphas=[10.0], trusted_per_class=2)
-    first = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, show_progress=False)
+    first = sap_correct(tiny_model("vit", num_labels=3), train, evals, config, runtime=Runtime(show_progress=False))
     assert all(isinstance(identity, str) for identity in first.trusted_indices)
     again = sap_correct(
         tiny_model("vit", num_labels=3),
@@ -531,7 +550,7 @@ def test_a_list_of_keyed_examples_takes_back_its_trusted_identities():
         evals,
         config,
         trusted_indices=first.trusted_indices,
-        show_progress=False,
+        runtime=Runtime(show_progress=False),
     )
     assert again.trusted_indices == first.trusted_indices
     assert again.final_metrics == first.final_metrics

@@ -135,15 +135,10 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     train, validation, test = (
         None if s is None else undecoded_images(s) for s in (splits.train, splits.validation, splits.test)
     )
-    evaluate = lambda: evaluate_accuracy(  # noqa: E731
-        model,
-        test,
-        runtime=Runtime(accelerator=accelerator, collate_fn=transform.collate, batch_size=config.batch_size),
-    )
+    runtime = Runtime(accelerator=accelerator, collate_fn=transform.collate, batch_size=config.batch_size)
+    evaluate = lambda: evaluate_accuracy(model, test, runtime=runtime)  # noqa: E731
     test_before = evaluate() if test is not None else {}
-    result = sap_correct(
-        model, train, validation, config, accelerator, stats_path=args.stats_path, collate_fn=transform.collate
-    )
+    result = sap_correct(model, train, validation, config, runtime, stats_path=args.stats_path)
     test_after = evaluate() if test is not None else {}
     record = sap_record(
         result,

@@ -169,7 +169,7 @@ class ImageTransform:
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """A ``collate_fn``: raw examples (undecoded images) -> a model batch, decoding each image here.
 
-        Hand SAP the raw stream and this collator (``sap_correct(raw, ..., collate_fn=t.collate)``)
+        Hand SAP the raw stream and this collator (``sap_correct(raw, ..., runtime=Runtime(collate_fn=t.collate))``)
         and every image is decoded once, by the one process whose shard it is in, after the
         stream was split; the trusted samples SAP keeps are then the raw rows (a path and a label),
         not decoded tensors. String columns (``key``) are dropped from the batch.

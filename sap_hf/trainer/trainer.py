@@ -313,8 +313,7 @@ class SAPTrainer(Trainer):
             self.model,
             selection_dataset,
             config=self.sap_config,
-            accelerator=self.accelerator,
-            collate_fn=collate_fn or self.data_collator,
+            runtime=self._runtime(self.sap_config.batch_size, collate_fn=collate_fn, on_phase=on_phase),
             evaluate_fn=evaluate_fn,
             metric=metric,
             greater_is_better=greater,
@@ -322,8 +321,6 @@ class SAPTrainer(Trainer):
             trusted_indices=trusted_indices,
             stats_path=stats_path,
             on_evaluate=on_evaluate,
-            on_phase=on_phase,
-            show_progress=not self.args.disable_tqdm,
         )
         if recorded is not None and result.trusted_indices == recorded.indices:  # (a stats_path cache may hold others)
             result.trusted_per_class = {int(k): v for k, v in recorded.per_class.items()}
@@ -351,13 +348,17 @@ class SAPTrainer(Trainer):
             }
         )
 
-    def _runtime(self, batch_size: int) -> Runtime:
-        """The runtime of a pass this Trainer makes: its accelerator, its data collator, its progress setting."""
+    def _runtime(
+        self, batch_size: int, collate_fn: Optional[Any] = None, on_phase: Optional[PhaseHook] = None
+    ) -> Runtime:
+        """The runtime of a pass this Trainer makes: its accelerator, its data collator (or `collate_fn`), its
+        progress setting, and `on_phase`."""
         return Runtime(
             accelerator=self.accelerator,
-            collate_fn=self.data_collator,
+            collate_fn=collate_fn or self.data_collator,
             batch_size=batch_size,
             show_progress=not self.args.disable_tqdm,
+            on_phase=on_phase,
         )
 
     def _train_and_eval(
