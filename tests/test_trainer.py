@@ -166,3 +166,31 @@ def test_correct_and_refine_name_the_missing_dataset(tmp_path):
     unlabelled = [{"pixel_values": example["pixel_values"]} for example in random_examples(4)]
     with pytest.raises(ValueError, match="no 'labels'/'label' column.*pass eval_dataset= with labels"):
         trainer.refine(train_dataset=random_examples(4), eval_dataset=unlabelled)
+
+
+def test_sap_trainer_uses_public_trainer_hooks_only():
+    """Each override is a public `Trainer` method whose docstring says why it is overridden, and nothing in trainer/
+    reads or sets a private `Trainer` attribute (`self._x` / `trainer._x` that `Trainer` itself uses)."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    import transformers.trainer
+    from transformers import Trainer
+
+    import sap_hf.trainer
+
+    bookkeeping = ("__doc__", "__module__", "__dict__", "__weakref__")
+    overrides = {name: value for name, value in vars(SAPTrainer).items() if hasattr(Trainer, name)}
+    overrides = {name: value for name, value in overrides.items() if name not in bookkeeping}
+    assert not [name for name in overrides if name.startswith("_") and name != "__init__"], sorted(overrides)
+    unexplained = [name for name, value in overrides.items() if "overridden" not in (value.__doc__ or "")]
+    assert not unexplained, unexplained
+    private = set(re.findall(r"\bself\.(_[a-z]\w*)", inspect.getsource(transformers.trainer)))
+    used = set()
+    for path in Path(sap_hf.trainer.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.attr.startswith("_"):
+                if node.value.id in ("self", "trainer") and not node.attr.startswith("__"):
+                    used.add(node.attr)
+    assert private and not used & private, sorted(used & private)

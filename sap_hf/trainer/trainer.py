@@ -76,7 +76,7 @@ class SAPTrainer(Trainer):
     def __init__(
         self, *args: Any, sap_config: Optional[SAPConfig] = None, base_model_name: Optional[str] = None, **kwargs: Any
     ):
-        """`Trainer.__init__`, extended with the SAP settings, accuracy as the default `compute_metrics` (the alpha
+        """`Trainer.__init__`, overridden to add the SAP settings, accuracy as the default `compute_metrics` (the alpha
         search needs a metric), and the callbacks that keep checkpoints exact (`.checkpoints`, `.recorded`)."""
         kwargs.setdefault("compute_metrics", None)
         if kwargs["compute_metrics"] is None:
