@@ -296,10 +296,10 @@ def sap_correct(
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
     evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
-    train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     targets = _resolve_targets(base, config)
     if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
         check_stats_path(stats_path, writable=runtime.is_main)
+    train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     plan = _TrustedPlan.make(base, train_data, config, runtime, selection_model, trusted_indices, stats_path)
     rounds: list[AlphaSearchResult] = []
     with restored_on_failure(base, targets):
