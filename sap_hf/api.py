@@ -301,8 +301,10 @@ def sap_correct(
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
     evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
-    train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     targets = _resolve_targets(base, config)
+    if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
+        check_stats_path(stats_path, writable=runtime.is_main)
+    train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     cached = _TrustedStatistics.load_cache(base, config, runtime, stats_path, trusted_indices)
     trusted = _TrustedSamples.make(base, train_data, config, runtime, selection_model, trusted_indices, cached)
     statistics = _TrustedStatistics(trusted, config, runtime, cached, stats_path)
@@ -470,13 +472,8 @@ class _TrustedStatistics:
         stats_path: Optional[Union[str, Path]],
         trusted_indices: Optional[Sequence[Any]],
     ) -> Optional[ActivationStats]:
-        """The statistics in `stats_path`, checked against the model and this run's options; None: no file yet.
-
-        The path is checked before any data is read: a wrong path must not cost a data pass.
-        """
-        if stats_path is None:
-            return None
-        check_stats_path(stats_path, writable=runtime.is_main)
+        """The statistics in `stats_path` (checked by `check_stats_path` already), checked against the model and this
+        run's options; None: no file yet."""
         cached = cached_statistics(stats_path, runtime)
         if cached is not None:
             cached.check_model(base, f"The statistics in stats_path={str(stats_path)!r}")

@@ -325,6 +325,9 @@ def test_yaml_configs_parse_and_cli_overrides(tmp_path):
         assert set(yaml.safe_load(config.read_text())) <= known, config.name
     script, training, sap, _ = parse_with_config(types, ["--config", str(RECIPE.parent / "configs" / "default.yaml")])
     assert training.output_dir and sap.alphas and script.noise_rate == 0.4
+    base = RECIPE.parent / "configs" / "clothing1m_vit_base.yaml"  # TrainingArguments accept it (bf16 aside, on CPU)
+    _, training, _, _ = parse_with_config(types, ["--config", str(base), "--bf16", "false"])
+    assert training.load_best_model_at_end and training.metric_for_best_model == "accuracy"
     custom = tmp_path / "custom.yaml"
     custom.write_text("output_dir: /tmp/x\ntarget_modules: '.*mlp\\.fc[12]'\nalphas: [10.0, 100.0]\n")
     script, training, sap, _ = parse_with_config(types, ["--config", str(custom), "--alphas", "5"])
@@ -332,3 +335,23 @@ def test_yaml_configs_parse_and_cli_overrides(tmp_path):
     custom.write_text("output_dir: /tmp/x\nnot_a_field: 1\n")
     with pytest.raises(ValueError, match="not_a_field"):
         parse_with_config(types, ["--config", str(custom)])
+
+
+def test_recipe_corrects_the_val_best_checkpoint_with_load_best_model_at_end(tiny_clothing1m, tmp_path):
+    """`load_best_model_at_end` (the pretrained config's setting): SAP starts from the val-best checkpoint's weights."""
+    sys.path.insert(0, str(RECIPE.parent))
+    import clothing1m
+
+    out = tmp_path / "out"
+    best = ["--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1"]
+    best += ["--load_best_model_at_end", "true", "--metric_for_best_model", "loss", "--use_cpu", "true"]
+    clothing1m.run(
+        ["--data_dir", str(tiny_clothing1m), "--output_dir", str(out), *TINY, *best, "--learning_rate", "0.05"]
+    )
+    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
+    losses = {e["step"]: e["eval_loss"] for e in state["log_history"] if "eval_loss" in e}
+    assert len(losses) == 4 and len(set(losses.values())) == 4 and state["best_model_checkpoint"]
+    baseline = load_sap_record(out)["baseline_metrics"]["loss"]  # SAP's "no change": the model it was handed
+    assert baseline == pytest.approx(min(losses.values()), rel=1e-5) and baseline == pytest.approx(
+        state["best_metric"]
+    )

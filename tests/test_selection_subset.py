@@ -2,6 +2,7 @@
 
 import datasets
 import pytest
+import torch
 from helpers import MapStyle, random_examples
 
 from sap_hf import SAPConfig, sap_correct, select_trusted
@@ -89,3 +90,44 @@ def test_config_checks_and_sap_correct_uses_it():
     )
     assert set(result.trusted_indices) <= subset_keep(train, 0.5, seed=2)
     assert result.config["selection_subset"] == 0.5
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A torch stream of examples that also knows its length (as many users' streams do): still a stream."""
+
+    def __init__(self, examples):
+        self.examples = examples
+
+    def __iter__(self):
+        return iter(self.examples)
+
+    def __len__(self):
+        return len(self.examples)
+
+
+def _batched(examples, size):
+    return [
+        {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples[i : i + size]]),
+            "labels": torch.tensor([e["labels"] for e in examples[i : i + size]]),
+        }
+        for i in range(0, len(examples), size)
+    ]
+
+
+def test_keyed_lists_and_lists_of_batches_are_subsampled_by_identity():
+    """A keyed list is known by its keys, a list of batches by example positions: a subset draws those.
+
+    (Both were once drawn as positions of the list itself: the keyed list scored nothing, the list of
+    batches only as many examples as it had batches.) A torch stream with a `__len__` is read as a stream.
+    """
+    examples = random_examples(60, seed=5)
+    model = tiny_model("vit", num_labels=3)
+    drawn = HashSample(0.5, 3)
+    keyed = [dict(e, key=f"img{i}") for i, e in enumerate(examples)]
+    from_keys = select_trusted(model, keyed, 2, runtime=_runtime(), seed=3, subset=0.5)
+    assert len(from_keys.indices) == 6 and all(key.startswith("img") and key in drawn for key in from_keys.indices)
+    from_stream = select_trusted(model, _Stream(examples), 2, runtime=_runtime(), seed=3, subset=0.5)
+    assert len(from_stream.indices) == 6 and all(int(i) in drawn for i in from_stream.indices)
+    from_batches = select_trusted(model, _batched(examples, 8), 2, runtime=_runtime(), seed=3, subset=0.5)
+    assert sorted(from_batches.indices) == sorted(from_stream.indices)

@@ -45,7 +45,7 @@ from transformers.utils import logging
 
 from ..data.augment import STRONG_DRAWS, WEAK_DRAWS, hashed_uniform, strong_view, weak_view
 from ..runtime.batching import Collator, examples_and_collate, fetch_examples
-from ..runtime.contract import LoaderData, as_pass_data, is_map_style
+from ..runtime.contract import ExampleStream, LoaderData, as_pass_data, is_map_style
 from ..runtime.modeling import logits_of
 from ..runtime.passes import Runtime, resolve_runtime
 from ..utils.checks import check_choice, finite_float, invalid, positive_float, positive_int
@@ -513,8 +513,10 @@ def _trial_trainer(
     `config.epochs`."""
     trainer = CleanupTrainer(
         model=base,
-        args=run_arguments(args, scratch, lr, max(config.epochs), runtime.show_progress, stream=not _indexable(data)),
-        train_dataset=(PlanExamples if _indexable(data) else PlanStream)(data, plan),
+        args=run_arguments(
+            args, scratch, lr, max(config.epochs), runtime.show_progress, stream=not is_map_style(data)
+        ),
+        train_dataset=(PlanExamples if is_map_style(data) else PlanStream)(data, plan),
         data_collator=PlanCollator(collate),
         callbacks=[_Checkpoints(config.epochs, checkpoint)],
         refine_config=config,
@@ -592,10 +594,6 @@ def refine(
     )
 
 
-def _indexable(data: Any) -> bool:
-    return is_map_style(data) or isinstance(data, (list, tuple))
-
-
 class _Best:
     """The best candidate so far: "no change" (the baseline) until a fine-tune beats it on the eval metric."""
 
@@ -622,16 +620,17 @@ def _plans(
         )
     if len(audit) == 0:
         raise ValueError("The audit is empty: run audit_labels on the training data first.")
-    if isinstance(train_data, torch.utils.data.DataLoader):  # a loader over a stream yields batches, not examples
+    if isinstance(train_data, ExampleStream) and train_data.batches:  # a loader over a stream, a list of batches
         raise ValueError(
-            "train_data is a DataLoader over a stream: refine trains on examples and batches them itself; pass the "
-            "loader's dataset (train_data=loader.dataset) and its collate_fn as Runtime(collate_fn=...)."
+            "train_data holds ready batches (a DataLoader over a stream, or a list of batches): refine trains on "
+            "examples and batches them itself; pass the examples (e.g. train_data=loader.dataset) and their collate_fn "
+            "as Runtime(collate_fn=...)."
         )
     size = (
         len(train_data.dataset)
         if isinstance(train_data, LoaderData)
         else len(train_data)
-        if _indexable(train_data)
+        if is_map_style(train_data)
         else None
     )
     if size is not None and int(audit.indices.max()) >= size:

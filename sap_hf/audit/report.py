@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -88,8 +89,8 @@ def plot_suspected_grid(
         return None
     images: dict[int, torch.Tensor] = {}
     # One batch of exactly the chosen images: a stream yields it at the last of them and is not read further.
-    if isinstance(data, torch.utils.data.DataLoader):  # read as the audit read it: by dataset index
-        data = as_pass_data(data)
+    if not isinstance(data, Iterator):  # a generator is read once, here, up to the last image shown
+        data = as_pass_data(data)  # the rest as the audit read it (a DataLoader by dataset index)
     for indices, batch in iter_shard_batches(
         data, batch_size=len(chosen), collate_fn=collate_fn, keep=set(chosen), by_key=False
     ):

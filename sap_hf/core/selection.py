@@ -265,7 +265,7 @@ def select_trusted(
 def subset_keep(data: Any, subset: Optional[float], seed: int) -> Any:
     """The identities a selection with `subset` scores, as `iter_shard_batches(keep=...)` takes them (None: all).
 
-    Indexed data (a dataset, a list, a DataLoader's dataset) gets exactly the asked number of positions,
+    Indexed data (a dataset, a list of examples, a DataLoader's dataset) gets exactly the asked number of positions,
     drawn by a `torch.randperm` seeded with `seed`: the same on every process, each of which then reads
     only its own share of them. A stream cannot be indexed, so each of its examples is kept when the
     `HashSample` draw of its identity (key or position) falls below the share: the expected share,
@@ -276,7 +276,7 @@ def subset_keep(data: Any, subset: Optional[float], seed: int) -> Any:
         return None
     if isinstance(data, LoaderData):
         pool: Optional[list] = list(data.indices) if data.indices is not None else list(range(len(data.dataset)))
-    elif is_map_style(data) or isinstance(data, (list, tuple)):
+    elif is_map_style(data):
         pool = list(range(len(data)))
     else:
         pool = None

@@ -1,10 +1,11 @@
 """One way to walk any user data in batches, sharded exactly across processes.
 
 Every pass (`runtime.passes.Runtime.run`) reads data through `iter_shard_batches`, so it lives here
-once. Inputs, after `runtime.contract.as_pass_data`: a map-style dataset (`datasets.Dataset`, any
-`torch.utils.data.Dataset`), an iterable of examples (`datasets.IterableDataset`, a list of dicts),
-a `LoaderData` (a DataLoader's dataset in index order, through its collate_fn), or an iterable of
-ready batches (a list of dicts whose `pixel_values` has a batch dimension, a loader over a stream).
+once. Inputs are one of the two forms `runtime.contract.as_pass_data` gives: a map-style dataset
+(`datasets.Dataset`, any `torch.utils.data.Dataset`, a list as `ExampleList`, a DataLoader's dataset
+in index order through its collate_fn as `LoaderData`), read by position; or a stream
+(`datasets.IterableDataset`, a torch `IterableDataset`, `ExampleStream`), read in order, whose items are
+examples or ready batches (dicts whose `pixel_values` has a batch dimension).
 
 Sharding never pads or repeats: example (or batch) `i` belongs to process `i % num_processes`.
 `Accelerator.prepare(dataloader)` would duplicate samples to even out the last batch, which
@@ -213,7 +214,7 @@ def _own_shards(data: Any, rank: int, world: int) -> tuple[Any, bool]:
 def _warn_read_whole(stream: Any, split: bool, keyed: bool, rank: int, num_processes: int) -> None:
     """Say once (main process) why every process reads every row of `stream`, and how to give each only its share.
 
-    Nothing to say for a `split` stream, one process, a list (in memory already), or a `by_key=False`
+    Nothing to say for a `split` stream, one process, a list (`ExampleStream.in_memory`), or a `by_key=False`
     pass (which reads positions whole by design; a key would not change it).
 
     Without keys a stream is not split: identities must not depend on the process count, and a
@@ -221,7 +222,7 @@ def _warn_read_whole(stream: Any, split: bool, keyed: bool, rank: int, num_proce
     (Per-shard positions would change with the shard layout and would replace the positions a
     single process gives today.) A keyed stream is split only by whole shards.
     """
-    if split or rank != 0 or num_processes == 1 or isinstance(stream, (list, tuple)):
+    if split or rank != 0 or num_processes == 1 or getattr(stream, "in_memory", False):
         return
     shards = getattr(stream, "num_shards", None)
     if not keyed:
@@ -325,9 +326,7 @@ def subset(data: Any, indices: Iterable[Identity]) -> Any:
     """
     if isinstance(data, LoaderData):
         return data.select(list(indices))
-    if isinstance(data, (list, tuple)) and data and _has_key(data[0]):
-        return IndexedSubset(data, set(indices))  # a list is walked as a stream: keyed examples are known by key
-    if is_map_style(data) or (isinstance(data, (list, tuple)) and not (data and _is_batch(data[0]))):
+    if is_map_style(data):
         chosen = sorted(set(int(i) for i in indices))
         outside = [i for i in chosen[:1] + chosen[-1:] if not 0 <= i < len(data)]
         if outside:
@@ -335,10 +334,8 @@ def subset(data: Any, indices: Iterable[Identity]) -> Any:
                 f"trusted_indices hold {outside[0]}, outside the {len(data)} examples of the data: pass positions of this "
                 "data (e.g. result.trusted_indices of a run on the same data)."
             )
-        if not is_map_style(data):
-            return IndexedSubset(data, set(chosen))
         return data.select(chosen) if hasattr(data, "select") else torch.utils.data.Subset(data, chosen)
-    return IndexedSubset(data, set(indices))
+    return IndexedSubset(data, set(indices))  # a stream is walked again: keyed examples are known by key
 
 
 class IndexedSubset:

@@ -1,14 +1,19 @@
 """What users may hand a pass, checked once, up front, with errors that name the argument and the fix.
 
 Data: a map-style dataset (`datasets.Dataset`, any `torch.utils.data.Dataset`), a stream
-(`datasets.IterableDataset`), a list of examples or of ready batches, a `DataLoader`, or a
-one-shot iterator (a generator). Every pass must see the same examples in the same order each
-time it reads the data, or a selection would be paired with statistics of other samples:
+(`datasets.IterableDataset`, a torch `IterableDataset`), a list of examples or of ready batches, one
+batch dict, a `DataLoader`, or a one-shot iterator (a generator). `as_pass_data` turns each into one
+of two forms, so that the passes see nothing else: a map-style dataset (read by position) or a
+stream (an iterable dataset, read in order). Every pass must see the same examples in the same order
+each time it reads the data, or a selection would be paired with statistics of other samples:
 
+* a list of examples is a map-style dataset (`ExampleList`); a list whose examples carry a `key`,
+  a list of ready batches, one batch dict and a `DataLoader` over a stream are streams
+  (`ExampleStream`), so keyed examples keep their keys as identities;
 * a `DataLoader` over a map-style dataset (e.g. `Trainer.get_train_dataloader()`, shuffled and
   reshuffled on every iteration) is read as its dataset in index order, through the loader's own
   `collate_fn` (`LoaderData`); a sampler that draws a subset reads that subset, in index order;
-* a one-shot iterator is read once and kept (in memory, with a warning);
+* a one-shot iterator is read once and kept (in memory, with a warning), then converted as a list;
 * a dict of datasets (`DatasetDict`) is refused: which split is meant must be said.
 
 Labels: one int-like class id per sample. Integral floats and numpy integers are converted;
@@ -24,6 +29,8 @@ from typing import Any, Optional
 
 import torch
 from transformers.utils import logging
+
+from ..utils.identity import KEY_COLUMN
 
 
 logger = logging.get_logger(__name__)
@@ -79,12 +86,49 @@ class LoaderData:
         return (self.dataset[i] for i in order)
 
 
+class ExampleList(torch.utils.data.Dataset):
+    """A list of examples as a map-style dataset: position `i` is example `i` (also its identity)."""
+
+    def __init__(self, examples: Sequence[Any]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.examples[index]
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """Re-readable examples or ready batches read in order: what cannot be read by position without losing meaning.
+
+    A list of keyed examples (their `key` is their identity, as in a keyed `datasets.IterableDataset`),
+    a list of ready batches (one batch dict is a list of one), a `DataLoader` over a stream (its batches).
+    `in_memory`: the source is a list, so reading it whole on every process costs no I/O; `batches`: its
+    items are ready batches (which only a pass can read, not a training run that batches examples itself).
+    """
+
+    def __init__(self, source: Iterable[Any], batches: bool):
+        self.source = source
+        self.batches = batches
+        self.in_memory = isinstance(source, (list, tuple))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.source)
+
+    def __len__(self) -> int:  # the number of items (examples, or batches of a list of batches), when known
+        return len(self.source)  # raises TypeError for a source without a length, as num_examples expects
+
+
 def is_map_style(data: Any) -> bool:
-    """Indexable data with a length (a `datasets.Dataset`, a torch map-style `Dataset`), lists aside."""
+    """Indexable data with a length (a `datasets.Dataset`, a torch map-style `Dataset`); never a stream or a list.
+
+    A torch `IterableDataset` that defines `__len__` still has `Dataset.__getitem__` (which raises): it is a stream.
+    """
     return (
         hasattr(data, "__getitem__")
         and hasattr(data, "__len__")
-        and not isinstance(data, (list, tuple, Mapping, str, bytes))
+        and not isinstance(data, (list, tuple, Mapping, str, bytes, torch.utils.data.IterableDataset))
     )
 
 
@@ -94,8 +138,10 @@ def as_pass_data(data: Any, argument: str = "data") -> Any:
         raise ValueError(
             f"{argument}=None: pass a datasets.Dataset, an IterableDataset, a list of examples or a DataLoader."
         )
-    if isinstance(data, (LoaderData, list, tuple)):
+    if isinstance(data, (LoaderData, ExampleList, ExampleStream)):
         return data
+    if isinstance(data, (list, tuple)):
+        return _from_list(data)
     if isinstance(data, (str, bytes, Path)):
         raise ValueError(
             f"{argument}={str(data)!r} is a path or name, not data: load it first, e.g. "
@@ -103,7 +149,7 @@ def as_pass_data(data: Any, argument: str = "data") -> Any:
         )
     if isinstance(data, Mapping):
         if "pixel_values" in data:  # one ready batch
-            return [data]
+            return ExampleStream([data], batches=True)
         keys = list(data)
         hint = f"{argument}=data[{keys[0]!r}]" if keys else f"a non-empty {argument}"
         raise ValueError(
@@ -127,14 +173,23 @@ def as_pass_data(data: Any, argument: str = "data") -> Any:
             argument,
             len(kept),
         )
-        return kept
+        return _from_list(kept)
     return data
+
+
+def _from_list(items: Sequence[Any]) -> Any:
+    """A list as one of the two forms: examples by position, or a stream when its items carry keys or are batches."""
+    first = items[0] if items else None
+    is_batch = isinstance(first, Mapping) and getattr(first.get("pixel_values"), "dim", lambda: 0)() == 4
+    if is_batch or (isinstance(first, Mapping) and KEY_COLUMN in first):
+        return ExampleStream(items, batches=is_batch)
+    return ExampleList(items)
 
 
 def _loader_data(loader: torch.utils.data.DataLoader, argument: str) -> Any:
     dataset = loader.dataset
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        return loader  # a stream of batches, read in the stream's own order
+        return ExampleStream(loader, batches=True)  # a stream of batches, read in the stream's own order
     sampler = _innermost_sampler(loader)
     indices = None
     if type(sampler).__name__ not in _WHOLE_DATA_SAMPLERS:
