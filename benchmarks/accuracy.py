@@ -29,7 +29,7 @@ For every setting (40% symmetric noise; 40% asymmetric noise with
    sap+refine             `sap`'s model, its label audit (`sap_hf.audit_labels`), then `sap_hf.refine`: fine-tuning
                           on the training set without the suspected labels ('remove') or with the confident ones
                           relabelled ('relabel'); mode, lr and length picked on validation (--refine_* arguments).
-   ssd, scrub             (`--methods peers`) the corrective-unlearning peers of `benchmarks/peers.py`, which need a
+   ssd, scrub             (`--methods peers`) the corrective-unlearning peers of `benchmarks/methods.py`, which need a
                           forget set: 'realistic' (top-k of `sap`'s audit suspects / the recipe's trusted samples)
                           and 'oracle' (truly mislabelled / correctly labelled samples: hidden labels); `forget_set`
                           in the row, summary names 'ssd (realistic)', ...; the `peers` table of accuracy.json.
@@ -88,8 +88,8 @@ from pathlib import Path
 from typing import Any
 
 import common
-import peers
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run, refine_arguments
+from methods import add_peer_arguments, oracle_sizes, peer_rows, peer_settings
 
 from sap_hf.runtime.passes import Runtime
 
@@ -102,7 +102,7 @@ ROBUST_LOSSES = ("gce", "sce", "ls")
 LABEL_SMOOTHING = 0.1
 #: Row groups `--methods` can compute: "ce" (every cross-entropy row above) and one group per robust loss.
 #: "sap+refine" recomputes only that row from the recorded `sap` choice (the "ce" group computes it too).
-#: "peers": SSD and SCRUB (benchmarks/peers.py) on the recorded `sap`'s audit and the recipe's trusted set.
+#: "peers": SSD and SCRUB (benchmarks/methods.py) on the recorded `sap`'s audit and the recipe's trusted set.
 #: "curvature" adds SAP with the reference's curvature rule (`sap_curvature*` rows) and the selection cost per rule.
 METHOD_GROUPS = ("ce", "sap+refine", "peers", "curvature", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
 PEER_METHODS = ("ssd", "scrub")
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(the other rows are kept).",
     )
     add_refine_arguments(parser)
-    peers.add_peer_arguments(parser)
+    add_peer_arguments(parser)
     args = common.finish_args(parser.parse_args(argv), argv)
     args.merge = args.methods is not None
     args.methods = list(dict.fromkeys(args.methods or (["ce"] if args.quick else DEFAULT_METHOD_GROUPS)))
@@ -718,7 +718,7 @@ def recorded_rows(
 
 
 def run_peers(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The `peers` group: SSD and SCRUB (`peers.peer_rows`) on the memorised model of (setting, seed).
+    """The `peers` group: SSD and SCRUB (`methods.peer_rows`) on the memorised model of (setting, seed).
 
     Suspects: the label audit of `sap`'s model (rebuilt from its recorded choice), as `sap+refine` audits
     (`sap_hf.audit_labels`, `--refine_views`), most suspicious first. Trusted: `sap_hf.select_trusted` with the
@@ -748,7 +748,7 @@ def run_peers(setting: str, seed: int, args: argparse.Namespace) -> dict[str, An
         runtime=Runtime(batch_size=500, show_progress=False),
     )
     inputs_seconds = time.perf_counter() - clock
-    rows = peers.peer_rows(model, data, trusted_indices=selection.indices, suspects=suspects, args=args, seed=seed)
+    rows = peer_rows(model, data, trusted_indices=selection.indices, suspects=suspects, args=args, seed=seed)
     trusted = torch_index(selection.indices)
     purity = float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean())
     for row in rows:
@@ -1437,9 +1437,9 @@ def build_record(
         "config_robust": _robust_config(existing.get("config_robust"), config, args),
         # The arguments of the last run that computed sap+refine rows (its --refine_* arguments).
         "config_refine": (config if {"ce", "sap+refine"} & set(args.methods) else existing.get("config_refine")),
-        # The last run that computed peers rows, with its grids (`peers.peer_settings`) and the scaled oracle sizes.
+        # The last run that computed peers rows, with its grids (`methods.peer_settings`) and the scaled oracle sizes.
         "config_peers": (
-            dict(config, grids=peers.peer_settings(args), oracle_sizes=peers.oracle_sizes(args.train_size))
+            dict(config, grids=peer_settings(args), oracle_sizes=oracle_sizes(args.train_size))
             if "peers" in args.methods
             else existing.get("config_peers")
         ),

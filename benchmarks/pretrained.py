@@ -42,7 +42,7 @@ pretrained checkpoint instead. This benchmark does what such a user does, at a s
      best+sap(+refine) the same from the val-best epoch (`best_epoch`'s model) instead of the last one.
      finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val).
    `refine` / `sap+refine` use the recipe's refine settings with the length grid cut to 1, 2, 4 epochs (`--refine_*`).
-   Optional (`--methods ... peers`): `benchmarks/peers.py`'s `peer_rows` (SSD, SCRUB) when that file exists,
+   Optional (`--methods ... peers`): `benchmarks/methods.py`'s `peer_rows` (SSD, SCRUB),
    given the uncorrected model, the data dict, `sap`'s trusted indices and the audit's suspects.
    Diagnostics: `noisy_fit` (share of the wrong training labels the model predicts), `clean_fit`, trusted
    purity, the label audits' AP against the hidden truth (`audit_ap_*`), selection seconds per rule.
@@ -124,7 +124,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         choices=[g for g in METHOD_GROUPS if g != "core"],
-        help="extra row groups: curvature (sap_curvature), peers (benchmarks/peers.py); the core rows always run",
+        help="extra row groups: curvature (sap_curvature), peers (benchmarks/methods.py); the core rows always run",
     )
     parser.add_argument("--out_name", default="pretrained", help="<out_dir>/<out_name>.json / .png")
     parser.add_argument(
@@ -586,15 +586,10 @@ def peer_method_rows(
     args: argparse.Namespace,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """`benchmarks/peers.py`'s rows (SSD, SCRUB) on the uncorrected model, when that file exists."""
-    try:
-        import peers
-    except ImportError:
-        print("[pretrained] --methods peers: benchmarks/peers.py is not there; no peer rows.", flush=True)
-        return []
-    rows = peers.peer_rows(
-        copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed
-    )
+    """`benchmarks/methods.py`'s rows (SSD, SCRUB) on the uncorrected model."""
+    from methods import peer_rows
+
+    rows = peer_rows(copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed)
     return [dict(base, **row) for row in rows]
 
 

@@ -1,4 +1,4 @@
-"""benchmarks/peers.py (SSD and SCRUB): the math on a tiny model, and `accuracy.py --quick --methods peers` end to end.
+"""benchmarks/methods.py's SSD and SCRUB: the math on a tiny model, and `accuracy.py --quick --methods peers` end to end.
 
 No assertion on accuracy values (a 3-epoch model on 400 images means nothing); one thread.
 """
@@ -21,7 +21,7 @@ SCRIPT = ROOT / "benchmarks" / "accuracy.py"
 def _peers():
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        import peers
+        import methods as peers
     finally:
         sys.path.remove(str(SCRIPT.parent))
     return peers

@@ -1,4 +1,5 @@
-"""Corrective-unlearning peers of SAP: SSD and SCRUB on the benchmarks' memorised models (benchmark code).
+"""Methods shared by the studies (a support module, not a script): SAP's corrective-unlearning peers SSD and SCRUB
+on the benchmarks' memorised models, run by `accuracy.py --methods peers`, `pretrained.py` and `cifar10n.py`.
 
 Both methods need a *forget set* (samples to unlearn) and a *retain set*; SAP needs neither. Written from
 the papers (no reference code), pure torch on the benchmarks' tensors:
@@ -476,14 +477,3 @@ def peer_rows(
             rows.append(row)
     model.load_state_dict(original)
     return rows
-
-
-def paper_check(n_train: int) -> str:
-    """One line naming the scaled oracle sizes (for logs and tables)."""
-    s = oracle_sizes(n_train)
-    return ", ".join(f"{m} {r} retain / {f} forget" for m, (r, f) in s.items()) + f" (of {n_train:,} training images)"
-
-
-if __name__ == "__main__":  # a pointer, not a benchmark: the peers run inside accuracy.py
-    print(__doc__.split("\n\n")[0])
-    print("run: python benchmarks/accuracy.py --methods peers --cache_dir DIR; oracle sizes:", paper_check(4000))
