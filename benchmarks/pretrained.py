@@ -155,10 +155,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 @functools.lru_cache(maxsize=2)
 def _source(split: str) -> Any:
-    """One official split's idx arrays, read once per process."""
-    from sap_hf.data.fashion_mnist import _resolve  # the idx arrays themselves (no 60k-image Dataset built)
+    """One official split's arrays (`.images`, `.labels`), read once per process (no 60k-image Dataset built)."""
+    from sap_hf.data import fashion_mnist_arrays
 
-    return _resolve(split, None)
+    images, labels = fashion_mnist_arrays(split)
+    return argparse.Namespace(images=images, labels=labels)
 
 
 def _tensors(images: Any, labels: Any) -> tuple[Any, Any]:
@@ -178,14 +179,14 @@ def split_indices(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     classes only). Independent of the noise: every noise and the oracle of a seed see the same images."""
     import numpy as np
 
-    from sap_hf.data.fashion_mnist import _stratified_choice
+    from sap_hf.data import stratified_choice
 
     train_src, test_src = _source("train"), _source("test")
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(np.isin(train_src.labels, TASK_CLASSES))
-    val = _stratified_choice(pool, train_src.labels[pool], args.val_size, rng)
+    val = stratified_choice(pool, train_src.labels[pool], args.val_size, rng)
     rest = np.setdiff1d(pool, val, assume_unique=True)
-    train = _stratified_choice(rest, train_src.labels[rest], args.train_size, rng)
+    train = stratified_choice(rest, train_src.labels[rest], args.train_size, rng)
     test = np.flatnonzero(np.isin(test_src.labels, TASK_CLASSES))
     if args.test_size < len(test):
         test = np.sort(np.random.default_rng(1000 + seed).choice(test, size=args.test_size, replace=False))
@@ -277,7 +278,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import ViTForImageClassification
 
-    from sap_hf.data.fashion_mnist import _stratified_choice
+    from sap_hf.data import stratified_choice
     from sap_hf.models import tiny_vit_config
 
     path = pretrain_path(args)
@@ -289,7 +290,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     train_src, test_src = _source("train"), _source("test")
     rng = np.random.default_rng(12345)
     pool = np.flatnonzero(np.isin(train_src.labels, PRETRAIN_CLASSES))
-    train = _stratified_choice(pool, train_src.labels[pool], args.pretrain_size, rng)
+    train = stratified_choice(pool, train_src.labels[pool], args.pretrain_size, rng)
     test = np.flatnonzero(np.isin(test_src.labels, PRETRAIN_CLASSES))[:2000]
     data: dict[str, Any] = {}
     data["train_x"], data["train_y"] = _tensors(
