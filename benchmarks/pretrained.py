@@ -37,7 +37,7 @@ pretrained checkpoint instead. This benchmark does what such a user does, at a s
                        1 ... 1e7; `SAPConfig()`'s defaults until they became the recipe's, when the rows were
                        named sap_defaults). `SAPConfig()` is now `sap` (benchmarks/defaults.py checks it).
      sap_curvature     the recipe's SAPConfig with selection_rule='curvature' (the reference's rule; `--methods curvature`).
-     refine            `audit_labels` + `refine` of the uncorrected model (accuracy.sap_refine_row).
+     refine            `audit_labels` + `refine` of the uncorrected model (methods.sap_refine_row).
      sap+refine        `sap`'s model, its audit, then `refine` (the recipe's pipeline).
      best+sap(+refine) the same from the val-best epoch (`best_epoch`'s model) instead of the last one.
      finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val).
@@ -101,7 +101,7 @@ FT_KEYS = ("train_size", "val_size", "lr", "warmup_share", "batch_size", "weight
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    import accuracy as accuracy_bench
+    from methods import add_refine_arguments
 
     parser = common.run_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(
@@ -135,7 +135,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="only recompute the summary, targets, table and figure from <out_dir>/<out_name>.json's rows",
     )
-    accuracy_bench.add_refine_arguments(parser, epochs=[1, 2, 4])
+    add_refine_arguments(parser, epochs=[1, 2, 4])
     args = common.finish_args(parser.parse_args(argv), argv)
     if args.warmup_share is None:
         args.warmup_share = float(common.recipe_settings().get("warmup_steps", 0.0))
@@ -442,15 +442,14 @@ def sap_method(run: dict[str, Any], state: dict, config: Any, base: dict[str, An
 
 
 def audit_metrics(audit: Any, data: dict[str, Any]) -> dict[str, float]:
-    """The audit's ranking and flags against the hidden truth (label_audit.detector_metrics: AP, AUROC, P, R)."""
+    """The audit's ranking and flags against the hidden truth (common.detector_metrics: AP, AUROC, P, R)."""
     import torch
-    from label_audit import detector_metrics
 
     n = len(data["train_y"])
     suspicion, flagged = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
     suspicion[audit.indices] = -audit.scores.double()
     flagged[audit.indices] = audit.suspected
-    return detector_metrics(data["is_noisy"], suspicion, flagged)
+    return common.detector_metrics(data["is_noisy"], suspicion, flagged)
 
 
 def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -464,8 +463,8 @@ def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
 
 def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
     """Every method's row for one (noise, seed, fine-tuning length); `inputs` says what `peer_rows` gets."""
-    import accuracy as accuracy_bench
     import torch
+    from methods import sap_refine_row
 
     from sap_hf import SAPConfig
 
@@ -544,7 +543,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         model.load_state_dict(state)
         audit = _audit(model, run, args)
         audits[name] = audit
-        refined = accuracy_bench.sap_refine_row(model, state, row, run, args, method=name, audit=audit)
+        refined = sap_refine_row(model, state, row, run, args, method=name, audit=audit)
         after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)
         refined.update(
             audit_ap_before=audit_metrics(audit, data)["average_precision"],
