@@ -69,6 +69,7 @@ from typing import Any, Optional
 
 import common
 from common import accuracy, fit_diagnostics, mean_std, train_from_scratch
+from methods import add_refine_arguments, peer_rows, sap_refine_row
 
 
 #: Fashion-MNIST classes the task uses (labels 0..4 in this order) and the ones pretraining uses.
@@ -101,8 +102,6 @@ FT_KEYS = ("train_size", "val_size", "lr", "warmup_share", "batch_size", "weight
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    from methods import add_refine_arguments
-
     parser = common.run_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(
         train_size=1000, val_size=1000, test_size=5000, ft_epochs=[1, 2, 5, 10, 20, 40], cache_dir=None
@@ -464,7 +463,6 @@ def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
 def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
     """Every method's row for one (noise, seed, fine-tuning length); `inputs` says what `peer_rows` gets."""
     import torch
-    from methods import sap_refine_row
 
     from sap_hf import SAPConfig
 
@@ -587,8 +585,6 @@ def peer_method_rows(
     seed: int,
 ) -> list[dict[str, Any]]:
     """`benchmarks/methods.py`'s rows (SSD, SCRUB) on the uncorrected model."""
-    from methods import peer_rows
-
     rows = peer_rows(copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed)
     return [dict(base, **row) for row in rows]
 
