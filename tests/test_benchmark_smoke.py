@@ -32,22 +32,17 @@ def _fashion_mnist_available() -> bool:
 
 
 class Step:
-    """One command's run: its output, and the files under the test's folder after it (mtimes, JSON read)."""
+    """One command's run: its output, the files under the test's folder after it (their mtimes) and the JSON
+    `outputs` among them as they were then (`json(name)`)."""
 
-    def __init__(self, proc: subprocess.CompletedProcess, tmp: Path) -> None:
+    def __init__(self, proc: subprocess.CompletedProcess, tmp: Path, outputs: tuple[str, ...]) -> None:
         self.stdout = proc.stdout
         paths = [p for p in tmp.rglob("*") if p.is_file()]
         self.files = {p.relative_to(tmp).as_posix(): p.stat().st_mtime_ns for p in paths}
-        self._tmp = tmp
-        self._json: dict[str, dict] = {}
+        self._json = {name: json.loads((tmp / name).read_text()) for name in outputs if name in self.files}
 
     def json(self, name: str) -> dict:
-        """The JSON file `name` (relative to the folder) as it was after this step."""
         return self._json[name]
-
-    def keep(self, *names: str) -> Step:
-        self._json.update({name: json.loads((self._tmp / name).read_text()) for name in names})
-        return self
 
 
 @dataclass
@@ -77,7 +72,7 @@ def _run_study(study: Study, tmp: Path) -> list[Step]:
         cmd = [sys.executable, str(ROOT / "benchmarks" / script), *argv]
         proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=study.timeout)
         assert proc.returncode == 0, f"{' '.join(command)}\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
-        steps.append(Step(proc, tmp).keep(*(name for name in study.outputs if (tmp / name).is_file())))
+        steps.append(Step(proc, tmp, study.outputs))
     return steps
 
 
