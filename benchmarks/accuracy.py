@@ -29,7 +29,7 @@ For every setting (40% symmetric noise; 40% asymmetric noise with
    sap+refine             `sap`'s model, its label audit (`sap_hf.audit_labels`), then `sap_hf.refine`: fine-tuning
                           on the training set without the suspected labels ('remove') or with the confident ones
                           relabelled ('relabel'); mode, lr and length picked on validation (--refine_* arguments).
-   ssd, scrub             (`--methods peers`) the corrective-unlearning peers of `benchmarks/peers.py`, which need a
+   ssd, scrub             (`--methods peers`) the corrective-unlearning peers of `benchmarks/methods.py`, which need a
                           forget set: 'realistic' (top-k of `sap`'s audit suspects / the recipe's trusted samples)
                           and 'oracle' (truly mislabelled / correctly labelled samples: hidden labels); `forget_set`
                           in the row, summary names 'ssd (realistic)', ...; the `peers` table of accuracy.json.
@@ -81,15 +81,14 @@ import copy
 import json
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import common
-import peers
-from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run, refine_arguments
+from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
+from methods import add_peer_arguments, add_refine_arguments, oracle_sizes, peer_rows, peer_settings, sap_refine_row
 
 from sap_hf.runtime.passes import Runtime
 
@@ -102,7 +101,7 @@ ROBUST_LOSSES = ("gce", "sce", "ls")
 LABEL_SMOOTHING = 0.1
 #: Row groups `--methods` can compute: "ce" (every cross-entropy row above) and one group per robust loss.
 #: "sap+refine" recomputes only that row from the recorded `sap` choice (the "ce" group computes it too).
-#: "peers": SSD and SCRUB (benchmarks/peers.py) on the recorded `sap`'s audit and the recipe's trusted set.
+#: "peers": SSD and SCRUB (benchmarks/methods.py) on the recorded `sap`'s audit and the recipe's trusted set.
 #: "curvature" adds SAP with the reference's curvature rule (`sap_curvature*` rows) and the selection cost per rule.
 METHOD_GROUPS = ("ce", "sap+refine", "peers", "curvature", *(f"robust_{loss}" for loss in ROBUST_LOSSES))
 PEER_METHODS = ("ssd", "scrub")
@@ -147,7 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(the other rows are kept).",
     )
     add_refine_arguments(parser)
-    peers.add_peer_arguments(parser)
+    add_peer_arguments(parser)
     args = common.finish_args(parser.parse_args(argv), argv)
     args.merge = args.methods is not None
     args.methods = list(dict.fromkeys(args.methods or (["ce"] if args.quick else DEFAULT_METHOD_GROUPS)))
@@ -159,46 +158,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.plot_seed is None:
         args.plot_seed = args.seeds[0]
     return args
-
-
-def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | None = None) -> None:
-    """The `--refine_*` arguments of `sap_refine_row` (the recipe's refine settings by default; `epochs`: another
-    default length grid, for a benchmark that cannot afford the recipe's)."""
-    parser.add_argument(
-        "--refine_modes",
-        nargs="+",
-        default=["remove", "relabel"],
-        choices=["remove", "relabel", "soft", "pseudo"],
-        help="sap+refine: modes tried (RefineConfig(mode=[...]), val picks)",
-    )
-    parser.add_argument(
-        "--refine_lrs",
-        nargs="+",
-        type=float,
-        default=None,
-        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)",
-    )
-    parser.add_argument("--refine_epochs", nargs="+", type=int, default=list(epochs or [1, 2, 3, 4, 6, 8]))
-    parser.add_argument(
-        "--refine_schedule",
-        default="cosine",
-        choices=["constant", "cosine"],
-        help="TrainingArguments.lr_scheduler_type of the clean-up runs",
-    )
-    parser.add_argument("--refine_batch_size", type=int, default=64)
-    parser.add_argument(
-        "--refine_augment",
-        type=int,
-        default=0,
-        choices=[0, 1],
-        help="RefineConfig.augment (1: flip + shift on every image; the recorded rows ran without)",
-    )
-    parser.add_argument(
-        "--refine_views",
-        default="shift",
-        choices=["image", "shift"],
-        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))",
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,78 +523,6 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
     }
 
 
-def sap_refine_row(
-    model: Any,
-    sap_state: dict,
-    sap: dict[str, Any],
-    run: dict[str, Any],
-    args: argparse.Namespace,
-    method: str = "sap+refine",
-    audit: Any = None,
-) -> dict[str, Any]:
-    """`sap+refine`: audit the training labels with `sap`'s model, then `sap_hf.refine` (choices on val).
-
-    `sap` is the row of the model in `sap_state` (its identifying keys are copied); `method` names the row (e.g.
-    'refine' when `sap_state` is the uncorrected model); `audit`: that model's `audit_labels` when already made.
-    The audit's precision/recall against the hidden clean labels are reported, never used.
-    """
-    from sap_hf import RefineConfig, audit_labels, refine
-
-    data, train_set = run["data"], run["train_set"]
-    model.load_state_dict(sap_state)
-    if audit is None:
-        audit = audit_labels(
-            model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False)
-        )
-    flagged, noisy = audit.suspected, data["is_noisy"]
-    config = RefineConfig(
-        mode=list(args.refine_modes),
-        learning_rates=list(args.refine_lrs),
-        epochs=list(args.refine_epochs),
-        augment=bool(args.refine_augment),
-    )
-    with tempfile.TemporaryDirectory() as scratch:
-        result = refine(
-            model,
-            train_set,
-            audit,
-            lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
-            config,
-            args=refine_arguments(scratch, args.refine_batch_size, sap["seed"], args.refine_schedule),
-            runtime=Runtime(show_progress=False),
-        )
-    counts = result.examples.get(result.mode, {}) if result.mode else {}
-    keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
-    row = {k: sap[k] for k in keys if k in sap}
-    row.update(
-        method=method,
-        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-        val_accuracy=result.final_metrics["accuracy"],
-        sap_val_accuracy=sap["val_accuracy"],
-        refine_mode=result.mode,
-        lr=result.learning_rate,
-        refine_epochs=result.epochs,
-        cost_epochs=result.cost_epochs,
-        kept=counts.get("kept"),
-        removed=counts.get("removed"),
-        relabelled=counts.get("relabelled"),
-        audit_suspected=int(flagged.sum()),
-        audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
-        audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
-        refine_trials=[
-            {
-                "mode": t["mode"],
-                "lr": t["learning_rate"],
-                "epochs": t["epochs"],
-                "val_accuracy": round(t["metrics"]["accuracy"], 4),
-            }
-            for t in result.trials
-        ],
-        **fit_diagnostics(model, data),
-    )
-    return row
-
-
 def rebuild_sap(run: dict[str, Any], sap: dict[str, Any]) -> dict:
     """The state of `sap`'s model from its recorded choice (trusted rule/k, alpha or per-kind alphas).
 
@@ -718,7 +605,7 @@ def recorded_rows(
 
 
 def run_peers(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The `peers` group: SSD and SCRUB (`peers.peer_rows`) on the memorised model of (setting, seed).
+    """The `peers` group: SSD and SCRUB (`methods.peer_rows`) on the memorised model of (setting, seed).
 
     Suspects: the label audit of `sap`'s model (rebuilt from its recorded choice), as `sap+refine` audits
     (`sap_hf.audit_labels`, `--refine_views`), most suspicious first. Trusted: `sap_hf.select_trusted` with the
@@ -748,7 +635,7 @@ def run_peers(setting: str, seed: int, args: argparse.Namespace) -> dict[str, An
         runtime=Runtime(batch_size=500, show_progress=False),
     )
     inputs_seconds = time.perf_counter() - clock
-    rows = peers.peer_rows(model, data, trusted_indices=selection.indices, suspects=suspects, args=args, seed=seed)
+    rows = peer_rows(model, data, trusted_indices=selection.indices, suspects=suspects, args=args, seed=seed)
     trusted = torch_index(selection.indices)
     purity = float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean())
     for row in rows:
@@ -1437,9 +1324,9 @@ def build_record(
         "config_robust": _robust_config(existing.get("config_robust"), config, args),
         # The arguments of the last run that computed sap+refine rows (its --refine_* arguments).
         "config_refine": (config if {"ce", "sap+refine"} & set(args.methods) else existing.get("config_refine")),
-        # The last run that computed peers rows, with its grids (`peers.peer_settings`) and the scaled oracle sizes.
+        # The last run that computed peers rows, with its grids (`methods.peer_settings`) and the scaled oracle sizes.
         "config_peers": (
-            dict(config, grids=peers.peer_settings(args), oracle_sizes=peers.oracle_sizes(args.train_size))
+            dict(config, grids=peer_settings(args), oracle_sizes=oracle_sizes(args.train_size))
             if "peers" in args.methods
             else existing.get("config_peers")
         ),

@@ -37,7 +37,7 @@ With `--methods extra` (the issue's other methods, each from the last model; eve
 
     refine            the clean-up without SAP: the uncorrected model's audit, refine(RefineConfig(): remove | pseudo)
     finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val)
-    scrub             SCRUB (benchmarks/peers.py) with the realistic forget set: forget = the SAP model's audit
+    scrub             SCRUB (benchmarks/methods.py) with the realistic forget set: forget = the SAP model's audit
                       suspects (top-k on val), retain = `sap`'s trusted samples
 
 With `--methods defaults`: `sap_paper` (the paper's settings, `common.PAPER_SAP`), `sap_loss` (the loss rule),
@@ -66,7 +66,6 @@ from typing import Any, Optional
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peers  # noqa: E402
 from common import (  # noqa: E402
     PAPER_SAP,
     accuracy,
@@ -89,6 +88,7 @@ from common import (  # noqa: E402
     train_from_scratch,
     write_json,
 )
+from methods import add_peer_arguments, peer_rows  # noqa: E402
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10n"
@@ -149,7 +149,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ft_lrs", nargs="+", type=float, default=[1e-4, 3e-4, 1e-3], help="finetune_trusted")
     parser.add_argument("--ft_epochs", nargs="+", type=int, default=[1, 2, 5, 10, 20, 40])
     parser.add_argument("--ft_batch_size", type=int, default=32)
-    peers.add_peer_arguments(parser)
+    add_peer_arguments(parser)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train_size", type=int, default=4000)
     parser.add_argument("--val_size", type=int, default=1000)
@@ -475,7 +475,7 @@ def extra_rows(
         )
     if "scrub" in args.extra_methods:
         model.load_state_dict(last)
-        rows += peers.peer_rows(
+        rows += peer_rows(
             model,
             data,
             trusted_indices=trusted.tolist(),

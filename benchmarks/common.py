@@ -15,7 +15,7 @@ Sections:
                    `prepare_run` (the memorised model of one (setting, seed), cached by its training
                    arguments), `cache_path`
   - running        `run_tasks` (one process per (setting, seed) task)
-  - reporting      `mean_std`, `pyplot`, `write_json`, `environment`, `cpu_name`, `loadavg`,
+  - reporting      `mean_std`, `detector_metrics`, `pyplot`, `write_json`, `environment`, `cpu_name`, `loadavg`,
                    `matmul_gflops`, `best_of`, `rebound_library_names` (no benchmark monkeypatches the library)
 """
 
@@ -749,6 +749,23 @@ def cross_validated_probs(
         record["samples_trained"] += args.cv_epochs * int((~held).sum())
     record["probs"] = probs
     return record
+
+
+def detector_metrics(is_noisy: Any, suspicion: Any, flagged: Any) -> dict[str, float]:
+    """AP and AUROC of the ranking (higher suspicion = more likely wrong), precision/recall of the flags."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    truth = is_noisy.numpy().astype(bool)
+    score = suspicion.double().numpy()
+    flags = flagged.numpy().astype(bool)
+    hits = int((flags & truth).sum())
+    return {
+        "average_precision": float(average_precision_score(truth, score)),
+        "auroc": float(roc_auc_score(truth, score)),
+        "precision": hits / max(1, int(flags.sum())),
+        "recall": hits / max(1, int(truth.sum())),
+        "flagged": int(flags.sum()),
+    }
 
 
 def audit_ap(audit: Any, data: dict[str, Any]) -> float:

@@ -233,23 +233,6 @@ def time_one_epoch(model: Any, data: dict[str, Any], args: argparse.Namespace) -
     return time.perf_counter() - start
 
 
-def detector_metrics(is_noisy: Any, suspicion: Any, flagged: Any) -> dict[str, float]:
-    """AP and AUROC of the ranking (higher suspicion = more likely wrong), precision/recall of the flags."""
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    truth = is_noisy.numpy().astype(bool)
-    score = suspicion.double().numpy()
-    flags = flagged.numpy().astype(bool)
-    hits = int((flags & truth).sum())
-    return {
-        "average_precision": float(average_precision_score(truth, score)),
-        "auroc": float(roc_auc_score(truth, score)),
-        "precision": hits / max(1, int(flags.sum())),
-        "recall": hits / max(1, int(truth.sum())),
-        "flagged": int(flags.sum()),
-    }
-
-
 def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from transformers import ViTForImageClassification
 
@@ -272,7 +255,7 @@ def run_one(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]
         )
 
     def add(detector: str, suspicion: Any, flagged: Any, seconds: float, **extra: Any) -> None:
-        metrics = detector_metrics(is_noisy, suspicion, flagged)
+        metrics = common.detector_metrics(is_noisy, suspicion, flagged)
         rows.append(dict(base, detector=detector, **metrics, cost_seconds=seconds, **extra))
         if seed == args.plot_seed:
             from sklearn.metrics import precision_recall_curve

@@ -37,12 +37,12 @@ pretrained checkpoint instead. This benchmark does what such a user does, at a s
                        1 ... 1e7; `SAPConfig()`'s defaults until they became the recipe's, when the rows were
                        named sap_defaults). `SAPConfig()` is now `sap` (benchmarks/defaults.py checks it).
      sap_curvature     the recipe's SAPConfig with selection_rule='curvature' (the reference's rule; `--methods curvature`).
-     refine            `audit_labels` + `refine` of the uncorrected model (accuracy.sap_refine_row).
+     refine            `audit_labels` + `refine` of the uncorrected model (methods.sap_refine_row).
      sap+refine        `sap`'s model, its audit, then `refine` (the recipe's pipeline).
      best+sap(+refine) the same from the val-best epoch (`best_epoch`'s model) instead of the last one.
      finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val).
    `refine` / `sap+refine` use the recipe's refine settings with the length grid cut to 1, 2, 4 epochs (`--refine_*`).
-   Optional (`--methods ... peers`): `benchmarks/peers.py`'s `peer_rows` (SSD, SCRUB) when that file exists,
+   Optional (`--methods ... peers`): `benchmarks/methods.py`'s `peer_rows` (SSD, SCRUB),
    given the uncorrected model, the data dict, `sap`'s trusted indices and the audit's suspects.
    Diagnostics: `noisy_fit` (share of the wrong training labels the model predicts), `clean_fit`, trusted
    purity, the label audits' AP against the hidden truth (`audit_ap_*`), selection seconds per rule.
@@ -69,6 +69,7 @@ from typing import Any, Optional
 
 import common
 from common import accuracy, fit_diagnostics, mean_std, train_from_scratch
+from methods import add_refine_arguments, peer_rows, sap_refine_row
 
 
 #: Fashion-MNIST classes the task uses (labels 0..4 in this order) and the ones pretraining uses.
@@ -101,8 +102,6 @@ FT_KEYS = ("train_size", "val_size", "lr", "warmup_share", "batch_size", "weight
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    import accuracy as accuracy_bench
-
     parser = common.run_parser(__doc__.split("\n\n")[0])
     parser.set_defaults(
         train_size=1000, val_size=1000, test_size=5000, ft_epochs=[1, 2, 5, 10, 20, 40], cache_dir=None
@@ -124,7 +123,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         choices=[g for g in METHOD_GROUPS if g != "core"],
-        help="extra row groups: curvature (sap_curvature), peers (benchmarks/peers.py); the core rows always run",
+        help="extra row groups: curvature (sap_curvature), peers (benchmarks/methods.py); the core rows always run",
     )
     parser.add_argument("--out_name", default="pretrained", help="<out_dir>/<out_name>.json / .png")
     parser.add_argument(
@@ -135,7 +134,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="only recompute the summary, targets, table and figure from <out_dir>/<out_name>.json's rows",
     )
-    accuracy_bench.add_refine_arguments(parser, epochs=[1, 2, 4])
+    add_refine_arguments(parser, epochs=[1, 2, 4])
     args = common.finish_args(parser.parse_args(argv), argv)
     if args.warmup_share is None:
         args.warmup_share = float(common.recipe_settings().get("warmup_steps", 0.0))
@@ -155,10 +154,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 @functools.lru_cache(maxsize=2)
 def _source(split: str) -> Any:
-    """One official split's idx arrays, read once per process."""
-    from sap_hf.data.fashion_mnist import _resolve  # the idx arrays themselves (no 60k-image Dataset built)
+    """One official split's arrays (`.images`, `.labels`), read once per process (no 60k-image Dataset built)."""
+    from sap_hf.data import fashion_mnist_arrays
 
-    return _resolve(split, None)
+    images, labels = fashion_mnist_arrays(split)
+    return argparse.Namespace(images=images, labels=labels)
 
 
 def _tensors(images: Any, labels: Any) -> tuple[Any, Any]:
@@ -178,14 +178,14 @@ def split_indices(seed: int, args: argparse.Namespace) -> dict[str, Any]:
     classes only). Independent of the noise: every noise and the oracle of a seed see the same images."""
     import numpy as np
 
-    from sap_hf.data.fashion_mnist import _stratified_choice
+    from sap_hf.data import stratified_choice
 
     train_src, test_src = _source("train"), _source("test")
     rng = np.random.default_rng(seed)
     pool = np.flatnonzero(np.isin(train_src.labels, TASK_CLASSES))
-    val = _stratified_choice(pool, train_src.labels[pool], args.val_size, rng)
+    val = stratified_choice(pool, train_src.labels[pool], args.val_size, rng)
     rest = np.setdiff1d(pool, val, assume_unique=True)
-    train = _stratified_choice(rest, train_src.labels[rest], args.train_size, rng)
+    train = stratified_choice(rest, train_src.labels[rest], args.train_size, rng)
     test = np.flatnonzero(np.isin(test_src.labels, TASK_CLASSES))
     if args.test_size < len(test):
         test = np.sort(np.random.default_rng(1000 + seed).choice(test, size=args.test_size, replace=False))
@@ -277,7 +277,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import ViTForImageClassification
 
-    from sap_hf.data.fashion_mnist import _stratified_choice
+    from sap_hf.data import stratified_choice
     from sap_hf.models import tiny_vit_config
 
     path = pretrain_path(args)
@@ -289,7 +289,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     train_src, test_src = _source("train"), _source("test")
     rng = np.random.default_rng(12345)
     pool = np.flatnonzero(np.isin(train_src.labels, PRETRAIN_CLASSES))
-    train = _stratified_choice(pool, train_src.labels[pool], args.pretrain_size, rng)
+    train = stratified_choice(pool, train_src.labels[pool], args.pretrain_size, rng)
     test = np.flatnonzero(np.isin(test_src.labels, PRETRAIN_CLASSES))[:2000]
     data: dict[str, Any] = {}
     data["train_x"], data["train_y"] = _tensors(
@@ -443,15 +443,14 @@ def sap_method(run: dict[str, Any], state: dict, config: Any, base: dict[str, An
 
 
 def audit_metrics(audit: Any, data: dict[str, Any]) -> dict[str, float]:
-    """The audit's ranking and flags against the hidden truth (label_audit.detector_metrics: AP, AUROC, P, R)."""
+    """The audit's ranking and flags against the hidden truth (common.detector_metrics: AP, AUROC, P, R)."""
     import torch
-    from label_audit import detector_metrics
 
     n = len(data["train_y"])
     suspicion, flagged = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
     suspicion[audit.indices] = -audit.scores.double()
     flagged[audit.indices] = audit.suspected
-    return detector_metrics(data["is_noisy"], suspicion, flagged)
+    return common.detector_metrics(data["is_noisy"], suspicion, flagged)
 
 
 def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -465,7 +464,6 @@ def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
 
 def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> dict[str, Any]:
     """Every method's row for one (noise, seed, fine-tuning length); `inputs` says what `peer_rows` gets."""
-    import accuracy as accuracy_bench
     import torch
 
     from sap_hf import SAPConfig
@@ -545,7 +543,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         model.load_state_dict(state)
         audit = _audit(model, run, args)
         audits[name] = audit
-        refined = accuracy_bench.sap_refine_row(model, state, row, run, args, method=name, audit=audit)
+        refined = sap_refine_row(model, state, row, run, args, method=name, audit=audit)
         after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)
         refined.update(
             audit_ap_before=audit_metrics(audit, data)["average_precision"],
@@ -588,15 +586,8 @@ def peer_method_rows(
     args: argparse.Namespace,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """`benchmarks/peers.py`'s rows (SSD, SCRUB) on the uncorrected model, when that file exists."""
-    try:
-        import peers
-    except ImportError:
-        print("[pretrained] --methods peers: benchmarks/peers.py is not there; no peer rows.", flush=True)
-        return []
-    rows = peers.peer_rows(
-        copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed
-    )
+    """`benchmarks/methods.py`'s rows (SSD, SCRUB) on the uncorrected model."""
+    rows = peer_rows(copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed)
     return [dict(base, **row) for row in rows]
 
 

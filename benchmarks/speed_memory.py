@@ -1,13 +1,11 @@
-#!/usr/bin/env python
-"""Memory measurement for `speed.py`: /proc probes around one call, and fresh-process runs.
+"""Memory measurement for `speed.py` (a support module, not a script): /proc probes around one call, fresh processes.
 
 `measure(fn)` gives the seconds and the growth of the resident set during one call
 (VmHWM - VmRSS(before), the high-water mark reset just before the call and freed heap memory
-handed back first). `run_child(spec)` runs this file as a script in a fresh interpreter that
+handed back first). `run_child(spec)` calls `child_main(spec)` in a fresh interpreter that
 measures `collect_statistics` at each n of `spec["ns"]` on lazily generated data, with glibc's mmap
-threshold pinned, so that nothing but what the method keeps can grow with n.
-
-    python benchmarks/speed_memory.py '{"model": "tiny", "ns": [4, 16], "batch_size": 2, "threads": 1, "image_size": 64}'
+threshold pinned, so that nothing but what the method keeps can grow with n. The spec, e.g.
+`{"model": "tiny", "ns": [4, 16], "batch_size": 2, "threads": 1, "image_size": 64}`.
 """
 
 from __future__ import annotations
@@ -126,14 +124,15 @@ def child_main(spec: dict[str, Any]) -> None:
 def run_child(spec: dict[str, Any], timeout: float) -> list[dict[str, Any]]:
     """Fresh interpreter; glibc's mmap threshold is pinned (no dynamic raise) so that every large
     tensor is its own mapping, returned to the OS when freed: RSS then follows live memory."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), json.dumps(spec)]
+    here = str(Path(__file__).resolve().parent)
+    child = (
+        "import json, sys; sys.path.insert(0, " + repr(here) + "); "
+        "import speed_memory as m; m.child_main(json.loads(sys.argv[1]))"
+    )
+    cmd = [sys.executable, "-c", child, json.dumps(spec)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
             return json.loads(line[len("CHILD_RESULT ") :])
     raise RuntimeError(f"memory child failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-
-
-if __name__ == "__main__":
-    child_main(json.loads(sys.argv[1]))

@@ -20,11 +20,13 @@ from sap_hf.data import (
     CLOTHING1M_CLASSES,
     FASHION_MNIST_CLASSES,
     ImageTransform,
+    fashion_mnist_arrays,
     load_clothing1m,
     load_fashion_mnist,
     noisy_fashion_mnist,
     prepare_image_dataset,
     read_idx,
+    stratified_choice,
     write_tiny_clothing1m,
 )
 from sap_hf.data.noise import FASHION_MNIST_ASYMMETRIC_MAP
@@ -135,6 +137,33 @@ def test_noisy_fashion_mnist_defaults_use_the_rest_of_train(tmp_path):
     assert len(data["train"]) == 500 and len(data["test"]) == 100
     assert not any(data["train"]["is_noisy"])
     assert _ids(data["train"]) | _ids(data["validation"]) == set(range(600))
+
+
+def test_fashion_mnist_arrays_and_stratified_choice_redraw_noisy_fashion_mnists_split(tmp_path):
+    root = _fake_fashion_dir(tmp_path)
+    images, labels = fashion_mnist_arrays("train", data_dir=root)
+    assert (
+        images.shape == (600, 28, 28) and images.dtype == np.uint8 and labels.tolist() == [i % 10 for i in range(600)]
+    )
+    ids = images[:, 0, 0].astype(int) * 256 + images[:, 0, 1]
+    assert ids.tolist() == list(range(600))
+    # the same seed's stream, drawn the same way: the same validation and training images
+    data = noisy_fashion_mnist(noise_rate=0.0, seed=5, train_size=300, val_size=100, data_dir=root)
+    rng = np.random.default_rng(5)
+    val = stratified_choice(np.arange(600), labels, 100, rng)
+    pool = np.setdiff1d(np.arange(600), val)
+    train = stratified_choice(pool, labels[pool], 300, rng)
+    assert set(ids[val].tolist()) == _ids(data["validation"]) and set(ids[train].tolist()) == _ids(data["train"])
+
+
+def test_stratified_choice_keeps_the_class_shares_by_largest_remainder():
+    labels, indices = np.array([0] * 5 + [1] * 3 + [2] * 2), np.arange(10) + 100
+    chosen = stratified_choice(indices, labels, 5, np.random.default_rng(0))
+    # exact shares 2.5, 1.5, 1.0: floors 2, 1, 1; the one left goes to the earlier tied remainder (class 0)
+    assert np.bincount(labels[chosen - 100]).tolist() == [3, 1, 1]
+    assert chosen.tolist() == sorted(set(chosen.tolist())) and set(chosen.tolist()) <= set(indices.tolist())
+    assert stratified_choice(indices, labels, 5, np.random.default_rng(0)).tolist() == chosen.tolist()
+    assert stratified_choice(indices, labels, 0, np.random.default_rng(0)).tolist() == []
 
 
 @pytest.mark.parametrize(

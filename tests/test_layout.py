@@ -179,3 +179,57 @@ def test_the_function_length_check_counts_code_not_docstrings():
     source = 'def f():\n    """Doc\n    more."""\n    # comment\n\n    x = 1\n    return x\n'
     node = ast.parse(source).body[0]
     assert _code_lines(source.split("\n"), node) == 3  # def, x = 1, return x
+
+
+# benchmarks/: a runnable script (`if __name__ == "__main__"`) is imported by no other benchmark file, and no
+# benchmark file imports a library private (a `sap_hf` module or name starting with "_"). What the scripts share
+# lives in support modules (common.py, methods.py, speed_*.py).
+BENCHMARKS = PACKAGE.parent / "benchmarks"
+# Left for the shared runner (issue 28, items 1-3): defaults.py runs both regimes through their scripts.
+KNOWN_SCRIPT_IMPORTS = {"defaults.py imports script accuracy", "defaults.py imports script pretrained"}
+
+
+def _benchmark_import_problems(sources: dict[str, str]) -> set[str]:
+    """'<file> imports script <name>' / '<file> imports private <dotted name>' for {file name: source}."""
+    trees = {name: ast.parse(source) for name, source in sources.items()}
+    scripts = {
+        name.removesuffix(".py")
+        for name, tree in trees.items()
+        for node in tree.body
+        if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) and "__name__" in ast.unparse(node.test)
+    }
+    found = set()
+    for name, tree in trees.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [(alias.name, "") for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                modules = [(node.module, alias.name) for alias in node.names]
+            else:
+                continue
+            for module, imported in modules:
+                parts = module.split(".")
+                if parts[0] in scripts - {name.removesuffix(".py")}:
+                    found.add(f"{name} imports script {parts[0]}")
+                if parts[0] == "sap_hf" and any(p.startswith("_") for p in [*parts, imported] if p):
+                    found.add(f"{name} imports private {'.'.join(filter(None, [module, imported]))}")
+    return found
+
+
+def test_no_benchmark_imports_a_script_or_a_library_private():
+    sources = {path.name: path.read_text() for path in sorted(BENCHMARKS.glob("*.py"))}
+    assert _benchmark_import_problems(sources) == KNOWN_SCRIPT_IMPORTS
+
+
+def test_the_benchmark_import_check_finds_scripts_and_privates():
+    main = 'if __name__ == "__main__":\n    main()\n'
+    sources = {
+        "study.py": "import helper\nfrom other import run\n" + main,
+        "other.py": "from sap_hf.data.fashion_mnist import _resolve\nimport sap_hf._x\n" + main,
+        "helper.py": "from sap_hf.data import stratified_choice\n",
+    }
+    assert _benchmark_import_problems(sources) == {
+        "study.py imports script other",
+        "other.py imports private sap_hf.data.fashion_mnist._resolve",
+        "other.py imports private sap_hf._x",
+    }

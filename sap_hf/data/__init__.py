@@ -15,9 +15,11 @@ from .clothing1m import CLOTHING1M_CLASSES, clothing1m_features, load_clothing1m
 from .fashion_mnist import (
     DEBIAN_FASHION_MNIST_DIR,
     FASHION_MNIST_CLASSES,
+    fashion_mnist_arrays,
     load_fashion_mnist,
     noisy_fashion_mnist,
     read_idx,
+    stratified_choice,
 )
 from .transforms import ImageTransform, prepare_image_dataset, undecoded_images
 
@@ -32,6 +34,7 @@ __all__ = [
     "cifar10n_label_key",
     "cifar10n_label_set_name",
     "clothing1m_features",
+    "fashion_mnist_arrays",
     "label_noise_rate",
     "load_cifar10n",
     "load_clothing1m",
@@ -40,6 +43,7 @@ __all__ = [
     "prepare_image_dataset",
     "read_cifar10n_labels",
     "read_idx",
+    "stratified_choice",
     "undecoded_images",
     "write_tiny_cifar10n",
     "write_tiny_clothing1m",

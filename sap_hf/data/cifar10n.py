@@ -21,7 +21,7 @@ from PIL import Image
 from transformers.utils import logging
 
 from ..utils.checks import check_choice, integer, invalid
-from .fashion_mnist import _stratified_choice
+from .fashion_mnist import stratified_choice
 
 
 logger = logging.get_logger(__name__)
@@ -183,10 +183,10 @@ def load_cifar10n(
     train_rng = test_rng = np.random.default_rng(seed)
     train_idx = np.arange(n_train)
     if train_size is not None and train_size < n_train:
-        train_idx = _stratified_choice(train_idx, train_clean, train_size, train_rng)
+        train_idx = stratified_choice(train_idx, train_clean, train_size, train_rng)
     test_labels = np.asarray(test.with_format("numpy")["label"], dtype=np.int64)
     all_test = np.arange(n_test)
-    val_idx = _stratified_choice(all_test, test_labels, val_size, test_rng)
+    val_idx = stratified_choice(all_test, test_labels, val_size, test_rng)
     test_idx = np.setdiff1d(all_test, val_idx, assume_unique=True)
     if test_size is not None and test_size < len(test_idx):
         test_idx = np.sort(test_rng.choice(test_idx, size=test_size, replace=False))

@@ -106,6 +106,18 @@ def load_fashion_mnist(split: str = "train", data_dir: Optional[Union[str, Path]
     return source.build(np.arange(len(source.labels)))
 
 
+def fashion_mnist_arrays(
+    split: str = "train", data_dir: Optional[Union[str, Path]] = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One official split as arrays, without building a ``Dataset``: ``(images, labels)``.
+
+    ``images`` is ``(n, 28, 28)`` uint8 and ``labels`` ``(n,)``, read from the same places as
+    `load_fashion_mnist` (``data_dir``, Debian's directory, then the Hub copy, which is decoded for it).
+    """
+    source = _resolve(split, data_dir)
+    return source.pixels(np.arange(len(source.labels))), source.labels
+
+
 def noisy_fashion_mnist(
     noise_rate: float = 0.4,
     noise_type: str = "symmetric",
@@ -153,9 +165,9 @@ def noisy_fashion_mnist(
 
     rng = np.random.default_rng(seed)
     all_train = np.arange(n_train_total)
-    val_idx = _stratified_choice(all_train, train_source.labels, val_size, rng)
+    val_idx = stratified_choice(all_train, train_source.labels, val_size, rng)
     pool = np.setdiff1d(all_train, val_idx, assume_unique=True)
-    train_idx = pool if train_size is None else _stratified_choice(pool, train_source.labels[pool], train_size, rng)
+    train_idx = pool if train_size is None else stratified_choice(pool, train_source.labels[pool], train_size, rng)
     test_idx = np.arange(n_test_total)
     if test_size is not None:
         test_idx = np.sort(rng.choice(n_test_total, size=test_size, replace=False))
@@ -284,8 +296,19 @@ def _from_hub(hub: datasets.Dataset, split: str) -> _Source:
     return _Source(labels=np.asarray(hub["label"], dtype=np.int64), hub=hub)
 
 
-def _stratified_choice(indices: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
-    """``size`` of ``indices``, each class in proportion to its share (largest remainder), sorted."""
+def stratified_choice(indices: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw ``size`` of ``indices`` without replacement, each class in proportion to its share, sorted.
+
+    The splits of `noisy_fashion_mnist` and `load_cifar10n` are drawn with it, so a caller that draws its own
+    split with the same ``rng`` stream gets the same positions. Per-class quotas by largest remainder
+    (ties to the earlier class), then one ``rng.choice`` per class in the order of ``np.unique(labels)``.
+
+    Args:
+        indices: the candidate positions.
+        labels: the label of each candidate (same length as ``indices``).
+        size: how many to draw, at most ``len(indices)``.
+        rng: the numpy generator the draws consume.
+    """
     if size == 0:
         return indices[:0]
     classes, counts = np.unique(labels, return_counts=True)

@@ -1,4 +1,9 @@
-"""Corrective-unlearning peers of SAP: SSD and SCRUB on the benchmarks' memorised models (benchmark code).
+"""Methods shared by the studies (a support module, not a script), each written once for every study that runs it.
+
+* `sap+refine` (`sap_refine_row`, its `--refine_*` arguments `add_refine_arguments`): SAP's model, its label
+  audit, then the clean-up (`sap_hf.refine`), run by `accuracy.py` and `pretrained.py`.
+* SAP's corrective-unlearning peers SSD and SCRUB (`peer_rows`, its `--peer_*` arguments `add_peer_arguments`)
+  on the benchmarks' memorised models, run by `accuracy.py --methods peers`, `pretrained.py` and `cifar10n.py`.
 
 Both methods need a *forget set* (samples to unlearn) and a *retain set*; SAP needs neither. Written from
 the papers (no reference code), pure torch on the benchmarks' tensors:
@@ -42,11 +47,134 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import common
+
+
+# --------------------------------------------------------------------------------------------
+# sap+refine: SAP's model, its label audit, then the clean-up (`sap_hf.refine`)
+# --------------------------------------------------------------------------------------------
+
+
+def add_refine_arguments(parser: argparse.ArgumentParser, epochs: list[int] | None = None) -> None:
+    """The `--refine_*` arguments of `sap_refine_row` (the recipe's refine settings by default; `epochs`: another
+    default length grid, for a benchmark that cannot afford the recipe's)."""
+    parser.add_argument(
+        "--refine_modes",
+        nargs="+",
+        default=["remove", "relabel"],
+        choices=["remove", "relabel", "soft", "pseudo"],
+        help="sap+refine: modes tried (RefineConfig(mode=[...]), val picks)",
+    )
+    parser.add_argument(
+        "--refine_lrs",
+        nargs="+",
+        type=float,
+        default=None,
+        help="sap+refine: learning rates (default: --lr and twice it, as SAPTrainer.refine's default)",
+    )
+    parser.add_argument("--refine_epochs", nargs="+", type=int, default=list(epochs or [1, 2, 3, 4, 6, 8]))
+    parser.add_argument(
+        "--refine_schedule",
+        default="cosine",
+        choices=["constant", "cosine"],
+        help="TrainingArguments.lr_scheduler_type of the clean-up runs",
+    )
+    parser.add_argument("--refine_batch_size", type=int, default=64)
+    parser.add_argument(
+        "--refine_augment",
+        type=int,
+        default=0,
+        choices=[0, 1],
+        help="RefineConfig.augment (1: flip + shift on every image; the recorded rows ran without)",
+    )
+    parser.add_argument(
+        "--refine_views",
+        default="shift",
+        choices=["image", "shift"],
+        help="sap+refine: the label audit's views (sap_hf.audit_labels(views=...))",
+    )
+
+
+def sap_refine_row(
+    model: Any,
+    sap_state: dict,
+    sap: dict[str, Any],
+    run: dict[str, Any],
+    args: argparse.Namespace,
+    method: str = "sap+refine",
+    audit: Any = None,
+) -> dict[str, Any]:
+    """`sap+refine`: audit the training labels with `sap`'s model, then `sap_hf.refine` (choices on val).
+
+    `sap` is the row of the model in `sap_state` (its identifying keys are copied); `method` names the row (e.g.
+    'refine' when `sap_state` is the uncorrected model); `audit`: that model's `audit_labels` when already made.
+    The audit's precision/recall against the hidden clean labels are reported, never used.
+    """
+    from sap_hf import RefineConfig, Runtime, audit_labels, refine
+
+    data, train_set = run["data"], run["train_set"]
+    model.load_state_dict(sap_state)
+    if audit is None:
+        audit = audit_labels(
+            model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False)
+        )
+    flagged, noisy = audit.suspected, data["is_noisy"]
+    config = RefineConfig(
+        mode=list(args.refine_modes),
+        learning_rates=list(args.refine_lrs),
+        epochs=list(args.refine_epochs),
+        augment=bool(args.refine_augment),
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        result = refine(
+            model,
+            train_set,
+            audit,
+            lambda m: {"accuracy": common.accuracy(m, data["val_x"], data["val_y"])},
+            config,
+            args=common.refine_arguments(scratch, args.refine_batch_size, sap["seed"], args.refine_schedule),
+            runtime=Runtime(show_progress=False),
+        )
+    counts = result.examples.get(result.mode, {}) if result.mode else {}
+    keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
+    row = {k: sap[k] for k in keys if k in sap}
+    row.update(
+        method=method,
+        test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=result.final_metrics["accuracy"],
+        sap_val_accuracy=sap["val_accuracy"],
+        refine_mode=result.mode,
+        lr=result.learning_rate,
+        refine_epochs=result.epochs,
+        cost_epochs=result.cost_epochs,
+        kept=counts.get("kept"),
+        removed=counts.get("removed"),
+        relabelled=counts.get("relabelled"),
+        audit_suspected=int(flagged.sum()),
+        audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
+        audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
+        refine_trials=[
+            {
+                "mode": t["mode"],
+                "lr": t["learning_rate"],
+                "epochs": t["epochs"],
+                "val_accuracy": round(t["metrics"]["accuracy"], 4),
+            }
+            for t in result.trials
+        ],
+        **common.fit_diagnostics(model, data),
+    )
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# The corrective-unlearning peers: SSD and SCRUB
+# --------------------------------------------------------------------------------------------
 
 
 #: Hyper-parameter grids (argument name -> default). Forget sizes: 0 = every available sample ("all").
@@ -476,14 +604,3 @@ def peer_rows(
             rows.append(row)
     model.load_state_dict(original)
     return rows
-
-
-def paper_check(n_train: int) -> str:
-    """One line naming the scaled oracle sizes (for logs and tables)."""
-    s = oracle_sizes(n_train)
-    return ", ".join(f"{m} {r} retain / {f} forget" for m, (r, f) in s.items()) + f" (of {n_train:,} training images)"
-
-
-if __name__ == "__main__":  # a pointer, not a benchmark: the peers run inside accuracy.py
-    print(__doc__.split("\n\n")[0])
-    print("run: python benchmarks/accuracy.py --methods peers --cache_dir DIR; oracle sizes:", paper_check(4000))

@@ -1,0 +1,231 @@
+"""Unit tests of the benchmarks' support code (the end-to-end runs are tests/test_benchmark_smoke.py): methods.py's
+SSD and SCRUB on a tiny model, speed_investigate's instrumentation, label_audit's merge, common's recipe settings."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+import methods  # noqa: E402
+
+
+def _tiny_model(seed: int = 0):
+    import torch
+    from transformers import ViTForImageClassification
+
+    from sap_hf.models import tiny_vit_config
+
+    torch.manual_seed(seed)
+    return ViTForImageClassification(
+        tiny_vit_config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    ).eval()
+
+
+def test_diagonal_fisher_is_the_mean_squared_per_sample_gradient_with_prefixes() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    model = _tiny_model()
+    x, y = torch.randn(5, 1, 28, 28), torch.tensor([0, 3, 3, 7, 9])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cost = methods.Cost()
+    fisher = methods.diagonal_fisher(model, x, y, prefixes=[2, 5, 9], cost=cost)
+    assert sorted(fisher) == [2, 5] and cost.train == 5
+    squares = []
+    for i in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(pixel_values=x[i : i + 1]).logits, y[i : i + 1]).backward()
+        squares.append({n: p.grad.detach() ** 2 for n, p in model.named_parameters()})
+    for k in (2, 5):
+        for name in before:
+            expected = sum(s[name] for s in squares[:k]) / k
+            torch.testing.assert_close(fisher[k][name], expected)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_ssd_dampens_exactly_the_selected_parameters_by_min_lambda_ratio_one() -> None:
+    import torch
+
+    theta = {"w": torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0])}
+    forget = {"w": torch.tensor([1.0, 10.0, 50.0, 0.0, 30.0])}
+    retain = {"w": torch.tensor([1.0, 1.0, 2.0, 0.0, 1.0])}
+    new, selected = methods.ssd_dampen(theta, forget, retain, alpha=5.0, lam=1.0)
+    # selected: I_f > 5 I_r -> positions 1 (10 > 5), 2 (50 > 10), 4 (30 > 5); 0 (1 > 5) and 3 (0 > 0) are not
+    assert selected == 3
+    torch.testing.assert_close(new["w"], torch.tensor([1.0, 2.0 * 0.1, -3.0 * 2 / 50, 4.0, 5.0 / 30]))
+    # lambda large enough: beta = min(lambda I_r / I_f, 1) = 1 for all selected -> nothing changes
+    same, selected = methods.ssd_dampen(theta, forget, retain, alpha=5.0, lam=100.0)
+    assert selected == 3 and torch.equal(same["w"], theta["w"])
+    assert torch.equal(theta["w"], torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0]))  # inputs untouched
+
+
+def test_ssd_with_a_huge_alpha_changes_nothing_on_a_model() -> None:
+    import torch
+
+    model = _tiny_model()
+    x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
+    forget = methods.diagonal_fisher(model, x[:3], y[:3])[3]
+    retain = methods.diagonal_fisher(model, x[3:], y[3:])[3]
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    new, selected = methods.ssd_dampen(params, forget, retain, alpha=1e30, lam=1.0)
+    # a parameter with zero retain importance and non-zero forget importance is still selected at any alpha
+    zero_retain = sum(int(((retain[n] == 0) & (forget[n] > 0)).sum()) for n in params)
+    assert selected == zero_retain
+    changed = sum(int((new[n] != params[n]).sum()) for n in params)
+    assert changed <= zero_retain
+    new, selected = methods.ssd_dampen(params, forget, {n: t + 1e-30 for n, t in retain.items()}, alpha=1e30, lam=1.0)
+    assert selected == 0 and all(torch.equal(new[n], params[n]) for n in params)
+
+
+def test_scrub_max_steps_push_away_from_the_teacher_and_min_steps_pull_back() -> None:
+    import copy
+
+    import torch
+
+    model = _tiny_model()
+    teacher = copy.deepcopy(model)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+
+    def kl() -> float:
+        with torch.no_grad():
+            return float(methods.kl_to_teacher(model(pixel_values=x).logits, teacher(pixel_values=x).logits, 4.0))
+
+    kwargs = dict(temperature=4.0, ce_weight=0.0, batch_size=4, seed=0)
+    assert kl() == pytest.approx(0.0, abs=1e-5)
+    # one max pass on the forget set (and a retain pass without any weight on its loss): the KL grows from 0
+    epochs, cost = [], methods.Cost()
+    methods.scrub_train(
+        model,
+        teacher,
+        (x, y),
+        (x[:4], y[:4]),
+        lr=1e-2,
+        max_epochs=1,
+        epochs=1,
+        kl_weight=0.0,
+        on_epoch=epochs.append,
+        cost=cost,
+        **kwargs,
+    )
+    pushed = kl()
+    assert pushed > 1e-3 and epochs == [1] and (cost.train, cost.forward) == (12, 12)
+    # min steps only (KL to the teacher, no CE, no max pass): the student comes back towards the teacher
+    methods.scrub_train(
+        model,
+        teacher,
+        (x[:0], y[:0]),
+        (x, y),
+        lr=1e-3,
+        max_epochs=0,
+        epochs=20,
+        kl_weight=1.0,
+        on_epoch=lambda e: None,
+        **kwargs,
+    )
+    assert kl() < 0.5 * pushed
+
+
+def test_oracle_sizes_scale_the_papers_sets() -> None:
+    assert methods.oracle_sizes(4000) == {"ssd": (400, 80), "scrub": (80, 16)}
+    assert methods.oracle_sizes(50_000) == {"ssd": (5000, 1000), "scrub": (1000, 200)}
+
+
+def test_statistics_instrumentation_rebinds_no_library_name() -> None:
+    """speed_investigate times the Gram updates with a benchmark-side subclass and a copy of the loop: the library's
+    names stay the library's during and after, and the prototype accumulator gives the library's Grams."""
+    import speed_investigate
+    import torch
+    from speed_methods import RandomBatches, build_model, run_stats
+
+    import sap_hf.core.stats as stats_module
+    from sap_hf.core.targets import find_target_modules
+
+    library = (
+        stats_module.GramAccumulator,
+        stats_module.GramAccumulator.update,
+        stats_module.GramAccumulator.result,
+        stats_module.subsample_tokens,
+        stats_module.collect_statistics,
+    )
+    torch.manual_seed(0)
+    model = build_model("tiny", image_size=32)
+    names = find_target_modules(model)
+    data = list(RandomBatches(4, 2, seed=1, image_size=32))
+    assert speed_investigate.matches_library(model, data, names, 2, None)
+    assert speed_investigate.matches_library(model, data, names, 2, 3)
+    proto, timers = speed_investigate.instrumented_statistics(
+        model, data, names, 2, None, accumulator=speed_investigate.prototype_accumulator_class()
+    )
+    assert timers["update_calls"] > 0 and timers["gram_update_s"] > 0 and timers["gram_result_s"] > 0
+    reference = run_stats(model, data, names, 2, None)
+    for group, gram in reference.grams.items():
+        assert torch.allclose(proto.grams[group], gram, rtol=1e-5, atol=1e-4)
+    assert (
+        stats_module.GramAccumulator,
+        stats_module.GramAccumulator.update,
+        stats_module.GramAccumulator.result,
+        stats_module.subsample_tokens,
+        stats_module.collect_statistics,
+    ) == library
+    assert common.rebound_library_names() == []
+
+
+def test_merge_keeps_the_other_detectors_rows() -> None:
+    """`--detectors X --merge` replaces X's rows of a (setting, seed) and keeps every other detector's row."""
+    import label_audit
+
+    def record(detectors, value):
+        rows = [{"setting": "sym40", "seed": 0, "detector": d, "average_precision": value} for d in detectors]
+        return {
+            "rows": rows,
+            "runs": [{"setting": "sym40", "seed": 0, "epoch_seconds": value}],
+            "curves": {"sym40": {d: {"value": value} for d in detectors}},
+        }
+
+    rows, runs, curves = label_audit._merge(
+        [record(["cleanlab_cv5", "sap_audit"], 0.5), record(["sap_audit", "refine_audit"], 0.9)]
+    )
+    assert [(r["detector"], r["average_precision"]) for r in rows] == [
+        ("cleanlab_cv5", 0.5),
+        ("sap_audit", 0.9),
+        ("refine_audit", 0.9),
+    ]
+    assert [run["detectors"] for run in runs] == [["cleanlab_cv5", "sap_audit"], ["sap_audit", "refine_audit"]]
+    assert curves["sym40"]["cleanlab_cv5"] == {"value": 0.5} and curves["sym40"]["sap_audit"] == {"value": 0.9}
+
+
+def test_recipe_settings_come_from_the_yaml(tmp_path):
+    """The benchmarks' recipe settings are read from recipes/configs/default.yaml, not copied."""
+    settings = common.recipe_settings()
+    config = common.recipe_sap_config()
+    assert (config.accumulation_dtype, config.batch_size) == (settings["accumulation_dtype"], settings["batch_size"])
+    # The YAML leaves the rest of the SAP settings at SAPConfig's defaults (it does not copy them).
+    from sap_hf import SAPConfig
+
+    assert {k: v for k, v in config.to_dict().items() if k not in settings} == {
+        k: v for k, v in SAPConfig().to_dict().items() if k not in settings
+    }
+    changed = tmp_path / "recipe.yaml"
+    changed.write_text(common.RECIPE_CONFIG.read_text() + "\ntrusted_per_class: 7\nalpha_scope: shared\n")
+    assert (common.recipe_sap_config(changed).trusted_per_class, common.recipe_sap_config(changed).alpha_scope) == (
+        7,
+        "shared",
+    )
+    assert common.recipe_sap_config(changed, batch_size=500).batch_size == 500
+    training = common.recipe_training()
+    parser_defaults = common.run_parser("").parse_args([])
+    assert (parser_defaults.epochs, parser_defaults.lr, parser_defaults.batch_size) == (
+        settings["num_train_epochs"],
+        settings["learning_rate"],
+        settings["per_device_train_batch_size"],
+    )
+    assert (
+        parser_defaults.warmup_epochs
+        == training["warmup_epochs"]
+        == pytest.approx(settings["warmup_steps"] * settings["num_train_epochs"])
+    )
