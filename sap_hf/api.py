@@ -41,9 +41,9 @@ from .core.targets import (
     layer_kind,
 )
 from .evaluation import accuracy_evaluator
-from .runtime.batching import Collator, subset
+from .runtime.batching import subset
 from .runtime.contract import as_pass_data
-from .runtime.passes import PhaseHook, Runtime
+from .runtime.passes import Runtime
 
 
 logger = logging.get_logger(__name__)
@@ -122,31 +122,15 @@ def _collect(
     )
 
 
-def _runtime(
-    config: SAPConfig,
-    accelerator: Any,
-    collate_fn: Optional[Collator],
-    show_progress: bool = True,
-    on_phase: Optional[PhaseHook] = None,
-) -> Runtime:
-    return Runtime(
-        accelerator=accelerator,
-        collate_fn=collate_fn,
-        batch_size=config.batch_size,
-        show_progress=show_progress,
-        on_phase=on_phase,
-    )
-
-
 def sap_project(
     model: nn.Module,
     trusted: Any,
     alpha: Optional[Union[float, Mapping[str, Optional[float]]]] = None,
     config: Optional[SAPConfig] = None,
-    accelerator: Any = None,
+    runtime: Optional[Runtime] = None,
     *,
-    collate_fn: Optional[Collator] = None,
     stats: Optional[ActivationStats] = None,
+    **run_options: Any,
 ) -> nn.Module:
     """Correct `model` in place with SAP at a fixed `alpha` and return it.
 
@@ -157,10 +141,13 @@ def sap_project(
     `config.num_rounds > 1`, statistics are re-collected on the projected model and alpha is
     multiplied by `config.alpha_growth` each round. `stats` skips the first data pass.
     A PEFT (LoRA) model is merged first and the merged plain model is returned: save that one.
+    `runtime` is the run, as in `sap_correct` (its accelerator, collate_fn and progress; the batch size is
+    `config.batch_size`); the former `accelerator=` (or an accelerator in fifth place) and `collate_fn=` still
+    make it, with a deprecation warning.
     """
     config = config or SAPConfig()
     alpha = _fixed_alpha(alpha, config)
-    runtime = _runtime(config, accelerator, collate_fn)
+    runtime = _correction_runtime(config, runtime, run_options, "sap_project")
     base = runtime.unwrap(model)
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
@@ -296,7 +283,7 @@ def sap_correct(
     accelerator in `runtime`'s place) make the `Runtime`, with a deprecation warning.
     """
     config = config or SAPConfig()
-    runtime = _correction_runtime(config, runtime, run_options)
+    runtime = _correction_runtime(config, runtime, run_options, "sap_correct")
     base = runtime.unwrap(model)
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
@@ -338,22 +325,25 @@ _RUN_OPTIONS = ("accelerator", "collate_fn", "show_progress", "on_phase")
 """`sap_correct`'s former keywords for what is now its `Runtime`."""
 
 
-def _correction_runtime(config: SAPConfig, runtime: Any, options: dict[str, Any]) -> Runtime:
-    """The run of one correction: `runtime` (or one made of the former keywords) at `config.batch_size`, timed anew."""
+def _correction_runtime(config: SAPConfig, runtime: Any, options: dict[str, Any], function: str) -> Runtime:
+    """The run of one correction: `runtime` (or one made of the former keywords) at `config.batch_size`, timed anew.
+
+    `function` names the caller (`sap_correct`, `sap_project`) in the errors and the deprecation warning.
+    """
     unknown = sorted(set(options) - set(_RUN_OPTIONS))
     if unknown:
-        raise TypeError(f"sap_correct() got an unexpected keyword argument {unknown[0]!r}")
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
     if runtime is not None and not isinstance(runtime, Runtime):  # an accelerator, where the fifth argument was one
         if "accelerator" in options:
-            raise TypeError("sap_correct() got multiple values for argument 'accelerator'")
+            raise TypeError(f"{function}() got multiple values for argument 'accelerator'")
         options, runtime = {"accelerator": runtime, **options}, None
     if options:
         if runtime is not None:
             raise TypeError(
-                f"sap_correct() got runtime= and {', '.join(f'{k}=' for k in options)}: set those in the Runtime."
+                f"{function}() got runtime= and {', '.join(f'{k}=' for k in options)}: set those in the Runtime."
             )
         logger.warning_once(
-            "sap_correct(accelerator=, collate_fn=, show_progress=, on_phase=) is deprecated: pass "
+            f"{function}(accelerator=, collate_fn=, show_progress=, on_phase=) is deprecated: pass "
             "runtime=sap_hf.Runtime(accelerator=..., collate_fn=..., show_progress=..., on_phase=...) instead."
         )
         runtime = Runtime(**options)

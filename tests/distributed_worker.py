@@ -261,7 +261,7 @@ def main(out_dir: str, mode: str = "equal", *args: str) -> None:
         accumulation_dtype="float64",
         runtime=Runtime(batch_size=2, accelerator=accelerator, show_progress=False),
     )
-    sap_project(model, trusted, alpha=10.0, config=SAPConfig(batch_size=2), accelerator=accelerator)
+    sap_project(model, trusted, 10.0, SAPConfig(batch_size=2), Runtime(accelerator=accelerator, show_progress=False))
     if accelerator.is_main_process:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out_dir}/weights.safetensors")
         save_file({k: v.contiguous() for k, v in stats.grams.items()}, f"{out_dir}/grams.safetensors")

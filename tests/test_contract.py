@@ -323,6 +323,27 @@ def test_the_run_is_one_runtime_and_the_former_keywords_still_make_it(caplog):
         sap_correct(tiny_model("vit", num_labels=3), train, val, config, batch_size=4)
 
 
+def test_sap_project_takes_the_run_as_sap_correct_does(caplog):
+    """`sap_project(model, trusted, alpha, config, runtime)`: the same weights as the former `collate_fn=` keyword."""
+    from transformers import default_data_collator
+
+    trusted, config, sizes = random_examples(9, seed=3), _config(batch_size=4), []
+
+    def collate(examples):
+        sizes.append(len(examples))
+        return default_data_collator(examples)
+
+    new = sap_project(tiny_model("vit", num_labels=3), trusted, 10.0, config, Runtime(collate_fn=collate))
+    assert sizes and max(sizes) == 4
+    with caplog.at_level(logging.WARNING, logger="sap_hf"):
+        old = sap_project(tiny_model("vit", num_labels=3), trusted, 10.0, config, collate_fn=collate)
+    assert "sap_project(accelerator=, collate_fn=" in caplog.text
+    for name, tensor in new.state_dict().items():
+        assert torch.equal(tensor, old.state_dict()[name]), name
+    with pytest.raises(TypeError, match="sap_project\\(\\) got runtime= and collate_fn="):
+        sap_project(tiny_model("vit", num_labels=3), trusted, 10.0, config, QUIET, collate_fn=collate)
+
+
 def test_string_labels_under_either_key_are_named_before_the_collator_fails():
     model = tiny_model("vit", num_labels=3)
     names = ["shirt", "shoe", "bag"]
