@@ -95,8 +95,10 @@ METHODS = (
     "best+sap",
     "best+sap+refine",
     "finetune_trusted",
+    "sap+refine x2",
+    "sap+refine (true audit)",
 )
-METHOD_GROUPS = ("core", "curvature", "peers")
+METHOD_GROUPS = ("core", "curvature", "peers", "audit_bound")
 #: The arguments that define a fine-tuned model (its cache key).
 FT_KEYS = ("train_size", "val_size", "lr", "warmup_share", "batch_size", "weight_decay")
 
@@ -123,7 +125,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         choices=[g for g in METHOD_GROUPS if g != "core"],
-        help="extra row groups: curvature (sap_curvature), peers (benchmarks/methods.py); the core rows always run",
+        help="extra row groups: curvature (sap_curvature), peers (benchmarks/methods.py), audit_bound (a second "
+        "audit + clean-up round, and the clean-up given the true mislabelled set); the core rows always run",
     )
     parser.add_argument("--out_name", default="pretrained", help="<out_dir>/<out_name>.json / .png")
     parser.add_argument(
@@ -552,6 +555,8 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         )
         rows.append(dict(base, **refined))
         timing[name] = refined["seconds"]
+        if name == "sap+refine" and "audit_bound" in args.methods:
+            rows += audit_bound_rows(model, run, args, base, sap, refined, audit, after)
     model.load_state_dict(final_state)
     if "peers" in args.methods:
         rows += peer_method_rows(
@@ -575,6 +580,35 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
             "timing": timing,
         },
     }
+
+
+def audit_bound_rows(
+    model: Any,
+    run: dict[str, Any],
+    args: argparse.Namespace,
+    base: dict[str, Any],
+    sap: dict[str, Any],
+    refined: dict[str, Any],
+    audit: Any,
+    after: Any,
+) -> list[dict[str, Any]]:
+    """Is the audit what holds the clean-up back? Two rows beside `sap+refine` (whose model `model` holds now):
+
+    `sap+refine x2`: the refined model's own audit (`after`), then the same clean-up again from the refined model
+    (its cost is both rounds'); `sap+refine (true audit)`: the clean-up from `sap`'s model given the truly
+    mislabelled examples as the suspects (a perfect audit: the ceiling of a better detector, never a method).
+    """
+    import dataclasses
+
+    data = run["data"]
+    once = copy.deepcopy(model.state_dict())
+    twice = sap_refine_row(model, once, dict(sap["row"], val_accuracy=refined["val_accuracy"]), run, args, "x", after)
+    twice.update(method="sap+refine x2", cost_epochs=refined["cost_epochs"] + twice["cost_epochs"])
+    twice.update(audit_ap_before=audit_metrics(after, data)["average_precision"])
+    truth = dataclasses.replace(audit, suspected=data["is_noisy"][audit.indices].clone())
+    true_audit = sap_refine_row(model, sap["state"], sap["row"], run, args, "sap+refine (true audit)", truth)
+    model.load_state_dict(once)
+    return [dict(base, **twice), dict(base, **true_audit)]
 
 
 def peer_method_rows(

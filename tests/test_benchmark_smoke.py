@@ -522,6 +522,8 @@ PRETRAINED_METHODS = {
     "best+sap",
     "best+sap+refine",
     "finetune_trusted",
+    "sap+refine x2",
+    "sap+refine (true audit)",
 }
 NOISES = {"sym40", "asym40", "inst40"}
 
@@ -546,6 +548,9 @@ def check_pretrained(tmp: Path, steps: list[Step]) -> None:
             # A val-chosen correction is never worse than the model it started from, on val.
             none = next(row for row in mine if row["method"] == "none")
             assert sap["val_accuracy"] >= none["val_accuracy"]
+            # --methods audit_bound: the second round starts from the first (never worse on val, both rounds' cost).
+            once, twice = (next(r for r in mine if r["method"] == m) for m in ("sap+refine", "sap+refine x2"))
+            assert twice["val_accuracy"] >= once["val_accuracy"] and twice["cost_epochs"] >= once["cost_epochs"]
     # The noise is exactly 40% in every cell; the backbone was saved with save_pretrained (a headless ViTModel).
     assert all(abs(run["actual_noise_rate"] - 0.4) < 1e-6 for run in result["runs"])
     backbone = Path(result["pretraining"]["path"])
@@ -668,7 +673,20 @@ STUDIES = {
         needs=("cleanlab",),
     ),
     "pretrained": Study(
-        [["pretrained.py", "--quick", "--threads", "1", "--out_dir", "{tmp}", "--cache_dir", "{tmp}/cache"]],
+        [
+            [
+                "pretrained.py",
+                "--quick",
+                "--methods",
+                "audit_bound",
+                "--threads",
+                "1",
+                "--out_dir",
+                "{tmp}",
+                "--cache_dir",
+                "{tmp}/cache",
+            ]
+        ],
         check_pretrained,
         ("pretrained.json",),
     ),
