@@ -11,11 +11,11 @@ Question
 
 Protocol
   Models: `scratch`, the accuracy benchmark's memorised tiny ViTs (`common.prepare_run` with
-  `accuracy.parse_args`' defaults: 4,000 noisy Fashion-MNIST images, 100 epochs), sym40 / asym40 x
-  `--seeds`; `pretrained`, pretrained.py's fine-tuned models (`pretrained.finetuned`: backbone pretrained on
+  `common.run_parser` defaults, as accuracy.py: 4,000 noisy Fashion-MNIST images, 100 epochs), sym40 / asym40 x
+  `--seeds`; `pretrained`, pretrained.py's fine-tuned models (`pretrained_regime.finetuned`: backbone pretrained on
   five other classes, 1,000 noisy images of the five tops), sym40 / asym40 / inst40 x `--seeds` x
   `--lengths` fine-tuning epochs. Both read their model caches (trained there on first use).
-  Configs, one after the other on each model from the same trained state (`pretrained.sap_method`:
+  Configs, one after the other on each model from the same trained state (`pretrained_regime.sap_method`:
   `sap_correct`, alpha chosen on the clean val split, test accuracy reported):
     paper      SAPConfig(**common.PAPER_SAP)      the paper's settings, the old defaults
     defaults   SAPConfig()                        what a user who changes nothing gets (float32 statistics)
@@ -41,6 +41,7 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import pretrained_regime  # noqa: E402
 
 
 CONFIGS = ("paper", "defaults", "recipe")
@@ -65,29 +66,32 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def regime_args(regime: str, args: argparse.Namespace) -> argparse.Namespace:
-    """The regime's own benchmark arguments (its data, training and cache), as its script parses them."""
-    import accuracy
-    import pretrained
-
+    """The regime's data, training and cache arguments, as accuracy.py / pretrained.py parse them (their study's
+    own flags aside): the shared ones of `common.run_parser`, plus `pretrained_regime`'s for the pretrained one."""
     cache = args.scratch_cache if regime == "scratch" else args.pretrained_cache
     argv = ["--threads", str(args.threads), "--out_dir", str(args.out_dir)]
     argv += ["--cache_dir", cache] if cache else []
     argv += ["--quick"] if args.quick else []
-    return (accuracy if regime == "scratch" else pretrained).parse_args(argv)
+    parser = common.run_parser(f"the {regime} regime's models")
+    if regime == "pretrained":
+        pretrained_regime.add_regime_arguments(parser)
+    parsed = common.finish_args(parser.parse_args(argv), argv)
+    return pretrained_regime.finish_regime_args(parsed) if regime == "pretrained" else parsed
 
 
 def tasks(args: argparse.Namespace) -> list[tuple[str, str, int, int, argparse.Namespace]]:
-    import pretrained
-
     out = []
     if "scratch" in args.regimes:
         scratch = regime_args("scratch", args)
         out += [("scratch", s, seed, scratch.epochs, scratch) for s in common.SETTINGS for seed in args.seeds]
     if "pretrained" in args.regimes:
         tuned = regime_args("pretrained", args)
-        pretrained.pretrain(tuned)  # the backbone, once, before any worker fine-tunes from it
+        pretrained_regime.pretrain(tuned)  # the backbone, once, before any worker fine-tunes from it
         out += [
-            ("pretrained", n, seed, e, tuned) for n in pretrained.NOISES for seed in args.seeds for e in args.lengths
+            ("pretrained", n, seed, e, tuned)
+            for n in pretrained_regime.NOISES
+            for seed in args.seeds
+            for e in args.lengths
         ]
     return out
 
@@ -104,7 +108,6 @@ def configs() -> dict[str, Any]:
 
 def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[str, Any]]:
     """Every config's row on one model (and the model's own `none` row)."""
-    import pretrained
     import torch
 
     regime, noise, seed, epochs, args = task
@@ -113,7 +116,7 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
     run = (
         common.prepare_run(noise, seed, args)
         if regime == "scratch"
-        else pretrained.finetuned(noise, seed, epochs, args)
+        else pretrained_regime.finetuned(noise, seed, epochs, args)
     )
     data, model = run["data"], run["model"]
     state = copy.deepcopy(model.state_dict())
@@ -129,7 +132,7 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
     ]
     trusted = {}
     for name, config in configs().items():
-        out = pretrained.sap_method(run, state, config, base, name)
+        out = pretrained_regime.sap_method(run, state, config, base, name)
         rows.append(dict(out["row"], config=name, accumulation_dtype=config.accumulation_dtype))
         trusted[name] = out["trusted_indices"]
     by = {r["config"]: r for r in rows}

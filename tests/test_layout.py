@@ -183,10 +183,8 @@ def test_the_function_length_check_counts_code_not_docstrings():
 
 # benchmarks/: a runnable script (`if __name__ == "__main__"`) is imported by no other benchmark file, and no
 # benchmark file imports a library private (a `sap_hf` module or name starting with "_"). What the scripts share
-# lives in support modules (common.py, methods.py, speed_*.py).
+# lives in support modules (common.py, methods.py, pretrained_regime.py, speed_*.py).
 BENCHMARKS = PACKAGE.parent / "benchmarks"
-# Left for the shared runner (issue 28, items 1-3): defaults.py runs both regimes through their scripts.
-KNOWN_SCRIPT_IMPORTS = {"defaults.py imports script accuracy", "defaults.py imports script pretrained"}
 
 
 def _benchmark_import_problems(sources: dict[str, str]) -> set[str]:
@@ -218,7 +216,7 @@ def _benchmark_import_problems(sources: dict[str, str]) -> set[str]:
 
 def test_no_benchmark_imports_a_script_or_a_library_private():
     sources = {path.name: path.read_text() for path in sorted(BENCHMARKS.glob("*.py"))}
-    assert _benchmark_import_problems(sources) == KNOWN_SCRIPT_IMPORTS
+    assert _benchmark_import_problems(sources) == set()
 
 
 def test_the_benchmark_import_check_finds_scripts_and_privates():
