@@ -1,0 +1,216 @@
+"""The tables of benchmarks/README.md, generated from the result JSONs, so prose and numbers cannot drift apart.
+
+A generated table sits between a spec comment and an end marker in the README, each marker at the start of a line:
+
+    <!-- table results/pretrained_cleanup.json
+    columns: noise epochs
+    rows:
+      none
+      fit(none)
+      **sap+refine**
+      diff(sap+refine, best_epoch)
+      gap(sap+refine, none, oracle)
+    -->
+    | method | sym40 5 | ... |
+    <!-- /table -->
+
+`python benchmarks/tables.py` rewrites every such block from its JSON's `rows` (one dict per seed and method);
+`--check` only reports the blocks whose text differs (the test suite runs it). Spec lines:
+
+* `columns:` the row keys whose values make a column (in order of first appearance, or `key=v1,v2` to choose);
+* `rows:` one per line: a method (mean ± std of `value` over seeds, in %, and `(N ep)` when the rows carry
+  `cost_epochs`); `fit(m)`: the share of wrong training labels m's model predicts (`noisy_fit`); `diff(a, b)`:
+  a's mean minus b's; `gap(a, lo, hi)`: (a − lo) / (hi − lo), the share of the gap from lo to hi that a closes.
+  `**m**` prints the label in bold;
+* `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
+  shows the mean over all their rows;
+* `value:` the row key averaged (default `test_accuracy`); `title:` the first header cell (default `method`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+
+HERE = Path(__file__).resolve().parent
+README = HERE / "README.md"
+BLOCK = re.compile(r"^(<!-- table (?P<spec>.*?)^-->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
+CALL = re.compile(r"^(?P<fn>fit|diff|gap)\((?P<args>[^)]*)\)$")
+MINUS = "\u2212"
+
+
+class TableSpec:
+    """One block's spec: the JSON, the column keys (with an optional chosen order), the rows, the options."""
+
+    def __init__(self, text: str):
+        lines = [line.rstrip() for line in text.strip().split("\n")]
+        self.path = lines[0].strip()
+        self.columns: list[tuple[str, Optional[list[str]]]] = []
+        self.rows: list[str] = []
+        self.shared: set[str] = set()
+        self.value, self.title = "test_accuracy", "method"
+        in_rows = False
+        for line in lines[1:]:
+            key, _, rest = line.strip().partition(":")
+            if in_rows and line.startswith((" ", "\t")):
+                self.rows.append(line.strip())
+            elif key == "rows":
+                in_rows = True
+            elif key == "columns":
+                self.columns = [_column(token) for token in rest.split()]
+            elif key == "shared":
+                self.shared = set(rest.split())
+            elif key in ("value", "title"):
+                setattr(self, key, rest.strip())
+            elif line.strip():
+                raise ValueError(f"table spec for {self.path}: cannot read the line {line!r}")
+        if not self.columns or not self.rows:
+            raise ValueError(f"table spec for {self.path}: needs 'columns:' and 'rows:'")
+
+
+def _column(token: str) -> tuple[str, Optional[list[str]]]:
+    key, _, order = token.partition("=")
+    return key, (order.split(",") if order else None)
+
+
+def _cell_key(row: dict[str, Any], columns: list[tuple[str, Optional[list[str]]]]) -> str:
+    return " ".join(str(row.get(key)) for key, _ in columns)
+
+
+def _column_labels(rows: list[dict[str, Any]], spec: TableSpec) -> list[str]:
+    """Each column's label: the chosen orders, else the values in order of first appearance (shared rows aside)."""
+    seen: dict[tuple, None] = {}
+    for row in rows:
+        if row["method"] not in spec.shared:
+            seen.setdefault(tuple(str(row.get(key)) for key, _ in spec.columns), None)
+    labels = []
+    for values in seen:
+        orders = [order for _, order in spec.columns]
+        if all(order is None or value in order for value, order in zip(values, orders)):
+            labels.append(values)
+    positions = [
+        tuple(order.index(v) if order else 0 for v, order in zip(values, (o for _, o in spec.columns)))
+        for values in labels
+    ]
+    ordered = [values for _, values in sorted(zip(positions, labels), key=lambda item: item[0])]
+    return [" ".join(values) for values in ordered]
+
+
+class _Cells:
+    """Per (method, column): the values over seeds of `spec.value`, `noisy_fit` and `cost_epochs`."""
+
+    def __init__(self, rows: list[dict[str, Any]], spec: TableSpec, columns: list[str]):
+        self.spec, self.columns = spec, columns
+        self.scale = 100.0 if all(abs(r[spec.value]) <= 1.0 for r in rows if r.get(spec.value) is not None) else 1.0
+        self.values: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for row in rows:
+            if row.get(spec.value) is None:
+                continue
+            cells = columns if row["method"] in spec.shared else [_cell_key(row, spec.columns)]
+            for cell in cells:
+                self.values.setdefault((row["method"], cell), []).append(row)
+
+    def rows_of(self, method: str, column: str) -> list[dict[str, Any]]:
+        found = self.values.get((method, column))
+        if not found:
+            raise ValueError(f"{self.spec.path}: no rows for method {method!r} in column {column!r}")
+        return found
+
+    def mean(self, method: str, column: str, key: Optional[str] = None) -> float:
+        return statistics.fmean(r[key or self.spec.value] for r in self.rows_of(method, column))
+
+    def cell(self, method: str, column: str) -> str:
+        found = self.rows_of(method, column)
+        values = [r[self.spec.value] * self.scale for r in found]
+        text = f"{statistics.fmean(values):.1f}"
+        if len(values) > 1:
+            text += f" ± {statistics.stdev(values):.1f}"
+        costs = [r["cost_epochs"] for r in found if r.get("cost_epochs") is not None]
+        if costs:
+            text += f" ({statistics.fmean(costs):.0f} ep)"
+        return text
+
+
+def _signed(value: float) -> str:
+    """'+2.9', '−0.5' (a typographic minus), '0.0' for what rounds to zero."""
+    text = f"{value:+.1f}"
+    return "0.0" if float(text) == 0 else text.replace("-", MINUS)
+
+
+def _row(entry: str, cells: _Cells) -> list[str]:
+    bold = entry.startswith("**") and entry.endswith("**")
+    name = entry.strip("*")
+    call = CALL.match(name)
+    columns = cells.columns
+    if call is None:
+        label, values = name, [cells.cell(name, c) for c in columns]
+    else:
+        args = [a.strip() for a in call["args"].split(",")]
+        fn = call["fn"]
+        if fn == "fit" and len(args) == 1:
+            label = f"{args[0]} fits (wrong labels)"
+            values = [f"{100 * cells.mean(args[0], c, 'noisy_fit'):.0f}%" for c in columns]
+        elif fn == "diff" and len(args) == 2:
+            label = f"{args[0]} {MINUS} {args[1]}"
+            values = [_signed(cells.scale * (cells.mean(args[0], c) - cells.mean(args[1], c))) for c in columns]
+        elif fn == "gap" and len(args) == 3:
+            label = f"{args[0]}: gap {args[1]} → {args[2]} closed"
+            values = []
+            for c in columns:
+                a, lo, hi = (cells.mean(m, c) for m in args)
+                values.append(f"{100 * (a - lo) / (hi - lo):.0f}%" if hi != lo else "n/a")
+        else:
+            raise ValueError(f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), gap(a, lo, hi))")
+    label = f"**{label}**" if bold else label
+    return [label, *values]
+
+
+def render(spec_text: str, root: Path = HERE) -> str:
+    """The markdown table (with its trailing newline) that a block's spec describes."""
+    spec = TableSpec(spec_text)
+    rows = json.loads((root / spec.path).read_text())["rows"]
+    columns = _column_labels(rows, spec)
+    cells = _Cells(rows, spec, columns)
+    lines = [[spec.title, *columns], ["---"] * (len(columns) + 1)]
+    lines += [_row(entry, cells) for entry in spec.rows]
+    return "".join("| " + " | ".join(line) + " |\n" for line in lines)
+
+
+def refresh(text: str, root: Path = HERE) -> tuple[str, list[str]]:
+    """`text` with every block regenerated, and the JSON paths of the blocks that changed."""
+    changed: list[str] = []
+
+    def replace(match: re.Match) -> str:
+        body = render(match["spec"], root)
+        if body != match["body"]:
+            changed.append(TableSpec(match["spec"]).path)
+        return match.group(1) + body + match.group(4)
+
+    return BLOCK.sub(replace, text), changed
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="only report the blocks that differ (exit 1 if any)")
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    text = args.readme.read_text()
+    new, changed = refresh(text, args.readme.parent)
+    if args.check:
+        for path in changed:
+            print(f"{args.readme}: the table from {path} differs from the JSON; run python benchmarks/tables.py")
+        return 1 if changed else 0
+    if new != text:
+        args.readme.write_text(new)
+    print(f"{len(BLOCK.findall(text))} tables, {len(changed)} rewritten: {', '.join(changed) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

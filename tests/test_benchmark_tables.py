@@ -1,0 +1,88 @@
+"""benchmarks/tables.py: the README's generated tables equal what their JSONs say, and the generator reads its specs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import tables  # noqa: E402
+
+
+def test_every_generated_table_of_the_benchmarks_readme_matches_its_json() -> None:
+    text = (BENCHMARKS / "README.md").read_text()
+    assert len(tables.BLOCK.findall(text)) >= 5
+    _, changed = tables.refresh(text)
+    assert changed == [], f"stale tables (run python benchmarks/tables.py): {changed}"
+
+
+def _rows() -> list[dict]:
+    rows = []
+    for seed, (none, best, sap) in enumerate([(0.50, 0.60, 0.70), (0.52, 0.62, 0.74)]):
+        for setting, shift in (("b", 0.0), ("a", 0.1)):
+            rows += [
+                {"method": "none", "setting": setting, "seed": seed, "test_accuracy": none + shift, "noisy_fit": 0.9},
+                {"method": "best_epoch", "setting": setting, "seed": seed, "test_accuracy": best + shift},
+                {"method": "sap+x", "setting": setting, "seed": seed, "test_accuracy": sap + shift, "cost_epochs": 8},
+            ]
+        rows.append({"method": "oracle", "setting": "oracle", "seed": seed, "test_accuracy": 0.80})
+    return rows
+
+
+SPEC_BODY = """results/tiny.json
+columns: setting
+shared: oracle
+rows:
+  none
+  fit(none)
+  **sap+x**
+  oracle
+  diff(sap+x, best_epoch)
+  gap(sap+x, none, oracle)
+"""
+SPEC = f"<!-- table {SPEC_BODY}-->\n"
+
+
+def test_a_block_renders_means_costs_shared_rows_and_derived_rows(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": _rows()}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# T\n\n" + SPEC + "old\n<!-- /table -->\n\nprose\n")
+    assert tables.main(["--readme", str(readme), "--check"]) == 1
+    assert tables.main(["--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# T\n\n" + SPEC) and text.endswith("<!-- /table -->\n\nprose\n")
+    assert tables.BLOCK.search(text)["body"] == (
+        "| method | b | a |\n"
+        "| --- | --- | --- |\n"
+        "| none | 51.0 ± 1.4 | 61.0 ± 1.4 |\n"
+        "| none fits (wrong labels) | 90% | 90% |\n"
+        "| **sap+x** | 72.0 ± 2.8 (8 ep) | 82.0 ± 2.8 (8 ep) |\n"
+        "| oracle | 80.0 ± 0.0 | 80.0 ± 0.0 |\n"
+        "| sap+x \u2212 best_epoch | +11.0 | +11.0 |\n"
+        "| sap+x: gap none \u2192 oracle closed | 72% | 111% |\n"
+    )
+    assert tables.main(["--readme", str(readme), "--check"]) == 0
+    # One number moved in the JSON: the check names the block's file.
+    rows = _rows()
+    rows[0]["test_accuracy"] = 0.40
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": rows}))
+    assert tables.refresh(readme.read_text(), tmp_path)[1] == ["results/tiny.json"]
+
+
+def test_a_chosen_column_order_and_the_errors_name_what_is_wrong(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": _rows()}))
+    ordered = tables.render(SPEC_BODY.replace("columns: setting", "columns: setting=a,b"), tmp_path)
+    assert ordered.startswith("| method | a | b |\n")
+    with pytest.raises(ValueError, match="no rows for method 'missing'"):
+        tables.render("results/tiny.json\ncolumns: setting\nrows:\n  missing\n", tmp_path)
+    with pytest.raises(ValueError, match="cannot read the row 'gap\\(a\\)'"):
+        tables.render("results/tiny.json\ncolumns: setting\nrows:\n  gap(a)\n", tmp_path)
+    with pytest.raises(ValueError, match="cannot read the line 'colums: setting'"):
+        tables.render("results/tiny.json\ncolums: setting\nrows:\n  none\n", tmp_path)
