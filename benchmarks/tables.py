@@ -23,7 +23,8 @@ A generated table sits between a spec comment and an end marker in the README, e
   a's mean minus b's; `gap(a, lo, hi)`: (a − lo) / (hi − lo), the share of the gap from lo to hi that a closes.
   `**m**` prints the label in bold;
 * `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
-  shows the mean over all their rows;
+  shows the mean over all their rows (`where:` does not filter them);
+* `where:` `key=value` tokens: only the rows that have these values;
 * `value:` the row key averaged (default `test_accuracy`); `title:` the first header cell (default `method`).
 """
 
@@ -54,6 +55,7 @@ class TableSpec:
         self.columns: list[tuple[str, Optional[list[str]]]] = []
         self.rows: list[str] = []
         self.shared: set[str] = set()
+        self.where: dict[str, str] = {}
         self.value, self.title = "test_accuracy", "method"
         in_rows = False
         for line in lines[1:]:
@@ -66,6 +68,8 @@ class TableSpec:
                 self.columns = [_column(token) for token in rest.split()]
             elif key == "shared":
                 self.shared = set(rest.split())
+            elif key == "where":
+                self.where = dict(token.partition("=")[::2] for token in rest.split())
             elif key in ("value", "title"):
                 setattr(self, key, rest.strip())
             elif line.strip():
@@ -175,6 +179,9 @@ def render(spec_text: str, root: Path = HERE) -> str:
     """The markdown table (with its trailing newline) that a block's spec describes."""
     spec = TableSpec(spec_text)
     rows = json.loads((root / spec.path).read_text())["rows"]
+    rows = [
+        row for row in rows if row["method"] in spec.shared or all(str(row.get(k)) == v for k, v in spec.where.items())
+    ]
     columns = _column_labels(rows, spec)
     cells = _Cells(rows, spec, columns)
     lines = [[spec.title, *columns], ["---"] * (len(columns) + 1)]

@@ -80,6 +80,8 @@ def test_a_chosen_column_order_and_the_errors_name_what_is_wrong(tmp_path: Path)
     (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": _rows()}))
     ordered = tables.render(SPEC_BODY.replace("columns: setting", "columns: setting=a,b"), tmp_path)
     assert ordered.startswith("| method | a | b |\n")
+    only_a = tables.render(SPEC_BODY.replace("columns: setting", "where: setting=a\ncolumns: setting"), tmp_path)
+    assert only_a.startswith("| method | a |\n") and "| none | 61.0 ± 1.4 |" in only_a
     with pytest.raises(ValueError, match="no rows for method 'missing'"):
         tables.render("results/tiny.json\ncolumns: setting\nrows:\n  missing\n", tmp_path)
     with pytest.raises(ValueError, match="cannot read the row 'gap\\(a\\)'"):
