@@ -25,7 +25,10 @@ A generated table sits between a spec comment and an end marker in the README, e
 * `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
   shows the mean over all their rows (`where:` does not filter them);
 * `where:` `key=value` tokens: only the rows that have these values;
-* `value:` the row key averaged (default `test_accuracy`); `title:` the first header cell (default `method`).
+* `value:` the row key averaged (default `test_accuracy`); `title:` the first header cell (default `method`);
+  `key:` the row key that names a table row (default `method`; e.g. `detector`);
+* `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
+  rows, with that many digits, no scaling).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 
 HERE = Path(__file__).resolve().parent
@@ -47,16 +50,17 @@ MINUS = "\u2212"
 
 
 class TableSpec:
-    """One block's spec: the JSON, the column keys (with an optional chosen order), the rows, the options."""
+    """One block's spec: the JSON, the columns (keys with an optional order, or fields), the rows, the options."""
 
     def __init__(self, text: str):
         lines = [line.rstrip() for line in text.strip().split("\n")]
         self.path = lines[0].strip()
         self.columns: list[tuple[str, Optional[list[str]]]] = []
+        self.fields: list[tuple[str, int]] = []
         self.rows: list[str] = []
         self.shared: set[str] = set()
         self.where: dict[str, str] = {}
-        self.value, self.title = "test_accuracy", "method"
+        self.value, self.title, self.key = "test_accuracy", "method", "method"
         in_rows = False
         for line in lines[1:]:
             key, _, rest = line.strip().partition(":")
@@ -66,16 +70,30 @@ class TableSpec:
                 in_rows = True
             elif key == "columns":
                 self.columns = [_column(token) for token in rest.split()]
+            elif key == "fields":
+                self.fields = [
+                    (name, int(digits or 1)) for name, _, digits in (t.partition(":") for t in rest.split())
+                ]
             elif key == "shared":
                 self.shared = set(rest.split())
             elif key == "where":
                 self.where = dict(token.partition("=")[::2] for token in rest.split())
-            elif key in ("value", "title"):
+            elif key in ("value", "title", "key"):
                 setattr(self, key, rest.strip())
             elif line.strip():
                 raise ValueError(f"table spec for {self.path}: cannot read the line {line!r}")
-        if not self.columns or not self.rows:
-            raise ValueError(f"table spec for {self.path}: needs 'columns:' and 'rows:'")
+        if not (self.columns or self.fields) or not self.rows:
+            raise ValueError(f"table spec for {self.path}: needs 'columns:' (or 'fields:') and 'rows:'")
+
+
+class Column(NamedTuple):
+    """A table column: its header, the group of rows it reads, the field it averages, its digits and scale."""
+
+    label: str
+    group: str
+    field: str
+    digits: int = 1
+    scale: float = 1.0
 
 
 def _column(token: str) -> tuple[str, Optional[list[str]]]:
@@ -83,68 +101,66 @@ def _column(token: str) -> tuple[str, Optional[list[str]]]:
     return key, (order.split(",") if order else None)
 
 
-def _cell_key(row: dict[str, Any], columns: list[tuple[str, Optional[list[str]]]]) -> str:
-    return " ".join(str(row.get(key)) for key, _ in columns)
+def _group(row: dict[str, Any], spec: TableSpec) -> str:
+    return " ".join(str(row.get(key)) for key, _ in spec.columns)
 
 
-def _column_labels(rows: list[dict[str, Any]], spec: TableSpec) -> list[str]:
-    """Each column's label: the chosen orders, else the values in order of first appearance (shared rows aside)."""
+def _columns(rows: list[dict[str, Any]], spec: TableSpec) -> list[Column]:
+    """`fields:` one column per field over every row; else one per value of the column keys, in the chosen
+    orders, else in order of first appearance (shared rows aside), averaging `value:` (in % when fractions)."""
+    if spec.fields:
+        return [Column(name, "", name, digits) for name, digits in spec.fields]
+    orders = [order for _, order in spec.columns]
     seen: dict[tuple, None] = {}
     for row in rows:
-        if row["method"] not in spec.shared:
+        if row[spec.key] not in spec.shared:
             seen.setdefault(tuple(str(row.get(key)) for key, _ in spec.columns), None)
-    labels = []
-    for values in seen:
-        orders = [order for _, order in spec.columns]
-        if all(order is None or value in order for value, order in zip(values, orders)):
-            labels.append(values)
-    positions = [
-        tuple(order.index(v) if order else 0 for v, order in zip(values, (o for _, o in spec.columns)))
-        for values in labels
-    ]
-    ordered = [values for _, values in sorted(zip(positions, labels), key=lambda item: item[0])]
-    return [" ".join(values) for values in ordered]
+    kept = [v for v in seen if all(order is None or x in order for x, order in zip(v, orders))]
+    kept.sort(key=lambda v: tuple(order.index(x) if order else 0 for x, order in zip(v, orders)))  # stable
+    values = [row[spec.value] for row in rows if row.get(spec.value) is not None]
+    scale = 100.0 if values and all(abs(v) <= 1.0 for v in values) else 1.0
+    return [Column(" ".join(v), " ".join(v), spec.value, 1, scale) for v in kept]
 
 
 class _Cells:
-    """Per (method, column): the values over seeds of `spec.value`, `noisy_fit` and `cost_epochs`."""
+    """The rows of each (table row name, column group): what every cell averages over seeds."""
 
-    def __init__(self, rows: list[dict[str, Any]], spec: TableSpec, columns: list[str]):
+    def __init__(self, rows: list[dict[str, Any]], spec: TableSpec, columns: list[Column]):
         self.spec, self.columns = spec, columns
-        self.scale = 100.0 if all(abs(r[spec.value]) <= 1.0 for r in rows if r.get(spec.value) is not None) else 1.0
+        groups = list(dict.fromkeys(column.group for column in columns))
         self.values: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in rows:
-            if row.get(spec.value) is None:
-                continue
-            cells = columns if row["method"] in spec.shared else [_cell_key(row, spec.columns)]
-            for cell in cells:
-                self.values.setdefault((row["method"], cell), []).append(row)
+            name = row[spec.key]
+            for group in groups if name in spec.shared or spec.fields else [_group(row, spec)]:
+                self.values.setdefault((name, group), []).append(row)
 
-    def rows_of(self, method: str, column: str) -> list[dict[str, Any]]:
-        found = self.values.get((method, column))
+    def rows_of(self, name: str, column: Column, field: str) -> list[dict[str, Any]]:
+        found = [row for row in self.values.get((name, column.group), []) if row.get(field) is not None]
         if not found:
-            raise ValueError(f"{self.spec.path}: no rows for method {method!r} in column {column!r}")
+            where = f" in column {column.group!r}" if column.group else ""
+            raise ValueError(f"{self.spec.path}: no rows for {self.spec.key} {name!r}{where} with {field!r}")
         return found
 
-    def mean(self, method: str, column: str, key: Optional[str] = None) -> float:
-        return statistics.fmean(r[key or self.spec.value] for r in self.rows_of(method, column))
+    def mean(self, name: str, column: Column, field: Optional[str] = None) -> float:
+        field = field or column.field
+        return statistics.fmean(row[field] for row in self.rows_of(name, column, field))
 
-    def cell(self, method: str, column: str) -> str:
-        found = self.rows_of(method, column)
-        values = [r[self.spec.value] * self.scale for r in found]
-        text = f"{statistics.fmean(values):.1f}"
+    def cell(self, name: str, column: Column) -> str:
+        found = self.rows_of(name, column, column.field)
+        values = [row[column.field] * column.scale for row in found]
+        text = f"{statistics.fmean(values):.{column.digits}f}"
         if len(values) > 1:
-            text += f" ± {statistics.stdev(values):.1f}"
-        costs = [r["cost_epochs"] for r in found if r.get("cost_epochs") is not None]
-        if costs:
+            text += f" ± {statistics.stdev(values):.{column.digits}f}"
+        costs = [row["cost_epochs"] for row in found if row.get("cost_epochs") is not None]
+        if costs and not self.spec.fields:
             text += f" ({statistics.fmean(costs):.0f} ep)"
         return text
 
 
-def _signed(value: float) -> str:
+def _signed(value: float, digits: int = 1) -> str:
     """'+2.9', '−0.5' (a typographic minus), '0.0' for what rounds to zero."""
-    text = f"{value:+.1f}"
-    return "0.0" if float(text) == 0 else text.replace("-", MINUS)
+    text = f"{value:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text.replace("-", MINUS)
 
 
 def _row(entry: str, cells: _Cells) -> list[str]:
@@ -162,7 +178,7 @@ def _row(entry: str, cells: _Cells) -> list[str]:
             values = [f"{100 * cells.mean(args[0], c, 'noisy_fit'):.0f}%" for c in columns]
         elif fn == "diff" and len(args) == 2:
             label = f"{args[0]} {MINUS} {args[1]}"
-            values = [_signed(cells.scale * (cells.mean(args[0], c) - cells.mean(args[1], c))) for c in columns]
+            values = [_signed(c.scale * (cells.mean(args[0], c) - cells.mean(args[1], c)), c.digits) for c in columns]
         elif fn == "gap" and len(args) == 3:
             label = f"{args[0]}: gap {args[1]} → {args[2]} closed"
             values = []
@@ -180,11 +196,11 @@ def render(spec_text: str, root: Path = HERE) -> str:
     spec = TableSpec(spec_text)
     rows = json.loads((root / spec.path).read_text())["rows"]
     rows = [
-        row for row in rows if row["method"] in spec.shared or all(str(row.get(k)) == v for k, v in spec.where.items())
+        row for row in rows if row[spec.key] in spec.shared or all(str(row.get(k)) == v for k, v in spec.where.items())
     ]
-    columns = _column_labels(rows, spec)
+    columns = _columns(rows, spec)
     cells = _Cells(rows, spec, columns)
-    lines = [[spec.title, *columns], ["---"] * (len(columns) + 1)]
+    lines = [[spec.title, *(c.label for c in columns)], ["---"] * (len(columns) + 1)]
     lines += [_row(entry, cells) for entry in spec.rows]
     return "".join("| " + " | ".join(line) + " |\n" for line in lines)
 

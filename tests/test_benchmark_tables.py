@@ -82,9 +82,26 @@ def test_a_chosen_column_order_and_the_errors_name_what_is_wrong(tmp_path: Path)
     assert ordered.startswith("| method | a | b |\n")
     only_a = tables.render(SPEC_BODY.replace("columns: setting", "where: setting=a\ncolumns: setting"), tmp_path)
     assert only_a.startswith("| method | a |\n") and "| none | 61.0 ± 1.4 |" in only_a
-    with pytest.raises(ValueError, match="no rows for method 'missing'"):
+    with pytest.raises(ValueError, match="no rows for method 'missing' in column 'b'"):
         tables.render("results/tiny.json\ncolumns: setting\nrows:\n  missing\n", tmp_path)
     with pytest.raises(ValueError, match="cannot read the row 'gap\\(a\\)'"):
         tables.render("results/tiny.json\ncolumns: setting\nrows:\n  gap(a)\n", tmp_path)
     with pytest.raises(ValueError, match="cannot read the line 'colums: setting'"):
         tables.render("results/tiny.json\ncolums: setting\nrows:\n  none\n", tmp_path)
+
+
+def test_fields_mode_names_rows_by_another_key_and_prints_each_field(tmp_path: Path) -> None:
+    rows = [
+        {"setting": s, "seed": seed, "detector": d, "average_precision": ap + seed / 100, "cost_epochs": 2.0 * seed}
+        for s in ("sym40", "asym40")
+        for seed in (0, 1)
+        for d, ap in (("audit", 0.8), ("cv5", 0.9))
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    spec = "r.json\ntitle: detector\nkey: detector\nwhere: setting=sym40\nfields: average_precision:3 cost_epochs\n"
+    assert tables.render(spec + "rows:\n  cv5\n  diff(cv5, audit)\n", tmp_path) == (
+        "| detector | average_precision | cost_epochs |\n"
+        "| --- | --- | --- |\n"
+        "| cv5 | 0.905 ± 0.007 | 1.0 ± 1.4 |\n"
+        "| cv5 \u2212 audit | +0.100 | 0.0 |\n"
+    )
