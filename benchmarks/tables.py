@@ -25,8 +25,13 @@ A generated table sits between a spec comment and an end marker in the README, e
 * `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
   shows the mean over all their rows (`where:` does not filter them);
 * `where:` `key=value` tokens: only the rows that have these values;
-* `value:` the row key averaged (default `test_accuracy`); `title:` the first header cell (default `method`);
-  `key:` the row key that names a table row (default `method`; e.g. `detector`);
+* `value:` the row key averaged (default `test_accuracy`, in % when all its values are fractions); more tokens
+  give each column group one column per token, `[+]key[:digits][=label]`: `+` prints a sign, `:digits` prints the
+  raw values with that many digits, `=label` is appended to the group's header (`+gain_vs_none=gain`). Derived
+  rows fill the first token's columns only; `(N ep)` is left out when `cost_epochs` has a column;
+* `title:` the first header cell (default `method`); `key:` the row keys that name a table row (default `method`;
+  e.g. `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the
+  rows `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
   rows, with that many digits, no scaling).
 """
@@ -60,7 +65,8 @@ class TableSpec:
         self.rows: list[str] = []
         self.shared: set[str] = set()
         self.where: dict[str, str] = {}
-        self.value, self.title, self.key = "test_accuracy", "method", "method"
+        self.values: list[Value] = [Value("test_accuracy")]
+        self.title, self.keys = "method", ["method"]
         in_rows = False
         for line in lines[1:]:
             key, _, rest = line.strip().partition(":")
@@ -78,22 +84,48 @@ class TableSpec:
                 self.shared = set(rest.split())
             elif key == "where":
                 self.where = dict(token.partition("=")[::2] for token in rest.split())
-            elif key in ("value", "title", "key"):
-                setattr(self, key, rest.strip())
+            elif key == "value":
+                self.values = [_value(token) for token in rest.split()]
+            elif key == "key":
+                self.keys = rest.split()
+            elif key == "title":
+                self.title = rest.strip()
             elif line.strip():
                 raise ValueError(f"table spec for {self.path}: cannot read the line {line!r}")
-        if not (self.columns or self.fields) or not self.rows:
+        if not (self.columns or self.fields) or not self.rows or not self.values:
             raise ValueError(f"table spec for {self.path}: needs 'columns:' (or 'fields:') and 'rows:'")
+
+    def name(self, row: dict[str, Any]) -> str:
+        """The table row a JSON row belongs to: its `key:` values joined by spaces (absent keys left out)."""
+        return " ".join(str(row[key]) for key in self.keys if row.get(key) is not None)
+
+
+class Value(NamedTuple):
+    """A `value:` token: the row key averaged, its header label, its digits (None: 1, in % for fractions), sign."""
+
+    field: str
+    label: str = ""
+    digits: Optional[int] = None
+    signed: bool = False
+
+
+def _value(token: str) -> Value:
+    token, _, label = token.partition("=")
+    field, _, digits = token.partition(":")
+    return Value(field.lstrip("+"), label, int(digits) if digits else None, field.startswith("+"))
 
 
 class Column(NamedTuple):
-    """A table column: its header, the group of rows it reads, the field it averages, its digits and scale."""
+    """A table column: its header, the group of rows it reads, the field it averages, its digits, scale, sign;
+    `main`: the first `value:` token's column (the one with costs and derived rows)."""
 
     label: str
     group: str
     field: str
     digits: int = 1
     scale: float = 1.0
+    signed: bool = False
+    main: bool = True
 
 
 def _column(token: str) -> tuple[str, Optional[list[str]]]:
@@ -107,19 +139,25 @@ def _group(row: dict[str, Any], spec: TableSpec) -> str:
 
 def _columns(rows: list[dict[str, Any]], spec: TableSpec) -> list[Column]:
     """`fields:` one column per field over every row; else one per value of the column keys, in the chosen
-    orders, else in order of first appearance (shared rows aside), averaging `value:` (in % when fractions)."""
+    orders, else in order of first appearance (shared rows aside), and per `value:` token (in % when fractions)."""
     if spec.fields:
         return [Column(name, "", name, digits) for name, digits in spec.fields]
     orders = [order for _, order in spec.columns]
     seen: dict[tuple, None] = {}
     for row in rows:
-        if row[spec.key] not in spec.shared:
+        if spec.name(row) not in spec.shared:
             seen.setdefault(tuple(str(row.get(key)) for key, _ in spec.columns), None)
     kept = [v for v in seen if all(order is None or x in order for x, order in zip(v, orders))]
     kept.sort(key=lambda v: tuple(order.index(x) if order else 0 for x, order in zip(v, orders)))  # stable
-    values = [row[spec.value] for row in rows if row.get(spec.value) is not None]
-    scale = 100.0 if values and all(abs(v) <= 1.0 for v in values) else 1.0
-    return [Column(" ".join(v), " ".join(v), spec.value, 1, scale) for v in kept]
+    columns = []
+    for v in kept:
+        for i, value in enumerate(spec.values):
+            found = [row[value.field] for row in rows if row.get(value.field) is not None]
+            scale = 100.0 if value.digits is None and found and all(abs(x) <= 1.0 for x in found) else 1.0
+            label = " ".join((*v, value.label)).strip()
+            digits = 1 if value.digits is None else value.digits
+            columns.append(Column(label, " ".join(v), value.field, digits, scale, value.signed, i == 0))
+    return columns
 
 
 class _Cells:
@@ -130,7 +168,7 @@ class _Cells:
         groups = list(dict.fromkeys(column.group for column in columns))
         self.values: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in rows:
-            name = row[spec.key]
+            name = spec.name(row)
             for group in groups if name in spec.shared or spec.fields else [_group(row, spec)]:
                 self.values.setdefault((name, group), []).append(row)
 
@@ -138,7 +176,8 @@ class _Cells:
         found = [row for row in self.values.get((name, column.group), []) if row.get(field) is not None]
         if not found:
             where = f" in column {column.group!r}" if column.group else ""
-            raise ValueError(f"{self.spec.path}: no rows for {self.spec.key} {name!r}{where} with {field!r}")
+            key = " ".join(self.spec.keys)
+            raise ValueError(f"{self.spec.path}: no rows for {key} {name!r}{where} with {field!r}")
         return found
 
     def mean(self, name: str, column: Column, field: Optional[str] = None) -> float:
@@ -148,11 +187,13 @@ class _Cells:
     def cell(self, name: str, column: Column) -> str:
         found = self.rows_of(name, column, column.field)
         values = [row[column.field] * column.scale for row in found]
-        text = f"{statistics.fmean(values):.{column.digits}f}"
+        mean = statistics.fmean(values)
+        text = _signed(mean, column.digits) if column.signed else f"{mean:.{column.digits}f}"
         if len(values) > 1:
             text += f" ± {statistics.stdev(values):.{column.digits}f}"
         costs = [row["cost_epochs"] for row in found if row.get("cost_epochs") is not None]
-        if costs and not self.spec.fields:
+        shown = any(value.field == "cost_epochs" for value in self.spec.values)
+        if costs and column.main and not self.spec.fields and not shown:
             text += f" ({statistics.fmean(costs):.0f} ep)"
         return text
 
@@ -167,9 +208,9 @@ def _row(entry: str, cells: _Cells) -> list[str]:
     bold = entry.startswith("**") and entry.endswith("**")
     name = entry.strip("*")
     call = CALL.match(name)
-    columns = cells.columns
+    columns = [c for c in cells.columns if c.main]
     if call is None:
-        label, values = name, [cells.cell(name, c) for c in columns]
+        label, values = name, [cells.cell(name, c) for c in cells.columns]
     else:
         args = [a.strip() for a in call["args"].split(",")]
         fn = call["fn"]
@@ -187,6 +228,8 @@ def _row(entry: str, cells: _Cells) -> list[str]:
                 values.append(f"{100 * (a - lo) / (hi - lo):.0f}%" if hi != lo else "n/a")
         else:
             raise ValueError(f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), gap(a, lo, hi))")
+        values = iter(values)  # derived rows fill the main columns, the other `value:` columns stay empty
+        values = [next(values) if c.main else "" for c in cells.columns]
     label = f"**{label}**" if bold else label
     return [label, *values]
 
@@ -196,7 +239,9 @@ def render(spec_text: str, root: Path = HERE) -> str:
     spec = TableSpec(spec_text)
     rows = json.loads((root / spec.path).read_text())["rows"]
     rows = [
-        row for row in rows if row[spec.key] in spec.shared or all(str(row.get(k)) == v for k, v in spec.where.items())
+        row
+        for row in rows
+        if spec.name(row) in spec.shared or all(str(row.get(k)) == v for k, v in spec.where.items())
     ]
     columns = _columns(rows, spec)
     cells = _Cells(rows, spec, columns)

@@ -105,3 +105,33 @@ def test_fields_mode_names_rows_by_another_key_and_prints_each_field(tmp_path: P
         "| cv5 | 0.905 ± 0.007 | 1.0 ± 1.4 |\n"
         "| cv5 \u2212 audit | +0.100 | 0.0 |\n"
     )
+
+
+def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tmp_path: Path) -> None:
+    rows = [
+        {
+            "method": m,
+            "forget_set": f,
+            "setting": "s",
+            "seed": seed,
+            "test_accuracy": acc + seed / 100,
+            "gain": g,
+            "cost_epochs": c + seed,
+            "noisy_fit": 0.9,
+        }
+        for seed in (0, 1)
+        for m, f, acc, g, c in (
+            ("none", None, 0.5, 0.0, 0.1),
+            ("ssd", "oracle", 0.6, 0.1, 0.3),
+            ("ssd", "real", 0.4, -0.1, 2.0),
+        )
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    spec = "r.json\ncolumns: setting\nkey: method forget_set\nvalue: test_accuracy +gain=gain cost_epochs:2=cost\n"
+    assert tables.render(spec + "rows:\n  ssd oracle\n  diff(ssd real, none)\n  fit(none)\n", tmp_path) == (
+        "| method | s | s gain | s cost |\n"
+        "| --- | --- | --- | --- |\n"
+        "| ssd oracle | 60.5 ± 0.7 | +10.0 ± 0.0 | 0.80 ± 0.71 |\n"  # no '(N ep)': the costs have their column
+        "| ssd real \u2212 none | \u221210.0 |  |  |\n"  # derived rows fill the first value's columns only
+        "| none fits (wrong labels) | 90% |  |  |\n"
+    )
