@@ -20,8 +20,8 @@ A generated table sits between a spec comment and an end marker in the README, e
 * `columns:` the row keys whose values make a column (in order of first appearance, or `key=v1,v2` to choose);
 * `rows:` one per line: a method (mean ± std of `value` over seeds, in %, and `(N ep)` when the rows carry
   `cost_epochs`); `fit(m)`: the share of wrong training labels m's model predicts (`noisy_fit`); `diff(a, b)`:
-  a's mean minus b's; `gap(a, lo, hi)`: (a − lo) / (hi − lo), the share of the gap from lo to hi that a closes.
-  `**m**` prints the label in bold;
+  a's mean minus b's; `paired(a, b)`: a − b seed by seed (rows matched by `seed`), mean ± std; `gap(a, lo, hi)`:
+  (a − lo) / (hi − lo), the share of the gap from lo to hi that a closes. `**m**` prints the label in bold;
 * `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
   shows the mean over all their rows (`where:` does not filter them);
 * `where:` `key=value` tokens: only the rows that have these values;
@@ -50,7 +50,7 @@ from typing import Any, NamedTuple, Optional
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 BLOCK = re.compile(r"^(<!-- table (?P<spec>.*?)^-->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
-CALL = re.compile(r"^(?P<fn>fit|diff|gap)\((?P<args>[^)]*)\)$")
+CALL = re.compile(r"^(?P<fn>fit|diff|paired|gap)\((?P<args>[^)]*)\)$")
 MINUS = "\u2212"
 
 
@@ -185,6 +185,9 @@ class _Cells:
         return statistics.fmean(row[field] for row in self.rows_of(name, column, field))
 
     def cell(self, name: str, column: Column) -> str:
+        if not column.main and (name, column.group) in self.values:  # a row without this field: an empty cell
+            if all(row.get(column.field) is None for row in self.values[name, column.group]):
+                return ""
         found = self.rows_of(name, column, column.field)
         values = [row[column.field] * column.scale for row in found]
         mean = statistics.fmean(values)
@@ -196,6 +199,16 @@ class _Cells:
         if costs and column.main and not self.spec.fields and not shown:
             text += f" ({statistics.fmean(costs):.0f} ep)"
         return text
+
+    def paired(self, a: str, b: str, column: Column) -> str:
+        """a − b seed by seed (the seeds both have), mean ± std, signed."""
+        of_b = {row["seed"]: row[column.field] for row in self.rows_of(b, column, column.field)}
+        found = [row for row in self.rows_of(a, column, column.field) if row["seed"] in of_b]
+        diffs = [column.scale * (row[column.field] - of_b[row["seed"]]) for row in found]
+        if not diffs:
+            raise ValueError(f"{self.spec.path}: {a!r} and {b!r} share no seed in column {column.group!r}")
+        text = _signed(statistics.fmean(diffs), column.digits)
+        return text + (f" ± {statistics.stdev(diffs):.{column.digits}f}" if len(diffs) > 1 else "")
 
 
 def _signed(value: float, digits: int = 1) -> str:
@@ -220,6 +233,9 @@ def _row(entry: str, cells: _Cells) -> list[str]:
         elif fn == "diff" and len(args) == 2:
             label = f"{args[0]} {MINUS} {args[1]}"
             values = [_signed(c.scale * (cells.mean(args[0], c) - cells.mean(args[1], c)), c.digits) for c in columns]
+        elif fn == "paired" and len(args) == 2:
+            label = f"{args[0]} {MINUS} {args[1]} (per seed)"
+            values = [cells.paired(args[0], args[1], c) for c in columns]
         elif fn == "gap" and len(args) == 3:
             label = f"{args[0]}: gap {args[1]} → {args[2]} closed"
             values = []
@@ -227,7 +243,9 @@ def _row(entry: str, cells: _Cells) -> list[str]:
                 a, lo, hi = (cells.mean(m, c) for m in args)
                 values.append(f"{100 * (a - lo) / (hi - lo):.0f}%" if hi != lo else "n/a")
         else:
-            raise ValueError(f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), gap(a, lo, hi))")
+            raise ValueError(
+                f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), paired(a, b), gap(a, lo, hi))"
+            )
         values = iter(values)  # derived rows fill the main columns, the other `value:` columns stay empty
         values = [next(values) if c.main else "" for c in cells.columns]
     label = f"**{label}**" if bold else label

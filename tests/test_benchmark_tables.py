@@ -135,3 +135,21 @@ def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tm
         "| ssd real \u2212 none | \u221210.0 |  |  |\n"  # derived rows fill the first value's columns only
         "| none fits (wrong labels) | 90% |  |  |\n"
     )
+
+
+def test_paired_differences_match_rows_by_seed(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    rows = [row for row in _rows() if not (row["method"] == "best_epoch" and row["seed"] == 1)]
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": rows}))
+    spec = "results/tiny.json\ncolumns: setting=b\nvalue: test_accuracy +gain_vs_none=gain\nrows:\n"
+    # seed 0 only (best_epoch lacks seed 1): +10.0, no std; sap+x − none per seed: +20.0, +22.0
+    assert tables.render(spec + "  paired(sap+x, best_epoch)\n  paired(sap+x, none)\n", tmp_path) == (
+        "| method | b | b gain |\n"
+        "| --- | --- | --- |\n"
+        "| sap+x \u2212 best_epoch (per seed) | +10.0 |  |\n"
+        "| sap+x \u2212 none (per seed) | +21.0 ± 1.4 |  |\n"
+    )
+    # a row without the second value's field leaves that cell empty; the first value's field is required
+    assert tables.render(spec + "  none\n", tmp_path).endswith("| none | 51.0 ± 1.4 |  |\n")
+    with pytest.raises(ValueError, match="no rows for method 'none' in column 'b' with 'missing'"):
+        tables.render(spec.replace("test_accuracy", "missing") + "  none\n", tmp_path)
