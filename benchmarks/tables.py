@@ -24,7 +24,8 @@ A generated table sits between a spec comment and an end marker in the README, e
   (a − lo) / (hi − lo), the share of the gap from lo to hi that a closes. `**m**` prints the label in bold;
 * `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
   shows the mean over all their rows (`where:` does not filter them);
-* `where:` `key=value` tokens: only the rows that have these values;
+* `where:` `key=value` tokens: only the rows that have these values; a row name with rows in some columns but not
+  in another prints `–` there (one with no rows at all is an error);
 * `value:` the row key averaged (default `test_accuracy`, in % when all its values are fractions); more tokens
   give each column group one column per token, `[+]key[:digits][=label]`: `+` prints a sign, `:digits` prints the
   raw values with that many digits, `=label` is appended to the group's header (`+gain_vs_none=gain`). Derived
@@ -43,6 +44,7 @@ import json
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -52,6 +54,10 @@ README = HERE / "README.md"
 BLOCK = re.compile(r"^(<!-- table (?P<spec>.*?)^-->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
 CALL = re.compile(r"^(?P<fn>fit|diff|paired|gap)\((?P<args>[^)]*)\)$")
 MINUS = "\u2212"
+
+
+class NotRun(ValueError):
+    """A row name without rows in one column that has rows in another: the cell prints '–'."""
 
 
 class TableSpec:
@@ -177,7 +183,9 @@ class _Cells:
         if not found:
             where = f" in column {column.group!r}" if column.group else ""
             key = " ".join(self.spec.keys)
-            raise ValueError(f"{self.spec.path}: no rows for {key} {name!r}{where} with {field!r}")
+            elsewhere = (name, column.group) not in self.values and any(known == name for known, _ in self.values)
+            error = NotRun if elsewhere else ValueError
+            raise error(f"{self.spec.path}: no rows for {key} {name!r}{where} with {field!r}")
         return found
 
     def mean(self, name: str, column: Column, field: Optional[str] = None) -> float:
@@ -217,39 +225,45 @@ def _signed(value: float, digits: int = 1) -> str:
     return text[1:] if float(text) == 0 else text.replace("-", MINUS)
 
 
+def _derived(fn: str, args: list[str], cells: _Cells) -> Optional[tuple[str, Callable[[Column], str]]]:
+    """A derived row's label and the function that fills one of its cells (None: not a derived row)."""
+    if fn == "fit" and len(args) == 1:
+        return f"{args[0]} fits (wrong labels)", lambda c: f"{100 * cells.mean(args[0], c, 'noisy_fit'):.0f}%"
+    if fn == "diff" and len(args) == 2:
+        return f"{args[0]} {MINUS} {args[1]}", lambda c: _signed(
+            c.scale * (cells.mean(args[0], c) - cells.mean(args[1], c)), c.digits
+        )
+    if fn == "paired" and len(args) == 2:
+        return f"{args[0]} {MINUS} {args[1]} (per seed)", lambda c: cells.paired(args[0], args[1], c)
+    if fn == "gap" and len(args) == 3:
+
+        def gap(c: Column) -> str:
+            a, lo, hi = (cells.mean(m, c) for m in args)
+            return f"{100 * (a - lo) / (hi - lo):.0f}%" if hi != lo else "n/a"
+
+        return f"{args[0]}: gap {args[1]} → {args[2]} closed", gap
+    return None
+
+
 def _row(entry: str, cells: _Cells) -> list[str]:
+    """A table row's cells: '–' where a row name has no rows in that column (but has some in another), and
+    derived rows fill the main columns only (the other `value:` columns stay empty)."""
     bold = entry.startswith("**") and entry.endswith("**")
     name = entry.strip("*")
     call = CALL.match(name)
-    columns = [c for c in cells.columns if c.main]
-    if call is None:
-        label, values = name, [cells.cell(name, c) for c in cells.columns]
-    else:
-        args = [a.strip() for a in call["args"].split(",")]
-        fn = call["fn"]
-        if fn == "fit" and len(args) == 1:
-            label = f"{args[0]} fits (wrong labels)"
-            values = [f"{100 * cells.mean(args[0], c, 'noisy_fit'):.0f}%" for c in columns]
-        elif fn == "diff" and len(args) == 2:
-            label = f"{args[0]} {MINUS} {args[1]}"
-            values = [_signed(c.scale * (cells.mean(args[0], c) - cells.mean(args[1], c)), c.digits) for c in columns]
-        elif fn == "paired" and len(args) == 2:
-            label = f"{args[0]} {MINUS} {args[1]} (per seed)"
-            values = [cells.paired(args[0], args[1], c) for c in columns]
-        elif fn == "gap" and len(args) == 3:
-            label = f"{args[0]}: gap {args[1]} → {args[2]} closed"
-            values = []
-            for c in columns:
-                a, lo, hi = (cells.mean(m, c) for m in args)
-                values.append(f"{100 * (a - lo) / (hi - lo):.0f}%" if hi != lo else "n/a")
-        else:
-            raise ValueError(
-                f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), paired(a, b), gap(a, lo, hi))"
-            )
-        values = iter(values)  # derived rows fill the main columns, the other `value:` columns stay empty
-        values = [next(values) if c.main else "" for c in cells.columns]
-    label = f"**{label}**" if bold else label
-    return [label, *values]
+    derived = None if call is None else _derived(call["fn"], [a.strip() for a in call["args"].split(",")], cells)
+    if call is not None and derived is None:
+        raise ValueError(
+            f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), paired(a, b), gap(a, lo, hi))"
+        )
+    label, compute = derived or (name, lambda c: cells.cell(name, c))
+    values = []
+    for column in cells.columns:
+        try:
+            values.append(compute(column) if column.main or derived is None else "")
+        except NotRun:
+            values.append("–")
+    return [f"**{label}**" if bold else label, *values]
 
 
 def render(spec_text: str, root: Path = HERE) -> str:

@@ -153,3 +153,15 @@ def test_paired_differences_match_rows_by_seed(tmp_path: Path) -> None:
     assert tables.render(spec + "  none\n", tmp_path).endswith("| none | 51.0 ± 1.4 |  |\n")
     with pytest.raises(ValueError, match="no rows for method 'none' in column 'b' with 'missing'"):
         tables.render(spec.replace("test_accuracy", "missing") + "  none\n", tmp_path)
+
+
+def test_a_method_not_run_in_one_column_prints_a_dash_there(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    rows = [row for row in _rows() if not (row["method"] == "sap+x" and row["setting"] == "a")]
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": rows}))
+    spec = "results/tiny.json\ncolumns: setting\nshared: oracle\nrows:\n  sap+x\n  diff(sap+x, none)\n"
+    assert tables.render(spec, tmp_path).endswith(
+        "| sap+x | 72.0 ± 2.8 (8 ep) | – |\n| sap+x \u2212 none | +21.0 | – |\n"
+    )
+    with pytest.raises(ValueError, match=r"no rows for method 'sap\+y'"):  # a name with no rows at all: a typo
+        tables.render(spec.replace("sap+x", "sap+y"), tmp_path)
