@@ -20,13 +20,19 @@ A generated table sits between a spec comment and an end marker in the README, e
 * `columns:` the row keys whose values make a column (in order of first appearance, or `key=v1,v2` to choose);
 * `rows:` one per line: a method (mean ± std of `value` over seeds, in %, and `(N ep)` when the rows carry
   `cost_epochs`); `fit(m)`: the share of wrong training labels m's model predicts (`noisy_fit`); `diff(a, b)`:
-  a's mean minus b's; `gap(a, lo, hi)`: (a − lo) / (hi − lo), the share of the gap from lo to hi that a closes.
-  `**m**` prints the label in bold;
+  a's mean minus b's; `paired(a, b)`: a − b seed by seed (rows matched by `seed`), mean ± std; `gap(a, lo, hi)`:
+  (a − lo) / (hi − lo), the share of the gap from lo to hi that a closes. `**m**` prints the label in bold;
 * `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
   shows the mean over all their rows (`where:` does not filter them);
-* `where:` `key=value` tokens: only the rows that have these values;
-* `value:` the row key averaged (default `test_accuracy`); `title:` the first header cell (default `method`);
-  `key:` the row key that names a table row (default `method`; e.g. `detector`);
+* `where:` `key=value` tokens: only the rows that have these values; a row name with rows in some columns but not
+  in another prints `–` there (one with no rows at all is an error);
+* `value:` the row key averaged (default `test_accuracy`, in % when all its values are fractions); more tokens
+  give each column group one column per token, `[+]key[:digits][=label]`: `+` prints a sign, `:digits` prints the
+  raw values with that many digits, `=label` is appended to the group's header (`+gain_vs_none=gain`). Derived
+  rows fill the first token's columns only; `(N ep)` is left out when `cost_epochs` has a column;
+* `title:` the first header cell (default `method`); `key:` the row keys that name a table row (default `method`;
+  e.g. `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the
+  rows `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
   rows, with that many digits, no scaling).
 """
@@ -38,6 +44,7 @@ import json
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -45,8 +52,12 @@ from typing import Any, NamedTuple, Optional
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 BLOCK = re.compile(r"^(<!-- table (?P<spec>.*?)^-->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
-CALL = re.compile(r"^(?P<fn>fit|diff|gap)\((?P<args>[^)]*)\)$")
+CALL = re.compile(r"^(?P<fn>fit|diff|paired|gap)\((?P<args>[^)]*)\)$")
 MINUS = "\u2212"
+
+
+class NotRun(ValueError):
+    """A row name without rows in one column that has rows in another: the cell prints '–'."""
 
 
 class TableSpec:
@@ -60,7 +71,8 @@ class TableSpec:
         self.rows: list[str] = []
         self.shared: set[str] = set()
         self.where: dict[str, str] = {}
-        self.value, self.title, self.key = "test_accuracy", "method", "method"
+        self.values: list[Value] = [Value("test_accuracy")]
+        self.title, self.keys = "method", ["method"]
         in_rows = False
         for line in lines[1:]:
             key, _, rest = line.strip().partition(":")
@@ -78,22 +90,48 @@ class TableSpec:
                 self.shared = set(rest.split())
             elif key == "where":
                 self.where = dict(token.partition("=")[::2] for token in rest.split())
-            elif key in ("value", "title", "key"):
-                setattr(self, key, rest.strip())
+            elif key == "value":
+                self.values = [_value(token) for token in rest.split()]
+            elif key == "key":
+                self.keys = rest.split()
+            elif key == "title":
+                self.title = rest.strip()
             elif line.strip():
                 raise ValueError(f"table spec for {self.path}: cannot read the line {line!r}")
-        if not (self.columns or self.fields) or not self.rows:
+        if not (self.columns or self.fields) or not self.rows or not self.values:
             raise ValueError(f"table spec for {self.path}: needs 'columns:' (or 'fields:') and 'rows:'")
+
+    def name(self, row: dict[str, Any]) -> str:
+        """The table row a JSON row belongs to: its `key:` values joined by spaces (absent keys left out)."""
+        return " ".join(str(row[key]) for key in self.keys if row.get(key) is not None)
+
+
+class Value(NamedTuple):
+    """A `value:` token: the row key averaged, its header label, its digits (None: 1, in % for fractions), sign."""
+
+    field: str
+    label: str = ""
+    digits: Optional[int] = None
+    signed: bool = False
+
+
+def _value(token: str) -> Value:
+    token, _, label = token.partition("=")
+    field, _, digits = token.partition(":")
+    return Value(field.lstrip("+"), label, int(digits) if digits else None, field.startswith("+"))
 
 
 class Column(NamedTuple):
-    """A table column: its header, the group of rows it reads, the field it averages, its digits and scale."""
+    """A table column: its header, the group of rows it reads, the field it averages, its digits, scale, sign;
+    `main`: the first `value:` token's column (the one with costs and derived rows)."""
 
     label: str
     group: str
     field: str
     digits: int = 1
     scale: float = 1.0
+    signed: bool = False
+    main: bool = True
 
 
 def _column(token: str) -> tuple[str, Optional[list[str]]]:
@@ -107,19 +145,25 @@ def _group(row: dict[str, Any], spec: TableSpec) -> str:
 
 def _columns(rows: list[dict[str, Any]], spec: TableSpec) -> list[Column]:
     """`fields:` one column per field over every row; else one per value of the column keys, in the chosen
-    orders, else in order of first appearance (shared rows aside), averaging `value:` (in % when fractions)."""
+    orders, else in order of first appearance (shared rows aside), and per `value:` token (in % when fractions)."""
     if spec.fields:
         return [Column(name, "", name, digits) for name, digits in spec.fields]
     orders = [order for _, order in spec.columns]
     seen: dict[tuple, None] = {}
     for row in rows:
-        if row[spec.key] not in spec.shared:
+        if spec.name(row) not in spec.shared:
             seen.setdefault(tuple(str(row.get(key)) for key, _ in spec.columns), None)
     kept = [v for v in seen if all(order is None or x in order for x, order in zip(v, orders))]
     kept.sort(key=lambda v: tuple(order.index(x) if order else 0 for x, order in zip(v, orders)))  # stable
-    values = [row[spec.value] for row in rows if row.get(spec.value) is not None]
-    scale = 100.0 if values and all(abs(v) <= 1.0 for v in values) else 1.0
-    return [Column(" ".join(v), " ".join(v), spec.value, 1, scale) for v in kept]
+    columns = []
+    for v in kept:
+        for i, value in enumerate(spec.values):
+            found = [row[value.field] for row in rows if row.get(value.field) is not None]
+            scale = 100.0 if value.digits is None and found and all(abs(x) <= 1.0 for x in found) else 1.0
+            label = " ".join((*v, value.label)).strip()
+            digits = 1 if value.digits is None else value.digits
+            columns.append(Column(label, " ".join(v), value.field, digits, scale, value.signed, i == 0))
+    return columns
 
 
 class _Cells:
@@ -130,7 +174,7 @@ class _Cells:
         groups = list(dict.fromkeys(column.group for column in columns))
         self.values: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for row in rows:
-            name = row[spec.key]
+            name = spec.name(row)
             for group in groups if name in spec.shared or spec.fields else [_group(row, spec)]:
                 self.values.setdefault((name, group), []).append(row)
 
@@ -138,7 +182,10 @@ class _Cells:
         found = [row for row in self.values.get((name, column.group), []) if row.get(field) is not None]
         if not found:
             where = f" in column {column.group!r}" if column.group else ""
-            raise ValueError(f"{self.spec.path}: no rows for {self.spec.key} {name!r}{where} with {field!r}")
+            key = " ".join(self.spec.keys)
+            elsewhere = (name, column.group) not in self.values and any(known == name for known, _ in self.values)
+            error = NotRun if elsewhere else ValueError
+            raise error(f"{self.spec.path}: no rows for {key} {name!r}{where} with {field!r}")
         return found
 
     def mean(self, name: str, column: Column, field: Optional[str] = None) -> float:
@@ -146,15 +193,30 @@ class _Cells:
         return statistics.fmean(row[field] for row in self.rows_of(name, column, field))
 
     def cell(self, name: str, column: Column) -> str:
+        if not column.main and (name, column.group) in self.values:  # a row without this field: an empty cell
+            if all(row.get(column.field) is None for row in self.values[name, column.group]):
+                return ""
         found = self.rows_of(name, column, column.field)
         values = [row[column.field] * column.scale for row in found]
-        text = f"{statistics.fmean(values):.{column.digits}f}"
+        mean = statistics.fmean(values)
+        text = _signed(mean, column.digits) if column.signed else f"{mean:.{column.digits}f}"
         if len(values) > 1:
             text += f" ± {statistics.stdev(values):.{column.digits}f}"
         costs = [row["cost_epochs"] for row in found if row.get("cost_epochs") is not None]
-        if costs and not self.spec.fields:
+        shown = any(value.field == "cost_epochs" for value in self.spec.values)
+        if costs and column.main and not self.spec.fields and not shown:
             text += f" ({statistics.fmean(costs):.0f} ep)"
         return text
+
+    def paired(self, a: str, b: str, column: Column) -> str:
+        """a − b seed by seed (the seeds both have), mean ± std, signed."""
+        of_b = {row["seed"]: row[column.field] for row in self.rows_of(b, column, column.field)}
+        found = [row for row in self.rows_of(a, column, column.field) if row["seed"] in of_b]
+        diffs = [column.scale * (row[column.field] - of_b[row["seed"]]) for row in found]
+        if not diffs:
+            raise ValueError(f"{self.spec.path}: {a!r} and {b!r} share no seed in column {column.group!r}")
+        text = _signed(statistics.fmean(diffs), column.digits)
+        return text + (f" ± {statistics.stdev(diffs):.{column.digits}f}" if len(diffs) > 1 else "")
 
 
 def _signed(value: float, digits: int = 1) -> str:
@@ -163,32 +225,45 @@ def _signed(value: float, digits: int = 1) -> str:
     return text[1:] if float(text) == 0 else text.replace("-", MINUS)
 
 
+def _derived(fn: str, args: list[str], cells: _Cells) -> Optional[tuple[str, Callable[[Column], str]]]:
+    """A derived row's label and the function that fills one of its cells (None: not a derived row)."""
+    if fn == "fit" and len(args) == 1:
+        return f"{args[0]} fits (wrong labels)", lambda c: f"{100 * cells.mean(args[0], c, 'noisy_fit'):.0f}%"
+    if fn == "diff" and len(args) == 2:
+        return f"{args[0]} {MINUS} {args[1]}", lambda c: _signed(
+            c.scale * (cells.mean(args[0], c) - cells.mean(args[1], c)), c.digits
+        )
+    if fn == "paired" and len(args) == 2:
+        return f"{args[0]} {MINUS} {args[1]} (per seed)", lambda c: cells.paired(args[0], args[1], c)
+    if fn == "gap" and len(args) == 3:
+
+        def gap(c: Column) -> str:
+            a, lo, hi = (cells.mean(m, c) for m in args)
+            return f"{100 * (a - lo) / (hi - lo):.0f}%" if hi != lo else "n/a"
+
+        return f"{args[0]}: gap {args[1]} → {args[2]} closed", gap
+    return None
+
+
 def _row(entry: str, cells: _Cells) -> list[str]:
+    """A table row's cells: '–' where a row name has no rows in that column (but has some in another), and
+    derived rows fill the main columns only (the other `value:` columns stay empty)."""
     bold = entry.startswith("**") and entry.endswith("**")
     name = entry.strip("*")
     call = CALL.match(name)
-    columns = cells.columns
-    if call is None:
-        label, values = name, [cells.cell(name, c) for c in columns]
-    else:
-        args = [a.strip() for a in call["args"].split(",")]
-        fn = call["fn"]
-        if fn == "fit" and len(args) == 1:
-            label = f"{args[0]} fits (wrong labels)"
-            values = [f"{100 * cells.mean(args[0], c, 'noisy_fit'):.0f}%" for c in columns]
-        elif fn == "diff" and len(args) == 2:
-            label = f"{args[0]} {MINUS} {args[1]}"
-            values = [_signed(c.scale * (cells.mean(args[0], c) - cells.mean(args[1], c)), c.digits) for c in columns]
-        elif fn == "gap" and len(args) == 3:
-            label = f"{args[0]}: gap {args[1]} → {args[2]} closed"
-            values = []
-            for c in columns:
-                a, lo, hi = (cells.mean(m, c) for m in args)
-                values.append(f"{100 * (a - lo) / (hi - lo):.0f}%" if hi != lo else "n/a")
-        else:
-            raise ValueError(f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), gap(a, lo, hi))")
-    label = f"**{label}**" if bold else label
-    return [label, *values]
+    derived = None if call is None else _derived(call["fn"], [a.strip() for a in call["args"].split(",")], cells)
+    if call is not None and derived is None:
+        raise ValueError(
+            f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), paired(a, b), gap(a, lo, hi))"
+        )
+    label, compute = derived or (name, lambda c: cells.cell(name, c))
+    values = []
+    for column in cells.columns:
+        try:
+            values.append(compute(column) if column.main or derived is None else "")
+        except NotRun:
+            values.append("–")
+    return [f"**{label}**" if bold else label, *values]
 
 
 def render(spec_text: str, root: Path = HERE) -> str:
@@ -196,7 +271,9 @@ def render(spec_text: str, root: Path = HERE) -> str:
     spec = TableSpec(spec_text)
     rows = json.loads((root / spec.path).read_text())["rows"]
     rows = [
-        row for row in rows if row[spec.key] in spec.shared or all(str(row.get(k)) == v for k, v in spec.where.items())
+        row
+        for row in rows
+        if spec.name(row) in spec.shared or all(str(row.get(k)) == v for k, v in spec.where.items())
     ]
     columns = _columns(rows, spec)
     cells = _Cells(rows, spec, columns)

@@ -105,3 +105,63 @@ def test_fields_mode_names_rows_by_another_key_and_prints_each_field(tmp_path: P
         "| cv5 | 0.905 ± 0.007 | 1.0 ± 1.4 |\n"
         "| cv5 \u2212 audit | +0.100 | 0.0 |\n"
     )
+
+
+def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tmp_path: Path) -> None:
+    rows = [
+        {
+            "method": m,
+            "forget_set": f,
+            "setting": "s",
+            "seed": seed,
+            "test_accuracy": acc + seed / 100,
+            "gain": g,
+            "cost_epochs": c + seed,
+            "noisy_fit": 0.9,
+        }
+        for seed in (0, 1)
+        for m, f, acc, g, c in (
+            ("none", None, 0.5, 0.0, 0.1),
+            ("ssd", "oracle", 0.6, 0.1, 0.3),
+            ("ssd", "real", 0.4, -0.1, 2.0),
+        )
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    spec = "r.json\ncolumns: setting\nkey: method forget_set\nvalue: test_accuracy +gain=gain cost_epochs:2=cost\n"
+    assert tables.render(spec + "rows:\n  ssd oracle\n  diff(ssd real, none)\n  fit(none)\n", tmp_path) == (
+        "| method | s | s gain | s cost |\n"
+        "| --- | --- | --- | --- |\n"
+        "| ssd oracle | 60.5 ± 0.7 | +10.0 ± 0.0 | 0.80 ± 0.71 |\n"  # no '(N ep)': the costs have their column
+        "| ssd real \u2212 none | \u221210.0 |  |  |\n"  # derived rows fill the first value's columns only
+        "| none fits (wrong labels) | 90% |  |  |\n"
+    )
+
+
+def test_paired_differences_match_rows_by_seed(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    rows = [row for row in _rows() if not (row["method"] == "best_epoch" and row["seed"] == 1)]
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": rows}))
+    spec = "results/tiny.json\ncolumns: setting=b\nvalue: test_accuracy +gain_vs_none=gain\nrows:\n"
+    # seed 0 only (best_epoch lacks seed 1): +10.0, no std; sap+x − none per seed: +20.0, +22.0
+    assert tables.render(spec + "  paired(sap+x, best_epoch)\n  paired(sap+x, none)\n", tmp_path) == (
+        "| method | b | b gain |\n"
+        "| --- | --- | --- |\n"
+        "| sap+x \u2212 best_epoch (per seed) | +10.0 |  |\n"
+        "| sap+x \u2212 none (per seed) | +21.0 ± 1.4 |  |\n"
+    )
+    # a row without the second value's field leaves that cell empty; the first value's field is required
+    assert tables.render(spec + "  none\n", tmp_path).endswith("| none | 51.0 ± 1.4 |  |\n")
+    with pytest.raises(ValueError, match="no rows for method 'none' in column 'b' with 'missing'"):
+        tables.render(spec.replace("test_accuracy", "missing") + "  none\n", tmp_path)
+
+
+def test_a_method_not_run_in_one_column_prints_a_dash_there(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    rows = [row for row in _rows() if not (row["method"] == "sap+x" and row["setting"] == "a")]
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": rows}))
+    spec = "results/tiny.json\ncolumns: setting\nshared: oracle\nrows:\n  sap+x\n  diff(sap+x, none)\n"
+    assert tables.render(spec, tmp_path).endswith(
+        "| sap+x | 72.0 ± 2.8 (8 ep) | – |\n| sap+x \u2212 none | +21.0 | – |\n"
+    )
+    with pytest.raises(ValueError, match=r"no rows for method 'sap\+y'"):  # a name with no rows at all: a typo
+        tables.render(spec.replace("sap+x", "sap+y"), tmp_path)
