@@ -52,7 +52,7 @@ from typing import Any, NamedTuple, Optional
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 BLOCK = re.compile(r"^(<!-- table (?P<spec>.*?)^-->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
-CALL = re.compile(r"^(?P<fn>fit|diff|paired|gap)\((?P<args>[^)]*)\)$")
+CALL = re.compile(r"^(?P<fn>fit|diff|paired|gap)\((?P<args>.*)\)$")
 MINUS = "\u2212"
 
 
