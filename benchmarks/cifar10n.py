@@ -85,6 +85,7 @@ from common import (  # noqa: E402
     sap_step,
     shift_audit,
     summarise_cleanup,
+    train_epochs,
     train_from_scratch,
     write_json,
 )
@@ -326,22 +327,29 @@ def pretrain_loop(model: Any, pixels: Any, args: argparse.Namespace) -> dict[str
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda k: min(1.0, (k + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(k, steps) / steps))
     )
-    generator = torch.Generator().manual_seed(0)
-    losses, started = [], time.perf_counter()
-    model.train()
-    for epoch in range(epochs):
-        order, total = torch.randperm(len(pixels), generator=generator), 0.0
-        for i in range(0, len(pixels), batch):
-            index = order[i : i + batch]
-            views = weak_view(pixels[index], hashed_uniform(index, epoch, WEAK_DRAWS))
-            loss = model(pixel_values=views).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach()) * len(index)
-        losses.append(round(total / len(pixels), 4))
+    losses, totals, started = [], [0.0], time.perf_counter()
+
+    def batch_loss(index: Any, epoch: int) -> Any:
+        loss = model(pixel_values=weak_view(pixels[index], hashed_uniform(index, epoch, WEAK_DRAWS))).loss
+        totals[-1] += float(loss.detach()) * len(index)
+        return loss
+
+    def log_epoch(epoch: int) -> None:
+        losses.append(round(totals[-1] / len(pixels), 4))
+        totals.append(0.0)
         print(f"[cifar10n] MAE epoch {epoch + 1}/{epochs}: loss {losses[-1]}", flush=True)
+
+    train_epochs(
+        model,
+        len(pixels),
+        batch,
+        batch_loss,
+        optimizer,
+        generator=torch.Generator().manual_seed(0),
+        epochs=range(epochs),
+        schedule=schedule,
+        on_epoch=log_epoch,
+    )
     return {"loss": losses, "seconds": time.perf_counter() - started}
 
 

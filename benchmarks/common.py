@@ -311,6 +311,38 @@ def fit_diagnostics(model: Any, data: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def train_epochs(
+    model: Any,
+    size: int,
+    batch_size: int,
+    batch_loss: Callable[[Any, int], Any],
+    optimizer: Any,
+    *,
+    generator: Any,
+    epochs: Iterable[int],
+    schedule: Any = None,
+    on_epoch: Optional[Callable[[int], None]] = None,
+) -> None:
+    """The benchmarks' one training loop: for each epoch of `epochs`, train mode, a fresh permutation of the `size`
+    examples drawn from `generator`, batches of `batch_size`, `batch_loss(index, epoch)` backpropagated, an optimiser
+    step (and `schedule.step()`) per batch, then `on_epoch(epoch)`. What differs between the studies (the loss, the
+    data, the views, the optimiser and schedule, what happens after an epoch) is the caller's."""
+    import torch
+
+    for epoch in epochs:
+        model.train()
+        order = torch.randperm(size, generator=generator)
+        for i in range(0, size, batch_size):
+            loss = batch_loss(order[i : i + batch_size], epoch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+        if on_epoch is not None:
+            on_epoch(epoch)
+
+
 def train_from_scratch(
     model: Any, data: dict[str, Any], args: argparse.Namespace, seed: int, loss_fn: Optional[BatchLoss] = None
 ) -> dict[str, Any]:
@@ -332,23 +364,27 @@ def train_from_scratch(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
-    generator = torch.Generator().manual_seed(seed)
     history, best = [], {"val_accuracy": -1.0, "epoch": 0, "state": None}
-    start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), args.batch_size):
-            index = order[i : i + args.batch_size]
-            loss = loss_fn(model(pixel_values=x[index]).logits, y[index], indices=index, epoch=epoch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+
+    def after_epoch(epoch: int) -> None:
+        nonlocal best
         val = accuracy(model, data["val_x"], data["val_y"])
         history.append(round(val, 4))
         if val > best["val_accuracy"]:
             best = {"val_accuracy": val, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+
+    start = time.perf_counter()
+    train_epochs(
+        model,
+        len(x),
+        args.batch_size,
+        lambda index, epoch: loss_fn(model(pixel_values=x[index]).logits, y[index], indices=index, epoch=epoch),
+        optimizer,
+        generator=torch.Generator().manual_seed(seed),
+        epochs=range(1, args.epochs + 1),
+        schedule=schedule,
+        on_epoch=after_epoch,
+    )
     return {"history": history, "best": best, "seconds": time.perf_counter() - start}
 
 
@@ -381,22 +417,25 @@ def finetune_grid(
     batch = min(args.ft_batch_size, len(x))
     for lr in args.ft_lrs:
         model.load_state_dict(state)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        generator = torch.Generator().manual_seed(seed)
-        for epoch in range(1, max(args.ft_epochs) + 1):
-            model.train()
-            order = torch.randperm(len(x), generator=generator)
-            for i in range(0, len(x), batch):
-                index = order[i : i + batch]
-                loss = loss_fn(model(pixel_values=x[index]).logits, y[index], indices=index, epoch=epoch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+
+        def checkpoint(epoch: int, lr: float = lr) -> None:
+            nonlocal best
             if epoch in checkpoints:
                 val = accuracy(model, data["val_x"], data["val_y"])
                 grid.append({"lr": lr, "epochs": epoch, "val_accuracy": round(val, 4)})
                 if val > best["val_accuracy"]:
                     best = {"lr": lr, "epochs": epoch, "val_accuracy": val, "state": copy.deepcopy(model.state_dict())}
+
+        train_epochs(
+            model,
+            len(x),
+            batch,
+            lambda index, epoch: loss_fn(model(pixel_values=x[index]).logits, y[index], indices=index, epoch=epoch),
+            torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0),
+            generator=torch.Generator().manual_seed(seed),
+            epochs=range(1, max(args.ft_epochs) + 1),
+            on_epoch=checkpoint,
+        )
     model.load_state_dict(best["state"] if best["state"] is not None else state)
     test = accuracy(model, data["test_x"], data["test_y"])
     fit = fit_diagnostics(model, data) if "is_noisy" in data else {}

@@ -219,17 +219,18 @@ def time_one_epoch(model: Any, data: dict[str, Any], args: argparse.Namespace) -
     import torch.nn.functional as F
 
     model = copy.deepcopy(model)
-    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     x, y = data["train_x"], data["train_y"]
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    for i in range(0, len(x), args.batch_size):
-        index = order[i : i + args.batch_size]
-        loss = F.cross_entropy(model(pixel_values=x[index]).logits, y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    common.train_epochs(
+        model,
+        len(x),
+        args.batch_size,
+        lambda index, epoch: F.cross_entropy(model(pixel_values=x[index]).logits, y[index]),
+        optimizer,
+        generator=torch.Generator().manual_seed(0),
+        epochs=[1],
+    )
     return time.perf_counter() - start
 
 

@@ -343,17 +343,14 @@ def scrub_train(
     teacher.eval()
 
     def run_pass(x: Any, y: Any, maximise: bool) -> None:
-        order = torch.randperm(len(x), generator=generator)
-        for i in range(0, len(x), batch_size):
-            index = order[i : i + batch_size]
+        def batch_loss(index: Any, epoch: int) -> Any:
             with torch.no_grad():
                 target = teacher(pixel_values=x[index]).logits
             logits = model(pixel_values=x[index]).logits
             kl = kl_to_teacher(logits, target, temperature)
-            loss = -kl if maximise else kl_weight * kl + ce_weight * F.cross_entropy(logits, y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            return -kl if maximise else kl_weight * kl + ce_weight * F.cross_entropy(logits, y[index])
+
+        common.train_epochs(model, len(x), batch_size, batch_loss, optimizer, generator=generator, epochs=[0])
         if cost is not None:
             cost.train += len(x)
             cost.forward += len(x)  # the teacher's outputs
