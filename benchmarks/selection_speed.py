@@ -25,14 +25,18 @@ from sap_hf.models import tiny_vit_config
 from sap_hf.runtime.passes import Runtime
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run")
     parser.add_argument("--out", default=str(common.RESULTS_DIR))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.quick:
         args.n, args.repeats = 300, 1
     data = noisy_fashion_mnist(train_size=args.n, val_size=10, test_size=10)["train"]

@@ -1,0 +1,126 @@
+"""The experiment files of benchmarks/experiments/: one per result JSON, and each run is the command that JSON records.
+
+A run's arguments are parsed by its script's own `parse_args` (a renamed or removed argument fails here) and
+compared with the arguments the JSON recorded (`config`, `config_<part>`, `merged` entries, `earlier_config`):
+every run must agree with one recorded configuration, and the JSON's main `config` must be one run's. Machine
+and presentation arguments are not compared; a run over more seeds or settings than a recorded one agrees with
+it (a study run seed by seed and merged is the same study).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import run  # noqa: E402  (benchmarks/run.py)
+
+
+#: Where the run happened or how it was shown, not what it measured.
+NOT_COMPARED = {
+    "out_dir",
+    "out",
+    "jobs",
+    "threads",
+    "cache_dir",
+    "scratch_cache",
+    "pretrained_cache",
+    "replot",
+    "merge",
+    "no_plot",
+    "plot_seed",
+    "wait_quiet",
+}
+#: A run over more of these than a recorded configuration agrees with it.
+SPLIT = {"seeds", "settings", "label_sets", "lengths"}
+
+
+def _parser_of(script: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"_experiment_{Path(script).stem}", BENCHMARKS / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.parse_args
+
+
+def _recorded(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every configuration a result JSON recorded, by where it sits."""
+    found = {k: v for k, v in record.items() if k.startswith("config") and isinstance(v, dict)}
+    found.update({f"merged[{i}]": m for i, m in enumerate(record.get("merged") or []) if isinstance(m, dict)})
+    if isinstance(record.get("config"), dict) and isinstance(record["config"].get("earlier_config"), dict):
+        found["earlier_config"] = record["config"]["earlier_config"]
+    return found
+
+
+def _disagreements(parsed: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    out = []
+    for key in sorted(set(parsed) & set(recorded) - NOT_COMPARED):
+        got, want = json.loads(json.dumps(parsed[key])), json.loads(json.dumps(recorded[key]))
+        if key in SPLIT and isinstance(got, list) and isinstance(want, list):
+            if not set(want) <= set(got):
+                out.append(f"{key}: run {got} does not cover recorded {want}")
+        elif got != want:
+            out.append(f"{key}: run {got!r} != recorded {want!r}")
+    return out
+
+
+EXPERIMENTS = run.experiment_files()
+
+
+def test_every_result_has_exactly_one_experiment():
+    results = sorted(p.relative_to(BENCHMARKS).as_posix() for p in (BENCHMARKS / "results").glob("*.json"))
+    named = [run.load(path)["result"] for path in EXPERIMENTS]
+    assert sorted(named) == results, "each benchmarks/results/*.json needs one experiment file naming it"
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.relative_to(BENCHMARKS / "experiments").as_posix())
+def test_experiment_runs_parse_and_match_what_the_result_recorded(path):
+    spec = run.load(path)
+    parse_args = _parser_of(spec["script"])
+    parsed = [vars(parse_args(run.command_line(arguments))) for arguments in spec["runs"]]
+    recorded = _recorded(json.loads((BENCHMARKS / spec["result"]).read_text()))
+    if not recorded:  # the study records no arguments (speed and cost studies): parsing is the check
+        return
+    for i, arguments in enumerate(parsed, 1):
+        reasons = {name: _disagreements(arguments, config) for name, config in recorded.items()}
+        assert any(not r for r in reasons.values()), (
+            f"{path.name} run {i} matches no recorded configuration: {reasons}"
+        )
+    if "config" in recorded:
+        assert any(not _disagreements(arguments, recorded["config"]) for arguments in parsed), (
+            f"{path.name}: no run gives the result's main config"
+        )
+
+
+def test_command_line_spells_lists_flags_and_floats():
+    argv = run.command_line({"seeds": [0, 1], "merge": True, "no_plot": False, "lr": 1e-4, "extra": None, "n": 3})
+    assert argv == ["--seeds", "0", "1", "--merge", "--lr", "0.0001", "--n", "3"]
+
+
+def test_a_bad_experiment_file_names_the_file_and_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("about: x\nscript: accuracy.py\nresult: results/accuracy.json\nruns: []\nseeds: [0]\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: missing keys \[\], unknown keys \['seeds'\]"):
+        run.load(bad)
+    bad.write_text("about: x\nscript: nope.py\nresult: results/x.json\nruns: [{}]\n")
+    with pytest.raises(ValueError, match=r"script='nope.py' is not a file"):
+        run.load(bad)
+    bad.write_text("about: x\nscript: accuracy.py\nresult: results/x.json\nruns: []\n")
+    with pytest.raises(ValueError, match="runs must be a non-empty list"):
+        run.load(bad)
+
+
+def test_the_runner_runs_each_command_with_the_extra_arguments(capsys):
+    path = BENCHMARKS / "experiments" / "cifar10n" / "scratch.yaml"
+    assert run.main([str(path), "--dry_run", "--quick", "--seeds", "0"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[run ")]
+    assert len(lines) == len(run.load(path)["runs"])
+    assert all(line.endswith("--quick --seeds 0") and "cifar10n.py" in line for line in lines)
+    assert "--modes remove pseudo --augment 0 --best_modes --merge" in lines[1]
