@@ -363,3 +363,69 @@ def test_refine_explains_a_loader_over_a_stream(tmp_path):
             RefineConfig(epochs=[1], learning_rates=[1e-3]),
             runtime=Runtime(show_progress=False),
         )
+
+
+def test_refine_rejects_data_in_another_order_and_a_bad_evaluate_fn_before_training():
+    import random
+
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = random_examples(24, seed=1)
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
+    shuffled = list(train)
+    random.Random(0).shuffle(shuffled)  # the same examples, another order: every target would land on another image
+    before = snapshot(model)
+    config = RefineConfig(mode="soft", epochs=[1], learning_rates=[1e-2])
+    quiet = Runtime(show_progress=False)
+    with mock.patch.object(refine_module.CleanupTrainer, "train", side_effect=AssertionError("trained")):
+        with pytest.raises(ValueError, match=r"has label \d, but the audit saw label \d there"):
+            refine(model, shuffled, audit, lambda m: {"accuracy": 0.5}, config, runtime=quiet)
+        with pytest.raises(TypeError, match="evaluate_fn\\(model\\) returned a float: it must return a dict"):
+            refine(model, train, audit, lambda m: 0.5, config, runtime=quiet)
+        with pytest.raises(ValueError, match="accuracy=nan for the model before any fine-tune"):
+            refine(model, train, audit, lambda m: {"accuracy": float("nan")}, config, runtime=quiet)
+    assert_identical(model, before)
+
+
+def test_refine_keeps_the_lowest_loss_when_the_metric_is_a_loss(tmp_path):
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = random_examples(12, seed=1)
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
+    losses = iter([1.0, 0.8, 0.6, 1.5, 0.9])  # the baseline, then one value per (lr, epoch) checkpoint
+    config = RefineConfig(mode="soft", epochs=[1, 2], learning_rates=[1e-3, 1e-2])
+    result = refine(
+        model,
+        train,
+        audit,
+        lambda m: {"loss": next(losses)},
+        config,
+        metric="loss",
+        args=_args(tmp_path),
+        runtime=Runtime(show_progress=False),
+    )
+    assert result.final_metrics["loss"] == 0.6 and (result.learning_rate, result.epochs) == (1e-3, 2)
+
+
+def test_trainer_refine_audits_again_after_the_weights_changed(tmp_path):
+    args = _args(tmp_path, num_train_epochs=1, save_strategy="no", per_device_eval_batch_size=8)
+    train = random_examples(24, seed=1)
+    trainer = SAPTrainer(
+        model=tiny_model("vit", num_labels=3),
+        args=args,
+        train_dataset=train,
+        eval_dataset=random_examples(12, seed=2),
+        sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=8),
+    )
+    first = trainer.audit_labels(filter_by="predicted_neq_given")
+    trainer.train()  # the audit read the weights before this training
+    config = RefineConfig(mode="remove", epochs=[1])
+    with mock.patch.object(refine_module, "refine", wraps=refine_module.refine) as spy:
+        import sap_hf.trainer.trainer as trainer_module
+
+        with mock.patch.object(trainer_module, "refine", spy):
+            trainer.refine(refine_config=config)
+    used = spy.call_args.args[2]
+    assert used is not first and trainer.label_audit is used  # a new audit of the trained model
+    latest = trainer.audit_labels()  # of the weights as they are now (refine may have changed them)
+    with mock.patch.object(trainer_module, "refine", spy):
+        trainer.refine(refine_config=config)  # nothing changed the weights since: that audit is used
+    assert spy.call_args.args[2] is latest

@@ -30,6 +30,7 @@ with repeated examples; with gradient accumulation the update is a mean of micro
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -223,6 +224,7 @@ class CleanupPlan:
     positions: list[int]
     targets: torch.Tensor
     unlabelled: torch.Tensor
+    given: Optional[list[int]] = None  # the audit's label of each example: checked against the data's as it is read
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -273,7 +275,10 @@ def cleanup_plan(audit: LabelAudit, mode: str, config: Optional[RefineConfig] = 
     order = torch.argsort(audit.indices)  # positions ascending: the data's order
     chosen = order[keep[order]]
     return CleanupPlan(
-        positions=audit.indices[chosen].tolist(), targets=targets[chosen].float(), unlabelled=unlabelled[chosen]
+        positions=audit.indices[chosen].tolist(),
+        targets=targets[chosen].float(),
+        unlabelled=unlabelled[chosen],
+        given=audit.given[chosen].tolist(),
     )
 
 
@@ -288,11 +293,14 @@ def cleaned_labels(audit: LabelAudit, mode: str, relabel_threshold: float = 0.9)
 # ----------------------------------------------------------------------------------------------
 
 
-def _with_target(example: Any, position: int, target: torch.Tensor, unlabelled: bool) -> dict[str, Any]:
+def _with_target(
+    example: Any, position: int, target: torch.Tensor, unlabelled: bool, given: Optional[int] = None
+) -> dict[str, Any]:
     if not isinstance(example, Mapping):
         raise ValueError(
             f"refine trains on examples that are dicts of columns (pixel_values, label); got a {type(example).__name__}."
         )
+    _check_given(example, position, given)
     hard = -100 if unlabelled else int(target.argmax())  # for collators that read a label; not trained on
     keys = [k for k in ("label", "labels") if k in example] or ["labels"]
     example = {**example, **{k: hard for k in keys}}
@@ -300,6 +308,24 @@ def _with_target(example: Any, position: int, target: torch.Tensor, unlabelled: 
     example[UNLABELLED_COLUMN] = int(unlabelled)
     example[POSITION_COLUMN] = int(position)
     return example
+
+
+def _check_given(example: Mapping, position: int, given: Optional[int]) -> None:
+    """The example at `position` carries the label the audit saw there; else the audit is of other data or another
+    order (a shuffled or filtered copy), and every target would land on the wrong image."""
+    label = next((example[k] for k in ("labels", "label") if k in example), None)
+    if given is None or label is None:
+        return
+    try:
+        label = int(label.item() if hasattr(label, "item") else label)
+    except (TypeError, ValueError):  # a label the audit mapped (e.g. a class name): not comparable here
+        return
+    if label != given:
+        raise ValueError(
+            f"train_data's example at position {position} has label {label}, but the audit saw label {given} there: "
+            "the audit was made on other data or another order (a shuffled, filtered or re-split copy). Pass the "
+            "audit of this very train_data (audit_labels(model, train_data)), in the same order."
+        )
 
 
 class PlanExamples(torch.utils.data.Dataset):
@@ -317,8 +343,11 @@ class PlanExamples(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         positions = [self.plan.positions[i] for i in indices]
         examples = fetch_examples(self.data, positions)
+        given = self.plan.given
         return [
-            _with_target(e, p, self.plan.targets[i], bool(self.plan.unlabelled[i]))
+            _with_target(
+                e, p, self.plan.targets[i], bool(self.plan.unlabelled[i]), given[i] if given is not None else None
+            )
             for e, p, i in zip(examples, positions, indices)
         ]
 
@@ -337,7 +366,8 @@ class PlanStream(torch.utils.data.IterableDataset):
         for position, example in enumerate(self.data):
             row = self.row.get(position)
             if row is not None:
-                yield _with_target(example, position, self.plan.targets[row], bool(self.plan.unlabelled[row]))
+                given = self.plan.given[row] if self.plan.given is not None else None
+                yield _with_target(example, position, self.plan.targets[row], bool(self.plan.unlabelled[row]), given)
 
 
 class PlanCollator:
@@ -488,11 +518,22 @@ def run_arguments(
 def _baseline(evaluate_fn: Callable[[nn.Module], Mapping[str, float]], base: nn.Module, metric: str) -> dict:
     """The eval metrics before any fine-tune; checks `metric` is among them before any training (a missing metric
     would otherwise fail after the first epoch)."""
-    baseline = dict(evaluate_fn(base))
+    metrics = evaluate_fn(base)
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"evaluate_fn(model) returned a {type(metrics).__name__}: it must return a dict of eval metrics, "
+            f"e.g. {{'accuracy': 0.91}} (the one refine compares is metric={metric!r})."
+        )
+    baseline = dict(metrics)
     if metric not in baseline:
         raise ValueError(
             f"metric={metric!r} is not among the eval metrics {sorted(baseline)}: pass one of them as metric= "
             "(SAPTrainer: TrainingArguments.metric_for_best_model)."
+        )
+    if not math.isfinite(float(baseline[metric])):
+        raise ValueError(
+            f"evaluate_fn gave {metric}={baseline[metric]} for the model before any fine-tune: no candidate can be "
+            "compared with it; check the eval set and the model's outputs (NaN weights or logits)."
         )
     return baseline
 
@@ -536,7 +577,7 @@ def refine(
     args: Optional[TrainingArguments] = None,
     runtime: Optional[Runtime] = None,
     metric: str = "accuracy",
-    greater_is_better: bool = True,
+    greater_is_better: Optional[bool] = None,
 ) -> RefineResult:
     """Fine-tune `model` (the SAP-corrected one) on `train_data` as `audit` says; mode, lr and length by `evaluate_fn`.
 
@@ -545,7 +586,8 @@ def refine(
     `TrainingArguments` of each run (batch size, optimiser, schedule, precision, seed, `report_to`;
     default: batch 64, AdamW, cosine, no weight decay); their learning rate and length are the
     config's. `runtime.collate_fn` batches the examples. The model is left at the best candidate;
-    unchanged when no fine-tune beats it, and restored if a run fails.
+    unchanged when no fine-tune beats it, and restored if a run fails. `greater_is_better` defaults to
+    transformers' rule: False for a metric whose name ends in "loss", else True.
     """
     config = config or RefineConfig()
     runtime = resolve_runtime(runtime)
@@ -553,8 +595,13 @@ def refine(
     train_data = as_pass_data(train_data, "train_data")
     plans, examples = _plans(audit, train_data, config)
     data, collate = examples_and_collate(train_data, runtime.collate_fn)
+    if is_map_style(data):  # a few examples read now: a copy in another order fails before any weight changes
+        first = next(iter(plans.values()))
+        PlanExamples(data, first).__getitems__(list(range(min(32, len(first)))))
     start = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # copies off the accelerator
     baseline = _baseline(evaluate_fn, base, metric)
+    if greater_is_better is None:  # TrainingArguments' rule for metric_for_best_model
+        greater_is_better = not metric.endswith("loss")
     best = _Best(baseline, metric, greater_is_better)
     trials: list[dict[str, Any]] = []
     passes = 0

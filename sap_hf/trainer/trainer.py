@@ -88,6 +88,7 @@ class SAPTrainer(Trainer):
         self.sap_result: Optional[SAPResult] = None
         self.label_audit: Optional[LabelAudit] = None
         self._audited_data: Any = None  # what label_audit was made on (refine reuses the audit for that data only)
+        self._audit_is_current = False  # False once train() or correct() has changed the weights it audited
         self.refine_result: Optional[RefineResult] = None
         self.sap_extra_record: dict[str, Any] = {}
         self._sap_saved = False
@@ -110,6 +111,7 @@ class SAPTrainer(Trainer):
             self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
             self._restore_losses(kwargs.get("resume_from_checkpoint", args[0] if args else None))
         self._checkpoint_weights.arm(args, kwargs, self.args.output_dir)
+        self._audit_is_current = False  # the weights the last audit read are about to change
         return super().train(*args, **kwargs)
 
     def _restore_losses(self, checkpoint: Any) -> None:
@@ -326,6 +328,7 @@ class SAPTrainer(Trainer):
             result.trusted_per_class = {int(k): v for k, v in recorded.per_class.items()}
             result.timings = {"selection": selection_seconds, **result.timings}
         self.sap_result = result
+        self._audit_is_current = False  # an audit made before the projection read other weights
         self._log_correction(result, metric)
         return result
 
@@ -412,7 +415,7 @@ class SAPTrainer(Trainer):
             views=views,
             runtime=self._runtime(self.args.per_device_eval_batch_size),
         )
-        self.label_audit, self._audited_data = audit, given
+        self.label_audit, self._audited_data, self._audit_is_current = audit, given, True
         if self.is_world_process_zero():
             folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "_label_audit"
             write_audit_report(audit, folder, dataset, top_k=top_k, collate_fn=self.data_collator)
@@ -436,7 +439,8 @@ class SAPTrainer(Trainer):
         """Clean-up after `correct()`: fine-tune as the label audit says (`sap_hf.audit.cleanup.refine`).
 
         `train_dataset` (default: the training set) must be the data `audit` was made on
-        (default: `self.label_audit`, or a new audit of `train_dataset`). Each run is a `Trainer`
+        (default: `self.label_audit` when it was made on `train_dataset` and no `train()`, `correct()` or clean-up
+        has changed the weights since; else a new audit of `train_dataset`, with a warning). Each run is a `Trainer`
         with this trainer's `TrainingArguments` (batch size, optimiser, schedule, precision, seed),
         learning rate and length from `refine_config`. Learning rate, length and mode are chosen on
         `eval_dataset` (default: the Trainer's); the result goes into the SAP record and the model card.
@@ -449,9 +453,8 @@ class SAPTrainer(Trainer):
         train_dataset = as_pass_data(
             train_dataset, "train_dataset"
         )  # the audit and the fine-tune read the same examples
-        if audit is None:  # the trainer's last audit, when it is of this very data; else a new one
-            audited = self.label_audit is not None and self._audited_data is given_train
-            audit = self.label_audit if audited else self.audit_labels(given_train)
+        if audit is None:  # the trainer's last audit, when it is of this very data and model; else a new one
+            audit = self._current_audit(given_train)
         refine_config = refine_config or RefineConfig()
         if refine_config.learning_rates is None:
             lr = self.args.learning_rate
@@ -468,6 +471,7 @@ class SAPTrainer(Trainer):
             greater_is_better=greater,
         )
         self.refine_result = result
+        self._audit_is_current = self._audit_is_current and not result.changed
         for trial in result.trials:
             self.log(
                 {
@@ -478,6 +482,23 @@ class SAPTrainer(Trainer):
                 }
             )
         return result
+
+    def _current_audit(self, train_dataset: Any) -> LabelAudit:
+        """`label_audit` when it was made on `train_dataset` by the current weights; else a new audit, saying why."""
+        if self.label_audit is not None and self._audit_is_current and self._audited_data is train_dataset:
+            return self.label_audit
+        if self.label_audit is not None:
+            why = (
+                "train() or correct() changed the weights since"
+                if not self._audit_is_current
+                else "it was made on other data than refine's train_dataset"
+            )
+            logger.warning(
+                "SAP refine: the last label audit is not used (%s); auditing train_dataset with the current model. "
+                "To use an audit of your own, pass refine(audit=...).",
+                why,
+            )
+        return self.audit_labels(train_dataset)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """`Trainer.save_model`, overridden to save atomically (staged files moved into place) and to add the SAP
