@@ -429,3 +429,15 @@ def test_trainer_refine_audits_again_after_the_weights_changed(tmp_path):
     with mock.patch.object(trainer_module, "refine", spy):
         trainer.refine(refine_config=config)  # nothing changed the weights since: that audit is used
     assert spy.call_args.args[2] is latest
+
+
+def test_audit_explains_tuple_batches_and_classlabel_missing_labels():
+    model = tiny_model("vit", num_labels=3, seed=0)
+    examples = random_examples(10, seed=1)
+    pairs = [(e["pixel_values"], e["labels"]) for e in examples]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=5)
+    with pytest.raises(ValueError, match="gives batches of type (list|tuple).*needs dict batches"):
+        audit_labels(model, loader, runtime=Runtime(show_progress=False))
+    missing = [dict(e, labels=-1 if i == 3 else e["labels"]) for i, e in enumerate(examples)]
+    with pytest.raises(ValueError, match="-1 is how datasets' ClassLabel marks a missing label: map it to -100"):
+        audit_labels(model, missing, runtime=Runtime(show_progress=False))

@@ -267,6 +267,12 @@ def class_labels(
         raise ValueError(
             f"{argument}: sample {ids[position]!r} has label {int(labels[position])}, outside the model's {num_labels} "
             f"classes [0, {num_labels}) (-100 is ignored); fix the label mapping or the model's num_labels."
+            + (
+                " A label of -1 is how datasets' ClassLabel marks a missing label: map it to -100 "
+                "(ds.map(lambda e: {'label': -100 if e['label'] == -1 else e['label']})) or filter those rows."
+                if int(labels[position]) == -1
+                else ""
+            )
         )
     return labels, valid
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -193,6 +193,11 @@ class DataPass:
         return class_labels(batch.batch, batch.ids, num_labels, self.argument)
 
     def require_labels(self, batch: PassBatch, num_labels: int, purpose: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch.batch, Mapping):  # e.g. a DataLoader of (image, label) tuples
+            raise ValueError(
+                f"{self.argument} gives batches of type {type(batch.batch).__name__}; {purpose} needs dict batches "
+                "with 'pixel_values' and 'labels' (e.g. a collate_fn returning {'pixel_values': ..., 'labels': ...})."
+            )
         checked = self.labels(batch, num_labels)
         if checked is None:
             raise ValueError(
