@@ -39,6 +39,9 @@ NOT_COMPARED = {
     "plot_seed",
     "wait_quiet",
 }
+#: Data locations: the checkout's place differs between machines (/work, /check/work), so only the path's
+#: tail below the workspace is compared.
+DATA_PATHS = {"images", "labels"}
 #: A run over more of these than a recorded configuration agrees with it.
 SPLIT = {"seeds", "settings", "label_sets", "lengths"}
 
@@ -63,6 +66,8 @@ def _disagreements(parsed: dict[str, Any], recorded: dict[str, Any]) -> list[str
     out = []
     for key in sorted(set(parsed) & set(recorded) - NOT_COMPARED):
         got, want = json.loads(json.dumps(parsed[key])), json.loads(json.dumps(recorded[key]))
+        if key in DATA_PATHS and isinstance(got, str) and isinstance(want, str):
+            got, want = Path(got).parts[-3:], Path(want).parts[-3:]
         if key in SPLIT and isinstance(got, list) and isinstance(want, list):
             if not set(want) <= set(got):
                 out.append(f"{key}: run {got} does not cover recorded {want}")
