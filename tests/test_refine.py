@@ -441,3 +441,37 @@ def test_audit_explains_tuple_batches_and_classlabel_missing_labels():
     missing = [dict(e, labels=-1 if i == 3 else e["labels"]) for i, e in enumerate(examples)]
     with pytest.raises(ValueError, match="-1 is how datasets' ClassLabel marks a missing label: map it to -100"):
         audit_labels(model, missing, runtime=Runtime(show_progress=False))
+
+
+def _with_image_column(examples):
+    """A datasets split as `map` leaves it when the image column is not removed: image (PIL), pixel_values, label."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    return datasets.Dataset.from_dict(
+        {
+            "image": [Image.fromarray(np.zeros((8 + i % 3, 8, 3), np.uint8)) for i in range(len(examples))],
+            "pixel_values": [e["pixel_values"].numpy() for e in examples],
+            "label": [e["labels"] for e in examples],
+        },
+        datasets.Features(
+            {
+                "image": datasets.Image(),
+                "pixel_values": datasets.Array3D((3, 16, 16), "float32"),
+                "label": datasets.Value("int64"),
+            }
+        ),
+    )
+
+
+def test_refine_batches_the_model_inputs_beside_a_leftover_image_column(tmp_path):
+    """The default collator batched every column, and a PIL image failed in torch.tensor: the passes now batch what
+    the model takes (pixel_values) and the labels, as Trainer drops the columns its model's forward does not take."""
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = _with_image_column(random_examples(12, seed=1))
+    quiet = Runtime(show_progress=False)
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=quiet)
+    config = RefineConfig(mode="soft", epochs=[1], learning_rates=[1e-3])
+    result = refine(model, train, audit, lambda m: {"accuracy": 0.0}, config, args=_args(tmp_path), runtime=quiet)
+    assert len(result.trials) == 1

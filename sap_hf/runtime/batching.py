@@ -33,6 +33,9 @@ logger = logging.get_logger(__name__)
 Batch = dict[str, Any]
 Collator = Callable[[list[dict[str, Any]]], Batch]
 
+PASS_COLUMNS = ("pixel_values", "labels", "label", "label_ids", KEY_COLUMN)
+"""What `default_collate` batches: the passes call `model(pixel_values=...)` and read the labels (and keys)."""
+
 
 def _is_batch(item: Any) -> bool:
     if not isinstance(item, Mapping):
@@ -87,7 +90,7 @@ def iter_shard_batches(
     decoding in `collate_fn` (see `sap_hf.data.ImageTransform.collate`) that reading is cheap, but it
     is still every row's I/O on every process, so the main process warns once (`_warn_read_whole`).
     `by_key=False` ignores keys: identities are positions and every process reads the whole stream.
-    Examples batched by `default_data_collator` are checked first (`check_collatable`, naming `argument`).
+    Examples batched by `default_collate` are checked first (`check_collatable`, naming `argument`).
     """
     if isinstance(data, IndexedSubset):  # walk the stream itself, sharded, keeping the subset's identities
         keep = data.indices if keep is None else keep & data.indices
@@ -99,7 +102,7 @@ def iter_shard_batches(
     def emit(ids: list, examples: list) -> tuple:
         if check is not None:  # the caller's checks of the raw examples (string labels), before the collator sees them
             check(ids, examples)
-        if collate is default_data_collator:  # its failures speak torch's words: say what is wrong, and the fix
+        if collate is default_collate:  # its failures speak torch's words: say what is wrong, and the fix
             check_collatable(ids, examples, argument)
         batch = collate(examples)
         return (ids, batch, examples) if with_examples else (ids, batch)
@@ -163,10 +166,24 @@ def _chunked(
 
 
 def examples_and_collate(data: Any, collate_fn: Optional[Collator]) -> tuple[Any, Collator]:
-    """What to read and how to batch it: a DataLoader's dataset through its own collate_fn, else `collate_fn`."""
-    if isinstance(data, LoaderData):
-        return data.examples(), data.collate_fn or collate_fn or default_data_collator
-    return data, collate_fn or default_data_collator
+    """What to read and how to batch it: a DataLoader's dataset through its own collate_fn, else `collate_fn`;
+    `default_collate` for none or `default_data_collator` (a Trainer's data_collator when it was given none)."""
+    collate = (data.collate_fn if isinstance(data, LoaderData) else None) or collate_fn
+    collate = default_collate if collate in (None, default_data_collator) else collate
+    return (data.examples() if isinstance(data, LoaderData) else data), collate
+
+
+def default_collate(examples: list[Any]) -> Batch:
+    """`default_data_collator` on the `PASS_COLUMNS` of examples that hold `pixel_values`.
+
+    As `Trainer` drops the columns its model's forward does not take (`remove_unused_columns`), so that an image
+    column left beside `pixel_values` (a PIL image `map` or `with_transform` keeps unless told to remove it) is not
+    batched: `default_data_collator` fails on it inside `torch.tensor`. Examples without `pixel_values` are batched
+    whole, so that the error after collation names their keys.
+    """
+    if examples and isinstance(examples[0], Mapping) and "pixel_values" in examples[0]:
+        examples = [{k: v for k, v in e.items() if k in PASS_COLUMNS} for e in examples]
+    return default_data_collator(examples)
 
 
 def _has_key(example: Any) -> bool:

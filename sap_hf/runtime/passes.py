@@ -46,7 +46,8 @@ class Runtime:
 
     Args:
         accelerator: an `accelerate.Accelerator` for several processes (None: this process alone).
-        collate_fn: turns a list of examples into a batch (default `transformers.default_data_collator`);
+        collate_fn: turns a list of examples into a batch (default `transformers.default_data_collator` on the
+            columns the passes use: `batching.default_collate`);
             a `DataLoader` given as data brings its own.
         batch_size: examples per batch and process.
         show_progress: a progress bar per pass, on the main process.
