@@ -475,3 +475,27 @@ def test_refine_batches_the_model_inputs_beside_a_leftover_image_column(tmp_path
     config = RefineConfig(mode="soft", epochs=[1], learning_rates=[1e-3])
     result = refine(model, train, audit, lambda m: {"accuracy": 0.0}, config, args=_args(tmp_path), runtime=quiet)
     assert len(result.trials) == 1
+
+
+def test_refine_rejects_drop_last_with_a_mode_smaller_than_a_batch_before_training(tmp_path):
+    model = tiny_model("vit", num_labels=3, seed=0)
+    train = random_examples(24, seed=1)
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
+    kept = int((~audit.suspected).sum())
+    assert 0 < kept < 16  # 'remove' keeps less than one batch of 16; 'soft' (first) keeps all 24
+    before = snapshot(model)
+    config = RefineConfig(mode=["soft", "remove"], epochs=[1], learning_rates=[1e-3])
+    with mock.patch.object(refine_module.CleanupTrainer, "train", side_effect=AssertionError("trained")):
+        with pytest.raises(
+            ValueError, match=rf"dataloader_drop_last=True.*mode='remove'.* trains on {kept} examples.*batch of 16"
+        ):
+            refine(
+                model,
+                train,
+                audit,
+                lambda m: {"accuracy": 0.0},
+                config,
+                args=_args(tmp_path, batch_size=16, dataloader_drop_last=True),
+                runtime=Runtime(show_progress=False),
+            )
+    assert_identical(model, before)

@@ -594,6 +594,7 @@ def refine(
     base = runtime.unwrap(model)
     train_data = as_pass_data(train_data, "train_data")
     plans, examples = _plans(audit, train_data, config)
+    _check_drop_last(plans, args)
     data, collate = examples_and_collate(train_data, runtime.collate_fn)
     if is_map_style(data):  # a few examples read now: a copy in another order fails before any weight changes
         first = next(iter(plans.values()))
@@ -639,6 +640,27 @@ def refine(
         cost_epochs=passes / max(1, len(audit)),
         **best.choice,
     )
+
+
+def _check_drop_last(plans: Mapping[str, CleanupPlan], args: Optional[TrainingArguments]) -> None:
+    """With `dataloader_drop_last`, a mode that trains on fewer examples than one global batch has no batch to train
+    on: refused before any run, not after the earlier modes' runs (Trainer fails then, on an empty loader). Not
+    worked around: a batch the user asked to drop (often for a fixed shape or BatchNorm) would be trained on, and
+    only for some trials."""
+    if args is None or not args.dataloader_drop_last:
+        return
+    batch = args.train_batch_size * args.world_size
+    devices = batch // args.per_device_train_batch_size
+    for mode, plan in plans.items():
+        if len(plan) < batch:
+            most = len(plan) // devices
+            raise ValueError(
+                f"TrainingArguments.dataloader_drop_last=True leaves the clean-up's mode={mode!r} no batch: it trains "
+                f"on {len(plan)} examples, fewer than one batch of {batch} (per_device_train_batch_size="
+                f"{args.per_device_train_batch_size} x {devices} device(s)). Set dataloader_drop_last=False"
+                + (f", per_device_train_batch_size <= {most}" if most else "")
+                + f", or leave {mode!r} out of RefineConfig.mode."
+            )
 
 
 class _Best:
