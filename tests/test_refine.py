@@ -499,3 +499,25 @@ def test_refine_rejects_drop_last_with_a_mode_smaller_than_a_batch_before_traini
                 runtime=Runtime(show_progress=False),
             )
     assert_identical(model, before)
+
+
+def _refine_trainer(tmp_path, **extra):
+    return SAPTrainer(
+        model=tiny_model("vit", num_labels=3),
+        args=_args(tmp_path, per_device_eval_batch_size=8, save_strategy="no", **extra),
+        train_dataset=random_examples(24, seed=1),
+        eval_dataset=random_examples(12, seed=2),
+    )
+
+
+def test_trainer_refine_checks_the_metric_before_the_audit_pass(tmp_path):
+    trainer = _refine_trainer(tmp_path, metric_for_best_model="f1")
+    with mock.patch.object(SAPTrainer, "audit_labels", side_effect=AssertionError("audited")):
+        with pytest.raises(ValueError, match="metric='f1' is not among the eval metrics"):
+            trainer.refine(refine_config=RefineConfig(mode="remove", epochs=[1]))
+    import sap_hf.trainer.evaluation as evaluation
+
+    trainer = _refine_trainer(tmp_path)
+    with mock.patch.object(evaluation, "trainer_metrics", wraps=evaluation.trainer_metrics) as evaluations:
+        trainer.refine(refine_config=RefineConfig(mode="soft", epochs=[1]))
+    assert evaluations.call_count == 1 + 2  # the baseline once (before the audit), then each lr's epoch

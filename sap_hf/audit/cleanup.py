@@ -515,10 +515,15 @@ def run_arguments(
 # ----------------------------------------------------------------------------------------------
 
 
-def _baseline(evaluate_fn: Callable[[nn.Module], Mapping[str, float]], base: nn.Module, metric: str) -> dict:
-    """The eval metrics before any fine-tune; checks `metric` is among them before any training (a missing metric
-    would otherwise fail after the first epoch)."""
-    metrics = evaluate_fn(base)
+def baseline_metrics(
+    evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
+    model: nn.Module,
+    metric: str,
+    measured: Optional[Mapping[str, float]] = None,
+) -> dict:
+    """The eval metrics before any fine-tune (`measured`, when the caller has taken them); checks `metric` is among
+    them before any training (a missing metric would otherwise fail after the first epoch)."""
+    metrics = evaluate_fn(model) if measured is None else measured
     if not isinstance(metrics, Mapping):
         raise TypeError(
             f"evaluate_fn(model) returned a {type(metrics).__name__}: it must return a dict of eval metrics, "
@@ -578,6 +583,7 @@ def refine(
     runtime: Optional[Runtime] = None,
     metric: str = "accuracy",
     greater_is_better: Optional[bool] = None,
+    baseline: Optional[Mapping[str, float]] = None,
 ) -> RefineResult:
     """Fine-tune `model` (the SAP-corrected one) on `train_data` as `audit` says; mode, lr and length by `evaluate_fn`.
 
@@ -587,7 +593,9 @@ def refine(
     default: batch 64, AdamW, cosine, no weight decay); their learning rate and length are the
     config's. `runtime.collate_fn` batches the examples. The model is left at the best candidate;
     unchanged when no fine-tune beats it, and restored if a run fails. `greater_is_better` defaults to
-    transformers' rule: False for a metric whose name ends in "loss", else True.
+    transformers' rule: False for a metric whose name ends in "loss", else True. `baseline`: `evaluate_fn(model)`
+    when the caller has measured it (`baseline_metrics`; `SAPTrainer.refine` does, to check the metric before its
+    audit pass), so the eval set is not read again.
     """
     config = config or RefineConfig()
     runtime = resolve_runtime(runtime)
@@ -600,7 +608,7 @@ def refine(
         first = next(iter(plans.values()))
         PlanExamples(data, first).__getitems__(list(range(min(32, len(first)))))
     start = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # copies off the accelerator
-    baseline = _baseline(evaluate_fn, base, metric)
+    baseline = baseline_metrics(evaluate_fn, base, metric, measured=baseline)
     if greater_is_better is None:  # TrainingArguments' rule for metric_for_best_model
         greater_is_better = not metric.endswith("loss")
     best = _Best(baseline, metric, greater_is_better)

@@ -26,7 +26,7 @@ from transformers.trainer_utils import RemoveColumnsCollator, seed_worker
 from transformers.utils import logging
 
 from ..api import SAPResult, sap_correct
-from ..audit.cleanup import MODES, RefineConfig, RefineResult, refine
+from ..audit.cleanup import MODES, RefineConfig, RefineResult, baseline_metrics, refine
 from ..audit.labels import LabelAudit, audit_labels
 from ..audit.report import write_audit_report
 from ..core.config import SAPConfig
@@ -450,6 +450,7 @@ class SAPTrainer(Trainer):
             "refine()", "train_dataset", train_dataset, eval_dataset, "lr and length"
         )
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
+        baseline = baseline_metrics(evaluate_fn, self.model, metric)  # a missing metric fails before the audit pass
         train_dataset = as_pass_data(
             train_dataset, "train_dataset"
         )  # the audit and the fine-tune read the same examples
@@ -469,6 +470,7 @@ class SAPTrainer(Trainer):
             runtime=self._runtime(self.args.per_device_eval_batch_size),
             metric=metric,
             greater_is_better=greater,
+            baseline=baseline,
         )
         self.refine_result = result
         self._audit_is_current = self._audit_is_current and not result.changed
