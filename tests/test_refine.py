@@ -521,3 +521,10 @@ def test_trainer_refine_checks_the_metric_before_the_audit_pass(tmp_path):
     with mock.patch.object(evaluation, "trainer_metrics", wraps=evaluation.trainer_metrics) as evaluations:
         trainer.refine(refine_config=RefineConfig(mode="soft", epochs=[1]))
     assert evaluations.call_count == 1 + 2  # the baseline once (before the audit), then each lr's epoch
+
+
+def test_trainer_refine_logs_the_mode_by_name(tmp_path):
+    trainer = _refine_trainer(tmp_path)
+    trainer.refine(refine_config=RefineConfig(mode=["remove", "soft"], epochs=[1]))
+    modes = [entry["sap/refine_mode"] for entry in trainer.state.log_history if "sap/refine_mode" in entry]
+    assert modes == ["remove", "remove", "soft", "soft"]  # (two learning rates each)

@@ -26,7 +26,7 @@ from transformers.trainer_utils import RemoveColumnsCollator, seed_worker
 from transformers.utils import logging
 
 from ..api import SAPResult, sap_correct
-from ..audit.cleanup import MODES, RefineConfig, RefineResult, baseline_metrics, refine
+from ..audit.cleanup import RefineConfig, RefineResult, baseline_metrics, refine
 from ..audit.labels import LabelAudit, audit_labels
 from ..audit.report import write_audit_report
 from ..core.config import SAPConfig
@@ -474,12 +474,12 @@ class SAPTrainer(Trainer):
         )
         self.refine_result = result
         self._audit_is_current = self._audit_is_current and not result.changed
-        for trial in result.trials:
+        for trial in result.trials:  # the mode by name (log_history, console, TensorBoard text, W&B; MLflow drops it)
             self.log(
                 {
                     "sap/refine_lr": trial["learning_rate"],
                     "sap/refine_epochs": float(trial["epochs"]),
-                    "sap/refine_mode": float(MODES.index(trial["mode"])),
+                    "sap/refine_mode": trial["mode"],
                     **{f"sap/refine_{k}": v for k, v in trial["metrics"].items() if not k.endswith(_BOOKKEEPING)},
                 }
             )
