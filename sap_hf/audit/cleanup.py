@@ -609,8 +609,6 @@ def refine(
         PlanExamples(data, first).__getitems__(list(range(min(32, len(first)))))
     start = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # copies off the accelerator
     baseline = baseline_metrics(evaluate_fn, base, metric, measured=baseline)
-    if greater_is_better is None:  # TrainingArguments' rule for metric_for_best_model
-        greater_is_better = not metric.endswith("loss")
     best = _Best(baseline, metric, greater_is_better)
     trials: list[dict[str, Any]] = []
     passes = 0
@@ -674,7 +672,9 @@ def _check_drop_last(plans: Mapping[str, CleanupPlan], args: Optional[TrainingAr
 class _Best:
     """The best candidate so far: "no change" (the baseline) until a fine-tune beats it on the eval metric."""
 
-    def __init__(self, baseline: Mapping[str, float], metric: str, greater_is_better: bool):
+    def __init__(self, baseline: Mapping[str, float], metric: str, greater_is_better: Optional[bool]):
+        if greater_is_better is None:  # TrainingArguments' rule for metric_for_best_model
+            greater_is_better = not metric.endswith("loss")
         self.metric, self.sign = metric, 1.0 if greater_is_better else -1.0
         self.metrics = dict(baseline)
         self.choice: dict[str, Any] = {"mode": None, "learning_rate": None, "epochs": 0}
