@@ -87,6 +87,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import report
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
 from methods import add_peer_arguments, add_refine_arguments, oracle_sizes, peer_rows, peer_settings, sap_refine_row
 
@@ -736,82 +737,6 @@ def _worker(task: tuple[str, int, argparse.Namespace, str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _summary_name(row: dict[str, Any]) -> str:
-    """A row's method in the summary: the peers' rows add their forget set ('ssd (realistic)', 'scrub (oracle)')."""
-    return f"{row['method']} ({row['forget_set']})" if "forget_set" in row else row["method"]
-
-
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        summary[setting] = {}
-        for method in dict.fromkeys(_summary_name(r) for r in rows if r["setting"] == setting):
-            chosen = [r for r in rows if r["setting"] == setting and _summary_name(r) == method]
-            entry = {
-                "test_accuracy": mean_std([r["test_accuracy"] for r in chosen]),
-                "gain_vs_none": mean_std([r["gain_vs_none"] for r in chosen]),
-            }
-            if all("gain_vs_base" in r for r in chosen):  # robust_<loss> rows: against the robust model itself
-                entry["gain_vs_base"] = mean_std([r["gain_vs_base"] for r in chosen])
-            if all("purity" in r for r in chosen):
-                entry["purity"] = mean_std([r["purity"] for r in chosen])
-            keys = (
-                "rule",
-                "trusted_per_class",
-                "alpha",
-                "alpha_scope",
-                "kind_alphas",
-                "lr",
-                "ft_epochs",
-                "epoch",
-                "refine_mode",
-                "refine_epochs",
-                "forget_set",
-                "forget_size",
-                "lam",
-                "max_epochs",
-                "scrub_epochs",
-            )
-            entry["choices"] = [{k: r[k] for k in keys if k in r} for r in chosen]
-            summary[setting][method] = entry
-    return summary
-
-
-def purity_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per setting and rule/k: mean purity, SAP gain and fine-tuning gain over `none`."""
-    out: dict[str, Any] = {}
-    for row in rows:
-        if not row["method"].startswith("sap["):
-            continue
-        key = row["method"][4:-1]
-        ft = next(
-            r
-            for r in rows
-            if r["setting"] == row["setting"]
-            and r["seed"] == row["seed"]
-            and r["method"] == f"finetune_trusted[{key}]"
-        )
-        per_kind = next(
-            (
-                r
-                for r in rows
-                if r["setting"] == row["setting"]
-                and r["seed"] == row["seed"]
-                and r["method"] == f"sap_per_kind[{key}]"
-            ),
-            None,
-        )
-        entry = out.setdefault(row["setting"], {}).setdefault(
-            key, {"purity": [], "sap_gain": [], "sap_per_kind_gain": [], "finetune_gain": []}
-        )
-        entry["purity"].append(row["purity"])
-        entry["sap_gain"].append(row["gain_vs_none"])
-        if per_kind is not None:
-            entry["sap_per_kind_gain"].append(per_kind["gain_vs_none"])
-        entry["finetune_gain"].append(ft["gain_vs_none"])
-    return {s: {k: {m: mean_std(v) for m, v in e.items() if v} for k, e in d.items()} for s, d in out.items()}
-
-
 def _choice(choice: dict[str, Any]) -> str:
     if not choice:
         return ""
@@ -837,33 +762,6 @@ def _choice(choice: dict[str, Any]) -> str:
     if "alpha" in choice:
         return text + (f"/a={choice['alpha']:g}" if choice["alpha"] is not None else "/unchanged")
     return text + (f"/lr={choice['lr']:g}x{choice['ft_epochs']}ep" if choice.get("lr") is not None else "/unchanged")
-
-
-def print_table(summary: dict[str, Any], purity: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
-    for setting, methods in summary.items():
-        fits = [r["train_noisy_accuracy"] for r in runs if r["setting"] == setting]
-        if not fits:  # only robust_<loss> rows (print_robust_table)
-            continue
-        print(
-            f"\n== {setting}: test accuracy (%), mean ± std over {len(fits)} seed(s); "
-            f"memorised model fits {100 * statistics.fmean(fits):.1f}% of the noisy training labels =="
-        )
-        print(f"{'method':34s} {'test acc':>14s} {'gain vs none':>14s}  choices (per seed)")
-        for method, entry in methods.items():
-            if "[" in method or method.startswith("robust_"):
-                continue
-            choices = " ".join(_choice(setting_rows) for setting_rows in entry.get("choices", []))
-            print(f"{method:34s} {pct(entry['test_accuracy']):>14s} {pct(entry['gain_vs_none']):>14s}  {choices}")
-        print(
-            f"  {'trusted set (rule/k)':32s} {'purity':>14s} {'SAP gain':>14s} {'per-kind gain':>14s} {'finetune gain':>14s}"
-        )
-        for key, entry in purity.get(setting, {}).items():
-            per_kind = pct(entry["sap_per_kind_gain"]) if "sap_per_kind_gain" in entry else "-"
-            print(
-                f"  {key:32s} {pct(entry['purity']):>14s} {pct(entry['sap_gain']):>14s} {per_kind:>14s} "
-                f"{pct(entry['finetune_gain']):>14s}"
-            )
 
 
 def _unchanged(row: dict[str, Any]) -> bool:
@@ -909,62 +807,6 @@ def robust_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def print_robust_table(robust: dict[str, Any]) -> None:
-    if not any(set(losses) - {"ce"} for losses in robust.values()):
-        return
-    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
-    print("\n== Robust losses: test accuracy (%), mean ± std over seeds; SAP gain = <loss>+sap - <loss> (points) ==")
-    print(
-        f"{'setting':8s} {'loss':5s} {'noisy fit':>10s} {'model':>14s} {'best_epoch':>14s} {'+SAP':>14s} "
-        f"{'SAP gain':>14s}  per seed / unchanged seeds / choices"
-    )
-    for setting, losses in robust.items():
-        for loss, e in losses.items():
-            per_seed = " ".join(f"{100 * g:+.1f}" for g in e["sap_gain_per_seed"])
-            print(
-                f"{setting:8s} {loss:5s} {100 * e['train_noisy_accuracy']['mean']:9.1f}% {pct(e['model']):>14s} "
-                f"{pct(e['best_epoch']):>14s} {pct(e['sap']):>14s} {pct(e['sap_gain']):>14s}  {per_seed} / "
-                f"{e['sap_unchanged_seeds'] or '-'} / {' '.join(e['sap_choices'])}"
-            )
-
-
-def plot_robust(robust: dict[str, Any], out_dir: Path) -> list[str]:
-    """Bars per loss: the trained model, its best epoch, SAP on it (mean ± std over seeds), one panel per setting."""
-    plt = common.pyplot()
-    if plt is None or not any(set(losses) - {"ce"} for losses in robust.values()):
-        return []
-    figure, axes = plt.subplots(1, len(robust), figsize=(5.5 * len(robust), 4), squeeze=False)
-    bars = (
-        ("model", "trained model", "grey"),
-        ("best_epoch", "best epoch (val)", "green"),
-        ("sap", "+ SAP (val)", "red"),
-    )
-    for axis, (setting, losses) in zip(axes[0], robust.items()):
-        names = list(losses)
-        for j, (key, label, color) in enumerate(bars):
-            axis.bar(
-                [i + (j - 1) * 0.27 for i in range(len(names))],
-                [100 * losses[n][key]["mean"] for n in names],
-                0.27,
-                yerr=[100 * losses[n][key]["std"] for n in names],
-                capsize=3,
-                color=color,
-                alpha=0.75,
-                label=label,
-            )
-        axis.set_xticks(
-            range(len(names)), [f"{n}\n(fit {100 * losses[n]['train_noisy_accuracy']['mean']:.0f}%)" for n in names]
-        )
-        axis.set_ylabel("clean test accuracy (%)")
-        axis.set_title(f"{setting}: training loss, then SAP", fontsize=9)
-        axis.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
-    path = out_dir / "accuracy_robust.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [str(path)]
-
-
 #: The peers table's columns (summary names) and its targets: (ours, theirs) where ours should be >= theirs.
 PEER_TABLE = (
     "finetune_trusted",
@@ -990,8 +832,8 @@ def peers_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for setting in dict.fromkeys(r["setting"] for r in rows):
         by_seed: dict[int, dict[str, dict]] = {}
         for r in rows:
-            if r["setting"] == setting and _summary_name(r) in PEER_TABLE:
-                by_seed.setdefault(r["seed"], {})[_summary_name(r)] = r
+            if r["setting"] == setting and report.row_name(r) in PEER_TABLE:
+                by_seed.setdefault(r["seed"], {})[report.row_name(r)] = r
         seeds = sorted(seed for seed, found in by_seed.items() if set(PEER_TABLE) <= set(found))
         if not seeds:
             continue
@@ -1034,62 +876,12 @@ def peers_table(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def print_peers_table(table: dict[str, Any]) -> None:
-    if not table:
-        return
-    pct = lambda s: f"{100 * s['mean']:5.1f} ± {100 * s['std']:4.1f}"
-    print("\n== Peers: test accuracy (%), mean ± std over seeds; oracle = forget set of truly mislabelled images ==")
-    for setting, entry in table.items():
-        print(f"{setting} (seeds {entry['seeds']})")
-        for name, m in entry["methods"].items():
-            extra = (
-                (
-                    f"  cost {m['cost_epochs']['mean']:.2f} ep (final {m['cost_epochs_final']['mean']:.2f}), "
-                    f"choices {' '.join(m['choices'])}"
-                )
-                if "cost_epochs" in m
-                else ""
-            )
-            print(f"  {name:20s} {pct(m['test_accuracy']):>14s}{extra}")
-        for t in entry["targets"]:
-            per_seed = " ".join(f"{100 * d:+.1f}" for d in t["per_seed"])
-            print(
-                f"  {t['ours']} - {t['theirs']}: {100 * t['difference']['mean']:+.1f} ({per_seed}) "
-                f"{'met' if t['met'] else 'NOT met'}"
-            )
-
-
-def plot_peers(table: dict[str, Any], out_dir: Path) -> list[str]:
-    """Bars per setting: fine-tuning, SAP, SAP+refine and the peers with both forget sets (mean ± std)."""
-    plt = common.pyplot()
-    if plt is None or not table:
-        return []
-    figure, axis = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(table)
-    names = [n for n in next(iter(table.values()))["methods"] if all(n in e["methods"] for e in table.values())]
-    for i, (setting, entry) in enumerate(table.items()):
-        methods = entry["methods"]
-        axis.bar(
-            [j + i * width for j in range(len(names))],
-            [100 * methods[n]["test_accuracy"]["mean"] for n in names],
-            width,
-            yerr=[100 * methods[n]["test_accuracy"]["std"] for n in names],
-            capsize=3,
-            label=setting,
-        )
-    axis.set_xticks(
-        [j + width * (len(table) - 1) / 2 for j in range(len(names))],
-        [n.replace(" (", "\n(").replace("[", "\n[") for n in names],
-        fontsize=7,
-    )
-    axis.set_ylabel("clean test accuracy (%)")
-    axis.set_title("SAP against SSD and SCRUB (oracle: forget set of truly mislabelled images)", fontsize=9)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out_dir / "accuracy_peers.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return [str(path)]
+#: The bar figures: file -> the methods each shows (all of them, for the robust losses).
+FIGURES = {
+    "accuracy_methods.png": (*MAIN_METHODS, *EXTRA_METHODS),
+    "accuracy_peers.png": PEER_TABLE,
+    "accuracy_robust.png": None,
+}
 
 
 def plot(
@@ -1100,11 +892,25 @@ def plot(
     plot_seed: int,
     out_dir: Path,
 ) -> list[str]:
-    """The alpha figure (one seed per setting) and the methods bar chart, from what accuracy.json holds."""
+    """The alpha figure (one seed per setting) and the bar figures (`FIGURES`), from what accuracy.json holds."""
     plt = common.pyplot()
     if plt is None:
         return []
     written = []
+    for name, shown in FIGURES.items():
+        robust = name == "accuracy_robust.png"
+        chosen = {
+            setting: {
+                m: e
+                for m, e in methods.items()
+                if (m in shown if shown else "[" not in m and (m.startswith("robust_") or m in ("none", "sap")))
+            }
+            for setting, methods in summary.items()
+        }
+        if any(len(methods) > 1 for methods in chosen.values()) and (
+            not robust or any(m.startswith("robust_") for methods in chosen.values() for m in methods)
+        ):
+            written.append(report.bars(chosen, out_dir / name, "Fashion-MNIST, tiny ViT memorising 40% noise:"))
     shown = [run for run in runs if run["seed"] == plot_seed]
     if shown:
         figure, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.8), squeeze=False)
@@ -1160,31 +966,6 @@ def plot(
         plt.close(figure)
         written.append(str(path))
 
-    methods = list(MAIN_METHODS) + list(EXTRA_METHODS)
-    figure, axis = plt.subplots(figsize=(7, 4))
-    width = 0.8 / max(1, len(summary))
-    for i, (setting, entries) in enumerate(summary.items()):
-        present = [m for m in methods if m in entries]
-        xs = [methods.index(m) + i * width for m in present]
-        axis.bar(
-            xs,
-            [100 * entries[m]["test_accuracy"]["mean"] for m in present],
-            width,
-            yerr=[100 * entries[m]["test_accuracy"]["std"] for m in present],
-            capsize=3,
-            label=setting,
-        )
-    axis.set_xticks(
-        [j + width * (len(summary) - 1) / 2 for j in range(len(methods))], methods, rotation=15, fontsize=8
-    )
-    axis.set_ylabel("clean test accuracy (%)")
-    axis.set_title("Tiny ViT memorising 40% label noise on Fashion-MNIST (mean ± std over seeds)", fontsize=9)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    path = out_dir / "accuracy_methods.png"
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    written.append(str(path))
     return written
 
 
@@ -1198,12 +979,9 @@ def replot(out_dir: Path) -> None:
             stored["peers"] = record["peers"]
             common.write_json(out_dir / "accuracy.json", stored)
     config = record["config"]
-    plot(record["rows"], record["runs"], record["summary"], config["alphas"], config["plot_seed"], out_dir)
-    plot_robust(record.get("robust", {}), out_dir)
-    plot_peers(record.get("peers", {}), out_dir)
-    print_table(record["summary"], record["purity"], record["runs"])
-    print_robust_table(record.get("robust", {}))
-    print_peers_table(record.get("peers", {}))
+    summary = report.summarise(record["rows"], ("setting",))
+    plot(record["rows"], record["runs"], summary, config["alphas"], config["plot_seed"], out_dir)
+    report.print_tables(out_dir / "accuracy.json")
 
 
 def _result_group(result: dict[str, Any]) -> str:
@@ -1279,9 +1057,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         existing = json.loads(path.read_text()) if args.merge and path.exists() else {}
         record = build_record(args, results, existing, out_dir, started)
         common.write_json(path, record)
-    print_table(record["summary"], record["purity"], record["runs"])
-    print_robust_table(record["robust"])
-    print_peers_table(record["peers"])
+    report.print_tables(path)
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 
@@ -1294,8 +1070,7 @@ def build_record(
     runs = [result["run"] for result in results if _result_group(result) == "ce"]
     robust_runs = [result["run"] for result in results if "loss" in result]
     rows, runs, robust_runs = merge(existing, rows, runs, robust_runs)
-    summary = summarise(rows)
-    purity = purity_table(rows)
+    summary = report.summarise(rows, ("setting",))
     robust = robust_table(rows)
     peer_table = peers_table(rows)
 
@@ -1306,7 +1081,6 @@ def build_record(
     record = {
         "rows": rows,
         "summary": summary,
-        "purity": purity,
         "robust": robust,
         "peers": peer_table,
         "runs": runs,
@@ -1337,8 +1111,6 @@ def build_record(
         record["merged"] = existing["merged"]
     if not args.no_plot:
         written = plot(rows, runs, summary, list(record["config"]["alphas"]), record["config"]["plot_seed"], out_dir)
-        written += plot_robust(robust, out_dir)
-        written += plot_peers(peer_table, out_dir)
         record["plots"] = [os.path.relpath(p, out_dir) for p in written]
     elif existing.get("plots"):
         record["plots"] = existing["plots"]  # redraw them with --replot

@@ -66,25 +66,22 @@ from typing import Any, Optional
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import report  # noqa: E402
 from common import (  # noqa: E402
     PAPER_SAP,
     accuracy,
     clean_label_cleanup_row,
     cleanup_study_rows,
-    cleanup_table,
-    cleanup_targets,
     cross_validated_probs,
     environment,
     finetune_grid,
     fit_diagnostics,
     image_tensors,
-    mean_std,
-    plot_cleanup,
     refine_row,
     run_tasks,
     sap_step,
     shift_audit,
-    summarise_cleanup,
     train_epochs,
     train_from_scratch,
     write_json,
@@ -531,7 +528,6 @@ def trained_model(
 ) -> dict[str, Any]:
     """`train_from_scratch` on the noisy (oracle: clean) labels, or its result from `--cache_dir`; model at its last
     epoch. The mae regime's names add the backbone's settings."""
-    import torch
 
     keys = (
         "train_size",
@@ -546,18 +542,12 @@ def trained_model(
         "weight_decay",
     )
     regime = [] if args.regime == "scratch" else [Path(args.backbone).stem]
-    name = "_".join([*regime, label_set, str(seed), *(f"{k}={getattr(args, k)}" for k in keys)]) + ".pt"
-    path = Path(args.cache_dir) / name if args.cache_dir else None
-    if path is not None and path.is_file():
-        cached = torch.load(path, weights_only=False)
-        model.load_state_dict(cached.pop("last"))
-        return cached
+    key = "_".join([*regime, label_set, str(seed), common.cache_key({k: getattr(args, k) for k in keys})])
     if label_set == "oracle":
         data = dict(data, train_y=data["clean_y"])
-    trained = train_from_scratch(model, data, args, seed)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**trained, "last": model.state_dict()}, path)
+    path = Path(args.cache_dir) / f"{key}.pt" if args.cache_dir else None
+    trained = common.cached_training(path, model, lambda: train_from_scratch(model, data, args, seed))
+    trained.pop("cached", None)
     return trained
 
 
@@ -572,11 +562,11 @@ def task_key(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
 
 def summarised(record: dict[str, Any]) -> dict[str, Any]:
     """`record` with its summary, targets and audit summary computed again from its rows."""
-    summary = summarise_cleanup(record["rows"], "label_set")
+    summary = report.summarise(record["rows"], ("label_set",), shared="oracle")
     return dict(
         record,
         summary=summary,
-        targets=cleanup_targets(summary),
+        targets=report.gap_targets(summary, 1),
         audit_summary=audit_summary(record.get("audits", [])),
     )
 
@@ -590,8 +580,8 @@ def audit_summary(audits: list[dict[str, Any]]) -> dict[str, Any]:
         for method in dict.fromkeys(r["method"] for r in audits if r["label_set"] == label_set):
             group = [r for r in audits if r["label_set"] == label_set and r["method"] == method]
             cell[method] = {
-                "audit_ap": mean_std(r["audit_ap"] for r in group),
-                "seconds": mean_std(r["seconds"] for r in group)["mean"],
+                "audit_ap": report.mean_std(r["audit_ap"] for r in group),
+                "seconds": report.mean_std(r["seconds"] for r in group)["mean"],
                 "base_rate": group[0]["base_rate"],
             }
         cleanlab = next((m for m in cell if m.startswith("cleanlab")), None)
@@ -643,9 +633,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         )
         final = merged(record(results), previous)
         write_json(out, final)
-    figure = plot_cleanup(final["summary"], out.with_suffix(".png"), title)
-    print(cleanup_table(final["summary"]))
-    print(json.dumps({"targets": final["targets"], "audits": final["audit_summary"]}, indent=1), figure)
+    report.print_tables(out, "cifar10n_mae.json" if args.regime == "mae" else "cifar10n.json")
+    print(json.dumps({"targets": final["targets"], "audits": final["audit_summary"]}, indent=1))
+    report.bars(final["summary"], out.with_suffix(".png"), title)
     return final
 
 

@@ -12,8 +12,8 @@ images with 40% noise for 100 epochs, until it memorises), its models when `--ca
     ...-noaug         the same clean-up without augmentation (RefineConfig(augment=False); --augment 1 0)
     best+sap(+...)    the same pipeline from the val-best epoch instead of the last one
 
-`benchmarks/cifar10n.py` runs the same methods on real human noise. Rows, summary, targets: `common.sap_and_cleanups`,
-`summarise_cleanup`, `cleanup_targets`.
+`benchmarks/cifar10n.py` runs the same methods on real human noise. Rows: `common.sap_and_cleanups`; summary, targets,
+tables and figure: `report.py`.
 """
 
 from __future__ import annotations
@@ -27,32 +27,35 @@ from typing import Any, Optional
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 from common import (  # noqa: E402
     accuracy,
     cleanup_study_rows,
-    cleanup_table,
-    cleanup_targets,
     environment,
     finish_args,
     fit_diagnostics,
-    plot_cleanup,
     prepare_run,
     run_parser,
     run_tasks,
-    summarise_cleanup,
     train_from_scratch,
     write_json,
 )
 
 
-def replot(out: Path) -> dict[str, Any]:
-    """The summary, targets, table and figure again from a recorded JSON's rows (no training)."""
-    record = json.loads(out.read_text())
-    record["summary"] = summarise_cleanup(record["rows"], "setting")
-    record["targets"] = cleanup_targets(record["summary"])
+def summarised(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with its summary per setting (the oracle rows in every setting) and targets, from its rows."""
+    summary = report.summarise(record["rows"], ("setting",), shared="oracle")
+    return dict(record, summary=summary, targets=report.gap_targets(summary, 1))
+
+
+def finish(out: Path, record: dict[str, Any], plot: bool = True) -> dict[str, Any]:
+    """Write the summarised record, print its README tables, draw its figure."""
+    record = summarised(record)
     write_json(out, record)
-    print(cleanup_table(record["summary"]))
-    plot_cleanup(record["summary"], out.with_suffix(".png"), "Fashion-MNIST")
+    report.print_tables(out, "cleanup.json")
+    print(json.dumps(record["targets"], indent=1))
+    if plot:
+        report.bars(record["summary"], out.with_suffix(".png"), "Fashion-MNIST")
     return record
 
 
@@ -132,28 +135,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out = Path(args.out_dir) / ("cleanup_quick.json" if args.quick else "cleanup.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        return replot(out)
+        return finish(out, json.loads(out.read_text()))
     tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
 
     def record(results: list[dict[str, Any]]) -> dict[str, Any]:
-        rows = [row for result in results for row in result["rows"]]
-        summary = summarise_cleanup(rows, "setting")
         config = {k: v for k, v in vars(args).items() if k not in ("jobs", "threads", "out_dir", "cache_dir")}
         return {
             "config": config,
             "environment": environment(),
-            "rows": rows,
-            "summary": summary,
-            "targets": cleanup_targets(summary),
+            "rows": [row for result in results for row in result["rows"]],
             "cells": [{k: r[k] for k in ("setting", "seed", "seconds")} for r in results],
         }
 
-    final = record(run_tasks(run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, record(done))))
-    write_json(out, final)
-    figure = None if args.no_plot else plot_cleanup(final["summary"], out.with_suffix(".png"), "Fashion-MNIST")
-    print(cleanup_table(final["summary"]))
-    print(json.dumps(final["targets"], indent=1), figure)
-    return final
+    results = run_tasks(run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, summarised(record(done))))
+    return finish(out, record(results), plot=not args.no_plot)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import math
 import multiprocessing
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,6 +42,8 @@ RESULTS_DIR = ROOT / "benchmarks" / "results"
 RECIPE_CONFIG = ROOT / "recipes" / "configs" / "default.yaml"
 if str(ROOT) not in sys.path:  # the scripts import sap_hf from this checkout when run from anywhere
     sys.path.insert(1, str(ROOT))
+from report import mean_std, pyplot, save_figure  # noqa: E402, F401  (the studies' reporting lives in report.py)
+
 
 #: Noise settings of the Fashion-MNIST studies: name -> (sap_hf.data.noise noise_type, noise rate).
 SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
@@ -467,6 +468,29 @@ def refine_arguments(output_dir: str, batch_size: int, seed: int, schedule: str 
     )
 
 
+def cache_key(values: dict[str, Any]) -> str:
+    """The part of a cached model's file name that says how it was trained: `k=v` joined by `_` (floats as `:g`)."""
+    return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def cached_training(path: Optional[Path], model: Any, train: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`train()`'s record (history, best state, seconds) with `model` at its last state: read from `path` when a run
+    with the same key saved it there (`cached`: True), else trained and saved there (through a temporary file, so
+    a run cut short never leaves half a model). The one model cache of the benchmarks; `path` None: not cached."""
+    import torch
+
+    if path is not None and path.is_file():
+        record = torch.load(path, weights_only=False)
+        model.load_state_dict(record.pop("final_state"))
+        return dict(record, cached=True)
+    record = train()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(record, final_state=model.state_dict()), path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+    return record
+
+
 def cache_path(setting: str, seed: int, args: argparse.Namespace, tag: Optional[str] = None) -> Optional[Path]:
     """Where `prepare_run` keeps the trained model of (setting, seed), or None without `args.cache_dir`.
 
@@ -476,9 +500,8 @@ def cache_path(setting: str, seed: int, args: argparse.Namespace, tag: Optional[
     """
     if not getattr(args, "cache_dir", None):
         return None
-    training = {k: getattr(args, k) for k in TRAINING_KEYS}
-    key = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in training.items())
     suffix = f"_{tag}" if tag else ""
+    key = cache_key({k: getattr(args, k) for k in TRAINING_KEYS})
     return Path(args.cache_dir) / f"{setting}_seed{seed}_{key}{suffix}.pt"
 
 
@@ -527,18 +550,12 @@ def prepare_run(
     )
     cache = cache_path(setting, seed, args, cache_tag) if (loss_fn is None or cache_tag) else None
     model = ViTForImageClassification(config)
-    if cache is not None and cache.exists():
-        trained = torch.load(cache, weights_only=False)
-        model.load_state_dict(trained.pop("final_state"))
-        timing["train_cached"] = True  # "train" below is then the cached run's training time
-    else:
+    if cache is None or not cache.is_file():  # a model trained here starts from the seed
         torch.manual_seed(seed)
         model = ViTForImageClassification(config)
-        trained = train_from_scratch(model, data, args, seed, loss_fn=loss_fn)
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(dict(trained, final_state=model.state_dict()), cache.with_suffix(".tmp"))
-            cache.with_suffix(".tmp").replace(cache)
+    trained = cached_training(cache, model, lambda: train_from_scratch(model, data, args, seed, loss_fn=loss_fn))
+    if trained.pop("cached", False):
+        timing["train_cached"] = True  # "train" below is then the cached run's training time
     timing["train"] = trained["seconds"]
     early_model = ViTForImageClassification(config)
     early_model.load_state_dict(trained["best"]["state"])
@@ -591,39 +608,6 @@ def run_tasks(
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
-
-
-def mean_std(values: Iterable[float]) -> dict[str, float]:
-    """`{"mean", "std" (sample; 0 for one value), "n"}`."""
-    values = list(values)
-    return {
-        "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "n": len(values),
-    }
-
-
-def pyplot() -> Any:
-    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots.")
-        return None
-    return plt
-
-
-def save_figure(figure: Any, path: Path, dpi: int = 120) -> str:
-    """Lay out `figure`, write it to `path` as PNG, close it (so long runs do not pile up figures); the path as str."""
-    import matplotlib.pyplot as plt
-
-    figure.tight_layout()
-    figure.savefig(path, dpi=dpi)
-    plt.close(figure)
-    return str(path)
 
 
 def write_json(path: Path, record: Any, indent: int = 1) -> Path:
@@ -1001,32 +985,6 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return picked
 
 
-def summarise_cleanup(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """Per value of `key` (a setting) and method: test accuracy % mean/std over seeds, mean cost and noisy fit;
-    rows whose `key` is 'oracle' (the clean-label training: `oracle`, `oracle+refine`) are shared by every setting."""
-
-    def stats(group: list[dict[str, Any]]) -> dict[str, Any]:
-        out = mean_std(r["test_accuracy"] * 100 for r in group)
-        if all(r.get("noisy_fit") is not None for r in group):
-            out["noisy_fit"] = mean_std(r["noisy_fit"] for r in group)["mean"]
-        if "cost_epochs" in group[0]:
-            out["cost_epochs"] = mean_std(r["cost_epochs"] for r in group)["mean"]
-        return out
-
-    def by_method(selected: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-        methods: dict[str, list[dict[str, Any]]] = {}
-        for row in selected:
-            methods.setdefault(row["method"], []).append(row)
-        return methods
-
-    oracle = {m: stats(group) for m, group in by_method(r for r in rows if r[key] == "oracle").items()}
-    summary: dict[str, Any] = {}
-    for setting in dict.fromkeys(r[key] for r in rows if r[key] != "oracle"):
-        summary[setting] = {m: stats(group) for m, group in by_method(r for r in rows if r[key] == setting).items()}
-        summary[setting].update(oracle)
-    return summary
-
-
 def clean_label_cleanup_row(
     model: Any,
     state: dict,
@@ -1077,90 +1035,3 @@ def clean_label_cleanup_row(
     )
     model.load_state_dict(state)
     return row
-
-
-def cleanup_targets(summary: dict[str, Any], pipeline: str = "sap+refine") -> dict[str, Any]:
-    """Per setting, the issues' targets: `sap` >= `none` - 0.5; `pipeline` >= `best_epoch` + 2 and >= 50% of the gap
-    from `none` to `oracle` (None where the gap is under 0.5 points); also the gap to `oracle+refine` where measured."""
-    verdicts = {}
-    for setting, cell in summary.items():
-        if not {"none", "best_epoch", "sap"} <= set(cell):
-            continue
-        none, best = cell["none"]["mean"], cell["best_epoch"]["mean"]
-        verdict = {"sap_minus_none": cell["sap"]["mean"] - none, "noisy_fit_none": cell["none"]["noisy_fit"]}
-        for name in dict.fromkeys((pipeline, "sap+refine", "best+sap+refine")):
-            if name in cell:
-                value = cell[name]["mean"]
-                verdict[f"{name}_minus_best_epoch"] = value - best
-                for ceiling in ("oracle", "oracle+refine"):  # the issue's oracle; the one with the clean-up's epochs
-                    gap = cell[ceiling]["mean"] - none if ceiling in cell else None
-                    suffix = "" if ceiling == "oracle" else "_vs_oracle+refine"
-                    if gap is not None:
-                        verdict[f"{name}_gap_closed{suffix}"] = (value - none) / gap if gap > 0.5 else None
-        verdicts[setting] = verdict
-    return verdicts
-
-
-def plot_cleanup(summary: dict[str, Any], path: Path, title: str) -> Optional[str]:
-    """One bar panel per setting: test accuracy % (mean, std over seeds) of every method, oracle last."""
-    plt = pyplot()
-    if plt is None or not summary:
-        return None
-    figure, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.4), squeeze=False)
-    for axis, (setting, cell) in zip(axes[0], summary.items()):
-        names = [m for m in cell if m != "oracle"] + (["oracle"] if "oracle" in cell else [])
-        colours = [
-            "black"
-            if m == "oracle"
-            else "tab:red"
-            if "refine" in m
-            else "tab:pink"
-            if "+" in m[4:]
-            else "orange"
-            if "sap" in m
-            else "tab:blue"
-            if m == "best_epoch"
-            else "grey"
-            for m in names
-        ]
-        means = [cell[m]["mean"] for m in names]
-        axis.bar(range(len(names)), means, yerr=[cell[m]["std"] for m in names], capsize=3, color=colours)
-        axis.set_xticks(range(len(names)), names, rotation=50, ha="right", fontsize=8)
-        axis.set_ylim(max(0.0, min(means) - 5), max(means) + 3)
-        axis.set_title(f"{title} {setting}")
-        axis.set_ylabel("clean test accuracy %")
-    return save_figure(figure, path)
-
-
-def cleanup_table(summary: dict[str, Any]) -> str:
-    """The summary as the markdown table benchmarks/README.md shows: a column per setting, `mean ± std`, and the
-    clean-up rows' cost in epochs of the training set."""
-    settings = list(summary)
-
-    def order(
-        method: str,
-    ) -> tuple:  # baselines, SAP, its clean-ups, without augmentation, from the best epoch, oracles
-        head = ("none", "best_epoch", "sap")
-        return (
-            method.startswith("oracle"),
-            method.startswith("best+"),
-            method.endswith("-noaug"),
-            method.endswith("refine") or method.endswith("refine-noaug"),
-            head.index(method) if method in head else len(head),
-            method,
-        )
-
-    methods = sorted(dict.fromkeys(m for cell in summary.values() for m in cell), key=order)
-    lines = ["| clean test % | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
-    for method in methods:
-        cells = []
-        for setting in settings:
-            stats = summary[setting].get(method)
-            if stats is None:
-                cells.append("–")
-                continue
-            cost = f" ({stats['cost_epochs']:.0f} ep)" if "cost_epochs" in stats else ""
-            fit = f" (fit {stats['noisy_fit'] * 100:.0f}%)" if method == "none" else ""
-            cells.append(f"{stats['mean']:.1f} ± {stats['std']:.1f}{fit}{cost}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)

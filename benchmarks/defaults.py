@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import pretrained_regime  # noqa: E402
+import report  # noqa: E402
 
 
 CONFIGS = ("paper", "defaults", "recipe")
@@ -149,90 +150,6 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
     return rows
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per (regime, noise, epochs): each config's test / val accuracy and seconds (mean ± std over seeds), and the
-    paired differences defaults − recipe, defaults − paper, defaults − none."""
-    cells: dict[str, dict[str, list[dict]]] = {}
-    for row in rows:
-        cells.setdefault(f"{row['regime']}/{row['noise']}/{row['epochs']}", {}).setdefault(row["config"], []).append(
-            row
-        )
-    summary = {}
-    for cell, by in cells.items():
-        entry = {
-            name: {
-                "test_accuracy": common.mean_std(r["test_accuracy"] for r in group),
-                "val_accuracy": common.mean_std(r["val_accuracy"] for r in group),
-                **({"seconds": common.mean_std(r["seconds"] for r in group)} if name != "none" else {}),
-            }
-            for name, group in by.items()
-        }
-        paired = {(r["seed"], r["config"]): r for group in by.values() for r in group}
-        seeds = sorted({r["seed"] for r in by["none"]})
-
-        def diff(a: str, b: str) -> dict[str, float]:
-            return common.mean_std(paired[s, a]["test_accuracy"] - paired[s, b]["test_accuracy"] for s in seeds)
-
-        entry["defaults_minus_recipe"] = diff("defaults", "recipe")
-        entry["defaults_minus_paper"] = diff("defaults", "paper")
-        entry["defaults_minus_none"] = diff("defaults", "none")
-        entry["same_choice"] = sum(bool(paired[s, "defaults"].get("same_choice")) for s in seeds)
-        entry["cost_defaults_over_paper"] = common.mean_std(
-            paired[s, "defaults"]["seconds"] / paired[s, "paper"]["seconds"] for s in seeds
-        )
-        summary[cell] = entry
-    return summary
-
-
-def print_table(summary: dict[str, Any]) -> None:
-    print("\n== clean test accuracy (%), mean ± std over seeds; Δ in points (paired by seed) ==")
-    print(
-        f"{'regime/noise/epochs':26s}"
-        + "".join(f"{c:>13s}" for c in ("none", *CONFIGS))
-        + f"{'def-rec':>9s}{'def-pap':>9s}{'same':>6s}{'cost d/p':>10s}"
-    )
-    for cell, entry in summary.items():
-        accs = "".join(
-            f"{100 * entry[c]['test_accuracy']['mean']:8.1f}±{100 * entry[c]['test_accuracy']['std']:3.1f}"
-            for c in ("none", *CONFIGS)
-        )
-        print(
-            f"{cell:26s}{accs}{100 * entry['defaults_minus_recipe']['mean']:+9.2f}"
-            f"{100 * entry['defaults_minus_paper']['mean']:+9.2f}{entry['same_choice']:>4d}/{entry['none']['test_accuracy']['n']}"
-            f"{entry['cost_defaults_over_paper']['mean']:9.2f}×"
-        )
-
-
-def plot(summary: dict[str, Any], path: Path) -> list[str]:
-    """Test accuracy per cell, one bar per config (none, paper, defaults, recipe), one panel per regime."""
-    plt = common.pyplot()
-    if plt is None:
-        return []
-    regimes = list(dict.fromkeys(cell.split("/")[0] for cell in summary))
-    figure, axes = plt.subplots(1, len(regimes), figsize=(6.5 * len(regimes), 4.2), squeeze=False)
-    colors = {"none": "grey", "paper": "tab:blue", "defaults": "red", "recipe": "orange"}
-    for axis, regime in zip(axes[0], regimes):
-        cells = [c for c in summary if c.startswith(regime + "/")]
-        width = 0.8 / len(colors)
-        for k, (name, color) in enumerate(colors.items()):
-            means = [100 * summary[c][name]["test_accuracy"]["mean"] for c in cells]
-            stds = [100 * summary[c][name]["test_accuracy"]["std"] for c in cells]
-            label = {"defaults": "SAPConfig()", "paper": "paper (old defaults)", "recipe": "recipe (float64)"}.get(
-                name, name
-            )
-            axis.bar(
-                [i + (k - 1.5) * width for i in range(len(cells))], means, width, yerr=stds, color=color, label=label
-            )
-        axis.set_xticks(range(len(cells)), [c.split("/", 1)[1].replace("/", "\n") + " ep" for c in cells], fontsize=8)
-        low = min(100 * summary[c][n]["test_accuracy"]["mean"] for c in cells for n in colors)
-        axis.set_ylim(max(0, low - 8), None)
-        axis.set_title(f"{regime}: clean test accuracy after SAP", fontsize=9)
-        axis.set_ylabel("clean test accuracy (%)")
-        axis.grid(alpha=0.3, axis="y")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    return [common.save_figure(figure, path)]
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -240,8 +157,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     name = "defaults_quick" if args.quick else "defaults"
     started = time.perf_counter()
     rows = [row for result in common.run_tasks(_worker, tasks(args), args.jobs) for row in result]
-    summary = summarise(rows)
-    print_table(summary)
+    summary = report.summarise(rows, ("regime", "noise", "epochs"), key="config", flat=True)
     record = {
         "rows": rows,
         "summary": summary,
@@ -249,8 +165,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "environment": common.environment(),
     }
-    record["figures"] = plot(summary, out_dir / f"{name}.png")
+    figure = report.bars(summary, out_dir / f"{name}.png", "SAP configs:")
+    record["figures"] = [figure] if figure else []
     common.write_json(out_dir / f"{name}.json", record)
+    report.print_tables(out_dir / f"{name}.json", "defaults.json")
+    same = sum(bool(row.get("same_choice")) for row in rows)
+    print(
+        f"SAPConfig() chose what the recipe chose on {same} of {sum(r['config'] == 'defaults' for r in rows)} models"
+    )
     return record
 
 

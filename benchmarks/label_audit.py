@@ -53,7 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import common
-from common import accuracy, cross_validated_probs, mean_std, prepare_run, probabilities, refine_arguments
+import report
+from common import accuracy, cross_validated_probs, prepare_run, probabilities, refine_arguments
 
 from sap_hf.runtime.passes import Runtime
 
@@ -417,16 +418,6 @@ def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
 METRICS = ("average_precision", "precision", "recall", "auroc", "cost_epochs")
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for setting in dict.fromkeys(r["setting"] for r in rows):
-        summary[setting] = {}
-        for detector in dict.fromkeys(r["detector"] for r in rows if r["setting"] == setting):
-            chosen = [r for r in rows if r["setting"] == setting and r["detector"] == detector]
-            summary[setting][detector] = {m: mean_std([r[m] for r in chosen]) for m in METRICS}
-    return summary
-
-
 def targets(summary: dict[str, Any]) -> dict[str, Any]:
     """Best SAP-based detector (mean AP) against cleanlab_cv5: AP >= and cost <= 1/5."""
     out = {}
@@ -457,24 +448,6 @@ def targets(summary: dict[str, Any]) -> dict[str, Any]:
             "sap_detectors_meeting_both": both,
         }
     return out
-
-
-def print_table(summary: dict[str, Any], goal: dict[str, Any]) -> None:
-    for setting, entries in summary.items():
-        print(f"\n== {setting}: label-error detection on the noisy training labels (mean ± std over seeds) ==")
-        print(f"{'detector':22s} {'AP':>13s} {'precision':>13s} {'recall':>13s} {'AUROC':>13s} {'cost (epochs)':>15s}")
-        for detector, entry in entries.items():
-            cells = [f"{entry[m]['mean']:.3f} ± {entry[m]['std']:.3f}" for m in METRICS[:4]]
-            print(f"{detector:22s} " + " ".join(f"{c:>13s}" for c in cells) + f" {entry['cost_epochs']['mean']:15.2f}")
-        if setting in goal:
-            g = goal[setting]
-            print(
-                f"  target: best SAP-based ({g['best_sap_detector']}) AP {g['average_precision']:.3f} vs cv5 "
-                f"{g['cv5_average_precision']:.3f} ({'met' if g['ap_met'] else 'MISSED'}); cost "
-                f"{g['cost_epochs']:.2f} vs {g['cv5_cost_epochs']:.2f} epochs = {g['cost_ratio']:.2f}x "
-                f"({'met' if g['cost_met'] else 'MISSED'}, needs <= 0.20x); SAP-based detectors meeting both: "
-                f"{', '.join(g['sap_detectors_meeting_both']) or 'none'}"
-            )
 
 
 def plot(curves: dict[str, Any], out_dir: Path, plot_seed: int) -> list[str]:
@@ -540,7 +513,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sources = list(args.merge_only or []) + ([str(out_dir / "label_audit.json")] if args.merge else [])
     previous = [json.loads(Path(p).read_text()) for p in sources if Path(p).is_file()]
     rows, runs, curves = _merge(previous + [new])
-    summary = summarise(rows)
+    summary = report.summarise(rows, ("setting",), fields=METRICS, key="detector")
     goal = targets(summary)
     config = {k: v for k, v in vars(args).items() if k != "out_dir"}
     if args.merge_only and previous:  # the computing runs' configuration, not this merge's
@@ -562,7 +535,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.no_plot:
         record["plots"] = [os.path.relpath(p, out_dir) for p in plot(curves, out_dir, args.plot_seed)]
     path = common.write_json(out_dir / "label_audit.json", record)
-    print_table(summary, goal)
+    report.print_tables(path)
+    print(json.dumps(goal, indent=1))
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import common
+import report
 from common import accuracy, fit_diagnostics, mean_std
 from methods import add_refine_arguments, peer_rows, sap_refine_row
 from pretrained_regime import (
@@ -331,74 +332,16 @@ def _cell_worker(task: tuple[str, int, int, argparse.Namespace]) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per noise, length and method: test / val accuracy, noisy_fit (mean, std over seeds), the SAP choices."""
-    out: dict[str, Any] = {}
-    for row in rows:
-        method = (
-            f"{row['method']} ({row['forget_set']})" if row.get("forget_set") else row["method"]
-        )  # peers: one per forget set
-        entry = out.setdefault(row["noise"], {}).setdefault(str(row["epochs"]), {}).setdefault(method, [])
-        entry.append(row)
-    summary: dict[str, Any] = {}
-    for noise, lengths in out.items():
-        for length, methods in lengths.items():
-            for method, chosen in methods.items():
-                entry = {
-                    k: mean_std([r[k] for r in chosen])
-                    for k in ("test_accuracy", "val_accuracy", "noisy_fit", "gain_vs_none")
-                    if all(r.get(k) is not None for r in chosen)
-                }
-                for k in ("purity", "selection_seconds", "audit_ap_before"):
-                    if all(r.get(k) is not None for r in chosen):
-                        entry[k] = mean_std([r[k] for r in chosen])
-                if all("audit_after" in r for r in chosen):
-                    entry["audit_ap_after"] = mean_std([r["audit_after"]["average_precision"] for r in chosen])
-                entry["seeds"] = [r["seed"] for r in chosen]
-                entry["choices"] = [_choice(r) for r in chosen]
-                summary.setdefault(noise, {}).setdefault(length, {})[method] = entry
-    return summary
-
-
-def _choice(row: dict[str, Any]) -> str:
-    if row["method"].startswith("sap") and "refine" not in row["method"]:
-        if row.get("kind_alphas") and row.get("alpha_scope") == "per_kind":
-            alphas = ",".join(f"{k[:3]}={'-' if a is None else f'{a:g}'}" for k, a in row["kind_alphas"].items())
-            return f"{row['rule']}/{alphas}"
-        return f"{row['rule']}/a={'-' if row.get('alpha') is None else format(row['alpha'], 'g')}"
-    if "refine_mode" in row:
-        return f"{row['refine_mode']}/lr={row['lr']:g}x{row['refine_epochs']}" if row["refine_mode"] else "unchanged"
-    if row["method"] == "finetune_trusted":
-        return f"lr={row['lr']:g}x{row['ft_epochs']}" if row.get("lr") is not None else "unchanged"
-    if row["method"] == "best_epoch":
-        return f"ep{row['best_epoch']}"
-    return ""
-
-
-def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets per (noise, length), on the means over seeds (points of test accuracy)."""
-    verdicts = []
-    for noise, lengths in summary.items():
-        for length, m in lengths.items():
-            if not {"none", "best_epoch", "oracle", "sap", "sap+refine"} <= set(m):
-                continue
-            mean = {k: 100 * v["test_accuracy"]["mean"] for k, v in m.items()}
-            gap = mean["oracle"] - mean["none"]
-            closed = (mean["sap+refine"] - mean["none"]) / gap if gap > 0.5 else None  # no gap: nothing to close
-            verdicts.append(
-                {
-                    "noise": noise,
-                    "epochs": int(length),
-                    "sap+refine_minus_best_epoch": mean["sap+refine"] - mean["best_epoch"],
-                    "target_sap+refine_ge_best_epoch_plus_1": mean["sap+refine"] >= mean["best_epoch"] + 1,
-                    "oracle_minus_none": gap,
-                    "gap_closed": closed,
-                    "target_gap_closed_ge_50pct": None if closed is None else bool(closed >= 0.5),
-                    "sap_minus_none": mean["sap"] - mean["none"],
-                    "target_sap_ge_none_minus_0.5": mean["sap"] >= mean["none"] - 0.5,
-                }
-            )
-    return verdicts
+def summarised(record: dict[str, Any], args: argparse.Namespace, out_dir: Path, plot: bool) -> dict[str, Any]:
+    """`record` with its summary per noise and length, targets and selection cost from its rows (and the figure:
+    test accuracy against the fine-tuning's length, a panel per noise)."""
+    summary = report.summarise(record["rows"], ("noise", "epochs"))
+    record = dict(record, summary=summary, targets=report.gap_targets(summary, 2))
+    record["selection_cost"] = selection_cost(record["rows"])
+    if plot and record["rows"]:
+        figure = report.lines(summary, out_dir / f"{args.out_name}.png", "pretrained tiny ViT, 5 classes,", "epochs")
+        record["plots"] = [os.path.relpath(figure, out_dir)] if figure else []
+    return record
 
 
 def selection_cost(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -413,86 +356,6 @@ def selection_cost(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rule: {"seconds": mean_std(v), "ratio_to_loss": means[rule] / loss if loss else None}
         for rule, v in by_rule.items()
     }
-
-
-def print_table(summary: dict[str, Any], verdicts: list[dict[str, Any]], cost: dict[str, Any]) -> None:
-    pct = lambda s: f"{100 * s['mean']:5.1f}±{100 * s['std']:3.1f}"
-    for noise, lengths in summary.items():
-        print(f"\n== {noise}: test accuracy (%) of the 5-class task, mean ± std over seeds ==")
-        print(
-            f"{'method':18s} "
-            + " ".join(f"{f'{e} ep':>11s} {'fit':>5s}" for e in lengths)
-            + "  choices (per seed, last length)"
-        )
-        methods = [m for m in METHODS if any(m in v for v in lengths.values())]
-        methods += [m for v in lengths.values() for m in v if m not in methods]
-        for method in dict.fromkeys(methods):
-            cells = []
-            for entry in (lengths[e].get(method) for e in lengths):
-                cells.append(
-                    f"{pct(entry['test_accuracy']):>11s} {100 * entry['noisy_fit']['mean']:4.0f}%"
-                    if entry and "noisy_fit" in entry
-                    else f"{pct(entry['test_accuracy']) if entry else '-':>11s} {'':5s}"
-                )
-            last = lengths[list(lengths)[-1]].get(method)
-            print(
-                f"{method:18s} " + " ".join(cells) + "  " + (" ".join(c for c in last["choices"] if c) if last else "")
-            )
-    print("\n== Targets (means over seeds, points) ==")
-    for v in verdicts:
-        print(
-            f"{v['noise']:7s} {v['epochs']:4d} ep: sap+refine - best_epoch {v['sap+refine_minus_best_epoch']:+5.1f} "
-            f"({'met' if v['target_sap+refine_ge_best_epoch_plus_1'] else 'MISSED'}); gap closed "
-            + (
-                f"{100 * v['gap_closed']:5.0f}% ({'met' if v['target_gap_closed_ge_50pct'] else 'MISSED'})"
-                if v["gap_closed"] is not None
-                else f"n/a (oracle - none {v['oracle_minus_none']:+.1f})"
-            )
-            + "; sap - none "
-            f"{v['sap_minus_none']:+5.1f} ({'met' if v['target_sap_ge_none_minus_0.5'] else 'MISSED'})"
-        )
-    print("\n== Trusted selection cost per rule (s per cell, and x the 'loss' rule) ==")
-    for rule, c in cost.items():
-        print(f"  {rule:12s} {c['seconds']['mean']:6.2f} s  x{c['ratio_to_loss'] or float('nan'):.1f}")
-
-
-def plot(summary: dict[str, Any], path: Path) -> list[str]:
-    """Test accuracy against fine-tuning epochs (log), one panel per noise, one line per method (mean of seeds)."""
-    plt = common.pyplot()
-    if plt is None:
-        return []
-    figure, axes = plt.subplots(1, len(summary), figsize=(5.2 * len(summary), 4.2), squeeze=False, sharey=True)
-    styles = {
-        "none": dict(color="grey", ls="--"),
-        "best_epoch": dict(color="green", ls="-."),
-        "oracle": dict(color="black", ls=":"),
-        "sap+refine": dict(color="red", lw=2.2),
-        "best+sap+refine": dict(color="darkred", ls="--"),
-        "best+sap": dict(color="orange", ls="--"),
-        "sap": dict(color="orange"),
-        "refine": dict(color="tab:cyan"),
-        "finetune_trusted": dict(color="purple", ls="--"),
-        "sap_paper": dict(color="tab:blue"),
-        "sap_curvature": dict(color="brown"),
-    }
-    for axis, (noise, lengths) in zip(axes[0], summary.items()):
-        xs = [int(e) for e in lengths]
-        methods = dict.fromkeys(m for v in lengths.values() for m in v)
-        for method in methods:
-            points = [(int(e), 100 * v[method]["test_accuracy"]["mean"]) for e, v in lengths.items() if method in v]
-            axis.plot(*zip(*points), marker="o", ms=3, label=method, **styles.get(method, {}))
-        fits = [f"{100 * lengths[str(e)]['none']['noisy_fit']['mean']:.0f}%" for e in xs if "none" in lengths[str(e)]]
-        axis.set_xscale("log")
-        axis.set_xticks(
-            xs, [f"{e}\n(fit {f})" for e, f in zip(xs, fits)] if len(fits) == len(xs) else [str(e) for e in xs]
-        )
-        axis.minorticks_off()
-        axis.set_xlabel("fine-tuning epochs (fit: share of the wrong labels the model predicts)", fontsize=8)
-        axis.set_title(f"{noise}: pretrained tiny ViT fine-tuned on 5 noisy classes", fontsize=9)
-        axis.grid(alpha=0.3)
-    axes[0][0].set_ylabel("clean test accuracy (%)")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
-    return [common.save_figure(figure, path)]
 
 
 def _seed_worker(task: tuple[int, int, argparse.Namespace]) -> dict[str, Any]:
@@ -528,12 +391,8 @@ def build_record(
         (row for c in cells for row in c["rows"]),
         key=lambda r: (args.noises.index(r["noise"]), r["epochs"], r["seed"]),
     )
-    summary, cost = summarise(rows), selection_cost(rows)
     record = {
         "rows": rows,
-        "summary": summary,
-        "targets": targets(summary),
-        "selection_cost": cost,
         "runs": [c["run"] for c in cells],
         "pretraining": pretraining,
         "complete": final,
@@ -548,9 +407,7 @@ def build_record(
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }
-    if final and not args.no_plot and rows:
-        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(summary, out_dir / f"{args.out_name}.png")]
-    return record
+    return summarised(record, args, out_dir, plot=final and not args.no_plot)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -579,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return {"pretraining": pretraining}
     record = build_record(args, results, pretraining, started, out_dir, final=True)
     common.write_json(path, record)
-    print_table(record["summary"], record["targets"], record["selection_cost"])
+    report.print_tables(path, f"{args.out_name}.json")
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 
@@ -587,15 +444,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def replot(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
     """Summary, targets, selection cost, figure and table again from the recorded rows (no training)."""
     path = out_dir / f"{args.out_name}.json"
-    record = json.loads(path.read_text())
-    record["summary"] = summarise(record["rows"])
-    record["targets"], record["selection_cost"] = targets(record["summary"]), selection_cost(record["rows"])
-    if not args.no_plot and record["rows"]:
-        record["plots"] = [
-            os.path.relpath(p, out_dir) for p in plot(record["summary"], out_dir / f"{args.out_name}.png")
-        ]
+    record = summarised(json.loads(path.read_text()), args, out_dir, plot=not args.no_plot)
     common.write_json(path, record)
-    print_table(record["summary"], record["targets"], record["selection_cost"])
+    report.print_tables(path, f"{args.out_name}.json")
     return record
 
 

@@ -161,10 +161,6 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()  # from_pretrained's "Loading weights" bar, once per model
 
 
-def _key(values: dict[str, Any]) -> str:
-    return "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-
-
 def _cache_dir(args: argparse.Namespace) -> Path:
     if args.cache_dir:
         return Path(args.cache_dir)
@@ -172,7 +168,7 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 
 
 def pretrain_path(args: argparse.Namespace) -> Path:
-    key = _key(
+    key = common.cache_key(
         {
             "size": args.pretrain_size,
             "epochs": args.pretrain_epochs,
@@ -241,7 +237,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def finetune_path(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> Path:
-    key = _key({k: getattr(args, k) for k in FT_KEYS})
+    key = common.cache_key({k: getattr(args, k) for k in FT_KEYS})
     return _cache_dir(args) / f"finetune_{noise}_seed{seed}_ep{epochs}_{key}_{pretrain_path(args).name}.pt"
 
 
@@ -264,23 +260,15 @@ def finetuned(
 ) -> dict[str, Any]:
     """The fine-tuned model of (noise or 'clean', seed, epochs): `model` (final state), `early_model` (best val),
     `trained` (history, best epoch, seconds), `data`. Trained and cached on first use."""
-    import torch
 
     _quiet()
     data = data if data is not None else load_task_data(noise, seed, args)
-    path = finetune_path(noise, seed, epochs, args)
     model = new_model(seed, args)
-    if path.exists():
-        trained = torch.load(path, weights_only=False)
-        model.load_state_dict(trained.pop("final_state"))
-        trained["cached"] = True
-    else:
-        ft_args = copy.copy(args)
-        ft_args.epochs, ft_args.warmup_epochs = epochs, args.warmup_share * epochs
-        trained = train_from_scratch(model, data, ft_args, seed)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(dict(trained, final_state=model.state_dict()), path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").replace(path)
+    ft_args = copy.copy(args)
+    ft_args.epochs, ft_args.warmup_epochs = epochs, args.warmup_share * epochs
+    trained = common.cached_training(
+        finetune_path(noise, seed, epochs, args), model, lambda: train_from_scratch(model, data, ft_args, seed)
+    )
     early_model = new_model(seed, args)
     early_model.load_state_dict(trained["best"]["state"])
     return {

@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import common
+import report
 from common import RULES, accuracy, finetune_grid, prepare_run
 
 from sap_hf.runtime.passes import Runtime
@@ -255,62 +255,6 @@ def _worker(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     return result
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for row in rows:
-        out.setdefault(row["setting"], {}).setdefault(row["variant"], []).append(row)  # type: ignore[arg-type]
-    for variants in out.values():
-        for variant, chosen in variants.items():
-            gains = [r["gain_vs_none"] for r in chosen]
-            tests = [r["test_accuracy"] for r in chosen]
-            variants[variant] = {
-                "test_mean": statistics.fmean(tests),
-                "gain_mean": statistics.fmean(gains),
-                "gain_std": statistics.stdev(gains) if len(gains) > 1 else 0.0,
-                "n": len(gains),
-                "purity_mean": statistics.fmean(r["purity"] for r in chosen) if "purity" in chosen[0] else None,
-            }
-    return out
-
-
-def print_table(summary: Mapping[str, Any]) -> None:
-    for setting, variants in summary.items():
-        print(f"\n== {setting}: clean test accuracy (%), gain over the memorised model, mean ± std over seeds ==")
-        print(f"{'variant':22s} {'test':>7s} {'gain':>14s} {'purity':>7s}")
-        for variant, s in variants.items():
-            purity = f"{100 * s['purity_mean']:6.1f}" if s["purity_mean"] is not None else ""
-            print(
-                f"{variant:22s} {100 * s['test_mean']:7.1f} {100 * s['gain_mean']:+7.1f} ± {100 * s['gain_std']:4.1f} {purity:>7s}"
-            )
-
-
-def plot(summary: Mapping[str, Any], path: Path) -> bool:
-    plt = common.pyplot()
-    if plt is None:
-        return False
-    variants = [v for v in next(iter(summary.values())) if v != "none"]
-    figure, axis = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(summary)
-    for i, (setting, entries) in enumerate(summary.items()):
-        axis.bar(
-            [j + i * width for j in range(len(variants))],
-            [100 * entries[v]["gain_mean"] for v in variants],
-            width,
-            yerr=[100 * entries[v]["gain_std"] for v in variants],
-            capsize=3,
-            label=setting,
-        )
-    axis.axhline(0, color="grey", lw=0.8)
-    axis.set_xticks(
-        [j + width * (len(summary) - 1) / 2 for j in range(len(variants))], variants, rotation=25, fontsize=8
-    )
-    axis.set_ylabel("test accuracy gain vs none (points)")
-    axis.set_title("SAP ablations on a tiny ViT memorising 40% label noise (alpha chosen on clean val)", fontsize=9)
-    axis.legend(fontsize=8)
-    common.save_figure(figure, path)
-    return True
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
@@ -319,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
     results = common.run_tasks(_worker, tasks, args.jobs)
     rows = [row for result in results for row in result["rows"]]
-    summary = summarise(rows)
+    summary = report.summarise(rows, ("setting",), key="variant")
     record = {
         "rows": rows,
         "summary": summary,
@@ -327,10 +271,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": {k: v for k, v in vars(args).items() if k not in ("out_dir", "cache_dir")},
         "elapsed_seconds": time.perf_counter() - started,
     }
-    if not args.no_plot and plot(summary, out_dir / "sap_ablation.png"):
+    if not args.no_plot and report.bars(summary, out_dir / "sap_ablation.png", "SAP ablations:", "gain_vs_none"):
         record["plot"] = "sap_ablation.png"
     path = common.write_json(out_dir / "sap_ablation.json", record)
-    print_table(summary)
+    report.print_tables(path)
     print(f"\nwrote {path} in {record['elapsed_seconds']:.0f}s")
     return record
 
