@@ -528,3 +528,24 @@ def test_trainer_refine_logs_the_mode_by_name(tmp_path):
     trainer.refine(refine_config=RefineConfig(mode=["remove", "soft"], epochs=[1]))
     modes = [entry["sap/refine_mode"] for entry in trainer.state.log_history if "sap/refine_mode" in entry]
     assert modes == ["remove", "remove", "soft", "soft"]  # (two learning rates each)
+
+
+def test_trainer_correct_checks_the_metric_before_any_pass_and_evaluates_the_baseline_once(tmp_path):
+    import sap_hf.trainer.trainer as trainer_module
+
+    trainer = _refine_trainer(tmp_path, metric_for_best_model="f1")
+    with mock.patch.object(trainer_module, "sap_correct", side_effect=AssertionError("a pass ran")):
+        with pytest.raises(ValueError, match="metric='f1' is not among the eval metrics"):
+            trainer.correct()
+    trainer, calls = _refine_trainer(tmp_path), []
+    evaluator = trainer._sap_evaluator
+
+    def counted(eval_dataset):
+        metric, greater, evaluate_fn = evaluator(eval_dataset)
+        return metric, greater, lambda model: calls.append(1) or evaluate_fn(model)
+
+    with mock.patch.object(trainer, "_sap_evaluator", counted):
+        result = trainer.correct()
+    # the search evaluates the unchanged model, each shared alpha, each per-kind trial: the first measured up front
+    searched = sum(1 + len(r.alphas) + len(r.kind_trials) for r in result.rounds)
+    assert len(calls) == searched, (len(calls), searched)

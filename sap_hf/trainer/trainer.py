@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -54,6 +55,17 @@ logger = logging.get_logger(__name__)
 
 _BOOKKEEPING = ("runtime", "per_second", "epoch", "model_preparation_time")
 _RECORDING_SAMPLERS = ("random", "sequential")
+
+
+def _measured_first(metrics: dict[str, float], evaluate_fn: Callable[[nn.Module], dict[str, float]]) -> Callable:
+    """`evaluate_fn` whose first call returns `metrics`, measured on the same weights just before (the alpha search
+    starts with the model as it is), so the eval set is read once for the baseline."""
+    pending = [metrics]
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        return dict(pending.pop()) if pending else evaluate_fn(model)
+
+    return evaluate
 
 
 class SAPTrainer(Trainer):
@@ -299,7 +311,11 @@ class SAPTrainer(Trainer):
             "correct()", "selection_dataset", selection_dataset, eval_dataset, "alpha"
         )
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
+        unmerged = self.model
+        baseline = baseline_metrics(evaluate_fn, unmerged, metric)  # a missing metric fails before any pass
         merge_trainer_adapters(self)  # PEFT: self.model becomes the merged model, corrected and saved whole
+        if self.model is unmerged:  # the search's first evaluation is this baseline: not measured twice
+            evaluate_fn = _measured_first(baseline, evaluate_fn)
         recorded = None
         if self._records_losses and trusted_indices is None and selection_model is None:
             recorded, selection_seconds = self._recorded_selection(selection_dataset)
