@@ -46,7 +46,7 @@ With `--methods defaults`: `sap_paper` (the paper's settings, `common.PAPER_SAP`
 With `--methods cleanlab` (label sets of `--cleanlab_sets`): cleanlab's label-issue ranking (self-confidence) on
 5-fold cross-validated probabilities (`common.cross_validated_probs`: 5 models of the same kind as the cell's,
 `--cv_epochs`, early-stopped on val), its average precision against the true errors and its seconds, beside the
-SAP audit's (`sap_step`: SAP + one audit pass, timed in the same process): the `audits` list of the JSON.
+SAP audit's (`sap_row`: SAP + one audit pass, timed in the same process): the `audits` list of the JSON.
 
 Each row: test/val accuracy, `noisy_fit` (share of the wrong training labels the model predicts), and for the
 SAP rows the trusted samples' purity and the audit's average precision against the true errors; the clean-up's
@@ -80,7 +80,7 @@ from common import (  # noqa: E402
     image_tensors,
     refine_row,
     run_tasks,
-    sap_step,
+    sap_row,
     shift_audit,
     train_epochs,
     train_from_scratch,
@@ -414,7 +414,7 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
         )
         rows.append(best)
         rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
-    sap = sap_step(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
+    sap = sap_row(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
     if "extra" in args.methods:
         rows += [dict(base, **r) for r in extra_rows(model, last, sap, data, args, seed)]
     if "defaults" in args.methods:
@@ -422,7 +422,7 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
 
         for method, settings in SAP_VARIANTS.items():
             config = SAPConfig(**{"batch_size": 500, **settings})
-            rows.append(dict(base, **sap_step(model, last, data, method=method, config=config)["row"]))
+            rows.append(dict(base, **sap_row(model, last, data, config, method)["row"]))
     if "cleanlab" in args.methods and label_set in args.cleanlab_sets:
         audits += [dict(base, **r) for r in audit_rows(sap, data, args, seed)]
     model.load_state_dict(last)
@@ -494,7 +494,7 @@ def extra_rows(
 
 
 def audit_rows(sap: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int) -> list[dict]:
-    """The SAP audit (`sap_step`) and cleanlab on `args.folds`-fold cross-validated probabilities: AP and seconds."""
+    """The SAP audit (`sap_row`) and cleanlab on `args.folds`-fold cross-validated probabilities: AP and seconds."""
     from sklearn.metrics import average_precision_score
 
     from sap_hf.audit.scores import label_quality_scores

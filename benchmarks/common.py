@@ -813,35 +813,49 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
     return audit_labels(model, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
 
 
-def sap_step(model: Any, state: dict, data: dict[str, Any], method: str = "sap", config: Any = None) -> dict[str, Any]:
-    """`sap_correct(config)` (default `SAPConfig()`, batches of 500) of `state` and the corrected model's label audit:
-    `{"row", "state", "audit", "trusted"}`. The model is left corrected. The row carries the trusted samples' purity
-    and the audit's average precision against the true errors; `seconds` covers the correction and the audit."""
+def sap_row(
+    model: Any, state: dict, data: dict[str, Any], config: Any = None, method: str = "sap", audit: bool = True
+) -> dict[str, Any]:
+    """The `sap` method of every study: `sap_correct(config)` (default `SAPConfig()`, batches of 500) of `state`, alpha
+    on the clean val split; with `audit`, the corrected model's label audit (`views="shift"`) too. Returns
+    `{"row", "state" (corrected), "trusted" (indices), "audit"}`; the model is left at `state`.
+
+    The row: test/val accuracy, the alphas and the settings that chose them, the trusted samples' number and purity,
+    selection seconds, `seconds` (the correction and the audit), the fit diagnostics, and with `audit` its average
+    precision against the true errors and its number of suspects."""
     import torch
 
     from sap_hf import Runtime, SAPConfig, sap_correct
 
     model.load_state_dict(state)
     clock = time.perf_counter()
-    train_set = TensorExamples(data["train_x"], data["train_y"])
     config = config or SAPConfig(batch_size=500)
+    train_set = TensorExamples(data["train_x"], data["train_y"])
     result = sap_correct(
         model, train_set, config=config, evaluate_fn=val_metric(data), runtime=Runtime(show_progress=False)
     )
     trusted = torch.as_tensor(result.trusted_indices, dtype=torch.long)
-    audit = shift_audit(model, data)
     row = dict(
         method=method,
         test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
         val_accuracy=result.final_metrics["accuracy"],
+        alpha=result.alpha,
         kind_alphas=result.kind_alphas,
+        rule=config.selection_rule,
+        trusted_per_class=config.trusted_per_class,
+        alpha_scope=config.alpha_scope,
+        num_trusted=result.num_trusted,
         purity=float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean()),
-        audit_ap=audit_ap(audit, data),
-        audit_suspected=audit.num_suspected,
-        seconds=time.perf_counter() - clock,
+        selection_seconds=result.timings.get("selection"),
         **fit_diagnostics(model, data),
     )
-    return {"row": row, "state": copy.deepcopy(model.state_dict()), "audit": audit, "trusted": trusted}
+    found = shift_audit(model, data) if audit else None
+    if found is not None:
+        row.update(audit_ap=audit_ap(found, data), audit_suspected=found.num_suspected)
+    row["seconds"] = time.perf_counter() - clock
+    out = {"row": row, "state": copy.deepcopy(model.state_dict()), "trusted": trusted, "audit": found}
+    model.load_state_dict(state)
+    return out
 
 
 def refine_row(
@@ -910,7 +924,7 @@ def sap_and_cleanups(
     scratch: str,
     augments: Sequence[bool] = (True,),
 ) -> list[dict[str, Any]]:
-    """`<prefix>sap` (`sap_step`) from `state`, then `<prefix>sap+<mode>` (`refine_row`) for each mode: the rows.
+    """`<prefix>sap` (`sap_row`) from `state`, then `<prefix>sap+<mode>` (`refine_row`) for each mode: the rows.
 
     Each clean-up starts from the SAP model and its label audit (`views="shift"`): `sap_hf.refine` in that one
     mode, lr in {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them; once per value of
@@ -919,7 +933,7 @@ def sap_and_cleanups(
     """
     from sap_hf import RefineConfig
 
-    sap = sap_step(model, state, data, method=f"{prefix}sap")
+    sap = sap_row(model, state, data, method=f"{prefix}sap")
     rows = [sap["row"]]
     for mode, augment in [(mode, augment) for augment in augments for mode in modes]:
         model.load_state_dict(sap["state"])

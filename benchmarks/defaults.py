@@ -15,7 +15,7 @@ Protocol
   `--seeds`; `pretrained`, pretrained.py's fine-tuned models (`pretrained_regime.finetuned`: backbone pretrained on
   five other classes, 1,000 noisy images of the five tops), sym40 / asym40 / inst40 x `--seeds` x
   `--lengths` fine-tuning epochs. Both read their model caches (trained there on first use).
-  Configs, one after the other on each model from the same trained state (`pretrained_regime.sap_method`:
+  Configs, one after the other on each model from the same trained state (`common.sap_row`:
   `sap_correct`, alpha chosen on the clean val split, test accuracy reported):
     paper      SAPConfig(**common.PAPER_SAP)      the paper's settings, the old defaults
     defaults   SAPConfig()                        what a user who changes nothing gets (float32 statistics)
@@ -133,9 +133,9 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
     ]
     trusted = {}
     for name, config in configs().items():
-        out = pretrained_regime.sap_method(run, state, config, base, name)
-        rows.append(dict(out["row"], config=name, accumulation_dtype=config.accumulation_dtype))
-        trusted[name] = out["trusted_indices"]
+        out = common.sap_row(model, state, data, config, name, audit=False)
+        rows.append(dict(base, **out["row"], config=name, accumulation_dtype=config.accumulation_dtype))
+        trusted[name] = out["trusted"].tolist()
     by = {r["config"]: r for r in rows}
     by["defaults"]["same_choice"] = (
         by["defaults"]["kind_alphas"] == by["recipe"]["kind_alphas"]

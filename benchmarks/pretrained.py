@@ -81,7 +81,6 @@ from pretrained_regime import (
     finetuned,
     finish_regime_args,
     pretrain,
-    sap_method,
     train_worker,
 )
 
@@ -196,20 +195,21 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         )
     )
     timing: dict[str, float] = {}
-    sap = sap_method(run, final_state, common.recipe_sap_config(batch_size=500), base, "sap")
-    paper = sap_method(run, final_state, SAPConfig(**common.PAPER_SAP, batch_size=500), base, "sap_paper")
+
+    def sap_method(state: dict, config: Any, method: str) -> dict[str, Any]:
+        out = common.sap_row(model, state, data, config, method, audit=False)
+        return dict(out, row=dict(base, **out["row"]))
+
+    sap = sap_method(final_state, common.recipe_sap_config(batch_size=500), "sap")
+    paper = sap_method(final_state, SAPConfig(**common.PAPER_SAP, batch_size=500), "sap_paper")
     rows += [sap["row"], paper["row"]]
     if "curvature" in args.methods:
         rows.append(
             sap_method(
-                run,
-                final_state,
-                common.recipe_sap_config(batch_size=500, selection_rule="curvature"),
-                base,
-                "sap_curvature",
+                final_state, common.recipe_sap_config(batch_size=500, selection_rule="curvature"), "sap_curvature"
             )["row"]
         )
-    trusted = torch.as_tensor(sap["trusted_indices"], dtype=torch.long)
+    trusted = sap["trusted"]
     ft = common.finetune_grid(model, final_state, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
     rows.append(
         dict(
@@ -223,7 +223,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
             clean_fit=ft["clean_fit"],
         )
     )
-    best_sap = sap_method(run, early_model.state_dict(), common.recipe_sap_config(batch_size=500), base, "best+sap")
+    best_sap = sap_method(early_model.state_dict(), common.recipe_sap_config(batch_size=500), "best+sap")
     rows.append(best_sap["row"])  # the pipeline started from the val-best epoch instead of the last one
     audits = {}
     starts = (
@@ -250,7 +250,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
     model.load_state_dict(final_state)
     if "peers" in args.methods:
         rows += peer_method_rows(
-            model, data, sap["trusted_indices"], audits["sap+refine"].suspected_indices(), base, args, seed
+            model, data, sap["trusted"].tolist(), audits["sap+refine"].suspected_indices(), base, args, seed
         )
     none_test = rows[0]["test_accuracy"]
     for row in rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import common
-from common import accuracy, fit_diagnostics, train_from_scratch
+from common import fit_diagnostics, train_from_scratch
 
 
 #: Fashion-MNIST classes the task uses (labels 0..4 in this order) and the ones pretraining uses.
@@ -295,51 +295,3 @@ def train_worker(task: tuple[str, int, int, argparse.Namespace]) -> dict[str, An
         flush=True,
     )
     return {"noise": noise, "seed": seed, "epochs": epochs, "seconds": run["trained"]["seconds"]}
-
-
-# --------------------------------------------------------------------------------------------
-# One (noise, seed, epochs) cell, in a worker process
-# --------------------------------------------------------------------------------------------
-
-
-def _val_fn(data: dict[str, Any]) -> Any:
-    return lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])}
-
-
-def sap_method(run: dict[str, Any], state: dict, config: Any, base: dict[str, Any], method: str) -> dict[str, Any]:
-    """`sap_correct(config)` from `state`, alpha on val: the row, the corrected `state` and the trusted indices."""
-    import torch
-
-    from sap_hf import Runtime, sap_correct
-
-    model, data = run["model"], run["data"]
-    model.load_state_dict(state)
-    clock = time.perf_counter()
-    result = sap_correct(
-        model, run["train_set"], config=config, evaluate_fn=_val_fn(data), runtime=Runtime(show_progress=False)
-    )
-    seconds = time.perf_counter() - clock
-    index = torch.as_tensor(result.trusted_indices, dtype=torch.long)
-    row = dict(
-        base,
-        method=method,
-        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-        val_accuracy=result.final_metrics["accuracy"],
-        alpha=result.alpha,
-        kind_alphas=result.kind_alphas,
-        rule=config.selection_rule,
-        trusted_per_class=config.trusted_per_class,
-        alpha_scope=config.alpha_scope,
-        num_trusted=result.num_trusted,
-        purity=float((data["train_y"][index] == data["clean_y"][index]).float().mean()),
-        selection_seconds=result.timings.get("selection"),
-        seconds=seconds,
-        **fit_diagnostics(model, data),
-    )
-    out = {
-        "row": row,
-        "state": copy.deepcopy(model.state_dict()),
-        "trusted_indices": [int(i) for i in result.trusted_indices],
-    }
-    model.load_state_dict(state)
-    return out
