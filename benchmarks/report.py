@@ -244,7 +244,9 @@ def bars(summary: dict[str, Any], path: Path, title: str, field: str = "test_acc
     width = 6 if len(summary) < 4 else 3.5
     figure, axes = plt.subplots(1, len(summary), figsize=(width * len(summary), 4.4), squeeze=False)
     for axis, (group, methods) in zip(axes[0], summary.items()):
-        names = sorted((m for m in methods if field in methods[m]), key=lambda m: m.startswith("oracle"))
+        first = ("none", "best_epoch")  # the baselines, then the methods as run, the clean-label ceilings last
+        order = lambda m: (m.startswith("oracle"), first.index(m) if m in first else len(first))  # noqa: E731
+        names = sorted((m for m in methods if field in methods[m]), key=order)
         means = [100 * methods[m][field]["mean"] for m in names]
         errors = [100 * methods[m][field]["std"] for m in names]
         axis.bar(range(len(names)), means, yerr=errors, capsize=3, color=[_colour(m) for m in names])
