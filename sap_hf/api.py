@@ -283,6 +283,7 @@ def sap_correct(
     accelerator in `runtime`'s place) make the `Runtime`, with a deprecation warning.
     """
     config = config or SAPConfig()
+    trusted_indices = _given_indices(trusted_indices)
     runtime = _correction_runtime(config, runtime, run_options, "sap_correct")
     base = runtime.unwrap(model)
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
@@ -319,6 +320,16 @@ def sap_correct(
     )
     result.model = model  # the corrected model (for PEFT: the merged one, not the consumed wrapper)
     return result
+
+
+def _given_indices(trusted_indices: Any) -> Optional[list[Any]]:
+    """`trusted_indices` as Python ints (positions) or strs (keys). A tensor's elements are 0-d tensors, which hash by
+    identity and print as 'tensor(2)': a stream matched none of them ("The trusted data is empty") and a stats_path
+    cache of the very same samples was refused as "other" samples."""
+    if trusted_indices is None:
+        return None
+    values = trusted_indices.tolist() if hasattr(trusted_indices, "tolist") else list(trusted_indices)
+    return [value.item() if hasattr(value, "item") else value for value in values]
 
 
 _RUN_OPTIONS = ("accelerator", "collate_fn", "show_progress", "on_phase")

@@ -103,15 +103,21 @@ def sap_record(
     return record
 
 
-def write_sap_files(output_dir: Union[str, Path], record: Mapping[str, Any], model_name: Optional[str] = None) -> None:
+def write_sap_files(
+    output_dir: Union[str, Path],
+    record: Mapping[str, Any],
+    model_name: Optional[str] = None,
+    card_fields: Optional[Mapping[str, Any]] = None,
+) -> None:
     """Write `sap_record.json` and the model card into `output_dir`, each atomically.
 
     Usually `output_dir` is a `staged_save` folder already; writing each file atomically as well
-    keeps a direct call (a record refreshed in a finished save folder) just as safe.
+    keeps a direct call (a record refreshed in a finished save folder) just as safe. `card_fields`: the card
+    metadata the caller chose (`build_model_card`).
     """
     output_dir = Path(output_dir)
     text = json.dumps(record, indent=2, default=float)
-    card = str(build_model_card(record, model_name or output_dir.name))
+    card = str(build_model_card(record, model_name or output_dir.name, card_fields))
     atomic_write(output_dir / SAP_RECORD_NAME, lambda handle: handle.write(text))
     atomic_write(output_dir / "README.md", lambda handle: handle.write(card))
 
@@ -205,24 +211,35 @@ def eval_results(record: Mapping[str, Any]) -> list[EvalResult]:
     return results
 
 
-def build_model_card(record: Mapping[str, Any], model_name: str) -> ModelCard:
-    """A model card from the template: what SAP did, the numbers of each step, model-index, tags, citation."""
+def build_model_card(
+    record: Mapping[str, Any], model_name: str, card_fields: Optional[Mapping[str, Any]] = None
+) -> ModelCard:
+    """A model card from the template: what SAP did, the numbers of each step, model-index, tags, citation.
+
+    `card_fields` (`SAPTrainer.create_model_card`'s, i.e. `Trainer.push_to_hub(license=..., tags=...)`'s) add to the
+    metadata: `language`, `license`, `datasets`, `tags` (after SAP's) and `base_model` (over the record's).
+    """
+    fields = dict(card_fields or {})
+    base_model = fields.get("base_model") or record.get("base_model") or None
+    tags = list(SAP_TAGS) + [tag for tag in fields.get("tags") or [] if tag not in SAP_TAGS]
     first = record["rounds"][0] if record.get("rounds") else {"alphas": [], "metrics": [], "baseline": {}}
     metric = first.get("metric", "accuracy")
     per_class = record.get("trusted_per_class") or {}
     results = eval_results(record)
     data = ModelCardData(
         library_name="transformers",
-        tags=list(SAP_TAGS),
-        base_model=record.get("base_model") or None,
+        tags=tags,
+        base_model=base_model,
         pipeline_tag="image-classification",
-        license=record.get("license"),
+        license=fields.get("license") or record.get("license"),
+        language=fields.get("language"),
+        datasets=fields.get("datasets"),
         model_name=model_name if results else None,
         eval_results=results or None,
     )
     content = CARD_TEMPLATE.format(
         model_name=model_name,
-        base_model=record.get("base_model") or "trained from scratch",
+        base_model=base_model or "trained from scratch",
         training_loss=(
             f"\n- Training loss (on the noisy labels, before SAP): {describe_training_loss(record['training_loss'])}"
             if record.get("training_loss")

@@ -264,3 +264,17 @@ def test_recipe_hub_id_that_cannot_be_loaded_names_the_argument(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(FileNotFoundError, match=r"--model_name_or_path: cannot load 'nobody-sap-hf/no-such-model'"):
         load_model(ModelArguments(model_name_or_path="nobody-sap-hf/no-such-model"), mock.Mock(class_names=["a", "b"]))
+
+
+def test_python_dash_m_sap_hf_runs_the_command_line(tmp_path):
+    """`python -m sap_hf` (where the sap-hf script is not on PATH) failed with 'No module named sap_hf.__main__'."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run(
+        [sys.executable, "-m", "sap_hf", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0 and run.stdout.startswith("sap-hf "), run.stderr

@@ -270,3 +270,22 @@ def test_the_merged_model_trains_whole_like_a_plain_model(trained_peft):
     assert all(
         parameter.requires_grad for parameter in merged.parameters()
     )  # refine() after correct() trains every weight
+
+
+def test_train_after_correct_trains_the_merged_model(tmp_path):
+    """train() -> correct() (merges) -> train(): the Trainer kept the first run's optimizer, which held the adapter
+    weights the merge removed, so the second run moved only the modules_to_save head; now every weight trains."""
+    model = peft.get_peft_model(tiny_model("vit", num_labels=3), _guide_config(tiny_model()))
+    trainer = SAPTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=random_examples(12, seed=1),
+        eval_dataset=random_examples(6, seed=2),
+        sap_config=SAPConfig(alphas=[2.0], trusted_per_class=2, batch_size=4),
+    )
+    trainer.train()
+    trainer.correct()
+    before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+    trainer.train()
+    after = trainer.model.state_dict()
+    assert all(not torch.equal(before[name], after[name]) for name in before if "weight" in name)

@@ -549,3 +549,17 @@ def test_trainer_correct_checks_the_metric_before_any_pass_and_evaluates_the_bas
     # the search evaluates the unchanged model, each shared alpha, each per-kind trial: the first measured up front
     searched = sum(1 + len(r.alphas) + len(r.kind_trials) for r in result.rounds)
     assert len(calls) == searched, (len(calls), searched)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_refine_gives_the_model_back_in_the_mode_it_came_in(tmp_path, training):
+    """Each clean-up run leaves train mode, and refine ended with eval(): a model handed over in train mode came back
+    in eval mode (dropout off in the caller's next training loop), unlike after sap_correct or audit_labels."""
+    model = tiny_model("vit", num_labels=3, seed=0).train(training)
+    train, val = random_examples(24, seed=1), random_examples(12, seed=2)
+    audit = audit_labels(model, train, filter_by="predicted_neq_given", runtime=Runtime(show_progress=False))
+    assert model.training == training
+    config = RefineConfig(mode="remove", learning_rates=[1e-2], epochs=[1])
+    evaluate = accuracy_evaluator(val, runtime=Runtime(batch_size=12))
+    refine(model, train, audit, evaluate, config, args=_args(tmp_path), runtime=Runtime(show_progress=False))
+    assert model.training == training

@@ -194,3 +194,22 @@ def test_sap_trainer_uses_public_trainer_hooks_only():
                 if node.value.id in ("self", "trainer") and not node.attr.startswith("__"):
                     used.add(node.attr)
     assert private and not used & private, sorted(used & private)
+
+
+def test_push_to_hub_card_arguments_reach_the_sap_card(tmp_path):
+    """Trainer.push_to_hub(license=, tags=, dataset=, language=, finetuned_from=) hands them to create_model_card;
+    the SAP card dropped them (a pushed model had no license); a later save_model() keeps them."""
+    from huggingface_hub import ModelCard
+
+    trainer = _trainer(tmp_path)
+    trainer.correct()
+    api = mock.MagicMock()
+    api.create_repo.return_value.repo_id = "user/tiny-sap"
+    with mock.patch("transformers.trainer.hf_api", return_value=api):
+        trainer.args.hub_model_id = "user/tiny-sap"
+        trainer.push_to_hub(license="mit", tags="my-tag", dataset="beans", language="en", finetuned_from="google/vit")
+    for _ in range(2):
+        data = ModelCard.load(tmp_path / "out" / "README.md").data
+        assert (data.license, data.language, data.datasets, data.base_model) == ("mit", "en", ["beans"], "google/vit")
+        assert data.tags[-2:] == ["sap_hf", "my-tag"]
+        trainer.save_model()

@@ -135,6 +135,37 @@ def test_stats_path_with_other_trusted_indices_is_refused(tmp_path):
     assert again.trusted_indices == [0, 1, 2]
 
 
+def test_trusted_indices_as_a_tensor_or_array_name_the_same_samples_as_a_list(tmp_path):
+    """A tensor's elements are 0-d tensors: a stream matched none of them ('The trusted data is empty') and a cache of
+    the same samples was refused as other samples. Arrays and tensors now name what the list names."""
+    import datasets
+    from helpers import random_examples
+
+    from sap_hf import Runtime, SAPConfig, sap_correct
+    from sap_hf.models import tiny_model
+
+    train, evals = random_examples(12), random_examples(6, seed=2)
+    rows = [{"pixel_values": example["pixel_values"].numpy(), "labels": example["labels"]} for example in train]
+    stream = datasets.Dataset.from_list(rows).to_iterable_dataset()
+    config, runtime = SAPConfig(alphas=[10.0], trusted_per_class=2), Runtime(show_progress=False)
+    for data, given in (
+        (stream, torch.tensor([0, 1, 2])),
+        (train, np.array([0, 1, 2])),
+        (train, torch.tensor([0, 1, 2])),
+    ):
+        for _ in range(2):  # the second run reads the cache the first wrote
+            result = sap_correct(
+                tiny_model("vit", num_labels=3),
+                data,
+                evals,
+                config,
+                runtime,
+                trusted_indices=given,
+                stats_path=tmp_path / f"{type(data).__name__}-{type(given).__name__}.safetensors",
+            )
+            assert result.trusted_indices == [0, 1, 2] and result.num_trusted == 3
+
+
 # --- 2. the CLI: the model's class names against the data's ---------------------------------------------------
 
 

@@ -591,8 +591,8 @@ def refine(
     `train_data`). `evaluate_fn(model) -> metrics` measures a clean validation split. `args`: the
     `TrainingArguments` of each run (batch size, optimiser, schedule, precision, seed, `report_to`;
     default: batch 64, AdamW, cosine, no weight decay); their learning rate and length are the
-    config's. `runtime.collate_fn` batches the examples. The model is left at the best candidate;
-    unchanged when no fine-tune beats it, and restored if a run fails. `greater_is_better` defaults to
+    config's. `runtime.collate_fn` batches the examples. The model is left at the best candidate, in the train/eval
+    mode it came in; unchanged when no fine-tune beats it, and restored if a run fails. `greater_is_better` defaults to
     transformers' rule: False for a metric whose name ends in "loss", else True. `baseline`: `evaluate_fn(model)`
     when the caller has measured it (`baseline_metrics`; `SAPTrainer.refine` does, to check the metric before its
     audit pass), so the eval set is not read again.
@@ -604,10 +604,9 @@ def refine(
     plans, examples = _plans(audit, train_data, config)
     _check_drop_last(plans, args)
     data, collate = examples_and_collate(train_data, runtime.collate_fn)
-    if is_map_style(data):  # a few examples read now: a copy in another order fails before any weight changes
-        first = next(iter(plans.values()))
-        PlanExamples(data, first).__getitems__(list(range(min(32, len(first)))))
+    _check_order(data, plans)
     start = {k: v.detach().to("cpu", copy=True) for k, v in base.state_dict().items()}  # copies off the accelerator
+    training = base.training  # each run leaves train mode: the caller's mode is given back, as every pass gives it
     baseline = baseline_metrics(evaluate_fn, base, metric, measured=baseline)
     best = _Best(baseline, metric, greater_is_better)
     trials: list[dict[str, Any]] = []
@@ -632,9 +631,10 @@ def refine(
                 passes += int(runtime.sum(torch.tensor(float(trainer.passes), dtype=torch.float64)).item())
     except BaseException:
         base.load_state_dict(start)
+        base.train(training)
         raise
     base.load_state_dict(best.state if best.state is not None else start)
-    base.eval()
+    base.train(training)
     if best.state is None:
         logger.warning("SAP refine: no fine-tune beat the corrected model on the eval set; the model is unchanged.")
     return RefineResult(
@@ -646,6 +646,14 @@ def refine(
         cost_epochs=passes / max(1, len(audit)),
         **best.choice,
     )
+
+
+def _check_order(data: Any, plans: Mapping[str, CleanupPlan]) -> None:
+    """A few examples of a map-style `data` read now: a copy in another order than the audit's fails before any
+    weight changes (`PlanExamples` checks each example's label against the audit's as it reads it)."""
+    if is_map_style(data):
+        first = next(iter(plans.values()))
+        PlanExamples(data, first).__getitems__(list(range(min(32, len(first)))))
 
 
 def _check_drop_last(plans: Mapping[str, CleanupPlan], args: Optional[TrainingArguments]) -> None:

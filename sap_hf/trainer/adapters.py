@@ -9,7 +9,7 @@ from typing import Any
 
 from transformers.utils import logging
 
-from ..core.adapters import merge_adapters
+from ..core.adapters import is_peft_model, merge_adapters
 
 
 logger = logging.get_logger(__name__)
@@ -19,15 +19,18 @@ def merge_trainer_adapters(trainer: Any) -> None:
     """A Trainer holding a PEFT model: make the merged model its `model` (and `model_wrapped`).
 
     Then the evaluations of the alpha search run the very model SAP corrects, and
-    `save_model()` writes that whole corrected model instead of the adapters alone.
+    `save_model()` writes that whole corrected model instead of the adapters alone. The optimizer and schedule of an
+    earlier `train()` are dropped: they hold the adapter weights the merge removed, so a later `train()` kept stepping
+    those (only a `modules_to_save` head moved) while the merged weights stayed put; it now makes new ones.
     """
-    merged = merge_adapters(trainer.model)
-    if merged is trainer.model:
+    if not is_peft_model(trainer.model):
         return
+    merged = merge_adapters(trainer.model)
     trainer.model = merged
     trainer.model_wrapped = merged
+    trainer.optimizer, trainer.lr_scheduler = None, None
     logger.warning(
         "SAPTrainer.correct(): trainer.model is now the merged %s (adapters merged); save_model() writes the whole "
-        "corrected model.",
+        "corrected model, and a later train() trains all of its weights with a new optimizer.",
         type(merged).__name__,
     )

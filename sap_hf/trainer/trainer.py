@@ -104,6 +104,8 @@ class SAPTrainer(Trainer):
         self.refine_result: Optional[RefineResult] = None
         self.sap_extra_record: dict[str, Any] = {}
         self._sap_saved = False
+        self._card_fields: dict[str, Any] = {}  # what create_model_card() was given: save_model()'s card keeps it
+        self._card_model_name: Optional[str] = None
         self.training_losses: Optional[TrainingLosses] = None
         self._checkpoint_weights = install_checkpoint_weights(self)  # exact best/resumed weights (.checkpoints)
         self.add_callback(RecordSaver(lambda: self.training_losses if self._records_losses else None))
@@ -526,7 +528,7 @@ class SAPTrainer(Trainer):
         with staged_save(output_dir, is_main=is_main) as stage:
             super().save_model(str(stage), _internal_call=True)
             if is_main and self.sap_result is not None:
-                write_sap_files(stage, self.sap_record(), self._card_name(output_dir))
+                write_sap_files(stage, self.sap_record(), self._card_name(output_dir), self._card_fields)
         self._sap_saved = True
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -562,11 +564,31 @@ class SAPTrainer(Trainer):
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """`Trainer.create_model_card`, overridden to write the SAP card (what SAP did, the numbers, tags, citation)
-        once corrected; Trainer's otherwise."""
+        once corrected; Trainer's otherwise.
+
+        Its arguments (also `push_to_hub(license=..., tags=...)`'s) go into the SAP card's metadata as into Trainer's:
+        `language`, `license`, `tags` (after SAP's), `finetuned_from` (the base model), `dataset_tags` or `dataset`
+        (the datasets), `model_name` (the title, when no `hub_model_id` names it); they were dropped without a word. The card's task is
+        image-classification whatever `tasks` says, and `dataset_args` has no place in it. Later `save_model()`
+        calls keep them.
+        """
         if self.sap_result is None:
             return super().create_model_card(*args, **kwargs)
+        given = inspect.signature(Trainer.create_model_card).bind(self, *args, **kwargs).arguments
+        listed = {k: [given[k]] if isinstance(given.get(k), str) else given.get(k) for k in ("tags", "dataset_tags")}
+        datasets = listed["dataset_tags"] or ([given["dataset"]] if isinstance(given.get("dataset"), str) else None)
+        fields = dict(
+            language=given.get("language"),
+            license=given.get("license"),
+            tags=listed["tags"],
+            base_model=given.get("finetuned_from"),
+            datasets=datasets or given.get("dataset"),
+        )
+        self._card_fields = {k: v for k, v in fields.items() if v}
+        self._card_model_name = given.get("model_name") or self._card_model_name
         if self.is_world_process_zero():
-            write_sap_files(self.args.output_dir, self.sap_record(), self._card_name(self.args.output_dir))
+            card_name = self._card_name(self.args.output_dir)
+            write_sap_files(self.args.output_dir, self.sap_record(), card_name, self._card_fields)
 
     def _card_name(self, output_dir: Union[str, Path]) -> str:
-        return self.args.hub_model_id or Path(output_dir).name
+        return self.args.hub_model_id or self._card_model_name or Path(output_dir).name
