@@ -868,11 +868,15 @@ def refine_row(
     refine_batch_size: int,
     seed: int,
     scratch: str,
+    schedule: str = "cosine",
+    audit_after: bool = True,
 ) -> dict[str, Any]:
-    """`sap_hf.refine(config)` of the model as it is, with `audit`'s suspects: the row (the model is left refined).
+    """The clean-up method of every study: `sap_hf.refine(config)` of the model as it is, with `audit`'s suspects.
 
-    The row carries the chosen mode, lr and length, `cost_epochs`, the refined model's audit AP (`audit_ap_after`),
-    the val grid (`trials`) and `noisy_fit`."""
+    The row (the model is left refined): test/val accuracy, the chosen mode, lr and length, `cost_epochs`, the kept /
+    removed / relabelled counts of the chosen mode (`examples`), the audit's suspects and their precision and recall
+    against the true errors, the val grid (`trials`), `noisy_fit`; with `audit_after`, the refined model's own audit
+    AP (`audit_ap_after`, one more pass)."""
     from sap_hf import refine
     from sap_hf.runtime.passes import Runtime
 
@@ -883,10 +887,11 @@ def refine_row(
         audit,
         val_metric(data),
         config,
-        args=refine_arguments(scratch, refine_batch_size, seed),
+        args=refine_arguments(scratch, refine_batch_size, seed, schedule),
         runtime=Runtime(show_progress=False),
     )
-    return dict(
+    flagged, noisy = audit.suspected, data["is_noisy"][audit.indices]
+    row = dict(
         method=method,
         test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
         val_accuracy=refined.final_metrics["accuracy"],
@@ -895,8 +900,9 @@ def refine_row(
         refine_epochs=refined.epochs,
         cost_epochs=refined.cost_epochs,
         examples=refined.examples.get(refined.mode),
-        audit_ap_after=audit_ap(shift_audit(model, data), data),
-        seconds=time.perf_counter() - clock,
+        audit_suspected=int(flagged.sum()),
+        audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
+        audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
         trials=[
             {
                 "mode": t["mode"],
@@ -908,6 +914,10 @@ def refine_row(
         ],
         **fit_diagnostics(model, data),
     )
+    if audit_after:
+        row["audit_ap_after"] = audit_ap(shift_audit(model, data), data)
+    row["seconds"] = time.perf_counter() - clock
+    return row
 
 
 def sap_and_cleanups(

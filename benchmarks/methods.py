@@ -1,7 +1,8 @@
 """Methods shared by the studies (a support module, not a script), each written once for every study that runs it.
 
 * `sap+refine` (`sap_refine_row`, its `--refine_*` arguments `add_refine_arguments`): SAP's model, its label
-  audit, then the clean-up (`sap_hf.refine`), run by `accuracy.py` and `pretrained.py`.
+  audit, then the clean-up (`common.refine_row`, the clean-up row of every study), run by `accuracy.py` and
+  `pretrained.py`.
 * SAP's corrective-unlearning peers SSD and SCRUB (`peer_rows`, its `--peer_*` arguments `add_peer_arguments`)
   on the benchmarks' memorised models, run by `accuracy.py --methods peers`, `pretrained.py` and `cifar10n.py`.
 
@@ -109,67 +110,41 @@ def sap_refine_row(
     method: str = "sap+refine",
     audit: Any = None,
 ) -> dict[str, Any]:
-    """`sap+refine`: audit the training labels with `sap`'s model, then `sap_hf.refine` (choices on val).
+    """`sap+refine` with the `--refine_*` arguments: audit the training labels with `sap`'s model, then the clean-up
+    (`common.refine_row`: RefineConfig(mode=--refine_modes), choices on val).
 
     `sap` is the row of the model in `sap_state` (its identifying keys are copied); `method` names the row (e.g.
     'refine' when `sap_state` is the uncorrected model); `audit`: that model's `audit_labels` when already made.
     The audit's precision/recall against the hidden clean labels are reported, never used.
     """
-    from sap_hf import RefineConfig, Runtime, audit_labels, refine
+    from sap_hf import RefineConfig, Runtime, audit_labels
 
-    data, train_set = run["data"], run["train_set"]
     model.load_state_dict(sap_state)
     if audit is None:
         audit = audit_labels(
-            model, train_set, views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False)
+            model, run["train_set"], views=args.refine_views, runtime=Runtime(batch_size=1000, show_progress=False)
         )
-    flagged, noisy = audit.suspected, data["is_noisy"]
     config = RefineConfig(
         mode=list(args.refine_modes),
         learning_rates=list(args.refine_lrs),
         epochs=list(args.refine_epochs),
         augment=bool(args.refine_augment),
     )
-    with tempfile.TemporaryDirectory() as scratch:
-        result = refine(
-            model,
-            train_set,
-            audit,
-            lambda m: {"accuracy": common.accuracy(m, data["val_x"], data["val_y"])},
-            config,
-            args=common.refine_arguments(scratch, args.refine_batch_size, sap["seed"], args.refine_schedule),
-            runtime=Runtime(show_progress=False),
-        )
-    counts = result.examples.get(result.mode, {}) if result.mode else {}
     keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
-    row = {k: sap[k] for k in keys if k in sap}
-    row.update(
-        method=method,
-        test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
-        val_accuracy=result.final_metrics["accuracy"],
-        sap_val_accuracy=sap["val_accuracy"],
-        refine_mode=result.mode,
-        lr=result.learning_rate,
-        refine_epochs=result.epochs,
-        cost_epochs=result.cost_epochs,
-        kept=counts.get("kept"),
-        removed=counts.get("removed"),
-        relabelled=counts.get("relabelled"),
-        audit_suspected=int(flagged.sum()),
-        audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
-        audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
-        refine_trials=[
-            {
-                "mode": t["mode"],
-                "lr": t["learning_rate"],
-                "epochs": t["epochs"],
-                "val_accuracy": round(t["metrics"]["accuracy"], 4),
-            }
-            for t in result.trials
-        ],
-        **common.fit_diagnostics(model, data),
-    )
-    return row
+    with tempfile.TemporaryDirectory() as scratch:
+        row = common.refine_row(
+            model,
+            run["data"],
+            audit,
+            config,
+            method=method,
+            refine_batch_size=args.refine_batch_size,
+            seed=sap["seed"],
+            scratch=scratch,
+            schedule=args.refine_schedule,
+            audit_after=False,
+        )
+    return {**{k: sap[k] for k in keys if k in sap}, **row, "sap_val_accuracy": sap["val_accuracy"]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -130,7 +130,9 @@ def check_accuracy(tmp: Path, steps: list[Step]) -> None:
     assert {"accuracy_alpha.png", "accuracy_methods.png"} <= set(steps[0].files)
     refine = next(row for row in rows if row["setting"] == "sym40" and row["method"] == "sap+refine")
     assert refine["val_accuracy"] >= refine["sap_val_accuracy"]  # "no change" is a candidate
-    assert {"refine_mode", "lr", "refine_epochs", "audit_precision", "audit_recall", "refine_trials"} <= set(refine)
+    assert {"refine_mode", "lr", "refine_epochs", "audit_precision", "audit_recall", "trials", "examples"} <= set(
+        refine
+    )
 
     # --methods sap+refine: recompute that row group for one setting and merge it into the same accuracy.json.
     merged = steps[1].json("accuracy.json")
