@@ -89,7 +89,7 @@ def test_staged_save_moves_files_in_on_success_and_keeps_the_old_ones_on_failure
 def test_write_sap_files_keeps_the_previous_record_when_the_card_fails(tmp_path, monkeypatch):
     (tmp_path / hub.SAP_RECORD_NAME).write_text('{"old": true}')
 
-    def failing_card(record, model_name):
+    def failing_card(record, model_name, card_fields=None):
         raise Boom()
 
     monkeypatch.setattr(hub, "build_model_card", failing_card)

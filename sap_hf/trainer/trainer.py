@@ -313,8 +313,12 @@ class SAPTrainer(Trainer):
             "correct()", "selection_dataset", selection_dataset, eval_dataset, "alpha"
         )
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
+        runtime = self._runtime(self.sap_config.batch_size, collate_fn=collate_fn, on_phase=on_phase)
         unmerged = self.model
-        baseline = baseline_metrics(evaluate_fn, unmerged, metric)  # a missing metric fails before any pass
+        with runtime.timed(
+            "evaluation"
+        ):  # the search's first evaluation, first: a missing metric fails before any pass
+            baseline = baseline_metrics(evaluate_fn, unmerged, metric)
         merge_trainer_adapters(self)  # PEFT: self.model becomes the merged model, corrected and saved whole
         if self.model is unmerged:  # the search's first evaluation is this baseline: not measured twice
             evaluate_fn = _measured_first(baseline, evaluate_fn)
@@ -333,7 +337,7 @@ class SAPTrainer(Trainer):
             self.model,
             selection_dataset,
             config=self.sap_config,
-            runtime=self._runtime(self.sap_config.batch_size, collate_fn=collate_fn, on_phase=on_phase),
+            runtime=runtime,
             evaluate_fn=evaluate_fn,
             metric=metric,
             greater_is_better=greater,
@@ -342,6 +346,7 @@ class SAPTrainer(Trainer):
             stats_path=stats_path,
             on_evaluate=on_evaluate,
         )
+        result.timings["evaluation"] = result.timings.get("evaluation", 0.0) + runtime.timings["evaluation"]
         if recorded is not None and result.trusted_indices == recorded.indices:  # (a stats_path cache may hold others)
             result.trusted_per_class = {int(k): v for k, v in recorded.per_class.items()}
             result.timings = {"selection": selection_seconds, **result.timings}
