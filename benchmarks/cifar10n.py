@@ -175,7 +175,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--refine_batch_size", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=None, help="default results/cifar10n.json (mae: cifar10n_mae.json)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="the result JSON (default results/cifar10n.json, mae: cifar10n_mae.json); a bare file name goes to results/",
+    )
     parser.add_argument("--cache_dir", default=None, help="keep the trained models here (keyed by their settings)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, few epochs, one seed")
@@ -183,7 +187,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     scratch = args.regime == "scratch"
     args.epochs = args.epochs or (60 if scratch else 30)
     args.lr = args.lr or (2e-3 if scratch else 1e-3)
-    args.out = args.out or str(RESULTS / ("cifar10n.json" if scratch else "cifar10n_mae.json"))
+    args.out = args.out or ("cifar10n.json" if scratch else "cifar10n_mae.json")
+    args.out = str(RESULTS / args.out) if Path(args.out).name == args.out else args.out
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs, args.seeds = 200, 100, 100, 3, args.seeds[:1]
         args.hidden, args.layers, args.refine_epochs, args.warmup_epochs = 32, 2, [1], 0.5
@@ -633,7 +638,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         )
         final = merged(record(results), previous)
         write_json(out, final)
-    report.print_tables(out, "cifar10n_mae.json" if args.regime == "mae" else "cifar10n.json")
+    report.print_tables(out)
     print(json.dumps({"targets": final["targets"], "audits": final["audit_summary"]}, indent=1))
     report.bars(final["summary"], out.with_suffix(".png"), title)
     return final
