@@ -178,7 +178,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         default=None,
-        help="the result JSON (default results/cifar10n.json, mae: cifar10n_mae.json); a bare file name goes to results/",
+        help="the result JSON (default results/cifar10n.json, mae: cifar10n_mae.json); a bare name goes to results/",
     )
     parser.add_argument("--cache_dir", default=None, help="keep the trained models here (keyed by their settings)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")

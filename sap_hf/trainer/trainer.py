@@ -315,9 +315,8 @@ class SAPTrainer(Trainer):
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
         runtime = self._runtime(self.sap_config.batch_size, collate_fn=collate_fn, on_phase=on_phase)
         unmerged = self.model
-        with runtime.timed(
-            "evaluation"
-        ):  # the search's first evaluation, first: a missing metric fails before any pass
+        # The search's first evaluation (the model as it is), measured first: a missing metric fails before any pass.
+        with runtime.timed("evaluation"):
             baseline = baseline_metrics(evaluate_fn, unmerged, metric)
         merge_trainer_adapters(self)  # PEFT: self.model becomes the merged model, corrected and saved whole
         if self.model is unmerged:  # the search's first evaluation is this baseline: not measured twice
@@ -573,7 +572,7 @@ class SAPTrainer(Trainer):
 
         Its arguments (also `push_to_hub(license=..., tags=...)`'s) go into the SAP card's metadata as into Trainer's:
         `language`, `license`, `tags` (after SAP's), `finetuned_from` (the base model), `dataset_tags` or `dataset`
-        (the datasets), `model_name` (the title, when no `hub_model_id` names it); they were dropped without a word. The card's task is
+        (the datasets), `model_name` (the title, when no `hub_model_id` names it). The card's task is
         image-classification whatever `tasks` says, and `dataset_args` has no place in it. Later `save_model()`
         calls keep them.
         """
