@@ -1,5 +1,6 @@
 """Unit tests of the benchmarks' support code (the end-to-end runs are tests/test_benchmark_smoke.py): methods.py's
-SSD and SCRUB on a tiny model, speed_investigate's instrumentation, label_audit's merge, common's recipe settings."""
+SSD and SCRUB on a tiny model, speed_investigate's instrumentation, label_audit's merge, common's recipe settings,
+report's summary, targets and README tables."""
 
 from __future__ import annotations
 
@@ -229,3 +230,56 @@ def test_recipe_settings_come_from_the_yaml(tmp_path):
         == training["warmup_epochs"]
         == pytest.approx(settings["warmup_steps"] * settings["num_train_epochs"])
     )
+
+
+def _rows() -> list[dict]:
+    """Two settings x two seeds of none / best_epoch / sap / sap+refine, and the clean-label oracle once per seed."""
+    values = {"none": 0.50, "best_epoch": 0.70, "sap": 0.55, "sap+refine": 0.74}
+    rows = [
+        {"setting": "oracle", "seed": seed, "method": "oracle", "test_accuracy": 0.8 + 0.02 * seed} for seed in (0, 1)
+    ]
+    for setting in ("sym40", "asym40"):
+        for seed in (0, 1):
+            for method, value in values.items():
+                shift = 0.01 * seed + (0.1 if setting == "sym40" else 0.0)
+                fit = 0.9 if method == "none" else None
+                rows.append(
+                    dict(setting=setting, seed=seed, method=method, test_accuracy=value + shift, noisy_fit=fit)
+                )
+    return rows
+
+
+def test_report_summarises_by_setting_with_shared_rows_and_checks_the_targets() -> None:
+    import report
+
+    rows = _rows()
+    summary = report.summarise(rows, ("setting",), shared="oracle")
+    assert set(summary) == {"sym40", "asym40"} and summary["asym40"]["oracle"]["test_accuracy"]["mean"] == 0.81
+    assert summary["sym40"]["sap"]["test_accuracy"]["mean"] == pytest.approx(0.655)
+    assert summary["sym40"]["sap"]["seeds"] == [0, 1] and "noisy_fit" in summary["sym40"]["none"]
+    assert "noisy_fit" not in summary["sym40"]["sap"]  # None in its rows: not averaged
+    sym = report.gap_targets(summary, 1, pipelines=("sap+refine",))["sym40"]
+    assert sym["sap_minus_none"] == pytest.approx(5.0) and sym["sap+refine_minus_best_epoch"] == pytest.approx(4.0)
+    assert sym["sap+refine_gap_closed"] == pytest.approx((0.845 - 0.605) / (0.81 - 0.605))
+    nested = report.summarise(rows, ("setting", "seed"))
+    assert set(nested["sym40"]) == {"0", "1"} and "sap" in nested["sym40"]["0"]
+
+
+def test_report_prints_the_readme_tables_of_a_result_leaving_out_rows_it_lacks(tmp_path, capsys) -> None:
+    import json
+
+    import report
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "<!-- table results/study.json\ncolumns: setting\nrows:\n  none\n  sap\n  sap+pseudo\n"
+        "  diff(sap, none)\n-->\n| old |\n<!-- /table -->\n"
+    )
+    result = tmp_path / "run" / "study.json"
+    result.parent.mkdir()
+    result.write_text(json.dumps({"rows": [r for r in _rows() if r["method"] in ("none", "sap")]}))
+    assert report.print_tables(result, readme=readme) == 1
+    printed = capsys.readouterr().out
+    assert "| sap | 65.5 ± 0.7 | 55.5 ± 0.7 |" in printed and "| sap − none | +5.0 | +5.0 |" in printed
+    assert "sap+pseudo" not in printed  # no row of it in this run: left out, the rest shown
+    assert report.print_tables(result, "other.json", readme=readme) == 0
