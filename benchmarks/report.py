@@ -106,14 +106,13 @@ def summarise(
 
     `shared`: rows whose first key has this value (e.g. 'oracle', the clean-label training of a study whose settings
     are noise types) are shown in every group."""
-    common = [r for r in rows if shared is not None and str(r[by[0]]) == shared]
-    levels = [" ".join(str(row[k]) for k in by) for row in rows] if flat else None
+    everywhere = [r for r in rows if shared is not None and str(r[by[0]]) == shared]
     summary: dict[str, Any] = {}
-    for i, row in enumerate(rows):
-        if row in common:
+    for row in rows:
+        if shared is not None and str(row[by[0]]) == shared:
             continue
         node = summary
-        for value in [levels[i]] if levels else [str(row[k]) for k in by]:
+        for value in [" ".join(str(row[k]) for k in by)] if flat else [str(row[k]) for k in by]:
             node = node.setdefault(value, {})
         node.setdefault(row_name(row, key), []).append(row)
 
@@ -121,7 +120,7 @@ def summarise(
         if depth < (1 if flat else len(by)):
             return {k: finish(v, depth + 1) for k, v in node.items()}
         methods = dict(node)
-        for row in common:
+        for row in everywhere:
             methods.setdefault(row_name(row, key), []).append(row)
         return {
             name: {
