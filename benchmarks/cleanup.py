@@ -48,11 +48,11 @@ def summarised(record: dict[str, Any]) -> dict[str, Any]:
     return dict(record, summary=summary, targets=report.gap_targets(summary, 1))
 
 
-def finish(out: Path, record: dict[str, Any], plot: bool = True) -> dict[str, Any]:
-    """Write the summarised record, print its README tables, draw its figure."""
+def finish(out: Path, record: dict[str, Any], name: str, plot: bool = True) -> dict[str, Any]:
+    """Write the summarised record, print the README tables of `results/<name>.json`, draw its figure."""
     record = summarised(record)
     write_json(out, record)
-    report.print_tables(out, "cleanup.json")
+    report.print_tables(out, f"{name}.json")
     print(json.dumps(record["targets"], indent=1))
     if plot:
         report.bars(record["summary"], out.with_suffix(".png"), "Fashion-MNIST")
@@ -75,6 +75,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Any:
     parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)
+    parser.add_argument("--out_name", default="cleanup", help="<out_dir>/<out_name>.json / .png (--quick: *_quick)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")
     args = finish_args(parser.parse_args(argv), argv)
     if args.quick:
@@ -132,10 +133,10 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
-    out = Path(args.out_dir) / ("cleanup_quick.json" if args.quick else "cleanup.json")
+    out = Path(args.out_dir) / f"{args.out_name}{'_quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.replot:
-        return finish(out, json.loads(out.read_text()))
+        return finish(out, json.loads(out.read_text()), args.out_name)
     tasks = [(setting, seed, args) for seed in args.seeds for setting in args.settings]
 
     def record(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -148,7 +149,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         }
 
     results = run_tasks(run_cell, tasks, args.jobs, on_result=lambda done: write_json(out, summarised(record(done))))
-    return finish(out, record(results), plot=not args.no_plot)
+    return finish(out, record(results), args.out_name, plot=not args.no_plot)
 
 
 if __name__ == "__main__":
