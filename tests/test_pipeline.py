@@ -110,7 +110,8 @@ def test_trainer_save_model_with_processing_class_loads_in_pipeline(tmp_path):
 
 
 def test_cli_correct_folder_loads_in_pipeline(tiny_clothing1m, tmp_path, capsys):
-    """A trained model saved without an image processor: `sap-hf correct` saves the one its transform implies."""
+    """A trained model saved without an image processor or class names: `sap-hf correct` saves the processor its
+    transform implies and the data's class names."""
     from transformers import ViTForImageClassification
 
     trained = tmp_path / "trained"
@@ -139,6 +140,8 @@ def test_cli_correct_folder_loads_in_pipeline(tiny_clothing1m, tmp_path, capsys)
     )
     capsys.readouterr()
     model = AutoModelForImageClassification.from_pretrained(out)
+    # the trained model's classes were LABEL_0...: the saved folder names them after the data's ClassLabel
+    assert model.config.id2label[13] == "Underwear" and model.config.label2id["Underwear"] == 13
     _, transform = image_transforms(model, None, augment=False, seed=0)  # what `sap-hf correct` evaluated with
     _check_pipeline_matches_model(out, transform, _images(32, grey=False))
 

@@ -219,13 +219,20 @@ def align_labels(splits: Splits, model: nn.Module, model_name_or_path: str) -> S
     the model's ids (a log line says so): scoring or correcting on the data's own ids would pair
     each sample with another class's logit, silently. Names that differ as sets raise a ValueError
     naming `--model_name_or_path`; models with the default names (`LABEL_0`, ...) say nothing and
-    are taken in the data's order. ClassLabel columns with the data's class names (`label`, and
-    e.g. a clean-label column) are remapped alike; their ClassLabel then lists the model's order.
+    are taken in the data's order, and are given the data's names (`config.id2label`), so that the
+    folder a command saves names its classes in `pipeline()`'s output instead of `LABEL_3`.
+    ClassLabel columns with the data's class names (`label`, and e.g. a clean-label column) are
+    remapped alike; their ClassLabel then lists the model's order.
     """
     id2label = getattr(model.config, "id2label", None) or {}
     names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
     data_names = [str(name) for name in splits.class_names]
-    if not names or names == data_names or all(name == f"LABEL_{i}" for i, name in enumerate(names)):
+    unnamed = bool(names) and all(name == f"LABEL_{i}" for i, name in enumerate(names))
+    if unnamed and len(names) == len(data_names) and data_names != names:
+        model.config.id2label = dict(enumerate(data_names))
+        model.config.label2id = {name: i for i, name in enumerate(data_names)}
+        logger.info("%s: its classes LABEL_0... are named after the data's: %s", model_name_or_path, data_names)
+    if not names or names == data_names or unnamed:
         return splits
     if sorted(names) != sorted(data_names):
         only_model = sorted(set(names) - set(data_names))[:5]
