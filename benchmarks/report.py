@@ -176,24 +176,25 @@ def print_tables(result: Path, name: Optional[str] = None, readme: Path = README
 
     A table row this run did not compute (a smoke run, one setting) is left out; a table with none is skipped."""
     name = name or Path(result).name
+    rows = json.loads(Path(result).read_text())["rows"]  # read once: each row of each table is tried on them
     shown = 0
     for match in BLOCK.finditer(readme.read_text()):
         if TableSpec(match["spec"]).path != f"results/{name}":
             continue
-        spec = re.sub(r"\A\s*\S+", str(Path(result).resolve()), match["spec"], count=1).split("\n")
+        spec = match["spec"].split("\n")
         start = next(i for i, line in enumerate(spec) if line.startswith("rows:"))
         end = next((i for i in range(start + 1, len(spec)) if not spec[i].startswith((" ", "\t"))), len(spec))
-        with_rows = lambda rows: "\n".join(spec[: start + 1] + rows + spec[end:])  # noqa: E731
-        kept = [line for line in spec[start + 1 : end] if _renders(with_rows([line]))]
+        with_rows = lambda entries: "\n".join(spec[: start + 1] + entries + spec[end:])  # noqa: E731
+        kept = [line for line in spec[start + 1 : end] if _renders(with_rows([line]), rows)]
         if kept:
-            print("\n" + render(with_rows(kept), Path("/")))
+            print("\n" + render(with_rows(kept), rows=rows))
             shown += 1
     return shown
 
 
-def _renders(spec: str) -> bool:
+def _renders(spec: str, rows: list[dict[str, Any]]) -> bool:
     try:
-        render(spec, Path("/"))
+        render(spec, rows=rows)
     except (ValueError, KeyError, ZeroDivisionError):
         return False
     return True
@@ -496,10 +497,11 @@ def _row(entry: str, cells: _Cells) -> list[str]:
     return [f"**{label}**" if bold else label, *values]
 
 
-def render(spec_text: str, root: Path = HERE) -> str:
-    """The markdown table (with its trailing newline) that a block's spec describes."""
+def render(spec_text: str, root: Path = HERE, rows: Optional[list[dict[str, Any]]] = None) -> str:
+    """The markdown table (with its trailing newline) that a block's spec describes, from its JSON's rows (`rows`:
+    those rows, already read)."""
     spec = TableSpec(spec_text)
-    rows = json.loads((root / spec.path).read_text())["rows"]
+    rows = json.loads((root / spec.path).read_text())["rows"] if rows is None else rows
     rows = [
         row
         for row in rows
