@@ -169,6 +169,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
     )
     parser.add_argument(
+        "--audits",
+        nargs="+",
+        default=["shift"],
+        choices=["shift", "aum"],
+        help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins (aum: rows ...@aum)",
+    )
+    parser.add_argument(
         "--best_modes", nargs="*", default=["remove", "pseudo"], help="modes of the best+sap+<mode> rows"
     )
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
@@ -418,7 +425,12 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
             )
         )
         rows.append(best)
-        rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
+        rows += [
+            dict(base, **r)
+            for r in cleanup_study_rows(
+                model, last, trained["best"]["state"], data, args, seed, trained.get("margins")
+            )
+        ]
     sap = sap_row(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
     if "extra" in args.methods:
         rows += [dict(base, **r) for r in extra_rows(model, last, sap, data, args, seed)]

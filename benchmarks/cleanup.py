@@ -31,6 +31,7 @@ import report  # noqa: E402
 from common import (  # noqa: E402
     accuracy,
     cleanup_study_rows,
+    dynamics_diagnostics,
     environment,
     finish_args,
     fit_diagnostics,
@@ -73,6 +74,13 @@ def parse_args(argv: Optional[list[str]] = None) -> Any:
         help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
     )
     parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
+    parser.add_argument(
+        "--audits",
+        nargs="+",
+        default=["shift"],
+        choices=["shift", "aum"],
+        help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins (aum: rows ...@aum)",
+    )
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)
     parser.add_argument("--out_name", default="cleanup", help="<out_dir>/<out_name>.json / .png (--quick: *_quick)")
@@ -99,6 +107,7 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
             test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
             val_accuracy=trained["history"][-1],
             **fit_diagnostics(model, data),
+            **dynamics_diagnostics(trained["margins"], data, trained["best"]["epoch"]),
         )
     ]
     model.load_state_dict(trained["best"]["state"])
@@ -112,7 +121,10 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
             **fit_diagnostics(model, data),
         )
     )
-    rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed)]
+    rows += [
+        dict(base, **r)
+        for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed, trained.get("margins"))
+    ]
     if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])

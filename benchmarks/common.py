@@ -352,7 +352,9 @@ def train_from_scratch(
     Linear warm-up over `args.warmup_epochs` then cosine decay to 0 over `args.epochs`; batches of
     `args.batch_size`, `args.lr`, `args.weight_decay`, no augmentation. `loss_fn` (a `BatchLoss`)
     defaults to cross-entropy on the noisy labels. Returns `{"history": val accuracy per epoch,
-    "best": {"val_accuracy", "epoch", "state"}, "seconds"}`; the model is left at its final state.
+    "best": {"val_accuracy", "epoch", "state"}, "margins": (epochs, examples) label margins (`label_margins`) of
+    every training example in every epoch, from the logits it trained on, "seconds"}`; the model is left at its
+    final state.
     """
     import torch
 
@@ -366,6 +368,12 @@ def train_from_scratch(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     history, best = [], {"val_accuracy": -1.0, "epoch": 0, "state": None}
+    margins = torch.zeros(args.epochs, len(x))  # each example's margin in each epoch: the training-dynamics audit
+
+    def batch_loss(index: Any, epoch: int) -> Any:
+        logits = model(pixel_values=x[index]).logits
+        margins[epoch - 1, index] = label_margins(logits.detach(), y[index])
+        return loss_fn(logits, y[index], indices=index, epoch=epoch)
 
     def after_epoch(epoch: int) -> None:
         nonlocal best
@@ -379,14 +387,21 @@ def train_from_scratch(
         model,
         len(x),
         args.batch_size,
-        lambda index, epoch: loss_fn(model(pixel_values=x[index]).logits, y[index], indices=index, epoch=epoch),
+        batch_loss,
         optimizer,
         generator=torch.Generator().manual_seed(seed),
         epochs=range(1, args.epochs + 1),
         schedule=schedule,
         on_epoch=after_epoch,
     )
-    return {"history": history, "best": best, "seconds": time.perf_counter() - start}
+    return {"history": history, "best": best, "margins": margins, "seconds": time.perf_counter() - start}
+
+
+def label_margins(logits: Any, labels: Any) -> Any:
+    """Each example's margin: the probability of its given label minus the largest other class's (in [-1, 1])."""
+    probs = logits.float().softmax(-1)
+    given = probs.gather(1, labels[:, None]).squeeze(1)
+    return given - probs.scatter(1, labels[:, None], -1.0).amax(1)
 
 
 def finetune_grid(
@@ -813,6 +828,59 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
     return audit_labels(model, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
 
 
+def clean_probability(scores: Any, iterations: int = 100) -> Any:
+    """Each example's posterior of the higher-scoring component of a two-Gaussian mixture fit to `scores` by EM.
+
+    DivideMix's split of a training set by a per-example statistic (there the loss, here the label margin): no
+    threshold to tune, the mixture finds where the clean and the wrong labels' distributions cross."""
+    import numpy as np
+
+    x = np.asarray(scores, dtype=np.float64)
+    mean = np.percentile(x, [10, 90])
+    var = np.full(2, x.var() / 4 + 1e-8)
+    weight = np.full(2, 0.5)
+    for _ in range(iterations):
+        density = weight / np.sqrt(2 * np.pi * var) * np.exp(-((x[:, None] - mean) ** 2) / (2 * var))
+        resp = density / np.maximum(density.sum(1, keepdims=True), 1e-300)
+        total = resp.sum(0) + 1e-12
+        weight, mean = total / len(x), (resp * x[:, None]).sum(0) / total
+        var = (resp * (x[:, None] - mean) ** 2).sum(0) / total + 1e-8
+    return resp[:, int(np.argmax(mean))]
+
+
+def dynamics_audit(audit: Any, margins: Any, epochs: Optional[int] = None) -> Any:
+    """`audit` (for its probabilities and indices) ranked and flagged by the training dynamics instead: each example's
+    label margin averaged over the first `epochs` training epochs (all: None; the area under the margin, AUM, of Pleiss
+    et al. 2020), suspected where the two-component mixture (`clean_probability`) gives it under 0.5 of being clean.
+    Free: the margins come from the logits training computed anyway (`train_from_scratch`)."""
+    import dataclasses
+
+    import torch
+
+    aum = margins[:epochs].double().mean(0)
+    clean = torch.as_tensor(clean_probability(aum.numpy()))
+    return dataclasses.replace(
+        audit,
+        scores=((aum + 1) / 2)[audit.indices],
+        suspected=(clean < 0.5)[audit.indices],
+        method="aum",
+        filter_by="gmm",
+    )
+
+
+def dynamics_diagnostics(margins: Any, data: dict[str, Any], best_epoch: int) -> dict[str, float]:
+    """Average precision of the training-dynamics ranking against the true errors, by window: every epoch, up to the
+    val-best epoch, twice that, and the first 40% of the epochs (diagnostics: which window ranks best)."""
+    from sklearn.metrics import average_precision_score
+
+    truth = data["is_noisy"].numpy()
+    windows = {"all": None, "best": best_epoch, "2best": 2 * best_epoch, "40pct": max(1, round(0.4 * len(margins)))}
+    return {
+        f"aum_ap_{name}": float(average_precision_score(truth, -margins[:epochs].double().mean(0).numpy()))
+        for name, epochs in windows.items()
+    }
+
+
 def sap_row(
     model: Any, state: dict, data: dict[str, Any], config: Any = None, method: str = "sap", audit: bool = True
 ) -> dict[str, Any]:
@@ -900,6 +968,7 @@ def refine_row(
         refine_epochs=refined.epochs,
         cost_epochs=refined.cost_epochs,
         examples=refined.examples.get(refined.mode),
+        audit_ap=audit_ap(audit, data),
         audit_suspected=int(flagged.sum()),
         audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
         audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
@@ -933,27 +1002,36 @@ def sap_and_cleanups(
     prefix: str = "",
     scratch: str,
     augments: Sequence[bool] = (True,),
+    audits: Sequence[str] = ("shift",),
+    margins: Any = None,
 ) -> list[dict[str, Any]]:
     """`<prefix>sap` (`sap_row`) from `state`, then `<prefix>sap+<mode>` (`refine_row`) for each mode: the rows.
 
-    Each clean-up starts from the SAP model and its label audit (`views="shift"`): `sap_hf.refine` in that one
-    mode, lr in {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them; once per value of
-    `augments` (`RefineConfig.augment`; rows without augmentation are named `<prefix>sap+<mode>-noaug`). The model is
-    left at `state`.
+    Each clean-up starts from the SAP model and a label audit: `shift` (the SAP model's, `views="shift"`) or `aum`
+    (`dynamics_audit` of the training's `margins`; rows named `...@aum`); `sap_hf.refine` in that one mode, lr in
+    {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them; once per value of `augments`
+    (`RefineConfig.augment`; rows without augmentation are named `<prefix>sap+<mode>-noaug`). The model is left at
+    `state`.
     """
     from sap_hf import RefineConfig
 
     sap = sap_row(model, state, data, method=f"{prefix}sap")
     rows = [sap["row"]]
-    for mode, augment in [(mode, augment) for augment in augments for mode in modes]:
+    found = {"shift": sap["audit"]}
+    if "aum" in audits:
+        if margins is None:
+            raise ValueError("audits=['aum'] needs the training's margins (train_from_scratch records them): retrain.")
+        found["aum"] = dynamics_audit(sap["audit"], margins)
+    runs = [(mode, augment, audit) for audit in audits for augment in augments for mode in modes]
+    for mode, augment, audit in runs:
         model.load_state_dict(sap["state"])
         config = RefineConfig(mode=mode, learning_rates=[lr, 2 * lr], epochs=list(refine_epochs), augment=augment)
-        method = f"{prefix}sap+{mode}{'' if augment else '-noaug'}"
+        method = f"{prefix}sap+{mode}{'' if augment else '-noaug'}{'' if audit == 'shift' else '@' + audit}"
         rows.append(
             refine_row(
                 model,
                 data,
-                sap["audit"],
+                found[audit],
                 config,
                 method=method,
                 refine_batch_size=refine_batch_size,
@@ -966,14 +1044,28 @@ def sap_and_cleanups(
 
 
 def cleanup_study_rows(
-    model: Any, last: dict, best: dict, data: dict[str, Any], args: argparse.Namespace, seed: int
+    model: Any,
+    last: dict,
+    best: dict,
+    data: dict[str, Any],
+    args: argparse.Namespace,
+    seed: int,
+    margins: Any = None,
 ) -> list[dict[str, Any]]:
     """The clean-up study's rows of one model: `sap_and_cleanups` from its last state (`args.modes` x `args.augment`)
-    and from its val-best state (`best+`, `args.best_modes`), then `default_cleanup_rows`. Reads `args.lr`,
-    `args.refine_epochs`, `args.refine_batch_size`."""
+    and from its val-best state (`best+`, `args.best_modes`), each with the audits of `args.audits` (`aum` reads
+    the training's `margins`), then `default_cleanup_rows`. Reads `args.lr`, `args.refine_epochs`,
+    `args.refine_batch_size`."""
     import tempfile
 
-    settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
+    settings = dict(
+        lr=args.lr,
+        refine_epochs=args.refine_epochs,
+        refine_batch_size=args.refine_batch_size,
+        seed=seed,
+        audits=getattr(args, "audits", ["shift"]),
+        margins=margins,
+    )
     with tempfile.TemporaryDirectory() as scratch:
         rows = sap_and_cleanups(
             model, last, data, modes=args.modes, scratch=scratch, augments=[bool(a) for a in args.augment], **settings
@@ -994,7 +1086,8 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from sap_hf.audit.cleanup import BEST_MODES
 
     picked = []
-    for prefix, suffix in [(p, s) for p in ("", "best+") for s in ("", "-noaug")]:
+    suffixes = [aug + audit for audit in ("", "@aum") for aug in ("", "-noaug")]
+    for prefix, suffix in [(p, s) for p in ("", "best+") for s in suffixes]:
         tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}{suffix}"]
         if len(tried) == len(BEST_MODES):
             chosen = max(tried, key=lambda r: r["val_accuracy"])  # max keeps the first of equals, as refine does
