@@ -358,6 +358,8 @@ def train_from_scratch(
     """
     import torch
 
+    from sap_hf.audit.scores import label_margins
+
     loss_fn = loss_fn or cross_entropy
     x, y = data["train_x"], data["train_y"]
     steps_per_epoch = math.ceil(len(x) / args.batch_size)
@@ -372,7 +374,7 @@ def train_from_scratch(
 
     def batch_loss(index: Any, epoch: int) -> Any:
         logits = model(pixel_values=x[index]).logits
-        margins[epoch - 1, index] = label_margins(logits.detach(), y[index])
+        margins[epoch - 1, index] = label_margins(logits, y[index])
         return loss_fn(logits, y[index], indices=index, epoch=epoch)
 
     def after_epoch(epoch: int) -> None:
@@ -395,13 +397,6 @@ def train_from_scratch(
         on_epoch=after_epoch,
     )
     return {"history": history, "best": best, "margins": margins, "seconds": time.perf_counter() - start}
-
-
-def label_margins(logits: Any, labels: Any) -> Any:
-    """Each example's margin: the probability of its given label minus the largest other class's (in [-1, 1])."""
-    probs = logits.float().softmax(-1)
-    given = probs.gather(1, labels[:, None]).squeeze(1)
-    return given - probs.scatter(1, labels[:, None], -1.0).amax(1)
 
 
 def finetune_grid(
@@ -828,44 +823,13 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
     return audit_labels(model, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
 
 
-def clean_probability(scores: Any, iterations: int = 100) -> Any:
-    """Each example's posterior of the higher-scoring component of a two-Gaussian mixture fit to `scores` by EM.
-
-    DivideMix's split of a training set by a per-example statistic (there the loss, here the label margin): no
-    threshold to tune, the mixture finds where the clean and the wrong labels' distributions cross."""
-    import numpy as np
-
-    x = np.asarray(scores, dtype=np.float64)
-    mean = np.percentile(x, [10, 90])
-    var = np.full(2, x.var() / 4 + 1e-8)
-    weight = np.full(2, 0.5)
-    for _ in range(iterations):
-        density = weight / np.sqrt(2 * np.pi * var) * np.exp(-((x[:, None] - mean) ** 2) / (2 * var))
-        resp = density / np.maximum(density.sum(1, keepdims=True), 1e-300)
-        total = resp.sum(0) + 1e-12
-        weight, mean = total / len(x), (resp * x[:, None]).sum(0) / total
-        var = (resp * (x[:, None] - mean) ** 2).sum(0) / total + 1e-8
-    return resp[:, int(np.argmax(mean))]
-
-
 def dynamics_audit(audit: Any, margins: Any, epochs: Optional[int] = None) -> Any:
-    """`audit` (for its probabilities and indices) ranked and flagged by the training dynamics instead: each example's
-    label margin averaged over the first `epochs` training epochs (all: None; the area under the margin, AUM, of Pleiss
-    et al. 2020), suspected where the two-component mixture (`clean_probability`) gives it under 0.5 of being clean.
-    Free: the margins come from the logits training computed anyway (`train_from_scratch`)."""
-    import dataclasses
+    """`audit` ranked and flagged by the training dynamics (`sap_hf.audit.dynamics_audit`, what `SAPTrainer` does with
+    `audit_source="training"`): each example's label margin averaged over the first `epochs` training epochs (all:
+    None), from the logits training computed anyway (`train_from_scratch` records them)."""
+    from sap_hf.audit import dynamics_audit as by_margins
 
-    import torch
-
-    aum = margins[:epochs].double().mean(0)
-    clean = torch.as_tensor(clean_probability(aum.numpy()))
-    return dataclasses.replace(
-        audit,
-        scores=((aum + 1) / 2)[audit.indices],
-        suspected=(clean < 0.5)[audit.indices],
-        method="aum",
-        filter_by="gmm",
-    )
+    return by_margins(audit, range(margins.shape[1]), margins[:epochs].double().mean(0))
 
 
 def dynamics_diagnostics(margins: Any, data: dict[str, Any], best_epoch: int) -> dict[str, float]:

@@ -199,3 +199,30 @@ def test_report_files_and_an_interrupted_csv(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [CSV_NAME, SUMMARY_NAME, GRID_NAME]
     )  # no temp file left
+
+
+def test_margins_and_the_mixture_split_of_the_training_dynamics():
+    from sap_hf.audit import LabelAudit, dynamics_audit
+    from sap_hf.audit.scores import clean_probability, label_margins
+
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
+    assert torch.allclose(label_margins(logits, torch.tensor([0, 0])), torch.tensor([0.5, -0.5]), atol=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.randn(300, generator=generator, dtype=torch.float64) * 0.1 + 0.6
+    wrong = torch.randn(200, generator=generator, dtype=torch.float64) * 0.15 - 0.4
+    probability = clean_probability(torch.cat([clean, wrong]))
+    assert (probability[:300] > 0.5).double().mean() > 0.98 and (probability[300:] < 0.5).double().mean() > 0.98
+    with pytest.raises(ValueError, match="at least 2 finite values"):
+        clean_probability(torch.tensor([0.1, float("nan")]))
+
+    audit = LabelAudit(
+        indices=torch.tensor([0, 2]),
+        given=torch.zeros(2, dtype=torch.long),
+        probs=torch.full((2, 2), 0.5, dtype=torch.float64),
+        scores=torch.zeros(2, dtype=torch.float64),
+        suspected=torch.zeros(2, dtype=torch.bool),
+    )
+    found = dynamics_audit(audit, [2, 0], torch.tensor([-0.6, 0.8]))  # positions in any order
+    assert found.scores.tolist() == pytest.approx([0.9, 0.2]) and found.meta["source"] == "training"
+    with pytest.raises(ValueError, match="1 of the 2 audited examples have no recorded training margin.*position 2"):
+        dynamics_audit(audit, [0, 1], torch.tensor([0.8, 0.1]))

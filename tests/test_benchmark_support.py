@@ -285,24 +285,10 @@ def test_report_prints_the_readme_tables_of_a_result_leaving_out_rows_it_lacks(t
     assert report.print_tables(result, "other.json", readme=readme) == 0
 
 
-def test_label_margins_are_given_minus_best_other_probability() -> None:
-    import torch
-
-    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6]]))
-    margins = common.label_margins(logits, torch.tensor([0, 0]))
-    assert torch.allclose(margins, torch.tensor([0.5, -0.5]), atol=1e-6)
-
-
-def test_the_mixture_splits_two_groups_of_margins_and_the_dynamics_audit_flags_the_low_group() -> None:
-    import numpy as np
+def test_the_dynamics_audit_flags_the_low_margins_of_the_window() -> None:
     import torch
 
     from sap_hf.audit.labels import LabelAudit
-
-    rng = np.random.default_rng(0)
-    clean, wrong = rng.normal(0.6, 0.1, 300), rng.normal(-0.4, 0.15, 200)
-    probability = common.clean_probability(np.concatenate([clean, wrong]))
-    assert (probability[:300] > 0.5).mean() > 0.98 and (probability[300:] < 0.5).mean() > 0.98
 
     # three epochs of margins; example 1's mean is low (a wrong label), the others' high
     margins = torch.tensor([[0.9, -0.8, 0.7, 0.8], [0.8, -0.6, 0.9, 0.7], [0.9, -0.7, 0.8, 0.9]])
@@ -315,7 +301,7 @@ def test_the_mixture_splits_two_groups_of_margins_and_the_dynamics_audit_flags_t
     )
     found = common.dynamics_audit(audit, margins)
     assert found.suspected.tolist() == [False, True, False, False]
-    assert found.ranking[0] == 1 and found.method == "aum" and torch.equal(found.probs, audit.probs)
+    assert found.ranking[0] == 1 and torch.equal(found.probs, audit.probs)
     assert torch.allclose(found.scores, (margins.double().mean(0) + 1) / 2)
-    # the first epoch alone gives the same ranking: the window is read
+    # the first epoch alone: the window is read
     assert float(common.dynamics_audit(audit, margins, epochs=1).scores[1]) == pytest.approx((-0.8 + 1) / 2)

@@ -128,6 +128,15 @@ def test_usage_errors_are_one_line_naming_the_argument(tmp_path, capsys):
     assert "unknown option '--frob'" in user_error(capsys, cli.main, ["--frob"])
 
 
+def test_what_only_training_records_is_refused_before_any_data_is_read(tmp_path, capsys):
+    model = _model_folder(tmp_path / "model")
+    for option in ("--trusted_source", "--audit_source"):
+        line = _correct(
+            capsys, "--model_name_or_path", str(model), "--output_dir", str(tmp_path / "out"), option, "training"
+        )
+        assert "'training' reads what SAPTrainer.train() records" in line and "recipes/clothing1m.py" in line
+
+
 def test_config_file_errors(tmp_path, capsys):
     missing = str(tmp_path / "missing.yaml")
     assert f"--config {missing!r} does not exist" in _correct(capsys, "--config", missing)

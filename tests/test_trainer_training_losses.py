@@ -60,6 +60,19 @@ def _losses(model, train):
         return F.cross_entropy(model(pixel_values=pixels).logits, labels, reduction="none").double()
 
 
+def _margins(model, train):
+    """Each example's label margin (p(given) - max other p) under `model`, by position, computed here by hand."""
+    model.eval()
+    with torch.no_grad():
+        pixels = torch.stack([torch.as_tensor(train[i]["pixel_values"]) for i in range(len(train))])
+        probs = model(pixel_values=pixels).logits.double().softmax(-1)
+    out = []
+    for i in range(len(train)):
+        given = int(train[i].get("labels", train[i].get("label")))
+        out.append(probs[i, given] - max(p for c, p in enumerate(probs[i].tolist()) if c != given))
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def test_recorded_losses_are_each_examples_own_loss(tmp_path):
     """With lr 0 the model never changes: the loss recorded under position i must be example i's loss, every epoch."""
     train = _image_split(30, seed=1)
@@ -72,6 +85,8 @@ def test_recorded_losses_are_each_examples_own_loss(tmp_path):
     positions, mean, _ = merge_losses([record])
     expected = _losses(trainer.model, train)
     assert torch.allclose(mean, expected, atol=1e-5), (mean[:5], expected[:5])
+    positions, margins, _ = merge_losses([record], "margin")
+    assert torch.allclose(margins, _margins(trainer.model, train), atol=1e-5)
 
 
 def test_correct_selects_from_recorded_losses_without_a_pass(tmp_path):
@@ -177,6 +192,20 @@ def test_checkpoints_hold_the_record_and_a_resumed_run_averages_every_epoch(tmp_
     record, expected = resumed.training_losses.summary(), full.training_losses.summary()
     assert record["count"].tolist() == [2] * 24  # the epoch before the checkpoint and the one after
     assert np.allclose(record["total"], expected["total"], atol=1e-5)
+    assert np.allclose(record["margin"], expected["margin"], atol=1e-5)
+
+
+def test_a_checkpoint_saved_without_margins_is_not_restored_saying_why(tmp_path):
+    """A record written before the margins were recorded cannot be resumed: its margins would read as zeros."""
+    from sap_hf.trainer.recorded import TrainingLosses
+
+    record = TrainingLosses(4)
+    record.add(1, torch.arange(4), torch.ones(4), torch.zeros(4, dtype=torch.long), torch.full((4,), 0.5))
+    path = record.save(tmp_path, 0)
+    with np.load(path) as saved:
+        arrays = {k: saved[k] for k in saved.files if not k.startswith("margin_")}
+    np.savez(path, **arrays)
+    assert "recorded no label margins" in TrainingLosses(4).restore(tmp_path)
 
 
 def test_what_the_recording_loader_cannot_build_is_refused_naming_the_fix(tmp_path):
@@ -188,3 +217,44 @@ def test_what_the_recording_loader_cannot_build_is_refused_naming_the_fix(tmp_pa
     sequential = _trainer(tmp_path, train, epochs=1, lr=0.0, train_sampling_strategy="sequential")
     sequential.train()
     assert sequential.training_losses.summary()["count"].tolist() == [1] * 24
+
+
+def test_audit_from_the_training_margins_ranks_by_them_and_keeps_the_models_probabilities(tmp_path):
+    """audit_source='training': the audit's scores are (mean recorded margin + 1) / 2 of each position, its suspects
+    the mixture's low group, its probabilities the model's; refine() takes that audit; 'model' is the old audit."""
+    from sap_hf.audit import RefineConfig, audit_labels
+
+    train = _image_split(30, seed=1)
+    config = SAPConfig(alphas=[1.0], trusted_per_class=2, batch_size=8, audit_source="training")
+    trainer = _trainer(tmp_path, train, config=config, epochs=2, lr=0.0, remove_unused_columns=False)
+    trainer.train()
+    audit = trainer.audit_labels()
+    margins = _margins(trainer.model, train)
+    assert audit.method == "training_margin" and audit.indices.tolist() == list(range(30))
+    assert torch.allclose(audit.scores, (margins + 1) / 2, atol=1e-5)
+    from sap_hf.audit.scores import clean_probability
+
+    assert torch.equal(audit.suspected, clean_probability(audit.scores * 2 - 1) < 0.5)
+    by_model = audit_labels(trainer.model, train, views="shift")
+    assert torch.allclose(audit.probs, by_model.probs) and not torch.equal(audit.scores, by_model.scores)
+    assert trainer.audit_labels(source="model").method == "self_confidence"
+    trainer.audit_labels()  # the trainer's current audit again: refine uses it as it is
+    with mock.patch("sap_hf.trainer.trainer.refine", side_effect=RuntimeError("stop")) as refine:
+        with pytest.raises(RuntimeError, match="stop"):
+            trainer.refine(refine_config=RefineConfig(mode="remove", epochs=[1], learning_rates=[1e-3]))
+    assert refine.call_args.args[2].method == "training_margin"
+
+
+def test_audit_from_the_training_margins_needs_a_recording_naming_the_fix(tmp_path):
+    train = _image_split(12, seed=1)
+    config = SAPConfig(alphas=[1.0], audit_source="training")
+    trainer = _trainer(tmp_path, train, config=config, epochs=1, remove_unused_columns=False)
+    with pytest.raises(
+        ValueError, match=r"audit_source='training' audits the labels with the losses.*train\(\) first"
+    ):
+        trainer.audit_labels()
+    trainer.train()
+    with pytest.raises(ValueError, match="dataset has 5 examples.*recorded 12.*audit_source='model'"):
+        trainer.audit_labels(_image_split(5, seed=2))
+    with pytest.raises(ValueError, match=r"audit_labels\(source=...\)"):
+        trainer.audit_labels(source="cleanlab")

@@ -1,7 +1,16 @@
 """What the corrected model says about the labels: scores, the audit, its report, and the clean-up fine-tune."""
 
 from .cleanup import RefineConfig, RefineResult, refine
-from .labels import FILTERS, SCORE_METHODS, VIEWS, LabelAudit, audit_labels, flag_label_issues, label_quality_scores
+from .labels import (
+    FILTERS,
+    SCORE_METHODS,
+    VIEWS,
+    LabelAudit,
+    audit_labels,
+    dynamics_audit,
+    flag_label_issues,
+    label_quality_scores,
+)
 
 
 __all__ = [
@@ -12,6 +21,7 @@ __all__ = [
     "RefineConfig",
     "RefineResult",
     "audit_labels",
+    "dynamics_audit",
     "flag_label_issues",
     "label_quality_scores",
     "refine",

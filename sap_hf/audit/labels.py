@@ -19,7 +19,7 @@ The CSV / JSON / PNG writers are in `sap_hf.audit.report`.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import torch
@@ -32,7 +32,7 @@ from ..runtime.passes import DataPass, PassBatch, Runtime, resolve_runtime
 from ..utils.checks import check_choice
 from ..utils.identity import KEY_COLUMN
 from . import scores
-from .scores import FILTERS, SCORE_METHODS, flag_label_issues, label_quality_scores
+from .scores import FILTERS, SCORE_METHODS, clean_probability, flag_label_issues, label_quality_scores
 
 
 logger = logging.get_logger(__name__)
@@ -206,6 +206,38 @@ def audit_labels(
         keys=keys,
         class_names=list(class_names) if class_names is not None else None,
         meta={"cleanlab": bool(use_cleanlab), "processes": runtime.world},
+    )
+
+
+def dynamics_audit(audit: LabelAudit, positions: Sequence[int], margins: torch.Tensor) -> LabelAudit:
+    """`audit` ranked and flagged by the training dynamics instead of its model's probabilities.
+
+    `margins[i]` is the label margin of training example `positions[i]` averaged over the epochs of training
+    (`SAPTrainer` records it; `scores.label_margins` per step). Score: `(margin + 1) / 2` in [0, 1], lower = more
+    likely wrong; suspected: under 0.5 probability of the clean component of a two-Gaussian mixture
+    (`scores.clean_probability`). The probabilities (predicted class, the CSV, `refine`'s teacher) stay the model's.
+    Why: a wrong label is learned late, so its margin stays low for most of training; the ranking needs no model
+    that has not memorised the noise, which the audit of a memorised or partly corrected model lacks
+    (benchmarks/README.md, "The training dynamics as the audit").
+
+    Raises ValueError when an audited example has no recorded margin (another dataset, or not trained on).
+    """
+    recorded = dict(zip([int(p) for p in positions], torch.as_tensor(margins, dtype=torch.float64).tolist()))
+    missing = [int(i) for i in audit.indices.tolist() if int(i) not in recorded]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of the {len(audit)} audited examples have no recorded training margin (first: position "
+            f"{missing[0]}): the audit's data must be the train_dataset that train() recorded, every example trained "
+            "on at least once. Audit that dataset, or use audit_source='model'."
+        )
+    mean = torch.tensor([recorded[int(i)] for i in audit.indices.tolist()], dtype=torch.float64)
+    return replace(
+        audit,
+        scores=(mean + 1) / 2,
+        suspected=clean_probability(mean) < 0.5,
+        method="training_margin",
+        filter_by="mixture",
+        meta={**audit.meta, "source": "training"},
     )
 
 

@@ -1,5 +1,10 @@
 """Label-quality scores and the "suspected" flag from predicted probabilities: pure functions, no model, no data.
 
+Or from the training dynamics (`label_margins`, `clean_probability`): each example's label margin averaged over
+the epochs of training (the area under the margin, AUM: Pleiss et al., NeurIPS 2020), split in two by a
+two-component Gaussian mixture (DivideMix's split, Li et al., ICLR 2020). A wrong label is learned late, so its
+margin stays low for most of training even once the model has memorised it.
+
 When cleanlab is installed (`pip install "sap_hf[audit]"`) its `cleanlab.rank.get_label_quality_scores`
 and `cleanlab.filter.find_label_issues` (confident learning) are used; without it the same scores
 are computed with torch and an example is suspected when the model predicts another class than
@@ -115,3 +120,36 @@ def flag_label_issues(probs: torch.Tensor, labels: torch.Tensor, filter_by: str 
 
     mask = find_label_issues(labels.numpy(), probs.numpy(), filter_by=filter_by, n_jobs=1)
     return torch.as_tensor(mask, dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# From the training dynamics
+# ----------------------------------------------------------------------------------------------
+
+
+def label_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's margin in [-1, 1]: the probability of its given label minus the largest other class's."""
+    probs = logits.detach().float().softmax(-1)
+    labels = labels.long()[:, None]
+    return probs.gather(1, labels).squeeze(1) - probs.scatter(1, labels, -1.0).amax(1)
+
+
+def clean_probability(values: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+    """Each value's posterior of the higher of two Gaussian components fit to `values` by EM (float64).
+
+    No threshold to tune: the mixture puts the split where the clean and the wrong labels' margin
+    distributions cross. Deterministic (initialised at the 10th and 90th percentiles).
+    """
+    x = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if x.numel() < 2 or not torch.isfinite(x).all():
+        raise ValueError(f"clean_probability needs at least 2 finite values, got {x.numel()} ({x[:5].tolist()} ...).")
+    mean = torch.quantile(x, torch.tensor([0.1, 0.9], dtype=torch.float64))
+    var = torch.full((2,), float(x.var()) / 4 + 1e-8, dtype=torch.float64)
+    weight = torch.full((2,), 0.5, dtype=torch.float64)
+    for _ in range(iterations):
+        log_density = torch.log(weight) - 0.5 * torch.log(2 * math.pi * var) - (x[:, None] - mean) ** 2 / (2 * var)
+        resp = torch.softmax(log_density, dim=1)
+        total = resp.sum(0) + 1e-12
+        weight, mean = total / x.numel(), (resp * x[:, None]).sum(0) / total
+        var = (resp * (x[:, None] - mean) ** 2).sum(0) / total + 1e-8
+    return resp[:, int(torch.argmax(mean))]

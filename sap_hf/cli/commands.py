@@ -116,6 +116,12 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
     args, config = parse_with_config((CorrectArguments, SAPConfig), argv, prog="sap-hf correct")
+    if "training" in (config.trusted_source, config.audit_source):
+        raise ValueError(
+            f"trusted_source={config.trusted_source!r}, audit_source={config.audit_source!r}: 'training' reads what "
+            "SAPTrainer.train() records while it trains, and `sap-hf correct` corrects a model already trained. Use "
+            "'pass' / 'model' here, or train with SAPTrainer (recipes/clothing1m.py)."
+        )
     accelerator = Accelerator()
     if args.stats_path:  # before the data is loaded and evaluated
         check_stats_path(args.stats_path, writable=accelerator.is_main_process)

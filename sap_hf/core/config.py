@@ -31,6 +31,7 @@ FLOAT32_ALPHA_LIMIT = 1e4
 """The largest alpha that float32 Gram matrices are used at without a warning (benchmarks/README.md,
 'Same weights': the float32 error grows with alpha)."""
 TRUSTED_SOURCES: tuple[str, ...] = ("pass", "training")
+AUDIT_SOURCES: tuple[str, ...] = ("model", "training")
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
 ALPHA_SCOPES: tuple[str, ...] = ("shared", "per_kind")
 ALPHA_SEARCHES: tuple[str, ...] = ("bracket", "grid")
@@ -176,6 +177,19 @@ class SAPConfig:
             )
         },
     )
+    audit_source: str = field(
+        default="model",
+        metadata={
+            "help": (
+                "What ranks and flags the labels in SAPTrainer's label audit (and so refine's suspects): 'model' "
+                "(default) the corrected model's probabilities; 'training' each example's label margin (p(given) - "
+                "max other p) averaged over the epochs SAPTrainer.train() recorded (the area under the margin), "
+                "suspected where a two-component mixture puts it with the low margins. Wrong labels are learned late, "
+                "so their margin stays low for most of training. Needs a map-style train_dataset; the window is "
+                "training_loss_epochs'."
+            )
+        },
+    )
     num_rounds: int = field(
         default=1,
         metadata={"help": "Rounds of SAP: each round re-collects statistics on the projected model."},
@@ -229,6 +243,7 @@ class SAPConfig:
         self.sampling_seed = integer("SAPConfig.sampling_seed", self.sampling_seed)
         self.selection_subset = _subset_size(self.selection_subset)
         self.trusted_source = check_choice("SAPConfig.trusted_source", self.trusted_source, TRUSTED_SOURCES)
+        self.audit_source = check_choice("SAPConfig.audit_source", self.audit_source, AUDIT_SOURCES)
         if self.training_loss_epochs is not None:
             self.training_loss_epochs = positive_int(
                 "SAPConfig.training_loss_epochs", self.training_loss_epochs, "None averages over every epoch."

@@ -101,38 +101,59 @@ class IndexCarryingCollator:
 
 
 class TrainingLosses:
-    """This process's record: each position's summed loss and count per epoch kept, and its label.
+    """This process's record: each position's summed loss, summed label margin and count per epoch kept, and its label.
 
     `epochs=None` keeps one running sum over every epoch; `epochs=k` keeps the last k epochs seen (older
     epochs are dropped as new ones begin). Arrays of the dataset's size: no per-example Python objects.
+    The loss ranks the trusted samples (`trusted_source="training"`), the margin audits the labels
+    (`audit_source="training"`, `sap_hf.audit.dynamics_audit`).
     """
+
+    VALUES: tuple[str, ...] = ("total", "margin")
+    """The summed values per position: the loss (`total`, the name earlier checkpoints used) and the margin."""
 
     def __init__(self, size: int, epochs: Optional[int] = None):
         self.size, self.epochs = int(size), epochs
-        self.windows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.windows: dict[int, dict[str, np.ndarray]] = {}
         self.labels = np.full(self.size, IGNORE_INDEX, dtype=np.int64)
 
-    def add(self, epoch: int, positions: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record one batch's per-example losses (labels -100 are not recorded)."""
-        window = 0 if self.epochs is None else int(epoch)
+    def _window(self, window: int) -> dict[str, np.ndarray]:
         if window not in self.windows:
-            self.windows[window] = (np.zeros(self.size), np.zeros(self.size, dtype=np.int64))
-            if self.epochs is not None:
-                for old in [w for w in self.windows if w <= window - self.epochs]:
-                    del self.windows[old]
+            self.windows[window] = {
+                **{name: np.zeros(self.size) for name in self.VALUES},
+                "count": np.zeros(self.size, dtype=np.int64),
+            }
+        return self.windows[window]
+
+    def add(
+        self, epoch: int, positions: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor
+    ) -> None:
+        """Record one batch's per-example losses and label margins (labels -100 are not recorded)."""
+        window = 0 if self.epochs is None else int(epoch)
+        if window not in self.windows and self.epochs is not None:
+            for old in [w for w in self.windows if w <= window - self.epochs]:
+                del self.windows[old]
+        sums = self._window(window)
         labelled = (labels != IGNORE_INDEX).cpu().numpy()
         where = positions.cpu().numpy()[labelled]
-        total, count = self.windows[window]
-        np.add.at(total, where, losses.detach().double().cpu().numpy()[labelled])
-        np.add.at(count, where, 1)
+        for name, values in (("total", losses), ("margin", margins)):
+            np.add.at(sums[name], where, values.detach().double().cpu().numpy()[labelled])
+        np.add.at(sums["count"], where, 1)
         self.labels[where] = labels.cpu().numpy()[labelled]
 
     def summary(self) -> dict[str, np.ndarray]:
-        """The recorded positions with their summed loss, count and label (what each process hands to the merge)."""
-        total = sum((t for t, _ in self.windows.values()), np.zeros(self.size))
-        count = sum((c for _, c in self.windows.values()), np.zeros(self.size, dtype=np.int64))
-        seen = np.flatnonzero(count)
-        return {"positions": seen, "total": total[seen], "count": count[seen], "labels": self.labels[seen]}
+        """The recorded positions with their summed loss and margin, count and label (what each process hands to
+        the merge)."""
+        sums = {
+            name: sum((w[name] for w in self.windows.values()), np.zeros(self.size, dtype=dtype))
+            for name, dtype in [*((n, np.float64) for n in self.VALUES), ("count", np.int64)]
+        }
+        seen = np.flatnonzero(sums["count"])
+        return {
+            "positions": seen,
+            **{name: values[seen] for name, values in sums.items()},
+            "labels": self.labels[seen],
+        }
 
     def save(self, folder: Any, rank: int) -> Path:
         """Write this process's record into a checkpoint `folder` (`RECORD_FILE`)."""
@@ -144,8 +165,8 @@ class TrainingLosses:
             "labels": self.labels,
             "windows": np.array(sorted(self.windows), dtype=np.int64),
         }
-        for window, (total, count) in self.windows.items():
-            arrays[f"total_{window}"], arrays[f"count_{window}"] = total, count
+        for window, sums in self.windows.items():
+            arrays.update({f"{name}_{window}": values for name, values in sums.items()})
         with open(path, "wb") as handle:
             np.savez(handle, **arrays)
         return path
@@ -164,14 +185,15 @@ class TrainingLosses:
                         f"its losses were recorded for {int(record['size'])} examples and training_loss_epochs="
                         f"{epochs}, this run has {self.size} and {self.epochs}"
                     )
+                windows = record["windows"].tolist()
+                if any(f"margin_{w}" not in record.files for w in windows):
+                    return "it was saved by an earlier sap_hf that recorded no label margins"
                 loaded.append({key: record[key] for key in record.files})
         for record in loaded:
             for window in record["windows"].tolist():
-                total, count = self.windows.setdefault(
-                    window, (np.zeros(self.size), np.zeros(self.size, dtype=np.int64))
-                )
-                total += record[f"total_{window}"]
-                count += record[f"count_{window}"]
+                sums = self._window(window)
+                for name in sums:
+                    sums[name] += record[f"{name}_{window}"]
             labelled = record["labels"] != IGNORE_INDEX
             self.labels[labelled] = record["labels"][labelled]
         return None
@@ -193,16 +215,19 @@ class RecordSaver(TrainerCallback):
             record.save(folder, args.process_index)
 
 
-def merge_losses(shards: list[dict[str, np.ndarray]]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """Every process's record -> (positions, mean loss, label), each position once (a position two processes
-    saw, as a distributed sampler's padding repeats a few, has its losses averaged over both)."""
+def merge_losses(
+    shards: list[dict[str, np.ndarray]], value: str = "total"
+) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Every process's record -> (positions, mean of `value` (the loss; "margin": the label margin), label), each
+    position once (a position two processes saw, as a distributed sampler's padding repeats a few, has its values
+    averaged over both)."""
     positions = np.concatenate([s["positions"] for s in shards]) if shards else np.zeros(0, dtype=np.int64)
     if positions.size == 0:
         return [], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     unique, inverse = np.unique(positions, return_inverse=True)
     total, count = np.zeros(len(unique)), np.zeros(len(unique), dtype=np.int64)
     labels = np.zeros(len(unique), dtype=np.int64)
-    np.add.at(total, inverse, np.concatenate([s["total"] for s in shards]))
+    np.add.at(total, inverse, np.concatenate([s[value] for s in shards]))
     np.add.at(count, inverse, np.concatenate([s["count"] for s in shards]))
     labels[inverse] = np.concatenate([s["labels"] for s in shards])
     return unique.tolist(), torch.from_numpy(total / count), torch.from_numpy(labels)

@@ -28,9 +28,10 @@ from transformers.utils import logging
 
 from ..api import SAPResult, sap_correct
 from ..audit.cleanup import RefineConfig, RefineResult, baseline_metrics, refine
-from ..audit.labels import LabelAudit, audit_labels
+from ..audit.labels import LabelAudit, audit_labels, dynamics_audit
 from ..audit.report import write_audit_report
-from ..core.config import SAPConfig
+from ..audit.scores import label_margins
+from ..core.config import AUDIT_SOURCES, SAPConfig
 from ..core.selection import TrustedSelection, select_from_scores
 from ..core.targets import check_classifier
 from ..hub import sap_record, staged_save, write_sap_files
@@ -38,6 +39,7 @@ from ..losses import check_label_smoothing, training_loss_record
 from ..runtime.contract import as_pass_data
 from ..runtime.modeling import logits_of
 from ..runtime.passes import PhaseHook, Runtime
+from ..utils.checks import check_choice
 from .adapters import merge_trainer_adapters
 from .checkpoints import install as install_checkpoint_weights
 from .evaluation import EvalFn, accuracy_metrics, sap_evaluator
@@ -112,7 +114,7 @@ class SAPTrainer(Trainer):
 
     @property
     def _records_losses(self) -> bool:
-        return self.sap_config.trusted_source == "training"
+        return "training" in (self.sap_config.trusted_source, self.sap_config.audit_source)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, overridden to start the loss record (`trusted_source="training"`, anew on every call)
@@ -256,21 +258,17 @@ class SAPTrainer(Trainer):
         labels = torch.as_tensor(labels, device=logits.device).long()
         with torch.no_grad():
             losses = F.cross_entropy(logits.detach().float(), labels.clamp_min(0), reduction="none")
-        self.training_losses.add(int(self.state.epoch or 0), positions, losses, labels)
+            margins = label_margins(logits, labels.clamp_min(0))
+        self.training_losses.add(int(self.state.epoch or 0), positions, losses, labels, margins)
 
     def _recorded_selection(self, selection_dataset: Any) -> tuple[TrustedSelection, float]:
         """The trusted samples from the recorded training losses of every process (`select_from_scores`)."""
-        if self.training_losses is None:
-            raise ValueError(
-                "SAPConfig.trusted_source='training' selects from the losses that train() records: call trainer.train() "
-                "first (with this sap_config), or use trusted_source='pass'."
-            )
-        if selection_dataset is not None and len(selection_dataset) != self.training_losses.size:
-            raise ValueError(
-                f"selection_dataset has {len(selection_dataset)} examples, the train_dataset whose losses were recorded "
-                f"{self.training_losses.size}: the recorded positions are those of train_dataset. Pass that dataset (or "
-                "None), or use trusted_source='pass'."
-            )
+        self._check_recorded(
+            "SAPConfig.trusted_source='training' selects from",
+            "trusted_source='pass'",
+            selection_dataset,
+            "selection_dataset",
+        )
         runtime = self._runtime(self.args.per_device_eval_batch_size)
         with runtime.timed("selection"):
             positions, scores, labels = merge_losses(runtime.gather(self.training_losses.summary()))
@@ -284,6 +282,24 @@ class SAPTrainer(Trainer):
                 is_main=runtime.is_main,
             )
         return selection, runtime.timings["selection"]
+
+    def _check_recorded(self, what: str, fix: str, dataset: Any, argument: str = "dataset") -> None:
+        """Refuse, naming `what` needs them and `fix`, when no losses were recorded or `dataset` is not the data whose
+        losses they are (positions are those of train_dataset; a dataset of another size cannot be it)."""
+        if self.training_losses is None:
+            raise ValueError(
+                f"{what} the losses that train() records: call trainer.train() first (with this sap_config), or use "
+                f"{fix}."
+            )
+        if dataset is None:
+            return
+        size = len(dataset) if hasattr(dataset, "__len__") else None
+        if size != self.training_losses.size:
+            has = f"has {size} examples" if size is not None else "has no len(), so it is not"
+            raise ValueError(
+                f"{argument} {has}, the train_dataset whose losses were recorded {self.training_losses.size}: the "
+                f"recorded positions are those of train_dataset. Pass that dataset (or None), or use {fix}."
+            )
 
     def correct(
         self,
@@ -415,6 +431,7 @@ class SAPTrainer(Trainer):
         filter_by: str = "auto",
         views: str = "shift",
         top_k: int = 32,
+        source: Optional[str] = None,
     ) -> LabelAudit:
         """Which training labels look wrong to the (corrected) model: `sap_hf.audit_labels` on `dataset`.
 
@@ -422,21 +439,23 @@ class SAPTrainer(Trainer):
         augmentation). Writes `label_audit.csv` (ranked, written atomically),
         `label_audit_summary.json` and `label_audit_top.png` into `output_dir` (default
         `args.output_dir/_label_audit`; the leading '_' keeps it out of Hub uploads). The summary
-        goes into the SAP record.
+        goes into the SAP record. `source` (default `sap_config.audit_source`): 'model' ranks and flags by the
+        model's probabilities (`method`, `filter_by`); 'training' by the label margins `train()` recorded
+        (`sap_hf.audit.dynamics_audit`), the model's probabilities kept for the predicted classes.
         """
+        source = check_choice("audit_labels(source=...)", source or self.sap_config.audit_source, AUDIT_SOURCES)
         dataset = dataset if dataset is not None else self.train_dataset
         if dataset is None:
             raise ValueError("audit_labels() needs a labelled dataset (or a Trainer with train_dataset).")
+        if source == "training":
+            self._check_recorded("audit_source='training' audits the labels with", "audit_source='model'", dataset)
         given = dataset
         dataset = as_pass_data(dataset, "dataset")  # read once as every pass reads it (the report reads it again)
-        audit = audit_labels(
-            self.model,
-            dataset,
-            method=method,
-            filter_by=filter_by,
-            views=views,
-            runtime=self._runtime(self.args.per_device_eval_batch_size),
-        )
+        runtime = self._runtime(self.args.per_device_eval_batch_size)
+        audit = audit_labels(self.model, dataset, method=method, filter_by=filter_by, views=views, runtime=runtime)
+        if source == "training":
+            positions, margins, _ = merge_losses(runtime.gather(self.training_losses.summary()), "margin")
+            audit = dynamics_audit(audit, positions, margins)
         self.label_audit, self._audited_data, self._audit_is_current = audit, given, True
         if self.is_world_process_zero():
             folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "_label_audit"
