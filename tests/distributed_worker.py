@@ -198,11 +198,14 @@ def recorded(out_dir: str, data_dir: str) -> None:
         args=args,
         train_dataset=MapStyle(random_examples(23, seed=5)),
         eval_dataset=random_examples(12, seed=2),
-        sap_config=SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=4, trusted_source="training"),
+        sap_config=SAPConfig(
+            alphas=[1.0, 100.0], trusted_per_class=2, batch_size=4, trusted_source="training", audit_source="training"
+        ),
     )
     sap.train()
     positions, losses, _ = merge_losses(gather_object([sap.training_losses.summary()]))
     result = sap.correct()
+    audit = sap.audit_labels(output_dir=f"{out_dir}/audit")
     if accelerator.is_main_process:
         with open(f"{out_dir}/result.json", "w") as handle:
             json.dump(
@@ -212,6 +215,8 @@ def recorded(out_dir: str, data_dir: str) -> None:
                     "positions": positions,
                     "losses": losses.tolist(),
                     "trusted": result.trusted_indices,
+                    "audit_scores": audit.scores.tolist(),
+                    "audit_suspected": audit.suspected.tolist(),
                     "processes": accelerator.num_processes,
                 },
                 handle,

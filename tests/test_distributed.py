@@ -93,7 +93,8 @@ def test_sap_trainer_evaluation_is_shared_same_on_two_processes_and_each_decodes
 
 def test_selection_without_a_full_pass_is_the_same_on_two_processes(tmp_path):
     """A hashed share of a keyed stream (each drawn image decoded once, by one process) and SAPTrainer's
-    recorded training losses (gathered from both processes, the sampler's padded repeat averaged) select alike."""
+    recorded training losses (gathered from both processes, the sampler's padded repeat averaged) select alike, and
+    the label audit from the recorded margins ranks and flags alike."""
     from sap_hf.data import write_tiny_clothing1m
     from sap_hf.utils.identity import HashSample
 
@@ -108,3 +109,6 @@ def test_selection_without_a_full_pass_is_the_same_on_two_processes(tmp_path):
     assert one["positions"] == two["positions"] == list(range(23))
     assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-5
     assert one["trusted"] == two["trusted"] and len(one["trusted"]) == 6
+    # the label audit from the recorded margins (audit_source="training"): the same ranking and suspects
+    assert max(abs(a - b) for a, b in zip(one["audit_scores"], two["audit_scores"])) < 1e-5
+    assert one["audit_suspected"] == two["audit_suspected"] and len(one["audit_scores"]) == 23
