@@ -144,7 +144,12 @@ def test_errors_name_the_fix(tmp_path):
         [{"pixel_values": e["pixel_values"].tolist(), "labels": e["labels"]} for e in random_examples(12)]
     ).to_iterable_dataset()
     trainer = _trainer(tmp_path, stream, max_steps=2)
-    with pytest.raises(ValueError, match="map-style train_dataset"):
+    with pytest.raises(ValueError, match="SAPConfig.trusted_source='training' needs a map-style train_dataset"):
+        trainer.train()
+    trainer = _trainer(tmp_path, stream, config=SAPConfig(audit_source="training"), max_steps=2)
+    with pytest.raises(
+        ValueError, match="SAPConfig.audit_source='training' needs a map-style.*Use audit_source='model'"
+    ):
         trainer.train()
     trainer = _trainer(tmp_path, MapStyle(random_examples(24, seed=1)), epochs=1)
     trainer.train()

@@ -63,12 +63,14 @@ def _with_index(example: Any, index: int) -> Any:
 class IndexedExamples(torch.utils.data.Dataset):
     """A map-style dataset whose examples also carry their position (`INDEX_COLUMN`)."""
 
-    def __init__(self, data: Any):
+    def __init__(
+        self, data: Any, setting: str = "SAPConfig.trusted_source='training'", fix: str = "trusted_source='pass'"
+    ):
         if not is_map_style(data):
             raise ValueError(
-                f"SAPConfig.trusted_source='training' needs a map-style train_dataset (a datasets.Dataset or a torch "
-                f"Dataset with len()): a {type(data).__name__} has no positions that survive the Trainer's shuffle. "
-                "Use trusted_source='pass' (with selection_subset to score only a share of a stream)."
+                f"{setting} needs a map-style train_dataset (a datasets.Dataset or a torch Dataset with len()): a "
+                f"{type(data).__name__} has no positions that survive the Trainer's shuffle. Use {fix} (with "
+                "selection_subset to score only a share of a stream)."
             )
         self.data = data
 

@@ -85,6 +85,8 @@ class SAPTrainer(Trainer):
     cross-entropy (from the logits of its training step, by its position in `train_dataset`;
     `sap_hf.trainer.recorded` says how the position travels through the shuffled, sharded batches) and
     `correct()` selects the trusted samples from those losses: no selection pass over the training set.
+    With `SAPConfig(audit_source="training")` it records each example's label margin as well, and
+    `audit_labels()` (so `refine()`) ranks and flags the labels by the margin averaged over training.
     """
 
     def __init__(
@@ -116,13 +118,23 @@ class SAPTrainer(Trainer):
     def _records_losses(self) -> bool:
         return "training" in (self.sap_config.trusted_source, self.sap_config.audit_source)
 
+    @property
+    def _recording(self) -> tuple[str, str]:
+        """(the setting that makes train() record, its alternative): what the recording's errors name."""
+        named = [
+            (f"{name}='training'", fix)
+            for name, fix in (("trusted_source", "trusted_source='pass'"), ("audit_source", "audit_source='model'"))
+            if getattr(self.sap_config, name) == "training"
+        ]
+        return "SAPConfig." + " and ".join(n for n, _ in named), " / ".join(f for _, f in named)
+
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, overridden to start the loss record (`trusted_source="training"`, anew on every call)
+        """`Trainer.train`, overridden to start the loss record (a `"training"` source, anew on every call)
         and to arm the exact reload of a resumed checkpoint's weights."""
         if self._records_losses:
             if self.train_dataset is None:
                 raise ValueError("Trainer: training requires a train_dataset.")
-            IndexedExamples(self.train_dataset)  # a stream is refused here, before any step
+            IndexedExamples(self.train_dataset, *self._recording)  # a stream is refused here, before any step
             self._check_recording_args()
             self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
             self._restore_losses(kwargs.get("resume_from_checkpoint", args[0] if args else None))
@@ -145,26 +157,27 @@ class SAPTrainer(Trainer):
         problem = self.training_losses.restore(checkpoint)
         if problem is not None:
             logger.warning(
-                "train(resume_from_checkpoint=%r): %s, so trusted_source='training' selects from the epochs "
-                "trained from now on only. Train from the start (or from a checkpoint SAPTrainer saved with this "
-                "sap_config) to average every epoch.",
+                "train(resume_from_checkpoint=%r): %s, so %s reads the epochs trained from now on only. Train from "
+                "the start (or from a checkpoint SAPTrainer saved with this sap_config) to average every epoch.",
                 str(checkpoint),
+                self._recording[0],
                 problem,
             )
 
     def _check_recording_args(self) -> None:
         """What the recording loader (`_indexed_train_dataloader`) cannot build as the Trainer would: refused."""
+        setting, fix = self._recording
         if self.args.auto_find_batch_size:
             raise ValueError(
-                "SAPConfig.trusted_source='training' builds the training loader with TrainingArguments' batch size, "
-                "and auto_find_batch_size=True changes it inside Trainer: set per_device_train_batch_size yourself, "
-                "or use trusted_source='pass'."
+                f"{setting} builds the training loader with TrainingArguments' batch size, and "
+                "auto_find_batch_size=True changes it inside Trainer: set per_device_train_batch_size yourself, "
+                f"or use {fix}."
             )
         if self.args.train_sampling_strategy not in _RECORDING_SAMPLERS:
             raise ValueError(
-                f"SAPConfig.trusted_source='training' records with the Trainer's {' or '.join(_RECORDING_SAMPLERS)} "
+                f"{setting} records with the Trainer's {' or '.join(_RECORDING_SAMPLERS)} "
                 f"sampler; train_sampling_strategy={self.args.train_sampling_strategy!r} groups examples by a "
-                "length images do not have: use 'random', or trusted_source='pass'."
+                f"length images do not have: use 'random', or {fix}."
             )
 
     def get_train_dataloader(self) -> DataLoader:
@@ -189,7 +202,7 @@ class SAPTrainer(Trainer):
                 model_name=type(self.model).__name__,
                 description="Training",
             )
-        indexed = IndexedExamples(dataset)
+        indexed = IndexedExamples(dataset, *self._recording)
         sampler = (
             SequentialSampler(indexed) if args.train_sampling_strategy == "sequential" else RandomSampler(indexed)
         )
@@ -250,10 +263,11 @@ class SAPTrainer(Trainer):
     def _record_losses(self, positions: torch.Tensor, logits: torch.Tensor, labels: Any) -> None:
         """Each example's plain cross-entropy from the step's logits (whatever the training loss), under its position."""
         if labels is None or logits.dim() != 2 or torch.as_tensor(labels).shape != positions.shape:
+            setting, fix = self._recording
             raise ValueError(
-                f"SAPConfig.trusted_source='training' records one loss per example and needs class-id labels, one per "
+                f"{setting} records one loss per example and needs class-id labels, one per "
                 f"example, and (batch, classes) logits; got labels {None if labels is None else tuple(torch.as_tensor(labels).shape)} "
-                f"and logits {tuple(logits.shape)}. Use trusted_source='pass'."
+                f"and logits {tuple(logits.shape)}. Use {fix}."
             )
         labels = torch.as_tensor(labels, device=logits.device).long()
         with torch.no_grad():
