@@ -168,13 +168,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         choices=[0, 1],
         help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
     )
-    parser.add_argument(
-        "--audits",
-        nargs="+",
-        default=["shift"],
-        choices=["shift", "aum"],
-        help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins (aum: rows ...@aum)",
-    )
+    common.add_audits_argument(parser)
     parser.add_argument(
         "--best_modes", nargs="*", default=["remove", "pseudo"], help="modes of the best+sap+<mode> rows"
     )

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from common import (  # noqa: E402
     accuracy,
+    add_audits_argument,
     cleanup_study_rows,
     dynamics_diagnostics,
     environment,
@@ -74,13 +75,7 @@ def parse_args(argv: Optional[list[str]] = None) -> Any:
         help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
     )
     parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
-    parser.add_argument(
-        "--audits",
-        nargs="+",
-        default=["shift"],
-        choices=["shift", "aum"],
-        help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins (aum: rows ...@aum)",
-    )
+    add_audits_argument(parser)
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)
     parser.add_argument("--out_name", default="cleanup", help="<out_dir>/<out_name>.json / .png (--quick: *_quick)")

@@ -177,6 +177,17 @@ def run_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_audits_argument(parser: argparse.ArgumentParser) -> None:
+    """`--audits`: which suspects the clean-up studies' clean-ups use (`sap_and_cleanups`, pretrained.py)."""
+    parser.add_argument(
+        "--audits",
+        nargs="+",
+        default=["shift"],
+        choices=["shift", "aum"],
+        help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins (aum: rows ...@aum)",
+    )
+
+
 def finish_args(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Apply `--quick` to the shared arguments (one seed unless `--seeds` is given, tiny data, short grids)."""
     if args.quick:

@@ -219,6 +219,18 @@ def tiny_model() -> Any:
     return ViTForImageClassification(config)
 
 
+def train_on_rows(model: Any, optimizer: Any, transform: Any, rows: list[Any], batch_size: int = 32) -> int:
+    """One epoch over `rows` (undecoded Clothing1M rows, decoded by `transform.collate` in batches of `batch_size`, the
+    last one partial): forward, backward, step per batch. Returns the number of images trained on."""
+    for start in range(0, len(rows), batch_size):
+        inputs = transform.collate(rows[start : start + batch_size])
+        loss = model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return len(rows)
+
+
 def finetune_epoch(corpus: Path, model_dir: Path, epochs: int = 3, lr: float = 5e-4) -> dict[str, Any]:
     """Train the recipe's tiny ViT on the streamed corpus (decode + forward + backward per epoch); time epoch 1.
 
@@ -242,18 +254,8 @@ def finetune_epoch(corpus: Path, model_dir: Path, epochs: int = 3, lr: float = 5
     model.train()
     seconds = []
     for epoch in range(epochs):
-        started, batch, images, before = time.perf_counter(), [], 0, decodes[0]
-        for row in list(train.shuffle(seed=epoch, buffer_size=2048)) + [None]:
-            if row is not None:
-                batch.append(row)
-            if len(batch) == 32 or (row is None and batch):
-                inputs = transform.collate(batch)
-                loss = model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                images += len(batch)
-                batch = []
+        started, before = time.perf_counter(), decodes[0]
+        images = train_on_rows(model, optimizer, transform, list(train.shuffle(seed=epoch, buffer_size=2048)))
         seconds.append(time.perf_counter() - started)
         if epoch == 0:
             first_decodes = decodes[0] - before
@@ -1144,13 +1146,7 @@ def time_epoch(corpus: Path, model_dir: Path, lr: float = 5e-4) -> dict[str, Any
     transform = ImageTransform(image_size=model.config.image_size)
     model.train()
     started, before = time.perf_counter(), decodes[0]  # the stream is read inside the timing, as in training
-    rows = list(undecoded_images(load_clothing1m(corpus, "noisy_train")))
-    for start in range(0, len(rows), 32):
-        inputs = transform.collate(rows[start : start + 32])
-        loss = model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_on_rows(model, optimizer, transform, list(undecoded_images(load_clothing1m(corpus, "noisy_train"))))
     return {
         "seconds": time.perf_counter() - started,
         "decodes": decodes[0] - before,

@@ -125,6 +125,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         help="only recompute the summary, targets, table and figure from <out_dir>/<out_name>.json's rows",
     )
     add_refine_arguments(parser, epochs=[1, 2, 4])
+    common.add_audits_argument(parser)
     args = finish_regime_args(common.finish_args(parser.parse_args(argv), argv))
     if args.refine_lrs is None:
         args.refine_lrs = [args.lr, 2 * args.lr]
@@ -174,6 +175,11 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
             test_accuracy=test(model),
             val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
             **fit_diagnostics(model, data),
+            **(
+                common.dynamics_diagnostics(trained["margins"], data, trained["best"]["epoch"])
+                if "margins" in trained
+                else {}
+            ),
         ),
         dict(
             base,
@@ -231,10 +237,17 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         ("sap+refine", sap["state"], sap["row"]),
         ("best+sap+refine", best_sap["state"], best_sap["row"]),
     )
-    for name, state, row in starts:
+    runs = [
+        (name + ("" if kind == "shift" else "@" + kind), kind, state, row)
+        for kind in args.audits
+        for name, state, row in starts
+    ]
+    for name, kind, state, row in runs:
         clock = time.perf_counter()
         model.load_state_dict(state)
         audit = _audit(model, run, args)
+        if kind == "aum":  # the training's margins rank and flag instead (common.dynamics_audit)
+            audit = common.dynamics_audit(audit, trained["margins"])
         audits[name] = audit
         refined = sap_refine_row(model, state, row, run, args, method=name, audit=audit)
         after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)
