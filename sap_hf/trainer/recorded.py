@@ -1,4 +1,5 @@
-"""Per-example training losses recorded while a model trains, for a trusted selection with no pass of its own.
+"""Per-example training losses (and label margins) recorded while a model trains, for a trusted selection with no
+pass of its own (and a label audit from the training dynamics, `SAPConfig.audit_source="training"`).
 
 The paper's selection scores every training example with the trained model: a full inference pass
 over the training set, a large share of a fine-tuning epoch's cost on a large training set.
