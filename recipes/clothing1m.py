@@ -198,7 +198,8 @@ def run(argv: list[str]) -> dict:
     if refine_config:
         trainer.refine(audit_train, refine_config=refine_config)
         if script_args.reaudit_after_refine:  # the refined model's audit: the better ranking of the wrong labels
-            trainer.audit_labels(audit_train, output_dir=Path(training_args.output_dir) / "_label_audit_refined")
+            refined = Path(training_args.output_dir) / "_label_audit_refined"  # by the refined model's probabilities
+            trainer.audit_labels(audit_train, output_dir=refined, source="model")
     after = trainer.evaluate(test, metric_key_prefix="test") if test is not None else {}
 
     trainer.sap_extra_record = {

@@ -455,7 +455,8 @@ class SAPTrainer(Trainer):
         `args.output_dir/_label_audit`; the leading '_' keeps it out of Hub uploads). The summary
         goes into the SAP record. `source` (default `sap_config.audit_source`): 'model' ranks and flags by the
         model's probabilities (`method`, `filter_by`); 'training' by the label margins `train()` recorded
-        (`sap_hf.audit.dynamics_audit`), the model's probabilities kept for the predicted classes.
+        (`sap_hf.audit.dynamics_audit`), the model's probabilities kept for the predicted classes; the margins are
+        those of the last `train()`, so after `refine()` the refined model's own view is `source="model"`.
         """
         source = check_choice("audit_labels(source=...)", source or self.sap_config.audit_source, AUDIT_SOURCES)
         dataset = dataset if dataset is not None else self.train_dataset
