@@ -200,6 +200,8 @@ def test_recipe_runs_on_a_tiny_cifar10n_copy(tmp_path):
         "100",
         "--refine_epochs",
         "1",
+        "--audit_source",
+        "training",  # the audit from the margins SAPTrainer recorded (a map-style split)
         "--disable_tqdm",
         "true",
     ]
@@ -214,6 +216,10 @@ def test_recipe_runs_on_a_tiny_cifar10n_copy(tmp_path):
 
     config = AutoConfig.from_pretrained(out)
     assert config.num_channels == 3 and config.id2label[9] == "truck" and config.patch_size == 8
+    first = json.loads((out / "_label_audit" / "label_audit_summary.json").read_text())  # refine's suspects
+    assert first["method"] == "training_margin" and first["source"] == "training" and first["examples"] == 40
+    refined = json.loads((out / "_label_audit_refined" / "label_audit_summary.json").read_text())
+    assert refined["method"] == "self_confidence"  # the refined model's own audit
 
 
 def test_recipe_refuses_a_missing_label_file_before_reading_data(tmp_path, capsys):

@@ -70,8 +70,8 @@ class IndexedExamples(torch.utils.data.Dataset):
         if not is_map_style(data):
             raise ValueError(
                 f"{setting} needs a map-style train_dataset (a datasets.Dataset or a torch Dataset with len()): a "
-                f"{type(data).__name__} has no positions that survive the Trainer's shuffle. Use {fix} (with "
-                "selection_subset to score only a share of a stream)."
+                f"{type(data).__name__} has no positions that survive the Trainer's shuffle. Use {fix}"
+                + (" (with selection_subset to score only a share of a stream)." if "pass" in fix else ".")
             )
         self.data = data
 
