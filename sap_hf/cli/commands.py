@@ -112,6 +112,18 @@ def _load_classifier(model_name_or_path: str, splits: Any, fix: str) -> tuple[An
     return model, align_labels(splits, model, model_name_or_path)
 
 
+def _save_corrected(args: Any, is_main: bool, model: Any, processor: Any, transform: Any, record: dict) -> None:
+    """The corrected model's folder, written atomically by the main process: weights, the image processor (so the
+    folder loads in `transformers.pipeline()`), the SAP record and card."""
+    with staged_save(args.output_dir, is_main=is_main) as stage:
+        if is_main:
+            model.save_pretrained(stage)
+            saved_processor = saved_image_processor(processor, transform)
+            if saved_processor is not None:
+                saved_processor.save_pretrained(stage)
+            write_sap_files(stage, record, args.hub_model_id or Path(args.output_dir).name)
+
+
 def correct(argv: Optional[Sequence[str]] = None) -> dict:
     from accelerate import Accelerator
 
@@ -151,13 +163,7 @@ def correct(argv: Optional[Sequence[str]] = None) -> dict:
         args.model_name_or_path,
         {"dataset": splits.name, "test_metrics_before": test_before, "test_metrics_after": test_after},
     )
-    with staged_save(args.output_dir, is_main=accelerator.is_main_process) as stage:
-        if accelerator.is_main_process:
-            model.save_pretrained(stage)
-            saved_processor = saved_image_processor(processor, transform)
-            if saved_processor is not None:  # the folder loads in transformers.pipeline()
-                saved_processor.save_pretrained(stage)
-            write_sap_files(stage, record, args.hub_model_id or Path(args.output_dir).name)
+    _save_corrected(args, accelerator.is_main_process, model, processor, transform, record)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         summary = {
