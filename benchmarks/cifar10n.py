@@ -416,11 +416,7 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
                 test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
                 val_accuracy=trained["history"][-1],
                 **fit_diagnostics(model, data),
-                **(
-                    common.dynamics_diagnostics(trained["margins"], data, trained["best"]["epoch"])
-                    if "margins" in trained
-                    else {}
-                ),
+                **common.dynamics_diagnostics(trained, data),
             )
         )
         rows.append(best)

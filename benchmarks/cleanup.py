@@ -102,7 +102,7 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
             test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
             val_accuracy=trained["history"][-1],
             **fit_diagnostics(model, data),
-            **dynamics_diagnostics(trained["margins"], data, trained["best"]["epoch"]),
+            **dynamics_diagnostics(trained, data),
         )
     ]
     model.load_state_dict(trained["best"]["state"])

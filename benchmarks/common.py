@@ -834,24 +834,33 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
     return audit_labels(model, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
 
 
+def mean_margins(margins: Any, epochs: Optional[int] = None) -> Any:
+    """Each example's label margin averaged over the first `epochs` training epochs (all: None), float64."""
+    return margins[:epochs].double().mean(0)
+
+
 def dynamics_audit(audit: Any, margins: Any, epochs: Optional[int] = None) -> Any:
     """`audit` ranked and flagged by the training dynamics (`sap_hf.audit.dynamics_audit`, what `SAPTrainer` does with
     `audit_source="training"`): each example's label margin averaged over the first `epochs` training epochs (all:
     None), from the logits training computed anyway (`train_from_scratch` records them)."""
     from sap_hf.audit import dynamics_audit as by_margins
 
-    return by_margins(audit, range(margins.shape[1]), margins[:epochs].double().mean(0))
+    return by_margins(audit, range(margins.shape[1]), mean_margins(margins, epochs))
 
 
-def dynamics_diagnostics(margins: Any, data: dict[str, Any], best_epoch: int) -> dict[str, float]:
+def dynamics_diagnostics(trained: dict[str, Any], data: dict[str, Any]) -> dict[str, float]:
     """Average precision of the training-dynamics ranking against the true errors, by window: every epoch, up to the
-    val-best epoch, twice that, and the first 40% of the epochs (diagnostics: which window ranks best)."""
+    val-best epoch, twice that, and the first 40% of the epochs (diagnostics: which window ranks best). `trained` is
+    `train_from_scratch`'s record; one cached before the margins were recorded has none: no fields."""
     from sklearn.metrics import average_precision_score
 
+    if "margins" not in trained:
+        return {}
+    margins, best_epoch = trained["margins"], trained["best"]["epoch"]
     truth = data["is_noisy"].numpy()
     windows = {"all": None, "best": best_epoch, "2best": 2 * best_epoch, "40pct": max(1, round(0.4 * len(margins)))}
     return {
-        f"aum_ap_{name}": float(average_precision_score(truth, -margins[:epochs].double().mean(0).numpy()))
+        f"aum_ap_{name}": float(average_precision_score(truth, -mean_margins(margins, epochs).numpy()))
         for name, epochs in windows.items()
     }
 
@@ -1038,7 +1047,7 @@ def cleanup_study_rows(
         refine_epochs=args.refine_epochs,
         refine_batch_size=args.refine_batch_size,
         seed=seed,
-        audits=getattr(args, "audits", ["shift"]),
+        audits=args.audits,
         margins=margins,
     )
     with tempfile.TemporaryDirectory() as scratch:

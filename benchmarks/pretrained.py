@@ -175,11 +175,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
             test_accuracy=test(model),
             val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
             **fit_diagnostics(model, data),
-            **(
-                common.dynamics_diagnostics(trained["margins"], data, trained["best"]["epoch"])
-                if "margins" in trained
-                else {}
-            ),
+            **common.dynamics_diagnostics(trained, data),
         ),
         dict(
             base,
