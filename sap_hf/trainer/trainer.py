@@ -309,7 +309,7 @@ class SAPTrainer(Trainer):
             return
         size = len(dataset) if hasattr(dataset, "__len__") else None
         if size != self.training_losses.size:
-            has = f"has {size} examples" if size is not None else "has no len(), so it is not"
+            has = f"has {size} examples" if size is not None else "has no len()"
             raise ValueError(
                 f"{argument} {has}, the train_dataset whose losses were recorded {self.training_losses.size}: the "
                 f"recorded positions are those of train_dataset. Pass that dataset (or None), or use {fix}."
