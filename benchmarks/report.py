@@ -3,12 +3,13 @@
 A study's rows are one dict per (setting, seed, method). `summarise` groups them by the study's keys (`by`, e.g.
 `("label_set",)` or `("noise", "epochs")`, one nesting level per key) and averages every numeric field the rows of a
 method all carry (`mean_std`: fractions stay fractions). `gap_targets` checks the issues' targets on a summary;
-`print_tables` prints the tables `benchmarks/README.md` shows for the result (the specs below, rendered from the
-JSON just written, so what a run prints is what the README will show); `bars` and `lines` draw the figure.
+`print_tables` prints the tables the study pages (`benchmarks/studies/*.md`) show for the result (the specs below,
+rendered from the JSON just written, so what a run prints is what the page will show); `bars` and `lines` draw the
+figure.
 
-The tables of benchmarks/README.md are generated from the result JSONs, so prose and numbers cannot drift apart.
+The tables of the study pages are generated from the result JSONs, so prose and numbers cannot drift apart.
 
-A generated table sits between a spec comment and an end marker in the README, each marker at the start of a line:
+A generated table sits between a spec comment and an end marker in a page, each marker at the start of a line:
 
     <!-- table results/pretrained_cleanup.json
     columns: noise epochs
@@ -57,6 +58,14 @@ from typing import Any, NamedTuple, Optional
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
+STUDIES = HERE / "studies"
+
+
+def study_pages() -> list[Path]:
+    """The markdown files whose tables are generated: this folder's README (the index) and every study page."""
+    return [README, *sorted(STUDIES.glob("*.md"))]
+
+
 BLOCK = re.compile(r"^(<!-- table (?P<spec>.*?)^-->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
 CALL = re.compile(r"^(?P<fn>fit|diff|paired|gap)\((?P<args>.*)\)$")
 MINUS = "\u2212"
@@ -171,14 +180,16 @@ def gap_targets(
     return verdicts
 
 
-def print_tables(result: Path, name: Optional[str] = None, readme: Path = README) -> int:
-    """Print the README's tables of `results/<name>` (default: `result`'s file name) rendered from `result`.
+def print_tables(result: Path, name: Optional[str] = None, pages: Optional[Sequence[Path]] = None) -> int:
+    """Print the tables of `results/<name>` (default: `result`'s file name) rendered from `result`, those of
+    `pages` (default: `study_pages()`).
 
     A table row this run did not compute (a smoke run, one setting) is left out; a table with none is skipped."""
     name = name or Path(result).name
     rows = json.loads(Path(result).read_text())["rows"]  # read once: each row of each table is tried on them
     shown = 0
-    for match in BLOCK.finditer(readme.read_text()):
+    blocks = (match for page in pages or study_pages() for match in BLOCK.finditer(page.read_text()))
+    for match in blocks:
         if TableSpec(match["spec"]).path != f"results/{name}":
             continue
         spec = match["spec"].split("\n")
@@ -283,7 +294,7 @@ def lines(summary: dict[str, Any], path: Path, title: str, xlabel: str, field: s
 
 
 # --------------------------------------------------------------------------------------------
-# The README's tables (`python benchmarks/tables.py` rewrites them)
+# The study pages' tables (`python benchmarks/tables.py` rewrites them)
 # --------------------------------------------------------------------------------------------
 
 

@@ -278,11 +278,11 @@ def test_report_prints_the_readme_tables_of_a_result_leaving_out_rows_it_lacks(t
     result = tmp_path / "run" / "study.json"
     result.parent.mkdir()
     result.write_text(json.dumps({"rows": [r for r in _rows() if r["method"] in ("none", "sap")]}))
-    assert report.print_tables(result, readme=readme) == 1
+    assert report.print_tables(result, pages=[readme]) == 1
     printed = capsys.readouterr().out
     assert "| sap | 65.5 ± 0.7 | 55.5 ± 0.7 |" in printed and "| sap − none | +5.0 | +5.0 |" in printed
     assert "sap+pseudo" not in printed  # no row of it in this run: left out, the rest shown
-    assert report.print_tables(result, "other.json", readme=readme) == 0
+    assert report.print_tables(result, "other.json", pages=[readme]) == 0
 
 
 def test_the_dynamics_audit_flags_the_low_margins_of_the_window() -> None:

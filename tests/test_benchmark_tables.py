@@ -1,4 +1,5 @@
-"""benchmarks/tables.py: the README's generated tables equal what their JSONs say, and the generator reads its specs."""
+"""benchmarks/tables.py: the study pages' generated tables equal what their JSONs say, and the generator reads its
+specs."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ sys.path.insert(0, str(BENCHMARKS))
 import tables  # noqa: E402
 
 
-def test_every_generated_table_of_the_benchmarks_readme_matches_its_json() -> None:
-    text = (BENCHMARKS / "README.md").read_text()
-    assert len(tables.BLOCK.findall(text)) >= 5
-    _, changed = tables.refresh(text)
+def test_every_generated_table_of_the_study_pages_matches_its_json() -> None:
+    pages = tables.study_pages()
+    assert len(pages) >= 7 and pages[0] == BENCHMARKS / "README.md"
+    texts = [page.read_text() for page in pages]
+    assert sum(len(tables.BLOCK.findall(text)) for text in texts) >= 30
+    changed = [path for text in texts for path in tables.refresh(text)[1]]
     assert changed == [], f"stale tables (run python benchmarks/tables.py): {changed}"
 
 
@@ -53,8 +56,8 @@ def test_a_block_renders_means_costs_shared_rows_and_derived_rows(tmp_path: Path
     (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": _rows()}))
     readme = tmp_path / "README.md"
     readme.write_text("# T\n\n" + SPEC + "old\n<!-- /table -->\n\nprose\n")
-    assert tables.main(["--readme", str(readme), "--check"]) == 1
-    assert tables.main(["--readme", str(readme)]) == 0
+    assert tables.main(["--pages", str(readme), "--root", str(tmp_path), "--check"]) == 1
+    assert tables.main(["--pages", str(readme), "--root", str(tmp_path)]) == 0
     text = readme.read_text()
     assert text.startswith("# T\n\n" + SPEC) and text.endswith("<!-- /table -->\n\nprose\n")
     assert tables.BLOCK.search(text)["body"] == (
@@ -67,7 +70,7 @@ def test_a_block_renders_means_costs_shared_rows_and_derived_rows(tmp_path: Path
         "| sap+x \u2212 best_epoch | +11.0 | +11.0 |\n"
         "| sap+x: gap none \u2192 oracle closed | 72% | 111% |\n"
     )
-    assert tables.main(["--readme", str(readme), "--check"]) == 0
+    assert tables.main(["--pages", str(readme), "--root", str(tmp_path), "--check"]) == 0
     # One number moved in the JSON: the check names the block's file.
     rows = _rows()
     rows[0]["test_accuracy"] = 0.40

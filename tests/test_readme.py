@@ -10,7 +10,12 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
-READMES = [ROOT / "README.md", ROOT / "benchmarks" / "README.md", ROOT / "docs" / "checks.md"]
+READMES = [
+    ROOT / "README.md",
+    ROOT / "benchmarks" / "README.md",
+    *sorted((ROOT / "benchmarks" / "studies").glob("*.md")),
+    ROOT / "docs" / "checks.md",
+]
 RUN_COMMAND = (
     "apt-get update && apt-get install -y dataset-fashion-mnist && pip install torch==2.13.0 && "
     'pip install -e ".[audit]" && accelerate launch recipes/clothing1m.py'
@@ -38,6 +43,14 @@ def _anchors(path: Path) -> set[str]:
 def test_readme_starts_with_the_two_fresh_machine_commands():
     blocks = [block.strip() for block in FENCE.findall((ROOT / "README.md").read_text())]
     assert blocks[:2] == [RUN_COMMAND, TEST_COMMAND]
+
+
+def test_the_benchmarks_index_stays_short_and_lists_every_study_page():
+    """benchmarks/README.md is the index a newcomer reads first: the study pages hold protocols and tables."""
+    index = (ROOT / "benchmarks" / "README.md").read_text()
+    assert len(index) < MAX_CHARS, f"benchmarks/README.md has {len(index)} characters; move details to a study page"
+    pages = sorted((ROOT / "benchmarks" / "studies").glob("*.md"))
+    assert pages and all(f"](studies/{page.name})" in index for page in pages)
 
 
 def test_readme_stays_short():
