@@ -420,12 +420,7 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
             )
         )
         rows.append(best)
-        rows += [
-            dict(base, **r)
-            for r in cleanup_study_rows(
-                model, last, trained["best"]["state"], data, args, seed, trained.get("margins")
-            )
-        ]
+        rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained, data, args, seed)]
     sap = sap_row(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
     if "extra" in args.methods:
         rows += [dict(base, **r) for r in extra_rows(model, last, sap, data, args, seed)]

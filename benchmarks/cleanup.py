@@ -116,10 +116,7 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
             **fit_diagnostics(model, data),
         )
     )
-    rows += [
-        dict(base, **r)
-        for r in cleanup_study_rows(model, last, trained["best"]["state"], data, args, seed, trained.get("margins"))
-    ]
+    rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained, data, args, seed)]
     if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])

@@ -183,8 +183,9 @@ def add_audits_argument(parser: argparse.ArgumentParser) -> None:
         "--audits",
         nargs="+",
         default=["shift"],
-        choices=["shift", "aum"],
-        help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins (aum: rows ...@aum)",
+        choices=["shift", *DYNAMICS_WINDOWS],
+        help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins averaged over "
+        "every epoch (aum: rows ...@aum) or up to twice the val-best epoch (aum2best: rows ...@aum2best)",
     )
 
 
@@ -834,6 +835,15 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
     return audit_labels(model, train_set, views="shift", runtime=Runtime(batch_size=1000, show_progress=False))
 
 
+#: The training-dynamics audits (`--audits`): how many of the first epochs' margins each averages, from the val-best
+#: epoch (None: every epoch). Wrong labels are learned late, once the model starts to memorise: past the val-best
+#: epoch every margin rises, so the epochs before that rank them better (`dynamics_diagnostics`).
+DYNAMICS_WINDOWS: dict[str, Callable[[int], Optional[int]]] = {
+    "aum": lambda best: None,
+    "aum2best": lambda best: 2 * best,
+}
+
+
 def mean_margins(margins: Any, epochs: Optional[int] = None) -> Any:
     """Each example's label margin averaged over the first `epochs` training epochs (all: None), float64."""
     return margins[:epochs].double().mean(0)
@@ -988,11 +998,13 @@ def sap_and_cleanups(
     augments: Sequence[bool] = (True,),
     audits: Sequence[str] = ("shift",),
     margins: Any = None,
+    best_epoch: int = 0,
 ) -> list[dict[str, Any]]:
     """`<prefix>sap` (`sap_row`) from `state`, then `<prefix>sap+<mode>` (`refine_row`) for each mode: the rows.
 
-    Each clean-up starts from the SAP model and a label audit: `shift` (the SAP model's, `views="shift"`) or `aum`
-    (`dynamics_audit` of the training's `margins`; rows named `...@aum`); `sap_hf.refine` in that one mode, lr in
+    Each clean-up starts from the SAP model and a label audit: `shift` (the SAP model's, `views="shift"`) or one of
+    `DYNAMICS_WINDOWS` (`dynamics_audit` of the training's `margins`, the window from the training's `best_epoch`; rows
+    named `...@aum`, `...@aum2best`); `sap_hf.refine` in that one mode, lr in
     {lr, 2 lr}, cosine over the largest of `refine_epochs`, val after each of them; once per value of `augments`
     (`RefineConfig.augment`; rows without augmentation are named `<prefix>sap+<mode>-noaug`). The model is left at
     `state`.
@@ -1002,10 +1014,12 @@ def sap_and_cleanups(
     sap = sap_row(model, state, data, method=f"{prefix}sap")
     rows = [sap["row"]]
     found = {"shift": sap["audit"]}
-    if "aum" in audits:
+    for kind in [a for a in audits if a in DYNAMICS_WINDOWS]:
         if margins is None:
-            raise ValueError("audits=['aum'] needs the training's margins (train_from_scratch records them): retrain.")
-        found["aum"] = dynamics_audit(sap["audit"], margins)
+            raise ValueError(
+                f"audits=[{kind!r}] needs the training's margins (train_from_scratch records them): retrain."
+            )
+        found[kind] = dynamics_audit(sap["audit"], margins, DYNAMICS_WINDOWS[kind](best_epoch))
     runs = [(mode, augment, audit) for audit in audits for augment in augments for mode in modes]
     for mode, augment, audit in runs:
         model.load_state_dict(sap["state"])
@@ -1028,18 +1042,12 @@ def sap_and_cleanups(
 
 
 def cleanup_study_rows(
-    model: Any,
-    last: dict,
-    best: dict,
-    data: dict[str, Any],
-    args: argparse.Namespace,
-    seed: int,
-    margins: Any = None,
+    model: Any, last: dict, trained: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int
 ) -> list[dict[str, Any]]:
     """The clean-up study's rows of one model: `sap_and_cleanups` from its last state (`args.modes` x `args.augment`)
-    and from its val-best state (`best+`, `args.best_modes`), each with the audits of `args.audits` (`aum` reads
-    the training's `margins`), then `default_cleanup_rows`. Reads `args.lr`, `args.refine_epochs`,
-    `args.refine_batch_size`."""
+    and from its val-best state (`best+`, `args.best_modes`; `trained` is `train_from_scratch`'s record), each with
+    the audits of `args.audits` (the dynamics audits read its margins and val-best epoch), then
+    `default_cleanup_rows`. Reads `args.lr`, `args.refine_epochs`, `args.refine_batch_size`."""
     import tempfile
 
     settings = dict(
@@ -1048,7 +1056,8 @@ def cleanup_study_rows(
         refine_batch_size=args.refine_batch_size,
         seed=seed,
         audits=args.audits,
-        margins=margins,
+        margins=trained.get("margins"),
+        best_epoch=trained["best"]["epoch"],
     )
     with tempfile.TemporaryDirectory() as scratch:
         rows = sap_and_cleanups(
@@ -1056,7 +1065,13 @@ def cleanup_study_rows(
         )
         if args.best_modes:
             rows += sap_and_cleanups(
-                model, best, data, prefix="best+", modes=args.best_modes, scratch=scratch, **settings
+                model,
+                trained["best"]["state"],
+                data,
+                prefix="best+",
+                modes=args.best_modes,
+                scratch=scratch,
+                **settings,
             )
     return rows + default_cleanup_rows(rows)
 
@@ -1070,7 +1085,7 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from sap_hf.audit.cleanup import BEST_MODES
 
     picked = []
-    suffixes = [aug + audit for audit in ("", "@aum") for aug in ("", "-noaug")]
+    suffixes = [aug + audit for audit in ("", *(f"@{a}" for a in DYNAMICS_WINDOWS)) for aug in ("", "-noaug")]
     for prefix, suffix in [(p, s) for p in ("", "best+") for s in suffixes]:
         tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}{suffix}"]
         if len(tried) == len(BEST_MODES):

@@ -242,8 +242,9 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         clock = time.perf_counter()
         model.load_state_dict(state)
         audit = _audit(model, run, args)
-        if kind == "aum":  # the training's margins rank and flag instead (common.dynamics_audit)
-            audit = common.dynamics_audit(audit, trained["margins"])
+        if kind in common.DYNAMICS_WINDOWS:  # the training's margins rank and flag instead (common.dynamics_audit)
+            window = common.DYNAMICS_WINDOWS[kind](trained["best"]["epoch"])
+            audit = common.dynamics_audit(audit, trained["margins"], window)
         audits[name] = audit
         refined = sap_refine_row(model, state, row, run, args, method=name, audit=audit)
         after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)
