@@ -43,7 +43,8 @@ A generated table sits between a spec comment and an end marker in a page, each 
   e.g. `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the
   rows `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
-  rows, with that many digits, no scaling).
+  rows, with that many digits, no scaling). A token `[+]field:digits:how=label` chooses how the rows combine (`mean`,
+  the default; `max`; `count`: how many are true, 'k/n') and the header (underscores print as spaces).
 """
 
 from __future__ import annotations
@@ -309,7 +310,7 @@ class TableSpec:
         lines = [line.rstrip() for line in text.strip().split("\n")]
         self.path = lines[0].strip()
         self.columns: list[tuple[str, Optional[list[str]]]] = []
-        self.fields: list[tuple[str, int]] = []
+        self.fields: list[Column] = []
         self.rows: list[str] = []
         self.shared: set[str] = set()
         self.where: dict[str, str] = {}
@@ -325,9 +326,7 @@ class TableSpec:
             elif key == "columns":
                 self.columns = [_column(token) for token in rest.split()]
             elif key == "fields":
-                self.fields = [
-                    (name, int(digits or 1)) for name, _, digits in (t.partition(":") for t in rest.split())
-                ]
+                self.fields = [_field(token) for token in rest.split()]
             elif key == "shared":
                 self.shared = set(rest.split())
             elif key == "where":
@@ -365,7 +364,8 @@ def _value(token: str) -> Value:
 
 class Column(NamedTuple):
     """A table column: its header, the group of rows it reads, the field it averages, its digits, scale, sign;
-    `main`: the first `value:` token's column (the one with costs and derived rows)."""
+    `main`: the first `value:` token's column (the one with costs and derived rows); `how`: how a cell combines its
+    rows (`mean` ± std, `max`, `count` of the true ones)."""
 
     label: str
     group: str
@@ -374,6 +374,23 @@ class Column(NamedTuple):
     scale: float = 1.0
     signed: bool = False
     main: bool = True
+    how: str = "mean"
+
+
+FIELD_AGGREGATES = ("mean", "max", "count")
+
+
+def _field(token: str) -> Column:
+    """A `fields:` token, `field[:digits[:how]][=label]`, as its column."""
+    token, _, label = token.partition("=")
+    name, _, rest = token.partition(":")
+    digits, _, how = rest.partition(":")
+    if (how or "mean") not in FIELD_AGGREGATES:
+        raise ValueError(f"fields: {token!r} combines its rows by {how!r}; one of {', '.join(FIELD_AGGREGATES)}")
+    field = name.lstrip("+")
+    return Column(
+        label.replace("_", " ") or field, "", field, int(digits or 1), signed=name[0] == "+", how=how or "mean"
+    )
 
 
 def _column(token: str) -> tuple[str, Optional[list[str]]]:
@@ -389,7 +406,7 @@ def _columns(rows: list[dict[str, Any]], spec: TableSpec) -> list[Column]:
     """`fields:` one column per field over every row; else one per value of the column keys, in the chosen
     orders, else in order of first appearance (shared rows aside), and per `value:` token (in % when fractions)."""
     if spec.fields:
-        return [Column(name, "", name, digits) for name, digits in spec.fields]
+        return spec.fields
     orders = [order for _, order in spec.columns]
     seen: dict[tuple, None] = {}
     for row in rows:
@@ -440,6 +457,10 @@ class _Cells:
                 return ""
         found = self.rows_of(name, column, column.field)
         values = [row[column.field] * column.scale for row in found]
+        if column.how == "count":
+            return f"{sum(bool(value) for value in values)}/{len(values)}"
+        if column.how == "max":
+            return _signed(max(values), column.digits) if column.signed else f"{max(values):.{column.digits}f}"
         mean = statistics.fmean(values)
         text = _signed(mean, column.digits) if column.signed else f"{mean:.{column.digits}f}"
         if len(values) > 1:

@@ -110,6 +110,25 @@ def test_fields_mode_names_rows_by_another_key_and_prints_each_field(tmp_path: P
     )
 
 
+def test_a_field_can_be_the_largest_value_or_a_count_with_its_own_header(tmp_path: Path) -> None:
+    rows = [
+        {"source": "pass", "gap": 0.0, "same": True, "seconds": 4.0},
+        {"source": "pass", "gap": 0.0, "same": True, "seconds": 6.0},
+        {"source": "subset", "gap": -1.25, "same": False, "seconds": 1.0},
+        {"source": "subset", "gap": 3.0, "same": True, "seconds": 2.0},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    spec = "r.json\ntitle: source\nkey: source\nfields: +gap:1:max=max_gap same:0:count=same_choice seconds:1\n"
+    assert tables.render(spec + "rows:\n  pass\n  subset\n", tmp_path) == (
+        "| source | max gap | same choice | seconds |\n"
+        "| --- | --- | --- | --- |\n"
+        "| pass | 0.0 | 2/2 | 5.0 ± 1.4 |\n"
+        "| subset | +3.0 | 1/2 | 1.5 ± 0.7 |\n"
+    )
+    with pytest.raises(ValueError, match="'gap:1:min'.*one of mean, max, count"):
+        tables.render("r.json\nfields: gap:1:min\nrows:\n  pass\n", tmp_path)
+
+
 def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tmp_path: Path) -> None:
     rows = [
         {
