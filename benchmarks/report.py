@@ -39,7 +39,8 @@ A generated table sits between a spec comment and an end marker in a page, each 
   give each column group one column per token, `[+]key[:digits][=label]`: `+` prints a sign, `:digits` prints the
   raw values with that many digits, `=label` is appended to the group's header (`+gain_vs_none=gain`). Derived
   rows fill the first token's columns only; `(N ep)` is left out when `cost_epochs` has a column;
-* `title:` the first header cell (default `method`); `key:` the row keys that name a table row (default `method`;
+* `title:` the first header cell (default `method`); `from:` the JSON's list of rows to read (default `rows`; e.g.
+  `audits`); several JSON paths on the first line: their rows together (e.g. two regimes as columns); `key:` the row keys that name a table row (default `method`;
   e.g. `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the
   rows `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
@@ -187,12 +188,14 @@ def print_tables(result: Path, name: Optional[str] = None, pages: Optional[Seque
 
     A table row this run did not compute (a smoke run, one setting) is left out; a table with none is skipped."""
     name = name or Path(result).name
-    rows = json.loads(Path(result).read_text())["rows"]  # read once: each row of each table is tried on them
+    record = json.loads(Path(result).read_text())  # read once: each row of each table is tried on its rows
     shown = 0
     blocks = (match for page in pages or study_pages() for match in BLOCK.finditer(page.read_text()))
     for match in blocks:
-        if TableSpec(match["spec"]).path != f"results/{name}":
+        table = TableSpec(match["spec"])
+        if f"results/{name}" not in table.paths:
             continue
+        rows = record.get(table.source, [])
         spec = match["spec"].split("\n")
         start = next(i for i, line in enumerate(spec) if line.startswith("rows:"))
         end = next((i for i in range(start + 1, len(spec)) if not spec[i].startswith((" ", "\t"))), len(spec))
@@ -308,7 +311,9 @@ class TableSpec:
 
     def __init__(self, text: str):
         lines = [line.rstrip() for line in text.strip().split("\n")]
-        self.path = lines[0].strip()
+        self.paths = lines[0].split()  # several JSONs: their rows together
+        self.path = " ".join(self.paths)
+        self.source = "rows"
         self.columns: list[tuple[str, Optional[list[str]]]] = []
         self.fields: list[Column] = []
         self.rows: list[str] = []
@@ -337,6 +342,8 @@ class TableSpec:
                 self.keys = rest.split()
             elif key == "title":
                 self.title = rest.strip()
+            elif key == "from":
+                self.source = rest.strip()
             elif line.strip():
                 raise ValueError(f"table spec for {self.path}: cannot read the line {line!r}")
         if not (self.columns or self.fields) or not self.rows or not self.values:
@@ -533,7 +540,8 @@ def render(spec_text: str, root: Path = HERE, rows: Optional[list[dict[str, Any]
     """The markdown table (with its trailing newline) that a block's spec describes, from its JSON's rows (`rows`:
     those rows, already read)."""
     spec = TableSpec(spec_text)
-    rows = json.loads((root / spec.path).read_text())["rows"] if rows is None else rows
+    if rows is None:
+        rows = [row for path in spec.paths for row in json.loads((root / path).read_text())[spec.source]]
     rows = [
         row
         for row in rows

@@ -129,6 +129,17 @@ def test_a_field_can_be_the_largest_value_or_a_count_with_its_own_header(tmp_pat
         tables.render("r.json\nfields: gap:1:min\nrows:\n  pass\n", tmp_path)
 
 
+def test_one_table_from_another_list_of_two_jsons(tmp_path: Path) -> None:
+    for regime, ap in (("scratch", 0.5), ("mae", 0.6)):
+        audits = [{"regime": regime, "method": "audit", "seed": s, "audit_ap": ap + s / 10} for s in (0, 1)]
+        (tmp_path / f"{regime}.json").write_text(json.dumps({"rows": [], "audits": audits}))
+    spec = "scratch.json mae.json\nfrom: audits\ncolumns: regime\nvalue: audit_ap:2=AP\nrows:\n  audit\n"
+    assert tables.render(spec, tmp_path) == (
+        "| method | scratch AP | mae AP |\n| --- | --- | --- |\n| audit | 0.55 ± 0.07 | 0.65 ± 0.07 |\n"
+    )
+    assert tables.TableSpec(spec).paths == ["scratch.json", "mae.json"]
+
+
 def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tmp_path: Path) -> None:
     rows = [
         {
