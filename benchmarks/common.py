@@ -337,14 +337,15 @@ def train_epochs(
     on_epoch: Optional[Callable[[int], None]] = None,
 ) -> None:
     """The benchmarks' one training loop: for each epoch of `epochs`, train mode, a fresh permutation of the `size`
-    examples drawn from `generator`, batches of `batch_size`, `batch_loss(index, epoch)` backpropagated, an optimiser
-    step (and `schedule.step()`) per batch, then `on_epoch(epoch)`. What differs between the studies (the loss, the
-    data, the views, the optimiser and schedule, what happens after an epoch) is the caller's."""
+    examples drawn from `generator` (None: in order, for data the caller has shuffled, such as a stream), batches of
+    `batch_size`, `batch_loss(index, epoch)` backpropagated, an optimiser step (and `schedule.step()`) per batch, then
+    `on_epoch(epoch)`. What differs between the studies (the loss, the data, the views, the optimiser and schedule,
+    what happens after an epoch) is the caller's."""
     import torch
 
     for epoch in epochs:
         model.train()
-        order = torch.randperm(size, generator=generator)
+        order = torch.arange(size) if generator is None else torch.randperm(size, generator=generator)
         for i in range(0, size, batch_size):
             loss = batch_loss(order[i : i + batch_size], epoch)
             optimizer.zero_grad(set_to_none=True)

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from common import RESULTS_DIR, ROOT, environment, loadavg, pyplot, quiet_libraries, write_json
+from common import RESULTS_DIR, ROOT, environment, loadavg, pyplot, quiet_libraries, train_epochs, write_json
 
 
 CLASSES = 14
@@ -220,14 +220,15 @@ def tiny_model() -> Any:
 
 
 def train_on_rows(model: Any, optimizer: Any, transform: Any, rows: list[Any], batch_size: int = 32) -> int:
-    """One epoch over `rows` (undecoded Clothing1M rows, decoded by `transform.collate` in batches of `batch_size`, the
-    last one partial): forward, backward, step per batch. Returns the number of images trained on."""
-    for start in range(0, len(rows), batch_size):
-        inputs = transform.collate(rows[start : start + batch_size])
-        loss = model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    """One epoch over `rows` in their order (undecoded Clothing1M rows, decoded by `transform.collate` in batches of
+    `batch_size`, the last one partial) on the benchmarks' one loop (`common.train_epochs`). Returns the number of
+    images trained on."""
+
+    def batch_loss(index: Any, epoch: int) -> Any:
+        inputs = transform.collate([rows[i] for i in index.tolist()])
+        return model(pixel_values=inputs["pixel_values"], labels=inputs["labels"]).loss
+
+    train_epochs(model, len(rows), batch_size, batch_loss, optimizer, generator=None, epochs=[0])
     return len(rows)
 
 
