@@ -138,6 +138,8 @@ def test_one_table_from_another_list_of_two_jsons(tmp_path: Path) -> None:
         "| method | scratch AP | mae AP |\n| --- | --- | --- |\n| audit | 0.55 ± 0.07 | 0.65 ± 0.07 |\n"
     )
     assert tables.TableSpec(spec).paths == ["scratch.json", "mae.json"]
+    ratio = "scratch.json\nfrom: audits\ncolumns: regime\nvalue: audit_ap:2\nrows:\n  ratio(audit, audit)\n"
+    assert tables.render(ratio, tmp_path).endswith("| audit ÷ audit | 1.00× |\n")
 
 
 def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tmp_path: Path) -> None:
