@@ -138,8 +138,10 @@ def test_one_table_from_another_list_of_two_jsons(tmp_path: Path) -> None:
         "| method | scratch AP | mae AP |\n| --- | --- | --- |\n| audit | 0.55 ± 0.07 | 0.65 ± 0.07 |\n"
     )
     assert tables.TableSpec(spec).paths == ["scratch.json", "mae.json"]
-    ratio = "scratch.json\nfrom: audits\ncolumns: regime\nvalue: audit_ap:2\nrows:\n  ratio(audit, audit)\n"
-    assert tables.render(ratio, tmp_path).endswith("| audit ÷ audit | 1.00× |\n")
+    cv = [{"regime": "scratch", "method": "cv", "seed": 0, "audit_ap": 1.21}]
+    (tmp_path / "cv.json").write_text(json.dumps({"audits": cv}))
+    ratio = "scratch.json cv.json\nfrom: audits\ncolumns: regime\nvalue: audit_ap:2\nrows:\n  ratio(cv, audit)\n"
+    assert tables.render(ratio, tmp_path).endswith("| cv ÷ audit | 2.20× |\n")  # 1.21 / 0.55
 
 
 def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tmp_path: Path) -> None:
