@@ -41,7 +41,7 @@ A generated table sits between a spec comment and an end marker in a page, each 
   raw values with that many digits, `=label` is appended to the group's header (`+gain_vs_none=gain`). Derived
   rows fill the first token's columns only; `(N ep)` is left out when `cost_epochs` has a column;
 * `title:` the first header cell (default `method`); `from:` the JSON's list of rows to read (default `rows`; e.g.
-  `audits`); several JSON paths on the first line: their rows together (e.g. two regimes as columns); `key:` the row keys that name a table row (default `method`;
+  `audits`, or a dotted path such as `extrapolation.table`); several JSON paths on the first line: their rows together (e.g. two regimes as columns); `key:` the row keys that name a table row (default `method`;
   e.g. `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the
   rows `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
@@ -196,7 +196,7 @@ def print_tables(result: Path, name: Optional[str] = None, pages: Optional[Seque
         table = TableSpec(match["spec"])
         if f"results/{name}" not in table.paths:
             continue
-        rows = record.get(table.source, [])
+        rows = table.rows_of(record, missing=[])
         spec = match["spec"].split("\n")
         start = next(i for i, line in enumerate(spec) if line.startswith("rows:"))
         end = next((i for i in range(start + 1, len(spec)) if not spec[i].startswith((" ", "\t"))), len(spec))
@@ -349,6 +349,18 @@ class TableSpec:
                 raise ValueError(f"table spec for {self.path}: cannot read the line {line!r}")
         if not (self.columns or self.fields) or not self.rows or not self.values:
             raise ValueError(f"table spec for {self.path}: needs 'columns:' (or 'fields:') and 'rows:'")
+
+    def rows_of(self, record: dict[str, Any], missing: Any = None) -> list[dict[str, Any]]:
+        """The rows `from:` names in a result record (a dotted path: `extrapolation.table`); `missing` where the
+        record has none (None: a KeyError naming the path)."""
+        node: Any = record
+        for key in self.source.split("."):
+            if not isinstance(node, dict) or key not in node:
+                if missing is not None:
+                    return missing
+                raise KeyError(f"{self.path}: no {self.source!r} in the JSON (from: {self.source})")
+            node = node[key]
+        return node
 
     def name(self, row: dict[str, Any]) -> str:
         """The table row a JSON row belongs to: its `key:` values joined by spaces (absent keys left out)."""
@@ -544,7 +556,7 @@ def render(spec_text: str, root: Path = HERE, rows: Optional[list[dict[str, Any]
     those rows, already read)."""
     spec = TableSpec(spec_text)
     if rows is None:
-        rows = [row for path in spec.paths for row in json.loads((root / path).read_text())[spec.source]]
+        rows = [row for path in spec.paths for row in spec.rows_of(json.loads((root / path).read_text()))]
     rows = [
         row
         for row in rows

@@ -142,6 +142,11 @@ def test_one_table_from_another_list_of_two_jsons(tmp_path: Path) -> None:
     (tmp_path / "cv.json").write_text(json.dumps({"audits": cv}))
     ratio = "scratch.json cv.json\nfrom: audits\ncolumns: regime\nvalue: audit_ap:2\nrows:\n  ratio(cv, audit)\n"
     assert tables.render(ratio, tmp_path).endswith("| cv ÷ audit | 2.20× |\n")  # 1.21 / 0.55
+    (tmp_path / "nested.json").write_text(json.dumps({"cost": {"table": [{"method": "a", "hours": 2.5}]}}))
+    nested = "nested.json\nfrom: cost.table\nfields: hours:1\nrows:\n  a\n"
+    assert tables.render(nested, tmp_path).endswith("| a | 2.5 |\n")
+    with pytest.raises(KeyError, match="no 'cost.rows' in the JSON"):
+        tables.render(nested.replace("cost.table", "cost.rows"), tmp_path)
 
 
 def test_several_values_per_column_signed_and_raw_and_a_row_named_by_two_keys(tmp_path: Path) -> None:
