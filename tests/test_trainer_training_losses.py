@@ -1,5 +1,6 @@
 """SAPTrainer with trusted_source='training': losses recorded by position during train(), selection with no pass."""
 
+import re
 from unittest import mock
 
 import datasets
@@ -309,3 +310,21 @@ def test_a_record_kept_per_epoch_is_restored_per_epoch_and_refused_by_a_summed_o
     assert "each epoch apart" in TrainingLosses(3).restore(tmp_path)
     with pytest.raises(ValueError, match="per_epoch=True"):
         TrainingLosses(3).summary(1)
+
+
+def test_a_resume_from_a_record_it_cannot_read_warns_why_then_what_it_does(tmp_path, caplog):
+    import logging
+
+    from sap_hf.trainer.recorded import TrainingLosses
+
+    TrainingLosses(24).save(tmp_path / "checkpoint-3", rank=0)  # summed epochs; this run keeps them apart
+    config = SAPConfig(alphas=[1.0], audit_source="training", audit_epochs="early")
+    trainer = _trainer(tmp_path, _image_split(24, seed=1), config=config)
+    trainer.training_losses = TrainingLosses(24, per_epoch=True)
+    with caplog.at_level(logging.WARNING, logger="sap_hf"):
+        trainer._restore_losses(str(tmp_path / "checkpoint-3"))
+    assert re.search(
+        r"checkpoint-3'\): its losses were recorded .* the epochs summed, .* each epoch apart \(audit_epochs\), so "
+        r"SAPConfig.audit_source='training' reads the epochs trained from now on only",
+        caplog.text,
+    ), caplog.text

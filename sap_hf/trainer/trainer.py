@@ -165,8 +165,8 @@ class SAPTrainer(Trainer):
                 "train(resume_from_checkpoint=%r): %s, so %s reads the epochs trained from now on only. Train from "
                 "the start (or from a checkpoint SAPTrainer saved with this sap_config) to average every epoch.",
                 str(checkpoint),
-                self._recording[0],
                 problem,
+                self._recording[0],
             )
 
     def _check_recording_args(self) -> None:
@@ -516,7 +516,7 @@ class SAPTrainer(Trainer):
                 "and none was logged: evaluate during training (eval_strategy='epoch', metric_for_best_model), or "
                 "use audit_epochs='all'."
             )
-        best, epochs = found
+        best, epochs = found[0], min(found[1], max(self.training_losses.windows, default=0) + 1)  # <= epochs trained
         logger.info(
             "SAPTrainer: the label audit averages the margins of epochs 1-%d (twice the val-best %g).", epochs, best
         )
