@@ -1,6 +1,5 @@
 """SAPTrainer with trusted_source='training': losses recorded by position during train(), selection with no pass."""
 
-import re
 from unittest import mock
 
 import datasets
@@ -266,65 +265,19 @@ def test_audit_from_the_training_margins_needs_a_recording_naming_the_fix(tmp_pa
         trainer.audit_labels(source="cleanlab")
 
 
-def test_an_early_audit_averages_the_margins_up_to_twice_the_val_best_epoch(tmp_path):
-    """audit_epochs='early': the margins of the first 2 x best epochs (the best from the evaluations train() logged),
-    each epoch kept apart; refused before training without evaluations, and when nothing was logged."""
-    from sap_hf.audit.scores import clean_probability
-
-    train = _image_split(24, seed=1)
-    config = SAPConfig(alphas=[1.0], batch_size=8, audit_source="training", audit_epochs="early")
-    with pytest.raises(ValueError, match="audit_epochs='early'.*eval_strategy='no'.*eval_strategy='epoch'"):
-        _trainer(tmp_path, train, config=config, epochs=1).train()
-    trainer = _trainer(tmp_path, train, config=config, epochs=4, eval_strategy="epoch", remove_unused_columns=False)
-    trainer.train()
-    record = trainer.training_losses
-    assert sorted(record.windows) == [0, 1, 2, 3] and record.summary(2)["count"].tolist() == [2] * 24
-    trainer.state.log_history = [
-        {"eval_loss": loss, "epoch": float(epoch)} for epoch, loss in ((1, 0.9), (2, 0.7), (3, 0.8), (4, 0.7))
-    ]  # the val-best epoch is 2 (the first of equals): the audit reads epochs 1-4 ...
-    _, every, _ = merge_losses([record.summary()], "margin")
-    assert torch.allclose(trainer.audit_labels().scores, (every + 1) / 2)
-    trainer.state.log_history[0]["eval_loss"] = 0.5  # ... and now 1: epochs 1-2, not every epoch
-    audit = trainer.audit_labels()
-    _, early, _ = merge_losses([record.summary(2)], "margin")
-    assert torch.allclose(audit.scores, (early + 1) / 2) and not torch.allclose(early, every)
-    assert torch.equal(audit.suspected, clean_probability(early) < 0.5) and audit.meta["margin_epochs"] == 2
-    trainer.state.log_history = []
-    with pytest.raises(ValueError, match="audit_epochs='early' reads the val-best epoch.*'loss'.*none was logged"):
-        trainer.audit_labels()
-    with pytest.raises(ValueError, match="training_loss_epochs=2 keeps the last ones only"):
-        SAPConfig(audit_source="training", audit_epochs="early", training_loss_epochs=2)
-
-
-def test_a_record_kept_per_epoch_is_restored_per_epoch_and_refused_by_a_summed_one(tmp_path):
-    from sap_hf.trainer.recorded import TrainingLosses
-
-    record = TrainingLosses(3, per_epoch=True)
-    for epoch, margin in ((0, 0.2), (1, 0.6)):
-        values = torch.full((3,), margin, dtype=torch.float64)
-        record.add(epoch, torch.arange(3), values, torch.tensor([0, 1, -100]), values)
-    record.save(tmp_path, rank=0)
-    again = TrainingLosses(3, per_epoch=True)
-    assert again.restore(tmp_path) is None
-    assert again.summary(1)["margin"].tolist() == [0.2, 0.2] and again.summary()["margin"].tolist() == [0.8, 0.8]
-    assert "each epoch apart" in TrainingLosses(3).restore(tmp_path)
-    with pytest.raises(ValueError, match="per_epoch=True"):
-        TrainingLosses(3).summary(1)
-
-
 def test_a_resume_from_a_record_it_cannot_read_warns_why_then_what_it_does(tmp_path, caplog):
     import logging
+    import re
 
     from sap_hf.trainer.recorded import TrainingLosses
 
-    TrainingLosses(24).save(tmp_path / "checkpoint-3", rank=0)  # summed epochs; this run keeps them apart
-    config = SAPConfig(alphas=[1.0], audit_source="training", audit_epochs="early")
-    trainer = _trainer(tmp_path, _image_split(24, seed=1), config=config)
-    trainer.training_losses = TrainingLosses(24, per_epoch=True)
+    TrainingLosses(30).save(tmp_path / "checkpoint-3", rank=0)  # recorded for another training set
+    trainer = _trainer(tmp_path, _image_split(24, seed=1), config=SAPConfig(alphas=[1.0], audit_source="training"))
+    trainer.training_losses = TrainingLosses(24)
     with caplog.at_level(logging.WARNING, logger="sap_hf"):
         trainer._restore_losses(str(tmp_path / "checkpoint-3"))
     assert re.search(
-        r"checkpoint-3'\): its losses were recorded .* the epochs summed, .* each epoch apart \(audit_epochs\), so "
+        r"checkpoint-3'\): its losses were recorded for 30 examples .* this run has 24 and None, so "
         r"SAPConfig.audit_source='training' reads the epochs trained from now on only",
         caplog.text,
     ), caplog.text

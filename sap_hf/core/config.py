@@ -32,7 +32,6 @@ FLOAT32_ALPHA_LIMIT = 1e4
 'Same weights': the float32 error grows with alpha)."""
 TRUSTED_SOURCES: tuple[str, ...] = ("pass", "training")
 AUDIT_SOURCES: tuple[str, ...] = ("model", "training")
-AUDIT_EPOCHS: tuple[str, ...] = ("all", "early")
 ACCUMULATION_DTYPES: tuple[str, ...] = ("float32", "float64")
 ALPHA_SCOPES: tuple[str, ...] = ("shared", "per_kind")
 ALPHA_SEARCHES: tuple[str, ...] = ("bracket", "grid")
@@ -186,19 +185,8 @@ class SAPConfig:
                 "(default) the corrected model's probabilities; 'training' each example's label margin (p(given) - "
                 "max other p) averaged over the epochs SAPTrainer.train() recorded (the area under the margin), "
                 "suspected where a two-component mixture puts it with the low margins. Wrong labels are learned late, "
-                "so their margin stays low for most of training. Needs a map-style train_dataset; the epochs are "
-                "training_loss_epochs' or audit_epochs'."
-            )
-        },
-    )
-    audit_epochs: str = field(
-        default="all",
-        metadata={
-            "help": (
-                "audit_source='training': which epochs' margins the audit averages. 'all' (default) every epoch "
-                "train() recorded; 'early' the epochs up to twice the val-best one (the best evaluation of "
-                "metric_for_best_model, default the eval loss): past it the model memorises the wrong labels and "
-                "every margin rises, so the early epochs rank them better. Needs an eval_strategy other than 'no'."
+                "so their margin stays low for most of training. Needs a map-style train_dataset; the window is "
+                "training_loss_epochs'."
             )
         },
     )
@@ -254,7 +242,12 @@ class SAPConfig:
             )
         self.sampling_seed = integer("SAPConfig.sampling_seed", self.sampling_seed)
         self.selection_subset = _subset_size(self.selection_subset)
-        self._check_recorded_sources()
+        self.trusted_source = check_choice("SAPConfig.trusted_source", self.trusted_source, TRUSTED_SOURCES)
+        self.audit_source = check_choice("SAPConfig.audit_source", self.audit_source, AUDIT_SOURCES)
+        if self.training_loss_epochs is not None:
+            self.training_loss_epochs = positive_int(
+                "SAPConfig.training_loss_epochs", self.training_loss_epochs, "None averages over every epoch."
+            )
         self.alpha_growth = finite_float("SAPConfig.alpha_growth", self.alpha_growth)
         if self.alpha_growth < 1:
             raise invalid(
@@ -297,23 +290,6 @@ class SAPConfig:
                 max(self.alphas),
                 FLOAT32_ALPHA_LIMIT,
             )
-
-    def _check_recorded_sources(self) -> None:
-        """The settings that read what SAPTrainer.train() records: the sources and their epochs."""
-        self.trusted_source = check_choice("SAPConfig.trusted_source", self.trusted_source, TRUSTED_SOURCES)
-        self.audit_source = check_choice("SAPConfig.audit_source", self.audit_source, AUDIT_SOURCES)
-        self.audit_epochs = check_choice("SAPConfig.audit_epochs", self.audit_epochs, AUDIT_EPOCHS)
-        if self.training_loss_epochs is not None:
-            self.training_loss_epochs = positive_int(
-                "SAPConfig.training_loss_epochs", self.training_loss_epochs, "None averages over every epoch."
-            )
-            if self.audit_epochs == "early":
-                raise invalid(
-                    "SAPConfig.audit_epochs",
-                    self.audit_epochs,
-                    f"it averages the first epochs' margins, and training_loss_epochs={self.training_loss_epochs} "
-                    "keeps the last ones only: leave training_loss_epochs=None, or use audit_epochs='all'.",
-                )
 
     @staticmethod
     def _normalise_patterns(name: str, value: Any) -> Any:

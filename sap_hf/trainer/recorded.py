@@ -27,7 +27,6 @@ averages every epoch.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -108,8 +107,7 @@ class TrainingLosses:
     """This process's record: each position's summed loss, summed label margin and count per epoch kept, and its label.
 
     `epochs=None` keeps one running sum over every epoch; `epochs=k` keeps the last k epochs seen (older
-    epochs are dropped as new ones begin); `per_epoch=True` keeps every epoch apart (`summary(through=k)`: the first
-    k, what `SAPConfig.audit_epochs="early"` reads). Arrays of the dataset's size: no per-example Python objects.
+    epochs are dropped as new ones begin). Arrays of the dataset's size: no per-example Python objects.
     The loss ranks the trusted samples (`trusted_source="training"`), the margin audits the labels
     (`audit_source="training"`, `sap_hf.audit.dynamics_audit`).
     """
@@ -117,8 +115,8 @@ class TrainingLosses:
     VALUES: tuple[str, ...] = ("total", "margin")
     """The summed values per position: the loss (`total`, the name earlier checkpoints used) and the margin."""
 
-    def __init__(self, size: int, epochs: Optional[int] = None, per_epoch: bool = False):
-        self.size, self.epochs, self.per_epoch = int(size), epochs, bool(per_epoch)
+    def __init__(self, size: int, epochs: Optional[int] = None):
+        self.size, self.epochs = int(size), epochs
         self.windows: dict[int, dict[str, np.ndarray]] = {}
         self.labels = np.full(self.size, IGNORE_INDEX, dtype=np.int64)
 
@@ -134,7 +132,7 @@ class TrainingLosses:
         self, epoch: int, positions: torch.Tensor, losses: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor
     ) -> None:
         """Record one batch's per-example losses and label margins (labels -100 are not recorded)."""
-        window = 0 if self.epochs is None and not self.per_epoch else int(epoch)
+        window = 0 if self.epochs is None else int(epoch)
         if window not in self.windows and self.epochs is not None:
             for old in [w for w in self.windows if w <= window - self.epochs]:
                 del self.windows[old]
@@ -146,14 +144,11 @@ class TrainingLosses:
         np.add.at(sums["count"], where, 1)
         self.labels[where] = labels.cpu().numpy()[labelled]
 
-    def summary(self, through: Optional[int] = None) -> dict[str, np.ndarray]:
+    def summary(self) -> dict[str, np.ndarray]:
         """The recorded positions with their summed loss and margin, count and label (what each process hands to
-        the merge); `through=k` (`per_epoch` only): the first k epochs' alone."""
-        if through is not None and not self.per_epoch:
-            raise ValueError("TrainingLosses.summary(through=...) needs a record kept per epoch (per_epoch=True).")
-        kept = [w for e, w in self.windows.items() if through is None or e < through]
+        the merge)."""
         sums = {
-            name: sum((w[name] for w in kept), np.zeros(self.size, dtype=dtype))
+            name: sum((w[name] for w in self.windows.values()), np.zeros(self.size, dtype=dtype))
             for name, dtype in [*((n, np.float64) for n in self.VALUES), ("count", np.int64)]
         }
         seen = np.flatnonzero(sums["count"])
@@ -170,7 +165,6 @@ class TrainingLosses:
         arrays = {
             "size": np.array(self.size),
             "epochs": np.array(-1 if self.epochs is None else self.epochs),
-            "per_epoch": np.array(self.per_epoch),
             "labels": self.labels,
             "windows": np.array(sorted(self.windows), dtype=np.int64),
         }
@@ -189,12 +183,10 @@ class TrainingLosses:
         for path in paths:
             with np.load(path) as record:
                 epochs = None if int(record["epochs"]) < 0 else int(record["epochs"])
-                per_epoch = bool(record["per_epoch"]) if "per_epoch" in record.files else False
-                if (int(record["size"]), epochs, per_epoch) != (self.size, self.epochs, self.per_epoch):
+                if int(record["size"]) != self.size or epochs != self.epochs:
                     return (
-                        f"its losses were recorded for {int(record['size'])} examples, training_loss_epochs={epochs} "
-                        f"and {'each epoch apart' if per_epoch else 'the epochs summed'}, this run has {self.size}, "
-                        f"{self.epochs} and {'each epoch apart' if self.per_epoch else 'the epochs summed'} (audit_epochs)"
+                        f"its losses were recorded for {int(record['size'])} examples and training_loss_epochs="
+                        f"{epochs}, this run has {self.size} and {self.epochs}"
                     )
                 windows = record["windows"].tolist()
                 if any(f"margin_{w}" not in record.files for w in windows):
@@ -224,25 +216,6 @@ class RecordSaver(TrainerCallback):
         if record is not None:
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             record.save(folder, args.process_index)
-
-
-def early_epochs(
-    log_history: list[dict[str, Any]], metric: str, greater_is_better: bool
-) -> Optional[tuple[float, int]]:
-    """(the val-best epoch, the epochs up to twice it) from a Trainer's `state.log_history`: the first best
-    evaluation of `metric` ('accuracy' reads `eval_accuracy`); None when nothing logged it. Why twice: from scratch
-    the model memorises the wrong labels after its val-best epoch, and a window that ends there or soon after ranks
-    them better than every epoch; fine-tuned for a few epochs, twice the best is about every epoch."""
-    key = metric if metric.startswith("eval_") else f"eval_{metric}"
-    evaluations = [entry for entry in log_history if key in entry and "epoch" in entry]
-    if not evaluations:
-        return None
-    best = evaluations[0]
-    for entry in evaluations[1:]:
-        if entry[key] > best[key] if greater_is_better else entry[key] < best[key]:
-            best = entry
-    epoch = float(best["epoch"])
-    return epoch, max(1, math.ceil(2 * epoch - 1e-6))
 
 
 def merge_losses(

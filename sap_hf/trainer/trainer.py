@@ -49,7 +49,6 @@ from .recorded import (
     IndexedExamples,
     RecordSaver,
     TrainingLosses,
-    early_epochs,
     merge_losses,
 )
 
@@ -137,11 +136,7 @@ class SAPTrainer(Trainer):
                 raise ValueError("Trainer: training requires a train_dataset.")
             IndexedExamples(self.train_dataset, *self._recording)  # a stream is refused here, before any step
             self._check_recording_args()
-            self.training_losses = TrainingLosses(
-                len(self.train_dataset),
-                self.sap_config.training_loss_epochs,
-                per_epoch=self.sap_config.audit_epochs == "early",
-            )
+            self.training_losses = TrainingLosses(len(self.train_dataset), self.sap_config.training_loss_epochs)
             self._restore_losses(kwargs.get("resume_from_checkpoint", args[0] if args else None))
         self._checkpoint_weights.arm(args, kwargs, self.args.output_dir)
         self._audit_is_current = False  # the weights the last audit read are about to change
@@ -170,17 +165,8 @@ class SAPTrainer(Trainer):
             )
 
     def _check_recording_args(self) -> None:
-        """What the recording loader (`_indexed_train_dataloader`) cannot build as the Trainer would, and an early
-        audit window without evaluations to find it: refused."""
+        """What the recording loader (`_indexed_train_dataloader`) cannot build as the Trainer would: refused."""
         setting, fix = self._recording
-        strategy = getattr(self.args.eval_strategy, "value", self.args.eval_strategy)
-        if self.sap_config.audit_epochs == "early" and (strategy == "no" or self.eval_dataset is None):
-            raise ValueError(
-                "SAPConfig.audit_epochs='early' averages the label margins up to twice the val-best epoch, which "
-                f"needs evaluations during training; got eval_strategy={strategy!r} and "
-                f"{'no' if self.eval_dataset is None else 'an'} eval_dataset. Set TrainingArguments("
-                "eval_strategy='epoch') with an eval_dataset, or use audit_epochs='all'."
-            )
         if self.args.auto_find_batch_size:
             raise ValueError(
                 f"{setting} builds the training loader with TrainingArguments' batch size, and "
@@ -483,12 +469,8 @@ class SAPTrainer(Trainer):
         runtime = self._runtime(self.args.per_device_eval_batch_size)
         audit = audit_labels(self.model, dataset, method=method, filter_by=filter_by, views=views, runtime=runtime)
         if source == "training":
-            through = self._audit_epochs()
-            positions, margins, _ = merge_losses(runtime.gather(self.training_losses.summary(through)), "margin")
+            positions, margins, _ = merge_losses(runtime.gather(self.training_losses.summary()), "margin")
             audit = dynamics_audit(audit, positions, margins)
-            audit = dataclasses.replace(
-                audit, meta={**audit.meta, "margin_epochs": "all" if through is None else through}
-            )
         self.label_audit, self._audited_data, self._audit_is_current = audit, given, True
         if self.is_world_process_zero():
             folder = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "_label_audit"
@@ -501,26 +483,6 @@ class SAPTrainer(Trainer):
             }
         )
         return audit
-
-    def _audit_epochs(self) -> Optional[int]:
-        """How many of the first epochs' margins the training audit averages (`SAPConfig.audit_epochs`): None for
-        every epoch; 'early': up to twice the val-best evaluation of `metric_for_best_model` (default the loss)."""
-        if self.sap_config.audit_epochs == "all":
-            return None
-        metric = self.args.metric_for_best_model or "loss"
-        greater = self.args.greater_is_better if self.args.greater_is_better is not None else "loss" not in metric
-        found = early_epochs(self.state.log_history, metric, greater)
-        if found is None:
-            raise ValueError(
-                f"SAPConfig.audit_epochs='early' reads the val-best epoch from train()'s evaluations of {metric!r}, "
-                "and none was logged: evaluate during training (eval_strategy='epoch', metric_for_best_model), or "
-                "use audit_epochs='all'."
-            )
-        best, epochs = found[0], min(found[1], max(self.training_losses.windows, default=0) + 1)  # <= epochs trained
-        logger.info(
-            "SAPTrainer: the label audit averages the margins of epochs 1-%d (twice the val-best %g).", epochs, best
-        )
-        return epochs
 
     def refine(
         self,
