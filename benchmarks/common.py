@@ -838,7 +838,8 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
 
 #: The training-dynamics audits (`--audits`): how many of the first epochs' margins each averages, from the val-best
 #: epoch (None: every epoch). Wrong labels are learned late, once the model starts to memorise: past the val-best
-#: epoch every margin rises, so the epochs before that rank them better (`dynamics_diagnostics`).
+#: epoch every margin rises, so the epochs before that rank them better (`dynamics_diagnostics`); but the mixture
+#: then flags far more images, and the clean-up is worse (studies/cleanup.md, "Which epochs to average").
 DYNAMICS_WINDOWS: dict[str, Callable[[int], Optional[int]]] = {
     "aum": lambda best: None,
     "aum2best": lambda best: 2 * best,

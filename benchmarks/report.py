@@ -41,9 +41,10 @@ A generated table sits between a spec comment and an end marker in a page, each 
   raw values with that many digits, `=label` is appended to the group's header (`+gain_vs_none=gain`). Derived
   rows fill the first token's columns only; `(N ep)` is left out when `cost_epochs` has a column;
 * `title:` the first header cell (default `method`); `from:` the JSON's list of rows to read (default `rows`; e.g.
-  `audits`, or a dotted path such as `extrapolation.table`); several JSON paths on the first line: their rows together (e.g. two regimes as columns); `key:` the row keys that name a table row (default `method`;
-  e.g. `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the
-  rows `ssd oracle`, `none`);
+  `audits`, or a dotted path such as `extrapolation.table`); several JSON paths on the first line: their rows
+  together (e.g. two regimes as columns); `key:` the row keys that name a table row (default `method`; e.g.
+  `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the rows
+  `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
   rows, with that many digits, no scaling). A token `[+]field:digits:how=label` chooses how the rows combine (`mean`,
   the default; `max`; `count`: how many are true, 'k/n') and the header (underscores print as spaces).
