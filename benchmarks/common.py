@@ -185,7 +185,8 @@ def add_audits_argument(parser: argparse.ArgumentParser) -> None:
         default=["shift"],
         choices=["shift", *DYNAMICS_WINDOWS],
         help="the clean-ups' suspects: the SAP model's audit (shift) and/or the training's margins averaged over "
-        "every epoch (aum: rows ...@aum) or up to twice the val-best epoch (aum2best: rows ...@aum2best)",
+        "every epoch (aum: rows ...@aum) or up to twice the val-best epoch (aum2best: rows ...@aum2best; aum2best_k: "
+        "as many flagged as aum flags)",
     )
 
 
@@ -843,7 +844,11 @@ def shift_audit(model: Any, data: dict[str, Any]) -> Any:
 DYNAMICS_WINDOWS: dict[str, Callable[[int], Optional[int]]] = {
     "aum": lambda best: None,
     "aum2best": lambda best: 2 * best,
+    "aum2best_k": lambda best: 2 * best,
 }
+#: Audits that rank by their window but flag as many images as the every-epoch mixture does (the early window's
+#: ranking with `aum`'s count).
+COUNT_FROM_EVERY_EPOCH = ("aum2best_k",)
 
 
 def mean_margins(margins: Any, epochs: Optional[int] = None) -> Any:
@@ -851,13 +856,27 @@ def mean_margins(margins: Any, epochs: Optional[int] = None) -> Any:
     return margins[:epochs].double().mean(0)
 
 
-def dynamics_audit(audit: Any, margins: Any, epochs: Optional[int] = None) -> Any:
+def dynamics_audit(
+    audit: Any, margins: Any, epochs: Optional[int] = None, count_from_every_epoch: bool = False
+) -> Any:
     """`audit` ranked and flagged by the training dynamics (`sap_hf.audit.dynamics_audit`, what `SAPTrainer` does with
     `audit_source="training"`): each example's label margin averaged over the first `epochs` training epochs (all:
-    None), from the logits training computed anyway (`train_from_scratch` records them)."""
+    None), from the logits training computed anyway (`train_from_scratch` records them). `count_from_every_epoch`:
+    flag the k lowest of that ranking, k = how many the mixture on every epoch's margins flags."""
+    import dataclasses
+
+    import torch
+
     from sap_hf.audit import dynamics_audit as by_margins
 
-    return by_margins(audit, range(margins.shape[1]), mean_margins(margins, epochs))
+    positions = range(margins.shape[1])
+    ranked = by_margins(audit, positions, mean_margins(margins, epochs))
+    if not count_from_every_epoch:
+        return ranked
+    count = int(by_margins(audit, positions, mean_margins(margins)).suspected.sum())
+    suspected = torch.zeros_like(ranked.suspected)
+    suspected[torch.argsort(ranked.scores, stable=True)[:count]] = True
+    return dataclasses.replace(ranked, suspected=suspected)
 
 
 def dynamics_diagnostics(trained: dict[str, Any], data: dict[str, Any]) -> dict[str, float]:
@@ -1021,7 +1040,8 @@ def sap_and_cleanups(
             raise ValueError(
                 f"audits=[{kind!r}] needs the training's margins (train_from_scratch records them): retrain."
             )
-        found[kind] = dynamics_audit(sap["audit"], margins, DYNAMICS_WINDOWS[kind](best_epoch))
+        window = DYNAMICS_WINDOWS[kind](best_epoch)
+        found[kind] = dynamics_audit(sap["audit"], margins, window, kind in COUNT_FROM_EVERY_EPOCH)
     runs = [(mode, augment, audit) for audit in audits for augment in augments for mode in modes]
     for mode, augment, audit in runs:
         model.load_state_dict(sap["state"])
