@@ -879,6 +879,12 @@ def dynamics_audit(
     return dataclasses.replace(ranked, suspected=suspected)
 
 
+def dynamics_audit_of(kind: str, audit: Any, margins: Any, best_epoch: int) -> Any:
+    """The `--audits` kind `kind` (one of `DYNAMICS_WINDOWS`) of a training whose val-best epoch is `best_epoch`:
+    `dynamics_audit` over its window, with every epoch's count where `COUNT_FROM_EVERY_EPOCH` says so."""
+    return dynamics_audit(audit, margins, DYNAMICS_WINDOWS[kind](best_epoch), kind in COUNT_FROM_EVERY_EPOCH)
+
+
 def dynamics_diagnostics(trained: dict[str, Any], data: dict[str, Any]) -> dict[str, float]:
     """Average precision of the training-dynamics ranking against the true errors, by window: every epoch, up to the
     val-best epoch, twice that, and the first 40% of the epochs (diagnostics: which window ranks best). `trained` is
@@ -1040,8 +1046,7 @@ def sap_and_cleanups(
             raise ValueError(
                 f"audits=[{kind!r}] needs the training's margins (train_from_scratch records them): retrain."
             )
-        window = DYNAMICS_WINDOWS[kind](best_epoch)
-        found[kind] = dynamics_audit(sap["audit"], margins, window, kind in COUNT_FROM_EVERY_EPOCH)
+        found[kind] = dynamics_audit_of(kind, sap["audit"], margins, best_epoch)
     runs = [(mode, augment, audit) for audit in audits for augment in augments for mode in modes]
     for mode, augment, audit in runs:
         model.load_state_dict(sap["state"])

@@ -243,8 +243,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         model.load_state_dict(state)
         audit = _audit(model, run, args)
         if kind in common.DYNAMICS_WINDOWS:  # the training's margins rank and flag instead (common.dynamics_audit)
-            window = common.DYNAMICS_WINDOWS[kind](trained["best"]["epoch"])
-            audit = common.dynamics_audit(audit, trained["margins"], window, kind in common.COUNT_FROM_EVERY_EPOCH)
+            audit = common.dynamics_audit_of(kind, audit, trained["margins"], trained["best"]["epoch"])
         audits[name] = audit
         refined = sap_refine_row(model, state, row, run, args, method=name, audit=audit)
         after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)

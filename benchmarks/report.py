@@ -197,7 +197,10 @@ def print_tables(result: Path, name: Optional[str] = None, pages: Optional[Seque
         table = TableSpec(match["spec"])
         if f"results/{name}" not in table.paths:
             continue
-        rows = table.rows_of(record, missing=[])
+        try:
+            rows = table.rows_of(record)
+        except KeyError:  # this result has no such list: none of the table's rows
+            continue
         spec = match["spec"].split("\n")
         start = next(i for i, line in enumerate(spec) if line.startswith("rows:"))
         end = next((i for i in range(start + 1, len(spec)) if not spec[i].startswith((" ", "\t"))), len(spec))
@@ -351,14 +354,12 @@ class TableSpec:
         if not (self.columns or self.fields) or not self.rows or not self.values:
             raise ValueError(f"table spec for {self.path}: needs 'columns:' (or 'fields:') and 'rows:'")
 
-    def rows_of(self, record: dict[str, Any], missing: Any = None) -> list[dict[str, Any]]:
-        """The rows `from:` names in a result record (a dotted path: `extrapolation.table`); `missing` where the
-        record has none (None: a KeyError naming the path)."""
+    def rows_of(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        """The rows `from:` names in a result record (a dotted path: `extrapolation.table`); KeyError naming the path
+        where the record has none."""
         node: Any = record
         for key in self.source.split("."):
             if not isinstance(node, dict) or key not in node:
-                if missing is not None:
-                    return missing
                 raise KeyError(f"{self.path}: no {self.source!r} in the JSON (from: {self.source})")
             node = node[key]
         return node
@@ -403,15 +404,13 @@ FIELD_AGGREGATES = ("mean", "max", "count")
 
 def _field(token: str) -> Column:
     """A `fields:` token, `field[:digits[:how]][=label]`, as its column."""
-    token, _, label = token.partition("=")
-    name, _, rest = token.partition(":")
-    digits, _, how = rest.partition(":")
-    if (how or "mean") not in FIELD_AGGREGATES:
-        raise ValueError(f"fields: {token!r} combines its rows by {how!r}; one of {', '.join(FIELD_AGGREGATES)}")
-    field = name.lstrip("+")
-    return Column(
-        label.replace("_", " ") or field, "", field, int(digits or 1), signed=name[0] == "+", how=how or "mean"
-    )
+    spec, _, label = token.partition("=")
+    head, _, how = spec.rpartition(":") if spec.count(":") == 2 else (spec, "", "mean")
+    if how not in FIELD_AGGREGATES:
+        raise ValueError(f"fields: {spec!r} combines its rows by {how!r}; one of {', '.join(FIELD_AGGREGATES)}")
+    value = _value(head)  # sign, field and digits as a `value:` token reads them
+    field, digits = value.field, 1 if value.digits is None else value.digits
+    return Column(label.replace("_", " ") or field, "", field, digits, signed=value.signed, how=how)
 
 
 def _column(token: str) -> tuple[str, Optional[list[str]]]:
