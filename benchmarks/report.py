@@ -31,7 +31,8 @@ A generated table sits between a spec comment and an end marker in a page, each 
   `cost_epochs`); `fit(m)`: the share of wrong training labels m's model predicts (`noisy_fit`); `diff(a, b)`:
   a's mean minus b's; `ratio(a, b)`: a's mean over b's ('1.70×', e.g. seconds against inference); `paired(a, b)`:
   a − b seed by seed (rows matched by `seed`), mean ± std; `gap(a, lo, hi)`: (a − lo) / (hi − lo), the share of the
-  gap from lo to hi that a closes. `**m**` prints the label in bold;
+  gap from lo to hi that a closes; `a / b`: the means of a and b in one cell ('39.1 / 46.4'). `**m**` prints the
+  label in bold; `m = label` prints `label` as the row's first cell;
 * `shared:` methods whose rows do not depend on the column (e.g. `oracle`, trained on clean labels): every column
   shows the mean over all their rows (`where:` does not filter them);
 * `where:` `key=value` tokens: only the rows that have these values; a row name with rows in some columns but not
@@ -42,7 +43,8 @@ A generated table sits between a spec comment and an end marker in a page, each 
   rows fill the first token's columns only; `(N ep)` is left out when `cost_epochs` has a column;
 * `title:` the first header cell (default `method`); `from:` the JSON's list of rows to read (default `rows`; e.g.
   `audits`, or a dotted path such as `extrapolation.table`); several JSON paths on the first line: their rows
-  together (e.g. two regimes as columns); `key:` the row keys that name a table row (default `method`; e.g.
+  together (e.g. two regimes as columns; a row name, column and seed an earlier JSON has is not read again from a
+  later one); `key:` the row keys that name a table row (default `method`; e.g.
   `detector`; several: their values joined by spaces, absent ones left out: `method forget_set` names the rows
   `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
@@ -63,11 +65,14 @@ from typing import Any, NamedTuple, Optional
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
 STUDIES = HERE / "studies"
+#: The project's README: its results tables are generated too (their JSON paths, like every page's, from benchmarks/).
+PROJECT_README = HERE.parent / "README.md"
 
 
-def study_pages() -> list[Path]:
-    """The markdown files whose tables are generated: this folder's README (the index) and every study page."""
-    return [README, *sorted(STUDIES.glob("*.md"))]
+def table_pages() -> list[Path]:
+    """The markdown files whose tables are generated: this folder's README (the index), every study page and the
+    project's README."""
+    return [README, *sorted(STUDIES.glob("*.md")), PROJECT_README]
 
 
 BLOCK = re.compile(r"^(<!-- table (?P<spec>.*?)^-->\n)(?P<body>.*?)^(<!-- /table -->)$", re.S | re.M)
@@ -186,13 +191,13 @@ def gap_targets(
 
 def print_tables(result: Path, name: Optional[str] = None, pages: Optional[Sequence[Path]] = None) -> int:
     """Print the tables of `results/<name>` (default: `result`'s file name) rendered from `result`, those of
-    `pages` (default: `study_pages()`).
+    `pages` (default: `table_pages()`).
 
     A table row this run did not compute (a smoke run, one setting) is left out; a table with none is skipped."""
     name = name or Path(result).name
     record = json.loads(Path(result).read_text())  # read once: each row of each table is tried on its rows
     shown = 0
-    blocks = (match for page in pages or study_pages() for match in BLOCK.finditer(page.read_text()))
+    blocks = (match for page in pages or table_pages() for match in BLOCK.finditer(page.read_text()))
     for match in blocks:
         table = TableSpec(match["spec"])
         if f"results/{name}" not in table.paths:
@@ -530,9 +535,16 @@ def _derived(fn: str, args: list[str], cells: _Cells) -> Optional[tuple[str, Cal
     return None
 
 
+def _means(names: list[str], cells: _Cells) -> tuple[str, Callable[[Column], str]]:
+    """An `a / b` row: each name's mean in one cell, joined by ' / ' (no std, no cost)."""
+    return " / ".join(names), lambda c: " / ".join(f"{c.scale * cells.mean(n, c):.{c.digits}f}" for n in names)
+
+
 def _row(entry: str, cells: _Cells) -> list[str]:
     """A table row's cells: '–' where a row name has no rows in that column (but has some in another), and
-    derived rows fill the main columns only (the other `value:` columns stay empty)."""
+    derived rows fill the main columns only (the other `value:` columns stay empty). `entry = label` prints the
+    label instead of the entry's own."""
+    entry, _, shown = (part.strip() for part in entry.partition(" = "))
     bold = entry.startswith("**") and entry.endswith("**")
     name = entry.strip("*")
     call = CALL.match(name)
@@ -541,7 +553,10 @@ def _row(entry: str, cells: _Cells) -> list[str]:
         raise ValueError(
             f"{cells.spec.path}: cannot read the row {entry!r} (fit(m), diff(a, b), ratio(a, b), paired(a, b), gap(a, lo, hi))"
         )
+    if derived is None and " / " in name:
+        derived = _means([part.strip() for part in name.split(" / ")], cells)
     label, compute = derived or (name, lambda c: cells.cell(name, c))
+    label = shown or label
     values = []
     for column in cells.columns:
         try:
@@ -556,7 +571,11 @@ def render(spec_text: str, root: Path = HERE, rows: Optional[list[dict[str, Any]
     those rows, already read)."""
     spec = TableSpec(spec_text)
     if rows is None:
-        rows = [row for path in spec.paths for row in spec.rows_of(json.loads((root / path).read_text()))]
+        rows, seen = [], set()
+        for path in spec.paths:  # a (row name, column, seed) an earlier JSON has is not read again
+            found = spec.rows_of(json.loads((root / path).read_text()))
+            rows += [row for row in found if (spec.name(row), _group(row, spec), row.get("seed")) not in seen]
+            seen |= {(spec.name(row), _group(row, spec), row.get("seed")) for row in found}
     rows = [
         row
         for row in rows

@@ -1,5 +1,5 @@
-"""The tables of the study pages (benchmarks/studies/*.md, and the index benchmarks/README.md), generated from the
-result JSONs, so prose and numbers cannot drift apart.
+"""The tables of the study pages (benchmarks/studies/*.md, the index benchmarks/README.md and the project's README),
+generated from the result JSONs, so prose and numbers cannot drift apart.
 
 The specs' format and the renderer are `report.py`'s (one place for the studies' summaries, tables and figures). A
 spec's JSON path is relative to `--root` (benchmarks/, whichever page it sits in).
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from report import BLOCK, HERE, TableSpec, refresh, render, study_pages  # noqa: F401  (tests import them from here)
+from report import BLOCK, HERE, TableSpec, refresh, render, table_pages  # noqa: F401  (tests import them from here)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--root", type=Path, default=HERE, help="the folder the specs' JSON paths start from")
     args = parser.parse_args(argv)
     stale, total = [], 0
-    for page in args.pages or study_pages():
+    for page in args.pages or table_pages():
         text = page.read_text()
         new, changed = refresh(text, args.root)
         total += len(BLOCK.findall(text))

@@ -15,8 +15,8 @@ sys.path.insert(0, str(BENCHMARKS))
 import tables  # noqa: E402
 
 
-def test_every_generated_table_of_the_study_pages_matches_its_json() -> None:
-    pages = tables.study_pages()
+def test_every_generated_table_of_the_table_pages_matches_its_json() -> None:
+    pages = tables.table_pages()
     assert len(pages) >= 7 and pages[0] == BENCHMARKS / "README.md"
     texts = [page.read_text() for page in pages]
     assert sum(len(tables.BLOCK.findall(text)) for text in texts) >= 30
@@ -207,3 +207,20 @@ def test_a_method_not_run_in_one_column_prints_a_dash_there(tmp_path: Path) -> N
     )
     with pytest.raises(ValueError, match=r"no rows for method 'sap\+y'"):  # a name with no rows at all: a typo
         tables.render(spec.replace("sap+x", "sap+y"), tmp_path)
+
+
+def test_rows_with_their_own_labels_two_means_in_a_cell_and_an_earlier_json_first(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps({"rows": _rows()}))
+    later = [dict(row, test_accuracy=0.0) for row in _rows()]  # the same rows again: not read a second time
+    later += [dict(row, method="sap+y", test_accuracy=0.9) for row in _rows() if row["method"] == "sap+x"]
+    (tmp_path / "results" / "later.json").write_text(json.dumps({"rows": later}))
+    spec = "results/tiny.json results/later.json\ncolumns: setting=b\nshared: oracle\nrows:\n"
+    rows = "  none / best_epoch = memorised / early\n  **sap+y** = SAP, y\n  oracle / sap+x\n"
+    assert tables.render(spec + rows, tmp_path) == (
+        "| method | b |\n"
+        "| --- | --- |\n"
+        "| memorised / early | 51.0 / 61.0 |\n"  # means only, in the order named
+        "| **SAP, y** | 90.0 ± 0.0 (8 ep) |\n"  # only later.json has it: read from there
+        "| oracle / sap+x | 80.0 / 72.0 |\n"
+    )
