@@ -4,53 +4,7 @@
     python benchmarks/cifar10n.py --regime mae          # fine-tuned from a backbone pretrained without labels
     python benchmarks/cifar10n.py --quick               # smoke test (a tiny copy, a few epochs)
 
-Data (`sap_hf.data.load_cifar10n`): CIFAR-10 training images with one CIFAR-10N label set (`worse`: 40% wrong,
-`random1`: 17%, `aggre`: 9%), a stratified subset of `--train_size`; clean validation and test images carved
-from CIFAR-10's test split. The same images for every label set of a seed, so `oracle` (the same training on
-the clean labels) is trained once per seed. Model: a tiny ViT (32x32 RGB, 8x8 patches) trained from scratch with
-the recipe's optimiser until it memorises the noise; val after every epoch for `best_epoch`.
-
-Regimes (`--regime`):
-
-    scratch   the tiny ViT trained from scratch for 60 epochs (it fits 94-99% of the wrong labels).
-    mae       the same ViT fine-tuned for 30 epochs from a backbone pretrained WITHOUT labels: `ViTMAEForPreTraining`
-              (75% of the 16 patches masked, normalised-pixel loss, a 2-layer decoder) on all CIFAR-10 training
-              images of the copy (25,000; the task's 4,000 among them, their labels never read), flip + shift
-              augmented, `--pretrain_epochs`; its encoder is the classifier's backbone, the head new and seeded.
-              Pretrained once (seed 0) and cached under `--cache_dir`: the costly part, shared by every cell,
-              as one public checkpoint is shared by its users. Results in `results/cifar10n_mae.json`.
-
-Methods (every choice on the clean validation split, reported on test):
-
-    none              the last (memorised) model
-    best_epoch        its val-best epoch (early stopping)
-    oracle            the same training on the clean labels, val-best epoch
-    oracle+refine     that model (last epoch) fine-tuned as the clean-up does (augmented, lr and length on val) on
-                      the clean labels: the ceiling of `sap+refine`, which adds those augmented epochs
-    sap               sap_correct(SAPConfig()) of the last model
-    sap+<mode>        sap's model, its label audit (views="shift"), refine(mode) for each --modes
-                      (remove | relabel | soft | pseudo), lr in {lr, 2 lr}, cosine, val after --refine_epochs
-    best+sap+<mode>   the same pipeline started from the val-best epoch instead of the last one
-    ...-noaug         the same clean-up without augmentation (RefineConfig(augment=False); --augment 1 0)
-
-With `--methods extra` (the issue's other methods, each from the last model; every choice on val):
-
-    refine            the clean-up without SAP: the uncorrected model's audit, refine(RefineConfig(): remove | pseudo)
-    finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val)
-    scrub             SCRUB (benchmarks/methods.py) with the realistic forget set: forget = the SAP model's audit
-                      suspects (top-k on val), retain = `sap`'s trusted samples
-
-With `--methods defaults`: `sap_paper` (the paper's settings, `common.PAPER_SAP`), `sap_loss` (the loss rule),
-`sap_30` (30 trusted per class): SAP alone with settings other than `SAPConfig()`'s.
-
-With `--methods cleanlab` (label sets of `--cleanlab_sets`): cleanlab's label-issue ranking (self-confidence) on
-5-fold cross-validated probabilities (`common.cross_validated_probs`: 5 models of the same kind as the cell's,
-`--cv_epochs`, early-stopped on val), its average precision against the true errors and its seconds, beside the
-SAP audit's (`sap_row`: SAP + one audit pass, timed in the same process): the `audits` list of the JSON.
-
-Each row: test/val accuracy, `noisy_fit` (share of the wrong training labels the model predicts), and for the
-SAP rows the trusted samples' purity and the audit's average precision against the true errors; the clean-up's
-`cost_epochs` (forward + backward passes, in epochs of the training set) beside the training's epochs.
+The protocol, the regimes, the methods of each `--methods` group and the results: benchmarks/studies/cifar10n.md.
 """
 
 from __future__ import annotations
@@ -90,7 +44,6 @@ from methods import add_peer_arguments, peer_rows  # noqa: E402
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10n"
-RESULTS = Path(__file__).resolve().parent / "results"
 LABEL_SETS = ("worse", "random1", "aggre")
 MODES = ("remove", "soft", "pseudo")
 METHOD_GROUPS = ("core", "extra", "cleanlab", "defaults")
@@ -179,7 +132,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         default=None,
-        help="the result JSON (default results/cifar10n.json, mae: cifar10n_mae.json); a bare name goes to results/",
+        help="the result JSON (default cifar10n.json, mae: cifar10n_mae.json); a bare name goes to common.RESULTS_DIR",
     )
     parser.add_argument("--cache_dir", default=None, help="keep the trained models here (keyed by their settings)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")
@@ -189,7 +142,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.epochs = args.epochs or (60 if scratch else 30)
     args.lr = args.lr or (2e-3 if scratch else 1e-3)
     args.out = args.out or ("cifar10n.json" if scratch else "cifar10n_mae.json")
-    args.out = str(RESULTS / args.out) if Path(args.out).name == args.out else args.out
+    args.out = str(common.RESULTS_DIR / args.out) if Path(args.out).name == args.out else args.out
     if args.quick:
         args.train_size, args.val_size, args.test_size, args.epochs, args.seeds = 200, 100, 100, 3, args.seeds[:1]
         args.hidden, args.layers, args.refine_epochs, args.warmup_epochs = 32, 2, [1], 0.5

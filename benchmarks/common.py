@@ -37,7 +37,15 @@ from typing import Any, Optional, Protocol
 
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+#: The committed results (what the study pages' tables read).
+COMMITTED_RESULTS = ROOT / "benchmarks" / "results"
+#: Where the studies write by default: the committed folder, but a smoke run (`--quick` on the command line) writes
+#: to benchmarks/results/quick/ (git-ignored), so it never replaces a committed result; SAP_BENCHMARKS_OUT names
+#: another folder for either.
+RESULTS_DIR = Path(
+    os.environ.get("SAP_BENCHMARKS_OUT")
+    or (COMMITTED_RESULTS / "quick" if "--quick" in sys.argv[1:] else COMMITTED_RESULTS)
+)
 #: The embedded recipe (`sap-hf recipe` without --config): the source of every "recipe" setting below.
 RECIPE_CONFIG = ROOT / "recipes" / "configs" / "default.yaml"
 if str(ROOT) not in sys.path:  # the scripts import sap_hf from this checkout when run from anywhere
@@ -635,8 +643,16 @@ def run_tasks(
 
 
 def write_json(path: Path, record: Any, indent: int = 1) -> Path:
-    """Write `record` as JSON through a temporary file (an interrupted run never leaves half a file)."""
+    """Write `record` as JSON through a temporary file (an interrupted run never leaves half a file). A smoke run's
+    record (`--quick` on the command line, or `config.quick`) is refused among the committed results."""
     path = Path(path)
+    quick = "--quick" in sys.argv[1:] or (isinstance(record, dict) and (record.get("config") or {}).get("quick"))
+    committed = path.resolve().parent == COMMITTED_RESULTS.resolve()
+    if quick and committed:
+        raise ValueError(
+            f"a --quick run would write {path} among the committed results: give --out_dir / --out another folder "
+            f"(by default a smoke run writes to {COMMITTED_RESULTS / 'quick'})."
+        )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=indent, default=float) + "\n")
     tmp.replace(path)

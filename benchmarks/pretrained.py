@@ -1,58 +1,12 @@
 #!/usr/bin/env python
 """SAP on a *pretrained* ViT fine-tuned on noisy labels: the users' regime, from under-fitting to memorising.
 
-Every other accuracy study trains a tiny ViT from scratch until it memorises the noise. Users fine-tune a
-pretrained checkpoint instead. This benchmark does what such a user does, at a size that fits 2 CPU cores:
+    python benchmarks/pretrained.py --cache_dir /work/cache/pretrained --jobs 2 --threads 1
+    python benchmarks/pretrained.py --quick                          # smoke run, tiny data
+    python benchmarks/pretrained.py --train_only --cache_dir DIR     # fill the model cache only
 
-1. Pretraining (once, cached): the tiny ViT (`sap_hf.models.tiny_vit_config`: hidden 64, 4 layers, patch 7)
-   trained with CLEAN labels on the five Fashion-MNIST classes the task never sees (`PRETRAIN_CLASSES`:
-   Trouser, Sandal, Sneaker, Bag, Ankle boot; `--pretrain_size` images of the official training set,
-   `--pretrain_epochs`, the recipe's optimiser). Its backbone (`ViTModel`, no head) is written with
-   `save_pretrained` to `<cache_dir>/pretrained_<key>/`: the stand-in for an ImageNet checkpoint.
-   Why supervised on other classes and not `ViTMAEForPreTraining` on unlabelled images: it is what a
-   public checkpoint is (supervised features of other classes), it is cheap, and MAE at this scale
-   (17 tokens, 64 wide) is unproven and costs many more epochs.
-2. The task: the five tops (`TASK_CLASSES`: T-shirt/top, Pullover, Dress, Coat, Shirt; the hardest, most
-   confusable classes of Fashion-MNIST), labels 0..4. Per seed: `--train_size` training and `--val_size`
-   clean validation images (stratified, disjoint, from the official training set), and the official test
-   images of the five classes (5,000; `--test_size` subsamples). 40% noise (exactly 40% of the labels
-   flipped, `sap_hf.data.noise.add_label_noise`):
-     sym40   symmetric: to any other of the 5 classes.
-     asym40  asymmetric, `TASK_ASYMMETRIC_MAP` (inside the 5 classes): T-shirt <-> Shirt, Pullover <-> Coat,
-             Dress -> Coat.
-     inst40  instance-dependent: the images a cross-fitted pixel softmax regression finds ambiguous, flipped
-             to the class it confuses them with (`cross_fitted_probabilities` of the task's own images and
-             5-class labels).
-3. Fine-tuning (cached): `ViTForImageClassification.from_pretrained(<backbone>, num_labels=5)` (a new,
-   seeded head, as the recipe's `--model_name_or_path` on a headless checkpoint), every parameter trained
-   on the noisy labels for each of `--lengths` epochs (separate runs: each its own warm-up + cosine, the
-   recipe's lr / batch / warm-up share, `common.train_from_scratch`). The clean-val accuracy after every
-   epoch gives the best-epoch checkpoint.
-4. Methods per (noise, seed, length), all choices on the clean validation split, reported on test:
-     none              the fine-tuned model at its final state.
-     best_epoch        its best-val epoch (needs clean val during training).
-     oracle            the same fine-tuning on the CLEAN labels, best epoch: the ceiling.
-     sap               `sap_correct` with the recipe's SAPConfig (recipes/configs/default.yaml).
-     sap_paper         `sap_correct` with the paper's settings (`common.PAPER_SAP`: loss, 100 per class, one alpha,
-                       1 ... 1e7; `SAPConfig()`'s defaults until they became the recipe's, when the rows were
-                       named sap_defaults). `SAPConfig()` is now `sap` (benchmarks/defaults.py checks it).
-     sap_curvature     the recipe's SAPConfig with selection_rule='curvature' (the reference's rule; `--methods curvature`).
-     refine            `audit_labels` + `refine` of the uncorrected model (methods.sap_refine_row).
-     sap+refine        `sap`'s model, its audit, then `refine` (the recipe's pipeline).
-     best+sap(+refine) the same from the val-best epoch (`best_epoch`'s model) instead of the last one.
-     finetune_trusted  the model fine-tuned on exactly `sap`'s trusted samples (lr x epochs on val).
-   `refine` / `sap+refine` use the recipe's refine settings with the length grid cut to 1, 2, 4 epochs (`--refine_*`).
-   Optional (`--methods ... peers`): `benchmarks/methods.py`'s `peer_rows` (SSD, SCRUB),
-   given the uncorrected model, the data dict, `sap`'s trusted indices and the audit's suspects.
-   Diagnostics: `noisy_fit` (share of the wrong training labels the model predicts), `clean_fit`, trusted
-   purity, the label audits' AP against the hidden truth (`audit_ap_*`), selection seconds per rule.
-
-Output: `<out_dir>/pretrained.json` (rows, summary, targets), `<out_dir>/pretrained.png` (test accuracy
-against fine-tuning length, one panel per noise, one line per method), a table on stdout.
-
-Run: python benchmarks/pretrained.py --cache_dir /work/cache/pretrained --jobs 2 --threads 1
-     python benchmarks/pretrained.py --quick        (smoke run, tiny data)
-     python benchmarks/pretrained.py --train_only --cache_dir DIR   (fill the model cache only)
+The backbone, the task, the noises and the data come from `pretrained_regime.py`; the protocol, the methods
+(`METHODS`, the `--methods` groups) and the results: benchmarks/studies/pretrained.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run one experiment file: the commands that produced (or reproduce) one results/<name>.json.
 
     python benchmarks/run.py benchmarks/experiments/pretrained/audit_bound.yaml --cache_dir /work/cache/pretrained
-    python benchmarks/run.py benchmarks/experiments/cleanup/fashion.yaml --quick --out_dir /tmp/smoke
+    python benchmarks/run.py benchmarks/experiments/cleanup/fashion_scratch.yaml --quick   # to results/quick/
     python benchmarks/run.py --list                     # every experiment, its result and what it measures
 
 An experiment file (`benchmarks/experiments/<study>/<name>.yaml`) holds:
@@ -14,7 +14,8 @@ An experiment file (`benchmarks/experiments/<study>/<name>.yaml`) holds:
 
 A run's mapping becomes the command line: `key: value` -> `--key value`, a list -> `--key v1 v2`, `true` -> `--key`,
 `false`/null -> nothing. What depends on the machine (--cache_dir, --jobs, --threads, --out_dir) or on the
-purpose (--quick, --seeds) is not in the file: give it after the file's path and every run gets it.
+purpose (--quick, --seeds) is not in the file: give it after the file's path and every run gets it. A `--quick`
+run writes under benchmarks/results/quick/ (git-ignored; `common.RESULTS_DIR`), never over a committed result.
 `tests/test_benchmark_experiments.py` checks that every result JSON has one experiment and that each run parses
 with its script and agrees with the arguments the JSON recorded, so a command cannot drift from its numbers.
 """

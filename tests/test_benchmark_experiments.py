@@ -129,3 +129,21 @@ def test_the_runner_runs_each_command_with_the_extra_arguments(capsys):
     assert len(lines) == len(run.load(path)["runs"])
     assert all(line.endswith("--quick --seeds 0") and "cifar10n.py" in line for line in lines)
     assert "--modes remove pseudo --augment 0 --best_modes --merge" in lines[1]
+
+
+def test_a_smoke_run_writes_beside_the_committed_results_never_over_them(tmp_path: Path) -> None:
+    """`--quick` moves the studies' default output folder to results/quick/, and `write_json` refuses a smoke
+    run's record among the committed results (an explicit --out_dir benchmarks/results --quick)."""
+    import subprocess
+
+    show = "import sys; sys.path.insert(0, 'benchmarks'); import common; print(common.RESULTS_DIR)"
+    for argv, folder in (([], "results"), (["--quick"], "quick")):
+        done = subprocess.run([sys.executable, "-c", show, *argv], cwd=ROOT, capture_output=True, text=True)
+        assert Path(done.stdout.strip()).name == folder, done.stderr
+    import common
+
+    target = common.COMMITTED_RESULTS / "never_written.json"
+    with pytest.raises(ValueError, match="--quick run would write .*never_written.json among the committed results"):
+        common.write_json(target, {"config": {"quick": True}, "rows": []})
+    assert not target.exists() and not target.with_name(target.name + ".tmp").exists()
+    assert common.write_json(tmp_path / "r.json", {"config": {"quick": True}}).is_file()  # elsewhere: written
