@@ -45,7 +45,6 @@ from methods import add_peer_arguments, peer_rows  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10n"
 LABEL_SETS = ("worse", "random1", "aggre")
-MODES = ("remove", "soft", "pseudo")
 METHOD_GROUPS = ("core", "extra", "cleanlab", "defaults")
 EXTRA_METHODS = ("refine", "finetune_trusted", "scrub")
 #: `--methods defaults`: SAP with other settings than `SAPConfig()`'s, to check the defaults on real noise.
@@ -112,21 +111,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup_epochs", type=float, default=3.0)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--weight_decay", type=float, default=0.0)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=["remove", "relabel", "soft", "pseudo"])
-    parser.add_argument(
-        "--augment",
-        nargs="+",
-        type=int,
-        default=[1],
-        choices=[0, 1],
-        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
-    )
-    common.add_audits_argument(parser)
-    parser.add_argument(
-        "--best_modes", nargs="*", default=["remove", "pseudo"], help="modes of the best+sap+<mode> rows"
-    )
-    parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
-    parser.add_argument("--refine_batch_size", type=int, default=64)
+    common.add_cleanup_arguments(parser)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(

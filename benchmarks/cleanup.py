@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from common import (  # noqa: E402
     accuracy,
-    add_audits_argument,
+    add_cleanup_arguments,
     cleanup_study_rows,
     dynamics_diagnostics,
     environment,
@@ -63,21 +63,7 @@ def finish(out: Path, record: dict[str, Any], name: str, plot: bool = True) -> d
 
 def parse_args(argv: Optional[list[str]] = None) -> Any:
     parser = run_parser(__doc__.splitlines()[0])
-    parser.add_argument(
-        "--modes", nargs="+", default=["remove", "soft", "pseudo"], choices=["remove", "relabel", "soft", "pseudo"]
-    )
-    parser.add_argument(
-        "--augment",
-        nargs="+",
-        type=int,
-        default=[1],
-        choices=[0, 1],
-        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
-    )
-    parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"])
-    add_audits_argument(parser)
-    parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
-    parser.add_argument("--refine_batch_size", type=int, default=64)
+    add_cleanup_arguments(parser)
     parser.add_argument("--out_name", default="cleanup", help="<out_dir>/<out_name>.json / .png (--quick: *_quick)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")
     args = finish_args(parser.parse_args(argv), argv)

@@ -198,6 +198,25 @@ def add_audits_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_cleanup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The clean-up studies' arguments (`cleanup_study_rows` reads them): the modes from the last and the val-best
+    model, with and without augmentation, the audits, the length grid and the batch."""
+    modes = ["remove", "relabel", "soft", "pseudo"]
+    parser.add_argument("--modes", nargs="+", default=["remove", "soft", "pseudo"], choices=modes)
+    parser.add_argument(
+        "--augment",
+        nargs="+",
+        type=int,
+        default=[1],
+        choices=[0, 1],
+        help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
+    )
+    parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"], help="modes of best+sap+<mode>")
+    add_audits_argument(parser)
+    parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--refine_batch_size", type=int, default=64)
+
+
 def finish_args(args: argparse.Namespace, argv: Optional[Sequence[str]]) -> argparse.Namespace:
     """Apply `--quick` to the shared arguments (one seed unless `--seeds` is given, tiny data, short grids)."""
     if args.quick:
