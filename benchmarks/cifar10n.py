@@ -24,13 +24,11 @@ import common  # noqa: E402
 import report  # noqa: E402
 from common import (  # noqa: E402
     PAPER_SAP,
-    accuracy,
     clean_label_cleanup_row,
     cleanup_study_rows,
     cross_validated_probs,
     environment,
     finetune_grid,
-    fit_diagnostics,
     image_tensors,
     refine_row,
     run_tasks,
@@ -324,40 +322,16 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
         "train_seconds": trained["seconds"],
     }
     last = copy.deepcopy(model.state_dict())
-    rows, audits = [], []
-    model.load_state_dict(trained["best"]["state"])
-    best = dict(
-        base,
-        method="best_epoch" if label_set != "oracle" else "oracle",
-        best_epoch=trained["best"]["epoch"],
-        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-        val_accuracy=trained["best"]["val_accuracy"],
-        **fit_diagnostics(model, data),
-    )
-    settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size, seed=seed)
-    if label_set == "oracle":
+    rows, audits, key = [], [], {"label_set": label_set, "seed": seed}
+    if label_set == "oracle":  # trained on the clean labels: its val-best epoch, and the clean-up's fine-tuning
+        oracle = dict(common.early_stopping_rows(model, last, trained, data)[1], method="oracle")
+        settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size)
         with tempfile.TemporaryDirectory() as scratch:
-            ceiling = clean_label_cleanup_row(model, last, data, scratch=scratch, **settings)
-        return {
-            "rows": [best, dict(base, **ceiling)],
-            "audits": [],
-            "history": trained["history"],
-            "seconds": time.perf_counter() - started,
-            **task_key(task),
-        }
-    model.load_state_dict(last)
+            ceiling = clean_label_cleanup_row(model, last, data, scratch=scratch, seed=seed, **settings)
+        rows = [dict(base, **oracle), dict(base, **ceiling)]
+        return dict(key, rows=rows, audits=[], history=trained["history"], seconds=time.perf_counter() - started)
     if "core" in args.methods:
-        rows.append(
-            dict(
-                base,
-                method="none",
-                test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-                val_accuracy=trained["history"][-1],
-                **fit_diagnostics(model, data),
-                **common.dynamics_diagnostics(trained, data),
-            )
-        )
-        rows.append(best)
+        rows += [dict(base, **r) for r in common.early_stopping_rows(model, last, trained, data)]
         rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained, data, args, seed)]
     sap = sap_row(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
     if "extra" in args.methods:
@@ -371,13 +345,7 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     if "cleanlab" in args.methods and label_set in args.cleanlab_sets:
         audits += [dict(base, **r) for r in audit_rows(sap, data, args, seed)]
     model.load_state_dict(last)
-    return {
-        "rows": rows,
-        "audits": audits,
-        "history": trained["history"],
-        "seconds": time.perf_counter() - started,
-        **task_key(task),
-    }
+    return dict(key, rows=rows, audits=audits, history=trained["history"], seconds=time.perf_counter() - started)
 
 
 def extra_rows(
@@ -494,10 +462,6 @@ def trained_model(
     trained = common.cached_training(path, model, lambda: train_from_scratch(model, data, args, seed))
     trained.pop("cached", None)
     return trained
-
-
-def task_key(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
-    return {"label_set": task[0], "seed": task[1]}
 
 
 # --------------------------------------------------------------------------------------------

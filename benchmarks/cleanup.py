@@ -32,10 +32,9 @@ from common import (  # noqa: E402
     accuracy,
     add_cleanup_arguments,
     cleanup_study_rows,
-    dynamics_diagnostics,
+    early_stopping_rows,
     environment,
     finish_args,
-    fit_diagnostics,
     prepare_run,
     run_parser,
     run_tasks,
@@ -81,27 +80,7 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
     model, data, trained = run["model"], run["data"], run["trained"]
     base = {"setting": setting, "seed": seed, "train_epochs": args.epochs}
     last = copy.deepcopy(model.state_dict())
-    rows = [
-        dict(
-            base,
-            method="none",
-            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-            val_accuracy=trained["history"][-1],
-            **fit_diagnostics(model, data),
-            **dynamics_diagnostics(trained, data),
-        )
-    ]
-    model.load_state_dict(trained["best"]["state"])
-    rows.append(
-        dict(
-            base,
-            method="best_epoch",
-            best_epoch=trained["best"]["epoch"],
-            test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
-            val_accuracy=trained["best"]["val_accuracy"],
-            **fit_diagnostics(model, data),
-        )
-    )
+    rows = [dict(base, **r) for r in early_stopping_rows(model, last, trained, data)]
     rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained, data, args, seed)]
     if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
         torch.manual_seed(seed)

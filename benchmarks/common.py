@@ -1103,6 +1103,29 @@ def sap_and_cleanups(
     return rows
 
 
+def early_stopping_rows(model: Any, last: dict, trained: dict[str, Any], data: dict[str, Any]) -> list[dict[str, Any]]:
+    """`none` (the model at its `last` state, with the training-dynamics diagnostics) and `best_epoch` (its val-best
+    state; `trained` is `train_from_scratch`'s record): the baselines of the clean-up studies. The model is left at
+    `last`."""
+    model.load_state_dict(trained["best"]["state"])
+    best = dict(
+        method="best_epoch",
+        best_epoch=trained["best"]["epoch"],
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=trained["best"]["val_accuracy"],
+        **fit_diagnostics(model, data),
+    )
+    model.load_state_dict(last)
+    none = dict(
+        method="none",
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=trained["history"][-1],
+        **fit_diagnostics(model, data),
+        **dynamics_diagnostics(trained, data),
+    )
+    return [none, best]
+
+
 def cleanup_study_rows(
     model: Any, last: dict, trained: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int
 ) -> list[dict[str, Any]]:
