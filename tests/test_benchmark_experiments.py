@@ -147,3 +147,13 @@ def test_a_smoke_run_writes_beside_the_committed_results_never_over_them(tmp_pat
         common.write_json(target, {"config": {"quick": True}, "rows": []})
     assert not target.exists() and not target.with_name(target.name + ".tmp").exists()
     assert common.write_json(tmp_path / "r.json", {"config": {"quick": True}}).is_file()  # elsewhere: written
+
+
+def test_every_script_an_experiment_runs_has_a_smoke_test() -> None:
+    """A study's script that no `--quick` smoke test runs could break unseen until its next full run."""
+    spec = importlib.util.spec_from_file_location("_smoke", ROOT / "tests" / "test_benchmark_smoke.py")
+    smoke = sys.modules["_smoke"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(smoke)
+    smoked = {command[0] for study in smoke.STUDIES.values() for command in study.commands}
+    scripts = {run.load(path)["script"] for path in EXPERIMENTS}
+    assert scripts - smoked == set(), f"experiment scripts without a smoke test: {sorted(scripts - smoked)}"
