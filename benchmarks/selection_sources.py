@@ -3,27 +3,10 @@
     python benchmarks/selection_sources.py            # the accuracy benchmark's 6 memorised models
     python benchmarks/selection_sources.py --quick    # smoke run: tiny data, 3 epochs, one model
 
-Protocol
-  Models: the accuracy benchmark's (`common.prepare_run` arguments, default training: tiny ViT, 4,000
-  noisy Fashion-MNIST images, 100 epochs, memorises the noise), sym40/asym40 x seeds 0-2. Per-epoch
-  training losses are not in that cache, so each model is trained again here with a recording loss
-  (`RecordingLoss`: the same mean cross-entropy for the gradient, so the same model; the per-example
-  losses are taken from the same logits under no_grad) and the losses are kept in `--loss_cache`
-  (default /work/cache/selection_sources). Where the accuracy cache (`--cache_dir`) holds the model,
-  the retrained final weights are compared with it (`same_as_cached_model`) and the cached model is used.
-
-  Sources, each giving the recipe's trusted set (recipes/configs/default.yaml: 10 per class):
-    pass            select_trusted with the recipe's rule (shift_loss) over the whole training set (today)
-    subset_<share>  the same rule over a seeded random share (SAPConfig.selection_subset), draws 0-2
-                    (purity: mean over draws; SAP: draw 0)
-    training_all    SAPTrainer's trusted_source='training' default: each example's cross-entropy averaged
-                    over every epoch of training, lowest per class (`select_from_scores`, the library's code)
-    training_last<k> the same over the last k epochs only (SAPConfig.training_loss_epochs=k)
-  Purity: share of trusted samples whose noisy label equals the hidden clean label. SAP result:
-  `sap_correct` with the recipe's SAP settings (per-kind alphas, 11-point grid, bracket search,
-  float64 statistics) from those trusted indices, alpha chosen on the clean val set; test accuracy after.
-  `same_choice`: the written alphas (kind_alphas) equal the full pass's. Selection seconds are measured
-  side by side in one process (the training sources: the selection from the recorded losses alone).
+Each of the accuracy benchmark's models is trained again with a loss that keeps every example's loss per epoch (the
+same model: the gradient is the same mean cross-entropy). The recipe's trusted set is then taken from each source (a
+full selection pass, a seeded random share, the recorded losses), and its purity and the SAP result from it are
+compared with the full pass's. Protocol and results: benchmarks/studies/cost.md ("Trusted selection sources").
 
 Writes benchmarks/results/selection_sources.json and selection_sources.png (`--quick`: *_quick.*).
 """
@@ -48,13 +31,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--draws", type=int, default=3, help="random draws per share (purity averaged over them)")
     parser.add_argument("--last_epochs", nargs="+", type=int, default=[1, 10], help="training_loss_epochs windows")
     parser.add_argument("--loss_cache", default="/work/cache/selection_sources")
-    parser.add_argument(
-        "--models",
-        nargs="+",
-        default=None,
-        metavar="SETTING:SEED",
-        help="only these (setting, seed) models, e.g. sym40:0 asym40:1 (default: --settings x --seeds)",
-    )
+    parser.add_argument("--models", nargs="+", metavar="SETTING:SEED", help="only these, e.g. sym40:0 asym40:1")
     parser.set_defaults(cache_dir="/work/cache/accuracy", jobs=1)
     argv = sys.argv[1:] if argv is None else argv
     args = common.finish_args(parser.parse_args(argv), argv)
@@ -87,7 +64,9 @@ class RecordingLoss:
 
 
 def recorded_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The model of (setting, seed) and its per-epoch training losses (trained with `RecordingLoss`, cached)."""
+    """The model of (setting, seed) and its per-epoch training losses (trained with `RecordingLoss`, cached in
+    `--loss_cache`). Where the accuracy cache holds the same model, that cached model is used, after checking that
+    the retrained weights equal it."""
     import torch
     from transformers import ViTForImageClassification
 
@@ -99,8 +78,9 @@ def recorded_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str,
     config = tiny_vit_config(
         hidden_size=args.hidden_size, num_hidden_layers=args.num_layers, patch_size=args.patch_size
     )
-    record_args = argparse.Namespace(**{**vars(args), "cache_dir": args.loss_cache})
-    path = cache_path(setting, seed, record_args, tag="epoch_losses")
+    path = cache_path(
+        setting, seed, argparse.Namespace(**{**vars(args), "cache_dir": args.loss_cache}), tag="epoch_losses"
+    )
     if path.exists():
         saved = torch.load(path, weights_only=False)
     else:
@@ -129,47 +109,49 @@ def recorded_run(setting: str, seed: int, args: argparse.Namespace) -> dict[str,
     }
 
 
-def sources(run: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every source's trusted indices (and selection seconds); see the module docstring."""
+def timed(select: Any) -> tuple[Any, float]:
+    clock = time.perf_counter()
+    return select(), time.perf_counter() - clock
 
-    from sap_hf import select_trusted
+
+def sources(run: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every source's trusted indices (of every draw) and selection seconds, measured side by side in this process:
+    `pass`, `subset_<share>` (draws 0.., seeded) and `training_all` / `training_last<k>` (from the recorded losses:
+    the selection alone, what `SAPTrainer.correct()` runs)."""
+    from sap_hf import Runtime, select_trusted
     from sap_hf.core.selection import select_from_scores
-    from sap_hf.runtime.passes import Runtime
 
     recipe = recipe_sap_config()
     model, data, losses = run["model"], run["data"], run["losses"]
     train_set = common.TensorExamples(data["train_x"], data["train_y"])
     runtime = Runtime(batch_size=500, show_progress=False)
-    per_class, labels = recipe.trusted_per_class, data["train_y"]
-    out = []
+    per_class, labels, rule = recipe.trusted_per_class, data["train_y"], recipe.selection_rule
 
-    def add(name: str, draws: list, seconds: float, **extra: Any) -> None:
-        out.append({"source": name, "indices": draws[0], "draws": draws, "seconds": seconds, **extra})
+    def select(**subset: Any) -> list[int]:
+        return select_trusted(model, train_set, per_class, rule=rule, runtime=runtime, **subset).indices
 
-    clock = time.perf_counter()
-    full = select_trusted(model, train_set, per_class, rule=recipe.selection_rule, runtime=runtime)
-    add("pass", [full.indices], time.perf_counter() - clock, rule=recipe.selection_rule)
-    for share in args.shares:
-        draws, seconds = [], []
-        for draw in range(args.draws):
-            clock = time.perf_counter()
-            draws.append(
-                select_trusted(
-                    model, train_set, per_class, rule=recipe.selection_rule, runtime=runtime, seed=draw, subset=share
-                ).indices
-            )
-            seconds.append(time.perf_counter() - clock)
-        add(f"subset_{share:g}", draws, sum(seconds) / len(seconds), rule=recipe.selection_rule, share=share)
-    windows = [("training_all", None)] + [(f"training_last{k}", k) for k in args.last_epochs]
-    for name, last in windows:
-        clock = time.perf_counter()
+    def from_losses(last: Optional[int]) -> Any:  # the mean loss over the last `last` epochs (None: all)
         mean = losses[-last:].mean(0) if last else losses.mean(0)
-        chosen = select_from_scores(list(range(len(labels))), mean.double(), labels, per_class, int(labels.max()) + 1)
-        add(name, [chosen.indices], time.perf_counter() - clock, rule="loss", epochs=last or len(losses))
+        return select_from_scores(list(range(len(labels))), mean.double(), labels, per_class, int(labels.max()) + 1)
+
+    def source(name: str, draws: list, seconds: float, **extra: Any) -> dict[str, Any]:
+        return {"source": name, "indices": draws[0], "draws": draws, "seconds": seconds, **extra}
+
+    indices, seconds = timed(select)
+    out = [source("pass", [indices], seconds, rule=rule)]
+    for share in args.shares:
+        draws = [timed(lambda: select(seed=draw, subset=share)) for draw in range(args.draws)]
+        seconds = sum(s for _, s in draws) / len(draws)
+        out.append(source(f"subset_{share:g}", [d for d, _ in draws], seconds, rule=rule, share=share))
+
+    for name, last in [("training_all", None)] + [(f"training_last{k}", k) for k in args.last_epochs]:
+        chosen, seconds = timed(lambda: from_losses(last))
+        out.append(source(name, [chosen.indices], seconds, rule="loss", epochs=last or len(losses)))
     return out
 
 
-def run_one(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
+def run_one(task: tuple[str, int, argparse.Namespace]) -> list[dict[str, Any]]:
+    """One model's rows: each source's purity (mean over draws) and the SAP result from its trusted set (draw 0)."""
     import torch
 
     from sap_hf import Runtime, sap_correct
@@ -183,8 +165,7 @@ def run_one(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     rows = []
     for found in sources(run, args):
         purities = [
-            float((data["train_y"][torch.tensor(d)] == data["clean_y"][torch.tensor(d)]).float().mean())
-            for d in found["draws"]
+            float((data["train_y"][d] == data["clean_y"][d]).float().mean()) for d in map(torch.tensor, found["draws"])
         ]
         model.load_state_dict(state)
         result = sap_correct(
@@ -214,38 +195,39 @@ def run_one(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
         )
     model.load_state_dict(state)
     before = accuracy(model, data["test_x"], data["test_y"])
-    pass_row = rows[0]
+    full = rows[0]
     for row in rows:
         row.update(
             test_before=before,
-            purity_gap_points=round(100 * (pass_row["purity"] - row["purity"]), 2),
-            same_choice=row["kind_alphas"] == pass_row["kind_alphas"] and row["alpha"] == pass_row["alpha"],
-            test_gap_points=round(100 * (pass_row["test_accuracy"] - row["test_accuracy"]), 2),
+            purity_gap_points=round(100 * (full["purity"] - row["purity"]), 2),
+            same_choice=row["kind_alphas"] == full["kind_alphas"] and row["alpha"] == full["alpha"],
+            test_gap_points=round(100 * (full["test_accuracy"] - row["test_accuracy"]), 2),
             same_as_cached_model=run["same_as_cached_model"],
             train_seconds=round(run["train_seconds"], 1),
         )
     print(
         f"  {setting} seed {seed}: " + ", ".join(f"{r['source']} {100 * r['purity']:.1f}%" for r in rows), flush=True
     )
-    return {"rows": rows}
+    return rows
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per source over the models; the target: purity within 1 point of the full pass and the same alpha choice."""
     summary = {}
     for source in dict.fromkeys(r["source"] for r in rows):
         chosen = [r for r in rows if r["source"] == source]
+        mean = lambda key: round(sum(r[key] for r in chosen) / len(chosen), 4)
         summary[source] = {
             "models": len(chosen),
-            "purity": round(sum(r["purity"] for r in chosen) / len(chosen), 4),
+            "purity": mean("purity"),
             "max_purity_gap_points": max(r["purity_gap_points"] for r in chosen),
             "same_choice": sum(r["same_choice"] for r in chosen),
-            "test_accuracy": round(sum(r["test_accuracy"] for r in chosen) / len(chosen), 4),
+            "test_accuracy": mean("test_accuracy"),
             "max_test_gap_points": max(r["test_gap_points"] for r in chosen),
-            "selection_seconds": round(sum(r["selection_seconds"] for r in chosen) / len(chosen), 4),
+            "selection_seconds": mean("selection_seconds"),
         }
-        summary[source]["meets_target"] = summary[source]["max_purity_gap_points"] <= 1.0 and summary[source][
-            "same_choice"
-        ] == len(chosen)
+        met = summary[source]["max_purity_gap_points"] <= 1.0 and summary[source]["same_choice"] == len(chosen)
+        summary[source]["meets_target"] = met
     return summary
 
 
@@ -256,24 +238,24 @@ def plot(record: dict[str, Any], path: Path) -> None:
     summary = record["summary"]
     names = list(summary)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].bar(names, [100 * summary[n]["purity"] for n in names], color="#4c72b0")
-    axes[0].set_ylabel("trusted purity (%)")
-    axes[0].set_ylim(min(100 * summary[n]["purity"] for n in names) - 5, 100)
-    axes[0].set_title("Purity of the trusted set (mean over models)")
-    axes[1].bar(names, [100 * summary[n]["test_accuracy"] for n in names], color="#55a868")
-    for i, n in enumerate(names):
-        axes[1].text(
-            i,
-            100 * summary[n]["test_accuracy"] + 0.3,
-            f"{summary[n]['same_choice']}/{summary[n]['models']}",
-            ha="center",
-            fontsize=8,
-        )
-    axes[1].set_ylabel("test accuracy after SAP (%)")
-    axes[1].set_ylim(min(100 * summary[n]["test_accuracy"] for n in names) - 5, 100)
-    axes[1].set_title("SAP result (label: same alpha choice as the full pass)")
-    for ax in axes:
+    panels = {
+        "purity": ("#4c72b0", "trusted purity (%)", "Purity of the trusted set (mean over models)"),
+        "test_accuracy": (
+            "#55a868",
+            "test accuracy after SAP (%)",
+            "SAP result (label: same alpha choice as the full pass)",
+        ),
+    }
+    for ax, (key, (colour, label, title)) in zip(axes, panels.items()):
+        values = [100 * summary[n][key] for n in names]
+        ax.bar(names, values, color=colour)
+        ax.set_ylabel(label)
+        ax.set_ylim(min(values) - 5, 100)
+        ax.set_title(title)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
+    for i, n in enumerate(names):
+        same = f"{summary[n]['same_choice']}/{summary[n]['models']}"
+        axes[1].text(i, 100 * summary[n]["test_accuracy"] + 0.3, same, ha="center", fontsize=8)
     fig.tight_layout()
     common.save_figure(fig, path)
 
@@ -281,13 +263,9 @@ def plot(record: dict[str, Any], path: Path) -> None:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.perf_counter()
-    pairs = (
-        [(m.split(":")[0], int(m.split(":")[1])) for m in args.models]
-        if args.models
-        else [(setting, seed) for setting in args.settings for seed in args.seeds]
-    )
-    tasks = [(setting, seed, args) for setting, seed in pairs]
-    rows = [row for result in common.run_tasks(run_one, tasks, args.jobs) for row in result["rows"]]
+    models = [(m.split(":")[0], int(m.split(":")[1])) for m in args.models] if args.models else None
+    pairs = models or [(setting, seed) for setting in args.settings for seed in args.seeds]
+    rows = [row for rows in common.run_tasks(run_one, [(*pair, args) for pair in pairs], args.jobs) for row in rows]
     record = {
         "rows": rows,
         "summary": summarise(rows),
@@ -300,12 +278,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "environment": dict(common.environment(), loadavg=common.loadavg()),
         "elapsed_seconds": round(time.perf_counter() - started, 1),
     }
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    common.write_json(out / f"selection_sources{suffix}.json", record)
+    out = Path(args.out_dir) / f"selection_sources{'_quick' if args.quick else ''}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    common.write_json(out, record)
     if not args.no_plot:
-        plot(record, out / f"selection_sources{suffix}.png")
+        plot(record, out.with_suffix(".png"))
     print(f"\n{'source':16s} {'purity':>7s} {'gap':>6s} {'same':>5s} {'test':>7s} {'sel. s':>7s}")
     for name, s in record["summary"].items():
         print(
