@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import common
-from common import RESULTS_DIR, ROOT, loadavg, quiet_libraries, recipe_sap_config
+from common import COMMITTED_RESULTS, RESULTS_DIR, ROOT, loadavg, quiet_libraries, recipe_sap_config
 
 
 CLASSES = 14
@@ -73,7 +73,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--memorise_epochs", type=int, default=60, help="training epochs of the memorised model")
     add(
         "--selection_sources",
-        default=str(RESULTS_DIR / "selection_sources.json"),
+        default=str(COMMITTED_RESULTS / "selection_sources.json"),
         help="selection_sources.py's record: the subset share the Clothing1M extrapolation uses",
     )
     for option in WORKERS.values():  # one correction in each process of `accelerate launch`
@@ -82,7 +82,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.quick:
         args.per_class, args.val_per_class, args.image_size = 12, 4, 64
         args.seeds, args.settings, args.memorise_epochs, args.subset_share = [0], ["sym40"], 2, 0.5
-        named = argv or []  # only options passed in `argv` count: on the command line (argv None) neither does
+        named = sys.argv[1:] if argv is None else argv  # the options given, on the command line or in `argv`
         if "--cache_dir" not in named:  # the comparison needs trained models: only when asked for
             args.cache_dir = None
         if "--corpus_dir" not in named:
@@ -839,7 +839,7 @@ def extrapolate(record: dict[str, Any], sources_path: Path) -> dict[str, Any]:
     `clothing1m_share`'s share), 'training' (selecting from the recorded losses: the per-example seconds
     SAPTrainer.correct() took on the corpus, times 1M).
     """
-    speed_path = RESULTS_DIR / "speed.json"
+    speed_path = COMMITTED_RESULTS / "speed.json"
     speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
     base = {r["method"]: r for r in speed.get("rows", []) if r.get("model") == "base"}
     summary = record["search_comparison"].get("summary", {})
