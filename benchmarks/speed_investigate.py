@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 import common
@@ -240,7 +241,12 @@ def time_gram_updates(widths: list[int], rows_per_batch: int, repeats: int) -> t
     return seconds_of, json_rows
 
 
-def seconds_since(start: float) -> float:
+def seconds_over(items: list, finish: Callable[[Any], Any]) -> float:
+    """Seconds of `finish(item)` over all `items`, after handing freed heap memory back."""
+    release_free_memory()
+    start = time.perf_counter()
+    for item in items:
+        finish(item)
     return round(time.perf_counter() - start, 3)
 
 
@@ -250,39 +256,34 @@ def time_finalisation(h: int, m: int) -> dict[str, Any]:
     from sap_hf.core.stats import GramAccumulator
 
     widths = [h] * (3 * LAYERS) + [m] * LAYERS + [h]
-    out = {}
 
-    def random_accumulators():
+    def random_accumulators() -> list[GramAccumulator]:
         accumulators = [GramAccumulator(width, torch.float32, torch.device("cpu")) for width in widths]
         for accumulator in accumulators:
             accumulator.gram.normal_()
         return accumulators
 
-    accumulators = random_accumulators()
-    release_free_memory()
-    start = time.perf_counter()
-    for accumulator in accumulators:
+    def library_result(accumulator: GramAccumulator) -> None:
         bool(torch.isfinite(accumulator.result()).all())
-    out["library_result_plus_isfinite_s"] = seconds_since(start)
-    del accumulators
-    accumulators = random_accumulators()
-    release_free_memory()
-    start = time.perf_counter()
-    for accumulator in accumulators:
+
+    def prototype_result(accumulator: GramAccumulator) -> None:
         bool(torch.isfinite(mirror_upper_inplace(accumulator.gram).sum(dtype=torch.float64)))
-    out["prototype_inplace_mirror_plus_sum_check_s"] = seconds_since(start)
-    accumulator = GramAccumulator(m, torch.float32, torch.device("cpu"))  # the prototype equals the library
+
+    out = {
+        "library_result_plus_isfinite_s": seconds_over(random_accumulators(), library_result),
+        "prototype_inplace_mirror_plus_sum_check_s": seconds_over(random_accumulators(), prototype_result),
+    }
+    accumulator = GramAccumulator(m, torch.float32, torch.device("cpu"))
     accumulator.update(torch.randn(64, m))
     out["prototype_equals_library"] = bool(
         torch.equal(accumulator.result(), mirror_upper_inplace(accumulator.gram.clone()))
     )
-    del accumulators
     release_free_memory()
     start = time.perf_counter()
     fresh = [torch.zeros(w, w) for w in widths]
     for gram in fresh:
         gram.add_(1.0)
-    out["allocate_and_first_touch_all_grams_s"] = seconds_since(start)
+    out["allocate_and_first_touch_all_grams_s"] = round(time.perf_counter() - start, 3)
     out["gram_bytes_total_mb"] = round(sum(w * w * 4 for w in widths) / 2**20, 1)
     return out
 
