@@ -261,17 +261,12 @@ def memory_children(args: argparse.Namespace) -> dict[str, Any]:
     """stats_exact at n and mem_factor * n, each in a fresh process (`speed_memory.run_child`); --quick measures both
     sizes in one process (saves a start-up)."""
     children: dict[str, Any] = {}
+    threads, image = torch.get_num_threads(), args.image_size
     for m in args.models:
         children[m] = {}
         n, big_n = args.n[m], args.n[m] * args.mem_factor
         for ns in [[n, big_n]] if args.quick else [[n], [big_n]]:
-            spec = {
-                "model": m,
-                "ns": ns,
-                "batch_size": args.batch_size[m],
-                "threads": torch.get_num_threads(),
-                "image_size": args.image_size,
-            }
+            spec = {"model": m, "ns": ns, "batch_size": args.batch_size[m], "threads": threads, "image_size": image}
             print(f"memory child: {m} stats_exact n={ns}", flush=True)
             for res in run_child(spec, timeout=3600):
                 children[m]["1" if res["n"] == n else str(args.mem_factor)] = res
@@ -315,13 +310,11 @@ def investigate_models(args: argparse.Namespace, benches: dict[str, Bench]) -> d
         investigation[m] = {}
         if args.all_methods:  # micro-benchmarks and the float64 pass only in a full run
             print(f"investigating the statistics pass: {m}", flush=True)
-            investigation[m] = investigate(m, args.batch_size[m], image_size=args.image_size)
+            bs = args.batch_size[m]
+            investigation[m] = investigate(m, bs, image_size=args.image_size)
             # the cost of the accurate alternative: float64 accumulation, same n, one run
-            seconds, mem, (_, timers) = measure(
-                lambda: instrumented_statistics(
-                    bench.model, bench.data, bench.names, args.batch_size[m], None, "float64"
-                )
-            )
+            float64_pass = lambda: instrumented_statistics(bench.model, bench.data, bench.names, bs, None, "float64")
+            seconds, mem, (_, timers) = measure(float64_pass)
             investigation[m]["stats_exact_float64_accumulation"] = {
                 "seconds": round(seconds, 3),
                 "ratio_over_inference": round(seconds / inf, 3),
@@ -389,7 +382,8 @@ def model_summary(
     ref_mem = max(x["peak_mem_mb"] or 0 for x in bench.runs["reference_svd"])
     our_mem = max(x["peak_mem_mb"] or 0 for x in bench.runs["stats_exact"])
     tokens = tokens_per_sample(image)
-    stored_bytes = sum(g.in_features for g in bench.groups[:-1]) * tokens * n * 4  # the classifier's group: CLS only
+    # what the reference keeps: every token's row of each encoder group's input, the CLS row of the classifier's
+    stored_bytes = sum(g.in_features for g in bench.groups[:-1]) * tokens * n * 4
     return {
         "n_samples": n,
         "batch_size": args.batch_size[m],

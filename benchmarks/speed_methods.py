@@ -108,23 +108,16 @@ def run_eigh_project(model, stats, alpha: float) -> dict[str, torch.Tensor]:
 
 def store_activations(model, data, groups) -> dict[str, torch.Tensor]:
     """One forward keeping every group's input rows (N x d, as produced: float32), stacked."""
-    modules = dict(model.named_modules())
+    from sap_hf.core.stats import input_hooks
+
     stored: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
-    handles = []
-    try:
-        for group in groups:
 
-            def hook(module, args, _name=group.name):
-                x = args[0].detach()
-                stored[_name].append(x.reshape(-1, x.shape[-1]).clone())
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        stored[name].append(tensor.detach().reshape(-1, tensor.shape[-1]).clone())
 
-            handles.append(modules[group.name].register_forward_pre_hook(hook))
-        with torch.no_grad():
-            for batch in data:
-                model(pixel_values=batch["pixel_values"])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with input_hooks(model, list(stored), keep), torch.no_grad():
+        for batch in data:
+            model(pixel_values=batch["pixel_values"])
     for name in list(stored):  # stack one group at a time: peak = everything + one group
         stored[name] = torch.cat(stored[name]) if len(stored[name]) > 1 else stored[name][0]
     return stored
