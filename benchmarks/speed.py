@@ -78,17 +78,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--n", help="samples per model: an int, or 'tiny=256,base=32'")
     p.add_argument("--batch_size", help="an int, or 'tiny=32,base=8'")
     p.add_argument("--models", help="comma list from: tiny,base")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list (a summary field needing another: null)")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma list (summary fields needing a missing one: null)"
+    )
     p.add_argument("--cap", type=int, default=16, help="max_tokens_per_sample for stats_subsampled")
     p.add_argument("--alpha", type=float, default=1e4)
     p.add_argument("--repeats", type=int, help="timed runs per method (best of)")
     p.add_argument("--slow_seconds", type=float, default=20.0, help="run eigh_project/reference_svd once beyond this")
     p.add_argument("--mem_factor", type=int, default=4, help="stats_exact memory at n and mem_factor*n")
     p.add_argument("--no_mem_children", action="store_true", help="skip the fresh-process n vs 4n memory runs")
-    p.add_argument("--investigate", action=argparse.BooleanOptionalAction, help="profile the statistics pass")
+    p.add_argument(
+        "--investigate",
+        action=argparse.BooleanOptionalAction,
+        help="profile the statistics pass (default: on, off with --quick)",
+    )
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--verify_n", type=int, default=8, help="samples of the float64 check of the projected weights")
-    p.add_argument("--verify_full", help="models whose check adds float32 Gram/SVD and an alpha sweep (def. tiny)")
+    p.add_argument(
+        "--verify_full",
+        help="models whose weights check adds float32 and an alpha sweep (default: tiny; none with --quick)",
+    )
     p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this long for a 1-min load below 0.5")
     p.add_argument("--image_size", type=int, help="default 224 (64 with --quick)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny, 64x64, 4 samples, 1 repeat, no profiling")
