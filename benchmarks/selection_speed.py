@@ -1,9 +1,8 @@
-"""Trusted-selection throughput against plain inference on the same data (issue: within 10%).
+"""Trusted-selection throughput against plain inference on the same images (issue: within 10%).
 
-Both passes read the same real Fashion-MNIST images through the same transform and batch size:
-`inference` is a plain `DataLoader` + forward loop; `selection` is `sap_hf.select_trusted`
-(forward + per-sample cross-entropy + bounded per-class heaps). Runs are interleaved and the
-best of `--repeats` is kept, so the ratio is measured side by side.
+`inference` (a DataLoader + forward loop) and `selection` (`sap_hf.select_trusted`) read the same Fashion-MNIST images
+through the same transform and batch size, interleaved, best of --repeats. Protocol and result:
+benchmarks/studies/cost.md, section "Trusted-selection throughput".
 
     python benchmarks/selection_speed.py [--n 4000] [--quick]
 """
@@ -52,28 +51,26 @@ def main(argv: list[str] | None = None) -> None:
     def selection() -> None:
         select_trusted(model, data, 10, runtime=Runtime(batch_size=args.batch_size, show_progress=False))
 
-    timings: dict[str, list[float]] = {"inference": [], "selection": []}
+    passes = {"inference": inference, "selection": selection}
+    timings: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(args.repeats):
-        for name, run in (("inference", inference), ("selection", selection)):
+        for name, run in passes.items():
             start = time.perf_counter()
             run()
             timings[name].append(time.perf_counter() - start)
     best = {name: min(values) for name, values in timings.items()}
-    rows = [
-        {"method": name, "n_samples": args.n, "seconds": best[name], "samples_per_second": args.n / best[name]}
-        for name in best
-    ]
     ratio = best["selection"] / best["inference"]
+    rows = [
+        {"method": k, "n_samples": args.n, "seconds": s, "samples_per_second": args.n / s} for k, s in best.items()
+    ]
     print(f"{'method':<10} {'n':>6} {'seconds':>8} {'samples/s':>10}")
     for row in rows:
         print(f"{row['method']:<10} {row['n_samples']:>6} {row['seconds']:>8.3f} {row['samples_per_second']:>10.1f}")
     print(f"selection / inference time: {ratio:.3f} (target <= 1.10); torch threads: {torch.get_num_threads()}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "selection_speed_quick.json" if args.quick else "selection_speed.json"
-    common.write_json(
-        out / name, {"rows": rows, "time_ratio": ratio, "target": 1.10, "threads": torch.get_num_threads()}, indent=2
-    )
+    record = {"rows": rows, "time_ratio": ratio, "target": 1.10, "threads": torch.get_num_threads()}
+    common.write_json(out / ("selection_speed_quick.json" if args.quick else "selection_speed.json"), record, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,50 +1,18 @@
 #!/usr/bin/env python
-"""Speed and memory of SAP's streaming statistics against plain inference and the reference SVD.
+"""Speed and memory of SAP's streaming statistics against plain inference and the paper's stored-activation SVD.
 
-Side by side, in ONE process and interleaved (so ratios are fair), for a ViT-Tiny and a ViT-Base
-shape (random init, 224x224, patch 16 -> 197 tokens, 10 labels, float32, eval + no_grad; --quick
-uses 64x64 images, 17 tokens):
+On random-init ViT-Tiny and ViT-Base shapes, in one process and interleaved so that the ratios are fair: plain
+inference, the statistics pass (every token, and a token cap), eigh + projection, and the reference SVD, whose projected
+weights are compared with ours; stats_exact's memory at n and 4n in fresh processes; with --investigate (on by default,
+off with --quick) where the statistics pass spends its time. Protocol, method definitions and results:
+benchmarks/studies/cost.md, section "Speed and memory".
 
-  inference         plain forward over the n samples
-  stats_exact       sap_hf.core.stats.collect_statistics, every token (the default); timed as
-                    `speed_investigate.instrumented_statistics`, the library's loop with timers on the
-                    Gram updates (for the breakdown), checked equal to collect_statistics at warm-up
-  stats_subsampled  the same with max_tokens_per_sample=CAP (CLS always kept)
-  eigh_project      current_weights + eigenbases (float64 eigh of every group) + plan_projection
-                    + write_weights, for one alpha
-  reference_svd     the paper's reference approach: keep every target group's input activations
-                    (stacked rows) in memory, torch.linalg.svd of each, P = U diag(lambda) U^T,
-                    W <- W P. Its weights are compared with ours (max relative difference).
+Run: python benchmarks/speed.py --threads 1   (full run, writes benchmarks/results/speed.{json,png})
+     python benchmarks/speed.py --quick       (smoke run: tiny shape, 64x64 images, a few samples)
 
-Timing: every method runs `--repeats` times (best of), after a one-batch warm-up of the forward
-path; the methods are interleaved (order rotated every repeat) across both models. eigh_project
-and reference_svd do not depend on a warm-up and are run only once when one run takes more than
-`--slow_seconds`.
-
-Memory ("peak_mem_mb"): growth of the process's resident set during the call, i.e.
-VmHWM - VmRSS(before), read from /proc/self/status, with the high-water mark reset just before
-the call (`echo 5 > /proc/self/clear_refs`) and freed heap memory handed back first
-(gc.collect + malloc_trim(0)), so memory the allocator still holds from an earlier call is
-neither counted nor silently reused. Data batches are materialised before the call, so they are
-not part of the growth. In this (timing) process glibc keeps its default allocator settings, so
-these in-process figures carry some +-10% allocator noise. The n -> 4n comparison of stats_exact
-runs each size in a FRESH subprocess whose data is generated lazily batch by batch, with glibc's
-mmap threshold pinned (MALLOC_MMAP_THRESHOLD_=131072: every large tensor is its own mapping,
-returned on free, so RSS follows live memory); nothing there grows with n but what the method
-itself keeps.
-
---investigate (on by default, off with --quick) adds: a breakdown of the statistics pass (time in
-GramAccumulator.update / .result and subsample_tokens), Gram-update micro-benchmarks per block
-size, the finalisation cost, the statistics pass with float64 accumulation, and a prototype
-GramAccumulator (recursive update + in-place mirror) timed interleaved with the others.
-
-Run: python benchmarks/speed.py            (full run, writes benchmarks/results/speed.{json,png})
-     python benchmarks/speed.py --quick    (smoke run: tiny shape, a few samples)
-
-Files: this one runs the benchmark and writes speed.json; `speed_methods.py` holds the shapes, data,
-FLOP counts and the compared methods, `speed_memory.py` the memory probes and the fresh-process
-child, `speed_investigate.py` the --investigate profiling and prototypes, `speed_report.py` the
-table and the figure.
+Files: this one runs the benchmark and writes speed.json; `speed_methods.py` holds the shapes, data, FLOP counts and
+the compared methods, `speed_memory.py` the memory probes and the fresh-process child, `speed_investigate.py` the timed
+statistics pass and --investigate, `speed_report.py` the table and the figure.
 """
 
 from __future__ import annotations
@@ -89,16 +57,11 @@ from speed_methods import (
 from speed_report import plot, print_table
 
 
-SLOW_METHODS = {"eigh_project", "reference_svd"}
+SLOW_METHODS = {"eigh_project", "reference_svd"}  # run once when one run takes more than --slow_seconds
 
 
-# --------------------------------------------------------------------------------------------
-# Main benchmark
-# --------------------------------------------------------------------------------------------
-
-
-def parse_per_model(value: str, models: list[str], name: str) -> dict[str, int]:
-    """'64' -> same for every model; 'tiny=256,base=64' -> per model."""
+def per_model(value: str, models: list[str], name: str) -> dict[str, int]:
+    """'64' -> the same for every model; 'tiny=256,base=64' -> per model."""
     if "=" not in value:
         return {m: int(value) for m in models}
     parsed = dict(item.split("=") for item in value.split(","))
@@ -109,94 +72,69 @@ def parse_per_model(value: str, models: list[str], name: str) -> dict[str, int]:
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    """The command line, plus the run plan derived from it (image size, models, n and batch size per
-    model, repeats, methods, whether to investigate) as `args.image`, `args.models_list`, `args.n_per`,
-    `args.bs_per`, `args.repeat_count`, `args.method_list`, `args.do_investigate`, `args.all_methods`."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", default=None, help="samples per model: an int, or 'tiny=256,base=32'")
-    parser.add_argument("--batch_size", default=None, help="an int, or 'tiny=32,base=8'")
-    parser.add_argument("--models", default=None, help="comma list from: tiny,base")
-    parser.add_argument(
-        "--methods",
-        default=",".join(METHODS),
-        help="subset of methods to run (summary fields that need a missing one are null)",
+    """The command line with its defaults resolved: `models` and `methods` lists, `n` and `batch_size` {model: int},
+    `image_size`, `repeats`, `investigate`, `verify_full` (a set of models) and `all_methods` set."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", help="samples per model: an int, or 'tiny=256,base=32'")
+    p.add_argument("--batch_size", help="an int, or 'tiny=32,base=8'")
+    p.add_argument("--models", help="comma list from: tiny,base")
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma list (summary fields needing a missing one: null)"
     )
-    parser.add_argument("--cap", type=int, default=16, help="max_tokens_per_sample for stats_subsampled")
-    parser.add_argument("--alpha", type=float, default=1e4)
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per method (best of)")
-    parser.add_argument(
-        "--slow_seconds",
-        type=float,
-        default=20.0,
-        help="eigh_project/reference_svd run once when a run takes longer than this",
-    )
-    parser.add_argument("--mem_factor", type=int, default=4, help="stats_exact memory at n and mem_factor*n")
-    parser.add_argument("--no_mem_children", action="store_true", help="skip the fresh-process n vs 4n memory runs")
-    parser.add_argument(
+    p.add_argument("--cap", type=int, default=16, help="max_tokens_per_sample for stats_subsampled")
+    p.add_argument("--alpha", type=float, default=1e4)
+    p.add_argument("--repeats", type=int, help="timed runs per method (best of)")
+    p.add_argument("--slow_seconds", type=float, default=20.0, help="run eigh_project/reference_svd once beyond this")
+    p.add_argument("--mem_factor", type=int, default=4, help="stats_exact memory at n and mem_factor*n")
+    p.add_argument("--no_mem_children", action="store_true", help="skip the fresh-process n vs 4n memory runs")
+    p.add_argument(
         "--investigate",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="profile the statistics pass (default: on, off with --quick)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument(
-        "--verify_n",
-        type=int,
-        default=8,
-        help="samples for the float64 accuracy check (SVD of stored activations vs Gram path)",
-    )
-    parser.add_argument(
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--verify_n", type=int, default=8, help="samples of the float64 check of the projected weights")
+    p.add_argument(
         "--verify_full",
-        default=None,
-        help="models whose accuracy check also covers float32 Gram/SVD over an alpha sweep "
-        "(default: tiny; none with --quick)",
+        help="models whose weights check adds float32 and an alpha sweep (default: tiny; none with --quick)",
     )
-    parser.add_argument(
-        "--wait_quiet",
-        type=float,
-        default=0.0,
-        help="wait up to this many seconds for the 1-min load average to drop below 0.5",
-    )
-    parser.add_argument("--image_size", type=int, default=None, help="default 224 (64 with --quick)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: tiny shape, 64x64 images, 4 samples, 1 repeat, no investigation",
-    )
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--no_plot", action="store_true")
-    args = parser.parse_args(argv)
+    p.add_argument("--wait_quiet", type=float, default=0.0, help="wait up to this long for a 1-min load below 0.5")
+    p.add_argument("--image_size", type=int, help="default 224 (64 with --quick)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny, 64x64, 4 samples, 1 repeat, no profiling")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--no_plot", action="store_true")
+    args = p.parse_args(argv)
 
-    args.image = args.image_size or (64 if args.quick else IMAGE)
-    if args.image % PATCH:
+    args.image_size = args.image_size or (64 if args.quick else IMAGE)
+    if args.image_size % PATCH:
         raise SystemExit(f"--image_size must be a multiple of the patch size {PATCH}")
-
-    args.models_list = (args.models or ("tiny" if args.quick else "tiny,base")).split(",")
-    for m in args.models_list:
+    args.models = (args.models or ("tiny" if args.quick else "tiny,base")).split(",")
+    for m in args.models:
         if m not in SHAPES:
             raise SystemExit(f"unknown model {m!r}; choose from {sorted(SHAPES)}")
-    args.n_per = parse_per_model(args.n or ("4" if args.quick else "tiny=128,base=32"), args.models_list, "n")
-    args.bs_per = parse_per_model(
-        args.batch_size or ("2" if args.quick else "tiny=32,base=8"), args.models_list, "batch_size"
+    args.n = per_model(args.n or ("4" if args.quick else "tiny=128,base=32"), args.models, "n")
+    args.batch_size = per_model(
+        args.batch_size or ("2" if args.quick else "tiny=32,base=8"), args.models, "batch_size"
     )
-    args.repeat_count = args.repeats or (1 if args.quick else 3)
-    args.method_list = [x for x in args.methods.split(",") if x]
-    unknown = [x for x in args.method_list if x not in METHODS]
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.methods = [x for x in args.methods.split(",") if x]
+    unknown = [x for x in args.methods if x not in METHODS]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {METHODS}")
-    if "eigh_project" in args.method_list and "stats_exact" not in args.method_list:
+    if "eigh_project" in args.methods and "stats_exact" not in args.methods:
         raise SystemExit("eigh_project needs stats_exact")
-    args.do_investigate = (not args.quick) if args.investigate is None else args.investigate
-    args.all_methods = set(METHODS) <= set(args.method_list)
-    if args.do_investigate and not {"inference", "stats_exact", "stats_subsampled"} <= set(args.method_list):
+    args.investigate = (not args.quick) if args.investigate is None else args.investigate
+    if args.investigate and not {"inference", "stats_exact", "stats_subsampled"} <= set(args.methods):
         raise SystemExit("--investigate needs inference, stats_exact and stats_subsampled among --methods")
+    verify_full = args.verify_full if args.verify_full is not None else ("" if args.quick else "tiny")
+    args.verify_full = set(verify_full.split(",")) if verify_full else set()
+    args.all_methods = set(METHODS) <= set(args.methods)
     return args
 
 
 def record_environment(args: argparse.Namespace) -> tuple[dict[str, Any], float]:
-    """Wait for a quiet machine if asked, then record versions, threads, CPU, load and the matmul rate.
-
-    Returns the record and the start of the wall clock (`env["wall_seconds"]` counts from there)."""
+    """Wait for a quiet machine if asked, then record versions, threads, CPU, load and the matmul rate; the record and
+    the start of the wall clock."""
     waited = 0.0
     while args.wait_quiet and waited < args.wait_quiet and (common.loadavg() or [0])[0] >= 0.5:
         time.sleep(10)
@@ -244,320 +182,301 @@ def discover_groups(model: torch.nn.Module, names: list[str], pixels: torch.Tens
     return group_by_identity(names, [seen[n] for n in names], [modules[n].in_features for n in names])
 
 
-def build_contexts(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Per model: the model, its targets, the materialised batches and groups; every forward path warmed up once."""
+class Bench:
+    """One model under test, its materialised batches, and what its timed runs left."""
+
+    def __init__(
+        self, model: torch.nn.Module, names: list[str], data: list[dict], groups: list, matches_library: bool
+    ):
+        self.model, self.names, self.data, self.groups = model, names, data, groups
+        self.matches_library = matches_library  # the timed statistics pass gives exactly collect_statistics's result
+        self.runs: dict[str, list[dict[str, Any]]] = {k: [] for k in METHODS}
+        self.stats = self.proto_stats = None  # the last stats_exact (eigh_project projects with it) and _proto run's
+        self.ours = self.ref = None  # the weights eigh_project and reference_svd computed
+
+
+def build_benches(args: argparse.Namespace) -> dict[str, Bench]:
+    """Per model: the model, its targets, batches and groups, with every forward path warmed up once (lazy init of
+    oneDNN kernels etc.) and the timed statistics pass checked against the library's."""
     from sap_hf.core.targets import find_target_modules
 
-    ctx: dict[str, dict[str, Any]] = {}
-    for m in args.models_list:
-        model = build_model(m, image_size=args.image)
+    benches = {}
+    for m in args.models:
+        model = build_model(m, image_size=args.image_size)
         names = find_target_modules(model)
-        data = list(RandomBatches(args.n_per[m], args.bs_per[m], seed=1, image_size=args.image))
+        data = list(RandomBatches(args.n[m], args.batch_size[m], seed=1, image_size=args.image_size))
         with torch.no_grad():
             groups = discover_groups(model, names, data[0]["pixel_values"][:1])
-        ctx[m] = {"model": model, "names": names, "data": data, "groups": groups, "runs": {k: [] for k in METHODS}}
-        # warm-up: one batch through each forward-based path (lazy init of oneDNN kernels etc.); the timed statistics
-        # pass (benchmark-side instrumentation, speed_investigate.py) must return exactly the library's statistics
         run_inference(model, data[:1])
-        ctx[m]["instrumented_matches_library"] = all(
-            matches_library(model, data[:1], names, args.bs_per[m], cap) for cap in (None, args.cap)
-        )
-        if not ctx[m]["instrumented_matches_library"]:
+        same = all(matches_library(model, data[:1], names, args.batch_size[m], cap) for cap in (None, args.cap))
+        if not same:
             raise RuntimeError(
                 f"[{m}] the instrumented statistics pass differs from sap_hf's collect_statistics: "
                 "update speed_investigate.instrumented_statistics to the library's loop."
             )
-    return ctx
+        benches[m] = Bench(model, names, data, groups, same)
+    return benches
 
 
-def run_method(args: argparse.Namespace, ctx: dict[str, dict[str, Any]], m: str, method: str) -> None:
+def run_method(args: argparse.Namespace, m: str, bench: Bench, method: str) -> None:
     """One timed (and memory-measured) call of `method` on model `m`; the model is left unprojected."""
     from sap_hf.core.projection import write_weights
 
-    c = ctx[m]
-    model, data, names, bs = c["model"], c["data"], c["names"], args.bs_per[m]
+    model, data, names = bench.model, bench.data, bench.names
     timers = None
     if method == "inference":
         seconds, mem, _ = measure(lambda: run_inference(model, data))
-    elif method in ("stats_exact", "stats_subsampled", "stats_exact_proto", "stats_subsampled_proto"):
+    elif method.startswith("stats_"):  # stats_exact, stats_subsampled and their _proto variants
         cap = None if method.startswith("stats_exact") else args.cap
         accumulator = prototype_accumulator_class() if method.endswith("_proto") else None
         seconds, mem, (stats, timers) = measure(
-            lambda: instrumented_statistics(model, data, names, bs, cap, accumulator=accumulator)
+            lambda: instrumented_statistics(model, data, names, args.batch_size[m], cap, accumulator=accumulator)
         )
-        if method == "stats_exact":
-            c["stats"] = stats
-        if method == "stats_exact_proto" and "proto_gram_rel_diff" not in c:
-            c["proto_stats"] = stats
         timers = dict(timers)
-    elif method == "eigh_project":
+        if method == "stats_exact":
+            bench.stats = stats
+        elif method == "stats_exact_proto":
+            bench.proto_stats = stats
+    else:  # eigh_project, reference_svd: keep the projected weights, then write the originals back
         originals = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
-        seconds, mem, new = measure(lambda: run_eigh_project(model, c["stats"], args.alpha))
-        c["ours"] = new
-        write_weights(model, originals)  # leave the model unprojected for the next runs
-        del originals
-    elif method == "reference_svd":
-        originals = {n: dict(model.named_modules())[n].weight.detach().clone() for n in names}
-        seconds, mem, new = measure(lambda: run_reference_svd(model, data, c["groups"], args.alpha))
-        c["ref"] = new
+        if method == "eigh_project":
+            seconds, mem, bench.ours = measure(lambda: run_eigh_project(model, bench.stats, args.alpha))
+        else:
+            seconds, mem, bench.ref = measure(lambda: run_reference_svd(model, data, bench.groups, args.alpha))
         write_weights(model, originals)
         del originals
-    else:
-        raise ValueError(method)
-    c["runs"].setdefault(method, []).append({"seconds": seconds, "peak_mem_mb": mem, "timers": timers})
+    bench.runs.setdefault(method, []).append({"seconds": seconds, "peak_mem_mb": mem, "timers": timers})
     mem_txt = "n/a" if mem is None else f"{mem:.0f} MB"
     print(f"  [{m}] {method:<17} {seconds:8.2f} s   peak +{mem_txt}", flush=True)
 
 
-def time_methods(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> None:
-    """Every method `args.repeat_count` times, interleaved across models, order rotated each repeat."""
-    timed_methods = args.method_list + (PROTO_METHODS if args.do_investigate else [])
-    for r in range(args.repeat_count):
-        print(f"repeat {r + 1}/{args.repeat_count}", flush=True)
-        for m in args.models_list:
-            order = timed_methods[r % len(timed_methods) :] + timed_methods[: r % len(timed_methods)]
-            # eigh_project needs the Grams of a stats_exact run: keep it after stats_exact
-            if "stats" not in ctx[m]:
+def time_methods(args: argparse.Namespace, benches: dict[str, Bench]) -> None:
+    """Every method `args.repeats` times, interleaved across models, the order rotated each repeat."""
+    methods = args.methods + (PROTO_METHODS if args.investigate else [])
+    for r in range(args.repeats):
+        print(f"repeat {r + 1}/{args.repeats}", flush=True)
+        for m, bench in benches.items():
+            order = methods[r % len(methods) :] + methods[: r % len(methods)]
+            if bench.stats is None:  # eigh_project needs the Grams of a stats_exact run: keep it after stats_exact
                 order = ["stats_exact"] + [x for x in order if x != "stats_exact"]
             for method in order:
-                runs = ctx[m]["runs"].setdefault(method, [])
+                runs = bench.runs.setdefault(method, [])
                 if method in SLOW_METHODS and runs and min(x["seconds"] for x in runs) > args.slow_seconds:
                     continue
-                run_method(args, ctx, m, method)
+                run_method(args, m, bench, method)
 
 
 def memory_children(args: argparse.Namespace) -> dict[str, Any]:
-    """stats_exact at n and mem_factor * n, each in a fresh process (`speed_memory.run_child`)."""
-    mem_children: dict[str, Any] = {}
-    for m in args.models_list:
-        mem_children[m] = {}
-        # one fresh process per size; --quick measures both sizes in one process (saves a start-up)
-        sizes = (
-            [[args.n_per[m], args.n_per[m] * args.mem_factor]]
-            if args.quick
-            else [[args.n_per[m]], [args.n_per[m] * args.mem_factor]]
-        )
-        for ns in sizes:
-            spec = {
-                "model": m,
-                "ns": ns,
-                "batch_size": args.bs_per[m],
-                "threads": torch.get_num_threads(),
-                "image_size": args.image,
-            }
+    """stats_exact at n and mem_factor * n, each in a fresh process (`speed_memory.run_child`); --quick measures both
+    sizes in one process (saves a start-up)."""
+    children: dict[str, Any] = {}
+    threads, image = torch.get_num_threads(), args.image_size
+    for m in args.models:
+        children[m] = {}
+        n, big_n = args.n[m], args.n[m] * args.mem_factor
+        for ns in [[n, big_n]] if args.quick else [[n], [big_n]]:
+            spec = {"model": m, "ns": ns, "batch_size": args.batch_size[m], "threads": threads, "image_size": image}
             print(f"memory child: {m} stats_exact n={ns}", flush=True)
             for res in run_child(spec, timeout=3600):
-                key = "1" if res["n"] == args.n_per[m] else str(args.mem_factor)
-                mem_children[m][key] = res
+                children[m]["1" if res["n"] == n else str(args.mem_factor)] = res
                 print(
                     f"  -> n={res['n']}: peak growth {res['peak_growth_mb']:.1f} MB ({res['seconds']:.1f} s)",
                     flush=True,
                 )
-    return mem_children
+    return children
 
 
-def verify_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def verify_models(args: argparse.Namespace, benches: dict[str, Bench]) -> dict[str, Any]:
     """Projected weights of the Gram path against the SVD of the stored activations (`speed_methods.verify`)."""
     verification: dict[str, Any] = {}
-    verify_full = args.verify_full if args.verify_full is not None else ("" if args.quick else "tiny")
-    full_models = set(verify_full.split(",")) if verify_full else set()
-    for m in args.models_list if "reference_svd" in args.method_list else []:
-        c = ctx[m]
-        vn = min(args.verify_n, args.n_per[m]) if args.verify_n else args.n_per[m]
-        alphas = sorted({1.0, 1e2, 1e4, 1e6, args.alpha}) if m in full_models else [args.alpha]
+    if "reference_svd" not in args.methods:
+        return verification
+    for m, bench in benches.items():
+        vn = min(args.verify_n, args.n[m]) if args.verify_n else args.n[m]
+        full = m in args.verify_full
+        alphas = sorted({1.0, 1e2, 1e4, 1e6, args.alpha}) if full else [args.alpha]
         print(f"accuracy check: {m}, n={vn}, alphas={alphas}", flush=True)
         start = time.perf_counter()
-        verification[m] = verify(
-            c["model"],
-            c["names"],
-            c["groups"],
-            list(RandomBatches(vn, args.bs_per[m], seed=2, image_size=args.image)),
-            args.bs_per[m],
-            alphas,
-            full=m in full_models,
-        )
+        data = list(RandomBatches(vn, args.batch_size[m], seed=2, image_size=args.image_size))
+        verification[m] = verify(bench.model, bench.names, bench.groups, data, args.batch_size[m], alphas, full=full)
         verification[m]["seconds"] = round(time.perf_counter() - start, 1)
         for row in verification[m]["per_alpha"]:
             print("  " + ", ".join(f"{k}={v:.3g}" for k, v in row.items()), flush=True)
     return verification
 
 
-def investigate_models(args: argparse.Namespace, ctx: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def best_run(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], Optional[float]]:
+    """The fastest of a method's runs, and the largest peak memory growth over them (MB; None where unmeasured)."""
+    mems = [x["peak_mem_mb"] for x in runs if x["peak_mem_mb"] is not None]
+    return min(runs, key=lambda x: x["seconds"]), (round(max(mems), 1) if mems else None)
+
+
+def investigate_models(args: argparse.Namespace, benches: dict[str, Bench]) -> dict[str, Any]:
     """--investigate: micro-benchmarks, the float64 pass and the prototype accumulator's runs, per model."""
     investigation: dict[str, Any] = {}
-    if args.do_investigate:
-        for m in args.models_list:
-            c = ctx[m]
-            inf = min(x["seconds"] for x in c["runs"]["inference"])
-            investigation[m] = {}
-            if args.all_methods:  # micro-benchmarks and the float64 pass only in a full run
-                print(f"investigating the statistics pass: {m}", flush=True)
-                investigation[m] = investigate(m, args.bs_per[m], image_size=args.image)
-                # the cost of the accurate alternative: float64 accumulation, same n, one run
-                seconds, mem, (_, timers) = measure(
-                    lambda: instrumented_statistics(c["model"], c["data"], c["names"], args.bs_per[m], None, "float64")
-                )
-                investigation[m]["stats_exact_float64_accumulation"] = {
-                    "seconds": round(seconds, 3),
-                    "ratio_over_inference": round(seconds / inf, 3),
-                    "peak_mem_mb": None if mem is None else round(mem, 1),
-                    "breakdown_s": breakdown({"seconds": seconds, "timers": dict(timers)}, inf),
-                }
-                print(
-                    f"  stats_exact float64 accumulation: {seconds:.2f} s ({seconds / inf:.2f}x inference)", flush=True
-                )
-            proto = {}
-            for method in PROTO_METHODS:
-                runs = c["runs"][method]
-                fastest = min(runs, key=lambda x: x["seconds"])
-                mems = [x["peak_mem_mb"] for x in runs if x["peak_mem_mb"] is not None]
-                proto[method] = {
-                    "seconds": round(fastest["seconds"], 3),
-                    "all_seconds": [round(x["seconds"], 3) for x in runs],
-                    "ratio_over_inference": round(fastest["seconds"] / inf, 3),
-                    "peak_mem_mb": round(max(mems), 1) if mems else None,
-                    "breakdown_s": breakdown(fastest, inf),
-                }
-            lib, new = c["stats"], c["proto_stats"]
-            proto["gram_max_rel_diff_vs_library"] = max(
-                float((new.grams[g].double() - lib.grams[g].double()).abs().max() / lib.grams[g].double().abs().max())
-                for g in lib.grams
-            )
-            proto["exactly_symmetric"] = all(torch.equal(t, t.T) for t in new.grams.values())
-            investigation[m]["prototype_accumulator"] = proto
-            del c["proto_stats"]
+    for m, bench in benches.items():
+        inf = min(x["seconds"] for x in bench.runs["inference"])
+        investigation[m] = {}
+        if args.all_methods:  # micro-benchmarks and the float64 pass only in a full run
+            print(f"investigating the statistics pass: {m}", flush=True)
+            bs = args.batch_size[m]
+            investigation[m] = investigate(m, bs, image_size=args.image_size)
+            # the cost of the accurate alternative: float64 accumulation, same n, one run
+            float64_pass = lambda: instrumented_statistics(bench.model, bench.data, bench.names, bs, None, "float64")
+            seconds, mem, (_, timers) = measure(float64_pass)
+            investigation[m]["stats_exact_float64_accumulation"] = {
+                "seconds": round(seconds, 3),
+                "ratio_over_inference": round(seconds / inf, 3),
+                "peak_mem_mb": None if mem is None else round(mem, 1),
+                "breakdown_s": breakdown({"seconds": seconds, "timers": dict(timers)}, inf),
+            }
+            print(f"  stats_exact float64 accumulation: {seconds:.2f} s ({seconds / inf:.2f}x inference)", flush=True)
+        proto = {}
+        for method in PROTO_METHODS:
+            runs = bench.runs[method]
+            fastest, peak = best_run(runs)
+            proto[method] = {
+                "seconds": round(fastest["seconds"], 3),
+                "all_seconds": [round(x["seconds"], 3) for x in runs],
+                "ratio_over_inference": round(fastest["seconds"] / inf, 3),
+                "peak_mem_mb": peak,
+                "breakdown_s": breakdown(fastest, inf),
+            }
+        library, new = bench.stats.grams, bench.proto_stats.grams
+        proto["gram_max_rel_diff_vs_library"] = max(
+            float((new[g].double() - library[g].double()).abs().max() / library[g].double().abs().max())
+            for g in library
+        )
+        proto["exactly_symmetric"] = all(torch.equal(t, t.T) for t in new.values())
+        investigation[m]["prototype_accumulator"] = proto
+        bench.proto_stats = None
     return investigation
 
 
+def memory_growth(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
+    """stats_exact's peak memory growth at n and mem_factor * n (`memory_children`)."""
+    growth = large["peak_growth_mb"] - small["peak_growth_mb"]
+    return {
+        "method": (
+            "fresh subprocess per size (--quick: one subprocess, both sizes), lazily generated data, "
+            "VmHWM - VmRSS around collect_statistics, glibc mmap threshold pinned"
+        ),
+        "n": small["n"],
+        "n_peak_growth_mb": round(small["peak_growth_mb"], 1),
+        "big_n": large["n"],
+        "big_n_peak_growth_mb": round(large["peak_growth_mb"], 1),
+        "growth_pct": round(100 * growth / small["peak_growth_mb"], 2),
+        "target_le_5pct": growth / small["peak_growth_mb"] <= 0.05,
+        "seconds": [round(small["seconds"], 2), round(large["seconds"], 2)],
+    }
+
+
+def model_summary(
+    args: argparse.Namespace, m: str, bench: Bench, best: dict[str, dict[str, Any]], check: dict[str, Any], vn: int
+) -> dict[str, Any]:
+    """One model's summary in a full run: the targets, speed-ups, memory, weight differences and FLOP rates. `best`:
+    the fastest run per method; `check`: the accuracy check's row at --alpha, on `vn` samples."""
+    n, image, cap = args.n[m], args.image_size, args.cap
+    seconds = {method: run["seconds"] for method, run in best.items()}
+    inf, exact, subsampled = seconds["inference"], seconds["stats_exact"], seconds["stats_subsampled"]
+    per_sample = {
+        "forward": forward_flops_per_sample(m, image),
+        "gram_exact": gram_flops_per_sample(m, image_size=image),
+        "gram_subsampled": gram_flops_per_sample(m, cap, image_size=image),
+        "gram_full_gemm": gram_flops_per_sample(m, block=None, image_size=image),
+    }
+    fwd, gram_exact, gram_sub = (per_sample[k] * n for k in ("forward", "gram_exact", "gram_subsampled"))
+    timed_diff = max_relative_difference(bench.ours, bench.ref)
+    ours_total = exact + seconds["eigh_project"]
+    ref_mem = max(x["peak_mem_mb"] or 0 for x in bench.runs["reference_svd"])
+    our_mem = max(x["peak_mem_mb"] or 0 for x in bench.runs["stats_exact"])
+    tokens = tokens_per_sample(image)
+    # what the reference keeps: every token's row of each encoder group's input, the CLS row of the classifier's
+    stored_bytes = sum(g.in_features for g in bench.groups[:-1]) * tokens * n * 4
+    return {
+        "n_samples": n,
+        "batch_size": args.batch_size[m],
+        "tokens_per_sample": tokens,
+        "token_cap": cap,
+        "alpha": args.alpha,
+        "groups": len(bench.groups),
+        "target_layers": len(bench.names),
+        "instrumented_pass_matches_library": bench.matches_library,
+        "ratio_stats_exact_over_inference": round(exact / inf, 3),
+        "ratio_stats_subsampled_over_inference": round(subsampled / inf, 3),
+        "target_stats_exact_le_2": exact / inf <= 2.0,
+        "target_stats_subsampled_le_1_2": subsampled / inf <= 1.2,
+        "ours_stats_plus_eigh_s": round(ours_total, 3),
+        "speedup_vs_reference_svd": round(seconds["reference_svd"] / ours_total, 3),
+        "speedup_stats_exact_vs_reference_svd": round(seconds["reference_svd"] / exact, 3),
+        "reference_svd_peak_mem_mb": round(ref_mem, 1),
+        "stats_exact_peak_mem_mb": round(our_mem, 1),
+        "memory_ratio_reference_over_stats_exact": round(ref_mem / our_mem, 2) if our_mem else None,
+        "reference_stored_activations_mb": round(
+            stored_bytes / 2**20 + bench.groups[-1].in_features * n * 4 / 2**20, 1
+        ),
+        "max_rel_diff": check["gram_float64_vs_svd_float64"],
+        "max_rel_diff_check": (
+            f"accumulation_dtype=float64 Gram -> eigh vs float64 SVD of the stored activations, "
+            f"alpha={args.alpha:g}, n={vn}"
+        ),
+        "weights_match_1e-5": check["gram_float64_vs_svd_float64"] <= 1e-5,
+        "max_rel_diff_default_float32_gram": check.get("gram_float32_vs_svd_float64"),
+        "max_rel_diff_timed_runs": timed_diff["max_abs_over_max_abs"],
+        "max_rel_diff_timed_runs_note": "library default (float32 Gram) vs reference_svd (float32 SVD), both at n",
+        "frobenius_rel_diff_timed_runs": timed_diff["frobenius"],
+        "flops": {
+            **{f"{k}_gflop_per_sample": round(v / 1e9, 3) for k, v in per_sample.items()},
+            "inference_gflops_per_s": round(fwd / inf / 1e9, 1),
+            "stats_exact_gflops_per_s": round((fwd + gram_exact) / exact / 1e9, 1),
+            "stats_subsampled_gflops_per_s": round((fwd + gram_sub) / subsampled / 1e9, 1),
+            "stats_exact_ideal_ratio_at_inference_rate": round(1 + gram_exact / fwd, 3),
+        },
+        "stats_exact_breakdown_s": breakdown(best["stats_exact"], inf),
+        "stats_subsampled_breakdown_s": breakdown(best["stats_subsampled"], inf),
+    }
+
+
 def summarise(
-    args: argparse.Namespace,
-    ctx: dict[str, dict[str, Any]],
-    verification: dict[str, Any],
-    mem_children: dict[str, Any],
+    args: argparse.Namespace, benches: dict[str, Bench], verification: dict[str, Any], children: dict[str, Any]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows (best run per model and method) and the per-model summary with the targets."""
+    """The rows (the fastest run per model and method) and the per-model summary."""
     rows, summary = [], {}
-    for m in args.models_list:
-        c = ctx[m]
+    for m, bench in benches.items():
         best = {}
-        for method in args.method_list:
-            runs = c["runs"][method]
-            fastest = min(runs, key=lambda x: x["seconds"])
-            mems = [x["peak_mem_mb"] for x in runs if x["peak_mem_mb"] is not None]
-            best[method] = fastest
+        for method in args.methods:
+            runs = bench.runs[method]
+            best[method], peak = best_run(runs)
             rows.append(
                 {
                     "model": m,
                     "method": method,
-                    "n_samples": args.n_per[m],
-                    "seconds": round(fastest["seconds"], 4),
-                    "peak_mem_mb": round(max(mems), 1) if mems else None,
+                    "n_samples": args.n[m],
+                    "seconds": round(best[method]["seconds"], 4),
+                    "peak_mem_mb": peak,
                     "runs": len(runs),
                     "all_seconds": [round(x["seconds"], 4) for x in runs],
                 }
             )
         inf = best["inference"]["seconds"]
-        fwd = forward_flops_per_sample(m, args.image) * args.n_per[m]
-        gram_exact = gram_flops_per_sample(m, image_size=args.image) * args.n_per[m]
-        gram_sub = gram_flops_per_sample(m, args.cap, image_size=args.image) * args.n_per[m]
-        full = set(METHODS) <= set(args.method_list)
-        if not full:  # a partial run: only the ratios to inference
+        if not args.all_methods:  # a partial run: only the ratios to inference
             summary[m] = {
-                "n_samples": args.n_per[m],
-                "batch_size": args.bs_per[m],
-                "methods": args.method_list,
-                "instrumented_pass_matches_library": c["instrumented_matches_library"],
+                "n_samples": args.n[m],
+                "batch_size": args.batch_size[m],
+                "methods": args.methods,
+                "instrumented_pass_matches_library": bench.matches_library,
                 **{
                     f"ratio_{k}_over_inference": round(best[k]["seconds"] / inf, 3)
-                    for k in args.method_list
+                    for k in args.methods
                     if k in ("stats_exact", "stats_subsampled")
                 },
-                **{f"{k}_breakdown_s": breakdown(best[k], inf) for k in args.method_list if k.startswith("stats")},
+                **{f"{k}_breakdown_s": breakdown(best[k], inf) for k in args.methods if k.startswith("stats")},
             }
             continue
-        timed_diff = max_relative_difference(c["ours"], c["ref"])
         check = next(r for r in verification[m]["per_alpha"] if r["alpha"] == args.alpha)
-        ours_total = best["stats_exact"]["seconds"] + best["eigh_project"]["seconds"]
-        ref_mem = max(x["peak_mem_mb"] or 0 for x in c["runs"]["reference_svd"])
-        our_mem = max(x["peak_mem_mb"] or 0 for x in c["runs"]["stats_exact"])
-        s = {
-            "n_samples": args.n_per[m],
-            "batch_size": args.bs_per[m],
-            "tokens_per_sample": tokens_per_sample(args.image),
-            "token_cap": args.cap,
-            "alpha": args.alpha,
-            "groups": len(c["groups"]),
-            "target_layers": len(c["names"]),
-            "instrumented_pass_matches_library": c["instrumented_matches_library"],
-            "ratio_stats_exact_over_inference": round(best["stats_exact"]["seconds"] / inf, 3),
-            "ratio_stats_subsampled_over_inference": round(best["stats_subsampled"]["seconds"] / inf, 3),
-            "target_stats_exact_le_2": best["stats_exact"]["seconds"] / inf <= 2.0,
-            "target_stats_subsampled_le_1_2": best["stats_subsampled"]["seconds"] / inf <= 1.2,
-            "ours_stats_plus_eigh_s": round(ours_total, 3),
-            "speedup_vs_reference_svd": round(best["reference_svd"]["seconds"] / ours_total, 3),
-            "speedup_stats_exact_vs_reference_svd": round(
-                best["reference_svd"]["seconds"] / best["stats_exact"]["seconds"], 3
-            ),
-            "reference_svd_peak_mem_mb": round(ref_mem, 1),
-            "stats_exact_peak_mem_mb": round(our_mem, 1),
-            "memory_ratio_reference_over_stats_exact": round(ref_mem / our_mem, 2) if our_mem else None,
-            "reference_stored_activations_mb": round(
-                sum(g.in_features for g in c["groups"][:-1])
-                * tokens_per_sample(args.image)
-                * args.n_per[m]
-                * 4
-                / 2**20
-                + c["groups"][-1].in_features * args.n_per[m] * 4 / 2**20,
-                1,
-            ),
-            "max_rel_diff": check["gram_float64_vs_svd_float64"],
-            "max_rel_diff_check": (
-                f"accumulation_dtype=float64 Gram -> eigh vs float64 SVD of the stored activations, "
-                f"alpha={args.alpha:g}, n={verification[m]['n_samples']}"
-            ),
-            "weights_match_1e-5": check["gram_float64_vs_svd_float64"] <= 1e-5,
-            "max_rel_diff_default_float32_gram": check.get("gram_float32_vs_svd_float64"),
-            "max_rel_diff_timed_runs": timed_diff["max_abs_over_max_abs"],
-            "max_rel_diff_timed_runs_note": "library default (float32 Gram) vs reference_svd (float32 SVD), both at n",
-            "frobenius_rel_diff_timed_runs": timed_diff["frobenius"],
-            "flops": {
-                "forward_gflop_per_sample": round(forward_flops_per_sample(m, args.image) / 1e9, 3),
-                "gram_exact_gflop_per_sample": round(gram_flops_per_sample(m, image_size=args.image) / 1e9, 3),
-                "gram_subsampled_gflop_per_sample": round(
-                    gram_flops_per_sample(m, args.cap, image_size=args.image) / 1e9, 3
-                ),
-                "gram_full_gemm_gflop_per_sample": round(
-                    gram_flops_per_sample(m, block=None, image_size=args.image) / 1e9, 3
-                ),
-                "inference_gflops_per_s": round(fwd / inf / 1e9, 1),
-                "stats_exact_gflops_per_s": round((fwd + gram_exact) / best["stats_exact"]["seconds"] / 1e9, 1),
-                "stats_subsampled_gflops_per_s": round(
-                    (fwd + gram_sub) / best["stats_subsampled"]["seconds"] / 1e9, 1
-                ),
-                "stats_exact_ideal_ratio_at_inference_rate": round(1 + gram_exact / fwd, 3),
-            },
-            "stats_exact_breakdown_s": breakdown(best["stats_exact"], inf),
-            "stats_subsampled_breakdown_s": breakdown(best["stats_subsampled"], inf),
-        }
-        if m in mem_children:
-            small, large = mem_children[m]["1"], mem_children[m][str(args.mem_factor)]
-            s["memory_n_vs_4n"] = {
-                "method": (
-                    "fresh subprocess per size (--quick: one subprocess, both sizes), lazily generated data, "
-                    "VmHWM - VmRSS around collect_statistics, glibc mmap threshold pinned"
-                ),
-                "n": small["n"],
-                "n_peak_growth_mb": round(small["peak_growth_mb"], 1),
-                "big_n": large["n"],
-                "big_n_peak_growth_mb": round(large["peak_growth_mb"], 1),
-                "growth_pct": round(
-                    100 * (large["peak_growth_mb"] - small["peak_growth_mb"]) / small["peak_growth_mb"], 2
-                ),
-                "target_le_5pct": (large["peak_growth_mb"] - small["peak_growth_mb"]) / small["peak_growth_mb"]
-                <= 0.05,
-                "seconds": [round(small["seconds"], 2), round(large["seconds"], 2)],
-            }
-        summary[m] = s
+        summary[m] = model_summary(args, m, bench, best, check, verification[m]["n_samples"])
+        if m in children:
+            summary[m]["memory_n_vs_4n"] = memory_growth(children[m]["1"], children[m][str(args.mem_factor)])
     return rows, summary
 
 
@@ -568,12 +487,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env, wall_start = record_environment(args)
-    ctx = build_contexts(args)
-    time_methods(args, ctx)
-    mem_children = {} if args.no_mem_children else memory_children(args)
-    verification = verify_models(args, ctx)
-    investigation = investigate_models(args, ctx) if args.do_investigate else {}
-    rows, summary = summarise(args, ctx, verification, mem_children)
+    benches = build_benches(args)
+    time_methods(args, benches)
+    children = {} if args.no_mem_children else memory_children(args)
+    verification = verify_models(args, benches)
+    investigation = investigate_models(args, benches) if args.investigate else {}
+    rows, summary = summarise(args, benches, verification, children)
     env["loadavg_end"] = common.loadavg()
     env["wall_seconds"] = round(time.perf_counter() - wall_start, 1)
     result = {
@@ -583,13 +502,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "investigation": investigation,
         "env": env,
         "config": {
-            "image_size": args.image,
+            "image_size": args.image_size,
             "patch_size": PATCH,
             "layers": LAYERS,
             "num_labels": LABELS,
             "dtype": "float32",
-            "repeats": args.repeat_count,
-            "methods": args.method_list,
+            "repeats": args.repeats,
+            "methods": args.methods,
             "command": " ".join(sys.argv),
             "slow_seconds": args.slow_seconds,
             "quick": args.quick,
@@ -604,7 +523,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print_table(rows, summary)
     common.write_json(out_dir / "speed.json", result, indent=2)
     if not args.no_plot and args.all_methods:
-        plot(rows, summary, investigation, out_dir / "speed.png", args.image)
+        plot(rows, summary, investigation, out_dir / "speed.png", args.image_size)
     print(f"wrote {out_dir / 'speed.json'} (wall {env['wall_seconds']} s)", flush=True)
     return result
 

@@ -1,10 +1,10 @@
-"""What `speed.py` times: the ViT shapes, their random data, FLOP counts, and the compared methods.
+"""What `speed.py` compares (a support module, not a script): the ViT shapes, their random data, FLOP counts, and
+one call of each method; nothing here times or measures memory. The protocol is on
+`benchmarks/studies/cost.md#speed-and-memory`.
 
-The methods (one call each): `run_inference` (plain forward), `run_stats` (sap_hf's streaming
-statistics), `run_eigh_project` (eigh of every Gram + projection + write, one alpha) and
-`run_reference_svd` (the paper's stored-activations SVD, kept here as the yardstick). `verify`
-checks that the two give the same projected weights. Imported by `speed.py`, `speed_memory.py`
-and `speed_investigate.py`; nothing here times or measures memory.
+`run_inference` (plain forward), `run_stats` (sap_hf's streaming statistics), `run_eigh_project` (eigh of every
+Gram, projection and write, one alpha), `run_reference_svd` (the paper's stored-activations SVD, the yardstick);
+`verify` checks that the Gram path and the SVD give the same projected weights.
 """
 
 from __future__ import annotations
@@ -24,11 +24,6 @@ SHAPES = {
 }
 IMAGE, PATCH, LAYERS, LABELS = 224, 16, 12, 10  # IMAGE: the default image size (--image_size)
 GRAM_BLOCK = 256  # sap_hf.core.stats.GramAccumulator's default block
-
-
-# --------------------------------------------------------------------------------------------
-# Models, data, FLOPs
-# --------------------------------------------------------------------------------------------
 
 
 def build_model(shape: str, seed: int = 0, image_size: int = IMAGE):
@@ -62,11 +57,8 @@ def tokens_per_sample(image_size: int = IMAGE) -> int:
 
 
 def forward_flops_per_sample(shape: str, image_size: int = IMAGE) -> float:
-    """2 FLOPs per multiply-add; elementwise ops (LayerNorm, GELU, softmax) are ignored.
-
-    L * [2T(4h^2 + 2hm) + 4T^2 h]  (q,k,v,o + fc1,fc2 + QK^T and AV)
-    + 2 (T-1) (3 p^2) h            (patch embedding)   + 2 h C (classifier)
-    """
+    """L [2T(4h^2 + 2hm) + 4T^2 h] (q,k,v,o, fc1,fc2, QK^T and AV) + 2(T-1) 3p^2 h (patch embedding) + 2hC
+    (classifier); 2 FLOPs per multiply-add, elementwise ops (LayerNorm, GELU, softmax) ignored."""
     h, m, T = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"], tokens_per_sample(image_size)
     per_layer = 2 * T * (4 * h * h + 2 * h * m) + 4 * T * T * h
     return LAYERS * per_layer + 2 * (T - 1) * 3 * PATCH * PATCH * h + 2 * h * LABELS
@@ -82,17 +74,12 @@ def gram_flops_per_token(width: int, block: Optional[int] = GRAM_BLOCK) -> float
 def gram_flops_per_sample(
     shape: str, token_cap: Optional[int] = None, block: Optional[int] = GRAM_BLOCK, image_size: int = IMAGE
 ) -> float:
-    """Per layer: q/k/v (one group), o, fc1 read h-wide rows, fc2 reads m-wide rows; the classifier
-    reads 1 row (CLS) per sample. t = min(cap, T) rows per sample for the encoder groups."""
+    """Per layer: q/k/v (one group), o, fc1 read h-wide rows, fc2 m-wide rows, t = min(cap, T) rows per sample;
+    the classifier reads 1 row (CLS) per sample."""
     h, m, T = SHAPES[shape]["hidden_size"], SHAPES[shape]["intermediate_size"], tokens_per_sample(image_size)
     t = T if token_cap is None else min(token_cap, T)
     per_layer = t * (3 * gram_flops_per_token(h, block) + gram_flops_per_token(m, block))
     return LAYERS * per_layer + gram_flops_per_token(h, block)
-
-
-# --------------------------------------------------------------------------------------------
-# The methods
-# --------------------------------------------------------------------------------------------
 
 
 def run_inference(model, data) -> None:
@@ -104,13 +91,9 @@ def run_inference(model, data) -> None:
 def run_stats(model, data, names, batch_size: int, cap: Optional[int], accumulation_dtype: str = "float32"):
     from sap_hf.core.stats import collect_statistics
 
+    runtime = Runtime(batch_size=batch_size, show_progress=False)
     return collect_statistics(
-        model,
-        data,
-        names,
-        max_tokens_per_sample=cap,
-        accumulation_dtype=accumulation_dtype,
-        runtime=Runtime(batch_size=batch_size, show_progress=False),
+        model, data, names, max_tokens_per_sample=cap, accumulation_dtype=accumulation_dtype, runtime=runtime
     )
 
 
@@ -118,32 +101,23 @@ def run_eigh_project(model, stats, alpha: float) -> dict[str, torch.Tensor]:
     from sap_hf.core.projection import current_weights, plan_projection, write_weights
     from sap_hf.core.search import eigenbases
 
-    originals = current_weights(model, stats.target_modules)
-    bases = eigenbases(stats)
-    new = plan_projection(originals, stats.groups, bases, alpha)
+    new = plan_projection(current_weights(model, stats.target_modules), stats.groups, eigenbases(stats), alpha)
     write_weights(model, new)
     return new
 
 
 def store_activations(model, data, groups) -> dict[str, torch.Tensor]:
     """One forward keeping every group's input rows (N x d, as produced: float32), stacked."""
-    modules = dict(model.named_modules())
+    from sap_hf.core.stats import input_hooks
+
     stored: dict[str, list[torch.Tensor]] = {g.name: [] for g in groups}
-    handles = []
-    try:
-        for group in groups:
 
-            def hook(module, args, _name=group.name):
-                x = args[0].detach()
-                stored[_name].append(x.reshape(-1, x.shape[-1]).clone())
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        stored[name].append(tensor.detach().reshape(-1, tensor.shape[-1]).clone())
 
-            handles.append(modules[group.name].register_forward_pre_hook(hook))
-        with torch.no_grad():
-            for batch in data:
-                model(pixel_values=batch["pixel_values"])
-    finally:
-        for handle in handles:
-            handle.remove()
+    with input_hooks(model, list(stored), keep), torch.no_grad():
+        for batch in data:
+            model(pixel_values=batch["pixel_values"])
     for name in list(stored):  # stack one group at a time: peak = everything + one group
         stored[name] = torch.cat(stored[name]) if len(stored[name]) > 1 else stored[name][0]
     return stored
@@ -169,12 +143,10 @@ def svd_projected(
 def run_reference_svd(
     model, data, groups, alpha: float, svd_dtype: torch.dtype = torch.float32
 ) -> dict[str, torch.Tensor]:
-    """The stored-activations approach: R = X^T (d x N) per distinct input, SVD, P = U diag(lambda) U^T.
+    """The stored-activations approach: R = X^T (d x N) per distinct input, SVD, P = U diag(lambda) U^T, W <- W P.
 
-    Activations are kept exactly as they come (float32, all of them in memory at once, like the
-    reference), the SVD is torch.linalg.svd(R, full_matrices=False) in `svd_dtype` (float32 like
-    the reference code; float64 for the accuracy check), then W <- W P and the weights are written.
-    """
+    The activations are kept as they come (float32, all in memory at once, like the reference code); the SVD runs in
+    `svd_dtype` (float32 like the reference code; float64 for the accuracy check)."""
     modules = dict(model.named_modules())
     stored = store_activations(model, data, groups)
     new: dict[str, torch.Tensor] = {}
@@ -201,24 +173,17 @@ def max_relative_difference(ours: dict[str, torch.Tensor], ref: dict[str, torch.
 def verify(model, names, groups, data, batch_size: int, alphas: list[float], full: bool) -> dict[str, Any]:
     """Projected weights of the Gram path vs the SVD of the stored activations, per alpha.
 
-    Truth = float64 SVD of the stored (float32) activations. Always: Gram accumulated in float64.
-    With `full`: also the library default (float32 Gram) and a float32 SVD (the reference's dtype),
-    which shows where a mismatch comes from.
-    """
+    Truth: the float64 SVD of the stored (float32) activations, against a Gram accumulated in float64. With `full`
+    also the library default (float32 Gram) and a float32 SVD (the reference's dtype): where a mismatch comes from."""
     from sap_hf.core.projection import current_weights, plan_projection
     from sap_hf.core.search import eigenbases
 
+    dtypes = ["float64", "float32"] if full else ["float64"]
     originals = current_weights(model, names)
     stored = store_activations(model, data, groups)
-    svds = {"float64": {}, "float32": {}}
-    for group in groups:
-        svds["float64"][group.name] = svd_basis(stored[group.name], torch.float64)
-        if full:
-            svds["float32"][group.name] = svd_basis(stored[group.name], torch.float32)
-        del stored[group.name]
-    grams = {"float64": eigenbases(run_stats(model, data, names, batch_size, None, "float64"))}
-    if full:
-        grams["float32"] = eigenbases(run_stats(model, data, names, batch_size, None, "float32"))
+    svds = {dtype: {g.name: svd_basis(stored[g.name], getattr(torch, dtype)) for g in groups} for dtype in dtypes}
+    del stored
+    grams = {dtype: eigenbases(run_stats(model, data, names, batch_size, None, dtype)) for dtype in dtypes}
 
     def from_svd(dtype: str, alpha: float) -> dict[str, torch.Tensor]:
         out = {}
@@ -227,16 +192,16 @@ def verify(model, names, groups, data, batch_size: int, alphas: list[float], ful
             out.update(svd_projected({n: originals[n] for n in group.members}, u, s, alpha))
         return out
 
+    def difference(ours: dict[str, torch.Tensor], truth: dict[str, torch.Tensor]) -> float:
+        return max_relative_difference(ours, truth)["max_abs_over_max_abs"]
+
     result: dict[str, Any] = {"n_samples": sum(b["pixel_values"].shape[0] for b in data), "per_alpha": []}
     for alpha in alphas:
         truth = from_svd("float64", alpha)
         row = {"alpha": alpha}
         for dtype, bases in grams.items():
-            ours = plan_projection(originals, groups, bases, alpha)
-            row[f"gram_{dtype}_vs_svd_float64"] = max_relative_difference(ours, truth)["max_abs_over_max_abs"]
+            row[f"gram_{dtype}_vs_svd_float64"] = difference(plan_projection(originals, groups, bases, alpha), truth)
         if full:
-            row["svd_float32_vs_svd_float64"] = max_relative_difference(from_svd("float32", alpha), truth)[
-                "max_abs_over_max_abs"
-            ]
+            row["svd_float32_vs_svd_float64"] = difference(from_svd("float32", alpha), truth)
         result["per_alpha"].append(row)
     return result

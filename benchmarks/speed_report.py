@@ -1,10 +1,11 @@
-"""The table and the figure of `speed.py`, from its rows and summary (what speed.json holds)."""
+"""The table and the figure of `speed.py` (a support module), from its rows and summary (what speed.json holds)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from report import pyplot, save_figure
 from speed_methods import IMAGE, METHODS
 
 
@@ -43,6 +44,12 @@ def print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         )
 
 
+def label_bars(ax, bars, values: list[float], fmt: str) -> None:
+    for bar, value in zip(bars, values):
+        x, y = bar.get_x() + bar.get_width() / 2, bar.get_height()
+        ax.annotate(fmt.format(value), (x, y), ha="center", va="bottom", fontsize=7)
+
+
 def plot(
     rows: list[dict[str, Any]],
     summary: dict[str, Any],
@@ -50,34 +57,21 @@ def plot(
     path: Path,
     image_size: int = IMAGE,
 ) -> None:
-    """Time and peak memory per method and model (log scales), and the statistics/inference ratios with their targets."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Time and peak memory per method and model (log scales), and the statistics/inference ratios with their targets
+    (and the prototype accumulator's, where it was measured)."""
+    plt = pyplot()
+    if plt is None:
+        return
     models = list(summary)
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [5, 5, 3]})
     width = 0.8 / len(models)
-
-    def label_bars(ax, bars, values, fmt):
-        for bar, value in zip(bars, values):
-            ax.annotate(
-                fmt.format(value),
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=7,
-            )
-
     for i, m in enumerate(models):
-        rs = {r["method"]: r for r in rows if r["model"] == m}
+        by_method = {r["method"]: r for r in rows if r["model"] == m}
         xs = [j + i * width for j in range(len(METHODS))]
-        secs = [rs[k]["seconds"] for k in METHODS]
-        mems = [rs[k]["peak_mem_mb"] or 0 for k in METHODS]
-        label_bars(
-            axes[0], axes[0].bar(xs, secs, width, label=f"ViT-{m} (n={summary[m]['n_samples']})"), secs, "{:.1f}"
-        )
+        secs = [by_method[k]["seconds"] for k in METHODS]
+        mems = [by_method[k]["peak_mem_mb"] or 0 for k in METHODS]
+        label = f"ViT-{m} (n={summary[m]['n_samples']})"
+        label_bars(axes[0], axes[0].bar(xs, secs, width, label=label), secs, "{:.1f}")
         label_bars(axes[1], axes[1].bar(xs, mems, width, label=f"ViT-{m}"), mems, "{:.0f}")
     for ax, title, label in [
         (axes[0], "time (best of runs)", "seconds (log)"),
@@ -90,29 +84,21 @@ def plot(
         ax.set_title(title)
         ax.legend(fontsize=8)
 
-    # ratios to inference, with the targets; the prototype accumulator where it was measured
-    kinds = [("stats_exact", "exact"), ("stats_subsampled", "subsampled")]
     ax = axes[2]
     for i, m in enumerate(models):
-        values = [summary[m]["ratio_stats_exact_over_inference"], summary[m]["ratio_stats_subsampled_over_inference"]]
+        values = [summary[m][f"ratio_{k}_over_inference"] for k in ("stats_exact", "stats_subsampled")]
         xs = [j + i * width for j in range(2)]
         label_bars(ax, ax.bar(xs, values, width, label=f"ViT-{m}"), values, "{:.2f}")
         proto = investigation.get(m, {}).get("prototype_accumulator")
         if proto:
-            pv = [
-                proto["stats_exact_proto"]["ratio_over_inference"],
-                proto["stats_subsampled_proto"]["ratio_over_inference"],
-            ]
-            ax.scatter(
-                xs, pv, marker="_", s=300, color="black", zorder=3, label="prototype accumulator" if i == 0 else None
-            )
+            pv = [proto[f"{k}_proto"]["ratio_over_inference"] for k in ("stats_exact", "stats_subsampled")]
+            label = "prototype accumulator" if i == 0 else None
+            ax.scatter(xs, pv, marker="_", s=300, color="black", zorder=3, label=label)
     ax.axhline(2.0, ls="--", lw=1, color="tab:red")
     ax.axhline(1.2, ls=":", lw=1, color="tab:red")
     ax.set_xticks([j + width * (len(models) - 1) / 2 for j in range(2)])
-    ax.set_xticklabels([k for _, k in kinds])
+    ax.set_xticklabels(["exact", "subsampled"])
     ax.set_title("statistics pass / inference (targets 2.0, 1.2)")
     ax.legend(fontsize=8)
     fig.suptitle(f"SAP statistics vs inference vs stored-activation SVD (CPU, float32, {image_size}x{image_size})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
