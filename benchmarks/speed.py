@@ -512,7 +512,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             "command": " ".join(sys.argv),
             "slow_seconds": args.slow_seconds,
             "quick": args.quick,
-            "timing": "best of `runs` per method (after a one-batch warm-up), args.method_list interleaved, order rotated per repeat",
+            "timing": "best of `runs` per method (after a one-batch warm-up), methods interleaved, order rotated per repeat",
             "peak_mem_mb": "max over runs of VmHWM - VmRSS(before) around the call, after gc + malloc_trim and a clear_refs HWM reset",
             "flops": "forward: L[2T(4h^2+2hm)+4T^2h] + 2(T-1)3p^2h + 2hC; Gram: per group 2 t sum_blocks (e-s)(d-s), 256-row blocks",
             "max_rel_diff": "max over projected layers of max|W_ours - W_ref| / max|W_ref|",
