@@ -128,13 +128,7 @@ def val_best(candidates: list[dict]) -> dict | None:
 # ---- SAP candidates and the rows made of them ----
 
 
-def sap_candidates(
-    run: dict[str, Any],
-    final_state: dict,
-    args: argparse.Namespace,
-    timing: dict[str, Any],
-    selections: dict[tuple[str, int], Any] | None = None,
-) -> list[dict]:
+def sap_candidates(run: dict[str, Any], final_state: dict, args: argparse.Namespace, selections: Any = None) -> list:
     """`sap_correct` on the trusted set of every rule x `--trusted_per_class` x `--alpha_scopes`, alpha on val.
 
     One candidate per (rule, per_class, scope), in that order (ties on val go to the earlier one: rules in the order
@@ -143,7 +137,7 @@ def sap_candidates(
     `selections[(rule, per_class)]`: a `select_trusted` result already made. The model is left at any state:
     reload `final_state` after.
     """
-    model = run["model"]
+    model, timing = run["model"], run["timing"]
     timing["sap"] = {}
     candidates = []
     for rule in args.rules:
@@ -255,7 +249,7 @@ def run_ce(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     rows = trained_rows(base, ("none", "best_epoch"), run, args)
     timing["baselines"] = time.perf_counter() - clock
     timing["sap_test_curves"], timing["finetune"] = 0.0, {}
-    candidates = sap_candidates(run, final_state, args, timing)
+    candidates = sap_candidates(run, final_state, args)
     model.load_state_dict(final_state)
     usable = [c for c in candidates if "error" not in c]
     shared = [c for c in usable if c["scope"] == "shared"]
@@ -339,18 +333,15 @@ def robust_loss(name: str) -> tuple[Any, str, dict[str, Any]]:
 
         smoother = LabelSmoother(epsilon=LABEL_SMOOTHING)
         params: dict[str, Any] = {"loss": "ce", "label_smoothing_factor": LABEL_SMOOTHING}
-
-        def loss_fn(logits: Any, labels: Any, *, indices: Any = None, epoch: int = 0) -> Any:
-            return smoother({"logits": logits}, labels)
+        loss = lambda logits, labels: smoother({"logits": logits}, labels)
     else:
         from sap_hf.losses import LossConfig, RobustLoss
 
-        loss_config = LossConfig(loss=name)
-        robust = RobustLoss(loss_config)
-        params = {"loss": name, **loss_config.parameters()}
+        config = LossConfig(loss=name)
+        params, loss = {"loss": name, **config.parameters()}, RobustLoss(config)
 
-        def loss_fn(logits: Any, labels: Any, *, indices: Any = None, epoch: int = 0) -> Any:
-            return robust(logits, labels)
+    def loss_fn(logits: Any, labels: Any, *, indices: Any = None, epoch: int = 0) -> Any:
+        return loss(logits, labels)
 
     tag = "_".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
     return loss_fn, tag, params
@@ -370,7 +361,7 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
     name = f"robust_{loss}"
     base = {"setting": setting, "seed": seed, "loss": loss, "loss_params": params}
     rows = trained_rows(base, (name, f"{name}_best_epoch"), run, args)
-    candidates = sap_candidates(run, final_state, args, run["timing"])
+    candidates = sap_candidates(run, final_state, args)
     model.load_state_dict(final_state)
     usable = [c for c in candidates if "error" not in c]
     rows += [sap_row(base, candidate_method(f"{name}+sap", c), c) for c in usable]
@@ -494,7 +485,7 @@ def run_curvature(setting: str, seed: int, args: argparse.Namespace) -> dict[str
         cost[rule] = time.perf_counter() - clock
     curvature_args = copy.copy(args)
     curvature_args.rules = ["curvature"]
-    candidates = sap_candidates(run, final_state, curvature_args, run["timing"], selections)
+    candidates = sap_candidates(run, final_state, curvature_args, selections)
     candidates = [c for c in candidates if "error" not in c]
     base = {"setting": setting, "seed": seed, "group": "curvature", "selection_seconds": cost}
     rows = [sap_row(base, f"sap_curvature_{c['scope']}[{c['per_class']}]", c) for c in candidates]
@@ -656,15 +647,9 @@ FIGURES = {
 }
 
 
-def plot(
-    rows: list[dict[str, Any]],
-    runs: list[dict[str, Any]],
-    summary: dict[str, Any],
-    alphas: list[float],
-    plot_seed: int,
-    out_dir: Path,
-) -> list[str]:
+def plot(record: dict[str, Any], out_dir: Path) -> list[str]:
     """The bar figures (`FIGURES`) and the alpha figure (one seed per setting), from what accuracy.json holds."""
+    rows, runs, summary, config = record["rows"], record["runs"], record["summary"], record["config"]
     plt = common.pyplot()
     if plt is None:
         return []
@@ -674,12 +659,12 @@ def plot(
         has_robust = any(m.startswith("robust_") for methods in chosen.values() for m in methods)
         if any(len(methods) > 1 for methods in chosen.values()) and (name != "accuracy_robust.png" or has_robust):
             written.append(report.bars(chosen, out_dir / name, "Fashion-MNIST, tiny ViT memorising 40% noise:"))
-    shown = [run for run in runs if run["seed"] == plot_seed]
+    shown = [run for run in runs if run["seed"] == config["plot_seed"]]
     if shown:
         figure, axes = plt.subplots(1, len(shown), figsize=(6.5 * len(shown), 4.8), squeeze=False)
         for axis, run in zip(axes[0], shown):
             mine = {r["method"]: r for r in rows if r["setting"] == run["setting"] and r["seed"] == run["seed"]}
-            plot_alpha_curves(axis, run, mine, alphas)
+            plot_alpha_curves(axis, run, mine, list(config["alphas"]))
         figure.tight_layout()
         path = out_dir / "accuracy_alpha.png"
         figure.savefig(path, dpi=120)
@@ -734,9 +719,8 @@ def replot(out_dir: Path) -> None:
         if stored.get("peers") != record["peers"] and stored["rows"] == record["rows"]:
             stored["peers"] = record["peers"]
             common.write_json(out_dir / "accuracy.json", stored)
-    config = record["config"]
-    summary = report.summarise(record["rows"], ("setting",))
-    plot(record["rows"], record["runs"], summary, config["alphas"], config["plot_seed"], out_dir)
+    record["summary"] = report.summarise(record["rows"], ("setting",))
+    plot(record, out_dir)
     report.print_tables(out_dir / "accuracy.json")
 
 
@@ -865,8 +849,7 @@ def build_record(
     if existing.get("merged"):  # the record of earlier merges (older runs wrote it): kept
         record["merged"] = existing["merged"]
     if not args.no_plot:
-        written = plot(rows, runs, summary, list(record["config"]["alphas"]), record["config"]["plot_seed"], out_dir)
-        record["plots"] = [os.path.relpath(p, out_dir) for p in written]
+        record["plots"] = [os.path.relpath(p, out_dir) for p in plot(record, out_dir)]
     elif existing.get("plots"):
         record["plots"] = existing["plots"]  # redraw them with --replot
     return record
