@@ -104,14 +104,11 @@ def select(run: dict[str, Any], rule: str, per_class: int) -> Any:
     """`select_trusted` under the run's model (the 'early_loss' rule scores with the best-val checkpoint)."""
     from sap_hf import select_trusted
 
+    early = run["early_model"] if rule == "early_loss" else None
+    runtime = Runtime(batch_size=500, show_progress=False)
+    model, train_set, num_labels = run["model"], run["train_set"], run["config"].num_labels
     return select_trusted(
-        run["model"],
-        run["train_set"],
-        per_class,
-        num_labels=run["config"].num_labels,
-        rule=rule,
-        selection_model=run["early_model"] if rule == "early_loss" else None,
-        runtime=Runtime(batch_size=500, show_progress=False),
+        model, train_set, per_class, num_labels=num_labels, rule=rule, selection_model=early, runtime=runtime
     )
 
 
@@ -164,8 +161,14 @@ def sap_candidate(
 
     model, data, train_set = run["model"], run["data"], run["train_set"]
     # alpha_search="grid": this study plots and records every alpha's val/test curve
-    search = dict(alphas=list(args.alphas), alpha_search="grid", alpha_scope=scope)
-    config = SAPConfig(trusted_per_class=per_class, selection_rule=rule, batch_size=500, **search)
+    config = SAPConfig(
+        alphas=list(args.alphas),
+        trusted_per_class=per_class,
+        selection_rule=rule,
+        alpha_search="grid",
+        batch_size=500,
+        alpha_scope=scope,
+    )
     evaluate, runtime = common.val_metric(data), Runtime(show_progress=False)
     result = sap_correct(
         model, train_set, config=config, trusted_indices=indices, evaluate_fn=evaluate, runtime=runtime
@@ -293,7 +296,7 @@ def run_ce(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     noise["actual_noise_rate"] = float(data["is_noisy"].float().mean())
     grids = {name: ft["grid"] for name, (_, ft) in finetunes.items()}
     record = run_record(run, {**base, **noise}, rows, candidates, finetune_grids=grids)
-    return {"setting": setting, "seed": seed, "rows": rows, "run": record}
+    return {"setting": setting, "seed": seed, "group": "ce", "rows": rows, "run": record}
 
 
 def add_test_curves(
@@ -373,7 +376,7 @@ def run_robust(setting: str, seed: int, args: argparse.Namespace, loss: str) -> 
         row["gain_vs_base"] = row["test_accuracy"] - base_test
     identity = {"setting": setting, "seed": seed, "loss": loss, "loss_params": params, "cache_tag": tag}
     record = run_record(run, identity, rows, candidates)
-    return {"setting": setting, "seed": seed, "loss": loss, "rows": rows, "run": record}
+    return {"setting": setting, "seed": seed, "group": f"robust_{loss}", "loss": loss, "rows": rows, "run": record}
 
 
 def recorded_rows(setting: str, seed: int, args: argparse.Namespace, group: str) -> dict[str, dict]:
@@ -727,11 +730,6 @@ def replot(out_dir: Path) -> None:
 # ---- Merging into accuracy.json ----
 
 
-def _result_group(result: dict[str, Any]) -> str:
-    """The `--methods` group a worker result belongs to."""
-    return result.get("group") or ("robust_" + result["loss"] if "loss" in result else "ce")
-
-
 def _group(row: dict[str, Any]) -> str:
     """The `--methods` group a row belongs to."""
     if row["method"] == "sap+refine":
@@ -795,7 +793,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     results = common.run_tasks(_worker, tasks, args.jobs)
     order = {group: i for i, group in enumerate(args.methods)}
-    results.sort(key=lambda r: (order[_result_group(r)], args.settings.index(r["setting"]), r["seed"]))
+    results.sort(key=lambda r: (order[r["group"]], args.settings.index(r["setting"]), r["seed"]))
     path = out_dir / "accuracy.json"
     with _exclusive(out_dir / ".accuracy.json.lock"):  # read, merge and write as one step
         existing = json.loads(path.read_text()) if args.merge and path.exists() else {}
@@ -813,7 +811,7 @@ def build_record(
     from sap_hf.data.noise import FASHION_MNIST_ASYMMETRIC_MAP
 
     rows = [row for result in results for row in result["rows"]]
-    runs = [result["run"] for result in results if _result_group(result) == "ce"]
+    runs = [result["run"] for result in results if result["group"] == "ce"]
     robust_runs = [result["run"] for result in results if "loss" in result]
     rows, runs, robust_runs = merge(existing, rows, runs, robust_runs)
     summary = report.summarise(rows, ("setting",))

@@ -64,12 +64,8 @@ def tasks(args: argparse.Namespace) -> list[tuple[str, str, int, int, argparse.N
     if "pretrained" in args.regimes:
         tuned = regime_args("pretrained", args)
         pretrained_regime.pretrain(tuned)  # the backbone, once, before any worker fine-tunes from it
-        out += [
-            ("pretrained", n, seed, e, tuned)
-            for n in pretrained_regime.NOISES
-            for seed in args.seeds
-            for e in args.lengths
-        ]
+        noises = pretrained_regime.NOISES
+        out += [("pretrained", n, seed, e, tuned) for n in noises for seed in args.seeds for e in args.lengths]
     return out
 
 

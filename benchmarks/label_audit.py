@@ -203,8 +203,9 @@ def sap_detectors(found: Detections, run: dict[str, Any], setting: str, seed: in
     data, train_set, model = run["data"], run["train_set"], run["model"]
     labels = data["train_y"]
     clock = time.perf_counter()
-    settings = dict(alphas=list(args.sap_alphas), trusted_per_class=args.trusted_per_class, batch_size=500)
-    config = common.recipe_sap_config(**settings)
+    config = common.recipe_sap_config(
+        alphas=list(args.sap_alphas), trusted_per_class=args.trusted_per_class, batch_size=500
+    )
     evaluate, runtime = common.val_metric(data), Runtime(show_progress=False)
     result = sap_correct(model, train_set, config=config, evaluate_fn=evaluate, runtime=runtime)
     sap_seconds = time.perf_counter() - clock
