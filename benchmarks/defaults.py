@@ -1,55 +1,31 @@
+#!/usr/bin/env python
 """Defaults: what a user who changes nothing gets from `SAPConfig()`, in both regimes.
+
+On the accuracy benchmark's memorised tiny ViTs (`scratch`) and on pretrained.py's fine-tuned models (`pretrained`),
+three SAP corrections one after the other from the same trained state, alpha on the clean val split: the paper's
+settings (the old defaults), `SAPConfig()` and the recipe's SAP. Protocol and results: benchmarks/studies/defaults.md.
 
     python benchmarks/defaults.py --scratch_cache /work/cache/accuracy --pretrained_cache /work/cache/pretrained
     python benchmarks/defaults.py --quick        # smoke run: tiny data, one model per regime
-
-Question
-  `SAPConfig()`'s defaults are the recipe's SAP settings (shift_loss selection, 10 per class, one alpha
-  per layer kind over 10 ... 1e4); they were the paper's (loss, 100 per class, one shared alpha over
-  1 ... 1e7). On the models of both regimes, does `SAPConfig()` give what the recipe gives, how far is
-  it above the paper's settings, and at what cost?
-
-Protocol
-  Models: `scratch`, the accuracy benchmark's memorised tiny ViTs (`common.prepare_run` with
-  `common.run_parser` defaults, as accuracy.py: 4,000 noisy Fashion-MNIST images, 100 epochs), sym40 / asym40 x
-  `--seeds`; `pretrained`, pretrained.py's fine-tuned models (`pretrained_regime.finetuned`: backbone pretrained on
-  five other classes, 1,000 noisy images of the five tops), sym40 / asym40 / inst40 x `--seeds` x
-  `--lengths` fine-tuning epochs. Both read their model caches (trained there on first use).
-  Configs, one after the other on each model from the same trained state (`common.sap_row`:
-  `sap_correct`, alpha chosen on the clean val split, test accuracy reported):
-    paper      SAPConfig(**common.PAPER_SAP)      the paper's settings, the old defaults
-    defaults   SAPConfig()                        what a user who changes nothing gets (float32 statistics)
-    recipe     common.recipe_sap_config()         recipes/configs/default.yaml (float64 statistics): the
-                                                  `sap` rows of accuracy.py's per-kind study and pretrained.py
-  all with batch_size=500 (speed, not the result). `none` is the model as trained. `same_choice`:
-  defaults wrote the same alphas (and picked the same trusted samples) as recipe. Seconds are measured
-  side by side in one process, so their ratios compare; their levels depend on the load.
-
-Writes benchmarks/results/defaults.json and defaults.png (`--quick`: *_quick.*).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
+
+import common
+import pretrained_regime
+import report
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-import pretrained_regime  # noqa: E402
-import report  # noqa: E402
-
-
-CONFIGS = ("paper", "defaults", "recipe")
 REGIMES = ("scratch", "pretrained")
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out_dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one seed, one length")
@@ -88,12 +64,8 @@ def tasks(args: argparse.Namespace) -> list[tuple[str, str, int, int, argparse.N
     if "pretrained" in args.regimes:
         tuned = regime_args("pretrained", args)
         pretrained_regime.pretrain(tuned)  # the backbone, once, before any worker fine-tunes from it
-        out += [
-            ("pretrained", n, seed, e, tuned)
-            for n in pretrained_regime.NOISES
-            for seed in args.seeds
-            for e in args.lengths
-        ]
+        noises = pretrained_regime.NOISES
+        out += [("pretrained", n, seed, e, tuned) for n in noises for seed in args.seeds for e in args.lengths]
     return out
 
 
@@ -114,43 +86,32 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
     regime, noise, seed, epochs, args = task
     torch.set_num_threads(args.threads)
     common.quiet_libraries()
-    run = (
-        common.prepare_run(noise, seed, args)
-        if regime == "scratch"
-        else pretrained_regime.finetuned(noise, seed, epochs, args)
-    )
+    if regime == "scratch":
+        run = common.prepare_run(noise, seed, args)
+    else:
+        run = pretrained_regime.finetuned(noise, seed, epochs, args)
     data, model = run["data"], run["model"]
     state = copy.deepcopy(model.state_dict())
     base = {"regime": regime, "noise": noise, "seed": seed, "epochs": epochs}
-    rows = [
-        dict(
-            base,
-            config="none",
-            test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
-            val_accuracy=common.accuracy(model, data["val_x"], data["val_y"]),
-            **common.fit_diagnostics(model, data),
-        )
-    ]
+    test = common.accuracy(model, data["test_x"], data["test_y"])
+    val = common.accuracy(model, data["val_x"], data["val_y"])
+    rows = [dict(base, config="none", test_accuracy=test, val_accuracy=val, **common.fit_diagnostics(model, data))]
     trusted = {}
     for name, config in configs().items():
         out = common.sap_row(model, state, data, config, name, audit=False)
         rows.append(dict(base, **out["row"], config=name, accumulation_dtype=config.accumulation_dtype))
         trusted[name] = out["trusted"].tolist()
+    # same_choice: SAPConfig() wrote the same alphas, from the same trusted samples, as the recipe
     by = {r["config"]: r for r in rows}
-    by["defaults"]["same_choice"] = (
-        by["defaults"]["kind_alphas"] == by["recipe"]["kind_alphas"]
-        and by["defaults"]["alpha"] == by["recipe"]["alpha"]
-        and trusted["defaults"] == trusted["recipe"]
-    )
-    print(
-        f"[defaults] {regime} {noise} seed {seed} {epochs} ep: "
-        + " ".join(f"{r['config']}={100 * r['test_accuracy']:.1f}" for r in rows),
-        flush=True,
-    )
+    defaults, recipe = by["defaults"], by["recipe"]
+    same_alphas = (defaults["kind_alphas"], defaults["alpha"]) == (recipe["kind_alphas"], recipe["alpha"])
+    defaults["same_choice"] = same_alphas and trusted["defaults"] == trusted["recipe"]
+    accuracies = " ".join(f"{r['config']}={100 * r['test_accuracy']:.1f}" for r in rows)
+    print(f"[defaults] {regime} {noise} seed {seed} {epochs} ep: {accuracies}", flush=True)
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,9 +131,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     common.write_json(out_dir / f"{name}.json", record)
     report.print_tables(out_dir / f"{name}.json", "defaults.json")
     same = sum(bool(row.get("same_choice")) for row in rows)
-    print(
-        f"SAPConfig() chose what the recipe chose on {same} of {sum(r['config'] == 'defaults' for r in rows)} models"
-    )
+    models = sum(r["config"] == "defaults" for r in rows)
+    print(f"SAPConfig() chose what the recipe chose on {same} of {models} models")
     return record
 
 
