@@ -844,12 +844,12 @@ def build_record(
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }
-    if existing.get("merged"):  # the record of earlier merges (older runs wrote it): kept
-        record["merged"] = existing["merged"]
+    for key in [
+        k for k in existing if k not in record
+    ]:  # what this run does not recompute (`merged`, summaries): kept
+        record[key] = existing[key]
     if not args.no_plot:
         record["plots"] = [os.path.relpath(p, out_dir) for p in plot(record, out_dir)]
-    elif existing.get("plots"):
-        record["plots"] = existing["plots"]  # redraw them with --replot
     return record
 
 
