@@ -844,10 +844,8 @@ def build_record(
         "environment": common.environment(),
         "elapsed_seconds": time.perf_counter() - started,
     }
-    for key in [
-        k for k in existing if k not in record
-    ]:  # what this run does not recompute (`merged`, summaries): kept
-        record[key] = existing[key]
+    # What this run does not recompute (`merged`, older summaries) is kept.
+    record.update({key: value for key, value in existing.items() if key not in record})
     if not args.no_plot:
         record["plots"] = [os.path.relpath(p, out_dir) for p in plot(record, out_dir)]
     return record
