@@ -31,7 +31,8 @@ from typing import Any
 import common
 import report
 from common import RULES, SETTINGS, accuracy, finetune_grid, fit_diagnostics, mean_std, prepare_run
-from methods import add_peer_arguments, add_refine_arguments, oracle_sizes, peer_rows, peer_settings, sap_refine_row
+from methods import add_refine_arguments, sap_refine_row
+from peers import add_peer_arguments, oracle_sizes, peer_rows, peer_settings
 
 from sap_hf.runtime.passes import Runtime
 

@@ -23,34 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
 from common import (  # noqa: E402
-    PAPER_SAP,
-    clean_label_cleanup_row,
-    cleanup_study_rows,
     cross_validated_probs,
     environment,
-    finetune_grid,
     image_tensors,
-    refine_row,
     run_tasks,
-    sap_row,
-    shift_audit,
     train_epochs,
     train_from_scratch,
     write_json,
 )
-from methods import add_peer_arguments, peer_rows  # noqa: E402
+from methods import SAP_VARIANTS, Cell, run_methods  # noqa: E402
+from peers import add_peer_arguments  # noqa: E402
 
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10n"
 LABEL_SETS = ("worse", "random1", "aggre")
 METHOD_GROUPS = ("core", "extra", "cleanlab", "defaults")
 EXTRA_METHODS = ("refine", "finetune_trusted", "scrub")
-#: `--methods defaults`: SAP with other settings than `SAPConfig()`'s, to check the defaults on real noise.
-SAP_VARIANTS: dict[str, dict[str, Any]] = {
-    "sap_paper": PAPER_SAP,  # the paper's: loss rule, 100 per class, one alpha over 1 ... 1e7
-    "sap_loss": {"selection_rule": "loss"},  # SAPConfig() but the plain loss ranks the trusted samples
-    "sap_30": {"trusted_per_class": 30},  # SAPConfig() with 30 trusted samples per class instead of 10
-}
+#: `--methods core`'s registered methods (`methods.py`; `defaults`: its SAP_VARIANTS, `extra`: --extra_methods).
+CORE_METHODS = ("none", "best_epoch", "cleanups")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -297,18 +287,22 @@ def pretrain_loop(model: Any, pixels: Any, args: argparse.Namespace) -> dict[str
 # --------------------------------------------------------------------------------------------
 
 
+def method_names(label_set: str, args: argparse.Namespace) -> list[str]:
+    """The registered methods (`methods.METHODS`) of one cell: the oracle cell's, or those of `--methods`' groups."""
+    if label_set == "oracle":  # trained on the clean labels: its val-best epoch, and the clean-up's fine-tuning
+        return ["oracle", "oracle+refine"]
+    groups = {"core": CORE_METHODS, "extra": args.extra_methods, "defaults": list(SAP_VARIANTS)}
+    return [name for group in METHOD_GROUPS if group in args.methods for name in groups.get(group, [])]
+
+
 def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
     """Every method's rows for one (label set, seed); `oracle` for label set 'oracle' (trained on the clean labels)."""
-    import tempfile
-
     import torch
 
     label_set, seed, args = task
     if args.threads:
         torch.set_num_threads(args.threads)
-    from common import quiet_libraries
-
-    quiet_libraries()
+    common.quiet_libraries()
     started = time.perf_counter()
     data = load_data("worse" if label_set == "oracle" else label_set, seed, args)  # oracle: trained on clean_y
     model = new_model(seed, args)
@@ -321,89 +315,18 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
         "train_epochs": args.epochs,
         "train_seconds": trained["seconds"],
     }
-    last = copy.deepcopy(model.state_dict())
-    rows, audits, key = [], [], {"label_set": label_set, "seed": seed}
-    if label_set == "oracle":  # trained on the clean labels: its val-best epoch, and the clean-up's fine-tuning
-        oracle = dict(common.early_stopping_rows(model, last, trained, data)[1], method="oracle")
-        settings = dict(lr=args.lr, refine_epochs=args.refine_epochs, refine_batch_size=args.refine_batch_size)
-        with tempfile.TemporaryDirectory() as scratch:
-            ceiling = clean_label_cleanup_row(model, last, data, scratch=scratch, seed=seed, **settings)
-        rows = [dict(base, **oracle), dict(base, **ceiling)]
-        return dict(key, rows=rows, audits=[], history=trained["history"], seconds=time.perf_counter() - started)
-    if "core" in args.methods:
-        rows += [dict(base, **r) for r in common.early_stopping_rows(model, last, trained, data)]
-        rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained, data, args, seed)]
-    sap = sap_row(model, last, data) if {"extra", "cleanlab"} & set(args.methods) else None
-    if "extra" in args.methods:
-        rows += [dict(base, **r) for r in extra_rows(model, last, sap, data, args, seed)]
-    if "defaults" in args.methods:
-        from sap_hf import SAPConfig
-
-        for method, settings in SAP_VARIANTS.items():
-            config = SAPConfig(**{"batch_size": 500, **settings})
-            rows.append(dict(base, **sap_row(model, last, data, config, method)["row"]))
-    if "cleanlab" in args.methods and label_set in args.cleanlab_sets:
-        audits += [dict(base, **r) for r in audit_rows(sap, data, args, seed)]
-    model.load_state_dict(last)
-    return dict(key, rows=rows, audits=audits, history=trained["history"], seconds=time.perf_counter() - started)
-
-
-def extra_rows(
-    model: Any, last: dict, sap: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int
-) -> list[dict[str, Any]]:
-    """`refine` (the clean-up without SAP), `finetune_trusted` and `scrub` (realistic forget set), from `last`; those
-    of `args.extra_methods`."""
-    import tempfile
-
-    from sap_hf import RefineConfig
-
-    rows = []
-    if "refine" in args.extra_methods:
-        model.load_state_dict(last)
-        config = RefineConfig(learning_rates=[args.lr, 2 * args.lr], epochs=list(args.refine_epochs))
-        with tempfile.TemporaryDirectory() as scratch:
-            audit = shift_audit(model, data)
-            rows.append(
-                refine_row(
-                    model,
-                    data,
-                    audit,
-                    config,
-                    method="refine",
-                    refine_batch_size=args.refine_batch_size,
-                    seed=seed,
-                    scratch=scratch,
-                )
-            )
-    trusted = sap["trusted"]
-    if "finetune_trusted" in args.extra_methods:
-        clock = time.perf_counter()
-        ft = finetune_grid(model, last, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
-        rows.append(
-            dict(
-                method="finetune_trusted",
-                test_accuracy=ft["test_accuracy"],
-                val_accuracy=ft["val_accuracy"],
-                lr=ft["lr"],
-                ft_epochs=ft["epochs"],
-                noisy_fit=ft["noisy_fit"],
-                clean_fit=ft["clean_fit"],
-                seconds=time.perf_counter() - clock,
-            )
-        )
-    if "scrub" in args.extra_methods:
-        model.load_state_dict(last)
-        rows += peer_rows(
-            model,
-            data,
-            trusted_indices=trusted.tolist(),
-            suspects=sap["audit"].suspected_indices(),
-            args=args,
-            seed=seed,
-            methods=("scrub",),
-            forget_sets=("realistic",),
-        )
-    return rows
+    cell = Cell(model, copy.deepcopy(model.state_dict()), trained, data, args, seed)
+    rows = [dict(base, **row) for row in run_methods(cell, method_names(label_set, args))]
+    cleanlab = label_set != "oracle" and "cleanlab" in args.methods and label_set in args.cleanlab_sets
+    audits = [dict(base, **r) for r in audit_rows(cell.sap, data, args, seed)] if cleanlab else []
+    return dict(
+        label_set=label_set,
+        seed=seed,
+        rows=rows,
+        audits=audits,
+        history=trained["history"],
+        seconds=time.perf_counter() - started,
+    )
 
 
 def audit_rows(sap: dict[str, Any], data: dict[str, Any], args: argparse.Namespace, seed: int) -> list[dict]:

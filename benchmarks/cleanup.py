@@ -12,8 +12,8 @@ images with 40% noise for 100 epochs, until it memorises), its models when `--ca
     ...-noaug         the same clean-up without augmentation (RefineConfig(augment=False); --augment 1 0)
     best+sap(+...)    the same pipeline from the val-best epoch instead of the last one
 
-`benchmarks/cifar10n.py` runs the same methods on real human noise. Rows: `common.sap_and_cleanups`; summary, targets,
-tables and figure: `report.py`.
+`benchmarks/cifar10n.py` runs the same methods on real human noise. Rows: `methods.py`'s none, best_epoch and
+cleanups; summary, targets, tables and figure: `report.py`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ import report  # noqa: E402
 from common import (  # noqa: E402
     accuracy,
     add_cleanup_arguments,
-    cleanup_study_rows,
-    early_stopping_rows,
     environment,
     finish_args,
     prepare_run,
@@ -41,6 +39,7 @@ from common import (  # noqa: E402
     train_from_scratch,
     write_json,
 )
+from methods import Cell, run_methods  # noqa: E402
 
 
 def summarised(record: dict[str, Any]) -> dict[str, Any]:
@@ -79,9 +78,8 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
     run = prepare_run(setting, seed, args)
     model, data, trained = run["model"], run["data"], run["trained"]
     base = {"setting": setting, "seed": seed, "train_epochs": args.epochs}
-    last = copy.deepcopy(model.state_dict())
-    rows = [dict(base, **r) for r in early_stopping_rows(model, last, trained, data)]
-    rows += [dict(base, **r) for r in cleanup_study_rows(model, last, trained, data, args, seed)]
+    cell = Cell(model, copy.deepcopy(model.state_dict()), trained, data, args, seed)
+    rows = [dict(base, **row) for row in run_methods(cell, ["none", "best_epoch", "cleanups"])]
     if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])

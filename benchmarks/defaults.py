@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import common
+import methods
 import pretrained_regime
 import report
 
@@ -98,7 +99,7 @@ def _worker(task: tuple[str, str, int, int, argparse.Namespace]) -> list[dict[st
     rows = [dict(base, config="none", test_accuracy=test, val_accuracy=val, **common.fit_diagnostics(model, data))]
     trusted = {}
     for name, config in configs().items():
-        out = common.sap_row(model, state, data, config, name, audit=False)
+        out = methods.sap_row(model, state, data, config, name, audit=False)
         rows.append(dict(base, **out["row"], config=name, accumulation_dtype=config.accumulation_dtype))
         trusted[name] = out["trusted"].tolist()
     # same_choice: SAPConfig() wrote the same alphas, from the same trusted samples, as the recipe

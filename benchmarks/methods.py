@@ -1,47 +1,24 @@
-"""Methods shared by the studies (a support module, not a script), each written once for every study that runs it.
+"""The methods of the studies, written once and registered by name (a support module, not a script).
 
-* `sap+refine` (`sap_refine_row`, its `--refine_*` arguments `add_refine_arguments`): SAP's model, its label
-  audit, then the clean-up (`common.refine_row`, the clean-up row of every study), run by `accuracy.py` and
-  `pretrained.py`.
-* SAP's corrective-unlearning peers SSD and SCRUB (`peer_rows`, its `--peer_*` arguments `add_peer_arguments`)
-  on the benchmarks' memorised models, run by `accuracy.py --methods peers`, `pretrained.py` and `cifar10n.py`.
+A study trains its models, wraps each in a `Cell` (the model, its last state, the training's record, the data, the
+arguments, the seed) and asks `run_methods(cell, names)` for the rows of the methods it names; each registered method
+is a function `Cell -> list[Row]`, so a new method is one `@register` here and one name in an experiment file.
+`Row` is the one row schema: the fields every table reads, then what is specific to the method; the JSON row is
+`Row.as_dict()`. Registered (`METHODS`; the clean-up and CIFAR-10N studies name them):
 
-Both methods need a *forget set* (samples to unlearn) and a *retain set*; SAP needs neither. Written from
-the papers (no reference code), pure torch on the benchmarks' tensors:
+    none, best_epoch     the model at its last / its val-best epoch (early stopping, the baseline to beat)
+    oracle               a model trained on the clean labels, its val-best epoch (the ceiling)
+    oracle+refine        that model fine-tuned as the clean-up fine-tunes (augmented views; val picks the length)
+    cleanups             sap, then sap+<mode> per refine mode and audit, the same from the val-best epoch
+                         (best+...), and sap+refine (RefineConfig()'s val-best mode): `sap_and_cleanups`
+    refine               the clean-up without SAP: the uncorrected model's audit, then `refine`
+    finetune_trusted     fine-tuning on SAP's trusted samples alone (lr and length picked on val)
+    scrub                SCRUB with the realistic forget set (SAP's audit's suspects; `peers.py`)
+    sap_paper, sap_loss, sap_30   SAP with other settings than SAPConfig()'s (`SAP_VARIANTS`)
 
-* **SSD** (Foster et al., AAAI 2024, "Fast Machine Unlearning Without Retraining Through Selective Synaptic
-  Dampening"). Importance of parameter i over a set S = its diagonal Fisher, the mean over the samples of
-  S of the squared per-sample gradient of the cross-entropy loss (`diagonal_fisher`, one forward+backward
-  per sample). With I_f over the forget set and I_r over the retain set, every parameter with
-  I_f > alpha * I_r is multiplied by beta = min(lambda * I_r / I_f, 1); the others are untouched
-  (`ssd_dampen`). The paper's alpha = 10, lambda = 1. Every parameter of the model (weights, biases,
-  LayerNorm, embeddings, head) is a candidate, as in the paper.
-* **SCRUB** (Kurmanji et al., NeurIPS 2023, "Towards Unbounded Machine Unlearning"). A student starts at
-  the original model (the frozen teacher). Each epoch: while epoch <= max_epochs ("msteps"), one max pass
-  over the forget set that *increases* KL(teacher || student) (loss = -KL); then one min pass over the
-  retain set with loss = kl_weight * KL(teacher || student) + ce_weight * CE(student, label). KL at
-  temperature T on both sides, scaled by T^2 (distillation convention). AdamW without weight decay (as
-  every fine-tuning in these benchmarks; the paper used SGD), batches of `batch_size`.
-
-Forget/retain sets (`peer_rows`):
-
-* `realistic`: forget = the label audit's suspects, most suspicious first (top-k, k picked on val with
-  the other hyper-parameters; "all" is a candidate); retain = the recipe's trusted samples. No hidden
-  label is used.
-* `oracle`: the SAP paper's setting, which uses information a user does not have: forget = a random
-  sample of the truly mislabelled training images, retain = a random sample of the correctly labelled
-  ones, sizes as in the SAP paper's table (SSD 5,000 retain / 1,000 forget, SCRUB 1,000 / 200 on a
-  50,000-image training set, CIFAR-10's) scaled to the training set: 4,000 images -> SSD 400 / 80,
-  SCRUB 80 / 16.
-
-Hyper-parameters are picked on the clean validation split (ties to the earlier candidate); "no change"
-is the first candidate. Cost (`cost_epochs`): training-epoch equivalents, counted in per-sample passes
-over the model: a forward+backward of one sample = 1, a forward only (teacher outputs, validation
-evaluations) = 1/3 (a backward costs about two forwards); the sum divided by the number of training
-images. `cost_epochs` is the whole method with its validation search (every candidate trained and
-evaluated), `cost_epochs_final` the chosen candidate alone (its Fisher passes / its SCRUB steps, no
-evaluation). Not counted: what produced the inputs (the trusted selection, SAP and its label audit,
-which the realistic sets need: their cost is SAP's).
+`sap_row` and `refine_row` are the `sap` and clean-up rows of every study (`accuracy.py`, `pretrained.py` and
+`defaults.py` call them with their own models and settings); `sap_refine_row` is `sap+refine` with the `--refine_*`
+arguments of `add_refine_arguments`. SSD and SCRUB themselves live in `peers.py`.
 """
 
 from __future__ import annotations
@@ -51,9 +28,470 @@ import copy
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 import common
+from common import (
+    DYNAMICS_WINDOWS,
+    PAPER_SAP,
+    TensorExamples,
+    accuracy,
+    audit_ap,
+    dynamics_audit_of,
+    dynamics_diagnostics,
+    fit_diagnostics,
+    refine_arguments,
+    shift_audit,
+    val_metric,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: one row schema, one method signature
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One method's result on one cell, as `results/<study>.json` holds it (`as_dict`).
+
+    The fields the tables read are named; what only some methods report (the alpha, the chosen mode, the trials of
+    a search) is in `specific` and sits beside them in the JSON row. A field left None was not measured and is not
+    in the row."""
+
+    method: str
+    test_accuracy: Optional[float] = None
+    val_accuracy: Optional[float] = None
+    noisy_fit: Optional[float] = None
+    purity: Optional[float] = None
+    cost_epochs: Optional[float] = None
+    seconds: Optional[float] = None
+    specific: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> Row:
+        """A row dict (as `sap_row`, `refine_row` and the JSON hold it) as a `Row`."""
+        named = {f.name for f in fields(cls)} - {"specific"}
+        return cls(
+            **{k: v for k, v in row.items() if k in named},
+            specific={k: v for k, v in row.items() if k not in named},
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        named = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "specific"}
+        return {**{k: v for k, v in named.items() if v is not None}, **self.specific}
+
+
+@dataclass
+class Cell:
+    """One trained model of a study (one setting or label set, one seed) and what every method reads.
+
+    `last` is the model's state after training: each method starts from it and `run_methods` puts it back after each.
+    `trained` is `common.train_from_scratch`'s record (`best`: state, epoch, val_accuracy; `history`; `margins`);
+    `data` the study's tensors (train_x/train_y/clean_y/is_noisy, val_*, test_*); `args` the study's arguments."""
+
+    model: Any
+    last: dict
+    trained: dict[str, Any]
+    data: dict[str, Any]
+    args: argparse.Namespace
+    seed: int
+    _sap: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+    @property
+    def sap(self) -> dict[str, Any]:
+        """`sap_row` of the last state (SAPConfig(), with its audit), made once for every method that starts there."""
+        if self._sap is None:
+            self._sap = sap_row(self.model, self.last, self.data)
+        return self._sap
+
+
+Method = Callable[[Cell], list[Row]]
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    """Register a method under `name` (a study's experiment file names it)."""
+
+    def add(method: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = method
+        return method
+
+    return add
+
+
+def run_methods(cell: Cell, names: Sequence[str]) -> list[dict[str, Any]]:
+    """The JSON rows of the methods `names` on `cell`, in that order; the model is left at `cell.last`."""
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}: the registered ones are {sorted(METHODS)}.")
+    rows = []
+    for name in names:
+        cell.model.load_state_dict(cell.last)
+        rows += [row.as_dict() for row in METHODS[name](cell)]
+    cell.model.load_state_dict(cell.last)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# sap and the clean-up: the rows of every study
+# --------------------------------------------------------------------------------------------
+
+
+def sap_row(
+    model: Any, state: dict, data: dict[str, Any], config: Any = None, method: str = "sap", audit: bool = True
+) -> dict[str, Any]:
+    """The `sap` method of every study: `sap_correct(config)` (default `SAPConfig()`, batches of 500) of `state`, alpha
+    on the clean val split; with `audit`, the corrected model's label audit (`views="shift"`) too. Returns
+    `{"row", "state" (corrected), "trusted" (indices), "audit"}`; the model is left at `state`.
+
+    The row: test/val accuracy, the alphas and the settings that chose them, the trusted samples' number and purity,
+    selection seconds, `seconds` (the correction and the audit), the fit diagnostics, and with `audit` its average
+    precision against the true errors and its number of suspects."""
+    import torch
+
+    from sap_hf import Runtime, SAPConfig, sap_correct
+
+    model.load_state_dict(state)
+    clock = time.perf_counter()
+    config = config or SAPConfig(batch_size=500)
+    train_set = TensorExamples(data["train_x"], data["train_y"])
+    result = sap_correct(
+        model, train_set, config=config, evaluate_fn=val_metric(data), runtime=Runtime(show_progress=False)
+    )
+    trusted = torch.as_tensor(result.trusted_indices, dtype=torch.long)
+    row = dict(
+        method=method,
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=result.final_metrics["accuracy"],
+        alpha=result.alpha,
+        kind_alphas=result.kind_alphas,
+        rule=config.selection_rule,
+        trusted_per_class=config.trusted_per_class,
+        alpha_scope=config.alpha_scope,
+        num_trusted=result.num_trusted,
+        purity=float((data["train_y"][trusted] == data["clean_y"][trusted]).float().mean()),
+        selection_seconds=result.timings.get("selection"),
+        **fit_diagnostics(model, data),
+    )
+    found = shift_audit(model, data) if audit else None
+    if found is not None:
+        row.update(audit_ap=audit_ap(found, data), audit_suspected=found.num_suspected)
+    row["seconds"] = time.perf_counter() - clock
+    out = {"row": row, "state": copy.deepcopy(model.state_dict()), "trusted": trusted, "audit": found}
+    model.load_state_dict(state)
+    return out
+
+
+def refine_row(
+    model: Any,
+    data: dict[str, Any],
+    audit: Any,
+    config: Any,
+    *,
+    method: str,
+    refine_batch_size: int,
+    seed: int,
+    scratch: str,
+    schedule: str = "cosine",
+    audit_after: bool = True,
+) -> dict[str, Any]:
+    """The clean-up method of every study: `sap_hf.refine(config)` of the model as it is, with `audit`'s suspects.
+
+    The row (the model is left refined): test/val accuracy, the chosen mode, lr and length, `cost_epochs`, the kept /
+    removed / relabelled counts of the chosen mode (`examples`), the audit's suspects and their precision and recall
+    against the true errors, the val grid (`trials`), `noisy_fit`; with `audit_after`, the refined model's own audit
+    AP (`audit_ap_after`, one more pass)."""
+    from sap_hf import refine
+    from sap_hf.runtime.passes import Runtime
+
+    clock = time.perf_counter()
+    refined = refine(
+        model,
+        TensorExamples(data["train_x"], data["train_y"]),
+        audit,
+        val_metric(data),
+        config,
+        args=refine_arguments(scratch, refine_batch_size, seed, schedule),
+        runtime=Runtime(show_progress=False),
+    )
+    flagged, noisy = audit.suspected, data["is_noisy"][audit.indices]
+    row = dict(
+        method=method,
+        test_accuracy=accuracy(model, data["test_x"], data["test_y"]),
+        val_accuracy=refined.final_metrics["accuracy"],
+        refine_mode=refined.mode,
+        lr=refined.learning_rate,
+        refine_epochs=refined.epochs,
+        cost_epochs=refined.cost_epochs,
+        examples=refined.examples.get(refined.mode),
+        audit_ap=audit_ap(audit, data),
+        audit_suspected=int(flagged.sum()),
+        audit_precision=float((flagged & noisy).sum() / max(1, int(flagged.sum()))),
+        audit_recall=float((flagged & noisy).sum() / max(1, int(noisy.sum()))),
+        trials=[
+            {
+                "mode": t["mode"],
+                "lr": t["learning_rate"],
+                "epochs": t["epochs"],
+                "val": round(t["metrics"]["accuracy"], 4),
+            }
+            for t in refined.trials
+        ],
+        **fit_diagnostics(model, data),
+    )
+    if audit_after:
+        row["audit_ap_after"] = audit_ap(shift_audit(model, data), data)
+    row["seconds"] = time.perf_counter() - clock
+    return row
+
+
+def sap_and_cleanups(
+    cell: Cell, sap: dict[str, Any], prefix: str, modes: Sequence[str], augments: Sequence[bool], scratch: str
+) -> list[dict[str, Any]]:
+    """`<prefix>sap` (`sap`: `sap_row` of the start state), then `<prefix>sap+<mode>` (`refine_row`) for each mode.
+
+    Each clean-up starts from the SAP model and a label audit of `cell.args.audits`: `shift` (the SAP model's,
+    `views="shift"`) or one of `DYNAMICS_WINDOWS` (`dynamics_audit` of the training's margins, the window from its
+    val-best epoch; rows named `...@aum`, `...@aum2best`); `sap_hf.refine` in that one mode, lr in {lr, 2 lr}, cosine
+    over the largest of `--refine_epochs`, val after each of them; once per value of `augments`
+    (`RefineConfig.augment`; rows without augmentation are named `<prefix>sap+<mode>-noaug`)."""
+    from sap_hf import RefineConfig
+
+    args, trained = cell.args, cell.trained
+    rows = [dict(sap["row"], method=f"{prefix}sap")]
+    found = {"shift": sap["audit"]}
+    for kind in [a for a in args.audits if a in DYNAMICS_WINDOWS]:
+        if "margins" not in trained:
+            raise ValueError(
+                f"audits=[{kind!r}] needs the training's margins (train_from_scratch records them): retrain."
+            )
+        found[kind] = dynamics_audit_of(kind, sap["audit"], trained["margins"], trained["best"]["epoch"])
+    runs = [(mode, augment, audit) for audit in args.audits for augment in augments for mode in modes]
+    for mode, augment, audit in runs:
+        cell.model.load_state_dict(sap["state"])
+        config = RefineConfig(
+            mode=mode, learning_rates=[args.lr, 2 * args.lr], epochs=list(args.refine_epochs), augment=augment
+        )
+        method = f"{prefix}sap+{mode}{'' if augment else '-noaug'}{'' if audit == 'shift' else '@' + audit}"
+        rows.append(
+            refine_row(
+                cell.model,
+                cell.data,
+                found[audit],
+                config,
+                method=method,
+                refine_batch_size=args.refine_batch_size,
+                seed=cell.seed,
+                scratch=scratch,
+            )
+        )
+    return rows
+
+
+@register("cleanups")
+def cleanups(cell: Cell) -> list[Row]:
+    """The clean-up study's rows: `sap_and_cleanups` from the last state (`--modes` x `--augment`) and from the
+    val-best state (`best+`, `--best_modes`), each with the audits of `--audits`, then `default_cleanup_rows`.
+    Reads `--lr`, `--refine_epochs`, `--refine_batch_size`."""
+    args = cell.args
+    with tempfile.TemporaryDirectory() as scratch:
+        rows = sap_and_cleanups(cell, cell.sap, "", args.modes, [bool(a) for a in args.augment], scratch)
+        if args.best_modes:
+            best = sap_row(cell.model, cell.trained["best"]["state"], cell.data, method="best+sap")
+            rows += sap_and_cleanups(cell, best, "best+", args.best_modes, [True], scratch)
+    return [Row.of(row) for row in rows + default_cleanup_rows(rows)]
+
+
+@register("none")
+def none(cell: Cell) -> list[Row]:
+    """The model at its last epoch, with the training-dynamics diagnostics: what training alone gives."""
+    data = cell.data
+    row = dict(
+        method="none",
+        test_accuracy=accuracy(cell.model, data["test_x"], data["test_y"]),
+        val_accuracy=cell.trained["history"][-1],
+        **fit_diagnostics(cell.model, data),
+        **dynamics_diagnostics(cell.trained, data),
+    )
+    return [Row.of(row)]
+
+
+@register("best_epoch")
+def best_epoch(cell: Cell) -> list[Row]:
+    """The model at its val-best epoch: early stopping, the baseline every correction has to beat."""
+    best, data = cell.trained["best"], cell.data
+    cell.model.load_state_dict(best["state"])
+    row = dict(
+        method="best_epoch",
+        best_epoch=best["epoch"],
+        test_accuracy=accuracy(cell.model, data["test_x"], data["test_y"]),
+        val_accuracy=best["val_accuracy"],
+        **fit_diagnostics(cell.model, data),
+    )
+    return [Row.of(row)]
+
+
+@register("oracle")
+def oracle(cell: Cell) -> list[Row]:
+    """`best_epoch` of a cell trained on the clean labels: the ceiling."""
+    return [replace(row, method="oracle") for row in best_epoch(cell)]
+
+
+def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`sap+refine` / `best+sap+refine`: what `RefineConfig()` (mode="best") gives, the val-best of its modes' rows.
+
+    `refine` tries the modes from the same start with the same seeds and keeps the first best on val, so this
+    pick equals a `mode="best"` run; its cost is the sum of the modes' costs. `-noaug`: the same without augmentation.
+    """
+    from sap_hf.audit.cleanup import BEST_MODES
+
+    picked = []
+    suffixes = [aug + audit for audit in ("", *(f"@{a}" for a in DYNAMICS_WINDOWS)) for aug in ("", "-noaug")]
+    for prefix, suffix in [(p, s) for p in ("", "best+") for s in suffixes]:
+        tried = [r for mode in BEST_MODES for r in rows if r["method"] == f"{prefix}sap+{mode}{suffix}"]
+        if len(tried) == len(BEST_MODES):
+            chosen = max(tried, key=lambda r: r["val_accuracy"])  # max keeps the first of equals, as refine does
+            picked.append(
+                dict(
+                    chosen,
+                    method=f"{prefix}sap+refine{suffix}",
+                    chosen_mode=chosen["refine_mode"],
+                    cost_epochs=sum(r["cost_epochs"] for r in tried),
+                )
+            )
+    return picked
+
+
+@register("oracle+refine")
+def clean_label_cleanup(cell: Cell) -> list[Row]:
+    """`oracle+refine`: the clean-up's fine-tuning (augmented views, lr in {lr, 2 lr}, cosine, val picks the length)
+    of a clean-label cell's model on the clean labels: the ceiling for `sap+refine`, which adds those augmented
+    epochs to its model."""
+    import torch
+
+    from sap_hf import RefineConfig, refine
+    from sap_hf.audit.labels import LabelAudit
+    from sap_hf.runtime.passes import Runtime
+
+    data, args, n = cell.data, cell.args, len(cell.data["clean_y"])
+    trusting = LabelAudit(
+        indices=torch.arange(n),
+        given=data["clean_y"],
+        probs=torch.nn.functional.one_hot(data["clean_y"], int(data["clean_y"].max()) + 1).double(),
+        scores=torch.ones(n, dtype=torch.float64),
+        suspected=torch.zeros(n, dtype=torch.bool),
+    )
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch:
+        result = refine(
+            cell.model,
+            TensorExamples(data["train_x"], data["clean_y"]),
+            trusting,
+            lambda m: {"accuracy": accuracy(m, data["val_x"], data["val_y"])},
+            RefineConfig(mode="remove", learning_rates=[args.lr, 2 * args.lr], epochs=list(args.refine_epochs)),
+            args=refine_arguments(scratch, args.refine_batch_size, cell.seed),
+            runtime=Runtime(show_progress=False),
+        )
+    row = dict(
+        method="oracle+refine",
+        test_accuracy=accuracy(cell.model, data["test_x"], data["test_y"]),
+        val_accuracy=result.final_metrics["accuracy"],
+        lr=result.learning_rate,
+        refine_epochs=result.epochs,
+        cost_epochs=result.cost_epochs,
+        seconds=time.perf_counter() - clock,
+    )
+    return [Row.of(row)]
+
+
+@register("refine")
+def refine_without_sap(cell: Cell) -> list[Row]:
+    """The clean-up without SAP: the uncorrected model's audit (`views="shift"`), then `RefineConfig()`'s modes."""
+    from sap_hf import RefineConfig
+
+    args = cell.args
+    config = RefineConfig(learning_rates=[args.lr, 2 * args.lr], epochs=list(args.refine_epochs))
+    with tempfile.TemporaryDirectory() as scratch:
+        audit = shift_audit(cell.model, cell.data)
+        row = refine_row(
+            cell.model,
+            cell.data,
+            audit,
+            config,
+            method="refine",
+            refine_batch_size=args.refine_batch_size,
+            seed=cell.seed,
+            scratch=scratch,
+        )
+    return [Row.of(row)]
+
+
+@register("finetune_trusted")
+def finetune_trusted(cell: Cell) -> list[Row]:
+    """Fine-tuning on SAP's trusted samples alone (`common.finetune_grid`: `--ft_lrs` x `--ft_epochs`, val picks)."""
+    data, trusted = cell.data, cell.sap["trusted"]
+    clock = time.perf_counter()
+    ft = common.finetune_grid(
+        cell.model, cell.last, data["train_x"][trusted], data["train_y"][trusted], data, cell.args, cell.seed
+    )
+    row = dict(
+        method="finetune_trusted",
+        test_accuracy=ft["test_accuracy"],
+        val_accuracy=ft["val_accuracy"],
+        lr=ft["lr"],
+        ft_epochs=ft["epochs"],
+        noisy_fit=ft["noisy_fit"],
+        clean_fit=ft["clean_fit"],
+        seconds=time.perf_counter() - clock,
+    )
+    return [Row.of(row)]
+
+
+@register("scrub")
+def scrub(cell: Cell) -> list[Row]:
+    """SCRUB (`peers.py`) with the realistic forget set: SAP's audit's suspects, SAP's trusted samples retained."""
+    from peers import peer_rows
+
+    sap = cell.sap
+    rows = peer_rows(
+        cell.model,
+        cell.data,
+        trusted_indices=sap["trusted"].tolist(),
+        suspects=sap["audit"].suspected_indices(),
+        args=cell.args,
+        seed=cell.seed,
+        methods=("scrub",),
+        forget_sets=("realistic",),
+    )
+    return [Row.of(row) for row in rows]
+
+
+#: SAP with other settings than `SAPConfig()`'s, to check the defaults on real noise (registered by name).
+SAP_VARIANTS: dict[str, dict[str, Any]] = {
+    "sap_paper": PAPER_SAP,  # the paper's: loss rule, 100 per class, one alpha over 1 ... 1e7
+    "sap_loss": {"selection_rule": "loss"},  # SAPConfig() but the plain loss ranks the trusted samples
+    "sap_30": {"trusted_per_class": 30},  # SAPConfig() with 30 trusted samples per class instead of 10
+}
+
+
+def sap_variant(name: str, settings: dict[str, Any]) -> Method:
+    """The method `name`: `sap_row` of the last state with `SAPConfig(batch_size=500, **settings)`."""
+
+    def method(cell: Cell) -> list[Row]:
+        from sap_hf import SAPConfig
+
+        config = SAPConfig(**{"batch_size": 500, **settings})
+        return [Row.of(sap_row(cell.model, cell.last, cell.data, config, name)["row"])]
+
+    return method
+
+
+for _name, _settings in SAP_VARIANTS.items():
+    register(_name)(sap_variant(_name, _settings))
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,7 +549,7 @@ def sap_refine_row(
     audit: Any = None,
 ) -> dict[str, Any]:
     """`sap+refine` with the `--refine_*` arguments: audit the training labels with `sap`'s model, then the clean-up
-    (`common.refine_row`: RefineConfig(mode=--refine_modes), choices on val).
+    (`refine_row`: RefineConfig(mode=--refine_modes), choices on val).
 
     `sap` is the row of the model in `sap_state` (its identifying keys are copied); `method` names the row (e.g.
     'refine' when `sap_state` is the uncorrected model); `audit`: that model's `audit_labels` when already made.
@@ -132,7 +570,7 @@ def sap_refine_row(
     )
     keys = ("setting", "noise", "seed", "epochs", "rule", "trusted_per_class", "alpha_scope", "kind_alphas", "alpha")
     with tempfile.TemporaryDirectory() as scratch:
-        row = common.refine_row(
+        row = refine_row(
             model,
             run["data"],
             audit,
@@ -145,434 +583,3 @@ def sap_refine_row(
             audit_after=False,
         )
     return {**{k: sap[k] for k in keys if k in sap}, **row, "sap_val_accuracy": sap["val_accuracy"]}
-
-
-# --------------------------------------------------------------------------------------------
-# The corrective-unlearning peers: SSD and SCRUB
-# --------------------------------------------------------------------------------------------
-
-
-#: Hyper-parameter grids (argument name -> default). Forget sizes: 0 = every available sample ("all").
-PEER_DEFAULTS: dict[str, Any] = {
-    "ssd_alphas": [3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0],
-    "ssd_lambdas": [0.1, 1.0],
-    "ssd_forget_sizes": [10, 20, 50, 100, 400, 0],
-    "scrub_lrs": [3e-4, 1e-3, 3e-3],
-    "scrub_max_epochs": [1, 3],
-    "scrub_epochs": [1, 2, 3, 5, 8, 12, 20],
-    "scrub_forget_sizes": [20, 100, 0],
-    "scrub_temperature": 4.0,
-    "scrub_kl_weight": 1.0,
-    "scrub_ce_weight": 1.0,
-    "scrub_batch_size": 32,
-}
-QUICK: dict[str, Any] = {
-    "ssd_alphas": [1.0, 10.0],
-    "ssd_lambdas": [1.0],
-    "ssd_forget_sizes": [10, 0],
-    "scrub_lrs": [1e-3],
-    "scrub_max_epochs": [1],
-    "scrub_epochs": [1, 2],
-    "scrub_forget_sizes": [0],
-}
-#: The SAP paper's peer set sizes (retain, forget) on a 50,000-image training set, scaled by `oracle_sizes`.
-PAPER_TRAIN_SIZE = 50_000
-PAPER_SIZES = {"ssd": (5000, 1000), "scrub": (1000, 200)}
-
-
-def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--peer_<name>` arguments for every grid of `PEER_DEFAULTS` (None: the default, or QUICK's with --quick)."""
-    for name, default in PEER_DEFAULTS.items():
-        kind = type(default[0] if isinstance(default, list) else default)
-        parser.add_argument(
-            f"--peer_{name}",
-            type=kind,
-            nargs="+" if isinstance(default, list) else None,
-            default=None,
-            help=f"peers: {name} (default {default})",
-        )
-
-
-def peer_settings(args: Any) -> dict[str, Any]:
-    """The grids of one run: `args.peer_<name>` where given, else QUICK's (with `args.quick`) or PEER_DEFAULTS."""
-    quick = bool(getattr(args, "quick", False))
-    out = {}
-    for name, default in PEER_DEFAULTS.items():
-        given = getattr(args, f"peer_{name}", None)
-        out[name] = given if given is not None else copy.copy(QUICK.get(name, default) if quick else default)
-    return out
-
-
-class Cost:
-    """Per-sample passes: `train` (forward+backward) and `forward`; `epochs(n)` = (train + forward / 3) / n."""
-
-    def __init__(self) -> None:
-        self.train = 0
-        self.forward = 0
-
-    def epochs(self, n_train: int) -> float:
-        return (self.train + self.forward / 3) / n_train
-
-
-def _params(model: Any) -> dict[str, Any]:
-    return {name: p for name, p in model.named_parameters()}
-
-
-def diagonal_fisher(
-    model: Any, x: Any, y: Any, prefixes: Sequence[int] = (), cost: Optional[Cost] = None
-) -> dict[int, dict]:
-    """Mean squared per-sample gradient of the cross-entropy of (x, y) for every parameter (eval mode).
-
-    One forward+backward per sample, in order; `prefixes` (sizes k) also return the importance over the
-    first k samples (one pass serves a top-k grid). Returns {k: {param name: tensor}}, len(x) always
-    included. The model's weights are unchanged (its .grad is cleared).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    params = _params(model)
-    sizes = sorted({k for k in prefixes if 0 < k < len(x)} | {len(x)})
-    total = {name: torch.zeros_like(p) for name, p in params.items()}
-    out: dict[int, dict] = {}
-    model.eval()
-    for i in range(len(x)):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(pixel_values=x[i : i + 1]).logits, y[i : i + 1]).backward()
-        for name, p in params.items():
-            if p.grad is not None:
-                total[name] += p.grad.detach() ** 2
-        if i + 1 in sizes:
-            out[i + 1] = {name: t / (i + 1) for name, t in total.items()}
-    model.zero_grad(set_to_none=True)
-    if cost is not None:
-        cost.train += len(x)
-    return out
-
-
-def ssd_dampen(
-    params: dict[str, Any], forget: dict[str, Any], retain: dict[str, Any], alpha: float, lam: float
-) -> tuple[dict, int]:
-    """SSD's update: theta_i * min(lam * I_r / I_f, 1) where I_f > alpha * I_r, theta_i elsewhere.
-
-    `params`, `forget` (I_f), `retain` (I_r): {name: tensor} of the same shapes. Returns the new
-    {name: tensor} (inputs untouched) and how many parameters were selected.
-    """
-    import torch
-
-    new, selected = {}, 0
-    for name, theta in params.items():
-        i_f, i_r = forget[name], retain[name]
-        mask = i_f > alpha * i_r
-        beta = torch.where(
-            mask, (lam * i_r / torch.where(mask, i_f, torch.ones_like(i_f))).clamp(max=1.0), torch.ones_like(i_f)
-        )
-        new[name] = theta.detach() * beta
-        selected += int(mask.sum())
-    return new, selected
-
-
-def _load_params(model: Any, values: dict[str, Any]) -> None:
-    import torch
-
-    with torch.no_grad():
-        for name, p in _params(model).items():
-            p.copy_(values[name])
-
-
-def kl_to_teacher(student_logits: Any, teacher_logits: Any, temperature: float) -> Any:
-    """KL(teacher || student) of the temperature-T softmaxes, batch mean, times T^2."""
-    import torch.nn.functional as F
-
-    t = temperature
-    return (
-        F.kl_div(F.log_softmax(student_logits / t, -1), F.softmax(teacher_logits / t, -1), reduction="batchmean")
-        * t
-        * t
-    )
-
-
-def scrub_train(
-    model: Any,
-    teacher: Any,
-    forget: tuple[Any, Any],
-    retain: tuple[Any, Any],
-    *,
-    lr: float,
-    max_epochs: int,
-    epochs: int,
-    temperature: float,
-    kl_weight: float,
-    ce_weight: float,
-    batch_size: int,
-    seed: int,
-    on_epoch: Callable[[int], None],
-    cost: Optional[Cost] = None,
-) -> None:
-    """SCRUB from the model's current weights: `epochs` epochs, max pass on `forget` while epoch <= `max_epochs`,
-    then a min pass on `retain`; `on_epoch(epoch)` after each (the model is left at the last epoch's weights)."""
-    import torch
-    import torch.nn.functional as F
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(seed)
-    teacher.eval()
-
-    def run_pass(x: Any, y: Any, maximise: bool) -> None:
-        def batch_loss(index: Any, epoch: int) -> Any:
-            with torch.no_grad():
-                target = teacher(pixel_values=x[index]).logits
-            logits = model(pixel_values=x[index]).logits
-            kl = kl_to_teacher(logits, target, temperature)
-            return -kl if maximise else kl_weight * kl + ce_weight * F.cross_entropy(logits, y[index])
-
-        common.train_epochs(model, len(x), batch_size, batch_loss, optimizer, generator=generator, epochs=[0])
-        if cost is not None:
-            cost.train += len(x)
-            cost.forward += len(x)  # the teacher's outputs
-
-    for epoch in range(1, epochs + 1):
-        model.train()
-        if epoch <= max_epochs and len(forget[0]):
-            run_pass(*forget, maximise=True)
-        run_pass(*retain, maximise=False)
-        on_epoch(epoch)
-    model.eval()
-
-
-def _forget_sizes(sizes: Sequence[int], available: int) -> list[int]:
-    """The grid's sizes that fit (0 = all), deduplicated, in increasing order; at least "all" when any sample exists."""
-    resolved = {available if k == 0 else k for k in sizes if k <= available}
-    return sorted(k for k in resolved | ({available} if available else set()) if k > 0)
-
-
-def run_ssd(
-    model: Any,
-    data: dict,
-    forget: tuple[Any, Any],
-    retain: tuple[Any, Any],
-    grid: dict,
-    sizes: Sequence[int],
-    validate: Callable[[Any], float],
-    cost: Cost,
-) -> dict[str, Any]:
-    """SSD over the grid (forget top-k sizes x alpha x lambda), "no change" first; the model is left at the best."""
-    original = {name: p.detach().clone() for name, p in _params(model).items()}
-    best = {"val_accuracy": validate(model), "alpha": None, "lam": None, "forget_size": 0, "selected": 0}
-    trials = []
-    ks = _forget_sizes(sizes, len(forget[0]))
-    if ks:
-        retain_imp = diagonal_fisher(model, *retain, cost=cost)[len(retain[0])]
-        forget_imps = diagonal_fisher(model, forget[0][: ks[-1]], forget[1][: ks[-1]], prefixes=ks, cost=cost)
-        for k in ks:
-            for alpha in grid["ssd_alphas"]:
-                for lam in grid["ssd_lambdas"]:
-                    new, selected = ssd_dampen(original, forget_imps[k], retain_imp, alpha, lam)
-                    _load_params(model, new)
-                    val = validate(model)
-                    trials.append(
-                        {
-                            "forget_size": k,
-                            "alpha": alpha,
-                            "lam": lam,
-                            "selected": selected,
-                            "val_accuracy": round(val, 4),
-                        }
-                    )
-                    if val > best["val_accuracy"]:
-                        best = {
-                            "val_accuracy": val,
-                            "alpha": alpha,
-                            "lam": lam,
-                            "forget_size": k,
-                            "selected": selected,
-                            "state": {n: t.clone() for n, t in new.items()},
-                        }
-    _load_params(model, best.pop("state", original))
-    k = best["forget_size"]
-    best.update(
-        trials=trials, retain_size=len(retain[0]) if k else 0, final_train_passes=(len(retain[0]) + k) if k else 0
-    )
-    return best
-
-
-def run_scrub(
-    model: Any,
-    data: dict,
-    forget: tuple[Any, Any],
-    retain: tuple[Any, Any],
-    grid: dict,
-    sizes: Sequence[int],
-    validate: Callable[[Any], float],
-    cost: Cost,
-    seed: int,
-) -> dict[str, Any]:
-    """SCRUB over the grid (forget top-k x lr x max_epochs, val at `scrub_epochs`), "no change" first; model left at the best."""
-    original = copy.deepcopy(model.state_dict())
-    teacher = copy.deepcopy(model).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    best: dict[str, Any] = {
-        "val_accuracy": validate(model),
-        "lr": None,
-        "max_epochs": 0,
-        "scrub_epochs": 0,
-        "forget_size": 0,
-    }
-    trials: list[dict] = []
-    checkpoints = set(grid["scrub_epochs"])
-    for k in _forget_sizes(sizes, len(forget[0])):
-        for lr in grid["scrub_lrs"]:
-            for max_epochs in grid["scrub_max_epochs"]:
-                model.load_state_dict(original)
-
-                def on_epoch(epoch: int) -> None:
-                    nonlocal best
-                    if epoch not in checkpoints:
-                        return
-                    val = validate(model)
-                    trials.append(
-                        {
-                            "forget_size": k,
-                            "lr": lr,
-                            "max_epochs": max_epochs,
-                            "scrub_epochs": epoch,
-                            "val_accuracy": round(val, 4),
-                        }
-                    )
-                    if val > best["val_accuracy"]:
-                        best = {
-                            "val_accuracy": val,
-                            "lr": lr,
-                            "max_epochs": max_epochs,
-                            "scrub_epochs": epoch,
-                            "forget_size": k,
-                            "state": copy.deepcopy(model.state_dict()),
-                        }
-
-                scrub_train(
-                    model,
-                    teacher,
-                    (forget[0][:k], forget[1][:k]),
-                    retain,
-                    lr=lr,
-                    max_epochs=max_epochs,
-                    epochs=max(checkpoints),
-                    temperature=grid["scrub_temperature"],
-                    kl_weight=grid["scrub_kl_weight"],
-                    ce_weight=grid["scrub_ce_weight"],
-                    batch_size=grid["scrub_batch_size"],
-                    seed=seed,
-                    on_epoch=on_epoch,
-                    cost=cost,
-                )
-    model.load_state_dict(best.pop("state", original))
-    k, epochs = best["forget_size"], best["scrub_epochs"]
-    passes = k * min(best["max_epochs"], epochs) + len(retain[0]) * epochs
-    best.update(
-        trials=trials,
-        retain_size=len(retain[0]) if epochs else 0,
-        final_train_passes=passes,
-        final_forward_passes=passes,
-        temperature=grid["scrub_temperature"],
-        kl_weight=grid["scrub_kl_weight"],
-        ce_weight=grid["scrub_ce_weight"],
-    )
-    return best
-
-
-def oracle_sizes(n_train: int) -> dict[str, tuple[int, int]]:
-    """The SAP paper's (retain, forget) sizes per method scaled from 50,000 training images to `n_train` (>= 1 each)."""
-    return {m: tuple(max(1, round(s * n_train / PAPER_TRAIN_SIZE)) for s in sizes) for m, sizes in PAPER_SIZES.items()}
-
-
-def oracle_sets(data: dict, retain_size: int, forget_size: int, seed: int) -> tuple[Any, Any]:
-    """Random positions of truly mislabelled (forget) and correctly labelled (retain) training images (hidden labels)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(10_007 + seed)
-    noisy = torch.nonzero(data["is_noisy"]).flatten()
-    clean = torch.nonzero(~data["is_noisy"]).flatten()
-    forget = noisy[torch.randperm(len(noisy), generator=generator)[:forget_size]]
-    retain = clean[torch.randperm(len(clean), generator=generator)[:retain_size]]
-    return forget, retain
-
-
-def peer_rows(
-    model: Any,
-    data: dict,
-    *,
-    trusted_indices: Sequence[int],
-    suspects: Sequence[int],
-    args: Any,
-    seed: int,
-    methods: Sequence[str] = ("ssd", "scrub"),
-    forget_sets: Sequence[str] = ("realistic", "oracle"),
-) -> list[dict]:
-    """SSD and SCRUB with the realistic and the oracle forget sets: four rows (see the module docstring), or those
-    of `methods` x `forget_sets`.
-
-    `model`: the uncorrected ViTForImageClassification at its final state (restored before returning);
-    `data`: `common.load_run_data`'s dict; `trusted_indices`: the recipe's trusted samples (positions in
-    train); `suspects`: the label audit's suspects, most suspicious first; `args`: a namespace with
-    optional `peer_<grid>` / `quick` attributes (`peer_settings`). Rows: method, forget_set, oracle,
-    test/val accuracy, `val_unchanged`, the chosen hyper-parameters (SSD: alpha, lam; SCRUB: lr, max_epochs,
-    scrub_epochs: names no caller's row uses), forget/retain sizes, the forget set's
-    share of truly mislabelled images (`forget_noisy_fraction`, reported only), cost_epochs,
-    cost_epochs_final, fit diagnostics and the val grid (`trials`).
-    """
-    import torch
-
-    grid = peer_settings(args)
-    original = copy.deepcopy(model.state_dict())
-    n_train = len(data["train_x"])
-    val_unchanged = common.accuracy(model, data["val_x"], data["val_y"])
-    take = lambda index: (data["train_x"][index], data["train_y"][index])
-    trusted = torch.as_tensor(list(trusted_indices), dtype=torch.long)
-    suspected = torch.as_tensor(list(suspects), dtype=torch.long)
-    sizes = oracle_sizes(n_train)
-    rows = []
-    for method in methods:
-        oracle_forget, oracle_retain = oracle_sets(data, *sizes[method], seed)
-        for forget_set, forget, retain in (
-            ("realistic", suspected, trusted),
-            ("oracle", oracle_forget, oracle_retain),
-        ):
-            if forget_set not in forget_sets:
-                continue
-            model.load_state_dict(original)
-            cost, clock = Cost(), time.perf_counter()
-
-            def validate(m: Any) -> float:
-                cost.forward += len(data["val_x"])
-                return common.accuracy(m, data["val_x"], data["val_y"])
-
-            if method == "ssd":
-                sizes_grid = grid["ssd_forget_sizes"] if forget_set == "realistic" else [0]
-                best = run_ssd(model, data, take(forget), take(retain), grid, sizes_grid, validate, cost)
-                final = best["final_train_passes"] / n_train
-            else:
-                sizes_grid = grid["scrub_forget_sizes"] if forget_set == "realistic" else [0]
-                best = run_scrub(model, data, take(forget), take(retain), grid, sizes_grid, validate, cost, seed)
-                final = (best["final_train_passes"] + best["final_forward_passes"] / 3) / n_train
-            k = best.pop("forget_size")
-            chosen = forget[:k]
-            row = dict(
-                method=method,
-                forget_set=forget_set,
-                oracle=forget_set == "oracle",
-                test_accuracy=common.accuracy(model, data["test_x"], data["test_y"]),
-                val_accuracy=best.pop("val_accuracy"),
-                val_unchanged=val_unchanged,
-                forget_size=k,
-                forget_available=len(forget),
-                forget_noisy_fraction=(float(data["is_noisy"][chosen].float().mean()) if k else None),
-                cost_epochs=cost.epochs(n_train),
-                cost_epochs_final=final,
-                seconds=time.perf_counter() - clock,
-                unchanged=k == 0 or best.get("scrub_epochs") == 0,
-                **{key: v for key, v in best.items() if not key.startswith("final_")},
-                **common.fit_diagnostics(model, data),
-            )
-            rows.append(row)
-    model.load_state_dict(original)
-    return rows

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import common
+import methods
 import report
 from common import accuracy, fit_diagnostics, mean_std
-from methods import add_refine_arguments, peer_rows, sap_refine_row
+from methods import add_refine_arguments, sap_refine_row
+from peers import peer_rows
 from pretrained_regime import (
     NOISES,
     PRETRAIN_CLASSES,
@@ -153,7 +155,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
     timing: dict[str, float] = {}
 
     def sap_method(state: dict, config: Any, method: str) -> dict[str, Any]:
-        out = common.sap_row(model, state, data, config, method, audit=False)
+        out = methods.sap_row(model, state, data, config, method, audit=False)
         return dict(out, row=dict(base, **out["row"]))
 
     sap = sap_method(final_state, common.recipe_sap_config(batch_size=500), "sap")

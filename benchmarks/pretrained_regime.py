@@ -3,7 +3,7 @@
 A tiny ViT pretrained with clean labels on five Fashion-MNIST classes (`PRETRAIN_CLASSES`), its backbone saved
 with `save_pretrained`, then fine-tuned with a new head on the five other classes (`TASK_CLASSES`) with 40%
 noisy labels (`NOISES`) for each of `--lengths` epochs; both cached by their arguments. The protocol:
-benchmarks/studies/pretrained.md; `common.sap_row` is one `sap_correct` row on such a model.
+benchmarks/studies/pretrained.md; `methods.sap_row` is one `sap_correct` row on such a model.
 """
 
 from __future__ import annotations

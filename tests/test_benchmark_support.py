@@ -1,4 +1,4 @@
-"""Unit tests of the benchmarks' support code (the end-to-end runs are tests/test_benchmark_smoke.py): methods.py's
+"""Unit tests of the benchmarks' support code (the end-to-end runs are tests/test_benchmark_smoke.py): peers.py's
 SSD and SCRUB on a tiny model, speed_investigate's instrumentation, label_audit's merge, common's recipe settings,
 report's summary, targets and README tables."""
 
@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
-import methods  # noqa: E402
+import peers  # noqa: E402
 
 
 def _tiny_model(seed: int = 0):
@@ -34,8 +34,8 @@ def test_diagonal_fisher_is_the_mean_squared_per_sample_gradient_with_prefixes()
     model = _tiny_model()
     x, y = torch.randn(5, 1, 28, 28), torch.tensor([0, 3, 3, 7, 9])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cost = methods.Cost()
-    fisher = methods.diagonal_fisher(model, x, y, prefixes=[2, 5, 9], cost=cost)
+    cost = peers.Cost()
+    fisher = peers.diagonal_fisher(model, x, y, prefixes=[2, 5, 9], cost=cost)
     assert sorted(fisher) == [2, 5] and cost.train == 5
     squares = []
     for i in range(5):
@@ -55,12 +55,12 @@ def test_ssd_dampens_exactly_the_selected_parameters_by_min_lambda_ratio_one() -
     theta = {"w": torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0])}
     forget = {"w": torch.tensor([1.0, 10.0, 50.0, 0.0, 30.0])}
     retain = {"w": torch.tensor([1.0, 1.0, 2.0, 0.0, 1.0])}
-    new, selected = methods.ssd_dampen(theta, forget, retain, alpha=5.0, lam=1.0)
+    new, selected = peers.ssd_dampen(theta, forget, retain, alpha=5.0, lam=1.0)
     # selected: I_f > 5 I_r -> positions 1 (10 > 5), 2 (50 > 10), 4 (30 > 5); 0 (1 > 5) and 3 (0 > 0) are not
     assert selected == 3
     torch.testing.assert_close(new["w"], torch.tensor([1.0, 2.0 * 0.1, -3.0 * 2 / 50, 4.0, 5.0 / 30]))
     # lambda large enough: beta = min(lambda I_r / I_f, 1) = 1 for all selected -> nothing changes
-    same, selected = methods.ssd_dampen(theta, forget, retain, alpha=5.0, lam=100.0)
+    same, selected = peers.ssd_dampen(theta, forget, retain, alpha=5.0, lam=100.0)
     assert selected == 3 and torch.equal(same["w"], theta["w"])
     assert torch.equal(theta["w"], torch.tensor([1.0, 2.0, -3.0, 4.0, 5.0]))  # inputs untouched
 
@@ -70,16 +70,16 @@ def test_ssd_with_a_huge_alpha_changes_nothing_on_a_model() -> None:
 
     model = _tiny_model()
     x, y = torch.randn(6, 1, 28, 28), torch.randint(0, 10, (6,))
-    forget = methods.diagonal_fisher(model, x[:3], y[:3])[3]
-    retain = methods.diagonal_fisher(model, x[3:], y[3:])[3]
+    forget = peers.diagonal_fisher(model, x[:3], y[:3])[3]
+    retain = peers.diagonal_fisher(model, x[3:], y[3:])[3]
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    new, selected = methods.ssd_dampen(params, forget, retain, alpha=1e30, lam=1.0)
+    new, selected = peers.ssd_dampen(params, forget, retain, alpha=1e30, lam=1.0)
     # a parameter with zero retain importance and non-zero forget importance is still selected at any alpha
     zero_retain = sum(int(((retain[n] == 0) & (forget[n] > 0)).sum()) for n in params)
     assert selected == zero_retain
     changed = sum(int((new[n] != params[n]).sum()) for n in params)
     assert changed <= zero_retain
-    new, selected = methods.ssd_dampen(params, forget, {n: t + 1e-30 for n, t in retain.items()}, alpha=1e30, lam=1.0)
+    new, selected = peers.ssd_dampen(params, forget, {n: t + 1e-30 for n, t in retain.items()}, alpha=1e30, lam=1.0)
     assert selected == 0 and all(torch.equal(new[n], params[n]) for n in params)
 
 
@@ -94,13 +94,13 @@ def test_scrub_max_steps_push_away_from_the_teacher_and_min_steps_pull_back() ->
 
     def kl() -> float:
         with torch.no_grad():
-            return float(methods.kl_to_teacher(model(pixel_values=x).logits, teacher(pixel_values=x).logits, 4.0))
+            return float(peers.kl_to_teacher(model(pixel_values=x).logits, teacher(pixel_values=x).logits, 4.0))
 
     kwargs = dict(temperature=4.0, ce_weight=0.0, batch_size=4, seed=0)
     assert kl() == pytest.approx(0.0, abs=1e-5)
     # one max pass on the forget set (and a retain pass without any weight on its loss): the KL grows from 0
-    epochs, cost = [], methods.Cost()
-    methods.scrub_train(
+    epochs, cost = [], peers.Cost()
+    peers.scrub_train(
         model,
         teacher,
         (x, y),
@@ -116,7 +116,7 @@ def test_scrub_max_steps_push_away_from_the_teacher_and_min_steps_pull_back() ->
     pushed = kl()
     assert pushed > 1e-3 and epochs == [1] and (cost.train, cost.forward) == (12, 12)
     # min steps only (KL to the teacher, no CE, no max pass): the student comes back towards the teacher
-    methods.scrub_train(
+    peers.scrub_train(
         model,
         teacher,
         (x[:0], y[:0]),
@@ -132,8 +132,8 @@ def test_scrub_max_steps_push_away_from_the_teacher_and_min_steps_pull_back() ->
 
 
 def test_oracle_sizes_scale_the_papers_sets() -> None:
-    assert methods.oracle_sizes(4000) == {"ssd": (400, 80), "scrub": (80, 16)}
-    assert methods.oracle_sizes(50_000) == {"ssd": (5000, 1000), "scrub": (1000, 200)}
+    assert peers.oracle_sizes(4000) == {"ssd": (400, 80), "scrub": (80, 16)}
+    assert peers.oracle_sizes(50_000) == {"ssd": (5000, 1000), "scrub": (1000, 200)}
 
 
 def test_statistics_instrumentation_rebinds_no_library_name() -> None:
