@@ -434,7 +434,7 @@ def run_sap_refine(setting: str, seed: int, args: argparse.Namespace) -> dict[st
 
 
 def run_peers(setting: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The `peers` group: SSD and SCRUB (`methods.peer_rows`) on the memorised model of (setting, seed).
+    """The `peers` group: SSD and SCRUB (`peers.peer_rows`) on the memorised model of (setting, seed).
 
     Suspects: the label audit of `sap`'s model (rebuilt from its recorded choice), as `sap+refine` audits, most
     suspicious first. Trusted: the recipe's rule and per-class count (`common.recipe_sap_config()`).

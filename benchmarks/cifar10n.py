@@ -31,7 +31,7 @@ from common import (  # noqa: E402
     train_from_scratch,
     write_json,
 )
-from methods import SAP_VARIANTS, Cell, run_methods  # noqa: E402
+from methods import METHODS, SAP_VARIANTS, Cell, run_methods  # noqa: E402
 from peers import add_peer_arguments  # noqa: E402
 
 
@@ -66,9 +66,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         default=["core", "extra", "cleanlab"],
-        choices=METHOD_GROUPS,
-        help="core: none, best_epoch, oracle, sap and the clean-ups; extra: refine, finetune_trusted,"
-        " scrub; cleanlab: the audits against cleanlab's cross-validation; defaults: SAP_VARIANTS (not by default)",
+        choices=(*METHOD_GROUPS, *METHODS),
+        help="groups, or methods registered in methods.py by name: core: none, best_epoch, oracle, sap and the"
+        " clean-ups; extra: refine, finetune_trusted, scrub; cleanlab: the audits against cleanlab's cross-validation;"
+        " defaults: SAP_VARIANTS (not by default)",
     )
     parser.add_argument(
         "--extra_methods",
@@ -288,11 +289,13 @@ def pretrain_loop(model: Any, pixels: Any, args: argparse.Namespace) -> dict[str
 
 
 def method_names(label_set: str, args: argparse.Namespace) -> list[str]:
-    """The registered methods (`methods.METHODS`) of one cell: the oracle cell's, or those of `--methods`' groups."""
+    """The registered methods (`methods.METHODS`) of one cell: the oracle cell's, or `--methods`' (its groups' in
+    `METHOD_GROUPS` order, then the methods it names)."""
     if label_set == "oracle":  # trained on the clean labels: its val-best epoch, and the clean-up's fine-tuning
         return ["oracle", "oracle+refine"]
     groups = {"core": CORE_METHODS, "extra": args.extra_methods, "defaults": list(SAP_VARIANTS)}
-    return [name for group in METHOD_GROUPS if group in args.methods for name in groups.get(group, [])]
+    named = [name for name in args.methods if name in METHODS]
+    return [name for group in METHOD_GROUPS if group in args.methods for name in groups.get(group, [])] + named
 
 
 def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from common import (  # noqa: E402
     train_from_scratch,
     write_json,
 )
-from methods import Cell, run_methods  # noqa: E402
+from methods import METHODS, Cell, run_methods  # noqa: E402
 
 
 def summarised(record: dict[str, Any]) -> dict[str, Any]:
@@ -62,6 +62,13 @@ def finish(out: Path, record: dict[str, Any], name: str, plot: bool = True) -> d
 def parse_args(argv: Optional[list[str]] = None) -> Any:
     parser = run_parser(__doc__.splitlines()[0])
     add_cleanup_arguments(parser)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["none", "best_epoch", "cleanups"],
+        choices=sorted(METHODS),
+        help="the methods registered in methods.py to run on each model (the oracle is trained apart)",
+    )
     parser.add_argument("--out_name", default="cleanup", help="<out_dir>/<out_name>.json / .png (--quick: *_quick)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")
     args = finish_args(parser.parse_args(argv), argv)
@@ -79,7 +86,7 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
     model, data, trained = run["model"], run["data"], run["trained"]
     base = {"setting": setting, "seed": seed, "train_epochs": args.epochs}
     cell = Cell(model, copy.deepcopy(model.state_dict()), trained, data, args, seed)
-    rows = [dict(base, **row) for row in run_methods(cell, ["none", "best_epoch", "cleanups"])]
+    rows = [dict(base, **row) for row in run_methods(cell, args.methods)]
     if setting == args.settings[0]:  # the oracle: the same images with their clean labels, trained once per seed
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])

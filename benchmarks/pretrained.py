@@ -68,7 +68,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         nargs="*",
         default=[],
         choices=[g for g in METHOD_GROUPS if g != "core"],
-        help="extra row groups: curvature (sap_curvature), peers (benchmarks/methods.py), audit_bound (a second "
+        help="extra row groups: curvature (sap_curvature), peers (benchmarks/peers.py), audit_bound (a second "
         "audit + clean-up round, and the clean-up given the true mislabelled set); the core rows always run",
     )
     parser.add_argument("--out_name", default="pretrained", help="<out_dir>/<out_name>.json / .png")
@@ -275,7 +275,7 @@ def peer_method_rows(
     args: argparse.Namespace,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """`benchmarks/methods.py`'s rows (SSD, SCRUB) on the uncorrected model."""
+    """`benchmarks/peers.py`'s rows (SSD, SCRUB) on the uncorrected model."""
     rows = peer_rows(copy.deepcopy(model), data, trusted_indices=trusted, suspects=suspects, args=args, seed=seed)
     return [dict(base, **row) for row in rows]
 

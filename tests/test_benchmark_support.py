@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common  # noqa: E402
+import methods  # noqa: E402
 import peers  # noqa: E402
 
 
@@ -313,3 +314,40 @@ def test_the_dynamics_audit_flags_the_low_margins_of_the_window() -> None:
     counted = common.dynamics_audit(audit, early, epochs=1, count_from_every_epoch=True)
     assert counted.suspected.tolist() == [False, False, True, False]
     assert torch.allclose(counted.scores, (early[0].double() + 1) / 2)
+
+
+def test_a_row_keeps_its_specific_fields_beside_the_named_ones_and_leaves_out_what_was_not_measured() -> None:
+    row = {"method": "sap", "test_accuracy": 0.5, "alpha": 30.0, "trials": [{"mode": "remove"}], "examples": None}
+    parsed = methods.Row.of(row)
+    assert (parsed.method, parsed.test_accuracy, parsed.purity) == ("sap", 0.5, None)
+    assert parsed.specific == {"alpha": 30.0, "trials": [{"mode": "remove"}], "examples": None}
+    assert parsed.as_dict() == row  # no purity, cost_epochs, seconds... in the JSON row; a specific None stays
+
+
+def test_run_methods_runs_the_named_methods_in_order_each_from_the_last_state(monkeypatch) -> None:
+    import argparse
+
+    import torch
+
+    model = torch.nn.Linear(2, 1)
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = []
+
+    def nudge(cell):  # changes the weights; the next method must start from `last` all the same
+        seen.append(float(cell.model.weight.sum()))
+        with torch.no_grad():
+            cell.model.weight += 1.0
+        return [methods.Row("nudge", test_accuracy=float(cell.model.weight.sum()), specific={"k": 1})]
+
+    monkeypatch.setitem(methods.METHODS, "nudge", nudge)
+    cell = methods.Cell(model, last, {}, {}, argparse.Namespace(), seed=0)
+    rows = methods.run_methods(cell, ["nudge", "nudge"])
+    assert seen == [float(last["weight"].sum())] * 2
+    assert [row["method"] for row in rows] == ["nudge", "nudge"] and all(row["k"] == 1 for row in rows)
+    assert [row["test_accuracy"] for row in rows] == pytest.approx([seen[0] + 2.0] * 2)
+    assert torch.equal(model.weight, last["weight"])
+    with pytest.raises(ValueError, match=r"unknown methods \['sap\+magic'\].*'best_epoch'"):
+        methods.run_methods(cell, ["nudge", "sap+magic"])
+    assert len(seen) == 2  # nothing ran
+    with pytest.raises(ValueError, match="registered twice"):
+        methods.register("none")(nudge)
