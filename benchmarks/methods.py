@@ -4,7 +4,8 @@ A study trains its models, wraps each in a `Cell` (the model, its last state, th
 arguments, the seed) and asks `run_methods(cell, names)` for the rows of the methods it names; each registered method
 is a function `Cell -> list[Row]`, so a new method is one `@register` here and one name in an experiment file.
 `Row` is the one row schema: the fields every table reads, then what is specific to the method; the JSON row is
-`Row.as_dict()`. Registered (`METHODS`; the clean-up and CIFAR-10N studies name them):
+`Row.as_dict()`. Registered (`METHODS`; the clean-up and CIFAR-10N studies name them, `pretrained.py` runs its
+baselines through them):
 
     none, best_epoch     the model at its last / its val-best epoch (early stopping, the baseline to beat)
     oracle               a model trained on the clean labels, its val-best epoch (the ceiling)
@@ -89,7 +90,8 @@ class Cell:
 
     `last` is the model's state after training: each method starts from it and `run_methods` puts it back after each.
     `trained` is `common.train_from_scratch`'s record (`best`: state, epoch, val_accuracy; `history`; `margins`);
-    `data` the study's tensors (train_x/train_y/clean_y/is_noisy, val_*, test_*); `args` the study's arguments."""
+    `data` the study's tensors (train_x/train_y/clean_y/is_noisy, val_*, test_*); `args` the study's arguments;
+    `sap_config` / `sap_audit` how `sap` corrects (default `SAPConfig(batch_size=500)`, with the label audit)."""
 
     model: Any
     last: dict
@@ -97,13 +99,15 @@ class Cell:
     data: dict[str, Any]
     args: argparse.Namespace
     seed: int
+    sap_config: Any = None
+    sap_audit: bool = True
     _sap: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     @property
     def sap(self) -> dict[str, Any]:
-        """`sap_row` of the last state (SAPConfig(), with its audit), made once for every method that starts there."""
+        """`sap_row` of the last state, made once for every method that starts from SAP's model."""
         if self._sap is None:
-            self._sap = sap_row(self.model, self.last, self.data)
+            self._sap = sap_row(self.model, self.last, self.data, self.sap_config, audit=self.sap_audit)
         return self._sap
 
 

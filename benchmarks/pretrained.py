@@ -23,8 +23,8 @@ from typing import Any, Optional
 import common
 import methods
 import report
-from common import accuracy, fit_diagnostics, mean_std
-from methods import add_refine_arguments, sap_refine_row
+from common import mean_std
+from methods import Cell, add_refine_arguments, run_methods, sap_refine_row
 from peers import peer_rows
 from pretrained_regime import (
     NOISES,
@@ -120,45 +120,22 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     run = finetuned(noise, seed, epochs, args)
-    data, model, early_model, trained = (run[k] for k in ("data", "model", "early_model", "trained"))
+    data, model, trained = (run[k] for k in ("data", "model", "trained"))
     final_state = copy.deepcopy(model.state_dict())
     base = {"noise": noise, "seed": seed, "epochs": epochs}
-    test = lambda m: accuracy(m, data["test_x"], data["test_y"])
-    rows = [
-        dict(
-            base,
-            method="none",
-            test_accuracy=test(model),
-            val_accuracy=accuracy(model, data["val_x"], data["val_y"]),
-            **fit_diagnostics(model, data),
-            **common.dynamics_diagnostics(trained, data),
-        ),
-        dict(
-            base,
-            method="best_epoch",
-            test_accuracy=test(early_model),
-            val_accuracy=trained["best"]["val_accuracy"],
-            best_epoch=trained["best"]["epoch"],
-            **fit_diagnostics(early_model, data),
-        ),
-    ]
-    oracle = finetuned("clean", seed, epochs, args, data=dict(data, train_y=data["clean_y"]))["early_model"]
-    rows.append(
-        dict(
-            base,
-            method="oracle",
-            test_accuracy=test(oracle),
-            val_accuracy=accuracy(oracle, data["val_x"], data["val_y"]),
-            **fit_diagnostics(oracle, data),
-        )
-    )
+    recipe = common.recipe_sap_config(batch_size=500)
+    cell = Cell(model, final_state, trained, data, args, seed, sap_config=recipe, sap_audit=False)
+    clean = finetuned("clean", seed, epochs, args, data=dict(data, train_y=data["clean_y"]))
+    oracle = Cell(clean["model"], copy.deepcopy(clean["model"].state_dict()), clean["trained"], data, args, seed)
+    rows = [dict(base, **row) for row in run_methods(cell, ["none", "best_epoch"]) + run_methods(oracle, ["oracle"])]
+    rows[0]["val_accuracy"] = common.accuracy(model, data["val_x"], data["val_y"])  # this study records it unrounded
     timing: dict[str, float] = {}
 
     def sap_method(state: dict, config: Any, method: str) -> dict[str, Any]:
         out = methods.sap_row(model, state, data, config, method, audit=False)
         return dict(out, row=dict(base, **out["row"]))
 
-    sap = sap_method(final_state, common.recipe_sap_config(batch_size=500), "sap")
+    sap = dict(cell.sap, row=dict(base, **cell.sap["row"]))
     paper = sap_method(final_state, SAPConfig(**common.PAPER_SAP, batch_size=500), "sap_paper")
     rows += [sap["row"], paper["row"]]
     if "curvature" in args.methods:
@@ -167,21 +144,8 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
                 final_state, common.recipe_sap_config(batch_size=500, selection_rule="curvature"), "sap_curvature"
             )["row"]
         )
-    trusted = sap["trusted"]
-    ft = common.finetune_grid(model, final_state, data["train_x"][trusted], data["train_y"][trusted], data, args, seed)
-    rows.append(
-        dict(
-            base,
-            method="finetune_trusted",
-            test_accuracy=ft["test_accuracy"],
-            val_accuracy=ft["val_accuracy"],
-            lr=ft["lr"],
-            ft_epochs=ft["epochs"],
-            noisy_fit=ft["noisy_fit"],
-            clean_fit=ft["clean_fit"],
-        )
-    )
-    best_sap = sap_method(early_model.state_dict(), common.recipe_sap_config(batch_size=500), "best+sap")
+    rows += [dict(base, **row) for row in run_methods(cell, ["finetune_trusted"])]
+    best_sap = sap_method(trained["best"]["state"], recipe, "best+sap")
     rows.append(best_sap["row"])  # the pipeline started from the val-best epoch instead of the last one
     audits = {}
     starts = (
