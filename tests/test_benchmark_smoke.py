@@ -5,14 +5,22 @@ Checks the plumbing, not accuracy values (a few epochs on a few hundred images m
 (machines differ); one thread, so a busy machine's oversubscribed OpenMP threads cannot stretch a run. A
 `Study` names its command lines (`{tmp}` is the test's folder, `{images}`/`{labels}` a tiny CIFAR-10N copy
 built there) and a check that sees, after every command, its output and the files then present (`Step`).
+
+Each command runs in this process (`_run_script`: the script's `main(argv)`, with `sys.argv` as the command line
+would set it), not in a new interpreter: importing torch, transformers (whose `Trainer` imports PEFT) and sap_hf
+costs about 7 s a process here, which ~20 commands paid again. What a script changes in the process (torch's
+threads, the libraries' log levels and progress bars, the working folder) is put back after it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import logging
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +30,7 @@ import pytest
 
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def _fashion_mnist_available() -> bool:
@@ -35,8 +43,8 @@ class Step:
     """One command's run: its output, the files under the test's folder after it (their mtimes) and the JSON
     `outputs` among them as they were then (`json(name)`)."""
 
-    def __init__(self, proc: subprocess.CompletedProcess, tmp: Path, outputs: tuple[str, ...]) -> None:
-        self.stdout = proc.stdout
+    def __init__(self, stdout: str, tmp: Path, outputs: tuple[str, ...]) -> None:
+        self.stdout = stdout
         paths = [p for p in tmp.rglob("*") if p.is_file()]
         self.files = {p.relative_to(tmp).as_posix(): p.stat().st_mtime_ns for p in paths}
         self._json = {name: json.loads((tmp / name).read_text()) for name in outputs if name in self.files}
@@ -50,11 +58,49 @@ class Study:
     commands: list[list[str]]  # each: benchmarks/<script>.py and its arguments
     check: Callable[[Path, list[Step]], None]
     outputs: tuple[str, ...] = ()  # JSON files read after every step (when present)
-    timeout: int = 300
     fashion_mnist: bool = True
     cifar10n: bool = False
     needs: tuple[str, ...] = ()  # modules to import, else skip
     before: dict[str, dict] = field(default_factory=dict)  # JSON files written before the first command
+
+
+@contextlib.contextmanager
+def _as_a_fresh_process(argv: list[str]):
+    """`sys.argv` as `python <argv>` sets it, one torch thread, the working folder at the checkout; afterwards the
+    process as it was (threads, argv, folder, the log levels and progress bar `common.quiet_libraries` and
+    `pretrained_regime` change)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    saved = (sys.argv, os.getcwd(), torch.get_num_threads(), hf_logging.get_verbosity())
+    progress, sap_level = hf_logging.is_progress_bar_enabled(), logging.getLogger("sap_hf").level
+    sys.argv = argv
+    os.chdir(ROOT)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        sys.argv, cwd, threads, verbosity = saved
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+        logging.getLogger("sap_hf").setLevel(sap_level)
+
+
+def _run_script(script: str, argv: list[str]) -> str:
+    """`python benchmarks/<script> <argv>`'s standard output, run as `main(argv)` in this process."""
+    path = BENCHMARKS / script
+    spec = importlib.util.spec_from_file_location(f"_smoke_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    out = io.StringIO()
+    with _as_a_fresh_process([str(path), *argv]), contextlib.redirect_stdout(out):
+        spec.loader.exec_module(module)
+        try:
+            module.main(argv)
+        except SystemExit as exit:  # argparse's errors, a script's own exit
+            assert not exit.code, f"{script} {' '.join(argv)} exited {exit.code}:\n{out.getvalue()[-3000:]}"
+    return out.getvalue()
 
 
 def _run_study(study: Study, tmp: Path) -> list[Step]:
@@ -69,10 +115,7 @@ def _run_study(study: Study, tmp: Path) -> list[Step]:
     steps = []
     for command in study.commands:
         script, *argv = (part.format(**values) for part in command)
-        cmd = [sys.executable, str(ROOT / "benchmarks" / script), *argv]
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=study.timeout)
-        assert proc.returncode == 0, f"{' '.join(command)}\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
-        steps.append(Step(proc, tmp, study.outputs))
+        steps.append(Step(_run_script(script, argv), tmp, study.outputs))
     return steps
 
 
@@ -644,7 +687,6 @@ STUDIES = {
         ],
         check_cifar10n,
         ("cifar10n.json",),
-        timeout=600,
         fashion_mnist=False,
         cifar10n=True,
     ),
@@ -655,20 +697,16 @@ STUDIES = {
         ],
         check_cifar10n_mae,
         ("mae.json",),
-        timeout=600,
         fashion_mnist=False,
         cifar10n=True,
     ),
-    "cleanup": Study([CLEANUP, [*CLEANUP, "--replot"]], check_cleanup, ("cleanup_quick.json",), timeout=600),
+    "cleanup": Study([CLEANUP, [*CLEANUP, "--replot"]], check_cleanup, ("cleanup_quick.json",)),
     "correction_cost": Study(
         [["correction_cost.py", "--quick", "--out_dir", "{tmp}", "--corpus_dir", "{tmp}/corpus", "--no_plot"]],
         check_correction_cost,
         ("correction_cost_quick.json",),
-        timeout=900,
     ),
-    "defaults": Study(
-        [["defaults.py", "--quick", "--out_dir", "{tmp}"]], check_defaults, ("defaults_quick.json",), timeout=900
-    ),
+    "defaults": Study([["defaults.py", "--quick", "--out_dir", "{tmp}"]], check_defaults, ("defaults_quick.json",)),
     "label_audit": Study(
         [["label_audit.py", "--quick", "--threads", "1", *SYM40, "--out_dir", "{tmp}"]],
         check_label_audit,
@@ -700,7 +738,6 @@ STUDIES = {
         [["selection_sources.py", "--quick", "--out_dir", "{tmp}", "--loss_cache", "{tmp}/losses"]],
         check_selection_sources,
         ("selection_sources_quick.json",),
-        timeout=600,
     ),
     "speed": Study(
         [["speed.py", "--quick", "--threads", "1", "--no_plot", "--out", "{tmp}"]],
@@ -712,8 +749,11 @@ STUDIES = {
 
 
 @pytest.mark.parametrize("name", list(STUDIES))
-def test_quick(name: str, tmp_path: Path) -> None:
+def test_quick(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = STUDIES[name]
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts' `import common` as `python benchmarks/x.py` finds it
     for module in study.needs:
         pytest.importorskip(module)
     if study.fashion_mnist and not _fashion_mnist_available():
