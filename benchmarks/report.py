@@ -37,7 +37,8 @@ A generated table sits between a spec comment and an end marker in a page, each 
   shows the mean over all their rows (`where:` does not filter them);
 * `where:` `key=value` tokens: only the rows that have these values; a row name with rows in some columns but not
   in another prints `–` there (one with no rows at all is an error);
-* `value:` the row key averaged (default `test_accuracy`, in % when all its values are fractions); more tokens
+* `value:` the row key averaged (default `test_accuracy`, in % when all its values are fractions; a dotted key
+  such as `selection_seconds.curvature` reads inside a row's dict, here and in `fields:`); more tokens
   give each column group one column per token, `[+]key[:digits][=label]`: `+` prints a sign, `:digits` prints the
   raw values with that many digits, `=label` is appended to the group's header (`+gain_vs_none=gain`). Derived
   rows fill the first token's columns only; `(N ep)` is left out when `cost_epochs` has a column;
@@ -423,6 +424,16 @@ def _column(token: str) -> tuple[str, Optional[list[str]]]:
     return key, (order.split(",") if order else None)
 
 
+def _get(row: dict[str, Any], field: str) -> Any:
+    """`row[field]`; a dotted field (`selection_seconds.curvature`) reads inside the row's dicts. None where absent."""
+    if "." not in field or field in row:
+        return row.get(field)
+    node: Any = row
+    for key in field.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
 def _group(row: dict[str, Any], spec: TableSpec) -> str:
     return " ".join(str(row.get(key)) for key, _ in spec.columns)
 
@@ -442,7 +453,7 @@ def _columns(rows: list[dict[str, Any]], spec: TableSpec) -> list[Column]:
     columns = []
     for v in kept:
         for i, value in enumerate(spec.values):
-            found = [row[value.field] for row in rows if row.get(value.field) is not None]
+            found = [_get(row, value.field) for row in rows if _get(row, value.field) is not None]
             scale = 100.0 if value.digits is None and found and all(abs(x) <= 1.0 for x in found) else 1.0
             label = " ".join((*v, value.label)).strip()
             digits = 1 if value.digits is None else value.digits
@@ -463,7 +474,7 @@ class _Cells:
                 self.values.setdefault((name, group), []).append(row)
 
     def rows_of(self, name: str, column: Column, field: str) -> list[dict[str, Any]]:
-        found = [row for row in self.values.get((name, column.group), []) if row.get(field) is not None]
+        found = [row for row in self.values.get((name, column.group), []) if _get(row, field) is not None]
         if not found:
             where = f" in column {column.group!r}" if column.group else ""
             key = " ".join(self.spec.keys)
@@ -474,14 +485,14 @@ class _Cells:
 
     def mean(self, name: str, column: Column, field: Optional[str] = None) -> float:
         field = field or column.field
-        return statistics.fmean(row[field] for row in self.rows_of(name, column, field))
+        return statistics.fmean(_get(row, field) for row in self.rows_of(name, column, field))
 
     def cell(self, name: str, column: Column) -> str:
         if not column.main and (name, column.group) in self.values:  # a row without this field: an empty cell
-            if all(row.get(column.field) is None for row in self.values[name, column.group]):
+            if all(_get(row, column.field) is None for row in self.values[name, column.group]):
                 return ""
         found = self.rows_of(name, column, column.field)
-        values = [row[column.field] * column.scale for row in found]
+        values = [_get(row, column.field) * column.scale for row in found]
         if column.how == "count":
             return f"{sum(bool(value) for value in values)}/{len(values)}"
         if column.how == "max":
@@ -498,9 +509,9 @@ class _Cells:
 
     def paired(self, a: str, b: str, column: Column) -> str:
         """a − b seed by seed (the seeds both have), mean ± std, signed."""
-        of_b = {row["seed"]: row[column.field] for row in self.rows_of(b, column, column.field)}
+        of_b = {row["seed"]: _get(row, column.field) for row in self.rows_of(b, column, column.field)}
         found = [row for row in self.rows_of(a, column, column.field) if row["seed"] in of_b]
-        diffs = [column.scale * (row[column.field] - of_b[row["seed"]]) for row in found]
+        diffs = [column.scale * (_get(row, column.field) - of_b[row["seed"]]) for row in found]
         if not diffs:
             raise ValueError(f"{self.spec.path}: {a!r} and {b!r} share no seed in column {column.group!r}")
         text = _signed(statistics.fmean(diffs), column.digits)

@@ -129,6 +129,25 @@ def test_a_field_can_be_the_largest_value_or_a_count_with_its_own_header(tmp_pat
         tables.render("r.json\nfields: gap:1:min\nrows:\n  pass\n", tmp_path)
 
 
+def test_a_dotted_field_reads_inside_a_rows_dict_as_a_value_and_as_a_field(tmp_path: Path) -> None:
+    rows = [
+        {"method": "sap", "setting": "sym40", "seed": 0, "test_accuracy": 0.5, "seconds": {"loss": 2.0, "curv": 9.0}},
+        {"method": "sap", "setting": "sym40", "seed": 1, "test_accuracy": 0.7, "seconds": {"loss": 4.0, "curv": 11.0}},
+        {"method": "sap.x", "setting": "sym40", "seed": 0, "test_accuracy": 0.1, "seconds.curv": 1.0},
+    ]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    fields = tables.render("r.json\nfields: seconds.loss:1=loss seconds.curv:1\nrows:\n  sap\n", tmp_path)
+    # a row with the dotted name as its own key reads that key; one without the dict has no value there
+    with pytest.raises(ValueError, match="no rows for method 'sap.x' with 'seconds.loss'"):
+        tables.render("r.json\nfields: seconds.loss:1\nrows:\n  sap.x\n", tmp_path)
+    assert tables.render("r.json\nfields: seconds.curv:1\nrows:\n  sap\n  sap.x\n", tmp_path) == (
+        "| method | seconds.curv |\n| --- | --- |\n| sap | 10.0 ± 1.4 |\n| sap.x | 1.0 |\n"
+    )
+    assert fields == "| method | loss | seconds.curv |\n| --- | --- | --- |\n| sap | 3.0 ± 1.4 | 10.0 ± 1.4 |\n"
+    by_setting = "r.json\ncolumns: setting\nvalue: test_accuracy seconds.curv:0=curv\nrows:\n  sap\n"
+    assert tables.render(by_setting, tmp_path).splitlines()[2] == "| sap | 60.0 ± 14.1 | 10 ± 1 |"
+
+
 def test_one_table_from_another_list_of_two_jsons(tmp_path: Path) -> None:
     for regime, ap in (("scratch", 0.5), ("mae", 0.6)):
         audits = [{"regime": regime, "method": "audit", "seed": s, "audit_ap": ap + s / 10} for s in (0, 1)]
