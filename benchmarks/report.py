@@ -50,7 +50,7 @@ A generated table sits between a spec comment and an end marker in a page, each 
   `ssd oracle`, `none`);
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
   rows, with that many digits, no scaling). A token `[+]field:digits:how=label` chooses how the rows combine (`mean`,
-  the default; `max`; `count`: how many are true, 'k/n') and the header (underscores print as spaces).
+  the default; `max`, `min`, `sum`; `count`: how many are true, 'k/n') and the header (underscores print as spaces).
 """
 
 from __future__ import annotations
@@ -393,7 +393,7 @@ def _value(token: str) -> Value:
 class Column(NamedTuple):
     """A table column: its header, the group of rows it reads, the field it averages, its digits, scale, sign;
     `main`: the first `value:` token's column (the one with costs and derived rows); `how`: how a cell combines its
-    rows (`mean` ± std, `max`, `count` of the true ones)."""
+    rows (`mean` ± std, `max`, `min`, `sum`, `count` of the true ones)."""
 
     label: str
     group: str
@@ -405,7 +405,7 @@ class Column(NamedTuple):
     how: str = "mean"
 
 
-FIELD_AGGREGATES = ("mean", "max", "count")
+FIELD_AGGREGATES = ("mean", "max", "min", "sum", "count")
 
 
 def _field(token: str) -> Column:
@@ -495,8 +495,9 @@ class _Cells:
         values = [_get(row, column.field) * column.scale for row in found]
         if column.how == "count":
             return f"{sum(bool(value) for value in values)}/{len(values)}"
-        if column.how == "max":
-            return _signed(max(values), column.digits) if column.signed else f"{max(values):.{column.digits}f}"
+        if column.how in ("max", "min", "sum"):
+            value = {"max": max, "min": min, "sum": sum}[column.how](values)
+            return _signed(value, column.digits) if column.signed else f"{value:.{column.digits}f}"
         mean = statistics.fmean(values)
         text = _signed(mean, column.digits) if column.signed else f"{mean:.{column.digits}f}"
         if len(values) > 1:

@@ -110,7 +110,7 @@ def test_fields_mode_names_rows_by_another_key_and_prints_each_field(tmp_path: P
     )
 
 
-def test_a_field_can_be_the_largest_value_or_a_count_with_its_own_header(tmp_path: Path) -> None:
+def test_a_field_can_be_the_largest_smallest_or_summed_value_or_a_count_with_its_own_header(tmp_path: Path) -> None:
     rows = [
         {"source": "pass", "gap": 0.0, "same": True, "seconds": 4.0},
         {"source": "pass", "gap": 0.0, "same": True, "seconds": 6.0},
@@ -125,8 +125,10 @@ def test_a_field_can_be_the_largest_value_or_a_count_with_its_own_header(tmp_pat
         "| pass | 0.0 | 2/2 | 5.0 ± 1.4 |\n"
         "| subset | +3.0 | 1/2 | 1.5 ± 0.7 |\n"
     )
-    with pytest.raises(ValueError, match="'gap:1:min'.*one of mean, max, count"):
-        tables.render("r.json\nfields: gap:1:min\nrows:\n  pass\n", tmp_path)
+    spec = "r.json\ntitle: source\nkey: source\nfields: gap:2:min seconds:0:sum\n"
+    assert tables.render(spec + "rows:\n  subset\n", tmp_path).splitlines()[2] == "| subset | -1.25 | 3 |"
+    with pytest.raises(ValueError, match="'gap:1:median'.*one of mean, max, min, sum, count"):
+        tables.render("r.json\nfields: gap:1:median\nrows:\n  pass\n", tmp_path)
 
 
 def test_a_dotted_field_reads_inside_a_rows_dict_as_a_value_and_as_a_field(tmp_path: Path) -> None:
