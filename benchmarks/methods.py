@@ -298,9 +298,11 @@ def sap_and_cleanups(
 
 @register("cleanups")
 def cleanups(cell: Cell) -> list[Row]:
-    """The clean-up study's rows: `sap_and_cleanups` from the last state (`--modes` x `--augment`) and from the
-    val-best state (`best+`, `--best_modes`), each with the audits of `--audits`, then `default_cleanup_rows`.
-    Reads `--lr`, `--refine_epochs`, `--refine_batch_size`."""
+    """sap, then sap+<mode> for --modes x --augment x --audits, the same from the val-best epoch, sap+refine.
+
+    The rows: `sap_and_cleanups` from the last state (`--modes` x `--augment`) and from the val-best state (`best+`,
+    `--best_modes`), each with the audits of `--audits`, then `default_cleanup_rows`. Reads `--lr`,
+    `--refine_epochs`, `--refine_batch_size`."""
     args = cell.args
     with tempfile.TemporaryDirectory() as scratch:
         rows = sap_and_cleanups(cell, cell.sap, "", args.modes, [bool(a) for a in args.augment], scratch)
@@ -372,9 +374,10 @@ def default_cleanup_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @register("oracle+refine")
 def clean_label_cleanup(cell: Cell) -> list[Row]:
-    """`oracle+refine`: the clean-up's fine-tuning (augmented views, lr in {lr, 2 lr}, cosine, val picks the length)
-    of a clean-label cell's model on the clean labels: the ceiling for `sap+refine`, which adds those augmented
-    epochs to its model."""
+    """The clean-up's fine-tuning of a clean-label model on the clean labels: the ceiling for sap+refine.
+
+    Augmented views, lr in {lr, 2 lr}, cosine, val picks the length: what `sap+refine` adds to its model, here on a
+    cell trained on the clean labels."""
     import torch
 
     from sap_hf import RefineConfig, refine
@@ -436,7 +439,7 @@ def refine_without_sap(cell: Cell) -> list[Row]:
 
 @register("finetune_trusted")
 def finetune_trusted(cell: Cell) -> list[Row]:
-    """Fine-tuning on SAP's trusted samples alone (`common.finetune_grid`: `--ft_lrs` x `--ft_epochs`, val picks)."""
+    """Fine-tuning on SAP's trusted samples alone (`common.finetune_grid`: --ft_lrs x --ft_epochs, val picks)."""
     data, trusted = cell.data, cell.sap["trusted"]
     clock = time.perf_counter()
     ft = common.finetune_grid(
@@ -457,7 +460,7 @@ def finetune_trusted(cell: Cell) -> list[Row]:
 
 @register("scrub")
 def scrub(cell: Cell) -> list[Row]:
-    """SCRUB (`peers.py`) with the realistic forget set: SAP's audit's suspects, SAP's trusted samples retained."""
+    """SCRUB (`peers.py`), realistic forget set: SAP's audit's suspects forgotten, its trusted samples retained."""
     from peers import peer_rows
 
     sap = cell.sap
@@ -491,6 +494,7 @@ def sap_variant(name: str, settings: dict[str, Any]) -> Method:
         config = SAPConfig(**{"batch_size": 500, **settings})
         return [Row.of(sap_row(cell.model, cell.last, cell.data, config, name)["row"])]
 
+    method.__doc__ = f"SAP of the last state with SAPConfig(batch_size=500, **{settings})."
     return method
 
 

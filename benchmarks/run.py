@@ -3,6 +3,7 @@
     python benchmarks/run.py benchmarks/experiments/pretrained/audit_bound.yaml --cache_dir /work/cache/pretrained
     python benchmarks/run.py benchmarks/experiments/cleanup/fashion_scratch.yaml --quick   # to results/quick/
     python benchmarks/run.py --list                     # every experiment, its result and what it measures
+    python benchmarks/run.py --methods                  # the methods registered in methods.py (--methods NAME ...)
 
 An experiment file (`benchmarks/experiments/<study>/<name>.yaml`) holds:
 
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("experiment", nargs="?", type=Path, help="an experiment file (benchmarks/experiments/...)")
     parser.add_argument("--list", action="store_true", help="list the experiments and exit")
+    parser.add_argument("--methods", action="store_true", help="list the registered methods and exit")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     args, extra = parser.parse_known_args(argv)
     if args.list:
@@ -83,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
             spec = load(path)
             print(f"{path.relative_to(HERE.parent)}  ->  benchmarks/{spec['result']}\n    {spec['about']}")
         return 0
+    if args.methods:
+        sys.path.insert(0, str(HERE))
+        from methods import METHODS
+
+        for name, method in METHODS.items():
+            print(f"{name:18}{(method.__doc__ or '').strip().splitlines()[0]}")
+        return 0
     if args.experiment is None:
-        parser.error("give an experiment file, or --list")
+        parser.error("give an experiment file, --list or --methods")
     spec = load(args.experiment)
     for i, run in enumerate(spec["runs"], 1):
         command = [sys.executable, str(HERE / spec["script"]), *command_line(run), *extra]

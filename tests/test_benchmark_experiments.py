@@ -131,6 +131,16 @@ def test_the_runner_runs_each_command_with_the_extra_arguments(capsys):
     assert "--modes remove pseudo --augment 0 --best_modes --merge" in lines[1]
 
 
+def test_the_runner_lists_every_registered_method_with_its_summary(capsys):
+    import methods  # benchmarks/methods.py: the registry (run.py put benchmarks/ on sys.path)
+
+    assert run.main(["--methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(methods.METHODS)
+    assert {"none", "best_epoch", "cleanups", "oracle+refine", "sap_paper"} <= set(methods.METHODS)
+    assert all(len(line.split()) > 3 for line in lines)  # each with the first line of its docstring
+
+
 def test_a_smoke_run_writes_beside_the_committed_results_never_over_them(tmp_path: Path) -> None:
     """`--quick` moves the studies' default output folder to results/quick/, and `write_json` refuses a smoke
     run's record among the committed results (an explicit --out_dir benchmarks/results --quick)."""
