@@ -132,7 +132,7 @@ def test_the_runner_runs_each_command_with_the_extra_arguments(capsys):
 
 
 def test_the_runner_lists_every_registered_method_with_its_summary(capsys):
-    import methods  # benchmarks/methods.py: the registry (run.py put benchmarks/ on sys.path)
+    import methods  # benchmarks/methods.py: the registry
 
     assert run.main(["--methods"]) == 0
     lines = capsys.readouterr().out.splitlines()
