@@ -833,7 +833,7 @@ def build_record(
             "map": {str(k): v for k, v in FASHION_MNIST_ASYMMETRIC_MAP.items()},
         },
         # The arguments of the last run of each part: the 'ce' rows, the robust rows, sap+refine (its --refine_*
-        # arguments) and the peers (with their grids, `methods.peer_settings`, and the scaled oracle sizes).
+        # arguments) and the peers (with their grids, `peers.peer_settings`, and the scaled oracle sizes).
         "config": config if "ce" in args.methods or "config" not in existing else existing["config"],
         "config_robust": _robust_config(existing.get("config_robust"), config, args),
         "config_refine": config if {"ce", "sap+refine"} & set(args.methods) else existing.get("config_refine"),

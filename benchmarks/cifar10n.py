@@ -31,7 +31,7 @@ from common import (  # noqa: E402
     train_from_scratch,
     write_json,
 )
-from methods import METHODS, SAP_VARIANTS, Cell, run_methods  # noqa: E402
+from methods import SAP_VARIANTS, Cell, noisy_label_methods, run_methods  # noqa: E402
 from peers import add_peer_arguments  # noqa: E402
 
 
@@ -66,10 +66,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         default=["core", "extra", "cleanlab"],
-        choices=(*METHOD_GROUPS, *METHODS),
+        choices=(*METHOD_GROUPS, *noisy_label_methods()),
         help="groups, or methods registered in methods.py by name: core: none, best_epoch, oracle, sap and the"
-        " clean-ups; extra: refine, finetune_trusted, scrub; cleanlab: the audits against cleanlab's cross-validation;"
-        " defaults: SAP_VARIANTS (not by default)",
+        " clean-ups (the oracle cells, trained on the clean labels, come with core only); extra: refine,"
+        " finetune_trusted, scrub; cleanlab: the audits against cleanlab's cross-validation; defaults: SAP_VARIANTS"
+        " (not by default)",
     )
     parser.add_argument(
         "--extra_methods",
@@ -293,9 +294,10 @@ def method_names(label_set: str, args: argparse.Namespace) -> list[str]:
     `METHOD_GROUPS` order, then the methods it names)."""
     if label_set == "oracle":  # trained on the clean labels: its val-best epoch, and the clean-up's fine-tuning
         return ["oracle", "oracle+refine"]
-    groups = {"core": CORE_METHODS, "extra": args.extra_methods, "defaults": list(SAP_VARIANTS)}
-    named = [name for name in args.methods if name in METHODS]
-    return [name for group in METHOD_GROUPS if group in args.methods for name in groups.get(group, [])] + named
+    extra = [name for name in EXTRA_METHODS if name in args.extra_methods]
+    groups = {"core": CORE_METHODS, "extra": extra, "defaults": list(SAP_VARIANTS)}
+    named = [name for group in METHOD_GROUPS if group in args.methods for name in groups.get(group, [])]
+    return list(dict.fromkeys(named + [name for name in args.methods if name not in METHOD_GROUPS]))
 
 
 def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
@@ -318,7 +320,9 @@ def run_cell(task: tuple[str, int, argparse.Namespace]) -> dict[str, Any]:
         "train_epochs": args.epochs,
         "train_seconds": trained["seconds"],
     }
-    cell = Cell(model, copy.deepcopy(model.state_dict()), trained, data, args, seed)
+    cell = Cell(
+        model, copy.deepcopy(model.state_dict()), trained, data, args, seed, clean_labels=label_set == "oracle"
+    )
     rows = [dict(base, **row) for row in run_methods(cell, method_names(label_set, args))]
     cleanlab = label_set != "oracle" and "cleanlab" in args.methods and label_set in args.cleanlab_sets
     audits = [dict(base, **r) for r in audit_rows(cell.sap, data, args, seed)] if cleanlab else []

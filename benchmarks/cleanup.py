@@ -4,7 +4,9 @@
     python benchmarks/cleanup.py --quick                               # smoke test
 
 The accuracy benchmark's protocol (`common.prepare_run`: the recipe's tiny ViT trained from scratch on 4,000
-images with 40% noise for 100 epochs, until it memorises), its models when `--cache_dir` holds them, plus:
+images with 40% noise for 100 epochs, until it memorises), its models when `--cache_dir` holds them; on each, the
+methods `--methods` names (registered in `methods.py`; by default none, best_epoch and cleanups, whose rows are
+sap+<mode> ... below); and once per seed the oracle:
 
     oracle            the same training on the clean labels, val-best epoch (the ceiling)
     sap+<mode>        sap's model, its audit, `refine(mode)` for each --modes (augmented views; lr, 2 lr; val picks)
@@ -12,8 +14,7 @@ images with 40% noise for 100 epochs, until it memorises), its models when `--ca
     ...-noaug         the same clean-up without augmentation (RefineConfig(augment=False); --augment 1 0)
     best+sap(+...)    the same pipeline from the val-best epoch instead of the last one
 
-`benchmarks/cifar10n.py` runs the same methods on real human noise. Rows: `methods.py`'s none, best_epoch and
-cleanups; summary, targets, tables and figure: `report.py`.
+`benchmarks/cifar10n.py` runs the same methods on real human noise. Summary, targets, tables and figure: `report.py`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from common import (  # noqa: E402
     train_from_scratch,
     write_json,
 )
-from methods import METHODS, Cell, run_methods  # noqa: E402
+from methods import Cell, noisy_label_methods, run_methods  # noqa: E402
 
 
 def summarised(record: dict[str, Any]) -> dict[str, Any]:
@@ -66,8 +67,9 @@ def parse_args(argv: Optional[list[str]] = None) -> Any:
         "--methods",
         nargs="+",
         default=["none", "best_epoch", "cleanups"],
-        choices=sorted(METHODS),
-        help="the methods registered in methods.py to run on each model (the oracle is trained apart)",
+        choices=noisy_label_methods(),
+        help="the methods registered in methods.py to run on each model (the oracle, trained on the clean labels,"
+        " is trained apart in the first setting)",
     )
     parser.add_argument("--out_name", default="cleanup", help="<out_dir>/<out_name>.json / .png (--quick: *_quick)")
     parser.add_argument("--replot", action="store_true", help="table and figure from the recorded JSON, no runs")

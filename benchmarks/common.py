@@ -39,13 +39,18 @@ from typing import Any, Optional, Protocol
 ROOT = Path(__file__).resolve().parents[1]
 #: The committed results (what the study pages' tables read).
 COMMITTED_RESULTS = ROOT / "benchmarks" / "results"
-#: Where the studies write by default: the committed folder, but a smoke run (`--quick` on the command line) writes
-#: to benchmarks/results/quick/ (git-ignored), so it never replaces a committed result; SAP_BENCHMARKS_OUT names
-#: another folder for either.
-RESULTS_DIR = Path(
-    os.environ.get("SAP_BENCHMARKS_OUT")
-    or (COMMITTED_RESULTS / "quick" if "--quick" in sys.argv[1:] else COMMITTED_RESULTS)
-)
+
+
+def results_dir(argv: Sequence[str]) -> Path:
+    """Where a study run with `argv` writes by default: the committed folder, but a smoke run (`--quick`) writes to
+    benchmarks/results/quick/ (git-ignored), so it never replaces a committed result; SAP_BENCHMARKS_OUT names
+    another folder for either."""
+    quick = "--quick" in argv
+    return Path(os.environ.get("SAP_BENCHMARKS_OUT") or (COMMITTED_RESULTS / "quick" if quick else COMMITTED_RESULTS))
+
+
+#: This process's `results_dir` (its command line).
+RESULTS_DIR = results_dir(sys.argv[1:])
 #: The embedded recipe (`sap-hf recipe` without --config): the source of every "recipe" setting below.
 RECIPE_CONFIG = ROOT / "recipes" / "configs" / "default.yaml"
 if str(ROOT) not in sys.path:  # the scripts import sap_hf from this checkout when run from anywhere
@@ -199,7 +204,7 @@ def add_audits_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cleanup_arguments(parser: argparse.ArgumentParser) -> None:
-    """The clean-up studies' arguments (`cleanup_study_rows` reads them): the modes from the last and the val-best
+    """The clean-up studies' arguments (`methods.cleanups` reads them): the modes from the last and the val-best
     model, with and without augmentation, the audits, the length grid and the batch."""
     modes = ["remove", "relabel", "soft", "pseudo"]
     parser.add_argument("--modes", nargs="+", default=["remove", "soft", "pseudo"], choices=modes)

@@ -17,9 +17,9 @@ baselines through them):
     scrub                SCRUB with the realistic forget set (SAP's audit's suspects; `peers.py`)
     sap_paper, sap_loss, sap_30   SAP with other settings than SAPConfig()'s (`SAP_VARIANTS`)
 
-`sap_row` and `refine_row` are the `sap` and clean-up rows of every study (`accuracy.py`, `pretrained.py` and
-`defaults.py` call them with their own models and settings); `sap_refine_row` is `sap+refine` with the `--refine_*`
-arguments of `add_refine_arguments`. SSD and SCRUB themselves live in `peers.py`.
+`sap_row` is the `sap` row of the studies on their own models and settings (`pretrained.py`, `defaults.py`),
+`refine_row` the clean-up row; `sap_refine_row` is `sap+refine` with the `--refine_*` arguments of
+`add_refine_arguments` (`accuracy.py`, `pretrained.py`). SSD and SCRUB themselves live in `peers.py`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import copy
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import common
@@ -53,13 +53,17 @@ from common import (
 # --------------------------------------------------------------------------------------------
 
 
+#: `Row`'s named fields (the JSON row's keys besides `specific`'s).
+ROW_FIELDS = ("method", "test_accuracy", "val_accuracy", "noisy_fit", "purity", "cost_epochs", "seconds")
+
+
 @dataclass
 class Row:
     """One method's result on one cell, as `results/<study>.json` holds it (`as_dict`).
 
     The fields the tables read are named; what only some methods report (the alpha, the chosen mode, the trials of
     a search) is in `specific` and sits beside them in the JSON row. A field left None was not measured and is not
-    in the row."""
+    in the row. A row made by `of` keeps its dict's key order in `as_dict` (the JSON reads as the method wrote it)."""
 
     method: str
     test_accuracy: Optional[float] = None
@@ -69,19 +73,23 @@ class Row:
     cost_epochs: Optional[float] = None
     seconds: Optional[float] = None
     specific: dict[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def of(cls, row: dict[str, Any]) -> Row:
         """A row dict (as `sap_row`, `refine_row` and the JSON hold it) as a `Row`."""
-        named = {f.name for f in fields(cls)} - {"specific"}
+        named = set(ROW_FIELDS)
         return cls(
             **{k: v for k, v in row.items() if k in named},
             specific={k: v for k, v in row.items() if k not in named},
+            order=tuple(row),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        named = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "specific"}
-        return {**{k: v for k, v in named.items() if v is not None}, **self.specific}
+        values = {name: getattr(self, name) for name in ROW_FIELDS if getattr(self, name) is not None}
+        values.update(self.specific)
+        first = [key for key in self.order if key in values]
+        return {key: values[key] for key in [*first, *(key for key in values if key not in first)]}
 
 
 @dataclass
@@ -91,7 +99,8 @@ class Cell:
     `last` is the model's state after training: each method starts from it and `run_methods` puts it back after each.
     `trained` is `common.train_from_scratch`'s record (`best`: state, epoch, val_accuracy; `history`; `margins`);
     `data` the study's tensors (train_x/train_y/clean_y/is_noisy, val_*, test_*); `args` the study's arguments;
-    `sap_config` / `sap_audit` how `sap` corrects (default `SAPConfig(batch_size=500)`, with the label audit)."""
+    `sap_config` / `sap_audit` how `sap` corrects (default `SAPConfig(batch_size=500)`, with the label audit);
+    `clean_labels`: the model was trained on the clean labels (what `oracle` and `oracle+refine` need)."""
 
     model: Any
     last: dict
@@ -101,6 +110,7 @@ class Cell:
     seed: int
     sap_config: Any = None
     sap_audit: bool = True
+    clean_labels: bool = False
     _sap: Optional[dict[str, Any]] = field(default=None, repr=False)
 
     @property
@@ -113,6 +123,9 @@ class Cell:
 
 Method = Callable[[Cell], list[Row]]
 METHODS: dict[str, Method] = {}
+#: The methods of a cell trained on the clean labels (`Cell(clean_labels=True)`): a study trains that cell itself,
+#: so they are not among the methods its `--methods` offers (`NOISY_LABEL_METHODS`).
+CLEAN_LABEL_METHODS = ("oracle", "oracle+refine")
 
 
 def register(name: str) -> Callable[[Method], Method]:
@@ -127,11 +140,20 @@ def register(name: str) -> Callable[[Method], Method]:
     return add
 
 
+def noisy_label_methods() -> list[str]:
+    """The registered methods a study's `--methods` offers: all but `CLEAN_LABEL_METHODS`."""
+    return [name for name in METHODS if name not in CLEAN_LABEL_METHODS]
+
+
 def run_methods(cell: Cell, names: Sequence[str]) -> list[dict[str, Any]]:
     """The JSON rows of the methods `names` on `cell`, in that order; the model is left at `cell.last`."""
     unknown = [name for name in names if name not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}: the registered ones are {sorted(METHODS)}.")
+    wrong = [name for name in names if (name in CLEAN_LABEL_METHODS) != cell.clean_labels]
+    if wrong:
+        trained = "the clean" if cell.clean_labels else "noisy"
+        raise ValueError(f"methods {wrong} do not apply to a model trained on {trained} labels (Cell.clean_labels).")
     rows = []
     for name in names:
         cell.model.load_state_dict(cell.last)
@@ -304,10 +326,12 @@ def cleanups(cell: Cell) -> list[Row]:
     `--best_modes`), each with the audits of `--audits`, then `default_cleanup_rows`. Reads `--lr`,
     `--refine_epochs`, `--refine_batch_size`."""
     args = cell.args
+    if not cell.sap_audit:
+        raise ValueError("cleanups starts from SAP's label audit: a Cell with sap_audit=True.")
     with tempfile.TemporaryDirectory() as scratch:
         rows = sap_and_cleanups(cell, cell.sap, "", args.modes, [bool(a) for a in args.augment], scratch)
         if args.best_modes:
-            best = sap_row(cell.model, cell.trained["best"]["state"], cell.data, method="best+sap")
+            best = sap_row(cell.model, cell.trained["best"]["state"], cell.data, cell.sap_config, "best+sap")
             rows += sap_and_cleanups(cell, best, "best+", args.best_modes, [True], scratch)
     return [Row.of(row) for row in rows + default_cleanup_rows(rows)]
 

@@ -126,9 +126,11 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
     recipe = common.recipe_sap_config(batch_size=500)
     cell = Cell(model, final_state, trained, data, args, seed, sap_config=recipe, sap_audit=False)
     clean = finetuned("clean", seed, epochs, args, data=dict(data, train_y=data["clean_y"]))
-    oracle = Cell(clean["model"], copy.deepcopy(clean["model"].state_dict()), clean["trained"], data, args, seed)
+    clean_state = copy.deepcopy(clean["model"].state_dict())
+    oracle = Cell(clean["model"], clean_state, clean["trained"], data, args, seed, clean_labels=True)
     rows = [dict(base, **row) for row in run_methods(cell, ["none", "best_epoch"]) + run_methods(oracle, ["oracle"])]
-    rows[0]["val_accuracy"] = common.accuracy(model, data["val_x"], data["val_y"])  # this study records it unrounded
+    none = next(row for row in rows if row["method"] == "none")
+    none["val_accuracy"] = common.accuracy(model, data["val_x"], data["val_y"])  # this study records it unrounded
     timing: dict[str, float] = {}
 
     def sap_method(state: dict, config: Any, method: str) -> dict[str, Any]:

@@ -8,8 +8,10 @@ built there) and a check that sees, after every command, its output and the file
 
 Each command runs in this process (`_run_script`: the script's `main(argv)`, with `sys.argv` as the command line
 would set it), not in a new interpreter: importing torch, transformers (whose `Trainer` imports PEFT) and sap_hf
-costs about 7 s a process here, which ~20 commands paid again. What a script changes in the process (torch's
-threads, the libraries' log levels and progress bars, the working folder) is put back after it.
+costs about 7 s a process here, which ~20 commands paid again. What a script changes in the process (argv,
+sys.path, torch's threads, the libraries' log levels and progress bars, the working folder) is put back after it;
+a command gets `Study.timeout` seconds. The studies' `--quick` runs one worker (`--jobs 1`): the scripts are not
+importable by name from a spawned worker here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,25 +65,40 @@ class Study:
     cifar10n: bool = False
     needs: tuple[str, ...] = ()  # modules to import, else skip
     before: dict[str, dict] = field(default_factory=dict)  # JSON files written before the first command
+    timeout: int = 900  # seconds each command may take (a hung command fails its test, not the session)
 
 
 @contextlib.contextmanager
-def _as_a_fresh_process(argv: list[str]):
-    """`sys.argv` as `python <argv>` sets it, one torch thread, the working folder at the checkout; afterwards the
-    process as it was (threads, argv, folder, the log levels and progress bar `common.quiet_libraries` and
-    `pretrained_regime` change)."""
+def _as_a_fresh_process(argv: list[str], timeout: int):
+    """`sys.argv` as `python <argv>` sets it (and `common.RESULTS_DIR` as it follows from it), one thread for torch
+    and for numpy's and scikit-learn's BLAS, the working folder at the checkout, a `TimeoutError` after `timeout`
+    seconds; afterwards the process as it was (threads, argv, sys.path, folder, the log levels and progress bar
+    `common.quiet_libraries` and `pretrained_regime` change)."""
+    import common
     import torch
+    from threadpoolctl import threadpool_limits
     from transformers.utils import logging as hf_logging
 
-    saved = (sys.argv, os.getcwd(), torch.get_num_threads(), hf_logging.get_verbosity())
-    progress, sap_level = hf_logging.is_progress_bar_enabled(), logging.getLogger("sap_hf").level
-    sys.argv = argv
+    saved = (list(sys.argv), list(sys.path), os.getcwd(), torch.get_num_threads(), common.RESULTS_DIR)
+    verbosity, progress = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    sap_level = logging.getLogger("sap_hf").level
+
+    def stop(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{' '.join(argv)} ran longer than {timeout} s")
+
+    sys.argv[:] = argv
+    common.RESULTS_DIR = common.results_dir(argv[1:])
     os.chdir(ROOT)
     torch.set_num_threads(1)
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(timeout)
     try:
-        yield
+        with threadpool_limits(1):
+            yield
     finally:
-        sys.argv, cwd, threads, verbosity = saved
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        sys.argv[:], sys.path[:], cwd, threads, common.RESULTS_DIR = saved
         os.chdir(cwd)
         torch.set_num_threads(threads)
         hf_logging.set_verbosity(verbosity)
@@ -88,13 +106,13 @@ def _as_a_fresh_process(argv: list[str]):
         logging.getLogger("sap_hf").setLevel(sap_level)
 
 
-def _run_script(script: str, argv: list[str]) -> str:
+def _run_script(script: str, argv: list[str], timeout: int) -> str:
     """`python benchmarks/<script> <argv>`'s standard output, run as `main(argv)` in this process."""
     path = BENCHMARKS / script
     spec = importlib.util.spec_from_file_location(f"_smoke_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     out = io.StringIO()
-    with _as_a_fresh_process([str(path), *argv]), contextlib.redirect_stdout(out):
+    with _as_a_fresh_process([str(path), *argv], timeout), contextlib.redirect_stdout(out):
         spec.loader.exec_module(module)
         try:
             module.main(argv)
@@ -115,7 +133,7 @@ def _run_study(study: Study, tmp: Path) -> list[Step]:
     steps = []
     for command in study.commands:
         script, *argv = (part.format(**values) for part in command)
-        steps.append(Step(_run_script(script, argv), tmp, study.outputs))
+        steps.append(Step(_run_script(script, argv, study.timeout), tmp, study.outputs))
     return steps
 
 
@@ -751,8 +769,15 @@ STUDIES = {
 @pytest.mark.parametrize("name", list(STUDIES))
 def test_quick(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     study = STUDIES[name]
-    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(variable, "1")
+    import datasets
+    import huggingface_hub
+
+    # offline, as the libraries read it at import (already done here): the constants, not only the environment
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(variable, "1")  # and for the processes a study starts (speed.py's children)
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts' `import common` as `python benchmarks/x.py` finds it
     for module in study.needs:
         pytest.importorskip(module)

@@ -322,6 +322,13 @@ def test_a_row_keeps_its_specific_fields_beside_the_named_ones_and_leaves_out_wh
     assert (parsed.method, parsed.test_accuracy, parsed.purity) == ("sap", 0.5, None)
     assert parsed.specific == {"alpha": 30.0, "trials": [{"mode": "remove"}], "examples": None}
     assert parsed.as_dict() == row  # no purity, cost_epochs, seconds... in the JSON row; a specific None stays
+    assert list(parsed.as_dict()) == list(row)  # in the order the method wrote it
+    assert list(methods.Row("m", seconds=1.0, test_accuracy=0.5, specific={"k": 1}).as_dict()) == [
+        "method",
+        "test_accuracy",
+        "seconds",
+        "k",
+    ]
 
 
 def test_run_methods_runs_the_named_methods_in_order_each_from_the_last_state(monkeypatch) -> None:
@@ -351,3 +358,12 @@ def test_run_methods_runs_the_named_methods_in_order_each_from_the_last_state(mo
     assert len(seen) == 2  # nothing ran
     with pytest.raises(ValueError, match="registered twice"):
         methods.register("none")(nudge)
+    # the oracle's methods read a model trained on the clean labels, the others one trained on noisy labels
+    with pytest.raises(ValueError, match=r"\['oracle'\] do not apply to a model trained on noisy labels"):
+        methods.run_methods(cell, ["nudge", "oracle"])
+    clean = methods.Cell(model, last, {}, {}, argparse.Namespace(), seed=0, clean_labels=True)
+    with pytest.raises(ValueError, match=r"\['nudge'\] do not apply to a model trained on the clean labels"):
+        methods.run_methods(clean, ["nudge"])
+    assert len(seen) == 2  # nothing ran
+    offered = methods.noisy_label_methods()
+    assert "none" in offered and not set(methods.CLEAN_LABEL_METHODS) & set(offered)
