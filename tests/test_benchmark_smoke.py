@@ -410,9 +410,12 @@ def check_cifar10n_mae(tmp: Path, steps: list[Step]) -> None:
 
 
 def check_cleanup(tmp: Path, steps: list[Step]) -> None:
-    """Every row of one setting, the oracle, the summary, the targets, the figure and --replot."""
+    """Every row of one setting, a method named on the command line, the oracle, the summary, the targets, the
+    figure and --replot."""
     record = steps[0].json("cleanup_quick.json")
     methods = {row["method"] for row in record["rows"]}
+    named = [row for row in record["rows"] if row["method"] == "sap_loss"]  # methods.SAP_VARIANTS, by --methods
+    assert len(named) == 1 and named[0]["rule"] == "loss" and named[0]["setting"] == "sym40"
     assert {
         "none",
         "best_epoch",
@@ -676,7 +679,7 @@ def check_speed(tmp: Path, steps: list[Step]) -> None:
 SYM40 = ["--settings", "sym40"]
 CACHED = ["--quick", "--threads", "1", *SYM40, "--cache_dir", "{tmp}/cache"]  # one model, trained once
 CLEANUP = ["cleanup.py", "--quick", *SYM40, "--modes", "remove", "pseudo", "--best_modes", "remove", "pseudo"]
-CLEANUP += ["--out_dir", "{tmp}"]
+CLEANUP += ["--methods", "none", "best_epoch", "cleanups", "sap_loss", "--out_dir", "{tmp}"]  # sap_loss: by name
 STUDIES = {
     "accuracy": Study(  # then the peers on the same models, merged into the same accuracy.json
         [ACCURACY, [*ACCURACY, "--methods", "sap+refine", *SYM40], [*ACCURACY, "--methods", "peers", *SYM40]],
