@@ -191,7 +191,7 @@ def run_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_audits_argument(parser: argparse.ArgumentParser) -> None:
-    """`--audits`: which suspects the clean-up studies' clean-ups use (`sap_and_cleanups`, pretrained.py)."""
+    """`--audits`: which suspects the clean-up studies' clean-ups use (`methods.sap_and_cleanups`, pretrained.py)."""
     parser.add_argument(
         "--audits",
         nargs="+",
@@ -776,7 +776,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# The clean-up study (benchmarks/cifar10n.py, benchmarks/cleanup.py): SAP, then refine in each mode
+# Label audits: the detectors the studies compare, the clean-ups' suspects (shift views, training dynamics)
 # --------------------------------------------------------------------------------------------
 
 
