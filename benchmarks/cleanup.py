@@ -30,7 +30,6 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 from common import (  # noqa: E402
-    accuracy,
     add_cleanup_arguments,
     environment,
     finish_args,
@@ -93,17 +92,8 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])
         clean = train_from_scratch(oracle_model, dict(data, train_y=data["clean_y"]), args, seed)
-        oracle_model.load_state_dict(clean["best"]["state"])
-        rows.append(
-            dict(
-                base,
-                setting="oracle",
-                method="oracle",
-                best_epoch=clean["best"]["epoch"],
-                test_accuracy=accuracy(oracle_model, data["test_x"], data["test_y"]),
-                val_accuracy=clean["best"]["val_accuracy"],
-            )
-        )
+        oracle = Cell(oracle_model, clean["best"]["state"], clean, data, args, seed, clean_labels=True)
+        rows += [dict(base, **row, setting="oracle") for row in run_methods(oracle, ["oracle"])]
     return {"setting": setting, "seed": seed, "rows": rows, "seconds": time.perf_counter() - run["started"]}
 
 
