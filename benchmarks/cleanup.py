@@ -92,7 +92,8 @@ def run_cell(task: tuple[str, int, Any]) -> dict[str, Any]:
         torch.manual_seed(seed)
         oracle_model = type(model)(run["config"])
         clean = train_from_scratch(oracle_model, dict(data, train_y=data["clean_y"]), args, seed)
-        oracle = Cell(oracle_model, clean["best"]["state"], clean, data, args, seed, clean_labels=True)
+        last = copy.deepcopy(oracle_model.state_dict())
+        oracle = Cell(oracle_model, last, clean, data, args, seed, clean_labels=True)
         rows += [dict(base, **row, setting="oracle") for row in run_methods(oracle, ["oracle"])]
     return {"setting": setting, "seed": seed, "rows": rows, "seconds": time.perf_counter() - run["started"]}
 

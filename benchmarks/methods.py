@@ -124,7 +124,7 @@ class Cell:
 Method = Callable[[Cell], list[Row]]
 METHODS: dict[str, Method] = {}
 #: The methods of a cell trained on the clean labels (`Cell(clean_labels=True)`): a study trains that cell itself,
-#: so they are not among the methods its `--methods` offers (`NOISY_LABEL_METHODS`).
+#: so they are not among the methods its `--methods` offers (`noisy_label_methods`).
 CLEAN_LABEL_METHODS = ("oracle", "oracle+refine")
 
 
