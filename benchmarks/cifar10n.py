@@ -22,8 +22,8 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import report  # noqa: E402
+from audits import cross_validated_probs  # noqa: E402
 from common import (  # noqa: E402
-    cross_validated_probs,
     environment,
     image_tensors,
     run_tasks,

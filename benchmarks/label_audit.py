@@ -24,7 +24,8 @@ from typing import Any
 
 import common
 import report
-from common import accuracy, cross_validated_probs, prepare_run, probabilities, refine_arguments
+from audits import cross_validated_probs, detector_metrics, probabilities
+from common import accuracy, prepare_run, refine_arguments
 
 from sap_hf.runtime.passes import Runtime
 
@@ -183,7 +184,7 @@ class Detections:
         self.curves: dict[str, Any] = {}
 
     def add(self, detector: str, suspicion: Any, flagged: Any, seconds: float, **extra: Any) -> None:
-        metrics = common.detector_metrics(self.is_noisy, suspicion, flagged)
+        metrics = detector_metrics(self.is_noisy, suspicion, flagged)
         self.rows.append(dict(self.base, detector=detector, **metrics, cost_seconds=seconds, **extra))
         if self.keep_curves:
             from sklearn.metrics import precision_recall_curve

@@ -33,19 +33,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import common
-from common import (
-    DYNAMICS_WINDOWS,
-    PAPER_SAP,
-    TensorExamples,
-    accuracy,
-    audit_ap,
-    dynamics_audit_of,
-    dynamics_diagnostics,
-    fit_diagnostics,
-    refine_arguments,
-    shift_audit,
-    val_metric,
-)
+from audits import audit_ap, dynamics_audit_of, dynamics_diagnostics, shift_audit
+from common import DYNAMICS_WINDOWS, PAPER_SAP, TensorExamples, accuracy, fit_diagnostics, refine_arguments, val_metric
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import audits  # noqa: E402
 import common  # noqa: E402
 import methods  # noqa: E402
 import peers  # noqa: E402
@@ -300,18 +301,18 @@ def test_the_dynamics_audit_flags_the_low_margins_of_the_window() -> None:
         scores=torch.zeros(4, dtype=torch.float64),
         suspected=torch.zeros(4, dtype=torch.bool),
     )
-    found = common.dynamics_audit(audit, margins)
+    found = audits.dynamics_audit(audit, margins)
     assert found.suspected.tolist() == [False, True, False, False]
     assert found.ranking[0] == 1 and torch.equal(found.probs, audit.probs)
     assert torch.allclose(found.scores, (margins.double().mean(0) + 1) / 2)
     # the first epoch alone: the window is read
-    assert float(common.dynamics_audit(audit, margins, epochs=1).scores[1]) == pytest.approx((-0.8 + 1) / 2)
+    assert float(audits.dynamics_audit(audit, margins, epochs=1).scores[1]) == pytest.approx((-0.8 + 1) / 2)
     # the first epoch's ranking with every epoch's count: as many flagged as the mixture on every epoch flags (one
     # here), the lowest of epoch 1 (example 2 there, example 1 over every epoch)
     early = torch.tensor([[0.9, -0.6, 0.9, 0.8]]).repeat(10, 1)
     early[0, 1], early[0, 2] = 0.2, -0.9
-    assert common.dynamics_audit(audit, early).suspected.tolist() == [False, True, False, False]
-    counted = common.dynamics_audit(audit, early, epochs=1, count_from_every_epoch=True)
+    assert audits.dynamics_audit(audit, early).suspected.tolist() == [False, True, False, False]
+    counted = audits.dynamics_audit(audit, early, epochs=1, count_from_every_epoch=True)
     assert counted.suspected.tolist() == [False, False, True, False]
     assert torch.allclose(counted.scores, (early[0].double() + 1) / 2)
 
