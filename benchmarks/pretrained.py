@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import audits
 import common
 import methods
 import report
+from audits import detector_metrics, dynamics_audit_of
 from common import mean_std
 from methods import Cell, add_refine_arguments, run_methods, sap_refine_row
 from peers import peer_rows
@@ -93,14 +93,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def audit_metrics(audit: Any, data: dict[str, Any]) -> dict[str, float]:
-    """The audit's ranking and flags against the hidden truth (audits.detector_metrics: AP, AUROC, P, R)."""
+    """The audit's ranking and flags against the hidden truth (`audits.detector_metrics`: AP, AUROC, P, R)."""
     import torch
 
     n = len(data["train_y"])
     suspicion, flagged = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
     suspicion[audit.indices] = -audit.scores.double()
     flagged[audit.indices] = audit.suspected
-    return audits.detector_metrics(data["is_noisy"], suspicion, flagged)
+    return detector_metrics(data["is_noisy"], suspicion, flagged)
 
 
 def _audit(model: Any, run: dict[str, Any], args: argparse.Namespace) -> Any:
@@ -166,7 +166,7 @@ def run_cell(noise: str, seed: int, epochs: int, args: argparse.Namespace) -> di
         model.load_state_dict(state)
         audit = _audit(model, run, args)
         if kind in common.DYNAMICS_WINDOWS:  # the training's margins rank and flag instead (audits.dynamics_audit)
-            audit = audits.dynamics_audit_of(kind, audit, trained["margins"], trained["best"]["epoch"])
+            audit = dynamics_audit_of(kind, audit, trained["margins"], trained["best"]["epoch"])
         audits[name] = audit
         refined = sap_refine_row(model, state, row, run, args, method=name, audit=audit)
         after = _audit(model, run, args)  # the audit of the refined model (item: audits against cleanlab)
