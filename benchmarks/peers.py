@@ -268,24 +268,10 @@ def run_ssd(
                     new, selected = ssd_dampen(original, forget_imps[k], retain_imp, alpha, lam)
                     _load_params(model, new)
                     val = validate(model)
-                    trials.append(
-                        {
-                            "forget_size": k,
-                            "alpha": alpha,
-                            "lam": lam,
-                            "selected": selected,
-                            "val_accuracy": round(val, 4),
-                        }
-                    )
+                    choice = {"forget_size": k, "alpha": alpha, "lam": lam, "selected": selected}
+                    trials.append(dict(choice, val_accuracy=round(val, 4)))
                     if val > best["val_accuracy"]:
-                        best = {
-                            "val_accuracy": val,
-                            "alpha": alpha,
-                            "lam": lam,
-                            "forget_size": k,
-                            "selected": selected,
-                            "state": {n: t.clone() for n, t in new.items()},
-                        }
+                        best = dict(choice, val_accuracy=val, state={n: t.clone() for n, t in new.items()})
     _load_params(model, best.pop("state", original))
     k = best["forget_size"]
     best.update(
@@ -329,24 +315,10 @@ def run_scrub(
                     if epoch not in checkpoints:
                         return
                     val = validate(model)
-                    trials.append(
-                        {
-                            "forget_size": k,
-                            "lr": lr,
-                            "max_epochs": max_epochs,
-                            "scrub_epochs": epoch,
-                            "val_accuracy": round(val, 4),
-                        }
-                    )
+                    choice = {"forget_size": k, "lr": lr, "max_epochs": max_epochs, "scrub_epochs": epoch}
+                    trials.append(dict(choice, val_accuracy=round(val, 4)))
                     if val > best["val_accuracy"]:
-                        best = {
-                            "val_accuracy": val,
-                            "lr": lr,
-                            "max_epochs": max_epochs,
-                            "scrub_epochs": epoch,
-                            "forget_size": k,
-                            "state": copy.deepcopy(model.state_dict()),
-                        }
+                        best = dict(choice, val_accuracy=val, state=copy.deepcopy(model.state_dict()))
 
                 scrub_train(
                     model,
