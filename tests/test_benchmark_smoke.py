@@ -786,8 +786,8 @@ def test_quick(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     # offline, as the libraries read it at import (already done here): the constants, not only the environment
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # datasets' names for it, where its version has them
+        monkeypatch.setattr(datasets.config, name, True, raising=False)
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(variable, "1")  # and for the processes a study starts (speed.py's children)
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts' `import common` as `python benchmarks/x.py` finds it
