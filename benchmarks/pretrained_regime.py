@@ -258,8 +258,8 @@ def new_model(seed: int, args: argparse.Namespace) -> Any:
 def finetuned(
     noise: str, seed: int, epochs: int, args: argparse.Namespace, data: Optional[dict] = None
 ) -> dict[str, Any]:
-    """The fine-tuned model of (noise or 'clean', seed, epochs): `model` (final state), `early_model` (best val),
-    `trained` (history, best epoch, seconds), `data`. Trained and cached on first use."""
+    """The fine-tuned model of (noise or 'clean', seed, epochs): `model` (final state), `trained` (history, best
+    epoch and its state, seconds), `data`. Trained and cached on first use."""
 
     _quiet()
     data = data if data is not None else load_task_data(noise, seed, args)
@@ -269,12 +269,9 @@ def finetuned(
     trained = common.cached_training(
         finetune_path(noise, seed, epochs, args), model, lambda: train_from_scratch(model, data, ft_args, seed)
     )
-    early_model = new_model(seed, args)
-    early_model.load_state_dict(trained["best"]["state"])
     return {
         "data": data,
         "model": model,
-        "early_model": early_model,
         "trained": trained,
         "config": model.config,
         "train_set": common.TensorExamples(data["train_x"], data["train_y"]),
