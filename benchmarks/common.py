@@ -15,8 +15,8 @@ Sections:
                    `prepare_run` (the memorised model of one (setting, seed), cached by its training
                    arguments), `cache_path`
   - running        `run_tasks` (one process per (setting, seed) task)
-  - reporting      `mean_std`, `detector_metrics`, `pyplot`, `write_json`, `environment`, `cpu_name`, `loadavg`,
-                   `matmul_gflops`, `best_of`, `rebound_library_names` (no benchmark monkeypatches the library)
+  - reporting      `mean_std`, `detector_metrics`, `pyplot`, `write_json`, `environment`, `loadavg`,
+                   `rebound_library_names` (no benchmark monkeypatches the library)
 """
 
 from __future__ import annotations
@@ -60,8 +60,6 @@ from report import mean_std, pyplot, save_figure  # noqa: E402, F401  (the studi
 
 #: Noise settings of the Fashion-MNIST studies: name -> (sap_hf.data.noise noise_type, noise rate).
 SETTINGS: dict[str, tuple[str, float]] = {"sym40": ("symmetric", 0.4), "asym40": ("asymmetric", 0.4)}
-#: Trusted-selection rules in the order the benchmarks try them (ties on val go to the earlier rule).
-RULES: tuple[str, ...] = ("loss", "shift_loss", "early_loss", "agreement")
 #: The alpha grid of the studies (`--alphas`).
 DEFAULT_ALPHAS: tuple[float, ...] = (1, 3, 10, 20, 30, 50, 100, 200, 300, 500, 1e3, 3e3, 1e4, 1e5)
 #: The paper's SAP settings, which were `SAPConfig`'s defaults until the defaults became the recipe's
@@ -702,17 +700,6 @@ def write_json(path: Path, record: Any, indent: int = 1) -> Path:
     return path
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def loadavg() -> Optional[list[float]]:
     """The 1/5/15-minute load averages (None where the OS does not give them)."""
     try:
@@ -772,23 +759,3 @@ def rebound_library_names() -> list[str]:
                     if from_benchmarks(member)
                 ]
     return sorted(set(found))
-
-
-def best_of(fn: Callable[[], Any], repeats: int, warmup: bool = True) -> float:
-    """Fastest of `repeats` timed calls of `fn` (after one untimed call when `warmup`)."""
-    if warmup:
-        fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """Achieved float32 GEMM rate of this machine (GFLOP/s), the yardstick for the speed tables."""
-    import torch
-
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    return 2 * size**3 / best_of(lambda: a @ b, repeats) / 1e9

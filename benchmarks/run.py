@@ -12,6 +12,11 @@ An experiment file (`benchmarks/experiments/<study>/<name>.yaml`) holds:
     result:  the JSON it writes under benchmarks/ (e.g. results/pretrained_audit_bound.json)
     runs:    one mapping of the script's arguments per command, run in order (a later run merges its rows
              into the JSON: `merge: true` for the scripts with --merge, or a --methods group for accuracy.py)
+    archived: (a settled study only) the last commit that holds its script: the script is gone from this
+             checkout, its result, figure and page stay, and the runner runs it from a git worktree of that
+             commit (its own sap_hf and support modules, so the rows are the ones it wrote), then copies the
+             files the runs wrote under the worktree's benchmarks/results/ into this checkout's (the
+             study's page says which; `--list` marks these)
 
 A run's mapping becomes the command line: `key: value` -> `--key value`, a list -> `--key v1 v2`, `true` -> `--key`,
 `false`/null -> nothing. What depends on the machine (--cache_dir, --jobs, --threads, --out_dir) or on the
@@ -24,14 +29,20 @@ with its script and agrees with the arguments the JSON recorded, so a command ca
 from __future__ import annotations
 
 import argparse
+import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
 HERE = Path(__file__).resolve().parent
 EXPERIMENTS = HERE / "experiments"
+KEYS = ("about", "script", "result", "runs")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -41,11 +52,14 @@ def load(path: Path) -> dict[str, Any]:
     spec = yaml.safe_load(Path(path).read_text())
     if not isinstance(spec, dict):
         raise ValueError(f"{path}: an experiment file is a mapping (about, script, result, runs).")
-    missing = [key for key in ("about", "script", "result", "runs") if key not in spec]
-    unknown = sorted(set(spec) - {"about", "script", "result", "runs"})
+    missing = [key for key in KEYS if key not in spec]
+    unknown = sorted(set(spec) - {*KEYS, "archived"})
     if missing or unknown:
         raise ValueError(f"{path}: missing keys {missing}, unknown keys {unknown} (about, script, result, runs).")
-    if not (HERE / spec["script"]).is_file():
+    archived = spec.get("archived")
+    if archived is not None and not (isinstance(archived, str) and len(archived) == 40):
+        raise ValueError(f"{path}: archived={archived!r} is not a full commit hash (git rev-parse <commit>).")
+    if archived is None and not (HERE / spec["script"]).is_file():
         raise ValueError(f"{path}: script={spec['script']!r} is not a file under benchmarks/.")
     if not isinstance(spec["runs"], list) or not spec["runs"] or not all(isinstance(r, dict) for r in spec["runs"]):
         raise ValueError(f"{path}: runs must be a non-empty list of argument mappings.")
@@ -83,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for path in experiment_files():
             spec = load(path)
-            print(f"{path.relative_to(HERE.parent)}  ->  benchmarks/{spec['result']}\n    {spec['about']}")
+            archived = f"  (archived: {spec['script']} at {spec['archived'][:8]})" if "archived" in spec else ""
+            print(f"{path.relative_to(HERE.parent)}  ->  benchmarks/{spec['result']}{archived}\n    {spec['about']}")
         return 0
     if args.methods:
         sys.path.insert(0, str(HERE))
@@ -95,14 +110,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment is None:
         parser.error("give an experiment file, --list or --methods")
     spec = load(args.experiment)
-    for i, run in enumerate(spec["runs"], 1):
-        command = [sys.executable, str(HERE / spec["script"]), *command_line(run), *extra]
-        print(f"[run {i}/{len(spec['runs'])}] {' '.join(command[1:])}", flush=True)
-        if not args.dry_run:
-            done = subprocess.run(command, check=False)
-            if done.returncode:
-                return done.returncode
+    with _benchmarks_of(spec.get("archived"), dry_run=args.dry_run) as benchmarks:
+        for i, run in enumerate(spec["runs"], 1):
+            command = [sys.executable, str(benchmarks / spec["script"]), *command_line(run), *extra]
+            print(f"[run {i}/{len(spec['runs'])}] {' '.join(command[1:])}", flush=True)
+            if not args.dry_run:
+                done = subprocess.run(command, check=False)
+                if done.returncode:
+                    return done.returncode
     return 0
+
+
+@contextlib.contextmanager
+def _benchmarks_of(commit: str | None, dry_run: bool = False) -> Iterator[Path]:
+    """The benchmarks/ folder to run from: this one, or an archived study's in a git worktree of its commit,
+    whose new results are copied here when the runs end (and the worktree removed)."""
+    if commit is None:
+        yield HERE
+        return
+    folder = Path(tempfile.mkdtemp(prefix=f"sap_hf_{commit[:8]}_")) / "checkout"
+    git = ["git", "-C", str(HERE.parent)]
+    print(f"[archived] git worktree add --detach {folder} {commit}", flush=True)
+    if dry_run:
+        yield folder / "benchmarks"
+        return
+    subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(folder), commit], check=True)
+    started = time.time()
+    try:
+        yield folder / "benchmarks"
+    finally:
+        for path in copy_new_results(folder / "benchmarks" / "results", HERE / "results", since=started):
+            print(f"[archived] wrote {path}", flush=True)
+        subprocess.run([*git, "worktree", "remove", "--force", str(folder)], check=False)
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def copy_new_results(source: Path, target: Path, since: float) -> list[Path]:
+    """Copy the files under `source` modified at or after `since` to the same place under `target`."""
+    copied = []
+    for path in sorted(p for p in source.rglob("*") if p.is_file() and p.stat().st_mtime >= since):
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        copied.append(Path(shutil.copy2(path, destination)))
+    return copied
 
 
 if __name__ == "__main__":

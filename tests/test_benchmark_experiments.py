@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +82,12 @@ def _disagreements(parsed: dict[str, Any], recorded: dict[str, Any]) -> list[str
 EXPERIMENTS = run.experiment_files()
 
 
+def _git_history() -> bool:
+    """Whether this checkout has its git history (a shallow or exported copy cannot show an archived commit)."""
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--is-shallow-repository"], capture_output=True)
+    return done.returncode == 0 and done.stdout.strip() == b"false"
+
+
 def test_every_result_has_exactly_one_experiment():
     results = sorted(p.relative_to(BENCHMARKS).as_posix() for p in (BENCHMARKS / "results").glob("*.json"))
     named = [run.load(path)["result"] for path in EXPERIMENTS]
@@ -88,6 +97,12 @@ def test_every_result_has_exactly_one_experiment():
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.relative_to(BENCHMARKS / "experiments").as_posix())
 def test_experiment_runs_parse_and_match_what_the_result_recorded(path):
     spec = run.load(path)
+    if "archived" in spec:  # its script was checked against its result here while it lived (at that commit)
+        assert not (BENCHMARKS / spec["script"]).exists(), f"{path.name}: archived, yet {spec['script']} is here"
+        if _git_history():
+            show = ["git", "-C", str(ROOT), "cat-file", "-e", f"{spec['archived']}:benchmarks/{spec['script']}"]
+            assert subprocess.run(show, capture_output=True).returncode == 0, f"{path.name}: no script at its commit"
+        return
     parse_args = _parser_of(spec["script"])
     parsed = [vars(parse_args(run.command_line(arguments))) for arguments in spec["runs"]]
     recorded = _recorded(json.loads((BENCHMARKS / spec["result"]).read_text()))
@@ -111,13 +126,13 @@ def test_command_line_spells_lists_flags_and_floats():
 
 def test_a_bad_experiment_file_names_the_file_and_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("about: x\nscript: accuracy.py\nresult: results/accuracy.json\nruns: []\nseeds: [0]\n")
+    bad.write_text("about: x\nscript: cleanup.py\nresult: results/accuracy.json\nruns: []\nseeds: [0]\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: missing keys \[\], unknown keys \['seeds'\]"):
         run.load(bad)
     bad.write_text("about: x\nscript: nope.py\nresult: results/x.json\nruns: [{}]\n")
     with pytest.raises(ValueError, match=r"script='nope.py' is not a file"):
         run.load(bad)
-    bad.write_text("about: x\nscript: accuracy.py\nresult: results/x.json\nruns: []\n")
+    bad.write_text("about: x\nscript: cleanup.py\nresult: results/x.json\nruns: []\n")
     with pytest.raises(ValueError, match="runs must be a non-empty list"):
         run.load(bad)
 
@@ -160,10 +175,42 @@ def test_a_smoke_run_writes_beside_the_committed_results_never_over_them(tmp_pat
 
 
 def test_every_script_an_experiment_runs_has_a_smoke_test() -> None:
-    """A study's script that no `--quick` smoke test runs could break unseen until its next full run."""
+    """A study's script that no `--quick` smoke test runs could break unseen until its next full run (an archived
+    study's script is not in the checkout: it ran its smoke test at its commit)."""
     spec = importlib.util.spec_from_file_location("_smoke", ROOT / "tests" / "test_benchmark_smoke.py")
     smoke = sys.modules["_smoke"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(smoke)
     smoked = {command[0] for study in smoke.STUDIES.values() for command in study.commands}
-    scripts = {run.load(path)["script"] for path in EXPERIMENTS}
+    scripts = {spec["script"] for spec in map(run.load, EXPERIMENTS) if "archived" not in spec}
     assert scripts - smoked == set(), f"experiment scripts without a smoke test: {sorted(scripts - smoked)}"
+
+
+def test_an_archived_study_runs_from_a_worktree_of_its_commit(tmp_path: Path, capsys) -> None:
+    """A settled study's script is gone from the checkout: the runner runs it from its commit, then removes the
+    worktree (here the cheapest one, selection_speed.py --quick, with its output sent to the test's folder)."""
+    path = BENCHMARKS / "experiments" / "selection" / "speed.yaml"
+    spec = run.load(path)
+    assert run.main([str(path), "--dry_run", "--quick"]) == 0
+    printed = capsys.readouterr().out
+    assert "git worktree add --detach" in printed and spec["archived"] in printed
+    assert "/checkout/benchmarks/selection_speed.py --quick" in printed
+    if not _git_history():
+        pytest.skip("this checkout has no git history to take the archived commit from")
+    before = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert run.main([str(path), "--quick", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "selection_speed_quick.json").read_text())
+    assert {row["method"] for row in record["rows"]} == {"inference", "selection"}
+    after = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    assert after == before  # the worktree is gone
+
+
+def test_the_files_an_archived_run_wrote_are_copied_back_and_no_others(tmp_path: Path) -> None:
+    source, target = tmp_path / "worktree", tmp_path / "checkout"
+    (source / "quick").mkdir(parents=True)
+    old = source / "old.json"
+    old.write_text("{}")
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    (source / "quick" / "new.json").write_text("{}")
+    copied = run.copy_new_results(source, target, since=time.time() - 30)
+    assert copied == [target / "quick" / "new.json"] and (target / "quick" / "new.json").is_file()
+    assert not (target / "old.json").exists()

@@ -22,11 +22,10 @@ import io
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,6 @@ class Study:
     fashion_mnist: bool = True
     cifar10n: bool = False
     needs: tuple[str, ...] = ()  # modules to import, else skip
-    before: dict[str, dict] = field(default_factory=dict)  # JSON files written before the first command
     timeout: int = 900  # seconds each command may take (a hung command fails its test, not the session)
 
 
@@ -128,8 +126,6 @@ def _run_study(study: Study, tmp: Path) -> list[Step]:
 
         images, labels = write_tiny_cifar10n(tmp / "data", n_train=200, n_test=200)
         values.update(images=str(images), labels=str(labels))
-    for name, content in study.before.items():
-        (tmp / name).write_text(json.dumps(content))
     steps = []
     for command in study.commands:
         script, *argv = (part.format(**values) for part in command)
@@ -138,222 +134,7 @@ def _run_study(study: Study, tmp: Path) -> list[Step]:
 
 
 # --------------------------------------------------------------------------------------------
-# accuracy.py and the studies on its models (--methods peers, sap_ablation.py, --methods robust_*)
-# --------------------------------------------------------------------------------------------
-
-ACCURACY = ["accuracy.py", "--quick", "--threads", "1", "--out_dir", "{tmp}"]
-MAIN_METHODS = {
-    "none",
-    "best_epoch",
-    "sap",
-    "sap_shared",
-    "finetune_trusted",
-    "finetune_trusted_best",
-    "sap+finetune",
-    "sap+refine",
-}
-
-
-def check_accuracy(tmp: Path, steps: list[Step]) -> None:
-    """Rows for every setting and method; `--methods sap+refine` recomputes that group and merges it."""
-    result = steps[0].json("accuracy.json")
-    rows = result["rows"]
-    assert {row["setting"] for row in rows} == {"sym40", "asym40"}
-    for setting in ("sym40", "asym40"):
-        mine = [row for row in rows if row["setting"] == setting]
-        assert {row["seed"] for row in mine} == {0}
-        methods = {row["method"] for row in mine}
-        assert MAIN_METHODS <= methods, sorted(methods)
-        # One diagnostic SAP row and one fine-tuning row per usable trusted set (rule/k).
-        sap_sets = {m[4:-1] for m in methods if m.startswith("sap[")}
-        assert sap_sets and sap_sets == {
-            m[len("finetune_trusted[") : -1] for m in methods if m.startswith("finetune_trusted[")
-        }
-        assert sap_sets == {m[len("sap_per_kind[") : -1] for m in methods if m.startswith("sap_per_kind[")}
-        for row in mine:
-            assert 0.0 <= row["test_accuracy"] <= 1.0
-            assert {"setting", "seed", "method", "test_accuracy", "val_accuracy", "gain_vs_none"} <= set(row)
-        sap = next(row for row in mine if row["method"] == "sap")
-        assert {"alpha", "alpha_scope", "kind_alphas", "rule", "trusted_per_class", "purity"} <= set(sap)
-        # 'sap' is the first val-best candidate over every trusted set and both alpha scopes.
-        candidates = [row for row in mine if row["method"].startswith(("sap[", "sap_per_kind["))]
-        best = max(candidates, key=lambda row: row["val_accuracy"])
-        assert (sap["val_accuracy"], sap["test_accuracy"], sap["rule"]) == (
-            best["val_accuracy"],
-            best["test_accuracy"],
-            best["rule"],
-        )
-        assert 0.0 <= sap["purity"] <= 1.0
-        none = next(row for row in mine if row["method"] == "none")
-        assert 0.0 <= none["train_noisy_accuracy"] <= 1.0
-    assert set(result["summary"]) == {"sym40", "asym40"}
-    assert result["asymmetric_map"]["name"] == "sap_hf.data.noise.FASHION_MNIST_ASYMMETRIC_MAP"
-    assert {"accuracy_alpha.png", "accuracy_methods.png"} <= set(steps[0].files)
-    refine = next(row for row in rows if row["setting"] == "sym40" and row["method"] == "sap+refine")
-    assert refine["val_accuracy"] >= refine["sap_val_accuracy"]  # "no change" is a candidate
-    assert {"refine_mode", "lr", "refine_epochs", "audit_precision", "audit_recall", "trials", "examples"} <= set(
-        refine
-    )
-
-    # --methods sap+refine: recompute that row group for one setting and merge it into the same accuracy.json.
-    merged = steps[1].json("accuracy.json")
-    assert len(merged["rows"]) == len(rows) and merged["config_refine"]["methods"] == ["sap+refine"]
-    again = next(row for row in merged["rows"] if row["setting"] == "sym40" and row["method"] == "sap+refine")
-    assert again["test_accuracy"] == refine["test_accuracy"]  # the rebuilt sap model and the same refine: same row
-
-
-VARIANTS = {
-    "none",
-    "all",
-    "no_head",
-    "attention",
-    "mlp",
-    "no_fc2",
-    "kind_alpha",
-    "trusted=random",
-    "trusted=clean",
-    "trusted=mislabelled",
-    "finetune_trusted",
-    "sap+finetune",
-}
-
-
-def check_ablation(tmp: Path, steps: list[Step]) -> None:
-    """Every variant is reported, on the very model accuracy.py trained (read from the cache, not retrained)."""
-    cached = [name for name in steps[0].files if re.fullmatch(r"cache/sym40_seed0_[^/]*\.pt", name)]
-    assert len(cached) == 1
-    assert steps[1].files[cached[0]] == steps[0].files[cached[0]]  # reused, not retrained
-
-    rows = steps[1].json("ablation/sap_ablation.json")["rows"]
-    assert {row["variant"] for row in rows} == VARIANTS
-    for row in rows:
-        assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["val_accuracy"] <= 1.0
-    by_variant = {row["variant"]: row for row in rows}
-    assert by_variant["trusted=clean"]["purity"] == 1.0 and by_variant["trusted=mislabelled"]["purity"] == 0.0
-    # No variant may be worse on val than the unchanged model: "unchanged" is always a candidate.
-    assert all(row["val_accuracy"] >= by_variant["none"]["val_accuracy"] for row in rows)
-    accuracy_rows = steps[1].json("accuracy/accuracy.json")["rows"]
-    none = next(row for row in accuracy_rows if row["method"] == "none")
-    assert none["test_accuracy"] == by_variant["none"]["test_accuracy"]
-    assert "ablation/sap_ablation.png" in steps[1].files
-
-
-def check_peers(tmp: Path, steps: list[Step]) -> None:
-    """`--methods peers` merges SSD's and SCRUB's rows (realistic and oracle forget sets) into accuracy.json."""
-    before = steps[0].json("accuracy.json")["rows"]
-    record = steps[1].json("accuracy.json")
-    rows = record["rows"]
-    peer = [r for r in rows if r["method"] in ("ssd", "scrub")]
-    assert len(rows) == len(before) + 4  # the other groups' rows are kept
-    assert {(r["method"], r["forget_set"], r["oracle"]) for r in peer} == {
-        ("ssd", "realistic", False),
-        ("ssd", "oracle", True),
-        ("scrub", "realistic", False),
-        ("scrub", "oracle", True),
-    }
-    for r in peer:
-        assert {
-            "setting",
-            "seed",
-            "test_accuracy",
-            "val_accuracy",
-            "cost_epochs",
-            "cost_epochs_final",
-            "forget_size",
-            "retain_size",
-            "trials",
-            "gain_vs_none",
-        } <= set(r)
-        assert (
-            0.0 <= r["test_accuracy"] <= 1.0 and r["val_accuracy"] >= r["val_unchanged"]
-        )  # "no change" is a candidate
-        assert r["cost_epochs"] >= r["cost_epochs_final"] >= 0.0
-        if r["oracle"]:  # 400 training images: SSD 40 retain / 8 forget, SCRUB 8 / 2 (when chosen)
-            assert r["forget_size"] in ((0, 8) if r["method"] == "ssd" else (0, 2))
-            assert r["forget_size"] == 0 or r["forget_noisy_fraction"] == 1.0
-        else:
-            assert r["forget_size"] <= r["forget_available"] == r["audit_suspected"]
-    assert {"lam", "alpha"} <= set(next(r for r in peer if r["method"] == "ssd"))
-    # SCRUB's length is `scrub_epochs`: a caller's own `epochs` (pretrained.py's fine-tuning length) is not overwritten
-    assert {"lr", "max_epochs", "scrub_epochs"} <= set(next(r for r in peer if r["method"] == "scrub"))
-    assert not any("epochs" in r for r in peer)
-    table = record["peers"]["sym40"]
-    assert [t["theirs"] for t in table["targets"]] == [
-        "ssd (realistic)",
-        "scrub (realistic)",
-        "ssd (oracle)",
-        "scrub (oracle)",
-    ]
-    assert record["config_peers"]["oracle_sizes"] == {"ssd": [40, 8], "scrub": [8, 2]}
-
-
-def check_accuracy_and_peers(tmp: Path, steps: list[Step]) -> None:
-    check_accuracy(tmp, steps[:2])
-    check_peers(tmp, steps[1:])
-
-
-#: An existing accuracy.json: its rows of other groups / seeds must survive the robust rows' merge.
-ROBUST_KEPT = [
-    {"setting": "sym40", "seed": 0, "method": "none", "test_accuracy": 0.5, "val_accuracy": 0.5, "gain_vs_none": 0.0},
-    {
-        "setting": "sym40",
-        "seed": 7,
-        "method": "robust_gce",
-        "loss": "gce",
-        "test_accuracy": 0.6,
-        "val_accuracy": 0.6,
-        "gain_vs_none": 0.1,
-        "gain_vs_base": 0.0,
-    },
-]
-ROBUST_EXISTING = {
-    "rows": ROBUST_KEPT,
-    "runs": [],
-    "robust_runs": [{"setting": "sym40", "seed": 7, "loss": "gce"}],
-    "config": {"alphas": [1.0], "plot_seed": 0},
-}
-
-
-def check_robust(tmp: Path, steps: list[Step]) -> None:
-    """`--methods robust_<loss>`: robust-loss rows, SAP on them, merged into the existing accuracy.json."""
-    assert "| robust_gce+sap |" in steps[0].stdout  # the README's robust-loss table, from this run's rows
-    result = steps[0].json("accuracy.json")
-    rows = result["rows"]
-    assert all(row in rows for row in ROBUST_KEPT)  # other (setting, seed, group) rows are kept untouched
-    for loss in ("gce", "sce"):
-        mine = {row["method"]: row for row in rows if row.get("loss") == loss and row["seed"] == 0}
-        name = f"robust_{loss}"
-        assert {
-            name,
-            f"{name}_best_epoch",
-            f"{name}+sap",
-            f"{name}+sap[loss/3]",
-            f"{name}+sap_per_kind[shift_loss/3]",
-        } <= set(mine)
-        model, sap = mine[name], mine[f"{name}+sap"]
-        assert model["gain_vs_base"] == 0.0 and 0.0 <= model["train_noisy_accuracy"] <= 1.0
-        assert sap["gain_vs_base"] == pytest.approx(sap["test_accuracy"] - model["test_accuracy"])
-        assert sap["gain_vs_none"] - sap["gain_vs_base"] == pytest.approx(model["gain_vs_none"])  # vs the CE model
-        assert sap["val_accuracy"] >= model["val_accuracy"]  # "no change" is a candidate, chosen on val
-        candidates = [row for m, row in mine.items() if m.startswith((f"{name}+sap[", f"{name}+sap_per_kind["))]
-        assert sap["val_accuracy"] == max(row["val_accuracy"] for row in candidates)
-        assert mine[f"{name}_best_epoch"]["epoch"] >= 1
-        assert model["loss_params"]["loss"] == loss
-        entry = result["robust"]["sym40"][loss]
-        assert entry["seeds"] == [0] and entry["sap_gain_per_seed"] == [pytest.approx(sap["gain_vs_base"])]
-    assert mine["robust_sce"]["loss_params"] == {
-        "loss": "sce",
-        "sce_alpha": 0.1,
-        "sce_beta": 1.0,
-        "sce_log_zero": -4.0,
-    }
-    assert sorted((run["seed"], run["loss"]) for run in result["robust_runs"]) == [(0, "gce"), (0, "sce"), (7, "gce")]
-    assert "sym40" in result["summary"] and "robust_gce+sap" in result["summary"]["sym40"]
-    assert "accuracy_robust.png" in steps[0].files
-
-
-# --------------------------------------------------------------------------------------------
-# The other studies
+# The studies
 # --------------------------------------------------------------------------------------------
 
 CIFAR10N = ["cifar10n.py", "--quick", "--images", "{images}", "--labels", "{labels}", "--threads", "1"]
@@ -541,41 +322,6 @@ def check_defaults(tmp: Path, steps: list[Step]) -> None:
     assert "defaults_quick.png" in steps[0].files and "SAPConfig() chose what the recipe chose" in steps[0].stdout
 
 
-def check_label_audit(tmp: Path, steps: list[Step]) -> None:
-    """Every detector gets a row with the metrics and a cost."""
-    result = steps[0].json("label_audit.json")
-    detectors = {row["detector"] for row in result["rows"]}
-    assert {
-        "cleanlab_in_sample",
-        "cleanlab_cv5",
-        "cleanlab_sap",
-        "sap_audit",
-        "sap_loss",
-        "sap_shift_loss",
-        "sap_curvature",
-        "sap_refine_audit",
-        "refine_audit",
-    } <= detectors
-    refined = next(row for row in result["rows"] if row["detector"] == "sap_refine_audit")
-    assert refined["refine_epochs"] in (0, result["config"]["refine_epochs"]) and refined["first_suspected"] > 0
-    for row in result["rows"]:
-        assert {
-            "setting",
-            "seed",
-            "detector",
-            "average_precision",
-            "precision",
-            "recall",
-            "auroc",
-            "cost_epochs",
-        } <= set(row)
-        assert 0 <= row["average_precision"] <= 1 and 0 <= row["auroc"] <= 1 and row["cost_epochs"] > 0
-    cv = next(row for row in result["rows"] if row["detector"] == "cleanlab_cv5")
-    assert cv["epochs_trained"] == 5 * result["config"]["cv_epochs"]
-    assert set(result["targets"]["sym40"]) >= {"best_sap_detector", "ap_met", "cost_met", "cost_ratio"}
-    assert (tmp / "label_audit_pr.png").stat().st_size > 0
-
-
 PRETRAINED_METHODS = {
     "none",
     "best_epoch",
@@ -631,79 +377,10 @@ def check_pretrained(tmp: Path, steps: list[Step]) -> None:
     assert "pretrained.png" in steps[0].files
 
 
-def check_selection_speed(tmp: Path, steps: list[Step]) -> None:
-    result = steps[0].json("selection_speed_quick.json")
-    assert {row["method"] for row in result["rows"]} == {"inference", "selection"}
-    assert result["time_ratio"] > 0
-
-
-def check_selection_sources(tmp: Path, steps: list[Step]) -> None:
-    """Tiny data; no assertion on timings or purity levels."""
-    result = steps[0].json("selection_sources_quick.json")
-    assert set(result["summary"]) == {"pass", "subset_0.5", "training_all", "training_last1"}
-    for row in result["rows"]:
-        assert 0 <= row["purity"] <= 1 and row["num_trusted"] > 0
-        assert "kind_alphas" in row and 0 <= row["test_accuracy"] <= 1
-    passes = [r for r in result["rows"] if r["source"] == "pass"]
-    assert all(r["same_choice"] and r["purity_gap_points"] == 0 for r in passes)
-    assert "selection_sources_quick.png" in steps[0].files
-    assert any(re.fullmatch(r"losses/[^/]*_epoch_losses\.pt", name) for name in steps[0].files)  # losses cached
-
-
-SPEED_METHODS = {"inference", "stats_exact", "stats_subsampled", "eigh_project", "reference_svd"}
-
-
-def check_speed(tmp: Path, steps: list[Step]) -> None:
-    """Every method is reported, and the math matches the reference SVD."""
-    result = steps[0].json("speed.json")
-    rows = result["rows"]
-    models = {row["model"] for row in rows}
-    assert models, "no rows"
-    for model in models:
-        methods = {row["method"] for row in rows if row["model"] == model}
-        assert methods == SPEED_METHODS, f"{model}: {sorted(methods)}"
-        for row in rows:
-            assert row["seconds"] > 0 and row["n_samples"] > 0
-            assert set(row) >= {"model", "method", "n_samples", "seconds", "peak_mem_mb"}
-        summary = result["summary"][model]
-        # Gram (float64 accumulation) -> eigh -> P gives the reference SVD's weights.
-        assert summary["max_rel_diff"] <= 1e-5, summary
-        assert summary["weights_match_1e-5"] is True
-        # the library-default (float32 Gram) difference is reported, whatever its size
-        assert summary["max_rel_diff_timed_runs"] >= 0.0
-        assert summary["ratio_stats_exact_over_inference"] > 0
-        memory = summary["memory_n_vs_4n"]
-        assert memory["big_n"] == 4 * memory["n"] and memory["n_peak_growth_mb"] > 0
-        # the timed statistics pass is benchmark-side instrumentation that returns exactly the library's statistics
-        assert summary["instrumented_pass_matches_library"] is True
-        breakdown = summary["stats_exact_breakdown_s"]
-        assert breakdown["addmm_update_calls"] > 0 and breakdown["gram_update"] >= 0
-
-
 SYM40 = ["--settings", "sym40"]
-CACHED = ["--quick", "--threads", "1", *SYM40, "--cache_dir", "{tmp}/cache"]  # one model, trained once
 CLEANUP = ["cleanup.py", "--quick", *SYM40, "--modes", "remove", "pseudo", "--best_modes", "remove", "pseudo"]
 CLEANUP += ["--methods", "none", "best_epoch", "cleanups", "sap_loss", "--out_dir", "{tmp}"]  # sap_loss: by name
 STUDIES = {
-    "accuracy": Study(  # then the peers on the same models, merged into the same accuracy.json
-        [ACCURACY, [*ACCURACY, "--methods", "sap+refine", *SYM40], [*ACCURACY, "--methods", "peers", *SYM40]],
-        check_accuracy_and_peers,
-        ("accuracy.json",),
-    ),
-    "ablation": Study(
-        [
-            ["accuracy.py", *CACHED, "--out_dir", "{tmp}/accuracy"],
-            ["sap_ablation.py", *CACHED, "--out_dir", "{tmp}/ablation"],
-        ],
-        check_ablation,
-        ("accuracy/accuracy.json", "ablation/sap_ablation.json"),
-    ),
-    "robust": Study(
-        [[*ACCURACY, *SYM40, "--rules", "loss", "shift_loss", "--methods", "robust_gce", "robust_sce"]],
-        check_robust,
-        ("accuracy.json",),
-        before={"accuracy.json": ROBUST_EXISTING},
-    ),
     "cifar10n": Study(
         [
             [*CIFAR10N, "--label_sets", "worse", "--out", "{tmp}/cifar10n.json"]
@@ -732,12 +409,6 @@ STUDIES = {
         ("correction_cost_quick.json",),
     ),
     "defaults": Study([["defaults.py", "--quick", "--out_dir", "{tmp}"]], check_defaults, ("defaults_quick.json",)),
-    "label_audit": Study(
-        [["label_audit.py", "--quick", "--threads", "1", *SYM40, "--out_dir", "{tmp}"]],
-        check_label_audit,
-        ("label_audit.json",),
-        needs=("cleanlab",),
-    ),
     "pretrained": Study(
         [
             [
@@ -760,20 +431,6 @@ STUDIES = {
         ],
         check_pretrained,
         ("pretrained.json",),
-    ),
-    "selection_speed": Study(
-        [["selection_speed.py", "--quick", "--out", "{tmp}"]], check_selection_speed, ("selection_speed_quick.json",)
-    ),
-    "selection_sources": Study(
-        [["selection_sources.py", "--quick", "--out_dir", "{tmp}", "--loss_cache", "{tmp}/losses"]],
-        check_selection_sources,
-        ("selection_sources_quick.json",),
-    ),
-    "speed": Study(
-        [["speed.py", "--quick", "--threads", "1", "--no_plot", "--out", "{tmp}"]],
-        check_speed,
-        ("speed.json",),
-        fashion_mnist=False,
     ),
 }
 

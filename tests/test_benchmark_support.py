@@ -1,6 +1,6 @@
 """Unit tests of the benchmarks' support code (the end-to-end runs are tests/test_benchmark_smoke.py): peers.py's
-SSD and SCRUB on a tiny model, speed_investigate's instrumentation, label_audit's merge, common's recipe settings,
-report's summary, targets and README tables."""
+SSD and SCRUB on a tiny model, common's recipe settings, report's summary, targets and README tables, the audit from
+the training dynamics, the method registry."""
 
 from __future__ import annotations
 
@@ -136,70 +136,6 @@ def test_scrub_max_steps_push_away_from_the_teacher_and_min_steps_pull_back() ->
 def test_oracle_sizes_scale_the_papers_sets() -> None:
     assert peers.oracle_sizes(4000) == {"ssd": (400, 80), "scrub": (80, 16)}
     assert peers.oracle_sizes(50_000) == {"ssd": (5000, 1000), "scrub": (1000, 200)}
-
-
-def test_statistics_instrumentation_rebinds_no_library_name() -> None:
-    """speed_investigate times the Gram updates with a benchmark-side subclass and a copy of the loop: the library's
-    names stay the library's during and after, and the prototype accumulator gives the library's Grams."""
-    import speed_investigate
-    import torch
-    from speed_methods import RandomBatches, build_model, run_stats
-
-    import sap_hf.core.stats as stats_module
-    from sap_hf.core.targets import find_target_modules
-
-    library = (
-        stats_module.GramAccumulator,
-        stats_module.GramAccumulator.update,
-        stats_module.GramAccumulator.result,
-        stats_module.subsample_tokens,
-        stats_module.collect_statistics,
-    )
-    torch.manual_seed(0)
-    model = build_model("tiny", image_size=32)
-    names = find_target_modules(model)
-    data = list(RandomBatches(4, 2, seed=1, image_size=32))
-    assert speed_investigate.matches_library(model, data, names, 2, None)
-    assert speed_investigate.matches_library(model, data, names, 2, 3)
-    proto, timers = speed_investigate.instrumented_statistics(
-        model, data, names, 2, None, accumulator=speed_investigate.prototype_accumulator_class()
-    )
-    assert timers["update_calls"] > 0 and timers["gram_update_s"] > 0 and timers["gram_result_s"] > 0
-    reference = run_stats(model, data, names, 2, None)
-    for group, gram in reference.grams.items():
-        assert torch.allclose(proto.grams[group], gram, rtol=1e-5, atol=1e-4)
-    assert (
-        stats_module.GramAccumulator,
-        stats_module.GramAccumulator.update,
-        stats_module.GramAccumulator.result,
-        stats_module.subsample_tokens,
-        stats_module.collect_statistics,
-    ) == library
-    assert common.rebound_library_names() == []
-
-
-def test_merge_keeps_the_other_detectors_rows() -> None:
-    """`--detectors X --merge` replaces X's rows of a (setting, seed) and keeps every other detector's row."""
-    import label_audit
-
-    def record(detectors, value):
-        rows = [{"setting": "sym40", "seed": 0, "detector": d, "average_precision": value} for d in detectors]
-        return {
-            "rows": rows,
-            "runs": [{"setting": "sym40", "seed": 0, "epoch_seconds": value}],
-            "curves": {"sym40": {d: {"value": value} for d in detectors}},
-        }
-
-    rows, runs, curves = label_audit._merge(
-        [record(["cleanlab_cv5", "sap_audit"], 0.5), record(["sap_audit", "refine_audit"], 0.9)]
-    )
-    assert [(r["detector"], r["average_precision"]) for r in rows] == [
-        ("cleanlab_cv5", 0.5),
-        ("sap_audit", 0.9),
-        ("refine_audit", 0.9),
-    ]
-    assert [run["detectors"] for run in runs] == [["cleanlab_cv5", "sap_audit"], ["sap_audit", "refine_audit"]]
-    assert curves["sym40"]["cleanlab_cv5"] == {"value": 0.5} and curves["sym40"]["sap_audit"] == {"value": 0.9}
 
 
 def test_recipe_settings_come_from_the_yaml(tmp_path):

@@ -183,7 +183,7 @@ def test_the_function_length_check_counts_code_not_docstrings():
 
 # benchmarks/: a runnable script (`if __name__ == "__main__"`) is imported by no other benchmark file, and no
 # benchmark file imports a library private (a `sap_hf` module or name starting with "_"). What the scripts share
-# lives in support modules (common.py, audits.py, methods.py, peers.py, report.py, pretrained_regime.py, speed_*.py).
+# lives in support modules (common.py, audits.py, methods.py, peers.py, report.py, pretrained_regime.py).
 BENCHMARKS = PACKAGE.parent / "benchmarks"
 
 
