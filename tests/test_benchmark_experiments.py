@@ -180,9 +180,12 @@ def test_every_script_an_experiment_runs_has_a_smoke_test() -> None:
     spec = importlib.util.spec_from_file_location("_smoke", ROOT / "tests" / "test_benchmark_smoke.py")
     smoke = sys.modules["_smoke"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(smoke)
-    smoked = {command[0] for study in smoke.STUDIES.values() for command in study.commands}
+    smoked = [BENCHMARKS / "experiments" / name for study in smoke.STUDIES.values() for name in study.experiments]
+    assert all(path in EXPERIMENTS for path in smoked), sorted(map(str, set(smoked) - set(EXPERIMENTS)))
+    assert not [path for path in smoked if "archived" in run.load(path)], "a smoke test runs an archived study"
     scripts = {spec["script"] for spec in map(run.load, EXPERIMENTS) if "archived" not in spec}
-    assert scripts - smoked == set(), f"experiment scripts without a smoke test: {sorted(scripts - smoked)}"
+    covered = {run.load(path)["script"] for path in smoked}
+    assert scripts - covered == set(), f"experiment scripts without a smoke test: {sorted(scripts - covered)}"
 
 
 def test_an_archived_study_runs_from_a_worktree_of_its_commit(tmp_path: Path, capsys) -> None:

@@ -1,9 +1,10 @@
-"""Smoke tests of the studies under benchmarks/: each study's `--quick` command lines, run in order in a fresh
-folder, then what their JSON, figures and output must show.
+"""Smoke tests of the studies under benchmarks/: each study's experiment files (benchmarks/experiments/), their
+runs as `run.py --quick` would run them, in order in a fresh folder, then what their JSON, figures and output must
+show. A new experiment file of a script already here needs no new code to be smoked: name it in a `Study`.
 
 Checks the plumbing, not accuracy values (a few epochs on a few hundred images mean nothing) nor timings
 (machines differ); one thread, so a busy machine's oversubscribed OpenMP threads cannot stretch a run. A
-`Study` names its command lines (`{tmp}` is the test's folder, `{images}`/`{labels}` a tiny CIFAR-10N copy
+`Study` names its experiment files and what its runs add (`{tmp}` is the test's folder, `{images}`/`{labels}` a tiny CIFAR-10N copy
 built there) and a check that sees, after every command, its output and the files then present (`Step`).
 
 Each command runs in this process (`_run_script`: the script's `main(argv)`, with `sys.argv` as the command line
@@ -57,13 +58,28 @@ class Step:
 
 @dataclass
 class Study:
-    commands: list[list[str]]  # each: benchmarks/<script>.py and its arguments
+    """The smoke run of a study: its experiment files' runs, each as `run.py` would run it with `--quick` and then
+    `where` (the test's folders and data, one thread, and at most fewer settings, label sets or noises than the
+    file names), then each of `then` appended to the first run (e.g. `--replot`)."""
+
+    experiments: tuple[str, ...]  # under benchmarks/experiments/, run in order in one folder
     check: Callable[[Path, list[Step]], None]
+    where: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()  # JSON files read after every step (when present)
+    then: tuple[tuple[str, ...], ...] = ()
     fashion_mnist: bool = True
     cifar10n: bool = False
-    needs: tuple[str, ...] = ()  # modules to import, else skip
     timeout: int = 900  # seconds each command may take (a hung command fails its test, not the session)
+
+    def commands(self) -> list[list[str]]:
+        """Each command: benchmarks/<script>.py and its arguments (`{tmp}`, `{images}`, `{labels}` still to fill)."""
+        import run  # benchmarks/run.py: an experiment's runs as command lines
+
+        commands = []
+        for name in self.experiments:
+            spec = run.load(BENCHMARKS / "experiments" / name)
+            commands += [[spec["script"], *run.command_line(r), "--quick", *self.where] for r in spec["runs"]]
+        return commands + [[*commands[0], *extra] for extra in self.then]
 
 
 @contextlib.contextmanager
@@ -127,7 +143,7 @@ def _run_study(study: Study, tmp: Path) -> list[Step]:
         images, labels = write_tiny_cifar10n(tmp / "data", n_train=200, n_test=200)
         values.update(images=str(images), labels=str(labels))
     steps = []
-    for command in study.commands:
+    for command in study.commands():
         script, *argv = (part.format(**values) for part in command)
         steps.append(Step(_run_script(script, argv, study.timeout), tmp, study.outputs))
     return steps
@@ -137,66 +153,78 @@ def _run_study(study: Study, tmp: Path) -> list[Step]:
 # The studies
 # --------------------------------------------------------------------------------------------
 
-CIFAR10N = ["cifar10n.py", "--quick", "--images", "{images}", "--labels", "{labels}", "--threads", "1"]
+CIFAR10N = ("--images", "{images}", "--labels", "{labels}", "--threads", "1", "--label_sets", "worse")
+#: The methods of cifar10n.py's default groups (core, extra, cleanlab) with the default modes, on one label set.
+CIFAR10N_METHODS = {
+    "none",
+    "best_epoch",
+    "oracle",
+    "oracle+refine",
+    "sap",
+    "sap+remove",
+    "sap+soft",
+    "sap+pseudo",
+    "sap+refine",
+    "best+sap",
+    "best+sap+remove",
+    "best+sap+pseudo",
+    "best+sap+refine",
+    "refine",
+    "finetune_trusted",
+    "scrub",
+}
+#: cifar10n.py --methods defaults: methods.SAP_VARIANTS, registered by name.
+SAP_VARIANT_METHODS = {"sap_paper", "sap_loss", "sap_30"}
 
 
 def check_cifar10n(tmp: Path, steps: list[Step]) -> None:
-    """Every method's row for a label set, the oracle, the summary, the targets, the figure; `--merge` keeps rows."""
-    record = steps[0].json("cifar10n.json")
-    methods = {row["method"] for row in record["rows"]}
-    assert {
-        "none",
-        "best_epoch",
-        "oracle",
-        "oracle+refine",
-        "sap",
-        "sap+remove",
-        "sap+soft",
-        "sap+pseudo",
-        "best+sap",
-        "best+sap+pseudo",
-        "sap+refine",
-        "best+sap+refine",
-        "sap+remove-noaug",
-        "sap+refine-noaug",
-    } <= methods
-    for row in record["rows"]:
+    """Every method's row for a label set, the oracle, the summary, the targets, the figure; each `--merge` run
+    adds its rows (the clean-ups without augmentation, then the SAP variants) and keeps the others."""
+    first, noaug, variants = (step.json("cifar10n.json") for step in steps)
+    methods = {row["method"] for row in first["rows"]}
+    assert methods == CIFAR10N_METHODS, sorted(methods ^ CIFAR10N_METHODS)
+    for row in first["rows"]:
         assert 0 <= row["test_accuracy"] <= 1
         if "+" in row["method"] and row["method"] != "best+sap":  # the clean-up: its cost and "no change" a candidate
             assert row["cost_epochs"] >= 0 and row["refine_epochs"] in (0, 1)
-    worse = [row for row in record["rows"] if row["method"] == "none"][0]
-    tuned = [row for row in record["rows"] if row["method"] == "finetune_trusted"][0]
+    worse = [row for row in first["rows"] if row["method"] == "none"][0]
+    tuned = [row for row in first["rows"] if row["method"] == "finetune_trusted"][0]
     # "no change" is the last model, whatever ran before it: its val is `none`'s, and a fine-tune must beat it
     unchanged = abs(tuned["val_accuracy"] - worse["val_accuracy"]) < 1e-4  # `none`'s val is rounded
     assert tuned["val_accuracy"] > worse["val_accuracy"] or unchanged
     assert unchanged == (tuned["ft_epochs"] == 0)
     assert 0.25 <= worse["noise_rate"] <= 0.55  # the tiny copy's worse labels flip ~40%
-    summary = record["summary"]["worse"]
-    assert {"oracle", "sap", "sap+pseudo"} <= set(summary) and "sap_minus_none" in record["targets"]["worse"]
+    summary = first["summary"]["worse"]
+    assert {"oracle", "sap", "sap+pseudo"} <= set(summary) and "sap_minus_none" in first["targets"]["worse"]
     assert "cifar10n.png" in steps[0].files
-    # --merge: new rows replace those of the same label set, seed and method; the others stay
-    merged = steps[1].json("cifar10n.json")
-    assert len(merged["rows"]) == len(record["rows"]) and merged["merged"]
-    assert {r["method"] for r in merged["rows"]} == methods
+    # --merge: each run's rows join those of the other runs (a row of the same label set, seed and method replaced)
+    added = {row["method"] for row in noaug["rows"]} - methods
+    assert added == {"sap+remove-noaug", "sap+pseudo-noaug", "sap+refine-noaug"} and noaug["merged"]
+    assert len(noaug["rows"]) == len(first["rows"]) + 3
+    ids = [{(row["label_set"], row["seed"], row["method"]) for row in step["rows"]} for step in (first, noaug)]
+    assert ids[0] <= ids[1] and len(ids[1]) == len(noaug["rows"])  # rerun rows replaced, not repeated
+    named = {row["method"]: row for row in variants["rows"] if row["method"] in SAP_VARIANT_METHODS}
+    assert set(named) == SAP_VARIANT_METHODS and len(variants["rows"]) == len(noaug["rows"]) + 3
+    assert named["sap_loss"]["rule"] == "loss"
 
 
 def check_cifar10n_mae(tmp: Path, steps: list[Step]) -> None:
     """The MAE regime: an encoder pretrained without labels (cached once), then the same methods from it."""
-    record = steps[0].json("mae.json")
+    record = steps[-1].json("mae.json")
     assert record["config"]["regime"] == "mae" and Path(record["config"]["backbone"]).is_file()
-    assert {"none", "best_epoch", "oracle", "sap", "sap+remove"} <= {row["method"] for row in record["rows"]}
+    methods = {row["method"] for row in record["rows"]}
+    assert CIFAR10N_METHODS - {"sap+soft"} | SAP_VARIANT_METHODS == methods, sorted(methods)
     assert all(row["regime"] == "mae" for row in record["rows"])
     backbone = json.loads(Path(record["config"]["backbone"]).with_suffix(".json").read_text())
     assert len(backbone["loss"]) == record["config"]["pretrain_epochs"] and backbone["images"] > 0
+    assert "MAE epoch" in steps[0].stdout and "MAE epoch" not in steps[1].stdout  # the second run read the cache
 
 
 def check_cleanup(tmp: Path, steps: list[Step]) -> None:
-    """Every row of one setting, a method named on the command line, the oracle, the summary, the targets, the
-    figure and --replot."""
+    """Every row of one setting (with and without augmentation), the oracle, the summary, the targets, the figure
+    and --replot."""
     record = steps[0].json("cleanup_quick.json")
     methods = {row["method"] for row in record["rows"]}
-    named = [row for row in record["rows"] if row["method"] == "sap_loss"]  # methods.SAP_VARIANTS, by --methods
-    assert len(named) == 1 and named[0]["rule"] == "loss" and named[0]["setting"] == "sym40"
     assert {
         "none",
         "best_epoch",
@@ -206,7 +234,10 @@ def check_cleanup(tmp: Path, steps: list[Step]) -> None:
         "sap+pseudo",
         "sap+refine",
         "best+sap+refine",
+        "sap+remove-noaug",
+        "sap+refine-noaug",
     } <= methods
+    assert {row["setting"] for row in record["rows"]} == {"sym40", "oracle"}  # the oracle: trained once, clean
     chosen = [row for row in record["rows"] if row["method"] == "sap+refine"][0]
     tried = [row for row in record["rows"] if row["method"] in ("sap+remove", "sap+pseudo")]
     assert chosen["val_accuracy"] == max(row["val_accuracy"] for row in tried)  # RefineConfig()'s pick, on val
@@ -214,6 +245,7 @@ def check_cleanup(tmp: Path, steps: list[Step]) -> None:
     assert "oracle" in record["summary"]["sym40"] and "sap_minus_none" in record["targets"]["sym40"]
     assert "cleanup_quick.png" in steps[0].files
     assert "| sap+refine |" in steps[1].stdout
+    assert steps[1].json("cleanup_quick.json")["rows"] == record["rows"]  # --replot: the rows read, none rerun
 
 
 CORRECTION_ROWS = {"selection", "statistics", "eigh", "alpha_search", "write", "total"}
@@ -322,6 +354,7 @@ def check_defaults(tmp: Path, steps: list[Step]) -> None:
     assert "defaults_quick.png" in steps[0].files and "SAPConfig() chose what the recipe chose" in steps[0].stdout
 
 
+#: The methods of every pretrained.py run, then those of --audits aum and of --methods audit_bound.
 PRETRAINED_METHODS = {
     "none",
     "best_epoch",
@@ -334,103 +367,89 @@ PRETRAINED_METHODS = {
     "best+sap",
     "best+sap+refine",
     "finetune_trusted",
-    "sap+refine x2",
-    "sap+refine (true audit)",
-    "refine@aum",  # --audits aum: the suspects from the fine-tuning's margins (audits.dynamics_audit_of)
-    "sap+refine@aum",
-    "best+sap+refine@aum",
 }
-#: Two of the three noises (defaults.py's smoke test fine-tunes on asym40 in this regime too): the time goes to --audits.
+#: --audits aum: the suspects from the fine-tuning's margins (audits.dynamics_audit_of)
+AUM_METHODS = {"refine@aum", "sap+refine@aum", "best+sap+refine@aum"}
+AUDIT_BOUND_METHODS = {"sap+refine x2", "sap+refine (true audit)"}
+#: Two of the three noises (defaults.py's smoke test fine-tunes on asym40 in this regime too).
 NOISES = {"sym40", "inst40"}
 
 
 def check_pretrained(tmp: Path, steps: list[Step]) -> None:
     """Pretraining, save_pretrained / from_pretrained with a new head, fine-tuning on each noise, every method's row,
-    the targets and the figure."""
-    result = steps[0].json("pretrained.json")
-    rows = result["rows"]
-    assert {row["noise"] for row in rows} == NOISES
-    lengths = {row["epochs"] for row in rows}
-    assert lengths == set(result["config"]["lengths"])
-    for noise in NOISES:
-        for epochs in lengths:
-            mine = [row for row in rows if (row["noise"], row["epochs"]) == (noise, epochs)]
-            assert {row["method"] for row in mine} == PRETRAINED_METHODS
-            for row in mine:
-                assert {"noise", "seed", "epochs", "method", "test_accuracy", "val_accuracy", "noisy_fit"} <= set(row)
-                assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["noisy_fit"] <= 1.0
-            sap = next(row for row in mine if row["method"] == "sap")
-            assert sap["rule"] == result["recipe_sap_config"]["selection_rule"] and 0.0 <= sap["purity"] <= 1.0
-            # A val-chosen correction is never worse than the model it started from, on val.
-            none = next(row for row in mine if row["method"] == "none")
-            assert sap["val_accuracy"] >= none["val_accuracy"]
-            # --methods audit_bound: the second round starts from the first (never worse on val, both rounds' cost).
-            once, twice = (next(r for r in mine if r["method"] == m) for m in ("sap+refine", "sap+refine x2"))
-            assert twice["val_accuracy"] >= once["val_accuracy"] and twice["cost_epochs"] >= once["cost_epochs"]
-    # The noise is exactly 40% in every cell; the backbone was saved with save_pretrained (a headless ViTModel).
-    assert all(abs(run["actual_noise_rate"] - 0.4) < 1e-6 for run in result["runs"])
-    backbone = Path(result["pretraining"]["path"])
-    assert json.loads((backbone / "config.json").read_text())["architectures"] == ["ViTModel"]
-    assert {cell.split()[0] for cell in result["targets"]} == NOISES  # "sym40 2": noise and length
-    assert all("sap+refine_minus_best_epoch" in verdict for verdict in result["targets"].values())
-    assert {"loss", "shift_loss", "curvature"} <= set(result["selection_cost"])
-    assert "pretrained.png" in steps[0].files
+    the targets and the figure; the second experiment reuses the first's fine-tunings."""
+    for name, extra in (("pretrained_aum", AUM_METHODS), ("pretrained_audit_bound", AUDIT_BOUND_METHODS)):
+        result = steps[-1].json(f"{name}.json")
+        rows = result["rows"]
+        assert {row["noise"] for row in rows} == NOISES
+        lengths = {row["epochs"] for row in rows}
+        assert lengths == set(result["config"]["lengths"])
+        for noise in NOISES:
+            for epochs in lengths:
+                mine = [row for row in rows if (row["noise"], row["epochs"]) == (noise, epochs)]
+                assert {row["method"] for row in mine} == PRETRAINED_METHODS | extra
+                for row in mine:
+                    assert {"noise", "seed", "epochs", "method", "test_accuracy", "val_accuracy", "noisy_fit"} <= set(
+                        row
+                    )
+                    assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["noisy_fit"] <= 1.0
+                sap = next(row for row in mine if row["method"] == "sap")
+                assert sap["rule"] == result["recipe_sap_config"]["selection_rule"] and 0.0 <= sap["purity"] <= 1.0
+                # A val-chosen correction is never worse than the model it started from, on val.
+                none = next(row for row in mine if row["method"] == "none")
+                assert sap["val_accuracy"] >= none["val_accuracy"]
+                if extra is AUDIT_BOUND_METHODS:  # the second round starts from the first: never worse on val
+                    once, twice = (next(r for r in mine if r["method"] == m) for m in ("sap+refine", "sap+refine x2"))
+                    assert twice["val_accuracy"] >= once["val_accuracy"]
+                    assert twice["cost_epochs"] >= once["cost_epochs"]
+        # The noise is exactly 40% in every cell; the backbone was saved with save_pretrained (a headless ViTModel).
+        assert all(abs(run["actual_noise_rate"] - 0.4) < 1e-6 for run in result["runs"])
+        backbone = Path(result["pretraining"]["path"])
+        assert json.loads((backbone / "config.json").read_text())["architectures"] == ["ViTModel"]
+        assert {cell.split()[0] for cell in result["targets"]} == NOISES  # "sym40 2": noise and length
+        assert all("sap+refine_minus_best_epoch" in verdict for verdict in result["targets"].values())
+        assert {"loss", "shift_loss", "curvature"} <= set(result["selection_cost"])
+        assert f"{name}.png" in steps[-1].files
+    cached = {name: mtime for name, mtime in steps[0].files.items() if name.startswith("cache/")}
+    assert cached and all(steps[1].files[name] == mtime for name, mtime in cached.items())  # nothing trained again
 
 
-SYM40 = ["--settings", "sym40"]
-CLEANUP = ["cleanup.py", "--quick", *SYM40, "--modes", "remove", "pseudo", "--best_modes", "remove", "pseudo"]
-CLEANUP += ["--methods", "none", "best_epoch", "cleanups", "sap_loss", "--out_dir", "{tmp}"]  # sap_loss: by name
 STUDIES = {
     "cifar10n": Study(
-        [
-            [*CIFAR10N, "--label_sets", "worse", "--out", "{tmp}/cifar10n.json"]
-            + ["--modes", "remove", "soft", "pseudo", "--augment", "1", "0"],
-            [*CIFAR10N, "--label_sets", "--out", "{tmp}/cifar10n.json", "--merge"],
-        ],
+        ("cifar10n/scratch.yaml",),
         check_cifar10n,
+        (*CIFAR10N, "--out", "{tmp}/cifar10n.json"),
         ("cifar10n.json",),
         fashion_mnist=False,
         cifar10n=True,
     ),
     "cifar10n_mae": Study(
-        [
-            [*CIFAR10N, "--regime", "mae", "--label_sets", "worse", "--methods", "core", "--modes", "remove"]
-            + ["--out", "{tmp}/mae.json", "--cache_dir", "{tmp}/cache"]
-        ],
+        ("cifar10n/mae.yaml",),
         check_cifar10n_mae,
+        (*CIFAR10N, "--out", "{tmp}/mae.json", "--cache_dir", "{tmp}/cache"),
         ("mae.json",),
         fashion_mnist=False,
         cifar10n=True,
     ),
-    "cleanup": Study([CLEANUP, [*CLEANUP, "--replot"]], check_cleanup, ("cleanup_quick.json",)),
+    "cleanup": Study(
+        ("cleanup/fashion_scratch.yaml",),
+        check_cleanup,
+        ("--settings", "sym40", "--out_dir", "{tmp}"),
+        ("cleanup_quick.json",),
+        then=(("--replot",),),
+    ),
     "correction_cost": Study(
-        [["correction_cost.py", "--quick", "--out_dir", "{tmp}", "--corpus_dir", "{tmp}/corpus", "--no_plot"]],
+        ("correction_cost/clothing1m_like.yaml",),
         check_correction_cost,
+        ("--out_dir", "{tmp}", "--corpus_dir", "{tmp}/corpus", "--no_plot"),
         ("correction_cost_quick.json",),
     ),
-    "defaults": Study([["defaults.py", "--quick", "--out_dir", "{tmp}"]], check_defaults, ("defaults_quick.json",)),
+    "defaults": Study(("defaults/defaults.yaml",), check_defaults, ("--out_dir", "{tmp}"), ("defaults_quick.json",)),
     "pretrained": Study(
-        [
-            [
-                "pretrained.py",
-                "--quick",
-                "--methods",
-                "audit_bound",
-                "--audits",
-                "shift",
-                "aum",
-                "--noises",
-                *sorted(NOISES),
-                "--threads",
-                "1",
-                "--out_dir",
-                "{tmp}",
-                "--cache_dir",
-                "{tmp}/cache",
-            ]
-        ],
+        ("pretrained/aum.yaml", "pretrained/audit_bound.yaml"),
         check_pretrained,
-        ("pretrained.json",),
+        ("--noises", *sorted(NOISES), "--threads", "1", "--out_dir", "{tmp}", "--cache_dir", "{tmp}/cache"),
+        ("pretrained_aum.json", "pretrained_audit_bound.json"),
     ),
 }
 
@@ -448,8 +467,6 @@ def test_quick(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         monkeypatch.setenv(variable, "1")  # and for the processes a study starts (speed.py's children)
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts' `import common` as `python benchmarks/x.py` finds it
-    for module in study.needs:
-        pytest.importorskip(module)
     if study.fashion_mnist and not _fashion_mnist_available():
         pytest.skip("Fashion-MNIST idx files are not installed")
     steps = _run_study(study, tmp_path)
