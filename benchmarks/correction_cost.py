@@ -66,6 +66,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
     add("--settings", nargs="+", default=["sym40", "asym40"])
     add("--no_plot", action="store_true")
+    add("--replot", action="store_true", help="the table of corrections, targets and figure again from the JSON")
     add("--reuse_runs", action="store_true", help="report the corrections measured by the last run again")
     add("--retime_epoch", action="store_true", help="time one more epoch of the cached model now (not saved)")
     add("--reuse_comparison", action="store_true", help="take the bracket/grid comparison from the last JSON")
@@ -927,6 +928,36 @@ def by_source(run: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
     return {r["phase"]: r for r in run["rows"] if r.get("source", "pass") == source and r.get("search") != "grid"}
 
 
+def correction_table(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per correction (model, processes, via, source): its phases' seconds and decodes, the selection's
+    purity, the alpha search's evaluations (and the grid's, where it ran), the alphas chosen (null: unchanged) and
+    the validation accuracy after; the study page's table of corrections reads these rows."""
+    table = []
+    for run in record["runs"]:
+        for source in sources_of(run):
+            rows = by_source(run, source)
+            grid = next(
+                (r for r in run["rows"] if r.get("search") == "grid" and r.get("source", "pass") == source), {}
+            )
+            choice = run["choice"]["bracket" if source == "pass" else source]
+            table.append(
+                {
+                    **{key: run[key] for key in ("model", "processes", "via")},
+                    "source": source if source != "subset" else f"subset {run['subset_share']}",
+                    **{f"{phase}_seconds": rows[phase]["seconds"] for phase in PHASES},
+                    **{f"{phase}_decodes": rows[phase]["decodes"] for phase in ("selection", "total")},
+                    "purity_percent": 100 * rows["selection"]["purity"],
+                    "evaluations": rows["alpha_search"]["evaluations"],
+                    "alpha_search_decodes_per_process": max(rows["alpha_search"]["decodes_per_process"]),
+                    "grid_evaluations": grid.get("evaluations"),
+                    "grid_seconds": grid.get("seconds"),
+                    **{f"alpha_{kind}": alpha for kind, alpha in choice["kind_alphas"].items()},
+                    "val_accuracy_percent": 100 * choice["val_accuracy"],
+                }
+            )
+    return table
+
+
 def correction_targets(record: dict[str, Any]) -> dict[str, Any]:
     """Per correction: its decodes against the ideal (selected + trusted + validation x evaluations), the largest
     process share of the alpha search, its time in fine-tuning epochs and, beside the full pass, its purity gap."""
@@ -1068,6 +1099,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out_dir, corpus_dir = Path(args.out_dir), Path(args.corpus_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"correction_cost{'_quick' if args.quick else ''}.json"
+    if args.replot:  # the measurements as recorded; what is computed from them computed again
+        record = json.loads(out.read_text())
+        return report(dict(record, corrections=correction_table(record), targets=targets(record)), out, args)
     started = time.perf_counter()
     print(f"Corpus in {corpus_dir} ...")
     corpus = write_corpus(corpus_dir, args.per_class, args.val_per_class, args.image_size)
@@ -1099,9 +1133,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "search_comparison": comparison,
     }
     record["extrapolation"] = extrapolate(record, args.selection_sources)
+    record["corrections"] = correction_table(record)
     record["targets"] = targets(record)
     record["environment"] = dict(common.environment(), loadavg=loadavg())
     record["elapsed_seconds"] = round(time.perf_counter() - started, 1)
+    return report(record, out, args)
+
+
+def report(record: dict[str, Any], out: Path, args: argparse.Namespace) -> dict[str, Any]:
     common.write_json(out, record)
     if not args.no_plot:
         plot(record, out.with_suffix(".png"))

@@ -51,6 +51,7 @@ A generated table sits between a spec comment and an end marker in a page, each 
 * `fields: average_precision:3 cost_epochs:1` instead of `columns:`: one column per field (mean ± std over the
   rows, with that many digits, no scaling). A token `[+]field:digits:how=label` chooses how the rows combine (`mean`,
   the default; `max`, `min`, `sum`; `count`: how many are true, 'k/n') and the header (underscores print as spaces).
+  A cell whose rows all hold the field as null prints `–` (a key no row has is an error: a typo).
 """
 
 from __future__ import annotations
@@ -491,6 +492,9 @@ class _Cells:
         if not column.main and (name, column.group) in self.values:  # a row without this field: an empty cell
             if all(_get(row, column.field) is None for row in self.values[name, column.group]):
                 return ""
+        recorded = self.values.get((name, column.group), [])
+        if recorded and all(column.field in row and row[column.field] is None for row in recorded):
+            return "–"  # recorded as null: no value (e.g. an alpha the search left unchanged), not a typo
         found = self.rows_of(name, column, column.field)
         values = [_get(row, column.field) * column.scale for row in found]
         if column.how == "count":

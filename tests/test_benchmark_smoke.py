@@ -322,6 +322,16 @@ def check_correction_cost(tmp: Path, steps: list[Step]) -> None:
         intact = run_record["library_intact"]
         assert all(intact["same_objects"].values()), intact
         assert intact["rebound"] == []
+    # the table of corrections: one row per run and source, its numbers those of the phase rows
+    table = {(r["model"], r["processes"], r["via"], r["source"].split()[0]): r for r in result["corrections"]}
+    sources = [(run, source) for run in result["runs"] for source in {r["source"] for r in run["rows"]}]
+    assert len(table) == len(result["corrections"]) == len(sources)
+    for run_record, source in sources:
+        row = table[run_record["model"], run_record["processes"], run_record["via"], source]
+        total = next(r for r in run_record["rows"] if r["source"] == source and r["phase"] == "total")
+        assert (row["total_seconds"], row["total_decodes"]) == (total["seconds"], total["decodes"])
+        assert (row["grid_evaluations"] is None) == (source != "pass")
+    assert steps[1].json("correction_cost_quick.json") == result  # --replot: computed again, the same
     targets = result["targets"]
     # every image decoded once per pass whatever the number of processes; the 2-process search shares its decodes
     assert targets["trained_1p_pass"]["decodes"] == targets["trained_2p_pass"]["decodes"]
@@ -443,6 +453,7 @@ STUDIES = {
         check_correction_cost,
         ("--out_dir", "{tmp}", "--corpus_dir", "{tmp}/corpus", "--no_plot"),
         ("correction_cost_quick.json",),
+        then=(("--replot",),),
     ),
     "defaults": Study(("defaults/defaults.yaml",), check_defaults, ("--out_dir", "{tmp}"), ("defaults_quick.json",)),
     "pretrained": Study(

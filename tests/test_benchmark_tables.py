@@ -110,6 +110,17 @@ def test_fields_mode_names_rows_by_another_key_and_prints_each_field(tmp_path: P
     )
 
 
+def test_a_field_recorded_as_null_prints_a_dash_and_one_never_recorded_is_an_error(tmp_path: Path) -> None:
+    """An alpha the search left unchanged is recorded as null: a dash, not a failed table; a misspelt field is an
+    error whether or not other fields are null."""
+    rows = [{"source": "pass", "alpha": None, "seconds": 3.0}, {"source": "subset", "alpha": 100.0, "seconds": 1.0}]
+    (tmp_path / "r.json").write_text(json.dumps({"rows": rows}))
+    spec = "r.json\ntitle: source\nkey: source\nfields: alpha:0 seconds:1\nrows:\n  pass\n  subset\n"
+    assert tables.render(spec, tmp_path).splitlines()[2:] == ["| pass | – | 3.0 |", "| subset | 100 | 1.0 |"]
+    with pytest.raises(ValueError, match="no rows for source 'pass' with 'alphas'"):
+        tables.render(spec.replace("alpha:0", "alphas:0"), tmp_path)
+
+
 def test_a_field_can_be_the_largest_smallest_or_summed_value_or_a_count_with_its_own_header(tmp_path: Path) -> None:
     rows = [
         {"source": "pass", "gap": 0.0, "same": True, "seconds": 4.0},
