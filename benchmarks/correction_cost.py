@@ -802,7 +802,8 @@ def describe(found: dict[str, Any]) -> str:
 
 
 def clothing1m_share(sources_path: Path) -> dict[str, Any]:
-    """The selection_subset share for Clothing1M, from benchmarks/selection_sources.py's measurement.
+    """The selection_subset share for Clothing1M, from selection_sources.py's measurement (an archived study:
+    its committed JSON).
 
     A share's purity is set by how many candidates each trusted sample is the lowest of (the k lowest of m random
     samples of a class sit at the k/m quantile of its scores). So the smallest measured share that met the target

@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def regime_args(regime: str, args: argparse.Namespace) -> argparse.Namespace:
-    """The regime's data, training and cache arguments, as accuracy.py / pretrained.py parse them (their study's
+    """The regime's data, training and cache arguments, as the from-scratch and pretrained studies parse them (their study's
     own flags aside): the shared ones of `common.run_parser`, plus `pretrained_regime`'s for the pretrained one."""
     cache = args.scratch_cache if regime == "scratch" else args.pretrained_cache
     argv = ["--threads", str(args.threads), "--out_dir", str(args.out_dir)]

@@ -19,7 +19,7 @@ baselines through them):
 
 `sap_row` is the `sap` row of the studies on their own models and settings (`pretrained.py`, `defaults.py`),
 `refine_row` the clean-up row; `sap_refine_row` is `sap+refine` with the `--refine_*` arguments of
-`add_refine_arguments` (`accuracy.py`, `pretrained.py`). SSD and SCRUB themselves live in `peers.py`.
+`add_refine_arguments` (`pretrained.py`). SSD and SCRUB themselves live in `peers.py`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """SAP's corrective-unlearning peers SSD and SCRUB (a support module, not a script): `peer_rows` and its
-`--peer_*` arguments (`add_peer_arguments`), run on the benchmarks' memorised models by `accuracy.py --methods
-peers`, `pretrained.py` and `cifar10n.py` (`methods.py` registers `scrub` for the clean-up studies).
+`--peer_*` arguments (`add_peer_arguments`), run on the benchmarks' memorised models by `pretrained.py` and
+`cifar10n.py` (and by the archived `accuracy.py --methods peers`) (`methods.py` registers `scrub` for the clean-up studies).
 
 Both methods need a *forget set* (samples to unlearn) and a *retain set*; SAP needs neither. Written from
 the papers (no reference code), pure torch on the benchmarks' tensors:

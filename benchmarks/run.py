@@ -11,7 +11,7 @@ An experiment file (`benchmarks/experiments/<study>/<name>.yaml`) holds:
     script:  the study's script under benchmarks/
     result:  the JSON it writes under benchmarks/ (e.g. results/pretrained_audit_bound.json)
     runs:    one mapping of the script's arguments per command, run in order (a later run merges its rows
-             into the JSON: `merge: true` for the scripts with --merge, or a --methods group for accuracy.py)
+             into the JSON: `merge: true` for the scripts with --merge, or a --methods group for the archived accuracy.py)
     archived: (a settled study only) the last commit that holds its script: the script is gone from this
              checkout, its result, figure and page stay, and the runner runs it from a git worktree of that
              commit (its own sap_hf and support modules, so the rows are the ones it wrote), then copies the

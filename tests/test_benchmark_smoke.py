@@ -473,10 +473,10 @@ def test_quick(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
     # offline, as the libraries read it at import (already done here): the constants, not only the environment
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # datasets' names for it, where its version has them
-        monkeypatch.setattr(datasets.config, name, True, raising=False)
+    for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # datasets' names for it, where its version has them
+        monkeypatch.setattr(datasets.config, flag, True, raising=False)
     for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        monkeypatch.setenv(variable, "1")  # and for the processes a study starts (speed.py's children)
+        monkeypatch.setenv(variable, "1")  # and for the processes a study starts (correction_cost.py's launches)
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts' `import common` as `python benchmarks/x.py` finds it
     if study.fashion_mnist and not _fashion_mnist_available():
         pytest.skip("Fashion-MNIST idx files are not installed")
