@@ -2,7 +2,11 @@
 
     python benchmarks/cifar10n.py                       # label sets worse, random1, aggre; seeds 0-2
     python benchmarks/cifar10n.py --regime mae          # fine-tuned from a backbone pretrained without labels
-    python benchmarks/cifar10n.py --quick               # smoke test (a tiny copy, a few epochs)
+    python benchmarks/cifar10n.py --quick               # smoke run: 200 images, 3 epochs, one seed, same data
+
+The data: `--images` (a folder of CIFAR-10 parquet files or a Hub id) and `--labels` (CIFAR-N's CIFAR-10_human.pt),
+by default the local copy under shared/data/cifar10n/ beside the checkout; the smoke test writes a tiny copy of
+that layout (`sap_hf.data.cifar10n.write_tiny_cifar10n`).
 
 The protocol, the regimes, the methods of each `--methods` group and the results: benchmarks/studies/cifar10n.md.
 """

@@ -3,7 +3,7 @@
     python benchmarks/cleanup.py --cache_dir /work/cache/accuracy     # the accuracy benchmark's models
     python benchmarks/cleanup.py --quick                               # smoke test
 
-The accuracy benchmark's protocol (`common.prepare_run`: the recipe's tiny ViT trained from scratch on 4,000
+The (archived) accuracy study's protocol (`common.prepare_run`: the recipe's tiny ViT trained from scratch on 4,000
 images with 40% noise for 100 epochs, until it memorises), its models when `--cache_dir` holds them; on each, the
 methods `--methods` names (registered in `methods.py`; by default none, best_epoch and cleanups, whose rows are
 sap+<mode> ... below); and once per seed the oracle:

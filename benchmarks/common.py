@@ -15,7 +15,7 @@ Sections:
                    `prepare_run` (the memorised model of one (setting, seed), cached by its training
                    arguments), `cache_path`
   - running        `run_tasks` (one process per (setting, seed) task)
-  - reporting      `mean_std`, `detector_metrics`, `pyplot`, `write_json`, `environment`, `loadavg`,
+  - reporting      `pyplot`, `write_json`, `environment`, `loadavg`,
                    `rebound_library_names` (no benchmark monkeypatches the library)
 """
 
@@ -228,7 +228,9 @@ def add_cleanup_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[0, 1],
         help="RefineConfig.augment values of the sap+<mode> rows (0: rows named sap+<mode>-noaug)",
     )
-    parser.add_argument("--best_modes", nargs="*", default=["remove", "pseudo"], help="modes of best+sap+<mode>")
+    parser.add_argument(
+        "--best_modes", nargs="*", default=["remove", "pseudo"], choices=modes, help="modes of best+sap+<mode>"
+    )
     add_audits_argument(parser)
     parser.add_argument("--refine_epochs", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--refine_batch_size", type=int, default=64)

@@ -62,7 +62,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     add("--val_per_class", type=int, default=72)
     add("--image_size", type=int, default=224, help="side of the JPEGs written")
     add("--processes", type=int, nargs="+", default=[1, 2])
-    add("--cache_dir", default="/work/cache/accuracy", help="the accuracy benchmark's trained models")
+    add(
+        "--cache_dir",
+        default="/work/cache/accuracy",
+        help="the from-scratch models of the (archived) accuracy study, `common.prepare_run`'s: cleanup.py --cache_dir fills one",
+    )
     add("--seeds", type=int, nargs="+", default=[0, 1, 2])
     add("--settings", nargs="+", default=["sym40", "asym40"])
     add("--no_plot", action="store_true")

@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--lengths", nargs="+", type=int, default=[20, 40], help="pretrained: fine-tuning epochs")
-    parser.add_argument("--scratch_cache", default=None, help="the accuracy benchmark's model cache")
+    parser.add_argument(
+        "--scratch_cache",
+        default=None,
+        help="the from-scratch models' cache (`common.prepare_run`; cleanup.py --cache_dir fills one)",
+    )
     parser.add_argument("--pretrained_cache", default=None, help="pretrained.py's model cache")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)

@@ -19,9 +19,13 @@ An experiment file (`benchmarks/experiments/<study>/<name>.yaml`) holds:
              study's page says which; `--list` marks these)
 
 A run's mapping becomes the command line: `key: value` -> `--key value`, a list -> `--key v1 v2`, `true` -> `--key`,
-`false`/null -> nothing. What depends on the machine (--cache_dir, --jobs, --threads, --out_dir) or on the
-purpose (--quick, --seeds) is not in the file: give it after the file's path and every run gets it. A `--quick`
-run writes under benchmarks/results/quick/ (git-ignored; `common.RESULTS_DIR`), never over a committed result.
+`false`/null -> nothing; an empty list -> a bare `--key` (only for an option with `nargs="*"`). What depends on
+the machine (a cache folder, workers, threads, an output folder) or on the purpose (--quick, --seeds) is not in
+the file: give it after the file's path, in the script's own spelling (its `--help`: e.g. `cifar10n.py` takes
+--out, `defaults.py` --scratch_cache/--pretrained_cache), and every run gets it; `--dry_run` prints the commands.
+Each run starts in the checkout's root (for an archived study, the worktree's, removed afterwards: give paths
+after the file as absolute paths). A `--quick` run writes under benchmarks/results/quick/ (git-ignored;
+`common.RESULTS_DIR`), never over a committed result.
 `tests/test_benchmark_experiments.py` checks that every result JSON has one experiment and that each run parses
 with its script and agrees with the arguments the JSON recorded, so a command cannot drift from its numbers.
 """
@@ -102,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.methods:
         sys.path.insert(0, str(HERE))
-        from methods import METHODS
+        from methods import CLEAN_LABEL_METHODS, METHODS
 
         for name, method in METHODS.items():
-            print(f"{name:18}{(method.__doc__ or '').strip().splitlines()[0]}")
+            first = ((method.__doc__ or "").strip().splitlines() or [""])[0]
+            where = "  (the clean-label cell a study trains itself; not a --methods choice)"
+            print(f"{name:18}{first}{where if name in CLEAN_LABEL_METHODS else ''}")
         return 0
     if args.experiment is None:
         parser.error("give an experiment file, --list or --methods")
@@ -113,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     with _benchmarks_of(spec.get("archived"), dry_run=args.dry_run) as benchmarks:
         for i, run in enumerate(spec["runs"], 1):
             command = [sys.executable, str(benchmarks / spec["script"]), *command_line(run), *extra]
-            print(f"[run {i}/{len(spec['runs'])}] {' '.join(command[1:])}", flush=True)
-            if not args.dry_run:
-                done = subprocess.run(command, check=False)
+            print(f"[run {i}/{len(spec['runs'])}] python {' '.join(command[1:])}", flush=True)
+            if not args.dry_run:  # from the checkout's root (the worktree's): its relative default paths stay in it
+                done = subprocess.run(command, check=False, cwd=benchmarks.parent)
                 if done.returncode:
                     return done.returncode
     return 0
@@ -128,12 +134,14 @@ def _benchmarks_of(commit: str | None, dry_run: bool = False) -> Iterator[Path]:
     if commit is None:
         yield HERE
         return
+    if dry_run:  # nothing made: the folder a run would make
+        folder = Path(tempfile.gettempdir()) / f"sap_hf_{commit[:8]}_XXXX" / "checkout"
+        print(f"[archived] git worktree add --detach {folder} {commit}", flush=True)
+        yield folder / "benchmarks"
+        return
     folder = Path(tempfile.mkdtemp(prefix=f"sap_hf_{commit[:8]}_")) / "checkout"
     git = ["git", "-C", str(HERE.parent)]
     print(f"[archived] git worktree add --detach {folder} {commit}", flush=True)
-    if dry_run:
-        yield folder / "benchmarks"
-        return
     subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(folder), commit], check=True)
     started = time.time()
     try:

@@ -188,6 +188,30 @@ def test_every_script_an_experiment_runs_has_a_smoke_test() -> None:
     assert scripts - covered == set(), f"experiment scripts without a smoke test: {sorted(scripts - covered)}"
 
 
+def test_each_run_starts_in_the_checkouts_root_and_a_dry_run_makes_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run starts in its checkout's root, so a script's relative default paths (the archived speed.py's
+    `--out benchmarks/results`) land in the checkout the script is from, never in the one the user stands in: an
+    archived study's worktree, whose results are copied back. A dry run prints the worktree it would make, and
+    makes nothing."""
+    calls: list[dict[str, Any]] = []
+
+    def fake_run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess:
+        calls.append(dict(kwargs, command=command))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(run.subprocess, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    path = BENCHMARKS / "experiments" / "cleanup" / "fashion_scratch.yaml"
+    assert run.main([str(path), "--quick", "--out_dir", str(tmp_path)]) == 0
+    assert len(calls) == len(run.load(path)["runs"]) and all(call["cwd"] == ROOT for call in calls)
+    monkeypatch.setattr(run.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert run.main([str(BENCHMARKS / "experiments" / "speed" / "statistics_pass.yaml"), "--dry_run"]) == 0
+    assert len(calls) == len(run.load(path)["runs"]) and list((tmp_path / "tmp").iterdir()) == []
+
+
 def test_an_archived_study_runs_from_a_worktree_of_its_commit(tmp_path: Path, capsys) -> None:
     """A settled study's script is gone from the checkout: the runner runs it from its commit, then removes the
     worktree (here the cheapest one, selection_speed.py --quick, with its output sent to the test's folder)."""
