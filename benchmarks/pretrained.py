@@ -38,6 +38,7 @@ from pretrained_regime import (
     finetuned,
     finish_regime_args,
     pretrain,
+    reject_replaced_options,
     train_worker,
 )
 
@@ -83,6 +84,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     add_refine_arguments(parser, epochs=[1, 2, 4])
     common.add_audits_argument(parser)
+    reject_replaced_options(parser, argv)
     args = finish_regime_args(common.finish_args(parser.parse_args(argv), argv))
     if args.refine_lrs is None:
         args.refine_lrs = [args.lr, 2 * args.lr]

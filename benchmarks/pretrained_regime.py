@@ -12,6 +12,7 @@ import argparse
 import copy
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -51,6 +52,20 @@ def add_regime_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--pretrain_size", type=int, default=10000)
     parser.add_argument("--pretrain_epochs", type=int, default=20)
+
+
+#: `common.run_parser`'s options this regime sets from its own (per noise, per fine-tuning length): given, they would
+#: be silently overwritten.
+REPLACED_OPTIONS = {"--settings": "--noises", "--epochs": "--lengths", "--warmup_epochs": "--warmup_share"}
+
+
+def reject_replaced_options(parser: argparse.ArgumentParser, argv: Optional[list[str]]) -> None:
+    """A parser error naming the regime's option for each `REPLACED_OPTIONS` one given (`--settings sym40` would
+    otherwise run every noise)."""
+    given = sys.argv[1:] if argv is None else argv
+    for option, instead in REPLACED_OPTIONS.items():
+        if any(token == option or token.startswith(f"{option}=") for token in given):
+            parser.error(f"{option} is not read in the pretrained regime: give {instead} instead")
 
 
 def finish_regime_args(args: argparse.Namespace) -> argparse.Namespace:

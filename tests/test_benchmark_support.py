@@ -304,3 +304,15 @@ def test_run_methods_runs_the_named_methods_in_order_each_from_the_last_state(mo
     assert len(seen) == 2  # nothing ran
     offered = methods.noisy_label_methods()
     assert "none" in offered and not set(methods.CLEAN_LABEL_METHODS) & set(offered)
+
+
+def test_the_pretrained_regime_rejects_the_from_scratch_options_it_would_overwrite(capsys) -> None:
+    """`pretrained.py --settings sym40` once ran every noise: the regime sets --settings, --epochs and
+    --warmup_epochs from --noises, --lengths and --warmup_share, so giving them is an error naming the right one."""
+    import pretrained
+
+    for given, instead in (["--settings", "sym40"], "--noises"), (["--epochs=3"], "--lengths"):
+        with pytest.raises(SystemExit):
+            pretrained.parse_args(["--quick", *given])
+        assert f"give {instead} instead" in capsys.readouterr().err
+    assert pretrained.parse_args(["--quick", "--noises", "inst40"]).noises == ["inst40"]
