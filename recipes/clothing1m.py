@@ -87,7 +87,7 @@ class ScriptArguments(DataArguments, ModelArguments):
         metadata={
             "help": "After refine, audit the training labels again with the refined model: "
             "output_dir/_label_audit_refined/ (same files). A model fine-tuned without the suspects no longer fits "
-            "most wrong labels, so this second audit ranks them better than the first (benchmarks/README.md, label audit)."
+            "most wrong labels, so this second audit ranks them better than the first (benchmarks/studies/label_audit.md)."
         },
     )
     refine_mode: str = field(

@@ -19,7 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "sap_hf"
 DATA_MODULES = sorted((PACKAGE / "data").glob("*.py"))
 
-# Measured numbers belong in benchmarks/README.md: no library module states one.
+# Measured numbers belong in the study pages (benchmarks/studies/*.md): no library module states one.
 NUMBER_FREE = sorted(PACKAGE.rglob("*.py"))
 MEASUREMENTS = {  # what a measured result looks like in prose
     "a comparison": r"\bvs\.?\s*[-+]?\d",
@@ -28,7 +28,7 @@ MEASUREMENTS = {  # what a measured result looks like in prose
     "a measurement": r"\bmeasured\b[^.\n]*\d",
     "a timing": r"\b\d+(\.\d+)?\s*(s|ms|min|seconds|minutes)\s+(for|per|on)\b",
     "a speed ratio": r"\d(\.\d+)?\s*[x\u00d7]\s+(faster|slower|inference|an epoch)",
-    "a benchmark script or result instead of benchmarks/README.md": r"benchmarks/(?!README\.md)[\w/.-]+",
+    "a benchmark script or result instead of its study page": r"benchmarks/(?!README\.md|studies/\w+\.md)[\w/.-]+",
 }
 
 
@@ -86,7 +86,7 @@ def test_no_measured_numbers_in_the_library_text(path):
         for what, pattern in MEASUREMENTS.items()
         if re.search(pattern, line, re.IGNORECASE)
     ]
-    assert not found, "move these to benchmarks/README.md and say why instead:\n" + "\n".join(found)
+    assert not found, "move these to a study page (benchmarks/studies/) and point to it instead:\n" + "\n".join(found)
 
 
 def test_the_measurements_moved_out_are_in_the_benchmarks_readme():
@@ -101,6 +101,27 @@ def test_the_measurements_moved_out_are_in_the_benchmarks_readme():
         "## Data loading",
     ):
         assert text in readme, text
+
+
+def test_the_study_pages_and_sections_the_library_and_recipes_point_to_exist():
+    """`benchmarks/studies/<page>.md, "<section>"` in a docstring, help text or recipe comment: the page exists and
+    holds the words quoted (case and line breaks aside), so a pointer cannot outlive a page's rewrite."""
+    root = PACKAGE.parent
+    files = [
+        *sorted(PACKAGE.rglob("*.py")),
+        *sorted((root / "recipes").rglob("*.py")),
+        *(root / "recipes").rglob("*.yaml"),
+    ]
+    pointer = re.compile(r"benchmarks/studies/(\w+)\.md(?:,\s*#?\s*[\"']([^\"']+)[\"'])?")
+    found = 0
+    for path in files:
+        for page, section in pointer.findall(path.read_text()):
+            found += 1
+            study = root / "benchmarks" / "studies" / f"{page}.md"
+            assert study.is_file(), f"{path.name} points to {study}, which does not exist"
+            words = " ".join(section.replace("#", " ").split()).lower()
+            assert words in " ".join(study.read_text().split()).lower(), f"{path.name}: no {section!r} in {page}.md"
+    assert found >= 10  # the pointers this test guards are still written this way
 
 
 def test_one_key_column_one_ignore_index_one_logits_helper():

@@ -57,7 +57,7 @@ logger = logging.get_logger(__name__)
 
 MODES: tuple[str, ...] = ("remove", "relabel", "soft", "pseudo")
 BEST_MODES: tuple[str, ...] = ("remove", "pseudo")
-"""What `mode="best"` tries (benchmarks/README.md, "Learning from the doubted images" measured every mode)."""
+"""What `mode="best"` tries (benchmarks/studies/cleanup.md, "Learning from the doubted images" measured every mode)."""
 REFINE_MODES: tuple[str, ...] = (*MODES, "best")
 
 TARGET_COLUMN = "sap_cleanup_target"

@@ -41,7 +41,7 @@ VIEWS: tuple[str, ...] = ("image", "shift")
 """Probabilities of the image alone, or the mean over the image and four one-step shifts
 (`sap_hf.core.selection.shifted_views`: what a memorised model fits is the exact pixels). 'shift' is the
 default of `audit_labels`: it ranks the wrong labels better, for 5 forward passes instead of one
-(benchmarks/README.md, label audit)."""
+(benchmarks/studies/label_audit.md)."""
 
 
 @dataclass
@@ -218,7 +218,7 @@ def dynamics_audit(audit: LabelAudit, positions: Sequence[int], margins: torch.T
     (`scores.clean_probability`). The probabilities (predicted class, the CSV, `refine`'s teacher) stay the model's.
     Why: a wrong label is learned late, so its margin stays low for most of training; the ranking needs no model
     that has not memorised the noise, which the audit of a memorised or partly corrected model lacks
-    (benchmarks/README.md, "The training dynamics as the audit").
+    (benchmarks/studies/cleanup.md, "The training dynamics as the audit").
 
     Raises ValueError when an audited example has no recorded margin (another dataset, or not trained on).
     """

@@ -238,7 +238,7 @@ class AuditArguments(DataArguments):
     views: str = field(
         default="shift",
         metadata={
-            "help": f"Probabilities of the image alone or averaged over it and 4 one-pixel shifts (default: it ranks wrong labels better, see benchmarks/README.md): {list(VIEWS)}."
+            "help": f"Probabilities of the image alone or averaged over it and 4 one-pixel shifts (default: it ranks wrong labels better, see benchmarks/studies/label_audit.md): {list(VIEWS)}."
         },
     )
     top_k: int = field(

@@ -28,7 +28,7 @@ DEFAULT_ALPHAS: tuple[float, ...] = (10.0, 20.0, 30.0, 50.0, 1e2, 2e2, 3e2, 5e2,
 """The default alpha grid: dense where the search settles on memorised ViTs, capped where float32 statistics
 stay close to exact (`FLOAT32_ALPHA_LIMIT`)."""
 FLOAT32_ALPHA_LIMIT = 1e4
-"""The largest alpha that float32 Gram matrices are used at without a warning (benchmarks/README.md,
+"""The largest alpha that float32 Gram matrices are used at without a warning (benchmarks/studies/cost.md,
 'Same weights': the float32 error grows with alpha)."""
 TRUSTED_SOURCES: tuple[str, ...] = ("pass", "training")
 AUDIT_SOURCES: tuple[str, ...] = ("model", "training")
@@ -89,7 +89,7 @@ class SAPConfig:
                 "'unchanged' in turn, the other kinds held (a coordinate pass: up to 4x the evaluations). The "
                 "shared result stays a candidate, so it is never worse on the eval set. Why: on memorised ViTs the "
                 "attention layers want a strong alpha and the MLP layers a mild one, which one shared alpha can only "
-                "compromise between (benchmarks/README.md, ablation)."
+                "compromise between (benchmarks/studies/accuracy.md, ablation)."
             )
         },
     )
@@ -101,7 +101,7 @@ class SAPConfig:
                 "(default): start at the middle of the sorted grid ('unchanged' is its alpha -> inf end) and climb "
                 "until the metric has fallen on both sides of the best alpha, for the shared alpha and for each kind "
                 "of the per-kind pass: the grid's choice on a unimodal curve with a fraction of the evaluations "
-                "(benchmarks/README.md, 'Correction cost'). 'grid': evaluate every alpha (and every alpha per kind)."
+                "(benchmarks/studies/cost.md, 'Correction cost'). 'grid': evaluate every alpha (and every alpha per kind)."
             )
         },
     )
@@ -213,7 +213,7 @@ class SAPConfig:
             "help": (
                 "dtype of the accumulated Gram matrices: 'float32' (faster) or 'float64' (exact). float32's rounding "
                 "error is amplified by alpha in the low-energy directions, so the weights drift from the exact ones "
-                "as alpha grows (benchmarks/README.md, 'Same weights'); use float64 when large alphas matter. "
+                "as alpha grows (benchmarks/studies/cost.md, 'Same weights'); use float64 when large alphas matter. "
                 "eigh always runs in float64."
             )
         },
@@ -285,7 +285,7 @@ class SAPConfig:
             logger.warning(
                 "SAPConfig: alphas up to %g with accumulation_dtype='float32': float32 Gram matrices carry an error of "
                 "about 1e-7 x the largest eigenvalue, which alpha amplifies in the low-energy directions (the "
-                "measurements are in benchmarks/README.md, 'Same weights'). Use accumulation_dtype='float64' for "
+                "measurements are in benchmarks/studies/cost.md, 'Same weights'). Use accumulation_dtype='float64' for "
                 "exact results above alpha=%g.",
                 max(self.alphas),
                 FLOAT32_ALPHA_LIMIT,

@@ -3,7 +3,7 @@
 Each evaluation is a full pass over the eval set (Clothing1M: 14k images), so the default search
 brackets the best alpha on the sorted grid instead of evaluating all of it (`bracket_indices`):
 the grid's choice on a unimodal curve with a fraction of the evaluations, since the climb stops a
-few points past the best alpha on each side (measurements: benchmarks/README.md, "Correction
+few points past the best alpha on each side (measurements: benchmarks/studies/cost.md, "Correction
 cost"); `method="grid"` evaluates every alpha.
 
 The uncorrected model is evaluated first and stays a candidate, so the search can never hand
@@ -14,7 +14,7 @@ With layer kinds (`alpha_scope="per_kind"`), the shared search is followed by on
 pass: the attention layers, the MLP layers and the classifier in turn try alphas of the grid and
 "unchanged" (all of them, or bracketing from their current alpha) while the other kinds keep theirs. Why: on memorised ViTs the
 noise is removed by projecting the attention layers, while the MLP layers need a much milder
-alpha (benchmarks/README.md, ablation); one shared alpha has to compromise between the two.
+alpha (benchmarks/studies/accuracy.md, ablation); one shared alpha has to compromise between the two.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class _Source:
         data = {"label": self.labels[indices].astype(np.int64), **columns}
         if self.images is not None:
             # Image() accepts uint8 arrays and stores them PNG-encoded, once, when the split is built
-            # (its cost for the 60k training images: benchmarks/README.md, "Data loading").
+            # (its cost for the 60k training images: benchmarks/studies/cost.md, "Data loading").
             data = {"image": list(self.images[indices]), **data}
             return datasets.Dataset.from_dict(data, features=datasets.Features(features))
         dataset = self.hub.select(indices)

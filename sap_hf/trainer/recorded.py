@@ -10,7 +10,7 @@ from those (`select_from_scores`) without reading the data again.
 Which losses: mislabelled examples are learned late, so a model that has memorised them gives them a
 low loss at the end, while their loss averaged over the whole training stays high. The mean over
 every epoch (`training_loss_epochs=None`) is therefore the default, the mean over the last few epochs
-the alternative (benchmarks/README.md, "Trusted selection sources", measures both).
+the alternative (benchmarks/studies/cost.md, "Trusted selection sources", measures both).
 
 How an example is recognised in a shuffled, sharded batch: `SAPTrainer.get_train_dataloader` builds the
 Trainer's loader (same sampler, batch size, workers, column removal) over `IndexedExamples`, which adds
