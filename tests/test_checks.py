@@ -148,7 +148,7 @@ def test_a_chosen_large_alpha_grid_in_float32_warns_with_no_measured_numbers(cap
         SAPConfig(alphas=[1e4, 1e6], accumulation_dtype="float64")
     (record,) = caplog.records
     message = record.getMessage()
-    assert "accumulation_dtype='float64'" in message and "benchmarks/README.md" in message
+    assert "accumulation_dtype='float64'" in message and "benchmarks/studies/cost.md" in message
     assert "measured" not in message and "2e-4" not in message
 
 

@@ -4,7 +4,7 @@
   `print` or `warnings.warn` for user-facing messages, in `sap_hf/data` as in the rest;
 * one name for the key column (`sap_hf.utils.identity.KEY_COLUMN`);
 * no measured numbers in docstrings, help strings or comments: they go stale as the code changes,
-  and they live, with their protocol, in benchmarks/README.md.
+  and they live, with their protocol, in the study pages (benchmarks/studies/*.md).
 """
 
 from __future__ import annotations
