@@ -29,7 +29,7 @@ from .core.cache import (
 from .core.config import SAPConfig, validate_alpha
 from .core.projection import current_weights, plan_projection, write_weights
 from .core.search import AlphaSearchResult, eigenbases, search_alpha
-from .core.selection import select_trusted
+from .core.selection import check_selection_model, select_trusted
 from .core.stats import ActivationStats, collect_statistics
 from .core.targets import (
     check_classifier,
@@ -225,7 +225,7 @@ def _search_round(
     runtime: Runtime,
     evaluate_fn: EvaluateFn,
     metric: str,
-    greater_is_better: bool,
+    greater_is_better: Optional[bool],
     on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]],
 ) -> AlphaSearchResult:
     """One round's alpha search on `stats`: the grid grown by `alpha_growth` per round, one alpha per layer kind
@@ -257,7 +257,7 @@ def sap_correct(
     *,
     evaluate_fn: Optional[EvaluateFn] = None,
     metric: str = "accuracy",
-    greater_is_better: bool = True,
+    greater_is_better: Optional[bool] = None,
     selection_model: Optional[nn.Module] = None,
     trusted_indices: Optional[Sequence[Union[int, str]]] = None,
     stats_path: Optional[Union[str, Path]] = None,
@@ -272,7 +272,7 @@ def sap_correct(
     on_phase=)`; default: this process alone, `default_data_collator`, a progress bar): its batch size
     is `config.batch_size`, and `on_phase(phase, seconds)` is called after each phase
     (`SAPResult.timings` sums this call's). `trusted_indices` skips selection. `greater_is_better`
-    says which way `metric` improves. `stats_path`: statistics are loaded from it when the file
+    says which way `metric` improves (default: as `TrainingArguments` says, a "loss" is minimised). `stats_path`: statistics are loaded from it when the file
     exists (re-tune alpha without a data pass, or resume an interrupted run) and saved to it
     otherwise; it is checked before any data is read. `on_evaluate(alpha, metrics)` follows each
     evaluation of the alpha search.
@@ -285,14 +285,19 @@ def sap_correct(
     config = config or SAPConfig()
     trusted_indices = _given_indices(trusted_indices)
     runtime = _correction_runtime(config, runtime, run_options, "sap_correct")
+    # What the caller gave is checked before the PEFT merge, which changes the caller's model.
+    evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
+    if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
+        check_stats_path(stats_path, writable=runtime.is_main)
+    if trusted_indices is None and config.trusted_source == "training" and not _has_file(stats_path):
+        raise _no_recorded_losses()
+    if trusted_indices is None and not _has_file(stats_path):  # a selection will run: with what it is given
+        check_selection_model(config.selection_rule, selection_model)
+    train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     base = runtime.unwrap(model)
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
     check_classifier(base)
-    evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
     targets = _resolve_targets(base, config)
-    if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
-        check_stats_path(stats_path, writable=runtime.is_main)
-    train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     cached = _TrustedStatistics.load_cache(base, config, runtime, stats_path, trusted_indices)
     trusted = _TrustedSamples.make(base, train_data, config, runtime, selection_model, trusted_indices, cached)
     statistics = _TrustedStatistics(trusted, config, runtime, cached, stats_path)
@@ -330,6 +335,17 @@ def _given_indices(trusted_indices: Any) -> Optional[list[Any]]:
         return None
     values = trusted_indices.tolist() if hasattr(trusted_indices, "tolist") else list(trusted_indices)
     return [value.item() if hasattr(value, "item") else value for value in values]
+
+
+def _no_recorded_losses() -> ValueError:
+    return ValueError(
+        "config.trusted_source='training' selects from the losses SAPTrainer.train() records, which "
+        "sap_correct does not have: use SAPTrainer.correct(), pass trusted_indices=, or use trusted_source='pass'."
+    )
+
+
+def _has_file(path: Optional[Union[str, Path]]) -> bool:
+    return path is not None and Path(path).is_file()
 
 
 _RUN_OPTIONS = ("accelerator", "collate_fn", "show_progress", "on_phase")
@@ -406,10 +422,7 @@ class _TrustedSamples:
             trusted.per_class = cached.meta.get("trusted_per_class", {})
         elif trusted_indices is None:
             if config.trusted_source == "training":
-                raise ValueError(
-                    "config.trusted_source='training' selects from the losses SAPTrainer.train() records, which "
-                    "sap_correct does not have: use SAPTrainer.correct(), pass trusted_indices=, or use trusted_source='pass'."
-                )
+                raise _no_recorded_losses()
             selection = select_trusted(
                 base,
                 train_data,

@@ -468,3 +468,35 @@ def test_map_style_selection_reads_by_index_and_keeps_no_examples():
     assert (
         selection.indices == select_trusted(tiny_model("vit"), data, 2, runtime=Runtime(show_progress=False)).indices
     )
+
+
+def test_a_loss_metric_is_minimised_unless_told_otherwise():
+    """metric='loss' follows TrainingArguments' rule for metric_for_best_model (it was maximised: the worst alpha
+    won); greater_is_better= still decides when given."""
+    from sap_hf.core.search import maximises
+
+    assert maximises("accuracy") and not maximises("loss") and not maximises("eval_loss") and maximises("loss", True)
+    model = tiny_model("vit", num_labels=3)
+    before = snapshot(model)
+
+    def loss_of(candidate: torch.nn.Module) -> dict[str, float]:
+        unchanged = all(torch.equal(t, before[n]) for n, t in candidate.state_dict().items())
+        return {"loss": 1.0 if unchanged else 2.0}  # every projection makes it worse
+
+    config = SAPConfig(alphas=[1.0, 100.0], trusted_per_class=2, batch_size=4)
+    result = sap_correct(model, random_examples(12), evaluate_fn=loss_of, metric="loss", config=config)
+    assert not result.changed and result.final_metrics["loss"] == 1.0
+    assert_identical(model, before)
+    result = sap_correct(model, random_examples(12), evaluate_fn=loss_of, metric="loss", greater_is_better=True)
+    assert result.changed and result.final_metrics["loss"] == 2.0
+
+
+def test_a_selection_model_the_rule_would_ignore_is_refused_naming_the_rule():
+    model = tiny_model("vit", num_labels=3)
+    with pytest.raises(ValueError, match="rule='early_loss' only; rule='shift_loss'"):
+        select_trusted(model, random_examples(12), 2, selection_model=tiny_model("vit", num_labels=3))
+    config = SAPConfig(selection_rule="loss", trusted_per_class=2, batch_size=4)
+    with pytest.raises(ValueError, match="rule='early_loss' only; rule='loss'"):
+        sap_correct(model, random_examples(12), random_examples(6), config, selection_model=model)
+    early = select_trusted(model, random_examples(12), 2, rule="early_loss", selection_model=model)
+    assert early.indices == select_trusted(model, random_examples(12), 2, rule="loss").indices

@@ -289,3 +289,30 @@ def test_train_after_correct_trains_the_merged_model(tmp_path):
     trainer.train()
     after = trainer.model.state_dict()
     assert all(not torch.equal(before[name], after[name]) for name in before if "weight" in name)
+
+
+def test_bad_inputs_are_refused_before_the_merge_leaving_the_peft_model_whole(trained_peft, tmp_path):
+    """The merge changes the caller's model: sap_correct and SAPTrainer.correct check what they were given first
+    (a missing eval set, a selection_model the rule would ignore, recorded losses that do not exist yet)."""
+    model = trained_peft()
+    before = _logits(model)
+    calls = [
+        (dict(), "needs eval_data="),
+        (dict(eval_data=random_examples(6, seed=2), selection_model=tiny_model("vit", num_labels=3)), "early_loss"),
+        (dict(eval_data=random_examples(6, seed=2), config=SAPConfig(trusted_source="training")), "SAPTrainer.train"),
+    ]
+    for kwargs, message in calls:
+        with pytest.raises(ValueError, match=message):
+            sap_correct(model, random_examples(12, seed=1), **kwargs)
+        assert is_peft_model(model) and adapter_module_names(model)
+        assert torch.equal(_logits(model), before)
+    trainer = SAPTrainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=random_examples(12, seed=1),
+        eval_dataset=random_examples(6, seed=2),
+        sap_config=SAPConfig(trusted_source="training", trusted_per_class=2, batch_size=4),
+    )
+    with pytest.raises(ValueError, match=r"call trainer.train\(\) first"):  # no train(): no recorded losses
+        trainer.correct()
+    assert trainer.model is model and is_peft_model(model) and torch.equal(_logits(model), before)

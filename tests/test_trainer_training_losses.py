@@ -250,6 +250,21 @@ def test_audit_from_the_training_margins_ranks_by_them_and_keeps_the_models_prob
     assert refine.call_args.args[2].method == "training_margin"
 
 
+def test_audit_source_training_alone_leaves_the_trusted_selection_to_the_pass(tmp_path):
+    """audit_source='training' records the margins, but the trusted samples still come from the pass with the
+    configured rule (it once switched them to the recorded losses, while the record and card said shift_loss)."""
+    train = _image_split(30, seed=1)
+    config = SAPConfig(alphas=[1.0], trusted_per_class=2, batch_size=8, audit_source="training")
+    trainer = _trainer(tmp_path, train, config=config, epochs=1, remove_unused_columns=False)
+    trainer.train()
+    from sap_hf.core.selection import select_trusted
+
+    expected = select_trusted(trainer.model, train, 2, rule="shift_loss")
+    with mock.patch.object(SAPTrainer, "_recorded_selection", side_effect=AssertionError("selected from the record")):
+        result = trainer.correct()
+    assert result.trusted_indices == expected.indices and result.config["selection_rule"] == "shift_loss"
+
+
 def test_audit_from_the_training_margins_needs_a_recording_naming_the_fix(tmp_path):
     train = _image_split(12, seed=1)
     config = SAPConfig(alphas=[1.0], audit_source="training")

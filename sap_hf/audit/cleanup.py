@@ -44,6 +44,7 @@ from torch import nn
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
+from ..core.search import maximises
 from ..data.augment import STRONG_DRAWS, WEAK_DRAWS, hashed_uniform, strong_view, weak_view
 from ..runtime.batching import Collator, examples_and_collate, fetch_examples
 from ..runtime.contract import ExampleStream, LoaderData, as_pass_data, is_map_style
@@ -681,9 +682,7 @@ class _Best:
     """The best candidate so far: "no change" (the baseline) until a fine-tune beats it on the eval metric."""
 
     def __init__(self, baseline: Mapping[str, float], metric: str, greater_is_better: Optional[bool]):
-        if greater_is_better is None:  # TrainingArguments' rule for metric_for_best_model
-            greater_is_better = not metric.endswith("loss")
-        self.metric, self.sign = metric, 1.0 if greater_is_better else -1.0
+        self.metric, self.sign = metric, 1.0 if maximises(metric, greater_is_better) else -1.0
         self.metrics = dict(baseline)
         self.choice: dict[str, Any] = {"mode": None, "learning_rate": None, "epochs": 0}
         self.state: Optional[dict[str, torch.Tensor]] = None

@@ -111,6 +111,12 @@ def bracket_indices(
             scores[j] = score_at(j)
 
 
+def maximises(metric: str, greater_is_better: Optional[bool] = None) -> bool:
+    """Whether a larger `metric` is better: `greater_is_better` when given, else `TrainingArguments`' rule for
+    `metric_for_best_model` (a name ending in "loss" is minimised), so `metric="loss"` is never maximised."""
+    return not metric.endswith("loss") if greater_is_better is None else bool(greater_is_better)
+
+
 def search_alpha(
     model: nn.Module,
     stats: ActivationStats,
@@ -118,7 +124,7 @@ def search_alpha(
     evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
     *,
     metric: str = "accuracy",
-    greater_is_better: bool = True,
+    greater_is_better: Optional[bool] = None,
     bases: Optional[Mapping[str, Eigenbasis]] = None,
     on_evaluate: Optional[Callable[[Optional[float], Mapping[str, float]], None]] = None,
     kinds: Optional[Mapping[str, str]] = None,
@@ -140,6 +146,7 @@ def search_alpha(
     `on_phase(phase, seconds)` hears "eigh" (eigendecompositions and `W U`) and "write" (the final weights).
     """
     check_choice("method", method, ALPHA_SEARCHES)
+    greater_is_better = maximises(metric, greater_is_better)
     alphas = [validate_alpha(a, "alphas") for a in alphas]
     if not alphas:
         raise ValueError("alphas is empty: give at least one alpha >= 1.")

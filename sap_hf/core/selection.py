@@ -328,8 +328,18 @@ def select_from_scores(
 def _check_selection(per_class: Any, rule: str, selection_model: Optional[nn.Module]) -> None:
     positive_int("per_class", per_class, "keep at least 1 trusted sample per class.")
     check_choice("rule", rule, tuple(SCORERS))
+    check_selection_model(rule, selection_model)
+
+
+def check_selection_model(rule: str, selection_model: Optional[nn.Module]) -> None:
+    """`selection_model` is given exactly when `rule` is 'early_loss' (any other rule would ignore it)."""
     if rule == "early_loss" and selection_model is None:
         raise ValueError("rule='early_loss' needs selection_model= (an earlier checkpoint of the model).")
+    if rule != "early_loss" and selection_model is not None:
+        raise ValueError(
+            f"selection_model= is read by rule='early_loss' only; rule={rule!r} scores with the model itself. Use "
+            "rule='early_loss' (SAPConfig(selection_rule='early_loss')) to score with selection_model, or leave it out."
+        )
 
 
 def _warn_if_too_coarse(model: nn.Module, is_main: bool) -> None:

@@ -343,6 +343,20 @@ class SAPTrainer(Trainer):
             "correct()", "selection_dataset", selection_dataset, eval_dataset, "alpha"
         )
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
+        from_record = self.sap_config.trusted_source == "training" and trusted_indices is None
+        if from_record and selection_model is not None:
+            raise ValueError(
+                "SAPTrainer.correct(selection_model=...) ranks the trusted candidates with that model, and "
+                "SAPConfig.trusted_source='training' selects them from the losses train() recorded: use "
+                "trusted_source='pass' with selection_model, or leave selection_model out."
+            )
+        if from_record:  # before the baseline evaluation and the PEFT merge: a refusal leaves the model as it is
+            self._check_recorded(
+                "SAPConfig.trusted_source='training' selects from",
+                "trusted_source='pass'",
+                selection_dataset,
+                "selection_dataset",
+            )
         runtime = self._runtime(self.sap_config.batch_size, collate_fn=collate_fn, on_phase=on_phase)
         unmerged = self.model
         # The search's first evaluation (the model as it is), measured first: a missing metric fails before any pass.
@@ -352,7 +366,7 @@ class SAPTrainer(Trainer):
         if self.model is unmerged:  # the search's first evaluation is this baseline: not measured twice
             evaluate_fn = _measured_first(baseline, evaluate_fn)
         recorded = None
-        if self._records_losses and trusted_indices is None and selection_model is None:
+        if from_record:  # audit_source='training' alone records too, but the trusted samples come from the pass
             recorded, selection_seconds = self._recorded_selection(selection_dataset)
             trusted_indices = recorded.indices
             if on_phase is not None:
