@@ -222,6 +222,38 @@ def test_cli_remaps_the_data_labels_to_a_model_that_orders_the_classes_otherwise
     assert kept is splits
 
 
+def test_the_library_refuses_data_whose_class_label_orders_the_models_classes_otherwise(tmp_path):
+    """Outside the CLI nothing remapped the labels: a `from_pretrained` model naming cat/dog/fox in another order than
+    the split's ClassLabel was scored, audited and corrected against the wrong logits, silently. Every pass refuses,
+    naming datasets' fix, before any weight changes; the aligned split runs."""
+    import datasets
+    from helpers import assert_identical, snapshot
+    from transformers import AutoModelForImageClassification
+
+    from sap_hf import audit_labels, evaluate_accuracy, sap_correct, select_trusted
+
+    model = AutoModelForImageClassification.from_pretrained(_classifier_folder(tmp_path, ["fox", "cat", "dog"]))
+    folder = _named_image_folder(tmp_path)
+    raw = datasets.load_dataset("parquet", data_files={"train": str(folder / "train.parquet")}, split="train")
+    transform = ImageTransform(image_size=6, num_channels=3, mean=0.5, std=0.5)
+    split = raw.with_transform(transform)
+    before = snapshot(model)
+    fix = r"class 'cat' id 0, the model's config.id2label id 1.*align_labels_with_mapping\(model.config.label2id, 'label'\)"
+    for call in (
+        lambda: select_trusted(model, split, 1),
+        lambda: evaluate_accuracy(model, split),
+        lambda: audit_labels(model, split),
+        lambda: sap_correct(model, split, split),
+    ):
+        with pytest.raises(ValueError, match=fix):
+            call()
+    assert_identical(model, before)
+    aligned = raw.align_labels_with_mapping(model.config.label2id, "label").with_transform(transform)
+    assert len(select_trusted(model, aligned, 1).indices) == 3
+    renamed = raw.cast_column("label", datasets.ClassLabel(names=["a", "b", "c"])).with_transform(transform)
+    assert len(select_trusted(model, renamed, 1).indices) == 3  # other names: a warning, not an error
+
+
 def test_cli_refuses_a_model_whose_class_names_are_not_the_data_s(tmp_path, capsys):
     from helpers import user_error
 

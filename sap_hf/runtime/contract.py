@@ -277,6 +277,38 @@ def class_labels(
     return labels, valid
 
 
+def check_class_names(model: Any, data: Any, argument: str = "data") -> None:
+    """Refuse data whose ClassLabel orders the model's classes otherwise (a silent wrong result otherwise).
+
+    A `datasets` split keeps its label column's `ClassLabel` names; a model names its logits in `config.id2label`.
+    When both name the same classes in another order, every sample would be scored against another class's logit:
+    a ValueError names `argument` and datasets' own fix (`align_labels_with_mapping`). Models with the default
+    names (`LABEL_0`, ...), unnamed data, and names that differ as sets (other names for the classes) are let
+    through, the last with a warning.
+    """
+    source = data if hasattr(data, "features") else getattr(data, "dataset", None)
+    features = getattr(source, "features", None) or {}
+    column = next((c for c in ("labels", "label") if c in features), None)
+    data_names = [str(n) for n in getattr(features.get(column), "names", None) or []] if column else []
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), ""))) for i in range(len(id2label))]
+    if not data_names or not names or names == data_names or names == [f"LABEL_{i}" for i in range(len(names))]:
+        return
+    if sorted(names) != sorted(data_names):
+        logger.warning_once(
+            f"{argument}'s ClassLabel {column!r} names its classes {data_names[:5]}..., the model's config.id2label "
+            f"{names[:5]}...: check that class i of the data is logit i of the model."
+        )
+        return
+    moved = next(name for i, name in enumerate(data_names) if names[i] != name)
+    raise ValueError(
+        f"{argument}: its ClassLabel {column!r} gives class {moved!r} id {data_names.index(moved)}, the model's "
+        f"config.id2label id {names.index(moved)}: every sample would be scored against another class's logit. "
+        f"Align the data with the model first: {argument} = {argument}.align_labels_with_mapping("
+        f"model.config.label2id, {column!r})."
+    )
+
+
 def check_example_labels(ids: Sequence[Any], examples: Sequence[Any], argument: str = "data") -> None:
     """Before collation: a string label would make the collator fail with an unrelated message."""
     first = examples[0] if examples else None

@@ -25,7 +25,7 @@ from torch import nn
 from ..utils.checks import positive_int
 from ..utils.identity import Identity
 from .batching import Batch, Collator, iter_shard_batches, shard_progress
-from .contract import as_pass_data, check_example_labels, class_labels
+from .contract import as_pass_data, check_class_names, check_example_labels, class_labels
 from .distributed import (
     gather_shards,
     is_main_process,
@@ -128,6 +128,7 @@ class Runtime:
         error: Optional[BaseException] = None
         bare = self.unwrap(model)
         try:
+            check_class_names(bare, data, argument)
             walk = DataPass(self, bare, as_pass_data(data, argument), argument, description or f"SAP {phase}")
             with inference_mode(bare), walk.progress:
                 yield walk
