@@ -275,14 +275,9 @@ class SAPTrainer(Trainer):
             margins = label_margins(logits, labels.clamp_min(0))
         self.training_losses.add(int(self.state.epoch or 0), positions, losses, labels, margins)
 
-    def _recorded_selection(self, selection_dataset: Any) -> tuple[TrustedSelection, float]:
-        """The trusted samples from the recorded training losses of every process (`select_from_scores`)."""
-        self._check_recorded(
-            "SAPConfig.trusted_source='training' selects from",
-            "trusted_source='pass'",
-            selection_dataset,
-            "selection_dataset",
-        )
+    def _recorded_selection(self) -> tuple[TrustedSelection, float]:
+        """The trusted samples from the recorded training losses of every process (`select_from_scores`; the record
+        and the selection dataset checked by `_selects_from_record`)."""
         runtime = self._runtime(self.args.per_device_eval_batch_size)
         with runtime.timed("selection"):
             positions, scores, labels = merge_losses(runtime.gather(self.training_losses.summary()))
@@ -343,20 +338,7 @@ class SAPTrainer(Trainer):
             "correct()", "selection_dataset", selection_dataset, eval_dataset, "alpha"
         )
         metric, greater, evaluate_fn = self._sap_evaluator(eval_dataset)
-        from_record = self.sap_config.trusted_source == "training" and trusted_indices is None
-        if from_record and selection_model is not None:
-            raise ValueError(
-                "SAPTrainer.correct(selection_model=...) ranks the trusted candidates with that model, and "
-                "SAPConfig.trusted_source='training' selects them from the losses train() recorded: use "
-                "trusted_source='pass' with selection_model, or leave selection_model out."
-            )
-        if from_record:  # before the baseline evaluation and the PEFT merge: a refusal leaves the model as it is
-            self._check_recorded(
-                "SAPConfig.trusted_source='training' selects from",
-                "trusted_source='pass'",
-                selection_dataset,
-                "selection_dataset",
-            )
+        from_record = self._selects_from_record(trusted_indices, selection_model, selection_dataset)
         runtime = self._runtime(self.sap_config.batch_size, collate_fn=collate_fn, on_phase=on_phase)
         unmerged = self.model
         # The search's first evaluation (the model as it is), measured first: a missing metric fails before any pass.
@@ -367,7 +349,7 @@ class SAPTrainer(Trainer):
             evaluate_fn = _measured_first(baseline, evaluate_fn)
         recorded = None
         if from_record:  # audit_source='training' alone records too, but the trusted samples come from the pass
-            recorded, selection_seconds = self._recorded_selection(selection_dataset)
+            recorded, selection_seconds = self._recorded_selection()
             trusted_indices = recorded.indices
             if on_phase is not None:
                 on_phase("selection", selection_seconds)
@@ -397,6 +379,21 @@ class SAPTrainer(Trainer):
         self._audit_is_current = False  # an audit made before the projection read other weights
         self._log_correction(result, metric)
         return result
+
+    def _selects_from_record(self, trusted_indices: Any, selection_model: Any, selection_dataset: Any) -> bool:
+        """Whether `correct()` takes the trusted samples from the recorded losses (`trusted_source="training"`, none
+        given); checked before the baseline evaluation and the PEFT merge, so a refusal leaves the model as it is."""
+        from_record = self.sap_config.trusted_source == "training" and trusted_indices is None
+        if from_record and selection_model is not None:
+            raise ValueError(
+                "SAPTrainer.correct(selection_model=...) ranks the trusted candidates with that model, and "
+                "SAPConfig.trusted_source='training' selects them from the losses train() recorded: use "
+                "trusted_source='pass' with selection_model, or leave selection_model out."
+            )
+        if from_record:
+            what = "SAPConfig.trusted_source='training' selects from"
+            self._check_recorded(what, "trusted_source='pass'", selection_dataset, "selection_dataset")
+        return from_record
 
     def _log_correction(self, result: SAPResult, metric: str) -> None:
         """Every per-kind trial (alpha_scope="per_kind": the coordinate pass, one entry each) and the choice."""
