@@ -500,3 +500,16 @@ def test_a_selection_model_the_rule_would_ignore_is_refused_naming_the_rule():
         sap_correct(model, random_examples(12), random_examples(6), config, selection_model=model)
     early = select_trusted(model, random_examples(12), 2, rule="early_loss", selection_model=model)
     assert early.indices == select_trusted(model, random_examples(12), 2, rule="loss").indices
+
+
+def test_sap_project_refuses_a_bool_alpha_before_any_weight_changes():
+    """`alpha=True` was taken as alpha=1 (the strongest shrinkage); a string is read as a number, as YAML gives one."""
+    model = tiny_model("vit", num_labels=3)
+    stats = collect_statistics(model, random_examples(6), find_target_modules(model), runtime=Runtime(batch_size=6))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="alpha=True is not a number"):
+        sap_project(model, None, alpha=True, stats=stats)
+    assert_identical(model, before)
+    sap_project(model, None, alpha="1e4", stats=stats)
+    with pytest.raises(AssertionError):
+        assert_identical(model, before)

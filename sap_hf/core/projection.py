@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ..utils.checks import is_bool
+
 
 logger = logging.get_logger(__name__)
 
@@ -39,8 +41,11 @@ class LayerGroup(Protocol):
 
 
 def validate_alpha(alpha: Any, name: str = "alpha") -> float:
-    """Return `alpha` as a float, or raise: SAP's scaling is only defined for finite alpha >= 1."""
+    """Return `alpha` as a float, or raise: SAP's scaling is only defined for finite alpha >= 1. A string is read as
+    a number (PyYAML reads `1e4` as one); a bool is refused, not taken as alpha=1, the strongest shrinkage."""
     try:
+        if is_bool(alpha):
+            raise TypeError
         value = float(alpha)
     except (TypeError, ValueError):
         raise ValueError(f"{name}={alpha!r} is not a number: use a finite float >= 1, e.g. 1e4.") from None
