@@ -389,3 +389,18 @@ def test_refine_accepts_the_audit_of_a_subset_sampling_loader():
         runtime=QUIET,
     )
     assert result.examples["remove"]["kept"] + result.examples["remove"]["removed"] == 9
+
+
+def test_a_default_data_collator_instance_batches_like_the_function_beside_a_leftover_image_column():
+    """The image-classification guide builds `DefaultDataCollator()`; with the PIL `image` column `with_transform`
+    leaves beside `pixel_values`, the instance failed inside torch.tensor where the function worked."""
+    from PIL import Image
+    from transformers import DefaultDataCollator, default_data_collator
+
+    model = tiny_model("vit", num_labels=3)
+    data = [dict(e, image=Image.new("RGB", (4, 4))) for e in random_examples(9)]
+    chosen = [
+        select_trusted(model, data, 1, runtime=Runtime(collate_fn=collate, show_progress=False)).indices
+        for collate in (default_data_collator, DefaultDataCollator())
+    ]
+    assert chosen[0] == chosen[1] and len(chosen[0]) == 3

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import default_data_collator
+from transformers import DefaultDataCollator, default_data_collator
 from transformers.utils import logging
 
 from ..utils.identity import KEY_COLUMN, Identity
@@ -167,9 +167,11 @@ def _chunked(
 
 def examples_and_collate(data: Any, collate_fn: Optional[Collator]) -> tuple[Any, Collator]:
     """What to read and how to batch it: a DataLoader's dataset through its own collate_fn, else `collate_fn`;
-    `default_collate` for none or `default_data_collator` (a Trainer's data_collator when it was given none)."""
+    `default_collate` for none, `default_data_collator` (a Trainer's data_collator when it was given none) or a
+    `DefaultDataCollator()` returning torch tensors (the one the image-classification guide builds)."""
     collate = (data.collate_fn if isinstance(data, LoaderData) else None) or collate_fn
-    collate = default_collate if collate in (None, default_data_collator) else collate
+    torch_default = isinstance(collate, DefaultDataCollator) and collate.return_tensors == "pt"
+    collate = default_collate if collate in (None, default_data_collator) or torch_default else collate
     return (data.examples() if isinstance(data, LoaderData) else data), collate
 
 
