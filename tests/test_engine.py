@@ -513,3 +513,19 @@ def test_sap_project_refuses_a_bool_alpha_before_any_weight_changes():
     sap_project(model, None, alpha="1e4", stats=stats)
     with pytest.raises(AssertionError):
         assert_identical(model, before)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(target_names="classifier"), "target_names='classifier' is invalid: give a list"),  # was read per letter
+        (dict(target_names=[]), r"target_names=\[\] is invalid"),  # was an empty ActivationStats
+        (dict(target_names=["classifer"]), r"\['classifer'\] is invalid: not nn.Linear layers"),  # was a KeyError
+        (dict(target_names=["classifier"], accumulation_dtype="fp64"), "choose one of"),  # was an AttributeError
+    ],
+)
+def test_collect_statistics_names_a_bad_target_list_or_dtype(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        collect_statistics(
+            tiny_model("vit", num_labels=3), random_examples(4), runtime=Runtime(batch_size=4), **kwargs
+        )

@@ -24,7 +24,9 @@ from torch import nn
 from transformers.utils import logging
 
 from ..runtime.passes import Runtime, resolve_runtime
+from ..utils.checks import check_choice, invalid
 from ..utils.io import atomic_path
+from .config import ACCUMULATION_DTYPES
 from .targets import TargetGroup, group_by_identity
 
 
@@ -252,6 +254,25 @@ class GroupedGrams:
         return grams, counts
 
 
+def _accumulation_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
+    """'float32'/'float64' or the torch dtype, else a ValueError naming the choices (not an AttributeError)."""
+    if isinstance(value, torch.dtype) and value in (torch.float32, torch.float64):
+        return value
+    return getattr(torch, check_choice("accumulation_dtype", value, ACCUMULATION_DTYPES))
+
+
+def _check_target_names(model: nn.Module, target_names: Sequence[str]) -> None:
+    """A list of the model's `nn.Linear` names, else a ValueError naming the bad ones and `find_target_modules`
+    (a string was read letter by letter, a misspelt name failed as a bare KeyError inside the pass)."""
+    fix = "give a list of the model's nn.Linear names, e.g. sap_hf.core.targets.find_target_modules(model)."
+    if isinstance(target_names, str) or not target_names:
+        raise invalid("target_names", target_names, fix)
+    modules = dict(model.named_modules())
+    unknown = [name for name in target_names if not isinstance(modules.get(name), nn.Linear)]
+    if unknown:
+        raise invalid("target_names", unknown[:3], f"not nn.Linear layers of the model; {fix}")
+
+
 def collect_statistics(
     model: nn.Module,
     data: Any,
@@ -269,7 +290,8 @@ def collect_statistics(
     Which layers share an input (q/k/v) is learnt from the first batch of the pass itself.
     """
     runtime = resolve_runtime(runtime)
-    dtype = getattr(torch, accumulation_dtype) if isinstance(accumulation_dtype, str) else accumulation_dtype
+    dtype = _accumulation_dtype(accumulation_dtype)
+    _check_target_names(runtime.unwrap(model), target_names)
     with runtime.run(model, data, "statistics", argument="trusted data") as walk:
         generator = torch.Generator().manual_seed(seed + runtime.rank) if max_tokens_per_sample else None
         grams = GroupedGrams(walk.model, target_names, dtype, walk.device, max_tokens_per_sample, generator)
