@@ -272,10 +272,11 @@ def sap_correct(
     on_phase=)`; default: this process alone, `default_data_collator`, a progress bar): its batch size
     is `config.batch_size`, and `on_phase(phase, seconds)` is called after each phase
     (`SAPResult.timings` sums this call's). `trusted_indices` skips selection. `greater_is_better`
-    says which way `metric` improves (default: as `TrainingArguments` says, a "loss" is minimised). `stats_path`: statistics are loaded from it when the file
-    exists (re-tune alpha without a data pass, or resume an interrupted run) and saved to it
-    otherwise; it is checked before any data is read. `on_evaluate(alpha, metrics)` follows each
-    evaluation of the alpha search.
+    says which way `metric` improves (default: as `TrainingArguments` says, a "loss" is minimised).
+    `stats_path`: statistics are loaded from it when the file exists (re-tune alpha without a data
+    pass, or resume an interrupted run) and saved to it otherwise; it is checked before any data is
+    read. `on_evaluate(alpha, metrics)` follows each shared-alpha evaluation of the search (not the
+    per-kind trials, which `SAPResult.rounds[...].kind_trials` holds).
     The model is left at the best alpha, or unchanged when no alpha beats it on the eval set.
     A PEFT (LoRA) model is merged first: `result.model` is the corrected plain model to save.
 

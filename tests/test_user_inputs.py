@@ -253,6 +253,17 @@ def test_the_library_refuses_data_whose_class_label_orders_the_models_classes_ot
     renamed = raw.cast_column("label", datasets.ClassLabel(names=["a", "b", "c"])).with_transform(transform)
     assert len(select_trusted(model, renamed, 1).indices) == 3  # other names: a warning, not an error
 
+    class WithFeatures(torch.utils.data.Dataset):  # a user's dataset whose `features` is not datasets'
+        features = np.zeros((3, 4))
+
+        def __len__(self):
+            return len(aligned)
+
+        def __getitem__(self, index):
+            return aligned[index]
+
+    assert len(select_trusted(model, WithFeatures(), 1).indices) == 3
+
 
 def test_cli_refuses_a_model_whose_class_names_are_not_the_data_s(tmp_path, capsys):
     from helpers import user_error

@@ -205,7 +205,8 @@ SCORERS: dict[str, Scorer] = {
 """The selection rules by name (`SAPConfig.selection_rule`): a new rule is one `Scorer` added here."""
 
 EXPERIMENTAL_RULES: tuple[str, ...] = ("agreement", "curvature")
-"""Rules the benchmarks show no gain for (benchmarks/studies/accuracy.md, ablation; benchmarks/studies/pretrained.md, curvature rule): kept, not recommended."""
+"""Rules the benchmarks show no gain for (benchmarks/studies/accuracy.md, ablation;
+benchmarks/studies/pretrained.md, curvature rule): kept, not recommended."""
 
 
 def sample_scores(walk: DataPass, batch: PassBatch, labels: torch.Tensor, rule: str, seed: int = 0) -> torch.Tensor:

@@ -287,7 +287,9 @@ def check_class_names(model: Any, data: Any, argument: str = "data") -> None:
     through, the last with a warning.
     """
     source = data if hasattr(data, "features") else getattr(data, "dataset", None)
-    features = getattr(source, "features", None) or {}
+    features = getattr(source, "features", None)
+    if not isinstance(features, Mapping):  # not a `datasets` split (or one without features): nothing to compare
+        return
     column = next((c for c in ("labels", "label") if c in features), None)
     data_names = [str(n) for n in getattr(features.get(column), "names", None) or []] if column else []
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
