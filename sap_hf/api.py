@@ -288,12 +288,7 @@ def sap_correct(
     runtime = _correction_runtime(config, runtime, run_options, "sap_correct")
     # What the caller gave is checked before the PEFT merge, which changes the caller's model.
     evaluate_fn = _evaluator(evaluate_fn, eval_data, runtime)
-    if stats_path is not None:  # before any data is read: a wrong path must not cost a data pass
-        check_stats_path(stats_path, writable=runtime.is_main)
-    if trusted_indices is None and config.trusted_source == "training" and not _has_file(stats_path):
-        raise _no_recorded_losses()
-    if trusted_indices is None and not _has_file(stats_path):  # a selection will run: with what it is given
-        check_selection_model(config.selection_rule, selection_model)
+    _check_selection_inputs(config, runtime, selection_model, trusted_indices, stats_path)
     train_data = None if train_data is None else as_pass_data(train_data, "train_data")
     base = runtime.unwrap(model)
     model, base = merge_for_correction(model, base)  # PEFT: correct the merged W + s·B·A (core/adapters.py)
@@ -338,15 +333,26 @@ def _given_indices(trusted_indices: Any) -> Optional[list[Any]]:
     return [value.item() if hasattr(value, "item") else value for value in values]
 
 
-def _no_recorded_losses() -> ValueError:
-    return ValueError(
-        "config.trusted_source='training' selects from the losses SAPTrainer.train() records, which "
-        "sap_correct does not have: use SAPTrainer.correct(), pass trusted_indices=, or use trusted_source='pass'."
-    )
-
-
-def _has_file(path: Optional[Union[str, Path]]) -> bool:
-    return path is not None and Path(path).is_file()
+def _check_selection_inputs(
+    config: SAPConfig,
+    runtime: Runtime,
+    selection_model: Optional[nn.Module],
+    trusted_indices: Optional[list[Any]],
+    stats_path: Optional[Union[str, Path]],
+) -> None:
+    """`stats_path` (before any data is read: a wrong path must not cost a data pass) and, when a selection will run
+    (no trusted samples given, no cache file), whether it can: no recorded losses here, a rule that reads
+    `selection_model` exactly when one is given."""
+    if stats_path is not None:
+        check_stats_path(stats_path, writable=runtime.is_main)
+    if trusted_indices is not None or (stats_path is not None and Path(stats_path).is_file()):
+        return
+    if config.trusted_source == "training":
+        raise ValueError(
+            "config.trusted_source='training' selects from the losses SAPTrainer.train() records, which "
+            "sap_correct does not have: use SAPTrainer.correct(), pass trusted_indices=, or use trusted_source='pass'."
+        )
+    check_selection_model(config.selection_rule, selection_model)
 
 
 _RUN_OPTIONS = ("accelerator", "collate_fn", "show_progress", "on_phase")
@@ -421,9 +427,7 @@ class _TrustedSamples:
         if cached is not None:
             trusted_indices = cached.meta.get("trusted_indices", trusted_indices)
             trusted.per_class = cached.meta.get("trusted_per_class", {})
-        elif trusted_indices is None:
-            if config.trusted_source == "training":
-                raise _no_recorded_losses()
+        elif trusted_indices is None:  # no cache file: sap_correct refused trusted_source='training' before
             selection = select_trusted(
                 base,
                 train_data,
